@@ -1,0 +1,43 @@
+// common.h: version, fatal-error helpers, checked allocation and small utilities shared by all host code.
+#ifndef MLM_COMMON_H
+#define MLM_COMMON_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#define MLM_VERSION "0.1.0"
+
+// Exit codes: 1 = runtime failure (I/O, numerics, device), 2 = bad usage or bad configuration.
+#define MLM_EXIT_FAILURE 1
+#define MLM_EXIT_USAGE 2
+
+#if defined(__GNUC__)
+#define MLM_NORETURN __attribute__((noreturn))
+#define MLM_PRINTF(a, b) __attribute__((format(printf, a, b)))
+#else
+#define MLM_NORETURN
+#define MLM_PRINTF(a, b)
+#endif
+
+// Print "mlm: error: <message>" to stderr and exit with `code`.
+MLM_NORETURN void mlm_fatal(int code, const char *fmt, ...) MLM_PRINTF(2, 3);
+// Print "mlm: warning: <message>" to stderr.
+void mlm_warn(const char *fmt, ...) MLM_PRINTF(1, 2);
+
+// malloc/calloc that exit with a message naming `what` and the byte count on failure.
+void *mlm_malloc(size_t bytes, const char *what);
+void *mlm_calloc(size_t count, size_t size, const char *what);
+char *mlm_strdup(const char *s);
+
+// Read a whole file into a NUL-terminated buffer. Returns NULL and sets errno on failure.
+char *mlm_read_file(const char *path, size_t *len_out);
+
+// Monotonic wall clock in seconds.
+double mlm_now(void);
+
+#define MLM_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define MLM_MAX(a, b) ((a) > (b) ? (a) : (b))
+#define MLM_CEIL_DIV(a, b) (((a) + (b) - 1) / (b))
+
+#endif

@@ -1,0 +1,50 @@
+// cpu.h: the CPU reference backend: a model instance with parameters, gradients and activations,
+// forward (with loss and accuracy) and backward, gradient norm and clipping, and the optimizers.
+#ifndef MLM_CPU_H
+#define MLM_CPU_H
+
+#include "mlm/model.h"
+#include "mlm/rng.h"
+
+// Dropout for one forward pass. rng == NULL or p == 0 means no dropout (evaluation).
+typedef struct {
+    Rng *rng;          // stream the masks are drawn from
+    RngLayout layout;  // offsets inside a step
+    uint64_t step;     // index of this step in the stream (optimizer step for training)
+    float p;
+} DropoutCtx;
+
+typedef struct {
+    ModelConfig cfg;
+    int max_B;                // largest batch this instance can run
+    size_t n_params;
+    float *params;            // [P] one allocation
+    float *grads;             // [P] one allocation
+    ParamTensors p, g;        // views into params and grads
+    float *acts;              // one allocation for every activation saved for backward
+    size_t n_acts;
+    float *logits;            // [B, T, V] of the last forward (points into acts)
+    // State of the last forward, used by backward.
+    int B, T;
+    int n_targets;            // labels != PAD in the last forward
+    const int *last_inputs;   // [B, T] (borrowed)
+    const int *last_labels;   // [B, T] (borrowed)
+    void *internal;           // backend-private views (see cpu_model.c)
+} CpuModel;
+
+CpuModel *cpu_model_create(const ModelConfig *cfg, int max_B);
+void cpu_model_free(CpuModel *m);
+
+// Forward over inputs[B, T] (T = cfg.max_seq). With labels != NULL computes the mean cross-entropy over
+// positions whose label != pad_id (returned; 0 if there are none) and, if `correct` is not NULL, the
+// number of those positions whose argmax equals the label. Logits are left in m->logits.
+float cpu_model_forward(CpuModel *m, const int *inputs, const int *labels, int B, int pad_id,
+                        const DropoutCtx *drop, int *correct);
+// Gradients of the last forward's mean loss into m->grads (overwritten, not accumulated).
+void cpu_model_backward(CpuModel *m);
+
+// Global L2 norm over all gradients, and in-place scaling by min(1, max_norm / (norm + 1e-6)).
+float cpu_grad_norm(const float *grads, size_t n);
+float cpu_clip_grads(float *grads, size_t n, float max_norm);  // returns the norm before clipping
+
+#endif

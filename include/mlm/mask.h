@@ -1,0 +1,33 @@
+// mask.h: BERT-style masking of a token batch (the reference scheme and the HuggingFace/BERT scheme).
+#ifndef MLM_MASK_H
+#define MLM_MASK_H
+
+#include <stddef.h>
+
+typedef enum { MASK_SCHEME_REFERENCE = 0, MASK_SCHEME_BERT = 1 } MaskScheme;
+
+#define MASK_MAX_NO_MASK 16
+
+typedef struct {
+    MaskScheme scheme;
+    float prob;            // selection probability (0.15)
+    float unchanged_prob;  // reference: independent P(keep original); BERT: conditional share kept
+    float random_prob;     // reference: independent P(random token); BERT: conditional share randomised
+    int n_tokens;          // V (67)
+    int n_chars;           // real characters, ids [0, n_chars) (65)
+    int pad_id, mask_id;   // V - 2, V - 1
+    int no_mask[MASK_MAX_NO_MASK];  // token ids never selected (besides PAD and MASK)
+    int n_no_mask;
+} MaskConfig;
+
+// Apply masking to n tokens using uniforms u[4 * n] (U1 = u[0..n), U2 = u[n..2n), U3 = u[2n..3n),
+// U4 = u[3n..4n)). Writes the model input and the labels (original token where selected, PAD elsewhere).
+//
+// Reference scheme (labml): full = U1 < prob and token not PAD/MASK/no_mask; unchanged = full & U2 <
+// unchanged_prob; random = full & U3 < random_prob; [MASK] where full & !random & !unchanged; random
+// positions get floor(U4 * n_tokens) (any id, PAD and MASK included).
+// BERT scheme: full as above; then U2 < 1 - unchanged_prob - random_prob -> [MASK]; else
+// U2 < 1 - unchanged_prob -> random character floor(U4 * n_chars); else unchanged. U3 is unused.
+void mask_apply(const MaskConfig *c, const int *tokens, size_t n, const float *u, int *inputs, int *labels);
+
+#endif

@@ -1,0 +1,79 @@
+// model.h: the transformer MLM's hyper-parameters, its parameter layout and the PyTorch name table.
+//
+// Layout is [B, T, ...] (batch-major, like llm.c); the PyTorch reference is [T, B, ...]. All parameters
+// live in one float array in the order of ParamTensors below; per-layer tensors are stacked over layers
+// so one pointer covers all L of them. Linear weights are [out, in] as in PyTorch.
+#ifndef MLM_MODEL_H
+#define MLM_MODEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct {
+    int vocab;      // V: n_tokens = characters + [PAD] + [MASK] (67 for Tiny Shakespeare)
+    int d_model;    // C
+    int n_heads;    // H (head size C / H)
+    int n_layers;   // L
+    int d_ff;       // F
+    int max_seq;    // T: longest sequence the positional table covers (= data.seq_len)
+    float dropout;  // p at the four sites of each layer
+    float ln_eps;   // LayerNorm epsilon (1e-5)
+} ModelConfig;
+
+// Views into the single parameter (or gradient, or Adam moment) allocation.
+typedef struct {
+    float *tok_emb;  // [V, C]   src_embed.linear.weight
+    float *ln1_w;    // [L, C]   encoder.layers.i.norm_self_attn.weight
+    float *ln1_b;    // [L, C]   encoder.layers.i.norm_self_attn.bias
+    float *qkv_w;    // [L, 3C, C] rows 0..C-1 query, C..2C-1 key, 2C..3C-1 value (.linear.weight)
+    float *qkv_b;    // [L, 3C]  query/key/value .linear.bias
+    float *out_w;    // [L, C, C] encoder.layers.i.self_attn.output.weight
+    float *out_b;    // [L, C]
+    float *ln2_w;    // [L, C]   encoder.layers.i.norm_ff.weight
+    float *ln2_b;    // [L, C]
+    float *ff1_w;    // [L, F, C] encoder.layers.i.feed_forward.layer1.weight
+    float *ff1_b;    // [L, F]
+    float *ff2_w;    // [L, C, F] encoder.layers.i.feed_forward.layer2.weight
+    float *ff2_b;    // [L, C]
+    float *lnf_w;    // [C]      encoder.norm.weight
+    float *lnf_b;    // [C]
+    float *gen_w;    // [V, C]   generator.projection.weight
+    float *gen_b;    // [V]
+} ParamTensors;
+
+#define MODEL_NUM_PARAM_TENSORS 17
+
+// Total number of floats in the parameter array (812,355 for the reference configuration).
+size_t model_num_params(const ModelConfig *cfg);
+// Point every field of `out` into `base` (which holds model_num_params floats).
+void model_param_views(const ModelConfig *cfg, float *base, ParamTensors *out);
+
+// One PyTorch state_dict tensor: its name, where it starts in the parameter array, and its shape.
+typedef struct {
+    char name[96];
+    size_t offset;   // in floats, from the start of the parameter array
+    int ndim;        // 1 or 2
+    int shape[2];    // PyTorch shape ([out, in] for Linear weights)
+    int is_matrix;   // 2-D weight (receives weight decay under AdamW)
+} ParamEntry;
+
+// Fill `out` (if not NULL) with every state_dict tensor, in a fixed order; return how many there are
+// (2 + 16 * L + 4 entries). The entries tile the parameter array exactly.
+int model_param_table(const ModelConfig *cfg, ParamEntry *out);
+
+// PyTorch-default initialisation from the INIT Philox stream: Embedding N(0,1); Linear weight and
+// bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)); LayerNorm weight 1, bias 0. With `copy_layers` every layer
+// starts as a copy of layer 0 (the reference deep-copies one template layer).
+void model_init_params(const ModelConfig *cfg, float *params, uint64_t user_seed, int copy_layers);
+
+// Validate hyper-parameters; on failure write a message naming the offending setting into `err`.
+int model_config_check(const ModelConfig *cfg, char *err, size_t errlen);
+
+// Sinusoidal positional encodings, pe[T, C]: pe[p, 2i] = sin(p * exp(-2i ln(10000) / C)), pe[p, 2i+1] = cos(...).
+void model_positional_encoding(int T, int C, float *pe);
+
+// Floating-point operations of one training step (forward + backward, matmuls and attention products)
+// for B sequences of length T; used for GFLOP/s and MFU reports.
+double model_train_flops(const ModelConfig *cfg, int B, int T);
+
+#endif

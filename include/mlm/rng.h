@@ -1,0 +1,60 @@
+// rng.h: seeded Philox random streams (cuRAND host generator) and the layout of offsets within a step.
+//
+// Every random number mlm draws comes from cuRAND's Philox4_32_10 generator. A stream is identified by
+// (seed, domain); within a stream a draw is addressed by an absolute 64-bit offset, counted in 32-bit
+// outputs, so any step's masks and dropout can be regenerated without replaying earlier steps. The CUDA
+// backend uses a device generator with the same seed and offsets and therefore draws the same numbers.
+#ifndef MLM_RNG_H
+#define MLM_RNG_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+// Independent streams derived from the one user seed.
+typedef enum {
+    RNG_DOMAIN_INIT = 0,   // parameter initialisation
+    RNG_DOMAIN_DATA = 1,   // sequence offsets and epoch shuffles
+    RNG_DOMAIN_TRAIN = 2,  // masks and dropout of training steps, indexed by optimizer step
+    RNG_DOMAIN_VALID = 3,  // masks (and optional dropout) of validation batches
+    RNG_DOMAIN_SAMPLE = 4, // masks of the printed samples, indexed by epoch
+    RNG_DOMAIN_EVAL = 5,   // `mlm eval` / `mlm fill`
+} RngDomain;
+
+typedef struct {
+    void *gen;      // curandGenerator_t (host generator); opaque here so that headers need no cuRAND
+    uint64_t seed;  // the derived Philox seed of this stream
+} Rng;
+
+// Derive a stream's Philox seed from the user seed and a domain (splitmix64 mixing).
+uint64_t rng_domain_seed(uint64_t user_seed, RngDomain domain);
+void rng_init(Rng *rng, uint64_t user_seed, RngDomain domain);
+void rng_free(Rng *rng);
+// n uniforms in (0, 1], starting at absolute `offset` of the stream.
+void rng_uniform(Rng *rng, uint64_t offset, float *out, size_t n);
+// n raw 32-bit outputs, starting at absolute `offset` of the stream.
+void rng_u32(Rng *rng, uint64_t offset, uint32_t *out, size_t n);
+// n normals N(mean, std) starting at `offset`; n is rounded up to even internally (cuRAND needs pairs).
+void rng_normal(Rng *rng, uint64_t offset, float *out, size_t n, float mean, float std);
+
+// Where each random draw of one step lives. A step owns `per_step` consecutive outputs starting at
+// step * per_step; inside it the masking uniforms come first, then per layer the four dropout sites.
+// Sizes are for the configured (maximum) batch, so a partial last batch uses a prefix of each site.
+typedef struct {
+    uint64_t mask;        // 4 * B * T: U1 (select), U2 (unchanged), U3 (random), U4 (random token)
+    uint64_t attn_probs;  // B * H * T * T per layer
+    uint64_t attn_resid;  // B * T * C per layer
+    uint64_t ffn_hidden;  // B * T * F per layer
+    uint64_t ffn_resid;   // B * T * C per layer
+    uint64_t per_layer;   // sum of the four dropout sites
+    uint64_t per_step;    // mask + n_layers * per_layer
+} RngLayout;
+
+typedef enum { DROP_ATTN_PROBS = 0, DROP_ATTN_RESID = 1, DROP_FFN_HIDDEN = 2, DROP_FFN_RESID = 3 } DropSite;
+
+RngLayout rng_layout(int B, int T, int C, int H, int F, int n_layers);
+// Absolute offset of the masking uniforms of step `step`.
+uint64_t rng_mask_offset(const RngLayout *l, uint64_t step);
+// Absolute offset of dropout site `site` of layer `layer` in step `step`.
+uint64_t rng_dropout_offset(const RngLayout *l, uint64_t step, int layer, DropSite site);
+
+#endif

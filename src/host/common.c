@@ -1,0 +1,83 @@
+// common.c: fatal errors, warnings, checked allocation, whole-file reads and the wall clock.
+#include "mlm/common.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+void mlm_fatal(int code, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fflush(stdout);
+    fputs("mlm: error: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    exit(code);
+}
+
+void mlm_warn(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fflush(stdout);
+    fputs("mlm: warning: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+}
+
+void *mlm_malloc(size_t bytes, const char *what) {
+    void *p = malloc(bytes ? bytes : 1);
+    if (!p)
+        mlm_fatal(MLM_EXIT_FAILURE, "out of host memory allocating %zu bytes for %s; reduce train.batch_size, "
+                  "data.seq_len or the model size", bytes, what);
+    return p;
+}
+
+void *mlm_calloc(size_t count, size_t size, const char *what) {
+    void *p = calloc(count ? count : 1, size ? size : 1);
+    if (!p)
+        mlm_fatal(MLM_EXIT_FAILURE, "out of host memory allocating %zu x %zu bytes for %s; reduce "
+                  "train.batch_size, data.seq_len or the model size", count, size, what);
+    return p;
+}
+
+char *mlm_strdup(const char *s) {
+    size_t n = strlen(s) + 1;
+    char *d = mlm_malloc(n, "a string");
+    memcpy(d, s, n);
+    return d;
+}
+
+char *mlm_read_file(const char *path, size_t *len_out) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    size_t cap = 1 << 16, len = 0;
+    char *buf = malloc(cap);
+    if (!buf) { fclose(f); errno = ENOMEM; return NULL; }
+    for (;;) {
+        if (len + 1 >= cap) {
+            char *nb = realloc(buf, cap * 2);
+            if (!nb) { free(buf); fclose(f); errno = ENOMEM; return NULL; }
+            buf = nb;
+            cap *= 2;
+        }
+        size_t got = fread(buf + len, 1, cap - len - 1, f);
+        len += got;
+        if (got == 0) break;
+    }
+    int err = ferror(f);
+    fclose(f);
+    if (err) { free(buf); errno = EIO; return NULL; }
+    buf[len] = '\0';
+    if (len_out) *len_out = len;
+    return buf;
+}
+
+double mlm_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}

@@ -1,0 +1,198 @@
+// model.c: parameter layout, the PyTorch state_dict name table, initialisation and positional encodings.
+#include "mlm/model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "mlm/common.h"
+#include "mlm/rng.h"
+
+// Sizes of the 17 parameter tensors, in ParamTensors order.
+static void param_sizes(const ModelConfig *c, size_t sizes[MODEL_NUM_PARAM_TENSORS]) {
+    size_t V = c->vocab, C = c->d_model, L = c->n_layers, F = c->d_ff;
+    size_t s[MODEL_NUM_PARAM_TENSORS] = {
+        V * C,                    // tok_emb
+        L * C, L * C,             // ln1_w, ln1_b
+        L * 3 * C * C, L * 3 * C, // qkv_w, qkv_b
+        L * C * C, L * C,         // out_w, out_b
+        L * C, L * C,             // ln2_w, ln2_b
+        L * F * C, L * F,         // ff1_w, ff1_b
+        L * C * F, L * C,         // ff2_w, ff2_b
+        C, C,                     // lnf_w, lnf_b
+        V * C, V,                 // gen_w, gen_b
+    };
+    memcpy(sizes, s, sizeof(s));
+}
+
+size_t model_num_params(const ModelConfig *cfg) {
+    size_t sizes[MODEL_NUM_PARAM_TENSORS], n = 0;
+    param_sizes(cfg, sizes);
+    for (int i = 0; i < MODEL_NUM_PARAM_TENSORS; i++) n += sizes[i];
+    return n;
+}
+
+// Offset (in floats) of each parameter tensor from the start of the parameter array.
+static void param_offsets(const ModelConfig *c, size_t off[MODEL_NUM_PARAM_TENSORS]) {
+    size_t sizes[MODEL_NUM_PARAM_TENSORS], o = 0;
+    param_sizes(c, sizes);
+    for (int i = 0; i < MODEL_NUM_PARAM_TENSORS; i++) {
+        off[i] = o;
+        o += sizes[i];
+    }
+}
+
+void model_param_views(const ModelConfig *cfg, float *base, ParamTensors *out) {
+    size_t off[MODEL_NUM_PARAM_TENSORS];
+    param_offsets(cfg, off);
+    float **ptrs[MODEL_NUM_PARAM_TENSORS] = {
+        &out->tok_emb, &out->ln1_w, &out->ln1_b, &out->qkv_w, &out->qkv_b, &out->out_w, &out->out_b,
+        &out->ln2_w, &out->ln2_b, &out->ff1_w, &out->ff1_b, &out->ff2_w, &out->ff2_b,
+        &out->lnf_w, &out->lnf_b, &out->gen_w, &out->gen_b,
+    };
+    for (int i = 0; i < MODEL_NUM_PARAM_TENSORS; i++) *ptrs[i] = base + off[i];
+}
+
+static int add_entry(ParamEntry *out, int k, const char *name, size_t offset, int d0, int d1) {
+    if (out) {
+        ParamEntry *e = &out[k];
+        snprintf(e->name, sizeof(e->name), "%s", name);
+        e->offset = offset;
+        e->ndim = d1 > 0 ? 2 : 1;
+        e->shape[0] = d0;
+        e->shape[1] = d1 > 0 ? d1 : 0;
+        e->is_matrix = d1 > 0;
+    }
+    return k + 1;
+}
+
+int model_param_table(const ModelConfig *cfg, ParamEntry *out) {
+    size_t o[MODEL_NUM_PARAM_TENSORS];
+    param_offsets(cfg, o);
+    enum { TOK, LN1W, LN1B, QKVW, QKVB, OUTW, OUTB, LN2W, LN2B, FF1W, FF1B, FF2W, FF2B, LNFW, LNFB, GENW, GENB };
+    int V = cfg->vocab, C = cfg->d_model, F = cfg->d_ff, k = 0;
+    char name[96];
+    k = add_entry(out, k, "src_embed.linear.weight", o[TOK], V, C);
+    static const char *qkv_names[3] = {"query", "key", "value"};
+    for (int l = 0; l < cfg->n_layers; l++) {
+        size_t lc = (size_t)l * C;
+        for (int j = 0; j < 3; j++) {
+            snprintf(name, sizeof(name), "encoder.layers.%d.self_attn.%s.linear.weight", l, qkv_names[j]);
+            k = add_entry(out, k, name, o[QKVW] + (size_t)l * 3 * C * C + (size_t)j * C * C, C, C);
+            snprintf(name, sizeof(name), "encoder.layers.%d.self_attn.%s.linear.bias", l, qkv_names[j]);
+            k = add_entry(out, k, name, o[QKVB] + (size_t)l * 3 * C + (size_t)j * C, C, 0);
+        }
+        snprintf(name, sizeof(name), "encoder.layers.%d.self_attn.output.weight", l);
+        k = add_entry(out, k, name, o[OUTW] + (size_t)l * C * C, C, C);
+        snprintf(name, sizeof(name), "encoder.layers.%d.self_attn.output.bias", l);
+        k = add_entry(out, k, name, o[OUTB] + lc, C, 0);
+        snprintf(name, sizeof(name), "encoder.layers.%d.feed_forward.layer1.weight", l);
+        k = add_entry(out, k, name, o[FF1W] + (size_t)l * F * C, F, C);
+        snprintf(name, sizeof(name), "encoder.layers.%d.feed_forward.layer1.bias", l);
+        k = add_entry(out, k, name, o[FF1B] + (size_t)l * F, F, 0);
+        snprintf(name, sizeof(name), "encoder.layers.%d.feed_forward.layer2.weight", l);
+        k = add_entry(out, k, name, o[FF2W] + (size_t)l * C * F, C, F);
+        snprintf(name, sizeof(name), "encoder.layers.%d.feed_forward.layer2.bias", l);
+        k = add_entry(out, k, name, o[FF2B] + lc, C, 0);
+        snprintf(name, sizeof(name), "encoder.layers.%d.norm_self_attn.weight", l);
+        k = add_entry(out, k, name, o[LN1W] + lc, C, 0);
+        snprintf(name, sizeof(name), "encoder.layers.%d.norm_self_attn.bias", l);
+        k = add_entry(out, k, name, o[LN1B] + lc, C, 0);
+        snprintf(name, sizeof(name), "encoder.layers.%d.norm_ff.weight", l);
+        k = add_entry(out, k, name, o[LN2W] + lc, C, 0);
+        snprintf(name, sizeof(name), "encoder.layers.%d.norm_ff.bias", l);
+        k = add_entry(out, k, name, o[LN2B] + lc, C, 0);
+    }
+    k = add_entry(out, k, "encoder.norm.weight", o[LNFW], C, 0);
+    k = add_entry(out, k, "encoder.norm.bias", o[LNFB], C, 0);
+    k = add_entry(out, k, "generator.projection.weight", o[GENW], V, C);
+    k = add_entry(out, k, "generator.projection.bias", o[GENB], V, 0);
+    return k;
+}
+
+// U(-1/sqrt(fan_in), 1/sqrt(fan_in)) from n uniforms in (0, 1].
+static void fill_uniform_fan_in(Rng *rng, uint64_t *offset, float *dst, size_t n, int fan_in) {
+    float bound = 1.0f / sqrtf((float)fan_in);
+    rng_uniform(rng, *offset, dst, n);
+    *offset += n;
+    for (size_t i = 0; i < n; i++) dst[i] = (2.0f * dst[i] - 1.0f) * bound;
+}
+
+static void fill_const(float *dst, size_t n, float value) {
+    for (size_t i = 0; i < n; i++) dst[i] = value;
+}
+
+void model_init_params(const ModelConfig *cfg, float *params, uint64_t user_seed, int copy_layers) {
+    ParamTensors p;
+    model_param_views(cfg, params, &p);
+    Rng rng;
+    rng_init(&rng, user_seed, RNG_DOMAIN_INIT);
+    size_t V = cfg->vocab, C = cfg->d_model, F = cfg->d_ff, L = cfg->n_layers;
+    uint64_t off = 0;
+    // Even counts keep every draw on a Box-Muller pair boundary.
+    rng_normal(&rng, off, p.tok_emb, V * C, 0.0f, 1.0f);
+    off += (V * C + 1) & ~(size_t)1;
+    size_t init_layers = copy_layers ? 1 : L;
+    for (size_t l = 0; l < init_layers; l++) {
+        fill_uniform_fan_in(&rng, &off, p.qkv_w + l * 3 * C * C, 3 * C * C, (int)C);
+        fill_uniform_fan_in(&rng, &off, p.qkv_b + l * 3 * C, 3 * C, (int)C);
+        fill_uniform_fan_in(&rng, &off, p.out_w + l * C * C, C * C, (int)C);
+        fill_uniform_fan_in(&rng, &off, p.out_b + l * C, C, (int)C);
+        fill_uniform_fan_in(&rng, &off, p.ff1_w + l * F * C, F * C, (int)C);
+        fill_uniform_fan_in(&rng, &off, p.ff1_b + l * F, F, (int)C);
+        fill_uniform_fan_in(&rng, &off, p.ff2_w + l * C * F, C * F, (int)F);
+        fill_uniform_fan_in(&rng, &off, p.ff2_b + l * C, C, (int)F);
+    }
+    for (size_t l = init_layers; l < L; l++) {  // deep copies of the template layer
+        memcpy(p.qkv_w + l * 3 * C * C, p.qkv_w, 3 * C * C * sizeof(float));
+        memcpy(p.qkv_b + l * 3 * C, p.qkv_b, 3 * C * sizeof(float));
+        memcpy(p.out_w + l * C * C, p.out_w, C * C * sizeof(float));
+        memcpy(p.out_b + l * C, p.out_b, C * sizeof(float));
+        memcpy(p.ff1_w + l * F * C, p.ff1_w, F * C * sizeof(float));
+        memcpy(p.ff1_b + l * F, p.ff1_b, F * sizeof(float));
+        memcpy(p.ff2_w + l * C * F, p.ff2_w, C * F * sizeof(float));
+        memcpy(p.ff2_b + l * C, p.ff2_b, C * sizeof(float));
+    }
+    fill_const(p.ln1_w, L * C, 1.0f);
+    fill_const(p.ln1_b, L * C, 0.0f);
+    fill_const(p.ln2_w, L * C, 1.0f);
+    fill_const(p.ln2_b, L * C, 0.0f);
+    fill_const(p.lnf_w, C, 1.0f);
+    fill_const(p.lnf_b, C, 0.0f);
+    fill_uniform_fan_in(&rng, &off, p.gen_w, V * C, (int)C);
+    fill_uniform_fan_in(&rng, &off, p.gen_b, V, (int)C);
+    rng_free(&rng);
+}
+
+int model_config_check(const ModelConfig *c, char *err, size_t errlen) {
+    if (c->vocab < 3) { snprintf(err, errlen, "vocabulary of %d tokens is too small (need at least 1 character + PAD + MASK)", c->vocab); return 1; }
+    if (c->d_model < 2 || c->d_model % 2) { snprintf(err, errlen, "model.d_model = %d must be even and >= 2 (sinusoidal positions pair features)", c->d_model); return 1; }
+    if (c->n_heads < 1 || c->d_model % c->n_heads) { snprintf(err, errlen, "model.d_model = %d is not divisible by model.n_heads = %d", c->d_model, c->n_heads); return 1; }
+    if (c->n_layers < 1) { snprintf(err, errlen, "model.n_layers = %d must be >= 1", c->n_layers); return 1; }
+    if (c->d_ff < 1) { snprintf(err, errlen, "model.d_ff = %d must be >= 1", c->d_ff); return 1; }
+    if (c->max_seq < 1) { snprintf(err, errlen, "data.seq_len = %d must be >= 1", c->max_seq); return 1; }
+    if (!(c->dropout >= 0.0f && c->dropout < 1.0f)) { snprintf(err, errlen, "model.dropout = %g must be in [0, 1)", c->dropout); return 1; }
+    if (!(c->ln_eps > 0.0f)) { snprintf(err, errlen, "model.ln_eps = %g must be > 0", c->ln_eps); return 1; }
+    return 0;
+}
+
+void model_positional_encoding(int T, int C, float *pe) {
+    for (int p = 0; p < T; p++) {
+        for (int i = 0; i < C; i += 2) {
+            // As the reference: div_term = exp(arange(0, C, 2) * -(ln(10000) / C)), computed in float32.
+            float div = expf((float)i * -(logf(10000.0f) / (float)C));
+            float angle = (float)p * div;
+            pe[(size_t)p * C + i] = sinf(angle);
+            if (i + 1 < C) pe[(size_t)p * C + i + 1] = cosf(angle);
+        }
+    }
+}
+
+double model_train_flops(const ModelConfig *c, int B, int T) {
+    double BT = (double)B * T, C = c->d_model, F = c->d_ff, V = c->vocab, L = c->n_layers;
+    // Forward matmuls per token: QKV 3C*C, output C*C, FFN 2*C*F, generator C*V (2 flops per MAC);
+    // attention: QK^T and PV, 2 * T * C MACs per token per layer.
+    double fwd = 2.0 * BT * (L * (4.0 * C * C + 2.0 * C * F + 2.0 * T * C) + C * V);
+    return 3.0 * fwd;  // backward costs twice the forward
+}

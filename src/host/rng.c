@@ -1,0 +1,82 @@
+// rng.c: Philox streams on cuRAND's host generator, and the per-step offset layout of masks and dropout.
+#include "mlm/rng.h"
+
+#include <curand.h>
+#include <stdlib.h>
+
+#include "mlm/common.h"
+#include "mlm/curand_check.h"
+
+static uint64_t splitmix64(uint64_t x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+uint64_t rng_domain_seed(uint64_t user_seed, RngDomain domain) {
+    return splitmix64(user_seed ^ splitmix64((uint64_t)domain + 1));
+}
+
+void rng_init(Rng *rng, uint64_t user_seed, RngDomain domain) {
+    curandGenerator_t g;
+    CURAND_CHECK(curandCreateGeneratorHost(&g, CURAND_RNG_PSEUDO_PHILOX4_32_10));
+    rng->seed = rng_domain_seed(user_seed, domain);
+    CURAND_CHECK(curandSetPseudoRandomGeneratorSeed(g, rng->seed));
+    rng->gen = g;
+}
+
+void rng_free(Rng *rng) {
+    if (rng->gen) CURAND_CHECK(curandDestroyGenerator((curandGenerator_t)rng->gen));
+    rng->gen = NULL;
+}
+
+void rng_uniform(Rng *rng, uint64_t offset, float *out, size_t n) {
+    if (n == 0) return;
+    CURAND_CHECK(curandSetGeneratorOffset((curandGenerator_t)rng->gen, offset));
+    CURAND_CHECK(curandGenerateUniform((curandGenerator_t)rng->gen, out, n));
+}
+
+void rng_u32(Rng *rng, uint64_t offset, uint32_t *out, size_t n) {
+    if (n == 0) return;
+    CURAND_CHECK(curandSetGeneratorOffset((curandGenerator_t)rng->gen, offset));
+    CURAND_CHECK(curandGenerate((curandGenerator_t)rng->gen, out, n));
+}
+
+void rng_normal(Rng *rng, uint64_t offset, float *out, size_t n, float mean, float std) {
+    if (n == 0) return;
+    CURAND_CHECK(curandSetGeneratorOffset((curandGenerator_t)rng->gen, offset));
+    if (n % 2 == 0) {
+        CURAND_CHECK(curandGenerateNormal((curandGenerator_t)rng->gen, out, n, mean, std));
+        return;
+    }
+    // cuRAND generates normals in pairs (Box-Muller); draw one extra and drop it.
+    float *tmp = mlm_malloc((n + 1) * sizeof(float), "normal samples");
+    CURAND_CHECK(curandGenerateNormal((curandGenerator_t)rng->gen, tmp, n + 1, mean, std));
+    for (size_t i = 0; i < n; i++) out[i] = tmp[i];
+    free(tmp);
+}
+
+RngLayout rng_layout(int B, int T, int C, int H, int F, int n_layers) {
+    RngLayout l;
+    uint64_t bt = (uint64_t)B * (uint64_t)T;
+    l.mask = 4 * bt;
+    l.attn_probs = bt * (uint64_t)H * (uint64_t)T;
+    l.attn_resid = bt * (uint64_t)C;
+    l.ffn_hidden = bt * (uint64_t)F;
+    l.ffn_resid = bt * (uint64_t)C;
+    l.per_layer = l.attn_probs + l.attn_resid + l.ffn_hidden + l.ffn_resid;
+    // Round each step up to a multiple of 4 so every step starts on a Philox counter boundary.
+    l.per_step = (l.mask + (uint64_t)n_layers * l.per_layer + 3) & ~(uint64_t)3;
+    return l;
+}
+
+uint64_t rng_mask_offset(const RngLayout *l, uint64_t step) { return step * l->per_step; }
+
+uint64_t rng_dropout_offset(const RngLayout *l, uint64_t step, int layer, DropSite site) {
+    uint64_t o = step * l->per_step + l->mask + (uint64_t)layer * l->per_layer;
+    if (site > DROP_ATTN_PROBS) o += l->attn_probs;
+    if (site > DROP_ATTN_RESID) o += l->attn_resid;
+    if (site > DROP_FFN_HIDDEN) o += l->ffn_hidden;
+    return o;
+}

@@ -1,0 +1,49 @@
+// test_util.c: assertion helpers and tolerances shared by the tests.
+#include "test_util.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+int t_checks = 0, t_failures = 0;
+
+double max_rel_err(const float *a, const float *b, size_t n, double floor, size_t *where) {
+    double worst = 0.0;
+    size_t at = 0;
+    for (size_t i = 0; i < n; i++) {
+        double denom = fabs((double)b[i]);
+        if (denom < floor) denom = floor;
+        double e = fabs((double)a[i] - (double)b[i]) / denom;
+        if (e > worst || isnan(e)) { worst = isnan(e) ? INFINITY : e; at = i; }
+    }
+    if (where) *where = at;
+    return worst;
+}
+
+double max_abs_err(const float *a, const float *b, size_t n, size_t *where) {
+    double worst = 0.0;
+    size_t at = 0;
+    for (size_t i = 0; i < n; i++) {
+        double e = fabs((double)a[i] - (double)b[i]);
+        if (e > worst || isnan(e)) { worst = isnan(e) ? INFINITY : e; at = i; }
+    }
+    if (where) *where = at;
+    return worst;
+}
+
+int test_finish(const char *name) {
+    printf("%s: %d checks, %d failed\n", name, t_checks, t_failures);
+    return t_failures ? 1 : 0;
+}
+
+int test_skip(const char *why) {
+    printf("SKIP: %s\n", why);
+    return TEST_SKIP;
+}
+
+const char *test_corpus_path(int argc, char **argv) {
+    const char *p = argc > 1 ? argv[1] : getenv("MLM_TEST_CORPUS");
+    if (!p) { printf("no corpus path given (argv[1] or MLM_TEST_CORPUS)\n"); return NULL; }
+    if (access(p, R_OK) != 0) { printf("corpus %s is not readable\n", p); return NULL; }
+    return p;
+}

@@ -1,0 +1,35 @@
+// test_util.h: assertion helpers for the test executables (they count checks and print the failures).
+#ifndef MLM_TEST_UTIL_H
+#define MLM_TEST_UTIL_H
+
+#include <stddef.h>
+#include <stdio.h>
+
+#define TEST_SKIP 77
+
+extern int t_checks, t_failures;
+
+#define CHECK(cond, ...)                                                          \
+    do {                                                                          \
+        t_checks++;                                                               \
+        if (!(cond)) {                                                            \
+            t_failures++;                                                         \
+            fprintf(stderr, "%s:%d: CHECK(%s) failed: ", __FILE__, __LINE__, #cond); \
+            fprintf(stderr, __VA_ARGS__);                                         \
+            fputc('\n', stderr);                                                  \
+        }                                                                         \
+    } while (0)
+
+// Relative error |a - b| / max(|b|, floor) elementwise; returns the largest and records where.
+double max_rel_err(const float *a, const float *b, size_t n, double floor, size_t *where);
+double max_abs_err(const float *a, const float *b, size_t n, size_t *where);
+
+// Print "name: N checks, F failed" and return the process exit code (0 or 1).
+int test_finish(const char *name);
+// Print "SKIP: <why>" and return TEST_SKIP.
+int test_skip(const char *why);
+
+// Path of the corpus for tests: $MLM_TEST_CORPUS or argv[1]; NULL (and a printed reason) if unreadable.
+const char *test_corpus_path(int argc, char **argv);
+
+#endif
