@@ -6,6 +6,10 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 #define MLM_VERSION "0.1.0"
 
 // Exit codes: 1 = runtime failure (I/O, numerics, device), 2 = bad usage or bad configuration.
@@ -39,5 +43,9 @@ double mlm_now(void);
 #define MLM_MIN(a, b) ((a) < (b) ? (a) : (b))
 #define MLM_MAX(a, b) ((a) > (b) ? (a) : (b))
 #define MLM_CEIL_DIV(a, b) (((a) + (b) - 1) / (b))
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

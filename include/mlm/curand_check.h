@@ -4,6 +4,10 @@
 
 #include <curand.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 const char *mlm_curand_status_name(curandStatus_t s);
 void mlm_curand_fail(curandStatus_t s, const char *call, const char *file, int line);
 
@@ -12,5 +16,9 @@ void mlm_curand_fail(curandStatus_t s, const char *call, const char *file, int l
         curandStatus_t mlm_st_ = (call);                                         \
         if (mlm_st_ != CURAND_STATUS_SUCCESS) mlm_curand_fail(mlm_st_, #call, __FILE__, __LINE__); \
     } while (0)
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

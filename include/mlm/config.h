@@ -1,0 +1,71 @@
+// config.h: the run configuration (defaults = the reference experiment), its `key = value` file format
+// with [sections], command-line overrides, validation and printing.
+#ifndef MLM_CONFIG_H
+#define MLM_CONFIG_H
+
+#include <stdint.h>
+#include <stdio.h>
+
+#include "mlm/mask.h"
+#include "mlm/optim.h"
+
+#define CONFIG_STR 512
+
+typedef struct {
+    // [data]
+    char data_path[CONFIG_STR];   // data.path: corpus file ("" = look up data/, $MLM_DATA_MIRROR, download)
+    int seq_len;                  // data.seq_len: 32
+    double train_split;           // data.train_split: 0.9
+    // [model]
+    int d_model, n_heads, n_layers, d_ff;  // 128, 8, 6, 256
+    double dropout;               // 0.1
+    double ln_eps;                // 1e-5
+    int init_copy_layers;         // model.init = copy (every layer a copy of one template) | pytorch
+    // [mask]
+    int mask_scheme;              // mask.scheme = reference | bert
+    double mask_prob, mask_unchanged_prob, mask_random_prob;  // 0.15, 0.1, 0.1
+    char no_mask_chars[64];       // mask.no_mask: characters never selected (escapes allowed: "\n")
+    // [train]
+    int batch_size;               // 64
+    int epochs;                   // 1024
+    long max_steps;               // 0 = no limit besides epochs
+    uint64_t seed;                // one seed fixes every random stream
+    double grad_clip;             // global-norm clip (1.0; 0 = off)
+    int device;                   // train.device = auto | cpu | cuda
+    int eval_dropout;             // train.eval_dropout: keep dropout on in validation/samples (reference: true)
+    int log_every;                // progress/metrics line every N steps
+    int ckpt_every;               // checkpoint every N steps (0 = only at the end)
+    int keep_ckpts;               // keep the last K checkpoints
+    int threads;                  // CPU threads (0 = OpenMP default)
+    int tf32;                     // allow TF32 tensor-core matmuls on the GPU
+    int samples;                  // print samples each epoch
+    // [optim]
+    int optim_kind;               // optim.name = noam | adamw
+    int schedule;                 // optim.schedule = noam | cosine | linear | constant
+    double lr;                    // Noam factor (1.0) or peak learning rate
+    double beta1, beta2, eps, weight_decay;
+    int warmup;                   // 2000
+    double min_lr;
+} Config;
+
+typedef enum { DEVICE_AUTO = 0, DEVICE_CPU = 1, DEVICE_CUDA = 2 } DeviceKind;
+
+void config_defaults(Config *c);
+// Parse a config file into c (on top of what c holds). On error prints "FILE:LINE: message" and exits 2.
+void config_load_file(Config *c, const char *path);
+// Apply one "key=value" override (from --set). On error prints a message naming the key and exits 2.
+void config_set(Config *c, const char *assignment);
+// Non-exiting variants for tests: return 0 on success, else write the message into err.
+int config_parse_text(Config *c, const char *text, const char *origin, char *err, size_t errlen);
+int config_set_value(Config *c, const char *key, const char *value, char *err, size_t errlen);
+// Cross-key checks (heads divide d_model, probabilities sum, ...). Exits 2 with a message on failure.
+void config_validate(const Config *c, const char *origin);
+int config_check(const Config *c, char *err, size_t errlen);
+// Write the resolved configuration in the file format (re-readable by config_load_file).
+void config_write(FILE *f, const Config *c);
+// One-line help of every key (for `mlm train --help`).
+void config_print_keys(FILE *f);
+// Build the derived optimizer settings.
+OptimConfig config_optim(const Config *c, long total_steps);
+
+#endif

@@ -1,0 +1,87 @@
+// data.h: corpus lookup and verification, the character tokenizer, the train/valid split and the batcher.
+#ifndef MLM_DATA_H
+#define MLM_DATA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "mlm/rng.h"
+
+#define CORPUS_FILE "tinyshakespeare.txt"
+#define CORPUS_MD5 "6fb458f1232090904fb40fe944165e91"
+#define CORPUS_URL "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+#define VOCAB_MAX_CHARS 4096
+
+// Find the corpus: `explicit_path` if given (used as is, any UTF-8 text), else data/tinyshakespeare.txt,
+// else $MLM_DATA_MIRROR/tinyshakespeare.txt, else download into data/. Files that were mirrored or
+// downloaded are verified against CORPUS_MD5. Writes the chosen path into out; exits with a message that
+// says what to do when nothing works.
+void data_locate_corpus(const char *explicit_path, char *out, size_t outlen);
+// md5 of a file as 32 lowercase hex digits; returns nonzero if unreadable.
+int data_md5_file(const char *path, char out[33]);
+void data_md5(const void *data, size_t len, char out[33]);
+
+// Character vocabulary: sorted unique code points of the corpus; ids [0, n_chars), then PAD, MASK.
+typedef struct {
+    int n_chars;
+    uint32_t chars[VOCAB_MAX_CHARS];  // code point of each id, ascending
+    int pad_id, mask_id, n_tokens;
+} Vocab;
+
+// Decode UTF-8 text into code points (malloc'ed). Returns -1 with a message in err for invalid UTF-8.
+long utf8_decode(const char *text, size_t len, uint32_t **out, char *err, size_t errlen);
+// Encode one code point as UTF-8 into buf (>= 5 bytes), NUL-terminated; returns the byte count.
+int utf8_encode(uint32_t cp, char *buf);
+
+int vocab_build(Vocab *v, const uint32_t *cps, size_t n, char *err, size_t errlen);
+int vocab_id(const Vocab *v, uint32_t cp);  // -1 if absent
+// Encode code points to ids, dropping characters outside the vocabulary; returns the count written.
+size_t vocab_encode(const Vocab *v, const uint32_t *cps, size_t n, int *ids);
+// The printable text of an id ("[PAD]" / "[MASK]" for the specials) into buf (>= 8 bytes).
+const char *vocab_token_text(const Vocab *v, int id, char *buf);
+
+// The corpus, tokenized and split as the reference does: train = first floor(split * N) characters.
+typedef struct {
+    char path[1024];
+    size_t n_chars_total;   // N code points
+    Vocab vocab;
+    int *train; size_t n_train;  // token ids
+    int *valid; size_t n_valid;
+} Corpus;
+
+// Load, decode, build the vocabulary (over train + valid, i.e. all text) and split. Exits with a clear
+// message for a missing, unreadable, empty, non-UTF-8 or too-short corpus (needs > seq_len + 1 tokens in
+// each split).
+void corpus_load(Corpus *c, const char *path, double train_split, int seq_len);
+void corpus_free(Corpus *c);
+
+// Sequence sampling of the reference: item i starts at i*T + r with r uniform in
+// [0, min(T-1, N - (i*T + T + 1))]; (N - 1) / T items; shuffled without replacement every epoch; the last
+// partial batch is kept. Randomness from the DATA Philox stream, indexed by epoch, so any epoch's order and
+// offsets can be regenerated.
+typedef struct {
+    const int *tokens;    // [N] (borrowed)
+    size_t n_tokens;
+    int seq_len, batch_size;
+    size_t n_items;       // (N - 1) / T
+    size_t n_batches;     // ceil(n_items / batch_size)
+    int shuffle;          // train: 1, valid: 0 (valid still draws random offsets)
+    Rng rng;
+    uint64_t stream;      // distinguishes train and valid batchers in the DATA stream
+    long epoch;           // epoch whose order is loaded
+    size_t *order;        // [n_items] item index per position in the epoch
+    int *offsets;         // [n_items] random offset r of each item this epoch
+} Batcher;
+
+void batcher_init(Batcher *b, const int *tokens, size_t n_tokens, int seq_len, int batch_size, int shuffle,
+                  uint64_t seed, uint64_t stream);
+void batcher_free(Batcher *b);
+// Prepare epoch `epoch` (order and offsets). Deterministic in (seed, stream, epoch).
+void batcher_set_epoch(Batcher *b, long epoch);
+// Copy batch `index` of the current epoch into out[B, T] (row per sequence); returns its batch size
+// (batch_size, or less for the last batch).
+int batcher_get(const Batcher *b, size_t index, int *out);
+// Start position in the token array of the item at `pos` of the current epoch.
+size_t batcher_item_start(const Batcher *b, size_t pos);
+
+#endif

@@ -1,0 +1,233 @@
+// data.c: corpus lookup, download and verification, UTF-8 decoding, the character vocabulary and split.
+#include "mlm/data.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "mlm/common.h"
+
+static int file_readable(const char *path) { return access(path, R_OK) == 0; }
+
+// Verify a mirrored or downloaded corpus; a mismatch is fatal because training on a different text would
+// silently change every result.
+static void verify_md5_or_die(const char *path, const char *origin) {
+    char md5[33];
+    if (data_md5_file(path, md5))
+        mlm_fatal(MLM_EXIT_FAILURE, "cannot read %s (%s): %s", path, origin, strerror(errno));
+    if (strcmp(md5, CORPUS_MD5) != 0)
+        mlm_fatal(MLM_EXIT_FAILURE, "%s (%s) has md5 %s but Tiny Shakespeare has %s; the file is corrupt or a "
+                  "different text: delete it, or pass your own text explicitly with --data PATH",
+                  path, origin, md5, CORPUS_MD5);
+}
+
+static int have_program(const char *name) {
+    char cmd[256];
+    snprintf(cmd, sizeof(cmd), "command -v %s >/dev/null 2>&1", name);
+    return system(cmd) == 0;
+}
+
+static int download(const char *url, const char *dest) {
+    char cmd[2048];
+    if (have_program("curl"))
+        snprintf(cmd, sizeof(cmd), "curl -fsSL --retry 2 -o '%s' '%s'", dest, url);
+    else if (have_program("wget"))
+        snprintf(cmd, sizeof(cmd), "wget -q -O '%s' '%s'", dest, url);
+    else
+        return -1;
+    return system(cmd) == 0 ? 0 : 1;
+}
+
+void data_locate_corpus(const char *explicit_path, char *out, size_t outlen) {
+    if (explicit_path && explicit_path[0]) {
+        if (!file_readable(explicit_path))
+            mlm_fatal(MLM_EXIT_FAILURE, "cannot read corpus %s: %s; check the path given with --data or data.path",
+                      explicit_path, strerror(errno));
+        snprintf(out, outlen, "%s", explicit_path);
+        return;
+    }
+    const char *local = "data/" CORPUS_FILE;
+    if (file_readable(local)) {
+        snprintf(out, outlen, "%s", local);
+        return;
+    }
+    const char *mirror = getenv("MLM_DATA_MIRROR");
+    if (mirror && mirror[0]) {
+        snprintf(out, outlen, "%s/%s", mirror, CORPUS_FILE);
+        if (file_readable(out)) {
+            verify_md5_or_die(out, "from $MLM_DATA_MIRROR");
+            return;
+        }
+        mlm_warn("$MLM_DATA_MIRROR is set but %s is not readable; downloading instead", out);
+    }
+    if (mkdir("data", 0755) != 0 && errno != EEXIST)
+        mlm_fatal(MLM_EXIT_FAILURE, "cannot create data/ to download the corpus into: %s; pass --data PATH",
+                  strerror(errno));
+    const char *tmp = "data/" CORPUS_FILE ".part";
+    fprintf(stderr, "mlm: downloading Tiny Shakespeare from %s\n", CORPUS_URL);
+    int r = download(CORPUS_URL, tmp);
+    if (r != 0) {
+        unlink(tmp);
+        mlm_fatal(MLM_EXIT_FAILURE, "%s; get %s by hand into data/%s, set MLM_DATA_MIRROR to a directory holding "
+                  "it, or pass --data PATH",
+                  r < 0 ? "neither curl nor wget is installed to download the corpus" : "downloading the corpus failed",
+                  CORPUS_URL, CORPUS_FILE);
+    }
+    verify_md5_or_die(tmp, "just downloaded");
+    if (rename(tmp, local) != 0)
+        mlm_fatal(MLM_EXIT_FAILURE, "cannot move %s to %s: %s", tmp, local, strerror(errno));
+    snprintf(out, outlen, "%s", local);
+}
+
+long utf8_decode(const char *text, size_t len, uint32_t **out, char *err, size_t errlen) {
+    uint32_t *cps = mlm_malloc((len + 1) * sizeof(uint32_t), "decoded text");
+    const unsigned char *s = (const unsigned char *)text;
+    size_t i = 0, n = 0;
+    while (i < len) {
+        uint32_t c = s[i];
+        int extra = c < 0x80 ? 0 : (c >> 5) == 0x6 ? 1 : (c >> 4) == 0xe ? 2 : (c >> 3) == 0x1e ? 3 : -1;
+        if (extra < 0 || i + (size_t)extra >= len + (extra ? 0 : 1)) goto bad;
+        if (extra) c &= 0x3f >> extra;
+        for (int k = 1; k <= extra; k++) {
+            if ((s[i + k] & 0xc0) != 0x80) goto bad;
+            c = (c << 6) | (s[i + k] & 0x3f);
+        }
+        // Reject overlong forms and surrogates so that one character has exactly one encoding.
+        if ((extra == 1 && c < 0x80) || (extra == 2 && c < 0x800) || (extra == 3 && (c < 0x10000 || c > 0x10ffff)) ||
+            (c >= 0xd800 && c <= 0xdfff))
+            goto bad;
+        cps[n++] = c;
+        i += (size_t)extra + 1;
+    }
+    *out = cps;
+    return (long)n;
+bad:
+    snprintf(err, errlen, "invalid UTF-8 at byte %zu; the corpus must be UTF-8 text", i);
+    free(cps);
+    return -1;
+}
+
+int utf8_encode(uint32_t cp, char *buf) {
+    int n;
+    if (cp < 0x80) { buf[0] = (char)cp; n = 1; }
+    else if (cp < 0x800) { buf[0] = (char)(0xc0 | (cp >> 6)); buf[1] = (char)(0x80 | (cp & 0x3f)); n = 2; }
+    else if (cp < 0x10000) {
+        buf[0] = (char)(0xe0 | (cp >> 12)); buf[1] = (char)(0x80 | ((cp >> 6) & 0x3f));
+        buf[2] = (char)(0x80 | (cp & 0x3f)); n = 3;
+    } else {
+        buf[0] = (char)(0xf0 | (cp >> 18)); buf[1] = (char)(0x80 | ((cp >> 12) & 0x3f));
+        buf[2] = (char)(0x80 | ((cp >> 6) & 0x3f)); buf[3] = (char)(0x80 | (cp & 0x3f)); n = 4;
+    }
+    buf[n] = '\0';
+    return n;
+}
+
+static int cmp_u32(const void *a, const void *b) {
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return (x > y) - (x < y);
+}
+
+int vocab_build(Vocab *v, const uint32_t *cps, size_t n, char *err, size_t errlen) {
+    // Mark seen code points; a sort of the distinct ones gives the reference's sorted(set(text)).
+    size_t cap = 0, count = 0;
+    uint32_t *seen = NULL;
+    unsigned char ascii[128] = {0};
+    for (size_t i = 0; i < n; i++) {
+        uint32_t c = cps[i];
+        if (c < 128) {
+            if (ascii[c]) continue;
+            ascii[c] = 1;
+        } else {
+            int dup = 0;
+            for (size_t k = 0; k < count; k++)
+                if (seen[k] == c) { dup = 1; break; }
+            if (dup) continue;
+        }
+        if (count == cap) {
+            cap = cap ? cap * 2 : 256;
+            seen = realloc(seen, cap * sizeof(uint32_t));
+            if (!seen) mlm_fatal(MLM_EXIT_FAILURE, "out of memory building the vocabulary");
+        }
+        seen[count++] = c;
+        if (count > VOCAB_MAX_CHARS) {
+            free(seen);
+            snprintf(err, errlen, "the text has more than %d distinct characters; a character-level model needs "
+                     "a smaller alphabet", VOCAB_MAX_CHARS);
+            return 1;
+        }
+    }
+    if (count == 0) { free(seen); snprintf(err, errlen, "the text is empty"); return 1; }
+    qsort(seen, count, sizeof(uint32_t), cmp_u32);
+    memcpy(v->chars, seen, count * sizeof(uint32_t));
+    free(seen);
+    v->n_chars = (int)count;
+    v->pad_id = v->n_chars;
+    v->mask_id = v->n_chars + 1;
+    v->n_tokens = v->n_chars + 2;
+    return 0;
+}
+
+int vocab_id(const Vocab *v, uint32_t cp) {
+    int lo = 0, hi = v->n_chars - 1;
+    while (lo <= hi) {
+        int mid = (lo + hi) / 2;
+        if (v->chars[mid] == cp) return mid;
+        if (v->chars[mid] < cp) lo = mid + 1;
+        else hi = mid - 1;
+    }
+    return -1;
+}
+
+size_t vocab_encode(const Vocab *v, const uint32_t *cps, size_t n, int *ids) {
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        int id = vocab_id(v, cps[i]);
+        if (id >= 0) ids[k++] = id;
+    }
+    return k;
+}
+
+const char *vocab_token_text(const Vocab *v, int id, char *buf) {
+    if (id == v->pad_id) return "[PAD]";
+    if (id == v->mask_id) return "[MASK]";
+    if (id < 0 || id >= v->n_chars) return "?";
+    utf8_encode(v->chars[id], buf);
+    return buf;
+}
+
+void corpus_load(Corpus *c, const char *path, double train_split, int seq_len) {
+    memset(c, 0, sizeof(*c));
+    snprintf(c->path, sizeof(c->path), "%s", path);
+    size_t len;
+    char *text = mlm_read_file(path, &len);
+    if (!text) mlm_fatal(MLM_EXIT_FAILURE, "cannot read corpus %s: %s", path, strerror(errno));
+    if (len == 0) mlm_fatal(MLM_EXIT_FAILURE, "corpus %s is empty; give a text file with --data", path);
+    uint32_t *cps;
+    char err[256];
+    long n = utf8_decode(text, len, &cps, err, sizeof(err));
+    free(text);
+    if (n < 0) mlm_fatal(MLM_EXIT_FAILURE, "corpus %s: %s", path, err);
+    if (vocab_build(&c->vocab, cps, (size_t)n, err, sizeof(err)))
+        mlm_fatal(MLM_EXIT_FAILURE, "corpus %s: %s", path, err);
+    c->n_chars_total = (size_t)n;
+    size_t n_train = (size_t)(train_split * (double)n);  // floor, as int(0.9 * N) in the reference
+    size_t n_valid = (size_t)n - n_train;
+    size_t need = (size_t)seq_len + 2;  // at least one item of seq_len + 1 characters in each split
+    if (n_train < need || n_valid < need)
+        mlm_fatal(MLM_EXIT_FAILURE, "corpus %s is too short: %ld characters split into %zu train / %zu valid, but "
+                  "each split needs at least data.seq_len + 2 = %zu; use a longer text or a smaller data.seq_len",
+                  path, n, n_train, n_valid, need);
+    c->train = mlm_malloc(n_train * sizeof(int), "train tokens");
+    c->valid = mlm_malloc(n_valid * sizeof(int), "valid tokens");
+    c->n_train = vocab_encode(&c->vocab, cps, n_train, c->train);
+    c->n_valid = vocab_encode(&c->vocab, cps + n_train, n_valid, c->valid);
+    free(cps);
+}
+
+void corpus_free(Corpus *c) {
+    free(c->train);
+    free(c->valid);
+    c->train = c->valid = NULL;
+}

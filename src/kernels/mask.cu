@@ -1,0 +1,46 @@
+// mask.cu: masking on the device: uniforms from cuRAND's device Philox generator, then the shared rule.
+#include <curand.h>
+
+#include "cuda_check.h"
+#include "mask_rule.h"
+#include "mlm/cuda_backend.h"
+
+// u is [4, n]: the same layout and the same rule as mask_apply on the host.
+__global__ void mask_kernel(MaskRule rule, const int *tokens, size_t n, const float *u, int *inputs, int *labels) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    mask_one(&rule, tokens[i], u[i], u[n + i], u[2 * n + i], u[3 * n + i], &inputs[i], &labels[i]);
+}
+
+void cuda_mask_launch(const MaskConfig *c, const int *d_tokens, size_t n, const float *d_uniforms, int *d_inputs,
+                      int *d_labels, cudaStream_t stream) {
+    if (n == 0) return;
+    const int block = 256;
+    unsigned grid = (unsigned)((n + block - 1) / block);
+    mask_kernel<<<grid, block, 0, stream>>>(mask_rule_from_config(c), d_tokens, n, d_uniforms, d_inputs, d_labels);
+    CUDA_CHECK_LAUNCH();
+}
+
+extern "C" void cuda_mask_batch_host(const MaskConfig *c, const int *tokens, size_t n, uint64_t philox_seed,
+                                     uint64_t offset, int *inputs, int *labels) {
+    int *d_tokens, *d_inputs, *d_labels;
+    float *d_u;
+    CUDA_CHECK(cudaMalloc(&d_tokens, n * sizeof(int)));
+    CUDA_CHECK(cudaMalloc(&d_inputs, n * sizeof(int)));
+    CUDA_CHECK(cudaMalloc(&d_labels, n * sizeof(int)));
+    CUDA_CHECK(cudaMalloc(&d_u, 4 * n * sizeof(float)));
+    CUDA_CHECK(cudaMemcpy(d_tokens, tokens, n * sizeof(int), cudaMemcpyHostToDevice));
+    curandGenerator_t gen;
+    CURAND_CHECK(curandCreateGenerator(&gen, CURAND_RNG_PSEUDO_PHILOX4_32_10));
+    CURAND_CHECK(curandSetPseudoRandomGeneratorSeed(gen, philox_seed));
+    CURAND_CHECK(curandSetGeneratorOffset(gen, offset));
+    CURAND_CHECK(curandGenerateUniform(gen, d_u, 4 * n));
+    cuda_mask_launch(c, d_tokens, n, d_u, d_inputs, d_labels, 0);
+    CUDA_CHECK(cudaMemcpy(inputs, d_inputs, n * sizeof(int), cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(labels, d_labels, n * sizeof(int), cudaMemcpyDeviceToHost));
+    CURAND_CHECK(curandDestroyGenerator(gen));
+    CUDA_CHECK(cudaFree(d_tokens));
+    CUDA_CHECK(cudaFree(d_inputs));
+    CUDA_CHECK(cudaFree(d_labels));
+    CUDA_CHECK(cudaFree(d_u));
+}

@@ -1,0 +1,86 @@
+// test_config.c: the config parser: sections, overrides, errors that name file, line and key, round trip.
+#include <stdlib.h>
+#include <string.h>
+
+#include "mlm/config.h"
+#include "test_util.h"
+
+static int parses(const char *text, char *err, size_t errlen) {
+    Config c;
+    config_defaults(&c);
+    return config_parse_text(&c, text, "t.conf", err, errlen) == 0;
+}
+
+int main(void) {
+    Config c;
+    char err[1024];
+    config_defaults(&c);
+    const char *text = "# comment\n[model]\nd_model = 64   # trailing comment\nn_heads=4\n\n[train]\nbatch_size = 16\n"
+                       "eval_dropout = true\ndevice = cpu\n[mask]\nno_mask = \"\\n#\"\nscheme = bert\n"
+                       "[optim]\nlr = 3e-4\n";
+    CHECK(config_parse_text(&c, text, "t.conf", err, sizeof(err)) == 0, "parse failed: %s", err);
+    CHECK(c.d_model == 64 && c.n_heads == 4, "d_model %d n_heads %d", c.d_model, c.n_heads);
+    CHECK(c.batch_size == 16 && c.eval_dropout == 1 && c.device == DEVICE_CPU, "train keys");
+    CHECK(strcmp(c.no_mask_chars, "\n#") == 0, "no_mask '%s'", c.no_mask_chars);
+    CHECK(c.mask_scheme == MASK_SCHEME_BERT, "scheme %d", c.mask_scheme);
+    CHECK(c.lr == 3e-4, "lr %g", c.lr);
+
+    // Errors name the file, the line and the key.
+    CHECK(!parses("[model]\nd_modle = 3\n", err, sizeof(err)), "unknown key accepted");
+    CHECK(strstr(err, "t.conf:2") && strstr(err, "model.d_modle") && strstr(err, "model.d_model"), "message: %s", err);
+    CHECK(!parses("[train]\nbatch_size = -1\n", err, sizeof(err)), "negative batch accepted");
+    CHECK(strstr(err, "t.conf:2") && strstr(err, "train.batch_size") && strstr(err, "out of range"), "message: %s", err);
+    CHECK(!parses("[train]\nbatch_size = 3.5\n", err, sizeof(err)), "fractional int accepted");
+    CHECK(!parses("[train]\nbatch_size = 12abc\n", err, sizeof(err)), "trailing junk accepted");
+    CHECK(!parses("[model\n", err, sizeof(err)), "bad section accepted");
+    CHECK(strstr(err, "t.conf:1"), "message: %s", err);
+    CHECK(!parses("[model]\njust words\n", err, sizeof(err)), "line without '=' accepted");
+    CHECK(!parses("[train]\ndevice = tpu\n", err, sizeof(err)), "bad enum accepted");
+    CHECK(strstr(err, "auto|cpu|cuda"), "message lists the choices: %s", err);
+    CHECK(!parses("[train]\neval_dropout = maybe\n", err, sizeof(err)), "bad bool accepted");
+    CHECK(!parses("[model]\ndropout = nan\n", err, sizeof(err)), "nan accepted");
+    CHECK(!parses("[train]\nseed = -5\n", err, sizeof(err)), "negative seed accepted");
+
+    // Overrides use full dotted keys.
+    config_defaults(&c);
+    CHECK(config_set_value(&c, "model.n_layers", "2", err, sizeof(err)) == 0, "%s", err);
+    CHECK(c.n_layers == 2, "n_layers %d", c.n_layers);
+    CHECK(config_set_value(&c, "n_layers", "2", err, sizeof(err)) != 0 && strstr(err, "model.n_layers"),
+          "section-less key should suggest the full one: %s", err);
+
+    // Cross-key checks.
+    config_defaults(&c);
+    c.n_heads = 7;
+    CHECK(config_check(&c, err, sizeof(err)) != 0 && strstr(err, "n_heads"), "heads not dividing d_model: %s", err);
+
+    // Round trip: write the resolved config, parse it back, get the same struct.
+    config_defaults(&c);
+    c.d_model = 96; c.seed = 18446744073709551615ull; c.lr = 0.123456789012345; c.mask_scheme = MASK_SCHEME_BERT;
+    snprintf(c.no_mask_chars, sizeof(c.no_mask_chars), "a\"\\\n");
+    snprintf(c.data_path, sizeof(c.data_path), "/tmp/x y.txt");
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    config_write(f, &c);
+    fclose(f);
+    Config back;
+    config_defaults(&back);
+    CHECK(config_parse_text(&back, buf, "roundtrip", err, sizeof(err)) == 0, "re-parse: %s", err);
+    CHECK(memcmp(&c, &back, sizeof(c)) == 0, "round trip changed the config:\n%s", buf);
+    free(buf);
+
+    // The shipped reference config equals the built-in defaults (which follow SPEC.md).
+    const char *src = getenv("MLM_SOURCE_DIR");
+    if (src) {
+        char path[1024];
+        snprintf(path, sizeof(path), "%s/configs/shakespeare.conf", src);
+        Config ref, def;
+        config_defaults(&def);
+        config_defaults(&ref);
+        config_load_file(&ref, path);
+        CHECK(memcmp(&ref, &def, sizeof(ref)) == 0, "configs/shakespeare.conf differs from the defaults");
+        CHECK(ref.batch_size == 64 && ref.seq_len == 32 && ref.d_model == 128 && ref.d_ff == 256 && ref.n_heads == 8 &&
+              ref.n_layers == 6 && ref.epochs == 1024 && ref.warmup == 2000, "reference values");
+    }
+    return test_finish("test_config");
+}
