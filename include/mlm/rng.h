@@ -23,6 +23,7 @@ typedef enum {
 typedef struct {
     void *gen;      // curandGenerator_t (host generator); opaque here so that headers need no cuRAND
     uint64_t seed;  // the derived Philox seed of this stream
+    uint64_t pos;   // offset the generator will produce next (UINT64_MAX: unknown)
 } Rng;
 
 // Derive a stream's Philox seed from the user seed and a domain (splitmix64 mixing).
@@ -30,6 +31,9 @@ uint64_t rng_domain_seed(uint64_t user_seed, RngDomain domain);
 void rng_init(Rng *rng, uint64_t user_seed, RngDomain domain);
 void rng_free(Rng *rng);
 // n uniforms in (0, 1], starting at absolute `offset` of the stream.
+// Performance: the host generator spends ~6 ms re-positioning after any seek, and ~6 ns per number drawn
+// contiguously, so rng_* seek only when `offset` is not where the previous draw ended. Draw a stream's
+// regions in increasing, adjacent order (as the training step does) to avoid seeks.
 void rng_uniform(Rng *rng, uint64_t offset, float *out, size_t n);
 // n raw 32-bit outputs, starting at absolute `offset` of the stream.
 void rng_u32(Rng *rng, uint64_t offset, uint32_t *out, size_t n);
@@ -37,7 +41,8 @@ void rng_u32(Rng *rng, uint64_t offset, uint32_t *out, size_t n);
 void rng_normal(Rng *rng, uint64_t offset, float *out, size_t n, float mean, float std);
 
 // Where each random draw of one step lives. A step owns `per_step` consecutive outputs starting at
-// step * per_step; inside it the masking uniforms come first, then per layer the four dropout sites.
+// step * per_step; inside it the masking uniforms come first, then per layer the four dropout sites in
+// forward order, so a training run consumes its stream contiguously (no seeks; see rng_uniform).
 // Sizes are for the configured (maximum) batch, so a partial last batch uses a prefix of each site.
 typedef struct {
     uint64_t mask;        // 4 * B * T: U1 (select), U2 (unchanged), U3 (random), U4 (random token)

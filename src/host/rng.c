@@ -24,6 +24,7 @@ void rng_init(Rng *rng, uint64_t user_seed, RngDomain domain) {
     rng->seed = rng_domain_seed(user_seed, domain);
     CURAND_CHECK(curandSetPseudoRandomGeneratorSeed(g, rng->seed));
     rng->gen = g;
+    rng->pos = 0;
 }
 
 void rng_free(Rng *rng) {
@@ -31,21 +32,31 @@ void rng_free(Rng *rng) {
     rng->gen = NULL;
 }
 
+// Position the generator at `offset` unless it is already there (a seek costs milliseconds).
+static void seek(Rng *rng, uint64_t offset) {
+    if (rng->pos == offset) return;
+    CURAND_CHECK(curandSetGeneratorOffset((curandGenerator_t)rng->gen, offset));
+    rng->pos = offset;
+}
+
 void rng_uniform(Rng *rng, uint64_t offset, float *out, size_t n) {
     if (n == 0) return;
-    CURAND_CHECK(curandSetGeneratorOffset((curandGenerator_t)rng->gen, offset));
+    seek(rng, offset);
     CURAND_CHECK(curandGenerateUniform((curandGenerator_t)rng->gen, out, n));
+    rng->pos = offset + n;
 }
 
 void rng_u32(Rng *rng, uint64_t offset, uint32_t *out, size_t n) {
     if (n == 0) return;
-    CURAND_CHECK(curandSetGeneratorOffset((curandGenerator_t)rng->gen, offset));
+    seek(rng, offset);
     CURAND_CHECK(curandGenerate((curandGenerator_t)rng->gen, out, n));
+    rng->pos = offset + n;
 }
 
 void rng_normal(Rng *rng, uint64_t offset, float *out, size_t n, float mean, float std) {
     if (n == 0) return;
     CURAND_CHECK(curandSetGeneratorOffset((curandGenerator_t)rng->gen, offset));
+    rng->pos = UINT64_MAX;  // how many outputs Box-Muller consumed is the library's business: seek next time
     if (n % 2 == 0) {
         CURAND_CHECK(curandGenerateNormal((curandGenerator_t)rng->gen, out, n, mean, std));
         return;
@@ -66,8 +77,8 @@ RngLayout rng_layout(int B, int T, int C, int H, int F, int n_layers) {
     l.ffn_hidden = bt * (uint64_t)F;
     l.ffn_resid = bt * (uint64_t)C;
     l.per_layer = l.attn_probs + l.attn_resid + l.ffn_hidden + l.ffn_resid;
-    // Round each step up to a multiple of 4 so every step starts on a Philox counter boundary.
-    l.per_step = (l.mask + (uint64_t)n_layers * l.per_layer + 3) & ~(uint64_t)3;
+    // No padding between steps: consecutive steps must stay adjacent in the stream (see rng_uniform).
+    l.per_step = l.mask + (uint64_t)n_layers * l.per_layer;
     return l;
 }
 
