@@ -386,7 +386,15 @@ static void write_value(FILE *f, const KeyDesc *k, const Config *c) {
     case K_INT: fprintf(f, "%d", *(const int *)field); break;
     case K_LONG: fprintf(f, "%ld", *(const long *)field); break;
     case K_U64: fprintf(f, "%llu", (unsigned long long)*(const uint64_t *)field); break;
-    case K_DOUBLE: fprintf(f, "%.17g", *(const double *)field); break;
+    case K_DOUBLE: {
+        // The shortest of %.15g / %.17g that reads back to the same double (0.9, not 0.90000000000000002).
+        double v = *(const double *)field;
+        char buf[40];
+        snprintf(buf, sizeof(buf), "%.15g", v);
+        if (strtod(buf, NULL) != v) snprintf(buf, sizeof(buf), "%.17g", v);
+        fputs(buf, f);
+        break;
+    }
     case K_BOOL: fputs(*(const int *)field ? "true" : "false", f); break;
     case K_STR: write_escaped(f, field); break;
     case K_ENUM: {

@@ -1,0 +1,31 @@
+// train.h: a training run: data, masking, model, optimizer and the epoch loop (samples, train, valid).
+#ifndef MLM_TRAIN_H
+#define MLM_TRAIN_H
+
+#include "mlm/config.h"
+#include "mlm/data.h"
+#include "mlm/mask.h"
+#include "mlm/model.h"
+
+#define N_PROMPTS 10
+extern const char *const SAMPLE_PROMPTS[N_PROMPTS];
+
+typedef struct {
+    const char *config_path;  // for the run name and messages (may be NULL)
+    const char *out_dir;      // run directory (NULL: runs/<config>-<timestamp>)
+    const char *init_path;    // safetensors weights to start from (NULL: fresh init)
+    int dry_run;
+    int quiet;
+} TrainOptions;
+
+// Derived settings shared by train, eval and fill.
+ModelConfig train_model_config(const Config *c, const Vocab *v);
+MaskConfig train_mask_config(const Config *c, const Vocab *v);
+
+// Run `mlm train`; returns the process exit status.
+int train_run(const Config *cfg, const TrainOptions *opt);
+
+// Render tokens[n] as text (PAD shown as '·', MASK as '_', newline as '↵') into out.
+void render_tokens(const Vocab *v, const int *tokens, int n, char *out, size_t outlen);
+
+#endif

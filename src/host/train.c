@@ -1,0 +1,452 @@
+// train.c: `mlm train`: the run directory, the epoch loop (samples, a training epoch, a validation epoch),
+// progress lines and metrics.
+#include "mlm/train.h"
+
+#include <errno.h>
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "mlm/common.h"
+#include "mlm/cpu.h"
+#include "mlm/cuda_backend.h"
+#include "mlm/optim.h"
+#include "mlm/rng.h"
+
+const char *const SAMPLE_PROMPTS[N_PROMPTS] = {
+    "We are accounted poor citizens, the patricians good.",
+    "What authority surfeits on would relieve us: if they",
+    "would yield us but the superfluity, while it were",
+    "wholesome, we might guess they relieved us humanely;",
+    "but they think we are too dear: the leanness that",
+    "afflicts us, the object of our misery, is as an",
+    "inventory to particularise their abundance; our",
+    "sufferance is a gain to them Let us revenge this with",
+    "our pikes, ere we become rakes: for the gods know I",
+    "speak this in hunger for bread, not in thirst for revenge.",
+};
+
+ModelConfig train_model_config(const Config *c, const Vocab *v) {
+    ModelConfig m = {.vocab = v->n_tokens, .d_model = c->d_model, .n_heads = c->n_heads, .n_layers = c->n_layers,
+                     .d_ff = c->d_ff, .max_seq = c->seq_len, .dropout = (float)c->dropout, .ln_eps = (float)c->ln_eps};
+    return m;
+}
+
+MaskConfig train_mask_config(const Config *c, const Vocab *v) {
+    MaskConfig m;
+    memset(&m, 0, sizeof(m));
+    m.scheme = (MaskScheme)c->mask_scheme;
+    m.prob = (float)c->mask_prob;
+    m.unchanged_prob = (float)c->mask_unchanged_prob;
+    m.random_prob = (float)c->mask_random_prob;
+    m.n_tokens = v->n_tokens;
+    m.n_chars = v->n_chars;
+    m.pad_id = v->pad_id;
+    m.mask_id = v->mask_id;
+    for (const char *s = c->no_mask_chars; *s && m.n_no_mask < MASK_MAX_NO_MASK; s++) {
+        int id = vocab_id(v, (unsigned char)*s);
+        if (id < 0) mlm_warn("mask.no_mask: '%c' is not in the vocabulary; ignored", *s);
+        else m.no_mask[m.n_no_mask++] = id;
+    }
+    return m;
+}
+
+void render_tokens(const Vocab *v, const int *tokens, int n, char *out, size_t outlen) {
+    size_t k = 0;
+    for (int i = 0; i < n; i++) {
+        char buf[8];
+        const char *s;
+        if (tokens[i] == v->pad_id) s = "\xc2\xb7";              // ·
+        else if (tokens[i] == v->mask_id) s = "_";
+        else if (v->chars[tokens[i]] == '\n') s = "\xe2\x86\xb5";  // ↵
+        else s = vocab_token_text(v, tokens[i], buf);
+        size_t l = strlen(s);
+        if (k + l + 1 >= outlen) break;
+        memcpy(out + k, s, l);
+        k += l;
+    }
+    out[k] = '\0';
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The run: everything one training process holds.
+
+typedef struct {
+    Config cfg;
+    TrainOptions opt;
+    Corpus corpus;
+    ModelConfig mc;
+    MaskConfig mask;
+    OptimConfig oc;
+    RngLayout layout;
+    Batcher train_b, valid_b;
+    Rng train_rng, valid_rng, sample_rng;
+    CpuModel *model;
+    float *opt_state;      // [2P] Adam first and second moments, one allocation
+    float *adam_m, *adam_v;
+    uint8_t *decay_mask;   // [P] 1 where AdamW decays (2-D weights)
+    int *tokens, *inputs, *labels;  // [B, T]
+    float *uniforms;       // [4 * B * T]
+    long step;             // optimizer steps done
+    long total_steps;
+    char run_dir[1024];
+    FILE *metrics;
+    int color;             // ANSI colours on stdout
+    int tty;               // progress line rewritten in place
+    double t_start;
+} Run;
+
+static int use_color(void) {
+    const char *nc = getenv("NO_COLOR");
+    return isatty(STDOUT_FILENO) && !(nc && nc[0]);
+}
+
+static void make_dir(const char *path) {
+    if (mkdir(path, 0755) != 0 && errno != EEXIST)
+        mlm_fatal(MLM_EXIT_FAILURE, "cannot create directory %s: %s", path, strerror(errno));
+}
+
+static void open_run_dir(Run *r) {
+    if (r->opt.out_dir) {
+        snprintf(r->run_dir, sizeof(r->run_dir), "%s", r->opt.out_dir);
+    } else {
+        const char *base = r->opt.config_path ? strrchr(r->opt.config_path, '/') : NULL;
+        base = base ? base + 1 : r->opt.config_path ? r->opt.config_path : "default";
+        char name[128];
+        snprintf(name, sizeof(name), "%s", base);
+        char *dot = strrchr(name, '.');
+        if (dot) *dot = '\0';
+        char stamp[32];
+        time_t now = time(NULL);
+        strftime(stamp, sizeof(stamp), "%Y%m%d-%H%M%S", localtime(&now));
+        make_dir("runs");
+        snprintf(r->run_dir, sizeof(r->run_dir), "runs/%s-%s", name, stamp);
+    }
+    make_dir(r->run_dir);
+    char path[1100];
+    snprintf(path, sizeof(path), "%s/metrics.jsonl", r->run_dir);
+    struct stat st;
+    if (stat(path, &st) == 0 && st.st_size > 0)
+        mlm_fatal(MLM_EXIT_USAGE, "%s already holds a run (metrics.jsonl exists); choose another --out directory",
+                  r->run_dir);
+    r->metrics = fopen(path, "w");
+    if (!r->metrics) mlm_fatal(MLM_EXIT_FAILURE, "cannot write %s: %s", path, strerror(errno));
+    snprintf(path, sizeof(path), "%s/config.conf", r->run_dir);
+    FILE *f = fopen(path, "w");
+    if (!f) mlm_fatal(MLM_EXIT_FAILURE, "cannot write %s: %s", path, strerror(errno));
+    fprintf(f, "# resolved configuration of this run (mlm %s)\n", MLM_VERSION);
+    config_write(f, &r->cfg);
+    fclose(f);
+}
+
+static void print_header(const Run *r) {
+    printf("# mlm %s, resolved configuration\n", MLM_VERSION);
+    config_write(stdout, &r->cfg);
+    printf("\n# corpus %s: %zu characters, %zu train / %zu valid tokens\n", r->corpus.path, r->corpus.n_chars_total,
+           r->corpus.n_train, r->corpus.n_valid);
+    printf("# vocabulary: %d characters + [PAD]=%d + [MASK]=%d = %d tokens: ", r->corpus.vocab.n_chars,
+           r->corpus.vocab.pad_id, r->corpus.vocab.mask_id, r->corpus.vocab.n_tokens);
+    char text[VOCAB_MAX_CHARS * 5];
+    int ids[VOCAB_MAX_CHARS];
+    for (int i = 0; i < r->corpus.vocab.n_chars; i++) ids[i] = i;
+    render_tokens(&r->corpus.vocab, ids, r->corpus.vocab.n_chars, text, sizeof(text));
+    printf("%s\n", text);
+    printf("# model: %zu parameters; %zu train sequences in %zu batches, %zu valid in %zu; %ld steps\n",
+           model_num_params(&r->mc), r->train_b.n_items, r->train_b.n_batches, r->valid_b.n_items, r->valid_b.n_batches,
+           r->total_steps);
+}
+
+// Mask one batch: uniforms for `index` of stream `rng` at the layout's mask offset.
+static void mask_batch(Run *r, Rng *rng, uint64_t index, int b) {
+    size_t n = (size_t)b * r->cfg.seq_len;
+    rng_uniform(rng, rng_mask_offset(&r->layout, index), r->uniforms, 4 * n);
+    mask_apply(&r->mask, r->tokens, n, r->uniforms, r->inputs, r->labels);
+}
+
+static void print_masked_batch(const Run *r, int rows) {
+    const Vocab *v = &r->corpus.vocab;
+    int T = r->cfg.seq_len;
+    char text[4096];
+    printf("# one masked batch (first %d of %d sequences; _ = [MASK], \xc2\xb7 = [PAD], \xe2\x86\xb5 = newline):\n",
+           rows, r->cfg.batch_size);
+    for (int i = 0; i < rows; i++) {
+        render_tokens(v, r->tokens + i * T, T, text, sizeof(text));
+        printf("  original: %s\n", text);
+        render_tokens(v, r->inputs + i * T, T, text, sizeof(text));
+        printf("  input:    %s\n", text);
+        render_tokens(v, r->labels + i * T, T, text, sizeof(text));
+        printf("  labels:   %s\n", text);
+    }
+}
+
+static DropoutCtx dropout_ctx(Run *r, Rng *rng, uint64_t index, int enabled) {
+    DropoutCtx d = {.rng = enabled ? rng : NULL, .layout = r->layout, .step = index,
+                    .p = enabled ? (float)r->cfg.dropout : 0.0f};
+    return d;
+}
+
+// The reference's samples: prompts cut to seq_len, padded with PAD, masked, predicted. Correct predictions
+// green, wrong red, unmasked characters dimmed.
+static void print_samples(Run *r, long epoch) {
+    const Vocab *v = &r->corpus.vocab;
+    int T = r->cfg.seq_len;
+    int n = N_PROMPTS;
+    for (int i = 0; i < n; i++) {
+        uint32_t cps[256];
+        int ids[256];
+        size_t len = strlen(SAMPLE_PROMPTS[i]);
+        for (size_t k = 0; k < len; k++) cps[k] = (unsigned char)SAMPLE_PROMPTS[i][k];
+        size_t m = vocab_encode(v, cps, len, ids);
+        for (int t = 0; t < T; t++) r->tokens[i * T + t] = (size_t)t < m ? ids[t] : v->pad_id;
+    }
+    mask_batch(r, &r->sample_rng, (uint64_t)epoch, n);
+    DropoutCtx d = dropout_ctx(r, &r->sample_rng, (uint64_t)epoch, r->cfg.eval_dropout);
+    cpu_model_forward(r->model, r->inputs, NULL, n, v->pad_id, &d, NULL);
+    char path[1100];
+    snprintf(path, sizeof(path), "%s/samples.txt", r->run_dir);
+    FILE *f = fopen(path, "w");
+    if (f) fprintf(f, "epoch %ld step %ld\n", epoch, r->step);
+    const char *green = r->color ? "\x1b[32m" : "", *red = r->color ? "\x1b[31m" : "";
+    const char *dim = r->color ? "\x1b[2m" : "", *reset = r->color ? "\x1b[0m" : "";
+    for (int i = 0; i < n; i++) {
+        for (int t = 0; t < T; t++) {
+            int pos = i * T + t, V = r->mc.vocab;
+            char buf[8];
+            if (r->labels[pos] != v->pad_id) {
+                const float *lg = r->model->logits + (size_t)pos * V;
+                int best = 0;
+                for (int k = 1; k < V; k++)
+                    if (lg[k] > lg[best]) best = k;
+                const char *s = best < v->n_chars ? vocab_token_text(v, best, buf) : "*";
+                if (best < v->n_chars && v->chars[best] == '\n') s = "\xe2\x86\xb5";
+                int ok = best == r->labels[pos];
+                printf("%s%s%s", ok ? green : red, s, reset);
+                if (f) fputs(s, f);
+            } else if (r->inputs[pos] < v->n_chars) {
+                const char *s = vocab_token_text(v, r->inputs[pos], buf);
+                if (v->chars[r->inputs[pos]] == '\n') s = "\xe2\x86\xb5";
+                printf("%s%s%s", dim, s, reset);
+                if (f) fputs(s, f);
+            }
+        }
+        putchar('\n');
+        if (f) fputc('\n', f);
+    }
+    if (f) fclose(f);
+}
+
+static void format_duration(double s, char *out, size_t n) {
+    if (!isfinite(s) || s < 0) { snprintf(out, n, "?"); return; }
+    long t = (long)(s + 0.5);
+    if (t >= 3600) snprintf(out, n, "%ldh%02ldm", t / 3600, (t % 3600) / 60);
+    else if (t >= 60) snprintf(out, n, "%ldm%02lds", t / 60, t % 60);
+    else snprintf(out, n, "%lds", t);
+}
+
+static void log_metrics(Run *r, const char *kind, long epoch, double loss, double acc, double lr, double gnorm,
+                        double tok_per_s) {
+    double tokens = (double)r->step * r->cfg.batch_size * r->cfg.seq_len;
+    fprintf(r->metrics, "{\"kind\":\"%s\",\"step\":%ld,\"epoch\":%ld,\"tokens\":%.0f,\"loss\":%.6g,\"accuracy\":%.6g",
+            kind, r->step, epoch, tokens, loss, acc);
+    if (lr >= 0) fprintf(r->metrics, ",\"lr\":%.6g,\"grad_norm\":%.6g,\"tokens_per_s\":%.6g", lr, gnorm, tok_per_s);
+    fprintf(r->metrics, ",\"time_s\":%.3f}\n", mlm_now() - r->t_start);
+    fflush(r->metrics);
+}
+
+static void check_finite(const Run *r, float loss, const char *where) {
+    if (!isfinite(loss))
+        mlm_fatal(MLM_EXIT_FAILURE, "the %s loss is %f at step %ld; training diverged: lower optim.lr, keep "
+                  "train.grad_clip on, or check the data", where, loss, r->step);
+}
+
+// One epoch of training; returns 1 when train.max_steps was reached.
+static int train_epoch(Run *r, long epoch) {
+    batcher_set_epoch(&r->train_b, epoch);
+    int T = r->cfg.seq_len, log_every = r->cfg.log_every;
+    double loss_sum = 0, t_log = mlm_now();
+    long correct_sum = 0, target_sum = 0, tokens_since = 0, steps_since = 0;
+    for (size_t bi = 0; bi < r->train_b.n_batches; bi++) {
+        if (r->cfg.max_steps > 0 && r->step >= r->cfg.max_steps) return 1;
+        int b = batcher_get(&r->train_b, bi, r->tokens);
+        mask_batch(r, &r->train_rng, (uint64_t)r->step, b);
+        DropoutCtx d = dropout_ctx(r, &r->train_rng, (uint64_t)r->step, 1);
+        int correct = 0;
+        float loss = cpu_model_forward(r->model, r->inputs, r->labels, b, r->corpus.vocab.pad_id, &d, &correct);
+        check_finite(r, loss, "training");
+        cpu_model_backward(r->model);
+        float gnorm = r->cfg.grad_clip > 0 ? cpu_clip_grads(r->model->grads, r->model->n_params, (float)r->cfg.grad_clip)
+                                           : cpu_grad_norm(r->model->grads, r->model->n_params);
+        double lr = optim_lr(&r->oc, r->step + 1);
+        cpu_adam_update(&r->oc, r->model->params, r->model->grads, r->adam_m, r->adam_v, r->decay_mask,
+                        r->model->n_params, r->step + 1, lr);
+        r->step++;
+        loss_sum += loss;
+        correct_sum += correct;
+        target_sum += r->model->n_targets;
+        tokens_since += (long)b * T;
+        steps_since++;
+        int last = bi + 1 == r->train_b.n_batches || (r->cfg.max_steps > 0 && r->step >= r->cfg.max_steps);
+        if (r->step % log_every == 0 || last) {
+            double now = mlm_now(), tps = tokens_since / (now - t_log);
+            double acc = target_sum ? (double)correct_sum / target_sum : 0;
+            log_metrics(r, "train", epoch, loss_sum / steps_since, acc, lr, gnorm, tps);
+            if (!r->opt.quiet) {
+                char eta[32];
+                double steps_left = (double)(r->total_steps - r->step);
+                format_duration(steps_left * (now - t_log) / steps_since, eta, sizeof(eta));
+                printf("%sepoch %ld/%d step %ld/%ld loss %.4f acc %.4f lr %.3e |g| %.3f %.0f tok/s, %s left%s",
+                       r->tty ? "\r\x1b[2K" : "", epoch + 1, r->cfg.epochs, r->step, r->total_steps,
+                       loss_sum / steps_since, acc, lr, gnorm, tps, eta, r->tty ? "" : "\n");
+                fflush(stdout);
+            }
+            loss_sum = 0;
+            correct_sum = target_sum = tokens_since = steps_since = 0;
+            t_log = now;
+        }
+    }
+    if (r->tty && !r->opt.quiet) putchar('\n');
+    return r->cfg.max_steps > 0 && r->step >= r->cfg.max_steps;
+}
+
+// One pass over the validation split with fresh masks; dropout off unless train.eval_dropout.
+static void valid_epoch(Run *r, long epoch, double *loss_out, double *acc_out) {
+    batcher_set_epoch(&r->valid_b, epoch);
+    double loss_sum = 0;
+    long correct_sum = 0, target_sum = 0;
+    for (size_t bi = 0; bi < r->valid_b.n_batches; bi++) {
+        int b = batcher_get(&r->valid_b, bi, r->tokens);
+        uint64_t index = (uint64_t)epoch * r->valid_b.n_batches + bi;
+        mask_batch(r, &r->valid_rng, index, b);
+        DropoutCtx d = dropout_ctx(r, &r->valid_rng, index, r->cfg.eval_dropout);
+        int correct = 0;
+        float loss = cpu_model_forward(r->model, r->inputs, r->labels, b, r->corpus.vocab.pad_id, &d, &correct);
+        check_finite(r, loss, "validation");
+        // Weight by targets so the epoch loss is the mean over all masked positions.
+        loss_sum += (double)loss * r->model->n_targets;
+        correct_sum += correct;
+        target_sum += r->model->n_targets;
+    }
+    *loss_out = target_sum ? loss_sum / target_sum : 0;
+    *acc_out = target_sum ? (double)correct_sum / target_sum : 0;
+    log_metrics(r, "valid", epoch, *loss_out, *acc_out, -1, 0, 0);
+}
+
+static void setup(Run *r, const Config *cfg, const TrainOptions *opt) {
+    memset(r, 0, sizeof(*r));
+    r->cfg = *cfg;
+    r->opt = *opt;
+    r->color = use_color();
+    r->tty = isatty(STDOUT_FILENO);
+    if (cfg->threads > 0) omp_set_num_threads(cfg->threads);
+    char path[1024];
+    data_locate_corpus(cfg->data_path, path, sizeof(path));
+    corpus_load(&r->corpus, path, cfg->train_split, cfg->seq_len);
+    r->mc = train_model_config(cfg, &r->corpus.vocab);
+    char err[256];
+    if (model_config_check(&r->mc, err, sizeof(err))) mlm_fatal(MLM_EXIT_USAGE, "%s", err);
+    r->mask = train_mask_config(cfg, &r->corpus.vocab);
+    batcher_init(&r->train_b, r->corpus.train, r->corpus.n_train, cfg->seq_len, cfg->batch_size, 1, cfg->seed, 0);
+    batcher_init(&r->valid_b, r->corpus.valid, r->corpus.n_valid, cfg->seq_len, cfg->batch_size, 1, cfg->seed, 1);
+    long per_epoch = (long)r->train_b.n_batches;
+    r->total_steps = per_epoch * cfg->epochs;
+    if (cfg->max_steps > 0 && cfg->max_steps < r->total_steps) r->total_steps = cfg->max_steps;
+    r->oc = config_optim(cfg, r->total_steps);
+    int max_b = MLM_MAX(cfg->batch_size, N_PROMPTS);
+    r->layout = rng_layout(max_b, cfg->seq_len, cfg->d_model, cfg->n_heads, cfg->d_ff, cfg->n_layers);
+    rng_init(&r->train_rng, cfg->seed, RNG_DOMAIN_TRAIN);
+    rng_init(&r->valid_rng, cfg->seed, RNG_DOMAIN_VALID);
+    rng_init(&r->sample_rng, cfg->seed, RNG_DOMAIN_SAMPLE);
+    size_t bt = (size_t)max_b * cfg->seq_len;
+    r->tokens = mlm_malloc(bt * sizeof(int), "batch tokens");
+    r->inputs = mlm_malloc(bt * sizeof(int), "batch inputs");
+    r->labels = mlm_malloc(bt * sizeof(int), "batch labels");
+    r->uniforms = mlm_malloc(4 * bt * sizeof(float), "masking uniforms");
+}
+
+static void setup_model(Run *r) {
+    int max_b = MLM_MAX(r->cfg.batch_size, N_PROMPTS);
+    r->model = cpu_model_create(&r->mc, max_b);
+    model_init_params(&r->mc, r->model->params, r->cfg.seed, r->cfg.init_copy_layers);
+    size_t P = r->model->n_params;
+    r->opt_state = mlm_calloc(2 * P, sizeof(float), "Adam moments");
+    r->adam_m = r->opt_state;
+    r->adam_v = r->opt_state + P;
+    r->decay_mask = mlm_calloc(P, 1, "weight-decay mask");
+    int n = model_param_table(&r->mc, NULL);
+    ParamEntry *tab = mlm_malloc((size_t)n * sizeof(ParamEntry), "parameter table");
+    model_param_table(&r->mc, tab);
+    for (int i = 0; i < n; i++)
+        if (tab[i].is_matrix) memset(r->decay_mask + tab[i].offset, 1, (size_t)tab[i].shape[0] * tab[i].shape[1]);
+    free(tab);
+}
+
+static void teardown(Run *r) {
+    if (r->metrics) fclose(r->metrics);
+    if (r->model) cpu_model_free(r->model);
+    free(r->opt_state);
+    free(r->decay_mask);
+    free(r->tokens); free(r->inputs); free(r->labels); free(r->uniforms);
+    rng_free(&r->train_rng); rng_free(&r->valid_rng); rng_free(&r->sample_rng);
+    batcher_free(&r->train_b); batcher_free(&r->valid_b);
+    corpus_free(&r->corpus);
+}
+
+static int choose_cpu(const Config *cfg) {
+    char why[256];
+    int gpus = cuda_device_count(why, sizeof(why));
+    if (cfg->device == DEVICE_CUDA)
+        mlm_fatal(MLM_EXIT_USAGE, "train.device = cuda: the CUDA training backend is not implemented yet%s%s; use "
+                  "--device cpu", gpus ? "" : " (and ", gpus ? "" : why);
+    if (cfg->device == DEVICE_AUTO && gpus > 0)
+        mlm_warn("a CUDA device is present but the CUDA training backend is not implemented yet; training on the CPU");
+    return 1;
+}
+
+int train_run(const Config *cfg, const TrainOptions *opt) {
+    Run r;
+    setup(&r, cfg, opt);
+    if (opt->dry_run) {
+        print_header(&r);
+        batcher_set_epoch(&r.train_b, 0);
+        int b = batcher_get(&r.train_b, 0, r.tokens);
+        mask_batch(&r, &r.train_rng, 0, b);
+        print_masked_batch(&r, MLM_MIN(b, 4));
+        long sel = 0;
+        for (int i = 0; i < b * cfg->seq_len; i++) sel += r.labels[i] != r.corpus.vocab.pad_id;
+        printf("# %ld of %d positions selected for prediction (%.1f%%); dry run: nothing trained\n", sel,
+               b * cfg->seq_len, 100.0 * sel / (b * cfg->seq_len));
+        teardown(&r);
+        return 0;
+    }
+    choose_cpu(cfg);
+    setup_model(&r);
+    if (opt->init_path) mlm_fatal(MLM_EXIT_USAGE, "--init %s: loading safetensors weights is not implemented yet", opt->init_path);
+    open_run_dir(&r);
+    print_header(&r);
+    printf("# device: CPU (%d OpenMP threads, matmuls: %s); run directory %s\n", omp_get_max_threads(), MLM_BLAS_NAME,
+           r.run_dir);
+    r.t_start = mlm_now();
+    double vloss = 0, vacc = 0, best_acc = 0;
+    long best_epoch = -1;
+    for (long epoch = 0; epoch < cfg->epochs; epoch++) {
+        if (cfg->samples) print_samples(&r, epoch);
+        int done = train_epoch(&r, epoch);
+        valid_epoch(&r, epoch, &vloss, &vacc);
+        if (vacc > best_acc) { best_acc = vacc; best_epoch = epoch; }
+        if (!opt->quiet)
+            printf("epoch %ld: valid loss %.4f acc %.4f (best %.4f at epoch %ld)\n", epoch + 1, vloss, vacc, best_acc,
+                   best_epoch + 1);
+        if (done) break;
+    }
+    double secs = mlm_now() - r.t_start;
+    char dur[32];
+    format_duration(secs, dur, sizeof(dur));
+    printf("done: %ld steps, %.0f tokens in %s; final valid loss %.4f, accuracy %.4f (best %.4f); run directory %s\n",
+           r.step, (double)r.step * cfg->batch_size * cfg->seq_len, dur, vloss, vacc, best_acc, r.run_dir);
+    teardown(&r);
+    return 0;
+}

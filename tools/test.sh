@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# tools/test.sh: the README's test command. Builds mlm (Release) and runs the whole CTest suite, then
+# builds with AddressSanitizer + UndefinedBehaviorSanitizer and runs the suite again (slow tests excluded
+# there). GPU tests report "Skipped" with the reason where there is no GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# OpenBLAS makes the CPU backend fast; without it mlm falls back to its own OpenMP matmul.
+if ! ldconfig -p 2>/dev/null | grep -q libopenblas && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "== installing libopenblas-dev (optional; the build works without it)"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas-dev >/dev/null) ||
+    echo "   could not install OpenBLAS; using the built-in matmul"
+fi
+
+# The corpus for the data tests: ../shared/data (CI) unless MLM_DATA_MIRROR points elsewhere.
+export MLM_DATA_MIRROR="${MLM_DATA_MIRROR:-$(cd .. && pwd)/shared/data}"
+corpus="$MLM_DATA_MIRROR/tinyshakespeare.txt"
+jobs="$(nproc 2>/dev/null || echo 2)"
+
+echo "== release build"
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DMLM_TEST_CORPUS="$corpus" >/dev/null
+cmake --build build -j"$jobs"
+(cd build && ctest --output-on-failure -j"$jobs")
+
+echo "== sanitizer build (ASan + UBSan)"
+cmake -S . -B build-san -DCMAKE_BUILD_TYPE=Debug -DMLM_SANITIZE=ON -DMLM_TEST_CORPUS="$corpus" >/dev/null
+cmake --build build-san -j"$jobs"
+(cd build-san && ctest --output-on-failure -j"$jobs" -LE slow)
