@@ -14,6 +14,7 @@ typedef struct {
     const char *config_path;  // for the run name and messages (may be NULL)
     const char *out_dir;      // run directory (NULL: runs/<config>-<timestamp>)
     const char *init_path;    // safetensors weights to start from (NULL: fresh init)
+    const char *resume_path;  // run directory (or checkpoint file) to continue exactly
     int dry_run;
     int quiet;
 } TrainOptions;
@@ -21,6 +22,9 @@ typedef struct {
 // Derived settings shared by train, eval and fill.
 ModelConfig train_model_config(const Config *c, const Vocab *v);
 MaskConfig train_mask_config(const Config *c, const Vocab *v);
+
+// Keys that may change when a run is resumed: they bound or report the run, never its arithmetic.
+int train_key_resumable(const char *key);
 
 // Run `mlm train`; returns the process exit status.
 int train_run(const Config *cfg, const TrainOptions *opt);

@@ -6,6 +6,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <sys/stat.h>
+
+#include "mlm/checkpoint.h"
 #include "mlm/common.h"
 #include "mlm/config.h"
 #include "mlm/train.h"
@@ -115,15 +118,35 @@ static int cmd_train(int argc, char **argv) {
     if (optind < argc)
         mlm_fatal(MLM_EXIT_USAGE, "unexpected argument '%s' to `mlm train` (options take the form --set KEY=VALUE)",
                   argv[optind]);
-    if (resume)
-        mlm_fatal(MLM_EXIT_USAGE, "--resume %s: resuming from checkpoints is not implemented yet", resume);
     if (profile) {
         long a, b;
         char tail;
         if (sscanf(profile, "%ld:%ld%c", &a, &b, &tail) != 2 || a < 0 || b < a)
             mlm_fatal(MLM_EXIT_USAGE, "--profile-steps %s: expected A:B with 0 <= A <= B, e.g. 100:110", profile);
     }
-    if (opt.config_path) config_load_file(&cfg, opt.config_path);
+    if (resume) {
+        // The run's own configuration; only keys that do not change its arithmetic may be overridden.
+        if (opt.config_path) mlm_fatal(MLM_EXIT_USAGE, "--resume takes the run's own configuration; drop --config");
+        if (opt.init_path) mlm_fatal(MLM_EXIT_USAGE, "--resume continues from the run's checkpoint; drop --init");
+        Checkpoint ck;
+        char err[1024];
+        if (ckpt_load(resume, &ck, err, sizeof(err))) mlm_fatal(MLM_EXIT_USAGE, "cannot resume: %s", err);
+        cfg = ck.cfg;
+        ckpt_free(&ck);
+        for (int i = 0; i < n_sets; i++) {
+            char key[192];
+            snprintf(key, sizeof(key), "%.*s", (int)strcspn(sets[i], "="), sets[i]);
+            if (!train_key_resumable(key))
+                mlm_fatal(MLM_EXIT_USAGE, "--set %s: %s cannot change when resuming (it would change the run's "
+                          "results); start a new run with --init instead", sets[i], key);
+        }
+        struct stat st;
+        opt.resume_path = resume;
+        if (!opt.out_dir) opt.out_dir = stat(resume, &st) == 0 && S_ISDIR(st.st_mode) ? resume : NULL;
+        if (!opt.out_dir) mlm_fatal(MLM_EXIT_USAGE, "--resume FILE needs --out DIR (or pass the run directory)");
+    } else if (opt.config_path) {
+        config_load_file(&cfg, opt.config_path);
+    }
     for (int i = 0; i < n_sets; i++) config_set(&cfg, sets[i]);
     free(sets);
     config_validate(&cfg, opt.config_path ? opt.config_path : "configuration");

@@ -5,14 +5,17 @@
 #include <errno.h>
 #include <math.h>
 #include <omp.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
+#include "mlm/checkpoint.h"
 #include "mlm/common.h"
 #include "mlm/cpu.h"
+#include "mlm/weights.h"
 #include "mlm/cuda_backend.h"
 #include "mlm/optim.h"
 #include "mlm/rng.h"
@@ -92,6 +95,8 @@ typedef struct {
     int *tokens, *inputs, *labels;  // [B, T]
     float *uniforms;       // [4 * B * T]
     long step;             // optimizer steps done
+    TrainState st;         // what a checkpoint records besides the tensors (st.step mirrors step)
+    char corpus_md5[33];
     long total_steps;
     char run_dir[1024];
     FILE *metrics;
@@ -110,7 +115,36 @@ static void make_dir(const char *path) {
         mlm_fatal(MLM_EXIT_FAILURE, "cannot create directory %s: %s", path, strerror(errno));
 }
 
-static void open_run_dir(Run *r) {
+// On resume, metrics logged after the checkpoint (the run went on before it died) are dropped so that the
+// resumed run's lines follow the checkpoint without duplicates.
+static long json_long(const char *line, const char *key) {
+    const char *p = strstr(line, key);
+    return p ? strtol(p + strlen(key), NULL, 10) : -1;
+}
+
+static void trim_metrics(const char *path, long step, long valid_epochs) {
+    size_t len;
+    char *text = mlm_read_file(path, &len);
+    if (!text) return;
+    char tmp[1200];
+    snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+    FILE *f = fopen(tmp, "w");
+    if (!f) mlm_fatal(MLM_EXIT_FAILURE, "cannot write %s: %s", tmp, strerror(errno));
+    for (char *line = text; *line;) {
+        char *nl = strchr(line, '\n');
+        if (!nl) break;  // a torn last line (killed mid-write) is dropped
+        *nl = '\0';
+        int valid = strstr(line, "\"kind\":\"valid\"") != NULL;
+        int keep = valid ? json_long(line, "\"epoch\":") < valid_epochs : json_long(line, "\"step\":") <= step;
+        if (keep) fprintf(f, "%s\n", line);
+        line = nl + 1;
+    }
+    free(text);
+    if (fclose(f) != 0 || rename(tmp, path) != 0)
+        mlm_fatal(MLM_EXIT_FAILURE, "cannot rewrite %s: %s", path, strerror(errno));
+}
+
+static void open_run_dir(Run *r, int resuming) {
     if (r->opt.out_dir) {
         snprintf(r->run_dir, sizeof(r->run_dir), "%s", r->opt.out_dir);
     } else {
@@ -130,10 +164,13 @@ static void open_run_dir(Run *r) {
     char path[1100];
     snprintf(path, sizeof(path), "%s/metrics.jsonl", r->run_dir);
     struct stat st;
-    if (stat(path, &st) == 0 && st.st_size > 0)
-        mlm_fatal(MLM_EXIT_USAGE, "%s already holds a run (metrics.jsonl exists); choose another --out directory",
-                  r->run_dir);
-    r->metrics = fopen(path, "w");
+    if (resuming) {
+        trim_metrics(path, r->st.step, r->st.valid_epochs);
+    } else if (stat(path, &st) == 0 && st.st_size > 0) {
+        mlm_fatal(MLM_EXIT_USAGE, "%s already holds a run (metrics.jsonl exists); continue it with --resume %s or "
+                  "choose another --out directory", r->run_dir, r->run_dir);
+    }
+    r->metrics = fopen(path, resuming ? "a" : "w");
     if (!r->metrics) mlm_fatal(MLM_EXIT_FAILURE, "cannot write %s: %s", path, strerror(errno));
     snprintf(path, sizeof(path), "%s/config.conf", r->run_dir);
     FILE *f = fopen(path, "w");
@@ -250,7 +287,7 @@ static void format_duration(double s, char *out, size_t n) {
 static void log_metrics(Run *r, const char *kind, long epoch, double loss, double acc, double lr, double gnorm,
                         double tok_per_s) {
     double tokens = (double)r->step * r->cfg.batch_size * r->cfg.seq_len;
-    fprintf(r->metrics, "{\"kind\":\"%s\",\"step\":%ld,\"epoch\":%ld,\"tokens\":%.0f,\"loss\":%.6g,\"accuracy\":%.6g",
+    fprintf(r->metrics, "{\"kind\":\"%s\",\"step\":%ld,\"epoch\":%ld,\"tokens\":%.0f,\"loss\":%.9g,\"accuracy\":%.9g",
             kind, r->step, epoch, tokens, loss, acc);
     if (lr >= 0) fprintf(r->metrics, ",\"lr\":%.6g,\"grad_norm\":%.6g,\"tokens_per_s\":%.6g", lr, gnorm, tok_per_s);
     fprintf(r->metrics, ",\"time_s\":%.3f}\n", mlm_now() - r->t_start);
@@ -263,14 +300,43 @@ static void check_finite(const Run *r, float loss, const char *where) {
                   "train.grad_clip on, or check the data", where, loss, r->step);
 }
 
-// One epoch of training; returns 1 when train.max_steps was reached.
+// SIGINT/SIGTERM only set a flag; the loop saves a checkpoint at the next step boundary and exits.
+static volatile sig_atomic_t stop_signal = 0;
+static void on_signal(int sig) { stop_signal = sig; }
+
+static void install_signal_handlers(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+}
+
+static void save_checkpoint(Run *r) {
+    r->st.step = r->step;
+    r->st.elapsed_s += mlm_now() - r->t_start;
+    r->t_start = mlm_now();
+    Checkpoint c = {.cfg = r->cfg, .vocab = r->corpus.vocab, .st = r->st, .n_params = r->model->n_params,
+                    .params = r->model->params, .adam_m = r->adam_m, .adam_v = r->adam_v};
+    memcpy(c.corpus_md5, r->corpus_md5, sizeof(c.corpus_md5));
+    char err[1024], path[1200];
+    if (ckpt_save(r->run_dir, &c, r->cfg.keep_ckpts, path, sizeof(path), err, sizeof(err)))
+        mlm_fatal(MLM_EXIT_FAILURE, "saving a checkpoint failed: %s; the previous checkpoint is intact", err);
+    if (!r->opt.quiet && r->tty) printf("\r\x1b[2K");
+    if (!r->opt.quiet) printf("checkpoint %s\n", path);
+}
+
+// One epoch of training (from wherever the run stands in it); returns 1 when train.max_steps was reached.
 static int train_epoch(Run *r, long epoch) {
     batcher_set_epoch(&r->train_b, epoch);
     int T = r->cfg.seq_len, log_every = r->cfg.log_every;
     double loss_sum = 0, t_log = mlm_now();
     long correct_sum = 0, target_sum = 0, tokens_since = 0, steps_since = 0;
-    for (size_t bi = 0; bi < r->train_b.n_batches; bi++) {
+    size_t first = (size_t)(r->step - epoch * (long)r->train_b.n_batches);  // > 0 when resuming mid-epoch
+    for (size_t bi = first; bi < r->train_b.n_batches; bi++) {
         if (r->cfg.max_steps > 0 && r->step >= r->cfg.max_steps) return 1;
+        if (stop_signal) return 1;
         int b = batcher_get(&r->train_b, bi, r->tokens);
         mask_batch(r, &r->train_rng, (uint64_t)r->step, b);
         DropoutCtx d = dropout_ctx(r, &r->train_rng, (uint64_t)r->step, 1);
@@ -307,6 +373,7 @@ static int train_epoch(Run *r, long epoch) {
             correct_sum = target_sum = tokens_since = steps_since = 0;
             t_log = now;
         }
+        if (r->cfg.ckpt_every > 0 && r->step % r->cfg.ckpt_every == 0) save_checkpoint(r);
     }
     if (r->tty && !r->opt.quiet) putchar('\n');
     return r->cfg.max_steps > 0 && r->step >= r->cfg.max_steps;
@@ -318,6 +385,7 @@ static void valid_epoch(Run *r, long epoch, double *loss_out, double *acc_out) {
     double loss_sum = 0;
     long correct_sum = 0, target_sum = 0;
     for (size_t bi = 0; bi < r->valid_b.n_batches; bi++) {
+        if (stop_signal) return;
         int b = batcher_get(&r->valid_b, bi, r->tokens);
         uint64_t index = (uint64_t)epoch * r->valid_b.n_batches + bi;
         mask_batch(r, &r->valid_rng, index, b);
@@ -330,6 +398,7 @@ static void valid_epoch(Run *r, long epoch, double *loss_out, double *acc_out) {
         correct_sum += correct;
         target_sum += r->model->n_targets;
     }
+    if (stop_signal) return;
     *loss_out = target_sum ? loss_sum / target_sum : 0;
     *acc_out = target_sum ? (double)correct_sum / target_sum : 0;
     log_metrics(r, "valid", epoch, *loss_out, *acc_out, -1, 0, 0);
@@ -345,6 +414,7 @@ static void setup(Run *r, const Config *cfg, const TrainOptions *opt) {
     char path[1024];
     data_locate_corpus(cfg->data_path, path, sizeof(path));
     corpus_load(&r->corpus, path, cfg->train_split, cfg->seq_len);
+    if (data_md5_file(path, r->corpus_md5)) mlm_fatal(MLM_EXIT_FAILURE, "cannot read corpus %s", path);
     r->mc = train_model_config(cfg, &r->corpus.vocab);
     char err[256];
     if (model_config_check(&r->mc, err, sizeof(err))) mlm_fatal(MLM_EXIT_USAGE, "%s", err);
@@ -376,6 +446,7 @@ static void setup_model(Run *r) {
     r->adam_m = r->opt_state;
     r->adam_v = r->opt_state + P;
     r->decay_mask = mlm_calloc(P, 1, "weight-decay mask");
+    r->st.best_epoch = -1;
     int n = model_param_table(&r->mc, NULL);
     ParamEntry *tab = mlm_malloc((size_t)n * sizeof(ParamEntry), "parameter table");
     model_param_table(&r->mc, tab);
@@ -399,11 +470,38 @@ static int choose_cpu(const Config *cfg) {
     char why[256];
     int gpus = cuda_device_count(why, sizeof(why));
     if (cfg->device == DEVICE_CUDA)
-        mlm_fatal(MLM_EXIT_USAGE, "train.device = cuda: the CUDA training backend is not implemented yet%s%s; use "
-                  "--device cpu", gpus ? "" : " (and ", gpus ? "" : why);
+        mlm_fatal(MLM_EXIT_USAGE, "train.device = cuda: the CUDA training backend is not implemented yet%s%s%s; "
+                  "use --device cpu", gpus ? "" : " (and ", gpus ? "" : why, gpus ? "" : ")");
     if (cfg->device == DEVICE_AUTO && gpus > 0)
         mlm_warn("a CUDA device is present but the CUDA training backend is not implemented yet; training on the CPU");
     return 1;
+}
+
+int train_key_resumable(const char *key) {
+    static const char *const keys[] = {"train.epochs", "train.max_steps", "train.device", "train.log_every",
+                                       "train.ckpt_every", "train.keep_ckpts", "train.threads", "train.samples",
+                                       "data.path"};
+    for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
+        if (!strcmp(key, keys[i])) return 1;
+    return 0;
+}
+
+// Continue from a checkpoint: tensors, step and bookkeeping; refuse a different corpus or vocabulary.
+static void restore(Run *r, const Checkpoint *c) {
+    if (strcmp(c->corpus_md5, r->corpus_md5) != 0)
+        mlm_fatal(MLM_EXIT_USAGE, "the corpus %s (md5 %s) is not the one this run trained on (md5 %s); pass the "
+                  "original with --data", r->corpus.path, r->corpus_md5, c->corpus_md5);
+    if (memcmp(&c->vocab, &r->corpus.vocab, sizeof(Vocab)) != 0)
+        mlm_fatal(MLM_EXIT_USAGE, "the checkpoint's vocabulary differs from the corpus'");
+    if (c->n_params != r->model->n_params)
+        mlm_fatal(MLM_EXIT_USAGE, "the checkpoint holds %zu parameters but the model has %zu", c->n_params,
+                  r->model->n_params);
+    size_t bytes = c->n_params * sizeof(float);
+    memcpy(r->model->params, c->params, bytes);
+    memcpy(r->adam_m, c->adam_m, bytes);
+    memcpy(r->adam_v, c->adam_v, bytes);
+    r->st = c->st;
+    r->step = c->st.step;
 }
 
 int train_run(const Config *cfg, const TrainOptions *opt) {
@@ -424,29 +522,53 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
     }
     choose_cpu(cfg);
     setup_model(&r);
-    if (opt->init_path) mlm_fatal(MLM_EXIT_USAGE, "--init %s: loading safetensors weights is not implemented yet", opt->init_path);
-    open_run_dir(&r);
+    char err[1024];
+    if (opt->resume_path) {
+        Checkpoint c;
+        if (ckpt_load(opt->resume_path, &c, err, sizeof(err))) mlm_fatal(MLM_EXIT_USAGE, "cannot resume: %s", err);
+        restore(&r, &c);
+        ckpt_free(&c);
+    } else if (opt->init_path) {
+        if (weights_load(opt->init_path, &r.mc, r.model->params, err, sizeof(err)))
+            mlm_fatal(MLM_EXIT_USAGE, "--init: %s", err);
+    }
+    open_run_dir(&r, opt->resume_path != NULL);
     print_header(&r);
     printf("# device: CPU (%d OpenMP threads, matmuls: %s); run directory %s\n", omp_get_max_threads(), MLM_BLAS_NAME,
            r.run_dir);
+    if (opt->resume_path) printf("# resumed at step %ld\n", r.step);
+    install_signal_handlers();
     r.t_start = mlm_now();
-    double vloss = 0, vacc = 0, best_acc = 0;
-    long best_epoch = -1;
-    for (long epoch = 0; epoch < cfg->epochs; epoch++) {
-        if (cfg->samples) print_samples(&r, epoch);
+    double vloss = NAN, vacc = NAN;
+    long nb = (long)r.train_b.n_batches;
+    for (long epoch = r.st.valid_epochs; epoch < cfg->epochs && !stop_signal; epoch++) {
+        if (cfg->max_steps > 0 && r.step >= cfg->max_steps) break;
+        if (cfg->samples && r.step == epoch * nb) print_samples(&r, epoch);
         int done = train_epoch(&r, epoch);
+        if (stop_signal) break;
         valid_epoch(&r, epoch, &vloss, &vacc);
-        if (vacc > best_acc) { best_acc = vacc; best_epoch = epoch; }
+        if (stop_signal) break;
+        // An epoch counts as validated only once its training is complete (a max_steps stop mid-epoch
+        // validates for the report, and a resume finishes the epoch and validates again).
+        if (r.step == (epoch + 1) * nb) r.st.valid_epochs = epoch + 1;
+        if (vacc > r.st.best_valid_acc) { r.st.best_valid_acc = vacc; r.st.best_epoch = epoch; }
         if (!opt->quiet)
-            printf("epoch %ld: valid loss %.4f acc %.4f (best %.4f at epoch %ld)\n", epoch + 1, vloss, vacc, best_acc,
-                   best_epoch + 1);
+            printf("epoch %ld: valid loss %.4f acc %.4f (best %.4f at epoch %ld)\n", epoch + 1, vloss, vacc,
+                   r.st.best_valid_acc, r.st.best_epoch + 1);
         if (done) break;
     }
-    double secs = mlm_now() - r.t_start;
-    char dur[32];
-    format_duration(secs, dur, sizeof(dur));
-    printf("done: %ld steps, %.0f tokens in %s; final valid loss %.4f, accuracy %.4f (best %.4f); run directory %s\n",
-           r.step, (double)r.step * cfg->batch_size * cfg->seq_len, dur, vloss, vacc, best_acc, r.run_dir);
+    save_checkpoint(&r);
+    int rc = 0;
+    if (stop_signal) {
+        printf("interrupted by %s at step %ld; continue with: mlm train --resume %s\n",
+               stop_signal == SIGINT ? "SIGINT" : "SIGTERM", r.step, r.run_dir);
+        rc = 128 + stop_signal;
+    } else {
+        char dur[32];
+        format_duration(r.st.elapsed_s, dur, sizeof(dur));
+        printf("done: %ld steps, %.0f tokens in %s; last valid loss %.4f, accuracy %.4f (best %.4f); run directory %s\n",
+               r.step, (double)r.step * cfg->batch_size * cfg->seq_len, dur, vloss, vacc, r.st.best_valid_acc, r.run_dir);
+    }
     teardown(&r);
-    return 0;
+    return rc;
 }
