@@ -40,15 +40,16 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
 
 def make_batch(cfg: rm.RefConfig, gen: torch.Generator, min_targets: int = 5):
     """A [seq, batch] character batch and its reference masking, redrawn until it has at least
-    `min_targets` selected positions, at least one [MASK] and at least one random replacement that
-    changed the token (so every masking outcome is exercised)."""
+    `min_targets` selected positions, at least one [MASK], at least one random replacement that
+    changed the token and at least one selected position left as it was (every masking outcome)."""
     for _ in range(100000):
         x = torch.randint(0, cfg.vocab - 2, (cfg.seq_len, cfg.batch), generator=gen)
         inputs, labels = rm.mlm_mask_exact(x, cfg, generator=gen)
         selected = labels != cfg.pad_id
         n_mask = int((inputs == cfg.mask_id).sum())
         n_random = int((selected & (inputs != cfg.mask_id) & (inputs != x)).sum())
-        if int(selected.sum()) >= min_targets and n_mask >= 1 and n_random >= 1:
+        n_same = int((selected & (inputs == x)).sum())
+        if int(selected.sum()) >= min_targets and n_mask >= 1 and n_random >= 1 and n_same >= 1:
             return inputs, labels
     raise RuntimeError('could not draw a suitable batch')
 
