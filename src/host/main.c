@@ -1,6 +1,7 @@
-// main.c: the `mlm` command line: global help and version, and the train, eval, fill, export, info and
-// report commands with their options.
+// main.c: the `mlm` command line: global help and version, and the options of the train, eval, fill, export,
+// info and report commands.
 #define _GNU_SOURCE  // getopt_long
+#include <errno.h>
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -9,8 +10,10 @@
 #include <sys/stat.h>
 
 #include "mlm/checkpoint.h"
+#include "mlm/commands.h"
 #include "mlm/common.h"
 #include "mlm/config.h"
+#include "mlm/report.h"
 #include "mlm/train.h"
 
 static void usage_main(FILE *f) {
@@ -50,18 +53,41 @@ static void usage_train(FILE *f) {
 
 static void usage_ckpt_command(FILE *f, const char *cmd) {
     if (!strcmp(cmd, "eval"))
-        fputs("usage: mlm eval --ckpt PATH [--data PATH] [--seed N] [--device DEV]\n\n"
-              "Masked loss, accuracy and perplexity on the validation split (or the whole of --data),\n"
-              "with a fixed seed so two evaluations agree.\n", f);
+        fputs("usage: mlm eval --ckpt PATH [--data PATH] [--seed N] [--device DEV] [--json]\n\n"
+              "Masked loss, accuracy and perplexity (exp(loss)) of a checkpoint, with dropout off and masks from a\n"
+              "fixed seed, so two evaluations agree exactly.\n\n"
+              "options:\n"
+              "  -k, --ckpt PATH   checkpoint file, or a run directory (its newest checkpoint)\n"
+              "      --data PATH   evaluate on the whole of this UTF-8 text (characters outside the checkpoint's\n"
+              "                    vocabulary are dropped, with a warning); default: the validation split of the\n"
+              "                    run's corpus, which must be the file it trained on (same md5)\n"
+              "      --seed N      masking seed (default: the run's train.seed)\n"
+              "      --device DEV  auto or cpu (the GPU backend does not evaluate yet)\n"
+              "      --json        print one JSON object instead of the summary\n"
+              "  -h, --help        this help\n", f);
     else if (!strcmp(cmd, "fill"))
-        fputs("usage: mlm fill --ckpt PATH [--top-k K] [--json] TEXT|-\n\n"
-              "Predict the characters marked with _ or [MASK] in TEXT (or in each line of standard input\n"
-              "when TEXT is -). --json prints the top-k characters and probabilities per position.\n", f);
+        fputs("usage: mlm fill --ckpt PATH [--top-k K] [--json [--logits]] TEXT|-\n\n"
+              "Predict the characters marked with _ or [MASK] in TEXT, or in each line of standard input when\n"
+              "TEXT is -. Every other character must be in the checkpoint's vocabulary. A text longer than the\n"
+              "model's seq_len is processed in consecutive windows of seq_len characters, each predicted on its\n"
+              "own (the last one padded with [PAD]). Prints the text with the predictions filled in (highlighted\n"
+              "on a terminal unless NO_COLOR is set; a predicted newline shows as \xe2\x86\xb5).\n\n"
+              "options:\n"
+              "  -k, --ckpt PATH   checkpoint file, or a run directory (its newest checkpoint)\n"
+              "      --top-k K     candidates per masked position in --json output (default 5)\n"
+              "      --json        one JSON object per input line: {\"text\", \"filled\", \"positions\": [{\"index\",\n"
+              "                    \"top\": [{\"char\", \"prob\"}, ...]}]} (index counts characters, [MASK] as one;\n"
+              "                    probabilities are a softmax over every token, [PAD] and [MASK] included)\n"
+              "      --logits      with --json, also each masked position's raw logits\n"
+              "  -h, --help        this help\n", f);
     else if (!strcmp(cmd, "export"))
         fputs("usage: mlm export --ckpt PATH --out FILE.safetensors\n\n"
-              "Write the model with the reference's PyTorch state_dict names and shapes.\n", f);
+              "Write the model with the reference's PyTorch state_dict names and shapes (load it with\n"
+              "safetensors.torch.load_file, or start a new run from it with mlm train --init FILE).\n", f);
     else if (!strcmp(cmd, "info"))
-        fputs("usage: mlm info --ckpt PATH\n\nConfig, parameter count, step, tokens seen, last metrics.\n", f);
+        fputs("usage: mlm info --ckpt PATH\n\n"
+              "Configuration, parameter count, step, epochs, tokens seen, training time, best validation accuracy\n"
+              "and the last train/valid metrics of the run (from RUN_DIR/metrics.jsonl).\n", f);
     else if (!strcmp(cmd, "report"))
         fputs("usage: mlm report DIR [--out FILE.html]\n\n"
               "A self-contained HTML page (inline SVG) with loss, accuracy, learning-rate and throughput\n"
@@ -153,32 +179,121 @@ static int cmd_train(int argc, char **argv) {
     return train_run(&cfg, &opt);
 }
 
-// eval, fill, export, info and report: options are parsed and checked here; the commands land with the
-// checkpoint format.
-static int cmd_other(const char *cmd, int argc, char **argv) {
+// Options of the checkpoint commands; each command accepts the subset it lists in `allowed`.
+typedef struct {
+    const char *ckpt, *out, *data, *seed, *device, *top_k;
+    int json, logits;
+} CkptArgs;
+
+static int parse_ckpt_args(const char *cmd, const char *allowed, int argc, char **argv, CkptArgs *a) {
     static const struct option opts[] = {
         {"ckpt", required_argument, 0, 'k'}, {"data", required_argument, 0, 'D'},
         {"seed", required_argument, 0, 'e'}, {"device", required_argument, 0, 'V'},
         {"top-k", required_argument, 0, 't'}, {"json", no_argument, 0, 'j'},
-        {"out", required_argument, 0, 'o'},  {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
-    const char *ckpt = NULL, *out = NULL;
+        {"logits", no_argument, 0, 'L'},     {"out", required_argument, 0, 'o'},
+        {"help", no_argument, 0, 'h'},       {0, 0, 0, 0}};
+    memset(a, 0, sizeof(*a));
     int c;
-    while ((c = getopt_long(argc, argv, "o:h", opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "k:o:h", opts, NULL)) != -1) {
+        if (c == 'h') { usage_ckpt_command(stdout, cmd); return -1; }
+        if (c == '?' || !strchr(allowed, c)) {
+            for (int i = 0; c != '?' && opts[i].name; i++)
+                if (opts[i].val == c) fprintf(stderr, "mlm %s: --%s does not apply to this command\n", cmd, opts[i].name);
+            fprintf(stderr, "run `mlm %s --help` for the options\n", cmd);
+            return MLM_EXIT_USAGE;
+        }
         switch (c) {
-        case 'k': ckpt = optarg; break;
-        case 'o': out = optarg; break;
-        case 'h': usage_ckpt_command(stdout, cmd); return 0;
-        case 'D': case 'e': case 'V': case 't': case 'j': break;
-        default: fprintf(stderr, "run `mlm %s --help` for the options\n", cmd); return MLM_EXIT_USAGE;
+        case 'k': a->ckpt = optarg; break;
+        case 'o': a->out = optarg; break;
+        case 'D': a->data = optarg; break;
+        case 'e': a->seed = optarg; break;
+        case 'V': a->device = optarg; break;
+        case 't': a->top_k = optarg; break;
+        case 'j': a->json = 1; break;
+        case 'L': a->logits = 1; break;
         }
     }
-    if (!strcmp(cmd, "report")) {
-        if (optind >= argc) mlm_fatal(MLM_EXIT_USAGE, "mlm report: give the run directory, e.g. mlm report runs/x");
-    } else if (!ckpt) {
-        mlm_fatal(MLM_EXIT_USAGE, "mlm %s: --ckpt PATH is required (a checkpoint in a run directory)", cmd);
+    if (strcmp(cmd, "report") && !a->ckpt)
+        mlm_fatal(MLM_EXIT_USAGE, "mlm %s: --ckpt PATH is required (a run directory, or a checkpoint in its "
+                  "checkpoints/ folder)", cmd);
+    if (strcmp(cmd, "fill") && strcmp(cmd, "report") && optind < argc)
+        mlm_fatal(MLM_EXIT_USAGE, "mlm %s: unexpected argument '%s'; see `mlm %s --help`", cmd, argv[optind], cmd);
+    return 0;
+}
+
+static int cmd_eval(int argc, char **argv) {
+    CkptArgs a;
+    int rc = parse_ckpt_args("eval", "kDeVj", argc, argv, &a);
+    if (rc) return rc < 0 ? 0 : rc;
+    EvalOptions o = {.ckpt = a.ckpt, .data = a.data, .json = a.json, .device = DEVICE_AUTO};
+    if (a.seed) {
+        char *end;
+        errno = 0;
+        o.seed = strtoull(a.seed, &end, 10);
+        if (errno || end == a.seed || *end || a.seed[0] == '-')
+            mlm_fatal(MLM_EXIT_USAGE, "--seed %s: expected a non-negative integer", a.seed);
+        o.has_seed = 1;
     }
-    (void)out;
-    mlm_fatal(MLM_EXIT_FAILURE, "mlm %s is not implemented yet", cmd);
+    if (a.device) {
+        if (!strcmp(a.device, "auto")) o.device = DEVICE_AUTO;
+        else if (!strcmp(a.device, "cpu")) o.device = DEVICE_CPU;
+        else if (!strcmp(a.device, "cuda")) o.device = DEVICE_CUDA;
+        else mlm_fatal(MLM_EXIT_USAGE, "--device %s: expected auto, cpu or cuda", a.device);
+    }
+    return eval_run(&o);
+}
+
+static int cmd_fill(int argc, char **argv) {
+    CkptArgs a;
+    int rc = parse_ckpt_args("fill", "ktjL", argc, argv, &a);
+    if (rc) return rc < 0 ? 0 : rc;
+    if (optind >= argc)
+        mlm_fatal(MLM_EXIT_USAGE, "mlm fill: give the text, e.g. mlm fill --ckpt RUN 'To be or n_t to be', or - "
+                  "to read lines from standard input");
+    if (optind + 1 < argc)
+        mlm_fatal(MLM_EXIT_USAGE, "mlm fill: one TEXT argument expected, got %d; quote the text", argc - optind);
+    if (a.logits && !a.json) mlm_fatal(MLM_EXIT_USAGE, "--logits goes with --json");
+    FillOptions o = {.ckpt = a.ckpt, .text = argv[optind], .top_k = 5, .json = a.json, .logits = a.logits};
+    if (a.top_k) {
+        char *end;
+        long k = strtol(a.top_k, &end, 10);
+        if (end == a.top_k || *end || k < 1 || k > 100000)
+            mlm_fatal(MLM_EXIT_USAGE, "--top-k %s: expected a positive integer", a.top_k);
+        o.top_k = (int)k;
+    }
+    return fill_run(&o);
+}
+
+static int cmd_export(int argc, char **argv) {
+    CkptArgs a;
+    int rc = parse_ckpt_args("export", "ko", argc, argv, &a);
+    if (rc) return rc < 0 ? 0 : rc;
+    if (!a.out) mlm_fatal(MLM_EXIT_USAGE, "mlm export: --out FILE.safetensors is required");
+    return export_run(a.ckpt, a.out);
+}
+
+static int cmd_info(int argc, char **argv) {
+    CkptArgs a;
+    int rc = parse_ckpt_args("info", "k", argc, argv, &a);
+    if (rc) return rc < 0 ? 0 : rc;
+    return info_run(a.ckpt);
+}
+
+static int cmd_report(int argc, char **argv) {
+    CkptArgs a;
+    int rc = parse_ckpt_args("report", "o", argc, argv, &a);
+    if (rc) return rc < 0 ? 0 : rc;
+    if (optind >= argc) mlm_fatal(MLM_EXIT_USAGE, "mlm report: give the run directory, e.g. mlm report runs/x");
+    if (optind + 1 < argc) mlm_fatal(MLM_EXIT_USAGE, "mlm report: one run directory expected, got %d", argc - optind);
+    const char *dir = argv[optind];
+    struct stat st;
+    if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
+        mlm_fatal(MLM_EXIT_USAGE, "mlm report: %s is not a directory; give a run directory that `mlm train` wrote",
+                  dir);
+    char err[1024];
+    if (report_write(dir, a.out, err, sizeof(err))) mlm_fatal(MLM_EXIT_FAILURE, "mlm report: %s", err);
+    printf("wrote %s%s\n", a.out ? a.out : dir, a.out ? "" : "/report.html");
+    return 0;
 }
 
 int main(int argc, char **argv) {
@@ -197,9 +312,11 @@ int main(int argc, char **argv) {
     }
     // Each command parses its own options: shift argv so that getopt sees the command as argv[0].
     if (!strcmp(cmd, "train")) return cmd_train(argc - 1, argv + 1);
-    if (!strcmp(cmd, "eval") || !strcmp(cmd, "fill") || !strcmp(cmd, "export") || !strcmp(cmd, "info") ||
-        !strcmp(cmd, "report"))
-        return cmd_other(cmd, argc - 1, argv + 1);
+    if (!strcmp(cmd, "eval")) return cmd_eval(argc - 1, argv + 1);
+    if (!strcmp(cmd, "fill")) return cmd_fill(argc - 1, argv + 1);
+    if (!strcmp(cmd, "export")) return cmd_export(argc - 1, argv + 1);
+    if (!strcmp(cmd, "info")) return cmd_info(argc - 1, argv + 1);
+    if (!strcmp(cmd, "report")) return cmd_report(argc - 1, argv + 1);
     fprintf(stderr, "mlm: unknown command '%s'\n\n", cmd);
     usage_main(stderr);
     return MLM_EXIT_USAGE;

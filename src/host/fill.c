@@ -1,0 +1,260 @@
+// fill.c: `mlm fill`: predict the characters marked with _ or [MASK] in a text, window by window, and print
+// the filled text (highlighted on a terminal) or, with --json, the top-k candidates of every marked position.
+//
+// A text is encoded with the checkpoint's vocabulary and cut into consecutive windows of seq_len tokens; the
+// last window is padded with PAD, as the reference pads its sample prompts. The model runs with dropout off
+// and sees exactly the text given: nothing besides the marked positions is masked, so no randomness is used.
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "mlm/commands.h"
+#include "mlm/common.h"
+#include "mlm/cpu.h"
+#include "mlm/train.h"
+
+#define FILL_MAX_WINDOWS 8  // windows per forward pass
+
+// One masked position's prediction.
+typedef struct {
+    size_t index;   // token position in the line (a [MASK] counts as one token)
+    int best_char;  // most probable real character (never PAD or MASK): what the filled text shows
+    int *top;       // [k] token ids by decreasing probability
+    double *prob;   // [k]
+    float *logits;  // [V] raw logits, only with --logits
+} Prediction;
+
+typedef struct {
+    const FillOptions *opt;
+    const Vocab *vocab;
+    CpuModel *model;
+    int T, V, k;
+    int color;
+    int *inputs;  // [FILL_MAX_WINDOWS, T]
+    long line_no;
+} Filler;
+
+static int use_color(void) {
+    const char *nc = getenv("NO_COLOR");
+    return isatty(STDOUT_FILENO) && !(nc && nc[0]);
+}
+
+// The line as token ids: _ and [MASK] become MASK, everything else must be in the vocabulary.
+// Returns the count; ids is malloc'ed.
+static size_t encode_line(const Filler *f, const char *line, int **ids_out) {
+    uint32_t *cps;
+    char err[256];
+    long n = utf8_decode(line, strlen(line), &cps, err, sizeof(err));
+    if (n < 0) mlm_fatal(MLM_EXIT_USAGE, "input line %ld: %s", f->line_no, err);
+    static const uint32_t mask_word[6] = {'[', 'M', 'A', 'S', 'K', ']'};
+    int *ids = mlm_malloc(((size_t)n + 1) * sizeof(int), "input tokens");
+    size_t k = 0;
+    for (long i = 0; i < n; i++) {
+        if (cps[i] == '_') {
+            ids[k++] = f->vocab->mask_id;
+        } else if (i + 6 <= n && memcmp(cps + i, mask_word, sizeof(mask_word)) == 0) {
+            ids[k++] = f->vocab->mask_id;
+            i += 5;
+        } else {
+            int id = vocab_id(f->vocab, cps[i]);
+            if (id < 0) {
+                char ch[8];
+                utf8_encode(cps[i], ch);
+                mlm_fatal(MLM_EXIT_USAGE, "input line %ld, character %ld: '%s' (U+%04X) is not in the checkpoint's "
+                          "vocabulary of %d characters; the model cannot read it, so remove or replace it",
+                          f->line_no, i + 1, cps[i] < 0x20 ? "?" : ch, (unsigned)cps[i], f->vocab->n_chars);
+            }
+            ids[k++] = id;
+        }
+    }
+    free(cps);
+    *ids_out = ids;
+    return k;
+}
+
+// Softmax in double over one position's logits.
+static void softmax(const float *logits, int V, double *p) {
+    double mx = logits[0], sum = 0;
+    for (int i = 1; i < V; i++) mx = logits[i] > mx ? logits[i] : mx;
+    for (int i = 0; i < V; i++) sum += p[i] = exp((double)logits[i] - mx);
+    for (int i = 0; i < V; i++) p[i] /= sum;
+}
+
+// The k most probable ids, by decreasing probability (lower id first on ties). k is small: selection.
+static void top_k(const double *p, int V, int k, int *top, double *prob) {
+    for (int j = 0; j < k; j++) {
+        int best = -1;
+        for (int i = 0; i < V; i++) {
+            int taken = 0;
+            for (int q = 0; q < j && !taken; q++) taken = top[q] == i;
+            if (!taken && (best < 0 || p[i] > p[best])) best = i;
+        }
+        top[j] = best;
+        prob[j] = p[best];
+    }
+}
+
+static int best_real_char(const double *p, int n_chars) {
+    int best = 0;
+    for (int i = 1; i < n_chars; i++)
+        if (p[i] > p[best]) best = i;
+    return best;
+}
+
+static void predict_position(const Filler *f, const float *logits, size_t index, Prediction *out) {
+    double *p = mlm_malloc((size_t)f->V * sizeof(double), "probabilities");
+    softmax(logits, f->V, p);
+    out->index = index;
+    out->best_char = best_real_char(p, f->vocab->n_chars);
+    out->top = mlm_malloc((size_t)f->k * sizeof(int), "top-k ids");
+    out->prob = mlm_malloc((size_t)f->k * sizeof(double), "top-k probabilities");
+    top_k(p, f->V, f->k, out->top, out->prob);
+    out->logits = NULL;
+    if (f->opt->logits) {
+        out->logits = mlm_malloc((size_t)f->V * sizeof(float), "logits");
+        memcpy(out->logits, logits, (size_t)f->V * sizeof(float));
+    }
+    free(p);
+}
+
+// Run every window of the line through the model; one Prediction per MASK token, in order.
+static size_t predict_line(Filler *f, const int *ids, size_t n, Prediction *preds) {
+    size_t T = (size_t)f->T, n_win = MLM_CEIL_DIV(n, T), n_pred = 0;
+    for (size_t w0 = 0; w0 < n_win; w0 += FILL_MAX_WINDOWS) {
+        int b = (int)MLM_MIN((size_t)FILL_MAX_WINDOWS, n_win - w0);
+        for (size_t i = 0; i < (size_t)b * T; i++) {
+            size_t pos = w0 * T + i;
+            f->inputs[i] = pos < n ? ids[pos] : f->vocab->pad_id;
+        }
+        cpu_model_forward(f->model, f->inputs, NULL, b, f->vocab->pad_id, NULL, NULL);
+        for (size_t i = 0; i < (size_t)b * T; i++) {
+            size_t pos = w0 * T + i;
+            if (pos < n && ids[pos] == f->vocab->mask_id)
+                predict_position(f, f->model->logits + i * (size_t)f->V, pos, &preds[n_pred++]);
+        }
+    }
+    return n_pred;
+}
+
+// The line with every MASK replaced by its prediction; `pretty` marks predictions (green and underlined on a
+// terminal, so that a predicted space shows) and shows a predicted newline as ↵ so that one input line stays
+// one output line.
+static void print_filled(const Filler *f, const int *ids, size_t n, const Prediction *preds, int pretty) {
+    const char *on = pretty && f->color ? "\x1b[1;4;32m" : "", *off = pretty && f->color ? "\x1b[0m" : "";
+    size_t q = 0;
+    char buf[8];
+    for (size_t i = 0; i < n; i++) {
+        if (ids[i] == f->vocab->mask_id) {
+            int c = preds[q++].best_char;
+            const char *s = pretty && f->vocab->chars[c] == '\n' ? "\xe2\x86\xb5" : vocab_token_text(f->vocab, c, buf);
+            printf("%s%s%s", on, s, off);
+        } else {
+            fputs(vocab_token_text(f->vocab, ids[i], buf), stdout);
+        }
+    }
+}
+
+// The filled text as a malloc'ed string (for JSON).
+static char *filled_string(const Filler *f, const int *ids, size_t n, const Prediction *preds) {
+    char *s = mlm_malloc(n * 5 + 1, "filled text");
+    size_t len = 0, q = 0;
+    for (size_t i = 0; i < n; i++) {
+        int id = ids[i] == f->vocab->mask_id ? preds[q++].best_char : ids[i];
+        len += (size_t)utf8_encode(f->vocab->chars[id], s + len);
+    }
+    s[len] = '\0';
+    return s;
+}
+
+static void print_json(const Filler *f, const char *line, const int *ids, size_t n, const Prediction *preds,
+                       size_t n_pred) {
+    char *filled = filled_string(f, ids, n, preds);
+    fputs("{\"text\":", stdout);
+    json_write_string(stdout, line);
+    fputs(",\"filled\":", stdout);
+    json_write_string(stdout, filled);
+    fputs(",\"positions\":[", stdout);
+    char buf[8];
+    for (size_t q = 0; q < n_pred; q++) {
+        const Prediction *p = &preds[q];
+        printf("%s{\"index\":%zu,\"top\":[", q ? "," : "", p->index);
+        for (int j = 0; j < f->k; j++) {
+            fputs(j ? ",{\"char\":" : "{\"char\":", stdout);
+            json_write_string(stdout, vocab_token_text(f->vocab, p->top[j], buf));
+            printf(",\"prob\":%.9g}", p->prob[j]);
+        }
+        putchar(']');
+        if (p->logits) {
+            fputs(",\"logits\":[", stdout);
+            for (int i = 0; i < f->V; i++) printf(i ? ",%.9g" : "%.9g", p->logits[i]);
+            putchar(']');
+        }
+        putchar('}');
+    }
+    fputs("]}\n", stdout);
+    free(filled);
+}
+
+static void fill_line(Filler *f, const char *line) {
+    int *ids;
+    size_t n = encode_line(f, line, &ids);
+    size_t n_mask = 0;
+    for (size_t i = 0; i < n; i++) n_mask += ids[i] == f->vocab->mask_id;
+    Prediction *preds = mlm_calloc(n_mask + 1, sizeof(Prediction), "predictions");
+    size_t n_pred = predict_line(f, ids, n, preds);
+    if (f->opt->json) {
+        print_json(f, line, ids, n, preds, n_pred);
+    } else {
+        print_filled(f, ids, n, preds, 1);
+        putchar('\n');
+    }
+    fflush(stdout);
+    for (size_t q = 0; q < n_pred; q++) {
+        free(preds[q].top);
+        free(preds[q].prob);
+        free(preds[q].logits);
+    }
+    free(preds);
+    free(ids);
+}
+
+// Standard input, one text per line (a trailing \r\n or \n is not part of the text).
+static void fill_stdin(Filler *f) {
+    char *line = NULL;
+    size_t cap = 0;
+    ssize_t len;
+    while ((len = getline(&line, &cap, stdin)) >= 0) {
+        f->line_no++;
+        while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r')) line[--len] = '\0';
+        if ((size_t)len != strlen(line))
+            mlm_fatal(MLM_EXIT_USAGE, "input line %ld contains a NUL byte; give UTF-8 text", f->line_no);
+        fill_line(f, line);
+    }
+    free(line);
+}
+
+int fill_run(const FillOptions *o) {
+    char file[1200];
+    cmd_resolve_ckpt(o->ckpt, file, sizeof(file));
+    Checkpoint ck;
+    cmd_load_ckpt(file, &ck);
+    cmd_set_threads(&ck.cfg);
+    ModelConfig mc = train_model_config(&ck.cfg, &ck.vocab);
+    Filler f = {.opt = o, .vocab = &ck.vocab, .T = mc.max_seq, .V = mc.vocab, .color = use_color()};
+    f.k = MLM_MIN(o->top_k, f.V);
+    f.model = cpu_model_create(&mc, FILL_MAX_WINDOWS);
+    memcpy(f.model->params, ck.params, ck.n_params * sizeof(float));
+    f.inputs = mlm_malloc((size_t)FILL_MAX_WINDOWS * f.T * sizeof(int), "window tokens");
+    if (!strcmp(o->text, "-")) {
+        fill_stdin(&f);
+    } else {
+        f.line_no = 1;
+        fill_line(&f, o->text);
+    }
+    free(f.inputs);
+    cpu_model_free(f.model);
+    ckpt_free(&ck);
+    return 0;
+}

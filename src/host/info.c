@@ -1,0 +1,210 @@
+// info.c: `mlm info` and `mlm export`, and the helpers the checkpoint commands share (loading, JSON strings).
+#define _XOPEN_SOURCE 700  // realpath
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "mlm/checkpoint.h"
+#include "mlm/commands.h"
+#include "mlm/common.h"
+#include "mlm/train.h"
+#include "mlm/weights.h"
+
+// ---------------------------------------------------------------------------------------------------------
+// Shared helpers
+
+static int is_directory(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+void cmd_resolve_ckpt(const char *path, char *out, size_t outlen) {
+    if (!is_directory(path)) {
+        snprintf(out, outlen, "%s", path);
+        return;
+    }
+    if (ckpt_find_latest(path, out, outlen))
+        mlm_fatal(MLM_EXIT_USAGE, "%s holds no checkpoint (expected %s/checkpoints/ckpt-*.safetensors); pass a run "
+                  "directory that `mlm train` wrote, or a checkpoint file", path, path);
+}
+
+void cmd_load_ckpt(const char *path, Checkpoint *ck) {
+    struct stat st;
+    if (stat(path, &st) != 0)
+        mlm_fatal(MLM_EXIT_USAGE, "--ckpt %s: %s; pass a run directory or a file from its checkpoints/ folder",
+                  path, strerror(errno));
+    char err[1024];
+    if (ckpt_load(path, ck, err, sizeof(err)))
+        mlm_fatal(MLM_EXIT_USAGE, "--ckpt: %s%s", err,
+                  strstr(err, "checkpoint") ? "" : "; --ckpt takes a run directory or a checkpoint file in its checkpoints/");
+}
+
+void cmd_set_threads(const Config *c) {
+    if (c->threads > 0) omp_set_num_threads(c->threads);
+}
+
+void json_write_string(FILE *f, const char *s) {
+    fputc('"', f);
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+        switch (*p) {
+        case '"': fputs("\\\"", f); break;
+        case '\\': fputs("\\\\", f); break;
+        case '\n': fputs("\\n", f); break;
+        case '\r': fputs("\\r", f); break;
+        case '\t': fputs("\\t", f); break;
+        default:
+            if (*p < 0x20) fprintf(f, "\\u%04x", *p);
+            else fputc(*p, f);  // UTF-8 bytes are valid inside JSON strings as they are
+        }
+    }
+    fputc('"', f);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// mlm export
+
+int export_run(const char *ckpt, const char *out_path) {
+    char file[1200];
+    cmd_resolve_ckpt(ckpt, file, sizeof(file));
+    // Writing over the checkpoint (out == ckpt) would replace the run's state by a weights-only file.
+    char a[PATH_MAX], b[PATH_MAX];
+    if (realpath(file, a) && realpath(out_path, b) && !strcmp(a, b))
+        mlm_fatal(MLM_EXIT_USAGE, "--out %s is the checkpoint itself; choose another file name", out_path);
+    Checkpoint ck;
+    cmd_load_ckpt(file, &ck);
+    ModelConfig mc = train_model_config(&ck.cfg, &ck.vocab);
+    if (model_num_params(&mc) != ck.n_params) {
+        ckpt_free(&ck);
+        mlm_fatal(MLM_EXIT_USAGE, "checkpoint %s holds %zu parameters but its configuration describes %zu", file,
+                  ck.n_params, model_num_params(&mc));
+    }
+    char err[1024];
+    int rc = weights_save(out_path, &mc, &ck.vocab, ck.params, err, sizeof(err));
+    if (rc == 0)
+        printf("wrote %s: %d tensors, %zu parameters (PyTorch state_dict names) from step %ld of %s\n", out_path,
+               model_param_table(&mc, NULL), ck.n_params, ck.st.step, file);
+    ckpt_free(&ck);
+    if (rc) mlm_fatal(MLM_EXIT_FAILURE, "export: %s", err);
+    return 0;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// mlm info
+
+// The run directory of a checkpoint: the path itself if it is a directory, else RUN_DIR for
+// RUN_DIR/checkpoints/FILE; "" when the file lies elsewhere.
+static void run_dir_of(const char *ckpt, char *out, size_t outlen) {
+    out[0] = '\0';
+    if (is_directory(ckpt)) {
+        snprintf(out, outlen, "%s", ckpt);
+        return;
+    }
+    char dir[1200];
+    snprintf(dir, sizeof(dir), "%s", ckpt);
+    char *slash = strrchr(dir, '/');
+    if (!slash) return;  // a bare file name in the current directory
+    *slash = '\0';
+    const char *base = strrchr(dir, '/');
+    base = base ? base + 1 : dir;
+    if (strcmp(base, "checkpoints") != 0) return;
+    if (base == dir) snprintf(out, outlen, ".");
+    else snprintf(out, outlen, "%.*s", (int)(base - 1 - dir), dir);
+}
+
+// Number after "key": in a metrics line (NAN when absent).
+static double json_number(const char *line, const char *key) {
+    char pat[64];
+    snprintf(pat, sizeof(pat), "\"%s\":", key);
+    const char *p = strstr(line, pat);
+    return p ? strtod(p + strlen(pat), NULL) : NAN;
+}
+
+// The last train and valid lines of metrics.jsonl at or before `step` (a run may have logged past an
+// older checkpoint). Lines are malloc'ed; NULL when there is none.
+static void last_metrics(const char *path, long step, char **train, char **valid) {
+    *train = *valid = NULL;
+    size_t len;
+    char *text = mlm_read_file(path, &len);
+    if (!text) return;
+    const char *last_train = NULL, *last_valid = NULL;
+    for (char *line = text; *line;) {
+        char *nl = strchr(line, '\n');
+        if (!nl) break;  // a torn last line
+        *nl = '\0';
+        if (json_number(line, "step") <= (double)step) {
+            if (strstr(line, "\"kind\":\"train\"")) last_train = line;
+            else if (strstr(line, "\"kind\":\"valid\"")) last_valid = line;
+        }
+        line = nl + 1;
+    }
+    if (last_train) *train = mlm_strdup(last_train);
+    if (last_valid) *valid = mlm_strdup(last_valid);
+    free(text);
+}
+
+static void format_elapsed(double s, char *out, size_t n) {
+    long t = (long)(s + 0.5);
+    if (t >= 3600) snprintf(out, n, "%ldh%02ldm%02lds (%.1f s)", t / 3600, (t % 3600) / 60, t % 60, s);
+    else if (t >= 60) snprintf(out, n, "%ldm%02lds (%.1f s)", t / 60, t % 60, s);
+    else snprintf(out, n, "%.1f s", s);
+}
+
+static void print_metrics_line(const char *label, const char *line) {
+    if (!line) {
+        printf("%-20s none logged\n", label);
+        return;
+    }
+    printf("%-20s step %.0f, epoch %.0f: loss %.4f, accuracy %.4f", label, json_number(line, "step"),
+           json_number(line, "epoch") + 1, json_number(line, "loss"), json_number(line, "accuracy"));
+    double lr = json_number(line, "lr"), tps = json_number(line, "tokens_per_s");
+    if (!isnan(lr)) printf(", lr %.3e, |g| %.3f, %.0f tok/s", lr, json_number(line, "grad_norm"), tps);
+    putchar('\n');
+}
+
+int info_run(const char *ckpt) {
+    char file[1200], run_dir[1200];
+    cmd_resolve_ckpt(ckpt, file, sizeof(file));
+    run_dir_of(ckpt, run_dir, sizeof(run_dir));
+    Checkpoint ck;
+    cmd_load_ckpt(file, &ck);
+    const Config *c = &ck.cfg;
+    ModelConfig mc = train_model_config(c, &ck.vocab);
+    char elapsed[64];
+    format_elapsed(ck.st.elapsed_s, elapsed, sizeof(elapsed));
+    printf("%-20s %s\n", "checkpoint", file);
+    printf("%-20s %s\n", "run directory", run_dir[0] ? run_dir : "(unknown: the file is not in RUN_DIR/checkpoints)");
+    printf("%-20s %zu\n", "parameters", ck.n_params);
+    printf("%-20s d_model %d, %d heads, %d layers, d_ff %d, seq_len %d, vocabulary %d (%d characters + [PAD] + "
+           "[MASK])\n", "model", mc.d_model, mc.n_heads, mc.n_layers, mc.d_ff, mc.max_seq, mc.vocab, ck.vocab.n_chars);
+    printf("%-20s %ld\n", "step", ck.st.step);
+    printf("%-20s %ld completed and validated (of %d)\n", "epochs", ck.st.valid_epochs, c->epochs);
+    // The same count metrics.jsonl reports: steps x batch x seq_len (the last batch of an epoch is smaller).
+    printf("%-20s %.0f\n", "tokens seen", (double)ck.st.step * c->batch_size * c->seq_len);
+    printf("%-20s %s\n", "elapsed (training)", elapsed);
+    if (ck.st.best_epoch >= 0)
+        printf("%-20s %.4f (epoch %ld)\n", "best valid accuracy", ck.st.best_valid_acc, ck.st.best_epoch + 1);
+    else
+        printf("%-20s none yet (no validation has run)\n", "best valid accuracy");
+    printf("%-20s %s\n", "corpus md5", ck.corpus_md5);
+    if (run_dir[0]) {
+        char path[1300], *train = NULL, *valid = NULL;
+        snprintf(path, sizeof(path), "%s/metrics.jsonl", run_dir);
+        last_metrics(path, ck.st.step, &train, &valid);
+        if (train || valid) {
+            print_metrics_line("last train metrics", train);
+            print_metrics_line("last valid metrics", valid);
+        } else {
+            printf("%-20s none (%s is missing or empty)\n", "metrics", path);
+        }
+        free(train);
+        free(valid);
+    }
+    printf("\n# configuration\n");
+    config_write(stdout, c);
+    ckpt_free(&ck);
+    return 0;
+}

@@ -1,0 +1,292 @@
+// test_commands.c: mlm eval, fill, export and info on a tiny model trained for a few steps: eval repeats
+// exactly and reports consistent numbers, fill predicts exactly the marked positions with sorted top-k
+// probabilities, export -> train --init (lr 0) -> export reproduces the weights bit for bit, info reports the
+// run, and bad input is refused with a nonzero exit.
+#include <math.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+
+#include "mlm/checkpoint.h"
+#include "mlm/common.h"
+#include "mlm/safetensors.h"
+#include "test_util.h"
+
+static const char *mlm_bin, *corpus;
+static char tmpdir[256], run_dir[300];
+static long n_params, n_tokens;  // of the trained checkpoint
+
+#define STEPS 20
+#define SMALL "--set model.d_model=32 --set model.n_heads=4 --set model.n_layers=2 --set model.d_ff=48 " \
+              "--set data.seq_len=16 --set train.batch_size=8 --set train.log_every=5 --set train.samples=false " \
+              "--set train.ckpt_every=0 --set optim.warmup=10 --set train.threads=2 --set model.init=pytorch"
+
+static int run(const char *fmt, ...) MLM_PRINTF(1, 2);
+static int run(const char *fmt, ...) {
+    char cmd[4096];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof(cmd), fmt, ap);
+    va_end(ap);
+    int st = system(cmd);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+}
+
+// Contents of tmpdir/name ("" if unreadable; malloc'ed).
+static char *slurp(const char *name) {
+    char path[512];
+    snprintf(path, sizeof(path), "%s/%s", tmpdir, name);
+    char *s = mlm_read_file(path, NULL);
+    return s ? s : mlm_strdup("");
+}
+
+static double field_num(const char *text, const char *key) {
+    char pat[64];
+    snprintf(pat, sizeof(pat), "\"%s\":", key);
+    const char *p = strstr(text, pat);
+    return p ? strtod(p + strlen(pat), NULL) : NAN;
+}
+
+// The JSON string value of `key` in text, unescaped (the escapes mlm writes: \" \\ \n \r \t \u00XX).
+static char *field_str(const char *text, const char *key) {
+    char pat[64];
+    snprintf(pat, sizeof(pat), "\"%s\":\"", key);
+    const char *p = strstr(text, pat);
+    char *out = mlm_malloc(p ? strlen(p) + 1 : 1, "json string");
+    size_t k = 0;
+    for (p = p ? p + strlen(pat) : "\""; *p && *p != '"'; p++) {
+        if (*p != '\\') { out[k++] = *p; continue; }
+        p++;
+        if (*p == 'n') out[k++] = '\n';
+        else if (*p == 'r') out[k++] = '\r';
+        else if (*p == 't') out[k++] = '\t';
+        else if (*p == 'u') { out[k++] = (char)strtol((char[]){p[1], p[2], p[3], p[4], 0}, NULL, 16); p += 4; }
+        else out[k++] = *p;
+    }
+    out[k] = '\0';
+    return out;
+}
+
+static void train_tiny_model(void) {
+    snprintf(run_dir, sizeof(run_dir), "%s/run", tmpdir);
+    CHECK(run("%s train " SMALL " --data %s --steps %d --out %s -q > %s/train.log 2>&1", mlm_bin, corpus, STEPS,
+              run_dir, tmpdir) == 0, "training failed (see %s/train.log)", tmpdir);
+    Checkpoint ck;
+    char err[1024];
+    CHECK(ckpt_load(run_dir, &ck, err, sizeof(err)) == 0, "%s", err);
+    n_params = (long)ck.n_params;
+    n_tokens = ck.vocab.n_tokens;
+    ckpt_free(&ck);
+}
+
+static void test_eval(void) {
+    CHECK(run("%s eval --ckpt %s --json > %s/eval1.json", mlm_bin, run_dir, tmpdir) == 0, "eval --json failed");
+    CHECK(run("%s eval --ckpt %s --json > %s/eval2.json", mlm_bin, run_dir, tmpdir) == 0, "eval --json failed");
+    CHECK(run("%s eval --ckpt %s > %s/eval1.txt", mlm_bin, run_dir, tmpdir) == 0, "eval failed");
+    CHECK(run("%s eval --ckpt %s > %s/eval2.txt", mlm_bin, run_dir, tmpdir) == 0, "eval failed");
+    char *a = slurp("eval1.json"), *b = slurp("eval2.json"), *c = slurp("eval1.txt"), *d = slurp("eval2.txt");
+    CHECK(a[0] && !strcmp(a, b), "two evaluations differ:\n%s%s", a, b);
+    CHECK(c[0] && !strcmp(c, d), "two evaluation summaries differ:\n%s%s", c, d);
+    double loss = field_num(a, "loss"), acc = field_num(a, "accuracy"), ppl = field_num(a, "perplexity");
+    char *split = field_str(a, "split");
+    printf("eval: %s", a);
+    CHECK(!strcmp(split, "valid"), "eval without --data should use the validation split, got '%s'", split);
+    CHECK(isfinite(loss) && loss > 0, "loss %g", loss);
+    CHECK(acc >= 0 && acc <= 1, "accuracy %g", acc);
+    CHECK(fabs(ppl - exp(loss)) <= 1e-6 * exp(loss), "perplexity %.17g but exp(loss) = %.17g", ppl, exp(loss));
+    CHECK(field_num(a, "masked") > 0 && field_num(a, "step") == STEPS, "masked %g, step %g", field_num(a, "masked"),
+          field_num(a, "step"));
+    CHECK(strstr(c, "perplexity") != NULL, "the summary should give the perplexity:\n%s", c);
+    free(split);
+    free(a); free(b); free(c); free(d);
+
+    // Another seed masks other positions; --data evaluates a whole text and warns about dropped characters.
+    CHECK(run("%s eval --ckpt %s --json --seed 7 > %s/eval3.json", mlm_bin, run_dir, tmpdir) == 0, "eval --seed");
+    a = slurp("eval1.json");
+    b = slurp("eval3.json");
+    CHECK(field_num(b, "seed") == 7 && strcmp(a, b) != 0, "--seed 7 should change the masks:\n%s", b);
+    free(a); free(b);
+    CHECK(run("printf 'First Citizen:\\nWe are accounted poor citizens, the patricians good. \\303\\251\\303\\251\\n' > "
+              "%s/text.txt", tmpdir) == 0, "writing a text");
+    CHECK(run("%s eval --ckpt %s --data %s/text.txt --seed 3 --json > %s/eval4.json 2> %s/eval4.err", mlm_bin, run_dir,
+              tmpdir, tmpdir, tmpdir) == 0, "eval --data failed (see %s/eval4.err)", tmpdir);
+    a = slurp("eval4.json");
+    b = slurp("eval4.err");
+    char *split4 = field_str(a, "split");
+    CHECK(!strcmp(split4, "all") && field_num(a, "tokens") == 69, "--data should evaluate all 69 known characters:\n%s", a);
+    CHECK(strstr(b, "2 of 71 characters") && strstr(b, "dropped"), "expected a warning about 2 dropped characters:\n%s", b);
+    free(split4);
+    free(a); free(b);
+}
+
+// One JSON line of fill: exactly one prediction per mark, other characters unchanged, top-k sorted.
+static void check_fill_json(const char *json, const char *text, int k) {
+    char *got_text = field_str(json, "text"), *filled = field_str(json, "filled");
+    CHECK(!strcmp(got_text, text), "\"text\" is '%s', expected '%s'", got_text, text);
+    // Walk the input: each _ or [MASK] becomes one (ASCII-or-not) character of filled; the rest is copied.
+    size_t n_marks = 0, i = 0, j = 0, mismatch = 0;
+    while (text[i]) {
+        int mark = text[i] == '_' || !strncmp(text + i, "[MASK]", 6);
+        if (mark) {
+            i += text[i] == '_' ? 1 : 6;
+            n_marks++;
+            if (filled[j]) j++;
+            while ((filled[j] & 0xc0) == 0x80) j++;  // rest of a multi-byte prediction
+        } else {
+            mismatch += text[i++] != filled[j++];
+        }
+    }
+    CHECK(mismatch == 0 && filled[j] == '\0', "filled '%s' does not keep the unmarked characters of '%s'", filled, text);
+    // Positions: one object per mark, each with k candidates by decreasing probability.
+    size_t n_pos = 0;
+    const char *p = strstr(json, "{\"index\":");
+    while (p) {
+        const char *next = strstr(p + 1, "{\"index\":");
+        size_t span = next ? (size_t)(next - p) : strlen(p);
+        double sum = 0, prev = 2;
+        int n_top = 0, sorted = 1;
+        for (const char *q = strstr(p, "\"prob\":"); q && q < p + span; q = strstr(q + 1, "\"prob\":")) {
+            double pr = strtod(q + 7, NULL);
+            sorted &= pr <= prev && pr >= 0;
+            prev = pr;
+            sum += pr;
+            n_top++;
+        }
+        CHECK(n_top == k, "position %zu has %d candidates, expected %d", n_pos, n_top, k);
+        CHECK(sorted, "position %zu: probabilities are not sorted", n_pos);
+        CHECK(sum <= 1 + 1e-6, "position %zu: top-%d probabilities sum to %.9g", n_pos, k, sum);
+        if (k == n_tokens) CHECK(fabs(sum - 1) <= 1e-5, "position %zu: all probabilities sum to %.9g", n_pos, sum);
+        n_pos++;
+        p = next;
+    }
+    CHECK(n_pos == n_marks, "%zu predictions for %zu marks in '%s'", n_pos, n_marks, text);
+    free(got_text);
+    free(filled);
+}
+
+static void test_fill(void) {
+    // Longer than seq_len (16): three windows, the last one padded.
+    const char *text = "Fi_st Citizen:\nBefore we pr[MASK]ceed any furth_r, hear _e.";
+    CHECK(run("%s fill --ckpt %s --json '%s' > %s/fill1.json", mlm_bin, run_dir, text, tmpdir) == 0, "fill --json");
+    char *a = slurp("fill1.json");
+    check_fill_json(a, text, 5);
+    printf("fill: %s", a);
+    free(a);
+    CHECK(run("%s fill --ckpt %s --json --top-k 1000 '%s' > %s/fill2.json", mlm_bin, run_dir, text, tmpdir) == 0,
+          "fill --top-k 1000");
+    a = slurp("fill2.json");
+    check_fill_json(a, text, (int)n_tokens);
+    free(a);
+    // Plain output (not a terminal): the filled text itself.
+    CHECK(run("%s fill --ckpt %s 'the _ing' > %s/fill3.txt", mlm_bin, run_dir, tmpdir) == 0, "fill");
+    a = slurp("fill3.txt");
+    CHECK(strlen(a) >= 9 && !strncmp(a, "the ", 4) && strstr(a, "ing\n") && !strchr(a, '\x1b'),
+          "plain fill output '%s'", a);
+    free(a);
+
+    // Standard input: one JSON object per line, in order.
+    CHECK(run("printf 'a_c\\nthe kin_ of _\\n' | %s fill --ckpt %s --json --top-k 3 - > %s/fill4.json", mlm_bin,
+              run_dir, tmpdir) == 0, "fill - (stdin)");
+    a = slurp("fill4.json");
+    char *second = strchr(a, '\n');
+    CHECK(second && second[1] && strchr(second + 1, '\n') && !strchr(strchr(second + 1, '\n') + 1, '\n'),
+          "expected two JSON lines:\n%s", a);
+    if (second) {
+        *second = '\0';
+        check_fill_json(a, "a_c", 3);
+        check_fill_json(second + 1, "the kin_ of _", 3);
+    }
+    free(a);
+}
+
+static int tensors_equal(const char *pa, const char *pb) {
+    StFile a, b;
+    char err[1024];
+    if (st_read(pa, &a, err, sizeof(err))) { printf("%s\n", err); return 0; }
+    if (st_read(pb, &b, err, sizeof(err))) { printf("%s\n", err); st_free(&a); return 0; }
+    int same = a.n == b.n && a.n > 0;
+    for (int i = 0; same && i < a.n; i++) {
+        const StTensor *t = st_find(&b, a.tensors[i].name);
+        same = t && t->dtype == a.tensors[i].dtype && t->ndim == a.tensors[i].ndim && t->nbytes == a.tensors[i].nbytes &&
+               !memcmp(t->shape, a.tensors[i].shape, sizeof(t->shape)) && !memcmp(t->data, a.tensors[i].data, t->nbytes);
+        if (!same) printf("tensor %s differs\n", a.tensors[i].name);
+    }
+    st_free(&a);
+    st_free(&b);
+    return same;
+}
+
+static void test_export_roundtrip(void) {
+    char w1[400], w2[400], run2[400];
+    snprintf(w1, sizeof(w1), "%s/w1.safetensors", tmpdir);
+    snprintf(w2, sizeof(w2), "%s/w2.safetensors", tmpdir);
+    snprintf(run2, sizeof(run2), "%s/run2", tmpdir);
+    CHECK(run("%s export --ckpt %s --out %s > /dev/null", mlm_bin, run_dir, w1) == 0, "export failed");
+    // One step at learning rate 0 leaves the weights as they were loaded.
+    CHECK(run("%s train " SMALL " --data %s --init %s --steps 1 --set optim.lr=0 --out %s -q > %s/train2.log 2>&1",
+              mlm_bin, corpus, w1, run2, tmpdir) == 0, "train --init failed (see %s/train2.log)", tmpdir);
+    CHECK(run("%s export --ckpt %s --out %s > /dev/null", mlm_bin, run2, w2) == 0, "second export failed");
+    CHECK(tensors_equal(w1, w2), "export -> train --init -> export changed the weights");
+    StFile f;
+    char err[1024];
+    if (st_read(w1, &f, err, sizeof(err)) == 0) {
+        const StTensor *emb = st_find(&f, "src_embed.linear.weight");
+        CHECK(emb && emb->ndim == 2 && emb->shape[0] == n_tokens && emb->shape[1] == 32, "embedding tensor shape");
+        CHECK(st_find(&f, "encoder.layers.1.feed_forward.layer2.bias") && st_find(&f, "generator.projection.weight"),
+              "PyTorch state_dict names missing");
+        st_free(&f);
+    }
+}
+
+static void test_info(void) {
+    CHECK(run("%s info --ckpt %s > %s/info.txt", mlm_bin, run_dir, tmpdir) == 0, "info failed");
+    char *a = slurp("info.txt"), want[64];
+    snprintf(want, sizeof(want), "%ld", n_params);
+    CHECK(strstr(a, want) != NULL, "info does not mention the parameter count %s:\n%s", want, a);
+    snprintf(want, sizeof(want), "step                 %d", STEPS);
+    CHECK(strstr(a, want) != NULL, "info does not give step %d:\n%s", STEPS, a);
+    CHECK(strstr(a, "last valid metrics   step") != NULL, "info should show the last valid metrics:\n%s", a);
+    free(a);
+}
+
+static void test_errors(void) {
+    CHECK(run("%s eval > /dev/null 2>&1", mlm_bin) == MLM_EXIT_USAGE, "eval without --ckpt must exit 2");
+    CHECK(run("%s info > /dev/null 2>&1", mlm_bin) == MLM_EXIT_USAGE, "info without --ckpt must exit 2");
+    CHECK(run("%s fill --ckpt %s/missing.safetensors 'a_' > /dev/null 2>&1", mlm_bin, tmpdir) != 0, "missing file");
+    CHECK(run("%s eval --ckpt %s > /dev/null 2>&1", mlm_bin, corpus) != 0, "a text file is not a checkpoint");
+    CHECK(run("%s info --ckpt %s/w1.safetensors > /dev/null 2>&1", mlm_bin, tmpdir) != 0,
+          "exported weights are not a checkpoint");
+    CHECK(run("%s fill --ckpt %s \"$(printf 'caf\\303\\251 _')\" > /dev/null 2> %s/fill.err", mlm_bin, run_dir,
+              tmpdir) == MLM_EXIT_USAGE, "a character outside the vocabulary must be refused with exit 2");
+    char *e = slurp("fill.err");
+    CHECK(strstr(e, "U+00E9") != NULL, "the error should name the character: %s", e);
+    free(e);
+    CHECK(run("%s export --ckpt %s > /dev/null 2>&1", mlm_bin, run_dir) == MLM_EXIT_USAGE, "export without --out");
+    CHECK(run("%s fill --ckpt %s > /dev/null 2>&1", mlm_bin, run_dir) == MLM_EXIT_USAGE, "fill without TEXT");
+}
+
+int main(int argc, char **argv) {
+    if (argc < 3) return test_skip("usage: test_commands MLM_BINARY CORPUS");
+    mlm_bin = argv[1];
+    const char *full = test_corpus_path(argc - 1, argv + 1);
+    if (!full) return test_skip("corpus not available");
+    snprintf(tmpdir, sizeof(tmpdir), "/tmp/mlm-test-commands-XXXXXX");
+    if (!mkdtemp(tmpdir)) return test_skip("cannot create a temporary directory");
+    static char slice[400];
+    snprintf(slice, sizeof(slice), "%s/slice.txt", tmpdir);
+    if (run("head -c 30000 %s > %s", full, slice) != 0) return test_skip("cannot slice the corpus");
+    corpus = slice;
+    train_tiny_model();
+    if (t_failures == 0) {
+        test_eval();
+        test_fill();
+        test_export_roundtrip();
+        test_info();
+        test_errors();
+    }
+    int rc = test_finish("test_commands");
+    if (rc == 0) run("rm -rf %s", tmpdir);
+    else printf("files kept in %s\n", tmpdir);
+    return rc;
+}
