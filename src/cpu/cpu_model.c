@@ -1,0 +1,297 @@
+// cpu_model.c: the CPU model instance: one allocation each for parameters, gradients and activations,
+// the forward (loss, accuracy) and backward passes composed from ops.h, and gradient norm / clipping.
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu/ops.h"
+#include "mlm/common.h"
+#include "mlm/cpu.h"
+
+// Views into the activation allocation. Per-layer tensors are stacked [L, max_B, T, ...] so that layer l
+// starts at l times the full-batch size; a smaller batch uses a prefix of each layer's block. The uint8
+// dropout masks are carved out of the same float allocation (rounded up to whole floats).
+typedef struct {
+    float *pe;                   // [T, C] sinusoidal positions (constant)
+    float *encoded;              // [B, T, C] embedding output = residual stream entering layer 0
+    float *ln1;                  // [L, B, T, C] LN1 output
+    float *ln1_mean, *ln1_rstd;  // [L, B, T]
+    float *qkv;                  // [L, B, T, 3C]
+    float *att;                  // [L, B, H, T, T] softmax probabilities, before dropout
+    float *atty;                 // [L, B, T, C] heads concatenated, input of the output projection
+    float *res1;                 // [L, B, T, C] residual stream after the attention block
+    float *ln2;                  // [L, B, T, C] LN2 output
+    float *ln2_mean, *ln2_rstd;  // [L, B, T]
+    float *fch;                  // [L, B, T, F] dropout(ReLU(Linear1)), input of Linear2
+    float *res2;                 // [L, B, T, C] residual stream after the FFN block (input of layer l+1)
+    float *lnf;                  // [B, T, C] final LayerNorm output
+    float *lnf_mean, *lnf_rstd;  // [B, T]
+    float *logits;               // [B, T, V]
+    float *losses;               // [B, T] per-position loss (0 where ignored)
+    uint8_t *keep_att;           // [L, B, H, T, T] dropout masks of the attention probabilities
+    uint8_t *keep_res1;          // [L, B, T, C] attention-residual dropout masks
+    uint8_t *keep_res2;          // [L, B, T, C] FFN-residual dropout masks
+    uint8_t *keep_hidden;        // [B, T, F] FFN-hidden mask (scratch: backward needs only fch)
+    float *proj;                 // [B, T, C] scratch: a block's output before the residual add
+    // Backward scratch.
+    float *dlogits;              // [B, T, V]
+    float *dres;                 // [B, T, C] gradient of the residual stream, carried down the layers
+    float *dln;                  // [B, T, C] gradient of a LayerNorm output
+    float *dproj;                // [B, T, C] gradient of a block output (after undoing its dropout)
+    float *datty;                // [B, T, C]
+    float *dqkv;                 // [B, T, 3C]
+    float *dfch;                 // [B, T, F]
+    // State of the last forward.
+    int dropout_on;
+    float drop_scale;
+    int pad_id;
+} CpuActs;
+
+// Carves consecutive tensors out of the activation allocation; with base == NULL it only counts.
+typedef struct {
+    float *base;
+    size_t used;  // floats taken so far
+} Carver;
+
+// Every tensor starts on a 64-byte boundary of the allocation (16 floats).
+static size_t round_floats(size_t n) { return (n + 15) & ~(size_t)15; }
+
+static float *carve_floats(Carver *cv, size_t n) {
+    float *p = cv->base ? cv->base + cv->used : NULL;
+    cv->used += round_floats(n);
+    return p;
+}
+
+static uint8_t *carve_bytes(Carver *cv, size_t bytes) {
+    uint8_t *p = cv->base ? (uint8_t *)(cv->base + cv->used) : NULL;
+    cv->used += round_floats((bytes + sizeof(float) - 1) / sizeof(float));
+    return p;
+}
+
+// Point every view of `a` into the allocation (or, with cv->base == NULL, just count its size).
+static void carve_acts(CpuActs *a, const ModelConfig *c, int max_B, Carver *cv) {
+    size_t B = max_B, T = c->max_seq, C = c->d_model, H = c->n_heads, L = c->n_layers, F = c->d_ff, V = c->vocab;
+    size_t BT = B * T;
+    a->pe = carve_floats(cv, T * C);
+    a->encoded = carve_floats(cv, BT * C);
+    a->ln1 = carve_floats(cv, L * BT * C);
+    a->ln1_mean = carve_floats(cv, L * BT);
+    a->ln1_rstd = carve_floats(cv, L * BT);
+    a->qkv = carve_floats(cv, L * BT * 3 * C);
+    a->att = carve_floats(cv, L * BT * H * T);
+    a->atty = carve_floats(cv, L * BT * C);
+    a->res1 = carve_floats(cv, L * BT * C);
+    a->ln2 = carve_floats(cv, L * BT * C);
+    a->ln2_mean = carve_floats(cv, L * BT);
+    a->ln2_rstd = carve_floats(cv, L * BT);
+    a->fch = carve_floats(cv, L * BT * F);
+    a->res2 = carve_floats(cv, L * BT * C);
+    a->lnf = carve_floats(cv, BT * C);
+    a->lnf_mean = carve_floats(cv, BT);
+    a->lnf_rstd = carve_floats(cv, BT);
+    a->logits = carve_floats(cv, BT * V);
+    a->losses = carve_floats(cv, BT);
+    a->keep_att = carve_bytes(cv, L * BT * H * T);
+    a->keep_res1 = carve_bytes(cv, L * BT * C);
+    a->keep_res2 = carve_bytes(cv, L * BT * C);
+    a->keep_hidden = carve_bytes(cv, BT * F);
+    a->proj = carve_floats(cv, BT * C);
+    a->dlogits = carve_floats(cv, BT * V);
+    a->dres = carve_floats(cv, BT * C);
+    a->dln = carve_floats(cv, BT * C);
+    a->dproj = carve_floats(cv, BT * C);
+    a->datty = carve_floats(cv, BT * C);
+    a->dqkv = carve_floats(cv, BT * 3 * C);
+    a->dfch = carve_floats(cv, BT * F);
+}
+
+CpuModel *cpu_model_create(const ModelConfig *cfg, int max_B) {
+    char err[256];
+    if (model_config_check(cfg, err, sizeof(err))) mlm_fatal(MLM_EXIT_USAGE, "%s", err);
+    if (max_B < 1) mlm_fatal(MLM_EXIT_USAGE, "batch size %d must be >= 1", max_B);
+    CpuModel *m = mlm_calloc(1, sizeof(CpuModel), "CPU model");
+    m->cfg = *cfg;
+    m->max_B = max_B;
+    m->n_params = model_num_params(cfg);
+    m->params = mlm_calloc(m->n_params, sizeof(float), "parameters");
+    m->grads = mlm_calloc(m->n_params, sizeof(float), "gradients");
+    model_param_views(cfg, m->params, &m->p);
+    model_param_views(cfg, m->grads, &m->g);
+
+    CpuActs *a = mlm_calloc(1, sizeof(CpuActs), "activation views");
+    Carver count = {NULL, 0};
+    carve_acts(a, cfg, max_B, &count);
+    // calloc: the masks and scratch start defined, which keeps sanitizers and valgrind quiet.
+    m->acts = mlm_calloc(count.used, sizeof(float), "activations");
+    m->n_acts = count.used;
+    Carver cv = {m->acts, 0};
+    carve_acts(a, cfg, max_B, &cv);
+    model_positional_encoding(cfg->max_seq, cfg->d_model, a->pe);
+    m->logits = a->logits;
+    m->internal = a;
+    return m;
+}
+
+void cpu_model_free(CpuModel *m) {
+    if (!m) return;
+    free(m->params);
+    free(m->grads);
+    free(m->acts);
+    free(m->internal);
+    free(m);
+}
+
+// Draw the masks of one dropout site, or return NULL when dropout is off for this forward.
+static uint8_t *site_mask(CpuActs *a, const DropoutCtx *drop, uint8_t *keep, int layer, DropSite site, size_t n) {
+    if (!a->dropout_on) return NULL;
+    dropout_keep_mask(keep, drop, layer, site, n);
+    return keep;
+}
+
+float cpu_model_forward(CpuModel *m, const int *inputs, const int *labels, int B, int pad_id,
+                        const DropoutCtx *drop, int *correct) {
+    const ModelConfig *c = &m->cfg;
+    if (B < 1 || B > m->max_B) mlm_fatal(MLM_EXIT_FAILURE, "batch of %d sequences (this model holds 1..%d)", B, m->max_B);
+    CpuActs *a = m->internal;
+    int T = c->max_seq, C = c->d_model, H = c->n_heads, F = c->d_ff, V = c->vocab, L = c->n_layers;
+    size_t BT = (size_t)B * T, maxBT = (size_t)m->max_B * T;
+    int N = (int)BT;
+    m->B = B;
+    m->T = T;
+    m->last_inputs = inputs;
+    m->last_labels = labels;
+    a->dropout_on = dropout_is_active(drop);
+    a->drop_scale = a->dropout_on ? dropout_scale(drop->p) : 1.0f;
+    a->pad_id = pad_id;
+    float ds = a->drop_scale;
+    const ParamTensors *p = &m->p;
+
+    embedding_forward(a->encoded, inputs, p->tok_emb, a->pe, B, T, C, V);
+    const float *x = a->encoded;  // [B, T, C] residual stream entering the layer
+    for (int l = 0; l < L; l++) {
+        size_t lc = (size_t)l * C;
+        float *ln1 = a->ln1 + l * maxBT * C, *ln1_mean = a->ln1_mean + l * maxBT, *ln1_rstd = a->ln1_rstd + l * maxBT;
+        float *qkv = a->qkv + l * maxBT * 3 * C;
+        float *att = a->att + l * maxBT * H * T;
+        float *atty = a->atty + l * maxBT * C;
+        float *res1 = a->res1 + l * maxBT * C;
+        float *ln2 = a->ln2 + l * maxBT * C, *ln2_mean = a->ln2_mean + l * maxBT, *ln2_rstd = a->ln2_rstd + l * maxBT;
+        float *fch = a->fch + l * maxBT * F;
+        float *res2 = a->res2 + l * maxBT * C;
+        // x = x + Drop(OutProj(MHA(LN1(x))))
+        layernorm_forward(ln1, ln1_mean, ln1_rstd, x, p->ln1_w + lc, p->ln1_b + lc, N, C, c->ln_eps);
+        linear_forward(qkv, ln1, p->qkv_w + (size_t)l * 3 * C * C, p->qkv_b + 3 * lc, N, C, 3 * C);
+        uint8_t *keep = site_mask(a, drop, a->keep_att + l * maxBT * H * T, l, DROP_ATTN_PROBS, BT * H * T);
+        attention_forward(atty, att, qkv, keep, ds, B, T, C, H);
+        linear_forward(a->proj, atty, p->out_w + (size_t)l * C * C, p->out_b + lc, N, C, C);
+        keep = site_mask(a, drop, a->keep_res1 + l * maxBT * C, l, DROP_ATTN_RESID, BT * C);
+        residual_dropout_forward(res1, x, a->proj, keep, ds, BT * C);
+        // x = x + Drop(Linear2(Drop(ReLU(Linear1(LN2(x))))))
+        layernorm_forward(ln2, ln2_mean, ln2_rstd, res1, p->ln2_w + lc, p->ln2_b + lc, N, C, c->ln_eps);
+        linear_forward(fch, ln2, p->ff1_w + (size_t)l * F * C, p->ff1_b + (size_t)l * F, N, C, F);
+        keep = site_mask(a, drop, a->keep_hidden, l, DROP_FFN_HIDDEN, BT * F);
+        relu_dropout_forward(fch, keep, ds, BT * F);
+        linear_forward(a->proj, fch, p->ff2_w + (size_t)l * C * F, p->ff2_b + lc, N, F, C);
+        keep = site_mask(a, drop, a->keep_res2 + l * maxBT * C, l, DROP_FFN_RESID, BT * C);
+        residual_dropout_forward(res2, res1, a->proj, keep, ds, BT * C);
+        x = res2;
+    }
+    layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, x, p->lnf_w, p->lnf_b, N, C, c->ln_eps);
+    linear_forward(a->logits, a->lnf, p->gen_w, p->gen_b, N, C, V);
+
+    m->n_targets = 0;
+    if (correct) *correct = 0;
+    if (labels == NULL) return 0.0f;
+    return crossentropy_forward(a->losses, a->logits, labels, N, V, pad_id, &m->n_targets, correct);
+}
+
+void cpu_model_backward(CpuModel *m) {
+    const ModelConfig *c = &m->cfg;
+    CpuActs *a = m->internal;
+    if (m->last_inputs == NULL || m->last_labels == NULL)
+        mlm_fatal(MLM_EXIT_FAILURE, "cpu_model_backward needs a forward with labels first");
+    int B = m->B, T = c->max_seq, C = c->d_model, H = c->n_heads, F = c->d_ff, V = c->vocab, L = c->n_layers;
+    size_t BT = (size_t)B * T, maxBT = (size_t)m->max_B * T;
+    int N = (int)BT;
+    float ds = a->drop_scale;
+    const ParamTensors *p = &m->p;
+    const ParamTensors *g = &m->g;
+    memset(m->grads, 0, m->n_params * sizeof(float));
+    if (m->n_targets == 0) return;  // no position carries a label: the loss is the constant 0
+
+    // Mean over the labelled positions: each contributes 1 / n_targets.
+    crossentropy_backward(a->dlogits, a->logits, m->last_labels, N, V, a->pad_id, 1.0f / (float)m->n_targets);
+    linear_backward(a->dln, g->gen_w, g->gen_b, a->dlogits, a->lnf, p->gen_w, N, C, V);
+    const float *x_last = a->res2 + (size_t)(L - 1) * maxBT * C;  // input of the final LayerNorm
+    memset(a->dres, 0, BT * C * sizeof(float));
+    layernorm_backward(a->dres, g->lnf_w, g->lnf_b, a->dln, x_last, p->lnf_w, a->lnf_mean, a->lnf_rstd, N, C);
+
+    for (int l = L - 1; l >= 0; l--) {
+        size_t lc = (size_t)l * C;
+        const float *x = l > 0 ? a->res2 + (size_t)(l - 1) * maxBT * C : a->encoded;  // layer input
+        const float *ln1 = a->ln1 + l * maxBT * C, *ln1_mean = a->ln1_mean + l * maxBT, *ln1_rstd = a->ln1_rstd + l * maxBT;
+        const float *qkv = a->qkv + l * maxBT * 3 * C;
+        const float *att = a->att + l * maxBT * H * T;
+        const float *atty = a->atty + l * maxBT * C;
+        const float *res1 = a->res1 + l * maxBT * C;
+        const float *ln2 = a->ln2 + l * maxBT * C, *ln2_mean = a->ln2_mean + l * maxBT, *ln2_rstd = a->ln2_rstd + l * maxBT;
+        const float *fch = a->fch + l * maxBT * F;
+        const uint8_t *keep_att = a->dropout_on ? a->keep_att + l * maxBT * H * T : NULL;
+        const uint8_t *keep_res1 = a->dropout_on ? a->keep_res1 + l * maxBT * C : NULL;
+        const uint8_t *keep_res2 = a->dropout_on ? a->keep_res2 + l * maxBT * C : NULL;
+
+        // FFN block: dres is d(res2); the skip path passes it on unchanged to d(res1).
+        residual_dropout_backward(a->dproj, a->dres, keep_res2, ds, BT * C);
+        linear_backward(a->dfch, g->ff2_w + (size_t)l * C * F, g->ff2_b + lc, a->dproj, fch,
+                        p->ff2_w + (size_t)l * C * F, N, F, C);
+        relu_dropout_backward(a->dfch, fch, ds, BT * F);
+        linear_backward(a->dln, g->ff1_w + (size_t)l * F * C, g->ff1_b + (size_t)l * F, a->dfch, ln2,
+                        p->ff1_w + (size_t)l * F * C, N, C, F);
+        layernorm_backward(a->dres, g->ln2_w + lc, g->ln2_b + lc, a->dln, res1, p->ln2_w + lc, ln2_mean, ln2_rstd, N, C);
+
+        // Attention block: dres is now d(res1); the skip path passes it on to d(x).
+        residual_dropout_backward(a->dproj, a->dres, keep_res1, ds, BT * C);
+        linear_backward(a->datty, g->out_w + (size_t)l * C * C, g->out_b + lc, a->dproj, atty,
+                        p->out_w + (size_t)l * C * C, N, C, C);
+        attention_backward(a->dqkv, a->datty, qkv, att, keep_att, ds, B, T, C, H);
+        linear_backward(a->dln, g->qkv_w + (size_t)l * 3 * C * C, g->qkv_b + 3 * lc, a->dqkv, ln1,
+                        p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
+        layernorm_backward(a->dres, g->ln1_w + lc, g->ln1_b + lc, a->dln, x, p->ln1_w + lc, ln1_mean, ln1_rstd, N, C);
+    }
+    embedding_backward(g->tok_emb, a->dres, m->last_inputs, B, T, C);
+}
+
+// Fixed partition of the gradient vector for the norm: the chunk boundaries depend only on n, and the
+// per-chunk sums are added in chunk order, so the norm is the same for any thread count.
+enum { NORM_MAX_CHUNKS = 256, NORM_MIN_CHUNK = 16384 };
+
+float cpu_grad_norm(const float *grads, size_t n) {
+    double partial[NORM_MAX_CHUNKS];
+    size_t n_chunks = MLM_CEIL_DIV(n, (size_t)NORM_MIN_CHUNK);
+    if (n_chunks > NORM_MAX_CHUNKS) n_chunks = NORM_MAX_CHUNKS;
+    if (n_chunks == 0) return 0.0f;
+    size_t chunk = MLM_CEIL_DIV(n, n_chunks);
+    int nc = (int)n_chunks;
+#pragma omp parallel for schedule(static) if (nc > 1)
+    for (int i = 0; i < nc; i++) {
+        size_t lo = (size_t)i * chunk, hi = MLM_MIN(lo + chunk, n);
+        double s = 0.0;
+        for (size_t j = lo; j < hi; j++) s += (double)grads[j] * grads[j];
+        partial[i] = s;
+    }
+    double total = 0.0;
+    for (int i = 0; i < nc; i++) total += partial[i];
+    return (float)sqrt(total);
+}
+
+float cpu_clip_grads(float *grads, size_t n, float max_norm) {
+    float norm = cpu_grad_norm(grads, n);
+    // As torch.nn.utils.clip_grad_norm_: coefficient max_norm / (norm + 1e-6), clamped to 1.
+    float coef = (float)((double)max_norm / ((double)norm + 1e-6));
+    if (coef < 1.0f) {
+        long long count = (long long)n;
+#pragma omp parallel for schedule(static) if (count >= MLM_PARALLEL_MIN_WORK)
+        for (long long i = 0; i < count; i++) grads[i] *= coef;
+    }
+    return norm;
+}

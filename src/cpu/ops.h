@@ -1,0 +1,102 @@
+// ops.h: the CPU backend's layer operations, each forward beside its backward (used by cpu_model.c and the tests).
+//
+// Conventions: activations are row-major [B, T, ...] (N = B * T rows); Linear weights are [out, in].
+// "+=" in a comment means the function accumulates into that buffer; otherwise it overwrites.
+// Every loop is parallel over independent outputs, and every sum (including parameter-gradient sums over
+// the N rows) runs in a fixed order, so results are bit-identical for any number of OpenMP threads.
+#ifndef MLM_CPU_OPS_H
+#define MLM_CPU_OPS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "mlm/cpu.h"
+#include "mlm/rng.h"
+
+// Loops with less work than this (elements, or multiply-adds for matmuls) run on one thread: an OpenMP
+// fork/join costs microseconds, and far more when the machine is oversubscribed. Results do not change,
+// since every output is computed the same way whichever thread computes it.
+#define MLM_PARALLEL_MIN_WORK 32768
+
+// ---- Dropout (feedforward.c) -------------------------------------------------------------------------
+// THE DROPOUT RULE, which the CUDA backend replicates bit for bit:
+//   For dropout site `site` of layer `layer`, with n = the number of elements of that site for the ACTUAL
+//   batch B (B*H*T*T attention probabilities, B*T*C residual, B*T*F FFN hidden), laid out row-major in
+//   [B, ...] order (a prefix of the site's region in RngLayout, which is sized for the configured batch):
+//     u[0..n-1] = rng_uniform(drop->rng, rng_dropout_offset(&drop->layout, drop->step, layer, site), u, n)
+//     keep[i]   = !(u[i] < p)                       (u is in (0, 1]; element i is dropped when u[i] < p)
+//     y[i]      = keep[i] ? x[i] * scale : 0.0f,   scale = 1.0f / (1.0f - p) evaluated in float
+//   (the CPU computes x[i] * (keep[i] * scale), identical except that a dropped negative x gives -0.0).
+//   The attention site is applied to the softmax probabilities [B, H, T, T] (before P V); the two residual
+//   sites to the block outputs [B, T, C] before they are added to the residual stream; the FFN site to
+//   ReLU(Linear1) [B, T, F].
+
+// 1 when `drop` asks for dropout (not NULL, p > 0 and an rng).
+int dropout_is_active(const DropoutCtx *drop);
+// scale = 1 / (1 - p) in float, as in the rule above.
+float dropout_scale(float p);
+// keep[n] (1 = kept) for one site, by the rule above.
+void dropout_keep_mask(uint8_t *keep, const DropoutCtx *drop, int layer, DropSite site, size_t n);
+// out[n] = the uniforms rng_uniform would return for a stream whose Philox seed is `seed` (Rng.seed),
+// starting at absolute `offset`, computed on the CPU in parallel (bit-identical; see feedforward.c).
+void philox_uniform(uint64_t seed, uint64_t offset, float *out, size_t n);
+
+// h[n] = ReLU(h) then dropout (keep == NULL: no dropout), in place.
+void relu_dropout_forward(float *h, const uint8_t *keep, float scale, size_t n);
+// dh[n] in place, given the forward's output h[n]: h > 0 exactly where the unit was positive and kept,
+// so the mask itself is not needed: dh = h > 0 ? dh * scale : 0 (scale = 1 without dropout).
+void relu_dropout_backward(float *dh, const float *h, float scale, size_t n);
+
+// out[n] = res[n] + dropout(y[n]) (keep == NULL: out = res + y). out may alias res.
+void residual_dropout_forward(float *out, const float *res, const float *y, const uint8_t *keep, float scale,
+                              size_t n);
+// dy[n] = dout * keep * scale (the residual branch's gradient; the skip path's gradient is dout itself).
+void residual_dropout_backward(float *dy, const float *dout, const uint8_t *keep, float scale, size_t n);
+
+// ---- Embedding (embedding.c) -------------------------------------------------------------------------
+// out[B,T,C] = tok_emb[tokens[b,t]] * sqrt(C) + pe[t]; fatal error on a token outside [0, V).
+void embedding_forward(float *out, const int *tokens, const float *tok_emb, const float *pe, int B, int T,
+                       int C, int V);
+// dtok_emb[V,C] += sqrt(C) * dout[b,t] at row tokens[b,t] (positions summed in order b, t).
+void embedding_backward(float *dtok_emb, const float *dout, const int *tokens, int B, int T, int C);
+
+// ---- LayerNorm (layernorm.c) -------------------------------------------------------------------------
+// out[N,C] = (inp - mean) * rstd * w + b with the biased variance (as PyTorch); saves mean[N], rstd[N].
+void layernorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *w, const float *b,
+                       int N, int C, float eps);
+// dinp[N,C] +=, dw[C] +=, db[C] +=.
+void layernorm_backward(float *dinp, float *dw, float *db, const float *dout, const float *inp, const float *w,
+                        const float *mean, const float *rstd, int N, int C);
+
+// ---- Linear (matmul.c) -------------------------------------------------------------------------------
+// out[N,OC] = inp[N,IC] * w[OC,IC]^T + b[OC] (b may be NULL).
+void linear_forward(float *out, const float *inp, const float *w, const float *b, int N, int IC, int OC);
+// dinp[N,IC] = dout * w (skipped if dinp is NULL); dw[OC,IC] += dout^T * inp; db[OC] += column sums of
+// dout (skipped if db is NULL).
+void linear_backward(float *dinp, float *dw, float *db, const float *dout, const float *inp, const float *w,
+                     int N, int IC, int OC);
+// sums[C] += x[N,C] summed over rows, in row order.
+void column_sums_accumulate(float *sums, const float *x, int N, int C);
+
+// ---- Multi-head attention core (attention.c) ---------------------------------------------------------
+// qkv[B,T,3C] holds query, key, value (head h = features h*hs..h*hs+hs-1 of each, hs = C/H).
+// att[B,H,T,T] = softmax(Q K^T / sqrt(hs)) over keys (no mask), saved before dropout;
+// out[B,T,C] = dropout(att) V with the heads concatenated. keep[B,H,T,T] (NULL = no dropout).
+void attention_forward(float *out, float *att, const float *qkv, const uint8_t *keep, float drop_scale, int B,
+                       int T, int C, int H);
+// dqkv[B,T,3C] (overwritten) from dout[B,T,C].
+void attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att, const uint8_t *keep,
+                        float drop_scale, int B, int T, int C, int H);
+
+// ---- Cross-entropy with an ignore index (loss.c) -----------------------------------------------------
+// losses[N] = -log softmax(logits[n])[labels[n]] (0 where labels[n] == ignore_index). Returns the mean over
+// the non-ignored rows (0 if none); *n_targets = their count; *correct (if not NULL) = how many of them have
+// argmax(logits[n]) == labels[n] (ties go to the lowest index). Fatal error on a label outside [0, V).
+float crossentropy_forward(float *losses, const float *logits, const int *labels, int N, int V, int ignore_index,
+                           int *n_targets, int *correct);
+// dlogits[N,V] = (softmax(logits[n]) - onehot(labels[n])) * dloss, 0 on ignored rows (dloss = 1 / n_targets
+// for the mean).
+void crossentropy_backward(float *dlogits, const float *logits, const int *labels, int N, int V,
+                           int ignore_index, float dloss);
+
+#endif

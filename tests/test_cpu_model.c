@@ -1,0 +1,307 @@
+// test_cpu_model.c: the whole CPU model: parameter count, finite-difference gradients of every parameter
+// tensor (dropout off and on), bit-identical results for 1 and 2 threads, batch-prefix independence,
+// clipping, an all-ignored batch, and a short overfitting run.
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "mlm/common.h"
+#include "mlm/cpu.h"
+#include "mlm/model.h"
+#include "mlm/optim.h"
+#include "mlm/rng.h"
+#include "test_util.h"
+
+static uint64_t lcg_state = 777;
+static double rand_unit(void) {
+    lcg_state = lcg_state * 6364136223846793005ull + 1442695040888963407ull;
+    return (double)(lcg_state >> 11) / 9007199254740992.0;
+}
+
+static const char *tensor_names[MODEL_NUM_PARAM_TENSORS] = {
+    "tok_emb", "ln1_w", "ln1_b", "qkv_w", "qkv_b", "out_w", "out_b", "ln2_w", "ln2_b",
+    "ff1_w", "ff1_b", "ff2_w", "ff2_b", "lnf_w", "lnf_b", "gen_w", "gen_b",
+};
+
+// Start pointer and size of every parameter tensor, and whether it is stacked over layers.
+static void tensor_table(const ModelConfig *c, const ParamTensors *t, float *ptr[], size_t size[], int per_layer[]) {
+    size_t V = c->vocab, C = c->d_model, F = c->d_ff, L = c->n_layers;
+    float *p[MODEL_NUM_PARAM_TENSORS] = {t->tok_emb, t->ln1_w, t->ln1_b, t->qkv_w, t->qkv_b, t->out_w, t->out_b,
+                                         t->ln2_w, t->ln2_b, t->ff1_w, t->ff1_b, t->ff2_w, t->ff2_b,
+                                         t->lnf_w, t->lnf_b, t->gen_w, t->gen_b};
+    size_t s[MODEL_NUM_PARAM_TENSORS] = {V * C, L * C, L * C, L * 3 * C * C, L * 3 * C, L * C * C, L * C, L * C, L * C,
+                                         L * F * C, L * F, L * C * F, L * C, C, C, V * C, V};
+    for (int i = 0; i < MODEL_NUM_PARAM_TENSORS; i++) {
+        ptr[i] = p[i];
+        size[i] = s[i];
+        per_layer[i] = i >= 1 && i <= 12;
+    }
+}
+
+// Mean cross-entropy of the last forward's logits in double (the float the forward returns would add
+// ~1e-7 relative noise to every finite difference).
+static double loss_double(const CpuModel *m, const int *labels, int pad) {
+    int V = m->cfg.vocab, N = m->B * m->T, n = 0;
+    double total = 0.0;
+    for (int i = 0; i < N; i++) {
+        if (labels[i] == pad) continue;
+        const float *x = m->logits + (size_t)i * V;
+        double mx = x[0], s = 0.0;
+        for (int v = 1; v < V; v++) mx = fmax(mx, x[v]);
+        for (int v = 0; v < V; v++) s += exp((double)x[v] - mx);
+        total += log(s) + mx - x[labels[i]];
+        n++;
+    }
+    return n ? total / n : 0.0;
+}
+
+static void random_batch(int *inputs, int *labels, int n, int V, int pad, double labelled) {
+    for (int i = 0; i < n; i++) {
+        inputs[i] = (int)(rand_unit() * V);
+        labels[i] = rand_unit() < labelled ? (int)(rand_unit() * (V - 2)) : pad;
+    }
+}
+
+// Parameters as initialised, with LayerNorm weights and biases moved off 1 and 0 so that their gradients
+// (and those flowing through them) are generic.
+static void init_params(CpuModel *m, uint64_t seed) {
+    const ModelConfig *c = &m->cfg;
+    model_init_params(c, m->params, seed, 0);
+    size_t LC = (size_t)c->n_layers * c->d_model;
+    for (size_t i = 0; i < LC; i++) {
+        m->p.ln1_w[i] += (float)(0.4 * rand_unit() - 0.2);
+        m->p.ln1_b[i] = (float)(0.4 * rand_unit() - 0.2);
+        m->p.ln2_w[i] += (float)(0.4 * rand_unit() - 0.2);
+        m->p.ln2_b[i] = (float)(0.4 * rand_unit() - 0.2);
+    }
+    for (int i = 0; i < c->d_model; i++) {
+        m->p.lnf_w[i] += (float)(0.4 * rand_unit() - 0.2);
+        m->p.lnf_b[i] = (float)(0.4 * rand_unit() - 0.2);
+    }
+}
+
+// Whole-model gradient check. Tolerance: the forward is float through ~20 ops, so logits carry ~1e-6
+// relative rounding noise, and the mean loss (~2.4) ~1e-6 absolute; a central difference with h = 1e-2
+// turns that into ~5e-5 of gradient noise, and truncation (h^2/6 times third derivatives of order 1..10)
+// adds up to ~1e-4. Hence |analytic - fd| <= 3e-4 + 2e-2 |fd|. A perturbation that moves a ReLU across its
+// kink makes the difference quotient itself wrong (by up to that unit's share of the gradient), so an
+// element failing at h = 1e-2 is re-measured at h = 2.5e-3, where kinks are four times less likely to be
+// crossed; a genuinely wrong gradient fails at both steps.
+#define MODEL_ATOL 3e-4
+#define MODEL_RTOL 2e-2
+
+static double fd_at(CpuModel *m, float *x, float h, const int *in, const int *lab, int B, int pad, const DropoutCtx *d) {
+    float x0 = *x, xp = x0 + h, xm = x0 - h;
+    *x = xp;
+    cpu_model_forward(m, in, lab, B, pad, d, NULL);
+    double lp = loss_double(m, lab, pad);
+    *x = xm;
+    cpu_model_forward(m, in, lab, B, pad, d, NULL);
+    double lm = loss_double(m, lab, pad);
+    *x = x0;
+    return (lp - lm) / ((double)xp - (double)xm);
+}
+
+static void test_gradients(int with_dropout) {
+    ModelConfig cfg = {11, 8, 2, 2, 12, 5, 0.1f, 1e-5f};
+    int B = 3, max_B = 4, pad = 9, N = B * cfg.max_seq;
+    printf("whole-model gradient check, V=11 C=8 H=2 L=2 F=12 T=5 B=3 (max 4), dropout %s\n",
+           with_dropout ? "p=0.1 at a fixed step" : "off");
+    CpuModel *m = cpu_model_create(&cfg, max_B);
+    init_params(m, 3);
+    int inputs[15], labels[15];
+    random_batch(inputs, labels, N, cfg.vocab, pad, 0.8);
+    Rng rng;
+    rng_init(&rng, 99, RNG_DOMAIN_TRAIN);
+    DropoutCtx d = {&rng, rng_layout(max_B, cfg.max_seq, cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.n_layers), 6, 0.1f};
+    const DropoutCtx *drop = with_dropout ? &d : NULL;
+
+    float loss = cpu_model_forward(m, inputs, labels, B, pad, drop, NULL);
+    double ld = loss_double(m, labels, pad);
+    CHECK(fabs(loss - ld) < 1e-6 * ld, "forward loss %.8f vs double %.8f", loss, ld);
+    cpu_model_backward(m);
+    float *grads = mlm_malloc(m->n_params * sizeof(float), "grads");
+    memcpy(grads, m->grads, m->n_params * sizeof(float));
+
+    float *ptr[MODEL_NUM_PARAM_TENSORS];
+    size_t size[MODEL_NUM_PARAM_TENSORS];
+    int per_layer[MODEL_NUM_PARAM_TENSORS];
+    tensor_table(&cfg, &m->p, ptr, size, per_layer);
+    double overall = 0.0;
+    for (int t = 0; t < MODEL_NUM_PARAM_TENSORS; t++) {
+        // Samples from every layer of a stacked tensor: 5 per layer, or 8 for a single tensor.
+        int groups = per_layer[t] ? cfg.n_layers : 1, per_group = per_layer[t] ? 5 : 8;
+        size_t group_size = size[t] / groups;
+        double worst_ratio = 0.0, worst_abs = 0.0, worst_rel = 0.0;
+        int retried = 0;
+        for (int gi = 0; gi < groups; gi++)
+            for (int s = 0; s < per_group; s++) {
+                size_t idx = gi * group_size + (size_t)(rand_unit() * group_size);
+                float *x = ptr[t] + idx;
+                float analytic = grads[x - m->params];
+                double fd = fd_at(m, x, 1e-2f, inputs, labels, B, pad, drop);
+                double err = fabs(analytic - fd);
+                if (err > MODEL_ATOL + MODEL_RTOL * fabs(fd)) {
+                    retried++;
+                    fd = fd_at(m, x, 2.5e-3f, inputs, labels, B, pad, drop);
+                    err = fabs(analytic - fd);
+                }
+                double ratio = err / (MODEL_ATOL + MODEL_RTOL * fabs(fd));
+                worst_ratio = fmax(worst_ratio, ratio);
+                worst_abs = fmax(worst_abs, err);
+                worst_rel = fmax(worst_rel, err / fmax(fabs(fd), 1e-3));
+                CHECK(ratio <= 1.0, "%s[%zu]: analytic %.6e vs FD %.6e (dropout %d)", tensor_names[t], idx, analytic, fd,
+                      with_dropout);
+            }
+        printf("  %-8s %3d samples  max |err| %.2e  max rel err %.2e  worst/tol %.3f%s\n", tensor_names[t],
+               groups * per_group, worst_abs, worst_rel, worst_ratio, retried ? "  (re-measured at h/4)" : "");
+        overall = fmax(overall, worst_ratio);
+    }
+    printf("  worst error / tolerance over all tensors: %.3f\n", overall);
+    free(grads);
+    rng_free(&rng);
+    cpu_model_free(m);
+}
+
+// Forward + backward + clip + Adam with the given thread count; returns the loss and copies out the state.
+static float run_step(int threads, const ModelConfig *cfg, int B, const int *in, const int *lab, int pad,
+                      float *grads_out, float *params_out, float *logits_out) {
+    omp_set_num_threads(threads);
+    CpuModel *m = cpu_model_create(cfg, B + 1);
+    model_init_params(cfg, m->params, 42, 0);
+    Rng rng;
+    rng_init(&rng, 5, RNG_DOMAIN_TRAIN);
+    DropoutCtx d = {&rng, rng_layout(B + 1, cfg->max_seq, cfg->d_model, cfg->n_heads, cfg->d_ff, cfg->n_layers), 3, 0.1f};
+    int correct = 0;
+    float loss = cpu_model_forward(m, in, lab, B, pad, &d, &correct);
+    memcpy(logits_out, m->logits, (size_t)B * cfg->max_seq * cfg->vocab * sizeof(float));
+    cpu_model_backward(m);
+    memcpy(grads_out, m->grads, m->n_params * sizeof(float));
+    cpu_clip_grads(m->grads, m->n_params, 1.0f);
+    OptimConfig oc = {OPTIM_NOAM_ADAM, SCHED_NOAM, 1.0f, 0.9f, 0.999f, 1e-8f, 0.0f, 2000, 0.0f, cfg->d_model, 1000};
+    float *mo = mlm_calloc(m->n_params, sizeof(float), "m"), *vo = mlm_calloc(m->n_params, sizeof(float), "v");
+    cpu_adam_update(&oc, m->params, m->grads, mo, vo, NULL, m->n_params, 1, optim_lr(&oc, 1));
+    memcpy(params_out, m->params, m->n_params * sizeof(float));
+    free(mo);
+    free(vo);
+    rng_free(&rng);
+    cpu_model_free(m);
+    return loss;
+}
+
+static void test_thread_determinism(void) {
+    // Large enough that every op's loop passes MLM_PARALLEL_MIN_WORK and really runs on both threads.
+    ModelConfig cfg = {67, 128, 4, 2, 160, 32, 0.1f, 1e-5f};
+    int B = 9, pad = 65, N = B * cfg.max_seq;
+    printf("determinism: one training step (dropout on) with 1 and 2 threads, V=67 C=128 H=4 L=2 F=160 T=32 B=9\n");
+    size_t P = model_num_params(&cfg), NL = (size_t)N * cfg.vocab;
+    int *in = mlm_malloc(N * sizeof(int), "in"), *lab = mlm_malloc(N * sizeof(int), "lab");
+    random_batch(in, lab, N, cfg.vocab, pad, 0.15);
+    float *g1 = mlm_malloc(P * 4, "g"), *g2 = mlm_malloc(P * 4, "g"), *p1 = mlm_malloc(P * 4, "p"), *p2 = mlm_malloc(P * 4, "p");
+    float *l1 = mlm_malloc(NL * 4, "l"), *l2 = mlm_malloc(NL * 4, "l");
+    float loss1 = run_step(1, &cfg, B, in, lab, pad, g1, p1, l1);
+    float loss2 = run_step(2, &cfg, B, in, lab, pad, g2, p2, l2);
+    int same_loss = memcmp(&loss1, &loss2, sizeof(float)) == 0, same_logits = memcmp(l1, l2, NL * 4) == 0;
+    int same_grads = memcmp(g1, g2, P * 4) == 0, same_params = memcmp(p1, p2, P * 4) == 0;
+    printf("  loss %.7f / %.7f; bit-identical: loss %d, logits %d, grads %d, updated params %d\n", loss1, loss2,
+           same_loss, same_logits, same_grads, same_params);
+    CHECK(same_loss && same_logits && same_grads && same_params, "results depend on the thread count");
+    omp_set_num_threads(2);
+    free(in); free(lab); free(g1); free(g2); free(p1); free(p2); free(l1); free(l2);
+}
+
+static void test_batch_prefix_and_edge_cases(void) {
+    ModelConfig cfg = {11, 8, 2, 2, 12, 5, 0.1f, 1e-5f};
+    int pad = 9, B = 3, N = B * cfg.max_seq;
+    printf("batch prefix, all-ignored batch, forward without labels, clipping\n");
+    int inputs[15], labels[15];
+    random_batch(inputs, labels, N, cfg.vocab, pad, 0.5);
+    labels[0] = 2;
+    // The same batch in a model sized for 3 and one sized for 6 gives identical results (dropout included:
+    // the layout, hence the offsets, is the caller's, not the model's).
+    CpuModel *a = cpu_model_create(&cfg, 3), *b = cpu_model_create(&cfg, 6);
+    model_init_params(&cfg, a->params, 8, 1);
+    memcpy(b->params, a->params, a->n_params * sizeof(float));
+    Rng rng;
+    rng_init(&rng, 1, RNG_DOMAIN_TRAIN);
+    DropoutCtx d = {&rng, rng_layout(6, cfg.max_seq, cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.n_layers), 2, 0.2f};
+    int ca = -1, cb = -2;
+    float la = cpu_model_forward(a, inputs, labels, B, pad, &d, &ca);
+    float lb = cpu_model_forward(b, inputs, labels, B, pad, &d, &cb);
+    cpu_model_backward(a);
+    cpu_model_backward(b);
+    CHECK(la == lb && ca == cb && memcmp(a->grads, b->grads, a->n_params * sizeof(float)) == 0,
+          "batch of 3 differs between models sized 3 and 6: loss %g / %g", la, lb);
+    CHECK(a->n_targets > 0 && ca >= 0 && ca <= a->n_targets, "correct %d of %d targets", ca, a->n_targets);
+
+    // Clipping the real gradients.
+    float norm = cpu_grad_norm(a->grads, a->n_params);
+    float max_norm = norm * 0.25f;
+    float before = cpu_clip_grads(a->grads, a->n_params, max_norm);
+    float after = cpu_grad_norm(a->grads, a->n_params);
+    printf("  grad norm %.6f clipped to max_norm %.6f: %.6f\n", before, max_norm, after);
+    CHECK(before == norm && fabs(after - max_norm) < 1e-5 * max_norm, "clip: before %g after %g (max %g)", before, after, max_norm);
+
+    // No labelled position: loss 0, no hits, all gradients zero.
+    int none[15];
+    for (int i = 0; i < N; i++) none[i] = pad;
+    int c0 = -1;
+    float l0 = cpu_model_forward(a, inputs, none, B, pad, &d, &c0);
+    cpu_model_backward(a);
+    int zero = 1;
+    for (size_t i = 0; i < a->n_params; i++) zero &= a->grads[i] == 0.0f;
+    CHECK(l0 == 0.0f && c0 == 0 && a->n_targets == 0 && zero, "all-ignored batch: loss %g correct %d zero grads %d", l0, c0, zero);
+
+    // Evaluation forward without labels: logits only.
+    int cz = -1;
+    float lz = cpu_model_forward(a, inputs, NULL, B, pad, NULL, &cz);
+    int finite = 1;
+    for (int i = 0; i < N * cfg.vocab; i++) finite &= isfinite(a->logits[i]);
+    CHECK(lz == 0.0f && cz == 0 && finite, "forward without labels: loss %g correct %d finite %d", lz, cz, finite);
+    rng_free(&rng);
+    cpu_model_free(a);
+    cpu_model_free(b);
+}
+
+static void test_overfit(void) {
+    ModelConfig cfg = {11, 16, 2, 2, 32, 8, 0.0f, 1e-5f};
+    int B = 4, pad = 9, N = B * cfg.max_seq;
+    CpuModel *m = cpu_model_create(&cfg, B);
+    model_init_params(&cfg, m->params, 4, 1);
+    int inputs[32], labels[32];
+    random_batch(inputs, labels, N, cfg.vocab, pad, 0.5);
+    OptimConfig oc = {OPTIM_ADAMW, SCHED_CONSTANT, 3e-3f, 0.9f, 0.999f, 1e-8f, 0.0f, 0, 0.0f, cfg.d_model, 200};
+    float *mo = mlm_calloc(m->n_params, sizeof(float), "m"), *vo = mlm_calloc(m->n_params, sizeof(float), "v");
+    float first = 0.0f, last = 0.0f;
+    int correct = 0;
+    for (long t = 1; t <= 200; t++) {
+        last = cpu_model_forward(m, inputs, labels, B, pad, NULL, &correct);
+        if (t == 1) first = last;
+        cpu_model_backward(m);
+        cpu_clip_grads(m->grads, m->n_params, 1.0f);
+        cpu_adam_update(&oc, m->params, m->grads, mo, vo, NULL, m->n_params, t, optim_lr(&oc, t));
+    }
+    printf("overfitting one batch: loss %.4f -> %.4f after 200 AdamW steps, %d of %d correct\n", first, last, correct,
+           m->n_targets);
+    CHECK(last < 0.1f * first && correct == m->n_targets, "the model does not learn one batch: %g -> %g", first, last);
+    free(mo);
+    free(vo);
+    cpu_model_free(m);
+}
+
+int main(void) {
+    omp_set_num_threads(2);
+    ModelConfig ref = {67, 128, 8, 6, 256, 32, 0.1f, 1e-5f};
+    size_t n = model_num_params(&ref);
+    printf("reference configuration: %zu parameters\n", n);
+    CHECK(n == 812355, "model_num_params = %zu, expected 812355", n);
+    test_gradients(0);
+    test_gradients(1);
+    test_thread_determinism();
+    test_batch_prefix_and_edge_cases();
+    test_overfit();
+    return test_finish("test_cpu_model");
+}

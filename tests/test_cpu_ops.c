@@ -1,0 +1,748 @@
+// test_cpu_ops.c: every CPU op's backward against central finite differences, matmul paths against a naive
+// loop, the dropout rule and its Philox stream against cuRAND, and the optimizer and schedules against
+// direct double-precision evaluations of their formulas.
+//
+// Finite differences (FD): each op's output y is reduced to a scalar L = sum_i y_i * r_i with fixed random
+// weights r (accumulated in double), so dL/dy = r is what the backward receives. The central difference
+// (L(x + h) - L(x - h)) / (x+ - x-) uses the perturbation actually representable in float. Its error has
+// two parts: truncation ~ h^2 |L3| / 6 (L3 the third derivative), about 2e-5 for h = 1e-2 and O(1)
+// curvature (inputs, weights and r are O(1)), and the float rounding of the forward: each y_i carries
+// ~1 ulp (~1e-7 |y_i|) of error with effectively random sign, so L carries ~1e-7 sqrt(n) max|y r| ~ 1e-6
+// for n ~ 100, i.e. ~5e-5 after dividing by 2h. The check is |analytic - fd| <= ATOL + RTOL |fd| with
+// ATOL = 2e-4 and RTOL = 5e-3: a few times these bounds, while any wrong term of a backward (a missing
+// factor, a transposed index) is off by O(|fd|). Measured errors are printed (typically 1e-6 .. 3e-5).
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu/matmul.h"
+#include "cpu/ops.h"
+#include "mlm/common.h"
+#include "mlm/cpu.h"
+#include "mlm/model.h"
+#include "mlm/optim.h"
+#include "mlm/rng.h"
+#include "test_util.h"
+
+// ---- Small deterministic helpers --------------------------------------------------------------------
+
+static uint64_t lcg_state = 12345;
+static double rand_unit(void) {  // uniform in [0, 1)
+    lcg_state = lcg_state * 6364136223846793005ull + 1442695040888963407ull;
+    return (double)(lcg_state >> 11) / 9007199254740992.0;
+}
+static float rand_sym(float a) { return (float)((2.0 * rand_unit() - 1.0) * a); }
+static void fill_rand(float *x, size_t n, float a) {
+    for (size_t i = 0; i < n; i++) x[i] = rand_sym(a);
+}
+static float *alloc_rand(size_t n, float a) {
+    float *x = mlm_malloc(n * sizeof(float), "test tensor");
+    fill_rand(x, n, a);
+    return x;
+}
+static float *alloc_zero(size_t n) { return mlm_calloc(n, sizeof(float), "test tensor"); }
+
+static double dot_double(const float *y, const float *r, size_t n) {
+    double s = 0.0;
+    for (size_t i = 0; i < n; i++) s += (double)y[i] * r[i];
+    return s;
+}
+
+// The scalar being differentiated: runs the op's forward on the current inputs and returns L in double.
+typedef double (*LossFn)(void *ctx);
+
+#define FD_ATOL 2e-4
+#define FD_RTOL 5e-3
+
+// Compare analytic[i] with the central difference of f over x[i] for every i; print and return the worst
+// |analytic - fd| / (ATOL + RTOL |fd|) (<= 1 passes) and the worst absolute error.
+static double fd_check(const char *what, LossFn f, void *ctx, float *x, const float *analytic, size_t n, float h,
+                       double atol, double rtol) {
+    double worst_ratio = 0.0, worst_abs = 0.0, worst_rel = 0.0;
+    size_t at = 0;
+    for (size_t i = 0; i < n; i++) {
+        float x0 = x[i];
+        float xp = x0 + h, xm = x0 - h;
+        x[i] = xp;
+        double lp = f(ctx);
+        x[i] = xm;
+        double lm = f(ctx);
+        x[i] = x0;
+        double fd = (lp - lm) / ((double)xp - (double)xm);
+        double err = fabs((double)analytic[i] - fd);
+        double ratio = err / (atol + rtol * fabs(fd));
+        double rel = err / fmax(fabs(fd), 1e-3);
+        if (ratio > worst_ratio) { worst_ratio = ratio; at = i; }
+        if (err > worst_abs) worst_abs = err;
+        if (rel > worst_rel) worst_rel = rel;
+    }
+    printf("  %-44s n=%4zu  max |err| %.2e  max rel err %.2e  (worst/tol %.3f at %zu)\n", what, n, worst_abs,
+           worst_rel, worst_ratio, at);
+    CHECK(worst_ratio <= 1.0, "%s: FD mismatch, worst error/tolerance %.3f at element %zu", what, worst_ratio, at);
+    return worst_ratio;
+}
+
+// ---- matmul -----------------------------------------------------------------------------------------
+
+static void naive_matmul(int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda, const float *B,
+                         int ldb, float beta, const float *C0, float *C, int ldc) {
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < N; j++) {
+            double s = 0.0;
+            for (int k = 0; k < K; k++) {
+                double a = ta ? A[(size_t)k * lda + i] : A[(size_t)i * lda + k];
+                double b = tb ? B[(size_t)j * ldb + k] : B[(size_t)k * ldb + j];
+                s += a * b;
+            }
+            double c = beta != 0.0f ? (double)beta * C0[(size_t)i * ldc + j] : 0.0;
+            C[(size_t)i * ldc + j] = (float)(alpha * s + c);
+        }
+}
+
+static void test_matmul(void) {
+    printf("matmul (%s), matmul_serial and the built-in fallback vs a naive double loop\n", matmul_backend_name());
+    // Odd sizes that cross the fallback's 64 x 128 x 256 tiles, with padded leading dimensions.
+    const int shapes[][3] = {{1, 1, 1}, {5, 7, 3}, {67, 129, 300}, {130, 67, 257}, {33, 260, 17}};
+    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
+        int M = shapes[s][0], N = shapes[s][1], K = shapes[s][2];
+        for (int ta = 0; ta < 2; ta++)
+            for (int tb = 0; tb < 2; tb++)
+                for (int bi = 0; bi < 2; bi++) {
+                    float alpha = 0.75f, beta = bi ? 0.5f : 0.0f;
+                    int lda = (ta ? M : K) + 3, ldb = (tb ? K : N) + 2, ldc = N + 1;
+                    size_t na = (size_t)(ta ? K : M) * lda, nb = (size_t)(tb ? N : K) * ldb, nc = (size_t)M * ldc;
+                    float *A = alloc_rand(na, 1.0f), *B = alloc_rand(nb, 1.0f), *C0 = alloc_rand(nc, 1.0f);
+                    float *want = alloc_zero(nc), *fb = mlm_malloc(nc * sizeof(float), "c"), *bl = mlm_malloc(nc * sizeof(float), "c");
+                    float *se = mlm_malloc(nc * sizeof(float), "c");
+                    memcpy(want, C0, nc * sizeof(float));
+                    naive_matmul(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C0, want, ldc);
+                    // beta = 0 must not read C: start from NaN there.
+                    for (size_t i = 0; i < nc; i++) fb[i] = bl[i] = se[i] = beta != 0.0f ? C0[i] : NAN;
+                    matmul_fallback(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, fb, ldc);
+                    matmul(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, bl, ldc);
+                    matmul_init();
+                    matmul_serial(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, se, ldc);
+                    double ef = 0.0, eb = 0.0, efb = 0.0, es = 0.0;
+                    for (int i = 0; i < M; i++)
+                        for (int j = 0; j < N; j++) {
+                            size_t k = (size_t)i * ldc + j;
+                            // Relative to sqrt(K): the rounding of a K-term float sum grows like sqrt(K) eps.
+                            double scale = sqrt((double)K) + 1.0;
+                            ef = fmax(ef, fabs((double)fb[k] - want[k]) / scale);
+                            eb = fmax(eb, fabs((double)bl[k] - want[k]) / scale);
+                            efb = fmax(efb, fabs((double)bl[k] - fb[k]) / scale);
+                            es = fmax(es, fabs((double)se[k] - want[k]) / scale);
+                            if (isnan(fb[k]) || isnan(bl[k]) || isnan(se[k])) ef = eb = es = INFINITY;
+                        }
+                    // The padding columns of C (j >= N) must be untouched.
+                    int pad_ok = 1;
+                    for (int i = 0; i < M; i++) {
+                        size_t k = (size_t)i * ldc + N;
+                        if (!(beta == 0.0f ? isnan(fb[k]) && isnan(bl[k]) && isnan(se[k])
+                                           : fb[k] == C0[k] && bl[k] == C0[k] && se[k] == C0[k]))
+                            pad_ok = 0;
+                    }
+                    // Float sums of K products: rounding ~ sqrt(K) * 6e-8 * |terms|; 1e-6 per sqrt(K) is ~10x that.
+                    CHECK(ef < 1e-6 && eb < 1e-6 && efb < 1e-6 && es < 1e-6 && pad_ok,
+                          "matmul %dx%dx%d ta=%d tb=%d beta=%g: fallback err %.2e, matmul err %.2e, between %.2e, "
+                          "serial err %.2e, pad %d", M, N, K, ta, tb, beta, ef, eb, efb, es, pad_ok);
+                    if (s == 2 && ta == 0 && tb == 1 && bi == 1)
+                        printf("  %dx%dx%d NT: fallback err %.2e, matmul err %.2e, serial err %.2e (per sqrt(K))\n", M, N,
+                               K, ef, eb, es);
+                    free(A); free(B); free(C0); free(want); free(fb); free(bl); free(se);
+                }
+    }
+}
+
+// ---- Linear -------------------------------------------------------------------------------------------
+
+typedef struct {
+    int N, IC, OC;
+    float *x, *w, *b, *y, *r;
+} LinearCtx;
+
+static double linear_loss(void *p) {
+    LinearCtx *c = p;
+    linear_forward(c->y, c->x, c->w, c->b, c->N, c->IC, c->OC);
+    return dot_double(c->y, c->r, (size_t)c->N * c->OC);
+}
+
+static void test_linear(void) {
+    printf("linear (matmul + bias), N=15 IC=7 OC=5\n");
+    LinearCtx c = {15, 7, 5, NULL, NULL, NULL, NULL, NULL};
+    size_t nx = (size_t)c.N * c.IC, nw = (size_t)c.OC * c.IC, ny = (size_t)c.N * c.OC;
+    c.x = alloc_rand(nx, 1.0f); c.w = alloc_rand(nw, 1.0f); c.b = alloc_rand(c.OC, 1.0f);
+    c.y = alloc_zero(ny); c.r = alloc_rand(ny, 1.0f);
+    // Forward against the definition y = x W^T + b.
+    linear_loss(&c);
+    double e = 0.0;
+    for (int n = 0; n < c.N; n++)
+        for (int o = 0; o < c.OC; o++) {
+            double s = c.b[o];
+            for (int i = 0; i < c.IC; i++) s += (double)c.x[n * c.IC + i] * c.w[o * c.IC + i];
+            e = fmax(e, fabs(s - c.y[n * c.OC + o]));
+        }
+    printf("  forward vs definition: max |err| %.2e\n", e);
+    CHECK(e < 1e-5, "linear forward error %.2e", e);
+    // Weight and bias gradients accumulate: start from 1 and subtract it afterwards.
+    float *dx = alloc_zero(nx), *dw = alloc_zero(nw), *db = alloc_zero(c.OC);
+    for (size_t i = 0; i < nw; i++) dw[i] = 1.0f;
+    for (int i = 0; i < c.OC; i++) db[i] = 1.0f;
+    linear_backward(dx, dw, db, c.r, c.x, c.w, c.N, c.IC, c.OC);
+    for (size_t i = 0; i < nw; i++) dw[i] -= 1.0f;
+    for (int i = 0; i < c.OC; i++) db[i] -= 1.0f;
+    fd_check("linear d input", linear_loss, &c, c.x, dx, nx, 1e-2f, FD_ATOL, FD_RTOL);
+    fd_check("linear d weight (accumulated)", linear_loss, &c, c.w, dw, nw, 1e-2f, FD_ATOL, FD_RTOL);
+    fd_check("linear d bias (accumulated)", linear_loss, &c, c.b, db, c.OC, 1e-2f, FD_ATOL, FD_RTOL);
+    free(c.x); free(c.w); free(c.b); free(c.y); free(c.r); free(dx); free(dw); free(db);
+}
+
+// ---- Embedding ------------------------------------------------------------------------------------------
+
+typedef struct {
+    int B, T, C, V;
+    int *tok;
+    float *emb, *pe, *y, *r;
+} EmbCtx;
+
+static double emb_loss(void *p) {
+    EmbCtx *c = p;
+    embedding_forward(c->y, c->tok, c->emb, c->pe, c->B, c->T, c->C, c->V);
+    return dot_double(c->y, c->r, (size_t)c->B * c->T * c->C);
+}
+
+static void test_embedding(void) {
+    printf("embedding * sqrt(C) + positions, B=3 T=5 C=6 V=11\n");
+    EmbCtx c = {3, 5, 6, 11, NULL, NULL, NULL, NULL, NULL};
+    size_t N = (size_t)c.B * c.T, ne = (size_t)c.V * c.C;
+    c.tok = mlm_malloc(N * sizeof(int), "tokens");
+    for (size_t i = 0; i < N; i++) c.tok[i] = (int)(rand_unit() * 7);  // tokens 7..10 unused: zero gradient
+    c.tok[4] = c.tok[9] = 3;                                            // repeated token: sums
+    c.emb = alloc_rand(ne, 1.0f); c.pe = alloc_zero((size_t)c.T * c.C);
+    model_positional_encoding(c.T, c.C, c.pe);
+    c.y = alloc_zero(N * c.C); c.r = alloc_rand(N * c.C, 1.0f);
+    emb_loss(&c);
+    double e = 0.0;
+    for (size_t n = 0; n < N; n++)
+        for (int k = 0; k < c.C; k++) {
+            double want = c.emb[c.tok[n] * c.C + k] * sqrt(6.0) + c.pe[(n % c.T) * c.C + k];
+            e = fmax(e, fabs(want - c.y[n * c.C + k]));
+        }
+    // PE row 1, feature 0 is sin(1), feature 1 is cos(1).
+    double pe_err = fmax(fabs(c.pe[c.C] - sin(1.0)), fabs(c.pe[c.C + 1] - cos(1.0)));
+    printf("  forward vs definition: max |err| %.2e, PE err %.2e\n", e, pe_err);
+    CHECK(e < 1e-5 && pe_err < 1e-6, "embedding forward error %.2e, PE %.2e", e, pe_err);
+    float *demb = alloc_zero(ne);
+    embedding_backward(demb, c.r, c.tok, c.B, c.T, c.C);
+    fd_check("embedding d table", emb_loss, &c, c.emb, demb, ne, 1e-2f, FD_ATOL, FD_RTOL);
+    free(c.tok); free(c.emb); free(c.pe); free(c.y); free(c.r); free(demb);
+}
+
+// ---- LayerNorm --------------------------------------------------------------------------------------------
+
+typedef struct {
+    int N, C;
+    float *x, *w, *b, *y, *mean, *rstd, *r;
+} LnCtx;
+
+static double ln_loss(void *p) {
+    LnCtx *c = p;
+    layernorm_forward(c->y, c->mean, c->rstd, c->x, c->w, c->b, c->N, c->C, 1e-5f);
+    return dot_double(c->y, c->r, (size_t)c->N * c->C);
+}
+
+static void test_layernorm(void) {
+    printf("layernorm, N=15 C=7\n");
+    LnCtx c = {15, 7, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
+    size_t n = (size_t)c.N * c.C;
+    c.x = alloc_rand(n, 2.0f); c.w = alloc_rand(c.C, 1.5f); c.b = alloc_rand(c.C, 1.0f);
+    c.y = alloc_zero(n); c.mean = alloc_zero(c.N); c.rstd = alloc_zero(c.N); c.r = alloc_rand(n, 1.0f);
+    ln_loss(&c);
+    double e = 0.0;
+    for (int i = 0; i < c.N; i++) {
+        double m = 0, v = 0;
+        for (int k = 0; k < c.C; k++) m += c.x[i * c.C + k];
+        m /= c.C;
+        for (int k = 0; k < c.C; k++) v += (c.x[i * c.C + k] - m) * (c.x[i * c.C + k] - m);
+        v /= c.C;  // biased, as PyTorch
+        for (int k = 0; k < c.C; k++) {
+            double want = (c.x[i * c.C + k] - m) / sqrt(v + 1e-5) * c.w[k] + c.b[k];
+            e = fmax(e, fabs(want - c.y[i * c.C + k]));
+        }
+    }
+    printf("  forward vs definition: max |err| %.2e\n", e);
+    CHECK(e < 1e-5, "layernorm forward error %.2e", e);
+    float *dx = alloc_zero(n), *dw = alloc_zero(c.C), *db = alloc_zero(c.C);
+    layernorm_backward(dx, dw, db, c.r, c.x, c.w, c.mean, c.rstd, c.N, c.C);
+    // LayerNorm is scale invariant in x: curvature ~ 1/std^2 with std ~ 1, so h = 1e-2 keeps truncation small.
+    fd_check("layernorm d input", ln_loss, &c, c.x, dx, n, 1e-2f, FD_ATOL, FD_RTOL);
+    fd_check("layernorm d weight", ln_loss, &c, c.w, dw, c.C, 1e-2f, FD_ATOL, FD_RTOL);
+    fd_check("layernorm d bias", ln_loss, &c, c.b, db, c.C, 1e-2f, FD_ATOL, FD_RTOL);
+    free(c.x); free(c.w); free(c.b); free(c.y); free(c.mean); free(c.rstd); free(c.r); free(dx); free(dw); free(db);
+}
+
+// ---- Attention core ---------------------------------------------------------------------------------------
+
+typedef struct {
+    int B, T, C, H;
+    float *qkv, *att, *y, *r;
+    const uint8_t *keep;
+    float scale;
+} AttCtx;
+
+static double att_loss(void *p) {
+    AttCtx *c = p;
+    attention_forward(c->y, c->att, c->qkv, c->keep, c->scale, c->B, c->T, c->C, c->H);
+    return dot_double(c->y, c->r, (size_t)c->B * c->T * c->C);
+}
+
+// out = dropout(softmax(Q K^T / sqrt(hs))) V per (b, h), in double, from the same keep mask.
+static double attention_reference_error(const AttCtx *c) {
+    int hs = c->C / c->H, C3 = 3 * c->C;
+    double e = 0.0;
+    for (int b = 0; b < c->B; b++)
+        for (int h = 0; h < c->H; h++)
+            for (int i = 0; i < c->T; i++) {
+                double s[64], mx = -1e300, sum = 0.0;
+                for (int j = 0; j < c->T; j++) {
+                    double d = 0.0;
+                    for (int k = 0; k < hs; k++)
+                        d += (double)c->qkv[(b * c->T + i) * C3 + h * hs + k] * c->qkv[(b * c->T + j) * C3 + c->C + h * hs + k];
+                    s[j] = d / sqrt((double)hs);
+                    mx = fmax(mx, s[j]);
+                }
+                for (int j = 0; j < c->T; j++) sum += (s[j] = exp(s[j] - mx));
+                for (int j = 0; j < c->T; j++) {
+                    s[j] /= sum;
+                    size_t a = (((size_t)b * c->H + h) * c->T + i) * c->T + j;
+                    e = fmax(e, fabs(s[j] - c->att[a]));
+                    if (c->keep) s[j] = c->keep[a] ? s[j] * c->scale : 0.0;
+                }
+                for (int k = 0; k < hs; k++) {
+                    double o = 0.0;
+                    for (int j = 0; j < c->T; j++) o += s[j] * c->qkv[(b * c->T + j) * C3 + 2 * c->C + h * hs + k];
+                    e = fmax(e, fabs(o - c->y[(b * c->T + i) * c->C + h * hs + k]));
+                }
+            }
+    return e;
+}
+
+static void test_attention(int with_dropout) {
+    printf("attention core (softmax(QK^T/sqrt(hs)) V, no mask), B=3 T=5 C=6 H=2, dropout %s\n",
+           with_dropout ? "p=0.3" : "off");
+    AttCtx c = {3, 5, 6, 2, NULL, NULL, NULL, NULL, NULL, 1.0f};
+    size_t nqkv = (size_t)c.B * c.T * 3 * c.C, ny = (size_t)c.B * c.T * c.C, natt = (size_t)c.B * c.H * c.T * c.T;
+    c.qkv = alloc_rand(nqkv, 1.5f); c.att = alloc_zero(natt); c.y = alloc_zero(ny); c.r = alloc_rand(ny, 1.0f);
+    uint8_t *keep = NULL;
+    Rng rng = {0};
+    if (with_dropout) {
+        // The masks come from the real dropout rule; FD evaluations reuse them, as a fixed step would.
+        rng_init(&rng, 7, RNG_DOMAIN_TRAIN);
+        DropoutCtx d = {&rng, rng_layout(4, c.T, c.C, c.H, 9, 2), 3, 0.3f};
+        keep = mlm_malloc(natt, "keep");
+        dropout_keep_mask(keep, &d, 1, DROP_ATTN_PROBS, natt);
+        c.keep = keep;
+        c.scale = dropout_scale(0.3f);
+    }
+    att_loss(&c);
+    double e = attention_reference_error(&c);
+    printf("  forward vs double reference: max |err| %.2e\n", e);
+    CHECK(e < 1e-5, "attention forward error %.2e", e);
+    float *dqkv = alloc_rand(nqkv, 1.0f);  // overwritten by the backward
+    attention_backward(dqkv, c.r, c.qkv, c.att, c.keep, c.scale, c.B, c.T, c.C, c.H);
+    fd_check(with_dropout ? "attention d qkv (dropout)" : "attention d qkv", att_loss, &c, c.qkv, dqkv, nqkv, 1e-2f,
+             FD_ATOL, FD_RTOL);
+    if (with_dropout) {
+        rng_free(&rng);
+        free(keep);
+    }
+    free(c.qkv); free(c.att); free(c.y); free(c.r); free(dqkv);
+}
+
+// ---- ReLU FFN with dropout, and the residual dropout ---------------------------------------------------
+
+typedef struct {
+    int N, C, F;
+    float *x, *w1, *b1, *w2, *b2, *h, *y, *r;
+    const uint8_t *keep;
+    float scale;
+    uint64_t pattern;  // hash of which hidden units were positive: FD across a ReLU kink is skipped
+} FfnCtx;
+
+static double ffn_loss(void *p) {
+    FfnCtx *c = p;
+    linear_forward(c->h, c->x, c->w1, c->b1, c->N, c->C, c->F);
+    uint64_t hsh = 1469598103934665603ull;
+    for (int i = 0; i < c->N * c->F; i++) hsh = (hsh ^ (uint64_t)(c->h[i] > 0.0f)) * 1099511628211ull;
+    c->pattern = hsh;
+    relu_dropout_forward(c->h, c->keep, c->scale, (size_t)c->N * c->F);
+    linear_forward(c->y, c->h, c->w2, c->b2, c->N, c->F, c->C);
+    return dot_double(c->y, c->r, (size_t)c->N * c->C);
+}
+
+// fd_check for the FFN, skipping elements whose perturbation flips a ReLU (FD is meaningless across a kink).
+static void ffn_fd(const char *what, FfnCtx *c, float *x, const float *analytic, size_t n, float h) {
+    double worst = 0.0, worst_abs = 0.0;
+    int skipped = 0;
+    for (size_t i = 0; i < n; i++) {
+        float x0 = x[i], xp = x0 + h, xm = x0 - h;
+        x[i] = xp;
+        double lp = ffn_loss(c);
+        uint64_t pp = c->pattern;
+        x[i] = xm;
+        double lm = ffn_loss(c);
+        uint64_t pm = c->pattern;
+        x[i] = x0;
+        if (pp != pm) { skipped++; continue; }
+        double fd = (lp - lm) / ((double)xp - (double)xm);
+        double err = fabs(analytic[i] - fd);
+        worst = fmax(worst, err / (FD_ATOL + FD_RTOL * fabs(fd)));
+        worst_abs = fmax(worst_abs, err);
+    }
+    printf("  %-44s n=%4zu  max |err| %.2e  (worst/tol %.3f, %d skipped at a ReLU kink)\n", what, n, worst_abs, worst,
+           skipped);
+    CHECK(worst <= 1.0 && skipped * 2 < (int)n, "%s: worst/tol %.3f, %d skipped", what, worst, skipped);
+}
+
+static void test_ffn(int with_dropout) {
+    printf("FFN Linear(C,F) -> ReLU -> dropout -> Linear(F,C), N=15 C=6 F=9, dropout %s\n", with_dropout ? "p=0.25" : "off");
+    FfnCtx c = {15, 6, 9, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 1.0f, 0};
+    size_t nx = (size_t)c.N * c.C, nh = (size_t)c.N * c.F;
+    c.x = alloc_rand(nx, 1.0f); c.w1 = alloc_rand((size_t)c.F * c.C, 0.8f); c.b1 = alloc_rand(c.F, 0.3f);
+    c.w2 = alloc_rand((size_t)c.C * c.F, 0.8f); c.b2 = alloc_rand(c.C, 0.3f);
+    c.h = alloc_zero(nh); c.y = alloc_zero(nx); c.r = alloc_rand(nx, 1.0f);
+    uint8_t *keep = NULL;
+    Rng rng = {0};
+    if (with_dropout) {
+        rng_init(&rng, 11, RNG_DOMAIN_TRAIN);
+        DropoutCtx d = {&rng, rng_layout(3, 5, c.C, 2, c.F, 2), 2, 0.25f};
+        keep = mlm_malloc(nh, "keep");
+        dropout_keep_mask(keep, &d, 0, DROP_FFN_HIDDEN, nh);
+        c.keep = keep;
+        c.scale = dropout_scale(0.25f);
+    }
+    ffn_loss(&c);
+    // Backward: Linear2, ReLU + dropout (from the saved output), Linear1.
+    float *dh = alloc_zero(nh), *dx = alloc_zero(nx), *dw1 = alloc_zero((size_t)c.F * c.C), *db1 = alloc_zero(c.F);
+    float *dw2 = alloc_zero((size_t)c.C * c.F), *db2 = alloc_zero(c.C);
+    linear_backward(dh, dw2, db2, c.r, c.h, c.w2, c.N, c.F, c.C);
+    relu_dropout_backward(dh, c.h, c.scale, nh);
+    linear_backward(dx, dw1, db1, dh, c.x, c.w1, c.N, c.C, c.F);
+    // A smaller step than elsewhere: fewer perturbations cross a ReLU kink (those are skipped); the FFN is
+    // piecewise linear, so there is no truncation error and the rounding term (5e-5 at h = 1e-2) grows to
+    // ~2e-4 at h = 3e-3, still within the tolerance.
+    ffn_fd("ffn d input", &c, c.x, dx, nx, 3e-3f);
+    ffn_fd("ffn d W1", &c, c.w1, dw1, (size_t)c.F * c.C, 3e-3f);
+    ffn_fd("ffn d b1", &c, c.b1, db1, c.F, 3e-3f);
+    ffn_fd("ffn d W2", &c, c.w2, dw2, (size_t)c.C * c.F, 3e-3f);
+    ffn_fd("ffn d b2", &c, c.b2, db2, c.C, 3e-3f);
+    if (with_dropout) {
+        rng_free(&rng);
+        free(keep);
+    }
+    free(c.x); free(c.w1); free(c.b1); free(c.w2); free(c.b2); free(c.h); free(c.y); free(c.r);
+    free(dh); free(dx); free(dw1); free(db1); free(dw2); free(db2);
+}
+
+typedef struct {
+    size_t n;
+    float *res, *y, *out, *r;
+    const uint8_t *keep;
+    float scale;
+} ResCtx;
+
+static double res_loss(void *p) {
+    ResCtx *c = p;
+    residual_dropout_forward(c->out, c->res, c->y, c->keep, c->scale, c->n);
+    return dot_double(c->out, c->r, c->n);
+}
+
+static void test_residual_dropout(void) {
+    printf("residual add + dropout, n=90, p=0.2\n");
+    ResCtx c = {90, NULL, NULL, NULL, NULL, NULL, 1.0f};
+    c.res = alloc_rand(c.n, 1.0f); c.y = alloc_rand(c.n, 1.0f); c.out = alloc_zero(c.n); c.r = alloc_rand(c.n, 1.0f);
+    Rng rng;
+    rng_init(&rng, 5, RNG_DOMAIN_TRAIN);
+    DropoutCtx d = {&rng, rng_layout(3, 5, 6, 2, 9, 2), 1, 0.2f};
+    uint8_t *keep = mlm_malloc(c.n, "keep");
+    dropout_keep_mask(keep, &d, 1, DROP_ATTN_RESID, c.n);
+    c.keep = keep;
+    c.scale = dropout_scale(0.2f);
+    res_loss(&c);
+    int exact = 1;
+    for (size_t i = 0; i < c.n; i++) exact &= c.out[i] == c.res[i] + (keep[i] ? c.y[i] * c.scale : 0.0f);
+    CHECK(exact, "residual dropout forward is not res + keep * y * scale");
+    float *dy = alloc_zero(c.n);
+    residual_dropout_backward(dy, c.r, keep, c.scale, c.n);
+    fd_check("residual dropout d branch", res_loss, &c, c.y, dy, c.n, 1e-2f, FD_ATOL, FD_RTOL);
+    fd_check("residual dropout d skip (= dout)", res_loss, &c, c.res, c.r, c.n, 1e-2f, FD_ATOL, FD_RTOL);
+    rng_free(&rng);
+    free(keep); free(c.res); free(c.y); free(c.out); free(c.r); free(dy);
+}
+
+// ---- Dropout rule and the CPU Philox stream ----------------------------------------------------------
+
+static void test_dropout_rule(void) {
+    printf("dropout rule: CPU Philox stream vs cuRAND's rng_uniform, masks vs u < p\n");
+    Rng rng;
+    rng_init(&rng, 2024, RNG_DOMAIN_TRAIN);
+    // Offsets not multiples of 4, across the 65,536-block rows of cuRAND's layout, and far out.
+    const uint64_t offsets[] = {0, 1, 3, 262143, 1000003, 123456789013ull};
+    const size_t sizes[] = {1, 7, 262150, 4099};
+    size_t total = 0, mismatches = 0;
+    for (size_t o = 0; o < sizeof(offsets) / sizeof(offsets[0]); o++)
+        for (size_t s = 0; s < sizeof(sizes) / sizeof(sizes[0]); s++) {
+            size_t n = sizes[s];
+            float *want = mlm_malloc(n * sizeof(float), "u"), *got = mlm_malloc(n * sizeof(float), "u");
+            rng_uniform(&rng, offsets[o], want, n);
+            philox_uniform(rng.seed, offsets[o], got, n);
+            for (size_t i = 0; i < n; i++) mismatches += memcmp(&want[i], &got[i], sizeof(float)) != 0;
+            total += n;
+            free(want);
+            free(got);
+        }
+    printf("  %zu uniforms compared, %zu differ\n", total, mismatches);
+    CHECK(mismatches == 0, "philox_uniform differs from rng_uniform in %zu of %zu values", mismatches, total);
+
+    // dropout_keep_mask == !(u < p) for every site's offset, for several p, and the kept fraction is 1 - p.
+    int B = 3, T = 7, C = 10, H = 2, F = 14, L = 3;
+    const DropSite sites[4] = {DROP_ATTN_PROBS, DROP_ATTN_RESID, DROP_FFN_HIDDEN, DROP_FFN_RESID};
+    const size_t counts[4] = {(size_t)B * H * T * T, (size_t)B * T * C, (size_t)B * T * F, (size_t)B * T * C};
+    const float ps[3] = {0.1f, 0.25f, 0.5f};
+    size_t bad = 0, checked = 0;
+    for (int k = 0; k < 3; k++) {
+        DropoutCtx d = {&rng, rng_layout(5, T, C, H, F, L), 4 + (uint64_t)k, ps[k]};
+        for (int l = 0; l < L; l++)
+            for (int s = 0; s < 4; s++) {
+                size_t n = counts[s];
+                float *u = mlm_malloc(n * sizeof(float), "u");
+                uint8_t *keep = mlm_malloc(n, "keep");
+                rng_uniform(&rng, rng_dropout_offset(&d.layout, d.step, l, sites[s]), u, n);
+                dropout_keep_mask(keep, &d, l, sites[s], n);
+                for (size_t i = 0; i < n; i++) bad += keep[i] != !(u[i] < d.p);
+                checked += n;
+                free(u);
+                free(keep);
+            }
+    }
+    size_t n = 1 << 20, kept = 0;
+    uint8_t *keep = mlm_malloc(n, "keep");
+    float *u = mlm_malloc(n * sizeof(float), "u");
+    DropoutCtx big = {&rng, rng_layout(64, 32, 128, 8, 256, 6), 17, 0.1f};
+    dropout_keep_mask(keep, &big, 5, DROP_FFN_HIDDEN, n);
+    rng_uniform(&rng, rng_dropout_offset(&big.layout, big.step, 5, DROP_FFN_HIDDEN), u, n);
+    for (size_t i = 0; i < n; i++) {
+        kept += keep[i];
+        bad += keep[i] != !(u[i] < big.p);
+    }
+    checked += n;
+    printf("  %zu mask entries compared with !(u < p) for p = 0.1, 0.25, 0.5: %zu differ\n", checked, bad);
+    CHECK(bad == 0, "%zu dropout mask entries differ from !(u < p)", bad);
+    double frac = (double)kept / n, sd = sqrt(0.09 / n);
+    printf("  kept fraction %.5f (expected 0.9, sd %.5f)\n", frac, sd);
+    CHECK(fabs(frac - 0.9) < 5 * sd, "kept fraction %.5f is not 0.9 within 5 sd", frac);
+    free(u);
+    CHECK(dropout_scale(0.1f) == 1.0f / 0.9f, "dropout scale");
+    free(keep);
+    rng_free(&rng);
+}
+
+// ---- Cross-entropy with ignore index -------------------------------------------------------------------
+
+typedef struct {
+    int N, V, ignore;
+    float *logits, *losses;
+    const int *labels;
+} CeCtx;
+
+static double ce_loss(void *p) {
+    CeCtx *c = p;
+    int nt;
+    crossentropy_forward(c->losses, c->logits, c->labels, c->N, c->V, c->ignore, &nt, NULL);
+    double s = 0.0;  // the mean in double (the returned float mean would add 1e-7 relative noise)
+    for (int i = 0; i < c->N; i++) s += c->losses[i];
+    return nt ? s / nt : 0.0;
+}
+
+static void test_crossentropy(void) {
+    printf("cross-entropy with ignore index, B=3 T=5 V=7 (sequence 1 fully ignored)\n");
+    int B = 3, T = 5, V = 7, N = B * T, ignore = 5;
+    int labels[15];
+    for (int i = 0; i < N; i++) labels[i] = (int)(rand_unit() * V);
+    for (int t = 0; t < T; t++) labels[T + t] = ignore;  // a whole sequence without targets
+    labels[0] = ignore;
+    labels[2] = 6;
+    labels[3] = 0;
+    CeCtx c = {N, V, ignore, alloc_rand((size_t)N * V, 3.0f), alloc_zero(N), labels};
+    // Row 3: a tie at the maximum between index 1 and 4 -> argmax 1; label 0 -> wrong. Row 2: label 6 is the max.
+    for (int v = 0; v < V; v++) c.logits[3 * V + v] = 0.0f;
+    c.logits[3 * V + 1] = c.logits[3 * V + 4] = 2.0f;
+    for (int v = 0; v < V; v++) c.logits[2 * V + v] = v == 6 ? 5.0f : 0.0f;
+    int nt = -1, correct = -1;
+    float loss = crossentropy_forward(c.losses, c.logits, labels, N, V, ignore, &nt, &correct);
+    double want = 0.0;
+    int want_n = 0, want_correct = 0;
+    for (int i = 0; i < N; i++) {
+        if (labels[i] == ignore) continue;
+        const float *x = c.logits + (size_t)i * V;
+        double mx = x[0], s = 0.0;
+        int am = 0;
+        for (int v = 1; v < V; v++) {
+            if (x[v] > mx) mx = x[v];
+            if (x[v] > x[am]) am = v;
+        }
+        for (int v = 0; v < V; v++) s += exp(x[v] - mx);
+        want += log(s) + mx - x[labels[i]];
+        want_n++;
+        want_correct += am == labels[i];
+    }
+    want /= want_n;
+    printf("  loss %.7f (double %.7f), targets %d, correct %d (expected %d)\n", loss, want, nt, correct, want_correct);
+    CHECK(fabs(loss - want) < 1e-6 * fmax(1.0, want), "loss %.7f vs %.7f", loss, want);
+    CHECK(nt == want_n && correct == want_correct, "targets %d/%d correct %d/%d", nt, want_n, correct, want_correct);
+    CHECK(correct >= 1, "row 2 (label = unique max) must count as correct");
+    for (int i = 0; i < N; i++)
+        if (labels[i] == ignore) CHECK(c.losses[i] == 0.0f, "ignored row %d has loss %g", i, c.losses[i]);
+    float *dlogits = alloc_rand((size_t)N * V, 1.0f);
+    crossentropy_backward(dlogits, c.logits, labels, N, V, ignore, 1.0f / (float)nt);
+    int ignored_zero = 1;
+    for (int i = 0; i < N; i++)
+        for (int v = 0; v < V; v++)
+            if (labels[i] == ignore && dlogits[i * V + v] != 0.0f) ignored_zero = 0;
+    CHECK(ignored_zero, "ignored rows must have zero gradient");
+    fd_check("cross-entropy d logits", ce_loss, &c, c.logits, dlogits, (size_t)N * V, 1e-2f, 1e-4, FD_RTOL);
+
+    // An all-ignored batch: loss 0, no targets, no hits, zero gradient.
+    int none[15];
+    for (int i = 0; i < N; i++) none[i] = ignore;
+    loss = crossentropy_forward(c.losses, c.logits, none, N, V, ignore, &nt, &correct);
+    crossentropy_backward(dlogits, c.logits, none, N, V, ignore, 0.0f);
+    int all_zero = 1;
+    for (int i = 0; i < N * V; i++) all_zero &= dlogits[i] == 0.0f;
+    CHECK(loss == 0.0f && nt == 0 && correct == 0 && all_zero, "all-ignored batch: loss %g targets %d correct %d zero grad %d",
+          loss, nt, correct, all_zero);
+    free(c.logits); free(c.losses); free(dlogits);
+}
+
+// ---- Optimizer and schedules ----------------------------------------------------------------------------
+
+static const double PI_D = 3.14159265358979323846;  // M_PI is not in strict C11
+
+static void test_optim_lr(void) {
+    printf("learning-rate schedules\n");
+    OptimConfig n = {OPTIM_NOAM_ADAM, SCHED_NOAM, 1.0f, 0.9f, 0.999f, 1e-8f, 0.0f, 2000, 0.0f, 128, 502784};
+    double peak = pow(128.0, -0.5) * pow(2000.0, -0.5);
+    double got = optim_lr(&n, 2000);
+    printf("  Noam peak at t=2000: %.9e (expected %.9e = 1.976e-3)\n", got, peak);
+    CHECK(fabs(got - peak) <= 1e-9 * peak, "Noam peak %.12e vs %.12e", got, peak);
+    CHECK(fabs(peak - 1.976e-3) < 1e-6, "Noam peak %.6e is not 1.976e-3", peak);
+    double t1 = pow(128.0, -0.5) * 1.0 * pow(2000.0, -1.5), t8000 = pow(128.0, -0.5) * pow(8000.0, -0.5);
+    CHECK(fabs(optim_lr(&n, 1) - t1) <= 1e-12 * t1, "Noam t=1: %.12e vs %.12e", optim_lr(&n, 1), t1);
+    CHECK(fabs(optim_lr(&n, 8000) - t8000) <= 1e-12 * t8000, "Noam t=8000");
+    CHECK(optim_lr(&n, 1999) < got && optim_lr(&n, 2001) < got, "Noam peaks at t = warmup");
+
+    OptimConfig c = {OPTIM_ADAMW, SCHED_COSINE, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f, 100, 1e-5f, 0, 1100};
+    double lr = (double)1e-3f, mn = (double)1e-5f;
+    CHECK(fabs(optim_lr(&c, 1) - lr / 100) < 1e-15, "cosine warmup t=1: %g", optim_lr(&c, 1));
+    CHECK(fabs(optim_lr(&c, 50) - lr / 2) < 1e-15, "cosine warmup t=50");
+    CHECK(fabs(optim_lr(&c, 100) - lr) < 1e-15, "cosine end of warmup");
+    CHECK(fabs(optim_lr(&c, 600) - (mn + lr) / 2) < 1e-15, "cosine midpoint %g", optim_lr(&c, 600));
+    CHECK(fabs(optim_lr(&c, 350) - (mn + 0.5 * (lr - mn) * (1 + cos(PI_D * 0.25)))) < 1e-15, "cosine quarter");
+    CHECK(fabs(optim_lr(&c, 1100) - mn) < 1e-15 && fabs(optim_lr(&c, 5000) - mn) < 1e-15, "cosine end / after");
+    c.schedule = SCHED_LINEAR;
+    CHECK(fabs(optim_lr(&c, 600) - (mn + lr) / 2) < 1e-15, "linear midpoint");
+    CHECK(fabs(optim_lr(&c, 350) - (lr + (mn - lr) * 0.25)) < 1e-15, "linear quarter");
+    CHECK(fabs(optim_lr(&c, 1100) - mn) < 1e-15, "linear end");
+    c.schedule = SCHED_CONSTANT;
+    CHECK(fabs(optim_lr(&c, 10) - lr / 10) < 1e-15 && optim_lr(&c, 100) == lr && optim_lr(&c, 5000) == lr, "constant");
+    c.warmup = 0;
+    CHECK(optim_lr(&c, 1) == lr, "constant without warmup");
+    printf("  cosine/linear/constant values at warmup, quarter, midpoint and end match\n");
+}
+
+static void test_adam(OptimKind kind) {
+    printf("%s update vs double-precision formulas, 5 steps\n", kind == OPTIM_ADAMW ? "AdamW" : "Noam (labml) Adam");
+    OptimConfig c = {kind, SCHED_NOAM, 1.0f, 0.9f, 0.999f, 1e-8f, kind == OPTIM_ADAMW ? 0.1f : 0.0f, 2000, 0.0f, 128, 10000};
+    enum { P = 1001 };
+    float *p = alloc_rand(P, 1.0f), *g = alloc_zero(P), *m = alloc_zero(P), *v = alloc_zero(P);
+    double pd[P], md[P] = {0}, vd[P] = {0};
+    uint8_t mask[P];
+    for (int i = 0; i < P; i++) {
+        pd[i] = p[i];
+        mask[i] = i % 3 != 0;
+    }
+    double worst = 0.0, worst_abs = 0.0;
+    for (long t = 1; t <= 5; t++) {
+        fill_rand(g, P, 0.5f);
+        g[7] = 0.0f;  // a zero gradient: the update must stay finite
+        double lr = kind == OPTIM_ADAMW ? 3e-3 : 1e-2;
+        cpu_adam_update(&c, p, g, m, v, kind == OPTIM_ADAMW ? mask : NULL, P, t, lr);
+        double b1 = c.beta1, b2 = c.beta2, eps = c.eps, bc1 = 1 - pow(b1, t), bc2 = 1 - pow(b2, t);
+        for (int i = 0; i < P; i++) {
+            md[i] = b1 * md[i] + (1 - b1) * g[i];
+            vd[i] = b2 * vd[i] + (1 - b2) * (double)g[i] * g[i];
+            if (kind == OPTIM_ADAMW) {
+                if (mask[i]) pd[i] *= 1 - lr * c.weight_decay;
+                pd[i] -= lr * (md[i] / bc1) / (sqrt(vd[i] / bc2) + eps);
+            } else {
+                pd[i] -= lr * sqrt(bc2) / bc1 * md[i] / (sqrt(vd[i]) + eps);
+            }
+        }
+        // Float state against double: each step rounds p to float up to twice (the decay product, then the
+        // update: 6e-8 |p| each) with a decay factor that is itself a rounded float (6e-8 relative), and computes
+        // the update (<= ~lr in size) to a few float ulps, so after t steps |p - p_double| <= t (2.4e-7 |p| + 1e-6 lr).
+        for (int i = 0; i < P; i++) {
+            double err = fabs(p[i] - pd[i]);
+            worst = fmax(worst, err / (t * (2.4e-7 * fabs(pd[i]) + 1e-6 * lr)));
+            worst_abs = fmax(worst_abs, err);
+        }
+    }
+    printf("  max |p - p_double| after 5 steps: %.2e (worst/tol %.3f)\n", worst_abs, worst);
+    CHECK(worst <= 1.0, "Adam (%d) deviates from the formula: worst/tol %.3f", (int)kind, worst);
+    free(p); free(g); free(m); free(v);
+}
+
+static void test_grad_norm_and_clip(void) {
+    printf("gradient norm and clipping\n");
+    size_t n = 300007;
+    float *g = alloc_rand(n, 0.01f);
+    double want = 0.0;
+    for (size_t i = 0; i < n; i++) want += (double)g[i] * g[i];
+    want = sqrt(want);
+    omp_set_num_threads(1);
+    float n1 = cpu_grad_norm(g, n);
+    omp_set_num_threads(2);
+    float n2 = cpu_grad_norm(g, n);
+    printf("  norm %.7f (double %.7f), 1 vs 2 threads identical: %s\n", n2, want, n1 == n2 ? "yes" : "no");
+    CHECK(fabs(n2 - want) < 1e-6 * want && n1 == n2, "grad norm %.9g / %.9g vs %.9g", n1, n2, want);
+    float before = cpu_clip_grads(g, n, 1.0f);
+    float after = cpu_grad_norm(g, n);
+    printf("  clip to 1.0: returned %.6f, norm after %.7f\n", before, after);
+    CHECK(before == n2 && fabs(after - 1.0) < 1e-5, "clip returned %g, norm after %g", before, after);
+    float again = cpu_clip_grads(g, n, 10.0f);
+    CHECK(fabs(again - after) < 1e-6 && fabs(cpu_grad_norm(g, n) - after) < 1e-7, "no scaling below max_norm");
+    free(g);
+}
+
+int main(void) {
+    omp_set_num_threads(2);
+    test_matmul();
+    test_linear();
+    test_embedding();
+    test_layernorm();
+    test_attention(0);
+    test_attention(1);
+    test_ffn(0);
+    test_ffn(1);
+    test_residual_dropout();
+    test_dropout_rule();
+    test_crossentropy();
+    test_optim_lr();
+    test_adam(OPTIM_NOAM_ADAM);
+    test_adam(OPTIM_ADAMW);
+    test_grad_norm_and_clip();
+    return test_finish("test_cpu_ops");
+}
