@@ -107,10 +107,9 @@ def run_valid(model, batches, data_gen, mask_gen, cfg, exact, dropout_on):
             logits = model(inputs)
             loss = rm.mlm_loss(logits, labels, cfg.pad_id)
             c, t = rm.mlm_correct(logits, labels, cfg.pad_id)
-            # A batch without targets gives NaN in PyTorch; skip it as an empty contribution.
-            if not exact or int(t) > 0:
-                loss_sum += torch.where(t > 0, loss.double() * t, torch.zeros_like(loss_sum))
-                batch_loss_sum += torch.where(t > 0, loss.double(), torch.zeros_like(loss_sum))
+            # A batch without targets gives NaN in PyTorch; count it as an empty contribution (no sync).
+            loss_sum += torch.where(t > 0, loss.double() * t, torch.zeros_like(loss_sum))
+            batch_loss_sum += torch.where(t > 0, loss.double(), torch.zeros_like(loss_sum))
             correct += c
             targets += t
             n += 1
