@@ -119,6 +119,9 @@ static void test_resume_equals_straight_run(void) {
     CHECK(same, "per-step losses differ after resume");
     printf("step %d loss: straight %s, resumed %s\n", STEPS, la[STEPS - 1], lb[STEPS - 1]);
 
+    ckpt_free(&ca);
+    ckpt_free(&cb);
+
     // Refusals. A truncated copy, a flipped data byte, a mismatched resume.
     char latest[600], bad[700];
     ckpt_find_latest(b, latest, sizeof(latest));
@@ -135,8 +138,6 @@ static void test_resume_equals_straight_run(void) {
           "a resume that changes the model must be refused with exit 2");
     CHECK(run("%s train --resume %s/nowhere > /dev/null 2>&1", mlm_bin, tmpdir) == MLM_EXIT_USAGE,
           "resume from a missing directory must be refused");
-    ckpt_free(&ca);
-    ckpt_free(&cb);
 }
 
 int main(int argc, char **argv) {

@@ -290,7 +290,8 @@ static void log_metrics(Run *r, const char *kind, long epoch, double loss, doubl
     fprintf(r->metrics, "{\"kind\":\"%s\",\"step\":%ld,\"epoch\":%ld,\"tokens\":%.0f,\"loss\":%.9g,\"accuracy\":%.9g",
             kind, r->step, epoch, tokens, loss, acc);
     if (lr >= 0) fprintf(r->metrics, ",\"lr\":%.6g,\"grad_norm\":%.6g,\"tokens_per_s\":%.6g", lr, gnorm, tok_per_s);
-    fprintf(r->metrics, ",\"time_s\":%.3f}\n", mlm_now() - r->t_start);
+    // time_s: training wall time of the whole run, across checkpoints and resumes.
+    fprintf(r->metrics, ",\"time_s\":%.3f}\n", r->st.elapsed_s + (mlm_now() - r->t_start));
     fflush(r->metrics);
 }
 
