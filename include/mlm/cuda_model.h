@@ -1,0 +1,69 @@
+// cuda_model.h: the CUDA backend's model: parameters, gradients, Adam state and activations resident on the
+// device (one allocation each), a whole training step on the GPU, and transfers for checkpoints and tests.
+#ifndef MLM_CUDA_MODEL_H
+#define MLM_CUDA_MODEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "mlm/mask.h"
+#include "mlm/model.h"
+#include "mlm/optim.h"
+#include "mlm/rng.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct CudaModel CudaModel;
+
+typedef struct {
+    float loss;       // mean cross-entropy over target positions
+    int correct;      // argmax == label among targets
+    int n_targets;
+    float grad_norm;  // before clipping (training steps only)
+} CudaStepStats;
+
+// allow_tf32: cuBLAS may use TF32 tensor cores for the float32 matmuls.
+CudaModel *cuda_model_create(const ModelConfig *cfg, int max_B, int allow_tf32);
+void cuda_model_free(CudaModel *m);
+size_t cuda_model_num_params(const CudaModel *m);
+
+// Host <-> device copies of the parameter array, the gradients and the Adam moments (layout of model.h).
+void cuda_model_set_params(CudaModel *m, const float *params);
+void cuda_model_get_params(CudaModel *m, float *params);
+void cuda_model_get_grads(CudaModel *m, float *grads);
+void cuda_model_set_adam(CudaModel *m, const float *adam_m, const float *adam_v);
+void cuda_model_get_adam(CudaModel *m, float *adam_m, float *adam_v);
+// decay_mask[P] (1 where AdamW decays); NULL: none.
+void cuda_model_set_decay_mask(CudaModel *m, const uint8_t *decay_mask);
+
+// Masking and dropout draw from a device Philox generator seeded with `philox_seed` (Rng.seed of the
+// stream) at the offsets of `layout` for index `step`: the same numbers, so the same masks, as the CPU.
+typedef struct {
+    uint64_t philox_seed;
+    RngLayout layout;
+    uint64_t step;
+    float dropout_p;  // 0: no dropout
+} CudaRandom;
+
+// Forward only (validation, samples, eval): tokens[B,T] host ids are masked on the device (mask != NULL)
+// or used as given with labels (mask == NULL; labels may be NULL for logits only). Fills stats (not grad_norm).
+void cuda_model_forward(CudaModel *m, const int *tokens, const int *labels, int B, const MaskConfig *mask,
+                        const CudaRandom *rnd, CudaStepStats *stats);
+// Copy the logits [B,T,V] of the last forward to the host.
+void cuda_model_get_logits(CudaModel *m, float *logits, int B);
+// Copy the model inputs and labels of the last forward (after masking) to the host.
+void cuda_model_get_batch(CudaModel *m, int *inputs, int *labels, int B);
+// Backward of the last forward (gradients overwritten).
+void cuda_model_backward(CudaModel *m);
+// A whole training step: mask, forward, backward, global-norm clip (max_norm <= 0: off), Adam update at
+// step t (from 1) with learning rate lr. tokens[B,T] host ids are copied asynchronously.
+void cuda_model_train_step(CudaModel *m, const int *tokens, int B, const MaskConfig *mask, const CudaRandom *rnd,
+                           float max_norm, const OptimConfig *oc, long t, double lr, CudaStepStats *stats);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

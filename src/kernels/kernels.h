@@ -1,0 +1,117 @@
+// kernels.h: the CUDA backend's op kernels (device pointers, launched on `stream`), mirroring src/cpu/ops.h
+// op for op so that every kernel can be tested against its CPU twin.
+//
+// Conventions: activations row-major [B, T, ...], N = B * T rows; Linear weights [out, in]. Matmuls are not
+// here: the model calls cuBLAS directly (cuda_model.cu). Determinism: no kernel uses atomics where the order
+// of a floating-point sum would change the result; reductions run in a fixed order (fixed block partition,
+// then a second fixed-order pass), so two runs with one seed give bit-identical results.
+// Dropout follows THE DROPOUT RULE of src/cpu/ops.h exactly: keep = !(u < p), y = keep ? x * scale : 0,
+// scale = 1.0f / (1.0f - p), with u from cuRAND's device Philox generator at the same offsets as the CPU.
+#ifndef MLM_KERNELS_H
+#define MLM_KERNELS_H
+
+#include <cuda_runtime.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "mlm/mask.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// ---- Random numbers and masking (mask.cu) -------------------------------------------------------------
+// Uniforms in (0, 1] from a device Philox generator (curandGenerator_t passed as void*), at absolute offset.
+void cuda_uniform(void *curand_gen, uint64_t offset, float *d_out, size_t n, cudaStream_t stream);
+// Masking of n tokens with uniforms d_u[4n] (the layout and rule of mask_apply).
+void cuda_mask_launch(const MaskConfig *c, const int *d_tokens, size_t n, const float *d_uniforms, int *d_inputs,
+                      int *d_labels, cudaStream_t stream);
+
+// ---- Dropout, ReLU, residual (feedforward.cu) ---------------------------------------------------------
+// keep[n] = !(u[n] < p) as bytes.
+void cuda_dropout_keep(uint8_t *keep, const float *u, float p, size_t n, cudaStream_t stream);
+// h[n] = ReLU(h + bias[col]) then dropout (keep may be NULL), with h viewed as [n / F, F]; bias may be NULL.
+void cuda_bias_relu_dropout_forward(float *h, const float *bias, const uint8_t *keep, float scale, size_t n, int F,
+                                    cudaStream_t stream);
+// dh = h > 0 ? dh * scale : 0 (in place; h is the forward's output).
+void cuda_relu_dropout_backward(float *dh, const float *h, float scale, size_t n, cudaStream_t stream);
+// out[n] = res[n] + dropout(y[n] + bias[col]) with y viewed as [n / C, C]; bias may be NULL; out may alias res.
+void cuda_residual_dropout_forward(float *out, const float *res, const float *y, const float *bias,
+                                   const uint8_t *keep, float scale, size_t n, int C, cudaStream_t stream);
+// dy[n] = dout * keep * scale (keep NULL: dy = dout * scale).
+void cuda_residual_dropout_backward(float *dy, const float *dout, const uint8_t *keep, float scale, size_t n,
+                                    cudaStream_t stream);
+// out[n] = x[n] + bias[col] (x viewed as [n / C, C]); out may alias x.
+void cuda_add_bias(float *out, const float *x, const float *bias, size_t n, int C, cudaStream_t stream);
+// sums[C] += column sums of x[N, C] in a fixed order (bias gradients); scratch holds at least
+// cuda_column_sums_scratch(N, C) floats.
+size_t cuda_column_sums_scratch(int N, int C);
+void cuda_column_sums_accumulate(float *sums, const float *x, int N, int C, float *scratch, cudaStream_t stream);
+
+// ---- Embedding (embedding.cu) -------------------------------------------------------------------------
+// out[B,T,C] = tok_emb[tokens[b,t]] * sqrt(C) + pe[t].
+void cuda_embedding_forward(float *out, const int *tokens, const float *tok_emb, const float *pe, int B, int T,
+                            int C, cudaStream_t stream);
+// dtok_emb[V,C] += sqrt(C) * sum of dout rows whose token is v, summed in position order (no atomics).
+void cuda_embedding_backward(float *dtok_emb, const float *dout, const int *tokens, int B, int T, int C, int V,
+                             cudaStream_t stream);
+
+// ---- LayerNorm (layernorm.cu) -------------------------------------------------------------------------
+void cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *w, const float *b,
+                            int N, int C, float eps, cudaStream_t stream);
+// dinp[N,C] +=, dw[C] +=, db[C] += (weight/bias sums in a fixed order); scratch holds at least
+// cuda_layernorm_backward_scratch(N, C) floats.
+size_t cuda_layernorm_backward_scratch(int N, int C);
+void cuda_layernorm_backward(float *dinp, float *dw, float *db, const float *dout, const float *inp, const float *w,
+                             const float *mean, const float *rstd, int N, int C, float *scratch,
+                             cudaStream_t stream);
+
+// ---- Attention softmax (attention.cu) -----------------------------------------------------------------
+// In place on scores[B*H, T, T] (Q K^T, unscaled, from cuBLAS): att = softmax(scores * scale) over the last
+// axis, written back; if keep != NULL also writes att_drop[B*H,T,T] = att * keep * drop_scale (else att_drop
+// may be NULL and P V uses att).
+void cuda_softmax_forward(float *att, float *att_drop, const uint8_t *keep, float drop_scale, float scale,
+                          int BH, int T, cudaStream_t stream);
+// Given datt_drop[BH,T,T] (= dout V^T from cuBLAS), writes dscores[BH,T,T] = scale * softmax_backward(att,
+// datt) where datt = datt_drop * keep * drop_scale (keep NULL: datt = datt_drop). dscores may alias datt_drop.
+void cuda_softmax_backward(float *dscores, const float *datt_drop, const float *att, const uint8_t *keep,
+                           float drop_scale, float scale, int BH, int T, cudaStream_t stream);
+// Layout shuffles between qkv[B,T,3C] and per-head q, k, v [B,H,T,hs], and back for the output/gradients.
+void cuda_qkv_split_heads(float *q, float *k, float *v, const float *qkv, int B, int T, int C, int H,
+                          cudaStream_t stream);
+void cuda_qkv_merge_heads(float *dqkv, const float *dq, const float *dk, const float *dv, int B, int T, int C, int H,
+                          cudaStream_t stream);
+// out[B,T,C] (heads concatenated) from y[B,H,T,hs], and its inverse.
+void cuda_heads_to_rows(float *out, const float *y, int B, int T, int C, int H, cudaStream_t stream);
+void cuda_rows_to_heads(float *y, const float *in, int B, int T, int C, int H, cudaStream_t stream);
+
+// ---- Cross-entropy (loss.cu) --------------------------------------------------------------------------
+// Fused softmax + loss + gradient over logits[N,V]: losses[N] (0 on ignored rows), correct[N] (1 where argmax
+// == label on a target row, ties to the lowest index), and dlogits[N,V] = (softmax - onehot) * (1 / n_targets)
+// where n_targets is read from d_n_targets (device, computed by cuda_count_targets) so no host sync is needed.
+// dlogits may alias logits.
+void cuda_count_targets(int *d_n_targets, const int *labels, int N, int ignore_index, cudaStream_t stream);
+void cuda_crossentropy_forward_backward(float *losses, int *correct, float *dlogits, const float *logits,
+                                        const int *labels, const int *d_n_targets, int N, int V, int ignore_index,
+                                        cudaStream_t stream);
+// d_out[3] = {mean loss over targets, number correct, number of targets} (fixed-order reduction).
+void cuda_loss_reduce(float *d_out, const float *losses, const int *correct, const int *d_n_targets, int N,
+                      cudaStream_t stream);
+
+// ---- Gradient norm, clipping and the optimizer over all parameters (optim.cu) -------------------------
+// d_norm[0] = global L2 norm of grads[n] (fixed-order two-pass reduction in double); scratch holds at least
+// cuda_grad_norm_scratch(n) doubles.
+size_t cuda_grad_norm_scratch(size_t n);
+void cuda_grad_norm(float *d_norm, const float *grads, size_t n, double *scratch, cudaStream_t stream);
+// One launch over all n parameters: g = grads * clip_coef with clip_coef = min(1, max_norm / (norm + 1e-6))
+// read from d_norm (max_norm <= 0: no clipping), then the Adam update of optim.h (kind 0 = labml's Noam Adam,
+// 1 = AdamW with decoupled decay where decay_mask[i]) at step t with learning rate lr.
+void cuda_adam_update(float *params, const float *grads, float *m, float *v, const uint8_t *decay_mask,
+                      const float *d_norm, float max_norm, size_t n, int kind, float beta1, float beta2, float eps,
+                      float weight_decay, long t, double lr, cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
