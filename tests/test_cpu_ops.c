@@ -20,6 +20,7 @@
 
 #include "cpu/matmul.h"
 #include "cpu/ops.h"
+#include "mlm/curand_check.h"
 #include "mlm/common.h"
 #include "mlm/cpu.h"
 #include "mlm/model.h"
@@ -486,9 +487,15 @@ static void test_residual_dropout(void) {
 // ---- Dropout rule and the CPU Philox stream ----------------------------------------------------------
 
 static void test_dropout_rule(void) {
-    printf("dropout rule: CPU Philox stream vs cuRAND's rng_uniform, masks vs u < p\n");
+    printf("dropout rule: CPU Philox stream vs cuRAND's host generator, masks vs u < p\n");
     Rng rng;
     rng_init(&rng, 2024, RNG_DOMAIN_TRAIN);
+    // The reference: cuRAND's own host generator, called directly (rng_uniform itself uses the CPU copy
+    // once it has matched a sample, so it is no independent reference).
+    curandGenerator_t gen;
+    CURAND_CHECK(curandCreateGeneratorHost(&gen, CURAND_RNG_PSEUDO_PHILOX4_32_10));
+    CURAND_CHECK(curandSetPseudoRandomGeneratorSeed(gen, rng.seed));
+    CHECK(rng_reproduced(&rng) == 1, "the CPU copy of cuRAND's stream is not in use");
     // Offsets not multiples of 4, across the 65,536-block rows of cuRAND's layout, and far out.
     const uint64_t offsets[] = {0, 1, 3, 262143, 1000003, 123456789013ull};
     const size_t sizes[] = {1, 7, 262150, 4099};
@@ -497,7 +504,8 @@ static void test_dropout_rule(void) {
         for (size_t s = 0; s < sizeof(sizes) / sizeof(sizes[0]); s++) {
             size_t n = sizes[s];
             float *want = mlm_malloc(n * sizeof(float), "u"), *got = mlm_malloc(n * sizeof(float), "u");
-            rng_uniform(&rng, offsets[o], want, n);
+            CURAND_CHECK(curandSetGeneratorOffset(gen, offsets[o]));
+            CURAND_CHECK(curandGenerateUniform(gen, want, n));
             philox_uniform(rng.seed, offsets[o], got, n);
             for (size_t i = 0; i < n; i++) mismatches += memcmp(&want[i], &got[i], sizeof(float)) != 0;
             total += n;
@@ -505,7 +513,8 @@ static void test_dropout_rule(void) {
             free(got);
         }
     printf("  %zu uniforms compared, %zu differ\n", total, mismatches);
-    CHECK(mismatches == 0, "philox_uniform differs from rng_uniform in %zu of %zu values", mismatches, total);
+    CHECK(mismatches == 0, "philox_uniform differs from curandGenerateUniform in %zu of %zu values", mismatches, total);
+    CURAND_CHECK(curandDestroyGenerator(gen));
 
     // dropout_keep_mask == !(u < p) for every site's offset, for several p, and the kept fraction is 1 - p.
     int B = 3, T = 7, C = 10, H = 2, F = 14, L = 3;

@@ -24,6 +24,7 @@ typedef struct {
     void *gen;      // curandGenerator_t (host generator); opaque here so that headers need no cuRAND
     uint64_t seed;  // the derived Philox seed of this stream
     uint64_t pos;   // offset the generator will produce next (UINT64_MAX: unknown)
+    int reproduced; // -1 unchecked; 1: the CPU reproduction of the stream matched cuRAND; 0: it did not
 } Rng;
 
 // Derive a stream's Philox seed from the user seed and a domain (splitmix64 mixing).
@@ -35,6 +36,14 @@ void rng_free(Rng *rng);
 // contiguously, so rng_* seek only when `offset` is not where the previous draw ended. Draw a stream's
 // regions in increasing, adjacent order (as the training step does) to avoid seeks.
 void rng_uniform(Rng *rng, uint64_t offset, float *out, size_t n);
+// 1 when this stream's uniforms can be computed by the CPU reproduction of cuRAND's host Philox stream
+// (philox_cpu.h): checked once per stream against curandGenerateUniform (one sample crossing a thread
+// boundary at an unaligned offset). rng_uniform then uses the reproduction, which runs at memory speed in
+// parallel instead of ~6 ms per seek plus ~6 ns per number on one thread; both give the same bits.
+int rng_reproduced(Rng *rng);
+// out[n] = the uniforms of the stream whose Philox seed is `seed` (Rng.seed) from absolute `offset`,
+// computed by the CPU reproduction (no check; use rng_uniform unless you have checked rng_reproduced).
+void philox_uniform(uint64_t seed, uint64_t offset, float *out, size_t n);
 // n raw 32-bit outputs, starting at absolute `offset` of the stream.
 void rng_u32(Rng *rng, uint64_t offset, uint32_t *out, size_t n);
 // n normals N(mean, std) starting at `offset`; n is rounded up to even internally (cuRAND needs pairs).

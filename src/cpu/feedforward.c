@@ -3,150 +3,14 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
-#ifdef __SSE2__
-#include <emmintrin.h>
-#endif
 
 #include "cpu/ops.h"
 #include "mlm/common.h"
+#include "philox_cpu.h"
 
-// ---- cuRAND's host Philox4_32_10 stream, reproduced on the CPU.
-// curandGenerateUniform on a host Philox generator costs milliseconds per call (it emulates a 65,536-thread
-// launch), which would dominate a CPU training step with 24 dropout sites. Its output is a pure function
-// of (seed, absolute index g): with block p = g / 4, thread = p % 65536 and iteration = p / 65536,
-//   x = Philox4x32-10(counter = {iteration lo, iteration hi, thread, 0}, key = {seed lo, seed hi})[g % 4]
-//   u = x * 2^-32 + 2^-33 (float arithmetic, as cuRAND's _curand_uniform), in (0, 1].
-// philox_uniform() computes exactly that; the tests compare it with rng_uniform bit for bit, and
-// dropout_keep_mask() checks a sample against rng_uniform once per process and falls back to rng_uniform
-// if a cuRAND release ever lays its stream out differently.
-
-enum { CURAND_PHILOX_THREADS = 65536 };
-#define CURAND_2POW32_INV 2.3283064e-10f
-
-// Philox blocks computed together, as vectors of four blocks when SSE2 is there (always on x86-64):
-// 32 x 32 -> 64-bit multiplies of four lanes take two pmuludq, where scalar code does one at a time.
-enum { PHILOX_LANES = 8 };
-#define PHILOX_M0 0xD2511F53u
-#define PHILOX_M1 0xCD9E8D57u
-#define PHILOX_W0 0x9E3779B9u
-#define PHILOX_W1 0xBB67AE85u
-
-#ifdef __SSE2__
-// hi and lo 32 bits of a[l] * m for the four lanes.
-static inline void mulhilo4(__m128i a, __m128i m, __m128i *hi, __m128i *lo) {
-    __m128i even = _mm_mul_epu32(a, m);                     // products of lanes 0 and 2: [lo0 hi0 lo2 hi2]
-    __m128i odd = _mm_mul_epu32(_mm_srli_epi64(a, 32), m);  // lanes 1 and 3: [lo1 hi1 lo3 hi3]
-    __m128i e = _mm_shuffle_epi32(even, _MM_SHUFFLE(3, 1, 2, 0));  // [lo0 lo2 hi0 hi2]
-    __m128i o = _mm_shuffle_epi32(odd, _MM_SHUFFLE(3, 1, 2, 0));   // [lo1 lo3 hi1 hi3]
-    *lo = _mm_unpacklo_epi32(e, o);
-    *hi = _mm_unpackhi_epi32(e, o);
-}
-#endif
-
-// x[j][l] = output j of Philox4x32-10 block p0 + l of cuRAND's stream (constants as Random123 and cuRAND).
-static inline void curand_philox_lanes(uint64_t seed, uint64_t p0, uint32_t x[4][PHILOX_LANES]) {
-    for (int l = 0; l < PHILOX_LANES; l++) {
-        uint64_t p = p0 + (uint64_t)l, iteration = p / CURAND_PHILOX_THREADS;
-        x[0][l] = (uint32_t)iteration;
-        x[1][l] = (uint32_t)(iteration >> 32);
-        x[2][l] = (uint32_t)(p % CURAND_PHILOX_THREADS);
-        x[3][l] = 0;
-    }
-    uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
-#ifdef __SSE2__
-    const __m128i m0 = _mm_set1_epi32((int)PHILOX_M0), m1 = _mm_set1_epi32((int)PHILOX_M1);
-    for (int v = 0; v < PHILOX_LANES; v += 4) {
-        __m128i c0 = _mm_loadu_si128((const __m128i *)&x[0][v]), c1 = _mm_loadu_si128((const __m128i *)&x[1][v]);
-        __m128i c2 = _mm_loadu_si128((const __m128i *)&x[2][v]), c3 = _mm_loadu_si128((const __m128i *)&x[3][v]);
-        uint32_t r0 = k0, r1 = k1;
-        for (int r = 0; r < 10; r++) {
-            __m128i hi0, lo0, hi1, lo1;
-            mulhilo4(c0, m0, &hi0, &lo0);
-            mulhilo4(c2, m1, &hi1, &lo1);
-            c0 = _mm_xor_si128(_mm_xor_si128(hi1, c1), _mm_set1_epi32((int)r0));
-            c2 = _mm_xor_si128(_mm_xor_si128(hi0, c3), _mm_set1_epi32((int)r1));
-            c1 = lo1;
-            c3 = lo0;
-            r0 += PHILOX_W0;
-            r1 += PHILOX_W1;
-        }
-        _mm_storeu_si128((__m128i *)&x[0][v], c0);
-        _mm_storeu_si128((__m128i *)&x[1][v], c1);
-        _mm_storeu_si128((__m128i *)&x[2][v], c2);
-        _mm_storeu_si128((__m128i *)&x[3][v], c3);
-    }
-#else
-    for (int r = 0; r < 10; r++) {
-        for (int l = 0; l < PHILOX_LANES; l++) {
-            uint64_t a = (uint64_t)PHILOX_M0 * x[0][l], b = (uint64_t)PHILOX_M1 * x[2][l];
-            uint32_t n0 = (uint32_t)(b >> 32) ^ x[1][l] ^ k0, n2 = (uint32_t)(a >> 32) ^ x[3][l] ^ k1;
-            x[1][l] = (uint32_t)b;
-            x[3][l] = (uint32_t)a;
-            x[0][l] = n0;
-            x[2][l] = n2;
-        }
-        k0 += PHILOX_W0;
-        k1 += PHILOX_W1;
-    }
-#endif
-}
-
-static inline float curand_uniform_of(uint32_t x) {
-    float scaled = (float)x * CURAND_2POW32_INV;  // separate statements: no fused multiply-add
-    return scaled + CURAND_2POW32_INV / 2.0f;
-}
-
-// Runs BODY with i and x = the raw 32-bit output at absolute index offset + i, for every i in [0, n);
-// parallel over groups of PHILOX_LANES blocks, each output visited by exactly one iteration.
-#define FOR_EACH_PHILOX(seed, offset, n, BODY)                                                     \
-    do {                                                                                          \
-        uint64_t first_ = (offset) / 4, last_ = ((offset) + (n) - 1) / 4;                        \
-        long long groups_ = (long long)((last_ - first_) / PHILOX_LANES + 1);                     \
-        _Pragma("omp parallel for schedule(static) if (groups_ * 4 * PHILOX_LANES >= MLM_PARALLEL_MIN_WORK)") \
-        for (long long grp_ = 0; grp_ < groups_; grp_++) {                                        \
-            uint32_t x_[4][PHILOX_LANES];                                                         \
-            uint64_t p0_ = first_ + (uint64_t)grp_ * PHILOX_LANES;                                \
-            curand_philox_lanes((seed), p0_, x_);                                                 \
-            if (p0_ * 4 >= (offset) && (p0_ + PHILOX_LANES) * 4 <= (offset) + (n)) {              \
-                /* the whole group is inside [offset, offset + n): no bounds checks */            \
-                size_t base_ = (size_t)(p0_ * 4 - (offset));                                      \
-                for (int l_ = 0; l_ < PHILOX_LANES; l_++)                                         \
-                    for (int j_ = 0; j_ < 4; j_++) {                                              \
-                        size_t i = base_ + (size_t)(l_ * 4 + j_);                                 \
-                        uint32_t x = x_[j_][l_];                                                  \
-                        BODY;                                                                     \
-                    }                                                                             \
-                continue;                                                                         \
-            }                                                                                     \
-            for (int l_ = 0; l_ < PHILOX_LANES && p0_ + (uint64_t)l_ <= last_; l_++) {            \
-                for (int j_ = 0; j_ < 4; j_++) {                                                  \
-                    uint64_t g_ = (p0_ + (uint64_t)l_) * 4 + (uint64_t)j_;                        \
-                    if (g_ < (offset) || g_ >= (offset) + (n)) continue;                          \
-                    size_t i = (size_t)(g_ - (offset));                                           \
-                    uint32_t x = x_[j_][l_];                                                      \
-                    BODY;                                                                         \
-                }                                                                                 \
-            }                                                                                     \
-        }                                                                                         \
-    } while (0)
-
-void philox_uniform(uint64_t seed, uint64_t offset, float *out, size_t n) {
-    if (n == 0) return;
-    FOR_EACH_PHILOX(seed, offset, (uint64_t)n, out[i] = curand_uniform_of(x));
-}
-
-// 1 if philox_uniform reproduces rng_uniform on a sample that crosses a thread-row boundary of the
-// stream and starts at an offset that is not a multiple of 4.
-static int philox_matches_curand(Rng *rng) {
-    enum { SAMPLE = 64 };
-    float want[SAMPLE], got[SAMPLE];
-    uint64_t offset = (uint64_t)CURAND_PHILOX_THREADS * 4 * 3 - 2 * SAMPLE + 1;
-    rng_uniform(rng, offset, want, SAMPLE);
-    philox_uniform(rng->seed, offset, got, SAMPLE);
-    for (int i = 0; i < SAMPLE; i++)
-        if (want[i] != got[i]) return 0;
-    return 1;
-}
+// The dropout uniforms are cuRAND's host Philox stream; rng.c reproduces it on the CPU (philox_cpu.h)
+// after checking the reproduction against curandGenerateUniform, since a host-generator call costs
+// milliseconds (it emulates a 65,536-thread launch) and a step has 24 dropout sites.
 
 // The smallest raw output x with uniform(x) >= p (2^32 if there is none). uniform() is monotonic in x
 // (a conversion, a product and a sum by positive constants, each rounding monotonically), so
@@ -172,13 +36,8 @@ void dropout_keep_mask(uint8_t *keep, const DropoutCtx *drop, int layer, DropSit
     // The uniforms of one site are a prefix (the actual batch) of the region RngLayout reserves for it.
     uint64_t offset = rng_dropout_offset(&drop->layout, drop->step, layer, site);
     float p = drop->p;
-    // Checked once per process (dropout masks are drawn from the single training thread).
-    static int fast_path = -1;
-    if (fast_path < 0) {
-        fast_path = philox_matches_curand(drop->rng);
-        if (!fast_path) mlm_warn("cuRAND's Philox layout differs from the CPU copy; dropout uses rng_uniform (slow)");
-    }
-    if (fast_path) {
+    if (rng_reproduced(drop->rng)) {
+        // Integer compare on the raw outputs: the same decisions as !(uniform < p), without conversions.
         uint64_t threshold = keep_threshold(p);
         FOR_EACH_PHILOX(drop->rng->seed, offset, (uint64_t)n, keep[i] = (uint64_t)x >= threshold);
         return;

@@ -37,9 +37,6 @@ int dropout_is_active(const DropoutCtx *drop);
 float dropout_scale(float p);
 // keep[n] (1 = kept) for one site, by the rule above.
 void dropout_keep_mask(uint8_t *keep, const DropoutCtx *drop, int layer, DropSite site, size_t n);
-// out[n] = the uniforms rng_uniform would return for a stream whose Philox seed is `seed` (Rng.seed),
-// starting at absolute `offset`, computed on the CPU in parallel (bit-identical; see feedforward.c).
-void philox_uniform(uint64_t seed, uint64_t offset, float *out, size_t n);
 
 // h[n] = ReLU(h) then dropout (keep == NULL: no dropout), in place.
 void relu_dropout_forward(float *h, const uint8_t *keep, float scale, size_t n);

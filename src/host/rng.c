@@ -3,9 +3,11 @@
 
 #include <curand.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "mlm/common.h"
 #include "mlm/curand_check.h"
+#include "philox_cpu.h"
 
 static uint64_t splitmix64(uint64_t x) {
     x += 0x9E3779B97F4A7C15ull;
@@ -25,6 +27,7 @@ void rng_init(Rng *rng, uint64_t user_seed, RngDomain domain) {
     CURAND_CHECK(curandSetPseudoRandomGeneratorSeed(g, rng->seed));
     rng->gen = g;
     rng->pos = 0;
+    rng->reproduced = -1;
 }
 
 void rng_free(Rng *rng) {
@@ -39,8 +42,39 @@ static void seek(Rng *rng, uint64_t offset) {
     rng->pos = offset;
 }
 
+void philox_uniform(uint64_t seed, uint64_t offset, float *out, size_t n) {
+    if (n == 0) return;
+    FOR_EACH_PHILOX(seed, offset, (uint64_t)n, out[i] = curand_uniform_of(x));
+}
+
+static void curand_uniform_at(Rng *rng, uint64_t offset, float *out, size_t n) {
+    seek(rng, offset);
+    CURAND_CHECK(curandGenerateUniform((curandGenerator_t)rng->gen, out, n));
+    rng->pos = offset + n;
+}
+
+int rng_reproduced(Rng *rng) {
+    if (rng->reproduced < 0) {
+        enum { SAMPLE = 64 };
+        float want[SAMPLE], got[SAMPLE];
+        // Crosses a thread-row boundary of cuRAND's layout, from an offset that is not a multiple of 4.
+        uint64_t offset = (uint64_t)CURAND_PHILOX_THREADS * 4 * 3 - 2 * SAMPLE + 1;
+        curand_uniform_at(rng, offset, want, SAMPLE);
+        philox_uniform(rng->seed, offset, got, SAMPLE);
+        rng->reproduced = memcmp(want, got, sizeof(want)) == 0;
+        if (!rng->reproduced)
+            mlm_warn("this cuRAND lays out its host Philox stream differently from mlm's CPU copy; drawing from "
+                     "cuRAND directly (slower, same results)");
+    }
+    return rng->reproduced;
+}
+
 void rng_uniform(Rng *rng, uint64_t offset, float *out, size_t n) {
     if (n == 0) return;
+    if (rng_reproduced(rng)) {
+        philox_uniform(rng->seed, offset, out, n);
+        return;
+    }
     seek(rng, offset);
     CURAND_CHECK(curandGenerateUniform((curandGenerator_t)rng->gen, out, n));
     rng->pos = offset + n;
