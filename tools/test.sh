@@ -17,12 +17,19 @@ export MLM_DATA_MIRROR="${MLM_DATA_MIRROR:-$(cd .. && pwd)/shared/data}"
 corpus="$MLM_DATA_MIRROR/tinyshakespeare.txt"
 jobs="$(nproc 2>/dev/null || echo 2)"
 
+# CTest reports a skipped test as "Skipped"; print the reason each one gave (its "SKIP:" line).
+skip_reasons() {
+  grep -h "^SKIP:" "$1/Testing/Temporary/LastTest.log" 2>/dev/null | sort | uniq -c | sed 's/^/   skipped:/' || true
+}
+
 echo "== release build"
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DMLM_TEST_CORPUS="$corpus" >/dev/null
 cmake --build build -j"$jobs"
 (cd build && ctest --output-on-failure -j"$jobs")
+skip_reasons build
 
 echo "== sanitizer build (ASan + UBSan)"
 cmake -S . -B build-san -DCMAKE_BUILD_TYPE=Debug -DMLM_SANITIZE=ON -DMLM_TEST_CORPUS="$corpus" >/dev/null
 cmake --build build-san -j"$jobs"
 (cd build-san && ctest --output-on-failure -j"$jobs" -LE slow)
+skip_reasons build-san

@@ -8,7 +8,10 @@ extern "C" int cuda_device_count(char *why, size_t why_len) {
     int n = 0;
     cudaError_t e = cudaGetDeviceCount(&n);
     if (e != cudaSuccess) {
-        if (why) snprintf(why, why_len, "no CUDA device: %s", cudaGetErrorString(e));
+        // Without an NVIDIA driver the runtime says "driver version is insufficient": name the real cause.
+        if (why)
+            snprintf(why, why_len, "no usable CUDA device (no NVIDIA GPU or driver here; cudaGetDeviceCount: %s)",
+                     cudaGetErrorString(e));
         (void)cudaGetLastError();  // clear the sticky error so later CPU-only work is unaffected
         return 0;
     }
