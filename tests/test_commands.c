@@ -22,16 +22,6 @@ static long n_params, n_tokens;  // of the trained checkpoint
               "--set data.seq_len=16 --set train.batch_size=8 --set train.log_every=5 --set train.samples=false " \
               "--set train.ckpt_every=0 --set optim.warmup=10 --set train.threads=2 --set model.init=pytorch"
 
-static int run(const char *fmt, ...) MLM_PRINTF(1, 2);
-static int run(const char *fmt, ...) {
-    char cmd[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(cmd, sizeof(cmd), fmt, ap);
-    va_end(ap);
-    int st = system(cmd);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-}
 
 // Contents of tmpdir/name ("" if unreadable; malloc'ed).
 static char *slurp(const char *name) {
@@ -70,7 +60,7 @@ static char *field_str(const char *text, const char *key) {
 
 static void train_tiny_model(void) {
     snprintf(run_dir, sizeof(run_dir), "%s/run", tmpdir);
-    CHECK(run("%s train " SMALL " --data %s --steps %d --out %s -q > %s/train.log 2>&1", mlm_bin, corpus, STEPS,
+    CHECK(test_run("%s train " SMALL " --data %s --steps %d --out %s -q > %s/train.log 2>&1", mlm_bin, corpus, STEPS,
               run_dir, tmpdir) == 0, "training failed (see %s/train.log)", tmpdir);
     Checkpoint ck;
     char err[1024];
@@ -81,10 +71,10 @@ static void train_tiny_model(void) {
 }
 
 static void test_eval(void) {
-    CHECK(run("%s eval --ckpt %s --json > %s/eval1.json", mlm_bin, run_dir, tmpdir) == 0, "eval --json failed");
-    CHECK(run("%s eval --ckpt %s --json > %s/eval2.json", mlm_bin, run_dir, tmpdir) == 0, "eval --json failed");
-    CHECK(run("%s eval --ckpt %s > %s/eval1.txt", mlm_bin, run_dir, tmpdir) == 0, "eval failed");
-    CHECK(run("%s eval --ckpt %s > %s/eval2.txt", mlm_bin, run_dir, tmpdir) == 0, "eval failed");
+    CHECK(test_run("%s eval --ckpt %s --json > %s/eval1.json", mlm_bin, run_dir, tmpdir) == 0, "eval --json failed");
+    CHECK(test_run("%s eval --ckpt %s --json > %s/eval2.json", mlm_bin, run_dir, tmpdir) == 0, "eval --json failed");
+    CHECK(test_run("%s eval --ckpt %s > %s/eval1.txt", mlm_bin, run_dir, tmpdir) == 0, "eval failed");
+    CHECK(test_run("%s eval --ckpt %s > %s/eval2.txt", mlm_bin, run_dir, tmpdir) == 0, "eval failed");
     char *a = slurp("eval1.json"), *b = slurp("eval2.json"), *c = slurp("eval1.txt"), *d = slurp("eval2.txt");
     CHECK(a[0] && !strcmp(a, b), "two evaluations differ:\n%s%s", a, b);
     CHECK(c[0] && !strcmp(c, d), "two evaluation summaries differ:\n%s%s", c, d);
@@ -102,14 +92,14 @@ static void test_eval(void) {
     free(a); free(b); free(c); free(d);
 
     // Another seed masks other positions; --data evaluates a whole text and warns about dropped characters.
-    CHECK(run("%s eval --ckpt %s --json --seed 7 > %s/eval3.json", mlm_bin, run_dir, tmpdir) == 0, "eval --seed");
+    CHECK(test_run("%s eval --ckpt %s --json --seed 7 > %s/eval3.json", mlm_bin, run_dir, tmpdir) == 0, "eval --seed");
     a = slurp("eval1.json");
     b = slurp("eval3.json");
     CHECK(field_num(b, "seed") == 7 && strcmp(a, b) != 0, "--seed 7 should change the masks:\n%s", b);
     free(a); free(b);
-    CHECK(run("printf 'First Citizen:\\nWe are accounted poor citizens, the patricians good. \\303\\251\\303\\251\\n' > "
+    CHECK(test_run("printf 'First Citizen:\\nWe are accounted poor citizens, the patricians good. \\303\\251\\303\\251\\n' > "
               "%s/text.txt", tmpdir) == 0, "writing a text");
-    CHECK(run("%s eval --ckpt %s --data %s/text.txt --seed 3 --json > %s/eval4.json 2> %s/eval4.err", mlm_bin, run_dir,
+    CHECK(test_run("%s eval --ckpt %s --data %s/text.txt --seed 3 --json > %s/eval4.json 2> %s/eval4.err", mlm_bin, run_dir,
               tmpdir, tmpdir, tmpdir) == 0, "eval --data failed (see %s/eval4.err)", tmpdir);
     a = slurp("eval4.json");
     b = slurp("eval4.err");
@@ -168,25 +158,25 @@ static void check_fill_json(const char *json, const char *text, int k) {
 static void test_fill(void) {
     // Longer than seq_len (16): three windows, the last one padded.
     const char *text = "Fi_st Citizen:\nBefore we pr[MASK]ceed any furth_r, hear _e.";
-    CHECK(run("%s fill --ckpt %s --json '%s' > %s/fill1.json", mlm_bin, run_dir, text, tmpdir) == 0, "fill --json");
+    CHECK(test_run("%s fill --ckpt %s --json '%s' > %s/fill1.json", mlm_bin, run_dir, text, tmpdir) == 0, "fill --json");
     char *a = slurp("fill1.json");
     check_fill_json(a, text, 5);
     printf("fill: %s", a);
     free(a);
-    CHECK(run("%s fill --ckpt %s --json --top-k 1000 '%s' > %s/fill2.json", mlm_bin, run_dir, text, tmpdir) == 0,
+    CHECK(test_run("%s fill --ckpt %s --json --top-k 1000 '%s' > %s/fill2.json", mlm_bin, run_dir, text, tmpdir) == 0,
           "fill --top-k 1000");
     a = slurp("fill2.json");
     check_fill_json(a, text, (int)n_tokens);
     free(a);
     // Plain output (not a terminal): the filled text itself.
-    CHECK(run("%s fill --ckpt %s 'the _ing' > %s/fill3.txt", mlm_bin, run_dir, tmpdir) == 0, "fill");
+    CHECK(test_run("%s fill --ckpt %s 'the _ing' > %s/fill3.txt", mlm_bin, run_dir, tmpdir) == 0, "fill");
     a = slurp("fill3.txt");
     CHECK(strlen(a) >= 9 && !strncmp(a, "the ", 4) && strstr(a, "ing\n") && !strchr(a, '\x1b'),
           "plain fill output '%s'", a);
     free(a);
 
     // Standard input: one JSON object per line, in order.
-    CHECK(run("printf 'a_c\\nthe kin_ of _\\n' | %s fill --ckpt %s --json --top-k 3 - > %s/fill4.json", mlm_bin,
+    CHECK(test_run("printf 'a_c\\nthe kin_ of _\\n' | %s fill --ckpt %s --json --top-k 3 - > %s/fill4.json", mlm_bin,
               run_dir, tmpdir) == 0, "fill - (stdin)");
     a = slurp("fill4.json");
     char *second = strchr(a, '\n');
@@ -222,11 +212,11 @@ static void test_export_roundtrip(void) {
     snprintf(w1, sizeof(w1), "%s/w1.safetensors", tmpdir);
     snprintf(w2, sizeof(w2), "%s/w2.safetensors", tmpdir);
     snprintf(run2, sizeof(run2), "%s/run2", tmpdir);
-    CHECK(run("%s export --ckpt %s --out %s > /dev/null", mlm_bin, run_dir, w1) == 0, "export failed");
+    CHECK(test_run("%s export --ckpt %s --out %s > /dev/null", mlm_bin, run_dir, w1) == 0, "export failed");
     // One step at learning rate 0 leaves the weights as they were loaded.
-    CHECK(run("%s train " SMALL " --data %s --init %s --steps 1 --set optim.lr=0 --out %s -q > %s/train2.log 2>&1",
+    CHECK(test_run("%s train " SMALL " --data %s --init %s --steps 1 --set optim.lr=0 --out %s -q > %s/train2.log 2>&1",
               mlm_bin, corpus, w1, run2, tmpdir) == 0, "train --init failed (see %s/train2.log)", tmpdir);
-    CHECK(run("%s export --ckpt %s --out %s > /dev/null", mlm_bin, run2, w2) == 0, "second export failed");
+    CHECK(test_run("%s export --ckpt %s --out %s > /dev/null", mlm_bin, run2, w2) == 0, "second export failed");
     CHECK(tensors_equal(w1, w2), "export -> train --init -> export changed the weights");
     StFile f;
     char err[1024];
@@ -240,7 +230,7 @@ static void test_export_roundtrip(void) {
 }
 
 static void test_info(void) {
-    CHECK(run("%s info --ckpt %s > %s/info.txt", mlm_bin, run_dir, tmpdir) == 0, "info failed");
+    CHECK(test_run("%s info --ckpt %s > %s/info.txt", mlm_bin, run_dir, tmpdir) == 0, "info failed");
     char *a = slurp("info.txt"), want[64];
     snprintf(want, sizeof(want), "%ld", n_params);
     CHECK(strstr(a, want) != NULL, "info does not mention the parameter count %s:\n%s", want, a);
@@ -251,19 +241,19 @@ static void test_info(void) {
 }
 
 static void test_errors(void) {
-    CHECK(run("%s eval > /dev/null 2>&1", mlm_bin) == MLM_EXIT_USAGE, "eval without --ckpt must exit 2");
-    CHECK(run("%s info > /dev/null 2>&1", mlm_bin) == MLM_EXIT_USAGE, "info without --ckpt must exit 2");
-    CHECK(run("%s fill --ckpt %s/missing.safetensors 'a_' > /dev/null 2>&1", mlm_bin, tmpdir) != 0, "missing file");
-    CHECK(run("%s eval --ckpt %s > /dev/null 2>&1", mlm_bin, corpus) != 0, "a text file is not a checkpoint");
-    CHECK(run("%s info --ckpt %s/w1.safetensors > /dev/null 2>&1", mlm_bin, tmpdir) != 0,
+    CHECK(test_run("%s eval > /dev/null 2>&1", mlm_bin) == MLM_EXIT_USAGE, "eval without --ckpt must exit 2");
+    CHECK(test_run("%s info > /dev/null 2>&1", mlm_bin) == MLM_EXIT_USAGE, "info without --ckpt must exit 2");
+    CHECK(test_run("%s fill --ckpt %s/missing.safetensors 'a_' > /dev/null 2>&1", mlm_bin, tmpdir) != 0, "missing file");
+    CHECK(test_run("%s eval --ckpt %s > /dev/null 2>&1", mlm_bin, corpus) != 0, "a text file is not a checkpoint");
+    CHECK(test_run("%s info --ckpt %s/w1.safetensors > /dev/null 2>&1", mlm_bin, tmpdir) != 0,
           "exported weights are not a checkpoint");
-    CHECK(run("%s fill --ckpt %s \"$(printf 'caf\\303\\251 _')\" > /dev/null 2> %s/fill.err", mlm_bin, run_dir,
+    CHECK(test_run("%s fill --ckpt %s \"$(printf 'caf\\303\\251 _')\" > /dev/null 2> %s/fill.err", mlm_bin, run_dir,
               tmpdir) == MLM_EXIT_USAGE, "a character outside the vocabulary must be refused with exit 2");
     char *e = slurp("fill.err");
     CHECK(strstr(e, "U+00E9") != NULL, "the error should name the character: %s", e);
     free(e);
-    CHECK(run("%s export --ckpt %s > /dev/null 2>&1", mlm_bin, run_dir) == MLM_EXIT_USAGE, "export without --out");
-    CHECK(run("%s fill --ckpt %s > /dev/null 2>&1", mlm_bin, run_dir) == MLM_EXIT_USAGE, "fill without TEXT");
+    CHECK(test_run("%s export --ckpt %s > /dev/null 2>&1", mlm_bin, run_dir) == MLM_EXIT_USAGE, "export without --out");
+    CHECK(test_run("%s fill --ckpt %s > /dev/null 2>&1", mlm_bin, run_dir) == MLM_EXIT_USAGE, "fill without TEXT");
 }
 
 int main(int argc, char **argv) {
@@ -275,7 +265,7 @@ int main(int argc, char **argv) {
     if (!mkdtemp(tmpdir)) return test_skip("cannot create a temporary directory");
     static char slice[400];
     snprintf(slice, sizeof(slice), "%s/slice.txt", tmpdir);
-    if (run("head -c 30000 %s > %s", full, slice) != 0) return test_skip("cannot slice the corpus");
+    if (test_run("head -c 30000 %s > %s", full, slice) != 0) return test_skip("cannot slice the corpus");
     corpus = slice;
     train_tiny_model();
     if (t_failures == 0) {
@@ -286,7 +276,7 @@ int main(int argc, char **argv) {
         test_errors();
     }
     int rc = test_finish("test_commands");
-    if (rc == 0) run("rm -rf %s", tmpdir);
+    if (rc == 0) test_run("rm -rf %s", tmpdir);
     else printf("files kept in %s\n", tmpdir);
     return rc;
 }

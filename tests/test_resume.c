@@ -20,16 +20,6 @@ static char tmpdir[256];
               "--set data.seq_len=16 --set train.batch_size=8 --set train.log_every=1 --set train.samples=false " \
               "--set train.ckpt_every=0 --set optim.warmup=10 --set train.threads=2"
 
-static int run(const char *fmt, ...) MLM_PRINTF(1, 2);
-static int run(const char *fmt, ...) {
-    char cmd[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(cmd, sizeof(cmd), fmt, ap);
-    va_end(ap);
-    int st = system(cmd);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-}
 
 // Train-loss strings by step (metrics print losses with %.9g, so equal strings mean equal floats).
 static int train_losses(const char *run_dir, char losses[][32], int max) {
@@ -57,7 +47,7 @@ static void test_resume_equals_straight_run(void) {
     char a[300], b[300];
     snprintf(a, sizeof(a), "%s/straight", tmpdir);
     snprintf(b, sizeof(b), "%s/interrupted", tmpdir);
-    CHECK(run("%s train " SMALL " --data %s --steps %d --out %s -q > %s.log 2>&1", mlm_bin, corpus, STEPS, a, a) == 0,
+    CHECK(test_run("%s train " SMALL " --data %s --steps %d --out %s -q > %s.log 2>&1", mlm_bin, corpus, STEPS, a, a) == 0,
           "straight run failed (see %s.log)", a);
 
     // Interrupted run: SIGINT once a few steps are logged; it must checkpoint and exit with 130.
@@ -99,7 +89,7 @@ static void test_resume_equals_straight_run(void) {
     printf("interrupted at step %ld with exit code %d\n", mid_step, code);
     CHECK(code == 130, "exit code after SIGINT %d", code);
     CHECK(mid_step > 0 && mid_step < STEPS, "the interruption should land mid-run (step %ld of %d)", mid_step, STEPS);
-    CHECK(run("%s train --resume %s -q >> %s.log 2>&1", mlm_bin, b, b) == 0, "resume failed (see %s.log)", b);
+    CHECK(test_run("%s train --resume %s -q >> %s.log 2>&1", mlm_bin, b, b) == 0, "resume failed (see %s.log)", b);
 
     Checkpoint ca, cb;
     CHECK(ckpt_load(a, &ca, err, sizeof(err)) == 0, "%s", err);
@@ -126,17 +116,17 @@ static void test_resume_equals_straight_run(void) {
     char latest[600], bad[700];
     ckpt_find_latest(b, latest, sizeof(latest));
     snprintf(bad, sizeof(bad), "%s/truncated.safetensors", tmpdir);
-    run("head -c 5000 %s > %s", latest, bad);
+    test_run("head -c 5000 %s > %s", latest, bad);
     CHECK(ckpt_load(bad, &cb, err, sizeof(err)) != 0, "truncated checkpoint accepted");
     printf("truncated: %s\n", err);
     snprintf(bad, sizeof(bad), "%s/flipped.safetensors", tmpdir);
-    run("cp %s %s && printf '\\377' | dd of=%s bs=1 seek=$(( $(stat -c %%s %s) - 100 )) conv=notrunc 2>/dev/null",
+    test_run("cp %s %s && printf '\\377' | dd of=%s bs=1 seek=$(( $(stat -c %%s %s) - 100 )) conv=notrunc 2>/dev/null",
         latest, bad, bad, bad);
     CHECK(ckpt_load(bad, &cb, err, sizeof(err)) != 0 && strstr(err, "checksum"), "corrupt checkpoint accepted: %s", err);
     printf("corrupt: %s\n", err);
-    CHECK(run("%s train --resume %s --set model.d_model=64 > /dev/null 2>&1", mlm_bin, b) == MLM_EXIT_USAGE,
+    CHECK(test_run("%s train --resume %s --set model.d_model=64 > /dev/null 2>&1", mlm_bin, b) == MLM_EXIT_USAGE,
           "a resume that changes the model must be refused with exit 2");
-    CHECK(run("%s train --resume %s/nowhere > /dev/null 2>&1", mlm_bin, tmpdir) == MLM_EXIT_USAGE,
+    CHECK(test_run("%s train --resume %s/nowhere > /dev/null 2>&1", mlm_bin, tmpdir) == MLM_EXIT_USAGE,
           "resume from a missing directory must be refused");
 }
 
@@ -150,11 +140,11 @@ int main(int argc, char **argv) {
     // A 30 kB slice keeps each validation pass short (24 batches); --data takes any text.
     static char slice[400];
     snprintf(slice, sizeof(slice), "%s/slice.txt", tmpdir);
-    if (run("head -c 30000 %s > %s", full, slice) != 0) return test_skip("cannot slice the corpus");
+    if (test_run("head -c 30000 %s > %s", full, slice) != 0) return test_skip("cannot slice the corpus");
     corpus = slice;
     test_resume_equals_straight_run();
     int rc = test_finish("test_resume");
-    if (rc == 0) run("rm -rf %s", tmpdir);
+    if (rc == 0) test_run("rm -rf %s", tmpdir);
     else printf("files kept in %s\n", tmpdir);
     return rc;
 }

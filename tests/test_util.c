@@ -2,7 +2,9 @@
 #include "test_util.h"
 
 #include <math.h>
+#include <stdarg.h>
 #include <stdlib.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 int t_checks = 0, t_failures = 0;
@@ -46,4 +48,14 @@ const char *test_corpus_path(int argc, char **argv) {
     if (!p) { printf("no corpus path given (argv[1] or MLM_TEST_CORPUS)\n"); return NULL; }
     if (access(p, R_OK) != 0) { printf("corpus %s is not readable\n", p); return NULL; }
     return p;
+}
+
+int test_run(const char *fmt, ...) {
+    char cmd[4096];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof(cmd), fmt, ap);
+    va_end(ap);
+    int st = system(cmd);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
 }

@@ -29,6 +29,9 @@ int test_finish(const char *name);
 // Print "SKIP: <why>" and return TEST_SKIP.
 int test_skip(const char *why);
 
+// Run a shell command built like printf; returns its exit status (128 + signal if it was killed).
+int test_run(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
 // Path of the corpus for tests: $MLM_TEST_CORPUS or argv[1]; NULL (and a printed reason) if unreadable.
 const char *test_corpus_path(int argc, char **argv);
 
