@@ -2,7 +2,7 @@
 // corpus checksum, a format version and per-tensor checksums, written atomically, the last K kept.
 //
 // Format: a safetensors file (tensors "params", "adam.m", "adam.v", float32 [P]) whose __metadata__ holds
-// format = "mlm-checkpoint", format_version, step, valid_epochs, best_valid_acc, best_epoch, elapsed_s,
+// format = "mlm-checkpoint", format_version, step, tokens, valid_epochs, best_valid_acc, best_epoch, elapsed_s,
 // n_params, corpus_md5, vocab (comma-separated code points), config (the resolved config text) and
 // md5.<tensor> for every tensor. Data order and every RNG offset derive from (config seed, step), so the
 // step is the whole position of the run.
@@ -19,6 +19,7 @@
 
 typedef struct {
     long step;             // optimizer steps done
+    double tokens;         // training tokens seen (partial last batches counted as they are)
     long valid_epochs;     // epochs whose validation has run
     double best_valid_acc;
     long best_epoch;       // -1 if none

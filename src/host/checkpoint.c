@@ -116,9 +116,10 @@ int ckpt_save(const char *run_dir, const Checkpoint *c, int keep, char *path_out
         {.name = "adam.m", .dtype = ST_F32, .ndim = 1, .shape = {(int64_t)c->n_params}, .nbytes = bytes, .data = c->adam_m},
         {.name = "adam.v", .dtype = ST_F32, .ndim = 1, .shape = {(int64_t)c->n_params}, .nbytes = bytes, .data = c->adam_v},
     };
-    char md5s[3][33], step[32], valid_epochs[32], best_acc[40], best_epoch[32], elapsed[40], n_params[32], ver[16];
+    char md5s[3][33], step[32], tokens[40], valid_epochs[32], best_acc[40], best_epoch[32], elapsed[40], n_params[32], ver[16];
     for (int i = 0; i < 3; i++) data_md5(t[i].data, bytes, md5s[i]);
     snprintf(step, sizeof(step), "%ld", c->st.step);
+    snprintf(tokens, sizeof(tokens), "%.0f", c->st.tokens);
     snprintf(valid_epochs, sizeof(valid_epochs), "%ld", c->st.valid_epochs);
     snprintf(best_acc, sizeof(best_acc), "%.17g", c->st.best_valid_acc);
     snprintf(best_epoch, sizeof(best_epoch), "%ld", c->st.best_epoch);
@@ -127,7 +128,7 @@ int ckpt_save(const char *run_dir, const Checkpoint *c, int keep, char *path_out
     snprintf(ver, sizeof(ver), "%d", CKPT_FORMAT_VERSION);
     char *cfg = config_text(&c->cfg), *voc = vocab_text(&c->vocab);
     const char *meta[] = {
-        "format", CKPT_FORMAT, "format_version", ver, "mlm_version", MLM_VERSION, "step", step,
+        "format", CKPT_FORMAT, "format_version", ver, "mlm_version", MLM_VERSION, "step", step, "tokens", tokens,
         "valid_epochs", valid_epochs, "best_valid_acc", best_acc, "best_epoch", best_epoch, "elapsed_s", elapsed,
         "n_params", n_params, "corpus_md5", c->corpus_md5, "vocab", voc, "config", cfg,
         "md5.params", md5s[0], "md5.adam.m", md5s[1], "md5.adam.v", md5s[2],
@@ -219,6 +220,7 @@ int ckpt_load(const char *path_in, Checkpoint *out, char *err, size_t errlen) {
         goto done;
     }
     if (meta_long(&f, "step", &out->st.step, path, err, errlen) ||
+        meta_double(&f, "tokens", &out->st.tokens, path, err, errlen) ||
         meta_long(&f, "valid_epochs", &out->st.valid_epochs, path, err, errlen) ||
         meta_double(&f, "best_valid_acc", &out->st.best_valid_acc, path, err, errlen) ||
         meta_long(&f, "best_epoch", &out->st.best_epoch, path, err, errlen) ||

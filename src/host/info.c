@@ -183,7 +183,7 @@ int info_run(const char *ckpt) {
     printf("%-20s %ld\n", "step", ck.st.step);
     printf("%-20s %ld completed and validated (of %d)\n", "epochs", ck.st.valid_epochs, c->epochs);
     // The same count metrics.jsonl reports: steps x batch x seq_len (the last batch of an epoch is smaller).
-    printf("%-20s %.0f\n", "tokens seen", (double)ck.st.step * c->batch_size * c->seq_len);
+    printf("%-20s %.0f\n", "tokens seen", ck.st.tokens);
     printf("%-20s %s\n", "elapsed (training)", elapsed);
     if (ck.st.best_epoch >= 0)
         printf("%-20s %.4f (epoch %ld)\n", "best valid accuracy", ck.st.best_valid_acc, ck.st.best_epoch + 1);

@@ -17,6 +17,7 @@
 #include "mlm/cpu.h"
 #include "mlm/weights.h"
 #include "mlm/cuda_backend.h"
+#include "mlm/cuda_model.h"
 #include "mlm/optim.h"
 #include "mlm/rng.h"
 
@@ -88,8 +89,14 @@ typedef struct {
     RngLayout layout;
     Batcher train_b, valid_b;
     Rng train_rng, valid_rng, sample_rng;
+    // The backend: the CPU model, or the device-resident CUDA model (exactly one is set).
     CpuModel *model;
-    float *opt_state;      // [2P] Adam first and second moments, one allocation
+    CudaModel *gpu;
+    size_t n_params;
+    float *params;         // [P] the CPU model's parameters, or the host copy of the device's
+    float *gpu_logits;     // [B, T, V] host copy of the GPU's logits (samples)
+    int profiling;         // between cudaProfilerStart and Stop (--profile-steps)
+    float *opt_state;      // [2P] Adam first and second moments, one allocation (host copy on the GPU)
     float *adam_m, *adam_v;
     uint8_t *decay_mask;   // [P] 1 where AdamW decays (2-D weights)
     int *tokens, *inputs, *labels;  // [B, T]
@@ -226,6 +233,13 @@ static DropoutCtx dropout_ctx(Run *r, Rng *rng, uint64_t index, int enabled) {
     return d;
 }
 
+// The same stream position for the CUDA backend (masks always; dropout when enabled).
+static CudaRandom cuda_random(Run *r, Rng *rng, uint64_t index, int dropout) {
+    CudaRandom c = {.philox_seed = rng->seed, .layout = r->layout, .step = index,
+                    .dropout_p = dropout ? (float)r->cfg.dropout : 0.0f};
+    return c;
+}
+
 // The reference's samples: prompts cut to seq_len, padded with PAD, masked, predicted. Correct predictions
 // green, wrong red, unmasked characters dimmed.
 static void print_samples(Run *r, long epoch) {
@@ -240,9 +254,19 @@ static void print_samples(Run *r, long epoch) {
         size_t m = vocab_encode(v, cps, len, ids);
         for (int t = 0; t < T; t++) r->tokens[i * T + t] = (size_t)t < m ? ids[t] : v->pad_id;
     }
-    mask_batch(r, &r->sample_rng, (uint64_t)epoch, n);
-    DropoutCtx d = dropout_ctx(r, &r->sample_rng, (uint64_t)epoch, r->cfg.eval_dropout);
-    cpu_model_forward(r->model, r->inputs, NULL, n, v->pad_id, &d, NULL);
+    const float *logits;
+    if (r->gpu) {
+        CudaRandom rnd = cuda_random(r, &r->sample_rng, (uint64_t)epoch, r->cfg.eval_dropout);
+        cuda_model_forward(r->gpu, r->tokens, NULL, n, &r->mask, &rnd, NULL);
+        cuda_model_get_batch(r->gpu, r->inputs, r->labels, n);
+        cuda_model_get_logits(r->gpu, r->gpu_logits, n);
+        logits = r->gpu_logits;
+    } else {
+        mask_batch(r, &r->sample_rng, (uint64_t)epoch, n);
+        DropoutCtx d = dropout_ctx(r, &r->sample_rng, (uint64_t)epoch, r->cfg.eval_dropout);
+        cpu_model_forward(r->model, r->inputs, NULL, n, v->pad_id, &d, NULL);
+        logits = r->model->logits;
+    }
     char path[1100];
     snprintf(path, sizeof(path), "%s/samples.txt", r->run_dir);
     FILE *f = fopen(path, "w");
@@ -254,7 +278,7 @@ static void print_samples(Run *r, long epoch) {
             int pos = i * T + t, V = r->mc.vocab;
             char buf[8];
             if (r->labels[pos] != v->pad_id) {
-                const float *lg = r->model->logits + (size_t)pos * V;
+                const float *lg = logits + (size_t)pos * V;
                 int best = 0;
                 for (int k = 1; k < V; k++)
                     if (lg[k] > lg[best]) best = k;
@@ -286,9 +310,8 @@ static void format_duration(double s, char *out, size_t n) {
 
 static void log_metrics(Run *r, const char *kind, long epoch, double loss, double acc, double lr, double gnorm,
                         double tok_per_s) {
-    double tokens = (double)r->step * r->cfg.batch_size * r->cfg.seq_len;
     fprintf(r->metrics, "{\"kind\":\"%s\",\"step\":%ld,\"epoch\":%ld,\"tokens\":%.0f,\"loss\":%.9g,\"accuracy\":%.9g",
-            kind, r->step, epoch, tokens, loss, acc);
+            kind, r->step, epoch, r->st.tokens, loss, acc);
     if (lr >= 0) fprintf(r->metrics, ",\"lr\":%.6g,\"grad_norm\":%.6g,\"tokens_per_s\":%.6g", lr, gnorm, tok_per_s);
     // time_s: training wall time of the whole run, across checkpoints and resumes.
     fprintf(r->metrics, ",\"time_s\":%.3f}\n", r->st.elapsed_s + (mlm_now() - r->t_start));
@@ -299,6 +322,70 @@ static void check_finite(const Run *r, float loss, const char *where) {
     if (!isfinite(loss))
         mlm_fatal(MLM_EXIT_FAILURE, "the %s loss is %f at step %ld; training diverged: lower optim.lr, keep "
                   "train.grad_clip on, or check the data", where, loss, r->step);
+}
+
+// What one batch reports.
+typedef struct {
+    float loss;
+    int correct, n_targets;
+    float grad_norm;  // training steps
+} BatchStats;
+
+// One optimizer step on the batch in r->tokens: mask, forward, backward, clip, Adam at step r->step + 1.
+static BatchStats train_step(Run *r, int b, double lr) {
+    BatchStats s = {0};
+    if (r->gpu) {
+        CudaRandom rnd = cuda_random(r, &r->train_rng, (uint64_t)r->step, 1);
+        CudaStepStats st;
+        cuda_model_train_step(r->gpu, r->tokens, b, &r->mask, &rnd, (float)r->cfg.grad_clip, &r->oc, r->step + 1, lr,
+                              &st);
+        check_finite(r, st.loss, "training");
+        s.loss = st.loss, s.correct = st.correct, s.n_targets = st.n_targets, s.grad_norm = st.grad_norm;
+        return s;
+    }
+    mask_batch(r, &r->train_rng, (uint64_t)r->step, b);
+    DropoutCtx d = dropout_ctx(r, &r->train_rng, (uint64_t)r->step, 1);
+    s.loss = cpu_model_forward(r->model, r->inputs, r->labels, b, r->corpus.vocab.pad_id, &d, &s.correct);
+    check_finite(r, s.loss, "training");
+    cpu_model_backward(r->model);
+    s.grad_norm = r->cfg.grad_clip > 0 ? cpu_clip_grads(r->model->grads, r->model->n_params, (float)r->cfg.grad_clip)
+                                       : cpu_grad_norm(r->model->grads, r->model->n_params);
+    cpu_adam_update(&r->oc, r->model->params, r->model->grads, r->adam_m, r->adam_v, r->decay_mask,
+                    r->model->n_params, r->step + 1, lr);
+    s.n_targets = r->model->n_targets;
+    return s;
+}
+
+// Mask the batch in r->tokens with stream `rng` at `index` and run the forward (loss and accuracy only).
+static BatchStats eval_batch(Run *r, Rng *rng, uint64_t index, int b, int dropout) {
+    BatchStats s = {0};
+    if (r->gpu) {
+        CudaRandom rnd = cuda_random(r, rng, index, dropout);
+        CudaStepStats st;
+        cuda_model_forward(r->gpu, r->tokens, NULL, b, &r->mask, &rnd, &st);
+        s.loss = st.loss, s.correct = st.correct, s.n_targets = st.n_targets;
+        return s;
+    }
+    mask_batch(r, rng, index, b);
+    DropoutCtx d = dropout_ctx(r, rng, index, dropout);
+    s.loss = cpu_model_forward(r->model, r->inputs, r->labels, b, r->corpus.vocab.pad_id, &d, &s.correct);
+    s.n_targets = r->model->n_targets;
+    return s;
+}
+
+// The GPU's parameters and Adam moments to and from the host copies (checkpoints, --init, --resume); the CPU
+// backend works on the host arrays directly.
+static void upload_state(Run *r) {
+    if (!r->gpu) return;
+    cuda_model_set_params(r->gpu, r->params);
+    cuda_model_set_adam(r->gpu, r->adam_m, r->adam_v);
+    cuda_model_set_decay_mask(r->gpu, r->decay_mask);
+}
+
+static void download_state(Run *r) {
+    if (!r->gpu) return;
+    cuda_model_get_params(r->gpu, r->params);
+    cuda_model_get_adam(r->gpu, r->adam_m, r->adam_v);
 }
 
 // SIGINT/SIGTERM only set a flag; the loop saves a checkpoint at the next step boundary and exits.
@@ -318,8 +405,9 @@ static void save_checkpoint(Run *r) {
     r->st.step = r->step;
     r->st.elapsed_s += mlm_now() - r->t_start;
     r->t_start = mlm_now();
-    Checkpoint c = {.cfg = r->cfg, .vocab = r->corpus.vocab, .st = r->st, .n_params = r->model->n_params,
-                    .params = r->model->params, .adam_m = r->adam_m, .adam_v = r->adam_v};
+    download_state(r);
+    Checkpoint c = {.cfg = r->cfg, .vocab = r->corpus.vocab, .st = r->st, .n_params = r->n_params,
+                    .params = r->params, .adam_m = r->adam_m, .adam_v = r->adam_v};
     memcpy(c.corpus_md5, r->corpus_md5, sizeof(c.corpus_md5));
     char err[1024], path[1200];
     if (ckpt_save(r->run_dir, &c, r->cfg.keep_ckpts, path, sizeof(path), err, sizeof(err)))
@@ -339,21 +427,22 @@ static int train_epoch(Run *r, long epoch) {
         if (r->cfg.max_steps > 0 && r->step >= r->cfg.max_steps) return 1;
         if (stop_signal) return 1;
         int b = batcher_get(&r->train_b, bi, r->tokens);
-        mask_batch(r, &r->train_rng, (uint64_t)r->step, b);
-        DropoutCtx d = dropout_ctx(r, &r->train_rng, (uint64_t)r->step, 1);
-        int correct = 0;
-        float loss = cpu_model_forward(r->model, r->inputs, r->labels, b, r->corpus.vocab.pad_id, &d, &correct);
-        check_finite(r, loss, "training");
-        cpu_model_backward(r->model);
-        float gnorm = r->cfg.grad_clip > 0 ? cpu_clip_grads(r->model->grads, r->model->n_params, (float)r->cfg.grad_clip)
-                                           : cpu_grad_norm(r->model->grads, r->model->n_params);
+        // --profile-steps A:B: the profiler captures steps A..B (step s runs when s steps are done).
+        if (r->gpu && r->opt.profile && r->step == r->opt.profile_first) {
+            cuda_profiler_start();
+            r->profiling = 1;
+        }
         double lr = optim_lr(&r->oc, r->step + 1);
-        cpu_adam_update(&r->oc, r->model->params, r->model->grads, r->adam_m, r->adam_v, r->decay_mask,
-                        r->model->n_params, r->step + 1, lr);
+        BatchStats s = train_step(r, b, lr);
+        float gnorm = s.grad_norm;
+        if (r->profiling && r->step == r->opt.profile_last) {
+            cuda_profiler_stop();
+            r->profiling = 0;
+        }
         r->step++;
-        loss_sum += loss;
-        correct_sum += correct;
-        target_sum += r->model->n_targets;
+        loss_sum += s.loss;
+        correct_sum += s.correct;
+        target_sum += s.n_targets;
         tokens_since += (long)b * T;
         steps_since++;
         int last = bi + 1 == r->train_b.n_batches || (r->cfg.max_steps > 0 && r->step >= r->cfg.max_steps);
@@ -389,15 +478,12 @@ static void valid_epoch(Run *r, long epoch, double *loss_out, double *acc_out) {
         if (stop_signal) return;
         int b = batcher_get(&r->valid_b, bi, r->tokens);
         uint64_t index = (uint64_t)epoch * r->valid_b.n_batches + bi;
-        mask_batch(r, &r->valid_rng, index, b);
-        DropoutCtx d = dropout_ctx(r, &r->valid_rng, index, r->cfg.eval_dropout);
-        int correct = 0;
-        float loss = cpu_model_forward(r->model, r->inputs, r->labels, b, r->corpus.vocab.pad_id, &d, &correct);
-        check_finite(r, loss, "validation");
+        BatchStats s = eval_batch(r, &r->valid_rng, index, b, r->cfg.eval_dropout);
+        check_finite(r, s.loss, "validation");
         // Weight by targets so the epoch loss is the mean over all masked positions.
-        loss_sum += (double)loss * r->model->n_targets;
-        correct_sum += correct;
-        target_sum += r->model->n_targets;
+        loss_sum += (double)s.loss * s.n_targets;
+        correct_sum += s.correct;
+        target_sum += s.n_targets;
     }
     if (stop_signal) return;
     *loss_out = target_sum ? loss_sum / target_sum : 0;
@@ -438,11 +524,20 @@ static void setup(Run *r, const Config *cfg, const TrainOptions *opt) {
     r->uniforms = mlm_malloc(4 * bt * sizeof(float), "masking uniforms");
 }
 
-static void setup_model(Run *r) {
+static void setup_model(Run *r, int gpu) {
     int max_b = MLM_MAX(r->cfg.batch_size, N_PROMPTS);
-    r->model = cpu_model_create(&r->mc, max_b);
-    model_init_params(&r->mc, r->model->params, r->cfg.seed, r->cfg.init_copy_layers);
-    size_t P = r->model->n_params;
+    if (gpu) {
+        r->gpu = cuda_model_create(&r->mc, max_b, r->cfg.tf32);
+        r->n_params = cuda_model_num_params(r->gpu);
+        r->params = mlm_calloc(r->n_params, sizeof(float), "parameters (host copy)");
+        r->gpu_logits = mlm_malloc((size_t)max_b * r->mc.max_seq * r->mc.vocab * sizeof(float), "logits (host copy)");
+    } else {
+        r->model = cpu_model_create(&r->mc, max_b);
+        r->n_params = r->model->n_params;
+        r->params = r->model->params;
+    }
+    model_init_params(&r->mc, r->params, r->cfg.seed, r->cfg.init_copy_layers);
+    size_t P = r->n_params;
     r->opt_state = mlm_calloc(2 * P, sizeof(float), "Adam moments");
     r->adam_m = r->opt_state;
     r->adam_v = r->opt_state + P;
@@ -458,7 +553,13 @@ static void setup_model(Run *r) {
 
 static void teardown(Run *r) {
     if (r->metrics) fclose(r->metrics);
+    if (r->profiling) cuda_profiler_stop();
     if (r->model) cpu_model_free(r->model);
+    if (r->gpu) {
+        cuda_model_free(r->gpu);
+        free(r->params);
+        free(r->gpu_logits);
+    }
     free(r->opt_state);
     free(r->decay_mask);
     free(r->tokens); free(r->inputs); free(r->labels); free(r->uniforms);
@@ -467,15 +568,15 @@ static void teardown(Run *r) {
     corpus_free(&r->corpus);
 }
 
-static int choose_cpu(const Config *cfg) {
+// train.device: cpu, cuda (refused without a device), or auto (the GPU when there is one). 1: CUDA.
+static int choose_gpu(const Config *cfg) {
+    if (cfg->device == DEVICE_CPU) return 0;
     char why[256];
     int gpus = cuda_device_count(why, sizeof(why));
-    if (cfg->device == DEVICE_CUDA)
-        mlm_fatal(MLM_EXIT_USAGE, "train.device = cuda: the CUDA training backend is not implemented yet%s%s%s; "
-                  "use --device cpu", gpus ? "" : " (and ", gpus ? "" : why, gpus ? "" : ")");
-    if (cfg->device == DEVICE_AUTO && gpus > 0)
-        mlm_warn("a CUDA device is present but the CUDA training backend is not implemented yet; training on the CPU");
-    return 1;
+    if (cfg->device == DEVICE_CUDA && gpus == 0)
+        mlm_fatal(MLM_EXIT_USAGE, "train.device = cuda, but there is no usable CUDA device (%s); use --device cpu "
+                  "or --device auto", why);
+    return gpus > 0;
 }
 
 int train_key_resumable(const char *key) {
@@ -494,11 +595,11 @@ static void restore(Run *r, const Checkpoint *c) {
                   "original with --data", r->corpus.path, r->corpus_md5, c->corpus_md5);
     if (memcmp(&c->vocab, &r->corpus.vocab, sizeof(Vocab)) != 0)
         mlm_fatal(MLM_EXIT_USAGE, "the checkpoint's vocabulary differs from the corpus'");
-    if (c->n_params != r->model->n_params)
+    if (c->n_params != r->n_params)
         mlm_fatal(MLM_EXIT_USAGE, "the checkpoint holds %zu parameters but the model has %zu", c->n_params,
-                  r->model->n_params);
+                  r->n_params);
     size_t bytes = c->n_params * sizeof(float);
-    memcpy(r->model->params, c->params, bytes);
+    memcpy(r->params, c->params, bytes);
     memcpy(r->adam_m, c->adam_m, bytes);
     memcpy(r->adam_v, c->adam_v, bytes);
     r->st = c->st;
@@ -521,8 +622,10 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
         teardown(&r);
         return 0;
     }
-    choose_cpu(cfg);
-    setup_model(&r);
+    int gpu = choose_gpu(cfg);
+    if (opt->profile && !gpu)
+        mlm_warn("--profile-steps has no effect on the CPU backend (it brackets CUDA work for nsys and ncu)");
+    setup_model(&r, gpu);
     char err[1024];
     if (opt->resume_path) {
         Checkpoint c;
@@ -530,13 +633,20 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
         restore(&r, &c);
         ckpt_free(&c);
     } else if (opt->init_path) {
-        if (weights_load(opt->init_path, &r.mc, r.model->params, err, sizeof(err)))
+        if (weights_load(opt->init_path, &r.mc, r.params, err, sizeof(err)))
             mlm_fatal(MLM_EXIT_USAGE, "--init: %s", err);
     }
+    upload_state(&r);
     open_run_dir(&r, opt->resume_path != NULL);
     print_header(&r);
-    printf("# device: CPU (%d OpenMP threads, matmuls: %s); run directory %s\n", omp_get_max_threads(), MLM_BLAS_NAME,
-           r.run_dir);
+    if (r.gpu) {
+        char desc[256];
+        cuda_device_describe(desc, sizeof(desc));
+        printf("# device: CUDA (%s; TF32 matmuls %s); run directory %s\n", desc, cfg->tf32 ? "on" : "off", r.run_dir);
+    } else {
+        printf("# device: CPU (%d OpenMP threads, matmuls: %s); run directory %s\n", omp_get_max_threads(),
+               MLM_BLAS_NAME, r.run_dir);
+    }
     if (opt->resume_path) printf("# resumed at step %ld\n", r.step);
     install_signal_handlers();
     r.t_start = mlm_now();
@@ -568,7 +678,7 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
         char dur[32];
         format_duration(r.st.elapsed_s, dur, sizeof(dur));
         printf("done: %ld steps, %.0f tokens in %s; last valid loss %.4f, accuracy %.4f (best %.4f); run directory %s\n",
-               r.step, (double)r.step * cfg->batch_size * cfg->seq_len, dur, vloss, vacc, r.st.best_valid_acc, r.run_dir);
+               r.step, r.st.tokens, dur, vloss, vacc, r.st.best_valid_acc, r.run_dir);
     }
     teardown(&r);
     return rc;
