@@ -61,6 +61,15 @@ void cuda_model_backward(CudaModel *m);
 // step t (from 1) with learning rate lr. tokens[B,T] host ids are copied asynchronously.
 void cuda_model_train_step(CudaModel *m, const int *tokens, int B, const MaskConfig *mask, const CudaRandom *rnd,
                            float max_norm, const OptimConfig *oc, long t, double lr, CudaStepStats *stats);
+// The optimizer part of a step on the gradients of the last backward: global-norm clip (max_norm <= 0: off)
+// and the Adam update at step t with learning rate lr. Returns the norm before clipping. (train_step does
+// the same inside the step; this is for callers that run forward and backward themselves, like the tests.)
+float cuda_model_optimizer_step(CudaModel *m, float max_norm, const OptimConfig *oc, long t, double lr);
+
+// cudaProfilerStart / cudaProfilerStop, for `--profile-steps` (nsys --capture-range=cudaProfilerApi, ncu
+// --profile-from-start off).
+void cuda_profiler_start(void);
+void cuda_profiler_stop(void);
 
 #ifdef __cplusplus
 }

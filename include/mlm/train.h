@@ -17,6 +17,10 @@ typedef struct {
     const char *resume_path;  // run directory (or checkpoint file) to continue exactly
     int dry_run;
     int quiet;
+    // --profile-steps A:B: cudaProfilerStart before step A, cudaProfilerStop after step B (step s is the one
+    // that runs when s steps are done; CUDA backend only).
+    int profile;
+    long profile_first, profile_last;
 } TrainOptions;
 
 // Derived settings shared by train, eval and fill.

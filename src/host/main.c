@@ -42,7 +42,8 @@ static void usage_train(FILE *f) {
           "      --resume DIR       continue the run in DIR exactly where its last checkpoint left off\n"
           "      --init FILE        start from weights in a safetensors file (as `mlm export` writes)\n"
           "      --steps N          stop after N optimizer steps (same as --set train.max_steps=N)\n"
-          "      --profile-steps A:B  bracket steps A..B for Nsight (cudaProfilerStart/Stop; CUDA only)\n"
+          "      --profile-steps A:B  bracket steps A..B for Nsight (cudaProfilerStart/Stop; CUDA only);\n"
+          "                         step s runs when s steps are done (the first is step 0)\n"
           "      --dry-run          load data, build batcher and masker, print the config, the vocabulary\n"
           "                         and one masked batch, then exit\n"
           "  -q, --quiet            no progress line\n"
@@ -149,6 +150,9 @@ static int cmd_train(int argc, char **argv) {
         char tail;
         if (sscanf(profile, "%ld:%ld%c", &a, &b, &tail) != 2 || a < 0 || b < a)
             mlm_fatal(MLM_EXIT_USAGE, "--profile-steps %s: expected A:B with 0 <= A <= B, e.g. 100:110", profile);
+        opt.profile = 1;
+        opt.profile_first = a;
+        opt.profile_last = b;
     }
     if (resume) {
         // The run's own configuration; only keys that do not change its arithmetic may be overridden.

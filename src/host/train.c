@@ -440,6 +440,7 @@ static int train_epoch(Run *r, long epoch) {
             r->profiling = 0;
         }
         r->step++;
+        r->st.tokens += (double)b * T;  // partial last batches count as they are
         loss_sum += s.loss;
         correct_sum += s.correct;
         target_sum += s.n_targets;
@@ -574,8 +575,7 @@ static int choose_gpu(const Config *cfg) {
     char why[256];
     int gpus = cuda_device_count(why, sizeof(why));
     if (cfg->device == DEVICE_CUDA && gpus == 0)
-        mlm_fatal(MLM_EXIT_USAGE, "train.device = cuda, but there is no usable CUDA device (%s); use --device cpu "
-                  "or --device auto", why);
+        mlm_fatal(MLM_EXIT_USAGE, "train.device = cuda, but %s; use --device cpu or --device auto", why);
     return gpus > 0;
 }
 

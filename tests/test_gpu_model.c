@@ -1,0 +1,621 @@
+// test_gpu_model.c (gpu): the device-resident CUDA model (src/kernels/cuda_model.cu) against PyTorch and the
+// CPU backend, its determinism, and its host <-> device state copies.
+//
+// Error measure, per tensor (as test_reference_fixture.c): rel = max_i |a_i - b_i| / max_i |b_i|.
+//
+//  1. The PyTorch fixture (tests/fixtures/reference_small.safetensors) with TF32 off: logits, loss and every
+//     gradient within 1e-5; three forward/backward/clip/Noam-Adam steps: losses and gradient norms within
+//     1e-5, parameters with the end-to-end bound of test_reference_fixture.c (see E2E_PARAM_TOL there).
+//  2. GPU vs CPU on a small random configuration with dropout, same seed, TF32 off: masked inputs and labels
+//     identical (the same Philox numbers through the same rule), loss within 1e-5, every gradient within
+//     1e-4, and after three full training steps the losses and norms within 1e-5 and the parameters within
+//     1e-5. The gradient bound is looser than the loss bound because the two backends add in different
+//     orders (cuBLAS's blocking and split-k vs the CPU's blocked matmul; the GPU's fixed-partition reductions
+//     vs the CPU's row order): each product carries ~1e-7 relative rounding, and the backward chains a dozen
+//     of them per layer (through LayerNorm, softmax and dropout's 1/(1-p)), so small tensors whose entries
+//     are sums with cancellation (biases, LayerNorm weights) reach ~1e-5 of their max; 1e-4 leaves a 10x
+//     margin while still catching any real error (a wrong mask or index moves a tensor by O(1)).
+//  3. Two GPU runs of 50 steps (TF32 on, dropout on, partial batches) with one seed: bit-identical losses,
+//     norms, parameters and Adam moments. (`test_gpu_model --quick` runs 8 steps, for compute-sanitizer.)
+//  4. Parameters and Adam moments set then read back bit for bit (what checkpoints and --init/--resume rely
+//     on to move a run between the backends).
+//
+// The key-attention bias is special everywhere: it adds q . b_k to every score of a query row, which the
+// softmax cancels, so its gradient is exactly zero in real arithmetic and both sides hold rounding noise.
+// Its gradient is measured against the largest gradient of the whole model, and its parameters only against
+// the largest move Adam can make (about lr per step) in either direction.
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "mlm/common.h"
+#include "mlm/cpu.h"
+#include "mlm/cuda_backend.h"
+#include "mlm/cuda_model.h"
+#include "mlm/mask.h"
+#include "mlm/model.h"
+#include "mlm/optim.h"
+#include "mlm/rng.h"
+#include "mlm/safetensors.h"
+#include "test_util.h"
+
+#define REL_TOL 1e-5
+#define GRAD_TOL_VS_CPU 1e-4
+#define E2E_PARAM_TOL 1e-2  // GPU vs PyTorch after three steps: as test_reference_fixture.c part 3
+
+// ---------------------------------------------------------------------------------------------------------
+// Helpers.
+
+static uint64_t lcg_state = 12345;
+static double rand_unit(void) {
+    lcg_state = lcg_state * 6364136223846793005ull + 1442695040888963407ull;
+    return (double)(lcg_state >> 11) / 9007199254740992.0;
+}
+
+// max|a - b| / max|b| over n elements; with max|b| == 0 the absolute error.
+static double rel_err_d(const float *a, const double *b, size_t n) {
+    double num = 0.0, den = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - b[i]);
+        if (d > num || isnan(d)) num = isnan(d) ? INFINITY : d;
+        den = fmax(den, fabs(b[i]));
+    }
+    return den > 0.0 ? num / den : num;
+}
+
+static double rel_err_f(const float *a, const float *b, size_t n, size_t *where) {
+    double num = 0.0, den = 0.0;
+    size_t at = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - (double)b[i]);
+        if (d > num || isnan(d)) { num = isnan(d) ? INFINITY : d; at = i; }
+        den = fmax(den, fabs((double)b[i]));
+    }
+    if (where) *where = at;
+    return den > 0.0 ? num / den : num;
+}
+
+static double max_abs_f(const float *b, size_t n) {
+    double m = 0.0;
+    for (size_t i = 0; i < n; i++) m = fmax(m, fabs((double)b[i]));
+    return m;
+}
+
+static size_t entry_numel(const ParamEntry *e) {
+    return (size_t)e->shape[0] * (e->ndim == 2 ? (size_t)e->shape[1] : 1);
+}
+
+static int is_key_bias(const char *name) { return strstr(name, "self_attn.key.linear.bias") != NULL; }
+
+static ParamEntry *param_table(const ModelConfig *c, int *n) {
+    *n = model_param_table(c, NULL);
+    ParamEntry *tab = mlm_malloc((size_t)*n * sizeof(ParamEntry), "parameter table");
+    model_param_table(c, tab);
+    return tab;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// 1. The PyTorch fixture.
+
+static StFile fx;
+static char fx_path[1024];
+
+static size_t st_numel(const StTensor *t) {
+    size_t n = 1;
+    for (int d = 0; d < t->ndim; d++) n *= (size_t)t->shape[d];
+    return n;
+}
+
+static double *get_f(const char *name, size_t n) {
+    const StTensor *t = st_find(&fx, name);
+    CHECK(t != NULL, "%s: tensor %s missing", fx_path, name);
+    if (!t) return NULL;
+    int ok = st_numel(t) == n && (t->dtype == ST_F32 || t->dtype == ST_F64);
+    CHECK(ok, "%s: %s has %zu elements (expected %zu) or is not floating point", fx_path, name, st_numel(t), n);
+    if (!ok) return NULL;
+    double *out = mlm_malloc(n * sizeof(double), name);
+    for (size_t i = 0; i < n; i++)
+        out[i] = t->dtype == ST_F32 ? (double)((const float *)t->data)[i] : ((const double *)t->data)[i];
+    return out;
+}
+
+static int meta_int(const char *key, int fallback) {
+    char *v = st_meta_get(&fx, key);
+    int r = v ? atoi(v) : fallback;
+    free(v);
+    return r;
+}
+
+static double meta_double(const char *key, double fallback) {
+    char *v = st_meta_get(&fx, key);
+    double r = v ? atof(v) : fallback;
+    free(v);
+    return r;
+}
+
+// "<prefix><state_dict name>" for every table entry, gathered into mlm's parameter layout.
+static double *gather(const ParamEntry *tab, int n_tab, size_t P, const char *prefix) {
+    double *out = mlm_calloc(P, sizeof(double), "reference vector");
+    for (int k = 0; k < n_tab; k++) {
+        char name[160];
+        snprintf(name, sizeof(name), "%s%s", prefix, tab[k].name);
+        double *v = get_f(name, entry_numel(&tab[k]));
+        if (!v) continue;
+        memcpy(out + tab[k].offset, v, entry_numel(&tab[k]) * sizeof(double));
+        free(v);
+    }
+    return out;
+}
+
+static void test_fixture(void) {
+    const char *src = getenv("MLM_SOURCE_DIR");
+    snprintf(fx_path, sizeof(fx_path), "%s/tests/fixtures/reference_small.safetensors", src ? src : ".");
+    char err[512];
+    if (st_read(fx_path, &fx, err, sizeof(err))) {
+        CHECK(0, "cannot read the fixture: %s", err);
+        return;
+    }
+    ModelConfig cfg = {
+        .vocab = meta_int("vocab", 0), .d_model = meta_int("d_model", 0), .n_heads = meta_int("n_heads", 0),
+        .n_layers = meta_int("n_layers", 0), .d_ff = meta_int("d_ff", 0), .max_seq = meta_int("seq_len", 0),
+        .dropout = 0.0f, .ln_eps = (float)meta_double("ln_eps", 1e-5),
+    };
+    int B = meta_int("batch", 0), T = cfg.max_seq, V = cfg.vocab, pad = meta_int("pad_id", cfg.vocab - 2);
+    int steps = meta_int("steps", 3);
+    float max_norm = (float)meta_double("max_grad_norm", 1.0);
+    OptimConfig oc = {
+        .kind = OPTIM_NOAM_ADAM, .schedule = SCHED_NOAM, .lr = (float)meta_double("lr_factor", 1.0),
+        .beta1 = (float)meta_double("beta1", 0.9), .beta2 = (float)meta_double("beta2", 0.999),
+        .eps = (float)meta_double("eps", 1e-8), .weight_decay = 0.0f, .warmup = meta_int("warmup", 4),
+        .min_lr = 0.0f, .d_model = cfg.d_model, .total_steps = steps,
+    };
+    if (model_config_check(&cfg, err, sizeof(err)) || B < 1 || steps < 1 || steps > 3) {
+        CHECK(0, "%s: bad config in metadata: %s (batch %d, steps %d)", fx_path, err, B, steps);
+        st_free(&fx);
+        return;
+    }
+    printf("part 1: PyTorch fixture on the GPU, TF32 off (vocab %d, d_model %d, heads %d, layers %d, d_ff %d, "
+           "seq %d, batch %d)\n", V, cfg.d_model, cfg.n_heads, cfg.n_layers, cfg.d_ff, T, B);
+
+    int n_tab;
+    ParamEntry *tab = param_table(&cfg, &n_tab);
+    size_t P = model_num_params(&cfg);
+    double *init = gather(tab, n_tab, P, "");
+    double *ref_grad = gather(tab, n_tab, P, "grad.");
+    double *ref_step3 = gather(tab, n_tab, P, "step3.");
+    double *ref_logits = get_f("logits", (size_t)T * B * V);
+    double *ref_loss = get_f("loss", 1), *ref_losses = get_f("losses", 3), *ref_norms = get_f("grad_norms", 3);
+    const StTensor *ids = st_find(&fx, "input_ids"), *lab = st_find(&fx, "labels");
+    int ids_ok = ids && lab && ids->dtype == ST_I64 && lab->dtype == ST_I64 && st_numel(ids) == (size_t)T * B &&
+                 st_numel(lab) == (size_t)T * B;
+    CHECK(ids_ok, "input_ids / labels missing or not int64 [seq, batch]");
+    if (!ids_ok || !ref_logits || !ref_loss || !ref_losses || !ref_norms) {
+        free(tab), free(init), free(ref_grad), free(ref_step3), free(ref_logits), free(ref_loss), free(ref_losses);
+        free(ref_norms);
+        st_free(&fx);
+        return;
+    }
+    // PyTorch is [seq, batch]; mlm is [batch, seq].
+    int *inputs = mlm_malloc((size_t)B * T * sizeof(int), "inputs"), *labels = mlm_malloc((size_t)B * T * sizeof(int), "labels");
+    int n_targets = 0;
+    for (int t = 0; t < T; t++)
+        for (int b = 0; b < B; b++) {
+            inputs[b * T + t] = (int)((const int64_t *)ids->data)[t * B + b];
+            labels[b * T + t] = (int)((const int64_t *)lab->data)[t * B + b];
+            n_targets += labels[b * T + t] != pad;
+        }
+    float *params = mlm_malloc(P * sizeof(float), "params"), *grads = mlm_malloc(P * sizeof(float), "grads");
+    float *zeros = mlm_calloc(P, sizeof(float), "zeros");
+    for (size_t i = 0; i < P; i++) params[i] = (float)init[i];
+
+    CudaModel *m = cuda_model_create(&cfg, B, 0);
+    CHECK(cuda_model_num_params(m) == P, "the CUDA model has %zu parameters, the layout %zu", cuda_model_num_params(m), P);
+    cuda_model_set_params(m, params);
+
+    // Forward and backward.
+    CudaStepStats st;
+    cuda_model_forward(m, inputs, labels, B, NULL, NULL, &st);
+    CHECK(st.n_targets == n_targets, "GPU counted %d targets, the labels have %d", st.n_targets, n_targets);
+    float *logits = mlm_malloc((size_t)B * T * V * sizeof(float), "logits");
+    float *logits_tb = mlm_malloc((size_t)B * T * V * sizeof(float), "logits");
+    cuda_model_get_logits(m, logits, B);
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++)
+            memcpy(logits_tb + ((size_t)t * B + b) * V, logits + ((size_t)b * T + t) * V, (size_t)V * sizeof(float));
+    double r = rel_err_d(logits_tb, ref_logits, (size_t)T * B * V);
+    printf("  logits %-48s %.2e\n", "", r);
+    CHECK(r <= REL_TOL, "fixture logits: relative error %.3e > %.1e", r, REL_TOL);
+    r = rel_err_d(&st.loss, ref_loss, 1);
+    printf("  loss   %-48s %.2e  (GPU %.7f, torch %.7f)\n", "", r, st.loss, ref_loss[0]);
+    CHECK(r <= REL_TOL, "fixture loss: relative error %.3e > %.1e", r, REL_TOL);
+
+    cuda_model_backward(m);
+    cuda_model_get_grads(m, grads);
+    double grad_scale = 0.0;
+    for (size_t i = 0; i < P; i++) grad_scale = fmax(grad_scale, fabs(ref_grad[i]));
+    double worst_grad = 0.0;
+    for (int k = 0; k < n_tab; k++) {
+        const ParamEntry *e = &tab[k];
+        size_t n = entry_numel(e);
+        r = rel_err_d(grads + e->offset, ref_grad + e->offset, n);
+        if (is_key_bias(e->name)) {
+            double a = 0.0;
+            for (size_t i = 0; i < n; i++) a = fmax(a, fabs(grads[e->offset + i] - ref_grad[e->offset + i]));
+            r = a / grad_scale;
+            printf("  grad   %-48s %.2e of the largest gradient (zero in exact arithmetic)\n", e->name, r);
+        } else {
+            printf("  grad   %-48s %.2e\n", e->name, r);
+        }
+        CHECK(r <= REL_TOL, "fixture grad %s: relative error %.3e > %.1e", e->name, r, REL_TOL);
+        worst_grad = fmax(worst_grad, r);
+    }
+
+    // Three steps of forward, backward, clip and Noam-Adam from the initial parameters.
+    cuda_model_set_params(m, params);
+    cuda_model_set_adam(m, zeros, zeros);
+    double worst_loss = 0.0, worst_norm = 0.0;
+    for (int s = 0; s < steps; s++) {
+        cuda_model_forward(m, inputs, labels, B, NULL, NULL, &st);
+        cuda_model_backward(m);
+        float norm = cuda_model_optimizer_step(m, max_norm, &oc, s + 1, optim_lr(&oc, s + 1));
+        double rl = rel_err_d(&st.loss, &ref_losses[s], 1), rn = rel_err_d(&norm, &ref_norms[s], 1);
+        printf("  step %d: loss %.7f (torch %.7f, rel %.2e), grad norm %.7f (torch %.7f, rel %.2e)\n", s + 1,
+               st.loss, ref_losses[s], rl, norm, ref_norms[s], rn);
+        CHECK(rl <= REL_TOL, "fixture step %d loss: relative error %.3e", s + 1, rl);
+        CHECK(rn <= REL_TOL, "fixture step %d grad norm: relative error %.3e", s + 1, rn);
+        worst_loss = fmax(worst_loss, rl);
+        worst_norm = fmax(worst_norm, rn);
+    }
+    cuda_model_get_params(m, params);
+    double worst_param = 0.0;
+    for (int k = 0; k < n_tab; k++) {
+        const ParamEntry *e = &tab[k];
+        size_t n = entry_numel(e), o = e->offset;
+        r = rel_err_d(params + o, ref_step3 + o, n);
+        // The update must be the reference's too (a no-op optimizer would pass the value check): compared
+        // with the same bound relative to the largest update, the key bias excepted (its update is noise).
+        double num = 0.0, den = 0.0;
+        for (size_t i = 0; i < n; i++) {
+            double du = ((double)params[o + i] - init[o + i]) - (ref_step3[o + i] - init[o + i]);
+            num = fmax(num, fabs(du));
+            den = fmax(den, fabs(ref_step3[o + i] - init[o + i]));
+        }
+        double ru = den > 0 ? num / den : num;
+        printf("  e2e %-48s param %.2e  update %.2e%s\n", e->name, r, ru, is_key_bias(e->name) ? " (not checked)" : "");
+        CHECK(r <= E2E_PARAM_TOL, "fixture step 3 %s: parameter relative error %.3e > %.1e", e->name, r, E2E_PARAM_TOL);
+        if (!is_key_bias(e->name))
+            CHECK(ru <= E2E_PARAM_TOL, "fixture step 3 %s: update relative error %.3e > %.1e", e->name, ru,
+                  E2E_PARAM_TOL);
+        worst_param = fmax(worst_param, r);
+    }
+    printf("  summary: grads worst %.2e; losses %.2e, norms %.2e, params after %d steps %.2e\n", worst_grad,
+           worst_loss, worst_norm, steps, worst_param);
+
+    cuda_model_free(m);
+    free(inputs), free(labels), free(params), free(grads), free(zeros), free(logits), free(logits_tb), free(tab);
+    free(init), free(ref_grad), free(ref_step3), free(ref_logits), free(ref_loss), free(ref_losses), free(ref_norms);
+    st_free(&fx);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// 2. GPU vs CPU on a random configuration with dropout.
+
+typedef struct {
+    ModelConfig cfg;
+    MaskConfig mask;
+    OptimConfig oc;
+    RngLayout layout;
+    int max_B;
+    uint64_t seed;
+    float max_norm;
+} Setup;
+
+static Setup small_setup(void) {
+    Setup s;
+    memset(&s, 0, sizeof(s));
+    s.cfg = (ModelConfig){.vocab = 67, .d_model = 64, .n_heads = 4, .n_layers = 2, .d_ff = 96, .max_seq = 33,
+                          .dropout = 0.1f, .ln_eps = 1e-5f};
+    s.mask = (MaskConfig){.scheme = MASK_SCHEME_REFERENCE, .prob = 0.15f, .unchanged_prob = 0.1f,
+                          .random_prob = 0.1f, .n_tokens = 67, .n_chars = 65, .pad_id = 65, .mask_id = 66,
+                          .no_mask = {1}, .n_no_mask = 1};
+    // Noam with a short warmup: learning rates 1.25e-4, 2.5e-4, 3.75e-4 in steps 1-3, so the parameters
+    // move visibly (1e-3 of their size) but a stray Adam step cannot hide in the tolerance.
+    s.oc = (OptimConfig){.kind = OPTIM_NOAM_ADAM, .schedule = SCHED_NOAM, .lr = 1.0f, .beta1 = 0.9f,
+                         .beta2 = 0.999f, .eps = 1e-8f, .warmup = 100, .d_model = 64, .total_steps = 1000};
+    s.max_B = 8;  // batches of 5 (and 3) use a prefix of every buffer and of every RNG site
+    s.layout = rng_layout(s.max_B, s.cfg.max_seq, s.cfg.d_model, s.cfg.n_heads, s.cfg.d_ff, s.cfg.n_layers);
+    s.seed = 4242;
+    s.max_norm = 1.0f;
+    return s;
+}
+
+// Fresh parameters with the LayerNorm weights and biases moved off 1 and 0 (generic gradients through them).
+static void init_params(const ModelConfig *c, float *params, uint64_t seed) {
+    model_init_params(c, params, seed, 0);
+    ParamTensors p;
+    model_param_views(c, params, &p);
+    size_t LC = (size_t)c->n_layers * c->d_model;
+    for (size_t i = 0; i < LC; i++) {
+        p.ln1_w[i] += (float)(0.4 * rand_unit() - 0.2);
+        p.ln1_b[i] = (float)(0.4 * rand_unit() - 0.2);
+        p.ln2_w[i] += (float)(0.4 * rand_unit() - 0.2);
+        p.ln2_b[i] = (float)(0.4 * rand_unit() - 0.2);
+    }
+    for (int i = 0; i < c->d_model; i++) {
+        p.lnf_w[i] += (float)(0.4 * rand_unit() - 0.2);
+        p.lnf_b[i] = (float)(0.4 * rand_unit() - 0.2);
+    }
+}
+
+static void random_tokens(int *tokens, size_t n, int n_chars) {
+    for (size_t i = 0; i < n; i++) tokens[i] = (int)(rand_unit() * n_chars);
+}
+
+// One CPU training step exactly as src/host/train.c runs it (host masking, dropout from the stream, clip,
+// Adam). Returns the loss; *norm, *correct, *n_targets as logged.
+static float cpu_train_step(const Setup *s, CpuModel *cm, Rng *rng, const int *tokens, int B, uint64_t step,
+                            float *adam_m, float *adam_v, int *inputs, int *labels, float *norm, int *correct,
+                            int *n_targets) {
+    size_t n = (size_t)B * s->cfg.max_seq;
+    float *u = mlm_malloc(4 * n * sizeof(float), "uniforms");
+    rng_uniform(rng, rng_mask_offset(&s->layout, step), u, 4 * n);
+    mask_apply(&s->mask, tokens, n, u, inputs, labels);
+    free(u);
+    DropoutCtx d = {.rng = rng, .layout = s->layout, .step = step, .p = s->cfg.dropout};
+    float loss = cpu_model_forward(cm, inputs, labels, B, s->mask.pad_id, &d, correct);
+    *n_targets = cm->n_targets;
+    cpu_model_backward(cm);
+    *norm = cpu_clip_grads(cm->grads, cm->n_params, s->max_norm);
+    cpu_adam_update(&s->oc, cm->params, cm->grads, adam_m, adam_v, NULL, cm->n_params, (long)step + 1,
+                    optim_lr(&s->oc, (long)step + 1));
+    return loss;
+}
+
+// Compare two gradient (or parameter) vectors per tensor with the measure above; the key bias by its
+// absolute error against key_abs_bound (why: key_why). cpu_grads (may be NULL) is printed beside a failing
+// parameter, to tell a sign flip of a near-zero gradient from a real error. Returns the worst error.
+static double compare_tensors(const char *what, const ParamEntry *tab, int n_tab, const float *gpu,
+                              const float *cpu, double tol, double key_abs_bound, const char *key_why,
+                              const float *cpu_grads) {
+    double worst = 0.0;
+    for (int k = 0; k < n_tab; k++) {
+        const ParamEntry *e = &tab[k];
+        size_t n = entry_numel(e), o = e->offset, at;
+        if (is_key_bias(e->name)) {
+            size_t where;
+            double a = max_abs_err(gpu + o, cpu + o, n, &where);
+            printf("  %s %-48s max |GPU - CPU| %.2e (bound %.2e: %s)\n", what, e->name, a, key_abs_bound, key_why);
+            CHECK(a <= key_abs_bound, "%s %s: |GPU - CPU| %.3e > %.3e", what, e->name, a, key_abs_bound);
+            continue;
+        }
+        double r = rel_err_f(gpu + o, cpu + o, n, &at);
+        printf("  %s %-48s %.2e", what, e->name, r);
+        if (r > tol) {
+            printf("  <- element %zu: GPU %.9g CPU %.9g", at, gpu[o + at], cpu[o + at]);
+            if (cpu_grads) printf(" (last CPU gradient there %.3e)", cpu_grads[o + at]);
+        }
+        printf("\n");
+        CHECK(r <= tol, "%s %s: relative error %.3e > %.1e", what, e->name, r, tol);
+        worst = fmax(worst, r);
+    }
+    return worst;
+}
+
+static void test_vs_cpu(void) {
+    Setup s = small_setup();
+    const ModelConfig *c = &s.cfg;
+    int B = 5, T = c->max_seq, V = c->vocab;
+    size_t n = (size_t)B * T, P = model_num_params(c);
+    printf("part 2: GPU vs CPU, TF32 off (V %d, C %d, H %d, L %d, F %d, T %d, B %d of %d, dropout %.2f)\n", V,
+           c->d_model, c->n_heads, c->n_layers, c->d_ff, T, B, s.max_B, c->dropout);
+    int n_tab;
+    ParamEntry *tab = param_table(c, &n_tab);
+    float *init = mlm_malloc(P * sizeof(float), "init");
+    init_params(c, init, s.seed);
+    CpuModel *cm = cpu_model_create(c, s.max_B);
+    CudaModel *gm = cuda_model_create(c, s.max_B, 0);
+    memcpy(cm->params, init, P * sizeof(float));
+    cuda_model_set_params(gm, init);
+
+    int *tokens = mlm_malloc(n * sizeof(int), "tokens");
+    int *in_c = mlm_malloc(n * sizeof(int), "inputs"), *lab_c = mlm_malloc(n * sizeof(int), "labels");
+    int *in_g = mlm_malloc(n * sizeof(int), "inputs"), *lab_g = mlm_malloc(n * sizeof(int), "labels");
+    float *grads = mlm_malloc(P * sizeof(float), "grads"), *params = mlm_malloc(P * sizeof(float), "params");
+    float *logits = mlm_malloc(n * V * sizeof(float), "logits");
+    random_tokens(tokens, n, s.mask.n_chars);
+    Rng rng;
+    rng_init(&rng, s.seed, RNG_DOMAIN_TRAIN);
+
+    // A forward and backward at step 7 (nonzero offsets), dropout on.
+    uint64_t step = 7;
+    float *u = mlm_malloc(4 * n * sizeof(float), "uniforms");
+    rng_uniform(&rng, rng_mask_offset(&s.layout, step), u, 4 * n);
+    mask_apply(&s.mask, tokens, n, u, in_c, lab_c);
+    free(u);
+    DropoutCtx d = {.rng = &rng, .layout = s.layout, .step = step, .p = c->dropout};
+    int correct_c = 0;
+    float loss_c = cpu_model_forward(cm, in_c, lab_c, B, s.mask.pad_id, &d, &correct_c);
+    cpu_model_backward(cm);
+    CudaRandom rnd = {.philox_seed = rng.seed, .layout = s.layout, .step = step, .dropout_p = c->dropout};
+    CudaStepStats st;
+    cuda_model_forward(gm, tokens, NULL, B, &s.mask, &rnd, &st);
+    cuda_model_get_batch(gm, in_g, lab_g, B);
+    size_t diff = 0, selected = 0;
+    for (size_t i = 0; i < n; i++) {
+        diff += in_c[i] != in_g[i] || lab_c[i] != lab_g[i];
+        selected += lab_c[i] != s.mask.pad_id;
+    }
+    printf("  masking: %zu of %zu positions selected, %zu differ between CPU and GPU\n", selected, n, diff);
+    CHECK(diff == 0, "masked inputs/labels differ at %zu of %zu positions", diff, n);
+    CHECK(selected > 0, "no position selected: the test batch is degenerate");
+    CHECK(st.n_targets == cm->n_targets, "targets: GPU %d, CPU %d", st.n_targets, cm->n_targets);
+    CHECK(st.correct == correct_c, "correct: GPU %d, CPU %d", st.correct, correct_c);
+    double r = rel_err_f(&st.loss, &loss_c, 1, NULL);
+    printf("  loss: GPU %.7f CPU %.7f (rel %.2e)\n", st.loss, loss_c, r);
+    CHECK(r <= REL_TOL, "loss with dropout: relative error %.3e > %.1e", r, REL_TOL);
+    cuda_model_get_logits(gm, logits, B);
+    r = rel_err_f(logits, cm->logits, n * V, NULL);
+    printf("  logits (dropout on): rel %.2e\n", r);
+    CHECK(r <= REL_TOL, "logits with dropout: relative error %.3e > %.1e", r, REL_TOL);
+    cuda_model_backward(gm);
+    cuda_model_get_grads(gm, grads);
+    double key_bound = GRAD_TOL_VS_CPU * max_abs_f(cm->grads, P);
+    double worst_grad = compare_tensors("grad", tab, n_tab, grads, cm->grads, GRAD_TOL_VS_CPU, key_bound,
+                                        "1e-4 of the largest gradient; zero in exact arithmetic", NULL);
+
+    // Logits only (the samples path: no labels, no dropout), on the same masked inputs.
+    cpu_model_forward(cm, in_c, NULL, B, s.mask.pad_id, NULL, NULL);
+    cuda_model_forward(gm, in_c, NULL, B, NULL, NULL, &st);
+    cuda_model_get_logits(gm, logits, B);
+    r = rel_err_f(logits, cm->logits, n * V, NULL);
+    printf("  logits (no labels, no dropout): rel %.2e\n", r);
+    CHECK(r <= REL_TOL, "logits without dropout: relative error %.3e > %.1e", r, REL_TOL);
+
+    // Three full training steps from the same start: train.c's CPU step vs cuda_model_train_step.
+    float *adam_m = mlm_calloc(P, sizeof(float), "m"), *adam_v = mlm_calloc(P, sizeof(float), "v");
+    float *zeros = mlm_calloc(P, sizeof(float), "zeros");
+    memcpy(cm->params, init, P * sizeof(float));
+    cuda_model_set_params(gm, init);
+    cuda_model_set_adam(gm, zeros, zeros);
+    double worst_loss = 0.0, worst_norm = 0.0, lr_sum = 0.0;
+    for (int k = 0; k < 3; k++) {
+        random_tokens(tokens, n, s.mask.n_chars);
+        float norm_c;
+        int correct, targets;
+        loss_c = cpu_train_step(&s, cm, &rng, tokens, B, (uint64_t)k, adam_m, adam_v, in_c, lab_c, &norm_c, &correct,
+                                &targets);
+        rnd.step = (uint64_t)k;
+        lr_sum += optim_lr(&s.oc, k + 1);
+        cuda_model_train_step(gm, tokens, B, &s.mask, &rnd, s.max_norm, &s.oc, k + 1, optim_lr(&s.oc, k + 1), &st);
+        double rl = rel_err_f(&st.loss, &loss_c, 1, NULL), rn = rel_err_f(&st.grad_norm, &norm_c, 1, NULL);
+        printf("  step %d: loss GPU %.7f CPU %.7f (rel %.2e), norm GPU %.7f CPU %.7f (rel %.2e), correct %d/%d, "
+               "targets %d/%d\n", k + 1, st.loss, loss_c, rl, st.grad_norm, norm_c, rn, st.correct, correct,
+               st.n_targets, targets);
+        CHECK(rl <= REL_TOL, "train step %d loss: relative error %.3e", k + 1, rl);
+        CHECK(rn <= REL_TOL, "train step %d grad norm: relative error %.3e", k + 1, rn);
+        CHECK(st.n_targets == targets && st.correct == correct, "train step %d: targets/correct differ", k + 1);
+        worst_loss = fmax(worst_loss, rl);
+        worst_norm = fmax(worst_norm, rn);
+    }
+    cuda_model_get_params(gm, params);
+    // Adam moves each key-bias element by at most ~lr_t per step (|m| / sqrt(v) * sqrt(1 - b2^t) / (1 - b1^t)
+    // <= 1.005 for t <= 3), driven by noise on both sides: they can end 2 * sum(lr) * 1.005 apart.
+    double worst_param = compare_tensors("param", tab, n_tab, params, cm->params, REL_TOL, 2.0 * 1.005 * lr_sum,
+                                         "Adam steps of at most ~lr each on noise", cm->grads);
+    printf("  summary: grads worst %.2e (bound %.0e); after 3 steps: losses %.2e, norms %.2e, params %.2e\n",
+           worst_grad, GRAD_TOL_VS_CPU, worst_loss, worst_norm, worst_param);
+
+    rng_free(&rng);
+    cpu_model_free(cm);
+    cuda_model_free(gm);
+    free(tab), free(init), free(tokens), free(in_c), free(lab_c), free(in_g), free(lab_g), free(grads), free(params);
+    free(logits), free(adam_m), free(adam_v), free(zeros);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// 3. Determinism: two runs, one seed, bit-identical.
+
+enum { MAX_RUN_STEPS = 50 };
+static int run_steps = MAX_RUN_STEPS;
+
+typedef struct {
+    float loss[MAX_RUN_STEPS], norm[MAX_RUN_STEPS];
+    float *params, *adam_m, *adam_v;
+} RunResult;
+
+static void gpu_run(const Setup *s, const float *init, RunResult *out) {
+    const ModelConfig *c = &s->cfg;
+    size_t P = model_num_params(c), BT = (size_t)s->max_B * c->max_seq;
+    CudaModel *gm = cuda_model_create(c, s->max_B, 1);  // TF32 on: the default training path
+    cuda_model_set_params(gm, init);
+    int *tokens = mlm_malloc(BT * sizeof(int), "tokens");
+    Rng rng;
+    rng_init(&rng, s->seed, RNG_DOMAIN_TRAIN);
+    CudaRandom rnd = {.philox_seed = rng.seed, .layout = s->layout, .step = 0, .dropout_p = c->dropout};
+    lcg_state = 999;
+    for (int k = 0; k < run_steps; k++) {
+        int B = k % 7 == 6 ? 3 : s->max_B;  // some partial batches
+        random_tokens(tokens, (size_t)B * c->max_seq, s->mask.n_chars);
+        rnd.step = (uint64_t)k;
+        CudaStepStats st;
+        cuda_model_train_step(gm, tokens, B, &s->mask, &rnd, s->max_norm, &s->oc, k + 1, optim_lr(&s->oc, k + 1), &st);
+        out->loss[k] = st.loss;
+        out->norm[k] = st.grad_norm;
+    }
+    out->params = mlm_malloc(P * sizeof(float), "params");
+    out->adam_m = mlm_malloc(P * sizeof(float), "m");
+    out->adam_v = mlm_malloc(P * sizeof(float), "v");
+    cuda_model_get_params(gm, out->params);
+    cuda_model_get_adam(gm, out->adam_m, out->adam_v);
+    rng_free(&rng);
+    free(tokens);
+    cuda_model_free(gm);
+}
+
+static void test_determinism(void) {
+    Setup s = small_setup();
+    size_t P = model_num_params(&s.cfg);
+    printf("part 3: two GPU runs of %d steps, one seed, TF32 on\n", run_steps);
+    float *init = mlm_malloc(P * sizeof(float), "init");
+    init_params(&s.cfg, init, s.seed);
+    RunResult a, b;
+    gpu_run(&s, init, &a);
+    gpu_run(&s, init, &b);
+    int same_steps = 0, finite = 1;
+    for (int k = 0; k < run_steps; k++) {
+        same_steps += memcmp(&a.loss[k], &b.loss[k], sizeof(float)) == 0 && memcmp(&a.norm[k], &b.norm[k], sizeof(float)) == 0;
+        finite &= isfinite(a.loss[k]) && isfinite(a.norm[k]);
+    }
+    printf("  losses: step 1 %.6f, step %d %.6f; %d of %d steps bit-identical\n", a.loss[0], run_steps,
+           a.loss[run_steps - 1], same_steps, run_steps);
+    CHECK(finite, "a loss or gradient norm is not finite");
+    CHECK(same_steps == run_steps, "only %d of %d steps have bit-identical loss and norm", same_steps, run_steps);
+    CHECK(memcmp(a.params, b.params, P * sizeof(float)) == 0, "parameters differ after %d steps", run_steps);
+    CHECK(memcmp(a.adam_m, b.adam_m, P * sizeof(float)) == 0 && memcmp(a.adam_v, b.adam_v, P * sizeof(float)) == 0,
+          "Adam moments differ after %d steps", run_steps);
+    free(init), free(a.params), free(a.adam_m), free(a.adam_v), free(b.params), free(b.adam_m), free(b.adam_v);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// 4. State round trip.
+
+static void test_roundtrip(void) {
+    Setup s = small_setup();
+    size_t P = model_num_params(&s.cfg);
+    printf("part 4: parameters and Adam moments set/get\n");
+    float *a = mlm_malloc(P * sizeof(float), "a"), *m = mlm_malloc(P * sizeof(float), "m");
+    float *v = mlm_malloc(P * sizeof(float), "v"), *back = mlm_malloc(3 * P * sizeof(float), "back");
+    for (size_t i = 0; i < P; i++) {
+        a[i] = (float)(rand_unit() * 2 - 1) * 1e3f;
+        m[i] = (float)(rand_unit() * 2 - 1) * 1e-3f;
+        v[i] = (float)rand_unit() * 1e-7f;
+    }
+    a[0] = -0.0f, a[1] = FLT_MIN / 2, a[2] = FLT_MAX;  // signed zero, a subnormal, the largest float
+    CudaModel *gm = cuda_model_create(&s.cfg, s.max_B, 1);
+    cuda_model_set_params(gm, a);
+    cuda_model_set_adam(gm, m, v);
+    cuda_model_get_params(gm, back);
+    cuda_model_get_adam(gm, back + P, back + 2 * P);
+    CHECK(memcmp(back, a, P * sizeof(float)) == 0, "parameters changed in a set/get round trip");
+    CHECK(memcmp(back + P, m, P * sizeof(float)) == 0, "Adam m changed in a set/get round trip");
+    CHECK(memcmp(back + 2 * P, v, P * sizeof(float)) == 0, "Adam v changed in a set/get round trip");
+    cuda_model_free(gm);
+    free(a), free(m), free(v), free(back);
+}
+
+int main(int argc, char **argv) {
+    char why[256];
+    if (cuda_device_count(why, sizeof(why)) == 0) return test_skip(why);
+    if (argc > 1 && !strcmp(argv[1], "--quick")) run_steps = 8;
+    char desc[256];
+    cuda_device_describe(desc, sizeof(desc));
+    printf("device: %s\n", desc);
+    test_fixture();
+    test_vs_cpu();
+    test_determinism();
+    test_roundtrip();
+    return test_finish("test_gpu_model");
+}
