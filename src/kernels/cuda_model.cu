@@ -493,6 +493,7 @@ static void forward_impl(CudaModel *m, int B, const CudaRandom *rnd) {
     cuda_add_bias(a->logits, a->logits, p->gen_b, BT * V, V, m->stream);
 
     if (m->has_labels) {
+        // [PAD] = V - 2 (SPEC.md) is the ignored label, as the trainer's pad_id.
         // Loss, accuracy and dlogits (the backward's starting point) in one pass; the count of targets stays
         // on the device so nothing waits here.
         cuda_count_targets(a->n_targets, a->labels, N, c->vocab - 2, m->stream);
