@@ -7,7 +7,8 @@
 #   sanitize  compute-sanitizer memcheck (with leak check) and racecheck over every GPU test binary
 #             (test_gpu_model --quick: 8 determinism steps instead of 50 under the sanitizers)
 #   smoke     `mlm train --device cuda --steps 200` (default configuration), then the first 20 steps on the CPU
-#             and on the GPU (TF32 off), whose logged losses must agree to 1e-3 relative
+#             and on the GPU (TF32 off), whose logged losses must agree to 1e-3 relative, and the
+#             out-of-memory message of a batch that cannot fit
 #   suite     the whole CTest suite on this host (train.device = auto trains on the GPU in test_resume,
 #             test_commands and test_learning)
 #
@@ -121,6 +122,14 @@ PY
   check agree-compare 60 python3 "$logs/agree_compare.py" "$logs/agree-cpu/metrics.jsonl" \
     "$logs/agree-gpu/metrics.jsonl"
   tail -n 1 "$logs/agree-compare.log" 2>/dev/null | sed 's/^/    /'
+
+  # A model that cannot fit: exit status 1 and a message naming the bytes, the free memory and the keys.
+  rm -rf "$logs/oom-run"
+  check oom-message 120 bash -c "'$build/mlm' train --device cuda --steps 1 --data '$corpus' --out '$logs/oom-run' \
+    --set train.batch_size=1000000 -q; rc=\$?; echo \"exit status \$rc\"; [ \$rc -eq 1 ]" &&
+    ! grep -q 'CUDA out of memory: .* bytes .* free of .* train.batch_size' "$logs/oom-message.log" &&
+    { echo "    the out-of-memory message lacks sizes or keys: $logs/oom-message.log"; failed+=("oom-message-text"); }
+  grep -m1 'out of memory' "$logs/oom-message.log" 2>/dev/null | cut -c1-200 | sed 's/^/    /'
 fi
 
 if want suite; then
