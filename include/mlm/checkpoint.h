@@ -14,6 +14,10 @@
 #include "mlm/config.h"
 #include "mlm/data.h"
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 #define CKPT_FORMAT "mlm-checkpoint"
 #define CKPT_FORMAT_VERSION 1
 
@@ -45,5 +49,9 @@ int ckpt_load(const char *path, Checkpoint *out, char *err, size_t errlen);
 void ckpt_free(Checkpoint *c);
 // Path of the newest checkpoint in RUN_DIR/checkpoints; nonzero if there is none.
 int ckpt_find_latest(const char *run_dir, char *out, size_t outlen);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

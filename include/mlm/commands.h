@@ -11,6 +11,10 @@
 
 #include "mlm/checkpoint.h"
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 typedef struct {
     const char *ckpt;   // checkpoint file or run directory
     const char *data;   // NULL: the validation split of the run's corpus; else the whole of this text
@@ -47,5 +51,9 @@ void cmd_load_ckpt(const char *path, Checkpoint *ck);
 void cmd_set_threads(const Config *c);
 // Write s as a JSON string literal (quotes included; UTF-8 passes through, control characters escaped).
 void json_write_string(FILE *f, const char *s);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

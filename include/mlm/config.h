@@ -9,6 +9,10 @@
 #include "mlm/mask.h"
 #include "mlm/optim.h"
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 #define CONFIG_STR 512
 
 typedef struct {
@@ -67,5 +71,9 @@ void config_write(FILE *f, const Config *c);
 void config_print_keys(FILE *f);
 // Build the derived optimizer settings.
 OptimConfig config_optim(const Config *c, long total_steps);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

@@ -6,6 +6,10 @@
 #include "mlm/model.h"
 #include "mlm/rng.h"
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 // Dropout for one forward pass. rng == NULL or p == 0 means no dropout (evaluation).
 typedef struct {
     Rng *rng;          // stream the masks are drawn from
@@ -46,5 +50,9 @@ void cpu_model_backward(CpuModel *m);
 // Global L2 norm over all gradients, and in-place scaling by min(1, max_norm / (norm + 1e-6)).
 float cpu_grad_norm(const float *grads, size_t n);
 float cpu_clip_grads(float *grads, size_t n, float max_norm);  // returns the norm before clipping
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

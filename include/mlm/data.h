@@ -7,6 +7,10 @@
 
 #include "mlm/rng.h"
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 #define CORPUS_FILE "tinyshakespeare.txt"
 #define CORPUS_MD5 "6fb458f1232090904fb40fe944165e91"
 #define CORPUS_URL "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -83,5 +87,9 @@ void batcher_set_epoch(Batcher *b, long epoch);
 int batcher_get(const Batcher *b, size_t index, int *out);
 // Start position in the token array of the item at `pos` of the current epoch.
 size_t batcher_item_start(const Batcher *b, size_t pos);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

@@ -4,6 +4,10 @@
 
 #include <stddef.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 typedef enum { MASK_SCHEME_REFERENCE = 0, MASK_SCHEME_BERT = 1 } MaskScheme;
 
 #define MASK_MAX_NO_MASK 16
@@ -29,5 +33,9 @@ typedef struct {
 // BERT scheme: full as above; then U2 < 1 - unchanged_prob - random_prob -> [MASK]; else
 // U2 < 1 - unchanged_prob -> random character floor(U4 * n_chars); else unchanged. U3 is unused.
 void mask_apply(const MaskConfig *c, const int *tokens, size_t n, const float *u, int *inputs, int *labels);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

@@ -9,6 +9,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 typedef struct {
     int vocab;      // V: n_tokens = characters + [PAD] + [MASK] (67 for Tiny Shakespeare)
     int d_model;    // C
@@ -75,5 +79,9 @@ void model_positional_encoding(int T, int C, float *pe);
 // Floating-point operations of one training step (forward + backward, matmuls and attention products)
 // for B sequences of length T; used for GFLOP/s and MFU reports.
 double model_train_flops(const ModelConfig *cfg, int B, int T);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

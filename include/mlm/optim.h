@@ -5,6 +5,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 typedef enum { OPTIM_NOAM_ADAM = 0, OPTIM_ADAMW = 1 } OptimKind;
 typedef enum { SCHED_NOAM = 0, SCHED_COSINE = 1, SCHED_LINEAR = 2, SCHED_CONSTANT = 3 } ScheduleKind;
 
@@ -33,5 +37,9 @@ double optim_lr(const OptimConfig *c, long t);
 // where weight decay applies.
 void cpu_adam_update(const OptimConfig *c, float *params, const float *grads, float *m, float *v,
                      const uint8_t *decay_mask, size_t n, long t, double lr);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

@@ -10,6 +10,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 // Independent streams derived from the one user seed.
 typedef enum {
     RNG_DOMAIN_INIT = 0,   // parameter initialisation
@@ -70,5 +74,9 @@ RngLayout rng_layout(int B, int T, int C, int H, int F, int n_layers);
 uint64_t rng_mask_offset(const RngLayout *l, uint64_t step);
 // Absolute offset of dropout site `site` of layer `layer` in step `step`.
 uint64_t rng_dropout_offset(const RngLayout *l, uint64_t step, int layer, DropSite site);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

@@ -6,6 +6,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 typedef enum { ST_F32 = 0, ST_I32 = 1, ST_I64 = 2, ST_F64 = 3, ST_U8 = 4 } StDtype;
 
 #define ST_MAX_DIMS 4
@@ -39,5 +43,9 @@ char *st_meta_get(const StFile *f, const char *key);
 // to path.tmp, fsync, rename. Returns nonzero and fills err on failure.
 int st_write(const char *path, const StTensor *tensors, int n, const char *const *meta_kv, int n_meta,
              char *err, size_t errlen);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

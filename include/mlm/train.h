@@ -7,6 +7,10 @@
 #include "mlm/mask.h"
 #include "mlm/model.h"
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 #define N_PROMPTS 10
 extern const char *const SAMPLE_PROMPTS[N_PROMPTS];
 
@@ -35,5 +39,9 @@ int train_run(const Config *cfg, const TrainOptions *opt);
 
 // Render tokens[n] as text (PAD shown as '·', MASK as '_', newline as '↵') into out.
 void render_tokens(const Vocab *v, const int *tokens, int n, char *out, size_t outlen);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif
