@@ -1,19 +1,32 @@
-// mask.cu: masking on the device: uniforms from cuRAND's device Philox generator, then the shared rule.
+// mask.cu: device uniforms from cuRAND's Philox generator (cuda_uniform), and masking by the shared rule.
 #include <curand.h>
 
 #include "cuda_check.h"
+#include "kernels.h"
 #include "mask_rule.h"
 #include "mlm/cuda_backend.h"
 
+// Uniforms in (0, 1] at absolute `offset` of the stream of a device Philox generator: the same numbers the
+// host generator (rng_uniform) gives for the same seed and offset. Setting the offset is cheap on a device
+// generator (Philox is counter-based: the next launch starts from the counter), so every draw seeks.
+extern "C" void cuda_uniform(void *curand_gen, uint64_t offset, float *d_out, size_t n, cudaStream_t stream) {
+    if (n == 0) return;
+    curandGenerator_t gen = (curandGenerator_t)curand_gen;
+    CURAND_CHECK(curandSetStream(gen, stream));
+    CURAND_CHECK(curandSetGeneratorOffset(gen, offset));
+    CURAND_CHECK(curandGenerateUniform(gen, d_out, n));
+}
+
 // u is [4, n]: the same layout and the same rule as mask_apply on the host.
-__global__ void mask_kernel(MaskRule rule, const int *tokens, size_t n, const float *u, int *inputs, int *labels) {
+static __global__ void mask_kernel(MaskRule rule, const int *tokens, size_t n, const float *u, int *inputs,
+                                   int *labels) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     mask_one(&rule, tokens[i], u[i], u[n + i], u[2 * n + i], u[3 * n + i], &inputs[i], &labels[i]);
 }
 
-void cuda_mask_launch(const MaskConfig *c, const int *d_tokens, size_t n, const float *d_uniforms, int *d_inputs,
-                      int *d_labels, cudaStream_t stream) {
+extern "C" void cuda_mask_launch(const MaskConfig *c, const int *d_tokens, size_t n, const float *d_uniforms,
+                                 int *d_inputs, int *d_labels, cudaStream_t stream) {
     if (n == 0) return;
     const int block = 256;
     unsigned grid = (unsigned)((n + block - 1) / block);

@@ -1,0 +1,74 @@
+// embedding.cu: token embedding * sqrt(C) + sinusoidal positions (forward) and its token-row gradient sums (backward).
+#include <math.h>
+
+#include "cuda_check.h"
+#include "kernels.h"
+
+// ---- Forward ------------------------------------------------------------------------------------------
+
+// out[n, c] = tok_emb[tokens[n], c] * scale + pe[n % T, c], one thread per element (coalesced along c).
+// __fmul_rn / __fadd_rn keep the CPU's two roundings (no fused multiply-add), so the result is bit-identical.
+// Tokens must lie in [0, V): the device masking only produces such ids and the host checks its inputs.
+static __global__ void embedding_forward_kernel(float *out /* [N, C] */, const int *tokens /* [N] */,
+                                                const float *tok_emb /* [V, C] */, const float *pe /* [T, C] */,
+                                                size_t NC, int T, int C, float scale) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < NC; i += (size_t)gridDim.x * blockDim.x) {
+        size_t n = i / (size_t)C;
+        int c = (int)(i % (size_t)C), t = (int)(n % (size_t)T);
+        out[i] = __fadd_rn(__fmul_rn(tok_emb[(size_t)tokens[n] * C + c], scale), pe[(size_t)t * C + c]);
+    }
+}
+
+extern "C" void cuda_embedding_forward(float *out, const int *tokens, const float *tok_emb, const float *pe, int B,
+                                       int T, int C, cudaStream_t stream) {
+    size_t NC = (size_t)B * T * C;
+    if (NC == 0) return;
+    float scale = sqrtf((float)C);  // as embedding_forward: sqrt(d_model) rounded to float
+    size_t blocks = (NC + 255) / 256;
+    unsigned grid = (unsigned)(blocks < (1u << 20) ? blocks : (1u << 20));
+    embedding_forward_kernel<<<grid, 256, 0, stream>>>(out, tokens, tok_emb, pe, NC, T, C, scale);
+    CUDA_CHECK_LAUNCH();
+}
+
+// ---- Backward -----------------------------------------------------------------------------------------
+// dtok_emb[v, c] += scale * dout[n, c] over the positions n whose token is v, added one at a time in
+// position order: exactly the CPU's sequence of roundings, so the result is bit-identical to
+// embedding_backward and needs no atomics. Block (v, column chunk): each thread owns one column c of row v
+// and keeps its running sum in a register. A warp reads 32 consecutive tokens (coalesced), takes a ballot
+// of those equal to v and walks the set bits from the lowest (= earliest position), so the whole warp skips
+// the ~(V-1)/V of positions that do not match with one compare each.
+
+enum { EMB_BWD_MAX_THREADS = 128 };
+
+static __global__ void embedding_backward_kernel(float *dtok_emb /* [V, C] */, const float *dout /* [N, C] */,
+                                                 const int *tokens /* [N] */, int N, int C, float scale) {
+    int v = blockIdx.x;
+    int c = blockIdx.y * blockDim.x + threadIdx.x;
+    int lane = threadIdx.x % 32;
+    bool active = c < C;  // lanes past C still vote (the ballot needs the full warp) but do not read or write
+    float acc = active ? dtok_emb[(size_t)v * C + c] : 0.0f;
+    for (int base = 0; base < N; base += 32) {
+        int n = base + lane;
+        int tok = n < N ? tokens[n] : -1;
+        unsigned hits = __ballot_sync(0xffffffffu, tok == v);
+        while (hits) {  // warp-uniform loop: every lane holds the same ballot
+            int j = __ffs(hits) - 1;
+            hits &= hits - 1;
+            if (active) acc = __fadd_rn(acc, __fmul_rn(dout[(size_t)(base + j) * C + c], scale));
+        }
+    }
+    if (active) dtok_emb[(size_t)v * C + c] = acc;
+}
+
+extern "C" void cuda_embedding_backward(float *dtok_emb, const float *dout, const int *tokens, int B, int T, int C,
+                                        int V, cudaStream_t stream) {
+    int N = B * T;
+    if (N <= 0 || C <= 0 || V <= 0) return;
+    float scale = sqrtf((float)C);
+    // Whole warps (the ballot), at most EMB_BWD_MAX_THREADS columns per block.
+    int threads = ((C + 31) / 32) * 32;
+    if (threads > EMB_BWD_MAX_THREADS) threads = EMB_BWD_MAX_THREADS;
+    dim3 grid((unsigned)V, (unsigned)((C + threads - 1) / threads));
+    embedding_backward_kernel<<<grid, threads, 0, stream>>>(dtok_emb, dout, tokens, N, C, scale);
+    CUDA_CHECK_LAUNCH();
+}

@@ -1,0 +1,174 @@
+// feedforward.cu: dropout keep masks, bias+ReLU+dropout, residual add+dropout, bias add, bias-gradient column sums.
+//
+// Every elementwise kernel reproduces the CPU expression of src/cpu/feedforward.c bit for bit. nvcc contracts
+// a * b + c into one fused multiply-add by default (one rounding instead of two), which would differ from the
+// CPU in the last bit, so products that feed a sum are written with __fmul_rn / __fadd_rn (never contracted).
+#include "cuda_check.h"
+#include "kernels.h"
+
+enum { EW_BLOCK = 256 };  // threads per block of the elementwise kernels
+static const size_t EW_MAX_GRID = 1u << 20;  // grid-stride loops cover larger n with this many blocks
+
+static unsigned ew_grid(size_t n) {
+    size_t g = (n + EW_BLOCK - 1) / EW_BLOCK;
+    return (unsigned)(g < EW_MAX_GRID ? g : EW_MAX_GRID);
+}
+
+#define GRID_STRIDE_LOOP(i, n) \
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (size_t)gridDim.x * blockDim.x)
+
+// ---- Dropout keep mask ----------------------------------------------------------------------------------
+
+// keep[n] = !(u < p): THE DROPOUT RULE of src/cpu/ops.h (u in (0, 1] from cuRAND; dropped when u < p).
+static __global__ void dropout_keep_kernel(uint8_t *keep /* [n] */, const float *u /* [n] */, float p, size_t n) {
+    GRID_STRIDE_LOOP(i, n) keep[i] = !(u[i] < p);
+}
+
+extern "C" void cuda_dropout_keep(uint8_t *keep, const float *u, float p, size_t n, cudaStream_t stream) {
+    if (n == 0) return;
+    dropout_keep_kernel<<<ew_grid(n), EW_BLOCK, 0, stream>>>(keep, u, p, n);
+    CUDA_CHECK_LAUNCH();
+}
+
+// ---- FFN hidden: bias + ReLU + dropout, and its backward -------------------------------------------------
+
+// h = ReLU(h + bias[col]) then dropout, as linear_forward's bias add followed by relu_dropout_forward:
+// the CPU multiplies by (float)(positive & keep) * scale rather than selecting, so a dropped negative value
+// becomes -0.0 there and here alike.
+static __global__ void bias_relu_dropout_forward_kernel(float *h /* [n/F, F] */, const float *bias /* [F] or NULL */,
+                                                        const uint8_t *keep /* [n] or NULL */, float scale, size_t n,
+                                                        int F) {
+    GRID_STRIDE_LOOP(i, n) {
+        float x = h[i];
+        if (bias) x = __fadd_rn(x, bias[i % (size_t)F]);
+        if (keep)
+            x = __fmul_rn(x, (float)((x > 0.0f) & (keep[i] != 0)) * scale);
+        else
+            x = x > 0.0f ? x : 0.0f;
+        h[i] = x;
+    }
+}
+
+extern "C" void cuda_bias_relu_dropout_forward(float *h, const float *bias, const uint8_t *keep, float scale, size_t n,
+                                               int F, cudaStream_t stream) {
+    if (n == 0) return;
+    bias_relu_dropout_forward_kernel<<<ew_grid(n), EW_BLOCK, 0, stream>>>(h, bias, keep, scale, n, F);
+    CUDA_CHECK_LAUNCH();
+}
+
+// dh = h > 0 ? dh * scale : 0. The forward's output h is positive exactly where the unit was positive and
+// kept (scale >= 1 keeps it positive), so the mask is not needed; ReLU'(0) = 0 as in PyTorch.
+static __global__ void relu_dropout_backward_kernel(float *dh /* [n] */, const float *h /* [n] */, float scale,
+                                                    size_t n) {
+    GRID_STRIDE_LOOP(i, n) dh[i] = __fmul_rn(dh[i], (float)(h[i] > 0.0f) * scale);
+}
+
+extern "C" void cuda_relu_dropout_backward(float *dh, const float *h, float scale, size_t n, cudaStream_t stream) {
+    if (n == 0) return;
+    relu_dropout_backward_kernel<<<ew_grid(n), EW_BLOCK, 0, stream>>>(dh, h, scale, n);
+    CUDA_CHECK_LAUNCH();
+}
+
+// ---- Residual add + dropout, and its backward ------------------------------------------------------------
+
+// out = res + dropout(y + bias[col]). out may alias res (no __restrict__): each element is read, then
+// written, by the same thread.
+static __global__ void residual_dropout_forward_kernel(float *out /* [n] */, const float *res /* [n] */,
+                                                       const float *y /* [n/C, C] */,
+                                                       const float *bias /* [C] or NULL */,
+                                                       const uint8_t *keep /* [n] or NULL */, float scale, size_t n,
+                                                       int C) {
+    GRID_STRIDE_LOOP(i, n) {
+        float x = y[i];
+        if (bias) x = __fadd_rn(x, bias[i % (size_t)C]);
+        if (keep) x = __fmul_rn(x, (float)keep[i] * scale);  // the CPU's y * ((float)keep * scale)
+        out[i] = __fadd_rn(res[i], x);
+    }
+}
+
+extern "C" void cuda_residual_dropout_forward(float *out, const float *res, const float *y, const float *bias,
+                                              const uint8_t *keep, float scale, size_t n, int C, cudaStream_t stream) {
+    if (n == 0) return;
+    residual_dropout_forward_kernel<<<ew_grid(n), EW_BLOCK, 0, stream>>>(out, res, y, bias, keep, scale, n, C);
+    CUDA_CHECK_LAUNCH();
+}
+
+// dy = dout * keep * scale (keep NULL: dout * scale; the caller passes scale 1 without dropout). The skip
+// path's gradient is dout itself, so the caller keeps dout.
+static __global__ void residual_dropout_backward_kernel(float *dy /* [n] */, const float *dout /* [n] */,
+                                                        const uint8_t *keep /* [n] or NULL */, float scale, size_t n) {
+    GRID_STRIDE_LOOP(i, n) dy[i] = __fmul_rn(dout[i], keep ? (float)keep[i] * scale : scale);
+}
+
+extern "C" void cuda_residual_dropout_backward(float *dy, const float *dout, const uint8_t *keep, float scale, size_t n,
+                                               cudaStream_t stream) {
+    if (n == 0) return;
+    residual_dropout_backward_kernel<<<ew_grid(n), EW_BLOCK, 0, stream>>>(dy, dout, keep, scale, n);
+    CUDA_CHECK_LAUNCH();
+}
+
+// ---- Bias add (after cuBLAS matmuls without bias) ----------------------------------------------------------
+
+// out = x + bias[col]; out may alias x.
+static __global__ void add_bias_kernel(float *out /* [n/C, C] */, const float *x /* [n/C, C] */,
+                                       const float *bias /* [C] */, size_t n, int C) {
+    GRID_STRIDE_LOOP(i, n) out[i] = __fadd_rn(x[i], bias[i % (size_t)C]);
+}
+
+extern "C" void cuda_add_bias(float *out, const float *x, const float *bias, size_t n, int C, cudaStream_t stream) {
+    if (n == 0) return;
+    add_bias_kernel<<<ew_grid(n), EW_BLOCK, 0, stream>>>(out, x, bias, n, C);
+    CUDA_CHECK_LAUNCH();
+}
+
+// ---- Column sums (bias gradients) in a fixed order ---------------------------------------------------------
+// No atomics: pass 1 gives each block a fixed chunk of COLSUM_ROWS rows and 32 columns; its 32 x 8 threads
+// read the chunk coalesced (a warp reads 32 consecutive columns of one row), thread (x, y) summing rows
+// y, y + 8, ... of column x in order, and row y = 0 then adds the 8 partial sums in order. Pass 2 adds
+// the chunks' sums of each column in chunk order. The partition depends on N only, so every run (and any
+// GPU) sums in the same order. The result differs from the CPU's serial row-order sum by rounding only.
+
+enum { COLSUM_ROWS = 64, COLSUM_TX = 32, COLSUM_TY = 8 };
+
+static int colsum_chunks(int N) { return (N + COLSUM_ROWS - 1) / COLSUM_ROWS; }
+
+extern "C" size_t cuda_column_sums_scratch(int N, int C) { return (size_t)colsum_chunks(N) * (size_t)C; }
+
+// grid (chunks, ceil(C / 32)), block (32, 8): partial[chunk, c] = sum of x[r, c] over the chunk's rows.
+static __global__ void column_sums_partial_kernel(float *partial /* [chunks, C] */, const float *x /* [N, C] */, int N,
+                                                  int C) {
+    __shared__ float part[COLSUM_TY][COLSUM_TX];
+    int c = blockIdx.y * COLSUM_TX + threadIdx.x;
+    int r0 = blockIdx.x * COLSUM_ROWS, r1 = min(r0 + COLSUM_ROWS, N);
+    float s = 0.0f;
+    if (c < C)
+        for (int r = r0 + (int)threadIdx.y; r < r1; r += COLSUM_TY) s += x[(size_t)r * C + c];
+    part[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < C) {
+        float t = part[0][threadIdx.x];
+        for (int k = 1; k < COLSUM_TY; k++) t += part[k][threadIdx.x];
+        partial[(size_t)blockIdx.x * C + c] = t;
+    }
+}
+
+// sums[c] += sum over chunks, in chunk order (one thread per column; reads of a chunk row are coalesced).
+static __global__ void column_sums_finish_kernel(float *sums /* [C] */, const float *partial /* [chunks, C] */,
+                                                 int chunks, int C) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float t = 0.0f;
+    for (int k = 0; k < chunks; k++) t += partial[(size_t)k * C + c];
+    sums[c] += t;
+}
+
+extern "C" void cuda_column_sums_accumulate(float *sums, const float *x, int N, int C, float *scratch,
+                                            cudaStream_t stream) {
+    if (N <= 0 || C <= 0) return;
+    int chunks = colsum_chunks(N);
+    dim3 grid((unsigned)chunks, (unsigned)((C + COLSUM_TX - 1) / COLSUM_TX));
+    column_sums_partial_kernel<<<grid, dim3(COLSUM_TX, COLSUM_TY), 0, stream>>>(scratch, x, N, C);
+    CUDA_CHECK_LAUNCH();
+    column_sums_finish_kernel<<<(unsigned)((C + 255) / 256), 256, 0, stream>>>(sums, scratch, chunks, C);
+    CUDA_CHECK_LAUNCH();
+}

@@ -1,0 +1,155 @@
+// layernorm.cu: LayerNorm over the channel dimension (biased variance, as PyTorch), forward and backward.
+//
+// One warp per row for the per-row work (any C: each lane walks the row with stride 32, so loads are
+// coalesced); the weight/bias gradients are column sums over the N rows, computed without atomics by a
+// fixed two-pass reduction (see the backward). Row sums use butterfly shuffles: every lane ends with the
+// same bits (a + b == b + a), so the whole warp agrees on mean and rstd.
+#include "cuda_check.h"
+#include "kernels.h"
+
+enum { LN_BLOCK = 256, LN_ROWS_PER_BLOCK = LN_BLOCK / 32 };
+
+static __device__ __forceinline__ float warp_sum(float x) {
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+
+// ---- Forward ------------------------------------------------------------------------------------------
+
+// Two passes over the row (mean, then the centred variance) as the CPU, avoiding E[x^2] - E[x]^2
+// cancellation; the row is re-read from L1/L2 rather than kept in registers so any C works.
+// The output expression ((x - m) * s) * w + b is rounded step by step (no fused multiply-add) as the CPU.
+static __global__ void layernorm_forward_kernel(float *out /* [N, C] */, float *mean /* [N] */, float *rstd /* [N] */,
+                                                const float *inp /* [N, C] */, const float *w /* [C] */,
+                                                const float *b /* [C] */, int N, int C, float eps) {
+    int row = blockIdx.x * LN_ROWS_PER_BLOCK + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= N) return;  // whole warps leave together (row is per warp)
+    const float *x = inp + (size_t)row * C;  // [C]
+    float *y = out + (size_t)row * C;  // [C]
+    float sum = 0.0f;
+    for (int c = lane; c < C; c += 32) sum += x[c];
+    float m = __fdiv_rn(warp_sum(sum), (float)C);
+    float sq = 0.0f;
+    for (int c = lane; c < C; c += 32) {
+        float d = __fsub_rn(x[c], m);
+        sq += d * d;
+    }
+    float var = __fdiv_rn(warp_sum(sq), (float)C);
+    float s = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(var, eps)));  // 1 / sqrtf(var + eps), correctly rounded
+    for (int c = lane; c < C; c += 32) y[c] = __fadd_rn(__fmul_rn(__fmul_rn(__fsub_rn(x[c], m), s), w[c]), b[c]);
+    if (lane == 0) {
+        mean[row] = m;
+        rstd[row] = s;
+    }
+}
+
+extern "C" void cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *w,
+                                       const float *b, int N, int C, float eps, cudaStream_t stream) {
+    if (N <= 0 || C <= 0) return;
+    unsigned grid = (unsigned)((N + LN_ROWS_PER_BLOCK - 1) / LN_ROWS_PER_BLOCK);
+    layernorm_forward_kernel<<<grid, LN_BLOCK, 0, stream>>>(out, mean, rstd, inp, w, b, N, C, eps);
+    CUDA_CHECK_LAUNCH();
+}
+
+// ---- Backward -----------------------------------------------------------------------------------------
+// dinp += rstd * (dnorm - mean(dnorm) - norm * mean(dnorm * norm)), dnorm = dout * w, norm = (x - mean) * rstd:
+// one warp per row. dw += sum_n dout * norm and db += sum_n dout: pass 1 gives each block a fixed chunk of
+// LNB_ROWS rows and 32 columns (threads (x, y) sum rows y, y + 8, ... of column x in order, then row y = 0
+// adds the 8 partials in order) and writes per-chunk sums to scratch; pass 2 adds the chunks in order to
+// dw and db. The partition depends on N only, so the sums are the same on every run and every GPU.
+
+enum { LNB_ROWS = 64, LNB_TX = 32, LNB_TY = 8 };
+
+static int lnb_chunks(int N) { return (N + LNB_ROWS - 1) / LNB_ROWS; }
+
+// scratch = [2][chunks][C]: dw partials, then db partials.
+extern "C" size_t cuda_layernorm_backward_scratch(int N, int C) { return 2 * (size_t)lnb_chunks(N) * (size_t)C; }
+
+static __global__ void layernorm_backward_dinp_kernel(float *dinp /* [N, C] */, const float *dout /* [N, C] */,
+                                                      const float *inp /* [N, C] */, const float *w /* [C] */,
+                                                      const float *mean /* [N] */, const float *rstd /* [N] */, int N,
+                                                      int C) {
+    int row = blockIdx.x * LN_ROWS_PER_BLOCK + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= N) return;
+    const float *x = inp + (size_t)row * C;  // [C]
+    const float *g = dout + (size_t)row * C;  // [C]
+    float *dx = dinp + (size_t)row * C;  // [C]
+    float m = mean[row], s = rstd[row];
+    float sum_dnorm = 0.0f, sum_dnorm_norm = 0.0f;
+    for (int c = lane; c < C; c += 32) {
+        float norm = __fmul_rn(__fsub_rn(x[c], m), s);
+        float dnorm = __fmul_rn(g[c], w[c]);
+        sum_dnorm += dnorm;
+        sum_dnorm_norm += dnorm * norm;
+    }
+    float mean_dnorm = __fdiv_rn(warp_sum(sum_dnorm), (float)C);
+    float mean_dnorm_norm = __fdiv_rn(warp_sum(sum_dnorm_norm), (float)C);
+    for (int c = lane; c < C; c += 32) {
+        float norm = __fmul_rn(__fsub_rn(x[c], m), s);
+        // The CPU's s * (g * w - mean_dnorm - norm * mean_dnorm_norm), rounded step by step.
+        float t = __fsub_rn(__fsub_rn(__fmul_rn(g[c], w[c]), mean_dnorm), __fmul_rn(norm, mean_dnorm_norm));
+        dx[c] = __fadd_rn(dx[c], __fmul_rn(s, t));
+    }
+}
+
+// grid (chunks, ceil(C / 32)), block (32, 8).
+static __global__ void layernorm_backward_partial_kernel(float *scratch /* [2, chunks, C] */,
+                                                         const float *dout /* [N, C] */, const float *inp /* [N, C] */,
+                                                         const float *mean /* [N] */, const float *rstd /* [N] */,
+                                                         int N, int C) {
+    __shared__ float pw[LNB_TY][LNB_TX], pb[LNB_TY][LNB_TX];
+    int chunks = gridDim.x;
+    int c = blockIdx.y * LNB_TX + threadIdx.x;
+    int r0 = blockIdx.x * LNB_ROWS, r1 = min(r0 + LNB_ROWS, N);
+    float sw = 0.0f, sb = 0.0f;
+    if (c < C)
+        for (int r = r0 + (int)threadIdx.y; r < r1; r += LNB_TY) {
+            float g = dout[(size_t)r * C + c];
+            float norm = __fmul_rn(__fsub_rn(inp[(size_t)r * C + c], mean[r]), rstd[r]);
+            sw += g * norm;
+            sb += g;
+        }
+    pw[threadIdx.y][threadIdx.x] = sw;
+    pb[threadIdx.y][threadIdx.x] = sb;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < C) {
+        float tw = pw[0][threadIdx.x], tb = pb[0][threadIdx.x];
+        for (int k = 1; k < LNB_TY; k++) {
+            tw += pw[k][threadIdx.x];
+            tb += pb[k][threadIdx.x];
+        }
+        scratch[(size_t)blockIdx.x * C + c] = tw;
+        scratch[((size_t)chunks + blockIdx.x) * C + c] = tb;
+    }
+}
+
+// dw[c] += sum of the dw partials of column c in chunk order, db likewise.
+static __global__ void layernorm_backward_finish_kernel(float *dw /* [C] */, float *db /* [C] */,
+                                                        const float *scratch /* [2, chunks, C] */, int chunks, int C) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float tw = 0.0f, tb = 0.0f;
+    for (int k = 0; k < chunks; k++) {
+        tw += scratch[(size_t)k * C + c];
+        tb += scratch[((size_t)chunks + k) * C + c];
+    }
+    dw[c] += tw;
+    db[c] += tb;
+}
+
+extern "C" void cuda_layernorm_backward(float *dinp, float *dw, float *db, const float *dout, const float *inp,
+                                        const float *w, const float *mean, const float *rstd, int N, int C,
+                                        float *scratch, cudaStream_t stream) {
+    if (N <= 0 || C <= 0) return;
+    unsigned grid = (unsigned)((N + LN_ROWS_PER_BLOCK - 1) / LN_ROWS_PER_BLOCK);
+    layernorm_backward_dinp_kernel<<<grid, LN_BLOCK, 0, stream>>>(dinp, dout, inp, w, mean, rstd, N, C);
+    CUDA_CHECK_LAUNCH();
+    int chunks = lnb_chunks(N);
+    dim3 pgrid((unsigned)chunks, (unsigned)((C + LNB_TX - 1) / LNB_TX));
+    layernorm_backward_partial_kernel<<<pgrid, dim3(LNB_TX, LNB_TY), 0, stream>>>(scratch, dout, inp, mean, rstd, N, C);
+    CUDA_CHECK_LAUNCH();
+    layernorm_backward_finish_kernel<<<(unsigned)((C + 255) / 256), 256, 0, stream>>>(dw, db, scratch, chunks, C);
+    CUDA_CHECK_LAUNCH();
+}

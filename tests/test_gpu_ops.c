@@ -1,0 +1,872 @@
+// test_gpu_ops.c (gpu): every CUDA op kernel of src/kernels/kernels.h against its CPU twin of src/cpu/ops.h (or, where
+// the CPU has no standalone twin, a double-precision evaluation of the same formula), on random inputs drawn from
+// the project's Philox streams, over several shapes including odd and degenerate ones; plus cuRAND device uniforms
+// equal to the host stream's bit for bit, dropout masks equal to THE DROPOUT RULE's, and run-to-run bit identity
+// of every reduction.
+//
+// Error measure: err = max_i |gpu_i - ref_i| / max_i |ref_i| (relative to the tensor's largest magnitude, so values
+// near zero do not inflate it). Tolerances and why:
+//   - uniforms, keep masks, layout shuffles, ReLU/residual/bias/dropout elementwise ops, embedding forward and
+//     backward, the Adam/AdamW update with clipping: BIT-EXACT. The kernels evaluate the CPU's expression with the
+//     same roundings (__fmul_rn/__fadd_rn: no fused multiply-add) in the same order; the embedding backward even
+//     adds rows in the CPU's position order.
+//   - reductions whose order differs from the CPU's serial loop (sums of K terms in float): TOL_SUM(K) =
+//     1e-6 + 4e-7 sqrt(K). The CPU's serial sum carries a typical relative error of ~0.3 eps sqrt(K) (eps = 6e-8)
+//     and the GPU tree much less, so this is 10-20x the expected difference while a real bug (a missing term, a
+//     wrong index or scale) is >= 1/K relative (5e-4 at K = 2053) and usually O(1). Applied to: column sums and
+//     LayerNorm dw/db (K = N rows), LayerNorm mean, rstd and dinp (K = C), softmax forward and backward (K = T),
+//     cross-entropy gradients (K = V).
+//   - LayerNorm output: 2 TOL_SUM(C). The inputs are centred at 2 with spread 1 (so that the centring matters),
+//     so a 1-ulp difference in the mean (2.4e-7 at 2) is magnified by |mean| / std ~ 3.5 in x - mean (measured
+//     in a CPU emulation of the kernels: 6e-7 at C = 8, 9.6e-7 at C = 130).
+//   - softmax against a double-precision softmax of the very scores the GPU got: 2e-6 (expf is within 2 ulp on the
+//     device, plus the roundings of 1/sum and the product: ~4 ulp ~ 5e-7 worst case).
+//   - attention against the CPU's attention_forward/backward (the CPU computes the scores with its own sgemm, the
+//     test computes the GPU path's matmuls in double): 2 TOL_SUM(T) for att and out, 4 TOL_SUM(T) for dq, dk, dv
+//     (two more sums of T terms; every one of dq, dk, dv compared on its own scale).
+//   - cross-entropy losses and the batch mean loss: 1e-6 (log-sum-exp in double on both sides, only the final
+//     float rounding differs); correct flags, counts and n_targets exact.
+//   - gradient norm: 1e-6 (double sums on both sides; equal up to the float rounding of the result).
+// Every reduction kernel is run twice on the same input and must give bit-identical results.
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <curand.h>
+
+#include "cpu/ops.h"
+#include "kernels/cuda_check.h"
+#include "kernels/kernels.h"
+#include "mlm/common.h"
+#include "mlm/cpu.h"
+#include "mlm/cuda_backend.h"
+#include "mlm/curand_check.h"
+#include "mlm/optim.h"
+#include "mlm/rng.h"
+#include "test_util.h"
+
+static double tol_sum(int K) { return 1e-6 + 4e-7 * sqrt((double)K); }
+
+// ---- Random inputs from the project's Philox streams ------------------------------------------------------
+
+static Rng data_rng;           // test inputs, drawn contiguously (data_pos) so the host generator never seeks
+static uint64_t data_pos = 0;
+static Rng drop_rng;           // dropout uniforms (host side of the host/device comparison)
+static uint64_t drop_pos = 17;  // deliberately not a multiple of 4
+static curandGenerator_t dgen;  // device Philox generator seeded with drop_rng.seed
+static cudaStream_t st;
+
+static void fill_uniform(float *x, size_t n, float lo, float hi) {
+    if (n == 0) return;
+    rng_uniform(&data_rng, data_pos, x, n);
+    data_pos += n;
+    for (size_t i = 0; i < n; i++) x[i] = lo + (hi - lo) * x[i];
+}
+
+static float *host_rand(size_t n, float lo, float hi) {
+    float *x = mlm_malloc((n ? n : 1) * sizeof(float), "test tensor");
+    fill_uniform(x, n, lo, hi);
+    return x;
+}
+
+static float *host_copy(const float *x, size_t n) {
+    float *y = mlm_malloc((n ? n : 1) * sizeof(float), "test tensor");
+    memcpy(y, x, n * sizeof(float));
+    return y;
+}
+
+static float *host_zeros(size_t n) { return mlm_calloc(n ? n : 1, sizeof(float), "test tensor"); }
+
+// Integers uniform in [lo, hi).
+static void fill_ints(int *x, size_t n, int lo, int hi) {
+    if (n == 0) return;
+    uint32_t *u = mlm_malloc(n * sizeof(uint32_t), "test ints");
+    rng_u32(&data_rng, data_pos, u, n);
+    data_pos += n;
+    for (size_t i = 0; i < n; i++) x[i] = lo + (int)(u[i] % (uint32_t)(hi - lo));
+    free(u);
+}
+
+// ---- Device helpers -----------------------------------------------------------------------------------
+
+static void *dmalloc(size_t bytes) {
+    void *p = NULL;
+    CUDA_CHECK(cudaMalloc(&p, bytes ? bytes : 16));
+    return p;
+}
+
+static void *dup_bytes(const void *h, size_t bytes) {
+    void *d = dmalloc(bytes);
+    if (bytes) CUDA_CHECK(cudaMemcpy(d, h, bytes, cudaMemcpyHostToDevice));
+    return d;
+}
+
+static float *dup_f(const float *h, size_t n) { return dup_bytes(h, n * sizeof(float)); }
+
+static void upload(void *d, const void *h, size_t bytes) {
+    CUDA_CHECK(cudaStreamSynchronize(st));
+    if (bytes) CUDA_CHECK(cudaMemcpy(d, h, bytes, cudaMemcpyHostToDevice));
+}
+
+static void download(void *h, const void *d, size_t bytes) {
+    CUDA_CHECK(cudaStreamSynchronize(st));  // kernels run on st; surfaces execution errors here
+    if (bytes) CUDA_CHECK(cudaMemcpy(h, d, bytes, cudaMemcpyDeviceToHost));
+}
+
+static float *fetch_f(const float *d, size_t n) {
+    float *h = host_zeros(n);
+    download(h, d, n * sizeof(float));
+    return h;
+}
+
+static void dfree(void *d) { CUDA_CHECK(cudaFree(d)); }
+
+// ---- Comparisons --------------------------------------------------------------------------------------
+
+// Bit-exact: value equality (+0 == -0: the CPU writes -0.0 for a dropped negative value, the GPU may write +0).
+static void expect_equal(const char *what, const float *gpu, const float *ref, size_t n) {
+    size_t bad = 0, first = 0;
+    double worst = 0.0;
+    for (size_t i = 0; i < n; i++)
+        if (!(gpu[i] == ref[i])) {
+            if (bad++ == 0) first = i;
+            double e = fabs((double)gpu[i] - (double)ref[i]);
+            worst = isnan(e) ? INFINITY : fmax(worst, e);
+        }
+    printf("  %-58s max abs err %.3g (bit-exact)\n", what, worst);
+    CHECK(bad == 0, "%s: %zu of %zu values differ; first at %zu: gpu %.9g, ref %.9g", what, bad, n, first,
+          bad ? gpu[first] : 0.0f, bad ? ref[first] : 0.0f);
+}
+
+static void expect_close(const char *what, const float *gpu, const float *ref, size_t n, double tol) {
+    double mag = 0.0, worst = 0.0;
+    size_t at = 0;
+    int nan = 0;
+    for (size_t i = 0; i < n; i++) {
+        mag = fmax(mag, fabs((double)ref[i]));
+        double e = fabs((double)gpu[i] - (double)ref[i]);
+        if (isnan(e)) nan = 1;
+        if (e > worst) {
+            worst = e;
+            at = i;
+        }
+    }
+    double rel = worst / (mag > 0.0 ? mag : 1.0);
+    printf("  %-58s max err %.3g (tol %.3g)\n", what, rel, tol);
+    CHECK(!nan && rel <= tol, "%s: max err %.3g > tol %.3g at %zu (gpu %.9g, ref %.9g, max |ref| %.3g)%s", what, rel,
+          tol, at, n ? gpu[at] : 0.0f, n ? ref[at] : 0.0f, mag, nan ? " (NaN)" : "");
+}
+
+static void expect_identical(const char *what, const void *a, const void *b, size_t bytes) {
+    CHECK(memcmp(a, b, bytes) == 0, "%s: two runs on the same input differ (not deterministic)", what);
+}
+
+// ---- cuRAND uniforms and the dropout rule -------------------------------------------------------------------
+
+static void test_uniforms(void) {
+    printf("cuda_uniform vs rng_uniform (seed %llu):\n", (unsigned long long)drop_rng.seed);
+    // Unaligned offsets, one across a 65,536-thread row of cuRAND's Philox layout, one above 2^32.
+    const uint64_t offsets[] = {0, 1, 3, 4, 5, 4ull * 65536 - 7, 12345, (1ull << 32) + 3};
+    const size_t sizes[] = {1, 7, 1000, 262147};
+    size_t total = 0;
+    for (size_t a = 0; a < sizeof(offsets) / sizeof(offsets[0]); a++)
+        for (size_t b = 0; b < sizeof(sizes) / sizeof(sizes[0]); b++) {
+            size_t n = sizes[b];
+            float *want = host_zeros(n), *got = host_zeros(n);
+            rng_uniform(&drop_rng, offsets[a], want, n);
+            float *d = dmalloc(n * sizeof(float));
+            cuda_uniform(dgen, offsets[a], d, n, st);
+            download(got, d, n * sizeof(float));
+            size_t bad = 0;
+            for (size_t i = 0; i < n; i++) bad += memcmp(&got[i], &want[i], sizeof(float)) != 0;
+            CHECK(bad == 0, "offset %llu, n %zu: %zu of the device uniforms differ from the host's",
+                  (unsigned long long)offsets[a], n, bad);
+            total += n;
+            dfree(d);
+            free(want);
+            free(got);
+        }
+    printf("  %zu uniforms at %zu offsets compared bit for bit\n", total, sizeof(offsets) / sizeof(offsets[0]));
+}
+
+// Device keep mask by THE DROPOUT RULE (cuda_uniform + cuda_dropout_keep) against dropout_keep_mask on the CPU,
+// at the offsets of RngLayout for real sites (the actual batch a prefix of the configured one).
+static void test_dropout_rule(void) {
+    printf("dropout keep masks vs dropout_keep_mask:\n");
+    int B = 4, T = 33, C = 128, H = 8, F = 256, L = 2;
+    RngLayout lay = rng_layout(B, T, C, H, F, L);
+    struct {
+        int layer;
+        DropSite site;
+        size_t n;
+    } cases[] = {{0, DROP_ATTN_PROBS, (size_t)B * H * T * T}, {1, DROP_FFN_HIDDEN, (size_t)3 * T * F},
+                 {1, DROP_ATTN_RESID, (size_t)B * T * C}, {0, DROP_FFN_RESID, 7}};
+    const float ps[] = {0.1f, 0.5f};
+    for (size_t pi = 0; pi < 2; pi++)
+        for (size_t k = 0; k < sizeof(cases) / sizeof(cases[0]); k++) {
+            size_t n = cases[k].n;
+            DropoutCtx drop = {.rng = &drop_rng, .layout = lay, .step = 5, .p = ps[pi]};
+            uint8_t *want = mlm_malloc(n, "keep"), *got = mlm_malloc(n, "keep");
+            dropout_keep_mask(want, &drop, cases[k].layer, cases[k].site, n);
+            float *du = dmalloc(n * sizeof(float));
+            uint8_t *dk = dmalloc(n);
+            cuda_uniform(dgen, rng_dropout_offset(&lay, 5, cases[k].layer, cases[k].site), du, n, st);
+            cuda_dropout_keep(dk, du, ps[pi], n, st);
+            download(got, dk, n);
+            size_t bad = 0, kept = 0;
+            for (size_t i = 0; i < n; i++) {
+                bad += got[i] != want[i];
+                kept += got[i] != 0;
+            }
+            printf("  p %.1f layer %d site %d n %-8zu kept %.4f, %zu differ\n", ps[pi], cases[k].layer,
+                   (int)cases[k].site, n, (double)kept / (double)n, bad);
+            CHECK(bad == 0, "p %g layer %d site %d: %zu of %zu keep flags differ from the CPU rule", ps[pi],
+                  cases[k].layer, (int)cases[k].site, bad, n);
+            dfree(du);
+            dfree(dk);
+            free(want);
+            free(got);
+        }
+}
+
+// keep[n] on the host (rng_uniform + the rule) and on the device (cuda_uniform + cuda_dropout_keep) from the
+// same fresh offset of the dropout stream; checks that they are equal. Returns the host mask, *d_keep the device one.
+static uint8_t *make_keep(size_t n, float p, uint8_t **d_keep) {
+    uint64_t offset = drop_pos;
+    drop_pos += n + 3;  // the next mask starts at another residue mod 4
+    float *u = host_zeros(n);
+    rng_uniform(&drop_rng, offset, u, n);
+    uint8_t *keep = mlm_malloc(n ? n : 1, "keep");
+    for (size_t i = 0; i < n; i++) keep[i] = !(u[i] < p);
+    float *du = dmalloc(n * sizeof(float));
+    *d_keep = dmalloc(n);
+    cuda_uniform(dgen, offset, du, n, st);
+    cuda_dropout_keep(*d_keep, du, p, n, st);
+    uint8_t *check = mlm_malloc(n ? n : 1, "keep");
+    download(check, *d_keep, n);
+    CHECK(n == 0 || memcmp(check, keep, n) == 0, "keep mask of %zu at offset %llu differs between host and device", n,
+          (unsigned long long)offset);
+    dfree(du);
+    free(u);
+    free(check);
+    return keep;
+}
+
+// ---- Feed-forward elementwise ops and column sums --------------------------------------------------------------
+
+static void test_feedforward(void) {
+    printf("ReLU/residual/bias/dropout elementwise ops (bit-exact):\n");
+    const int shapes[][2] = {{1, 8}, {7, 256}, {2053, 130}};  // rows, features
+    const float p = 0.1f, scale = dropout_scale(p);
+    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
+        int R = shapes[s][0], F = shapes[s][1];
+        size_t n = (size_t)R * F;
+        uint8_t *d_keep_all;
+        uint8_t *keep_all = make_keep(n, p, &d_keep_all);
+        float *bias = host_rand(F, -0.5f, 0.5f), *d_bias = dup_f(bias, F);
+        for (int variant = 0; variant < 4; variant++) {
+            int with_bias = variant & 1, with_keep = (variant >> 1) & 1;
+            const uint8_t *keep = with_keep ? keep_all : NULL;
+            const uint8_t *d_keep = with_keep ? d_keep_all : NULL;
+            float sc = with_keep ? scale : 1.0f;
+            char what[160];
+            // bias + ReLU + dropout forward.
+            float *h0 = host_rand(n, -1.0f, 1.0f), *h = host_copy(h0, n);
+            if (with_bias)
+                for (size_t i = 0; i < n; i++) h[i] = h[i] + bias[i % F];
+            relu_dropout_forward(h, keep, sc, n);
+            float *d_h = dup_f(h0, n);
+            cuda_bias_relu_dropout_forward(d_h, with_bias ? d_bias : NULL, d_keep, sc, n, F, st);
+            float *g = fetch_f(d_h, n);
+            snprintf(what, sizeof(what), "bias_relu_dropout_forward [%d,%d] bias %d keep %d", R, F, with_bias,
+                     with_keep);
+            expect_equal(what, g, h, n);
+            free(g);
+            // ReLU + dropout backward (h from the CPU forward, identical to the GPU's).
+            float *dh0 = host_rand(n, -1.0f, 1.0f), *dh = host_copy(dh0, n);
+            relu_dropout_backward(dh, h, sc, n);
+            float *d_dh = dup_f(dh0, n);
+            cuda_relu_dropout_backward(d_dh, d_h, sc, n, st);
+            g = fetch_f(d_dh, n);
+            snprintf(what, sizeof(what), "relu_dropout_backward [%d,%d] keep %d", R, F, with_keep);
+            expect_equal(what, g, dh, n);
+            free(g);
+            // Residual + dropout forward, into a separate output and in place (out == res).
+            float *res = host_rand(n, -2.0f, 2.0f), *y0 = host_rand(n, -1.0f, 1.0f), *y = host_copy(y0, n);
+            if (with_bias)
+                for (size_t i = 0; i < n; i++) y[i] = y[i] + bias[i % F];
+            float *out = host_zeros(n);
+            residual_dropout_forward(out, res, y, keep, sc, n);
+            float *d_res = dup_f(res, n), *d_y = dup_f(y0, n), *d_out = dmalloc(n * sizeof(float));
+            cuda_residual_dropout_forward(d_out, d_res, d_y, with_bias ? d_bias : NULL, d_keep, sc, n, F, st);
+            g = fetch_f(d_out, n);
+            snprintf(what, sizeof(what), "residual_dropout_forward [%d,%d] bias %d keep %d", R, F, with_bias,
+                     with_keep);
+            expect_equal(what, g, out, n);
+            free(g);
+            cuda_residual_dropout_forward(d_res, d_res, d_y, with_bias ? d_bias : NULL, d_keep, sc, n, F, st);
+            g = fetch_f(d_res, n);
+            snprintf(what, sizeof(what), "residual_dropout_forward in place [%d,%d] bias %d keep %d", R, F, with_bias,
+                     with_keep);
+            expect_equal(what, g, out, n);
+            free(g);
+            // Residual + dropout backward; without a mask the CPU copies dout, the GPU multiplies by scale (1 here).
+            float *dout = host_rand(n, -1.0f, 1.0f), *dy = host_zeros(n);
+            residual_dropout_backward(dy, dout, keep, sc, n);
+            float *d_dout = dup_f(dout, n), *d_dy = dmalloc(n * sizeof(float));
+            cuda_residual_dropout_backward(d_dy, d_dout, d_keep, sc, n, st);
+            g = fetch_f(d_dy, n);
+            snprintf(what, sizeof(what), "residual_dropout_backward [%d,%d] keep %d", R, F, with_keep);
+            expect_equal(what, g, dy, n);
+            free(g);
+            if (!with_keep) {  // keep NULL with a scale: dy = dout * scale
+                for (size_t i = 0; i < n; i++) dy[i] = dout[i] * scale;
+                cuda_residual_dropout_backward(d_dy, d_dout, NULL, scale, n, st);
+                g = fetch_f(d_dy, n);
+                snprintf(what, sizeof(what), "residual_dropout_backward [%d,%d] no keep, scale %.4f", R, F, scale);
+                expect_equal(what, g, dy, n);
+                free(g);
+            }
+            free(h0), free(h), free(dh0), free(dh), free(res), free(y0), free(y), free(out), free(dout), free(dy);
+            dfree(d_h), dfree(d_dh), dfree(d_res), dfree(d_y), dfree(d_out), dfree(d_dout), dfree(d_dy);
+        }
+        // Bias add, separate and in place.
+        float *x = host_rand(n, -1.0f, 1.0f), *want = host_zeros(n);
+        for (size_t i = 0; i < n; i++) want[i] = x[i] + bias[i % F];
+        float *d_x = dup_f(x, n), *d_o = dmalloc(n * sizeof(float));
+        cuda_add_bias(d_o, d_x, d_bias, n, F, st);
+        float *g = fetch_f(d_o, n);
+        char what[160];
+        snprintf(what, sizeof(what), "add_bias [%d,%d]", R, F);
+        expect_equal(what, g, want, n);
+        free(g);
+        cuda_add_bias(d_x, d_x, d_bias, n, F, st);
+        g = fetch_f(d_x, n);
+        snprintf(what, sizeof(what), "add_bias in place [%d,%d]", R, F);
+        expect_equal(what, g, want, n);
+        free(g), free(x), free(want), free(bias), free(keep_all);
+        dfree(d_x), dfree(d_o), dfree(d_bias), dfree(d_keep_all);
+    }
+}
+
+static void test_column_sums(void) {
+    printf("column_sums_accumulate (TOL_SUM(N), deterministic):\n");
+    const int Ns[] = {1, 7, 64, 65, 2053}, Cs[] = {8, 67, 130};
+    for (size_t a = 0; a < sizeof(Ns) / sizeof(Ns[0]); a++)
+        for (size_t b = 0; b < sizeof(Cs) / sizeof(Cs[0]); b++) {
+            int N = Ns[a], C = Cs[b];
+            size_t n = (size_t)N * C;
+            float *x = host_rand(n, -1.0f, 1.0f), *sums0 = host_rand(C, -1.0f, 1.0f), *want = host_copy(sums0, C);
+            column_sums_accumulate(want, x, N, C);
+            float *d_x = dup_f(x, n), *d_s = dup_f(sums0, C);
+            float *d_scratch = dmalloc(cuda_column_sums_scratch(N, C) * sizeof(float));
+            cuda_column_sums_accumulate(d_s, d_x, N, C, d_scratch, st);
+            float *g1 = fetch_f(d_s, C);
+            upload(d_s, sums0, C * sizeof(float));
+            cuda_column_sums_accumulate(d_s, d_x, N, C, d_scratch, st);
+            float *g2 = fetch_f(d_s, C);
+            char what[160];
+            snprintf(what, sizeof(what), "column_sums_accumulate N %d C %d", N, C);
+            expect_close(what, g1, want, C, tol_sum(N));
+            expect_identical(what, g1, g2, C * sizeof(float));
+            free(x), free(sums0), free(want), free(g1), free(g2);
+            dfree(d_x), dfree(d_s), dfree(d_scratch);
+        }
+}
+
+// ---- Embedding ------------------------------------------------------------------------------------------
+
+static void test_embedding(void) {
+    printf("embedding forward and backward (bit-exact, deterministic):\n");
+    const int shapes[][4] = {{1, 1, 8, 67}, {3, 33, 130, 67}, {64, 32, 128, 67}, {2, 1027, 128, 1000}, {1, 2053, 8, 3}};
+    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
+        int B = shapes[s][0], T = shapes[s][1], C = shapes[s][2], V = shapes[s][3], N = B * T;
+        size_t NC = (size_t)N * C, VC = (size_t)V * C;
+        int *tok = mlm_malloc(N * sizeof(int), "tokens");
+        fill_ints(tok, N, 0, V);
+        float *emb = host_rand(VC, -1.0f, 1.0f), *pe = host_rand((size_t)T * C, -1.0f, 1.0f);
+        float *out = host_zeros(NC);
+        embedding_forward(out, tok, emb, pe, B, T, C, V);
+        int *d_tok = dup_bytes(tok, N * sizeof(int));
+        float *d_emb = dup_f(emb, VC), *d_pe = dup_f(pe, (size_t)T * C), *d_out = dmalloc(NC * sizeof(float));
+        cuda_embedding_forward(d_out, d_tok, d_emb, d_pe, B, T, C, st);
+        float *g = fetch_f(d_out, NC);
+        char what[160];
+        snprintf(what, sizeof(what), "embedding_forward B %d T %d C %d V %d", B, T, C, V);
+        expect_equal(what, g, out, NC);
+        free(g);
+        float *dout = host_rand(NC, -1.0f, 1.0f), *demb0 = host_rand(VC, -1.0f, 1.0f), *demb = host_copy(demb0, VC);
+        embedding_backward(demb, dout, tok, B, T, C);
+        float *d_dout = dup_f(dout, NC), *d_demb = dup_f(demb0, VC);
+        cuda_embedding_backward(d_demb, d_dout, d_tok, B, T, C, V, st);
+        float *g1 = fetch_f(d_demb, VC);
+        upload(d_demb, demb0, VC * sizeof(float));
+        cuda_embedding_backward(d_demb, d_dout, d_tok, B, T, C, V, st);
+        float *g2 = fetch_f(d_demb, VC);
+        snprintf(what, sizeof(what), "embedding_backward B %d T %d C %d V %d", B, T, C, V);
+        expect_equal(what, g1, demb, VC);
+        expect_identical(what, g1, g2, VC * sizeof(float));
+        free(tok), free(emb), free(pe), free(out), free(dout), free(demb0), free(demb), free(g1), free(g2);
+        dfree(d_tok), dfree(d_emb), dfree(d_pe), dfree(d_out), dfree(d_dout), dfree(d_demb);
+    }
+}
+
+// ---- LayerNorm ------------------------------------------------------------------------------------------
+
+static void test_layernorm(void) {
+    printf("layernorm forward and backward (TOL_SUM, deterministic):\n");
+    const int Ns[] = {1, 7, 2053}, Cs[] = {8, 128, 130};
+    const float eps = 1e-5f;
+    for (size_t a = 0; a < sizeof(Ns) / sizeof(Ns[0]); a++)
+        for (size_t b = 0; b < sizeof(Cs) / sizeof(Cs[0]); b++) {
+            int N = Ns[a], C = Cs[b];
+            size_t n = (size_t)N * C;
+            char what[160];
+            // Inputs off-centre (mean ~2) so that the centring matters.
+            float *x = host_rand(n, 1.0f, 3.0f), *w = host_rand(C, 0.5f, 1.5f), *bb = host_rand(C, -0.5f, 0.5f);
+            float *out = host_zeros(n), *mean = host_zeros(N), *rstd = host_zeros(N);
+            layernorm_forward(out, mean, rstd, x, w, bb, N, C, eps);
+            float *d_x = dup_f(x, n), *d_w = dup_f(w, C), *d_b = dup_f(bb, C);
+            float *d_out = dmalloc(n * sizeof(float)), *d_mean = dmalloc(N * sizeof(float));
+            float *d_rstd = dmalloc(N * sizeof(float));
+            cuda_layernorm_forward(d_out, d_mean, d_rstd, d_x, d_w, d_b, N, C, eps, st);
+            float *g_out = fetch_f(d_out, n), *g_mean = fetch_f(d_mean, N), *g_rstd = fetch_f(d_rstd, N);
+            snprintf(what, sizeof(what), "layernorm_forward out N %d C %d", N, C);
+            expect_close(what, g_out, out, n, 2 * tol_sum(C));
+            snprintf(what, sizeof(what), "layernorm_forward mean N %d C %d", N, C);
+            expect_close(what, g_mean, mean, N, tol_sum(C));
+            snprintf(what, sizeof(what), "layernorm_forward rstd N %d C %d", N, C);
+            expect_close(what, g_rstd, rstd, N, tol_sum(C));
+            // Backward from the CPU's mean and rstd (isolates the backward), accumulating into random buffers.
+            float *dout = host_rand(n, -1.0f, 1.0f), *dinp0 = host_rand(n, -1.0f, 1.0f);
+            float *dw0 = host_rand(C, -1.0f, 1.0f), *db0 = host_rand(C, -1.0f, 1.0f);
+            float *dinp = host_copy(dinp0, n), *dw = host_copy(dw0, C), *db = host_copy(db0, C);
+            layernorm_backward(dinp, dw, db, dout, x, w, mean, rstd, N, C);
+            upload(d_mean, mean, N * sizeof(float));
+            upload(d_rstd, rstd, N * sizeof(float));
+            float *d_dout = dup_f(dout, n), *d_dinp = dup_f(dinp0, n), *d_dw = dup_f(dw0, C), *d_db = dup_f(db0, C);
+            float *d_scratch = dmalloc(cuda_layernorm_backward_scratch(N, C) * sizeof(float));
+            float *g[2][3];
+            for (int run = 0; run < 2; run++) {
+                upload(d_dinp, dinp0, n * sizeof(float));
+                upload(d_dw, dw0, C * sizeof(float));
+                upload(d_db, db0, C * sizeof(float));
+                cuda_layernorm_backward(d_dinp, d_dw, d_db, d_dout, d_x, d_w, d_mean, d_rstd, N, C, d_scratch, st);
+                g[run][0] = fetch_f(d_dinp, n);
+                g[run][1] = fetch_f(d_dw, C);
+                g[run][2] = fetch_f(d_db, C);
+            }
+            snprintf(what, sizeof(what), "layernorm_backward dinp N %d C %d", N, C);
+            expect_close(what, g[0][0], dinp, n, tol_sum(C));
+            expect_identical(what, g[0][0], g[1][0], n * sizeof(float));
+            snprintf(what, sizeof(what), "layernorm_backward dw N %d C %d", N, C);
+            expect_close(what, g[0][1], dw, C, tol_sum(N));
+            expect_identical(what, g[0][1], g[1][1], C * sizeof(float));
+            snprintf(what, sizeof(what), "layernorm_backward db N %d C %d", N, C);
+            expect_close(what, g[0][2], db, C, tol_sum(N));
+            expect_identical(what, g[0][2], g[1][2], C * sizeof(float));
+            for (int run = 0; run < 2; run++)
+                for (int k = 0; k < 3; k++) free(g[run][k]);
+            free(x), free(w), free(bb), free(out), free(mean), free(rstd), free(g_out), free(g_mean), free(g_rstd);
+            free(dout), free(dinp0), free(dw0), free(db0), free(dinp), free(dw), free(db);
+            dfree(d_x), dfree(d_w), dfree(d_b), dfree(d_out), dfree(d_mean), dfree(d_rstd);
+            dfree(d_dout), dfree(d_dinp), dfree(d_dw), dfree(d_db), dfree(d_scratch);
+        }
+}
+
+// ---- Attention ------------------------------------------------------------------------------------------
+// The GPU path is split_heads -> (scores = Q K^T: cuBLAS in the model, double here) -> softmax_forward ->
+// (P V: double here) -> heads_to_rows, and backward rows_to_heads -> (dP = dY V^T) -> softmax_backward ->
+// (dQ = dS K, dK = dS^T Q, dV = P^T dY) -> merge_heads. The layout kernels are checked bit for bit against host
+// index arithmetic, the softmax kernels against double-precision formulas on the same inputs, and the whole
+// chain against the CPU's attention_forward / attention_backward.
+
+static size_t head_index(int b, int h, int t, int d, int H, int T, int hs) {
+    return (((size_t)b * H + h) * T + t) * hs + d;
+}
+
+// C[bh][m][n] = sum_k A[bh][m][k] * Bm[bh][n][k] (transB) or sum_k A[bh][m][k] * Bm[bh][k][n], in double.
+static void host_bmm(float *out, const float *A, const float *Bm, int BH, int M, int Nn, int K, int transA,
+                     int transB) {
+    for (int bh = 0; bh < BH; bh++) {
+        const float *a = A + (size_t)bh * M * K, *bmat = Bm + (size_t)bh * K * Nn;
+        float *o = out + (size_t)bh * M * Nn;
+        for (int i = 0; i < M; i++)
+            for (int j = 0; j < Nn; j++) {
+                double s = 0.0;
+                for (int k = 0; k < K; k++) {
+                    double av = transA ? a[(size_t)k * M + i] : a[(size_t)i * K + k];
+                    double bv = transB ? bmat[(size_t)j * K + k] : bmat[(size_t)k * Nn + j];
+                    s += av * bv;
+                }
+                o[(size_t)i * Nn + j] = (float)s;
+            }
+    }
+}
+
+// Part `which` (0 q, 1 k, 2 v) of x[B,T,3C], as [B,T,C].
+static float *qkv_part(const float *x, int which, int B, int T, int C) {
+    float *o = host_zeros((size_t)B * T * C);
+    for (size_t r = 0; r < (size_t)B * T; r++) memcpy(o + r * C, x + r * 3 * C + (size_t)which * C, C * sizeof(float));
+    return o;
+}
+
+static void test_attention(void) {
+    printf("attention softmax, layouts and the whole chain vs attention_forward/backward:\n");
+    const int shapes[][4] = {{1, 1, 8, 2}, {2, 32, 128, 8}, {3, 33, 130, 10}, {1, 257, 64, 4}, {1, 2053, 16, 1}};
+    const float p = 0.1f, drop_scale = dropout_scale(p);
+    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
+        for (int with_drop = 0; with_drop < 2; with_drop++) {
+            int B = shapes[s][0], T = shapes[s][1], C = shapes[s][2], H = shapes[s][3], hs = C / H, BH = B * H;
+            size_t NC = (size_t)B * T * C, TT = (size_t)T * T, BHTT = (size_t)BH * TT;
+            float scale = 1.0f / sqrtf((float)hs);
+            char tag[96], what[200];
+            snprintf(tag, sizeof(tag), "B %d T %d C %d H %d drop %d", B, T, C, H, with_drop);
+            float *qkv = host_rand(3 * NC, -1.5f, 1.5f);
+            float *d_qkv = dup_f(qkv, 3 * NC);
+            float *d_q = dmalloc(NC * sizeof(float)), *d_k = dmalloc(NC * sizeof(float));
+            float *d_v = dmalloc(NC * sizeof(float));
+            cuda_qkv_split_heads(d_q, d_k, d_v, d_qkv, B, T, C, H, st);
+            float *q = fetch_f(d_q, NC), *k = fetch_f(d_k, NC), *v = fetch_f(d_v, NC);
+            float *want_q = host_zeros(NC), *want_k = host_zeros(NC), *want_v = host_zeros(NC);
+            for (int b = 0; b < B; b++)
+                for (int t = 0; t < T; t++)
+                    for (int h = 0; h < H; h++)
+                        for (int d = 0; d < hs; d++) {
+                            const float *row = qkv + ((size_t)b * T + t) * 3 * C + (size_t)h * hs + d;
+                            size_t j = head_index(b, h, t, d, H, T, hs);
+                            want_q[j] = row[0];
+                            want_k[j] = row[C];
+                            want_v[j] = row[2 * C];
+                        }
+            snprintf(what, sizeof(what), "qkv_split_heads %s", tag);
+            expect_equal(what, q, want_q, NC);
+            expect_equal(what, k, want_k, NC);
+            expect_equal(what, v, want_v, NC);
+
+            // Softmax forward on the unscaled scores.
+            uint8_t *d_keep = NULL, *keep = with_drop ? make_keep(BHTT, p, &d_keep) : NULL;
+            float *scores = host_zeros(BHTT);
+            host_bmm(scores, q, k, BH, T, T, hs, 0, 1);
+            float *d_att = dup_f(scores, BHTT), *d_attd = with_drop ? dmalloc(BHTT * sizeof(float)) : NULL;
+            cuda_softmax_forward(d_att, d_attd, d_keep, drop_scale, scale, BH, T, st);
+            float *att = fetch_f(d_att, BHTT), *attd = with_drop ? fetch_f(d_attd, BHTT) : NULL;
+            upload(d_att, scores, BHTT * sizeof(float));  // determinism: a second run
+            cuda_softmax_forward(d_att, d_attd, d_keep, drop_scale, scale, BH, T, st);
+            float *att2 = fetch_f(d_att, BHTT);
+            snprintf(what, sizeof(what), "softmax_forward %s", tag);
+            expect_identical(what, att, att2, BHTT * sizeof(float));
+            // Double softmax of fl(s * scale), the same rounded products the kernel exponentiates.
+            float *ref = host_zeros(BHTT);
+            for (size_t r = 0; r < (size_t)BH * T; r++) {
+                const float *sr = scores + r * T;
+                double mx = -INFINITY, sum = 0.0;
+                for (int j = 0; j < T; j++) mx = fmax(mx, (double)(sr[j] * scale));
+                for (int j = 0; j < T; j++) sum += exp((double)(sr[j] * scale) - mx);
+                for (int j = 0; j < T; j++) ref[r * T + j] = (float)(exp((double)(sr[j] * scale) - mx) / sum);
+            }
+            snprintf(what, sizeof(what), "softmax_forward vs double %s", tag);
+            expect_close(what, att, ref, BHTT, 2e-6);
+            const float *pv = att;  // what P V uses
+            if (with_drop) {
+                float *want = host_zeros(BHTT);
+                for (size_t i = 0; i < BHTT; i++) want[i] = att[i] * ((float)keep[i] * drop_scale);
+                snprintf(what, sizeof(what), "softmax_forward att_drop %s", tag);
+                expect_equal(what, attd, want, BHTT);
+                free(want);
+                pv = attd;
+            }
+            float *out_c = host_zeros(NC), *att_c = host_zeros(BHTT);
+            attention_forward(out_c, att_c, qkv, keep, drop_scale, B, T, C, H);
+            snprintf(what, sizeof(what), "softmax_forward vs attention_forward %s", tag);
+            expect_close(what, att, att_c, BHTT, 2 * tol_sum(T));
+            float *y = host_zeros(NC);
+            host_bmm(y, pv, v, BH, T, hs, T, 0, 0);
+            float *d_y = dup_f(y, NC), *d_out = dmalloc(NC * sizeof(float));
+            cuda_heads_to_rows(d_out, d_y, B, T, C, H, st);
+            float *out = fetch_f(d_out, NC), *want_out = host_zeros(NC);
+            for (int b = 0; b < B; b++)
+                for (int t = 0; t < T; t++)
+                    for (int h = 0; h < H; h++)
+                        for (int d = 0; d < hs; d++)
+                            want_out[((size_t)b * T + t) * C + (size_t)h * hs + d] = y[head_index(b, h, t, d, H, T, hs)];
+            snprintf(what, sizeof(what), "heads_to_rows %s", tag);
+            expect_equal(what, out, want_out, NC);
+            snprintf(what, sizeof(what), "attention out vs attention_forward %s", tag);
+            expect_close(what, out, out_c, NC, 2 * tol_sum(T));
+
+            // Backward.
+            float *dout = host_rand(NC, -1.0f, 1.0f);
+            float *d_dout = dup_f(dout, NC), *d_dy = dmalloc(NC * sizeof(float));
+            cuda_rows_to_heads(d_dy, d_dout, B, T, C, H, st);
+            float *dy = fetch_f(d_dy, NC), *want_dy = host_zeros(NC);
+            for (int b = 0; b < B; b++)
+                for (int t = 0; t < T; t++)
+                    for (int h = 0; h < H; h++)
+                        for (int d = 0; d < hs; d++)
+                            want_dy[head_index(b, h, t, d, H, T, hs)] = dout[((size_t)b * T + t) * C + (size_t)h * hs + d];
+            snprintf(what, sizeof(what), "rows_to_heads %s", tag);
+            expect_equal(what, dy, want_dy, NC);
+            float *datt = host_zeros(BHTT);
+            host_bmm(datt, dy, v, BH, T, T, hs, 0, 1);  // d(att_drop) = dY V^T
+            float *d_datt = dup_f(datt, BHTT), *d_ds = dmalloc(BHTT * sizeof(float));
+            cuda_softmax_backward(d_ds, d_datt, d_att, d_keep, drop_scale, scale, BH, T, st);
+            float *ds = fetch_f(d_ds, BHTT);
+            cuda_softmax_backward(d_datt, d_datt, d_att, d_keep, drop_scale, scale, BH, T, st);  // in place
+            float *ds2 = fetch_f(d_datt, BHTT);
+            snprintf(what, sizeof(what), "softmax_backward (in place == separate, deterministic) %s", tag);
+            expect_identical(what, ds, ds2, BHTT * sizeof(float));
+            float *ds_ref = host_zeros(BHTT);
+            for (size_t r = 0; r < (size_t)BH * T; r++) {
+                const float *pr = att + r * T, *gr = datt + r * T;
+                const uint8_t *kr = keep ? keep + r * T : NULL;
+                double dot = 0.0;
+                for (int j = 0; j < T; j++) dot += (double)pr[j] * (kr ? (double)gr[j] * kr[j] * drop_scale : gr[j]);
+                for (int j = 0; j < T; j++) {
+                    double gj = kr ? (double)gr[j] * kr[j] * drop_scale : gr[j];
+                    ds_ref[r * T + j] = (float)((double)scale * pr[j] * (gj - dot));
+                }
+            }
+            snprintf(what, sizeof(what), "softmax_backward vs double %s", tag);
+            expect_close(what, ds, ds_ref, BHTT, tol_sum(T));
+            float *dq = host_zeros(NC), *dk = host_zeros(NC), *dv = host_zeros(NC);
+            host_bmm(dq, ds, k, BH, T, hs, T, 0, 0);   // dQ = dS K
+            host_bmm(dk, ds, q, BH, T, hs, T, 1, 0);   // dK = dS^T Q
+            host_bmm(dv, pv, dy, BH, T, hs, T, 1, 0);  // dV = P_drop^T dY
+            float *d_dq = dup_f(dq, NC), *d_dk = dup_f(dk, NC), *d_dv = dup_f(dv, NC);
+            float *d_dqkv = dmalloc(3 * NC * sizeof(float));
+            cuda_qkv_merge_heads(d_dqkv, d_dq, d_dk, d_dv, B, T, C, H, st);
+            float *dqkv = fetch_f(d_dqkv, 3 * NC), *want_dqkv = host_zeros(3 * NC);
+            for (int b = 0; b < B; b++)
+                for (int t = 0; t < T; t++)
+                    for (int h = 0; h < H; h++)
+                        for (int d = 0; d < hs; d++) {
+                            float *row = want_dqkv + ((size_t)b * T + t) * 3 * C + (size_t)h * hs + d;
+                            size_t j = head_index(b, h, t, d, H, T, hs);
+                            row[0] = dq[j];
+                            row[C] = dk[j];
+                            row[2 * C] = dv[j];
+                        }
+            snprintf(what, sizeof(what), "qkv_merge_heads %s", tag);
+            expect_equal(what, dqkv, want_dqkv, 3 * NC);
+            float *dqkv_c = host_zeros(3 * NC);
+            attention_backward(dqkv_c, dout, qkv, att_c, keep, drop_scale, B, T, C, H);
+            const char *names[3] = {"dq", "dk", "dv"};
+            for (int part = 0; part < 3; part++) {
+                float *gp = qkv_part(dqkv, part, B, T, C), *cp = qkv_part(dqkv_c, part, B, T, C);
+                snprintf(what, sizeof(what), "attention %s vs attention_backward %s", names[part], tag);
+                expect_close(what, gp, cp, NC, 4 * tol_sum(T));
+                free(gp), free(cp);
+            }
+            free(qkv), free(q), free(k), free(v), free(want_q), free(want_k), free(want_v), free(keep), free(scores);
+            free(att), free(attd), free(att2), free(ref), free(out_c), free(att_c), free(y), free(out), free(want_out);
+            free(dout), free(dy), free(want_dy), free(datt), free(ds), free(ds2), free(ds_ref), free(dq), free(dk);
+            free(dv), free(dqkv), free(want_dqkv), free(dqkv_c);
+            dfree(d_qkv), dfree(d_q), dfree(d_k), dfree(d_v), dfree(d_att), dfree(d_y), dfree(d_out), dfree(d_dout);
+            dfree(d_dy), dfree(d_datt), dfree(d_ds), dfree(d_dq), dfree(d_dk), dfree(d_dv), dfree(d_dqkv);
+            if (d_attd) dfree(d_attd);
+            if (d_keep) dfree(d_keep);
+        }
+}
+
+// ---- Cross-entropy ---------------------------------------------------------------------------------------
+
+static int argmax_first(const float *x, int V) {  // the CPU's rule: lowest index on ties
+    int best = 0;
+    for (int v = 1; v < V; v++)
+        if (x[v] > x[best]) best = v;
+    return best;
+}
+
+static void test_crossentropy(void) {
+    printf("cross-entropy, target count and loss reduction:\n");
+    const int shapes[][3] = {{1, 67, 0}, {7, 67, 0}, {2053, 67, 0}, {64, 1000, 0}, {3, 65536, 0}, {5, 67, 1}};
+    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
+        int N = shapes[s][0], V = shapes[s][1], all_ignored = shapes[s][2], ignore = V - 2;
+        size_t NV = (size_t)N * V;
+        char tag[64], what[160];
+        snprintf(tag, sizeof(tag), "N %d V %d%s", N, V, all_ignored ? " all ignored" : "");
+        float *logits = host_rand(NV, -4.0f, 4.0f);
+        int *labels = mlm_malloc(N * sizeof(int), "labels"), *pick = mlm_malloc(2 * N * sizeof(int), "picks");
+        float *coin = host_rand(N, 0.0f, 1.0f);
+        fill_ints(labels, N, 0, V);
+        fill_ints(pick, 2 * (size_t)N, 0, V);
+        for (int n = 0; n < N; n++) {
+            float *x = logits + (size_t)n * V;
+            int a = MLM_MIN(pick[2 * n], pick[2 * n + 1]), b = MLM_MAX(pick[2 * n], pick[2 * n + 1]);
+            if (n % 4 == 1 && a != b) {  // a tie for the max: argmax must be a (the lower index)
+                x[a] = x[b] = 6.0f;
+                labels[n] = n % 8 == 1 ? a : b;
+            } else if (n % 4 == 2) {
+                labels[n] = argmax_first(x, V);  // a correct prediction
+            }
+            if (all_ignored || (n > 0 && coin[n] < 0.4f)) labels[n] = ignore;
+        }
+        // CPU.
+        float *loss_c = host_zeros(N), *dl_c = host_zeros(NV);
+        int nt_c = 0, corr_c = 0;
+        float mean_c = crossentropy_forward(loss_c, logits, labels, N, V, ignore, &nt_c, &corr_c);
+        if (nt_c > 0) crossentropy_backward(dl_c, logits, labels, N, V, ignore, 1.0f / (float)nt_c);
+        float *corr_ref = host_zeros(N);
+        for (int n = 0; n < N; n++)
+            corr_ref[n] = labels[n] != ignore && argmax_first(logits + (size_t)n * V, V) == labels[n];
+        // GPU, twice; the second time in place (dlogits == logits).
+        float *d_logits = dup_f(logits, NV), *d_logits2 = dup_f(logits, NV), *d_dl = dmalloc(NV * sizeof(float));
+        int *d_labels = dup_bytes(labels, N * sizeof(int)), *d_nt = dmalloc(sizeof(int));
+        float *d_loss = dmalloc(N * sizeof(float)), *d_red = dmalloc(3 * sizeof(float));
+        int *d_corr = dmalloc(N * sizeof(int));
+        float *g_loss[2], *g_dl[2], g_red[2][3], *g_corr = host_zeros(N);
+        int *g_corr_i[2], g_nt = -1;
+        for (int run = 0; run < 2; run++) {
+            float *dst = run == 0 ? d_dl : d_logits2;
+            const float *src = run == 0 ? d_logits : d_logits2;
+            cuda_count_targets(d_nt, d_labels, N, ignore, st);
+            cuda_crossentropy_forward_backward(d_loss, d_corr, dst, src, d_labels, d_nt, N, V, ignore, st);
+            cuda_loss_reduce(d_red, d_loss, d_corr, d_nt, N, st);
+            g_loss[run] = fetch_f(d_loss, N);
+            g_dl[run] = fetch_f(dst, NV);
+            g_corr_i[run] = mlm_malloc(N * sizeof(int), "correct");
+            download(g_corr_i[run], d_corr, N * sizeof(int));
+            download(g_red[run], d_red, 3 * sizeof(float));
+            download(&g_nt, d_nt, sizeof(int));
+        }
+        for (int n = 0; n < N; n++) g_corr[n] = (float)g_corr_i[0][n];
+        CHECK(g_nt == nt_c, "%s: count_targets %d, CPU %d", tag, g_nt, nt_c);
+        snprintf(what, sizeof(what), "crossentropy losses %s", tag);
+        expect_close(what, g_loss[0], loss_c, N, 1e-6);
+        snprintf(what, sizeof(what), "crossentropy correct flags %s", tag);
+        expect_equal(what, g_corr, corr_ref, N);
+        snprintf(what, sizeof(what), "crossentropy dlogits %s", tag);
+        if (nt_c > 0) expect_close(what, g_dl[0], dl_c, NV, tol_sum(V));
+        else expect_equal(what, g_dl[0], dl_c, NV);  // no targets: all zero
+        snprintf(what, sizeof(what), "crossentropy (in place == separate, deterministic) %s", tag);
+        expect_identical(what, g_dl[0], g_dl[1], NV * sizeof(float));
+        expect_identical(what, g_loss[0], g_loss[1], N * sizeof(float));
+        expect_identical(what, g_corr_i[0], g_corr_i[1], N * sizeof(int));
+        expect_identical(what, g_red[0], g_red[1], sizeof(g_red[0]));
+        snprintf(what, sizeof(what), "loss_reduce mean loss %s", tag);
+        expect_close(what, &g_red[0][0], &mean_c, 1, 1e-6);
+        CHECK(g_red[0][1] == (float)corr_c && g_red[0][2] == (float)nt_c, "%s: loss_reduce correct %g / %g, CPU %d / %d",
+              tag, g_red[0][1], g_red[0][2], corr_c, nt_c);
+        printf("  %-58s %d targets, %d correct (CPU %d, %d)\n", tag, (int)g_red[0][2], (int)g_red[0][1], nt_c, corr_c);
+        for (int run = 0; run < 2; run++) free(g_loss[run]), free(g_dl[run]), free(g_corr_i[run]);
+        free(logits), free(labels), free(pick), free(coin), free(loss_c), free(dl_c), free(corr_ref), free(g_corr);
+        dfree(d_logits), dfree(d_logits2), dfree(d_dl), dfree(d_labels), dfree(d_nt), dfree(d_loss), dfree(d_red);
+        dfree(d_corr);
+    }
+}
+
+// ---- Gradient norm and Adam --------------------------------------------------------------------------------
+
+static void test_grad_norm(void) {
+    printf("grad norm (1e-6, deterministic):\n");
+    const size_t sizes[] = {0, 1, 7, 4097, 812355, 3000007};
+    for (size_t s = 0; s < sizeof(sizes) / sizeof(sizes[0]); s++) {
+        size_t n = sizes[s];
+        float *g = host_rand(n, -1e-2f, 1e-2f);
+        if (n > 3) g[n / 3] = 3.0f;  // one large entry among small ones
+        float want = cpu_grad_norm(g, n);
+        float *d_g = dup_f(g, n), *d_norm = dmalloc(sizeof(float));
+        double *d_scratch = dmalloc(cuda_grad_norm_scratch(n) * sizeof(double));
+        float got[2];
+        for (int run = 0; run < 2; run++) {
+            cuda_grad_norm(d_norm, d_g, n, d_scratch, st);
+            download(&got[run], d_norm, sizeof(float));
+        }
+        char what[160];
+        snprintf(what, sizeof(what), "grad_norm n %zu (%.6g)", n, (double)want);
+        expect_close(what, &got[0], &want, 1, 1e-6);
+        expect_identical(what, &got[0], &got[1], sizeof(float));
+        free(g);
+        dfree(d_g), dfree(d_norm), dfree(d_scratch);
+    }
+}
+
+static void test_adam(void) {
+    printf("clip + Adam / AdamW (bit-exact vs cpu_clip_grads + cpu_adam_update, 3 steps):\n");
+    const size_t sizes[] = {1, 7, 812355};
+    const float max_norms[] = {0.0f, 1.0f, 1e9f};  // off, clipping, a coefficient >= 1 (no clipping)
+    for (size_t s = 0; s < sizeof(sizes) / sizeof(sizes[0]); s++)
+        for (int kind = 0; kind < 2; kind++)
+            for (size_t mi = 0; mi < sizeof(max_norms) / sizeof(max_norms[0]); mi++)
+                for (int with_mask = 0; with_mask < 2; with_mask++) {
+                    if (kind == OPTIM_NOAM_ADAM && with_mask) continue;  // labml's Adam has no weight decay
+                    size_t n = sizes[s];
+                    float max_norm = max_norms[mi];
+                    long t0 = s == 1 ? 1 : 3999;  // bias corrections far from and close to 1
+                    OptimConfig oc = {.kind = (OptimKind)kind, .beta1 = 0.9f, .beta2 = 0.999f, .eps = 1e-8f,
+                                      .weight_decay = 0.1f};
+                    float *p = host_rand(n, -1.0f, 1.0f), *m = host_rand(n, -1e-3f, 1e-3f);
+                    float *v = host_rand(n, 0.0f, 1e-5f);
+                    uint8_t *mask = NULL, *d_mask = NULL;
+                    if (with_mask) {
+                        int *bits = mlm_malloc(n * sizeof(int), "mask bits");
+                        fill_ints(bits, n, 0, 2);
+                        mask = mlm_malloc(n, "decay mask");
+                        for (size_t i = 0; i < n; i++) mask[i] = (uint8_t)bits[i];
+                        free(bits);
+                        d_mask = dup_bytes(mask, n);
+                    }
+                    float *d_p = dup_f(p, n), *d_m = dup_f(m, n), *d_v = dup_f(v, n);
+                    float *d_g = dmalloc(n * sizeof(float)), *d_norm = dmalloc(sizeof(float));
+                    float a = 4.0f * sqrtf(3.0f / (float)n);  // gradient norm ~4
+                    for (long t = t0; t < t0 + 3; t++) {
+                        float *g = host_rand(n, -a, a);
+                        upload(d_g, g, n * sizeof(float));
+                        // The CPU clips in place and returns the norm; the GPU gets that norm so that both
+                        // compute the same coefficient (the norm itself is tested above).
+                        float norm = max_norm > 0.0f ? cpu_clip_grads(g, n, max_norm) : cpu_grad_norm(g, n);
+                        upload(d_norm, &norm, sizeof(float));
+                        double lr = kind == OPTIM_NOAM_ADAM ? 1.976e-3 * (double)t / 2000.0 : 3e-4;
+                        cpu_adam_update(&oc, p, g, m, v, mask, n, t, lr);
+                        cuda_adam_update(d_p, d_g, d_m, d_v, d_mask, d_norm, max_norm, n, kind, oc.beta1, oc.beta2,
+                                         oc.eps, oc.weight_decay, t, lr, st);
+                        free(g);
+                    }
+                    float *gp = fetch_f(d_p, n), *gm = fetch_f(d_m, n), *gv = fetch_f(d_v, n);
+                    char what[160];
+                    snprintf(what, sizeof(what), "adam kind %d n %zu max_norm %g mask %d params", kind, n,
+                             (double)max_norm, with_mask);
+                    expect_equal(what, gp, p, n);
+                    snprintf(what, sizeof(what), "adam kind %d n %zu max_norm %g mask %d m, v", kind, n,
+                             (double)max_norm, with_mask);
+                    expect_equal(what, gm, m, n);
+                    expect_equal(what, gv, v, n);
+                    free(p), free(m), free(v), free(mask), free(gp), free(gm), free(gv);
+                    dfree(d_p), dfree(d_m), dfree(d_v), dfree(d_g), dfree(d_norm);
+                    if (d_mask) dfree(d_mask);
+                }
+}
+
+int main(void) {
+    char why[256];
+    // Before any other CUDA call: a host without a device skips.
+    if (cuda_device_count(why, sizeof(why)) == 0) return test_skip(why);
+    char desc[256];
+    cuda_device_describe(desc, sizeof(desc));
+    printf("device: %s\n", desc);
+    rng_init(&data_rng, 20240607, RNG_DOMAIN_INIT);
+    rng_init(&drop_rng, 20240607, RNG_DOMAIN_TRAIN);
+    CUDA_CHECK(cudaStreamCreate(&st));
+    CURAND_CHECK(curandCreateGenerator(&dgen, CURAND_RNG_PSEUDO_PHILOX4_32_10));
+    CURAND_CHECK(curandSetPseudoRandomGeneratorSeed(dgen, drop_rng.seed));
+
+    test_uniforms();
+    test_dropout_rule();
+    test_feedforward();
+    test_column_sums();
+    test_embedding();
+    test_layernorm();
+    test_attention();
+    test_crossentropy();
+    test_grad_norm();
+    test_adam();
+
+    CURAND_CHECK(curandDestroyGenerator(dgen));
+    CUDA_CHECK(cudaStreamDestroy(st));
+    rng_free(&data_rng);
+    rng_free(&drop_rng);
+    return test_finish("test_gpu_ops");
+}
