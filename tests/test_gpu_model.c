@@ -40,6 +40,7 @@
 #include "mlm/optim.h"
 #include "mlm/rng.h"
 #include "mlm/safetensors.h"
+#include "fixture_util.h"
 #include "test_util.h"
 
 #define REL_TOL 1e-5
@@ -84,12 +85,6 @@ static double max_abs_f(const float *b, size_t n) {
     return m;
 }
 
-static size_t entry_numel(const ParamEntry *e) {
-    return (size_t)e->shape[0] * (e->ndim == 2 ? (size_t)e->shape[1] : 1);
-}
-
-static int is_key_bias(const char *name) { return strstr(name, "self_attn.key.linear.bias") != NULL; }
-
 static ParamEntry *param_table(const ModelConfig *c, int *n) {
     *n = model_param_table(c, NULL);
     ParamEntry *tab = mlm_malloc((size_t)*n * sizeof(ParamEntry), "parameter table");
@@ -103,53 +98,6 @@ static ParamEntry *param_table(const ModelConfig *c, int *n) {
 static StFile fx;
 static char fx_path[1024];
 
-static size_t st_numel(const StTensor *t) {
-    size_t n = 1;
-    for (int d = 0; d < t->ndim; d++) n *= (size_t)t->shape[d];
-    return n;
-}
-
-static double *get_f(const char *name, size_t n) {
-    const StTensor *t = st_find(&fx, name);
-    CHECK(t != NULL, "%s: tensor %s missing", fx_path, name);
-    if (!t) return NULL;
-    int ok = st_numel(t) == n && (t->dtype == ST_F32 || t->dtype == ST_F64);
-    CHECK(ok, "%s: %s has %zu elements (expected %zu) or is not floating point", fx_path, name, st_numel(t), n);
-    if (!ok) return NULL;
-    double *out = mlm_malloc(n * sizeof(double), name);
-    for (size_t i = 0; i < n; i++)
-        out[i] = t->dtype == ST_F32 ? (double)((const float *)t->data)[i] : ((const double *)t->data)[i];
-    return out;
-}
-
-static int meta_int(const char *key, int fallback) {
-    char *v = st_meta_get(&fx, key);
-    int r = v ? atoi(v) : fallback;
-    free(v);
-    return r;
-}
-
-static double meta_double(const char *key, double fallback) {
-    char *v = st_meta_get(&fx, key);
-    double r = v ? atof(v) : fallback;
-    free(v);
-    return r;
-}
-
-// "<prefix><state_dict name>" for every table entry, gathered into mlm's parameter layout.
-static double *gather(const ParamEntry *tab, int n_tab, size_t P, const char *prefix) {
-    double *out = mlm_calloc(P, sizeof(double), "reference vector");
-    for (int k = 0; k < n_tab; k++) {
-        char name[160];
-        snprintf(name, sizeof(name), "%s%s", prefix, tab[k].name);
-        double *v = get_f(name, entry_numel(&tab[k]));
-        if (!v) continue;
-        memcpy(out + tab[k].offset, v, entry_numel(&tab[k]) * sizeof(double));
-        free(v);
-    }
-    return out;
-}
-
 static void test_fixture(void) {
     const char *src = getenv("MLM_SOURCE_DIR");
     snprintf(fx_path, sizeof(fx_path), "%s/tests/fixtures/reference_small.safetensors", src ? src : ".");
@@ -158,39 +106,30 @@ static void test_fixture(void) {
         CHECK(0, "cannot read the fixture: %s", err);
         return;
     }
-    ModelConfig cfg = {
-        .vocab = meta_int("vocab", 0), .d_model = meta_int("d_model", 0), .n_heads = meta_int("n_heads", 0),
-        .n_layers = meta_int("n_layers", 0), .d_ff = meta_int("d_ff", 0), .max_seq = meta_int("seq_len", 0),
-        .dropout = 0.0f, .ln_eps = (float)meta_double("ln_eps", 1e-5),
-    };
-    int B = meta_int("batch", 0), T = cfg.max_seq, V = cfg.vocab, pad = meta_int("pad_id", cfg.vocab - 2);
-    int steps = meta_int("steps", 3);
-    float max_norm = (float)meta_double("max_grad_norm", 1.0);
-    OptimConfig oc = {
-        .kind = OPTIM_NOAM_ADAM, .schedule = SCHED_NOAM, .lr = (float)meta_double("lr_factor", 1.0),
-        .beta1 = (float)meta_double("beta1", 0.9), .beta2 = (float)meta_double("beta2", 0.999),
-        .eps = (float)meta_double("eps", 1e-8), .weight_decay = 0.0f, .warmup = meta_int("warmup", 4),
-        .min_lr = 0.0f, .d_model = cfg.d_model, .total_steps = steps,
-    };
-    if (model_config_check(&cfg, err, sizeof(err)) || B < 1 || steps < 1 || steps > 3) {
-        CHECK(0, "%s: bad config in metadata: %s (batch %d, steps %d)", fx_path, err, B, steps);
+    FixtureConfig fc;
+    if (fixture_config(&fx, &fc, err, sizeof(err))) {
+        CHECK(0, "%s: %s", fx_path, err);
         st_free(&fx);
         return;
     }
+    ModelConfig cfg = fc.cfg;
+    OptimConfig oc = fc.oc;
+    int B = fc.B, T = cfg.max_seq, V = cfg.vocab, pad = fc.pad, steps = fc.steps;
+    float max_norm = fc.max_norm;
     printf("part 1: PyTorch fixture on the GPU, TF32 off (vocab %d, d_model %d, heads %d, layers %d, d_ff %d, "
            "seq %d, batch %d)\n", V, cfg.d_model, cfg.n_heads, cfg.n_layers, cfg.d_ff, T, B);
 
     int n_tab;
     ParamEntry *tab = param_table(&cfg, &n_tab);
     size_t P = model_num_params(&cfg);
-    double *init = gather(tab, n_tab, P, "");
-    double *ref_grad = gather(tab, n_tab, P, "grad.");
-    double *ref_step3 = gather(tab, n_tab, P, "step3.");
-    double *ref_logits = get_f("logits", (size_t)T * B * V);
-    double *ref_loss = get_f("loss", 1), *ref_losses = get_f("losses", 3), *ref_norms = get_f("grad_norms", 3);
+    double *init = fixture_gather(&fx, fx_path, tab, n_tab, P, "");
+    double *ref_grad = fixture_gather(&fx, fx_path, tab, n_tab, P, "grad.");
+    double *ref_step3 = fixture_gather(&fx, fx_path, tab, n_tab, P, "step3.");
+    double *ref_logits = fixture_floats(&fx, fx_path, "logits", (size_t)T * B * V);
+    double *ref_loss = fixture_floats(&fx, fx_path, "loss", 1), *ref_losses = fixture_floats(&fx, fx_path, "losses", 3), *ref_norms = fixture_floats(&fx, fx_path, "grad_norms", 3);
     const StTensor *ids = st_find(&fx, "input_ids"), *lab = st_find(&fx, "labels");
-    int ids_ok = ids && lab && ids->dtype == ST_I64 && lab->dtype == ST_I64 && st_numel(ids) == (size_t)T * B &&
-                 st_numel(lab) == (size_t)T * B;
+    int ids_ok = ids && lab && ids->dtype == ST_I64 && lab->dtype == ST_I64 && fixture_numel(ids) == (size_t)T * B &&
+                 fixture_numel(lab) == (size_t)T * B;
     CHECK(ids_ok, "input_ids / labels missing or not int64 [seq, batch]");
     if (!ids_ok || !ref_logits || !ref_loss || !ref_losses || !ref_norms) {
         free(tab), free(init), free(ref_grad), free(ref_step3), free(ref_logits), free(ref_loss), free(ref_losses);
@@ -239,9 +178,9 @@ static void test_fixture(void) {
     double worst_grad = 0.0;
     for (int k = 0; k < n_tab; k++) {
         const ParamEntry *e = &tab[k];
-        size_t n = entry_numel(e);
+        size_t n = fixture_entry_numel(e);
         r = rel_err_d(grads + e->offset, ref_grad + e->offset, n);
-        if (is_key_bias(e->name)) {
+        if (fixture_is_key_bias(e->name)) {
             double a = 0.0;
             for (size_t i = 0; i < n; i++) a = fmax(a, fabs(grads[e->offset + i] - ref_grad[e->offset + i]));
             r = a / grad_scale;
@@ -273,7 +212,7 @@ static void test_fixture(void) {
     double worst_param = 0.0;
     for (int k = 0; k < n_tab; k++) {
         const ParamEntry *e = &tab[k];
-        size_t n = entry_numel(e), o = e->offset;
+        size_t n = fixture_entry_numel(e), o = e->offset;
         r = rel_err_d(params + o, ref_step3 + o, n);
         // The update must be the reference's too (a no-op optimizer would pass the value check): compared
         // with the same bound relative to the largest update, the key bias excepted (its update is noise).
@@ -284,9 +223,9 @@ static void test_fixture(void) {
             den = fmax(den, fabs(ref_step3[o + i] - init[o + i]));
         }
         double ru = den > 0 ? num / den : num;
-        printf("  e2e %-48s param %.2e  update %.2e%s\n", e->name, r, ru, is_key_bias(e->name) ? " (not checked)" : "");
+        printf("  e2e %-48s param %.2e  update %.2e%s\n", e->name, r, ru, fixture_is_key_bias(e->name) ? " (not checked)" : "");
         CHECK(r <= E2E_PARAM_TOL, "fixture step 3 %s: parameter relative error %.3e > %.1e", e->name, r, E2E_PARAM_TOL);
-        if (!is_key_bias(e->name))
+        if (!fixture_is_key_bias(e->name))
             CHECK(ru <= E2E_PARAM_TOL, "fixture step 3 %s: update relative error %.3e > %.1e", e->name, ru,
                   E2E_PARAM_TOL);
         worst_param = fmax(worst_param, r);
@@ -383,8 +322,8 @@ static double compare_tensors(const char *what, const ParamEntry *tab, int n_tab
     double worst = 0.0;
     for (int k = 0; k < n_tab; k++) {
         const ParamEntry *e = &tab[k];
-        size_t n = entry_numel(e), o = e->offset, at;
-        if (is_key_bias(e->name)) {
+        size_t n = fixture_entry_numel(e), o = e->offset, at;
+        if (fixture_is_key_bias(e->name)) {
             size_t where;
             double a = max_abs_err(gpu + o, cpu + o, n, &where);
             printf("  %s %-48s max |GPU - CPU| %.2e (bound %.2e: %s)\n", what, e->name, a, key_abs_bound, key_why);

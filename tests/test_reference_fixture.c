@@ -28,6 +28,7 @@
 #include "mlm/model.h"
 #include "mlm/optim.h"
 #include "mlm/safetensors.h"
+#include "fixture_util.h"
 #include "test_util.h"
 
 #define REL_TOL 1e-5
@@ -38,41 +39,6 @@
 
 static StFile fx;
 static const char *fx_path;
-
-// Element count of a tensor.
-static size_t numel(const StTensor *t) {
-    size_t n = 1;
-    for (int d = 0; d < t->ndim; d++) n *= (size_t)t->shape[d];
-    return n;
-}
-
-// Fetch a floating tensor (F32 or F64) as doubles; fails the test if it is missing or has the wrong size.
-static double *get_f(const char *name, size_t n) {
-    const StTensor *t = st_find(&fx, name);
-    CHECK(t != NULL, "%s: tensor %s missing", fx_path, name);
-    if (!t) return NULL;
-    CHECK(numel(t) == n, "%s: %s has %zu elements, expected %zu", fx_path, name, numel(t), n);
-    CHECK(t->dtype == ST_F32 || t->dtype == ST_F64, "%s: %s is not floating point", fx_path, name);
-    if (numel(t) != n || (t->dtype != ST_F32 && t->dtype != ST_F64)) return NULL;
-    double *out = mlm_malloc(n * sizeof(double), name);
-    for (size_t i = 0; i < n; i++)
-        out[i] = t->dtype == ST_F32 ? (double)((const float *)t->data)[i] : ((const double *)t->data)[i];
-    return out;
-}
-
-static int meta_int(const char *key, int fallback) {
-    char *v = st_meta_get(&fx, key);
-    int r = v ? atoi(v) : fallback;
-    free(v);
-    return r;
-}
-
-static double meta_double(const char *key, double fallback) {
-    char *v = st_meta_get(&fx, key);
-    double r = v ? atof(v) : fallback;
-    free(v);
-    return r;
-}
 
 // max|a - b| / max|b| over n elements (the measure above); with max|b| == 0 the absolute error.
 static double rel_err(const float *a, const double *b, size_t n) {
@@ -91,33 +57,6 @@ static double max_abs(const double *b, size_t n) {
     return m;
 }
 
-static int is_key_bias(const char *name) { return strstr(name, "self_attn.key.linear.bias") != NULL; }
-
-// Gather "<prefix><state_dict name>" for every table entry into one vector in mlm's parameter layout.
-static double *gather(const ParamEntry *tab, int n_tab, size_t P, const char *prefix) {
-    double *out = mlm_calloc(P, sizeof(double), "reference vector");
-    for (int k = 0; k < n_tab; k++) {
-        char name[160];
-        snprintf(name, sizeof(name), "%s%s", prefix, tab[k].name);
-        size_t n = (size_t)tab[k].shape[0] * (tab[k].ndim == 2 ? (size_t)tab[k].shape[1] : 1);
-        const StTensor *t = st_find(&fx, name);
-        if (t) {
-            int shape_ok = t->ndim == tab[k].ndim && t->shape[0] == tab[k].shape[0] &&
-                           (tab[k].ndim == 1 || t->shape[1] == tab[k].shape[1]);
-            CHECK(shape_ok, "%s: %s has a shape that does not match mlm's table", fx_path, name);
-            if (!shape_ok) continue;
-        }
-        double *v = get_f(name, n);
-        if (!v) continue;
-        memcpy(out + tab[k].offset, v, n * sizeof(double));
-        free(v);
-    }
-    return out;
-}
-
-static size_t entry_numel(const ParamEntry *e) {
-    return (size_t)e->shape[0] * (e->ndim == 2 ? (size_t)e->shape[1] : 1);
-}
 
 // Compare updated parameters per tensor: the values and the update (value - initial) with the measure
 // above. The update check allows 2 float32 ulps of the tensor's largest parameter on top of
@@ -128,7 +67,7 @@ static void compare_params(const char *part, const ParamEntry *tab, int n_tab, c
     float *upd = mlm_malloc(sizeof(float), "update");
     for (int k = 0; k < n_tab; k++) {
         const ParamEntry *e = &tab[k];
-        size_t n = entry_numel(e), o = e->offset;
+        size_t n = fixture_entry_numel(e), o = e->offset;
         double r = rel_err(got + o, ref + o, n);
         double *dref = mlm_malloc(n * sizeof(double), "update");
         free(upd);
@@ -139,7 +78,7 @@ static void compare_params(const char *part, const ParamEntry *tab, int n_tab, c
         }
         double ru = rel_err(upd, dref, n), maxu = max_abs(dref, n), maxp = max_abs(ref + o, n);
         double ulp_allow = maxu > 0 ? 2.0 * FLT_EPSILON * maxp / maxu : INFINITY;
-        int exempt = skip_key_bias_update && is_key_bias(e->name);
+        int exempt = skip_key_bias_update && fixture_is_key_bias(e->name);
         printf("  %s %-48s param %.2e  update %.2e (max|update| %.2e%s)\n", part, e->name, r, ru, maxu,
                exempt ? ", float32 noise: not checked" : "");
         CHECK(r <= tol, "%s %s: parameter relative error %.3e > %.1e", part, e->name, r, tol);
@@ -172,24 +111,15 @@ int main(int argc, char **argv) {
     printf("fixture %s (%s, written by %s)\n", fx_path, dtype ? dtype : "float32", "tools/reference/make_fixture.py");
     free(dtype);
 
-    ModelConfig cfg = {
-        .vocab = meta_int("vocab", 0), .d_model = meta_int("d_model", 0), .n_heads = meta_int("n_heads", 0),
-        .n_layers = meta_int("n_layers", 0), .d_ff = meta_int("d_ff", 0), .max_seq = meta_int("seq_len", 0),
-        .dropout = 0.0f, .ln_eps = (float)meta_double("ln_eps", 1e-5),
-    };
-    int B = meta_int("batch", 0), T = cfg.max_seq, V = cfg.vocab, pad = meta_int("pad_id", cfg.vocab - 2);
-    int steps = meta_int("steps", 3);
-    float max_norm = (float)meta_double("max_grad_norm", 1.0);
-    OptimConfig oc = {
-        .kind = OPTIM_NOAM_ADAM, .schedule = SCHED_NOAM, .lr = (float)meta_double("lr_factor", 1.0),
-        .beta1 = (float)meta_double("beta1", 0.9), .beta2 = (float)meta_double("beta2", 0.999),
-        .eps = (float)meta_double("eps", 1e-8), .weight_decay = 0.0f, .warmup = meta_int("warmup", 4),
-        .min_lr = 0.0f, .d_model = cfg.d_model, .total_steps = steps,
-    };
-    if (model_config_check(&cfg, err, sizeof(err)) || B < 1 || steps < 1 || steps > 3) {
-        fprintf(stderr, "%s: bad config in metadata: %s (batch %d, steps %d)\n", fx_path, err, B, steps);
+    FixtureConfig fc;
+    if (fixture_config(&fx, &fc, err, sizeof(err))) {
+        fprintf(stderr, "%s: %s\n", fx_path, err);
         return 1;
     }
+    ModelConfig cfg = fc.cfg;
+    OptimConfig oc = fc.oc;
+    int B = fc.B, T = cfg.max_seq, V = cfg.vocab, pad = fc.pad, steps = fc.steps;
+    float max_norm = fc.max_norm;
     printf("config: vocab %d, d_model %d, heads %d, layers %d, d_ff %d, seq %d, batch %d, warmup %d\n", V,
            cfg.d_model, cfg.n_heads, cfg.n_layers, cfg.d_ff, T, B, oc.warmup);
 
@@ -197,14 +127,14 @@ int main(int argc, char **argv) {
     ParamEntry *tab = mlm_malloc((size_t)n_tab * sizeof(ParamEntry), "parameter table");
     model_param_table(&cfg, tab);
     size_t P = model_num_params(&cfg);
-    double *init = gather(tab, n_tab, P, "");
-    double *ref_grad[3] = {gather(tab, n_tab, P, "grad."), gather(tab, n_tab, P, "grad2."), gather(tab, n_tab, P, "grad3.")};
-    double *ref_step3 = gather(tab, n_tab, P, "step3.");
-    double *ref_logits = get_f("logits", (size_t)T * B * V);
-    double *ref_loss = get_f("loss", 1), *ref_losses = get_f("losses", 3), *ref_norms = get_f("grad_norms", 3);
+    double *init = fixture_gather(&fx, fx_path, tab, n_tab, P, "");
+    double *ref_grad[3] = {fixture_gather(&fx, fx_path, tab, n_tab, P, "grad."), fixture_gather(&fx, fx_path, tab, n_tab, P, "grad2."), fixture_gather(&fx, fx_path, tab, n_tab, P, "grad3.")};
+    double *ref_step3 = fixture_gather(&fx, fx_path, tab, n_tab, P, "step3.");
+    double *ref_logits = fixture_floats(&fx, fx_path, "logits", (size_t)T * B * V);
+    double *ref_loss = fixture_floats(&fx, fx_path, "loss", 1), *ref_losses = fixture_floats(&fx, fx_path, "losses", 3), *ref_norms = fixture_floats(&fx, fx_path, "grad_norms", 3);
     const StTensor *ids = st_find(&fx, "input_ids"), *lab = st_find(&fx, "labels");
-    CHECK(ids && lab && ids->dtype == ST_I64 && lab->dtype == ST_I64 && numel(ids) == (size_t)T * B &&
-              numel(lab) == (size_t)T * B, "input_ids / labels missing or not int64 [seq, batch]");
+    CHECK(ids && lab && ids->dtype == ST_I64 && lab->dtype == ST_I64 && fixture_numel(ids) == (size_t)T * B &&
+              fixture_numel(lab) == (size_t)T * B, "input_ids / labels missing or not int64 [seq, batch]");
     if (t_failures || !ref_logits || !ref_loss || !ref_losses || !ref_norms) return test_finish("test_reference_fixture");
 
     // PyTorch is [seq, batch]; mlm is [batch, seq].
@@ -240,9 +170,9 @@ int main(int argc, char **argv) {
     double grad_scale = max_abs(ref_grad[0], P);
     for (int k = 0; k < n_tab; k++) {
         const ParamEntry *e = &tab[k];
-        size_t n = entry_numel(e);
+        size_t n = fixture_entry_numel(e);
         r = rel_err(m->grads + e->offset, ref_grad[0] + e->offset, n);
-        if (is_key_bias(e->name)) {
+        if (fixture_is_key_bias(e->name)) {
             // The key bias adds q . b_k to every score of a query row, which the softmax cancels: its gradient
             // is exactly zero in real arithmetic and both sides hold rounding noise. Compare against the
             // largest gradient element of the whole model instead.
