@@ -1,6 +1,7 @@
 // fixture_util.c: helpers that read the PyTorch reference fixture for the CPU and GPU fixture tests.
 #include "fixture_util.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -18,6 +19,22 @@ size_t fixture_entry_numel(const ParamEntry *e) {
 }
 
 int fixture_is_key_bias(const char *name) { return strstr(name, "self_attn.key.linear.bias") != NULL; }
+
+double fixture_rel_err(const float *a, const double *b, size_t n) {
+    double num = 0.0, den = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - b[i]);
+        if (d > num || isnan(d)) num = isnan(d) ? INFINITY : d;
+        den = fmax(den, fabs(b[i]));
+    }
+    return den > 0.0 ? num / den : num;
+}
+
+double fixture_max_abs(const double *b, size_t n) {
+    double m = 0.0;
+    for (size_t i = 0; i < n; i++) m = fmax(m, fabs(b[i]));
+    return m;
+}
 
 double *fixture_floats(const StFile *fx, const char *path, const char *name, size_t n) {
     const StTensor *t = st_find(fx, name);

@@ -56,17 +56,6 @@ static double rand_unit(void) {
     return (double)(lcg_state >> 11) / 9007199254740992.0;
 }
 
-// max|a - b| / max|b| over n elements; with max|b| == 0 the absolute error.
-static double rel_err_d(const float *a, const double *b, size_t n) {
-    double num = 0.0, den = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        double d = fabs((double)a[i] - b[i]);
-        if (d > num || isnan(d)) num = isnan(d) ? INFINITY : d;
-        den = fmax(den, fabs(b[i]));
-    }
-    return den > 0.0 ? num / den : num;
-}
-
 static double rel_err_f(const float *a, const float *b, size_t n, size_t *where) {
     double num = 0.0, den = 0.0;
     size_t at = 0;
@@ -164,10 +153,10 @@ static void test_fixture(void) {
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++)
             memcpy(logits_tb + ((size_t)t * B + b) * V, logits + ((size_t)b * T + t) * V, (size_t)V * sizeof(float));
-    double r = rel_err_d(logits_tb, ref_logits, (size_t)T * B * V);
+    double r = fixture_rel_err(logits_tb, ref_logits, (size_t)T * B * V);
     printf("  logits %-48s %.2e\n", "", r);
     CHECK(r <= REL_TOL, "fixture logits: relative error %.3e > %.1e", r, REL_TOL);
-    r = rel_err_d(&st.loss, ref_loss, 1);
+    r = fixture_rel_err(&st.loss, ref_loss, 1);
     printf("  loss   %-48s %.2e  (GPU %.7f, torch %.7f)\n", "", r, st.loss, ref_loss[0]);
     CHECK(r <= REL_TOL, "fixture loss: relative error %.3e > %.1e", r, REL_TOL);
 
@@ -179,7 +168,7 @@ static void test_fixture(void) {
     for (int k = 0; k < n_tab; k++) {
         const ParamEntry *e = &tab[k];
         size_t n = fixture_entry_numel(e);
-        r = rel_err_d(grads + e->offset, ref_grad + e->offset, n);
+        r = fixture_rel_err(grads + e->offset, ref_grad + e->offset, n);
         if (fixture_is_key_bias(e->name)) {
             double a = 0.0;
             for (size_t i = 0; i < n; i++) a = fmax(a, fabs(grads[e->offset + i] - ref_grad[e->offset + i]));
@@ -200,7 +189,7 @@ static void test_fixture(void) {
         cuda_model_forward(m, inputs, labels, B, NULL, NULL, &st);
         cuda_model_backward(m);
         float norm = cuda_model_optimizer_step(m, max_norm, &oc, s + 1, optim_lr(&oc, s + 1));
-        double rl = rel_err_d(&st.loss, &ref_losses[s], 1), rn = rel_err_d(&norm, &ref_norms[s], 1);
+        double rl = fixture_rel_err(&st.loss, &ref_losses[s], 1), rn = fixture_rel_err(&norm, &ref_norms[s], 1);
         printf("  step %d: loss %.7f (torch %.7f, rel %.2e), grad norm %.7f (torch %.7f, rel %.2e)\n", s + 1,
                st.loss, ref_losses[s], rl, norm, ref_norms[s], rn);
         CHECK(rl <= REL_TOL, "fixture step %d loss: relative error %.3e", s + 1, rl);
@@ -213,7 +202,7 @@ static void test_fixture(void) {
     for (int k = 0; k < n_tab; k++) {
         const ParamEntry *e = &tab[k];
         size_t n = fixture_entry_numel(e), o = e->offset;
-        r = rel_err_d(params + o, ref_step3 + o, n);
+        r = fixture_rel_err(params + o, ref_step3 + o, n);
         // The update must be the reference's too (a no-op optimizer would pass the value check): compared
         // with the same bound relative to the largest update, the key bias excepted (its update is noise).
         double num = 0.0, den = 0.0;

@@ -40,24 +40,6 @@
 static StFile fx;
 static const char *fx_path;
 
-// max|a - b| / max|b| over n elements (the measure above); with max|b| == 0 the absolute error.
-static double rel_err(const float *a, const double *b, size_t n) {
-    double num = 0.0, den = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        double d = fabs((double)a[i] - b[i]);
-        if (d > num || isnan(d)) num = isnan(d) ? INFINITY : d;
-        den = fmax(den, fabs(b[i]));
-    }
-    return den > 0.0 ? num / den : num;
-}
-
-static double max_abs(const double *b, size_t n) {
-    double m = 0.0;
-    for (size_t i = 0; i < n; i++) m = fmax(m, fabs(b[i]));
-    return m;
-}
-
-
 // Compare updated parameters per tensor: the values and the update (value - initial) with the measure
 // above. The update check allows 2 float32 ulps of the tensor's largest parameter on top of
 // REL_TOL * max|update| because a stored parameter, and hence its update, is only known to that precision.
@@ -68,7 +50,7 @@ static void compare_params(const char *part, const ParamEntry *tab, int n_tab, c
     for (int k = 0; k < n_tab; k++) {
         const ParamEntry *e = &tab[k];
         size_t n = fixture_entry_numel(e), o = e->offset;
-        double r = rel_err(got + o, ref + o, n);
+        double r = fixture_rel_err(got + o, ref + o, n);
         double *dref = mlm_malloc(n * sizeof(double), "update");
         free(upd);
         upd = mlm_malloc(n * sizeof(float), "update");
@@ -76,7 +58,7 @@ static void compare_params(const char *part, const ParamEntry *tab, int n_tab, c
             dref[i] = ref[o + i] - init[o + i];
             upd[i] = (float)((double)got[o + i] - init[o + i]);
         }
-        double ru = rel_err(upd, dref, n), maxu = max_abs(dref, n), maxp = max_abs(ref + o, n);
+        double ru = fixture_rel_err(upd, dref, n), maxu = fixture_max_abs(dref, n), maxp = fixture_max_abs(ref + o, n);
         double ulp_allow = maxu > 0 ? 2.0 * FLT_EPSILON * maxp / maxu : INFINITY;
         int exempt = skip_key_bias_update && fixture_is_key_bias(e->name);
         printf("  %s %-48s param %.2e  update %.2e (max|update| %.2e%s)\n", part, e->name, r, ru, maxu,
@@ -159,19 +141,19 @@ int main(int argc, char **argv) {
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++)
             memcpy(logits_tb + ((size_t)t * B + b) * V, m->logits + ((size_t)b * T + t) * V, (size_t)V * sizeof(float));
-    double r = rel_err(logits_tb, ref_logits, (size_t)T * B * V);
+    double r = fixture_rel_err(logits_tb, ref_logits, (size_t)T * B * V);
     printf("  logits %-48s %.2e\n", "", r);
     CHECK(r <= REL_TOL, "logits: relative error %.3e > %.1e", r, REL_TOL);
-    r = rel_err(&loss, ref_loss, 1);
+    r = fixture_rel_err(&loss, ref_loss, 1);
     printf("  loss   %-48s %.2e  (mlm %.7f, torch %.7f)\n", "", r, loss, ref_loss[0]);
     CHECK(r <= REL_TOL, "loss: relative error %.3e > %.1e", r, REL_TOL);
 
     cpu_model_backward(m);
-    double grad_scale = max_abs(ref_grad[0], P);
+    double grad_scale = fixture_max_abs(ref_grad[0], P);
     for (int k = 0; k < n_tab; k++) {
         const ParamEntry *e = &tab[k];
         size_t n = fixture_entry_numel(e);
-        r = rel_err(m->grads + e->offset, ref_grad[0] + e->offset, n);
+        r = fixture_rel_err(m->grads + e->offset, ref_grad[0] + e->offset, n);
         if (fixture_is_key_bias(e->name)) {
             // The key bias adds q . b_k to every score of a query row, which the softmax cancels: its gradient
             // is exactly zero in real arithmetic and both sides hold rounding noise. Compare against the
@@ -198,7 +180,7 @@ int main(int argc, char **argv) {
     for (int s = 0; s < steps; s++) {
         for (size_t i = 0; i < P; i++) g[i] = (float)ref_grad[s][i];
         float norm = cpu_clip_grads(g, P, max_norm);
-        r = rel_err(&norm, &ref_norms[s], 1);
+        r = fixture_rel_err(&norm, &ref_norms[s], 1);
         double lr = optim_lr(&oc, s + 1);
         printf("  step %d: grad norm %.7f (torch %.7f, rel %.2e), lr %.6e\n", s + 1, norm, ref_norms[s], r, lr);
         CHECK(r <= REL_TOL, "step %d grad norm: relative error %.3e", s + 1, r);
@@ -216,7 +198,7 @@ int main(int argc, char **argv) {
         float l = cpu_model_forward(m, inputs, labels, B, pad, NULL, NULL);
         cpu_model_backward(m);
         float norm = cpu_clip_grads(m->grads, P, max_norm);
-        double rl = rel_err(&l, &ref_losses[s], 1), rn = rel_err(&norm, &ref_norms[s], 1);
+        double rl = fixture_rel_err(&l, &ref_losses[s], 1), rn = fixture_rel_err(&norm, &ref_norms[s], 1);
         printf("  step %d: loss %.7f (torch %.7f, rel %.2e), grad norm %.7f (torch %.7f, rel %.2e)\n", s + 1, l,
                ref_losses[s], rl, norm, ref_norms[s], rn);
         CHECK(rl <= REL_TOL, "step %d loss: relative error %.3e", s + 1, rl);
