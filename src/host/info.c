@@ -11,6 +11,7 @@
 #include "mlm/checkpoint.h"
 #include "mlm/commands.h"
 #include "mlm/common.h"
+#include "mlm/json.h"
 #include "mlm/train.h"
 #include "mlm/weights.h"
 
@@ -115,34 +116,35 @@ static void run_dir_of(const char *ckpt, char *out, size_t outlen) {
     else snprintf(out, outlen, "%.*s", (int)(base - 1 - dir), dir);
 }
 
-// Number after "key": in a metrics line (NAN when absent).
-static double json_number(const char *line, const char *key) {
-    char pat[64];
-    snprintf(pat, sizeof(pat), "\"%s\":", key);
-    const char *p = strstr(line, pat);
-    return p ? strtod(p + strlen(pat), NULL) : NAN;
-}
-
-// The last train and valid lines of metrics.jsonl at or before `step` (a run may have logged past an
-// older checkpoint). Lines are malloc'ed; NULL when there is none.
-static void last_metrics(const char *path, long step, char **train, char **valid) {
-    *train = *valid = NULL;
+// The last train and valid records of metrics.jsonl at or before `step` (a run may have logged past an
+// older checkpoint); n == 0 in an object when there is none. Release both with json_free.
+static void last_metrics(const char *path, long step, JsonObject *train, JsonObject *valid) {
+    memset(train, 0, sizeof(*train));
+    memset(valid, 0, sizeof(*valid));
     size_t len;
     char *text = mlm_read_file(path, &len);
     if (!text) return;
-    const char *last_train = NULL, *last_valid = NULL;
     for (char *line = text; *line;) {
         char *nl = strchr(line, '\n');
         if (!nl) break;  // a torn last line
         *nl = '\0';
-        if (json_number(line, "step") <= (double)step) {
-            if (strstr(line, "\"kind\":\"train\"")) last_train = line;
-            else if (strstr(line, "\"kind\":\"valid\"")) last_valid = line;
+        JsonObject o;
+        char err[128];
+        if (json_parse_object(line, strlen(line), &o, err, sizeof(err)) == 0) {
+            const char *kind = json_str(&o, "kind");
+            JsonObject *slot = !kind || json_num(&o, "step", 1e300) > (double)step ? NULL
+                               : !strcmp(kind, "train")                            ? train
+                               : !strcmp(kind, "valid")                            ? valid
+                                                                                   : NULL;
+            if (slot) {
+                json_free(slot);
+                *slot = o;
+            } else {
+                json_free(&o);
+            }
         }
         line = nl + 1;
     }
-    if (last_train) *train = mlm_strdup(last_train);
-    if (last_valid) *valid = mlm_strdup(last_valid);
     free(text);
 }
 
@@ -153,15 +155,15 @@ static void format_elapsed(double s, char *out, size_t n) {
     else snprintf(out, n, "%.1f s", s);
 }
 
-static void print_metrics_line(const char *label, const char *line) {
-    if (!line) {
+static void print_metrics_line(const char *label, const JsonObject *line) {
+    if (line->n == 0) {
         printf("%-20s none logged\n", label);
         return;
     }
-    printf("%-20s step %.0f, epoch %.0f: loss %.4f, accuracy %.4f", label, json_number(line, "step"),
-           json_number(line, "epoch") + 1, json_number(line, "loss"), json_number(line, "accuracy"));
-    double lr = json_number(line, "lr"), tps = json_number(line, "tokens_per_s");
-    if (!isnan(lr)) printf(", lr %.3e, |g| %.3f, %.0f tok/s", lr, json_number(line, "grad_norm"), tps);
+    printf("%-20s step %.0f, epoch %.0f: loss %.4f, accuracy %.4f", label, json_num(line, "step", NAN),
+           json_num(line, "epoch", NAN) + 1, json_num(line, "loss", NAN), json_num(line, "accuracy", NAN));
+    double lr = json_num(line, "lr", NAN), tps = json_num(line, "tokens_per_s", NAN);
+    if (!isnan(lr)) printf(", lr %.3e, |g| %.3f, %.0f tok/s", lr, json_num(line, "grad_norm", NAN), tps);
     putchar('\n');
 }
 
@@ -191,17 +193,18 @@ int info_run(const char *ckpt) {
         printf("%-20s none yet (no validation has run)\n", "best valid accuracy");
     printf("%-20s %s\n", "corpus md5", ck.corpus_md5);
     if (run_dir[0]) {
-        char path[1300], *train = NULL, *valid = NULL;
+        char path[1300];
+        JsonObject train, valid;
         snprintf(path, sizeof(path), "%s/metrics.jsonl", run_dir);
         last_metrics(path, ck.st.step, &train, &valid);
-        if (train || valid) {
-            print_metrics_line("last train metrics", train);
-            print_metrics_line("last valid metrics", valid);
+        if (train.n || valid.n) {
+            print_metrics_line("last train metrics", &train);
+            print_metrics_line("last valid metrics", &valid);
         } else {
             printf("%-20s none (%s is missing or empty)\n", "metrics", path);
         }
-        free(train);
-        free(valid);
+        json_free(&train);
+        json_free(&valid);
     }
     printf("\n# configuration\n");
     config_write(stdout, c);

@@ -18,6 +18,7 @@
 #include "mlm/weights.h"
 #include "mlm/cuda_backend.h"
 #include "mlm/cuda_model.h"
+#include "mlm/json.h"
 #include "mlm/optim.h"
 #include "mlm/rng.h"
 
@@ -123,10 +124,16 @@ static void make_dir(const char *path) {
 }
 
 // On resume, metrics logged after the checkpoint (the run went on before it died) are dropped so that the
-// resumed run's lines follow the checkpoint without duplicates.
-static long json_long(const char *line, const char *key) {
-    const char *p = strstr(line, key);
-    return p ? strtol(p + strlen(key), NULL, 10) : -1;
+// resumed run's lines follow the checkpoint without duplicates; so are lines that do not parse.
+static int metrics_line_before(const char *line, long step, long valid_epochs) {
+    JsonObject o;
+    char err[128];
+    if (json_parse_object(line, strlen(line), &o, err, sizeof(err))) return 0;
+    const char *kind = json_str(&o, "kind");
+    int keep = kind && !strcmp(kind, "valid") ? json_num(&o, "epoch", 1e300) < (double)valid_epochs
+                                              : json_num(&o, "step", 1e300) <= (double)step;
+    json_free(&o);
+    return keep;
 }
 
 static void trim_metrics(const char *path, long step, long valid_epochs) {
@@ -141,9 +148,7 @@ static void trim_metrics(const char *path, long step, long valid_epochs) {
         char *nl = strchr(line, '\n');
         if (!nl) break;  // a torn last line (killed mid-write) is dropped
         *nl = '\0';
-        int valid = strstr(line, "\"kind\":\"valid\"") != NULL;
-        int keep = valid ? json_long(line, "\"epoch\":") < valid_epochs : json_long(line, "\"step\":") <= step;
-        if (keep) fprintf(f, "%s\n", line);
+        if (metrics_line_before(line, step, valid_epochs)) fprintf(f, "%s\n", line);
         line = nl + 1;
     }
     free(text);
