@@ -282,7 +282,7 @@ static void random_tokens(int *tokens, size_t n, int n_chars) {
     for (size_t i = 0; i < n; i++) tokens[i] = (int)(rand_unit() * n_chars);
 }
 
-// One CPU training step exactly as src/host/train.c runs it (host masking, dropout from the stream, clip,
+// One CPU training step exactly as src/host/training/train.c runs it (host masking, dropout from the stream, clip,
 // Adam). Returns the loss; *norm, *correct, *n_targets as logged.
 static float cpu_train_step(const Setup *s, CpuModel *cm, Rng *rng, const int *tokens, int B, uint64_t step,
                             float *adam_m, float *adam_v, int *inputs, int *labels, float *norm, int *correct,
