@@ -65,6 +65,16 @@ typedef struct {
 // (2 + 16 * L + 4 entries). The entries tile the parameter array exactly.
 int model_param_table(const ModelConfig *cfg, ParamEntry *out);
 
+// The one persistent buffer of the reference's state_dict: labml_nn's EmbeddingsWithPositionalEncoding
+// registers its fixed sinusoid table as `src_embed.positional_encodings`, float32 [max_len, 1, d_model] with
+// max_len = 5000, so PyTorch's state_dict() holds it and load_state_dict(strict=True) requires it. It is not
+// a parameter (never trained, not in the parameter array): `mlm export` writes it (rows as
+// model_positional_encoding computes them) and a loader of weights accepts it beside the parameters.
+#define MODEL_PE_BUFFER_NAME "src_embed.positional_encodings"
+#define MODEL_PE_BUFFER_MAX_LEN 5000
+// Rows of that buffer: labml's 5000, or seq_len if longer (labml itself could not run such a model).
+int model_pe_buffer_rows(const ModelConfig *cfg);
+
 // PyTorch-default initialisation from the INIT Philox stream: Embedding N(0,1); Linear weight and
 // bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)); LayerNorm weight 1, bias 0. With `copy_layers` every layer
 // starts as a copy of layer 0 (the reference deep-copies one template layer).

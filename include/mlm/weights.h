@@ -11,7 +11,8 @@
 extern "C" {
 #endif
 
-// Write every parameter tensor (float32, PyTorch names and shapes) plus metadata describing the model
+// Write every tensor of the reference's state_dict (float32, PyTorch names and shapes: the parameters and
+// labml_nn's positional-encoding buffer MODEL_PE_BUFFER_NAME) plus metadata describing the model
 // (d_model, n_heads, n_layers, d_ff, vocab size, seq_len and the vocabulary) atomically.
 int weights_save(const char *path, const ModelConfig *mc, const Vocab *v, const float *params, char *err, size_t errlen);
 // Load every parameter tensor of `mc` from a safetensors file with PyTorch names (as `mlm export` or

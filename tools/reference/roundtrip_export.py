@@ -1,15 +1,25 @@
-"""roundtrip_export.py: `mlm export` weights load into the PyTorch reference and give mlm's logits.
+"""roundtrip_export.py: `mlm export` weights load into labml_nn's TransformerMLM and give mlm's logits.
 
 Trains a small model for a few steps with the mlm binary (reference architecture at a reduced size,
 layers initialised independently so a layer mix-up cannot hide), exports it with `mlm export`, loads the
-file into reference_model.TransformerMLM with load_state_dict(strict=True), runs the same masked texts
-through it with dropout off (eval mode), and compares the logits of every masked position with those of
-`mlm fill --json --logits`: error = max |mlm - torch| / max |torch| must be <= 1e-5.
+file with load_state_dict(strict=True) into
+
+  --impl labml    the real labml_nn modules (labml_nn.transformers.mlm.experiment.TransformerMLM built from
+                  labml_nn.transformers.models/mha/feed_forward, as the reference experiment builds it);
+                  skipped, with the reason, where labml_nn is not importable;
+  --impl replica  tools/reference/reference_model.py's plain-PyTorch replica (needs only PyTorch),
+
+runs the same masked texts through it with dropout off (eval mode), and compares the logits of every masked
+position with those of `mlm fill --json --logits`: error = max |mlm - torch| / max |torch| must be <= 1e-5.
+The file must hold exactly the module's state_dict: nothing missing (the positional-encoding buffer
+`src_embed.positional_encodings` included), nothing extra, the same shapes. The exported buffer is also
+compared with the one the module computes itself.
 
 The texts are longer than seq_len, so the windowing and the [PAD]-padded last window of `mlm fill` are
-checked too. Exit codes: 0 pass, 1 fail, 77 skipped (no PyTorch/safetensors, or no corpus).
+checked too. Exit codes: 0 pass, 1 fail, 77 skipped (no PyTorch/safetensors/labml_nn, or no corpus).
 
-usage: python3 roundtrip_export.py --mlm BUILD/mlm --corpus data/tinyshakespeare.txt [--size reference] [--keep]
+usage: python3 roundtrip_export.py --mlm BUILD/mlm --corpus data/tinyshakespeare.txt [--impl labml|replica]
+       [--size reference] [--keep]
 """
 
 import argparse
@@ -33,6 +43,11 @@ TEXTS = [
 # Small but with every part of the reference model: 2 layers, 4 heads (--size reference: the reference's
 # 128 / 8 heads / 6 layers / 256).
 SMALL_MODEL = ["model.d_model=64", "model.n_heads=4", "model.n_layers=2", "model.d_ff=96"]
+# The buffer rows mlm uses (seq_len) must equal labml's to float32 rounding of sin/cos at angles up to
+# seq_len radians; rows past seq_len only fill labml's fixed [5000, 1, d_model] shape, and at positions up
+# to 5000 a 1-ulp difference of a frequency (glibc expf vs PyTorch's exp) moves sin/cos by up to ~5000 * 6e-8.
+PE_USED_TOLERANCE = 1e-5
+PE_ALL_TOLERANCE = 1e-3
 TRAIN_SETTINGS = [
     "model.init=pytorch", "data.seq_len=32", "train.batch_size=8", "train.samples=false", "train.log_every=5",
     "train.ckpt_every=0", "optim.warmup=10", "train.threads=2",
@@ -74,11 +89,44 @@ def torch_logits(model, ids, seq_len, pad_id, mask_id, torch):
     return torch.stack(rows), [i for i, t in enumerate(ids) if t == mask_id]
 
 
+def build_labml_model(cfg, torch):
+    """labml_nn's own TransformerMLM from labml_nn's modules, as its experiment configures them (fixed
+    positional encodings, ReLU feed-forward with biases, pre-norm layers, final norm, generator)."""
+    from labml_nn.transformers import models as lm
+    from labml_nn.transformers.feed_forward import FeedForward
+    from labml_nn.transformers.mha import MultiHeadAttention
+    from labml_nn.transformers.mlm.experiment import TransformerMLM
+
+    attn = MultiHeadAttention(cfg.n_heads, cfg.d_model, dropout_prob=0.0)
+    ff = FeedForward(cfg.d_model, cfg.d_ff, dropout=0.0, activation=torch.nn.ReLU(), is_gated=False,
+                     bias1=True, bias2=True, bias_gate=False)
+    layer = lm.TransformerLayer(d_model=cfg.d_model, self_attn=attn, src_attn=None, feed_forward=ff,
+                                dropout_prob=0.0)
+    model = TransformerMLM(encoder=lm.Encoder(layer, cfg.n_layers),
+                           src_embed=lm.EmbeddingsWithPositionalEncoding(cfg.d_model, cfg.vocab),
+                           generator=lm.Generator(cfg.vocab, cfg.d_model))
+
+    class Logits(torch.nn.Module):
+        """TransformerMLM.forward returns (logits, state); keep the logits. The wrapped module's state_dict
+        is the one loaded (strict) so names are labml's own."""
+
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m(x)[0]
+
+    return model, Logits(model)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--mlm', required=True, help='the mlm binary')
     ap.add_argument('--corpus', required=True, help='Tiny Shakespeare (a 30 kB slice is trained on)')
     ap.add_argument('--size', choices=['small', 'reference'], default='small', help='model size (default small)')
+    ap.add_argument('--impl', choices=['labml', 'replica'], default='labml',
+                    help='the PyTorch model to load the export into (default: labml_nn\'s own)')
     ap.add_argument('--keep', action='store_true', help='keep the temporary directory')
     args = ap.parse_args()
 
@@ -89,6 +137,13 @@ def main():
     except ImportError as e:
         print(f"SKIP: PyTorch or safetensors is not importable ({e})")
         return SKIP
+    if args.impl == 'labml':
+        try:
+            import labml_nn.transformers.mlm.experiment  # noqa: F401  (the real TransformerMLM)
+        except Exception as e:  # ImportError, or labml failing on a dependency it imports at load time
+            print(f"SKIP: labml_nn is not importable ({type(e).__name__}: {e}); tools/test.sh installs it "
+                  f"(labml_nn 0.4.137, see tools/requirements-test*.txt)")
+            return SKIP
     if not os.access(args.corpus, os.R_OK):
         print(f"SKIP: corpus {args.corpus} is not readable")
         return SKIP
@@ -120,17 +175,27 @@ def main():
         chars = meta['vocab']
         cfg = rm.RefConfig(vocab=len(chars) + 2, d_model=int(meta['d_model']), n_heads=int(meta['n_heads']),
                            n_layers=int(meta['n_layers']), d_ff=int(meta['d_ff']), seq_len=int(meta['seq_len']))
-        model = rm.build_model(cfg)
+        if args.impl == 'labml':
+            state_owner, model = build_labml_model(cfg, torch)
+        else:
+            state_owner = model = rm.build_model(cfg, 'replica')
         state = load_file(weights)
-        expected = set(rm.param_dict(model))
-        if set(state) != expected:
-            print(f"FAIL: tensor names differ: missing {sorted(expected - set(state))}, "
-                  f"unexpected {sorted(set(state) - expected)}")
+        expected = state_owner.state_dict()
+        if set(state) != set(expected):
+            print(f"FAIL: tensor names differ from {args.impl}'s state_dict: missing "
+                  f"{sorted(set(expected) - set(state))}, unexpected {sorted(set(state) - set(expected))}")
             return 1
-        # The fixed sinusoid table is a persistent buffer of the reference (labml keeps it in its state_dict)
-        # but not a parameter, so export omits it; take the model's own so that strict=True checks the rest.
-        state['src_embed.positional_encodings'] = model.state_dict()['src_embed.positional_encodings']
-        model.load_state_dict(state, strict=True)
+        pe_name = 'src_embed.positional_encodings'
+        own_pe = expected[pe_name].clone()
+        state_owner.load_state_dict(state, strict=True)  # also checks every shape
+        pe_diff = (state[pe_name] - own_pe).abs()
+        pe_used, pe_all = pe_diff[:cfg.seq_len].max().item(), pe_diff.max().item()
+        print(f"{args.impl}: {len(state)} tensors load with strict=True; {pe_name} {list(own_pe.shape)}: "
+              f"max |mlm - torch| {pe_used:.2e} on the {cfg.seq_len} rows used (tolerance {PE_USED_TOLERANCE:g}), "
+              f"{pe_all:.2e} over all rows (tolerance {PE_ALL_TOLERANCE:g})")
+        if pe_used > PE_USED_TOLERANCE or pe_all > PE_ALL_TOLERANCE:
+            print("FAIL: the exported positional-encoding buffer differs from the module's own")
+            return 1
         model.eval()  # dropout off, as mlm fill runs
 
         stoi = {c: i for i, c in enumerate(chars)}

@@ -86,8 +86,9 @@ int export_run(const char *ckpt, const char *out_path) {
     char err[1024];
     int rc = weights_save(out_path, &mc, &ck.vocab, ck.params, err, sizeof(err));
     if (rc == 0)
-        printf("wrote %s: %d tensors, %zu parameters (PyTorch state_dict names) from step %ld of %s\n", out_path,
-               model_param_table(&mc, NULL), ck.n_params, ck.st.step, file);
+        printf("wrote %s: %d tensors (the state_dict of labml_nn's TransformerMLM: %zu parameters and the "
+               "positional-encoding buffer) from step %ld of %s\n", out_path, model_param_table(&mc, NULL) + 1,
+               ck.n_params, ck.st.step, file);
     ckpt_free(&ck);
     if (rc) mlm_fatal(MLM_EXIT_FAILURE, "export: %s", err);
     return 0;

@@ -17,10 +17,27 @@ static ParamEntry *param_table(const ModelConfig *mc, int *n) {
 
 static size_t entry_numel(const ParamEntry *e) { return (size_t)e->shape[0] * (e->ndim == 2 ? (size_t)e->shape[1] : 1); }
 
+// labml_nn's positional-encoding buffer, pe[rows, 1, C] (malloc'ed), as a tensor of the state_dict.
+static float *pe_buffer_tensor(const ModelConfig *mc, StTensor *t) {
+    int rows = model_pe_buffer_rows(mc);
+    float *pe = mlm_malloc((size_t)rows * (size_t)mc->d_model * sizeof(float), "positional-encoding buffer");
+    model_positional_encoding(rows, mc->d_model, pe);
+    t->name = MODEL_PE_BUFFER_NAME;
+    t->dtype = ST_F32;
+    t->ndim = 3;
+    t->shape[0] = rows;
+    t->shape[1] = 1;
+    t->shape[2] = mc->d_model;
+    t->nbytes = (size_t)rows * (size_t)mc->d_model * sizeof(float);
+    t->data = pe;
+    return pe;
+}
+
 int weights_save(const char *path, const ModelConfig *mc, const Vocab *v, const float *params, char *err, size_t errlen) {
     int n;
     ParamEntry *tab = param_table(mc, &n);
-    StTensor *t = mlm_calloc((size_t)n, sizeof(StTensor), "tensor list");
+    // Every tensor of the reference's state_dict: the n parameters, then the positional-encoding buffer.
+    StTensor *t = mlm_calloc((size_t)n + 1, sizeof(StTensor), "tensor list");
     for (int i = 0; i < n; i++) {
         t[i].name = tab[i].name;
         t[i].dtype = ST_F32;
@@ -30,6 +47,7 @@ int weights_save(const char *path, const ModelConfig *mc, const Vocab *v, const 
         t[i].nbytes = entry_numel(&tab[i]) * sizeof(float);
         t[i].data = params + tab[i].offset;
     }
+    float *pe = pe_buffer_tensor(mc, &t[n]);
     char d[5][24];
     snprintf(d[0], sizeof(d[0]), "%d", mc->d_model);
     snprintf(d[1], sizeof(d[1]), "%d", mc->n_heads);
@@ -42,7 +60,8 @@ int weights_save(const char *path, const ModelConfig *mc, const Vocab *v, const 
     chars[k] = '\0';
     const char *meta[] = {"format", "pt", "producer", "mlm " MLM_VERSION, "d_model", d[0], "n_heads", d[1],
                           "n_layers", d[2], "d_ff", d[3], "seq_len", d[4], "vocab", chars};
-    int rc = st_write(path, t, n, meta, (int)(sizeof(meta) / sizeof(meta[0]) / 2), err, errlen);
+    int rc = st_write(path, t, n + 1, meta, (int)(sizeof(meta) / sizeof(meta[0]) / 2), err, errlen);
+    free(pe);
     free(chars);
     free(t);
     free(tab);
@@ -54,6 +73,7 @@ static void shape_text(int ndim, long long d0, long long d1, char *out, size_t n
     else snprintf(out, n, "[%lld]", d0);
 }
 
+// Tensors beyond the parameter table, among them MODEL_PE_BUFFER_NAME (which mlm recomputes), are not read.
 int weights_load(const char *path, const ModelConfig *mc, float *params, char *err, size_t errlen) {
     StFile f;
     if (st_read(path, &f, err, errlen)) return 1;

@@ -111,6 +111,8 @@ int model_param_table(const ModelConfig *cfg, ParamEntry *out) {
     return k;
 }
 
+int model_pe_buffer_rows(const ModelConfig *cfg) { return MLM_MAX(MODEL_PE_BUFFER_MAX_LEN, cfg->max_seq); }
+
 // U(-1/sqrt(fan_in), 1/sqrt(fan_in)) from n uniforms in (0, 1].
 static void fill_uniform_fan_in(Rng *rng, uint64_t *offset, float *dst, size_t n, int fan_in) {
     float bound = 1.0f / sqrtf((float)fan_in);
