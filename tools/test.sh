@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # tools/test.sh: the README's test command. Builds mlm (Release) and runs the whole CTest suite, then
 # builds with AddressSanitizer + UndefinedBehaviorSanitizer and runs the suite again (slow tests excluded
-# there). GPU tests report "Skipped" with the reason where there is no GPU.
+# there), then fuzzes the file readers for a bounded time (tests/fuzz/). GPU tests report "Skipped" with the
+# reason where there is no GPU. First, the Python reference packages go into a cached virtual environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,14 +23,45 @@ skip_reasons() {
   grep -h "^SKIP:" "$1/Testing/Temporary/LastTest.log" 2>/dev/null | sort | uniq -c | sed 's/^/   skipped:/' || true
 }
 
+# ---- Python reference environment (block owned by the fuzz/python work; tools/python_env.sh) ----------------
+# PyTorch, labml_nn 0.4.137, transformers, tokenizers in a virtual environment outside the checkout (reused
+# by later runs and fresh clones on this machine) for the tests labelled `python`. MLM_PYTHON_ENV=off skips it.
+echo "== Python reference environment (tools/requirements-test*.txt)"
+if py="$(bash tools/python_env.sh)"; then
+  py_args=(-DMLM_PYTHON3="$py")
+  echo "   the python-labelled tests run with $py"
+else
+  py_args=(-UMLM_PYTHON3)
+  echo "   NOT PREPARED: the python-labelled tests run with the python3 on PATH and skip where it lacks the packages"
+fi
+# ---- end of the Python reference environment block ---------------------------------------------------------
+
 echo "== release build"
-cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DMLM_TEST_CORPUS="$corpus" >/dev/null
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DMLM_TEST_CORPUS="$corpus" "${py_args[@]}" >/dev/null
 cmake --build build -j"$jobs"
 (cd build && ctest --output-on-failure -j"$jobs")
 skip_reasons build
 
 echo "== sanitizer build (ASan + UBSan)"
-cmake -S . -B build-san -DCMAKE_BUILD_TYPE=Debug -DMLM_SANITIZE=ON -DMLM_TEST_CORPUS="$corpus" >/dev/null
+cmake -S . -B build-san -DCMAKE_BUILD_TYPE=Debug -DMLM_SANITIZE=ON -DMLM_TEST_CORPUS="$corpus" "${py_args[@]}" >/dev/null
 cmake --build build-san -j"$jobs"
 (cd build-san && ctest --output-on-failure -j"$jobs" -LE slow)
 skip_reasons build-san
+
+# ---- Fuzzing (block owned by the fuzz work; tests/fuzz/run.sh, tests/fuzz/README.md) ------------------------
+# libFuzzer harnesses built with clang in build-fuzz/, each run MLM_FUZZ_SECONDS (default 15) on its seeds;
+# skipped, with the reason, where clang or libFuzzer's runtime is missing. MLM_FUZZ_SECONDS=0 skips it.
+fuzz_secs="${MLM_FUZZ_SECONDS:-15}"
+if [ "$fuzz_secs" = 0 ]; then
+  echo "== fuzzing: skipped (MLM_FUZZ_SECONDS=0)"
+else
+  echo "== fuzzing (libFuzzer, $fuzz_secs s per harness)"
+  fuzz_rc=0
+  MLM_BIN=build/mlm bash tests/fuzz/run.sh "$fuzz_secs" || fuzz_rc=$?
+  if [ "$fuzz_rc" = 77 ]; then
+    echo "   fuzzing skipped (see the SKIP line above)"
+  elif [ "$fuzz_rc" != 0 ]; then
+    exit "$fuzz_rc"
+  fi
+fi
+# ---- end of the fuzzing block ------------------------------------------------------------------------------

@@ -1,0 +1,79 @@
+// fuzz_ckpt_model.c: libFuzzer harness for the path from a checkpoint file to a model that `mlm fill` and
+// `mlm eval` run: load the checkpoint, size a CPU model from its config and vocabulary, copy its parameters
+// in, run a forward pass (fill: windows of seq_len tokens without labels; eval: masked sequences of
+// batch_size with labels). This is where issue 14's bug 1 lives (n_params from the metadata copied into a
+// model sized from the config).
+//
+// MERGE: the block between MERGE-BEGIN and MERGE-END is today's loading code of fill.c (fill_run) and eval.c
+// (evaluate), copied step for step: ckpt_load, train_model_config, the config check cpu_model_create makes
+// (it exits with a message, which the harness treats as the command's clean refusal), cpu_model_create,
+// memcpy of ck.n_params floats. When every command loads through the one validating function, call that
+// function here instead and keep the forward passes below.
+#include "fuzz_util.h"
+
+#include "mlm/checkpoint.h"
+#include "mlm/cpu.h"
+#include "mlm/mask.h"
+#include "mlm/train.h"
+
+// Models larger than this are not built (a harness limit on memory and time, not a property of mlm).
+#define FUZZ_MAX_FLOATS (4u << 20)
+
+// Fill-like inputs: every id of the vocabulary in turn, every third position MASK; eval-like labels.
+static void make_batch(const Vocab *v, int B, int T, int *inputs, int *labels) {
+    for (int i = 0; i < B * T; i++) {
+        inputs[i] = i % 3 == 2 ? v->mask_id : i % v->n_chars;
+        labels[i] = i % 3 == 2 ? i % v->n_chars : v->pad_id;
+    }
+}
+
+// A plausible size for the model and its activations, so that a crafted config does not exhaust memory.
+static int small_enough(const ModelConfig *mc, int B) {
+    double acts = (double)B * mc->max_seq * ((double)mc->n_layers * (8.0 * mc->d_model + mc->d_ff + 2.0 * mc->n_heads * mc->max_seq) +
+                                             mc->vocab + 4.0 * mc->d_model);
+    return (double)model_num_params(mc) < FUZZ_MAX_FLOATS && acts < FUZZ_MAX_FLOATS && mc->max_seq <= 4096;
+}
+
+static void run_model(const Checkpoint *ck, int B, int with_labels) {
+    // ---- MERGE-BEGIN: today's load path of fill_run (B = 8 windows) and evaluate (B = train.batch_size).
+    ModelConfig mc = train_model_config(&ck->cfg, &ck->vocab);
+    char err[512];
+    if (model_config_check(&mc, err, sizeof(err)) != 0) return;  // cpu_model_create: mlm_fatal, exit 2
+    if (B < 1) return;                                            // cpu_model_create: mlm_fatal, exit 2
+    if (!small_enough(&mc, B)) return;
+    CpuModel *model = cpu_model_create(&mc, B);
+    memcpy(model->params, ck->params, ck->n_params * sizeof(float));
+    // ---- MERGE-END
+    int T = mc.max_seq;
+    int *inputs = malloc((size_t)B * T * sizeof(int)), *labels = malloc((size_t)B * T * sizeof(int));
+    if (!inputs || !labels) abort();
+    make_batch(&ck->vocab, B, T, inputs, labels);
+    int correct = 0;
+    (void)cpu_model_forward(model, inputs, with_labels ? labels : NULL, B, ck->vocab.pad_id, NULL,
+                            with_labels ? &correct : NULL);
+    const float *logits = model->logits;
+    float sum = 0;
+    for (size_t i = 0; i < (size_t)B * T * (size_t)mc.vocab; i++) sum += logits[i];
+    (void)sum;
+    free(inputs);
+    free(labels);
+    cpu_model_free(model);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+    const char *path = fuzz_input_file(data, size);
+    Checkpoint ck;
+    char err[2048];
+    if (ckpt_load(path, &ck, err, sizeof(err)) != 0) return 0;  // cmd_load_ckpt: mlm_fatal, exit 2
+    run_model(&ck, 1, 0);                                        // fill (one window of the 8 it can take)
+    run_model(&ck, ck.cfg.batch_size, 1);                        // eval
+    ckpt_free(&ck);
+    return 0;
+}
+
+int LLVMFuzzerInitialize(int *argc, char ***argv) {
+    (void)argc;
+    (void)argv;
+    setenv("OMP_NUM_THREADS", "1", 0);  // one thread: reproducible, and libFuzzer's timing stays per input
+    return 0;
+}

@@ -1,0 +1,62 @@
+// fuzz_util.h: helpers shared by the libFuzzer harnesses: inputs as files (the readers take paths), NUL-
+// terminated copies, and a failure that libFuzzer records as a crash with the input that caused it.
+#ifndef MLM_FUZZ_UTIL_H
+#define MLM_FUZZ_UTIL_H
+
+#define _GNU_SOURCE
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+// A property of the code under test does not hold: print why and abort, which libFuzzer reports as a crash
+// and saves the input (crash-<sha1>) for reproduction: ./fuzz_NAME crash-<sha1>.
+__attribute__((noreturn, format(printf, 1, 2))) static inline void fuzz_fail(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("fuzz property failed: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    abort();
+}
+
+// The input as a file, for readers that take a path: one in-memory file (memfd) per process, rewritten for
+// every input, named /proc/self/fd/N (a regular file to stat and fopen; nothing touches the disk).
+static inline const char *fuzz_input_file(const uint8_t *data, size_t size) {
+    static int fd = -1;
+    static char path[64];
+    if (fd < 0) {
+        fd = memfd_create("mlm-fuzz-input", 0);
+        if (fd < 0) { perror("memfd_create"); abort(); }
+        snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+    }
+    if (ftruncate(fd, 0) != 0 || (size && pwrite(fd, data, size, 0) != (ssize_t)size)) { perror("memfd"); abort(); }
+    return path;
+}
+
+// A scratch directory for writers (atomic writes need a real directory): under /dev/shm where it exists
+// (fsync is free on tmpfs), else /tmp. Created once per process; libFuzzer never returns to remove it, so
+// the harness's own files are overwritten input after input rather than accumulated.
+static inline const char *fuzz_scratch_dir(void) {
+    static char dir[64];
+    if (!dir[0]) {
+        snprintf(dir, sizeof(dir), "%s/mlm-fuzz-XXXXXX", access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp");
+        if (!mkdtemp(dir)) { perror("mkdtemp"); abort(); }
+    }
+    return dir;
+}
+
+// data[0..size) as a NUL-terminated string (malloc'ed); an embedded NUL ends it as it would end a C string.
+static inline char *fuzz_cstring(const uint8_t *data, size_t size) {
+    char *s = malloc(size + 1);
+    if (!s) abort();
+    memcpy(s, data, size);
+    s[size] = '\0';
+    return s;
+}
+
+#endif

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# tests/fuzz/run.sh: build the libFuzzer harnesses (clang, their own CMake build) and run each for a bounded
+# time on its seeds: the committed corpus (tests/fuzz/corpus/<harness>/), files made by the current mlm
+# (make_seeds.sh) and what earlier runs in this build folder found. Prints the executions of each harness
+# (libFuzzer's stat::number_of_executed_units); exits 1 if any harness failed, naming the input to replay.
+# Every harness gets tests/fuzz/mlm.dict (config keys, safetensors and checkpoint header tokens).
+# Exits 77 (skipped) where clang or libFuzzer's runtime is missing.
+#
+# usage: bash tests/fuzz/run.sh [SECONDS_EACH (default 15)] [HARNESS...]
+#   MLM_BIN=build/mlm (to make seeds from; skipped if absent)   MLM_FUZZ_BUILD=build-fuzz
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+secs="${1:-15}"
+shift || true
+harnesses=("$@")
+[ ${#harnesses[@]} -gt 0 ] || harnesses=(config json utf8 safetensors checkpoint ckpt_model)
+bdir="${MLM_FUZZ_BUILD:-build-fuzz}"
+mlm="${MLM_BIN:-build/mlm}"
+
+cc="$(command -v clang || true)"
+if [ -z "$cc" ]; then
+  echo "SKIP: fuzzing: no clang on PATH (install clang and libclang-rt-dev for libFuzzer)"
+  exit 77
+fi
+probe="$(mktemp -d)"
+printf 'int LLVMFuzzerTestOneInput(const char *d, unsigned long n) { return 0; }\n' > "$probe/p.c"
+if ! "$cc" -fsanitize=fuzzer,address,undefined "$probe/p.c" -o "$probe/p" 2>/dev/null; then
+  rm -rf "$probe"
+  echo "SKIP: fuzzing: $cc cannot link -fsanitize=fuzzer (libFuzzer's runtime, Debian's libclang-rt-dev, is missing)"
+  exit 77
+fi
+rm -rf "$probe"
+
+echo "   building the harnesses in $bdir (clang)"
+mkdir -p "$bdir"
+blog="$bdir/build.log"
+if ! { cmake -S tests/fuzz -B "$bdir" -DCMAKE_C_COMPILER="$cc" -DCMAKE_BUILD_TYPE=None >"$blog" 2>&1 &&
+       cmake --build "$bdir" -j"$(nproc 2>/dev/null || echo 2)" >>"$blog" 2>&1; }; then
+  tail -n 20 "$blog"
+  echo "FAIL: the fuzz harnesses do not build (log: $blog)"
+  exit 1
+fi
+if [ -x "$mlm" ]; then
+  rm -rf "$bdir/seeds"
+  bash tests/fuzz/make_seeds.sh "$mlm" "$bdir/seeds" || echo "   could not make seeds with $mlm; using the committed ones"
+fi
+
+failed=()
+for h in "${harnesses[@]}"; do
+  mkdir -p "$bdir/corpus/$h" "$bdir/artifacts/$h"
+  dirs=("$bdir/corpus/$h" "tests/fuzz/corpus/$h")
+  [ -d "$bdir/seeds/$h" ] && dirs+=("$bdir/seeds/$h")
+  log="$bdir/artifacts/$h.log"
+  # -timeout: one input taking over 10 s is a hang; -rss_limit_mb: a leak or runaway allocation.
+  "$bdir/fuzz_$h" -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 -dict=tests/fuzz/mlm.dict \
+    -artifact_prefix="$bdir/artifacts/$h/" "${dirs[@]}" >"$log" 2>&1
+  rc=$?
+  execs="$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || true)"
+  cov="$(grep -o 'cov: [0-9]*' "$log" | tail -n 1 || true)"
+  if [ $rc -eq 0 ]; then
+    printf '   fuzz_%-12s %9s executions in %s s, %s, corpus %s files\n' "$h" "${execs:-?}" "$secs" "${cov:-cov: ?}" \
+      "$(ls "$bdir/corpus/$h" | wc -l)"
+  else
+    crash="$(grep -o "Test unit written to [^ ]*" "$log" | tail -n 1 | sed 's/Test unit written to //')"
+    echo "   fuzz_$h FAILED (exit $rc) after ${execs:-?} executions; last lines of $log:"
+    { grep -E "ERROR|SUMMARY|fuzz property" "$log" | head -n 3; grep -E "^ +#[0-9]+ 0x" "$log" | head -n 5; } |
+      sed 's/^ */     /'
+    echo "     replay: $bdir/fuzz_$h ${crash:-<input>}"
+    failed+=("$h")
+  fi
+done
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "FAIL: fuzzing found failures in: ${failed[*]}"
+  exit 1
+fi
+echo "fuzzing: ${#harnesses[@]} harnesses, no failure"
