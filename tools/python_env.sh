@@ -28,7 +28,7 @@ fi
 reqs=(tools/requirements-test.txt tools/requirements-test-nodeps.txt)
 key="$( { cat "${reqs[@]}"; "$base" -c 'import sys, platform; print(sys.version, platform.machine())'; } |
         sha256sum | cut -c1-16)"
-cache="${MLM_VENV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mlm}"
+cache="${MLM_VENV_CACHE:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/mlm}"
 venv="$cache/venv-$key"
 py="$venv/bin/python"
 # The imports the tests need: a reused environment that no longer imports is made again.
