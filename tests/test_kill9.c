@@ -4,9 +4,10 @@
 // folder holds the same files (no temporary file, no stale lock left behind).
 //
 // SIGKILL gives the program no chance to clean up, unlike SIGINT (test_resume.c): it lands anywhere, in the
-// middle of a checkpoint's write among others (checkpoints every few steps make that likely). The moments are
-// drawn uniformly in [0, KILL_WINDOW x the uninterrupted run's time] from the start of each process, from a
-// seed (MLM_KILL_SEED, default 14) printed with every kill, so a failure can be replayed. The first process is
+// middle of a checkpoint's write among others (checkpoints every few steps make that likely). The moment of
+// each kill is drawn uniformly from the start of its process over the time the rest of the run should take
+// (the uninterrupted run's time x the fraction of steps left after the newest checkpoint, at least 5% of it),
+// from a seed (MLM_KILL_SEED, default 14) printed with every kill, so a failure can be replayed. The first process is
 // killed only once it has written its first checkpoint: a run folder without any checkpoint is a different
 // matter (issue 14's "dead end before the first checkpoint") with tests of its own.
 //
@@ -28,7 +29,6 @@
 
 #define STEPS 200
 #define N_KILLS 12
-#define KILL_WINDOW 0.6  // kill moments: uniform in [0, KILL_WINDOW * straight run time) after each start
 
 static const char *mlm_bin, *corpus;
 static char tmpdir[256];
@@ -143,9 +143,11 @@ static void test_kill9_resume_equals_straight_run(uint64_t seed) {
     char latest[700];
     for (int i = 0; i < 6000 && ckpt_find_latest(b, latest, sizeof(latest)) != 0; i++) sleep_s(0.005);
     int kills = 0, resumes = 0, finished_early = 0, code = 0;
+    long newest = 0;  // step of the newest checkpoint
     snprintf(cmd, sizeof(cmd), "train --resume %s -q", b);
     for (int k = 0; k < N_KILLS; k++) {
-        double delay = uniform01() * KILL_WINDOW * straight_s;
+        double left = (double)(STEPS - newest) / STEPS;
+        double delay = uniform01() * straight_s * (left > 0.05 ? left : 0.05);
         double until = mlm_now() + delay;
         int ended = 0;
         while (mlm_now() < until && !(ended = exited(pid, &code))) sleep_s(0.002);
@@ -167,6 +169,7 @@ static void test_kill9_resume_equals_straight_run(uint64_t seed) {
             printf("kill %2d: SIGKILL %.3f s after start (seed %llu); newest valid checkpoint: step %ld\n", kills,
                    delay, (unsigned long long)seed, step);
             CHECK(step > 0, "after kill %d no checkpoint loads: %s", kills, err);
+            newest = step > newest ? step : newest;
         }
         pid = start_mlm(cmd, log);  // every kill (or early end) is followed by a resume
         resumes++;
