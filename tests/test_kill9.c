@@ -5,13 +5,14 @@
 //
 // SIGKILL gives the program no chance to clean up, unlike SIGINT (test_resume.c): it lands anywhere, in the
 // middle of a checkpoint's write among others (checkpoints every few steps make that likely). The moment of
-// each kill is drawn uniformly from the start of its process over the time the rest of the run should take
-// (the uninterrupted run's time x the fraction of steps left after the newest checkpoint, at least 5% of it),
-// from a seed (MLM_KILL_SEED, default 14) printed with every kill, so a failure can be replayed. The first process is
-// killed only once it has written its first checkpoint: a run folder without any checkpoint is a different
-// matter (issue 14's "dead end before the first checkpoint") with tests of its own.
+// each kill is drawn uniformly from the start of its process over half the time the rest of the run should
+// take (the uninterrupted run's time x the fraction of steps left after the newest checkpoint, at least 5%),
+// so that the kills spread over the run (startup, steps, checkpoint writes) instead of a resume finishing it
+// early. The draws come from a seed (MLM_KILL_SEED, default 14) printed with every kill, so a failure can be
+// replayed. The first process is killed only once it has written its first checkpoint: a run folder without
+// any checkpoint is a different matter (issue 14's "dead end before the first checkpoint").
 //
-// About 10-20 s on 2 cores (one training thread; a loaded machine stretches the run and the moments alike).
+// About 5-15 s on 2 cores (one training thread; a loaded machine stretches the run and the moments alike).
 #include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -147,7 +148,7 @@ static void test_kill9_resume_equals_straight_run(uint64_t seed) {
     snprintf(cmd, sizeof(cmd), "train --resume %s -q", b);
     for (int k = 0; k < N_KILLS; k++) {
         double left = (double)(STEPS - newest) / STEPS;
-        double delay = uniform01() * straight_s * (left > 0.05 ? left : 0.05);
+        double delay = uniform01() * 0.5 * straight_s * (left > 0.05 ? left : 0.05);
         double until = mlm_now() + delay;
         int ended = 0;
         while (mlm_now() < until && !(ended = exited(pid, &code))) sleep_s(0.002);
