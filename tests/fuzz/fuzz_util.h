@@ -9,7 +9,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <ftw.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 // A property of the code under test does not hold: print why and abort, which libFuzzer reports as a crash
@@ -38,16 +40,28 @@ static inline const char *fuzz_input_file(const uint8_t *data, size_t size) {
     return path;
 }
 
+static char fuzz_scratch[64];
+
+static int fuzz_remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
+    (void)st; (void)flag; (void)ftw;
+    return remove(path);
+}
+
+static void fuzz_remove_scratch(void) {
+    if (fuzz_scratch[0]) nftw(fuzz_scratch, fuzz_remove_entry, 8, FTW_DEPTH | FTW_PHYS);
+}
+
 // A scratch directory for writers (atomic writes need a real directory): under /dev/shm where it exists
-// (fsync is free on tmpfs), else /tmp. Created once per process; libFuzzer never returns to remove it, so
-// the harness's own files are overwritten input after input rather than accumulated.
+// (fsync is free on tmpfs), else /tmp. Created once per process, its files overwritten input after input,
+// removed when libFuzzer exits normally (a crash leaves it, beside the crash input).
 static inline const char *fuzz_scratch_dir(void) {
-    static char dir[64];
-    if (!dir[0]) {
-        snprintf(dir, sizeof(dir), "%s/mlm-fuzz-XXXXXX", access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp");
-        if (!mkdtemp(dir)) { perror("mkdtemp"); abort(); }
+    if (!fuzz_scratch[0]) {
+        snprintf(fuzz_scratch, sizeof(fuzz_scratch), "%s/mlm-fuzz-XXXXXX",
+                 access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp");
+        if (!mkdtemp(fuzz_scratch)) { perror("mkdtemp"); abort(); }
+        atexit(fuzz_remove_scratch);
     }
-    return dir;
+    return fuzz_scratch;
 }
 
 // data[0..size) as a NUL-terminated string (malloc'ed); an embedded NUL ends it as it would end a C string.
