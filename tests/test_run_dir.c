@@ -185,7 +185,8 @@ static void test_final_validation(void) {
           "the resumed run should validate step 3 exactly once");
     double loss1 = done_valid_loss(out1);
     CHECK(isfinite(loss1), "the resumed run should report its last valid loss (got %g)", loss1);
-    CHECK(test_run("%s info --ckpt %s | grep -q 'best valid accuracy  0\\.'", mlm_bin, run) == 0,
+    CHECK(test_run("%s info --ckpt %s | grep -q 'last validation      step 3: loss'", mlm_bin, run) == 0 &&
+              test_run("%s info --ckpt %s | grep -q 'best valid accuracy  0\\.'", mlm_bin, run) == 0,
           "info should report the validation, not 'none yet'");
     // A finished run resumed: nothing to train, the validation line stays, the same loss is reported.
     CHECK(test_run("%s train --resume %s > %s 2>&1", mlm_bin, run, out2) == 0, "resuming the finished run failed");

@@ -196,6 +196,9 @@ int info_run(const char *ckpt) {
         printf("%-20s %.4f (epoch %ld)\n", "best valid accuracy", ck.st.best_valid_acc, ck.st.best_epoch + 1);
     else
         printf("%-20s none yet (no validation has run)\n", "best valid accuracy");
+    if (ck.st.last_valid_step >= 0)
+        printf("%-20s step %ld: loss %.4f, accuracy %.4f\n", "last validation", ck.st.last_valid_step,
+               ck.st.last_valid_loss, ck.st.last_valid_acc);
     printf("%-20s %s\n", "corpus md5", ck.corpus_md5);
     if (run_dir[0]) {
         char path[1300];

@@ -517,8 +517,8 @@ static int train_epoch(Run *r, long epoch) {
     long correct_sum = 0, target_sum = 0, tokens_since = 0, steps_since = 0;
     size_t first = (size_t)(r->step - epoch * (long)r->train_b.n_batches);  // > 0 when resuming mid-epoch
     for (size_t bi = first; bi < r->train_b.n_batches; bi++) {
-        if (r->cfg.max_steps > 0 && r->step >= r->cfg.max_steps) return 1;
-        if (stop_signal) return 1;
+        // break, not return: the progress line on a terminal still needs its newline.
+        if ((r->cfg.max_steps > 0 && r->step >= r->cfg.max_steps) || stop_signal) break;
         int b = batcher_get(&r->train_b, bi, r->tokens);
         // --profile-steps A:B: the profiler captures steps A..B (step s runs when s steps are done).
         if (r->gpu && r->opt.profile && r->step == r->opt.profile_first) {
