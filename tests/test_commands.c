@@ -345,6 +345,20 @@ static void test_crafted_checkpoints(void) {
     char *e = slurp("v1.err");
     CHECK(strstr(e, "format version 1") != NULL, "a version-1 checkpoint should be loaded with a warning:\n%s", e);
     free(e);
+    // ckpt_validate on the trained checkpoint: it passes; more validated epochs than train.epochs (lowered on a
+    // resume) still pass; one parameter made infinite, or a count off by one, does not.
+    if (ckpt_load(run_dir, &ck, err, sizeof(err)) == 0) {
+        CHECK(ckpt_validate(&ck, err, sizeof(err)) == 0, "the trained checkpoint: %s", err);
+        ck.st.valid_epochs = ck.cfg.epochs + 3;
+        CHECK(ckpt_validate(&ck, err, sizeof(err)) == 0, "valid_epochs above a lowered train.epochs: %s", err);
+        ck.params[ck.n_params / 2] = INFINITY;
+        CHECK(ckpt_validate(&ck, err, sizeof(err)) != 0 && strstr(err, "non-finite"), "an infinite weight: %s", err);
+        ck.params[ck.n_params / 2] = 0;
+        ck.n_params--;
+        CHECK(ckpt_validate(&ck, err, sizeof(err)) != 0 && strstr(err, "parameters"), "a count off by one: %s", err);
+        ck.n_params++;
+        ckpt_free(&ck);
+    }
 }
 
 // Replace the first occurrence of `from` by `to` (same length) in a file: an edit that keeps every offset.

@@ -60,7 +60,7 @@ int ckpt_load(const char *path, Checkpoint *out, char *err, size_t errlen);
 // The consistency checks of ckpt_load on a checkpoint in memory: the config passes config_check and
 // model_config_check, the vocabulary is well formed (1..VOCAB_MAX_CHARS ascending code points, PAD and MASK
 // after them), n_params equals the parameter count the config and vocabulary describe, the activations of
-// one batch fit in 2^40 bytes, the bookkeeping is in range (step >= 0, valid_epochs <= epochs, ...), and
+// one batch fit in 2^40 bytes, the bookkeeping is in range (step >= 0, last_valid_step <= step, ...), and
 // every parameter and Adam moment is finite (second moments >= 0). Returns 0, or nonzero with a message.
 int ckpt_validate(const Checkpoint *c, char *err, size_t errlen);
 void ckpt_free(Checkpoint *c);

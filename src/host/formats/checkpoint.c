@@ -280,11 +280,11 @@ int ckpt_validate(const Checkpoint *c, char *err, size_t errlen) {
         return 1;
     }
     const TrainState *s = &c->st;
-    if (s->step < 0 || !(s->tokens >= 0) || s->valid_epochs < 0 || s->valid_epochs > c->cfg.epochs ||
-        s->best_epoch < -1 || s->best_epoch >= c->cfg.epochs || !(s->elapsed_s >= 0) || s->last_valid_step < -1 ||
-        s->last_valid_step > s->step || !(s->best_valid_acc >= 0 && s->best_valid_acc <= 1)) {
-        snprintf(err, errlen, "its progress is out of range (step %ld, valid_epochs %ld of %d, best_epoch %ld, "
-                 "last_valid_step %ld)", s->step, s->valid_epochs, c->cfg.epochs, s->best_epoch, s->last_valid_step);
+    // (train.epochs may be lowered on resume, so valid_epochs and best_epoch are not bounded by it.)
+    if (s->step < 0 || !(s->tokens >= 0) || s->valid_epochs < 0 || s->best_epoch < -1 || !(s->elapsed_s >= 0) ||
+        s->last_valid_step < -1 || s->last_valid_step > s->step || !(s->best_valid_acc >= 0 && s->best_valid_acc <= 1)) {
+        snprintf(err, errlen, "its progress is out of range (step %ld, valid_epochs %ld, best_epoch %ld, "
+                 "last_valid_step %ld)", s->step, s->valid_epochs, s->best_epoch, s->last_valid_step);
         return 1;
     }
     if (!all_finite(c->params, c->n_params, 0) || !all_finite(c->adam_m, c->n_params, 0) ||
