@@ -2,6 +2,7 @@
 // exactly and reports consistent numbers, fill predicts exactly the marked positions with sorted top-k
 // probabilities, export -> train --init (lr 0) -> export reproduces the weights bit for bit, info reports the
 // run, and bad input is refused with a nonzero exit.
+#define _GNU_SOURCE  // memmem
 #include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
@@ -10,6 +11,8 @@
 
 #include "mlm/checkpoint.h"
 #include "mlm/common.h"
+#include "mlm/config.h"
+#include "mlm/model.h"
 #include "mlm/safetensors.h"
 #include "test_util.h"
 
@@ -99,8 +102,8 @@ static void test_eval(void) {
     free(a); free(b);
     CHECK(test_run("printf 'First Citizen:\\nWe are accounted poor citizens, the patricians good. \\303\\251\\303\\251\\n' > "
               "%s/text.txt", tmpdir) == 0, "writing a text");
-    CHECK(test_run("%s eval --ckpt %s --data %s/text.txt --seed 3 --json > %s/eval4.json 2> %s/eval4.err", mlm_bin, run_dir,
-              tmpdir, tmpdir, tmpdir) == 0, "eval --data failed (see %s/eval4.err)", tmpdir);
+    CHECK(test_run("%s eval --ckpt %s --data %s/text.txt --split all --seed 3 --json > %s/eval4.json 2> %s/eval4.err",
+                   mlm_bin, run_dir, tmpdir, tmpdir, tmpdir) == 0, "eval --data failed (see %s/eval4.err)", tmpdir);
     a = slurp("eval4.json");
     b = slurp("eval4.err");
     char *split4 = field_str(a, "split");
@@ -108,6 +111,24 @@ static void test_eval(void) {
     CHECK(strstr(b, "2 of 71 characters") && strstr(b, "dropped"), "expected a warning about 2 dropped characters:\n%s", b);
     free(split4);
     free(a); free(b);
+
+    // Bug 8: --data does not silently switch to the whole text: it needs --split. --split valid of the run's own
+    // corpus is the default evaluation exactly (the same tokens, masks and numbers).
+    CHECK(test_run("%s eval --ckpt %s --data %s > /dev/null 2> %s/eval5.err", mlm_bin, run_dir, corpus, tmpdir) ==
+          MLM_EXIT_USAGE, "eval --data without --split must be refused with exit 2");
+    a = slurp("eval5.err");
+    CHECK(strstr(a, "--split valid") && strstr(a, "--split all"), "the refusal should offer both choices: %s", a);
+    free(a);
+    CHECK(test_run("%s eval --ckpt %s --data %s --split valid --json > %s/eval6.json", mlm_bin, run_dir, corpus,
+                   tmpdir) == 0, "eval --data CORPUS --split valid");
+    a = slurp("eval1.json");
+    b = slurp("eval6.json");
+    CHECK(field_num(a, "loss") == field_num(b, "loss") && field_num(a, "masked") == field_num(b, "masked") &&
+          field_num(a, "tokens") == field_num(b, "tokens"), "--split valid of the run's corpus differs from the "
+          "default evaluation:\n%s%s", a, b);
+    free(a); free(b);
+    CHECK(test_run("%s eval --ckpt %s --split sideways > /dev/null 2>&1", mlm_bin, run_dir) == MLM_EXIT_USAGE,
+          "--split sideways must be refused");
 }
 
 // One JSON line of fill: exactly one prediction per mark, other characters unchanged, top-k sorted.
@@ -256,6 +277,216 @@ static void test_errors(void) {
     CHECK(test_run("%s fill --ckpt %s > /dev/null 2>&1", mlm_bin, run_dir) == MLM_EXIT_USAGE, "fill without TEXT");
 }
 
+// A checkpoint written field by field as version 1 wrote them (no header checksum), with `n_params` floats
+// in each tensor but `config` describing whatever the caller wants: the crafted files of bug 1.
+static void write_v1_checkpoint(const char *path, const char *config, const char *vocab, size_t count, float fill) {
+    float *x = mlm_malloc(count * sizeof(float), "crafted tensor");
+    for (size_t i = 0; i < count; i++) x[i] = fill;
+    char md5[33], np[32];
+    data_md5(x, count * sizeof(float), md5);
+    snprintf(np, sizeof(np), "%zu", count);
+    StTensor t[3] = {
+        {.name = "params", .dtype = ST_F32, .ndim = 1, .shape = {(int64_t)count}, .nbytes = count * 4, .data = x},
+        {.name = "adam.m", .dtype = ST_F32, .ndim = 1, .shape = {(int64_t)count}, .nbytes = count * 4, .data = x},
+        {.name = "adam.v", .dtype = ST_F32, .ndim = 1, .shape = {(int64_t)count}, .nbytes = count * 4, .data = x},
+    };
+    const char *meta[] = {"format", "mlm-checkpoint", "format_version", "1", "mlm_version", "0.1.0", "step", "20",
+                          "tokens", "2560", "valid_epochs", "0", "best_valid_acc", "0", "best_epoch", "-1",
+                          "elapsed_s", "1.000", "n_params", np, "corpus_md5", "5817707cc0906798f633225c5c9d812b",
+                          "vocab", vocab, "config", config, "md5.params", md5, "md5.adam.m", md5, "md5.adam.v", md5};
+    char err[1024];
+    CHECK(st_write(path, t, 3, meta, (int)(sizeof(meta) / sizeof(meta[0]) / 2), err, sizeof(err)) == 0, "%s", err);
+    free(x);
+}
+
+// Every command that reads a checkpoint must refuse it (exit 2, the message saying why), not crash or run.
+static void check_all_commands_refuse(const char *file, const char *why, const char *what) {
+    static const char *const cmds[] = {"fill --ckpt %s 'a_'", "eval --ckpt %s", "info --ckpt %s",
+                                       "export --ckpt %s --out %s.exported", "train --resume %s --out %s.resumed"};
+    for (int i = 0; i < 5; i++) {
+        char sub[1500], errfile[400];
+        snprintf(sub, sizeof(sub), cmds[i], file, file);
+        snprintf(errfile, sizeof(errfile), "%s/refuse.err", tmpdir);
+        int rc = test_run("%s %s > /dev/null 2> %s", mlm_bin, sub, errfile);
+        char *e = slurp("refuse.err");
+        CHECK(rc == MLM_EXIT_USAGE && strstr(e, why), "%s: `mlm %s` exited %d (expected 2, naming '%s'):\n%s", what,
+              sub, rc, why, e);
+        free(e);
+    }
+}
+
+// Bug 1: fill and eval copied the checkpoint's n_params floats into a model sized from its config. A crafted
+// checkpoint with 100,000 parameters and a config of d_model=2, n_layers=1 overflowed the heap; a smaller
+// count ran on garbage. Now ckpt_load (ckpt_validate) refuses both, and non-finite weights, for every command.
+static void test_crafted_checkpoints(void) {
+    const char *tiny = "[model]\nd_model = 2\nn_heads = 1\nn_layers = 1\nd_ff = 2\n[data]\nseq_len = 4\n"
+                       "[train]\nbatch_size = 2\n";
+    // Vocabulary: 3 characters + PAD + MASK; the model this describes has a few hundred parameters.
+    char path[400];
+    snprintf(path, sizeof(path), "%s/crafted-big.safetensors", tmpdir);
+    write_v1_checkpoint(path, tiny, "32,97,98", 100000, 0.5f);
+    check_all_commands_refuse(path, "100000 parameters", "more parameters than the config describes");
+    Checkpoint ck;
+    char err[1024];
+    CHECK(ckpt_load(path, &ck, err, sizeof(err)) != 0, "ckpt_load accepted the crafted checkpoint");
+    snprintf(path, sizeof(path), "%s/crafted-small.safetensors", tmpdir);
+    write_v1_checkpoint(path, tiny, "32,97,98", 7, 0.5f);
+    check_all_commands_refuse(path, "7 parameters", "fewer parameters than the config describes");
+    // The right count, but NaN weights; then the right count and finite weights, which must load.
+    ModelConfig mc = {.vocab = 5, .d_model = 2, .n_heads = 1, .n_layers = 1, .d_ff = 2, .max_seq = 4,
+                      .dropout = 0.1f, .ln_eps = 1e-5f};
+    snprintf(path, sizeof(path), "%s/crafted-nan.safetensors", tmpdir);
+    write_v1_checkpoint(path, tiny, "32,97,98", model_num_params(&mc), NAN);
+    check_all_commands_refuse(path, "non-finite", "NaN weights");
+    snprintf(path, sizeof(path), "%s/crafted-ok.safetensors", tmpdir);
+    write_v1_checkpoint(path, tiny, "32,97,98", model_num_params(&mc), 0.01f);
+    CHECK(test_run("%s fill --ckpt %s 'a_b' > /dev/null 2> %s/v1.err", mlm_bin, path, tmpdir) == 0,
+          "a consistent version-1 checkpoint must still load (with a warning)");
+    char *e = slurp("v1.err");
+    CHECK(strstr(e, "format version 1") != NULL, "a version-1 checkpoint should be loaded with a warning:\n%s", e);
+    free(e);
+    // ckpt_validate on the trained checkpoint: it passes; more validated epochs than train.epochs (lowered on a
+    // resume) still pass; one parameter made infinite, or a count off by one, does not.
+    if (ckpt_load(run_dir, &ck, err, sizeof(err)) == 0) {
+        CHECK(ckpt_validate(&ck, err, sizeof(err)) == 0, "the trained checkpoint: %s", err);
+        ck.st.valid_epochs = ck.cfg.epochs + 3;
+        CHECK(ckpt_validate(&ck, err, sizeof(err)) == 0, "valid_epochs above a lowered train.epochs: %s", err);
+        ck.params[ck.n_params / 2] = INFINITY;
+        CHECK(ckpt_validate(&ck, err, sizeof(err)) != 0 && strstr(err, "non-finite"), "an infinite weight: %s", err);
+        ck.params[ck.n_params / 2] = 0;
+        ck.n_params--;
+        CHECK(ckpt_validate(&ck, err, sizeof(err)) != 0 && strstr(err, "parameters"), "a count off by one: %s", err);
+        ck.n_params++;
+        ckpt_free(&ck);
+    }
+}
+
+// Replace the first occurrence of `from` by `to` (same length) in a file: an edit that keeps every offset.
+static int patch_file(const char *path, const char *from, const char *to) {
+    size_t len;
+    char *buf = mlm_read_file(path, &len);
+    if (!buf || strlen(from) != strlen(to)) { free(buf); return 1; }
+    char *hit = memmem(buf, len, from, strlen(from));
+    if (hit) memcpy(hit, to, strlen(to));
+    FILE *f = hit ? fopen(path, "wb") : NULL;
+    int rc = !f || fwrite(buf, 1, len, f) != len;
+    if (f) rc |= fclose(f) != 0;
+    free(buf);
+    return rc;
+}
+
+// Bug 2: the md5s covered tensor data only; the step, the seed or the learning rate could be edited and every
+// command took the edit. Now md5.header covers the whole header and every load checks it.
+static void test_header_checksum(void) {
+    char latest[600], path[700];
+    CHECK(ckpt_find_latest(run_dir, latest, sizeof(latest)) == 0, "no checkpoint in %s", run_dir);
+    static const char *const edits[][2] = {{"\"step\":\"20\"", "\"step\":\"90\""},
+                                           {"seed = 1234", "seed = 1235"},
+                                           {"\"best_epoch\":\"0\"", "\"best_epoch\":\"1\""}};
+    for (int i = 0; i < 3; i++) {
+        snprintf(path, sizeof(path), "%s/edited-%d.safetensors", tmpdir, i);
+        CHECK(test_run("cp %s %s", latest, path) == 0, "copy");
+        CHECK(patch_file(path, edits[i][0], edits[i][1]) == 0, "cannot edit %s in %s", edits[i][0], path);
+        CHECK(test_run("cmp -s %s %s", latest, path) != 0, "the edit %s did not change the file", edits[i][0]);
+        check_all_commands_refuse(path, "header", edits[i][0]);
+    }
+}
+
+// Bug 5: --init loaded six-layer weights into a two-layer model and weights of another vocabulary silently.
+static void test_init_checks(void) {
+    char w1[400];
+    snprintf(w1, sizeof(w1), "%s/w1.safetensors", tmpdir);
+    // Fewer layers: the file has tensors the model lacks; more layers: it lacks some.
+    CHECK(test_run("%s train " SMALL " --set model.n_layers=1 --data %s --init %s --steps 1 --out %s/init-l1 -q "
+                   "> /dev/null 2> %s/init1.err", mlm_bin, corpus, w1, tmpdir, tmpdir) == MLM_EXIT_USAGE,
+          "two-layer weights must not load into a one-layer model");
+    char *e = slurp("init1.err");
+    CHECK(strstr(e, "not in this model: encoder.layers.1.") != NULL, "the extra tensors should be listed:\n%s", e);
+    free(e);
+    CHECK(test_run("%s train " SMALL " --set model.n_layers=3 --data %s --init %s --steps 1 --out %s/init-l3 -q "
+                   "> /dev/null 2> %s/init3.err", mlm_bin, corpus, w1, tmpdir, tmpdir) == MLM_EXIT_USAGE,
+          "two-layer weights must not load into a three-layer model");
+    e = slurp("init3.err");
+    CHECK(strstr(e, "missing: encoder.layers.2.") != NULL, "the missing tensors should be listed:\n%s", e);
+    free(e);
+    CHECK(test_run("%s train " SMALL " --set model.d_ff=40 --data %s --init %s --steps 1 --out %s/init-ff -q "
+                   "> /dev/null 2> %s/initff.err", mlm_bin, corpus, w1, tmpdir, tmpdir) == MLM_EXIT_USAGE,
+          "weights of another d_ff must be refused");
+    e = slurp("initff.err");
+    CHECK(strstr(e, "feed_forward.layer1.weight is float32 [48, 32], this model needs float32 [40, 32]") != NULL,
+          "the shape mismatch should be spelled out:\n%s", e);
+    free(e);
+    // Another vocabulary of the same size: 'z' replaced by '#' (absent from Tiny Shakespeare).
+    CHECK(test_run("tr z '#' < %s > %s/other-vocab.txt", corpus, tmpdir) == 0, "tr");
+    CHECK(test_run("%s train " SMALL " --data %s/other-vocab.txt --init %s --steps 1 --out %s/init-voc -q > /dev/null "
+                   "2> %s/initv.err", mlm_bin, tmpdir, w1, tmpdir, tmpdir) == MLM_EXIT_USAGE,
+          "weights exported for another vocabulary must be refused");
+    e = slurp("initv.err");
+    CHECK(strstr(e, "only in the weights: 'z'") && strstr(e, "only in the corpus: '#'") &&
+          strstr(e, "train.init_check_vocab=false"), "the vocabulary difference and the way out should be named:\n%s", e);
+    free(e);
+    CHECK(test_run("%s train " SMALL " --data %s/other-vocab.txt --init %s --steps 1 --out %s/init-voc2 -q --set "
+                   "train.init_check_vocab=false > /dev/null 2>&1", mlm_bin, tmpdir, w1, tmpdir) == 0,
+          "train.init_check_vocab=false must load them anyway");
+}
+
+// Bugs 7 and 8 on the command line: plain decimal integers only, and messages that say what is wrong.
+static void test_messages(void) {
+    CHECK(test_run("%s train --data %s --dry-run > /dev/null 2> %s/dir.err", mlm_bin, tmpdir, tmpdir) == MLM_EXIT_USAGE,
+          "--data DIRECTORY must be refused with exit 2");
+    char *e = slurp("dir.err");
+    CHECK(strstr(e, "is a directory") && !strstr(e, "Input/output"), "--data DIRECTORY: %s", e);
+    free(e);
+    CHECK(test_run("%s fill --ckpt %s --top-k 1000000 'a_' > /dev/null 2> %s/topk.err", mlm_bin, run_dir, tmpdir) ==
+          MLM_EXIT_USAGE, "--top-k 1000000 must be refused");
+    e = slurp("topk.err");
+    CHECK(strstr(e, "100000") != NULL, "--top-k should give its maximum: %s", e);
+    free(e);
+    CHECK(test_run("%s fill --ckpt %s \"$(printf 'a_\\377')\" > /dev/null 2> %s/utf8.err", mlm_bin, run_dir, tmpdir) ==
+          MLM_EXIT_USAGE, "invalid UTF-8 input to fill must be refused");
+    e = slurp("utf8.err");
+    CHECK(strstr(e, "input line 1") && !strstr(e, "corpus"), "fill's input is not the corpus: %s", e);
+    free(e);
+    static const char *const bad_numbers[] = {"--set model.d_model=0x20", "--set train.seed=-1", "--set train.epochs=+3",
+                                              "--set train.batch_size=1e1", "--steps 0x10", "--set data.seq_len=' 16'",
+                                              "--set train.max_steps=99999999999999999999"};
+    for (int i = 0; i < 7; i++)
+        CHECK(test_run("%s train %s --data %s --dry-run > /dev/null 2>&1", mlm_bin, bad_numbers[i], corpus) ==
+              MLM_EXIT_USAGE, "%s must be refused with exit 2", bad_numbers[i]);
+    CHECK(test_run("%s eval --ckpt %s --seed -1 > /dev/null 2>&1", mlm_bin, run_dir) == MLM_EXIT_USAGE, "--seed -1");
+    CHECK(test_run("%s eval --ckpt %s --seed 0x10 > /dev/null 2>&1", mlm_bin, run_dir) == MLM_EXIT_USAGE, "--seed 0x10");
+    // A cross-key error caused by an override is blamed on the override, not on the config file.
+    char conf[400];
+    snprintf(conf, sizeof(conf), "%s/ok.conf", tmpdir);
+    CHECK(test_run("printf '[model]\\nd_model = 32\\nn_heads = 4\\n' > %s", conf) == 0, "writing a config");
+    CHECK(test_run("%s train --config %s --set model.n_heads=3 --data %s --dry-run > /dev/null 2> %s/set.err", mlm_bin,
+                   conf, corpus, tmpdir) == MLM_EXIT_USAGE, "d_model 32 with --set model.n_heads=3 must be refused");
+    e = slurp("set.err");
+    CHECK(!strncmp(e, "mlm: error: --set model.n_heads=3:", 34) && strstr(e, "not divisible"),
+          "the error should be blamed on the override: %s", e);
+    free(e);
+}
+
+// A text a model can learn nothing from is trained on, but with a warning.
+static void test_corpus_warnings(void) {
+    CHECK(test_run("head -c 4000 /dev/zero > %s/nul.txt", tmpdir) == 0, "writing NULs");
+    CHECK(test_run("%s train --data %s/nul.txt --dry-run > /dev/null 2> %s/nul.err", mlm_bin, tmpdir, tmpdir) == 0,
+          "a corpus of NULs still dry-runs");
+    char *e = slurp("nul.err");
+    CHECK(strstr(e, "single distinct character") != NULL, "expected a warning about one distinct character:\n%s", e);
+    free(e);
+    CHECK(test_run("(head -c 3000 /dev/zero; head -c 1000 %s) > %s/binary.txt", corpus, tmpdir) == 0, "writing");
+    CHECK(test_run("%s train --data %s/binary.txt --dry-run > /dev/null 2> %s/bin.err", mlm_bin, tmpdir, tmpdir) == 0,
+          "a mostly-NUL corpus still dry-runs");
+    e = slurp("bin.err");
+    CHECK(strstr(e, "75% control characters") != NULL, "expected a warning about control characters:\n%s", e);
+    free(e);
+    CHECK(test_run("%s train --data %s --dry-run > /dev/null 2> %s/ok.err", mlm_bin, corpus, tmpdir) == 0, "dry run");
+    e = slurp("ok.err");
+    CHECK(!strstr(e, "warning"), "Shakespeare should not be warned about:\n%s", e);
+    free(e);
+}
+
 int main(int argc, char **argv) {
     if (argc < 3) return test_skip("usage: test_commands MLM_BINARY CORPUS");
     mlm_bin = argv[1];
@@ -274,6 +505,11 @@ int main(int argc, char **argv) {
         test_export_roundtrip();
         test_info();
         test_errors();
+        test_crafted_checkpoints();
+        test_header_checksum();
+        test_init_checks();
+        test_messages();
+        test_corpus_warnings();
     }
     int rc = test_finish("test_commands");
     if (rc == 0) test_run("rm -rf %s", tmpdir);

@@ -2,6 +2,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <limits.h>
+#include <stdint.h>
+
+#include "mlm/common.h"
 #include "mlm/config.h"
 #include "test_util.h"
 
@@ -41,6 +45,35 @@ int main(void) {
     CHECK(!parses("[model]\ndropout = nan\n", err, sizeof(err)), "nan accepted");
     CHECK(!parses("[train]\nseed = -5\n", err, sizeof(err)), "negative seed accepted");
 
+    // Bug 7: integers are plain decimal digits in range; nothing is reinterpreted (0x20 was 32, and -1 as a seed
+    // wrapped to 2^64 - 1 on some paths).
+    static const char *const bad_ints[] = {"[model]\nd_model = 0x20\n", "[train]\nseed = -1\n", "[train]\nepochs = +3\n",
+                                           "[train]\nbatch_size = 1e1\n", "[train]\nbatch_size = 16.0\n",
+                                           "[model]\nd_model = 040x\n", "[train]\nseed = 18446744073709551616\n",
+                                           "[train]\nmax_steps = 9223372036854775808\n", "[train]\nseed = 0x10\n"};
+    for (size_t i = 0; i < sizeof(bad_ints) / sizeof(bad_ints[0]); i++) {
+        CHECK(!parses(bad_ints[i], err, sizeof(err)), "accepted: %s", bad_ints[i]);
+        CHECK(strstr(err, "t.conf:2"), "message should name the line: %s", err);
+    }
+    config_defaults(&c);
+    CHECK(config_set_value(&c, "model.d_model", "0x20", err, sizeof(err)) != 0 && strstr(err, "decimal"), "%s", err);
+    CHECK(config_set_value(&c, "train.seed", "18446744073709551615", err, sizeof(err)) == 0 &&
+          c.seed == 18446744073709551615ull, "the largest seed: %s", err);
+    CHECK(config_set_value(&c, "train.max_steps", "0", err, sizeof(err)) == 0 && c.max_steps == 0, "%s", err);
+    CHECK(config_set_value(&c, "model.d_model", "040", err, sizeof(err)) == 0 && c.d_model == 40,
+          "a leading zero is still decimal (not octal): %d", c.d_model);
+    long v = 0;
+    uint64_t u = 0;
+    CHECK(mlm_parse_long("-12", -20, 20, &v) == 0 && v == -12, "-12");
+    CHECK(mlm_parse_long("21", -20, 20, &v) == 2 && mlm_parse_long("-21", -20, 20, &v) == 2, "range");
+    CHECK(mlm_parse_long("", 0, 9, &v) == 1 && mlm_parse_long("-", 0, 9, &v) == 1 && mlm_parse_long(" 1", 0, 9, &v) == 1 &&
+          mlm_parse_long("1 ", 0, 9, &v) == 1 && mlm_parse_long("+1", 0, 9, &v) == 1, "only digits");
+    CHECK(mlm_parse_long("99999999999999999999", 0, LONG_MAX, &v) == 2, "overflow is out of range");
+    CHECK(mlm_parse_u64("-0", UINT64_MAX, &u) == 2 && mlm_parse_u64("18446744073709551616", UINT64_MAX, &u) == 2,
+          "u64 range");
+    // New keys round-trip and resume-safe keys.
+    CHECK(parses("[train]\nckpt_minutes = 0.5\ninit_check_vocab = false\n", err, sizeof(err)), "%s", err);
+
     // Overrides use full dotted keys.
     config_defaults(&c);
     CHECK(config_set_value(&c, "model.n_layers", "2", err, sizeof(err)) == 0, "%s", err);
@@ -55,7 +88,7 @@ int main(void) {
 
     // Round trip: write the resolved config, parse it back, get the same struct.
     config_defaults(&c);
-    c.d_model = 96; c.seed = 18446744073709551615ull; c.lr = 0.123456789012345; c.mask_scheme = MASK_SCHEME_BERT;
+    c.d_model = 96; c.seed = 18446744073709551615ull; c.ckpt_minutes = 2.5; c.init_check_vocab = 0; c.lr = 0.123456789012345; c.mask_scheme = MASK_SCHEME_BERT;
     snprintf(c.no_mask_chars, sizeof(c.no_mask_chars), "a\"\\\n");
     snprintf(c.data_path, sizeof(c.data_path), "/tmp/x y.txt");
     char *buf = NULL;

@@ -3,9 +3,15 @@
 //
 // Format: a safetensors file (tensors "params", "adam.m", "adam.v", float32 [P]) whose __metadata__ holds
 // format = "mlm-checkpoint", format_version, step, tokens, valid_epochs, best_valid_acc, best_epoch, elapsed_s,
-// n_params, corpus_md5, vocab (comma-separated code points), config (the resolved config text) and
-// md5.<tensor> for every tensor. Data order and every RNG offset derive from (config seed, step), so the
-// step is the whole position of the run.
+// last_valid_step, last_valid_loss, last_valid_acc, n_params, corpus_md5, vocab (comma-separated code
+// points), config (the resolved config text), md5.<tensor> for every tensor, and md5.header: the md5 of every
+// other metadata key and value and of the tensor table (names, dtypes, shapes), so that no byte of the file
+// can change unnoticed. Data order and every RNG offset derive from (config seed, step), so the step is the
+// whole position of the run.
+//
+// Version 1 files (before md5.header and last_valid_*) are still read, with a warning that their metadata is
+// not covered by a checksum: refusing them would strand runs that took hours, and their tensors are still
+// checked, and ckpt_validate still holds their parts to each other.
 #ifndef MLM_CHECKPOINT_H
 #define MLM_CHECKPOINT_H
 
@@ -19,7 +25,7 @@ extern "C" {
 #endif
 
 #define CKPT_FORMAT "mlm-checkpoint"
-#define CKPT_FORMAT_VERSION 1
+#define CKPT_FORMAT_VERSION 2
 
 typedef struct {
     long step;             // optimizer steps done
@@ -28,6 +34,8 @@ typedef struct {
     double best_valid_acc;
     long best_epoch;       // -1 if none
     double elapsed_s;      // training wall time so far
+    long last_valid_step;  // step at which the last validation completed (-1: none yet)
+    double last_valid_loss, last_valid_acc;  // its results (NaN when none)
 } TrainState;
 
 typedef struct {
@@ -43,9 +51,18 @@ typedef struct {
 // Writes the path into path_out (may be NULL). Returns nonzero with a message on failure.
 int ckpt_save(const char *run_dir, const Checkpoint *c, int keep, char *path_out, size_t path_len, char *err,
               size_t errlen);
-// Load a checkpoint file, or the newest checkpoint of a run directory. Verifies format, version, shapes
-// and checksums; a truncated, corrupt or mismatched file is refused with a message saying what is wrong.
+// THE way into mlm for a checkpoint: every command that reads one (train --resume, eval, fill, export, info)
+// calls this. Loads a checkpoint file, or the newest checkpoint of a run directory, and verifies the file
+// (format, version, the header checksum and each tensor's), then ckpt_validate. Returns 0 with `out` filled
+// (release it with ckpt_free), or nonzero with a message saying what is wrong in err and `out` empty: after a
+// 0, a model built from train_model_config(&out->cfg, &out->vocab) has exactly out->n_params parameters.
 int ckpt_load(const char *path, Checkpoint *out, char *err, size_t errlen);
+// The consistency checks of ckpt_load on a checkpoint in memory: the config passes config_check and
+// model_config_check, the vocabulary is well formed (1..VOCAB_MAX_CHARS ascending code points, PAD and MASK
+// after them), n_params equals the parameter count the config and vocabulary describe, the activations of
+// one batch fit in 2^40 bytes, the bookkeeping is in range (step >= 0, last_valid_step <= step, ...), and
+// every parameter and Adam moment is finite (second moments >= 0). Returns 0, or nonzero with a message.
+int ckpt_validate(const Checkpoint *c, char *err, size_t errlen);
 void ckpt_free(Checkpoint *c);
 // Path of the newest checkpoint in RUN_DIR/checkpoints; nonzero if there is none.
 int ckpt_find_latest(const char *run_dir, char *out, size_t outlen);

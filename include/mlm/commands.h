@@ -10,19 +10,25 @@
 #include <stdio.h>
 
 #include "mlm/checkpoint.h"
+#include "mlm/cpu.h"
 
 #ifdef __cplusplus
 extern "C" {
 #endif
 
+typedef enum { EVAL_SPLIT_UNSET = 0, EVAL_SPLIT_VALID = 1, EVAL_SPLIT_ALL = 2 } EvalSplit;
+
 typedef struct {
     const char *ckpt;   // checkpoint file or run directory
-    const char *data;   // NULL: the validation split of the run's corpus; else the whole of this text
+    const char *data;   // NULL: the run's corpus (md5-checked); else this text (then split must be set)
+    int split;          // EvalSplit: the validation split (default without --data) or the whole text
     int has_seed;
     uint64_t seed;      // masking seed (default: the checkpoint's train.seed)
     int device;         // DeviceKind; only the CPU evaluates for now
     int json;           // one JSON object instead of the human summary
 } EvalOptions;
+
+#define FILL_MAX_TOP_K 100000
 
 typedef struct {
     const char *ckpt;
@@ -47,6 +53,9 @@ int info_run(const char *ckpt);
 void cmd_resolve_ckpt(const char *path, char *out, size_t outlen);
 // Load a checkpoint or exit 2 with a message saying what is wrong and what to pass instead.
 void cmd_load_ckpt(const char *path, Checkpoint *ck);
+// A CPU model of the checkpoint's configuration holding its parameters, for forwards of up to max_B sequences
+// (the checkpoint comes from ckpt_load, which guarantees the sizes agree; checked again here).
+CpuModel *cmd_cpu_model(const Checkpoint *ck, int max_B);
 // Apply the checkpoint's train.threads to OpenMP (0 keeps the OpenMP default).
 void cmd_set_threads(const Config *c);
 // Write s as a JSON string literal (quotes included; UTF-8 passes through, control characters escaped).

@@ -34,8 +34,15 @@ void *mlm_malloc(size_t bytes, const char *what);
 void *mlm_calloc(size_t count, size_t size, const char *what);
 char *mlm_strdup(const char *s);
 
-// Read a whole file into a NUL-terminated buffer. Returns NULL and sets errno on failure.
+// Read a whole file into a NUL-terminated buffer. Returns NULL and sets errno on failure (EISDIR for a
+// directory, so that messages say what is wrong instead of "Input/output error").
 char *mlm_read_file(const char *path, size_t *len_out);
+
+// Strict integers (config keys, command-line numbers, checkpoint metadata): plain decimal digits with an
+// optional leading '-' (no '+', spaces, hex, octal or exponent), within [min, max]. Return 0 on success; on
+// failure 1 = not a plain decimal integer, 2 = outside [min, max] (the value is not stored either way).
+int mlm_parse_long(const char *s, long min, long max, long *out);
+int mlm_parse_u64(const char *s, uint64_t max, uint64_t *out);
 
 // Monotonic wall clock in seconds.
 double mlm_now(void);

@@ -39,7 +39,9 @@ typedef struct {
     int eval_dropout;             // train.eval_dropout: keep dropout on in validation/samples (reference: true)
     int log_every;                // progress/metrics line every N steps
     int ckpt_every;               // checkpoint every N steps (0 = only at the end)
+    double ckpt_minutes;          // also checkpoint every N minutes of wall time (30; 0 = off)
     int keep_ckpts;               // keep the last K checkpoints
+    int init_check_vocab;         // --init refuses weights of another vocabulary (true)
     int threads;                  // CPU threads (0 = OpenMP default)
     int tf32;                     // allow TF32 tensor-core matmuls on the GPU
     int samples;                  // print samples each epoch

@@ -13,11 +13,17 @@ extern "C" {
 
 // Write every tensor of the reference's state_dict (float32, PyTorch names and shapes: the parameters and
 // labml_nn's positional-encoding buffer MODEL_PE_BUFFER_NAME) plus metadata describing the model
-// (d_model, n_heads, n_layers, d_ff, vocab size, seq_len and the vocabulary) atomically.
+// (d_model, n_heads, n_layers, d_ff, seq_len and the vocabulary: "vocab" as UTF-8 text and "vocab_codepoints"
+// as comma-separated code points) atomically.
 int weights_save(const char *path, const ModelConfig *mc, const Vocab *v, const float *params, char *err, size_t errlen);
-// Load every parameter tensor of `mc` from a safetensors file with PyTorch names (as `mlm export` or
-// torch's safetensors.save_file write). Fails, naming the tensor, on a missing tensor or a shape mismatch.
-int weights_load(const char *path, const ModelConfig *mc, float *params, char *err, size_t errlen);
+// THE way weights enter a model (`mlm train --init`): load every parameter tensor of `mc` from a safetensors
+// file with PyTorch names (as `mlm export` or torch's safetensors.save_file write) into params[P]. Refuses,
+// listing every mismatch, unless the file holds exactly the model's tensors with its shapes in float32 (the
+// positional-encoding buffer of a labml_nn state_dict is allowed and ignored); then, when check_vocab is not
+// NULL, unless the vocabulary recorded in the file equals it (a file without one is accepted with a warning);
+// then unless every value is finite. params is written only on success.
+int weights_load(const char *path, const ModelConfig *mc, const Vocab *check_vocab, float *params, char *err,
+                 size_t errlen);
 
 #ifdef __cplusplus
 }

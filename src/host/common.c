@@ -5,6 +5,7 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 
 void mlm_fatal(int code, const char *fmt, ...) {
@@ -54,6 +55,12 @@ char *mlm_strdup(const char *s) {
 char *mlm_read_file(const char *path, size_t *len_out) {
     FILE *f = fopen(path, "rb");
     if (!f) return NULL;
+    struct stat st;
+    if (fstat(fileno(f), &st) == 0 && S_ISDIR(st.st_mode)) {
+        fclose(f);
+        errno = EISDIR;
+        return NULL;
+    }
     size_t cap = 1 << 16, len = 0;
     char *buf = malloc(cap);
     if (!buf) { fclose(f); errno = ENOMEM; return NULL; }
@@ -74,6 +81,34 @@ char *mlm_read_file(const char *path, size_t *len_out) {
     buf[len] = '\0';
     if (len_out) *len_out = len;
     return buf;
+}
+
+// Digits only after an optional '-': strtoll and friends also take spaces, '+', 0x and overflow quietly.
+static int plain_decimal(const char *s) {
+    const char *p = s + (*s == '-');
+    if (!*p) return 0;
+    for (; *p; p++)
+        if (*p < '0' || *p > '9') return 0;
+    return 1;
+}
+
+int mlm_parse_long(const char *s, long min, long max, long *out) {
+    if (!s || !plain_decimal(s)) return 1;
+    errno = 0;
+    long long v = strtoll(s, NULL, 10);
+    if (errno == ERANGE || v < min || v > max) return 2;
+    *out = (long)v;
+    return 0;
+}
+
+int mlm_parse_u64(const char *s, uint64_t max, uint64_t *out) {
+    if (!s || !plain_decimal(s)) return 1;
+    if (s[0] == '-') return 2;
+    errno = 0;
+    unsigned long long v = strtoull(s, NULL, 10);
+    if (errno == ERANGE || v > max) return 2;
+    *out = (uint64_t)v;
+    return 0;
 }
 
 double mlm_now(void) {

@@ -3,15 +3,12 @@
 // in, run a forward pass (fill: windows of seq_len tokens without labels; eval: masked sequences of
 // batch_size with labels). This is where issue 14's bug 1 lives (n_params from the metadata copied into a
 // model sized from the config).
-//
-// MERGE: the block between MERGE-BEGIN and MERGE-END is today's loading code of fill.c (fill_run) and eval.c
-// (evaluate), copied step for step: ckpt_load, train_model_config, the config check cpu_model_create makes
-// (it exits with a message, which the harness treats as the command's clean refusal), cpu_model_create,
-// memcpy of ck.n_params floats. When every command loads through the one validating function, call that
-// function here instead and keep the forward passes below.
+// model sized from the config). The harness goes through ckpt_load (which validates) and cmd_cpu_model, as
+// the commands do, so it fails on any checkpoint that passes validation but does not fit its model.
 #include "fuzz_util.h"
 
 #include "mlm/checkpoint.h"
+#include "mlm/commands.h"
 #include "mlm/cpu.h"
 #include "mlm/mask.h"
 #include "mlm/train.h"
@@ -35,15 +32,14 @@ static int small_enough(const ModelConfig *mc, int B) {
 }
 
 static void run_model(const Checkpoint *ck, int B, int with_labels) {
-    // ---- MERGE-BEGIN: today's load path of fill_run (B = 8 windows) and evaluate (B = train.batch_size).
+    // The load path of fill and eval: ckpt_load (below) validated the checkpoint, so its config must pass the
+    // model check and cmd_cpu_model must find exactly ck->n_params parameters (it exits otherwise).
     ModelConfig mc = train_model_config(&ck->cfg, &ck->vocab);
     char err[512];
-    if (model_config_check(&mc, err, sizeof(err)) != 0) return;  // cpu_model_create: mlm_fatal, exit 2
-    if (B < 1) return;                                            // cpu_model_create: mlm_fatal, exit 2
+    if (model_config_check(&mc, err, sizeof(err)) != 0) fuzz_fail("ckpt_load accepted a bad model config: %s", err);
+    if (B < 1) fuzz_fail("ckpt_load accepted batch_size %d", B);
     if (!small_enough(&mc, B)) return;
-    CpuModel *model = cpu_model_create(&mc, B);
-    memcpy(model->params, ck->params, ck->n_params * sizeof(float));
-    // ---- MERGE-END
+    CpuModel *model = cmd_cpu_model(ck, B);
     int T = mc.max_seq;
     int *inputs = malloc((size_t)B * T * sizeof(int)), *labels = malloc((size_t)B * T * sizeof(int));
     if (!inputs || !labels) abort();

@@ -21,7 +21,7 @@ typedef struct {
     int *ids;           // token ids of the evaluated text
     size_t n;
     char source[1100];  // the file they came from
-    int whole_file;     // 1: all of --data; 0: the validation split of the run's corpus
+    int whole_file;     // 1: all of the text; 0: its validation split
 } EvalText;
 
 typedef struct {
@@ -29,9 +29,10 @@ typedef struct {
     long targets, sequences;
 } EvalResult;
 
-// --data: any UTF-8 text, encoded with the checkpoint's vocabulary; unknown characters are dropped (as the
-// reference drops them) with a warning so that a mostly foreign text does not pass unnoticed.
-static void load_whole_text(const char *path, const Vocab *v, EvalText *t) {
+// PATH (any UTF-8 text), whole or its validation part (the last 1 - data.train_split of its characters, cut
+// as training cuts the run's corpus), encoded with the checkpoint's vocabulary. Unknown characters are dropped
+// (as the reference drops them) with a warning so that a mostly foreign text does not pass unnoticed.
+static void load_text(const char *path, int valid_only, const Checkpoint *ck, EvalText *t) {
     size_t len;
     char *text = mlm_read_file(path, &len);
     if (!text) mlm_fatal(MLM_EXIT_USAGE, "--data %s: %s", path, strerror(errno));
@@ -39,18 +40,20 @@ static void load_whole_text(const char *path, const Vocab *v, EvalText *t) {
     char err[256];
     long n = utf8_decode(text, len, &cps, err, sizeof(err));
     free(text);
-    if (n < 0) mlm_fatal(MLM_EXIT_USAGE, "--data %s: %s", path, err);
-    t->ids = mlm_malloc(((size_t)n + 1) * sizeof(int), "evaluation tokens");
-    t->n = vocab_encode(v, cps, (size_t)n, t->ids);
+    if (n < 0) mlm_fatal(MLM_EXIT_USAGE, "--data %s: %s; give a UTF-8 text file", path, err);
+    size_t first = valid_only ? (size_t)(ck->cfg.train_split * (double)n) : 0;  // floor, as in corpus_load
+    size_t count = (size_t)n - first;
+    t->ids = mlm_malloc((count + 1) * sizeof(int), "evaluation tokens");
+    t->n = vocab_encode(&ck->vocab, cps + first, count, t->ids);
     free(cps);
-    size_t dropped = (size_t)n - t->n;
+    size_t dropped = count - t->n;
     if (dropped)
-        mlm_warn("%zu of %ld characters of %s are not in the checkpoint's vocabulary and were dropped", dropped, n,
-                 path);
+        mlm_warn("%zu of %zu characters of %s%s are not in the checkpoint's vocabulary and were dropped", dropped,
+                 count, valid_only ? "the validation split of " : "", path);
     if (t->n == 0)
         mlm_fatal(MLM_EXIT_USAGE, "--data %s has no characters of the checkpoint's vocabulary to evaluate on", path);
     snprintf(t->source, sizeof(t->source), "%s", path);
-    t->whole_file = 1;
+    t->whole_file = !valid_only;
 }
 
 // The run's corpus: data.path if it can be read, else the usual lookup (data/, $MLM_DATA_MIRROR, download)
@@ -72,21 +75,6 @@ static void locate_run_corpus(const Checkpoint *ck, char *path, size_t len) {
                   "PATH instead", path, md5, ck->corpus_md5);
 }
 
-static void load_valid_split(const Checkpoint *ck, EvalText *t) {
-    char path[1024];
-    locate_run_corpus(ck, path, sizeof(path));
-    Corpus corpus;
-    corpus_load(&corpus, path, ck->cfg.train_split, ck->cfg.seq_len);
-    if (memcmp(&corpus.vocab, &ck->vocab, sizeof(Vocab)) != 0)
-        mlm_fatal(MLM_EXIT_USAGE, "the vocabulary of %s differs from the checkpoint's", path);
-    t->n = corpus.n_valid;
-    t->ids = mlm_malloc(t->n * sizeof(int), "validation tokens");
-    memcpy(t->ids, corpus.valid, t->n * sizeof(int));
-    corpus_free(&corpus);
-    snprintf(t->source, sizeof(t->source), "%s", path);
-    t->whole_file = 0;
-}
-
 // Sequences first..first+b-1 of the text into tokens[b, T], padding past the end with PAD.
 static void gather_sequences(const EvalText *t, size_t first, int b, int T, int pad_id, int *tokens) {
     for (int j = 0; j < b; j++)
@@ -98,11 +86,9 @@ static void gather_sequences(const EvalText *t, size_t first, int b, int T, int 
 
 static EvalResult evaluate(const Checkpoint *ck, const EvalText *t, uint64_t seed) {
     const Config *c = &ck->cfg;
-    ModelConfig mc = train_model_config(c, &ck->vocab);
     MaskConfig mask = train_mask_config(c, &ck->vocab);
     int T = c->seq_len, B = c->batch_size, pad = ck->vocab.pad_id;
-    CpuModel *model = cpu_model_create(&mc, B);
-    memcpy(model->params, ck->params, ck->n_params * sizeof(float));
+    CpuModel *model = cmd_cpu_model(ck, B);
     Rng rng;
     rng_init(&rng, seed, RNG_DOMAIN_EVAL);
     size_t bt = (size_t)B * T;
@@ -171,8 +157,16 @@ int eval_run(const EvalOptions *o) {
     cmd_set_threads(&ck.cfg);
     EvalText t;
     memset(&t, 0, sizeof(t));
-    if (o->data) load_whole_text(o->data, &ck.vocab, &t);
-    else load_valid_split(&ck, &t);
+    // The run's own corpus (md5-checked) unless --data names a text; --data needs an explicit --split, since
+    // evaluating the whole of a text and its validation part are different questions.
+    if (o->data && o->split == EVAL_SPLIT_UNSET)
+        mlm_fatal(MLM_EXIT_USAGE, "--data %s: say which part to evaluate: --split valid (its last %.0f%%, cut as the "
+                  "run's validation split is cut) or --split all (the whole text)", o->data,
+                  100.0 * (1.0 - ck.cfg.train_split));
+    char path[1100];
+    if (o->data) snprintf(path, sizeof(path), "%s", o->data);
+    else locate_run_corpus(&ck, path, sizeof(path));
+    load_text(path, o->split != EVAL_SPLIT_ALL, &ck, &t);
     uint64_t seed = o->has_seed ? o->seed : ck.cfg.seed;
     EvalResult r = evaluate(&ck, &t, seed);
     if (o->json) print_json(file, &ck, &t, seed, &r);

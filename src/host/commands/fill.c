@@ -47,7 +47,7 @@ static size_t encode_line(const Filler *f, const char *line, int **ids_out) {
     uint32_t *cps;
     char err[256];
     long n = utf8_decode(line, strlen(line), &cps, err, sizeof(err));
-    if (n < 0) mlm_fatal(MLM_EXIT_USAGE, "input line %ld: %s", f->line_no, err);
+    if (n < 0) mlm_fatal(MLM_EXIT_USAGE, "input line %ld: %s; give UTF-8 text", f->line_no, err);
     static const uint32_t mask_word[6] = {'[', 'M', 'A', 'S', 'K', ']'};
     int *ids = mlm_malloc(((size_t)n + 1) * sizeof(int), "input tokens");
     size_t k = 0;
@@ -244,8 +244,7 @@ int fill_run(const FillOptions *o) {
     ModelConfig mc = train_model_config(&ck.cfg, &ck.vocab);
     Filler f = {.opt = o, .vocab = &ck.vocab, .T = mc.max_seq, .V = mc.vocab, .color = use_color()};
     f.k = MLM_MIN(o->top_k, f.V);
-    f.model = cpu_model_create(&mc, FILL_MAX_WINDOWS);
-    memcpy(f.model->params, ck.params, ck.n_params * sizeof(float));
+    f.model = cmd_cpu_model(&ck, FILL_MAX_WINDOWS);
     f.inputs = mlm_malloc((size_t)FILL_MAX_WINDOWS * f.T * sizeof(int), "window tokens");
     if (!strcmp(o->text, "-")) {
         fill_stdin(&f);

@@ -44,6 +44,16 @@ void cmd_load_ckpt(const char *path, Checkpoint *ck) {
                   strstr(err, "checkpoint") ? "" : "; --ckpt takes a run directory or a checkpoint file in its checkpoints/");
 }
 
+CpuModel *cmd_cpu_model(const Checkpoint *ck, int max_B) {
+    ModelConfig mc = train_model_config(&ck->cfg, &ck->vocab);
+    CpuModel *m = cpu_model_create(&mc, max_B);
+    if (m->n_params != ck->n_params)  // ckpt_load refuses such a file; never copy past the model
+        mlm_fatal(MLM_EXIT_FAILURE, "internal error: the checkpoint holds %zu parameters, its model %zu", ck->n_params,
+                  m->n_params);
+    memcpy(m->params, ck->params, ck->n_params * sizeof(float));
+    return m;
+}
+
 void cmd_set_threads(const Config *c) {
     if (c->threads > 0) omp_set_num_threads(c->threads);
 }
@@ -77,12 +87,7 @@ int export_run(const char *ckpt, const char *out_path) {
         mlm_fatal(MLM_EXIT_USAGE, "--out %s is the checkpoint itself; choose another file name", out_path);
     Checkpoint ck;
     cmd_load_ckpt(file, &ck);
-    ModelConfig mc = train_model_config(&ck.cfg, &ck.vocab);
-    if (model_num_params(&mc) != ck.n_params) {
-        ckpt_free(&ck);
-        mlm_fatal(MLM_EXIT_USAGE, "checkpoint %s holds %zu parameters but its configuration describes %zu", file,
-                  ck.n_params, model_num_params(&mc));
-    }
+    ModelConfig mc = train_model_config(&ck.cfg, &ck.vocab);  // ckpt_load checked that the sizes agree
     char err[1024];
     int rc = weights_save(out_path, &mc, &ck.vocab, ck.params, err, sizeof(err));
     if (rc == 0)
@@ -192,6 +197,9 @@ int info_run(const char *ckpt) {
         printf("%-20s %.4f (epoch %ld)\n", "best valid accuracy", ck.st.best_valid_acc, ck.st.best_epoch + 1);
     else
         printf("%-20s none yet (no validation has run)\n", "best valid accuracy");
+    if (ck.st.last_valid_step >= 0)
+        printf("%-20s step %ld: loss %.4f, accuracy %.4f\n", "last validation", ck.st.last_valid_step,
+               ck.st.last_valid_loss, ck.st.last_valid_acc);
     printf("%-20s %s\n", "corpus md5", ck.corpus_md5);
     if (run_dir[0]) {
         char path[1300];

@@ -3,6 +3,8 @@
 #define _GNU_SOURCE  // getopt_long
 #include <errno.h>
 #include <getopt.h>
+#include <limits.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -54,13 +56,15 @@ static void usage_train(FILE *f) {
 
 static void usage_ckpt_command(FILE *f, const char *cmd) {
     if (!strcmp(cmd, "eval"))
-        fputs("usage: mlm eval --ckpt PATH [--data PATH] [--seed N] [--device DEV] [--json]\n\n"
+        fputs("usage: mlm eval --ckpt PATH [--data PATH --split valid|all] [--seed N] [--device DEV] [--json]\n\n"
               "Masked loss, accuracy and perplexity (exp(loss)) of a checkpoint, with dropout off and masks from a\n"
               "fixed seed, so two evaluations agree exactly.\n\n"
               "options:\n"
               "  -k, --ckpt PATH   checkpoint file, or a run directory (its newest checkpoint)\n"
-              "      --data PATH   evaluate on the whole of this UTF-8 text (characters outside the checkpoint's\n"
-              "                    vocabulary are dropped, with a warning); default: the validation split of the\n"
+              "      --data PATH   evaluate on this UTF-8 text instead of the run's corpus (characters outside the\n"
+              "                    checkpoint's vocabulary are dropped, with a warning); needs --split\n"
+              "      --split S     valid: the validation split (the last 1 - data.train_split of the text, cut as\n"
+              "                    training cuts it); all: the whole text. Default without --data: valid, on the\n"
               "                    run's corpus, which must be the file it trained on (same md5)\n"
               "      --seed N      masking seed (default: the run's train.seed)\n"
               "      --device DEV  auto or cpu (the GPU backend does not evaluate yet)\n"
@@ -75,7 +79,8 @@ static void usage_ckpt_command(FILE *f, const char *cmd) {
               "on a terminal unless NO_COLOR is set; a predicted newline shows as \xe2\x86\xb5).\n\n"
               "options:\n"
               "  -k, --ckpt PATH   checkpoint file, or a run directory (its newest checkpoint)\n"
-              "      --top-k K     candidates per masked position in --json output (default 5)\n"
+              "      --top-k K     candidates per masked position in --json output, 1 to 100000 (default 5;\n"
+              "                    more than the vocabulary gives every token)\n"
               "      --json        one JSON object per input line: {\"text\", \"filled\", \"positions\": [{\"index\",\n"
               "                    \"top\": [{\"char\", \"prob\"}, ...]}]} (index counts characters, [MASK] as one;\n"
               "                    probabilities are a softmax over every token, [PAD] and [MASK] included)\n"
@@ -93,6 +98,28 @@ static void usage_ckpt_command(FILE *f, const char *cmd) {
         fputs("usage: mlm report DIR [--out FILE.html]\n\n"
               "A self-contained HTML page (inline SVG) with loss, accuracy, learning-rate and throughput\n"
               "curves, the config and the latest samples of run directory DIR.\n", f);
+}
+
+// Cross-key checks of the final configuration, blamed on what made it fail: the --set overrides when the
+// configuration before them (file, checkpoint or defaults) passes, else that configuration.
+static void check_config(const Config *cfg, const Config *before_sets, const char *origin, const char **sets,
+                         int n_sets) {
+    char err[512], before[512];
+    if (config_check(cfg, err, sizeof(err)) == 0) return;
+    if (n_sets > 0 && config_check(before_sets, before, sizeof(before)) == 0) {
+        // The overrides of the keys the message names (all of them if it names none).
+        char list[1024] = "";
+        for (int pass = 0; pass < 2 && !list[0]; pass++)
+            for (int i = 0; i < n_sets; i++) {
+                char key[192];
+                snprintf(key, sizeof(key), "%.*s", (int)strcspn(sets[i], "="), sets[i]);
+                if (pass == 0 && !strstr(err, key)) continue;
+                snprintf(list + strlen(list), sizeof(list) - strlen(list), "%s--set %s", list[0] ? ", " : "", sets[i]);
+            }
+        mlm_fatal(MLM_EXIT_USAGE, "%s: %s (the configuration%s%s alone passes)", list, err,
+                  origin ? " of " : "", origin ? origin : "");
+    }
+    mlm_fatal(MLM_EXIT_USAGE, "%s: %s", origin ? origin : "the built-in configuration", err);
 }
 
 static int cmd_train(int argc, char **argv) {
@@ -146,9 +173,12 @@ static int cmd_train(int argc, char **argv) {
         mlm_fatal(MLM_EXIT_USAGE, "unexpected argument '%s' to `mlm train` (options take the form --set KEY=VALUE)",
                   argv[optind]);
     if (profile) {
-        long a, b;
-        char tail;
-        if (sscanf(profile, "%ld:%ld%c", &a, &b, &tail) != 2 || a < 0 || b < a)
+        long a = -1, b = -1;
+        char first[32];
+        const char *colon = strchr(profile, ':');
+        snprintf(first, sizeof(first), "%.*s", colon ? (int)(colon - profile) : 0, profile);
+        if (!colon || strlen(profile) > 60 || mlm_parse_long(first, 0, LONG_MAX, &a) ||
+            mlm_parse_long(colon + 1, 0, LONG_MAX, &b) || b < a)
             mlm_fatal(MLM_EXIT_USAGE, "--profile-steps %s: expected A:B with 0 <= A <= B, e.g. 100:110", profile);
         opt.profile = 1;
         opt.profile_first = a;
@@ -159,7 +189,12 @@ static int cmd_train(int argc, char **argv) {
         if (opt.config_path) mlm_fatal(MLM_EXIT_USAGE, "--resume takes the run's own configuration; drop --config");
         if (opt.init_path) mlm_fatal(MLM_EXIT_USAGE, "--resume continues from the run's checkpoint; drop --init");
         Checkpoint ck;
-        char err[1024];
+        char err[1024], latest[1200];
+        struct stat rs;
+        if (stat(resume, &rs) == 0 && S_ISDIR(rs.st_mode) && ckpt_find_latest(resume, latest, sizeof(latest)))
+            mlm_fatal(MLM_EXIT_USAGE, "cannot resume: %s holds no checkpoint yet (the run stopped before its first one, "
+                      "see train.ckpt_every and train.ckpt_minutes), so there is nothing to continue; start it afresh "
+                      "in the same directory with: mlm train --config %s/config.conf --out %s", resume, resume, resume);
         if (ckpt_load(resume, &ck, err, sizeof(err))) mlm_fatal(MLM_EXIT_USAGE, "cannot resume: %s", err);
         cfg = ck.cfg;
         ckpt_free(&ck);
@@ -177,15 +212,16 @@ static int cmd_train(int argc, char **argv) {
     } else if (opt.config_path) {
         config_load_file(&cfg, opt.config_path);
     }
+    Config before_sets = cfg;
     for (int i = 0; i < n_sets; i++) config_set(&cfg, sets[i]);
+    check_config(&cfg, &before_sets, resume ? "the run's configuration" : opt.config_path, sets, n_sets);
     free(sets);
-    config_validate(&cfg, opt.config_path ? opt.config_path : "configuration");
     return train_run(&cfg, &opt);
 }
 
 // Options of the checkpoint commands; each command accepts the subset it lists in `allowed`.
 typedef struct {
-    const char *ckpt, *out, *data, *seed, *device, *top_k;
+    const char *ckpt, *out, *data, *seed, *device, *top_k, *split;
     int json, logits;
 } CkptArgs;
 
@@ -195,7 +231,7 @@ static int parse_ckpt_args(const char *cmd, const char *allowed, int argc, char 
         {"seed", required_argument, 0, 'e'}, {"device", required_argument, 0, 'V'},
         {"top-k", required_argument, 0, 't'}, {"json", no_argument, 0, 'j'},
         {"logits", no_argument, 0, 'L'},     {"out", required_argument, 0, 'o'},
-        {"help", no_argument, 0, 'h'},       {0, 0, 0, 0}};
+        {"split", required_argument, 0, 'p'}, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     memset(a, 0, sizeof(*a));
     int c;
     while ((c = getopt_long(argc, argv, "k:o:h", opts, NULL)) != -1) {
@@ -213,6 +249,7 @@ static int parse_ckpt_args(const char *cmd, const char *allowed, int argc, char 
         case 'e': a->seed = optarg; break;
         case 'V': a->device = optarg; break;
         case 't': a->top_k = optarg; break;
+        case 'p': a->split = optarg; break;
         case 'j': a->json = 1; break;
         case 'L': a->logits = 1; break;
         }
@@ -227,16 +264,20 @@ static int parse_ckpt_args(const char *cmd, const char *allowed, int argc, char 
 
 static int cmd_eval(int argc, char **argv) {
     CkptArgs a;
-    int rc = parse_ckpt_args("eval", "kDeVj", argc, argv, &a);
+    int rc = parse_ckpt_args("eval", "kDeVjp", argc, argv, &a);
     if (rc) return rc < 0 ? 0 : rc;
     EvalOptions o = {.ckpt = a.ckpt, .data = a.data, .json = a.json, .device = DEVICE_AUTO};
     if (a.seed) {
-        char *end;
-        errno = 0;
-        o.seed = strtoull(a.seed, &end, 10);
-        if (errno || end == a.seed || *end || a.seed[0] == '-')
-            mlm_fatal(MLM_EXIT_USAGE, "--seed %s: expected a non-negative integer", a.seed);
+        if (mlm_parse_u64(a.seed, UINT64_MAX, &o.seed))
+            mlm_fatal(MLM_EXIT_USAGE, "--seed %s: expected a whole number from 0 to %llu in decimal digits", a.seed,
+                      (unsigned long long)UINT64_MAX);
         o.has_seed = 1;
+    }
+    if (a.split) {
+        if (!strcmp(a.split, "valid")) o.split = EVAL_SPLIT_VALID;
+        else if (!strcmp(a.split, "all")) o.split = EVAL_SPLIT_ALL;
+        else mlm_fatal(MLM_EXIT_USAGE, "--split %s: expected valid (the validation split) or all (the whole text)",
+                       a.split);
     }
     if (a.device) {
         if (!strcmp(a.device, "auto")) o.device = DEVICE_AUTO;
@@ -259,10 +300,10 @@ static int cmd_fill(int argc, char **argv) {
     if (a.logits && !a.json) mlm_fatal(MLM_EXIT_USAGE, "--logits goes with --json");
     FillOptions o = {.ckpt = a.ckpt, .text = argv[optind], .top_k = 5, .json = a.json, .logits = a.logits};
     if (a.top_k) {
-        char *end;
-        long k = strtol(a.top_k, &end, 10);
-        if (end == a.top_k || *end || k < 1 || k > 100000)
-            mlm_fatal(MLM_EXIT_USAGE, "--top-k %s: expected a positive integer", a.top_k);
+        long k;
+        if (mlm_parse_long(a.top_k, 1, FILL_MAX_TOP_K, &k))
+            mlm_fatal(MLM_EXIT_USAGE, "--top-k %s: expected a whole number from 1 to %d (the maximum; any value above "
+                      "the vocabulary size gives every token)", a.top_k, FILL_MAX_TOP_K);
         o.top_k = (int)k;
     }
     return fill_run(&o);

@@ -42,6 +42,10 @@ static int download(const char *url, const char *dest) {
 
 void data_locate_corpus(const char *explicit_path, char *out, size_t outlen) {
     if (explicit_path && explicit_path[0]) {
+        struct stat st;
+        if (stat(explicit_path, &st) == 0 && S_ISDIR(st.st_mode))
+            mlm_fatal(MLM_EXIT_USAGE, "the corpus %s (--data or data.path) is a directory; give the text file itself, "
+                      "e.g. %s/%s", explicit_path, explicit_path, CORPUS_FILE);
         if (!file_readable(explicit_path))
             mlm_fatal(MLM_EXIT_FAILURE, "cannot read corpus %s: %s; check the path given with --data or data.path",
                       explicit_path, strerror(errno));
@@ -104,7 +108,7 @@ long utf8_decode(const char *text, size_t len, uint32_t **out, char *err, size_t
     *out = cps;
     return (long)n;
 bad:
-    snprintf(err, errlen, "invalid UTF-8 at byte %zu; the corpus must be UTF-8 text", i);
+    snprintf(err, errlen, "invalid UTF-8 at byte %zu", i);
     free(cps);
     return -1;
 }
@@ -197,6 +201,25 @@ const char *vocab_token_text(const Vocab *v, int id, char *buf) {
     return buf;
 }
 
+// Control characters other than tab, newline and carriage return (C0, DEL and C1).
+static int is_control(uint32_t c) { return (c < 0x20 && c != '\t' && c != '\n' && c != '\r') || (c >= 0x7f && c < 0xa0); }
+
+// A text a model can learn nothing from trains without a word otherwise (200 KB of NUL bytes did): say so.
+static void warn_unlikely_text(const char *path, const Vocab *v, const uint32_t *cps, size_t n) {
+    if (v->n_chars < 2) {
+        char buf[8];
+        mlm_warn("corpus %s has a single distinct character (U+%04X '%s'); there is nothing to predict, so the model "
+                 "will learn nothing: is it the right file?", path, (unsigned)v->chars[0],
+                 is_control(v->chars[0]) ? "?" : (utf8_encode(v->chars[0], buf), buf));
+        return;
+    }
+    size_t ctrl = 0;
+    for (size_t i = 0; i < n; i++) ctrl += is_control(cps[i]);
+    if (2 * ctrl > n)
+        mlm_warn("corpus %s is %.0f%% control characters (NUL and the like); it looks like a binary file, not text: "
+                 "is it the right file?", path, 100.0 * (double)ctrl / (double)n);
+}
+
 void corpus_load(Corpus *c, const char *path, double train_split, int seq_len) {
     memset(c, 0, sizeof(*c));
     snprintf(c->path, sizeof(c->path), "%s", path);
@@ -208,9 +231,10 @@ void corpus_load(Corpus *c, const char *path, double train_split, int seq_len) {
     char err[256];
     long n = utf8_decode(text, len, &cps, err, sizeof(err));
     free(text);
-    if (n < 0) mlm_fatal(MLM_EXIT_FAILURE, "corpus %s: %s", path, err);
+    if (n < 0) mlm_fatal(MLM_EXIT_FAILURE, "corpus %s: %s; the corpus must be UTF-8 text", path, err);
     if (vocab_build(&c->vocab, cps, (size_t)n, err, sizeof(err)))
         mlm_fatal(MLM_EXIT_FAILURE, "corpus %s: %s", path, err);
+    warn_unlikely_text(path, &c->vocab, cps, (size_t)n);
     c->n_chars_total = (size_t)n;
     size_t n_train = (size_t)(train_split * (double)n);  // floor, as int(0.9 * N) in the reference
     size_t n_valid = (size_t)n - n_train;

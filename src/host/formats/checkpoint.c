@@ -3,6 +3,8 @@
 
 #include <dirent.h>
 #include <errno.h>
+#include <limits.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -10,6 +12,7 @@
 
 #include "mlm/common.h"
 #include "mlm/safetensors.h"
+#include "mlm/train.h"
 
 #define CKPT_PREFIX "ckpt-"
 #define CKPT_SUFFIX ".safetensors"
@@ -101,6 +104,37 @@ int ckpt_find_latest(const char *run_dir, char *out, size_t outlen) {
     return 0;
 }
 
+// Metadata of a version-2 checkpoint in the order md5.header covers them (every key but md5.header itself).
+static const char *const META_KEYS[] = {
+    "format", "format_version", "mlm_version", "step", "tokens", "valid_epochs", "best_valid_acc", "best_epoch",
+    "elapsed_s", "last_valid_step", "last_valid_loss", "last_valid_acc", "n_params", "corpus_md5", "vocab",
+    "config", "md5.params", "md5.adam.m", "md5.adam.v",
+};
+#define N_META_KEYS ((int)(sizeof(META_KEYS) / sizeof(META_KEYS[0])))
+static const char *const TENSOR_NAMES[3] = {"params", "adam.m", "adam.v"};
+
+// md5 of "key\0value\0" for every metadata key in META_KEYS order, then "name\0dtype\0numel\0" for every tensor:
+// the whole header except md5.header itself.
+static void header_md5(const char *const *values, const StTensor *const tensors[3], char out[33]) {
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    if (!f) mlm_fatal(MLM_EXIT_FAILURE, "out of memory checksumming a checkpoint header");
+    for (int i = 0; i < N_META_KEYS; i++) {
+        fwrite(META_KEYS[i], 1, strlen(META_KEYS[i]) + 1, f);
+        fwrite(values[i], 1, strlen(values[i]) + 1, f);
+    }
+    for (int i = 0; i < 3; i++) {
+        const StTensor *t = tensors[i];
+        fprintf(f, "%s%c%s%c", TENSOR_NAMES[i], 0, !t ? "missing" : t->dtype == ST_F32 ? "f32" : "other", 0);
+        for (int d = 0; t && d < t->ndim; d++) fprintf(f, "%lld,", (long long)t->shape[d]);
+        fputc(0, f);
+    }
+    fclose(f);
+    data_md5(buf, len, out);
+    free(buf);
+}
+
 int ckpt_save(const char *run_dir, const Checkpoint *c, int keep, char *path_out, size_t path_len, char *err,
               size_t errlen) {
     char dir[1100], path[1200];
@@ -116,7 +150,8 @@ int ckpt_save(const char *run_dir, const Checkpoint *c, int keep, char *path_out
         {.name = "adam.m", .dtype = ST_F32, .ndim = 1, .shape = {(int64_t)c->n_params}, .nbytes = bytes, .data = c->adam_m},
         {.name = "adam.v", .dtype = ST_F32, .ndim = 1, .shape = {(int64_t)c->n_params}, .nbytes = bytes, .data = c->adam_v},
     };
-    char md5s[3][33], step[32], tokens[40], valid_epochs[32], best_acc[40], best_epoch[32], elapsed[40], n_params[32], ver[16];
+    char md5s[3][33], step[32], tokens[40], valid_epochs[32], best_acc[40], best_epoch[32], elapsed[40], n_params[32],
+        ver[16], lv_step[32], lv_loss[40], lv_acc[40], hdr[33];
     for (int i = 0; i < 3; i++) data_md5(t[i].data, bytes, md5s[i]);
     snprintf(step, sizeof(step), "%ld", c->st.step);
     snprintf(tokens, sizeof(tokens), "%.0f", c->st.tokens);
@@ -124,16 +159,26 @@ int ckpt_save(const char *run_dir, const Checkpoint *c, int keep, char *path_out
     snprintf(best_acc, sizeof(best_acc), "%.17g", c->st.best_valid_acc);
     snprintf(best_epoch, sizeof(best_epoch), "%ld", c->st.best_epoch);
     snprintf(elapsed, sizeof(elapsed), "%.3f", c->st.elapsed_s);
+    snprintf(lv_step, sizeof(lv_step), "%ld", c->st.last_valid_step);
+    snprintf(lv_loss, sizeof(lv_loss), "%.17g", c->st.last_valid_loss);
+    snprintf(lv_acc, sizeof(lv_acc), "%.17g", c->st.last_valid_acc);
     snprintf(n_params, sizeof(n_params), "%zu", c->n_params);
     snprintf(ver, sizeof(ver), "%d", CKPT_FORMAT_VERSION);
     char *cfg = config_text(&c->cfg), *voc = vocab_text(&c->vocab);
-    const char *meta[] = {
-        "format", CKPT_FORMAT, "format_version", ver, "mlm_version", MLM_VERSION, "step", step, "tokens", tokens,
-        "valid_epochs", valid_epochs, "best_valid_acc", best_acc, "best_epoch", best_epoch, "elapsed_s", elapsed,
-        "n_params", n_params, "corpus_md5", c->corpus_md5, "vocab", voc, "config", cfg,
-        "md5.params", md5s[0], "md5.adam.m", md5s[1], "md5.adam.v", md5s[2],
+    const char *values[N_META_KEYS] = {
+        CKPT_FORMAT, ver, MLM_VERSION, step, tokens, valid_epochs, best_acc, best_epoch, elapsed, lv_step, lv_loss,
+        lv_acc, n_params, c->corpus_md5, voc, cfg, md5s[0], md5s[1], md5s[2],
     };
-    int rc = st_write(path, t, 3, meta, (int)(sizeof(meta) / sizeof(meta[0])) / 2, err, errlen);
+    const StTensor *const tp[3] = {&t[0], &t[1], &t[2]};
+    header_md5(values, tp, hdr);
+    const char *meta[2 * (N_META_KEYS + 1)];
+    for (int i = 0; i < N_META_KEYS; i++) {
+        meta[2 * i] = META_KEYS[i];
+        meta[2 * i + 1] = values[i];
+    }
+    meta[2 * N_META_KEYS] = "md5.header";
+    meta[2 * N_META_KEYS + 1] = hdr;
+    int rc = st_write(path, t, 3, meta, N_META_KEYS + 1, err, errlen);
     free(cfg);
     free(voc);
     if (rc) return rc;
@@ -148,46 +193,107 @@ int ckpt_save(const char *run_dir, const Checkpoint *c, int keep, char *path_out
     return 0;
 }
 
-static int meta_long(const StFile *f, const char *key, long *out, const char *path, char *err, size_t errlen) {
-    char *s = st_meta_get(f, key);
-    char *end = NULL;
-    if (s) *out = strtol(s, &end, 10);
-    int bad = !s || end == s || *end;
-    if (bad) snprintf(err, errlen, "checkpoint %s: metadata '%s' is %s", path, key, s ? "not a number" : "missing");
-    free(s);
-    return bad;
+// Metadata numbers are written by ckpt_save as plain decimal (integers) or %.17g (doubles); anything else
+// is corruption, not a format to be lenient about.
+static int meta_long(const char *s, const char *key, long min, long *out, const char *path, char *err, size_t errlen) {
+    int rc = s ? mlm_parse_long(s, min, LONG_MAX, out) : 3;
+    if (rc)
+        snprintf(err, errlen, "checkpoint %s: metadata '%s' is %s", path, key,
+                 rc == 3 ? "missing" : rc == 1 ? "not a whole number" : "out of range");
+    return rc != 0;
 }
 
-static int meta_double(const StFile *f, const char *key, double *out, const char *path, char *err, size_t errlen) {
-    char *s = st_meta_get(f, key);
+static int meta_double(const char *s, const char *key, int finite, double *out, const char *path, char *err,
+                       size_t errlen) {
     char *end = NULL;
     if (s) *out = strtod(s, &end);
-    int bad = !s || end == s || *end;
-    if (bad) snprintf(err, errlen, "checkpoint %s: metadata '%s' is %s", path, key, s ? "not a number" : "missing");
-    free(s);
+    int bad = !s || end == s || *end || (finite && !isfinite(*out));
+    if (bad) snprintf(err, errlen, "checkpoint %s: metadata '%s' is %s", path, key, s ? "not a finite number" : "missing");
     return bad;
 }
 
-static float *load_tensor(const StFile *f, const char *name, size_t n, const char *path, char *err, size_t errlen) {
+static float *load_tensor(const StFile *f, const char *name, size_t n, const char *want, const char *path, char *err,
+                          size_t errlen) {
     const StTensor *t = st_find(f, name);
-    if (!t || t->dtype != ST_F32 || t->ndim != 1 || (size_t)t->shape[0] != n) {
-        snprintf(err, errlen, "checkpoint %s: tensor '%s' is missing or not float32 [%zu]", path, name, n);
+    if (!t || t->dtype != ST_F32 || t->ndim != 1 || (uint64_t)t->shape[0] != (uint64_t)n) {
+        snprintf(err, errlen, "checkpoint %s: tensor '%s' is missing or not float32 [%zu] (n_params)", path, name, n);
         return NULL;
     }
-    char key[64], md5[33];
-    snprintf(key, sizeof(key), "md5.%s", name);
-    char *want = st_meta_get(f, key);
+    char md5[33];
     data_md5(t->data, t->nbytes, md5);
     if (!want || strcmp(want, md5) != 0) {
         snprintf(err, errlen, "checkpoint %s: tensor '%s' fails its checksum (stored %s, computed %s); the file is "
                  "corrupt: use an earlier checkpoint", path, name, want ? want : "none", md5);
-        free(want);
         return NULL;
     }
-    free(want);
     float *out = mlm_malloc(t->nbytes, name);
     memcpy(out, t->data, t->nbytes);
     return out;
+}
+
+// Bytes of the CPU model's parameters, gradients and activations for a batch of B (the layout of
+// cpu_model.c's carve_acts, rounded up), in double so that absurd configurations cannot wrap around.
+static double model_bytes(const ModelConfig *m, int B) {
+    double BT = (double)B * m->max_seq, C = m->d_model, H = m->n_heads, T = m->max_seq, F = m->d_ff, V = m->vocab;
+    double L = m->n_layers, P = (double)model_num_params(m);
+    double acts = L * BT * (9 * C + 1.25 * H * T + F + 4) + BT * (2 * V + 10 * C + 2 * F + 3) + T * C;
+    return 4 * (2 * P + acts) + 64.0 * 36 * (L + 2);
+}
+
+static int all_finite(const float *x, size_t n, int nonnegative) {
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(x[i]) || (nonnegative && x[i] < 0)) return 0;
+    return 1;
+}
+
+int ckpt_validate(const Checkpoint *c, char *err, size_t errlen) {
+    char msg[512];
+    const Vocab *v = &c->vocab;
+    if (config_check(&c->cfg, msg, sizeof(msg))) {
+        snprintf(err, errlen, "its configuration is inconsistent: %s", msg);
+        return 1;
+    }
+    int ascending = v->n_chars >= 1 && v->n_chars <= VOCAB_MAX_CHARS;
+    for (int i = 1; ascending && i < v->n_chars; i++) ascending = v->chars[i] > v->chars[i - 1];
+    if (!ascending || v->chars[v->n_chars - 1] > 0x10ffff || v->pad_id != v->n_chars || v->mask_id != v->n_chars + 1 ||
+        v->n_tokens != v->n_chars + 2) {
+        snprintf(err, errlen, "its vocabulary is malformed (%d characters)", v->n_chars);
+        return 1;
+    }
+    ModelConfig mc = train_model_config(&c->cfg, v);
+    if (model_config_check(&mc, msg, sizeof(msg))) {
+        snprintf(err, errlen, "its model is invalid: %s", msg);
+        return 1;
+    }
+    int B = MLM_MAX(c->cfg.batch_size, N_PROMPTS);
+    double bytes = model_bytes(&mc, B);
+    if (bytes > 1099511627776.0) {
+        snprintf(err, errlen, "its configuration asks for %.3g bytes of model memory at batch %d (more than 2^40); "
+                 "the file is corrupt or not usable on any machine", bytes, B);
+        return 1;
+    }
+    size_t want = model_num_params(&mc);
+    if (c->n_params != want) {
+        snprintf(err, errlen, "it holds %zu parameters but its configuration (d_model %d, %d heads, %d layers, d_ff %d, "
+                 "seq_len %d) and vocabulary (%d tokens) describe %zu; the file is corrupt or was edited",
+                 c->n_params, mc.d_model, mc.n_heads, mc.n_layers, mc.d_ff, mc.max_seq, mc.vocab, want);
+        return 1;
+    }
+    const TrainState *s = &c->st;
+    // (train.epochs may be lowered on resume, so valid_epochs and best_epoch are not bounded by it.)
+    if (s->step < 0 || !(s->tokens >= 0) || s->valid_epochs < 0 || s->best_epoch < -1 || !(s->elapsed_s >= 0) ||
+        s->last_valid_step < -1 || s->last_valid_step > s->step || !(s->best_valid_acc >= 0 && s->best_valid_acc <= 1)) {
+        snprintf(err, errlen, "its progress is out of range (step %ld, valid_epochs %ld, best_epoch %ld, "
+                 "last_valid_step %ld)", s->step, s->valid_epochs, s->best_epoch, s->last_valid_step);
+        return 1;
+    }
+    if (!all_finite(c->params, c->n_params, 0) || !all_finite(c->adam_m, c->n_params, 0) ||
+        !all_finite(c->adam_v, c->n_params, 1)) {
+        snprintf(err, errlen, "it holds non-finite parameters or Adam moments (training diverged before it was "
+                 "saved?); use an earlier checkpoint");
+        return 1;
+    }
+    return 0;
 }
 
 int ckpt_load(const char *path_in, Checkpoint *out, char *err, size_t errlen) {
@@ -206,30 +312,61 @@ int ckpt_load(const char *path_in, Checkpoint *out, char *err, size_t errlen) {
     StFile f;
     if (st_read(path, &f, err, errlen)) return 1;
     int rc = 1;
-    char *format = st_meta_get(&f, "format"), *cfg = NULL, *voc = NULL, *md5 = NULL;
+    char *values[N_META_KEYS] = {0}, *stored_hdr = st_meta_get(&f, "md5.header");
+    for (int i = 0; i < N_META_KEYS; i++) values[i] = st_meta_get(&f, META_KEYS[i]);
+    const char *format = values[0], *cfg = values[15], *voc = values[14], *md5 = values[13];
     long version = 0, n_params = 0;
     if (!format || strcmp(format, CKPT_FORMAT) != 0) {
         snprintf(err, errlen, "%s is not an mlm checkpoint (its metadata has no format = %s); for weights exported "
                  "with `mlm export`, use `mlm train --init`", path, CKPT_FORMAT);
         goto done;
     }
-    if (meta_long(&f, "format_version", &version, path, err, errlen)) goto done;
-    if (version != CKPT_FORMAT_VERSION) {
-        snprintf(err, errlen, "checkpoint %s has format version %ld; this mlm reads version %d", path, version,
+    if (meta_long(values[1], "format_version", 0, &version, path, err, errlen)) goto done;
+    if (version != CKPT_FORMAT_VERSION && version != 1) {
+        snprintf(err, errlen, "checkpoint %s has format version %ld; this mlm reads versions 1 and %d", path, version,
                  CKPT_FORMAT_VERSION);
         goto done;
     }
-    if (meta_long(&f, "step", &out->st.step, path, err, errlen) ||
-        meta_double(&f, "tokens", &out->st.tokens, path, err, errlen) ||
-        meta_long(&f, "valid_epochs", &out->st.valid_epochs, path, err, errlen) ||
-        meta_double(&f, "best_valid_acc", &out->st.best_valid_acc, path, err, errlen) ||
-        meta_long(&f, "best_epoch", &out->st.best_epoch, path, err, errlen) ||
-        meta_double(&f, "elapsed_s", &out->st.elapsed_s, path, err, errlen) ||
-        meta_long(&f, "n_params", &n_params, path, err, errlen))
+    if (version >= 2) {
+        for (int i = 0; i < N_META_KEYS; i++)
+            if (!values[i]) {
+                snprintf(err, errlen, "checkpoint %s: metadata '%s' is missing; the file is corrupt", path, META_KEYS[i]);
+                goto done;
+            }
+        char hdr[33];
+        const StTensor *const tp[3] = {st_find(&f, "params"), st_find(&f, "adam.m"), st_find(&f, "adam.v")};
+        header_md5((const char *const *)values, tp, hdr);
+        if (!stored_hdr || strcmp(stored_hdr, hdr) != 0) {
+            snprintf(err, errlen, "checkpoint %s: its header (step, configuration, vocabulary, ...) fails its checksum "
+                     "(stored %s, computed %s); the file is corrupt or was edited: use an earlier checkpoint", path,
+                     stored_hdr ? stored_hdr : "none", hdr);
+            goto done;
+        }
+    } else {
+        mlm_warn("checkpoint %s has format version 1, whose metadata (step, configuration, ...) no checksum covers; "
+                 "it is accepted after the checks of its parts, and the next checkpoint of the run is version %d", path,
+                 CKPT_FORMAT_VERSION);
+    }
+    if (f.n != 3) {
+        snprintf(err, errlen, "checkpoint %s holds %d tensors; a checkpoint holds exactly params, adam.m and adam.v",
+                 path, f.n);
         goto done;
-    cfg = st_meta_get(&f, "config");
-    voc = st_meta_get(&f, "vocab");
-    md5 = st_meta_get(&f, "corpus_md5");
+    }
+    out->st.last_valid_step = -1;
+    out->st.last_valid_loss = out->st.last_valid_acc = NAN;
+    if (meta_long(values[3], "step", 0, &out->st.step, path, err, errlen) ||
+        meta_double(values[4], "tokens", 1, &out->st.tokens, path, err, errlen) ||
+        meta_long(values[5], "valid_epochs", 0, &out->st.valid_epochs, path, err, errlen) ||
+        meta_double(values[6], "best_valid_acc", 1, &out->st.best_valid_acc, path, err, errlen) ||
+        meta_long(values[7], "best_epoch", -1, &out->st.best_epoch, path, err, errlen) ||
+        meta_double(values[8], "elapsed_s", 1, &out->st.elapsed_s, path, err, errlen) ||
+        meta_long(values[12], "n_params", 1, &n_params, path, err, errlen))
+        goto done;
+    if (version >= 2 &&
+        (meta_long(values[9], "last_valid_step", -1, &out->st.last_valid_step, path, err, errlen) ||
+         meta_double(values[10], "last_valid_loss", 0, &out->st.last_valid_loss, path, err, errlen) ||
+         meta_double(values[11], "last_valid_acc", 0, &out->st.last_valid_acc, path, err, errlen)))
+        goto done;
     if (!cfg || !voc || !md5 || strlen(md5) != 32) {
         snprintf(err, errlen, "checkpoint %s: metadata lacks its config, vocabulary or corpus checksum", path);
         goto done;
@@ -246,16 +383,27 @@ int ckpt_load(const char *path_in, Checkpoint *out, char *err, size_t errlen) {
     }
     snprintf(out->corpus_md5, sizeof(out->corpus_md5), "%s", md5);
     out->n_params = (size_t)n_params;
-    if (!(out->params = load_tensor(&f, "params", out->n_params, path, err, errlen)) ||
-        !(out->adam_m = load_tensor(&f, "adam.m", out->n_params, path, err, errlen)) ||
-        !(out->adam_v = load_tensor(&f, "adam.v", out->n_params, path, err, errlen)))
+    // Sizes first (a tensor the metadata does not describe is never copied), then the tensors, then the rest.
+    char want_md5[3][33];
+    for (int i = 0; i < 3; i++) {
+        char key[32];
+        snprintf(key, sizeof(key), "md5.%s", TENSOR_NAMES[i]);
+        char *m = st_meta_get(&f, key);
+        snprintf(want_md5[i], sizeof(want_md5[i]), "%s", m ? m : "");
+        free(m);
+    }
+    if (!(out->params = load_tensor(&f, "params", out->n_params, want_md5[0], path, err, errlen)) ||
+        !(out->adam_m = load_tensor(&f, "adam.m", out->n_params, want_md5[1], path, err, errlen)) ||
+        !(out->adam_v = load_tensor(&f, "adam.v", out->n_params, want_md5[2], path, err, errlen)))
         goto done;
+    if (ckpt_validate(out, msg, sizeof(msg))) {
+        snprintf(err, errlen, "checkpoint %s is refused: %s", path, msg);
+        goto done;
+    }
     rc = 0;
 done:
-    free(format);
-    free(cfg);
-    free(voc);
-    free(md5);
+    for (int i = 0; i < N_META_KEYS; i++) free(values[i]);
+    free(stored_hdr);
     st_free(&f);
     if (rc) ckpt_free(out);
     return rc;

@@ -47,7 +47,9 @@ static const KeyDesc KEYS[] = {
     {"train.eval_dropout", K_BOOL, OFF(eval_dropout), 0, 1, NULL, "keep dropout on in validation and samples (the reference does)"},
     {"train.log_every", K_INT, OFF(log_every), 1, 1 << 30, NULL, "progress and metrics every N steps"},
     {"train.ckpt_every", K_INT, OFF(ckpt_every), 0, 1 << 30, NULL, "checkpoint every N steps (0: only at the end)"},
+    {"train.ckpt_minutes", K_DOUBLE, OFF(ckpt_minutes), 0, 1e6, NULL, "also checkpoint after this many minutes of wall time since the last one, so a kill loses at most that much (0: off)"},
     {"train.keep_ckpts", K_INT, OFF(keep_ckpts), 1, 1 << 20, NULL, "checkpoints kept"},
+    {"train.init_check_vocab", K_BOOL, OFF(init_check_vocab), 0, 1, NULL, "with --init, refuse weights exported for another vocabulary (false: load them anyway, e.g. to fine-tune on a text with as many characters)"},
     {"train.threads", K_INT, OFF(threads), 0, 4096, NULL, "CPU threads (0: OpenMP default)"},
     {"train.tf32", K_BOOL, OFF(tf32), 0, 1, NULL, "allow TF32 tensor-core matmuls on the GPU"},
     {"train.samples", K_BOOL, OFF(samples), 0, 1, NULL, "print the sample predictions every epoch"},
@@ -86,7 +88,9 @@ void config_defaults(Config *c) {
     c->device = DEVICE_AUTO;
     c->log_every = 50;
     c->ckpt_every = 5000;
+    c->ckpt_minutes = 30;
     c->keep_ckpts = 3;
+    c->init_check_vocab = 1;
     c->tf32 = 1;
     c->samples = 1;
     c->optim_kind = OPTIM_NOAM_ADAM;
@@ -169,10 +173,6 @@ static int parse_number(const KeyDesc *k, const char *value, double *out, char *
         snprintf(err, errlen, "%s = '%s' is not a number", k->name, value);
         return 1;
     }
-    if (k->type != K_DOUBLE && v != floor(v)) {
-        snprintf(err, errlen, "%s = '%s' must be a whole number", k->name, value);
-        return 1;
-    }
     if (v < k->min || v > k->max) {
         snprintf(err, errlen, "%s = %s is out of range [%g, %g]", k->name, value, k->min, k->max);
         return 1;
@@ -181,29 +181,45 @@ static int parse_number(const KeyDesc *k, const char *value, double *out, char *
     return 0;
 }
 
+// Integer keys: plain decimal digits in the key's range, nothing else (0x20, 1e3, 3.0, +5 and -1 for an
+// unsigned seed are refused rather than reinterpreted).
+static int parse_integer(const KeyDesc *k, const char *value, long *out, char *err, size_t errlen) {
+    int rc = mlm_parse_long(value, (long)k->min, (long)k->max, out);
+    if (rc == 1)
+        snprintf(err, errlen, "%s = '%s' must be a whole number written in decimal digits (e.g. %ld)", k->name, value,
+                 (long)k->min > 0 ? (long)k->min : 1L);
+    else if (rc == 2)
+        snprintf(err, errlen, "%s = %s is out of range [%ld, %ld]", k->name, value, (long)k->min, (long)k->max);
+    return rc != 0;
+}
+
 int config_set_value(Config *c, const char *key, const char *value, char *err, size_t errlen) {
     const KeyDesc *k = find_key(key);
     if (!k) { unknown_key_message(key, err, errlen); return 1; }
     char *field = (char *)c + k->offset;
     double num = 0;
     switch (k->type) {
-    case K_INT:
-        if (parse_number(k, value, &num, err, errlen)) return 1;
-        *(int *)field = (int)num;
+    case K_INT: {
+        long v;
+        if (parse_integer(k, value, &v, err, errlen)) return 1;
+        *(int *)field = (int)v;
         return 0;
-    case K_LONG:
-        if (parse_number(k, value, &num, err, errlen)) return 1;
-        *(long *)field = (long)num;
+    }
+    case K_LONG: {
+        long v;
+        if (parse_integer(k, value, &v, err, errlen)) return 1;
+        *(long *)field = v;
         return 0;
+    }
     case K_U64: {
-        char *end;
-        errno = 0;
-        unsigned long long v = strtoull(value, &end, 10);
-        if (end == value || *end || errno == ERANGE || value[0] == '-') {
-            snprintf(err, errlen, "%s = '%s' must be a non-negative whole number", k->name, value);
+        uint64_t v;
+        int rc = mlm_parse_u64(value, UINT64_MAX, &v);
+        if (rc) {
+            snprintf(err, errlen, "%s = '%s' must be a whole number in [0, %llu] written in decimal digits", k->name,
+                     value, (unsigned long long)UINT64_MAX);
             return 1;
         }
-        *(uint64_t *)field = (uint64_t)v;
+        *(uint64_t *)field = v;
         return 0;
     }
     case K_DOUBLE:

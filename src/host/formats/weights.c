@@ -1,6 +1,8 @@
 // weights.c: import and export of model weights as safetensors with PyTorch state_dict names.
 #include "mlm/weights.h"
 
+#include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -58,45 +60,165 @@ int weights_save(const char *path, const ModelConfig *mc, const Vocab *v, const 
     size_t k = 0;
     for (int i = 0; i < v->n_chars; i++) k += (size_t)utf8_encode(v->chars[i], chars + k);
     chars[k] = '\0';
+    // The code points too: exact even for a NUL character, which ends the UTF-8 string above.
+    size_t cap = (size_t)v->n_chars * 12 + 1, kc = 0;
+    char *codes = mlm_malloc(cap, "vocabulary code points");
+    codes[0] = '\0';
+    for (int i = 0; i < v->n_chars; i++) kc += (size_t)snprintf(codes + kc, cap - kc, i ? ",%u" : "%u", v->chars[i]);
     const char *meta[] = {"format", "pt", "producer", "mlm " MLM_VERSION, "d_model", d[0], "n_heads", d[1],
-                          "n_layers", d[2], "d_ff", d[3], "seq_len", d[4], "vocab", chars};
+                          "n_layers", d[2], "d_ff", d[3], "seq_len", d[4], "vocab", chars, "vocab_codepoints", codes};
     int rc = st_write(path, t, n + 1, meta, (int)(sizeof(meta) / sizeof(meta[0]) / 2), err, errlen);
     free(pe);
     free(chars);
+    free(codes);
     free(t);
     free(tab);
     return rc;
 }
 
-static void shape_text(int ndim, long long d0, long long d1, char *out, size_t n) {
-    if (ndim == 2) snprintf(out, n, "[%lld, %lld]", d0, d1);
-    else snprintf(out, n, "[%lld]", d0);
+static void shape_text(int ndim, const int64_t *shape, char *out, size_t n) {
+    size_t k = (size_t)snprintf(out, n, "[");
+    for (int d = 0; d < ndim && k < n; d++) k += (size_t)snprintf(out + k, n - k, d ? ", %lld" : "%lld", (long long)shape[d]);
+    if (k < n) snprintf(out + k, n - k, "]");
 }
 
-// Tensors beyond the parameter table, among them MODEL_PE_BUFFER_NAME (which mlm recomputes), are not read.
-int weights_load(const char *path, const ModelConfig *mc, float *params, char *err, size_t errlen) {
+// Buffers a PyTorch state_dict may hold besides parameters (labml_nn registers the positional encodings as a
+// persistent buffer); mlm computes them itself, so they are accepted and not loaded.
+static int is_known_buffer(const char *name) { return !strcmp(name, MODEL_PE_BUFFER_NAME); }
+
+// Append one mismatch line to err (keeping the text NUL-terminated when it fills up).
+static void add_problem(char *err, size_t errlen, int *count, const char *fmt, ...) MLM_PRINTF(4, 5);
+static void add_problem(char *err, size_t errlen, int *count, const char *fmt, ...) {
+    size_t k = strlen(err);
+    if (++*count > 12 || k + 8 >= errlen) return;  // the count is reported in full below
+    k += (size_t)snprintf(err + k, errlen - k, "\n  ");
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err + k, errlen - k, fmt, ap);
+    va_end(ap);
+}
+
+// The vocabulary the file was exported for: "vocab_codepoints" (comma-separated, exact), else "vocab" (the
+// characters as UTF-8, as older exports wrote it). Returns 0 if found and well formed.
+static int stored_vocab(const StFile *f, Vocab *v) {
+    memset(v, 0, sizeof(*v));
+    char *s = st_meta_get(f, "vocab_codepoints");
+    int rc = 1;
+    if (s) {
+        rc = 0;
+        for (const char *p = s; *p && !rc;) {
+            char *end;
+            unsigned long cp = strtoul(p, &end, 10);
+            if (end == p || cp > 0x10ffff || v->n_chars >= VOCAB_MAX_CHARS) rc = 1;
+            else v->chars[v->n_chars++] = (uint32_t)cp;
+            p = *end == ',' ? end + 1 : end;
+            if (*end && *end != ',') rc = 1;
+        }
+    } else if ((s = st_meta_get(f, "vocab"))) {
+        uint32_t *cps;
+        char err[128];
+        long n = utf8_decode(s, strlen(s), &cps, err, sizeof(err));
+        if (n >= 0 && n <= VOCAB_MAX_CHARS) {
+            for (long i = 0; i < n; i++) v->chars[i] = cps[i];
+            v->n_chars = (int)n;
+            rc = 0;
+        }
+        if (n >= 0) free(cps);
+    }
+    free(s);
+    for (int i = 1; !rc && i < v->n_chars; i++) rc = v->chars[i] <= v->chars[i - 1];
+    if (!rc && v->n_chars == 0) rc = 1;
+    return rc;
+}
+
+static void char_text(uint32_t cp, char *buf) {
+    if (cp < 0x20 || cp == 0x7f) snprintf(buf, 16, "U+%04X", (unsigned)cp);
+    else { buf[0] = '\''; int n = utf8_encode(cp, buf + 1); buf[n + 1] = '\''; buf[n + 2] = '\0'; }
+}
+
+// Characters of `a` that `b` lacks, as text (at most a dozen, then a count).
+static void vocab_minus(const Vocab *a, const Vocab *b, char *out, size_t n) {
+    size_t k = 0;
+    int shown = 0, total = 0;
+    out[0] = '\0';
+    for (int i = 0; i < a->n_chars; i++) {
+        if (vocab_id(b, a->chars[i]) >= 0) continue;
+        if (++total > 12 || k + 20 >= n) continue;
+        char c[16];
+        char_text(a->chars[i], c);
+        k += (size_t)snprintf(out + k, n - k, "%s%s", shown++ ? " " : "", c);
+    }
+    if (total > shown && k + 20 < n) snprintf(out + k, n - k, " and %d more", total - shown);
+    if (total == 0) snprintf(out, n, "none");
+}
+
+static int vocab_mismatch(const StFile *f, const char *path, const Vocab *want, char *err, size_t errlen) {
+    Vocab have;
+    if (stored_vocab(f, &have)) {
+        mlm_warn("%s records no vocabulary (not written by `mlm export`?), so it cannot be checked against this "
+                 "corpus; make sure the embedding rows mean the same characters", path);
+        return 0;
+    }
+    if (have.n_chars == want->n_chars && !memcmp(have.chars, want->chars, (size_t)have.n_chars * sizeof(uint32_t)))
+        return 0;
+    char extra[256], missing[256];
+    vocab_minus(&have, want, extra, sizeof(extra));
+    vocab_minus(want, &have, missing, sizeof(missing));
+    snprintf(err, errlen, "%s was exported for a vocabulary of %d characters, but this corpus has %d: only in the "
+             "weights: %s; only in the corpus: %s. Its embedding rows would mean other characters; train on the corpus "
+             "the weights came from, or --set train.init_check_vocab=false to load them anyway", path, have.n_chars,
+             want->n_chars, extra, missing);
+    return 1;
+}
+
+int weights_load(const char *path, const ModelConfig *mc, const Vocab *check_vocab, float *params, char *err,
+                 size_t errlen) {
     StFile f;
     if (st_read(path, &f, err, errlen)) return 1;
-    int n, rc = 0;
+    int n, problems = 0;
     ParamEntry *tab = param_table(mc, &n);
-    for (int i = 0; i < n && !rc; i++) {
+    snprintf(err, errlen, "%s does not hold this model's tensors (model.* keys: d_model %d, %d heads, %d layers, "
+             "d_ff %d; vocabulary %d tokens):", path, mc->d_model, mc->n_heads, mc->n_layers, mc->d_ff, mc->vocab);
+    for (int i = 0; i < n; i++) {
         const StTensor *t = st_find(&f, tab[i].name);
+        int64_t need_shape[2] = {tab[i].shape[0], tab[i].shape[1]};
+        char have[96], need[96];
+        shape_text(tab[i].ndim, need_shape, need, sizeof(need));
         if (!t) {
-            snprintf(err, errlen, "%s has no tensor '%s'; it was not written for this model (check model.* keys)",
-                     path, tab[i].name);
-            rc = 1;
+            add_problem(err, errlen, &problems, "missing: %s %s", tab[i].name, need);
         } else if (t->dtype != ST_F32 || t->ndim != tab[i].ndim || t->shape[0] != tab[i].shape[0] ||
                    (tab[i].ndim == 2 && t->shape[1] != tab[i].shape[1])) {
-            char have[64], need[64];
-            shape_text(t->ndim, t->shape[0], t->ndim > 1 ? t->shape[1] : 0, have, sizeof(have));
-            shape_text(tab[i].ndim, tab[i].shape[0], tab[i].shape[1], need, sizeof(need));
-            snprintf(err, errlen, "%s: tensor '%s' is %s %s but this model needs float32 %s", path, tab[i].name,
-                     t->dtype == ST_F32 ? "float32" : "not float32,", have, need);
-            rc = 1;
-        } else {
-            memcpy(params + tab[i].offset, t->data, t->nbytes);
+            shape_text(t->ndim, t->shape, have, sizeof(have));
+            add_problem(err, errlen, &problems, "%s is %s %s, this model needs float32 %s", tab[i].name,
+                        t->dtype == ST_F32 ? "float32" : "not float32:", have, need);
         }
     }
+    for (int i = 0; i < f.n; i++) {
+        int known = is_known_buffer(f.tensors[i].name);
+        for (int k = 0; k < n && !known; k++) known = !strcmp(f.tensors[i].name, tab[k].name);
+        if (!known) {
+            char have[96];
+            shape_text(f.tensors[i].ndim, f.tensors[i].shape, have, sizeof(have));
+            add_problem(err, errlen, &problems, "not in this model: %s %s", f.tensors[i].name, have);
+        }
+    }
+    if (problems > 12) {
+        size_t k = strlen(err);
+        snprintf(err + k, errlen - k, "\n  ... %d mismatches in all", problems);
+    }
+    int rc = problems > 0;
+    if (!rc && check_vocab) rc = vocab_mismatch(&f, path, check_vocab, err, errlen);
+    for (int i = 0; i < n && !rc; i++) {
+        const StTensor *t = st_find(&f, tab[i].name);
+        const float *x = t->data;
+        for (size_t j = 0; j < entry_numel(&tab[i]) && !rc; j++)
+            if (!isfinite(x[j])) {
+                snprintf(err, errlen, "%s: tensor '%s' holds a non-finite value (%g at index %zu); these weights are "
+                         "not usable", path, tab[i].name, (double)x[j], j);
+                rc = 1;
+            }
+    }
+    for (int i = 0; i < n && !rc; i++) memcpy(params + tab[i].offset, st_find(&f, tab[i].name)->data, entry_numel(&tab[i]) * sizeof(float));
     free(tab);
     st_free(&f);
     return rc;

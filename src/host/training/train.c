@@ -21,6 +21,7 @@
 #include "mlm/json.h"
 #include "mlm/optim.h"
 #include "mlm/rng.h"
+#include "mlm/run_lock.h"
 
 const char *const SAMPLE_PROMPTS[N_PROMPTS] = {
     "We are accounted poor citizens, the patricians good.",
@@ -107,10 +108,16 @@ typedef struct {
     char corpus_md5[33];
     long total_steps;
     char run_dir[1024];
+    RunLock lock;          // one process per run directory
     FILE *metrics;
     int color;             // ANSI colours on stdout
     int tty;               // progress line rewritten in place
-    double t_start;
+    double t_start;        // when elapsed_s was last brought up to date
+    double t_last_ckpt;    // wall clock of the last checkpoint (train.ckpt_minutes)
+    double t_progress;     // wall clock of the last progress line
+    long first_step;       // step at which this process started training
+    double t_first_step;   // wall clock after this process's first step (the estimate leaves out its warm-up)
+    int estimate_shown;
 } Run;
 
 static int use_color(void) {
@@ -124,19 +131,23 @@ static void make_dir(const char *path) {
 }
 
 // On resume, metrics logged after the checkpoint (the run went on before it died) are dropped so that the
-// resumed run's lines follow the checkpoint without duplicates; so are lines that do not parse.
-static int metrics_line_before(const char *line, long step, long valid_epochs) {
+// resumed run's lines follow the checkpoint without duplicates; so are lines that do not parse. A valid line
+// stays when the checkpoint records its validation as done: at or before last_valid_step, or (version-1
+// checkpoints, which lack it) in a completed epoch.
+static int metrics_line_before(const char *line, const TrainState *st) {
     JsonObject o;
     char err[128];
     if (json_parse_object(line, strlen(line), &o, err, sizeof(err))) return 0;
     const char *kind = json_str(&o, "kind");
-    int keep = kind && !strcmp(kind, "valid") ? json_num(&o, "epoch", 1e300) < (double)valid_epochs
-                                              : json_num(&o, "step", 1e300) <= (double)step;
+    double step = json_num(&o, "step", 1e300), epoch = json_num(&o, "epoch", 1e300);
+    int keep = kind && !strcmp(kind, "valid")
+                   ? step <= (double)st->last_valid_step || (epoch < (double)st->valid_epochs && step <= (double)st->step)
+                   : step <= (double)st->step;
     json_free(&o);
     return keep;
 }
 
-static void trim_metrics(const char *path, long step, long valid_epochs) {
+static void trim_metrics(const char *path, const TrainState *st) {
     size_t len;
     char *text = mlm_read_file(path, &len);
     if (!text) return;
@@ -148,7 +159,7 @@ static void trim_metrics(const char *path, long step, long valid_epochs) {
         char *nl = strchr(line, '\n');
         if (!nl) break;  // a torn last line (killed mid-write) is dropped
         *nl = '\0';
-        if (metrics_line_before(line, step, valid_epochs)) fprintf(f, "%s\n", line);
+        if (metrics_line_before(line, st)) fprintf(f, "%s\n", line);
         line = nl + 1;
     }
     free(text);
@@ -156,7 +167,8 @@ static void trim_metrics(const char *path, long step, long valid_epochs) {
         mlm_fatal(MLM_EXIT_FAILURE, "cannot rewrite %s: %s", path, strerror(errno));
 }
 
-static void open_run_dir(Run *r, int resuming) {
+// RUN_DIR: --out, or runs/<config name>-<timestamp>; created if needed.
+static void choose_run_dir(Run *r) {
     if (r->opt.out_dir) {
         snprintf(r->run_dir, sizeof(r->run_dir), "%s", r->opt.out_dir);
     } else {
@@ -173,14 +185,37 @@ static void open_run_dir(Run *r, int resuming) {
         snprintf(r->run_dir, sizeof(r->run_dir), "runs/%s-%s", name, stamp);
     }
     make_dir(r->run_dir);
-    char path[1100];
+}
+
+// The lock is released (and its file deleted) at exit, error exits included; a killed process leaves the
+// file behind, and the next run takes it over.
+static RunLock *held_lock;
+static void release_lock_at_exit(void) {
+    if (held_lock) run_lock_release(held_lock);
+}
+
+static void lock_run_dir(Run *r) {
+    char err[1400];
+    if (run_lock_acquire(r->run_dir, &r->lock, err, sizeof(err))) mlm_fatal(MLM_EXIT_USAGE, "%s", err);
+    held_lock = &r->lock;
+    atexit(release_lock_at_exit);
+}
+
+// metrics.jsonl (trimmed to the checkpoint on resume) and config.conf. A fresh start is refused in a directory
+// with checkpoints (that run can be continued), and allowed in one without: a run stopped before its first
+// checkpoint has nothing to continue, and its metrics are replaced.
+static void prepare_run_files(Run *r, int resuming) {
+    char path[1100], ckpt[1200];
     snprintf(path, sizeof(path), "%s/metrics.jsonl", r->run_dir);
     struct stat st;
     if (resuming) {
-        trim_metrics(path, r->st.step, r->st.valid_epochs);
+        trim_metrics(path, &r->st);
+    } else if (ckpt_find_latest(r->run_dir, ckpt, sizeof(ckpt)) == 0) {
+        mlm_fatal(MLM_EXIT_USAGE, "%s already holds a run with checkpoints (%s); continue it with --resume %s or "
+                  "choose another --out directory", r->run_dir, ckpt, r->run_dir);
     } else if (stat(path, &st) == 0 && st.st_size > 0) {
-        mlm_fatal(MLM_EXIT_USAGE, "%s already holds a run (metrics.jsonl exists); continue it with --resume %s or "
-                  "choose another --out directory", r->run_dir, r->run_dir);
+        mlm_warn("%s holds a run that stopped before its first checkpoint; starting afresh (its metrics.jsonl is "
+                 "replaced)", r->run_dir);
     }
     r->metrics = fopen(path, resuming ? "a" : "w");
     if (!r->metrics) mlm_fatal(MLM_EXIT_FAILURE, "cannot write %s: %s", path, strerror(errno));
@@ -278,6 +313,10 @@ static void print_samples(Run *r, long epoch) {
     if (f) fprintf(f, "epoch %ld step %ld\n", epoch, r->step);
     const char *green = r->color ? "\x1b[32m" : "", *red = r->color ? "\x1b[31m" : "";
     const char *dim = r->color ? "\x1b[2m" : "", *reset = r->color ? "\x1b[0m" : "";
+    if (r->tty && !r->opt.quiet) printf("\r\x1b[2K");
+    printf("samples before epoch %ld (step %ld): %d of the reference's prompts, masked as in training; each masked "
+           "character is replaced by the model's guess%s\n", epoch + 1, r->step, n,
+           r->color ? " (green: right, red: wrong; the rest dimmed)" : " (* = [PAD] or [MASK] guessed)");
     for (int i = 0; i < n; i++) {
         for (int t = 0; t < T; t++) {
             int pos = i * T + t, V = r->mc.vocab;
@@ -409,7 +448,7 @@ static void install_signal_handlers(void) {
 static void save_checkpoint(Run *r) {
     r->st.step = r->step;
     r->st.elapsed_s += mlm_now() - r->t_start;
-    r->t_start = mlm_now();
+    r->t_start = r->t_last_ckpt = mlm_now();
     download_state(r);
     Checkpoint c = {.cfg = r->cfg, .vocab = r->corpus.vocab, .st = r->st, .n_params = r->n_params,
                     .params = r->params, .adam_m = r->adam_m, .adam_v = r->adam_v};
@@ -421,6 +460,55 @@ static void save_checkpoint(Run *r) {
     if (!r->opt.quiet) printf("checkpoint %s\n", path);
 }
 
+static void print_progress(const Run *r, long epoch, double loss, double acc, double lr, float gnorm, double tps,
+                           double eta_s) {
+    char eta[32];
+    format_duration(eta_s, eta, sizeof(eta));
+    printf("%sepoch %ld/%d step %ld/%ld loss %.4f acc %.4f lr %.3e |g| %.3f %.0f tok/s, %s left%s",
+           r->tty ? "\r\x1b[2K" : "", epoch + 1, r->cfg.epochs, r->step, r->total_steps, loss, acc, lr, gnorm, tps,
+           eta, r->tty ? "" : "\n");
+    fflush(stdout);
+}
+
+// A round number of steps near `steps` (two significant digits, at least 100).
+static long round_steps(double steps) {
+    if (!(steps > 100)) return 100;
+    double scale = pow(10.0, floor(log10(steps)) - 1);
+    return (long)(floor(steps / scale) * scale);
+}
+
+// Once the first steps are timed (a few, over two seconds, after the first one's warm-up): what the whole run
+// will take, and on a CPU, when that is long, how to run a short version that still shows learning.
+static void maybe_print_estimate(Run *r, double now) {
+    long timed = r->step - r->first_step - 1;
+    if (r->estimate_shown || r->opt.quiet || timed < 3 || (now - r->t_first_step < 2.0 && timed < 50)) return;
+    r->estimate_shown = 1;
+    double per_step = (now - r->t_first_step) / (double)timed;
+    long left = r->total_steps - r->step;
+    char whole[32], pace[32];
+    format_duration(per_step * (double)left, whole, sizeof(whole));
+    format_duration(per_step * 1000, pace, sizeof(pace));
+    printf("%sestimate: %ld steps left of %ld at %.3f s a step (%s per 1000 steps): about %s of training, plus "
+           "validation at the end of each epoch\n", r->tty ? "\r\x1b[2K" : "", left, r->total_steps, per_step, pace,
+           whole);
+    if (!r->gpu && per_step * (double)left > 3600) {
+        long short_steps = round_steps(600 / per_step);
+        printf("that is long for a CPU. For a short run that shows the model learning in about 10 minutes, stop this "
+               "one (Ctrl-C saves a checkpoint) and run the same command with --steps %ld and another --out, e.g.\n"
+               "  mlm train%s%s --steps %ld --out runs/short\nor continue this one later with: mlm train --resume %s\n",
+               short_steps, r->opt.config_path ? " --config " : "", r->opt.config_path ? r->opt.config_path : "",
+               short_steps, r->run_dir);
+    }
+    fflush(stdout);
+}
+
+// A checkpoint every train.ckpt_every steps and, so that a kill never loses much wall time, every
+// train.ckpt_minutes minutes.
+static int checkpoint_due(const Run *r, double now) {
+    if (r->cfg.ckpt_every > 0 && r->step % r->cfg.ckpt_every == 0) return 1;
+    return r->cfg.ckpt_minutes > 0 && now - r->t_last_ckpt >= 60.0 * r->cfg.ckpt_minutes;
+}
+
 // One epoch of training (from wherever the run stands in it); returns 1 when train.max_steps was reached.
 static int train_epoch(Run *r, long epoch) {
     batcher_set_epoch(&r->train_b, epoch);
@@ -429,8 +517,8 @@ static int train_epoch(Run *r, long epoch) {
     long correct_sum = 0, target_sum = 0, tokens_since = 0, steps_since = 0;
     size_t first = (size_t)(r->step - epoch * (long)r->train_b.n_batches);  // > 0 when resuming mid-epoch
     for (size_t bi = first; bi < r->train_b.n_batches; bi++) {
-        if (r->cfg.max_steps > 0 && r->step >= r->cfg.max_steps) return 1;
-        if (stop_signal) return 1;
+        // break, not return: the progress line on a terminal still needs its newline.
+        if ((r->cfg.max_steps > 0 && r->step >= r->cfg.max_steps) || stop_signal) break;
         int b = batcher_get(&r->train_b, bi, r->tokens);
         // --profile-steps A:B: the profiler captures steps A..B (step s runs when s steps are done).
         if (r->gpu && r->opt.profile && r->step == r->opt.profile_first) {
@@ -452,24 +540,25 @@ static int train_epoch(Run *r, long epoch) {
         tokens_since += (long)b * T;
         steps_since++;
         int last = bi + 1 == r->train_b.n_batches || (r->cfg.max_steps > 0 && r->step >= r->cfg.max_steps);
+        double now = mlm_now(), tps = tokens_since / (now - t_log);
+        double acc = target_sum ? (double)correct_sum / target_sum : 0;
+        double eta_s = (double)(r->total_steps - r->step) * (now - t_log) / steps_since;
+        if (r->step == r->first_step + 1) r->t_first_step = now;
         if (r->step % log_every == 0 || last) {
-            double now = mlm_now(), tps = tokens_since / (now - t_log);
-            double acc = target_sum ? (double)correct_sum / target_sum : 0;
+            // metrics.jsonl: every log_every steps, the means since the previous line.
             log_metrics(r, "train", epoch, loss_sum / steps_since, acc, lr, gnorm, tps);
-            if (!r->opt.quiet) {
-                char eta[32];
-                double steps_left = (double)(r->total_steps - r->step);
-                format_duration(steps_left * (now - t_log) / steps_since, eta, sizeof(eta));
-                printf("%sepoch %ld/%d step %ld/%ld loss %.4f acc %.4f lr %.3e |g| %.3f %.0f tok/s, %s left%s",
-                       r->tty ? "\r\x1b[2K" : "", epoch + 1, r->cfg.epochs, r->step, r->total_steps,
-                       loss_sum / steps_since, acc, lr, gnorm, tps, eta, r->tty ? "" : "\n");
-                fflush(stdout);
-            }
+            if (!r->opt.quiet) print_progress(r, epoch, loss_sum / steps_since, acc, lr, gnorm, tps, eta_s);
+            r->t_progress = now;
             loss_sum = 0;
             correct_sum = target_sum = tokens_since = steps_since = 0;
             t_log = now;
+        } else if (!r->opt.quiet && (r->step == r->first_step + 1 || (r->tty && now - r->t_progress >= 2.0))) {
+            // The terminal hears from the run from its first step on and every two seconds, between metrics lines.
+            print_progress(r, epoch, loss_sum / steps_since, acc, lr, gnorm, tps, eta_s);
+            r->t_progress = now;
         }
-        if (r->cfg.ckpt_every > 0 && r->step % r->cfg.ckpt_every == 0) save_checkpoint(r);
+        maybe_print_estimate(r, now);
+        if (checkpoint_due(r, now)) save_checkpoint(r);
     }
     if (r->tty && !r->opt.quiet) putchar('\n');
     return r->cfg.max_steps > 0 && r->step >= r->cfg.max_steps;
@@ -495,6 +584,23 @@ static void valid_epoch(Run *r, long epoch, double *loss_out, double *acc_out) {
     *loss_out = target_sum ? loss_sum / target_sum : 0;
     *acc_out = target_sum ? (double)correct_sum / target_sum : 0;
     log_metrics(r, "valid", epoch, *loss_out, *acc_out, -1, 0, 0);
+}
+
+// Validate at the current step and record it: an epoch counts as validated only once its training is
+// complete (a max_steps stop mid-epoch validates for the report, and a resume finishes the epoch and validates
+// again); last_valid_* make the result survive a checkpoint, so a resumed run neither loses nor repeats it.
+static void validate(Run *r, long epoch) {
+    double vloss = NAN, vacc = NAN;
+    valid_epoch(r, epoch, &vloss, &vacc);
+    if (stop_signal) return;
+    if (r->step == (epoch + 1) * (long)r->train_b.n_batches) r->st.valid_epochs = epoch + 1;
+    if (vacc > r->st.best_valid_acc) { r->st.best_valid_acc = vacc; r->st.best_epoch = epoch; }
+    r->st.last_valid_step = r->step;
+    r->st.last_valid_loss = vloss;
+    r->st.last_valid_acc = vacc;
+    if (!r->opt.quiet)
+        printf("epoch %ld: valid loss %.4f acc %.4f (best %.4f at epoch %ld)\n", epoch + 1, vloss, vacc,
+               r->st.best_valid_acc, r->st.best_epoch + 1);
 }
 
 static void setup(Run *r, const Config *cfg, const TrainOptions *opt) {
@@ -549,6 +655,8 @@ static void setup_model(Run *r, int gpu) {
     r->adam_v = r->opt_state + P;
     r->decay_mask = mlm_calloc(P, 1, "weight-decay mask");
     r->st.best_epoch = -1;
+    r->st.last_valid_step = -1;
+    r->st.last_valid_loss = r->st.last_valid_acc = NAN;
     int n = model_param_table(&r->mc, NULL);
     ParamEntry *tab = mlm_malloc((size_t)n * sizeof(ParamEntry), "parameter table");
     model_param_table(&r->mc, tab);
@@ -559,6 +667,8 @@ static void setup_model(Run *r, int gpu) {
 
 static void teardown(Run *r) {
     if (r->metrics) fclose(r->metrics);
+    run_lock_release(&r->lock);
+    held_lock = NULL;
     if (r->profiling) cuda_profiler_stop();
     if (r->model) cpu_model_free(r->model);
     if (r->gpu) {
@@ -587,7 +697,7 @@ static int choose_gpu(const Config *cfg) {
 int train_key_resumable(const char *key) {
     static const char *const keys[] = {"train.epochs", "train.max_steps", "train.device", "train.log_every",
                                        "train.ckpt_every", "train.keep_ckpts", "train.threads", "train.samples",
-                                       "data.path"};
+                                       "data.path", "train.ckpt_minutes", "train.init_check_vocab"};
     for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
         if (!strcmp(key, keys[i])) return 1;
     return 0;
@@ -611,9 +721,20 @@ static void restore(Run *r, const Checkpoint *c) {
     r->step = c->st.step;
 }
 
+// --init: the weights of a safetensors file, refused (listing every mismatch) unless they are exactly this
+// model's tensors, and, unless train.init_check_vocab = false, exported for this vocabulary.
+static void load_init_weights(Run *r) {
+    char err[4096];
+    const Vocab *check = r->cfg.init_check_vocab ? &r->corpus.vocab : NULL;
+    if (weights_load(r->opt.init_path, &r->mc, check, r->params, err, sizeof(err)))
+        mlm_fatal(MLM_EXIT_USAGE, "--init: %s", err);
+    if (!check) mlm_warn("--init %s: vocabulary not checked (train.init_check_vocab = false)", r->opt.init_path);
+}
+
 int train_run(const Config *cfg, const TrainOptions *opt) {
     Run r;
     setup(&r, cfg, opt);
+    r.lock.fd = -1;
     if (opt->dry_run) {
         print_header(&r);
         batcher_set_epoch(&r.train_b, 0);
@@ -627,6 +748,9 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
         teardown(&r);
         return 0;
     }
+    // The run directory is locked before anything in it is read for the run or written.
+    choose_run_dir(&r);
+    lock_run_dir(&r);
     int gpu = choose_gpu(cfg);
     if (opt->profile && !gpu)
         mlm_warn("--profile-steps has no effect on the CPU backend (it brackets CUDA work for nsys and ncu)");
@@ -638,11 +762,10 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
         restore(&r, &c);
         ckpt_free(&c);
     } else if (opt->init_path) {
-        if (weights_load(opt->init_path, &r.mc, r.params, err, sizeof(err)))
-            mlm_fatal(MLM_EXIT_USAGE, "--init: %s", err);
+        load_init_weights(&r);
     }
     upload_state(&r);
-    open_run_dir(&r, opt->resume_path != NULL);
+    prepare_run_files(&r, opt->resume_path != NULL);
     print_header(&r);
     if (r.gpu) {
         char desc[256];
@@ -654,25 +777,20 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
     }
     if (opt->resume_path) printf("# resumed at step %ld\n", r.step);
     install_signal_handlers();
-    r.t_start = mlm_now();
-    double vloss = NAN, vacc = NAN;
+    r.t_start = r.t_last_ckpt = r.t_progress = mlm_now();
+    r.first_step = r.step;
     long nb = (long)r.train_b.n_batches;
     for (long epoch = r.st.valid_epochs; epoch < cfg->epochs && !stop_signal; epoch++) {
         if (cfg->max_steps > 0 && r.step >= cfg->max_steps) break;
         if (cfg->samples && r.step == epoch * nb) print_samples(&r, epoch);
         int done = train_epoch(&r, epoch);
         if (stop_signal) break;
-        valid_epoch(&r, epoch, &vloss, &vacc);
-        if (stop_signal) break;
-        // An epoch counts as validated only once its training is complete (a max_steps stop mid-epoch
-        // validates for the report, and a resume finishes the epoch and validates again).
-        if (r.step == (epoch + 1) * nb) r.st.valid_epochs = epoch + 1;
-        if (vacc > r.st.best_valid_acc) { r.st.best_valid_acc = vacc; r.st.best_epoch = epoch; }
-        if (!opt->quiet)
-            printf("epoch %ld: valid loss %.4f acc %.4f (best %.4f at epoch %ld)\n", epoch + 1, vloss, vacc,
-                   r.st.best_valid_acc, r.st.best_epoch + 1);
+        validate(&r, epoch);
         if (done) break;
     }
+    // The last step is always validated: also when it was reached before a kill, or by an earlier process that
+    // stopped during this very validation (the loop above then has nothing left to train).
+    if (!stop_signal && r.step > 0 && r.st.last_valid_step != r.step) validate(&r, (r.step - 1) / nb);
     save_checkpoint(&r);
     int rc = 0;
     if (stop_signal) {
@@ -683,7 +801,7 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
         char dur[32];
         format_duration(r.st.elapsed_s, dur, sizeof(dur));
         printf("done: %ld steps, %.0f tokens in %s; last valid loss %.4f, accuracy %.4f (best %.4f); run directory %s\n",
-               r.step, r.st.tokens, dur, vloss, vacc, r.st.best_valid_acc, r.run_dir);
+               r.step, r.st.tokens, dur, r.st.last_valid_loss, r.st.last_valid_acc, r.st.best_valid_acc, r.run_dir);
     }
     teardown(&r);
     return rc;
