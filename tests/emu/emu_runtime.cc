@@ -524,7 +524,7 @@ extern "C" void emu_syncthreads(const char *file, int line) {
         g_bar_file = file;
         g_bar_line = line;
         g_bar_first = f->linear;
-    } else if (g_bar_line != line || strcmp(g_bar_file, file) != 0) {
+    } else if (g_bar_line != line || (g_bar_file != file && strcmp(g_bar_file, file) != 0)) {
         emu_fail("threads of one block wait at different __syncthreads: %s at %s:%d, %s at %s:%d (a barrier in "
                  "divergent code)", thread_name(g_fibers[g_bar_first]).c_str(), g_bar_file, g_bar_line,
                  thread_name(f).c_str(), file, line);
@@ -602,14 +602,15 @@ extern "C" uint64_t emu_warp_op(int op, unsigned mask, uint64_t value, int arg, 
         w.width = width;
         w.file = file;
         w.line = line;
-    } else if (w.op != op || w.mask != mask || w.line != line || strcmp(w.file, file) != 0) {
+        // A lane that exits later is caught by thread_exited.
+        for (int l = 0; l < 32; l++)
+            if ((mask >> l & 1u) && g_fibers[warp * 32 + l]->state == F_DONE)
+                emu_fail("%s at %s:%d: mask 0x%08x names lane %d of warp %d, which has exited and will never arrive",
+                         op_name(op), file, line, mask, l, warp);
+    } else if (w.op != op || w.mask != mask || w.line != line || (w.file != file && strcmp(w.file, file) != 0)) {
         emu_fail("lanes of warp %d disagree: %s with mask 0x%08x at %s:%d, but lane %d calls %s with mask 0x%08x at "
                  "%s:%d", warp, op_name(w.op), w.mask, w.file, w.line, lane, op_name(op), mask, file, line);
     }
-    for (int l = 0; l < 32; l++)
-        if ((mask >> l & 1u) && g_fibers[warp * 32 + l]->state == F_DONE)
-            emu_fail("%s at %s:%d: mask 0x%08x names lane %d of warp %d, which has exited and will never arrive",
-                     op_name(op), file, line, mask, l, warp);
     w.arrived |= 1u << lane;
     w.val[lane] = value;
     w.arg[lane] = arg;
