@@ -821,6 +821,8 @@ EMU_TSAN_RW(8)
 EMU_TSAN_RW(16)
 void __tsan_read_range(void *p, unsigned long n) { count_access(p, n, false); }
 void __tsan_write_range(void *p, unsigned long n) { count_access(p, n, true); }
+// shared_ptr reference counts (host code of the launch path, never device memory).
+int __tsan_atomic32_fetch_add(volatile int *a, int v, int) { return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST); }
 void __tsan_vptr_update(void **, void *) {}
 void __tsan_vptr_read(void **) {}
 }
