@@ -165,6 +165,15 @@ static std::map<uintptr_t, size_t> g_freed;      // base -> size of freed device
 static size_t g_device_bytes = 0;
 static uintptr_t g_dev_lo = UINTPTR_MAX, g_dev_hi = 0;  // bounds of all device allocations ever made
 
+// Without ASan (which puts its own redzones around every allocation), each device allocation is followed by
+// EMU_REDZONE bytes of the NaN pattern: a kernel reading just past the end reads NaN, and a write past the end
+// is found by the check after every kernel and at cudaFree.
+#if EMU_ASAN
+enum { EMU_REDZONE = 0 };
+#else
+enum { EMU_REDZONE = 1024 };
+#endif
+
 static size_t total_device_bytes() { return (size_t)env_int("MLM_EMU_MEM_MIB", 16384) << 20; }
 
 // The live allocation holding [p, p + bytes) (bytes 0: p may be one past the end); nullptr if none.
@@ -225,6 +234,25 @@ static void fill_nan_pattern(void *p, size_t bytes) {
         memcpy(b + i, &w, 4);
     }
     for (; i < bytes; i++) b[i] = 0xff;
+}
+
+// The redzone after a device allocation still holds the NaN pattern (nothing wrote past the end).
+static void check_redzone(uintptr_t base, const Alloc &a, const char *when) {
+    if (EMU_REDZONE == 0 || a.kind != ALLOC_DEVICE) return;
+    const uint8_t *z = (const uint8_t *)(base + a.size);
+    size_t total = a.size + EMU_REDZONE;
+    for (size_t i = 0; i < (size_t)EMU_REDZONE; i++) {
+        size_t j = a.size + i;  // fill_nan_pattern's layout, counted from the start of the block
+        uint8_t want = (j < total / 4 * 4 && j % 4 == 3) ? 0x7f : 0xff;
+        if (z[i] != want)
+            emu_fail("%s: byte %zu past the end of the device allocation of %zu bytes at %p was written (a store "
+                     "past the end of a buffer)", when, i, a.size, (void *)base);
+    }
+}
+
+static void check_all_redzones(const char *when) {
+    if (EMU_REDZONE == 0) return;
+    for (const auto &kv : g_live) check_redzone(kv.first, kv.second, when);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -872,6 +900,10 @@ static void execute_launch(const LaunchRec &L) {
                 run_block(order);
             }
     g_counting_accesses = false;
+    char when[256];
+    snprintf(when, sizeof(when), "after kernel %s launched at %s:%d", L.name, L.file, L.line);
+    g_kernel = nullptr;
+    check_all_redzones(when);
     free(g_dyn_shared);
     g_dyn_shared = nullptr;
     g_body.reset();
@@ -1010,8 +1042,8 @@ cudaError_t emu_cudaMalloc(void **ptr, size_t bytes) {
     if (bytes > total_device_bytes() - std::min(g_device_bytes, total_device_bytes()))
         return set_error(cudaErrorMemoryAllocation);
     void *p = nullptr;
-    if (posix_memalign(&p, 256, bytes) != 0 || !p) return set_error(cudaErrorMemoryAllocation);
-    fill_nan_pattern(p, bytes);
+    if (posix_memalign(&p, 256, bytes + EMU_REDZONE) != 0 || !p) return set_error(cudaErrorMemoryAllocation);
+    fill_nan_pattern(p, bytes + EMU_REDZONE);
     g_freed.erase((uintptr_t)p);
     g_live[(uintptr_t)p] = Alloc{bytes, ALLOC_DEVICE};
     g_device_bytes += bytes;
@@ -1033,6 +1065,7 @@ static cudaError_t free_alloc(void *p, AllocKind kind, const char *api) {
     g_cnt.host_syncs++;
     flush_device();
     size_t size = it->second.size;
+    check_redzone(it->first, it->second, api);
     g_live.erase(it);
     if (kind == ALLOC_DEVICE) {
         g_device_bytes -= size;
