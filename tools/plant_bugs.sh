@@ -92,8 +92,10 @@ run_tests() {
   fi
   local failed why
   failed="$(grep -E '\*\*\*|Failed|Timeout|Exception' "$work/ctest.log" | grep -oE 'test_emu_[a-z_]+' | head -1)"
-  why="$(grep -m1 -hE 'emu: error|CHECK\(|failed at|ERROR: AddressSanitizer|runtime error' \
-    "$build/Testing/Temporary/LastTest.log" 2>/dev/null | cut -c1-240)"
+  # The first report in that test's own section of the log (other tests print expected reports too).
+  why="$(awk -v f="$failed" '$0 ~ ("Testing: " f "$") { on = 1; next } /Testing: test_/ { on = 0 } on' \
+    "$build/Testing/Temporary/LastTest.log" 2>/dev/null |
+    grep -m1 -oE '(emu: error|[^ ]*CHECK\(|mlm: error|ERROR: AddressSanitizer|runtime error).*' | cut -c1-240)"
   echo "   caught by ${failed:-?}: ${why:-see $build/Testing/Temporary/LastTest.log}"
   return 1
 }
