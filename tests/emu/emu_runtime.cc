@@ -70,7 +70,8 @@ static void emu_fail(const char *fmt, ...) {
     vfprintf(stderr, fmt, ap);
     va_end(ap);
     if (g_kernel)
-        fprintf(stderr, "\n  in kernel %s (block %u,%u,%u of %u,%u,%u; %u x %u x %u threads) launched at %s:%d", g_kernel,
+        fprintf(stderr, "\n  in kernel %s (block %u,%u,%u of %u,%u,%u; %u x %u x %u threads) launched at %s:%d",
+                g_kernel,
                 emu_blockIdx.x, emu_blockIdx.y, emu_blockIdx.z, emu_gridDim.x, emu_gridDim.y, emu_gridDim.z,
                 emu_blockDim.x, emu_blockDim.y, emu_blockDim.z, g_kernel_file, g_kernel_line);
     fprintf(stderr, "\n");
@@ -687,7 +688,8 @@ static void thread_exited(Fiber *f) {
 }
 
 static void run_block(std::vector<int> &order) {
-    if (__start_emu_shared && __stop_emu_shared) fill_nan_pattern(__start_emu_shared, __stop_emu_shared - __start_emu_shared);
+    if (__start_emu_shared && __stop_emu_shared)
+        fill_nan_pattern(__start_emu_shared, (size_t)(__stop_emu_shared - __start_emu_shared));
     if (g_dyn_shared) fill_nan_pattern(g_dyn_shared, g_dyn_shared_bytes);
     g_done = 0;
     g_bar_arrived = 0;
@@ -1030,7 +1032,8 @@ const char *emu_cudaGetErrorString(cudaError_t e) {
     case cudaErrorStreamCaptureUnsupported: return "operation not permitted when stream is capturing";
     case cudaErrorStreamCaptureInvalidated: return "operation failed due to a previous error during capture";
     case cudaErrorStreamCaptureUnmatched: return "capture was not initiated in this stream";
-    case cudaErrorStreamCaptureImplicit: return "operation would make the legacy stream depend on a capturing blocking stream";
+    case cudaErrorStreamCaptureImplicit:
+        return "operation would make the legacy stream depend on a capturing blocking stream";
     default: return "unspecified emulator error";
     }
 }
