@@ -1,0 +1,67 @@
+// bench_emu_step.c: the CPU-side measure of one CUDA training step of the reference configuration (or --set
+// overrides), run through the CPU execution layer (tests/emu) in counting mode: kernel launches, cuBLAS calls,
+// cuRAND calls, host<->device copies, host synchronisations, and the bytes the kernels' loads and stores touch
+// in device memory. Built only against the layer (target bench_emu_step, tests/emu/CMakeLists.txt).
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "emu_api.h"
+#include "mlm/common.h"
+#include "mlm/config.h"
+#include "mlm/cuda_model.h"
+#include "mlm/mask.h"
+#include "mlm/model.h"
+#include "mlm/optim.h"
+#include "mlm/rng.h"
+
+int main(int argc, char **argv) {
+    Config cfg;
+    config_defaults(&cfg);
+    int warmup = 1;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--set") && i + 1 < argc) config_set(&cfg, argv[++i]);
+        else if (!strcmp(argv[i], "--warmup") && i + 1 < argc) warmup = atoi(argv[++i]);
+        else mlm_fatal(MLM_EXIT_USAGE, "usage: bench_emu_step [--set KEY=VALUE]... [--warmup N]");
+    }
+    config_validate(&cfg, "bench_emu_step");
+    const int V = 67, B = cfg.batch_size, T = cfg.seq_len;
+    ModelConfig mc = {.vocab = V, .d_model = cfg.d_model, .n_heads = cfg.n_heads, .n_layers = cfg.n_layers,
+                      .d_ff = cfg.d_ff, .max_seq = T, .dropout = (float)cfg.dropout, .ln_eps = (float)cfg.ln_eps};
+    size_t P = model_num_params(&mc), N = (size_t)B * T;
+    float *params = mlm_malloc(P * sizeof(float), "params");
+    model_init_params(&mc, params, cfg.seed, cfg.init_copy_layers);
+    CudaModel *m = cuda_model_create(&mc, B, 1);
+    cuda_model_set_params(m, params);
+    OptimConfig oc = config_optim(&cfg, warmup + 1);
+    MaskConfig mk = {.scheme = MASK_SCHEME_REFERENCE, .prob = 0.15f, .unchanged_prob = 0.1f, .random_prob = 0.1f,
+                     .n_tokens = V, .n_chars = V - 2, .pad_id = V - 2, .mask_id = V - 1};
+    Rng rng, data;
+    rng_init(&rng, cfg.seed, RNG_DOMAIN_TRAIN);
+    rng_init(&data, cfg.seed, RNG_DOMAIN_DATA);
+    CudaRandom rnd = {.philox_seed = rng.seed, .layout = rng_layout(B, T, mc.d_model, mc.n_heads, mc.d_ff, mc.n_layers),
+                      .step = 0, .dropout_p = mc.dropout};
+    int *tok = mlm_malloc(N * sizeof(int), "tokens");
+    uint32_t *raw = mlm_malloc(N * sizeof(uint32_t), "raw");
+    CudaStepStats st = {0};
+    for (int s = 0; s <= warmup; s++) {
+        if (s == warmup) emu_counters_reset();  // count the last step only (creation and warm-up excluded)
+        rng_u32(&data, (uint64_t)s * N, raw, N);
+        for (size_t i = 0; i < N; i++) tok[i] = (int)(((uint64_t)raw[i] * (V - 2)) >> 32);
+        rnd.step = (uint64_t)s;
+        double t0 = mlm_now();
+        cuda_model_train_step(m, tok, B, &mk, &rnd, (float)cfg.grad_clip, &oc, s + 1, optim_lr(&oc, s + 1), &st);
+        if (s == warmup)
+            printf("one training step, B %d x T %d, d_model %d, heads %d, layers %d, d_ff %d, vocab %d (%zu params); "
+                   "loss %.4f, grad norm %.4f; %.1f s on the CPU layer\n",
+                   B, T, mc.d_model, mc.n_heads, mc.n_layers, mc.d_ff, V, P, st.loss, st.grad_norm, mlm_now() - t0);
+    }
+    if (!isfinite(st.loss)) mlm_fatal(MLM_EXIT_FAILURE, "the step's loss is not finite");
+    emu_counters_print(stdout);
+    cuda_model_free(m);
+    rng_free(&rng);
+    rng_free(&data);
+    free(params), free(tok), free(raw);
+    return 0;
+}

@@ -1,0 +1,38 @@
+// emu_api.h (tests/emu): what the CPU execution layer offers beyond the CUDA API: its counters (MLM_EMU_COUNT,
+// bench/bench_emu_step.c) and the scheduling order of the threads of a block (MLM_EMU_ORDER).
+#ifndef MLM_EMU_API_H
+#define MLM_EMU_API_H
+
+#include <stdint.h>
+#include <stdio.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct {
+    uint64_t launches, blocks, threads;           // kernel launches executed (graph replays included)
+    uint64_t cublas_calls, cublas_flops;          // sgemm / strided-batched sgemm calls; 2 m n k per product
+    uint64_t cublas_bytes_read, cublas_bytes_written;  // operands' sizes (A, B, and C when beta != 0; C)
+    uint64_t curand_calls, curand_values;         // device generator calls and values generated
+    uint64_t h2d_copies, h2d_bytes, d2h_copies, d2h_bytes, d2d_copies, d2d_bytes;
+    uint64_t memsets, memset_bytes;
+    uint64_t host_syncs;                          // host waits: stream/event/device sync, sync memcpy/memset, free
+    uint64_t kernel_bytes_read, kernel_bytes_written;  // global memory touched by kernel loads/stores (counting build)
+    int bytes_counted;                            // 1 when the kernels were built with the access hooks
+} EmuCounters;
+
+void emu_counters_reset(void);
+void emu_counters_get(EmuCounters *out);
+// Prints the counters and the per-kernel table (launches, bytes read/written) to f.
+void emu_counters_print(FILE *f);
+
+// Thread order inside a block: 0 forward, 1 reverse, 2 seeded random (MLM_EMU_ORDER=forward|reverse|random,
+// MLM_EMU_SEED). Returns the previous order.
+int emu_set_order(int order, uint64_t seed);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# tools/plant_bugs.sh: proof that the emu tests (the CUDA sources run on the CPU layer, tests/emu) catch what
+# matters. Plants realistic bugs in a copy of src/kernels, one at a time, rebuilds the emu tests against the
+# copy (MLM_EMU_KERNEL_DIR) and runs them (ctest -L emu); a bug is caught when a test fails. Prints each
+# bug, the first report that caught it, and caught/planted. The checkout itself is never modified.
+#
+#   bash tools/plant_bugs.sh [BUG_NUMBER...]      # default: all; MLM_PLANT_DIR (default build-plant) holds
+#                                                 # the patched copy and its build (reused between runs)
+# Release build, so the layer's own checks do the catching (ASan would add out-of-bounds reports on top).
+# The first run compiles the project once (nvcc for mlm_cuda, a dependency of mlm_core); each bug then
+# rebuilds one kernel object and relinks. About a minute per bug on 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root="$PWD"
+work="${MLM_PLANT_DIR:-$root/build-plant}"
+kdir="$work/kernels"
+build="$work/build"
+jobs="$(nproc 2>/dev/null || echo 2)"
+mkdir -p "$work"
+
+# The bugs: number, name, then (file, exact text, replacement) triples; python applies them to the copy.
+bugs_py='
+import sys
+BUGS = [
+ ("dropped __syncthreads (column sums)", [("feedforward.cu",
+   "    part[threadIdx.y][threadIdx.x] = s;\n    __syncthreads();\n", "    part[threadIdx.y][threadIdx.x] = s;\n")]),
+ ("off-by-one bound (masking kernel, i > n)", [("mask.cu", "    if (i >= n) return;", "    if (i > n) return;")]),
+ ("wrong transpose (dV = P dY instead of P^T dY)", [("cuda_model.cu",
+   "gemm_batched(m, CUBLAS_OP_N, CUBLAS_OP_T, hs, T, T, a->dyh, hs, sT, pv, T, sTT, a->dv, hs, sT, BH);",
+   "gemm_batched(m, CUBLAS_OP_N, CUBLAS_OP_N, hs, T, T, a->dyh, hs, sT, pv, T, sTT, a->dv, hs, sT, BH);")]),
+ ("wrong leading dimension (P V output, ldc T instead of hs)", [("cuda_model.cu",
+   "a->v, hs, sT, pv, T, sTT, a->yh, hs, sT, BH);", "a->v, hs, sT, pv, T, sTT, a->yh, T, sT, BH);")]),
+ ("wrong batch stride (scores, T hs instead of T T)", [("cuda_model.cu",
+   "a->k, hs, sT, a->q, hs, sT, att, T, sTT, BH);", "a->k, hs, sT, a->q, hs, sT, att, T, sT, BH);")]),
+ ("full-mask shuffle in a partial warp (cross-entropy block of V threads)", [("loss.cu",
+   "    int threads = ((V + 31) / 32) * 32;", "    int threads = V;")]),
+ ("shared-memory race (block_argmax reads the result before warp 0 wrote it)", [("loss.cu",
+   "    __syncthreads();\n    val = sval[0];", "    val = sval[0];")]),
+ ("missing stream synchronisation before the host reads the step scalars", [("cuda_model.cu",
+   "                               m->stream));\n    CUDA_CHECK(cudaStreamSynchronize(m->stream));\n    if (!stats) return;",
+   "                               m->stream));\n    if (!stats) return;")]),
+ ("wrong Philox offset (in blocks of 4 instead of values)", [("mask.cu",
+   "    CURAND_CHECK(curandSetStream(gen, stream));\n    CURAND_CHECK(curandSetGeneratorOffset(gen, offset));",
+   "    CURAND_CHECK(curandSetStream(gen, stream));\n    CURAND_CHECK(curandSetGeneratorOffset(gen, offset / 4));")]),
+ ("read of a buffer before its upload (tokens copied after the mask kernel)", [("mask.cu",
+   "    CUDA_CHECK(cudaMemcpy(d_tokens, tokens, n * sizeof(int), cudaMemcpyHostToDevice));\n", ""),
+  ("mask.cu", "    cuda_mask_launch(c, d_tokens, n, d_u, d_inputs, d_labels, 0);\n",
+   "    cuda_mask_launch(c, d_tokens, n, d_u, d_inputs, d_labels, 0);\n"
+   "    CUDA_CHECK(cudaMemcpy(d_tokens, tokens, n * sizeof(int), cudaMemcpyHostToDevice));\n")]),
+ ("kernel reads one element past an allocation (column sums, k <= chunks)", [("feedforward.cu",
+   "    for (int k = 0; k < chunks; k++) t += partial[(size_t)k * C + c];",
+   "    for (int k = 0; k <= chunks; k++) t += partial[(size_t)k * C + c];")]),
+ ("launch with too few blocks (elementwise grid rounds down)", [("feedforward.cu",
+   "    size_t g = (n + EW_BLOCK - 1) / EW_BLOCK;", "    size_t g = n / EW_BLOCK;")]),
+ ("dropped __syncthreads (LayerNorm weight-gradient partials)", [("layernorm.cu",
+   "    pb[threadIdx.y][threadIdx.x] = sb;\n    __syncthreads();\n", "    pb[threadIdx.y][threadIdx.x] = sb;\n")]),
+ ("softmax scale applied twice in the backward", [("attention.cu",
+   "        ds[j] = __fmul_rn(__fmul_rn(p[j], __fsub_rn(g, dot)), scale);",
+   "        ds[j] = __fmul_rn(__fmul_rn(p[j], __fsub_rn(g, dot)), scale * scale);")]),
+]
+if sys.argv[1] == "count":
+    print(len(BUGS)); sys.exit(0)
+k = int(sys.argv[1]); name, edits = BUGS[k - 1]
+if sys.argv[2] == "name":
+    print(name); sys.exit(0)
+kdir = sys.argv[2]
+for f, old, new in edits:
+    p = kdir + "/" + f
+    s = open(p).read()
+    if s.count(old) != 1:
+        sys.exit("plant_bugs: bug %d (%s): the text to replace occurs %d times in %s; update the bug to the source" % (k, name, s.count(old), f))
+    open(p, "w").write(s.replace(old, new))
+'
+n_bugs="$(python3 -c "$bugs_py" count)"
+selected=("$@")
+if [ ${#selected[@]} -eq 0 ]; then selected=($(seq 1 "$n_bugs")); fi
+
+fresh_copy() {
+  rm -rf "$kdir"
+  cp -r "$root/src/kernels" "$kdir"
+}
+
+build_tests() {
+  nice -n 10 cmake --build "$build" -j"$jobs" --target test_emu_mask test_emu_ops test_emu_model test_emu_layer \
+    >"$work/build.log" 2>&1
+}
+
+# ctest -L emu, stopping at the first failure; prints the failing test and the first line saying why.
+run_tests() {
+  if (cd "$build" && ctest -L emu -j"$jobs" --stop-on-failure --timeout 300 >"$work/ctest.log" 2>&1); then
+    return 0
+  fi
+  local failed why
+  failed="$(grep -E '\*\*\*|Failed|Timeout|Exception' "$work/ctest.log" | grep -oE 'test_emu_[a-z_]+' | head -1)"
+  # The first report in that test's own section of the log (other tests print expected reports too).
+  why="$(awk -v f="$failed" '$0 ~ ("Testing: " f "$") { on = 1; next } /Testing: test_/ { on = 0 } on' \
+    "$build/Testing/Temporary/LastTest.log" 2>/dev/null |
+    grep -m1 -oE '(emu: error|[^ ]*CHECK\(|mlm: error|ERROR: AddressSanitizer|runtime error).*' | cut -c1-240)"
+  echo "   caught by ${failed:-?}: ${why:-see $build/Testing/Temporary/LastTest.log}"
+  return 1
+}
+
+echo "== baseline: the unmodified kernels must pass"
+fresh_copy
+cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DMLM_EMU_KERNEL_DIR="$kdir" >/dev/null
+build_tests || { echo "build of the unmodified sources failed: $work/build.log"; exit 1; }
+if ! run_tests; then echo "the emu tests fail without a planted bug; fix that first"; exit 1; fi
+
+caught=0
+planted=0
+missed=()
+for k in "${selected[@]}"; do
+  name="$(python3 -c "$bugs_py" "$k" name)"
+  echo "== bug $k: $name"
+  fresh_copy
+  python3 -c "$bugs_py" "$k" "$kdir"
+  planted=$((planted + 1))
+  t0=$(date +%s)
+  if ! build_tests; then
+    echo "   caught at build time ($(grep -m1 'error' "$work/build.log" | cut -c1-200))"
+    caught=$((caught + 1))
+  elif run_tests; then
+    echo "   MISSED: every emu test passed"
+    missed+=("$k: $name")
+  else
+    caught=$((caught + 1))
+  fi
+  echo "   ($(( $(date +%s) - t0 )) s)"
+done
+fresh_copy  # leave the copy unmodified
+echo "caught/planted: $caught/$planted"
+for m in "${missed[@]}"; do echo "missed: $m"; done
+[ "$caught" -eq "$planted" ]
