@@ -62,6 +62,12 @@ if [ "${1:-}" != --step ]; then
   export JOBS="$(nproc 2>/dev/null || echo 4)"
   export MLM_SOURCE_DIR="$ROOT" PYTHONUNBUFFERED=1 PATH="$PATH:/usr/local/cuda/bin"
   export BUILD="$ROOT/build-gpu" CORPUS=""
+  # The toolkit's libraries (cudart, cuBLAS, cuRAND) wherever this machine keeps them, for carried binaries.
+  for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
+    "$(dirname "$(command -v nvcc 2>/dev/null || echo /nonexistent/bin/nvcc)")/../lib64"; do
+    [ -d "$d" ] && LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
+  done
+  export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}"
   mkdir -p "$LOGS" "$RUNS"
   : >"$RESULTS"
   : >"$FACTS"
@@ -258,7 +264,7 @@ oom_message() {
     out="CUDA out of memory: 1 bytes (0.0 MiB) requested for x, but the device has 0.0 MiB free of 0.0 MiB; shrink train.batch_size (stand-in)"
     rc=1
   else
-    out=$("$MLM" train "${REF_CONF[@]}" --device cuda --steps 1 --out "$RUNS/oom" --set train.batch_size=100000000 2>&1)
+    out=$("$MLM" train "${REF_CONF[@]}" --device cuda --steps 1 --out "$RUNS/oom" --set train.batch_size=1000000 2>&1)
     rc=$?
   fi
   echo "$out"
