@@ -3,6 +3,7 @@
 # that receives only the checkout (plus carried build-gpu/ and data/) and gives back a few files.
 #
 #   bash tools/gpu_verify.sh OUTDIR
+#   bash tools/gpu_verify.sh --stamp    (here, after building build-gpu/: records what it was built from)
 #
 # OUTDIR receives at most 8 files, none deeper than OUTDIR/: summary.txt (every step pass/fail/skip with its
 # reason, both 20-epoch curves and their verdict, throughput, versions), gpu-<date>.json (the figures, for
@@ -11,7 +12,8 @@
 #
 # Steps, in order; a failure never stops the script, and every step's timeout is cut to the time left:
 #   0. environment (nvidia-smi, nvcc, python/torch versions), and the build: build-gpu/ as carried when its
-#      binaries load (ldd) and run, else a fresh configure + build in build-gpu-local/ (sm_90, no BLAS)
+#      SOURCE_STAMP matches these sources and its binaries load (ldd) and run, else a fresh configure +
+#      build in build-gpu-local/ (sm_90, no BLAS)
 #   1. in the background: the PyTorch reference for MLM_VERIFY_EPOCHS (20) epochs on the GPU, TF32 off; and
 #      the CPU half of the agreement run
 #   2. the GPU tests, each run once; a failing one is re-run with CUDA_LAUNCH_BLOCKING=1
@@ -40,6 +42,15 @@ set -uo pipefail
 # Every step runs as `timeout T bash gpu_verify.sh --step FUNCTION ARGS` (timeout stops the step's whole
 # process group), so the settings below travel to the steps through the environment.
 SELF="$(readlink -f "$0")"
+# A digest of the sources a build is made from (no git needed: the GPU machine may get the files without .git).
+source_stamp() {
+  (cd "$(dirname "$SELF")/.." && find src include tests -type f \( -name '*.c' -o -name '*.cu' -o -name '*.h' \
+    -o -name CMakeLists.txt \) | LC_ALL=C sort | xargs cat CMakeLists.txt | md5sum | cut -d' ' -f1)
+}
+if [ "${1:-}" = --stamp ]; then  # after building build-gpu/ here: record what it was built from
+  source_stamp >"$(dirname "$SELF")/../build-gpu/SOURCE_STAMP" && exit 0
+  exit 1
+fi
 if [ "${1:-}" != --step ]; then
   if [ $# -ne 1 ] || [ "$1" = -h ] || [ "$1" = --help ]; then
     sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'
@@ -188,9 +199,14 @@ environment() {
   echo "== carried build"; ls -la "$ROOT/build-gpu" 2>&1 | head -20
 }
 
-# Does the build in $1 hold the binaries, and do they load and run here?
+# Does the build in $1 come from these sources, hold the binaries, and do they load and run here?
 build_usable() {
   local b=$1 f
+  if [ -f "$b/SOURCE_STAMP" ] && [ "$(cat "$b/SOURCE_STAMP")" != "$(source_stamp)" ]; then
+    echo "$b was built from other sources (SOURCE_STAMP differs)"
+    return 1
+  fi
+  [ -f "$b/SOURCE_STAMP" ] || echo "note: $b has no SOURCE_STAMP; assuming it matches these sources"
   for f in mlm tests/test_gpu_model tests/test_gpu_ops tests/test_gpu_mask; do
     [ -x "$b/$f" ] || { echo "missing $b/$f"; return 1; }
     if ldd "$b/$f" 2>&1 | grep -q 'not found'; then
