@@ -464,6 +464,7 @@ run_step racecheck-mask 150 sanitize racecheck-mask racecheck test_gpu_mask &
 p4=$!
 wait $p1 $p2 $p3 $p4
 for n in "${SAN[@]}"; do
+  [ "$(awk -F'\t' -v n="$n" '$1 == n { st = $2 } END { print st }' "$RESULTS")" = fail ] || continue
   if grep -qiE 'device not supported|not supported on this (device|platform)' "$LOGS/$n.log" 2>/dev/null; then
     override "$n" skip "compute-sanitizer: $(grep -m1 -iE 'not supported' "$LOGS/$n.log" | tr -s ' ' | cut -c1-100) (the machine, not the project)"
   elif grep -q '^compute-sanitizer not found' "$LOGS/$n.log" 2>/dev/null; then
