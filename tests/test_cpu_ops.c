@@ -494,6 +494,7 @@ static void test_dropout_rule(void) {
     // once it has matched a sample, so it is no independent reference).
     curandGenerator_t gen;
     CURAND_CHECK(curandCreateGeneratorHost(&gen, CURAND_RNG_PSEUDO_PHILOX4_32_10));
+    CURAND_CHECK(curandSetGeneratorOrdering(gen, CURAND_ORDERING_PSEUDO_LEGACY));  // as rng.c
     CURAND_CHECK(curandSetPseudoRandomGeneratorSeed(gen, rng.seed));
     CHECK(rng_reproduced(&rng) == 1, "the CPU copy of cuRAND's stream is not in use");
     // Offsets not multiples of 4, across the 65,536-block rows of cuRAND's layout, and far out.

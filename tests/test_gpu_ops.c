@@ -856,6 +856,7 @@ int main(int argc, char **argv) {
     rng_init(&drop_rng, 20240607, RNG_DOMAIN_TRAIN);
     CUDA_CHECK(cudaStreamCreate(&st));
     CURAND_CHECK(curandCreateGenerator(&dgen, CURAND_RNG_PSEUDO_PHILOX4_32_10));
+    CURAND_CHECK(curandSetGeneratorOrdering(dgen, CURAND_ORDERING_PSEUDO_LEGACY));  // as the model's
     CURAND_CHECK(curandSetPseudoRandomGeneratorSeed(dgen, drop_rng.seed));
 
     test_uniforms();

@@ -48,9 +48,10 @@ typedef struct {
 } CudaRandom;
 
 // Forward only (validation, samples, eval): tokens[B,T] host ids are masked on the device (mask != NULL)
-// or used as given with labels (mask == NULL; labels may be NULL for logits only). Fills stats (not grad_norm).
-void cuda_model_forward(CudaModel *m, const int *tokens, const int *labels, int B, const MaskConfig *mask,
-                        const CudaRandom *rnd, CudaStepStats *stats);
+// or used as given with labels (mask == NULL; labels may be NULL for logits only). Labels equal to pad_id
+// are ignored (as cpu_model_forward; with a mask it must be mask->pad_id). Fills stats (not grad_norm).
+void cuda_model_forward(CudaModel *m, const int *tokens, const int *labels, int B, int pad_id,
+                        const MaskConfig *mask, const CudaRandom *rnd, CudaStepStats *stats);
 // Copy the logits [B,T,V] of the last forward to the host.
 void cuda_model_get_logits(CudaModel *m, float *logits, int B);
 // Copy the model inputs and labels of the last forward (after masking) to the host.

@@ -31,6 +31,7 @@ extern "C" {
 
 #include "cuda_check.h"
 #include "kernels.h"
+#include "philox_cpu.h"  // CURAND_PHILOX_THREADS: the row length of cuRAND's Philox layout
 #include "mlm/common.h"
 #include "mlm/cuda_backend.h"
 #include "mlm/cuda_model.h"
@@ -114,6 +115,7 @@ struct CudaModel {
     // State of the last forward, used by the backward.
     int B;
     int has_labels;
+    int pad_id;             // the ignored label of the last forward (the vocabulary's [PAD])
     int dropout_on;
     float drop_scale;
 };
@@ -223,6 +225,40 @@ static void *device_alloc(size_t bytes, const char *what, const ModelConfig *c, 
     return p;
 }
 
+// Once per process: the device generator's uniforms around a thread-row boundary of cuRAND's Philox layout
+// (4 x 65,536 outputs per row: philox_cpu.h) must equal the CPU reproduction bit for bit, or the GPU would
+// mask and drop other positions than the CPU (and a run could not move between the backends). Cheap: one
+// launch of 64 numbers. The model's seed bookkeeping starts unset afterwards, so use_seed reseeds.
+static void check_device_philox(curandGenerator_t gen, cudaStream_t stream) {
+    static int checked = 0;
+    if (checked) return;
+    enum { SAMPLE = 64 };
+    const uint64_t seed = 0x5eed5eed12345ull;
+    // From 33 before the boundary (not a multiple of 4) to 31 past it.
+    const uint64_t offset = (uint64_t)CURAND_PHILOX_THREADS * 4 - 33;
+    float dev[SAMPLE], cpu[SAMPLE], *d_u = NULL;
+    CUDA_CHECK(cudaMalloc(&d_u, SAMPLE * sizeof(float)));
+    CURAND_CHECK(curandSetPseudoRandomGeneratorSeed(gen, seed));
+    cuda_uniform(gen, offset, d_u, SAMPLE, stream);
+    CUDA_CHECK(cudaMemcpyAsync(dev, d_u, sizeof(dev), cudaMemcpyDeviceToHost, stream));
+    CUDA_CHECK(cudaStreamSynchronize(stream));
+    CUDA_CHECK(cudaFree(d_u));
+    philox_uniform(seed, offset, cpu, SAMPLE);
+    for (int i = 0; i < SAMPLE; i++) {
+        if (memcmp(&dev[i], &cpu[i], sizeof(float)) != 0) {
+            int ver = 0;
+            curandGetVersion(&ver);
+            mlm_fatal(MLM_EXIT_FAILURE,
+                      "cuRAND %d lays out its device Philox stream differently from mlm's CPU reproduction: at "
+                      "offset %llu the device gives %.9g, the CPU %.9g. GPU masks and dropout would not match "
+                      "the CPU backend; train with --device cpu, or use the cuRAND this build was tested with "
+                      "and report the version",
+                      ver, (unsigned long long)(offset + (uint64_t)i), dev[i], cpu[i]);
+        }
+    }
+    checked = 1;
+}
+
 CudaModel *cuda_model_create(const ModelConfig *cfg, int max_B, int allow_tf32) {
     char err[256];
     if (model_config_check(cfg, err, sizeof(err))) mlm_fatal(MLM_EXIT_USAGE, "%s", err);
@@ -240,7 +276,10 @@ CudaModel *cuda_model_create(const ModelConfig *cfg, int max_B, int allow_tf32) 
     CUBLAS_CHECK(cublasSetStream(m->cublas, m->stream));
     CUBLAS_CHECK(cublasSetMathMode(m->cublas, allow_tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
     CURAND_CHECK(curandCreateGenerator(&m->gen, CURAND_RNG_PSEUDO_PHILOX4_32_10));
+    // LEGACY, as the host generator (rng.c): DEFAULT is only "same as BEST" and free to change.
+    CURAND_CHECK(curandSetGeneratorOrdering(m->gen, CURAND_ORDERING_PSEUDO_LEGACY));
     CURAND_CHECK(curandSetStream(m->gen, m->stream));
+    check_device_philox(m->gen, m->stream);
 
     // Parameters, gradients, Adam moments and the weight-decay mask.
     Carver count = {NULL, 0};
@@ -493,12 +532,11 @@ static void forward_impl(CudaModel *m, int B, const CudaRandom *rnd) {
     cuda_add_bias(a->logits, a->logits, p->gen_b, BT * V, V, m->stream);
 
     if (m->has_labels) {
-        // [PAD] = V - 2 (SPEC.md) is the ignored label, as the trainer's pad_id.
-        // Loss, accuracy and dlogits (the backward's starting point) in one pass; the count of targets stays
-        // on the device so nothing waits here.
-        cuda_count_targets(a->n_targets, a->labels, N, c->vocab - 2, m->stream);
+        // Labels equal to pad_id are ignored (as cpu_model_forward). Loss, accuracy and dlogits (the
+        // backward's starting point) in one pass; the count of targets stays on the device so nothing waits.
+        cuda_count_targets(a->n_targets, a->labels, N, m->pad_id, m->stream);
         cuda_crossentropy_forward_backward(a->losses, a->correct, a->dlogits, a->logits, a->labels, a->n_targets, N,
-                                           V, c->vocab - 2, m->stream);
+                                           V, m->pad_id, m->stream);
         cuda_loss_reduce(a->scalars, a->losses, a->correct, a->n_targets, N, m->stream);
     }
     nvtxRangePop();
@@ -598,9 +636,10 @@ static void optimizer_impl(CudaModel *m, float max_norm, const OptimConfig *oc, 
 }
 
 // Set up the state of a forward over B sequences: the dropout switch and scale.
-static void begin_forward(CudaModel *m, int B, const CudaRandom *rnd, int has_labels) {
+static void begin_forward(CudaModel *m, int B, const CudaRandom *rnd, int has_labels, int pad_id) {
     m->B = B;
     m->has_labels = has_labels;
+    m->pad_id = pad_id;
     m->dropout_on = rnd != NULL && rnd->dropout_p > 0.0f;
     // THE DROPOUT RULE's scale, evaluated in float as on the CPU.
     m->drop_scale = m->dropout_on ? 1.0f / (1.0f - rnd->dropout_p) : 1.0f;
@@ -622,16 +661,19 @@ static void read_scalars(CudaModel *m, int n, CudaStepStats *stats) {
 // ---------------------------------------------------------------------------------------------------------
 // Public entry points.
 
-void cuda_model_forward(CudaModel *m, const int *tokens, const int *labels, int B, const MaskConfig *mask,
-                        const CudaRandom *rnd, CudaStepStats *stats) {
+void cuda_model_forward(CudaModel *m, const int *tokens, const int *labels, int B, int pad_id,
+                        const MaskConfig *mask, const CudaRandom *rnd, CudaStepStats *stats) {
     check_batch(m, B, "cuda_model_forward");
     if (mask && !rnd) mlm_fatal(MLM_EXIT_FAILURE, "cuda_model_forward: masking needs a random stream");
+    if (mask && mask->pad_id != pad_id)
+        mlm_fatal(MLM_EXIT_FAILURE, "cuda_model_forward: pad_id %d differs from the mask's [PAD] %d", pad_id,
+                  mask->pad_id);
     if (mask) {
         upload_and_mask(m, tokens, B, mask, rnd);
     } else {
         upload_batch(m, m->a.inputs, tokens, labels, B);
     }
-    begin_forward(m, B, rnd, mask != NULL || labels != NULL);
+    begin_forward(m, B, rnd, mask != NULL || labels != NULL, pad_id);
     forward_impl(m, B, rnd);
     if (m->has_labels) {
         read_scalars(m, 3, stats);
@@ -658,7 +700,7 @@ void cuda_model_train_step(CudaModel *m, const int *tokens, int B, const MaskCon
     if (!mask || !rnd) mlm_fatal(MLM_EXIT_FAILURE, "cuda_model_train_step needs a mask config and a random stream");
     nvtxRangePushA("train_step");
     upload_and_mask(m, tokens, B, mask, rnd);
-    begin_forward(m, B, rnd, 1);
+    begin_forward(m, B, rnd, 1, mask->pad_id);
     forward_impl(m, B, rnd);
     backward_impl(m);
     optimizer_impl(m, max_norm, oc, t, lr);

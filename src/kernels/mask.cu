@@ -45,6 +45,7 @@ extern "C" void cuda_mask_batch_host(const MaskConfig *c, const int *tokens, siz
     CUDA_CHECK(cudaMemcpy(d_tokens, tokens, n * sizeof(int), cudaMemcpyHostToDevice));
     curandGenerator_t gen;
     CURAND_CHECK(curandCreateGenerator(&gen, CURAND_RNG_PSEUDO_PHILOX4_32_10));
+    CURAND_CHECK(curandSetGeneratorOrdering(gen, CURAND_ORDERING_PSEUDO_LEGACY));  // as rng.c and cuda_model.cu
     CURAND_CHECK(curandSetPseudoRandomGeneratorSeed(gen, philox_seed));
     CURAND_CHECK(curandSetGeneratorOffset(gen, offset));
     CURAND_CHECK(curandGenerateUniform(gen, d_u, 4 * n));

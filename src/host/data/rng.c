@@ -23,6 +23,9 @@ uint64_t rng_domain_seed(uint64_t user_seed, RngDomain domain) {
 void rng_init(Rng *rng, uint64_t user_seed, RngDomain domain) {
     curandGenerator_t g;
     CURAND_CHECK(curandCreateGeneratorHost(&g, CURAND_RNG_PSEUDO_PHILOX4_32_10));
+    // Pinned: DEFAULT is documented only as "same as BEST" and may change between releases; LEGACY is the
+    // layout philox_cpu.h reproduces and the device generator (cuda_model.cu) uses too.
+    CURAND_CHECK(curandSetGeneratorOrdering(g, CURAND_ORDERING_PSEUDO_LEGACY));
     rng->seed = rng_domain_seed(user_seed, domain);
     CURAND_CHECK(curandSetPseudoRandomGeneratorSeed(g, rng->seed));
     rng->gen = g;

@@ -297,7 +297,7 @@ static void print_samples(Run *r, long epoch) {
     const float *logits;
     if (r->gpu) {
         CudaRandom rnd = cuda_random(r, &r->sample_rng, (uint64_t)epoch, r->cfg.eval_dropout);
-        cuda_model_forward(r->gpu, r->tokens, NULL, n, &r->mask, &rnd, NULL);
+        cuda_model_forward(r->gpu, r->tokens, NULL, n, r->corpus.vocab.pad_id, &r->mask, &rnd, NULL);
         cuda_model_get_batch(r->gpu, r->inputs, r->labels, n);
         cuda_model_get_logits(r->gpu, r->gpu_logits, n);
         logits = r->gpu_logits;
@@ -406,7 +406,7 @@ static BatchStats eval_batch(Run *r, Rng *rng, uint64_t index, int b, int dropou
     if (r->gpu) {
         CudaRandom rnd = cuda_random(r, rng, index, dropout);
         CudaStepStats st;
-        cuda_model_forward(r->gpu, r->tokens, NULL, b, &r->mask, &rnd, &st);
+        cuda_model_forward(r->gpu, r->tokens, NULL, b, r->corpus.vocab.pad_id, &r->mask, &rnd, &st);
         s.loss = st.loss, s.correct = st.correct, s.n_targets = st.n_targets;
         return s;
     }
