@@ -1713,6 +1713,11 @@ curandStatus_t emu_curandGenerateUniform(curandGenerator_t gen, float *out, size
 curandStatus_t emu_curandGenerate(curandGenerator_t gen, unsigned int *out, size_t n) {
     return generate(gen, out, n, false);
 }
+curandStatus_t emu_curandGetVersion(int *version) {
+    if (!version) return CURAND_STATUS_NOT_INITIALIZED;
+    *version = 10400;  // the cuRAND whose LEGACY Philox layout the emulation reproduces (checked in test_emu_layer)
+    return CURAND_STATUS_SUCCESS;
+}
 
 // ---------------------------------------------------------------------------------------------------------
 // NVTX: ranges must balance.

@@ -56,6 +56,7 @@ typedef struct curandGenerator_st *curandGenerator_t;
 #define curandSetGeneratorOrdering emu_curandSetGeneratorOrdering
 #define curandGenerateUniform emu_curandGenerateUniform
 #define curandGenerate emu_curandGenerate
+#define curandGetVersion emu_curandGetVersion
 
 curandStatus_t curandCreateGenerator(curandGenerator_t *gen, curandRngType_t type);
 curandStatus_t curandDestroyGenerator(curandGenerator_t gen);
@@ -65,6 +66,8 @@ curandStatus_t curandSetGeneratorOffset(curandGenerator_t gen, unsigned long lon
 curandStatus_t curandSetGeneratorOrdering(curandGenerator_t gen, curandOrdering_t order);
 curandStatus_t curandGenerateUniform(curandGenerator_t gen, float *out, size_t n);
 curandStatus_t curandGenerate(curandGenerator_t gen, unsigned int *out, size_t n);
+// The emulated generator reproduces the LEGACY layout of cuRAND 10.4 (CUDA 13); it reports that version.
+curandStatus_t curandGetVersion(int *version);
 
 #ifdef __cplusplus
 }
