@@ -160,6 +160,36 @@ static void test_matmul(void) {
     }
 }
 
+// matmul() on the reference model's shapes (tiled in one and two dimensions) gives the same bits for 1, 2
+// and 3 threads, and the BLAS it calls runs on the calling thread only (OpenBLAS's own pool stays idle).
+static void test_matmul_threads(void) {
+    printf("matmul: reference shapes bit-identical for 1, 2 and 3 threads; BLAS single-threaded\n");
+    const int shapes[][5] = {{0, 1, 2048, 384, 128}, {0, 0, 2048, 128, 384}, {1, 0, 384, 128, 2048},
+                             {1, 0, 65, 128, 2048}, {0, 1, 2048, 65, 128}, {0, 1, 300, 1000, 64}};
+    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
+        int ta = shapes[s][0], tb = shapes[s][1], M = shapes[s][2], N = shapes[s][3], K = shapes[s][4];
+        int lda = ta ? M : K, ldb = tb ? K : N;
+        float *A = alloc_rand((size_t)M * K, 1.0f), *B = alloc_rand((size_t)K * N, 1.0f);
+        float *C0 = alloc_rand((size_t)M * N, 1.0f), *C[3];  // beta = 1: the tiles must also read C right
+        for (int t = 0; t < 3; t++) {
+            C[t] = mlm_malloc((size_t)M * N * sizeof(float), "C");
+            memcpy(C[t], C0, (size_t)M * N * sizeof(float));
+            omp_set_num_threads(t + 1);
+            matmul(ta, tb, M, N, K, 1.0f, A, lda, B, ldb, 1.0f, C[t], N);
+        }
+        omp_set_num_threads(2);
+        size_t differ = 0;
+        for (size_t i = 0; i < (size_t)M * N; i++)
+            differ += memcmp(&C[0][i], &C[1][i], sizeof(float)) != 0 || memcmp(&C[0][i], &C[2][i], sizeof(float)) != 0;
+        CHECK(differ == 0, "matmul %dx%dx%d ta=%d tb=%d: %zu of %d elements differ between 1, 2 and 3 threads", M, N,
+              K, ta, tb, differ, M * N);
+        free(A); free(B); free(C0); free(C[0]); free(C[1]); free(C[2]);
+    }
+    int blas_threads = matmul_blas_threads();
+    printf("  OpenBLAS threads after matmul_init: %d (-1: no OpenBLAS loaded)\n", blas_threads);
+    CHECK(blas_threads == -1 || blas_threads == 1, "OpenBLAS runs %d threads of its own beside OpenMP's", blas_threads);
+}
+
 // ---- Linear -------------------------------------------------------------------------------------------
 
 typedef struct {
@@ -774,6 +804,7 @@ static void test_grad_norm_and_clip(void) {
 int main(void) {
     omp_set_num_threads(2);
     test_matmul();
+    test_matmul_threads();
     test_linear();
     test_embedding();
     test_layernorm();

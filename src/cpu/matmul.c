@@ -124,13 +124,15 @@ int matmul_blas_threads(void) {
 // ---- The BLAS path: a fixed grid of tiles over C, one single-threaded sgemm per tile.
 //
 // The grid depends only on (M, N, K), never on the thread count, and each element of C is computed by one
-// sgemm call, so the results are the same for any number of threads. Every call packs its panel of op(A)
-// (mb x K) and of op(B) (K x nb) again, so the grid is as coarse as the parallelism allows: about
-// MM_TILE_WORK multiply-adds per tile, a power-of-two tile count (shared evenly by 1, 2, 4, 8 threads), and
-// tiles as square as possible, which packs the least (mb * K + K * nb per mb * nb * K of work). The old
-// grid of 64-row tiles repacked every weight matrix 32 times per product at 2,048 rows; at 1 thread its
-// packing took 21% of a training step.
-enum { MM_TILE_WORK = 8 << 20, MM_MAX_TILES = 64, MM_ALIGN = 16 };
+// sgemm call, so the results are the same for any number of threads, whichever thread takes which tile
+// (tiles are handed out dynamically, which evens out a core slowed by another process). Each call packs its
+// panels of op(A) (mb x K) and op(B) (K x nb) again, mb * K + K * nb floats per mb * nb * K multiply-adds,
+// so the grid is as coarse as the parallelism allows: a power-of-two tile count near work / MM_TILE_WORK
+// and at least MM_MIN_TILES (shared evenly by 1, 2, 4 threads), cut into the tiles that pack the least.
+// The former grid of 64-row tiles repacked each weight matrix 32 times per product at 2,048 rows (21% of a
+// 1-thread training step in packing); this one stays within a few percent of one whole-matrix sgemm at
+// 1 thread on the reference shapes (measured with a per-shape loop, see bench/README.md).
+enum { MM_TILE_WORK = 32 << 20, MM_MIN_TILES = 4, MM_MAX_TILES = 64, MM_ALIGN = 16 };
 
 typedef struct {
     int rows, cols;     // tile size (the last row / column of tiles may be smaller)
@@ -139,23 +141,29 @@ typedef struct {
 
 static int round_up(int x, int to) { return MLM_CEIL_DIV(x, to) * to; }
 
-static TileGrid tile_grid(int M, int N, int K) {
-    double work = (double)M * N * (K > 0 ? K : 1);
-    int want = 1;  // the power of two nearest (in ratio) to work / MM_TILE_WORK
-    while (want < MM_MAX_TILES && work / (2.0 * want) >= MM_TILE_WORK * 0.7071) want *= 2;
-    TileGrid best = {M, N, 1, 1};
+// The grid of `want` tiles (tm x tn = want) with the least packing per multiply-add; 0 when none fits.
+static int best_grid(int M, int N, int want, TileGrid *best) {
     double best_cost = 1e300;
     for (int tm = 1; tm <= want; tm *= 2) {
         int tn = want / tm;
-        int rows = round_up(MLM_CEIL_DIV(M, tm), MM_ALIGN), cols = round_up(MLM_CEIL_DIV(N, tn), MM_ALIGN);
-        rows = MLM_MIN(rows, M);
-        cols = MLM_MIN(cols, N);
+        int rows = MLM_MIN(round_up(MLM_CEIL_DIV(M, tm), MM_ALIGN), M);
+        int cols = MLM_MIN(round_up(MLM_CEIL_DIV(N, tn), MM_ALIGN), N);
         TileGrid g = {rows, cols, MLM_CEIL_DIV(M, rows), MLM_CEIL_DIV(N, cols)};
         if (g.tiles_m * g.tiles_n != want) continue;  // too thin to cut that way
-        double cost = 1.0 / rows + 1.0 / cols;       // packing per multiply-add
-        if (cost < best_cost) best_cost = cost, best = g;
+        double cost = 1.0 / rows + 1.0 / cols;
+        if (cost < best_cost) best_cost = cost, *best = g;
     }
-    return best;
+    return best_cost < 1e300;
+}
+
+static TileGrid tile_grid(int M, int N, int K) {
+    double work = (double)M * N * (K > 0 ? K : 1);
+    int want = 1;  // the power of two nearest (in ratio) to work / MM_TILE_WORK, at least MM_MIN_TILES
+    while (want < MM_MAX_TILES && work / (2.0 * want) >= MM_TILE_WORK * 0.7071) want *= 2;
+    if (work >= MLM_PARALLEL_MIN_WORK) want = MLM_MAX(want, MM_MIN_TILES);
+    TileGrid g = {M, N, 1, 1};
+    while (want > 1 && !best_grid(M, N, want, &g)) want /= 2;
+    return g;
 }
 
 static void matmul_blas(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
@@ -163,7 +171,7 @@ static void matmul_blas(int trans_a, int trans_b, int M, int N, int K, float alp
     matmul_init();
     TileGrid g = tile_grid(M, N, K);
     int n_tiles = g.tiles_m * g.tiles_n;
-#pragma omp parallel for schedule(static) if (n_tiles > 1 && (double)M * N * K >= MLM_PARALLEL_MIN_WORK)
+#pragma omp parallel for schedule(dynamic, 1) if (n_tiles > 1 && (double)M * N * K >= MLM_PARALLEL_MIN_WORK)
     for (int tile = 0; tile < n_tiles; tile++) {
         int i0 = (tile / g.tiles_n) * g.rows, j0 = (tile % g.tiles_n) * g.cols;
         int mb = MLM_MIN(g.rows, M - i0), nb = MLM_MIN(g.cols, N - j0);
