@@ -13,6 +13,12 @@ OMP_NUM_THREADS, OMP_WAIT_POLICY, GOMP_SPINCOUNT, MKL_NUM_THREADS): what a user 
 mlm and PyTorch alternate, REPEATS runs each, so that a machine whose load drifts slows both alike; the
 report gives the min, median and max of the per-run figures and of the per-pair ratios.
 
+CPU time per step is reported too, as a figure that other processes on the machine inflate much less than
+wall time: for mlm, the CPU seconds of the run minus those of the same command stopped after 5 steps
+(start-up, samples and the final validation cancel), per step; for PyTorch, the process CPU time of each
+timed step (median). At 1 thread it is the work a step needs; at more threads it adds any waiting
+that burns CPU.
+
 With --torch-passive PyTorch is also timed with OMP_WAIT_POLICY=passive (a fairer yardstick on a machine
 that other processes keep busy, where its OpenMP threads otherwise spin against them); the ratio columns
 always use PyTorch as a user gets it, and the passive figures are reported beside them.
@@ -53,11 +59,13 @@ def clean_env() -> dict:
     return env
 
 
-def run_mlm(mlm: str, threads: int, steps: int, env: dict) -> dict:
+def train_once(mlm: str, threads: int, steps: int, env: dict):
+    """Runs the command; returns (its metrics rows, the CPU seconds it used, user + system)."""
     out = tempfile.mkdtemp(prefix='mlm-bench-')
     run_dir = os.path.join(out, 'run')
     cmd = [mlm, 'train', '--device', 'cpu', '--set', f'train.max_steps={steps}', '--set', f'train.threads={threads}',
            '--set', f'train.log_every={LOG_EVERY}', '-q', '-o', run_dir]
+    before = os.times()
     try:
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
@@ -66,12 +74,22 @@ def run_mlm(mlm: str, threads: int, steps: int, env: dict) -> dict:
         sys.exit(f'cpu_vs_torch: {" ".join(cmd)} failed: {e.stderr.strip()}')
     finally:
         shutil.rmtree(out, ignore_errors=True)
+    after = os.times()
+    cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    return rows, cpu, ' '.join(cmd[:-2] + ['-o', 'RUN'])
+
+
+def run_mlm(mlm: str, threads: int, steps: int, env: dict) -> dict:
+    rows, cpu_long, command = train_once(mlm, threads, steps, env)
     tps = [r['tokens_per_s'] for r in rows if r.get('kind') == 'train'][1:]  # the first interval is warm-up
     if not tps:
         sys.exit(f'cpu_vs_torch: {steps} steps give no timed interval after the warm-up; use --steps >= {2 * LOG_EVERY}')
+    # CPU time per step: the same command with LOG_EVERY steps costs the same start-up, samples and final
+    # validation, so the difference is the CPU time of steps - LOG_EVERY training steps.
+    _, cpu_short, _ = train_once(mlm, threads, LOG_EVERY, env)
     med = statistics.median(tps)
     return {'tokens_per_s': med, 'step_ms': 1000.0 * B * T / med, 'intervals_tokens_per_s': [round(x, 1) for x in tps],
-            'command': ' '.join(cmd[:-2] + ['-o', 'RUN'])}
+            'cpu_ms_per_step': 1000.0 * (cpu_long - cpu_short) / (steps - LOG_EVERY), 'command': command}
 
 
 def run_torch(python: str, threads: int, steps: int, env: dict) -> dict:
@@ -128,8 +146,12 @@ def main() -> int:
         m = summary([r['tokens_per_s'] for r in mlm_runs])
         p = summary([r['tokens_per_s'] for r in torch_runs])
         ratio = summary([a['tokens_per_s'] / b['tokens_per_s'] for a, b in zip(mlm_runs, torch_runs)])
+        cpu_ratio = summary([b['cpu_ms_per_step'] / a['cpu_ms_per_step'] for a, b in zip(mlm_runs, torch_runs)])
         result['by_threads'][str(t)] = {'mlm': mlm_runs, 'torch': torch_runs, 'mlm_tokens_per_s': m,
                                         'torch_tokens_per_s': p, 'ratio': ratio,
+                                        'mlm_cpu_ms_per_step': summary([r['cpu_ms_per_step'] for r in mlm_runs]),
+                                        'torch_cpu_ms_per_step': summary([r['cpu_ms_per_step'] for r in torch_runs]),
+                                        'ratio_cpu_time': cpu_ratio,
                                         'mlm_gflops_per_s_median': m['median'] * flops / (B * T) / 1e9}
         extra = ''
         if passive_runs:
@@ -142,6 +164,10 @@ def main() -> int:
         print(f"{t:7d} | {m['min']:6.0f} {m['median']:6.0f} {m['max']:6.0f} | {1000 * B * T / m['median']:10.1f} | "
               f"{m['median'] * flops / (B * T) / 1e9:7.1f} | {p['min']:6.0f} {p['median']:6.0f} {p['max']:6.0f} | "
               f"{ratio['min']:.2f} {ratio['median']:.2f} {ratio['max']:.2f}{extra}", flush=True)
+        mc, tc = result['by_threads'][str(t)]['mlm_cpu_ms_per_step'], result['by_threads'][str(t)]['torch_cpu_ms_per_step']
+        print(f"        CPU ms/step (min/med/max): mlm {mc['min']:.0f} {mc['median']:.0f} {mc['max']:.0f}, "
+              f"torch {tc['min']:.0f} {tc['median']:.0f} {tc['max']:.0f}; torch/mlm "
+              f"{cpu_ratio['min']:.2f} {cpu_ratio['median']:.2f} {cpu_ratio['max']:.2f}", flush=True)
     result['loadavg_end'] = os.getloadavg()
     os.makedirs(os.path.join(HERE, 'results'), exist_ok=True)
     out = os.path.join(HERE, 'results', f"cpu-{socket.gethostname().split('.')[0]}-"
