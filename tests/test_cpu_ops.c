@@ -20,7 +20,9 @@
 
 #include "cpu/matmul.h"
 #include "cpu/ops.h"
+#ifdef MLM_HAVE_CUDA
 #include "mlm/curand_check.h"
+#endif
 #include "mlm/common.h"
 #include "mlm/cpu.h"
 #include "mlm/model.h"
@@ -156,6 +158,36 @@ static void test_matmul(void) {
                     free(A); free(B); free(C0); free(want); free(fb); free(bl); free(se);
                 }
     }
+}
+
+// matmul() on the reference model's shapes (tiled in one and two dimensions) gives the same bits for 1, 2
+// and 3 threads, and the BLAS it calls runs on the calling thread only (OpenBLAS's own pool stays idle).
+static void test_matmul_threads(void) {
+    printf("matmul: reference shapes bit-identical for 1, 2 and 3 threads; BLAS single-threaded\n");
+    const int shapes[][5] = {{0, 1, 2048, 384, 128}, {0, 0, 2048, 128, 384}, {1, 0, 384, 128, 2048},
+                             {1, 0, 65, 128, 2048}, {0, 1, 2048, 65, 128}, {0, 1, 300, 1000, 64}};
+    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
+        int ta = shapes[s][0], tb = shapes[s][1], M = shapes[s][2], N = shapes[s][3], K = shapes[s][4];
+        int lda = ta ? M : K, ldb = tb ? K : N;
+        float *A = alloc_rand((size_t)M * K, 1.0f), *B = alloc_rand((size_t)K * N, 1.0f);
+        float *C0 = alloc_rand((size_t)M * N, 1.0f), *C[3];  // beta = 1: the tiles must also read C right
+        for (int t = 0; t < 3; t++) {
+            C[t] = mlm_malloc((size_t)M * N * sizeof(float), "C");
+            memcpy(C[t], C0, (size_t)M * N * sizeof(float));
+            omp_set_num_threads(t + 1);
+            matmul(ta, tb, M, N, K, 1.0f, A, lda, B, ldb, 1.0f, C[t], N);
+        }
+        omp_set_num_threads(2);
+        size_t differ = 0;
+        for (size_t i = 0; i < (size_t)M * N; i++)
+            differ += memcmp(&C[0][i], &C[1][i], sizeof(float)) != 0 || memcmp(&C[0][i], &C[2][i], sizeof(float)) != 0;
+        CHECK(differ == 0, "matmul %dx%dx%d ta=%d tb=%d: %zu of %d elements differ between 1, 2 and 3 threads", M, N,
+              K, ta, tb, differ, M * N);
+        free(A); free(B); free(C0); free(C[0]); free(C[1]); free(C[2]);
+    }
+    int blas_threads = matmul_blas_threads();
+    printf("  OpenBLAS threads after matmul_init: %d (-1: no OpenBLAS loaded)\n", blas_threads);
+    CHECK(blas_threads == -1 || blas_threads == 1, "OpenBLAS runs %d threads of its own beside OpenMP's", blas_threads);
 }
 
 // ---- Linear -------------------------------------------------------------------------------------------
@@ -486,36 +518,69 @@ static void test_residual_dropout(void) {
 
 // ---- Dropout rule and the CPU Philox stream ----------------------------------------------------------
 
-static void test_dropout_rule(void) {
-    printf("dropout rule: CPU Philox stream vs cuRAND's host generator, masks vs u < p\n");
-    Rng rng;
-    rng_init(&rng, 2024, RNG_DOMAIN_TRAIN);
-    // The reference: cuRAND's own host generator, called directly (rng_uniform itself uses the CPU copy
-    // once it has matched a sample, so it is no independent reference).
+#ifdef MLM_HAVE_CUDA
+// The CPU reproduction of the stream (philox_uniform, philox_u32, philox_normal) against cuRAND's own host
+// generator, called directly (rng_uniform itself uses the CPU copy once it has matched a sample, so it is no
+// independent reference). Builds without CUDA use the reproduction alone; this is what makes that safe.
+static void compare_with_curand(Rng *rng) {
     curandGenerator_t gen;
     CURAND_CHECK(curandCreateGeneratorHost(&gen, CURAND_RNG_PSEUDO_PHILOX4_32_10));
     CURAND_CHECK(curandSetGeneratorOrdering(gen, CURAND_ORDERING_PSEUDO_LEGACY));  // as rng.c
-    CURAND_CHECK(curandSetPseudoRandomGeneratorSeed(gen, rng.seed));
-    CHECK(rng_reproduced(&rng) == 1, "the CPU copy of cuRAND's stream is not in use");
+    CURAND_CHECK(curandSetPseudoRandomGeneratorSeed(gen, rng->seed));
+    CHECK(rng_reproduced(rng) == 1, "the CPU copy of cuRAND's stream is not in use");
     // Offsets not multiples of 4, across the 65,536-block rows of cuRAND's layout, and far out.
     const uint64_t offsets[] = {0, 1, 3, 262143, 1000003, 123456789013ull};
     const size_t sizes[] = {1, 7, 262150, 4099};
-    size_t total = 0, mismatches = 0;
+    size_t total = 0, mismatches = 0, raw_total = 0, raw_mismatches = 0, normal_total = 0, normal_mismatches = 0;
     for (size_t o = 0; o < sizeof(offsets) / sizeof(offsets[0]); o++)
         for (size_t s = 0; s < sizeof(sizes) / sizeof(sizes[0]); s++) {
             size_t n = sizes[s];
             float *want = mlm_malloc(n * sizeof(float), "u"), *got = mlm_malloc(n * sizeof(float), "u");
             CURAND_CHECK(curandSetGeneratorOffset(gen, offsets[o]));
             CURAND_CHECK(curandGenerateUniform(gen, want, n));
-            philox_uniform(rng.seed, offsets[o], got, n);
+            philox_uniform(rng->seed, offsets[o], got, n);
             for (size_t i = 0; i < n; i++) mismatches += memcmp(&want[i], &got[i], sizeof(float)) != 0;
             total += n;
+            uint32_t *raw_want = mlm_malloc(n * sizeof(uint32_t), "x"), *raw_got = mlm_malloc(n * sizeof(uint32_t), "x");
+            CURAND_CHECK(curandSetGeneratorOffset(gen, offsets[o]));
+            CURAND_CHECK(curandGenerate(gen, raw_want, n));
+            philox_u32(rng->seed, offsets[o], raw_got, n);
+            for (size_t i = 0; i < n; i++) raw_mismatches += raw_want[i] != raw_got[i];
+            raw_total += n;
+            free(raw_want);
+            free(raw_got);
+            // Normals come in Box-Muller pairs from even offsets (as model_init_params draws them).
+            uint64_t even_offset = offsets[o] & ~(uint64_t)1;
+            size_t even_n = n & ~(size_t)1;
+            if (even_n > 0) {
+                CURAND_CHECK(curandSetGeneratorOffset(gen, even_offset));
+                CURAND_CHECK(curandGenerateNormal(gen, want, even_n, 0.25f, 1.5f));
+                philox_normal(rng->seed, even_offset, got, even_n, 0.25f, 1.5f);
+                for (size_t i = 0; i < even_n; i++) normal_mismatches += memcmp(&want[i], &got[i], sizeof(float)) != 0;
+                normal_total += even_n;
+            }
             free(want);
             free(got);
         }
-    printf("  %zu uniforms compared, %zu differ\n", total, mismatches);
+    printf("  %zu uniforms, %zu raw outputs, %zu normals compared; %zu, %zu, %zu differ\n", total, raw_total,
+           normal_total, mismatches, raw_mismatches, normal_mismatches);
     CHECK(mismatches == 0, "philox_uniform differs from curandGenerateUniform in %zu of %zu values", mismatches, total);
+    CHECK(raw_mismatches == 0, "philox_u32 differs from curandGenerate in %zu of %zu values", raw_mismatches, raw_total);
+    CHECK(normal_mismatches == 0, "philox_normal differs from curandGenerateNormal in %zu of %zu values",
+          normal_mismatches, normal_total);
     CURAND_CHECK(curandDestroyGenerator(gen));
+}
+#endif
+
+static void test_dropout_rule(void) {
+    printf("dropout rule: CPU Philox stream vs cuRAND's host generator, masks vs u < p\n");
+    Rng rng;
+    rng_init(&rng, 2024, RNG_DOMAIN_TRAIN);
+#ifdef MLM_HAVE_CUDA
+    compare_with_curand(&rng);
+#else
+    printf("  not compared with cuRAND: built without CUDA (the CUDA builds compare the two bit for bit)\n");
+#endif
 
     // dropout_keep_mask == !(u < p) for every site's offset, for several p, and the kept fraction is 1 - p.
     int B = 3, T = 7, C = 10, H = 2, F = 14, L = 3;
@@ -740,6 +805,7 @@ static void test_grad_norm_and_clip(void) {
 int main(void) {
     omp_set_num_threads(2);
     test_matmul();
+    test_matmul_threads();
     test_linear();
     test_embedding();
     test_layernorm();

@@ -25,7 +25,7 @@ typedef enum {
 } RngDomain;
 
 typedef struct {
-    void *gen;      // curandGenerator_t (host generator); opaque here so that headers need no cuRAND
+    void *gen;      // curandGenerator_t (host generator; NULL in builds without CUDA); opaque: no cuRAND in headers
     uint64_t seed;  // the derived Philox seed of this stream
     uint64_t pos;   // offset the generator will produce next (UINT64_MAX: unknown)
     int reproduced; // -1 unchecked; 1: the CPU reproduction of the stream matched cuRAND; 0: it did not
@@ -48,6 +48,10 @@ int rng_reproduced(Rng *rng);
 // out[n] = the uniforms of the stream whose Philox seed is `seed` (Rng.seed) from absolute `offset`,
 // computed by the CPU reproduction (no check; use rng_uniform unless you have checked rng_reproduced).
 void philox_uniform(uint64_t seed, uint64_t offset, float *out, size_t n);
+// The same stream's raw 32-bit outputs and Box-Muller normals (as rng_u32 and rng_normal), computed by the
+// CPU reproduction: the generator itself in builds without CUDA; compared with cuRAND in the others.
+void philox_u32(uint64_t seed, uint64_t offset, uint32_t *out, size_t n);
+void philox_normal(uint64_t seed, uint64_t offset, float *out, size_t n, float mean, float std);
 // n raw 32-bit outputs, starting at absolute `offset` of the stream.
 void rng_u32(Rng *rng, uint64_t offset, uint32_t *out, size_t n);
 // n normals N(mean, std) starting at `offset`; n is rounded up to even internally (cuRAND needs pairs).

@@ -2,6 +2,8 @@
 #include "cpu/matmul.h"
 #include "cpu/ops.h"
 
+#include <dlfcn.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -88,43 +90,91 @@ void matmul_fallback(int trans_a, int trans_b, int M, int N, int K, float alpha,
     }
 }
 
-void matmul_init(void) {
-#if defined(MLM_HAVE_CBLAS) && defined(OPENBLAS_VERSION)
-    static int done = 0;  // called from serial code only (see matmul.h)
-    if (!done) {
-        openblas_set_num_threads(1);
-        done = 1;
+// ---- Keeping the BLAS on the calling thread.
+//
+// matmul() runs one single-threaded sgemm per tile inside its own OpenMP loop. A multithreaded BLAS
+// (OpenBLAS's pthread build starts a pool of nproc - 1 threads when it loads) must be told to stay on
+// the caller, or its threads spin beside OpenMP's. This is asked of whatever library is loaded at run
+// time, by name: the cblas.h seen at compile time need not belong to the library that runs (on Debian
+// the netlib cblas.h and an OpenBLAS libblas.so.3 picked by update-alternatives go together), so an
+// #ifdef OPENBLAS_VERSION test can miss it.
+static const char *const BLAS_THREAD_SETTERS[] = {"openblas_set_num_threads", "bli_thread_set_num_threads",
+                                                  "MKL_Set_Num_Threads"};
+
+static void blas_use_one_thread(void) {
+    for (size_t i = 0; i < sizeof(BLAS_THREAD_SETTERS) / sizeof(BLAS_THREAD_SETTERS[0]); i++) {
+        void (*set_threads)(int);
+        *(void **)&set_threads = dlsym(RTLD_DEFAULT, BLAS_THREAD_SETTERS[i]);
+        if (set_threads) set_threads(1);
     }
-#endif
+}
+
+void matmul_init(void) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, blas_use_one_thread);
+}
+
+int matmul_blas_threads(void) {
+    int (*get_threads)(void);
+    *(void **)&get_threads = dlsym(RTLD_DEFAULT, "openblas_get_num_threads");
+    return get_threads ? get_threads() : -1;
 }
 
 #ifdef MLM_HAVE_CBLAS
-// The BLAS path splits C into tiles and runs one single-threaded sgemm per tile inside our OpenMP loop.
-// Letting OpenBLAS start its own threads next to OpenMP's (both spin while waiting) made a training step
-// about twice as slow on 2 cores. The tiling depends only on the shapes, never on the thread count, so
-// the results are the same for any OMP_NUM_THREADS.
-enum { MM_TILE_ROWS = 64, MM_MIN_TILES = 8 };
+// ---- The BLAS path: a fixed grid of tiles over C, one single-threaded sgemm per tile.
+//
+// The grid depends only on (M, N, K), never on the thread count, and each element of C is computed by one
+// sgemm call, so the results are the same for any number of threads, whichever thread takes which tile
+// (tiles are handed out dynamically, which evens out a core slowed by another process). Each call packs its
+// panels of op(A) (mb x K) and op(B) (K x nb) again, mb * K + K * nb floats per mb * nb * K multiply-adds,
+// so the grid is as coarse as the parallelism allows: a power-of-two tile count near work / MM_TILE_WORK
+// and at least MM_MIN_TILES (shared evenly by 1, 2, 4 threads), cut into the tiles that pack the least.
+// The former grid of 64-row tiles repacked each weight matrix 32 times per product at 2,048 rows (21% of a
+// 1-thread training step in packing); this one stays within a few percent of one whole-matrix sgemm at
+// 1 thread on the reference shapes (measured with a per-shape loop, see bench/README.md).
+enum { MM_TILE_WORK = 32 << 20, MM_MIN_TILES = 4, MM_MAX_TILES = 64, MM_ALIGN = 16 };
 
-// Column tile width: whole rows of C when there are enough row tiles to share out, else columns split in
-// multiples of 64 so that small-M products (weight gradients [out, in]) still have several tiles.
-static int column_tile(int M, int N) {
-    int row_tiles = MLM_CEIL_DIV(M, MM_TILE_ROWS);
-    if (row_tiles >= MM_MIN_TILES) return N;
-    int col_tiles = MLM_CEIL_DIV(MM_MIN_TILES, row_tiles);
-    int width = MLM_CEIL_DIV(MLM_CEIL_DIV(N, col_tiles), 64) * 64;
-    return width < N ? width : N;
+typedef struct {
+    int rows, cols;     // tile size (the last row / column of tiles may be smaller)
+    int tiles_m, tiles_n;
+} TileGrid;
+
+static int round_up(int x, int to) { return MLM_CEIL_DIV(x, to) * to; }
+
+// The grid of `want` tiles (tm x tn = want) with the least packing per multiply-add; 0 when none fits.
+static int best_grid(int M, int N, int want, TileGrid *best) {
+    double best_cost = 1e300;
+    for (int tm = 1; tm <= want; tm *= 2) {
+        int tn = want / tm;
+        int rows = MLM_MIN(round_up(MLM_CEIL_DIV(M, tm), MM_ALIGN), M);
+        int cols = MLM_MIN(round_up(MLM_CEIL_DIV(N, tn), MM_ALIGN), N);
+        TileGrid g = {rows, cols, MLM_CEIL_DIV(M, rows), MLM_CEIL_DIV(N, cols)};
+        if (g.tiles_m * g.tiles_n != want) continue;  // too thin to cut that way
+        double cost = 1.0 / rows + 1.0 / cols;
+        if (cost < best_cost) best_cost = cost, *best = g;
+    }
+    return best_cost < 1e300;
+}
+
+static TileGrid tile_grid(int M, int N, int K) {
+    double work = (double)M * N * (K > 0 ? K : 1);
+    int want = 1;  // the power of two nearest (in ratio) to work / MM_TILE_WORK, at least MM_MIN_TILES
+    while (want < MM_MAX_TILES && work / (2.0 * want) >= MM_TILE_WORK * 0.7071) want *= 2;
+    if (work >= MLM_PARALLEL_MIN_WORK) want = MLM_MAX(want, MM_MIN_TILES);
+    TileGrid g = {M, N, 1, 1};
+    while (want > 1 && !best_grid(M, N, want, &g)) want /= 2;
+    return g;
 }
 
 static void matmul_blas(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
                         const float *B, int ldb, float beta, float *C, int ldc) {
     matmul_init();
-    int tn = column_tile(M, N);
-    int tiles_m = MLM_CEIL_DIV(M, MM_TILE_ROWS), tiles_n = MLM_CEIL_DIV(N, tn);
-    int n_tiles = tiles_m * tiles_n;
-#pragma omp parallel for schedule(static) if ((double)M * N * K >= MLM_PARALLEL_MIN_WORK)
+    TileGrid g = tile_grid(M, N, K);
+    int n_tiles = g.tiles_m * g.tiles_n;
+#pragma omp parallel for schedule(dynamic, 1) if (n_tiles > 1 && (double)M * N * K >= MLM_PARALLEL_MIN_WORK)
     for (int tile = 0; tile < n_tiles; tile++) {
-        int i0 = (tile / tiles_n) * MM_TILE_ROWS, j0 = (tile % tiles_n) * tn;
-        int mb = MLM_MIN(MM_TILE_ROWS, M - i0), nb = MLM_MIN(tn, N - j0);
+        int i0 = (tile / g.tiles_n) * g.rows, j0 = (tile % g.tiles_n) * g.cols;
+        int mb = MLM_MIN(g.rows, M - i0), nb = MLM_MIN(g.cols, N - j0);
         // Rows i0.. of op(A) and columns j0.. of op(B), wherever the transposes put them.
         const float *a = trans_a ? A + i0 : A + (size_t)i0 * lda;
         const float *b = trans_b ? B + (size_t)j0 * ldb : B + j0;
@@ -148,6 +198,7 @@ void matmul_serial(int trans_a, int trans_b, int M, int N, int K, float alpha, c
                    const float *B, int ldb, float beta, float *C, int ldc) {
     if (M <= 0 || N <= 0) return;
 #ifdef MLM_HAVE_CBLAS
+    matmul_init();
     cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans,
                 M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 #else

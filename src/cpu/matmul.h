@@ -15,9 +15,13 @@ void matmul(int trans_a, int trans_b, int M, int N, int K, float alpha, const fl
 void matmul_fallback(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
                      const float *B, int ldb, float beta, float *C, int ldc);
 
-// Make the BLAS single-threaded (OpenBLAS would otherwise start its own threads beside OpenMP's); idempotent.
-// matmul() calls it; call it from serial code before using matmul_serial() inside a parallel region.
+// Make the BLAS loaded at run time (OpenBLAS, BLIS or MKL, found by name) single-threaded, so that its own
+// threads do not run beside OpenMP's; idempotent and thread-safe. matmul() and matmul_serial() call it.
 void matmul_init(void);
+
+// OpenBLAS's thread count as openblas_get_num_threads() reports it (1 after matmul_init), or -1 when no
+// OpenBLAS is loaded.
+int matmul_blas_threads(void);
 
 // The same product computed by the calling thread alone (one sgemm call, or a plain loop without CBLAS):
 // for the many small per-(batch, head) products inside an OpenMP loop.

@@ -15,6 +15,7 @@
 #include "mlm/commands.h"
 #include "mlm/common.h"
 #include "mlm/config.h"
+#include "mlm/cpu_threads.h"
 #include "mlm/report.h"
 #include "mlm/train.h"
 
@@ -342,6 +343,7 @@ static int cmd_report(int argc, char **argv) {
 }
 
 int main(int argc, char **argv) {
+    cpu_threads_prepare(argv);  // may re-execute mlm so that OpenMP starts with passive waiting
     if (argc < 2) {
         usage_main(stderr);
         return MLM_EXIT_USAGE;

@@ -1,13 +1,19 @@
-// rng.c: Philox streams on cuRAND's host generator, and the per-step offset layout of masks and dropout.
+// rng.c: Philox streams on cuRAND's host generator (or, built without CUDA, on its CPU reproduction alone),
+// and the per-step offset layout of masks and dropout.
 #include "mlm/rng.h"
 
-#include <curand.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "mlm/common.h"
-#include "mlm/curand_check.h"
 #include "philox_cpu.h"
+
+#ifdef MLM_HAVE_CUDA
+#include <curand.h>
+
+#include "mlm/curand_check.h"
+#endif
 
 static uint64_t splitmix64(uint64_t x) {
     x += 0x9E3779B97F4A7C15ull;
@@ -20,6 +26,41 @@ uint64_t rng_domain_seed(uint64_t user_seed, RngDomain domain) {
     return splitmix64(user_seed ^ splitmix64((uint64_t)domain + 1));
 }
 
+void philox_uniform(uint64_t seed, uint64_t offset, float *out, size_t n) {
+    if (n == 0) return;
+    FOR_EACH_PHILOX(seed, offset, (uint64_t)n, out[i] = curand_uniform_of(x));
+}
+
+void philox_u32(uint64_t seed, uint64_t offset, uint32_t *out, size_t n) {
+    if (n == 0) return;
+    FOR_EACH_PHILOX(seed, offset, (uint64_t)n, out[i] = x);
+}
+
+// cuRAND's Box-Muller (curand_normal.h, _curand_box_muller, host branch): the raw outputs 2j and 2j + 1 of
+// the stream give normals 2j (sine) and 2j + 1 (cosine). Separate statements keep the compiler from fusing
+// a multiply and an add that cuRAND rounds separately.
+void philox_normal(uint64_t seed, uint64_t offset, float *out, size_t n, float mean, float std) {
+    if (n == 0) return;
+    size_t pairs = (n + 1) / 2;
+    uint32_t *raw = mlm_malloc(2 * pairs * sizeof(uint32_t), "normal samples");  // [2 * pairs]
+    philox_u32(seed, offset, raw, 2 * pairs);
+    const float inv_2pi = CURAND_2POW32_INV * 6.2831855f;
+    for (size_t j = 0; j < pairs; j++) {
+        float u = (float)raw[2 * j] * CURAND_2POW32_INV;
+        u = u + CURAND_2POW32_INV / 2.0f;
+        float v = (float)raw[2 * j + 1] * inv_2pi;
+        v = v + inv_2pi / 2.0f;
+        float s = sqrtf(-2.0f * logf(u));
+        float z[2] = {sinf(v) * s, cosf(v) * s};
+        for (int t = 0; t < 2 && 2 * j + t < n; t++) {
+            float scaled = z[t] * std;
+            out[2 * j + t] = scaled + mean;
+        }
+    }
+    free(raw);
+}
+
+#ifdef MLM_HAVE_CUDA
 void rng_init(Rng *rng, uint64_t user_seed, RngDomain domain) {
     curandGenerator_t g;
     CURAND_CHECK(curandCreateGeneratorHost(&g, CURAND_RNG_PSEUDO_PHILOX4_32_10));
@@ -43,11 +84,6 @@ static void seek(Rng *rng, uint64_t offset) {
     if (rng->pos == offset) return;
     CURAND_CHECK(curandSetGeneratorOffset((curandGenerator_t)rng->gen, offset));
     rng->pos = offset;
-}
-
-void philox_uniform(uint64_t seed, uint64_t offset, float *out, size_t n) {
-    if (n == 0) return;
-    FOR_EACH_PHILOX(seed, offset, (uint64_t)n, out[i] = curand_uniform_of(x));
 }
 
 static void curand_uniform_at(Rng *rng, uint64_t offset, float *out, size_t n) {
@@ -104,6 +140,29 @@ void rng_normal(Rng *rng, uint64_t offset, float *out, size_t n, float mean, flo
     for (size_t i = 0; i < n; i++) out[i] = tmp[i];
     free(tmp);
 }
+
+#else
+// Built without CUDA: the CPU reproduction is the generator (the CUDA builds test it bit for bit against
+// cuRAND's host generator: test_cpu_ops), so runs draw the same numbers in either build.
+void rng_init(Rng *rng, uint64_t user_seed, RngDomain domain) {
+    rng->seed = rng_domain_seed(user_seed, domain);
+    rng->gen = NULL;
+    rng->pos = 0;
+    rng->reproduced = 1;
+}
+
+void rng_free(Rng *rng) { rng->gen = NULL; }
+
+int rng_reproduced(Rng *rng) { return rng->reproduced; }
+
+void rng_uniform(Rng *rng, uint64_t offset, float *out, size_t n) { philox_uniform(rng->seed, offset, out, n); }
+
+void rng_u32(Rng *rng, uint64_t offset, uint32_t *out, size_t n) { philox_u32(rng->seed, offset, out, n); }
+
+void rng_normal(Rng *rng, uint64_t offset, float *out, size_t n, float mean, float std) {
+    philox_normal(rng->seed, offset, out, n, mean, std);
+}
+#endif
 
 RngLayout rng_layout(int B, int T, int C, int H, int F, int n_layers) {
     RngLayout l;
