@@ -72,6 +72,9 @@ if [ "${1:-}" != --step ]; then
   export FACTS="$LOGS/facts.txt"      # key=value lines for the summary
   export JOBS="$(nproc 2>/dev/null || echo 4)"
   export MLM_SOURCE_DIR="$ROOT" PYTHONUNBUFFERED=1 PATH="$PATH:/usr/local/cuda/bin"
+  # mlm re-executes itself once to make OpenMP wait passively unless this is set; set it so that every
+  # process the profilers and sanitizers see is the one they started.
+  export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-passive}"
   export BUILD="$ROOT/build-gpu" CORPUS=""
   # The toolkit's libraries (cudart, cuBLAS, cuRAND) wherever this machine keeps them, for carried binaries.
   for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
