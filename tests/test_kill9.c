@@ -46,26 +46,6 @@ static double uniform01(void) {  // xorshift64*: the kill moments, reproducible 
     return (double)((rng_state * 2685821657736338717ULL) >> 11) / 9007199254740992.0;
 }
 
-// Start mlm with the arguments of `cmd` (split at spaces), output appended to `log`; no shell in between, so
-// the signal reaches mlm itself.
-static pid_t start_mlm(const char *cmd, const char *log) {
-    char buf[2048];
-    snprintf(buf, sizeof(buf), "%s", cmd);
-    char *args[80];
-    int n = 0;
-    args[n++] = (char *)mlm_bin;
-    for (char *tok = strtok(buf, " "); tok && n < 78; tok = strtok(NULL, " ")) args[n++] = tok;
-    args[n] = NULL;
-    pid_t pid = fork();
-    if (pid == 0) {
-        int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
-        if (fd >= 0) { dup2(fd, 1); dup2(fd, 2); }
-        execv(mlm_bin, args);
-        _exit(127);
-    }
-    return pid;
-}
-
 static void sleep_s(double s) {
     struct timespec ts = {(time_t)s, (long)((s - (double)(time_t)s) * 1e9)};
     nanosleep(&ts, NULL);
@@ -139,7 +119,7 @@ static void test_kill9_resume_equals_straight_run(uint64_t seed) {
 
     snprintf(log, sizeof(log), "%s.log", b);
     snprintf(cmd, sizeof(cmd), "train " SMALL " --data %s --steps %d --out %s -q", corpus, STEPS, b);
-    pid_t pid = start_mlm(cmd, log);
+    pid_t pid = test_spawn(mlm_bin, cmd, log, 1);
     // The first process: wait for its first checkpoint (or its end), then the random moment.
     char latest[700];
     for (int i = 0; i < 6000 && ckpt_find_latest(b, latest, sizeof(latest)) != 0; i++) sleep_s(0.005);
@@ -178,7 +158,7 @@ static void test_kill9_resume_equals_straight_run(uint64_t seed) {
             CHECK(step > 0, "after kill %d no checkpoint loads: %s", kills, err);
             newest = step > newest ? step : newest;
         }
-        pid = start_mlm(cmd, log);  // every kill (or early end) is followed by a resume
+        pid = test_spawn(mlm_bin, cmd, log, 1);  // every kill (or early end) is followed by a resume
         resumes++;
     }
     // The last resume runs to the end undisturbed (a resume of a finished run must also succeed).

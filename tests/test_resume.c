@@ -56,19 +56,9 @@ static void test_resume_equals_straight_run(void) {
     snprintf(cmd, sizeof(cmd), "train " SMALL " --data %s --out %s -q --steps", corpus, b);
     snprintf(logpath, sizeof(logpath), "%s.log", b);
     snprintf(steps, sizeof(steps), "%d", STEPS);
-    char *args[64];
-    int nargs = 0;
-    args[nargs++] = (char *)mlm_bin;
-    for (char *tok = strtok(cmd, " "); tok && nargs < 62; tok = strtok(NULL, " ")) args[nargs++] = tok;
-    args[nargs++] = steps;
-    args[nargs] = NULL;
-    pid_t pid = fork();
-    if (pid == 0) {
-        int fd = open(logpath, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-        if (fd >= 0) { dup2(fd, 1); dup2(fd, 2); }
-        execv(mlm_bin, args);
-        _exit(127);
-    }
+    size_t len = strlen(cmd);
+    snprintf(cmd + len, sizeof(cmd) - len, " %s", steps);
+    pid_t pid = test_spawn(mlm_bin, cmd, logpath, 0);
     char losses[STEPS][32];
     memset(losses, 0, sizeof(losses));
     struct timespec tick = {0, 10 * 1000 * 1000};
@@ -77,9 +67,7 @@ static void test_resume_equals_straight_run(void) {
         nanosleep(&tick, NULL);
     }
     kill(pid, SIGINT);
-    int status;
-    waitpid(pid, &status, 0);
-    int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    int code = test_wait(pid);
     Checkpoint mid;
     char err[1024];
     int loaded = ckpt_load(b, &mid, err, sizeof(err)) == 0;

@@ -24,31 +24,6 @@ static char tmpdir[256];
               "--set data.seq_len=16 --set train.batch_size=8 --set train.samples=false --set optim.warmup=10 " \
               "--set train.threads=2"
 
-// Start `mlm ARGS` (split on spaces) with stdout and stderr into `log`; returns its pid.
-static pid_t spawn_mlm(const char *args, const char *log) {
-    static char buf[4096];
-    snprintf(buf, sizeof(buf), "%s", args);
-    char *argv[96];
-    int n = 0;
-    argv[n++] = (char *)mlm_bin;
-    for (char *tok = strtok(buf, " "); tok && n < 94; tok = strtok(NULL, " ")) argv[n++] = tok;
-    argv[n] = NULL;
-    pid_t pid = fork();
-    if (pid == 0) {
-        int fd = open(log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-        if (fd >= 0) { dup2(fd, 1); dup2(fd, 2); }
-        execv(mlm_bin, argv);
-        _exit(127);
-    }
-    return pid;
-}
-
-static int exit_code(pid_t pid) {
-    int status;
-    waitpid(pid, &status, 0);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-}
-
 static char *slurp(const char *path) {
     char *s = mlm_read_file(path, NULL);
     return s ? s : mlm_strdup("");
@@ -101,7 +76,7 @@ static void test_lock_and_wall_time_checkpoints(void) {
     snprintf(log, sizeof(log), "%s.log", run);
     snprintf(args, sizeof(args), "train " SMALL " --set train.ckpt_every=0 --set train.ckpt_minutes=0.002 "
              "--set train.keep_ckpts=2 --data %s --steps 1000000 --out %s -q", corpus, run);
-    pid_t holder = spawn_mlm(args, log);
+    pid_t holder = test_spawn(mlm_bin, args, log, 0);
     CHECK(wait_for(has_checkpoint, run, 120), "no wall-time checkpoint within 2 minutes (train.ckpt_minutes)");
     char lockfile[500], want[64];
     snprintf(lockfile, sizeof(lockfile), "%s/lock", run);
@@ -122,7 +97,7 @@ static void test_lock_and_wall_time_checkpoints(void) {
     CHECK(strstr(e, want) != NULL, "the refusal should name the holder's %s: %s", want, e);
     free(e);
     kill(holder, SIGKILL);
-    CHECK(exit_code(holder) == 128 + SIGKILL, "the holder should have died of SIGKILL");
+    CHECK(test_wait(holder) == 128 + SIGKILL, "the holder should have died of SIGKILL");
     CHECK(file_exists(lockfile), "kill -9 leaves the lock file behind (this is what the takeover is for)");
 
     Checkpoint ck;
@@ -170,10 +145,10 @@ static void test_final_validation(void) {
     // 99% of the text for validation at 1 sequence a batch: about 1,850 forwards, so the kill lands inside it.
     snprintf(args, sizeof(args), "train " SMALL " --set train.batch_size=1 --set data.train_split=0.01 "
              "--set train.ckpt_every=3 --data %s --steps 3 --out %s -q", corpus, run);
-    pid_t pid = spawn_mlm(args, log);
+    pid_t pid = test_spawn(mlm_bin, args, log, 0);
     int seen = wait_for(has_step3_checkpoint, run, 120);
     kill(pid, SIGKILL);
-    exit_code(pid);
+    test_wait(pid);
     CHECK(seen, "no step-3 checkpoint within 2 minutes");
     CHECK(count_lines_with(metrics, "\"kind\":\"valid\"") == 0,
           "the kill should land during the final validation (it landed after it; the test proves nothing)");
@@ -203,10 +178,10 @@ static void test_fresh_start_without_checkpoint(void) {
     snprintf(log, sizeof(log), "%s.log", run);
     snprintf(args, sizeof(args), "train " SMALL " --set train.ckpt_every=0 --set train.ckpt_minutes=0 "
              "--set train.log_every=1 --data %s --steps 1000000 --out %s -q", corpus, run);
-    pid_t pid = spawn_mlm(args, log);
+    pid_t pid = test_spawn(mlm_bin, args, log, 0);
     CHECK(wait_for(has_metrics, run, 120), "no metrics within 2 minutes");
     kill(pid, SIGKILL);
-    exit_code(pid);
+    test_wait(pid);
     CHECK(!has_checkpoint(run), "the run should have no checkpoint yet");
     CHECK(test_run("%s train --resume %s > /dev/null 2> %s/nockpt.err", mlm_bin, run, tmpdir) == MLM_EXIT_USAGE,
           "--resume of a directory without a checkpoint must exit 2");
@@ -238,10 +213,10 @@ static void test_first_minutes(void) {
     snprintf(args, sizeof(args), "train --set model.d_model=32 --set model.n_heads=4 --set model.n_layers=2 "
              "--set model.d_ff=48 --set data.seq_len=16 --set train.batch_size=8 --set train.threads=2 "
              "--set train.device=cpu --set train.epochs=1000000 --data %s --out %s", corpus, run);
-    pid_t pid = spawn_mlm(args, log);
+    pid_t pid = test_spawn(mlm_bin, args, log, 0);
     int hinted = wait_for(log_has_hint, log, 120);
     kill(pid, SIGINT);
-    CHECK(exit_code(pid) == 130, "SIGINT should stop the run with exit 130");
+    CHECK(test_wait(pid) == 130, "SIGINT should stop the run with exit 130");
     CHECK(hinted, "no short-run hint within 2 minutes");
     char *s = slurp(log);
     CHECK(strstr(s, "samples before epoch 1 (step 0)") != NULL, "the samples should be labelled:\n%s", s);

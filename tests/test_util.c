@@ -2,7 +2,10 @@
 #include "test_util.h"
 
 #include <math.h>
+#include <fcntl.h>
 #include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
 #include <stdlib.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -57,5 +60,30 @@ int test_run(const char *fmt, ...) {
     vsnprintf(cmd, sizeof(cmd), fmt, ap);
     va_end(ap);
     int st = system(cmd);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+}
+
+pid_t test_spawn(const char *bin, const char *args, const char *log, int append) {
+    char buf[4096];
+    snprintf(buf, sizeof(buf), "%s", args);
+    char *argv[128];
+    int n = 0;
+    argv[n++] = (char *)bin;
+    for (char *tok = strtok(buf, " "); tok && n < 127; tok = strtok(NULL, " ")) argv[n++] = tok;
+    argv[n] = NULL;
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid == 0) {
+        int fd = open(log, O_WRONLY | O_CREAT | (append ? O_APPEND : O_TRUNC), 0644);
+        if (fd >= 0) { dup2(fd, 1); dup2(fd, 2); }
+        execv(bin, argv);
+        _exit(127);
+    }
+    return pid;
+}
+
+int test_wait(pid_t pid) {
+    int st;
+    if (waitpid(pid, &st, 0) != pid) return -1;
     return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
 }

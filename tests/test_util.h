@@ -4,6 +4,7 @@
 
 #include <stddef.h>
 #include <stdio.h>
+#include <sys/types.h>
 
 #define TEST_SKIP 77
 
@@ -31,6 +32,12 @@ int test_skip(const char *why);
 
 // Run a shell command built like printf; returns its exit status (128 + signal if it was killed).
 int test_run(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+// Start `bin ARGS` (ARGS split on spaces) as a direct child, no shell in between, so that a signal sent to the
+// returned pid reaches the program itself; its stdout and stderr go to `log`, appended to or truncated.
+pid_t test_spawn(const char *bin, const char *args, const char *log, int append);
+// Wait for a child; its exit status, or 128 + the signal that ended it.
+int test_wait(pid_t pid);
 
 // Path of the corpus for tests: $MLM_TEST_CORPUS or argv[1]; NULL (and a printed reason) if unreadable.
 const char *test_corpus_path(int argc, char **argv);
