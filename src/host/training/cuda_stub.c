@@ -41,8 +41,8 @@ void cuda_model_set_adam(CudaModel *m, const float *adam_m, const float *adam_v)
 void cuda_model_get_adam(CudaModel *m, float *adam_m, float *adam_v) { no_cuda("cuda_model_get_adam"); }
 void cuda_model_set_decay_mask(CudaModel *m, const uint8_t *decay_mask) { no_cuda("cuda_model_set_decay_mask"); }
 
-void cuda_model_forward(CudaModel *m, const int *tokens, const int *labels, int B, const MaskConfig *mask,
-                        const CudaRandom *rnd, CudaStepStats *stats) {
+void cuda_model_forward(CudaModel *m, const int *tokens, const int *labels, int B, int pad_id,
+                        const MaskConfig *mask, const CudaRandom *rnd, CudaStepStats *stats) {
     no_cuda("cuda_model_forward");
 }
 
