@@ -70,7 +70,7 @@ MLM_VERIFY_DEADLINE=14 MLM_VERIFY_STUB_HANG=mlm-20ep MLM_VERIFY_STUB_FAIL=test_g
 rc=$?
 took=$((SECONDS - t0))
 echo "run 2 (deadline 14 s, a hang, a failure, an unsupported device): exit status $rc in $took s"
-check "run 2 still exits 0 after writing everything" [ $rc -eq 0 ]
+check "run 2 exits 1 (a step failed) after writing everything" [ $rc -eq 1 ]
 check "run 2 ends within the deadline plus 6 s" [ $took -le 20 ]
 check "run 2 wrote summary.txt" [ -s "$out/summary.txt" ]
 check "run 2: at most 8 files" [ "$(find "$out" -mindepth 1 -type f | wc -l)" -le 8 ]

@@ -520,4 +520,7 @@ n=$(find "$OUT" -mindepth 1 | wc -l)
 [ "$n" -gt 8 ] && echo "warning: $OUT holds $n entries; only 8 files come back from the GPU machine"
 cat "$OUT/summary.txt"
 echo "gpu_verify.sh: $(elapsed) s of a ${DEADLINE} s deadline; results in $OUT"
+# Everything is written by now; the exit status says whether any step failed (its last record counts).
+failed=$(awk -F'\t' '{ st[$1] = $2 } END { n = 0; for (k in st) if (st[k] == "fail") n++; print n }' "$RESULTS")
+[ "$failed" -eq 0 ] || { echo "gpu_verify.sh: $failed step(s) failed (summary.txt)"; exit 1; }
 exit 0
