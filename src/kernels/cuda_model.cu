@@ -20,14 +20,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-// model.h, rng.h, mask.h and optim.h are C headers without C++ guards: give their functions C linkage here
-// before cuda_model.h includes them (their include guards make the later includes no-ops).
-extern "C" {
 #include "mlm/mask.h"
 #include "mlm/model.h"
 #include "mlm/optim.h"
 #include "mlm/rng.h"
-}
 
 #include "cuda_check.h"
 #include "kernels.h"

@@ -17,9 +17,10 @@ extern "C" void cuda_uniform(void *curand_gen, uint64_t offset, float *d_out, si
     CURAND_CHECK(curandGenerateUniform(gen, d_out, n));
 }
 
-// u is [4, n]: the same layout and the same rule as mask_apply on the host.
-static __global__ void mask_kernel(MaskRule rule, const int *tokens, size_t n, const float *u, int *inputs,
-                                   int *labels) {
+// u is [4, n]: the same layout and the same rule as mask_apply on the host. The rule is __grid_constant__ so
+// that taking its address reads it from the parameter bank instead of copying 120 bytes per thread.
+static __global__ void mask_kernel(const __grid_constant__ MaskRule rule, const int *tokens, size_t n,
+                                   const float *u, int *inputs, int *labels) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     mask_one(&rule, tokens[i], u[i], u[n + i], u[2 * n + i], u[3 * n + i], &inputs[i], &labels[i]);

@@ -41,6 +41,8 @@
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 #define __constant__
+// A kernel parameter the device reads in place from the constant bank; on the CPU it is an ordinary argument.
+#define __grid_constant__
 // Static shared memory: blocks run one at a time, so one static instance serves every block in turn. The
 // section lets the runtime refill all of it with the NaN pattern at the start of each block.
 #define __shared__ static __attribute__((section("emu_shared")))
