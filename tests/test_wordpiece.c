@@ -65,6 +65,11 @@ static void test_uncased(const WordPiece *wp) {
     EXPECT(wp, "hel\xfflo", 11);                    // invalid UTF-8 byte dropped
     EXPECT(wp, "hel\xe2\x80\x8blo", 11);            // U+200B zero width space is Cf: dropped
     EXPECT(wp, "hello\xe3\x80\x80world", 11, 12);   // U+3000 ideographic space splits
+    EXPECT(wp, "hello\xe2\x80\xa8world", 11, 12);   // U+2028 line separator (Zl) splits
+    EXPECT(wp, "hel\x0blo hel\x0clo", 11, 11);        // VT, FF: controls before whitespace, dropped (tokenizers)
+    EXPECT(wp, "hello\xcd\xb8", 1);                   // U+0378 unassigned (Cn): kept as a letter, word unknown
+    EXPECT(wp, "a\xf0\xab\xa0\xa0" "a", 1);           // U+2B820: not CJK for tokenizers (range starts 2B920)
+    EXPECT(wp, "a\xf0\xab\xa4\xa0" "a", 16, 1, 16);   // U+2B920: CJK, split off
     EXPECT(wp, "[MASK]", 4);                        // specials verbatim in the text, as Hugging Face
     EXPECT(wp, "hello[MASK]world[SEP]", 11, 4, 12, 3);
     EXPECT(wp, "[mask] [MASK", 1, 1, 1, 1, 1);      // not verbatim: ordinary text, "[" "mask" "]" unknown

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 # test_wordpiece_hf.py: mlm's WordPiece tokenizer (through tests/wp_encode_tool) gives exactly the ids of
 # Hugging Face tokenizers' BertWordPieceTokenizer(vocab, lowercase=True), token for token, on the whole
-# Tiny Shakespeare corpus and on tricky multilingual strings (CJK, accents, punctuation, controls).
+# Tiny Shakespeare corpus, on tricky multilingual strings (CJK, accents, punctuation, controls) and on every
+# code point of stable category since Unicode 3.2.
 # Usage: test_wordpiece_hf.py --tool wp_encode_tool --vocab vocab.txt --corpus tinyshakespeare.txt
 import argparse, os, subprocess, sys, tempfile, time
 
@@ -16,7 +17,8 @@ TRICKY = [
     "soft\u00adhyphen", "emoji 😀 👍🏽 ❤️ ✨", "Ⅻ ① ㎏ ½ x² H₂O", "ﬃ ligature ＦＵＬＬＷＩＤＴＨ　ｓｐａｃｅ",
     "עברית ،العربية؟ हिन्दी। ไทย", "don't won't o'clock e.g. U.S.A. 3.14 1,000,000",
     "a" * 100, "b" * 101, "x" * 99 + "é", "supercalifragilisticexpialidocious antidisestablishmentarianism",
-    "[MASK] is a special only for the model", "ǰ ΐ ẞ Å K Ω", "Dž ǈ Σ σς", "\u1e9e\u0130\u0049\u0307",
+    "[MASK] is a special only for the model", "x[CLS]y[SEP] [mask] [MASK [UNK][PAD]", "a\u001cb a\u001fb a\u2028b a\u2029b",
+    "\U0002b820\U0002b91f\U0002b920 CJK Ext-E bounds", "갂힣 ᄀ ㄱ Hangul", "private\ue000use \U000f0000", "ǰ ΐ ẞ Å K Ω", "Dž ǈ Σ σς", "\u1e9e\u0130\u0049\u0307",
 ]
 
 def main():
@@ -37,7 +39,16 @@ def main():
     hf = BertWordPieceTokenizer(a.vocab, lowercase=True)
     with open(a.corpus, encoding="utf-8") as f:
         shakespeare = f.read()
-    for name, text in [("tinyshakespeare", shakespeare), ("multilingual", "\n".join(TRICKY))]:
+    # Every code point whose general category is the same in Unicode 3.2 and in Python's Unicode, between
+    # letters ("ab" c "ab"): tokenizers' Rust crates carry older Unicode data than ours (Unicode 14), so code
+    # points assigned or re-categorised since may differ; those are left out here (see wordpiece.c).
+    import unicodedata
+    old = unicodedata.ucd_3_2_0
+    stable = [c for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF and c not in (10, 13)
+              and old.category(chr(c)) != "Cn" and old.category(chr(c)) == unicodedata.category(chr(c))]
+    codepoints = "\n".join("ab" + chr(c) + "ab" for c in stable)
+    for name, text in [("tinyshakespeare", shakespeare), ("multilingual", "\n".join(TRICKY)),
+                       ("codepoints", codepoints)]:
         t0 = time.perf_counter()
         with tempfile.NamedTemporaryFile("wb", suffix=".txt", delete=False) as f:
             f.write(text.encode("utf-8"))

@@ -14,7 +14,7 @@ OUTDIR = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__fi
 WHITE_SPACE = set(list(range(0x09, 0x0E)) + [0x20, 0x85, 0xA0, 0x1680] + list(range(0x2000, 0x200B)) +
                   [0x2028, 0x2029, 0x202F, 0x205F, 0x3000])
 
-# Classes: 0 other-than-below, 1 control (general category C*: Cc Cf Cs Co Cn), 2 punctuation (P* or ASCII
+# Classes: 0 other-than-below, 1 control (general category Cc Cf Cs Co; as in tokenizers, not Cn), 2 punctuation (P* or ASCII
 # punctuation), 3 whitespace (White_Space). As in tokenizers' BertNormalizer, tab, newline and carriage return
 # are whitespace, and every other control character (VT, FF, NEL are White_Space too) is a control, dropped.
 def cls(cp):
@@ -22,7 +22,7 @@ def cls(cp):
     cat = unicodedata.category(c)
     if cp in (0x09, 0x0A, 0x0D):
         return 3
-    if cat.startswith("C"):
+    if cat in ("Cc", "Cf", "Co", "Cs"):  # not Cn: tokenizers keeps unassigned code points as letters
         return 1
     if cp in WHITE_SPACE:
         return 3

@@ -90,10 +90,12 @@ static const UniMap *uni_find(const UniMap *m, size_t n, uint32_t cp) {
     return (lo < n && m[lo].cp == cp) ? &m[lo] : NULL;
 }
 
-// BERT's _is_chinese_char: the CJK Unified Ideographs blocks and their extensions/compatibility blocks.
+// BERT's _is_chinese_char: the CJK Unified Ideographs blocks and their extensions/compatibility blocks, with
+// tokenizers' bound 0x2B920 for Extension E (Python BERT and transformers' slow BertTokenizer say 0x2B820:
+// U+2B820..U+2B91F are split off there and not here; we follow BertTokenizerFast).
 static int is_cjk(uint32_t cp) {
     return (cp >= 0x4E00 && cp <= 0x9FFF) || (cp >= 0x3400 && cp <= 0x4DBF) || (cp >= 0x20000 && cp <= 0x2A6DF) ||
-           (cp >= 0x2A700 && cp <= 0x2B73F) || (cp >= 0x2B740 && cp <= 0x2B81F) || (cp >= 0x2B820 && cp <= 0x2CEAF) ||
+           (cp >= 0x2A700 && cp <= 0x2B73F) || (cp >= 0x2B740 && cp <= 0x2B81F) || (cp >= 0x2B920 && cp <= 0x2CEAF) ||
            (cp >= 0xF900 && cp <= 0xFAFF) || (cp >= 0x2F800 && cp <= 0x2FA1F);
 }
 
