@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-# test_wordpiece_hf.py: mlm's WordPiece tokenizer (through tests/wp_encode_tool) gives exactly the ids of
-# Hugging Face tokenizers' BertWordPieceTokenizer(vocab, lowercase=True), token for token, on the whole
+# test_wordpiece_hf.py: mlm's WordPiece tokenizer (through tests/wp_encode_tool) gives exactly the ids of Hugging
+# Face tokenizers' BertWordPieceTokenizer(vocab, lowercase=True) (and lowercase=False), token for token, on the whole
 # Tiny Shakespeare corpus, on tricky multilingual strings (CJK, accents, punctuation, controls) and on every
 # code point of stable category since Unicode 3.2.
 # Usage: test_wordpiece_hf.py --tool wp_encode_tool --vocab vocab.txt --corpus tinyshakespeare.txt
@@ -37,6 +37,7 @@ def main():
             print("SKIP: %s is missing" % p)
             return 77
     hf = BertWordPieceTokenizer(a.vocab, lowercase=True)
+    hf_cased = BertWordPieceTokenizer(a.vocab, lowercase=False)  # no lower-casing, no accent stripping
     with open(a.corpus, encoding="utf-8") as f:
         shakespeare = f.read()
     # Every code point whose general category is the same in Unicode 3.2 and in Python's Unicode, between
@@ -47,20 +48,22 @@ def main():
     stable = [c for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF and c not in (10, 13)
               and old.category(chr(c)) != "Cn" and old.category(chr(c)) == unicodedata.category(chr(c))]
     codepoints = "\n".join("ab" + chr(c) + "ab" for c in stable)
-    for name, text in [("tinyshakespeare", shakespeare), ("multilingual", "\n".join(TRICKY)),
-                       ("codepoints", codepoints)]:
+    for name, text, cased in [("tinyshakespeare", shakespeare, 0), ("multilingual", "\n".join(TRICKY), 0),
+                              ("codepoints", codepoints, 0), ("multilingual-cased", "\n".join(TRICKY), 1),
+                              ("codepoints-cased", codepoints, 1)]:
         t0 = time.perf_counter()
         with tempfile.NamedTemporaryFile("wb", suffix=".txt", delete=False) as f:
             f.write(text.encode("utf-8"))
             path = f.name
         try:
-            out = subprocess.run([a.tool, a.vocab, path], check=True, capture_output=True).stdout.decode()
+            out = subprocess.run([a.tool, a.vocab, path] + (["--cased"] if cased else []), check=True,
+                                 capture_output=True).stdout.decode()
         finally:
             os.unlink(path)
         t1 = time.perf_counter()
         mine = [[int(x) for x in l.split()] for l in out.split("\n")[:-1]]
         lines = text.split("\n")
-        theirs = [e.ids for e in hf.encode_batch(lines, add_special_tokens=False)]
+        theirs = [e.ids for e in (hf_cased if cased else hf).encode_batch(lines, add_special_tokens=False)]
         t2 = time.perf_counter()
         if len(mine) != len(lines):
             print("FAIL %s: %d lines from the tool, %d in the text" % (name, len(mine), len(lines)))
