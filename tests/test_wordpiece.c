@@ -97,6 +97,29 @@ static void test_uncased(const WordPiece *wp) {
     CHECK(n == 3 && two[0] == 11 && two[1] == 12 && two[2] == -7, "cap 2: n %zu, ids %d %d %d", n, two[0], two[1], two[2]);
 }
 
+// Random bytes (mostly invalid UTF-8, controls, punctuation, '[' for the specials): ids stay in range and a
+// buffer of exactly the returned size gives the same ids as a large one (sanitizer builds check the memory).
+static void test_random_bytes(const WordPiece *wp) {
+    static const char alphabet[] = "aun[]MASK!,. \t\n\xc3\xa9\xe4\xb8\xad\xff\x80\x01";
+    uint64_t x = 88172645463325252ULL;
+    int ok = 1;
+    for (int it = 0; it < 2000 && ok; it++) {
+        char text[64];
+        int32_t big[128], exact[128];
+        size_t len = (size_t)(it % 64);
+        for (size_t i = 0; i < len; i++) {
+            x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+            text[i] = (it & 1) ? (char)(x >> 32) : alphabet[(x >> 32) % (sizeof alphabet - 1)];
+        }
+        size_t n = wp_encode(wp, text, len, big, 128);
+        ok &= n <= len;
+        for (size_t i = 0; ok && i < n; i++) ok &= big[i] >= 0 && (size_t)big[i] < wp_vocab_size(wp);
+        ok &= wp_encode(wp, text, len, exact, n) == n && (n == 0 || memcmp(big, exact, n * sizeof *big) == 0);
+        if (!ok) fprintf(stderr, "random input %d (%zu bytes): %zu ids\n", it, len, n);
+    }
+    CHECK(ok, "random bytes: ids in range, same with an exact-size buffer");
+}
+
 static void test_cased(const WordPiece *wp) {
     EXPECT(wp, "Hello hello", 1, 11);
     EXPECT(wp, "caf\xc3\xa9 cafe", 1, 13);  // no accent stripping without lower-casing
@@ -137,6 +160,7 @@ int main(void) {
     CHECK(wp_id(wp, "nope") == -1 && wp_id(wp, "##able") == 7, "lookups");
     CHECK(wp_token(wp, 11) && strcmp(wp_token(wp, 11), "hello") == 0 && wp_token(wp, 24) == NULL, "wp_token");
     test_uncased(wp);
+    test_random_bytes(wp);
     wp_free(wp);
     wp = wp_load(path, 0, err, sizeof err);
     CHECK(wp != NULL, "load cased: %s", err);
