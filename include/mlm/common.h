@@ -28,6 +28,9 @@ extern "C" {
 MLM_NORETURN void mlm_fatal(int code, const char *fmt, ...) MLM_PRINTF(2, 3);
 // Print "mlm: warning: <message>" to stderr.
 void mlm_warn(const char *fmt, ...) MLM_PRINTF(1, 2);
+// Format a message into the caller's err[errlen] buffer (the err/errlen convention of the readers); a NULL or
+// empty buffer is left alone.
+void mlm_set_error(char *err, size_t errlen, const char *fmt, ...) MLM_PRINTF(3, 4);
 
 // malloc/calloc that exit with a message naming `what` and the byte count on failure.
 void *mlm_malloc(size_t bytes, const char *what);

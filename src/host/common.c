@@ -29,6 +29,14 @@ void mlm_warn(const char *fmt, ...) {
     va_end(ap);
 }
 
+void mlm_set_error(char *err, size_t errlen, const char *fmt, ...) {
+    if (!err || !errlen) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
 void *mlm_malloc(size_t bytes, const char *what) {
     void *p = malloc(bytes ? bytes : 1);
     if (!p)

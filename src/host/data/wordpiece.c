@@ -4,11 +4,11 @@
 #include "mlm/wordpiece.h"
 
 #include <errno.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "mlm/common.h"
 #include "unicode_tables.h"
 
 struct WordPiece {
@@ -117,17 +117,9 @@ static int32_t lookup(const WordPiece *wp, const char *s, size_t n) {
     }
 }
 
-static void seterr(char *err, size_t errlen, const char *fmt, ...) {
-    if (!err || !errlen) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
 WordPiece *wp_load(const char *path, int lower, char *err, size_t errlen) {
     FILE *f = fopen(path, "rb");
-    if (!f) { seterr(err, errlen, "%s: cannot open vocabulary: %s", path, strerror(errno)); return NULL; }
+    if (!f) { mlm_set_error(err, errlen, "%s: cannot open vocabulary: %s", path, strerror(errno)); return NULL; }
     size_t cap = 1 << 20, len = 0;
     char *buf = malloc(cap);
     size_t got;
@@ -137,7 +129,7 @@ WordPiece *wp_load(const char *path, int lower, char *err, size_t errlen) {
     }
     int rerr = ferror(f);
     fclose(f);
-    if (!buf || rerr) { free(buf); seterr(err, errlen, "%s: cannot read vocabulary", path); return NULL; }
+    if (!buf || rerr) { free(buf); mlm_set_error(err, errlen, "%s: cannot read vocabulary", path); return NULL; }
     buf[len] = '\0';
 
     WordPiece *wp = calloc(1, sizeof *wp);
@@ -149,7 +141,7 @@ WordPiece *wp_load(const char *path, int lower, char *err, size_t errlen) {
     wp->slots = malloc(wp->nslots * sizeof *wp->slots);
     wp->pool = buf;  // tokens are terminated in place
     wp->lower = lower;
-    if (!wp->offs || !wp->slots) { wp_free(wp); seterr(err, errlen, "%s: out of memory", path); return NULL; }
+    if (!wp->offs || !wp->slots) { wp_free(wp); mlm_set_error(err, errlen, "%s: out of memory", path); return NULL; }
     memset(wp->slots, 0xFF, wp->nslots * sizeof *wp->slots);
     for (size_t pos = 0, line = 1; pos < len; line++) {
         char *s = buf + pos, *nl = memchr(s, '\n', len - pos);
@@ -158,16 +150,16 @@ WordPiece *wp_load(const char *path, int lower, char *err, size_t errlen) {
         while (n > 0 && (s[n - 1] == '\r' || s[n - 1] == ' ' || s[n - 1] == '\t')) n--;  // as HF's trim_end
         s[n] = '\0';
         if (n == 0 || memchr(s, '\0', n)) {
-            seterr(err, errlen, "%s:%zu: empty token (or a NUL byte); a vocab.txt has one token per line", path, line);
+            mlm_set_error(err, errlen, "%s:%zu: empty token (or a NUL byte); a vocab.txt has one token per line", path, line);
             wp_free(wp); return NULL;
         }
         if (!utf8_valid(s, n)) {
-            seterr(err, errlen, "%s:%zu: token is not valid UTF-8; save the vocabulary as UTF-8", path, line);
+            mlm_set_error(err, errlen, "%s:%zu: token is not valid UTF-8; save the vocabulary as UTF-8", path, line);
             wp_free(wp); return NULL;
         }
         int32_t dup = lookup(wp, s, n);
         if (dup >= 0) {
-            seterr(err, errlen, "%s:%zu: duplicate token \"%s\" (first on line %d); each token must appear once",
+            mlm_set_error(err, errlen, "%s:%zu: duplicate token \"%s\" (first on line %d); each token must appear once",
                    path, line, s, dup + 1);
             wp_free(wp); return NULL;
         }
@@ -181,7 +173,7 @@ WordPiece *wp_load(const char *path, int lower, char *err, size_t errlen) {
     for (int i = 0; i < 5; i++) wp->special[i] = wp_id(wp, WP_SPECIALS[i]);
     wp->unk = wp_id(wp, "[UNK]");
     if (wp->unk < 0) {
-        seterr(err, errlen, "%s: no [UNK] token in %zu lines; a BERT vocab.txt lists [PAD] [UNK] [CLS] [SEP] [MASK]",
+        mlm_set_error(err, errlen, "%s: no [UNK] token in %zu lines; a BERT vocab.txt lists [PAD] [UNK] [CLS] [SEP] [MASK]",
                path, wp->n);
         wp_free(wp); return NULL;
     }

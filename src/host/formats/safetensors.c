@@ -24,15 +24,6 @@
 static const char *const dtype_names[] = {"F32", "I32", "I64", "F64", "U8"};
 static const size_t dtype_sizes[] = {4, 4, 8, 8, 1};
 
-static void seterr(char *err, size_t errlen, const char *fmt, ...) MLM_PRINTF(3, 4);
-static void seterr(char *err, size_t errlen, const char *fmt, ...) {
-    if (!err || !errlen) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
 // ---- JSON subset parser ------------------------------------------------------------------------------
 
 typedef struct {
@@ -288,17 +279,17 @@ static int parse_tensor_entry(Json *j, StTensor *t, Span *sp) {
 int st_read(const char *path, StFile *out, char *err, size_t errlen) {
     memset(out, 0, sizeof(*out));
     FILE *fp = fopen(path, "rb");
-    if (!fp) { seterr(err, errlen, "%s: cannot open: %s", path, strerror(errno)); return 1; }
+    if (!fp) { mlm_set_error(err, errlen, "%s: cannot open: %s", path, strerror(errno)); return 1; }
     struct stat stt;
     if (fstat(fileno(fp), &stt) != 0 || !S_ISREG(stt.st_mode)) {
-        seterr(err, errlen, "%s: not a regular file", path);
+        mlm_set_error(err, errlen, "%s: not a regular file", path);
         fclose(fp);
         return 1;
     }
     uint64_t fsize = (uint64_t)stt.st_size;
     unsigned char lenbuf[8];
     if (fsize < 8 || fread(lenbuf, 1, 8, fp) != 8) {
-        seterr(err, errlen, "%s: truncated: %llu bytes, less than the 8-byte header length", path,
+        mlm_set_error(err, errlen, "%s: truncated: %llu bytes, less than the 8-byte header length", path,
                (unsigned long long)fsize);
         fclose(fp);
         return 1;
@@ -306,13 +297,13 @@ int st_read(const char *path, StFile *out, char *err, size_t errlen) {
     uint64_t hlen = 0;
     for (int i = 7; i >= 0; i--) hlen = (hlen << 8) | lenbuf[i];
     if (hlen > fsize - 8) {
-        seterr(err, errlen, "%s: truncated or corrupt: header length %llu exceeds the %llu bytes after it", path,
+        mlm_set_error(err, errlen, "%s: truncated or corrupt: header length %llu exceeds the %llu bytes after it", path,
                (unsigned long long)hlen, (unsigned long long)(fsize - 8));
         fclose(fp);
         return 1;
     }
     if (hlen < 2 || hlen > ST_MAX_HEADER) {
-        seterr(err, errlen, "%s: corrupt: implausible header length %llu", path, (unsigned long long)hlen);
+        mlm_set_error(err, errlen, "%s: corrupt: implausible header length %llu", path, (unsigned long long)hlen);
         fclose(fp);
         return 1;
     }
@@ -322,7 +313,7 @@ int st_read(const char *path, StFile *out, char *err, size_t errlen) {
     size_t pad = (16 - (size_t)(hlen % 16)) % 16;
     unsigned char *buf = mlm_malloc(pad + rest + 1, "a safetensors file");
     if (fread(buf + pad, 1, rest, fp) != rest) {
-        seterr(err, errlen, "%s: read error or file changed while reading: %s", path,
+        mlm_set_error(err, errlen, "%s: read error or file changed while reading: %s", path,
                ferror(fp) ? strerror(errno) : "short read");
         free(buf);
         fclose(fp);
@@ -379,7 +370,7 @@ int st_read(const char *path, StFile *out, char *err, size_t errlen) {
     }
     if (!rc && jpeek(&j) != -1) rc = jfail(&j, "trailing characters after the header object");
     if (rc) {
-        seterr(err, errlen, "%s: corrupt: %s%s", path, j.msg, where);
+        mlm_set_error(err, errlen, "%s: corrupt: %s%s", path, j.msg, where);
         free(spans);
         st_free(out);
         return 1;
@@ -395,19 +386,19 @@ int st_read(const char *path, StFile *out, char *err, size_t errlen) {
         }
         uint64_t esz = dtype_sizes[t->dtype];
         if (rc) {
-            seterr(err, errlen, "%s: corrupt: tensor \"%s\" has an impossibly large shape", path, t->name);
+            mlm_set_error(err, errlen, "%s: corrupt: tensor \"%s\" has an impossibly large shape", path, t->name);
         } else if (spans[i].end < spans[i].begin || spans[i].end > data_len) {
-            seterr(err, errlen, "%s: truncated or corrupt: tensor \"%s\" has data_offsets [%llu, %llu] outside the "
+            mlm_set_error(err, errlen, "%s: truncated or corrupt: tensor \"%s\" has data_offsets [%llu, %llu] outside the "
                    "%llu-byte data region", path, t->name, (unsigned long long)spans[i].begin,
                    (unsigned long long)spans[i].end, (unsigned long long)data_len);
             rc = 1;
         } else if (spans[i].end - spans[i].begin != numel * esz) {
-            seterr(err, errlen, "%s: corrupt: tensor \"%s\" (%s, %llu elements) needs %llu bytes but data_offsets "
+            mlm_set_error(err, errlen, "%s: corrupt: tensor \"%s\" (%s, %llu elements) needs %llu bytes but data_offsets "
                    "span %llu", path, t->name, dtype_names[t->dtype], (unsigned long long)numel,
                    (unsigned long long)(numel * esz), (unsigned long long)(spans[i].end - spans[i].begin));
             rc = 1;
         } else if (spans[i].begin % esz) {
-            seterr(err, errlen, "%s: unsupported: tensor \"%s\" starts at data offset %llu, not a multiple of its "
+            mlm_set_error(err, errlen, "%s: unsupported: tensor \"%s\" starts at data offset %llu, not a multiple of its "
                    "%llu-byte element size", path, t->name, (unsigned long long)spans[i].begin,
                    (unsigned long long)esz);
             rc = 1;
@@ -421,7 +412,7 @@ int st_read(const char *path, StFile *out, char *err, size_t errlen) {
         qsort(spans, (size_t)n, sizeof(Span), span_cmp);
         for (int i = 1; i < n && !rc; i++) {
             if (spans[i].begin < spans[i - 1].end) {
-                seterr(err, errlen, "%s: corrupt: tensors \"%s\" [%llu, %llu) and \"%s\" [%llu, %llu) overlap", path,
+                mlm_set_error(err, errlen, "%s: corrupt: tensors \"%s\" [%llu, %llu) and \"%s\" [%llu, %llu) overlap", path,
                        ts[spans[i - 1].index].name, (unsigned long long)spans[i - 1].begin,
                        (unsigned long long)spans[i - 1].end, ts[spans[i].index].name,
                        (unsigned long long)spans[i].begin, (unsigned long long)spans[i].end);
@@ -431,7 +422,7 @@ int st_read(const char *path, StFile *out, char *err, size_t errlen) {
         for (int a = 0; a < n && !rc; a++)
             for (int b = a + 1; b < n && !rc; b++)
                 if (strcmp(ts[a].name, ts[b].name) == 0) {
-                    seterr(err, errlen, "%s: corrupt: tensor \"%s\" appears twice", path, ts[a].name);
+                    mlm_set_error(err, errlen, "%s: corrupt: tensor \"%s\" appears twice", path, ts[a].name);
                     rc = 1;
                 }
     }
@@ -521,26 +512,26 @@ int st_write(const char *path, const StTensor *tensors, int n, const char *const
     for (int i = 0; i < n; i++) {
         const StTensor *t = &tensors[i];
         if (!t->name || !t->name[0] || strcmp(t->name, "__metadata__") == 0) {
-            seterr(err, errlen, "%s: tensor %d has an empty or reserved name", path, i);
+            mlm_set_error(err, errlen, "%s: tensor %d has an empty or reserved name", path, i);
             return 1;
         }
         if ((unsigned)t->dtype > ST_U8 || t->ndim < 0 || t->ndim > ST_MAX_DIMS) {
-            seterr(err, errlen, "%s: tensor \"%s\" has a bad dtype or %d dimensions", path, t->name, t->ndim);
+            mlm_set_error(err, errlen, "%s: tensor \"%s\" has a bad dtype or %d dimensions", path, t->name, t->ndim);
             return 1;
         }
         uint64_t numel = 1;
         for (int d = 0; d < t->ndim; d++) {
-            if (t->shape[d] < 0) { seterr(err, errlen, "%s: tensor \"%s\" has a negative dimension", path, t->name); return 1; }
+            if (t->shape[d] < 0) { mlm_set_error(err, errlen, "%s: tensor \"%s\" has a negative dimension", path, t->name); return 1; }
             numel *= (uint64_t)t->shape[d];
         }
         if (numel * dtype_sizes[t->dtype] != t->nbytes || (t->nbytes && !t->data)) {
-            seterr(err, errlen, "%s: tensor \"%s\": nbytes %zu does not match its shape and dtype (%llu bytes)", path,
+            mlm_set_error(err, errlen, "%s: tensor \"%s\": nbytes %zu does not match its shape and dtype (%llu bytes)", path,
                    t->name, t->nbytes, (unsigned long long)(numel * dtype_sizes[t->dtype]));
             return 1;
         }
         for (int k = 0; k < i; k++)
             if (strcmp(tensors[k].name, t->name) == 0) {
-                seterr(err, errlen, "%s: tensor \"%s\" given twice", path, t->name);
+                mlm_set_error(err, errlen, "%s: tensor \"%s\" given twice", path, t->name);
                 return 1;
             }
     }
@@ -592,7 +583,7 @@ int st_write(const char *path, const StTensor *tensors, int n, const char *const
     int rc = 0;
     FILE *fp = fopen(tmp, "wb");
     if (!fp) {
-        seterr(err, errlen, "%s: cannot create: %s", tmp, strerror(errno));
+        mlm_set_error(err, errlen, "%s: cannot create: %s", tmp, strerror(errno));
         rc = 1;
     } else {
         unsigned char lenbuf[8];
@@ -605,10 +596,10 @@ int st_write(const char *path, const StTensor *tensors, int n, const char *const
         int saved = errno;
         if (fclose(fp) != 0) rc = 1;
         if (rc) {
-            seterr(err, errlen, "%s: write failed: %s", tmp, strerror(saved ? saved : errno));
+            mlm_set_error(err, errlen, "%s: write failed: %s", tmp, strerror(saved ? saved : errno));
             remove(tmp);
         } else if (rename(tmp, path) != 0) {
-            seterr(err, errlen, "%s: cannot rename %s into place: %s", path, tmp, strerror(errno));
+            mlm_set_error(err, errlen, "%s: cannot rename %s into place: %s", path, tmp, strerror(errno));
             remove(tmp);
             rc = 1;
         } else {
