@@ -59,25 +59,6 @@ static int exited(pid_t pid, int *code) {
     return 1;
 }
 
-// Train-loss strings by step; returns how many train lines there are (a step logged twice counts twice).
-static int train_losses(const char *run_dir, char losses[][32]) {
-    char path[512];
-    snprintf(path, sizeof(path), "%s/metrics.jsonl", run_dir);
-    size_t len;
-    char *text = mlm_read_file(path, &len);
-    if (!text) return -1;
-    int n = 0;
-    for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n")) {
-        const char *s = strstr(line, "\"step\":"), *l = strstr(line, "\"loss\":");
-        if (!strstr(line, "\"kind\":\"train\"") || !s || !l) continue;
-        long step = strtol(s + 7, NULL, 10);
-        if (step >= 1 && step <= STEPS) snprintf(losses[step - 1], 32, "%.*s", (int)strcspn(l + 7, ",}"), l + 7);
-        n++;
-    }
-    free(text);
-    return n;
-}
-
 // Every file below dir as "relative/path\n" lines, sorted (malloc'ed).
 static char *file_list(const char *dir) {
     char cmd[600];
@@ -199,7 +180,7 @@ static void test_kill9_resume_equals_straight_run(uint64_t seed) {
 
     // Each step's train loss logged once, and equal.
     static char sa[STEPS][32], sb[STEPS][32];
-    int na = train_losses(a, sa), nb = train_losses(b, sb);
+    int na = test_train_losses(a, sa, STEPS), nb = test_train_losses(b, sb, STEPS);
     CHECK(na == STEPS && nb == STEPS, "%d and %d train lines for %d steps (duplicates or gaps after a kill?)", na, nb,
           STEPS);
     int same = 1;

@@ -21,27 +21,6 @@ static char tmpdir[256];
               "--set train.ckpt_every=0 --set optim.warmup=10 --set train.threads=2"
 
 
-// Train-loss strings by step (metrics print losses with %.9g, so equal strings mean equal floats).
-static int train_losses(const char *run_dir, char losses[][32], int max) {
-    char path[512];
-    snprintf(path, sizeof(path), "%s/metrics.jsonl", run_dir);
-    size_t len;
-    char *text = mlm_read_file(path, &len);
-    if (!text) return -1;
-    int n = 0;
-    for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n")) {
-        if (!strstr(line, "\"kind\":\"train\"")) continue;
-        long step = strtol(strstr(line, "\"step\":") + 7, NULL, 10);
-        const char *l = strstr(line, "\"loss\":") + 7;
-        if (step >= 1 && step <= max) {
-            snprintf(losses[step - 1], 32, "%.*s", (int)strcspn(l, ","), l);
-            n++;
-        }
-    }
-    free(text);
-    return n;
-}
-
 static void test_resume_equals_straight_run(void) {
     enum { STEPS = 120 };
     char a[300], b[300];
@@ -63,7 +42,7 @@ static void test_resume_equals_straight_run(void) {
     memset(losses, 0, sizeof(losses));
     struct timespec tick = {0, 10 * 1000 * 1000};
     for (int tries = 0; tries < 30000; tries++) {  // up to 5 minutes
-        if (train_losses(b, losses, STEPS) >= 5) break;
+        if (test_train_losses(b, losses, STEPS) >= 5) break;
         nanosleep(&tick, NULL);
     }
     kill(pid, SIGINT);
@@ -90,7 +69,7 @@ static void test_resume_equals_straight_run(void) {
     char la[STEPS][32], lb[STEPS][32];
     memset(la, 0, sizeof(la));
     memset(lb, 0, sizeof(lb));
-    int na = train_losses(a, la, STEPS), nb = train_losses(b, lb, STEPS);
+    int na = test_train_losses(a, la, STEPS), nb = test_train_losses(b, lb, STEPS);
     CHECK(na == STEPS && nb == STEPS, "logged %d and %d train steps (duplicates or gaps after resume?)", na, nb);
     int same = 1;
     for (int i = 0; i < STEPS; i++) same &= strcmp(la[i], lb[i]) == 0 && la[i][0];

@@ -1,6 +1,8 @@
 // test_util.c: assertion helpers and tolerances shared by the tests.
 #include "test_util.h"
 
+#include "mlm/common.h"
+
 #include <math.h>
 #include <fcntl.h>
 #include <stdarg.h>
@@ -86,4 +88,22 @@ int test_wait(pid_t pid) {
     int st;
     if (waitpid(pid, &st, 0) != pid) return -1;
     return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+}
+
+int test_train_losses(const char *run_dir, char losses[][32], int max) {
+    char path[512];
+    snprintf(path, sizeof(path), "%s/metrics.jsonl", run_dir);
+    char *text = mlm_read_file(path, NULL);
+    if (!text) return -1;
+    int n = 0;
+    for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n")) {
+        const char *s = strstr(line, "\"step\":"), *l = strstr(line, "\"loss\":");
+        if (!strstr(line, "\"kind\":\"train\"") || !s || !l) continue;
+        long step = strtol(s + 7, NULL, 10);
+        if (step < 1 || step > max) continue;
+        snprintf(losses[step - 1], 32, "%.*s", (int)strcspn(l + 7, ",}"), l + 7);
+        n++;
+    }
+    free(text);
+    return n;
 }

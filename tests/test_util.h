@@ -39,6 +39,11 @@ pid_t test_spawn(const char *bin, const char *args, const char *log, int append)
 // Wait for a child; its exit status, or 128 + the signal that ended it.
 int test_wait(pid_t pid);
 
+// Train-loss strings of RUN_DIR/metrics.jsonl by step: losses[step - 1] for steps 1..max (metrics print losses
+// with %.9g, so equal strings mean equal floats). Returns how many train lines there are in that range (a step
+// logged twice counts twice), or -1 without a metrics file.
+int test_train_losses(const char *run_dir, char losses[][32], int max);
+
 // Path of the corpus for tests: $MLM_TEST_CORPUS or argv[1]; NULL (and a printed reason) if unreadable.
 const char *test_corpus_path(int argc, char **argv);
 

@@ -15,17 +15,6 @@ static int same_value_as_written(double a, double b, const char *fmt) {
     return strcmp(x, y) == 0;
 }
 
-// The config as config_write prints it (malloc'ed): every key, exactly (see fuzz_config.c).
-static char *config_string(const Config *c) {
-    char *buf = NULL;
-    size_t len = 0;
-    FILE *f = open_memstream(&buf, &len);
-    if (!f) abort();
-    config_write(f, c);
-    fclose(f);
-    return buf;
-}
-
 static int same_checkpoint(const Checkpoint *a, const Checkpoint *b) {
     size_t bytes = a->n_params * sizeof(float);
     return a->n_params == b->n_params && a->st.step == b->st.step && a->st.valid_epochs == b->st.valid_epochs &&
@@ -57,7 +46,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         Checkpoint back;
         if (ckpt_load(saved, &back, err, sizeof(err)) != 0) fuzz_fail("ckpt_load refused what ckpt_save wrote: %s", err);
         if (!same_checkpoint(&ck, &back)) fuzz_fail("the checkpoint changed in a save and reload");
-        char *ca = config_string(&ck.cfg), *cb = config_string(&back.cfg);
+        char *ca = fuzz_config_text(&ck.cfg), *cb = fuzz_config_text(&back.cfg);
         if (strcmp(ca, cb) != 0) fuzz_fail("the checkpoint's config changed in a save and reload:\n%s\n---\n%s", ca, cb);
         free(ca);
         free(cb);

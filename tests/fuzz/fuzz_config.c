@@ -7,17 +7,6 @@
 
 #include "mlm/config.h"
 
-// The config as config_write prints it (malloc'ed).
-static char *written(const Config *c) {
-    char *buf = NULL;
-    size_t len = 0;
-    FILE *f = open_memstream(&buf, &len);
-    if (!f) abort();
-    config_write(f, c);
-    fclose(f);
-    return buf;
-}
-
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     char *text = fuzz_cstring(data, size);
     Config a, b;
@@ -26,10 +15,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     char err[1024];
     if (config_parse_text(&a, text, "fuzz", err, sizeof(err)) == 0) {
         (void)config_check(&a, err, sizeof(err));  // cross-key checks must not crash on any parsed value
-        char *w1 = written(&a);
+        char *w1 = fuzz_config_text(&a);
         if (config_parse_text(&b, w1, "rewritten", err, sizeof(err)) != 0)
             fuzz_fail("config_write wrote text that does not parse: %s\n--- written:\n%s", err, w1);
-        char *w2 = written(&b);
+        char *w2 = fuzz_config_text(&b);
         if (strcmp(w1, w2) != 0) fuzz_fail("write(parse(write(c))) != write(c)\n--- first:\n%s\n--- second:\n%s", w1, w2);
         free(w1);
         free(w2);

@@ -14,6 +14,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "mlm/config.h"
+
 // A property of the code under test does not hold: print why and abort, which libFuzzer reports as a crash
 // and saves the input (crash-<sha1>) for reproduction: ./fuzz_NAME crash-<sha1>.
 __attribute__((noreturn, format(printf, 1, 2))) static inline void fuzz_fail(const char *fmt, ...) {
@@ -65,6 +67,18 @@ static inline const char *fuzz_scratch_dir(void) {
 }
 
 // data[0..size) as a NUL-terminated string (malloc'ed); an embedded NUL ends it as it would end a C string.
+// The config as config_write prints it, every key exactly (malloc'ed): two configs with equal texts mean equal
+// settings (the structs themselves can differ in bytes after a string's NUL, which no one reads).
+static inline char *fuzz_config_text(const Config *c) {
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    if (!f) abort();
+    config_write(f, c);
+    fclose(f);
+    return buf;
+}
+
 static inline char *fuzz_cstring(const uint8_t *data, size_t size) {
     char *s = malloc(size + 1);
     if (!s) abort();
