@@ -43,6 +43,11 @@ int vocab_id(const Vocab *v, uint32_t cp);  // -1 if absent
 size_t vocab_encode(const Vocab *v, const uint32_t *cps, size_t n, int *ids);
 // The printable text of an id ("[PAD]" / "[MASK]" for the specials) into buf (>= 8 bytes).
 const char *vocab_token_text(const Vocab *v, int id, char *buf);
+// The characters as decimal code points, comma-separated (malloc'ed): the exact form checkpoints and exports
+// store (exact for any character, NUL included). vocab_from_codepoints parses it back (strictly increasing,
+// 1..VOCAB_MAX_CHARS code points) and sets the special ids; returns 0, or 1 on malformed text.
+char *vocab_codepoints_text(const Vocab *v);
+int vocab_from_codepoints(const char *s, Vocab *v);
 
 // The corpus, tokenized and split as the reference does: train = first floor(split * N) characters.
 typedef struct {

@@ -255,3 +255,30 @@ void corpus_free(Corpus *c) {
     free(c->valid);
     c->train = c->valid = NULL;
 }
+
+char *vocab_codepoints_text(const Vocab *v) {
+    size_t cap = (size_t)v->n_chars * 12 + 1, k = 0;
+    char *s = mlm_malloc(cap, "vocabulary text");
+    s[0] = '\0';
+    for (int i = 0; i < v->n_chars; i++) k += (size_t)snprintf(s + k, cap - k, i ? ",%u" : "%u", v->chars[i]);
+    return s;
+}
+
+int vocab_from_codepoints(const char *s, Vocab *v) {
+    memset(v, 0, sizeof(*v));
+    int n = 0;
+    while (*s) {
+        char *end;
+        unsigned long cp = strtoul(s, &end, 10);
+        if (end == s || cp > 0x10ffff || n >= VOCAB_MAX_CHARS || (n > 0 && cp <= v->chars[n - 1])) return 1;
+        v->chars[n++] = (uint32_t)cp;
+        s = *end == ',' ? end + 1 : end;
+        if (*end && *end != ',') return 1;
+    }
+    if (n == 0) return 1;
+    v->n_chars = n;
+    v->pad_id = n;
+    v->mask_id = n + 1;
+    v->n_tokens = n + 2;
+    return 0;
+}

@@ -27,33 +27,6 @@ static char *config_text(const Config *c) {
     return buf;
 }
 
-static char *vocab_text(const Vocab *v) {
-    size_t cap = (size_t)v->n_chars * 12 + 1, k = 0;
-    char *s = mlm_malloc(cap, "vocabulary text");
-    s[0] = '\0';
-    for (int i = 0; i < v->n_chars; i++) k += (size_t)snprintf(s + k, cap - k, i ? ",%u" : "%u", v->chars[i]);
-    return s;
-}
-
-static int parse_vocab(const char *s, Vocab *v) {
-    memset(v, 0, sizeof(*v));
-    int n = 0;
-    while (*s) {
-        char *end;
-        unsigned long cp = strtoul(s, &end, 10);
-        if (end == s || cp > 0x10ffff || n >= VOCAB_MAX_CHARS || (n > 0 && cp <= v->chars[n - 1])) return 1;
-        v->chars[n++] = (uint32_t)cp;
-        s = *end == ',' ? end + 1 : end;
-        if (*end && *end != ',') return 1;
-    }
-    if (n == 0) return 1;
-    v->n_chars = n;
-    v->pad_id = n;
-    v->mask_id = n + 1;
-    v->n_tokens = n + 2;
-    return 0;
-}
-
 static int is_ckpt_name(const char *name, long *step) {
     size_t n = strlen(name), pl = strlen(CKPT_PREFIX), sl = strlen(CKPT_SUFFIX);
     if (n <= pl + sl || strncmp(name, CKPT_PREFIX, pl) || strcmp(name + n - sl, CKPT_SUFFIX)) return 0;
@@ -164,7 +137,7 @@ int ckpt_save(const char *run_dir, const Checkpoint *c, int keep, char *path_out
     snprintf(lv_acc, sizeof(lv_acc), "%.17g", c->st.last_valid_acc);
     snprintf(n_params, sizeof(n_params), "%zu", c->n_params);
     snprintf(ver, sizeof(ver), "%d", CKPT_FORMAT_VERSION);
-    char *cfg = config_text(&c->cfg), *voc = vocab_text(&c->vocab);
+    char *cfg = config_text(&c->cfg), *voc = vocab_codepoints_text(&c->vocab);
     const char *values[N_META_KEYS] = {
         CKPT_FORMAT, ver, MLM_VERSION, step, tokens, valid_epochs, best_acc, best_epoch, elapsed, lv_step, lv_loss,
         lv_acc, n_params, c->corpus_md5, voc, cfg, md5s[0], md5s[1], md5s[2],
@@ -377,7 +350,7 @@ int ckpt_load(const char *path_in, Checkpoint *out, char *err, size_t errlen) {
         snprintf(err, errlen, "checkpoint %s: %s", path, msg);
         goto done;
     }
-    if (parse_vocab(voc, &out->vocab)) {
+    if (vocab_from_codepoints(voc, &out->vocab)) {
         snprintf(err, errlen, "checkpoint %s: malformed vocabulary", path);
         goto done;
     }

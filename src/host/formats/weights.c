@@ -61,10 +61,7 @@ int weights_save(const char *path, const ModelConfig *mc, const Vocab *v, const 
     for (int i = 0; i < v->n_chars; i++) k += (size_t)utf8_encode(v->chars[i], chars + k);
     chars[k] = '\0';
     // The code points too: exact even for a NUL character, which ends the UTF-8 string above.
-    size_t cap = (size_t)v->n_chars * 12 + 1, kc = 0;
-    char *codes = mlm_malloc(cap, "vocabulary code points");
-    codes[0] = '\0';
-    for (int i = 0; i < v->n_chars; i++) kc += (size_t)snprintf(codes + kc, cap - kc, i ? ",%u" : "%u", v->chars[i]);
+    char *codes = vocab_codepoints_text(v);
     const char *meta[] = {"format", "pt", "producer", "mlm " MLM_VERSION, "d_model", d[0], "n_heads", d[1],
                           "n_layers", d[2], "d_ff", d[3], "seq_len", d[4], "vocab", chars, "vocab_codepoints", codes};
     int rc = st_write(path, t, n + 1, meta, (int)(sizeof(meta) / sizeof(meta[0]) / 2), err, errlen);
@@ -105,15 +102,7 @@ static int stored_vocab(const StFile *f, Vocab *v) {
     char *s = st_meta_get(f, "vocab_codepoints");
     int rc = 1;
     if (s) {
-        rc = 0;
-        for (const char *p = s; *p && !rc;) {
-            char *end;
-            unsigned long cp = strtoul(p, &end, 10);
-            if (end == p || cp > 0x10ffff || v->n_chars >= VOCAB_MAX_CHARS) rc = 1;
-            else v->chars[v->n_chars++] = (uint32_t)cp;
-            p = *end == ',' ? end + 1 : end;
-            if (*end && *end != ',') rc = 1;
-        }
+        rc = vocab_from_codepoints(s, v);
     } else if ((s = st_meta_get(f, "vocab"))) {
         uint32_t *cps;
         char err[128];
