@@ -16,14 +16,35 @@
 #include "mlm/optim.h"
 #include "mlm/rng.h"
 
+// The counters as JSON (emu_counters_json) inside an object that also names the configuration counted, written
+// to a temporary name and renamed (the model is created with TF32 on, as below) so that a reader never sees half a file.
+static void write_counts_json(const char *path, const Config *cfg, const ModelConfig *mc, size_t P,
+                              const CudaStepStats *st) {
+    char tmp[4096];
+    snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+    FILE *f = fopen(tmp, "w");
+    if (!f) mlm_fatal(MLM_EXIT_FAILURE, "bench_emu_step: cannot write %s: check that its folder exists", tmp);
+    fprintf(f, "{\"config\": {\"batch_size\": %d, \"seq_len\": %d, \"d_model\": %d, \"n_heads\": %d, "
+            "\"n_layers\": %d, \"d_ff\": %d, \"vocab\": %d, \"dropout\": %g, \"tf32\": true, \"params\": %zu},\n"
+            "\"loss\": %.6f, \"grad_norm\": %.6f,\n\"counts\": ",
+            cfg->batch_size, cfg->seq_len, mc->d_model, mc->n_heads, mc->n_layers, mc->d_ff, mc->vocab, mc->dropout, P,
+            st->loss, st->grad_norm);
+    emu_counters_json(f);
+    fprintf(f, "}\n");
+    if (fclose(f) != 0 || rename(tmp, path) != 0)
+        mlm_fatal(MLM_EXIT_FAILURE, "bench_emu_step: cannot write %s (disk full?)", path);
+}
+
 int main(int argc, char **argv) {
     Config cfg;
     config_defaults(&cfg);
     int warmup = 1;
+    const char *json_path = NULL;  // --json FILE: the counters and the per-family breakdown for bench/suite.py
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--set") && i + 1 < argc) config_set(&cfg, argv[++i]);
         else if (!strcmp(argv[i], "--warmup") && i + 1 < argc) warmup = atoi(argv[++i]);
-        else mlm_fatal(MLM_EXIT_USAGE, "usage: bench_emu_step [--set KEY=VALUE]... [--warmup N]");
+        else if (!strcmp(argv[i], "--json") && i + 1 < argc) json_path = argv[++i];
+        else mlm_fatal(MLM_EXIT_USAGE, "usage: bench_emu_step [--set KEY=VALUE]... [--warmup N] [--json FILE]");
     }
     config_validate(&cfg, "bench_emu_step");
     const int V = 67, B = cfg.batch_size, T = cfg.seq_len;
@@ -59,6 +80,7 @@ int main(int argc, char **argv) {
     }
     if (!isfinite(st.loss)) mlm_fatal(MLM_EXIT_FAILURE, "the step's loss is not finite");
     emu_counters_print(stdout);
+    if (json_path) write_counts_json(json_path, &cfg, &mc, P, &st);
     cuda_model_free(m);
     rng_free(&rng);
     rng_free(&data);

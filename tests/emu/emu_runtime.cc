@@ -16,6 +16,7 @@
 // device-to-host copies leave in their pinned destination until they run, and a host write to a pinned source
 // before the copy ran is seen by the copy. The legacy default stream synchronises with blocking streams; a
 // non-blocking stream does not. MLM_EMU_EAGER=1 runs work at enqueue instead.
+#include <ctype.h>
 #include <errno.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -105,10 +106,17 @@ struct KernelStats {
 static std::map<std::string, KernelStats> *g_kstats;  // leaked on purpose: read by atexit reporting
 static KernelStats *g_cur_kstats = nullptr;
 static bool g_counting_accesses = false;  // true while a kernel body runs in the counting build
+// The per-family breakdown of bench/ (emu_counters_json): cuBLAS calls by NVTX phase and shape, counted when
+// the call executes (so graph replays count too). Defined with the JSON writer at the end of this file.
+static void gemm_family_reset(void);
+static std::string gemm_family_key(const char *api, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                                   int batch);
+static void gemm_family_count(const std::string &key, uint64_t flops, uint64_t bytes_read, uint64_t bytes_written);
 
 extern "C" void emu_counters_reset(void) {
     memset(&g_cnt, 0, sizeof(g_cnt));
     if (g_kstats) g_kstats->clear();
+    gemm_family_reset();
 }
 
 extern "C" void emu_counters_get(EmuCounters *out) {
@@ -1459,14 +1467,19 @@ static cublasStatus_t gemm(cublasHandle_t h, cublasOperation_t ta, cublasOperati
         check_operand(api, "B", B, extent(b_rows, b_cols, ldb), sb, batch);
     }
     check_operand(api, "C", C, extent(m, n, ldc), sc, batch);
-    g_cnt.cublas_flops += 2ull * m * n * k * batch;
-    g_cnt.cublas_bytes_read += (uint64_t)batch * 4 * ((reads_ab ? (uint64_t)m * k + (uint64_t)k * n : 0) +
-                                                      (be != 0.0f ? (uint64_t)m * n : 0));
-    g_cnt.cublas_bytes_written += (uint64_t)batch * 4 * m * n;
+    uint64_t fam_flops = 2ull * m * n * k * batch;
+    uint64_t fam_read = (uint64_t)batch * 4 * ((reads_ab ? (uint64_t)m * k + (uint64_t)k * n : 0) +
+                                               (be != 0.0f ? (uint64_t)m * n : 0));
+    uint64_t fam_written = (uint64_t)batch * 4 * m * n;
+    g_cnt.cublas_flops += fam_flops;
+    g_cnt.cublas_bytes_read += fam_read;
+    g_cnt.cublas_bytes_written += fam_written;
+    std::string fam = gemm_family_key(api, ta, tb, m, n, k, batch);
     bool tf32 = h->math == CUBLAS_TF32_TENSOR_OP_MATH;
     CUstream_st *s = stream_of(h->stream, api);
     if (!s) return CUBLAS_STATUS_EXECUTION_FAILED;
     enqueue(s, Op{[=] {
+        gemm_family_count(fam, fam_flops, fam_read, fam_written);
         // op(A) as rows of length k and op(B) as columns of length k, so the inner product is contiguous.
         std::vector<float> ap((size_t)m * k), bp((size_t)n * k);
         for (int bi = 0; bi < batch; bi++) {
@@ -1763,3 +1776,112 @@ int emu_nvtxRangePop(void) {
 void emu_nvtxMarkA(const char *message) {}
 
 }  // extern "C"
+
+// ---------------------------------------------------------------------------------------------------------
+// The per-family breakdown for bench/ (bench_emu_step --json, bench/suite.py's roofline): every counter, each
+// kernel by name (launches, bytes its loads and stores touch in device memory) and each cuBLAS family (the
+// innermost NVTX range with its layer number dropped, the call and its shape: calls, FLOPs, operand bytes).
+
+struct GemmFamily {
+    std::string phase, api;
+    char ta = 'N', tb = 'N';
+    int m = 0, n = 0, k = 0, batch = 0;
+    uint64_t calls = 0, flops = 0, bytes_read = 0, bytes_written = 0;
+};
+static std::map<std::string, GemmFamily> *g_gemm_families;  // leaked on purpose, as g_kstats
+static std::map<std::string, GemmFamily> *g_gemm_shapes;     // key -> its description, filled at the call
+
+static void gemm_family_reset(void) {
+    if (g_gemm_families) g_gemm_families->clear();
+}
+
+// "forward layer 3" -> "forward layer": the layers share their shapes, so one family covers all of them.
+static std::string nvtx_phase(void) {
+    if (g_nvtx.empty()) return "-";
+    std::string r = g_nvtx.back();
+    while (!r.empty() && (isdigit((unsigned char)r.back()) || r.back() == ' ')) r.pop_back();
+    return r.empty() ? "-" : r;
+}
+
+static char op_letter(cublasOperation_t t) { return t == CUBLAS_OP_N ? 'N' : t == CUBLAS_OP_T ? 'T' : 'C'; }
+
+static std::string gemm_family_key(const char *api, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                                   int batch) {
+    GemmFamily f;
+    f.phase = nvtx_phase();
+    f.api = strstr(api, "Batched") ? "sgemm_strided_batched" : "sgemm";
+    f.ta = op_letter(ta), f.tb = op_letter(tb);
+    f.m = m, f.n = n, f.k = k, f.batch = batch;
+    char key[256];
+    snprintf(key, sizeof(key), "cublas %s %s %c%c m%d n%d k%d x%d", f.phase.c_str(), f.api.c_str(), f.ta, f.tb, m, n,
+             k, batch);
+    if (!g_gemm_shapes) g_gemm_shapes = new std::map<std::string, GemmFamily>();
+    if (!g_gemm_shapes->count(key)) (*g_gemm_shapes)[key] = f;
+    return key;
+}
+
+static void gemm_family_count(const std::string &key, uint64_t flops, uint64_t bytes_read, uint64_t bytes_written) {
+    if (!g_gemm_families) g_gemm_families = new std::map<std::string, GemmFamily>();
+    auto it = g_gemm_families->find(key);
+    if (it == g_gemm_families->end()) it = g_gemm_families->emplace(key, (*g_gemm_shapes)[key]).first;
+    GemmFamily &f = it->second;
+    f.calls++;
+    f.flops += flops;
+    f.bytes_read += bytes_read;
+    f.bytes_written += bytes_written;
+}
+
+static void json_string(FILE *f, const std::string &s) {
+    fputc('"', f);
+    for (char c : s) {
+        if (c == '"' || c == '\\') fputc('\\', f);
+        if ((unsigned char)c < 0x20) fprintf(f, "\\u%04x", c);
+        else fputc(c, f);
+    }
+    fputc('"', f);
+}
+
+extern "C" void emu_counters_json(FILE *f) {
+    EmuCounters c;
+    emu_counters_get(&c);
+    fprintf(f, "{\n \"schema\": \"mlm-emu-count/1\",\n \"bytes_counted\": %s,\n \"totals\": {", c.bytes_counted ? "true" : "false");
+    const struct { const char *name; uint64_t v; } tot[] = {
+        {"launches", c.launches}, {"blocks", c.blocks}, {"threads", c.threads}, {"cublas_calls", c.cublas_calls},
+        {"cublas_flops", c.cublas_flops}, {"cublas_bytes_read", c.cublas_bytes_read},
+        {"cublas_bytes_written", c.cublas_bytes_written}, {"curand_calls", c.curand_calls},
+        {"curand_values", c.curand_values}, {"h2d_copies", c.h2d_copies}, {"h2d_bytes", c.h2d_bytes},
+        {"d2h_copies", c.d2h_copies}, {"d2h_bytes", c.d2h_bytes}, {"d2d_copies", c.d2d_copies},
+        {"d2d_bytes", c.d2d_bytes}, {"memsets", c.memsets}, {"memset_bytes", c.memset_bytes},
+        {"host_syncs", c.host_syncs}, {"kernel_bytes_read", c.kernel_bytes_read},
+        {"kernel_bytes_written", c.kernel_bytes_written}};
+    for (size_t i = 0; i < sizeof(tot) / sizeof(tot[0]); i++)
+        fprintf(f, "%s\"%s\": %llu", i ? ", " : "", tot[i].name, (unsigned long long)tot[i].v);
+    fprintf(f, "},\n \"kernels\": [");
+    bool first = true;
+    if (g_kstats)
+        for (const auto &r : *g_kstats) {
+            if (!r.second.launches) continue;
+            fprintf(f, "%s\n  {\"name\": ", first ? "" : ",");
+            json_string(f, r.first);
+            fprintf(f, ", \"launches\": %llu, \"bytes_read\": %llu, \"bytes_written\": %llu}",
+                    (unsigned long long)r.second.launches, (unsigned long long)r.second.bytes_read,
+                    (unsigned long long)r.second.bytes_written);
+            first = false;
+        }
+    fprintf(f, "\n ],\n \"gemms\": [");
+    first = true;
+    if (g_gemm_families)
+        for (const auto &r : *g_gemm_families) {
+            const GemmFamily &g = r.second;
+            fprintf(f, "%s\n  {\"name\": ", first ? "" : ",");
+            json_string(f, r.first);
+            fprintf(f, ", \"phase\": ");
+            json_string(f, g.phase);
+            fprintf(f, ", \"api\": \"%s\", \"op\": \"%c%c\", \"m\": %d, \"n\": %d, \"k\": %d, \"batch\": %d, "
+                    "\"calls\": %llu, \"flops\": %llu, \"bytes_read\": %llu, \"bytes_written\": %llu}",
+                    g.api.c_str(), g.ta, g.tb, g.m, g.n, g.k, g.batch, (unsigned long long)g.calls,
+                    (unsigned long long)g.flops, (unsigned long long)g.bytes_read, (unsigned long long)g.bytes_written);
+            first = false;
+        }
+    fprintf(f, "\n ]\n}\n");
+}

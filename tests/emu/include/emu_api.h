@@ -26,6 +26,10 @@ void emu_counters_reset(void);
 void emu_counters_get(EmuCounters *out);
 // Prints the counters and the per-kernel table (launches, bytes read/written) to f.
 void emu_counters_print(FILE *f);
+// The same as one JSON object (schema "mlm-emu-count/1"): "totals" (every counter above), "kernels" (name,
+// launches, bytes_read, bytes_written) and "gemms" (cuBLAS by NVTX phase and shape: calls, flops, operand
+// bytes), for bench/suite.py's roofline (bench_emu_step --json FILE).
+void emu_counters_json(FILE *f);
 
 // Thread order inside a block: 0 forward, 1 reverse, 2 seeded random (MLM_EMU_ORDER=forward|reverse|random,
 // MLM_EMU_SEED). Returns the previous order.
