@@ -85,6 +85,12 @@ def _spread(s, digits=0):
     return f'{_fmt(s["median"], digits)} ({_fmt(s["min"], digits)} - {_fmt(s["max"], digits)})' if s else '-'
 
 
+def _cell(text, n=100) -> str:
+    """Free text fit for one table cell: one line, no column bars, at most n characters."""
+    t = ' '.join(str(text).split()).replace('|', '/')
+    return t if len(t) <= n else t[:n - 3] + '...'
+
+
 def render(d: dict, top: int = 15) -> str:
     m = d['machine']
     L = []
@@ -112,7 +118,7 @@ def render(d: dict, top: int = 15) -> str:
         name = r['variant'] + (f' ({r["compile_mode"]})' if r.get('compile_mode') else '')
         if r['status'] != 'ok':
             L.append(f'| {name} | {r["batch"]} | {"on" if r["tf32"] else "off"} | {r.get("threads", "-")} | '
-                     f'{r["status"]}: {str(r.get("detail", ""))[:80]} | - | - |')
+                     f'{r["status"]}: {_cell(r.get("detail", ""))} | - | - |')
             continue
         q = rat.get(key)
         ratio = f'**{q["median"]:.2f}** ({q["min"]:.2f} - {q["max"]:.2f})' if q else '-'
@@ -132,11 +138,11 @@ def render(d: dict, top: int = 15) -> str:
                  f'{rates["sgemm_fp32"]["tflop_per_s"]:.1f} TFLOP/s FP32, {rates["sgemm_tf32"]["tflop_per_s"]:.1f} '
                  f'TFLOP/s TF32; one small PyTorch launch {rates.get("launch", {}).get("us_per_launch", 0):.1f} us.')
     else:
-        L.append(f'Device rates: {rates.get("status")}.')
+        L.append(f'Device rates: {_cell(rates.get("status"), 200)}.')
     rf = d['roofline']
     L.append('')
     if not rf.get('rows'):
-        L.append(f'Roofline: {rf.get("status")}: {rf.get("detail", "")}')
+        L.append(f'Roofline: {rf.get("status")}: {_cell(rf.get("detail", ""), 200)}')
     else:
         cc = rf.get('config') or {}
         t = rf['totals']

@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -75,18 +76,40 @@ def log(msg: str) -> None:
     print(f'[suite] {msg}', flush=True)
 
 
+CHILDREN = set()  # process groups of the running children, stopped with the suite (SIGTERM from a timeout)
+
+
+def stop_children(*_):
+    for pid in list(CHILDREN):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    sys.exit(143)
+
+
 def run(cmd, timeout, env=None, cwd=None):
-    """(returncode or 'timeout', stdout, stderr) of cmd; never raises for a failing or missing program."""
+    """(returncode or 'timeout', stdout, stderr) of cmd; never raises for a failing or missing program. The child
+    gets its own process group, stopped whole at the timeout (torch.compile's workers included), and what it
+    printed until then is kept."""
     try:
-        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout, env=env,
-                           cwd=cwd)
-        return p.returncode, p.stdout, p.stderr
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or '')
-        err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or '')
-        return 'timeout', out, err
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+                             start_new_session=True)
     except OSError as e:
         return 'missing', '', str(e)
+    CHILDREN.add(p.pid)
+    try:
+        out, err = p.communicate(timeout=max(timeout, 0.1))
+        return p.returncode, out, err
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        out, err = p.communicate()
+        return 'timeout', out, err
+    finally:
+        CHILDREN.discard(p.pid)
 
 
 def summarize(xs):
@@ -171,10 +194,10 @@ def git_commit() -> str:
 
 # ---- counts (the CUDA step on the CPU execution layer) --------------------------------------------------------
 
-def counts_command(build: str, quick: bool, out: str):
+def counts_command(build: str, small: bool, out: str):
     exe = os.path.join(build, 'bench', 'bench_emu_step')
     cmd = [exe, '--json', out]
-    if quick:  # a smaller batch: seconds instead of ~40 s on a slow core; the counts are for that batch
+    if small:  # a smaller batch: seconds instead of ~40 s on a slow core; the counts are for that batch
         cmd += ['--set', 'train.batch_size=8']
     return exe, cmd
 
@@ -186,7 +209,7 @@ def read_counts(path: str, cmd, rc, err) -> dict:
         d['status'] = 'ok'
         d['command'] = ' '.join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd)
         return d
-    return {'status': 'failed', 'detail': f'{" ".join(cmd)}: exit status {rc}: {err.strip()[-300:]}'}
+    return {'status': 'failed', 'detail': f'{" ".join(cmd)}: exit status {rc}: {last_error(err)}'}
 
 
 # ---- throughput: mlm, the reference trainer, PyTorch variants ---------------------------------------------------
@@ -232,6 +255,13 @@ def read_jsonl(path):
         return []
 
 
+def last_error(err: str) -> str:
+    """The line of a program's stderr that says what went wrong (the last one naming an error, else the last)."""
+    lines = [l.strip() for l in err.splitlines() if l.strip()]
+    named = [l for l in lines if 'rror' in l or 'fatal' in l or 'failed' in l]
+    return (named or lines or [''])[-1][:300]
+
+
 def throughput_row(variant, batch, tf32, tps, rc, err, command, how, seq_len=32):
     row = {'variant': variant, 'batch': batch, 'tf32': tf32, 'command': command, 'how': how, 'samples':
            [round(x, 1) for x in tps]}
@@ -241,7 +271,7 @@ def throughput_row(variant, batch, tf32, tps, rc, err, command, how, seq_len=32)
         if rc != 0:
             row['detail'] = f'exit status {rc} after {len(tps)} timed intervals'
     else:
-        row.update(status='failed', detail=f'exit status {rc}: {err.strip()[-400:]}')
+        row.update(status='failed', detail=f'exit status {rc}: {last_error(err)}')
     return row
 
 
@@ -253,13 +283,16 @@ def torch_variant(python, variant, configs, quick, timeout, modes):
     if variant == 'compile':
         cmd += ['--modes'] + modes
     rc, out, err = run(cmd, timeout)
-    got = {}
+    got, general = {}, last_error(err)
     for line in out.splitlines():
         try:
             d = json.loads(line)
         except ValueError:
             continue
-        got[(d.get('batch'), d.get('tf32'))] = d
+        if 'batch' in d:
+            got[(d['batch'], d.get('tf32'))] = d
+        elif 'error' in d:
+            general = d['error']
     rows = []
     shown = ' '.join(['python3'] + cmd[1:]).replace(ROOT + '/', '')
     for b, t in configs:
@@ -271,7 +304,7 @@ def torch_variant(python, variant, configs, quick, timeout, modes):
             d = dict(d, status='failed', detail=d.get('error', '?'), command=shown)
         else:
             d = {'variant': variant, 'batch': b, 'tf32': t, 'status': 'failed', 'command': shown,
-                 'detail': f'no result (exit status {rc}): {err.strip()[-300:]}'}
+                 'detail': f'no result (exit status {rc}): {general}'}
         rows.append(d)
     return rows
 
@@ -306,7 +339,8 @@ def probe_rates(python, timeout):
         if 'probe' in d:
             rates[d['probe']] = d
     rates['status'] = 'ok' if all(k in rates for k in ('copy_memcpy', 'copy_kernel', 'sgemm_fp32', 'sgemm_tf32')) \
-        else f'failed (exit status {rc}): {err.strip()[-300:]}'
+        else f'failed (exit status {rc}): ' + next((json.loads(l)['error'] for l in out.splitlines()
+                                                     if l.startswith('{"error"')), last_error(err))
     return rates
 
 
@@ -415,9 +449,11 @@ def nsys_measure(mlm, corpus, batch, timeout):
 def gpu_mode(args, clock, python, mlm, corpus, refcfg, result):
     tmp = tempfile.mkdtemp(prefix='suite-counts-')
     cpath = os.path.join(tmp, 'counts.json')
-    exe, ccmd = counts_command(args.build, args.quick, cpath)
-    counter = subprocess.Popen(ccmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) \
-        if os.access(exe, os.X_OK) else None
+    exe, ccmd = counts_command(args.build, False, cpath)  # the full step, in the background (CPU only)
+    counter = subprocess.Popen(ccmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True) if os.access(exe, os.X_OK) else None
+    if counter:
+        CHILDREN.add(counter.pid)
     log('device rates (copy bandwidth, SGEMM, launch)')
     rates = probe_rates(python, clock.cap(90))
     result['device_rates'] = rates
@@ -452,8 +488,14 @@ def gpu_mode(args, clock, python, mlm, corpus, refcfg, result):
             continue
         modes = args.compile_modes or (['reduce-overhead', 'default'] if args.quick else
                                        ['max-autotune', 'reduce-overhead', 'default'])
-        log(f'{variant}: {len(configs)} configurations' + (f', modes {modes}' if variant == 'compile' else ''))
-        rows += torch_variant(python, variant, configs, args.quick, clock.cap(300 if variant == 'compile' else 120),
+        todo = configs
+        if variant == 'compile' and args.quick:  # each configuration compiles anew (tens of seconds each)
+            todo = [c for c in configs if c[0] == refcfg['batch_size']]
+            rows += [{'variant': variant, 'batch': b, 'tf32': t, 'status': 'skipped',
+                      'detail': '--quick compiles batch ' + str(refcfg['batch_size']) + ' only'}
+                     for b, t in configs if (b, t) not in todo]
+        log(f'{variant}: {len(todo)} configurations' + (f', modes {modes}' if variant == 'compile' else ''))
+        rows += torch_variant(python, variant, todo, args.quick, clock.cap(300 if variant == 'compile' else 120),
                               modes)
     result['throughput'] = rows
     result['ratios'] = ratios(rows)
@@ -467,9 +509,10 @@ def gpu_mode(args, clock, python, mlm, corpus, refcfg, result):
             _, err = counter.communicate(timeout=clock.cap(120))
             rc = counter.returncode
         except subprocess.TimeoutExpired:
-            counter.kill()
+            os.killpg(counter.pid, signal.SIGKILL)
             _, err = counter.communicate()
             rc = 'timeout'
+        CHILDREN.discard(counter.pid)
         counts = read_counts(cpath, ccmd, rc, err)
     else:
         counts = {'status': 'missing', 'detail': f'{exe} not built (cmake --build BUILD --target bench_emu_step)'}
@@ -558,6 +601,7 @@ def main() -> int:
     ap.add_argument('--note', default='')
     args = ap.parse_args()
     args.build = os.path.abspath(args.build)
+    signal.signal(signal.SIGTERM, stop_children)
     clock = Clock(args.budget)
     mlm = os.path.join(args.build, 'mlm')
     if not os.access(mlm, os.X_OK):

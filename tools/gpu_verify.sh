@@ -7,8 +7,8 @@
 #
 # OUTDIR receives at most 8 files, none deeper than OUTDIR/: summary.txt (every step pass/fail/skip with its
 # reason, both 20-epoch curves and their verdict, throughput, versions), gpu-<date>.json (the figures, for
-# bench/results/), mlm-20ep.jsonl and ref-20ep.jsonl (the two runs' metrics) and logs.tar.gz (every log; no
-# weights or checkpoints). Scratch (runs, checkpoints) lives in a temporary folder that is removed.
+# bench/results/), bench-<date>.json (the benchmark suite's results, for bench/results/), mlm-20ep.jsonl and
+# ref-20ep.jsonl (the two runs' metrics) and logs.tar.gz (every log; no weights or checkpoints). Scratch (runs, checkpoints) lives in a temporary folder that is removed.
 #
 # Steps, in order; a failure never stops the script, and every step's timeout is cut to the time left:
 #   0. environment (nvidia-smi, nvcc, python/torch versions), and the build: build-gpu/ as carried when its
@@ -23,7 +23,9 @@
 #      (20 steps vs the CPU, TF32 off, losses within 1e-3); the out-of-memory message; an interrupted and
 #      resumed GPU run against an uninterrupted one, bit for bit
 #   5. throughput once the reference has finished (mlm batch 64 TF32 on and off, batch 512, the reference
-#      trainer for 300 steps); ncu on the five slowest kernels of one step if time is left
+#      trainer for 300 steps); the benchmark suite (bench/run.sh --quick: mlm against the reference trainer,
+#      fused Adam and torch.compile, device rates, roofline; its JSON comes back as bench-<date>.json); ncu on
+#      the five slowest kernels of one step if time is left
 #   6. summary.txt, gpu-<date>.json, logs.tar.gz
 #
 # Why 20 epochs fit: an epoch is 491 steps at batch 64 plus 55 validation batches. The reference trainer is
@@ -342,6 +344,32 @@ throughput_ref() {
   "$PY" "$ROOT/tools/compare_runs.py" throughput "$dir/metrics.jsonl" --tokens-per-step 2048
 }
 
+# ---- bench step (owner: bench/, issue 12) ----
+# The benchmark suite in --quick form under what is left of its cap (bench/suite.py cuts every part to it);
+# the counts come from BUILD/bench/bench_emu_step when the carried build has it. Its results file goes to
+# OUTDIR as bench-<date>.json (for bench/results/).
+BENCH_CAP=150
+bench_suite() {
+  local b
+  b=$(budget $BENCH_CAP)
+  b=$((b > 20 ? b - 10 : b))
+  if [ "$STUB" = 1 ]; then
+    stub bench-suite none || return
+    "$PY" "$ROOT/bench/report.py" --check "$ROOT/tests/fixtures/bench/gpu-result-small.json" || return
+    echo "throughput: bench suite stand-in (no GPU); the results schema checked on the fixture"
+    return 0
+  fi
+  mkdir -p "$WORK/bench"
+  "$PY" "$ROOT/bench/suite.py" --quick --mode gpu --build "$BUILD" --python "$PY" --budget "$b" \
+    --results-dir "$WORK/bench" --readme '' --note "tools/gpu_verify.sh bench step, ${b} s budget"
+  local rc=$? f
+  f=$(ls -t "$WORK/bench"/bench-*.json 2>/dev/null | head -n1)
+  [ -n "$f" ] && cp "$f" "$OUT/bench-$(date -u +%Y%m%d-%H%M%S).json"
+  [ -n "$f" ] && echo "throughput: bench suite results in $(basename "$f")"
+  return $rc
+}
+# ---- end of the bench step ----
+
 # ncu: one pass for the durations of step 10's kernels, then the default sections of the five slowest.
 ncu_top5() {
   [ "$STUB" = 1 ] && { stub ncu-top5 none; return; }
@@ -492,6 +520,7 @@ run_step tput-mlm-b64-tf32 60 throughput_mlm tput-mlm-b64-tf32 64 true
 run_step tput-mlm-b64-fp32 60 throughput_mlm tput-mlm-b64-fp32 64 false
 run_step tput-mlm-b512-tf32 60 throughput_mlm tput-mlm-b512-tf32 512 true
 run_step tput-reference 60 throughput_ref
+run_step bench-suite $BENCH_CAP bench_suite  # the bench step (bench/, issue 12)
 if [ "$(left)" -ge 60 ]; then
   run_step ncu-top5 150 ncu_top5
   grep -q '^ncu not found' "$LOGS/ncu-top5.log" 2>/dev/null && override ncu-top5 skip "ncu is not installed on this machine"
