@@ -10,7 +10,8 @@ GPU (nvidia-smi lists one and PyTorch can use it), in this order, each part unde
        reference  tools/reference/train_reference.py, the PyTorch reference trainer exactly as the reference
                   trains (labml's Noam Adam), its own tokens/s per logged interval (first dropped);
        fused      eager PyTorch, torch.optim.Adam(fused=True) (bench/torch_gpu_bench.py);
-       compile    torch.compile in the first mode that works (CUDA graphs: reduce-overhead / max-autotune);
+       compile    torch.compile in the first mode that works of --compile-modes (default reduce-overhead, which
+                  uses CUDA graphs, then default);
      with mlm's ratio to each, median and spread (min/max over the timed intervals or windows);
   4. the roofline: each kernel family's counted bytes at the measured copy bandwidth and each cuBLAS family's
      FLOPs at the measured matrix rate (the larger of the two times is its bound); with --nsys, the measured
@@ -486,8 +487,9 @@ def gpu_mode(args, clock, python, mlm, corpus, refcfg, result):
             rows += [{'variant': variant, 'batch': b, 'tf32': t, 'status': 'skipped', 'detail': 'no time left'}
                      for b, t in configs]
             continue
-        modes = args.compile_modes or (['reduce-overhead', 'default'] if args.quick else
-                                       ['max-autotune', 'reduce-overhead', 'default'])
+        # reduce-overhead first: CUDA graphs without max-autotune's GEMM search, which can outlast any budget (a
+        # mode is abandoned only when it raises, not when it is slow); --compile-modes max-autotune ... to try it.
+        modes = args.compile_modes or ['reduce-overhead', 'default']
         todo = configs
         if variant == 'compile' and args.quick:  # each configuration compiles anew (tens of seconds each)
             todo = [c for c in configs if c[0] == refcfg['batch_size']]
