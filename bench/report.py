@@ -100,7 +100,10 @@ def render(d: dict, top: int = 15) -> str:
              f'(`{os.path.basename(d.get("_file", "")) or "?"}`), {d["date"]}, commit {d["commit"]}, '
              f'sources {d["source_stamp"][:12]}; {where}; PyTorch {m.get("torch")}; {m.get("mlm_version")}; '
              f'load average {m.get("loadavg_start", [0])[0]:.1f} at the start'
-             + ('; **quick** run (fewer steps)' if d['quick'] else '') + '.')
+             + (f', {m["loadavg_end"][0]:.1f} at the end' if m.get('loadavg_end') else '')
+             + (f' ({d["elapsed_s"]:.0f} s)' if 'elapsed_s' in d else '')
+             + ('; **quick** run (fewer steps)' if d['quick'] else '') + '.'
+             + (f' Note: {_cell(d["user_note"], 300)}.' if d.get('user_note') else ''))
     if d.get('note'):
         L.append('')
         L.append(d['note'])

@@ -272,7 +272,7 @@ def throughput_row(variant, batch, tf32, tps, rc, err, command, how, seq_len=32)
         if rc != 0:
             row['detail'] = f'exit status {rc} after {len(tps)} timed intervals'
     else:
-        row.update(status='failed', detail=f'exit status {rc}: {last_error(err)}')
+        row.update(status='failed', detail=f'exit status {rc}: {last_error(err)}' if rc is not None else err)
     return row
 
 
@@ -563,11 +563,12 @@ def cpu_mode(args, clock, python, mlm, corpus, refcfg, result):
                 d = json.loads(out)
                 torch_tps += [B * refcfg['seq_len'] * 1000.0 / ms for ms in d['per_step_ms']]
             else:
-                cmds['torch_error'] = f'exit status {rc}: {err.strip()[-300:]}'
-        rows.append(dict(throughput_row('mlm-cpu', B, False, mlm_tps, 0 if mlm_tps else 1, cmds.get('mlm_error', ''),
+                cmds['torch_error'] = (f'stopped at its {clock.cap(300):.0f} s timeout' if rc == 'timeout' else
+                                       f'exit status {rc}: {last_error(err)}')
+        rows.append(dict(throughput_row('mlm-cpu', B, False, mlm_tps, 0 if mlm_tps else None, cmds.get('mlm_error', ''),
                                         cmds.get('mlm', ''), f'{repeats} run(s) of {steps} steps, intervals of '
                                         f'{cvt.LOG_EVERY} after the first'), threads=t))
-        rows.append(dict(throughput_row('torch-cpu', B, False, torch_tps, 0 if torch_tps else 1,
+        rows.append(dict(throughput_row('torch-cpu', B, False, torch_tps, 0 if torch_tps else None,
                                         cmds.get('torch_error', ''), cmds.get('torch', ''),
                                         f'{repeats} run(s) of {torch_steps} timed steps after 5 warm-up steps'),
                          threads=t))
