@@ -29,7 +29,6 @@ Usage: python3 bench/suite.py [--quick] [--mode auto|gpu|cpu] [--build DIR] [--b
 
 import argparse
 import datetime
-import glob
 import hashlib
 import json
 import os
