@@ -44,8 +44,8 @@ BUGS = [
    "    CURAND_CHECK(curandSetStream(gen, stream));\n    CURAND_CHECK(curandSetGeneratorOffset(gen, offset / 4));")]),
  ("read of a buffer before its upload (tokens copied after the mask kernel)", [("mask.cu",
    "    CUDA_CHECK(cudaMemcpy(d_tokens, tokens, n * sizeof(int), cudaMemcpyHostToDevice));\n", ""),
-  ("mask.cu", "    cuda_mask_launch(c, d_tokens, n, d_u, d_inputs, d_labels, 0);\n",
-   "    cuda_mask_launch(c, d_tokens, n, d_u, d_inputs, d_labels, 0);\n"
+  ("mask.cu", "    cuda_mask_philox(c, d_tokens, n, d_step, 0, d_inputs, d_labels, 0);\n",
+   "    cuda_mask_philox(c, d_tokens, n, d_step, 0, d_inputs, d_labels, 0);\n"
    "    CUDA_CHECK(cudaMemcpy(d_tokens, tokens, n * sizeof(int), cudaMemcpyHostToDevice));\n")]),
  ("kernel reads one element past an allocation (column sums, k <= chunks)", [("feedforward.cu",
    "    for (int k = 0; k < chunks; k++) t += partial[(size_t)k * C + c];",
