@@ -137,6 +137,8 @@ extern "C" void emu_counters_print(FILE *f) {
     fprintf(f, "memsets                %llu (%llu bytes)\n", (unsigned long long)c.memsets,
             (unsigned long long)c.memset_bytes);
     fprintf(f, "host synchronisations  %llu\n", (unsigned long long)c.host_syncs);
+    fprintf(f, "graph launches         %llu (copies, memsets and cuBLAS calls above include those inside)\n",
+            (unsigned long long)c.graph_launches);
     if (c.bytes_counted)
         fprintf(f, "kernel global memory   %.2f MB read, %.2f MB written\n", c.kernel_bytes_read / 1e6,
                 c.kernel_bytes_written / 1e6);
@@ -719,12 +721,28 @@ struct Op {
     std::function<void()> at_enqueue;  // host-visible effects of the enqueue itself (poisoning, snapshots)
 };
 
+// calls: the call-time counters (copies, memsets, cuBLAS, cuRAND) of the captured operations, added to the
+// counters at each launch instead of at the capture.
 struct CUgraph_st {
     std::vector<Op> ops;
+    EmuCounters calls{};
 };
 struct CUgraphExec_st {
     std::vector<Op> ops;
+    EmuCounters calls{};
 };
+
+// The counters that count API calls when they are made (kernels count when they run): a - b field by field
+// (sign -1) or a + b (sign 1), into a.
+static void call_counters_add(EmuCounters *a, const EmuCounters &b, int sign) {
+    uint64_t EmuCounters::*f[] = {&EmuCounters::cublas_calls, &EmuCounters::cublas_flops,
+                                  &EmuCounters::cublas_bytes_read, &EmuCounters::cublas_bytes_written,
+                                  &EmuCounters::curand_calls, &EmuCounters::curand_values, &EmuCounters::h2d_copies,
+                                  &EmuCounters::h2d_bytes, &EmuCounters::d2h_copies, &EmuCounters::d2h_bytes,
+                                  &EmuCounters::d2d_copies, &EmuCounters::d2d_bytes, &EmuCounters::memsets,
+                                  &EmuCounters::memset_bytes};
+    for (auto m : f) a->*m = sign > 0 ? a->*m + b.*m : a->*m - b.*m;
+}
 
 struct CUstream_st {
     std::deque<Op> q;
@@ -1337,6 +1355,7 @@ cudaError_t emu_cudaStreamBeginCapture(cudaStream_t stream, cudaStreamCaptureMod
     if (s == &g_legacy) return set_error(cudaErrorStreamCaptureUnsupported);  // the legacy stream cannot capture
     if (s->capture) return set_error(cudaErrorIllegalState);
     s->capture = new CUgraph_st();
+    s->capture->calls = g_cnt;  // the counters at the start; EndCapture keeps the difference
     s->capture_invalid = false;
     return cudaSuccess;
 }
@@ -1347,6 +1366,11 @@ cudaError_t emu_cudaStreamEndCapture(cudaStream_t stream, cudaGraph_t *graph) {
     if (!s->capture) return set_error(cudaErrorStreamCaptureUnmatched);
     CUgraph_st *g = s->capture;
     s->capture = nullptr;
+    // Nothing captured has run: move the calls' counts from the counters into the graph.
+    EmuCounters at_start = g->calls;
+    g->calls = g_cnt;
+    call_counters_add(&g->calls, at_start, -1);
+    call_counters_add(&g_cnt, g->calls, -1);
     if (s->capture_invalid) {
         delete g;
         *graph = nullptr;
@@ -1369,6 +1393,7 @@ cudaError_t emu_cudaGraphInstantiate(cudaGraphExec_t *exec, cudaGraph_t graph, u
     if (!exec || !graph || !g_graphs.count(graph)) return set_error(cudaErrorInvalidValue);
     CUgraphExec_st *x = new CUgraphExec_st();
     x->ops = graph->ops;
+    x->calls = graph->calls;
     g_execs.insert(x);
     *exec = x;
     return cudaSuccess;
@@ -1378,6 +1403,8 @@ cudaError_t emu_cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream) {
     if (!exec || !g_execs.count(exec)) return set_error(cudaErrorInvalidResourceHandle);
     CUstream_st *s = stream_of(stream, "cudaGraphLaunch");
     if (!s) return set_error(cudaErrorInvalidResourceHandle);
+    g_cnt.graph_launches++;
+    call_counters_add(&g_cnt, exec->calls, 1);
     for (const Op &op : exec->ops) enqueue(s, op);
     return cudaSuccess;
 }
