@@ -6,7 +6,8 @@
 // of a floating-point sum would change the result; reductions run in a fixed order (fixed block partition,
 // then a second fixed-order pass), so two runs with one seed give bit-identical results.
 // Dropout follows THE DROPOUT RULE of src/cpu/ops.h exactly: keep = !(u < p), y = keep ? x * scale : 0,
-// scale = 1.0f / (1.0f - p), with u from cuRAND's device Philox generator at the same offsets as the CPU.
+// scale = 1.0f / (1.0f - p), with u from cuRAND's Philox stream at the same offsets as the CPU (computed inside
+// the keep kernel, cuda_dropout_keep_philox; cuda_uniform + cuda_dropout_keep give the same bits).
 #ifndef MLM_KERNELS_H
 #define MLM_KERNELS_H
 
