@@ -95,7 +95,10 @@ extern "C" void cuda_philox_uniform(float *d_out, uint64_t seed, uint64_t offset
 // keep[i] = !(u < p) for the uniform u at offset + i (THE DROPOUT RULE, as dropout_keep_kernel).
 static __global__ void dropout_keep_philox_kernel(uint8_t *keep /* [n] */, const DeviceStep *step,
                                                   uint64_t offset_in_step, float p, size_t n) {
-    uint64_t seed = step->philox_seed, offset = step_rng_offset(step, offset_in_step);
+    __shared__ uint64_t s_seed, s_offset;  // read once per block
+    if (threadIdx.x == 0) s_seed = step->philox_seed, s_offset = step_rng_offset(step, offset_in_step);
+    __syncthreads();
+    uint64_t seed = s_seed, offset = s_offset;
     uint64_t first = offset / 4, count = (offset + n - 1) / 4 - first + 1;
     for (uint64_t j = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; j < count; j += (uint64_t)gridDim.x * blockDim.x) {
         uint32_t x[4];
@@ -121,9 +124,12 @@ extern "C" void cuda_dropout_keep_philox(uint8_t *keep, const DeviceStep *d_step
 // per thread.
 static __global__ void mask_kernel(const __grid_constant__ MaskRule rule, const int *tokens, size_t n,
                                    const DeviceStep *step, uint64_t offset_in_step, int *inputs, int *labels) {
+    __shared__ uint64_t s_seed, s_offset;  // read once per block
+    if (threadIdx.x == 0) s_seed = step->philox_seed, s_offset = step_rng_offset(step, offset_in_step);
+    __syncthreads();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    uint64_t seed = step->philox_seed, o = step_rng_offset(step, offset_in_step) + i;
+    uint64_t seed = s_seed, o = s_offset + i;
     float u1 = philox_uniform_at(seed, o), u2 = philox_uniform_at(seed, o + n);
     float u3 = philox_uniform_at(seed, o + 2 * n), u4 = philox_uniform_at(seed, o + 3 * n);
     mask_one(&rule, tokens[i], u1, u2, u3, u4, &inputs[i], &labels[i]);

@@ -117,9 +117,16 @@ static __global__ void adam_kernel(float *params /* [n] */, const float *grads /
                                    float *v /* [n] */, const uint8_t *decay_mask /* [n] or NULL */,
                                    const float *d_norm /* [1] */, float max_norm, size_t n, AdamConsts k,
                                    AdamStep step, const AdamStep *d_step) {
-    if (d_step) step = *d_step;
-    float coef = 1.0f;
-    if (max_norm > 0.0f) coef = (float)((double)max_norm / ((double)d_norm[0] + 1e-6));
+    // The step's constants and the clip coefficient are the same for every thread: read once per block.
+    __shared__ AdamStep s_step;
+    __shared__ float s_coef;
+    if (threadIdx.x == 0) {
+        s_step = d_step ? *d_step : step;
+        s_coef = max_norm > 0.0f ? (float)((double)max_norm / ((double)d_norm[0] + 1e-6)) : 1.0f;
+    }
+    __syncthreads();
+    step = s_step;
+    float coef = s_coef;
     bool clip = coef < 1.0f;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         float gi = grads[i];

@@ -1579,6 +1579,19 @@ cublasStatus_t emu_cublasSetPointerMode(cublasHandle_t handle, cublasPointerMode
     return CUBLAS_STATUS_SUCCESS;
 }
 
+// The products here need no workspace; the buffer is checked as cuBLAS documents it (device memory of the
+// given size, 256-byte aligned; NULL with size 0 restores the default).
+cublasStatus_t emu_cublasSetWorkspace(cublasHandle_t handle, void *workspace, size_t bytes) {
+    if (!handle || !g_handles.count(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (bytes == 0) return CUBLAS_STATUS_SUCCESS;
+    if (!workspace || ((uintptr_t)workspace & 255) || !is_device(workspace, bytes)) {
+        emu_warn("error: cublasSetWorkspace: %zu bytes at %p are not one 256-byte aligned device allocation: %s",
+                 bytes, workspace, describe_ptr(workspace).c_str());
+        return CUBLAS_STATUS_INVALID_VALUE;
+    }
+    return CUBLAS_STATUS_SUCCESS;
+}
+
 cublasStatus_t emu_cublasSgemm(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, int m, int n,
                                int k, const float *alpha, const float *A, int lda, const float *B, int ldb,
                                const float *beta, float *C, int ldc) {
