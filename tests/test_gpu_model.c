@@ -638,11 +638,14 @@ static void test_roundtrip(void) {
 // ---------------------------------------------------------------------------------------------------------
 // 5. train.cuda_graph: captured and replayed steps equal the plain launches bit for bit, and the CPU.
 
-enum { GRAPH_STEPS = 7 };
-static const int graph_batch[GRAPH_STEPS] = {8, 8, 3, 8, 3, 8, 8};  // full and last partial batches
-// A validation forward after some steps: its batch (0: none) and dropout (the samples' eval_dropout).
-static const int graph_valid_batch[GRAPH_STEPS] = {0, 8, 0, 3, 0, 8, 0};
-static const float graph_valid_dropout[GRAPH_STEPS] = {0, 0, 0, 0, 0, 0.1f, 0};
+// Each shape is captured once and replayed at least once: training batches of 8 (steps 1, 3, 5) and 3 (2, 4),
+// validation forwards of 8 (after steps 1 and 3) and 3; the last forward keeps dropout on (the samples'
+// train.eval_dropout), a shape of its own.
+enum { GRAPH_STEPS = 5, GRAPH_FORWARDS = 4 };
+static const int graph_batch[GRAPH_STEPS] = {8, 3, 8, 3, 8};
+// A validation forward after each step: its batch (0: none) and dropout.
+static const int graph_valid_batch[GRAPH_STEPS] = {8, 3, 8, 0, 8};
+static const float graph_valid_dropout[GRAPH_STEPS] = {0, 0, 0, 0, 0.1f};
 
 typedef struct {
     float loss[GRAPH_STEPS], norm[GRAPH_STEPS], valid_loss[GRAPH_STEPS];
@@ -743,8 +746,8 @@ static void graph_run_cpu(const Setup *s, const float *init, GraphRun *out) {
 static void test_graphs(void) {
     Setup s = small_setup();
     size_t P = model_num_params(&s.cfg);
-    printf("part 5: %d steps (batches of 8 and 3) and 3 validation forwards, train.cuda_graph on vs off vs CPU\n",
-           GRAPH_STEPS);
+    printf("part 5: %d steps (batches of 8 and 3) and %d validation forwards, train.cuda_graph on vs off vs CPU\n",
+           GRAPH_STEPS, GRAPH_FORWARDS);
     float *init = mlm_malloc(P * sizeof(float), "init");
     init_params(&s.cfg, init, s.seed);
     GraphRun on, off, cpu;
@@ -755,13 +758,13 @@ static void test_graphs(void) {
     graph_run(&s, init, 1, &on);
 #ifdef MLM_CUDA_EMULATION
     emu_counters_get(&after);
-    // 7 steps and 3 forwards with graphs: every one a graph launch, no cuRAND call.
+    // Every step and forward with graphs is one graph launch, and no cuRAND call is made.
     printf("  graphs on: %llu graph launches, %llu cuRAND calls\n",
            (unsigned long long)(after.graph_launches - before.graph_launches),
            (unsigned long long)(after.curand_calls - before.curand_calls));
-    CHECK(after.graph_launches - before.graph_launches == GRAPH_STEPS + 3,
+    CHECK(after.graph_launches - before.graph_launches == GRAPH_STEPS + GRAPH_FORWARDS,
           "graph launches: %llu, expected one per step and forward (%d)",
-          (unsigned long long)(after.graph_launches - before.graph_launches), GRAPH_STEPS + 3);
+          (unsigned long long)(after.graph_launches - before.graph_launches), GRAPH_STEPS + GRAPH_FORWARDS);
     CHECK(after.curand_calls == before.curand_calls, "cuRAND was called during the steps");
     emu_counters_get(&before);
 #endif
