@@ -54,6 +54,7 @@ int main(int argc, char **argv) {
     float *params = mlm_malloc(P * sizeof(float), "params");
     model_init_params(&mc, params, cfg.seed, cfg.init_copy_layers);
     CudaModel *m = cuda_model_create(&mc, B, 1);
+    cuda_model_set_graphs(m, cfg.cuda_graph);  // --set train.cuda_graph=false: the plain launches
     cuda_model_set_params(m, params);
     OptimConfig oc = config_optim(&cfg, warmup + 1);
     MaskConfig mk = {.scheme = MASK_SCHEME_REFERENCE, .prob = 0.15f, .unchanged_prob = 0.1f, .random_prob = 0.1f,

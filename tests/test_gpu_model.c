@@ -45,6 +45,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <cuda_runtime.h>  // the emulator's defines MLM_CUDA_EMULATION (tests/emu): its counters are checked
+#ifdef MLM_CUDA_EMULATION
+#include "emu_api.h"
+#endif
 #include "mlm/common.h"
 #include "mlm/cpu.h"
 #include "mlm/cuda_backend.h"
@@ -631,6 +635,182 @@ static void test_roundtrip(void) {
     free(a), free(m), free(v), free(back);
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// 5. train.cuda_graph: captured and replayed steps equal the plain launches bit for bit, and the CPU.
+
+// Each shape is captured once and replayed at least once: training batches of 8 (steps 1, 3, 5) and 3 (2, 4),
+// validation forwards of 8 (after steps 1 and 3) and 3; the last forward keeps dropout on (the samples'
+// train.eval_dropout), a shape of its own.
+enum { GRAPH_STEPS = 5, GRAPH_FORWARDS = 4 };
+static const int graph_batch[GRAPH_STEPS] = {8, 3, 8, 3, 8};
+// A validation forward after each step: its batch (0: none) and dropout.
+static const int graph_valid_batch[GRAPH_STEPS] = {8, 3, 8, 0, 8};
+static const float graph_valid_dropout[GRAPH_STEPS] = {0, 0, 0, 0, 0.1f};
+
+typedef struct {
+    float loss[GRAPH_STEPS], norm[GRAPH_STEPS], valid_loss[GRAPH_STEPS];
+    int correct[GRAPH_STEPS], valid_correct[GRAPH_STEPS];
+    float *params, *adam_m, *adam_v, *grads;  // grads: [GRAPH_STEPS, P] each step's gradients
+} GraphRun;
+
+static void graph_run(const Setup *s, const float *init, int use_graphs, GraphRun *out) {
+    const ModelConfig *c = &s->cfg;
+    size_t P = model_num_params(c), BT = (size_t)s->max_B * c->max_seq;
+    CudaModel *gm = cuda_model_create(c, s->max_B, 0);
+    cuda_model_set_graphs(gm, use_graphs);
+    cuda_model_set_params(gm, init);
+    float *zeros = mlm_calloc(P, sizeof(float), "zeros");
+    cuda_model_set_adam(gm, zeros, zeros);
+    int *tokens = mlm_malloc(BT * sizeof(int), "tokens");
+    Rng train, valid;
+    rng_init(&train, s->seed, RNG_DOMAIN_TRAIN);
+    rng_init(&valid, s->seed, RNG_DOMAIN_VALID);
+    CudaRandom rnd = {.philox_seed = train.seed, .layout = s->layout, .step = 0, .dropout_p = c->dropout};
+    out->grads = mlm_malloc(GRAPH_STEPS * P * sizeof(float), "grads");
+    lcg_state = 4711;
+    for (int k = 0; k < GRAPH_STEPS; k++) {
+        int B = graph_batch[k];
+        random_tokens(tokens, (size_t)B * c->max_seq, s->mask.n_chars);
+        rnd.step = (uint64_t)k;
+        CudaStepStats st;
+        cuda_model_train_step(gm, tokens, B, &s->mask, &rnd, s->max_norm, &s->oc, k + 1, optim_lr(&s->oc, k + 1), &st);
+        out->loss[k] = st.loss;
+        out->norm[k] = st.grad_norm;
+        out->correct[k] = st.correct;
+        cuda_model_get_grads(gm, out->grads + (size_t)k * P);
+        out->valid_loss[k] = 0.0f;
+        out->valid_correct[k] = 0;
+        if (graph_valid_batch[k]) {
+            int VB = graph_valid_batch[k];
+            random_tokens(tokens, (size_t)VB * c->max_seq, s->mask.n_chars);
+            CudaRandom vr = {.philox_seed = valid.seed, .layout = s->layout, .step = (uint64_t)k,
+                             .dropout_p = graph_valid_dropout[k]};
+            cuda_model_forward(gm, tokens, NULL, VB, s->mask.pad_id, &s->mask, &vr, &st);
+            out->valid_loss[k] = st.loss;
+            out->valid_correct[k] = st.correct;
+        }
+    }
+    out->params = mlm_malloc(P * sizeof(float), "params");
+    out->adam_m = mlm_malloc(P * sizeof(float), "m");
+    out->adam_v = mlm_malloc(P * sizeof(float), "v");
+    cuda_model_get_params(gm, out->params);
+    cuda_model_get_adam(gm, out->adam_m, out->adam_v);
+    rng_free(&train), rng_free(&valid);
+    free(tokens), free(zeros);
+    cuda_model_free(gm);
+}
+
+static void graph_run_free(GraphRun *r) { free(r->params), free(r->adam_m), free(r->adam_v), free(r->grads); }
+
+// The same steps on the CPU backend (train.c's step and validation forward).
+static void graph_run_cpu(const Setup *s, const float *init, GraphRun *out) {
+    const ModelConfig *c = &s->cfg;
+    size_t P = model_num_params(c), BT = (size_t)s->max_B * c->max_seq;
+    CpuModel *cm = cpu_model_create(c, s->max_B);
+    memcpy(cm->params, init, P * sizeof(float));
+    out->adam_m = mlm_calloc(P, sizeof(float), "m");
+    out->adam_v = mlm_calloc(P, sizeof(float), "v");
+    out->grads = mlm_malloc(GRAPH_STEPS * P * sizeof(float), "grads");
+    int *tokens = mlm_malloc(BT * sizeof(int), "tokens"), *inputs = mlm_malloc(BT * sizeof(int), "inputs");
+    int *labels = mlm_malloc(BT * sizeof(int), "labels");
+    float *u = mlm_malloc(4 * BT * sizeof(float), "uniforms");
+    Rng train, valid;
+    rng_init(&train, s->seed, RNG_DOMAIN_TRAIN);
+    rng_init(&valid, s->seed, RNG_DOMAIN_VALID);
+    lcg_state = 4711;
+    for (int k = 0; k < GRAPH_STEPS; k++) {
+        int B = graph_batch[k], targets;
+        random_tokens(tokens, (size_t)B * c->max_seq, s->mask.n_chars);
+        out->loss[k] = cpu_train_step(s, cm, &train, tokens, B, (uint64_t)k, out->adam_m, out->adam_v, inputs,
+                                      labels, &out->norm[k], &out->correct[k], &targets, out->grads + (size_t)k * P);
+        out->valid_loss[k] = 0.0f;
+        out->valid_correct[k] = 0;
+        if (graph_valid_batch[k]) {
+            int VB = graph_valid_batch[k];
+            size_t n = (size_t)VB * c->max_seq;
+            random_tokens(tokens, n, s->mask.n_chars);
+            rng_uniform(&valid, rng_mask_offset(&s->layout, (uint64_t)k), u, 4 * n);
+            mask_apply(&s->mask, tokens, n, u, inputs, labels);
+            DropoutCtx d = {.rng = &valid, .layout = s->layout, .step = (uint64_t)k, .p = graph_valid_dropout[k]};
+            out->valid_loss[k] = cpu_model_forward(cm, inputs, labels, VB, s->mask.pad_id,
+                                                   graph_valid_dropout[k] > 0 ? &d : NULL, &out->valid_correct[k]);
+        }
+    }
+    out->params = mlm_malloc(P * sizeof(float), "params");
+    memcpy(out->params, cm->params, P * sizeof(float));
+    rng_free(&train), rng_free(&valid);
+    free(tokens), free(inputs), free(labels), free(u);
+    cpu_model_free(cm);
+}
+
+static void test_graphs(void) {
+    Setup s = small_setup();
+    size_t P = model_num_params(&s.cfg);
+    printf("part 5: %d steps (batches of 8 and 3) and %d validation forwards, train.cuda_graph on vs off vs CPU\n",
+           GRAPH_STEPS, GRAPH_FORWARDS);
+    float *init = mlm_malloc(P * sizeof(float), "init");
+    init_params(&s.cfg, init, s.seed);
+    GraphRun on, off, cpu;
+#ifdef MLM_CUDA_EMULATION
+    EmuCounters before, after;
+    emu_counters_get(&before);
+#endif
+    graph_run(&s, init, 1, &on);
+#ifdef MLM_CUDA_EMULATION
+    emu_counters_get(&after);
+    // Every step and forward with graphs is one graph launch, and no cuRAND call is made.
+    printf("  graphs on: %llu graph launches, %llu cuRAND calls\n",
+           (unsigned long long)(after.graph_launches - before.graph_launches),
+           (unsigned long long)(after.curand_calls - before.curand_calls));
+    CHECK(after.graph_launches - before.graph_launches == GRAPH_STEPS + GRAPH_FORWARDS,
+          "graph launches: %llu, expected one per step and forward (%d)",
+          (unsigned long long)(after.graph_launches - before.graph_launches), GRAPH_STEPS + GRAPH_FORWARDS);
+    CHECK(after.curand_calls == before.curand_calls, "cuRAND was called during the steps");
+    emu_counters_get(&before);
+#endif
+    graph_run(&s, init, 0, &off);
+#ifdef MLM_CUDA_EMULATION
+    emu_counters_get(&after);
+    CHECK(after.graph_launches == before.graph_launches, "graphs were launched with train.cuda_graph off");
+#endif
+    int same = 0;
+    for (int k = 0; k < GRAPH_STEPS; k++) {
+        int eq = memcmp(&on.loss[k], &off.loss[k], sizeof(float)) == 0 &&
+                 memcmp(&on.norm[k], &off.norm[k], sizeof(float)) == 0 && on.correct[k] == off.correct[k] &&
+                 memcmp(&on.valid_loss[k], &off.valid_loss[k], sizeof(float)) == 0 &&
+                 on.valid_correct[k] == off.valid_correct[k];
+        same += eq;
+        printf("  step %d (B %d): loss %.7f norm %.7f%s; valid %.7f (B %d)%s\n", k + 1, graph_batch[k], on.loss[k],
+               on.norm[k], eq ? "" : " DIFFERS", on.valid_loss[k], graph_valid_batch[k], eq ? "" : " DIFFERS");
+    }
+    CHECK(same == GRAPH_STEPS, "only %d of %d steps are bit-identical with and without graphs", same, GRAPH_STEPS);
+    CHECK(memcmp(on.grads, off.grads, GRAPH_STEPS * P * sizeof(float)) == 0, "gradients differ with and without graphs");
+    CHECK(memcmp(on.params, off.params, P * sizeof(float)) == 0, "parameters differ with and without graphs");
+    CHECK(memcmp(on.adam_m, off.adam_m, P * sizeof(float)) == 0 && memcmp(on.adam_v, off.adam_v, P * sizeof(float)) == 0,
+          "Adam moments differ with and without graphs");
+
+    // Against the CPU backend, with test_vs_cpu's tolerances.
+    graph_run_cpu(&s, init, &cpu);
+    int n_tab;
+    ParamEntry *tab = param_table(&s.cfg, &n_tab);
+    double *unc = mlm_calloc(P, sizeof(double), "gradient uncertainty"), lr_sum = 0.0, worst = 0.0;
+    for (int k = 0; k < GRAPH_STEPS; k++) {
+        const float *gg = on.grads + (size_t)k * P, *gc = cpu.grads + (size_t)k * P;
+        track_grad_noise(tab, n_tab, gg, gc, GRAD_TOL_VS_CPU * max_abs_f(gc, P), unc, k + 1);
+        lr_sum += optim_lr(&s.oc, k + 1);
+        double rl = rel_err_f(&on.loss[k], &cpu.loss[k], 1, NULL), rn = rel_err_f(&on.norm[k], &cpu.norm[k], 1, NULL);
+        double rv = rel_err_f(&on.valid_loss[k], &cpu.valid_loss[k], 1, NULL);
+        CHECK(rl <= REL_TOL && rn <= REL_TOL && rv <= REL_TOL,
+              "step %d vs CPU: loss rel %.3e, norm rel %.3e, validation loss rel %.3e > %.1e", k + 1, rl, rn, rv,
+              REL_TOL);
+        worst = fmax(worst, fmax(rl, fmax(rn, rv)));
+    }
+    printf("  vs CPU: losses, norms and validation losses within %.2e\n", worst);
+    compare_params_after_steps(tab, n_tab, on.params, cpu.params, unc, 2.0 * 1.005 * lr_sum);
+    free(unc), free(tab), free(init);
+    graph_run_free(&on), graph_run_free(&off), graph_run_free(&cpu);
+}
+
 int main(int argc, char **argv) {
     char why[256];
     if (cuda_device_count(why, sizeof(why)) == 0) return test_skip(why);
@@ -642,5 +822,6 @@ int main(int argc, char **argv) {
     test_vs_cpu();
     test_determinism();
     test_roundtrip();
+    test_graphs();
     return test_finish("test_gpu_model");
 }

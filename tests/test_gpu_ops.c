@@ -195,6 +195,37 @@ static void test_uniforms(void) {
     printf("  %zu uniforms at %zu offsets compared bit for bit\n", total, sizeof(offsets) / sizeof(offsets[0]));
 }
 
+// The same stream computed inside a kernel (mask.cu's Philox, no cuRAND) against the CPU reproduction, at
+// offsets on both sides of thread-row boundaries (4 x 65,536 outputs), in the middle of a Philox block, and
+// where the iteration counter needs its high word (offset >= 2^50).
+static void test_kernel_philox(void) {
+    printf("cuda_philox_uniform vs philox_uniform:\n");
+    const uint64_t row = 4ull * 65536;
+    const uint64_t offsets[] = {0, 1, 2, 3, 5, row - 1, row - 4, row - 33, row, row + 1, 3 * row - 2, 12345,
+                                (1ull << 32) + 3, (1ull << 50) - 5, (1ull << 52) + row - 7};
+    const size_t sizes[] = {1, 2, 5, 64, 1001, 2 * 65536 * 4 + 9};
+    size_t total = 0;
+    for (size_t a = 0; a < sizeof(offsets) / sizeof(offsets[0]); a++)
+        for (size_t b = 0; b < sizeof(sizes) / sizeof(sizes[0]); b++) {
+            size_t n = sizes[b];
+            if (quick && n > 100000 && a % 4 != 0) continue;
+            float *want = host_zeros(n), *got = host_zeros(n);
+            philox_uniform(drop_rng.seed, offsets[a], want, n);
+            float *d = dmalloc(n * sizeof(float));
+            cuda_philox_uniform(d, drop_rng.seed, offsets[a], n, st);
+            download(got, d, n * sizeof(float));
+            size_t bad = 0;
+            for (size_t i = 0; i < n; i++) bad += memcmp(&got[i], &want[i], sizeof(float)) != 0;
+            CHECK(bad == 0, "offset %llu, n %zu: %zu of the kernel's uniforms differ from the CPU's",
+                  (unsigned long long)offsets[a], n, bad);
+            total += n;
+            dfree(d);
+            free(want);
+            free(got);
+        }
+    printf("  %zu uniforms at %zu offsets compared bit for bit\n", total, sizeof(offsets) / sizeof(offsets[0]));
+}
+
 // Device keep mask by THE DROPOUT RULE (cuda_uniform + cuda_dropout_keep) against dropout_keep_mask on the CPU,
 // at the offsets of RngLayout for real sites (the actual batch a prefix of the configured one).
 static void test_dropout_rule(void) {
@@ -228,6 +259,23 @@ static void test_dropout_rule(void) {
                    (int)cases[k].site, n, (double)kept / (double)n, bad);
             CHECK(bad == 0, "p %g layer %d site %d: %zu of %zu keep flags differ from the CPU rule", ps[pi],
                   cases[k].layer, (int)cases[k].site, bad, n);
+            // The same flags from the Philox inside the keep kernel, the step's seed and base offset read from
+            // device memory as a captured step reads them.
+            DeviceStep hs;
+            memset(&hs, 0, sizeof(hs));
+            hs.philox_seed = drop_rng.seed;
+            hs.rng_base = rng_mask_offset(&lay, 5);
+            DeviceStep *ds = dmalloc(sizeof(DeviceStep));
+            upload(ds, &hs, sizeof(hs));
+            memset(got, 0xee, n);
+            cuda_dropout_keep_philox(dk, ds, rng_dropout_offset(&lay, 0, cases[k].layer, cases[k].site), ps[pi], n,
+                                     st);
+            download(got, dk, n);
+            bad = 0;
+            for (size_t i = 0; i < n; i++) bad += got[i] != want[i];
+            CHECK(bad == 0, "p %g layer %d site %d: %zu of %zu keep flags of the Philox keep kernel differ from the "
+                  "CPU rule", ps[pi], cases[k].layer, (int)cases[k].site, bad, n);
+            dfree(ds);
             dfree(du);
             dfree(dk);
             free(want);
@@ -764,6 +812,35 @@ static void test_crossentropy(void) {
 
 // ---- Gradient norm and Adam --------------------------------------------------------------------------------
 
+// The fixed summation order optim.cu documents, on the host: NB = clamp(ceil(n / 8192), 1, 1024) blocks of
+// 256 threads, thread t of block b summing g[i]^2 in double for i = b 256 + t, + NB 256, ...; per block the
+// warps' butterfly sums, then a butterfly over the 8 warp sums (the other lanes 0); then the NB partials as
+// one block of 1024 threads holding one partial each (0 past NB): 32 warp butterflies, then one over those.
+static double butterfly32(const double *v, int valid) {
+    double x[32];
+    for (int k = 0; k < 32; k++) x[k] = k < valid ? v[k] : 0.0;
+    for (int o = 16; o > 0; o >>= 1)
+        for (int k = 0; k < o; k++) x[k] += x[k + o];
+    return x[0];
+}
+
+static float grad_norm_fixed_order(const float *g, size_t n) {
+    size_t nb = (n + 8191) / 8192;
+    nb = nb < 1 ? 1 : nb > 1024 ? 1024 : nb;
+    double partial[1024], t[256], w[32];
+    for (size_t b = 0; b < nb; b++) {
+        for (size_t th = 0; th < 256; th++) {
+            double s = 0.0;
+            for (size_t i = b * 256 + th; i < n; i += nb * 256) s += (double)g[i] * (double)g[i];
+            t[th] = s;
+        }
+        for (int k = 0; k < 8; k++) w[k] = butterfly32(t + 32 * k, 32);
+        partial[b] = butterfly32(w, 8);
+    }
+    for (int k = 0; k < 32; k++) w[k] = 32 * k < (int)nb ? butterfly32(partial + 32 * k, (int)nb - 32 * k) : 0.0;
+    return (float)sqrt(butterfly32(w, 32));
+}
+
 static void test_grad_norm(void) {
     printf("grad norm (1e-6, deterministic):\n");
     const size_t sizes[] = {0, 1, 7, 4097, 812355, quick ? 300007 : 3000007};
@@ -774,6 +851,7 @@ static void test_grad_norm(void) {
         float want = cpu_grad_norm(g, n);
         float *d_g = dup_f(g, n), *d_norm = dmalloc(sizeof(float));
         double *d_scratch = dmalloc(cuda_grad_norm_scratch(n) * sizeof(double));
+        CUDA_CHECK(cudaMemset(d_scratch, 0, cuda_grad_norm_scratch(n) * sizeof(double)));  // its block counter
         float got[2];
         for (int run = 0; run < 2; run++) {
             cuda_grad_norm(d_norm, d_g, n, d_scratch, st);
@@ -783,6 +861,10 @@ static void test_grad_norm(void) {
         snprintf(what, sizeof(what), "grad_norm n %zu (%.6g)", n, (double)want);
         expect_close(what, &got[0], &want, 1, 1e-6);
         expect_identical(what, &got[0], &got[1], sizeof(float));
+        // One launch (the last block adds the partials) in the order of the former two: bit-identical.
+        float order = grad_norm_fixed_order(g, n);
+        CHECK(memcmp(&got[0], &order, sizeof(float)) == 0, "grad_norm n %zu: %.9g, the fixed order gives %.9g", n,
+              (double)got[0], (double)order);
         free(g);
         dfree(d_g), dfree(d_norm), dfree(d_scratch);
     }
@@ -825,8 +907,17 @@ static void test_adam(void) {
                         upload(d_norm, &norm, sizeof(float));
                         double lr = kind == OPTIM_NOAM_ADAM ? 1.976e-3 * (double)t / 2000.0 : 3e-4;
                         cpu_adam_update(&oc, p, g, m, v, mask, n, t, lr);
-                        cuda_adam_update(d_p, d_g, d_m, d_v, d_mask, d_norm, max_norm, n, kind, oc.beta1, oc.beta2,
-                                         oc.eps, oc.weight_decay, t, lr, st);
+                        if (t % 2) {
+                            cuda_adam_update(d_p, d_g, d_m, d_v, d_mask, d_norm, max_norm, n, kind, oc.beta1,
+                                             oc.beta2, oc.eps, oc.weight_decay, t, lr, st);
+                        } else {  // the step constants from device memory, as a captured step reads them
+                            AdamStep k = cuda_adam_step(kind, oc.beta1, oc.beta2, oc.weight_decay, t, lr);
+                            AdamStep *d_k = dmalloc(sizeof(AdamStep));
+                            upload(d_k, &k, sizeof(k));
+                            cuda_adam_update_dev(d_p, d_g, d_m, d_v, d_mask, d_norm, max_norm, n, kind, oc.beta1,
+                                                 oc.beta2, oc.eps, d_k, st);
+                            dfree(d_k);
+                        }
                         free(g);
                     }
                     float *gp = fetch_f(d_p, n), *gm = fetch_f(d_m, n), *gv = fetch_f(d_v, n);
@@ -860,6 +951,7 @@ int main(int argc, char **argv) {
     CURAND_CHECK(curandSetPseudoRandomGeneratorSeed(dgen, drop_rng.seed));
 
     test_uniforms();
+    test_kernel_philox();
     test_dropout_rule();
     test_feedforward();
     test_column_sums();

@@ -40,12 +40,11 @@ BUGS = [
    "                               m->stream));\n    CUDA_CHECK(cudaStreamSynchronize(m->stream));\n    if (!stats) return;",
    "                               m->stream));\n    if (!stats) return;")]),
  ("wrong Philox offset (in blocks of 4 instead of values)", [("mask.cu",
-   "    CURAND_CHECK(curandSetStream(gen, stream));\n    CURAND_CHECK(curandSetGeneratorOffset(gen, offset));",
-   "    CURAND_CHECK(curandSetStream(gen, stream));\n    CURAND_CHECK(curandSetGeneratorOffset(gen, offset / 4));")]),
+   "    return s->rng_base + offset_in_step;", "    return (s->rng_base + offset_in_step) / 4;")]),
  ("read of a buffer before its upload (tokens copied after the mask kernel)", [("mask.cu",
    "    CUDA_CHECK(cudaMemcpy(d_tokens, tokens, n * sizeof(int), cudaMemcpyHostToDevice));\n", ""),
-  ("mask.cu", "    cuda_mask_launch(c, d_tokens, n, d_u, d_inputs, d_labels, 0);\n",
-   "    cuda_mask_launch(c, d_tokens, n, d_u, d_inputs, d_labels, 0);\n"
+  ("mask.cu", "    cuda_mask_philox(c, d_tokens, n, d_step, 0, d_inputs, d_labels, 0);\n",
+   "    cuda_mask_philox(c, d_tokens, n, d_step, 0, d_inputs, d_labels, 0);\n"
    "    CUDA_CHECK(cudaMemcpy(d_tokens, tokens, n * sizeof(int), cudaMemcpyHostToDevice));\n")]),
  ("kernel reads one element past an allocation (column sums, k <= chunks)", [("feedforward.cu",
    "    for (int k = 0; k < chunks; k++) t += partial[(size_t)k * C + c];",
@@ -57,6 +56,8 @@ BUGS = [
  ("softmax scale applied twice in the backward", [("attention.cu",
    "        ds[j] = __fmul_rn(__fmul_rn(p[j], __fsub_rn(g, dot)), scale);",
    "        ds[j] = __fmul_rn(__fmul_rn(p[j], __fsub_rn(g, dot)), scale * scale);")]),
+ ("grad-norm block counter not reset (a replayed step never finishes its norm)", [("optim.cu",
+   "            *ticket = 0;  // ready for the next launch (and the next replay of a captured step)\n", "")]),
 ]
 if sys.argv[1] == "count":
     print(len(BUGS)); sys.exit(0)

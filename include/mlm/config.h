@@ -44,6 +44,7 @@ typedef struct {
     int init_check_vocab;         // --init refuses weights of another vocabulary (true)
     int threads;                  // CPU threads (0 = OpenMP default)
     int tf32;                     // allow TF32 tensor-core matmuls on the GPU
+    int cuda_graph;               // train.cuda_graph: capture/replay the GPU step as a CUDA graph (true)
     int samples;                  // print samples each epoch
     // [optim]
     int optim_kind;               // optim.name = noam | adamw

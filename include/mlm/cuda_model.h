@@ -38,8 +38,14 @@ void cuda_model_get_adam(CudaModel *m, float *adam_m, float *adam_v);
 // decay_mask[P] (1 where AdamW decays); NULL: none.
 void cuda_model_set_decay_mask(CudaModel *m, const uint8_t *decay_mask);
 
-// Masking and dropout draw from a device Philox generator seeded with `philox_seed` (Rng.seed of the
-// stream) at the offsets of `layout` for index `step`: the same numbers, so the same masks, as the CPU.
+// train.cuda_graph: on (the default), a masked step (cuda_model_train_step, and cuda_model_forward with a mask)
+// is captured as one CUDA graph the first time its shape is seen (batch size, configuration) and replayed
+// afterwards; off, the same launches are issued one by one. Both give bit-identical results.
+void cuda_model_set_graphs(CudaModel *m, int on);
+
+// Masking and dropout use cuRAND's Philox stream with key `philox_seed` (Rng.seed of the stream), computed
+// inside the kernels, at the offsets of `layout` for index `step`: the same numbers, so the same masks, as
+// the CPU. The seed and the step's base offset reach the device in the step's one upload.
 typedef struct {
     uint64_t philox_seed;
     RngLayout layout;

@@ -1,19 +1,21 @@
 // cuda_model.cu: the CUDA backend's model: parameters, gradients, Adam moments and activations resident on
 // the device, the forward and backward passes composed from the op kernels of kernels.h and cuBLAS, and a
 // whole training step (mask, forward, backward, clip, Adam) with one small read-back of the logged scalars.
+// A step is captured once per shape as a CUDA graph and replayed (train.cuda_graph): what changes from step
+// to step (Philox seed and offsets, Adam's t and lr, the batch) is uploaded by one copy into fixed device
+// memory that the kernels read, and random numbers are computed inside the kernels (no cuRAND call).
 //
 // It mirrors src/cpu/cpu_model.c op for op: the same parameter layout (model_param_views), the same saved
 // activations (stacked [L, max_B, T, ...] per layer, a smaller batch using a prefix of each layer's block),
-// and the same random numbers: masking and dropout draw from one device Philox generator at the offsets
-// of the RngLayout for the ACTUAL batch (THE DROPOUT RULE of src/cpu/ops.h), so the GPU masks and drops
-// exactly the positions the CPU does.
+// and the same random numbers: masking and dropout compute cuRAND's Philox stream inside the kernels
+// (mask.cu) at the offsets of the RngLayout for the ACTUAL batch (THE DROPOUT RULE of src/cpu/ops.h), so the
+// GPU masks and drops exactly the positions the CPU does.
 //
 // Matmuls: cuBLAS is column-major; a row-major [R, K] matrix is the column-major [K, R] matrix, so every
 // row-major product below is written as the column-major product of the transposes (see the helpers).
 #include <cublas_v2.h>
 #include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
-#include <curand.h>
 #include <math.h>
 #include <nvtx3/nvToolsExt.h>
 #include <stdio.h>
@@ -39,10 +41,10 @@
 // stacked [L, max_B, T, ...]; everything else is per-batch scratch reused by every layer.
 typedef struct {
     float *pe;                   // [T, C] sinusoidal positions (constant)
+    DeviceStep *step;            // [1] the step's scalars (upload region: step, tokens, labels)
     int *tokens;                 // [B, T] token ids as copied from the host (before masking)
     int *inputs;                 // [B, T] model inputs (after masking)
     int *labels;                 // [B, T] original token where selected, PAD elsewhere
-    float *uniforms;             // [max(4 B T, B H T T, B T C, B T F)] masking or one dropout site's uniforms
     float *encoded;              // [B, T, C] embedding output = residual stream entering layer 0
     float *ln1;                  // [L, B, T, C]
     float *ln1_mean, *ln1_rstd;  // [L, B, T]
@@ -85,6 +87,30 @@ typedef struct {
     double *norm_scratch;        // gradient norm partial sums
 } DevActs;
 
+// Everything a captured step bakes into its launches: sizes, which kernels run, and the constants passed by
+// value. A graph is replayed only for an equal key (memcmp: keys are zeroed before they are filled); what
+// changes every step lives in the DeviceStep instead.
+typedef enum { STEP_TRAIN = 1, STEP_FORWARD = 2 } StepKind;
+typedef struct {
+    int kind, B, pad_id, decay_set;
+    MaskConfig mask;
+    RngLayout layout;
+    float dropout_p, max_norm;
+    int optim_kind;
+    float beta1, beta2, eps;
+} StepKey;
+
+typedef struct {
+    StepKey key;
+    cudaGraphExec_t exec;  // NULL: slot free
+    uint64_t last_used;
+} StepGraph;
+
+// Full and last partial batch of training and of validation, the samples' batch, and room to spare.
+enum { MAX_STEP_GRAPHS = 8 };
+// cuBLAS's recommended workspace on Hopper (32 MiB; 4 MiB suffice on earlier GPUs).
+enum { CUBLAS_WORKSPACE_BYTES = 32 << 20 };
+
 struct CudaModel {
     ModelConfig cfg;
     int max_B;
@@ -92,9 +118,7 @@ struct CudaModel {
     size_t n_params;
     cudaStream_t stream;
     cublasHandle_t cublas;
-    curandGenerator_t gen;
-    uint64_t gen_seed;      // seed the generator holds (valid when gen_seeded)
-    int gen_seeded;
+    void *cublas_workspace;  // [CUBLAS_WORKSPACE_BYTES]
     // Parameter-sized state, one allocation: params | grads | adam m | adam v | decay mask (bytes).
     void *state_block;
     float *params, *grads, *adam_m, *adam_v;
@@ -104,10 +128,17 @@ struct CudaModel {
     void *act_block;
     size_t act_bytes;
     DevActs a;
-    // Host side: pinned staging for token/label uploads and the scalar read-back.
-    int *h_stage;           // [2, max_B, T] tokens (or inputs), then labels
+    // Host side: pinned staging of the upload region (the layout of the device's: upload_offsets) and the
+    // scalar read-back.
+    char *h_upload;         // DeviceStep | tokens [max_B, T] | labels [max_B, T]
+    DeviceStep *h_step;
+    int *h_tokens, *h_labels;
     float *h_scalars;       // [4]
-    cudaEvent_t stage_free; // recorded after the last upload from h_stage
+    cudaEvent_t stage_free; // recorded after the last upload from h_upload
+    // Captured steps (train.cuda_graph): one executable graph per StepKey, replayed every step.
+    int use_graphs;
+    StepGraph graphs[MAX_STEP_GRAPHS];
+    uint64_t graph_clock;   // counts lookups, for replacing the least recently used graph
     // State of the last forward, used by the backward.
     int B;
     int has_labels;
@@ -144,14 +175,28 @@ static size_t scratch_floats(const ModelConfig *c, int max_B) {
     return MLM_MAX(most, (size_t)1);
 }
 
+// The upload region, laid out alike in pinned host memory and on the device so that one copy moves a step's
+// scalars and its batch: DeviceStep, tokens [maxBT], labels [maxBT], each on a 256-byte boundary. Returns
+// its size.
+enum { STEP_HEADER_BYTES = 256 };
+static size_t upload_offsets(size_t maxBT, size_t *tokens_at, size_t *labels_at) {
+    static_assert(sizeof(DeviceStep) <= STEP_HEADER_BYTES, "DeviceStep outgrew its header");
+    size_t tok_bytes = (maxBT * sizeof(int) + 255) & ~(size_t)255;
+    *tokens_at = STEP_HEADER_BYTES;
+    *labels_at = STEP_HEADER_BYTES + tok_bytes;
+    return *labels_at + maxBT * sizeof(int);
+}
+
 static void carve_acts(DevActs *a, const ModelConfig *c, int max_B, size_t n_params, Carver *cv) {
     size_t B = max_B, T = c->max_seq, C = c->d_model, H = c->n_heads, L = c->n_layers, F = c->d_ff, V = c->vocab;
     size_t BT = B * T, BHTT = B * H * T * T;
     a->pe = carve_f(cv, T * C);
-    a->tokens = carve_i(cv, BT);
+    size_t tokens_at, labels_at;
+    char *up = (char *)carve(cv, upload_offsets(BT, &tokens_at, &labels_at));
+    a->step = (DeviceStep *)up;
+    a->tokens = up ? (int *)(up + tokens_at) : NULL;
+    a->labels = up ? (int *)(up + labels_at) : NULL;
     a->inputs = carve_i(cv, BT);
-    a->labels = carve_i(cv, BT);
-    a->uniforms = carve_f(cv, MLM_MAX(MLM_MAX(4 * BT, BHTT), BT * MLM_MAX(C, F)));
     a->encoded = carve_f(cv, BT * C);
     a->ln1 = carve_f(cv, L * BT * C);
     a->ln1_mean = carve_f(cv, L * BT);
@@ -221,11 +266,11 @@ static void *device_alloc(size_t bytes, const char *what, const ModelConfig *c, 
     return p;
 }
 
-// Once per process: the device generator's uniforms around a thread-row boundary of cuRAND's Philox layout
-// (4 x 65,536 outputs per row: philox_cpu.h) must equal the CPU reproduction bit for bit, or the GPU would
-// mask and drop other positions than the CPU (and a run could not move between the backends). Cheap: one
-// launch of 64 numbers. The model's seed bookkeeping starts unset afterwards, so use_seed reseeds.
-static void check_device_philox(curandGenerator_t gen, cudaStream_t stream) {
+// Once per process: the uniforms the kernels compute (mask.cu's Philox) around a thread-row boundary of
+// cuRAND's Philox layout (4 x 65,536 outputs per row: philox_cpu.h) must equal the CPU reproduction bit for
+// bit, or the GPU would mask and drop other positions than the CPU (and a run could not move between the
+// backends). Cheap: one launch of 64 numbers.
+static void check_device_philox(cudaStream_t stream) {
     static int checked = 0;
     if (checked) return;
     enum { SAMPLE = 64 };
@@ -234,22 +279,18 @@ static void check_device_philox(curandGenerator_t gen, cudaStream_t stream) {
     const uint64_t offset = (uint64_t)CURAND_PHILOX_THREADS * 4 - 33;
     float dev[SAMPLE], cpu[SAMPLE], *d_u = NULL;
     CUDA_CHECK(cudaMalloc(&d_u, SAMPLE * sizeof(float)));
-    CURAND_CHECK(curandSetPseudoRandomGeneratorSeed(gen, seed));
-    cuda_uniform(gen, offset, d_u, SAMPLE, stream);
+    cuda_philox_uniform(d_u, seed, offset, SAMPLE, stream);
     CUDA_CHECK(cudaMemcpyAsync(dev, d_u, sizeof(dev), cudaMemcpyDeviceToHost, stream));
     CUDA_CHECK(cudaStreamSynchronize(stream));
     CUDA_CHECK(cudaFree(d_u));
     philox_uniform(seed, offset, cpu, SAMPLE);
     for (int i = 0; i < SAMPLE; i++) {
         if (memcmp(&dev[i], &cpu[i], sizeof(float)) != 0) {
-            int ver = 0;
-            curandGetVersion(&ver);
             mlm_fatal(MLM_EXIT_FAILURE,
-                      "cuRAND %d lays out its device Philox stream differently from mlm's CPU reproduction: at "
-                      "offset %llu the device gives %.9g, the CPU %.9g. GPU masks and dropout would not match "
-                      "the CPU backend; train with --device cpu, or use the cuRAND this build was tested with "
-                      "and report the version",
-                      ver, (unsigned long long)(offset + (uint64_t)i), dev[i], cpu[i]);
+                      "the device's Philox (src/kernels/mask.cu) differs from mlm's CPU reproduction of cuRAND's "
+                      "stream: at offset %llu the device gives %.9g, the CPU %.9g. GPU masks and dropout would not "
+                      "match the CPU backend; train with --device cpu and report the GPU and CUDA version",
+                      (unsigned long long)(offset + (uint64_t)i), dev[i], cpu[i]);
         }
     }
     checked = 1;
@@ -271,11 +312,12 @@ CudaModel *cuda_model_create(const ModelConfig *cfg, int max_B, int allow_tf32) 
     CUBLAS_CHECK(cublasCreate(&m->cublas));
     CUBLAS_CHECK(cublasSetStream(m->cublas, m->stream));
     CUBLAS_CHECK(cublasSetMathMode(m->cublas, allow_tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
-    CURAND_CHECK(curandCreateGenerator(&m->gen, CURAND_RNG_PSEUDO_PHILOX4_32_10));
-    // LEGACY, as the host generator (rng.c): DEFAULT is only "same as BEST" and free to change.
-    CURAND_CHECK(curandSetGeneratorOrdering(m->gen, CURAND_ORDERING_PSEUDO_LEGACY));
-    CURAND_CHECK(curandSetStream(m->gen, m->stream));
-    check_device_philox(m->gen, m->stream);
+    // A workspace of our own (after cublasSetStream, which resets it): captured and plain products then see the
+    // same workspace, so cuBLAS picks the same algorithms with and without graphs.
+    m->cublas_workspace = device_alloc(CUBLAS_WORKSPACE_BYTES, "the cuBLAS workspace", cfg, max_B);
+    CUBLAS_CHECK(cublasSetWorkspace(m->cublas, m->cublas_workspace, CUBLAS_WORKSPACE_BYTES));
+    check_device_philox(m->stream);
+    m->use_graphs = 1;
 
     // Parameters, gradients, Adam moments and the weight-decay mask.
     Carver count = {NULL, 0};
@@ -308,8 +350,13 @@ CudaModel *cuda_model_create(const ModelConfig *cfg, int max_B, int allow_tf32) 
     CUDA_CHECK(cudaMemsetAsync(m->act_block, 0, m->act_bytes, m->stream));
 
     // Host staging (pinned, so the uploads are truly asynchronous) and the positional table.
-    size_t BT = (size_t)max_B * cfg->max_seq;
-    CUDA_CHECK(cudaMallocHost((void **)&m->h_stage, 2 * BT * sizeof(int)));
+    size_t BT = (size_t)max_B * cfg->max_seq, tokens_at, labels_at;
+    size_t up_bytes = upload_offsets(BT, &tokens_at, &labels_at);
+    CUDA_CHECK(cudaMallocHost((void **)&m->h_upload, up_bytes));
+    memset(m->h_upload, 0, up_bytes);
+    m->h_step = (DeviceStep *)m->h_upload;
+    m->h_tokens = (int *)(m->h_upload + tokens_at);
+    m->h_labels = (int *)(m->h_upload + labels_at);
     CUDA_CHECK(cudaMallocHost((void **)&m->h_scalars, 4 * sizeof(float)));
     CUDA_CHECK(cudaEventCreateWithFlags(&m->stage_free, cudaEventDisableTiming));
     float *pe = (float *)mlm_malloc((size_t)cfg->max_seq * cfg->d_model * sizeof(float), "positional table");
@@ -326,16 +373,20 @@ void cuda_model_free(CudaModel *m) {
     CUDA_CHECK(cudaStreamSynchronize(m->stream));
     CUDA_CHECK(cudaFree(m->state_block));
     CUDA_CHECK(cudaFree(m->act_block));
-    CUDA_CHECK(cudaFreeHost(m->h_stage));
+    for (int i = 0; i < MAX_STEP_GRAPHS; i++)
+        if (m->graphs[i].exec) CUDA_CHECK(cudaGraphExecDestroy(m->graphs[i].exec));
+    CUDA_CHECK(cudaFreeHost(m->h_upload));
     CUDA_CHECK(cudaFreeHost(m->h_scalars));
     CUDA_CHECK(cudaEventDestroy(m->stage_free));
-    CURAND_CHECK(curandDestroyGenerator(m->gen));
     CUBLAS_CHECK(cublasDestroy(m->cublas));
+    CUDA_CHECK(cudaFree(m->cublas_workspace));
     CUDA_CHECK(cudaStreamDestroy(m->stream));
     free(m);
 }
 
 size_t cuda_model_num_params(const CudaModel *m) { return m->n_params; }
+
+void cuda_model_set_graphs(CudaModel *m, int on) { m->use_graphs = on != 0; }
 
 // ---------------------------------------------------------------------------------------------------------
 // Host <-> device copies (outside training steps; each waits for the stream).
@@ -420,46 +471,70 @@ static void gemm_batched(CudaModel *m, cublasOperation_t ta, cublasOperation_t t
 // ---------------------------------------------------------------------------------------------------------
 // Random numbers.
 
-static void use_seed(CudaModel *m, uint64_t seed) {
-    if (m->gen_seeded && m->gen_seed == seed) return;
-    CURAND_CHECK(curandSetPseudoRandomGeneratorSeed(m->gen, seed));
-    m->gen_seed = seed;
-    m->gen_seeded = 1;
+// Where a step's draws start in its stream, and where each draw sits inside the step (the RngLayout of the
+// configured batch); the kernels add the two (mask.cu's step_rng_offset). rng_dropout_offset(l, s, ...) is
+// s * per_step plus its value at step 0, so the in-step part is the same every step and can be captured.
+static uint64_t step_rng_base(const CudaRandom *rnd) { return rng_mask_offset(&rnd->layout, rnd->step); }
+static uint64_t mask_offset_in_step(const CudaRandom *rnd) { return rng_mask_offset(&rnd->layout, 0); }
+static uint64_t dropout_offset_in_step(const CudaRandom *rnd, int layer, DropSite site) {
+    return rng_dropout_offset(&rnd->layout, 0, layer, site);
 }
 
-// keep[n] for one dropout site of the actual batch (THE DROPOUT RULE), or NULL when dropout is off.
+// keep[n] for one dropout site of the actual batch (THE DROPOUT RULE), or NULL when dropout is off. The
+// uniforms are computed in the keep kernel from the step's seed and offset in device memory.
 static uint8_t *site_mask(CudaModel *m, const CudaRandom *rnd, uint8_t *keep, int layer, DropSite site, size_t n) {
     if (!m->dropout_on) return NULL;
-    cuda_uniform(m->gen, rng_dropout_offset(&rnd->layout, rnd->step, layer, site), m->a.uniforms, n, m->stream);
-    cuda_dropout_keep(keep, m->a.uniforms, rnd->dropout_p, n, m->stream);
+    cuda_dropout_keep_philox(keep, m->a.step, dropout_offset_in_step(rnd, layer, site), rnd->dropout_p, n,
+                             m->stream);
     return keep;
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // Uploads through the pinned staging buffer.
 
-// Copy tokens[B, T] (and labels, if not NULL) from the host to d_tokens / d_labels asynchronously.
+// The previous upload may still be reading the staging buffer.
+static void wait_stage(CudaModel *m) { CUDA_CHECK(cudaEventSynchronize(m->stage_free)); }
+
+// Fill the staged DeviceStep: the random stream's seed and the step's base offset (rnd may be NULL), Adam's
+// constants for step t with learning rate lr (oc may be NULL). Call after wait_stage.
+static void stage_step(CudaModel *m, const CudaRandom *rnd, const OptimConfig *oc, long t, double lr) {
+    DeviceStep *s = m->h_step;
+    memset(s, 0, sizeof(*s));
+    if (rnd) {
+        s->philox_seed = rnd->philox_seed;
+        s->rng_base = step_rng_base(rnd);
+    }
+    if (oc) {
+        s->adam = cuda_adam_step((int)oc->kind, oc->beta1, oc->beta2, oc->weight_decay, t, lr);
+        s->t = t;
+        s->lr = lr;
+    }
+}
+
+// The step's one upload: the staged DeviceStep and the first n_tokens tokens (captured with the step).
+static void upload_step(CudaModel *m, size_t n_tokens) {
+    size_t bytes = (size_t)((char *)m->h_tokens - m->h_upload) + n_tokens * sizeof(int);
+    CUDA_CHECK(cudaMemcpyAsync(m->a.step, m->h_upload, bytes, cudaMemcpyHostToDevice, m->stream));
+}
+
+// Copy tokens[B, T] (and labels, if not NULL) from the host to d_tokens / d_labels asynchronously, with the
+// staged DeviceStep (outside captured steps: forwards without masking).
 static void upload_batch(CudaModel *m, int *d_tokens, const int *tokens, const int *labels, int B) {
     size_t n = (size_t)B * m->cfg.max_seq;
-    // The previous upload may still be reading the staging buffer.
-    CUDA_CHECK(cudaEventSynchronize(m->stage_free));
-    memcpy(m->h_stage, tokens, n * sizeof(int));
-    CUDA_CHECK(cudaMemcpyAsync(d_tokens, m->h_stage, n * sizeof(int), cudaMemcpyHostToDevice, m->stream));
+    memcpy(m->h_tokens, tokens, n * sizeof(int));
+    upload_step(m, 0);
+    CUDA_CHECK(cudaMemcpyAsync(d_tokens, m->h_tokens, n * sizeof(int), cudaMemcpyHostToDevice, m->stream));
     if (labels) {
-        int *stage_labels = m->h_stage + (size_t)m->max_B * m->cfg.max_seq;
-        memcpy(stage_labels, labels, n * sizeof(int));
-        CUDA_CHECK(cudaMemcpyAsync(m->a.labels, stage_labels, n * sizeof(int), cudaMemcpyHostToDevice, m->stream));
+        memcpy(m->h_labels, labels, n * sizeof(int));
+        CUDA_CHECK(cudaMemcpyAsync(m->a.labels, m->h_labels, n * sizeof(int), cudaMemcpyHostToDevice, m->stream));
     }
     CUDA_CHECK(cudaEventRecord(m->stage_free, m->stream));
 }
 
-// Upload host tokens and mask them on the device with the uniforms of (rnd->philox_seed, rnd->step).
-static void upload_and_mask(CudaModel *m, const int *tokens, int B, const MaskConfig *mask, const CudaRandom *rnd) {
+// Mask the uploaded tokens on the device with the uniforms of the step (seed and offset in m->a.step).
+static void mask_on_device(CudaModel *m, int B, const MaskConfig *mask, const CudaRandom *rnd) {
     size_t n = (size_t)B * m->cfg.max_seq;
-    upload_batch(m, m->a.tokens, tokens, NULL, B);
-    use_seed(m, rnd->philox_seed);
-    cuda_uniform(m->gen, rng_mask_offset(&rnd->layout, rnd->step), m->a.uniforms, 4 * n, m->stream);
-    cuda_mask_launch(mask, m->a.tokens, n, m->a.uniforms, m->a.inputs, m->a.labels, m->stream);
+    cuda_mask_philox(mask, m->a.tokens, n, m->a.step, mask_offset_in_step(rnd), m->a.inputs, m->a.labels, m->stream);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -621,13 +696,15 @@ static void backward_impl(CudaModel *m) {
     nvtxRangePop();
 }
 
-// Gradient norm into scalars[3], then clip + Adam over all parameters in one launch.
-static void optimizer_impl(CudaModel *m, float max_norm, const OptimConfig *oc, long t, double lr) {
+// Gradient norm into scalars[3], then clip + Adam over all parameters with the step's t and lr from m->a.step
+// (two launches).
+static void optimizer_impl(CudaModel *m, float max_norm, const OptimConfig *oc) {
     nvtxRangePushA("optimizer");
     float *d_norm = m->a.scalars + 3;
     cuda_grad_norm(d_norm, m->grads, m->n_params, m->a.norm_scratch, m->stream);
-    cuda_adam_update(m->params, m->grads, m->adam_m, m->adam_v, m->decay_set ? m->decay_mask : NULL, d_norm, max_norm,
-                     m->n_params, (int)oc->kind, oc->beta1, oc->beta2, oc->eps, oc->weight_decay, t, lr, m->stream);
+    cuda_adam_update_dev(m->params, m->grads, m->adam_m, m->adam_v, m->decay_set ? m->decay_mask : NULL, d_norm,
+                         max_norm, m->n_params, (int)oc->kind, oc->beta1, oc->beta2, oc->eps, &m->a.step->adam,
+                         m->stream);
     nvtxRangePop();
 }
 
@@ -639,7 +716,6 @@ static void begin_forward(CudaModel *m, int B, const CudaRandom *rnd, int has_la
     m->dropout_on = rnd != NULL && rnd->dropout_p > 0.0f;
     // THE DROPOUT RULE's scale, evaluated in float as on the CPU.
     m->drop_scale = m->dropout_on ? 1.0f / (1.0f - rnd->dropout_p) : 1.0f;
-    if (m->dropout_on) use_seed(m, rnd->philox_seed);
 }
 
 // Read scalars[0..n) back (one small copy) and wait for the stream.
@@ -655,6 +731,90 @@ static void read_scalars(CudaModel *m, int n, CudaStepStats *stats) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// A masked step as one unit of launches, run plainly or captured once per StepKey and replayed.
+
+typedef struct {
+    StepKind kind;
+    int B;
+    const MaskConfig *mask;
+    const CudaRandom *rnd;
+    float max_norm;           // STEP_TRAIN only
+    const OptimConfig *oc;    // STEP_TRAIN only
+} StepArgs;
+
+static StepKey step_key(const CudaModel *m, const StepArgs *s) {
+    StepKey k;
+    memset(&k, 0, sizeof(k));
+    k.kind = (int)s->kind;
+    k.B = s->B;
+    k.pad_id = s->mask->pad_id;
+    k.decay_set = m->decay_set;
+    k.mask = *s->mask;
+    k.layout = s->rnd->layout;
+    k.dropout_p = s->rnd->dropout_p;
+    if (s->kind == STEP_TRAIN) {
+        k.max_norm = s->max_norm;
+        k.optim_kind = (int)s->oc->kind;
+        k.beta1 = s->oc->beta1;
+        k.beta2 = s->oc->beta2;
+        k.eps = s->oc->eps;
+    }
+    return k;
+}
+
+// The step's work on the stream, nothing here waits: upload of the staged scalars and tokens, masking, the
+// forward, and for training the backward and the optimizer.
+static void enqueue_step(CudaModel *m, const StepArgs *s) {
+    upload_step(m, (size_t)s->B * m->cfg.max_seq);
+    mask_on_device(m, s->B, s->mask, s->rnd);
+    forward_impl(m, s->B, s->rnd);
+    if (s->kind == STEP_TRAIN) {
+        backward_impl(m);
+        optimizer_impl(m, s->max_norm, s->oc);
+    }
+}
+
+// The executable graph of this key: found, or captured now (in the slot used least recently).
+static cudaGraphExec_t step_graph(CudaModel *m, const StepArgs *s) {
+    StepKey key = step_key(m, s);
+    StepGraph *slot = &m->graphs[0];
+    m->graph_clock++;
+    for (int i = 0; i < MAX_STEP_GRAPHS; i++) {
+        StepGraph *g = &m->graphs[i];
+        if (g->exec && memcmp(&g->key, &key, sizeof(key)) == 0) {
+            g->last_used = m->graph_clock;
+            return g->exec;
+        }
+        if (!g->exec || (slot->exec && g->last_used < slot->last_used)) slot = g;
+    }
+    if (slot->exec) CUDA_CHECK(cudaGraphExecDestroy(slot->exec));
+    cudaGraph_t graph;
+    CUDA_CHECK(cudaStreamBeginCapture(m->stream, cudaStreamCaptureModeThreadLocal));
+    enqueue_step(m, s);
+    CUDA_CHECK(cudaStreamEndCapture(m->stream, &graph));
+    CUDA_CHECK(cudaGraphInstantiate(&slot->exec, graph, 0));
+    CUDA_CHECK(cudaGraphDestroy(graph));
+    slot->key = key;
+    slot->last_used = m->graph_clock;
+    return slot->exec;
+}
+
+// Stage the tokens and the step's scalars, then run the step: one graph launch (train.cuda_graph) or the
+// plain launches. The staging buffer is free again once the step's upload has run.
+static void run_step(CudaModel *m, const StepArgs *s, const int *tokens, long t, double lr) {
+    wait_stage(m);
+    memcpy(m->h_tokens, tokens, (size_t)s->B * m->cfg.max_seq * sizeof(int));
+    stage_step(m, s->rnd, s->kind == STEP_TRAIN ? s->oc : NULL, t, lr);
+    begin_forward(m, s->B, s->rnd, 1, s->mask->pad_id);
+    if (m->use_graphs) {
+        CUDA_CHECK(cudaGraphLaunch(step_graph(m, s), m->stream));
+    } else {
+        enqueue_step(m, s);
+    }
+    CUDA_CHECK(cudaEventRecord(m->stage_free, m->stream));
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Public entry points.
 
 void cuda_model_forward(CudaModel *m, const int *tokens, const int *labels, int B, int pad_id,
@@ -665,11 +825,16 @@ void cuda_model_forward(CudaModel *m, const int *tokens, const int *labels, int 
         mlm_fatal(MLM_EXIT_FAILURE, "cuda_model_forward: pad_id %d differs from the mask's [PAD] %d", pad_id,
                   mask->pad_id);
     if (mask) {
-        upload_and_mask(m, tokens, B, mask, rnd);
-    } else {
-        upload_batch(m, m->a.inputs, tokens, labels, B);
+        // Validation and samples: a captured forward like the training step.
+        StepArgs s = {STEP_FORWARD, B, mask, rnd, 0.0f, NULL};
+        run_step(m, &s, tokens, 0, 0.0);
+        read_scalars(m, 3, stats);
+        return;
     }
-    begin_forward(m, B, rnd, mask != NULL || labels != NULL, pad_id);
+    wait_stage(m);
+    stage_step(m, rnd, NULL, 0, 0.0);
+    upload_batch(m, m->a.inputs, tokens, labels, B);
+    begin_forward(m, B, rnd, labels != NULL, pad_id);
     forward_impl(m, B, rnd);
     if (m->has_labels) {
         read_scalars(m, 3, stats);
@@ -684,7 +849,11 @@ void cuda_model_backward(CudaModel *m) {
 }
 
 float cuda_model_optimizer_step(CudaModel *m, float max_norm, const OptimConfig *oc, long t, double lr) {
-    optimizer_impl(m, max_norm, oc, t, lr);
+    wait_stage(m);
+    stage_step(m, NULL, oc, t, lr);
+    upload_step(m, 0);
+    CUDA_CHECK(cudaEventRecord(m->stage_free, m->stream));
+    optimizer_impl(m, max_norm, oc);
     CUDA_CHECK(cudaMemcpyAsync(m->h_scalars + 3, m->a.scalars + 3, sizeof(float), cudaMemcpyDeviceToHost, m->stream));
     CUDA_CHECK(cudaStreamSynchronize(m->stream));
     return m->h_scalars[3];
@@ -695,11 +864,8 @@ void cuda_model_train_step(CudaModel *m, const int *tokens, int B, const MaskCon
     check_batch(m, B, "cuda_model_train_step");
     if (!mask || !rnd) mlm_fatal(MLM_EXIT_FAILURE, "cuda_model_train_step needs a mask config and a random stream");
     nvtxRangePushA("train_step");
-    upload_and_mask(m, tokens, B, mask, rnd);
-    begin_forward(m, B, rnd, 1, mask->pad_id);
-    forward_impl(m, B, rnd);
-    backward_impl(m);
-    optimizer_impl(m, max_norm, oc, t, lr);
+    StepArgs s = {STEP_TRAIN, B, mask, rnd, max_norm, oc};
+    run_step(m, &s, tokens, t, lr);
     read_scalars(m, 4, stats);  // the step's only wait for the device
     nvtxRangePop();
 }

@@ -6,7 +6,8 @@
 // of a floating-point sum would change the result; reductions run in a fixed order (fixed block partition,
 // then a second fixed-order pass), so two runs with one seed give bit-identical results.
 // Dropout follows THE DROPOUT RULE of src/cpu/ops.h exactly: keep = !(u < p), y = keep ? x * scale : 0,
-// scale = 1.0f / (1.0f - p), with u from cuRAND's device Philox generator at the same offsets as the CPU.
+// scale = 1.0f / (1.0f - p), with u from cuRAND's Philox stream at the same offsets as the CPU (computed inside
+// the keep kernel, cuda_dropout_keep_philox; cuda_uniform + cuda_dropout_keep give the same bits).
 #ifndef MLM_KERNELS_H
 #define MLM_KERNELS_H
 
@@ -23,9 +24,37 @@ extern "C" {
 // ---- Random numbers and masking (mask.cu) -------------------------------------------------------------
 // Uniforms in (0, 1] from a device Philox generator (curandGenerator_t passed as void*), at absolute offset.
 void cuda_uniform(void *curand_gen, uint64_t offset, float *d_out, size_t n, cudaStream_t stream);
-// Masking of n tokens with uniforms d_u[4n] (the layout and rule of mask_apply).
-void cuda_mask_launch(const MaskConfig *c, const int *d_tokens, size_t n, const float *d_uniforms, int *d_inputs,
-                      int *d_labels, cudaStream_t stream);
+
+// ---- Per-step scalars in device memory and Philox inside the kernels (mask.cu, optim.cu) ---------------
+// A training step reads everything that changes from step to step from one DeviceStep that a single upload
+// per step fills, so the step's launches are the same every step and can be captured as one CUDA graph.
+// Adam's step constants for (t, lr), computed on the host in double as cpu_adam_update does and rounded to
+// float (device pow() is not guaranteed to round as the host's, so the device does not recompute them).
+typedef struct {
+    float step;          // Noam: lr * sqrt(1 - b2^t) / (1 - b1^t); AdamW: lr / (1 - b1^t)
+    float inv_sqrt_bc2;  // AdamW: 1 / sqrt(1 - b2^t); Noam: 1
+    float decay;         // AdamW: 1 - lr * weight_decay; Noam: 1
+} AdamStep;
+typedef struct {
+    uint64_t philox_seed;  // Philox key of the step's random stream (Rng.seed)
+    uint64_t rng_base;     // absolute offset where the step's draws start (RngLayout: step * per_step)
+    AdamStep adam;         // for optimizer step t with learning rate lr
+    int32_t pad_;
+    int64_t t;             // the optimizer step and learning rate the constants are for (logged, checked)
+    double lr;
+} DeviceStep;
+// out[n] = uniforms in (0, 1] of cuRAND's Philox4x32-10 LEGACY stream with key `seed` from absolute `offset`,
+// computed inside the kernel (bit-identical to cuda_uniform and philox_uniform; no cuRAND call).
+void cuda_philox_uniform(float *d_out, uint64_t seed, uint64_t offset, size_t n, cudaStream_t stream);
+// Draws are addressed as (d_step, offset_in_step): the absolute offset is d_step->rng_base + offset_in_step
+// (mask.cu's step_rng_offset, the one place that maps them on the device).
+// Masking of n tokens with the uniforms at that offset (layout of mask_apply), generated in the kernel.
+void cuda_mask_philox(const MaskConfig *c, const int *d_tokens, size_t n, const DeviceStep *d_step,
+                      uint64_t offset_in_step, int *d_inputs, int *d_labels, cudaStream_t stream);
+// keep[n] = !(u < p) (THE DROPOUT RULE) with u from (d_step, offset_in_step), generated in the
+// kernel: cuda_uniform + cuda_dropout_keep in one launch and without the uniforms buffer.
+void cuda_dropout_keep_philox(uint8_t *keep, const DeviceStep *d_step, uint64_t offset_in_step, float p, size_t n,
+                              cudaStream_t stream);
 
 // ---- Dropout, ReLU, residual (feedforward.cu) ---------------------------------------------------------
 // keep[n] = !(u[n] < p) as bytes.
@@ -99,8 +128,9 @@ void cuda_loss_reduce(float *d_out, const float *losses, const int *correct, con
                       cudaStream_t stream);
 
 // ---- Gradient norm, clipping and the optimizer over all parameters (optim.cu) -------------------------
-// d_norm[0] = global L2 norm of grads[n] (fixed-order two-pass reduction in double); scratch holds at least
-// cuda_grad_norm_scratch(n) doubles.
+// d_norm[0] = global L2 norm of grads[n] (fixed-order two-pass reduction in double, one launch: the last
+// block to finish adds the partials); scratch holds at least cuda_grad_norm_scratch(n) doubles and must be
+// zeroed once before its first use (the kernel leaves it zeroed again: its last slot counts finished blocks).
 size_t cuda_grad_norm_scratch(size_t n);
 void cuda_grad_norm(float *d_norm, const float *grads, size_t n, double *scratch, cudaStream_t stream);
 // One launch over all n parameters: g = grads * clip_coef with clip_coef = min(1, max_norm / (norm + 1e-6))
@@ -109,6 +139,12 @@ void cuda_grad_norm(float *d_norm, const float *grads, size_t n, double *scratch
 void cuda_adam_update(float *params, const float *grads, float *m, float *v, const uint8_t *decay_mask,
                       const float *d_norm, float max_norm, size_t n, int kind, float beta1, float beta2, float eps,
                       float weight_decay, long t, double lr, cudaStream_t stream);
+// The step constants of (t, lr) (host, double, as cpu_adam_update) and the same update reading them from
+// device memory (d_step: &DeviceStep.adam), so a captured step replays with each step's t and lr.
+AdamStep cuda_adam_step(int kind, float beta1, float beta2, float weight_decay, long t, double lr);
+void cuda_adam_update_dev(float *params, const float *grads, float *m, float *v, const uint8_t *decay_mask,
+                          const float *d_norm, float max_norm, size_t n, int kind, float beta1, float beta2, float eps,
+                          const AdamStep *d_step, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

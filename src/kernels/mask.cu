@@ -1,10 +1,13 @@
-// mask.cu: device uniforms from cuRAND's Philox generator (cuda_uniform), and masking by the shared rule.
+// mask.cu: device uniforms from cuRAND's Philox generator (cuda_uniform), the same stream computed inside the
+// kernels (cuda_philox_uniform, the dropout keep masks) and masking by the shared rule.
 #include <curand.h>
+#include <string.h>
 
 #include "cuda_check.h"
 #include "kernels.h"
 #include "mask_rule.h"
 #include "mlm/cuda_backend.h"
+#include "philox_cpu.h"  // CURAND_PHILOX_THREADS, the Philox constants and CURAND_2POW32_INV
 
 // Uniforms in (0, 1] at absolute `offset` of the stream of a device Philox generator: the same numbers the
 // host generator (rng_uniform) gives for the same seed and offset. Setting the offset is cheap on a device
@@ -17,45 +20,149 @@ extern "C" void cuda_uniform(void *curand_gen, uint64_t offset, float *d_out, si
     CURAND_CHECK(curandGenerateUniform(gen, d_out, n));
 }
 
-// u is [4, n]: the same layout and the same rule as mask_apply on the host. The rule is __grid_constant__ so
-// that taking its address reads it from the parameter bank instead of copying 120 bytes per thread.
-static __global__ void mask_kernel(const __grid_constant__ MaskRule rule, const int *tokens, size_t n,
-                                   const float *u, int *inputs, int *labels) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    mask_one(&rule, tokens[i], u[i], u[n + i], u[2 * n + i], u[3 * n + i], &inputs[i], &labels[i]);
+// ---- Philox inside the kernels ---------------------------------------------------------------------------
+// cuRAND's Philox4x32-10 LEGACY stream as philox_cpu.h reproduces it: output g of the stream with key `seed`
+// is word g % 4 of the Philox block p = g / 4, whose counter is {iteration lo, iteration hi, thread, 0} with
+// thread = p % CURAND_PHILOX_THREADS and iteration = p / CURAND_PHILOX_THREADS; the uniform is
+// x * 2^-32 + 2^-33 in float. Computing it in the kernel that consumes it removes the cuRAND call (and the
+// uniforms buffer) per draw, and the offsets can come from device memory, so a step is capturable.
+
+// Philox4x32-10 of block p (Random123's constants, as curand_philox_lanes).
+static __device__ __forceinline__ void philox_block(uint64_t seed, uint64_t p, uint32_t x[4]) {
+    uint64_t iteration = p / CURAND_PHILOX_THREADS;
+    uint32_t c0 = (uint32_t)iteration, c1 = (uint32_t)(iteration >> 32);
+    uint32_t c2 = (uint32_t)(p % CURAND_PHILOX_THREADS), c3 = 0;
+    uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    for (int r = 0; r < 10; r++) {
+        uint64_t a = (uint64_t)PHILOX_M0 * c0, b = (uint64_t)PHILOX_M1 * c2;
+        c0 = (uint32_t)(b >> 32) ^ c1 ^ k0;
+        c2 = (uint32_t)(a >> 32) ^ c3 ^ k1;
+        c1 = (uint32_t)b;
+        c3 = (uint32_t)a;
+        k0 += PHILOX_W0;
+        k1 += PHILOX_W1;
+    }
+    x[0] = c0, x[1] = c1, x[2] = c2, x[3] = c3;
 }
 
-extern "C" void cuda_mask_launch(const MaskConfig *c, const int *d_tokens, size_t n, const float *d_uniforms,
-                                 int *d_inputs, int *d_labels, cudaStream_t stream) {
+// cuRAND's _curand_uniform, rounded as the CPU rounds it: the product is exact (a power-of-two scale of a
+// float), so one rounding in the add whether or not the device fuses them; _rn keeps nvcc from reordering.
+static __device__ __forceinline__ float philox_to_uniform(uint32_t x) {
+    return __fadd_rn(__fmul_rn((float)x, CURAND_2POW32_INV), CURAND_2POW32_INV / 2.0f);
+}
+
+// The uniform at absolute output index g (one Philox block per call: for scattered indices).
+static __device__ __forceinline__ float philox_uniform_at(uint64_t seed, uint64_t g) {
+    uint32_t x[4];
+    philox_block(seed, g / 4, x);
+    return philox_to_uniform(x[g % 4]);
+}
+
+// Absolute offset of a draw of the step *s: the one place that maps a step's draws to stream offsets on the
+// device (micro-batch row offsets would be added here).
+static __device__ __forceinline__ uint64_t step_rng_offset(const DeviceStep *s, uint64_t offset_in_step) {
+    return s->rng_base + offset_in_step;
+}
+
+// Threads per Philox block of work: each thread computes whole blocks (4 outputs) and stores the ones inside
+// [offset, offset + n); a grid-stride loop over the n / 4 + 1 blocks the range can touch.
+enum { PHILOX_BLOCK_THREADS = 256, PHILOX_MAX_GRID = 4096 };
+
+static unsigned philox_grid(size_t n) {
+    size_t blocks = n / 4 + 2;  // [offset, offset + n) touches at most n / 4 + 2 Philox blocks
+    size_t grid = (blocks + PHILOX_BLOCK_THREADS - 1) / PHILOX_BLOCK_THREADS;
+    return (unsigned)(grid < (size_t)PHILOX_MAX_GRID ? grid : (size_t)PHILOX_MAX_GRID);
+}
+
+static __global__ void philox_uniform_kernel(float *out /* [n] */, uint64_t seed, uint64_t offset, size_t n) {
+    uint64_t first = offset / 4, count = (offset + n - 1) / 4 - first + 1;
+    for (uint64_t j = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; j < count; j += (uint64_t)gridDim.x * blockDim.x) {
+        uint32_t x[4];
+        philox_block(seed, first + j, x);
+        for (int k = 0; k < 4; k++) {
+            uint64_t g = (first + j) * 4 + k;
+            if (g >= offset && g - offset < n) out[g - offset] = philox_to_uniform(x[k]);
+        }
+    }
+}
+
+extern "C" void cuda_philox_uniform(float *d_out, uint64_t seed, uint64_t offset, size_t n, cudaStream_t stream) {
+    if (n == 0) return;
+    philox_uniform_kernel<<<philox_grid(n), PHILOX_BLOCK_THREADS, 0, stream>>>(d_out, seed, offset, n);
+    CUDA_CHECK_LAUNCH();
+}
+
+// keep[i] = !(u < p) for the uniform u at offset + i (THE DROPOUT RULE, as dropout_keep_kernel).
+static __global__ void dropout_keep_philox_kernel(uint8_t *keep /* [n] */, const DeviceStep *step,
+                                                  uint64_t offset_in_step, float p, size_t n) {
+    __shared__ uint64_t s_seed, s_offset;  // read once per block
+    if (threadIdx.x == 0) s_seed = step->philox_seed, s_offset = step_rng_offset(step, offset_in_step);
+    __syncthreads();
+    uint64_t seed = s_seed, offset = s_offset;
+    uint64_t first = offset / 4, count = (offset + n - 1) / 4 - first + 1;
+    for (uint64_t j = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; j < count; j += (uint64_t)gridDim.x * blockDim.x) {
+        uint32_t x[4];
+        philox_block(seed, first + j, x);
+        for (int k = 0; k < 4; k++) {
+            uint64_t g = (first + j) * 4 + k;
+            if (g >= offset && g - offset < n) keep[g - offset] = !(philox_to_uniform(x[k]) < p);
+        }
+    }
+}
+
+extern "C" void cuda_dropout_keep_philox(uint8_t *keep, const DeviceStep *d_step, uint64_t offset_in_step, float p,
+                                         size_t n, cudaStream_t stream) {
+    if (n == 0) return;
+    dropout_keep_philox_kernel<<<philox_grid(n), PHILOX_BLOCK_THREADS, 0, stream>>>(keep, d_step, offset_in_step, p,
+                                                                                     n);
+    CUDA_CHECK_LAUNCH();
+}
+
+// ---- Masking ---------------------------------------------------------------------------------------------
+// u is [4, n] at the step's offset: the same layout and the same rule as mask_apply on the host. The rule is
+// __grid_constant__ so that taking its address reads it from the parameter bank instead of copying 120 bytes
+// per thread.
+static __global__ void mask_kernel(const __grid_constant__ MaskRule rule, const int *tokens, size_t n,
+                                   const DeviceStep *step, uint64_t offset_in_step, int *inputs, int *labels) {
+    __shared__ uint64_t s_seed, s_offset;  // read once per block
+    if (threadIdx.x == 0) s_seed = step->philox_seed, s_offset = step_rng_offset(step, offset_in_step);
+    __syncthreads();
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    uint64_t seed = s_seed, o = s_offset + i;
+    float u1 = philox_uniform_at(seed, o), u2 = philox_uniform_at(seed, o + n);
+    float u3 = philox_uniform_at(seed, o + 2 * n), u4 = philox_uniform_at(seed, o + 3 * n);
+    mask_one(&rule, tokens[i], u1, u2, u3, u4, &inputs[i], &labels[i]);
+}
+
+extern "C" void cuda_mask_philox(const MaskConfig *c, const int *d_tokens, size_t n, const DeviceStep *d_step,
+                                 uint64_t offset_in_step, int *d_inputs, int *d_labels, cudaStream_t stream) {
     if (n == 0) return;
     const int block = 256;
     unsigned grid = (unsigned)((n + block - 1) / block);
-    mask_kernel<<<grid, block, 0, stream>>>(mask_rule_from_config(c), d_tokens, n, d_uniforms, d_inputs, d_labels);
+    mask_kernel<<<grid, block, 0, stream>>>(mask_rule_from_config(c), d_tokens, n, d_step, offset_in_step, d_inputs,
+                                            d_labels);
     CUDA_CHECK_LAUNCH();
 }
 
 extern "C" void cuda_mask_batch_host(const MaskConfig *c, const int *tokens, size_t n, uint64_t philox_seed,
                                      uint64_t offset, int *inputs, int *labels) {
     int *d_tokens, *d_inputs, *d_labels;
-    float *d_u;
+    DeviceStep *d_step, step;
+    memset(&step, 0, sizeof(step));
+    step.philox_seed = philox_seed;
+    step.rng_base = offset;
     CUDA_CHECK(cudaMalloc(&d_tokens, n * sizeof(int)));
     CUDA_CHECK(cudaMalloc(&d_inputs, n * sizeof(int)));
     CUDA_CHECK(cudaMalloc(&d_labels, n * sizeof(int)));
-    CUDA_CHECK(cudaMalloc(&d_u, 4 * n * sizeof(float)));
+    CUDA_CHECK(cudaMalloc(&d_step, sizeof(DeviceStep)));
+    CUDA_CHECK(cudaMemcpy(d_step, &step, sizeof(step), cudaMemcpyHostToDevice));
     CUDA_CHECK(cudaMemcpy(d_tokens, tokens, n * sizeof(int), cudaMemcpyHostToDevice));
-    curandGenerator_t gen;
-    CURAND_CHECK(curandCreateGenerator(&gen, CURAND_RNG_PSEUDO_PHILOX4_32_10));
-    CURAND_CHECK(curandSetGeneratorOrdering(gen, CURAND_ORDERING_PSEUDO_LEGACY));  // as rng.c and cuda_model.cu
-    CURAND_CHECK(curandSetPseudoRandomGeneratorSeed(gen, philox_seed));
-    CURAND_CHECK(curandSetGeneratorOffset(gen, offset));
-    CURAND_CHECK(curandGenerateUniform(gen, d_u, 4 * n));
-    cuda_mask_launch(c, d_tokens, n, d_u, d_inputs, d_labels, 0);
+    cuda_mask_philox(c, d_tokens, n, d_step, 0, d_inputs, d_labels, 0);
     CUDA_CHECK(cudaMemcpy(inputs, d_inputs, n * sizeof(int), cudaMemcpyDeviceToHost));
     CUDA_CHECK(cudaMemcpy(labels, d_labels, n * sizeof(int), cudaMemcpyDeviceToHost));
-    CURAND_CHECK(curandDestroyGenerator(gen));
     CUDA_CHECK(cudaFree(d_tokens));
     CUDA_CHECK(cudaFree(d_inputs));
     CUDA_CHECK(cudaFree(d_labels));
-    CUDA_CHECK(cudaFree(d_u));
+    CUDA_CHECK(cudaFree(d_step));
 }

@@ -145,6 +145,8 @@ extern "C" void emu_counters_print(FILE *f) {
     fprintf(f, "memsets                %llu (%llu bytes)\n", (unsigned long long)c.memsets,
             (unsigned long long)c.memset_bytes);
     fprintf(f, "host synchronisations  %llu\n", (unsigned long long)c.host_syncs);
+    fprintf(f, "graph launches         %llu (copies, memsets and cuBLAS calls above include those inside)\n",
+            (unsigned long long)c.graph_launches);
     if (c.bytes_counted)
         fprintf(f, "kernel global memory   %.2f MB read, %.2f MB written\n", c.kernel_bytes_read / 1e6,
                 c.kernel_bytes_written / 1e6);
@@ -727,12 +729,28 @@ struct Op {
     std::function<void()> at_enqueue;  // host-visible effects of the enqueue itself (poisoning, snapshots)
 };
 
+// calls: the call-time counters (copies, memsets, cuBLAS, cuRAND) of the captured operations, added to the
+// counters at each launch instead of at the capture.
 struct CUgraph_st {
     std::vector<Op> ops;
+    EmuCounters calls{};
 };
 struct CUgraphExec_st {
     std::vector<Op> ops;
+    EmuCounters calls{};
 };
+
+// The counters that count API calls when they are made (kernels count when they run): a - b field by field
+// (sign -1) or a + b (sign 1), into a.
+static void call_counters_add(EmuCounters *a, const EmuCounters &b, int sign) {
+    uint64_t EmuCounters::*f[] = {&EmuCounters::cublas_calls, &EmuCounters::cublas_flops,
+                                  &EmuCounters::cublas_bytes_read, &EmuCounters::cublas_bytes_written,
+                                  &EmuCounters::curand_calls, &EmuCounters::curand_values, &EmuCounters::h2d_copies,
+                                  &EmuCounters::h2d_bytes, &EmuCounters::d2h_copies, &EmuCounters::d2h_bytes,
+                                  &EmuCounters::d2d_copies, &EmuCounters::d2d_bytes, &EmuCounters::memsets,
+                                  &EmuCounters::memset_bytes};
+    for (auto m : f) a->*m = sign > 0 ? a->*m + b.*m : a->*m - b.*m;
+}
 
 struct CUstream_st {
     std::deque<Op> q;
@@ -1345,6 +1363,7 @@ cudaError_t emu_cudaStreamBeginCapture(cudaStream_t stream, cudaStreamCaptureMod
     if (s == &g_legacy) return set_error(cudaErrorStreamCaptureUnsupported);  // the legacy stream cannot capture
     if (s->capture) return set_error(cudaErrorIllegalState);
     s->capture = new CUgraph_st();
+    s->capture->calls = g_cnt;  // the counters at the start; EndCapture keeps the difference
     s->capture_invalid = false;
     return cudaSuccess;
 }
@@ -1355,6 +1374,11 @@ cudaError_t emu_cudaStreamEndCapture(cudaStream_t stream, cudaGraph_t *graph) {
     if (!s->capture) return set_error(cudaErrorStreamCaptureUnmatched);
     CUgraph_st *g = s->capture;
     s->capture = nullptr;
+    // Nothing captured has run: move the calls' counts from the counters into the graph.
+    EmuCounters at_start = g->calls;
+    g->calls = g_cnt;
+    call_counters_add(&g->calls, at_start, -1);
+    call_counters_add(&g_cnt, g->calls, -1);
     if (s->capture_invalid) {
         delete g;
         *graph = nullptr;
@@ -1377,6 +1401,7 @@ cudaError_t emu_cudaGraphInstantiate(cudaGraphExec_t *exec, cudaGraph_t graph, u
     if (!exec || !graph || !g_graphs.count(graph)) return set_error(cudaErrorInvalidValue);
     CUgraphExec_st *x = new CUgraphExec_st();
     x->ops = graph->ops;
+    x->calls = graph->calls;
     g_execs.insert(x);
     *exec = x;
     return cudaSuccess;
@@ -1386,6 +1411,8 @@ cudaError_t emu_cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream) {
     if (!exec || !g_execs.count(exec)) return set_error(cudaErrorInvalidResourceHandle);
     CUstream_st *s = stream_of(stream, "cudaGraphLaunch");
     if (!s) return set_error(cudaErrorInvalidResourceHandle);
+    g_cnt.graph_launches++;
+    call_counters_add(&g_cnt, exec->calls, 1);
     for (const Op &op : exec->ops) enqueue(s, op);
     return cudaSuccess;
 }
@@ -1562,6 +1589,19 @@ cublasStatus_t emu_cublasGetMathMode(cublasHandle_t handle, cublasMath_t *mode) 
 cublasStatus_t emu_cublasSetPointerMode(cublasHandle_t handle, cublasPointerMode_t mode) {
     if (!handle || !g_handles.count(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
     if (mode != CUBLAS_POINTER_MODE_HOST) return CUBLAS_STATUS_NOT_SUPPORTED;  // device scalars are not emulated
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+// The products here need no workspace; the buffer is checked as cuBLAS documents it (device memory of the
+// given size, 256-byte aligned; NULL with size 0 restores the default).
+cublasStatus_t emu_cublasSetWorkspace(cublasHandle_t handle, void *workspace, size_t bytes) {
+    if (!handle || !g_handles.count(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (bytes == 0) return CUBLAS_STATUS_SUCCESS;
+    if (!workspace || ((uintptr_t)workspace & 255) || !is_device(workspace, bytes)) {
+        emu_warn("error: cublasSetWorkspace: %zu bytes at %p are not one 256-byte aligned device allocation: %s",
+                 bytes, workspace, describe_ptr(workspace).c_str());
+        return CUBLAS_STATUS_INVALID_VALUE;
+    }
     return CUBLAS_STATUS_SUCCESS;
 }
 

@@ -52,6 +52,7 @@ static const KeyDesc KEYS[] = {
     {"train.init_check_vocab", K_BOOL, OFF(init_check_vocab), 0, 1, NULL, "with --init, refuse weights exported for another vocabulary (false: load them anyway, e.g. to fine-tune on a text with as many characters)"},
     {"train.threads", K_INT, OFF(threads), 0, 4096, NULL, "CPU threads (0: OpenMP default)"},
     {"train.tf32", K_BOOL, OFF(tf32), 0, 1, NULL, "allow TF32 tensor-core matmuls on the GPU"},
+    {"train.cuda_graph", K_BOOL, OFF(cuda_graph), 0, 1, NULL, "GPU: capture the training step and the validation forward as CUDA graphs once per batch shape and replay them (false: plain launches; the same results bit for bit)"},
     {"train.samples", K_BOOL, OFF(samples), 0, 1, NULL, "print the sample predictions every epoch"},
     {"optim.name", K_ENUM, OFF(optim_kind), 0, 0, "noam|adamw", "noam: labml's Adam (eps before bias correction); adamw: torch AdamW"},
     {"optim.schedule", K_ENUM, OFF(schedule), 0, 0, "noam|cosine|linear|constant", "learning-rate schedule"},
@@ -92,6 +93,7 @@ void config_defaults(Config *c) {
     c->keep_ckpts = 3;
     c->init_check_vocab = 1;
     c->tf32 = 1;
+    c->cuda_graph = 1;
     c->samples = 1;
     c->optim_kind = OPTIM_NOAM_ADAM;
     c->schedule = SCHED_NOAM;

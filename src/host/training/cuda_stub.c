@@ -34,6 +34,7 @@ void cuda_mask_batch_host(const MaskConfig *c, const int *tokens, size_t n, uint
 CudaModel *cuda_model_create(const ModelConfig *cfg, int max_B, int allow_tf32) { no_cuda("cuda_model_create"); }
 void cuda_model_free(CudaModel *m) {}
 size_t cuda_model_num_params(const CudaModel *m) { no_cuda("cuda_model_num_params"); }
+void cuda_model_set_graphs(CudaModel *m, int on) { no_cuda("cuda_model_set_graphs"); }
 void cuda_model_set_params(CudaModel *m, const float *params) { no_cuda("cuda_model_set_params"); }
 void cuda_model_get_params(CudaModel *m, float *params) { no_cuda("cuda_model_get_params"); }
 void cuda_model_get_grads(CudaModel *m, float *grads) { no_cuda("cuda_model_get_grads"); }

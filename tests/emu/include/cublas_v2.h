@@ -43,6 +43,7 @@ typedef struct cublasContext *cublasHandle_t;
 #define cublasSetMathMode emu_cublasSetMathMode
 #define cublasGetMathMode emu_cublasGetMathMode
 #define cublasSetPointerMode emu_cublasSetPointerMode
+#define cublasSetWorkspace emu_cublasSetWorkspace
 #define cublasSgemm emu_cublasSgemm
 #define cublasSgemmStridedBatched emu_cublasSgemmStridedBatched
 #define cublasGetStatusString emu_cublasGetStatusString
@@ -55,6 +56,7 @@ cublasStatus_t cublasGetStream(cublasHandle_t handle, cudaStream_t *stream);
 cublasStatus_t cublasSetMathMode(cublasHandle_t handle, cublasMath_t mode);
 cublasStatus_t cublasGetMathMode(cublasHandle_t handle, cublasMath_t *mode);
 cublasStatus_t cublasSetPointerMode(cublasHandle_t handle, cublasPointerMode_t mode);
+cublasStatus_t cublasSetWorkspace(cublasHandle_t handle, void *workspace, size_t workspaceSizeInBytes);
 cublasStatus_t cublasSgemm(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, int m, int n,
                            int k, const float *alpha, const float *A, int lda, const float *B, int ldb,
                            const float *beta, float *C, int ldc);

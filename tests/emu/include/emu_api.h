@@ -19,6 +19,8 @@ typedef struct {
     uint64_t memsets, memset_bytes;
     uint64_t host_syncs;                          // host waits: stream/event/device sync, sync memcpy/memset, free
     uint64_t kernel_bytes_read, kernel_bytes_written;  // global memory touched by kernel loads/stores (counting build)
+    uint64_t graph_launches;                      // cudaGraphLaunch calls; the copies, memsets and cuBLAS calls a
+                                                  // graph holds count at each launch, not at its capture
     int bytes_counted;                            // 1 when the kernels were built with the access hooks
 } EmuCounters;
 
