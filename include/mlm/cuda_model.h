@@ -37,6 +37,8 @@ void cuda_model_set_adam(CudaModel *m, const float *adam_m, const float *adam_v)
 void cuda_model_get_adam(CudaModel *m, float *adam_m, float *adam_v);
 // decay_mask[P] (1 where AdamW decays); NULL: none.
 void cuda_model_set_decay_mask(CudaModel *m, const uint8_t *decay_mask);
+// flags[V]: MaskConfig.continuation of whole-word masking (1 where a token continues a word), copied to the device.
+void cuda_model_set_continuation(CudaModel *m, const unsigned char *flags);
 
 // Masking and dropout draw from a device Philox generator seeded with `philox_seed` (Rng.seed of the
 // stream) at the offsets of `layout` for index `step`: the same numbers, so the same masks, as the CPU.

@@ -108,6 +108,7 @@ struct CudaModel {
     int *h_stage;           // [2, max_B, T] tokens (or inputs), then labels
     float *h_scalars;       // [4]
     cudaEvent_t stage_free; // recorded after the last upload from h_stage
+    unsigned char *continuation;  // [V] whole-word masking's continuation flags (cuda_model_set_continuation), or NULL
     // State of the last forward, used by the backward.
     int B;
     int has_labels;
@@ -328,6 +329,7 @@ void cuda_model_free(CudaModel *m) {
     CUDA_CHECK(cudaFree(m->act_block));
     CUDA_CHECK(cudaFreeHost(m->h_stage));
     CUDA_CHECK(cudaFreeHost(m->h_scalars));
+    CUDA_CHECK(cudaFree(m->continuation));
     CUDA_CHECK(cudaEventDestroy(m->stage_free));
     CURAND_CHECK(curandDestroyGenerator(m->gen));
     CUBLAS_CHECK(cublasDestroy(m->cublas));
@@ -365,6 +367,10 @@ void cuda_model_get_adam(CudaModel *m, float *adam_m, float *adam_v) {
 void cuda_model_set_decay_mask(CudaModel *m, const uint8_t *decay_mask) {
     m->decay_set = decay_mask != NULL;
     if (decay_mask) copy_sync(m, m->decay_mask, decay_mask, m->n_params, cudaMemcpyHostToDevice);
+}
+void cuda_model_set_continuation(CudaModel *m, const unsigned char *flags) {
+    if (!m->continuation) CUDA_CHECK(cudaMalloc(&m->continuation, (size_t)m->cfg.vocab));
+    copy_sync(m, m->continuation, flags, (size_t)m->cfg.vocab, cudaMemcpyHostToDevice);
 }
 
 static void check_batch(const CudaModel *m, int B, const char *what) {
@@ -459,7 +465,7 @@ static void upload_and_mask(CudaModel *m, const int *tokens, int B, const MaskCo
     upload_batch(m, m->a.tokens, tokens, NULL, B);
     use_seed(m, rnd->philox_seed);
     cuda_uniform(m->gen, rng_mask_offset(&rnd->layout, rnd->step), m->a.uniforms, 4 * n, m->stream);
-    cuda_mask_launch(mask, m->a.tokens, n, m->a.uniforms, m->a.inputs, m->a.labels, m->stream);
+    cuda_mask_launch(mask, m->continuation, m->a.tokens, n, m->a.uniforms, m->a.inputs, m->a.labels, m->stream);
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -23,9 +23,10 @@ extern "C" {
 // ---- Random numbers and masking (mask.cu) -------------------------------------------------------------
 // Uniforms in (0, 1] from a device Philox generator (curandGenerator_t passed as void*), at absolute offset.
 void cuda_uniform(void *curand_gen, uint64_t offset, float *d_out, size_t n, cudaStream_t stream);
-// Masking of n tokens with uniforms d_u[4n] (the layout and rule of mask_apply).
-void cuda_mask_launch(const MaskConfig *c, const int *d_tokens, size_t n, const float *d_uniforms, int *d_inputs,
-                      int *d_labels, cudaStream_t stream);
+// Masking of n tokens with uniforms d_u[4n] (the layout and rule of mask_apply). d_continuation: the device copy of
+// c->continuation [n_tokens] (whole-word masking; may be NULL when c->whole_word is off).
+void cuda_mask_launch(const MaskConfig *c, const unsigned char *d_continuation, const int *d_tokens, size_t n,
+                      const float *d_uniforms, int *d_inputs, int *d_labels, cudaStream_t stream);
 
 // ---- Dropout, ReLU, residual (feedforward.cu) ---------------------------------------------------------
 // keep[n] = !(u[n] < p) as bytes.

@@ -23,15 +23,22 @@ static __global__ void mask_kernel(const __grid_constant__ MaskRule rule, const 
                                    const float *u, int *inputs, int *labels) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    mask_one(&rule, tokens[i], u[i], u[n + i], u[2 * n + i], u[3 * n + i], &inputs[i], &labels[i]);
+    // Whole words: the selection draw is the U1 of the word's first piece (a short walk back over "##" pieces).
+    size_t s = mask_word_start(&rule, tokens, i);
+    mask_one(&rule, tokens[i], u[s], u[n + i], u[2 * n + i], u[3 * n + i], &inputs[i], &labels[i]);
 }
 
-extern "C" void cuda_mask_launch(const MaskConfig *c, const int *d_tokens, size_t n, const float *d_uniforms,
-                                 int *d_inputs, int *d_labels, cudaStream_t stream) {
+extern "C" void cuda_mask_launch(const MaskConfig *c, const unsigned char *d_continuation, const int *d_tokens,
+                                 size_t n, const float *d_uniforms, int *d_inputs, int *d_labels, cudaStream_t stream) {
     if (n == 0) return;
+    if (c->whole_word && c->continuation && !d_continuation)
+        mlm_fatal(MLM_EXIT_FAILURE, "whole-word masking on the GPU needs the continuation flags on the device: call "
+                                    "cuda_model_set_continuation with the vocabulary's flags before training");
+    MaskRule rule = mask_rule_from_config(c);
+    rule.cont = c->whole_word && c->continuation ? d_continuation : NULL;  // the device copy of c->continuation
     const int block = 256;
     unsigned grid = (unsigned)((n + block - 1) / block);
-    mask_kernel<<<grid, block, 0, stream>>>(mask_rule_from_config(c), d_tokens, n, d_uniforms, d_inputs, d_labels);
+    mask_kernel<<<grid, block, 0, stream>>>(rule, d_tokens, n, d_uniforms, d_inputs, d_labels);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -39,6 +46,11 @@ extern "C" void cuda_mask_batch_host(const MaskConfig *c, const int *tokens, siz
                                      uint64_t offset, int *inputs, int *labels) {
     int *d_tokens, *d_inputs, *d_labels;
     float *d_u;
+    unsigned char *d_cont = NULL;
+    if (c->whole_word && c->continuation) {
+        CUDA_CHECK(cudaMalloc(&d_cont, (size_t)c->n_tokens));
+        CUDA_CHECK(cudaMemcpy(d_cont, c->continuation, (size_t)c->n_tokens, cudaMemcpyHostToDevice));
+    }
     CUDA_CHECK(cudaMalloc(&d_tokens, n * sizeof(int)));
     CUDA_CHECK(cudaMalloc(&d_inputs, n * sizeof(int)));
     CUDA_CHECK(cudaMalloc(&d_labels, n * sizeof(int)));
@@ -50,7 +62,7 @@ extern "C" void cuda_mask_batch_host(const MaskConfig *c, const int *tokens, siz
     CURAND_CHECK(curandSetPseudoRandomGeneratorSeed(gen, philox_seed));
     CURAND_CHECK(curandSetGeneratorOffset(gen, offset));
     CURAND_CHECK(curandGenerateUniform(gen, d_u, 4 * n));
-    cuda_mask_launch(c, d_tokens, n, d_u, d_inputs, d_labels, 0);
+    cuda_mask_launch(c, d_cont, d_tokens, n, d_u, d_inputs, d_labels, 0);
     CUDA_CHECK(cudaMemcpy(inputs, d_inputs, n * sizeof(int), cudaMemcpyDeviceToHost));
     CUDA_CHECK(cudaMemcpy(labels, d_labels, n * sizeof(int), cudaMemcpyDeviceToHost));
     CURAND_CHECK(curandDestroyGenerator(gen));
@@ -58,4 +70,5 @@ extern "C" void cuda_mask_batch_host(const MaskConfig *c, const int *tokens, siz
     CUDA_CHECK(cudaFree(d_inputs));
     CUDA_CHECK(cudaFree(d_labels));
     CUDA_CHECK(cudaFree(d_u));
+    CUDA_CHECK(cudaFree(d_cont));
 }

@@ -53,6 +53,8 @@ MaskConfig train_mask_config(const Config *c, const Vocab *v) {
     m.n_chars = v->n_chars;
     m.pad_id = v->pad_id;
     m.mask_id = v->mask_id;
+    m.whole_word = c->mask_whole_word;  // continuation flags come with a WordPiece vocabulary (none for characters)
+    m.seq_len = c->seq_len;
     for (const char *s = c->no_mask_chars; *s && m.n_no_mask < MASK_MAX_NO_MASK; s++) {
         int id = vocab_id(v, (unsigned char)*s);
         if (id < 0) mlm_warn("mask.no_mask: '%c' is not in the vocabulary; ignored", *s);
