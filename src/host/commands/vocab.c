@@ -9,21 +9,33 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <dirent.h>
 #include <omp.h>
 #include <sys/stat.h>
 
 #include "mlm/common.h"
 #include "mlm/wordpiece_train.h"
 
-#define BLOCK_BYTES ((size_t)64 << 20)  // read and count the input in blocks of this size
+// Read and count the input in blocks of this size (MLM_VOCAB_BLOCK_BYTES overrides it, for the tests).
+#define BLOCK_BYTES ((size_t)64 << 20)
+
+static size_t block_bytes(void) {
+    const char *s = getenv("MLM_VOCAB_BLOCK_BYTES");
+    long v;
+    if (!s || !*s) return BLOCK_BYTES;
+    if (mlm_parse_long(s, 16, 1L << 40, &v))
+        mlm_fatal(MLM_EXIT_USAGE, "MLM_VOCAB_BLOCK_BYTES=%s: expected a number of bytes from 16", s);
+    return (size_t)v;
+}
 
 static void usage_vocab(FILE *f) {
-    fputs("usage: mlm vocab --size N --out vocab.txt [OPTIONS] FILE... | -\n\n"
-          "Train a WordPiece vocabulary of N tokens on UTF-8 text files (or standard input, -), by the algorithm of\n"
-          "Hugging Face tokenizers' WordPieceTrainer: the BERT basic tokenizer splits the text into words, then\n"
-          "[PAD] [UNK] [CLS] [SEP] [MASK], the characters, and BPE-style merges of word pieces (\"##\" marks a\n"
-          "piece that continues a word) until N tokens. Writes vocab.txt, one token per line (id = line - 1),\n"
-          "as BERT's and as `--tokenizer wordpiece` reads it. Defaults are BertWordPieceTokenizer.train's.\n\n"
+    fputs("usage: mlm vocab --size N --out vocab.txt [OPTIONS] FILE|DIR... | -\n\n"
+          "Train a WordPiece vocabulary of N tokens on UTF-8 text: files, the files under directories (recursively,\n"
+          "hidden ones skipped) or standard input (-). The algorithm is Hugging Face tokenizers' WordPieceTrainer:\n"
+          "the BERT basic tokenizer splits the text into words; the vocabulary is [PAD] [UNK] [CLS] [SEP] [MASK],\n"
+          "the characters, then BPE-style merges of word pieces (\"##\" marks a piece that continues a word) until\n"
+          "N tokens. Writes vocab.txt in BERT's format (one token per line, id = line - 1), which Hugging Face and\n"
+          "mlm's WordPiece tokenizer load. The defaults are BertWordPieceTokenizer.train's.\n\n"
           "options:\n"
           "  -n, --size N             vocabulary size (required; BERT: 30522)\n"
           "  -o, --out PATH           where to write vocab.txt (required; written atomically)\n"
@@ -92,7 +104,7 @@ static int count_block(Counting *k, const char *buf, size_t n) {
 
 // Stream one file (or stdin) through count_block, carrying a partial word from one block to the next.
 static int count_stream(Counting *k, FILE *f, const char *name) {
-    size_t cap = BLOCK_BYTES, len = 0;
+    size_t cap = block_bytes(), len = 0;
     char *buf = malloc(cap);
     if (!buf) mlm_fatal(MLM_EXIT_FAILURE, "out of memory for a %zu MB read buffer", cap >> 20);
     for (;;) {
@@ -147,6 +159,54 @@ static void check_out_dir(const char *path) {
     free(copy);
 }
 
+typedef struct {
+    char **paths;
+    size_t n, cap;
+} PathList;
+
+static void paths_add(PathList *l, const char *path) {
+    if (l->n == l->cap) {
+        l->cap = l->cap ? 2 * l->cap : 64;
+        l->paths = realloc(l->paths, l->cap * sizeof(char *));
+        if (!l->paths) mlm_fatal(MLM_EXIT_FAILURE, "out of memory listing the input files");
+    }
+    l->paths[l->n++] = mlm_strdup(path);
+}
+
+static int by_name(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+// A file as it is; a directory: its files, recursively, in name order, hidden entries skipped. Every input must
+// be readable before any counting starts (a typo fails at once, not after an hour).
+static void expand_input(PathList *l, const char *path, int depth) {
+    struct stat st;
+    if (stat(path, &st) != 0) mlm_fatal(MLM_EXIT_USAGE, "%s: %s", path, strerror(errno));
+    if (!S_ISDIR(st.st_mode)) {
+        if (access(path, R_OK) != 0) mlm_fatal(MLM_EXIT_USAGE, "%s: %s", path, strerror(errno));
+        paths_add(l, path);
+        return;
+    }
+    if (depth > 64) mlm_fatal(MLM_EXIT_USAGE, "%s: directories nested over 64 deep (a link loop?)", path);
+    DIR *d = opendir(path);
+    if (!d) mlm_fatal(MLM_EXIT_USAGE, "%s: %s", path, strerror(errno));
+    PathList sub = {0};
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.') continue;
+        size_t n = strlen(path) + strlen(e->d_name) + 2;
+        char *p = mlm_malloc(n, "a path");
+        snprintf(p, n, "%s/%s", path, e->d_name);
+        paths_add(&sub, p);
+        free(p);
+    }
+    closedir(d);
+    qsort(sub.paths, sub.n, sizeof(char *), by_name);
+    for (size_t i = 0; i < sub.n; i++) {
+        expand_input(l, sub.paths[i], depth + 1);
+        free(sub.paths[i]);
+    }
+    free(sub.paths);
+}
+
 int vocab_command(int argc, char **argv) {
     VocabOptions o = {.lower = 1, .min_frequency = 2, .limit_alphabet = 1000};
     enum { OPT_LOWER = 1000, OPT_NO_LOWER, OPT_MIN_FREQ, OPT_LIMIT_ALPHA, OPT_THREADS };
@@ -179,28 +239,28 @@ int vocab_command(int argc, char **argv) {
     if (optind >= argc)
         mlm_fatal(MLM_EXIT_USAGE, "mlm vocab: no input; give text files, or - to read standard input");
     check_out_dir(o.out);
-    // Every input must open before any counting starts (a typo fails at once, not after an hour).
+    PathList inputs = {0};
     for (int i = optind; i < argc; i++) {
-        if (!strcmp(argv[i], "-")) continue;
-        struct stat st;
-        if (stat(argv[i], &st) != 0) mlm_fatal(MLM_EXIT_USAGE, "%s: %s", argv[i], strerror(errno));
-        if (S_ISDIR(st.st_mode))
-            mlm_fatal(MLM_EXIT_USAGE, "%s is a directory; pass its text files (e.g. %s/*.txt)", argv[i], argv[i]);
-        if (access(argv[i], R_OK) != 0) mlm_fatal(MLM_EXIT_USAGE, "%s: %s", argv[i], strerror(errno));
+        if (!strcmp(argv[i], "-")) paths_add(&inputs, "-");
+        else expand_input(&inputs, argv[i], 0);
     }
+    if (inputs.n == 0) mlm_fatal(MLM_EXIT_USAGE, "mlm vocab: the directories given hold no files");
 
     Counting k = {.threads = o.threads ? o.threads : omp_get_max_threads(), .t0 = mlm_now(), .quiet = o.quiet,
                   .tty = isatty(2)};
     k.per_thread = mlm_calloc((size_t)k.threads, sizeof(WpCounts *), "word counters");
     for (int t = 0; t < k.threads; t++)
         if (!(k.per_thread[t] = wp_counts_new(o.lower))) mlm_fatal(MLM_EXIT_FAILURE, "out of memory");
-    for (int i = optind; i < argc; i++) {
-        int is_stdin = !strcmp(argv[i], "-");
-        FILE *f = is_stdin ? stdin : fopen(argv[i], "rb");
-        if (!f) mlm_fatal(MLM_EXIT_FAILURE, "%s: %s", argv[i], strerror(errno));
-        count_stream(&k, f, is_stdin ? "standard input" : argv[i]);
+    for (size_t i = 0; i < inputs.n; i++) {
+        const char *path = inputs.paths[i];
+        int is_stdin = !strcmp(path, "-");
+        FILE *f = is_stdin ? stdin : fopen(path, "rb");
+        if (!f) mlm_fatal(MLM_EXIT_FAILURE, "%s: %s", path, strerror(errno));
+        count_stream(&k, f, is_stdin ? "standard input" : path);
         if (!is_stdin) fclose(f);
+        free(inputs.paths[i]);
     }
+    free(inputs.paths);
     for (int t = 1; t < k.threads; t++) {
         if (wp_counts_merge(k.per_thread[0], k.per_thread[t]))
             mlm_fatal(MLM_EXIT_FAILURE, "out of memory while merging the word counts");
