@@ -6,8 +6,9 @@
 # vocabularies (shared tokens), and, as the yardstick, the overlap of two Hugging Face runs: its trainer gives the
 # "##c" tokens their ids in hash order, so its own ties (and a few tokens) change from run to run.
 # Also checks: mlm's vocabulary loads in Hugging Face, starts with the five specials, has the requested size, and
-# the lowercase=False pipeline (--no-lowercase) agrees the same way at one size.
-# Usage: test_wordpiece_train_hf.py --mlm build/mlm --corpus tinyshakespeare.txt   (about 10 s)
+# the lowercase=False pipeline (--no-lowercase) agrees the same way at one size; and the same on a generated
+# multilingual text (accents, Greek, Cyrillic, Hangul, kana, CJK, punctuation), lower-cased and cased.
+# Usage: test_wordpiece_train_hf.py --mlm build/mlm --corpus tinyshakespeare.txt   (about 15 s of CPU)
 import argparse, os, subprocess, sys, tempfile, time
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -37,6 +38,21 @@ def hf_train(corpus, size, lower, out_dir):
     return os.path.join(out_dir, "vocab.txt")
 
 
+def multilingual_text(path):
+    """A deterministic mixed-script text (about 400 KB): words built from syllables of Latin with accents, Greek,
+    Cyrillic, Hangul, kana and CJK ideographs (each ideograph a word of its own to BERT), punctuation between."""
+    import random
+    rng = random.Random(7)
+    syllables = ["ka", "mé", "lo", "ré", "ñu", "ça", "ßa", "ø", "ÆR", "ἀλ", "φά", "ΣΟ", "мо", "ЖИ", "щё", "가", "나",
+                 "한", "글", "の", "テ", "キ", "中", "国", "語", "文", "字", "Ö", "İs", "ŀl", "tr", "st", "en", "IN"]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(3000)]
+    weights = [1.0 / (i + 1) for i in range(len(words))]  # Zipf-like
+    punct = [" ", " ", " ", " ", ", ", ". ", "! ", "¿", "«", "» ", "、", "。", " — "]
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(4000):
+            f.write("".join(w + rng.choice(punct) for w in rng.choices(words, weights, k=12)) + "\n")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mlm", required=True)
@@ -51,30 +67,34 @@ def main():
     if not os.path.exists(a.corpus):
         print("SKIP: %s is missing" % a.corpus)
         return 77
-    with open(a.corpus, encoding="utf-8") as f:
-        lines = f.read().split("\n")
     failures = 0
-    cases = [(int(s), True) for s in a.sizes.split(",")] + [(4000, False)]
     with tempfile.TemporaryDirectory() as d:
-        for size, lower in cases:
-            tag = "%d%s" % (size, "" if lower else "-cased")
+        multi = os.path.join(d, "multilingual.txt")
+        multilingual_text(multi)
+        cases = ([(a.corpus, int(s), True) for s in a.sizes.split(",")] + [(a.corpus, 4000, False)]
+                 + [(multi, 1200, True), (multi, 1200, False)])
+        for corpus, size, lower in cases:
+            with open(corpus, encoding="utf-8") as f:
+                lines = f.read().split("\n")
+            name = "shakespeare" if corpus == a.corpus else "multilingual"
+            tag = "%s-%d%s" % (name, size, "" if lower else "-cased")
             mine = os.path.join(d, "mlm-%s.txt" % tag)
             t0 = time.perf_counter()
             subprocess.run([a.mlm, "vocab", "--quiet", "--size", str(size), "--out", mine]
-                           + ([] if lower else ["--no-lowercase"]) + [a.corpus], check=True)
+                           + ([] if lower else ["--no-lowercase"]) + [corpus], check=True)
             t1 = time.perf_counter()
-            theirs = hf_train(a.corpus, size, lower, os.path.join(d, "hf-%s" % tag))
+            theirs = hf_train(corpus, size, lower, os.path.join(d, "hf-%s" % tag))
             t2 = time.perf_counter()
-            theirs2 = hf_train(a.corpus, size, lower, os.path.join(d, "hf2-%s" % tag))
+            theirs2 = hf_train(corpus, size, lower, os.path.join(d, "hf2-%s" % tag))
             mv, hv, hv2 = read_vocab(mine), read_vocab(theirs), read_vocab(theirs2)
             tm, nt_m, nw, unk_m = tokens_per_word(mine, lines, lower)
             th, nt_h, _, unk_h = tokens_per_word(theirs, lines, lower)
             shared, shared_hf = len(set(mv) & set(hv)), len(set(hv) & set(hv2))
             rel = abs(tm - th) / th
-            print("size %5d %-6s: tokens/word mlm %.5f (%d tokens) hf %.5f (%d tokens) over %d words, differ by "
+            print("%-12s size %5d %-5s: tokens/word mlm %.5f (%d tokens) hf %.5f (%d tokens) over %d words, differ by "
                   "%.3f%%; vocab overlap mlm/hf %d of %d (%.2f%%), hf/hf (two runs) %d; [UNK] mlm %d hf %d; "
                   "train mlm %.2f s hf %.2f s"
-                  % (size, "lower" if lower else "cased", tm, nt_m, th, nt_h, nw, 100 * rel, shared, len(hv),
+                  % (name, size, "lower" if lower else "cased", tm, nt_m, th, nt_h, nw, 100 * rel, shared, len(hv),
                      100.0 * shared / len(hv), shared_hf, unk_m, unk_h, t1 - t0, t2 - t1))
             checks = [
                 (rel <= 0.02, "tokens per word differ by %.3f%% (> 2%%)" % (100 * rel)),
@@ -87,7 +107,7 @@ def main():
             ]
             for ok, msg in checks:
                 if not ok:
-                    print("FAIL size %d: %s" % (size, msg))
+                    print("FAIL %s: %s" % (tag, msg))
                     failures += 1
     return 1 if failures else 0
 
