@@ -642,6 +642,7 @@ static void setup_model(Run *r, int gpu) {
     int max_b = MLM_MAX(r->cfg.batch_size, N_PROMPTS);
     if (gpu) {
         r->gpu = cuda_model_create(&r->mc, max_b, r->cfg.tf32);
+        if (r->mask.whole_word && r->mask.continuation) cuda_model_set_continuation(r->gpu, r->mask.continuation);
         r->n_params = cuda_model_num_params(r->gpu);
         r->params = mlm_calloc(r->n_params, sizeof(float), "parameters (host copy)");
         r->gpu_logits = mlm_malloc((size_t)max_b * r->mc.max_seq * r->mc.vocab * sizeof(float), "logits (host copy)");
