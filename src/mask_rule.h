@@ -18,6 +18,8 @@ typedef struct {
     unsigned long long no_mask_bits[2];  // ids < 128 that are never selected (bitset)
     int no_mask_hi[MASK_MAX_NO_MASK];    // ids >= 128 that are never selected
     int n_no_mask_hi;
+    const unsigned char *cont;           // [n_tokens] continuation flags (host or device copy); NULL: no whole words
+    int seq_len;                         // tokens per sequence (0: one sequence)
 } MaskRule;
 
 MASK_FN MaskRule mask_rule_from_config(const MaskConfig *c) {
@@ -37,6 +39,8 @@ MASK_FN MaskRule mask_rule_from_config(const MaskConfig *c) {
         if (t >= 0 && t < 128) r.no_mask_bits[t >> 6] |= 1ull << (t & 63);
         else r.no_mask_hi[r.n_no_mask_hi++] = t;
     }
+    r.cont = c->whole_word ? c->continuation : NULL;  // the CUDA side puts its device copy here
+    r.seq_len = c->seq_len;
     return r;
 }
 
@@ -46,6 +50,20 @@ MASK_FN int mask_never_selected(const MaskRule *r, int t) {
     for (int i = 0; i < r->n_no_mask_hi; i++)
         if (r->no_mask_hi[i] == t) return 1;
     return 0;
+}
+
+MASK_FN int mask_is_continuation(const MaskRule *r, int t) { return t >= 0 && t < r->n_tokens && r->cont[t]; }
+
+// Whole-word masking: the position whose U1 decides position i's selection, the first piece of i's word. Walk
+// back over continuation pieces, not past the start of i's sequence; a never-selected token (a special) before
+// them is no part of the word, so the pieces after it form their own. Without whole words, i itself.
+MASK_FN size_t mask_word_start(const MaskRule *r, const int *tokens, size_t i) {
+    if (!r->cont) return i;
+    size_t row0 = r->seq_len > 0 ? i - i % (size_t)r->seq_len : 0;
+    size_t s = i;
+    while (s > row0 && mask_is_continuation(r, tokens[s])) s--;
+    if (s < i && !mask_is_continuation(r, tokens[s]) && mask_never_selected(r, tokens[s])) s++;
+    return s;
 }
 
 // floor(u * n) for u in (0, 1]; u == 1 would give n, which is clamped to n - 1.

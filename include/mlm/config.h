@@ -29,6 +29,7 @@ typedef struct {
     int mask_scheme;              // mask.scheme = reference | bert
     double mask_prob, mask_unchanged_prob, mask_random_prob;  // 0.15, 0.1, 0.1
     char no_mask_chars[64];       // mask.no_mask: characters never selected (escapes allowed: "\n")
+    int mask_whole_word;          // mask.whole_word: all pieces of a WordPiece word selected together (false)
     // [train]
     int batch_size;               // 64
     int epochs;                   // 1024

@@ -37,6 +37,8 @@ void cuda_model_set_adam(CudaModel *m, const float *adam_m, const float *adam_v)
 void cuda_model_get_adam(CudaModel *m, float *adam_m, float *adam_v);
 // decay_mask[P] (1 where AdamW decays); NULL: none.
 void cuda_model_set_decay_mask(CudaModel *m, const uint8_t *decay_mask);
+// flags[V]: MaskConfig.continuation of whole-word masking (1 where a token continues a word), copied to the device.
+void cuda_model_set_continuation(CudaModel *m, const unsigned char *flags);
 
 // train.cuda_graph: on (the default), a masked step (cuda_model_train_step, and cuda_model_forward with a mask)
 // is captured as one CUDA graph the first time its shape is seen (batch size, configuration) and replayed

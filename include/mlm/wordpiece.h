@@ -32,6 +32,12 @@ const char *wp_token(const WordPiece *wp, int32_t id);
 // text (case-sensitive, before normalisation) become those specials' ids.
 size_t wp_encode(const WordPiece *wp, const char *text, size_t len, int32_t *ids, size_t cap);
 
+// The basic tokenizer alone (BertNormalizer and BertPreTokenizer as wp_encode applies them; specials written in
+// the text are not matched, as in Hugging Face's trainer on a fresh tokenizer): emit(ctx, word, len) for each
+// word in order (UTF-8, normalised, not NUL-terminated). lower as in wp_load. Used to count words for training.
+void wp_pretokenize(const char *text, size_t len, int lower, void (*emit)(void *ctx, const char *word, size_t len),
+                    void *ctx);
+
 // ---- Byte tokenizer: id = byte value for 0..255, then the specials; any input, no unknowns.
 enum { BT_PAD = 256, BT_UNK = 257, BT_CLS = 258, BT_SEP = 259, BT_MASK = 260, BT_VOCAB_SIZE = 261 };
 // Id of "[PAD]" .. "[MASK]", or -1.

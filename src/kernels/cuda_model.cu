@@ -139,6 +139,7 @@ struct CudaModel {
     int use_graphs;
     StepGraph graphs[MAX_STEP_GRAPHS];
     uint64_t graph_clock;   // counts lookups, for replacing the least recently used graph
+    unsigned char *continuation;  // [V] whole-word masking's continuation flags (cuda_model_set_continuation), or NULL
     // State of the last forward, used by the backward.
     int B;
     int has_labels;
@@ -377,6 +378,7 @@ void cuda_model_free(CudaModel *m) {
         if (m->graphs[i].exec) CUDA_CHECK(cudaGraphExecDestroy(m->graphs[i].exec));
     CUDA_CHECK(cudaFreeHost(m->h_upload));
     CUDA_CHECK(cudaFreeHost(m->h_scalars));
+    CUDA_CHECK(cudaFree(m->continuation));
     CUDA_CHECK(cudaEventDestroy(m->stage_free));
     CUBLAS_CHECK(cublasDestroy(m->cublas));
     CUDA_CHECK(cudaFree(m->cublas_workspace));
@@ -416,6 +418,10 @@ void cuda_model_get_adam(CudaModel *m, float *adam_m, float *adam_v) {
 void cuda_model_set_decay_mask(CudaModel *m, const uint8_t *decay_mask) {
     m->decay_set = decay_mask != NULL;
     if (decay_mask) copy_sync(m, m->decay_mask, decay_mask, m->n_params, cudaMemcpyHostToDevice);
+}
+void cuda_model_set_continuation(CudaModel *m, const unsigned char *flags) {
+    if (!m->continuation) CUDA_CHECK(cudaMalloc(&m->continuation, (size_t)m->cfg.vocab));
+    copy_sync(m, m->continuation, flags, (size_t)m->cfg.vocab, cudaMemcpyHostToDevice);
 }
 
 static void check_batch(const CudaModel *m, int B, const char *what) {
@@ -534,7 +540,8 @@ static void upload_batch(CudaModel *m, int *d_tokens, const int *tokens, const i
 // Mask the uploaded tokens on the device with the uniforms of the step (seed and offset in m->a.step).
 static void mask_on_device(CudaModel *m, int B, const MaskConfig *mask, const CudaRandom *rnd) {
     size_t n = (size_t)B * m->cfg.max_seq;
-    cuda_mask_philox(mask, m->a.tokens, n, m->a.step, mask_offset_in_step(rnd), m->a.inputs, m->a.labels, m->stream);
+    cuda_mask_philox(mask, m->continuation, m->a.tokens, n, m->a.step, mask_offset_in_step(rnd), m->a.inputs,
+                     m->a.labels, m->stream);
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -49,8 +49,11 @@ void cuda_philox_uniform(float *d_out, uint64_t seed, uint64_t offset, size_t n,
 // Draws are addressed as (d_step, offset_in_step): the absolute offset is d_step->rng_base + offset_in_step
 // (mask.cu's step_rng_offset, the one place that maps them on the device).
 // Masking of n tokens with the uniforms at that offset (layout of mask_apply), generated in the kernel.
-void cuda_mask_philox(const MaskConfig *c, const int *d_tokens, size_t n, const DeviceStep *d_step,
-                      uint64_t offset_in_step, int *d_inputs, int *d_labels, cudaStream_t stream);
+// d_continuation: the device copy of c->continuation [n_tokens] (whole-word masking; may be NULL when
+// c->whole_word is off).
+void cuda_mask_philox(const MaskConfig *c, const unsigned char *d_continuation, const int *d_tokens, size_t n,
+                      const DeviceStep *d_step, uint64_t offset_in_step, int *d_inputs, int *d_labels,
+                      cudaStream_t stream);
 // keep[n] = !(u < p) (THE DROPOUT RULE) with u from (d_step, offset_in_step), generated in the
 // kernel: cuda_uniform + cuda_dropout_keep in one launch and without the uniforms buffer.
 void cuda_dropout_keep_philox(uint8_t *keep, const DeviceStep *d_step, uint64_t offset_in_step, float p, size_t n,

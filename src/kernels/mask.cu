@@ -130,18 +130,25 @@ static __global__ void mask_kernel(const __grid_constant__ MaskRule rule, const 
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     uint64_t seed = s_seed, o = s_offset + i;
-    float u1 = philox_uniform_at(seed, o), u2 = philox_uniform_at(seed, o + n);
+    // Whole words: the selection draw is the U1 of the word's first piece (a short walk back over "##" pieces).
+    size_t s = mask_word_start(&rule, tokens, i);
+    float u1 = philox_uniform_at(seed, s_offset + s), u2 = philox_uniform_at(seed, o + n);
     float u3 = philox_uniform_at(seed, o + 2 * n), u4 = philox_uniform_at(seed, o + 3 * n);
     mask_one(&rule, tokens[i], u1, u2, u3, u4, &inputs[i], &labels[i]);
 }
 
-extern "C" void cuda_mask_philox(const MaskConfig *c, const int *d_tokens, size_t n, const DeviceStep *d_step,
-                                 uint64_t offset_in_step, int *d_inputs, int *d_labels, cudaStream_t stream) {
+extern "C" void cuda_mask_philox(const MaskConfig *c, const unsigned char *d_continuation, const int *d_tokens,
+                                 size_t n, const DeviceStep *d_step, uint64_t offset_in_step, int *d_inputs,
+                                 int *d_labels, cudaStream_t stream) {
     if (n == 0) return;
+    if (c->whole_word && c->continuation && !d_continuation)
+        mlm_fatal(MLM_EXIT_FAILURE, "whole-word masking on the GPU needs the continuation flags on the device: call "
+                                    "cuda_model_set_continuation with the vocabulary's flags before training");
+    MaskRule rule = mask_rule_from_config(c);
+    rule.cont = c->whole_word && c->continuation ? d_continuation : NULL;  // the device copy of c->continuation
     const int block = 256;
     unsigned grid = (unsigned)((n + block - 1) / block);
-    mask_kernel<<<grid, block, 0, stream>>>(mask_rule_from_config(c), d_tokens, n, d_step, offset_in_step, d_inputs,
-                                            d_labels);
+    mask_kernel<<<grid, block, 0, stream>>>(rule, d_tokens, n, d_step, offset_in_step, d_inputs, d_labels);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -152,17 +159,23 @@ extern "C" void cuda_mask_batch_host(const MaskConfig *c, const int *tokens, siz
     memset(&step, 0, sizeof(step));
     step.philox_seed = philox_seed;
     step.rng_base = offset;
+    unsigned char *d_cont = NULL;
+    if (c->whole_word && c->continuation) {
+        CUDA_CHECK(cudaMalloc(&d_cont, (size_t)c->n_tokens));
+        CUDA_CHECK(cudaMemcpy(d_cont, c->continuation, (size_t)c->n_tokens, cudaMemcpyHostToDevice));
+    }
     CUDA_CHECK(cudaMalloc(&d_tokens, n * sizeof(int)));
     CUDA_CHECK(cudaMalloc(&d_inputs, n * sizeof(int)));
     CUDA_CHECK(cudaMalloc(&d_labels, n * sizeof(int)));
     CUDA_CHECK(cudaMalloc(&d_step, sizeof(DeviceStep)));
     CUDA_CHECK(cudaMemcpy(d_step, &step, sizeof(step), cudaMemcpyHostToDevice));
     CUDA_CHECK(cudaMemcpy(d_tokens, tokens, n * sizeof(int), cudaMemcpyHostToDevice));
-    cuda_mask_philox(c, d_tokens, n, d_step, 0, d_inputs, d_labels, 0);
+    cuda_mask_philox(c, d_cont, d_tokens, n, d_step, 0, d_inputs, d_labels, 0);
     CUDA_CHECK(cudaMemcpy(inputs, d_inputs, n * sizeof(int), cudaMemcpyDeviceToHost));
     CUDA_CHECK(cudaMemcpy(labels, d_labels, n * sizeof(int), cudaMemcpyDeviceToHost));
     CUDA_CHECK(cudaFree(d_tokens));
     CUDA_CHECK(cudaFree(d_inputs));
     CUDA_CHECK(cudaFree(d_labels));
     CUDA_CHECK(cudaFree(d_step));
+    CUDA_CHECK(cudaFree(d_cont));
 }

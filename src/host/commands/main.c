@@ -18,6 +18,7 @@
 #include "mlm/cpu_threads.h"
 #include "mlm/report.h"
 #include "mlm/train.h"
+#include "mlm/wordpiece_train.h"
 
 static void usage_main(FILE *f) {
     fputs("usage: mlm [--help] [--version] COMMAND [OPTIONS]\n\n"
@@ -28,7 +29,8 @@ static void usage_main(FILE *f) {
           "  fill     predict the characters marked with _ or [MASK] in a text\n"
           "  export   write a checkpoint's weights as safetensors with PyTorch state_dict names\n"
           "  info     show a checkpoint's configuration, size, step and last metrics\n"
-          "  report   write an HTML report (curves, config, samples) of a run directory\n\n"
+          "  report   write an HTML report (curves, config, samples) of a run directory\n"
+          "  vocab    train a WordPiece vocabulary (vocab.txt) on text files\n\n"
           "Run `mlm COMMAND --help` for the options of a command.\n", f);
 }
 
@@ -364,6 +366,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "export")) return cmd_export(argc - 1, argv + 1);
     if (!strcmp(cmd, "info")) return cmd_info(argc - 1, argv + 1);
     if (!strcmp(cmd, "report")) return cmd_report(argc - 1, argv + 1);
+    if (!strcmp(cmd, "vocab")) return vocab_command(argc - 1, argv + 1);
     fprintf(stderr, "mlm: unknown command '%s'\n\n", cmd);
     usage_main(stderr);
     return MLM_EXIT_USAGE;

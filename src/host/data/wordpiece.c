@@ -200,6 +200,9 @@ typedef struct {
     size_t *bounds; size_t nchars, bcap;  // byte offset of each character of the word
     char *key; size_t keycap;        // "##" + piece
     int oom;
+    int lower;                       // lower-case and strip accents
+    void (*emit)(void *ctx, const char *word, size_t len);  // wp_pretokenize: receives each word instead
+    void *ctx;
 } Enc;
 
 static void put_id(Enc *e, int32_t id) {
@@ -242,7 +245,8 @@ static void wordpiece_word(Enc *e) {
 }
 
 static void flush_word(Enc *e) {
-    if (e->nchars) wordpiece_word(e);
+    if (e->nchars && e->emit) e->emit(e->ctx, e->word, e->wlen);
+    else if (e->nchars) wordpiece_word(e);
     e->wlen = e->nchars = 0;
 }
 
@@ -270,7 +274,7 @@ static void lower_then_pretokenize(Enc *e, uint32_t cp) {
 
 // Accent stripping (NFD, drop Mn) then lower-casing, as BertNormalizer orders them.
 static void strip_lower(Enc *e, uint32_t cp) {
-    if (!e->wp->lower) { pretokenize(e, cp); return; }
+    if (!e->lower) { pretokenize(e, cp); return; }
     if (cp >= 0xAC00 && cp <= 0xD7A3) {  // Hangul syllable: algorithmic NFD into conjoining jamo
         uint32_t s = cp - 0xAC00;
         lower_then_pretokenize(e, 0x1100 + s / 588);
@@ -284,11 +288,14 @@ static void strip_lower(Enc *e, uint32_t cp) {
     for (size_t i = 0; i < m->len;) { uint32_t c; i += utf8_decode(s + i, m->len - i, &c); lower_then_pretokenize(e, c); }
 }
 
-size_t wp_encode(const WordPiece *wp, const char *text, size_t len, int32_t *ids, size_t cap) {
-    Enc e = {.wp = wp, .ids = ids, .cap = cap};
+// BertNormalizer then BertPreTokenizer over the text; with a vocabulary (e->wp), the specials written verbatim
+// become their ids first, as in Hugging Face's added-token extraction.
+static void basic_tokenize(Enc *e_, const char *text, size_t len) {
+    Enc e = *e_;
+    const WordPiece *wp = e.wp;
     const unsigned char *s = (const unsigned char *)text;
     for (size_t i = 0; i < len && !e.oom;) {
-        if (s[i] == '[') {
+        if (wp && s[i] == '[') {
             int hit = -1;
             for (int k = 0; k < 5 && hit < 0; k++) {
                 size_t n = strlen(WP_SPECIALS[k]);
@@ -312,7 +319,19 @@ size_t wp_encode(const WordPiece *wp, const char *text, size_t len, int32_t *ids
     if (!e.oom) flush_word(&e);
     free(e.word); free(e.bounds); free(e.key);
     if (e.oom) { fprintf(stderr, "wp_encode: out of memory\n"); exit(1); }
+    *e_ = e;
+}
+
+size_t wp_encode(const WordPiece *wp, const char *text, size_t len, int32_t *ids, size_t cap) {
+    Enc e = {.wp = wp, .ids = ids, .cap = cap, .lower = wp->lower};
+    basic_tokenize(&e, text, len);
     return e.n;
+}
+
+void wp_pretokenize(const char *text, size_t len, int lower, void (*emit)(void *ctx, const char *word, size_t len),
+                    void *ctx) {
+    Enc e = {.lower = lower, .emit = emit, .ctx = ctx};
+    basic_tokenize(&e, text, len);
 }
 
 // ---- Byte tokenizer

@@ -38,6 +38,7 @@ static const KeyDesc KEYS[] = {
     {"mask.unchanged_prob", K_DOUBLE, OFF(mask_unchanged_prob), 0, 1, NULL, "selected positions left unchanged"},
     {"mask.random_prob", K_DOUBLE, OFF(mask_random_prob), 0, 1, NULL, "selected positions replaced by a random token"},
     {"mask.no_mask", K_STR, OFF(no_mask_chars), 0, 0, NULL, "characters never selected, e.g. \"\\n\""},
+    {"mask.whole_word", K_BOOL, OFF(mask_whole_word), 0, 1, NULL, "select all WordPiece pieces of a word together (whole-word masking; with a character vocabulary every token is a word)"},
     {"train.batch_size", K_INT, OFF(batch_size), 1, 1 << 20, NULL, "sequences per optimizer step"},
     {"train.epochs", K_INT, OFF(epochs), 1, 1 << 30, NULL, "passes over the training split"},
     {"train.max_steps", K_LONG, OFF(max_steps), 0, 1e15, NULL, "stop after this many optimizer steps (0: no limit)"},

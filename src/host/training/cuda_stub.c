@@ -41,6 +41,7 @@ void cuda_model_get_grads(CudaModel *m, float *grads) { no_cuda("cuda_model_get_
 void cuda_model_set_adam(CudaModel *m, const float *adam_m, const float *adam_v) { no_cuda("cuda_model_set_adam"); }
 void cuda_model_get_adam(CudaModel *m, float *adam_m, float *adam_v) { no_cuda("cuda_model_get_adam"); }
 void cuda_model_set_decay_mask(CudaModel *m, const uint8_t *decay_mask) { no_cuda("cuda_model_set_decay_mask"); }
+void cuda_model_set_continuation(CudaModel *m, const unsigned char *flags) { no_cuda("cuda_model_set_continuation"); }
 
 void cuda_model_forward(CudaModel *m, const int *tokens, const int *labels, int B, int pad_id,
                         const MaskConfig *mask, const CudaRandom *rnd, CudaStepStats *stats) {

@@ -53,6 +53,8 @@ MaskConfig train_mask_config(const Config *c, const Vocab *v) {
     m.n_chars = v->n_chars;
     m.pad_id = v->pad_id;
     m.mask_id = v->mask_id;
+    m.whole_word = c->mask_whole_word;  // continuation flags come with a WordPiece vocabulary (none for characters)
+    m.seq_len = c->seq_len;
     for (const char *s = c->no_mask_chars; *s && m.n_no_mask < MASK_MAX_NO_MASK; s++) {
         int id = vocab_id(v, (unsigned char)*s);
         if (id < 0) mlm_warn("mask.no_mask: '%c' is not in the vocabulary; ignored", *s);
@@ -641,6 +643,7 @@ static void setup_model(Run *r, int gpu) {
     if (gpu) {
         r->gpu = cuda_model_create(&r->mc, max_b, r->cfg.tf32);
         cuda_model_set_graphs(r->gpu, r->cfg.cuda_graph);
+        if (r->mask.whole_word && r->mask.continuation) cuda_model_set_continuation(r->gpu, r->mask.continuation);
         r->n_params = cuda_model_num_params(r->gpu);
         r->params = mlm_calloc(r->n_params, sizeof(float), "parameters (host copy)");
         r->gpu_logits = mlm_malloc((size_t)max_b * r->mc.max_seq * r->mc.vocab * sizeof(float), "logits (host copy)");
