@@ -18,6 +18,7 @@
 #include "mlm/weights.h"
 #include "mlm/cuda_backend.h"
 #include "mlm/cuda_model.h"
+#include "mlm/dist.h"
 #include "mlm/json.h"
 #include "mlm/optim.h"
 #include "mlm/rng.h"
@@ -118,6 +119,10 @@ typedef struct {
     long first_step;       // step at which this process started training
     double t_first_step;   // wall clock after this process's first step (the estimate leaves out its warm-up)
     int estimate_shown;
+    // Gradient accumulation and data parallel (issue 13; see train_step_accumulated).
+    Dist dist;             // this process's rank among the job's (world 1 without mpirun)
+    float *grad_acc;       // [P] the running sum of micro-batch gradients (accumulating only)
+    float *grad_shard;     // [P / world + 1] this rank's shard of the summed gradients (train.zero)
 } Run;
 
 static int use_color(void) {
@@ -354,6 +359,7 @@ static void format_duration(double s, char *out, size_t n) {
 
 static void log_metrics(Run *r, const char *kind, long epoch, double loss, double acc, double lr, double gnorm,
                         double tok_per_s) {
+    if (!r->metrics) return;  // ranks other than 0 of a data-parallel job
     fprintf(r->metrics, "{\"kind\":\"%s\",\"step\":%ld,\"epoch\":%ld,\"tokens\":%.0f,\"loss\":%.9g,\"accuracy\":%.9g",
             kind, r->step, epoch, r->st.tokens, loss, acc);
     if (lr >= 0) fprintf(r->metrics, ",\"lr\":%.6g,\"grad_norm\":%.6g,\"tokens_per_s\":%.6g", lr, gnorm, tok_per_s);
@@ -375,6 +381,116 @@ typedef struct {
     float grad_norm;  // training steps
 } BatchStats;
 
+// ---- Gradient accumulation and data parallel (issue 13) ---------------------------------------------------
+// The step's batch of b rows is cut into train.accum_steps micro-batches of batch_size / accum_steps rows (the last
+// batch of an epoch may leave some short or empty); rank i of N takes micro-batches i*k..i*k+k-1 (k = accum_steps
+// / N). Each micro-batch draws exactly the random numbers its rows get in the whole batch: masking is done for the
+// whole batch (cheap, and it gives the whole batch's target count), dropout from the sub-range of each site's
+// region (DropoutCtx.first_row). Its loss is normalised by the whole batch's target count, so the summed gradient
+// equals the whole batch's within float rounding, and the sum runs in one fixed order across ranks (dist.h), so N
+// ranks with k micro-batches each give the bits of one process with accum_steps = N x k.
+
+static int accumulating(const Run *r) { return r->cfg.accum_steps > 1 || r->dist.world > 1; }
+
+// sum[n] = g (first micro-batch) or sum + g, elementwise (the order across micro-batches is the caller's).
+static void accumulate_grads(float *sum, const float *g, size_t n, int *have) {
+    if (!*have) {
+        memcpy(sum, g, n * sizeof(float));
+        *have = 1;
+        return;
+    }
+    long long count = (long long)n;
+#pragma omp parallel for schedule(static) if (count >= 32768)
+    for (long long i = 0; i < count; i++) sum[i] += g[i];
+}
+
+// Clip and Adam on the summed gradients: every rank on the whole vector, or (train.zero) the last rank clips the
+// whole vector, each rank updates its shard of parameters and Adam moments, and the shards are gathered.
+static float apply_summed_grads(Run *r, double lr, double *stats, int n_stats) {
+    size_t P = r->n_params;
+    float clip = (float)r->cfg.grad_clip;
+    double norm = 0;
+    if (!r->cfg.zero || r->dist.world == 1) {
+        dist_bcast_last(&r->dist, r->grad_acc, P * sizeof(float));
+        dist_bcast_last(&r->dist, stats, (size_t)n_stats * sizeof(double));
+        norm = clip > 0 ? cpu_clip_grads(r->grad_acc, P, clip) : cpu_grad_norm(r->grad_acc, P);
+        cpu_adam_update(&r->oc, r->params, r->grad_acc, r->adam_m, r->adam_v, r->decay_mask, P, r->step + 1, lr);
+        return (float)norm;
+    }
+    const Dist *d = &r->dist;
+    if (d->rank == d->world - 1) norm = clip > 0 ? cpu_clip_grads(r->grad_acc, P, clip) : cpu_grad_norm(r->grad_acc, P);
+    dist_scatter_last(d, r->grad_acc, r->grad_shard, P);
+    stats[n_stats] = norm;
+    dist_bcast_last(d, stats, (size_t)(n_stats + 1) * sizeof(double));
+    size_t a = dist_shard_start(d, P, d->rank), len = dist_shard_start(d, P, d->rank + 1) - a;
+    cpu_adam_update(&r->oc, r->params + a, r->grad_shard, r->adam_m + a, r->adam_v + a, r->decay_mask + a, len,
+                    r->step + 1, lr);
+    dist_allgather(d, r->params, P);
+    return (float)stats[n_stats];
+}
+
+static BatchStats train_step_accumulated(Run *r, int b, double lr) {
+    CpuModel *m = r->model;
+    int T = r->cfg.seq_len, pad = r->corpus.vocab.pad_id;
+    int k = r->cfg.accum_steps / r->dist.world, mb = r->cfg.batch_size / r->cfg.accum_steps;
+    size_t P = r->n_params;
+    mask_batch(r, &r->train_rng, (uint64_t)r->step, b);
+    int n_total = 0;
+    for (int i = 0; i < b * T; i++) n_total += r->labels[i] != pad;
+    m->norm_targets = n_total;
+    double stats[3] = {0, 0, 0};  // sum of micro-batch loss x targets, correct predictions; (zero) the norm
+    int have = 0;
+    for (int j = r->dist.rank * k; j < (r->dist.rank + 1) * k; j++) {
+        int r0 = j * mb, rows = MLM_MIN(mb, b - r0), correct = 0;
+        float loss = 0;
+        if (rows > 0) {
+            DropoutCtx d = dropout_ctx(r, &r->train_rng, (uint64_t)r->step, 1);
+            d.first_row = r0;
+            d.rows = rows;
+            loss = cpu_model_forward(m, r->inputs + (size_t)r0 * T, r->labels + (size_t)r0 * T, rows, pad, &d, &correct);
+            cpu_model_backward(m);
+        }
+        // The running sum of the ranks before this one arrives while this rank computes its first micro-batch.
+        if (j == r->dist.rank * k) dist_chain_recv(&r->dist, r->grad_acc, P, stats, 2, &have);
+        if (rows > 0) {
+            stats[0] += (double)loss * m->n_targets;
+            stats[1] += correct;
+            accumulate_grads(r->grad_acc, m->grads, P, &have);
+        }
+    }
+    m->norm_targets = 0;
+    dist_chain_send(&r->dist, r->grad_acc, P, stats, 2, have);
+    BatchStats s = {0};
+    s.grad_norm = apply_summed_grads(r, lr, stats, 2);
+    s.loss = n_total ? (float)(stats[0] / n_total) : 0.0f;
+    s.correct = (int)stats[1];
+    s.n_targets = n_total;
+    check_finite(r, s.loss, "training");
+    return s;
+}
+
+// Checks and buffers once the model exists.
+static void setup_accumulation(Run *r) {
+    if (!accumulating(r)) return;
+    if (r->gpu)
+        mlm_fatal(MLM_EXIT_USAGE, "train.accum_steps = %d with %d rank(s): gradient accumulation and data parallel are "
+                  "implemented on the CPU backend only so far; use --device cpu, or train.accum_steps = 1 in one "
+                  "process on the GPU", r->cfg.accum_steps, r->dist.world);
+    if (r->cfg.accum_steps % r->dist.world != 0)
+        mlm_fatal(MLM_EXIT_USAGE, "train.accum_steps = %d is not a multiple of the %d ranks: each rank takes "
+                  "accum_steps / ranks micro-batches of a step; set train.accum_steps to a multiple of %d",
+                  r->cfg.accum_steps, r->dist.world, r->dist.world);
+    r->grad_acc = mlm_calloc(r->n_params, sizeof(float), "summed gradients");
+    if (r->cfg.zero) r->grad_shard = mlm_calloc(r->n_params / r->dist.world + 1, sizeof(float), "gradient shard");
+}
+
+// Data parallel: rank 0 alone decides from its clock and signals (checkpoint now, stop); the others follow, so
+// that every rank checkpoints, validates and stops at the same step.
+static volatile sig_atomic_t pending_signal = 0;
+
+static int agreed_checkpoint(Run *r, double now);
+static int checkpoint_due(const Run *r, double now);
+
 // One optimizer step on the batch in r->tokens: mask, forward, backward, clip, Adam at step r->step + 1.
 static BatchStats train_step(Run *r, int b, double lr) {
     BatchStats s = {0};
@@ -387,6 +503,7 @@ static BatchStats train_step(Run *r, int b, double lr) {
         s.loss = st.loss, s.correct = st.correct, s.n_targets = st.n_targets, s.grad_norm = st.grad_norm;
         return s;
     }
+    if (accumulating(r)) return train_step_accumulated(r, b, lr);
     mask_batch(r, &r->train_rng, (uint64_t)r->step, b);
     DropoutCtx d = dropout_ctx(r, &r->train_rng, (uint64_t)r->step, 1);
     s.loss = cpu_model_forward(r->model, r->inputs, r->labels, b, r->corpus.vocab.pad_id, &d, &s.correct);
@@ -434,7 +551,19 @@ static void download_state(Run *r) {
 
 // SIGINT/SIGTERM only set a flag; the loop saves a checkpoint at the next step boundary and exits.
 static volatile sig_atomic_t stop_signal = 0;
-static void on_signal(int sig) { stop_signal = sig; }
+static int signals_deferred;  // data parallel: the signal waits in pending_signal for agreed_checkpoint
+static void on_signal(int sig) {
+    if (signals_deferred) pending_signal = sig;
+    else stop_signal = sig;
+}
+
+static int agreed_checkpoint(Run *r, double now) {
+    int due = checkpoint_due(r, now);
+    if (r->dist.world == 1) return due;
+    int v = dist_agree(&r->dist, due | (int)pending_signal << 1);
+    stop_signal = v >> 1;
+    return v & 1;
+}
 
 static void install_signal_handlers(void) {
     struct sigaction sa;
@@ -450,6 +579,12 @@ static void save_checkpoint(Run *r) {
     r->st.elapsed_s += mlm_now() - r->t_start;
     r->t_start = r->t_last_ckpt = mlm_now();
     download_state(r);
+    // Data parallel: rank 0 writes; with train.zero it first gathers every rank's shard of the Adam moments.
+    if (r->cfg.zero && r->dist.world > 1) {
+        dist_gather_root(&r->dist, r->adam_m, r->n_params);
+        dist_gather_root(&r->dist, r->adam_v, r->n_params);
+    }
+    if (r->dist.rank != 0) return;
     Checkpoint c = {.cfg = r->cfg, .vocab = r->corpus.vocab, .st = r->st, .n_params = r->n_params,
                     .params = r->params, .adam_m = r->adam_m, .adam_v = r->adam_v};
     memcpy(c.corpus_md5, r->corpus_md5, sizeof(c.corpus_md5));
@@ -558,7 +693,7 @@ static int train_epoch(Run *r, long epoch) {
             r->t_progress = now;
         }
         maybe_print_estimate(r, now);
-        if (checkpoint_due(r, now)) save_checkpoint(r);
+        if (agreed_checkpoint(r, now)) save_checkpoint(r);
     }
     if (r->tty && !r->opt.quiet) putchar('\n');
     return r->cfg.max_steps > 0 && r->step >= r->cfg.max_steps;
@@ -678,6 +813,8 @@ static void teardown(Run *r) {
     }
     free(r->opt_state);
     free(r->decay_mask);
+    free(r->grad_acc);
+    free(r->grad_shard);
     free(r->tokens); free(r->inputs); free(r->labels); free(r->uniforms);
     rng_free(&r->train_rng); rng_free(&r->valid_rng); rng_free(&r->sample_rng);
     batcher_free(&r->train_b); batcher_free(&r->valid_b);
@@ -748,9 +885,13 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
         teardown(&r);
         return 0;
     }
-    // The run directory is locked before anything in it is read for the run or written.
-    choose_run_dir(&r);
-    lock_run_dir(&r);
+    dist_init(&r.dist, cfg->dist_timeout);
+    if (r.dist.rank != 0) r.opt.quiet = 1;  // rank 0 alone prints, writes metrics, samples and checkpoints
+    // The run directory is locked before anything in it is read for the run or written (by rank 0 alone).
+    if (r.dist.rank == 0) {
+        choose_run_dir(&r);
+        lock_run_dir(&r);
+    }
     int gpu = choose_gpu(cfg);
     if (opt->profile && !gpu)
         mlm_warn("--profile-steps has no effect on the CPU backend (it brackets CUDA work for nsys and ncu)");
@@ -765,9 +906,12 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
         load_init_weights(&r);
     }
     upload_state(&r);
-    prepare_run_files(&r, opt->resume_path != NULL);
-    print_header(&r);
-    if (r.gpu) {
+    setup_accumulation(&r);
+    if (r.dist.rank == 0) prepare_run_files(&r, opt->resume_path != NULL);
+    if (r.dist.rank == 0) print_header(&r);
+    if (r.dist.rank != 0) {
+        // the other ranks print nothing
+    } else if (r.gpu) {
         char desc[256];
         cuda_device_describe(desc, sizeof(desc));
         printf("# device: CUDA (%s; TF32 matmuls %s); run directory %s\n", desc, cfg->tf32 ? "on" : "off", r.run_dir);
@@ -775,14 +919,19 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
         printf("# device: CPU (%d OpenMP threads, matmuls: %s); run directory %s\n", omp_get_max_threads(),
                MLM_BLAS_NAME, r.run_dir);
     }
-    if (opt->resume_path) printf("# resumed at step %ld\n", r.step);
+    if (accumulating(&r) && r.dist.rank == 0)
+        printf("# %d micro-batches of %d sequences per step (train.accum_steps), %d per rank on %d rank(s)%s\n",
+               cfg->accum_steps, cfg->batch_size / cfg->accum_steps, cfg->accum_steps / r.dist.world, r.dist.world,
+               cfg->zero && r.dist.world > 1 ? "; Adam moments sharded (train.zero)" : "");
+    if (opt->resume_path && r.dist.rank == 0) printf("# resumed at step %ld\n", r.step);
+    signals_deferred = r.dist.world > 1;
     install_signal_handlers();
     r.t_start = r.t_last_ckpt = r.t_progress = mlm_now();
     r.first_step = r.step;
     long nb = (long)r.train_b.n_batches;
     for (long epoch = r.st.valid_epochs; epoch < cfg->epochs && !stop_signal; epoch++) {
         if (cfg->max_steps > 0 && r.step >= cfg->max_steps) break;
-        if (cfg->samples && r.step == epoch * nb) print_samples(&r, epoch);
+        if (cfg->samples && r.step == epoch * nb && r.dist.rank == 0) print_samples(&r, epoch);
         int done = train_epoch(&r, epoch);
         if (stop_signal) break;
         validate(&r, epoch);
@@ -794,15 +943,16 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
     save_checkpoint(&r);
     int rc = 0;
     if (stop_signal) {
-        printf("interrupted by %s at step %ld; continue with: mlm train --resume %s\n",
+        if (r.dist.rank == 0) printf("interrupted by %s at step %ld; continue with: mlm train --resume %s\n",
                stop_signal == SIGINT ? "SIGINT" : "SIGTERM", r.step, r.run_dir);
         rc = 128 + stop_signal;
-    } else {
+    } else if (r.dist.rank == 0) {
         char dur[32];
         format_duration(r.st.elapsed_s, dur, sizeof(dur));
         printf("done: %ld steps, %.0f tokens in %s; last valid loss %.4f, accuracy %.4f (best %.4f); run directory %s\n",
                r.step, r.st.tokens, dur, r.st.last_valid_loss, r.st.last_valid_acc, r.st.best_valid_acc, r.run_dir);
     }
     teardown(&r);
+    dist_finalize(&r.dist);
     return rc;
 }
