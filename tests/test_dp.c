@@ -48,6 +48,10 @@ static void compare_runs(const char *a, const char *b, double tol, const char *w
         CHECK(memcmp(ca.params, cb.params, bytes) == 0, "%s: weights differ", what);
         CHECK(memcmp(ca.adam_m, cb.adam_m, bytes) == 0, "%s: Adam first moments differ", what);
         CHECK(memcmp(ca.adam_v, cb.adam_v, bytes) == 0, "%s: Adam second moments differ", what);
+        // Validation (shared out over the ranks, summed in batch order) gives the one-process figures too.
+        CHECK(ca.st.last_valid_step == cb.st.last_valid_step && ca.st.last_valid_loss == cb.st.last_valid_loss &&
+              ca.st.last_valid_acc == cb.st.last_valid_acc, "%s: validation differs: loss %.9g vs %.9g", what,
+              ca.st.last_valid_loss, cb.st.last_valid_loss);
         printf("%s: weights and Adam moments equal bit for bit after %ld steps\n", what, ca.st.step);
     } else {
         double e = max_rel_err(ca.params, cb.params, n, 1e-2, &where);
@@ -100,6 +104,11 @@ static void test_data_parallel(void) {
     CHECK(mpi_run(2, "--set train.accum_steps=2 --set train.zero=true", zero, 20) == 0, "2 ranks ZeRO-1 failed (%s.log)",
           zero);
     compare_runs(one, two, -1, "2 ranks x 32 vs 1 process accum_steps=2 x 32");
+    char big[300];
+    snprintf(big, sizeof(big), "%s/big", tmpdir);
+    CHECK(test_run("%s train " SMALL " --data %s --steps 20 --out %s > %s.log 2>&1", mlm_bin, corpus, big, big) == 0,
+          "batch 64 failed (%s.log)", big);
+    compare_runs(big, two, 0.05, "2 ranks x 32 vs 1 process batch 64 (tolerance as test_dp accum)");
     compare_runs(two, zero, -1, "ZeRO-1 vs plain data parallel (2 ranks)");
     // The same training losses, logged by rank 0 alone (one line per log interval).
     char la[20][32], lb[20][32];

@@ -42,8 +42,9 @@ void dist_bcast_last(const Dist *d, void *buf, size_t bytes);
 size_t dist_shard_start(const Dist *d, size_t n, int rank);
 // The last rank's full[n] is cut into shards; each rank receives its own into shard (ZeRO-1 reduce-scatter).
 void dist_scatter_last(const Dist *d, const float *full, float *shard, size_t n);
-// Every rank's shard of full[n] (in place, at its offset) to every rank (ZeRO-1 parameter all-gather).
-void dist_allgather(const Dist *d, float *full, size_t n);
+// Every rank's shard of full[n_items] (items of item_bytes, in place at its offset) to every rank: the ZeRO-1
+// parameter all-gather, and per-batch validation results.
+void dist_allgather_items(const Dist *d, void *full, size_t n_items, size_t item_bytes);
 // Every rank's shard of full[n] (in place) to rank 0 alone (checkpoints of sharded Adam moments).
 void dist_gather_root(const Dist *d, float *full, size_t n);
 // Rank 0's value of v, on every rank (decisions only rank 0 may take: stop, checkpoint now).

@@ -189,14 +189,20 @@ void dist_scatter_last(const Dist *d, const float *full, float *shard, size_t n)
     free(counts);
 }
 
-void dist_allgather(const Dist *d, float *full, size_t n) {
+void dist_allgather_items(const Dist *d, void *full, size_t n_items, size_t item_bytes) {
     if (d->world == 1) return;
+    if (n_items * item_bytes > (size_t)0x7fffffff)
+        mlm_fatal(MLM_EXIT_USAGE, "all-gather of %zu bytes exceeds MPI's int counts", n_items * item_bytes);
     int *counts = mlm_malloc(2 * (size_t)d->world * sizeof(int), "shard layout"), *displs = counts + d->world;
-    shard_layout(d, n, counts, displs);
+    for (int i = 0; i < d->world; i++) {
+        size_t a = dist_shard_start(d, n_items, i), b = dist_shard_start(d, n_items, i + 1);
+        displs[i] = (int)(a * item_bytes);
+        counts[i] = (int)((b - a) * item_bytes);
+    }
     MPI_Request req;
-    check_mpi(d, MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, full, counts, displs, MPI_FLOAT, MPI_COMM_WORLD, &req),
+    check_mpi(d, MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_BYTE, full, counts, displs, MPI_BYTE, MPI_COMM_WORLD, &req),
               "MPI_Iallgatherv");
-    wait_bounded(d, &req, 1, "the updated parameter shards of every rank");
+    wait_bounded(d, &req, 1, "the shards of every rank (all-gather)");
     free(counts);
 }
 
@@ -254,7 +260,9 @@ void dist_scatter_last(const Dist *d, const float *full, float *shard, size_t n)
     (void)d;
     memcpy(shard, full, n * sizeof(float));
 }
-void dist_allgather(const Dist *d, float *full, size_t n) { (void)d, (void)full, (void)n; }
+void dist_allgather_items(const Dist *d, void *full, size_t n_items, size_t item_bytes) {
+    (void)d, (void)full, (void)n_items, (void)item_bytes;
+}
 void dist_gather_root(const Dist *d, float *full, size_t n) { (void)d, (void)full, (void)n; }
 int dist_agree(const Dist *d, int v) { (void)d; return v; }
 

@@ -425,7 +425,7 @@ static float apply_summed_grads(Run *r, double lr, double *stats, int n_stats) {
     size_t a = dist_shard_start(d, P, d->rank), len = dist_shard_start(d, P, d->rank + 1) - a;
     cpu_adam_update(&r->oc, r->params + a, r->grad_shard, r->adam_m + a, r->adam_v + a, r->decay_mask + a, len,
                     r->step + 1, lr);
-    dist_allgather(d, r->params, P);
+    dist_allgather_items(d, r->params, P, sizeof(float));
     return (float)stats[n_stats];
 }
 
@@ -700,7 +700,13 @@ static int train_epoch(Run *r, long epoch) {
 }
 
 // One pass over the validation split with fresh masks; dropout off unless train.eval_dropout.
+static void valid_epoch_shared(Run *r, long epoch, double *loss_out, double *acc_out);
+
 static void valid_epoch(Run *r, long epoch, double *loss_out, double *acc_out) {
+    if (r->dist.world > 1) {
+        valid_epoch_shared(r, epoch, loss_out, acc_out);
+        return;
+    }
     batcher_set_epoch(&r->valid_b, epoch);
     double loss_sum = 0;
     long correct_sum = 0, target_sum = 0;
@@ -716,6 +722,36 @@ static void valid_epoch(Run *r, long epoch, double *loss_out, double *acc_out) {
         target_sum += s.n_targets;
     }
     if (stop_signal) return;
+    *loss_out = target_sum ? loss_sum / target_sum : 0;
+    *acc_out = target_sum ? (double)correct_sum / target_sum : 0;
+    log_metrics(r, "valid", epoch, *loss_out, *acc_out, -1, 0, 0);
+}
+
+// Data parallel: each rank evaluates a contiguous share of the validation batches, the per-batch results are
+// gathered on every rank and summed in batch order, as one process sums them: the same figures on every rank,
+// bit for bit those of one process (which keeps TrainState, and so checkpoints, identical).
+static void valid_epoch_shared(Run *r, long epoch, double *loss_out, double *acc_out) {
+    batcher_set_epoch(&r->valid_b, epoch);
+    size_t nb = r->valid_b.n_batches;
+    double *per = mlm_calloc(3 * nb, sizeof(double), "validation results");  // [nb][loss x targets, correct, targets]
+    for (size_t bi = dist_shard_start(&r->dist, nb, r->dist.rank); bi < dist_shard_start(&r->dist, nb, r->dist.rank + 1);
+         bi++) {
+        int b = batcher_get(&r->valid_b, bi, r->tokens);
+        BatchStats s = eval_batch(r, &r->valid_rng, (uint64_t)epoch * nb + bi, b, r->cfg.eval_dropout);
+        per[3 * bi] = (double)s.loss * s.n_targets;
+        per[3 * bi + 1] = s.correct;
+        per[3 * bi + 2] = s.n_targets;
+    }
+    dist_allgather_items(&r->dist, per, nb, 3 * sizeof(double));
+    double loss_sum = 0;
+    long correct_sum = 0, target_sum = 0;
+    for (size_t bi = 0; bi < nb; bi++) {
+        check_finite(r, (float)per[3 * bi], "validation");
+        loss_sum += per[3 * bi];
+        correct_sum += (long)per[3 * bi + 1];
+        target_sum += (long)per[3 * bi + 2];
+    }
+    free(per);
     *loss_out = target_sum ? loss_sum / target_sum : 0;
     *acc_out = target_sum ? (double)correct_sum / target_sum : 0;
     log_metrics(r, "valid", epoch, *loss_out, *acc_out, -1, 0, 0);
