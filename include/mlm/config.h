@@ -48,6 +48,7 @@ typedef struct {
     int accum_steps;              // train.accum_steps: micro-batches per optimizer step over all ranks (1)
     int zero;                     // train.zero: ZeRO-1, Adam moments sharded over the ranks
     double dist_timeout;          // train.dist_timeout: seconds before a silent rank stops the job (600)
+    int nccl;                     // train.nccl: the CUDA backend's gradients through NCCL even on one rank
     // [optim]
     int optim_kind;               // optim.name = noam | adamw
     int schedule;                 // optim.schedule = noam | cosine | linear | constant

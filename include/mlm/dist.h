@@ -17,15 +17,16 @@ extern "C" {
 
 typedef struct {
     int rank, world, local_rank;  // 0, 1, 0 in a single process
-    int mpi;                      // 1 when MPI is initialised (by dist_init)
+    int mpi;                      // 1 when MPI is initialised (by dist_init); 0 with world > 1: ranks from RANK and
+                                  // WORLD_SIZE alone (no MPI launcher), which only the NCCL path can use
     double timeout_s;             // how long any wait may last before the job is stopped
 } Dist;
 
 // 1 when this binary was built with MPI.
 int dist_have_mpi(void);
 // Find out whether this process is one rank of several (mpirun, or RANK/WORLD_SIZE), initialise MPI if so.
-// Exits with a message that says what to do when the launch cannot work (several ranks but no MPI in the
-// build, RANK/WORLD_SIZE that disagree with mpirun's, ...).
+// Exits with a message that says what to do when the launch cannot work (RANK/WORLD_SIZE that disagree with
+// mpirun's, or a RANK outside WORLD_SIZE).
 void dist_init(Dist *d, double timeout_s);
 void dist_finalize(Dist *d);
 // Stop every rank of the job now with exit status `code` (after the caller printed why).
@@ -47,6 +48,8 @@ void dist_scatter_last(const Dist *d, const float *full, float *shard, size_t n)
 void dist_allgather_items(const Dist *d, void *full, size_t n_items, size_t item_bytes);
 // Every rank's shard of full[n] (in place) to rank 0 alone (checkpoints of sharded Adam moments).
 void dist_gather_root(const Dist *d, float *full, size_t n);
+// buf (bytes) from rank 0 to every rank (MPI jobs only; NCCL's unique id).
+void dist_bcast_root(const Dist *d, void *buf, size_t bytes);
 // Rank 0's value of v, on every rank (decisions only rank 0 may take: stop, checkpoint now).
 int dist_agree(const Dist *d, int v);
 

@@ -57,6 +57,7 @@ static const KeyDesc KEYS[] = {
     {"train.accum_steps", K_INT, OFF(accum_steps), 1, 1 << 20, NULL, "micro-batches per optimizer step, over all ranks (must divide train.batch_size and be a multiple of the ranks); gradients summed in a fixed order"},
     {"train.zero", K_BOOL, OFF(zero), 0, 1, NULL, "data parallel: shard the Adam moments and the update over the ranks (ZeRO stage 1); same bits as without"},
     {"train.dist_timeout", K_DOUBLE, OFF(dist_timeout), 1, 1e6, NULL, "data parallel: seconds a rank waits for another before the job stops with a message"},
+    {"train.nccl", K_BOOL, OFF(nccl), 0, 1, NULL, "CUDA backend: exchange gradients through NCCL (automatic with several ranks; true forces it on one rank, as tools/gpu_verify.sh checks)"},
     // ---- end of the data-parallel keys
     {"optim.name", K_ENUM, OFF(optim_kind), 0, 0, "noam|adamw", "noam: labml's Adam (eps before bias correction); adamw: torch AdamW"},
     {"optim.schedule", K_ENUM, OFF(schedule), 0, 0, "noam|cosine|linear|constant", "learning-rate schedule"},

@@ -28,6 +28,17 @@ static int launched_by_mpi(void) {
     return getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMI_SIZE") || getenv("PMIX_RANK");
 }
 
+// Ranks from the scheduler's environment alone (torchrun style, no MPI launcher): RANK, WORLD_SIZE, LOCAL_RANK.
+static void ranks_from_env(Dist *d, long env_rank, long env_world) {
+    if (env_rank < 0 || env_rank >= env_world)
+        mlm_fatal(MLM_EXIT_USAGE, "WORLD_SIZE=%ld needs RANK in 0..%ld (RANK is %s)", env_world, env_world - 1,
+                  getenv("RANK") ? getenv("RANK") : "unset");
+    d->rank = (int)env_rank;
+    d->world = (int)env_world;
+    long local = env_long("LOCAL_RANK");
+    d->local_rank = local < 0 ? 0 : (int)local;
+}
+
 size_t dist_shard_start(const Dist *d, size_t n, int rank) {
     // Equal shards, the first n % world one element longer: rank i starts at i * q + min(i, r).
     size_t q = n / (size_t)d->world, r = n % (size_t)d->world, i = (size_t)rank;
@@ -44,10 +55,7 @@ void dist_init(Dist *d, double timeout_s) {
     d->timeout_s = timeout_s;
     long env_rank = env_long("RANK"), env_world = env_long("WORLD_SIZE");
     if (!launched_by_mpi()) {
-        if (env_world > 1)
-            mlm_fatal(MLM_EXIT_USAGE, "WORLD_SIZE=%ld, but this process was not started by an MPI launcher: the CPU "
-                      "backend's ranks exchange gradients through MPI; start them with mpirun -np %ld mlm train ...",
-                      env_world, env_world);
+        if (env_world > 1) ranks_from_env(d, env_rank, env_world);
         return;
     }
     int provided;
@@ -221,6 +229,13 @@ void dist_gather_root(const Dist *d, float *full, size_t n) {
     free(counts);
 }
 
+void dist_bcast_root(const Dist *d, void *buf, size_t bytes) {
+    if (!d->mpi || d->world == 1) return;
+    MPI_Request req;
+    check_mpi(d, MPI_Ibcast(buf, (int)bytes, MPI_BYTE, 0, MPI_COMM_WORLD, &req), "MPI_Ibcast");
+    wait_bounded(d, &req, 1, "rank 0's broadcast");
+}
+
 int dist_agree(const Dist *d, int v) {
     if (d->world == 1) return v;
     MPI_Request req;
@@ -238,10 +253,11 @@ void dist_init(Dist *d, double timeout_s) {
     d->world = 1;
     d->timeout_s = timeout_s;
     long env_world = env_long("WORLD_SIZE");
-    if (launched_by_mpi() || env_world > 1)
-        mlm_fatal(MLM_EXIT_USAGE, "this process is one rank of several (mpirun, or WORLD_SIZE=%ld), but mlm was built "
-                  "without MPI: install Open MPI (apt-get install libopenmpi-dev openmpi-bin) and rebuild, or run one "
-                  "process with train.accum_steps for the same result", env_world);
+    if (launched_by_mpi())
+        mlm_fatal(MLM_EXIT_USAGE, "this process was started by mpirun, but mlm was built without MPI: install Open MPI "
+                  "(apt-get install libopenmpi-dev openmpi-bin) and rebuild, or run one process with train.accum_steps "
+                  "for the same result");
+    if (env_world > 1) ranks_from_env(d, env_long("RANK"), env_world);
 }
 
 void dist_finalize(Dist *d) { (void)d; }
@@ -264,6 +280,7 @@ void dist_allgather_items(const Dist *d, void *full, size_t n_items, size_t item
     (void)d, (void)full, (void)n_items, (void)item_bytes;
 }
 void dist_gather_root(const Dist *d, float *full, size_t n) { (void)d, (void)full, (void)n; }
+void dist_bcast_root(const Dist *d, void *buf, size_t bytes) { (void)d, (void)buf, (void)bytes; }
 int dist_agree(const Dist *d, int v) { (void)d; return v; }
 
 #endif

@@ -19,6 +19,7 @@
 #include "mlm/cuda_backend.h"
 #include "mlm/cuda_model.h"
 #include "mlm/dist.h"
+#include "mlm/nccl_dp.h"
 #include "mlm/json.h"
 #include "mlm/optim.h"
 #include "mlm/rng.h"
@@ -123,6 +124,7 @@ typedef struct {
     Dist dist;             // this process's rank among the job's (world 1 without mpirun)
     float *grad_acc;       // [P] the running sum of micro-batch gradients (accumulating only)
     float *grad_shard;     // [P / world + 1] this rank's shard of the summed gradients (train.zero)
+    NcclDp *nccl;          // the CUDA backend's gradient exchange (several ranks, or train.nccl)
 } Run;
 
 static int use_color(void) {
@@ -469,13 +471,54 @@ static BatchStats train_step_accumulated(Run *r, int b, double lr) {
     return s;
 }
 
+// The CUDA backend over NCCL: rank i of N runs rows [i * B/N, (i+1) * B/N) of the step's batch (train.accum_steps
+// must be N: one micro-batch per GPU), its backward averages over its own targets, and NCCL sums the ranks'
+// gradients weighted by their share of the batch's targets, which gives the whole batch's mean. Owed: the rows'
+// own random numbers (CudaRandom has no first row yet, so rank i's masks and dropout are drawn as those of rows
+// 0..B/N-1), hence not the one-GPU run's bits for N > 1; on one rank (train.nccl) they are, which gpu_verify checks.
+static BatchStats train_step_nccl(Run *r, int b, double lr) {
+    int T = r->cfg.seq_len, mb = r->cfg.batch_size / r->dist.world;
+    int r0 = r->dist.rank * mb, rows = MLM_MIN(mb, b - r0);
+    CudaStepStats st = {0};
+    if (rows > 0) {
+        CudaRandom rnd = cuda_random(r, &r->train_rng, (uint64_t)r->step, 1);
+        cuda_model_forward(r->gpu, r->tokens + (size_t)r0 * T, NULL, rows, r->corpus.vocab.pad_id, &r->mask, &rnd, &st);
+        cuda_model_backward(r->gpu);
+    }
+    double stats[3] = {(double)st.loss * st.n_targets, st.correct, st.n_targets};
+    nccl_dp_sum_stats(r->nccl, stats, 3);
+    float weight = stats[2] > 0 ? (float)(st.n_targets / stats[2]) : 0.0f;  // 1 exactly on one rank
+    nccl_dp_weighted_sum(r->nccl, cuda_model_grads_device(r->gpu), r->n_params, weight, rows <= 0);
+    BatchStats s = {0};
+    s.grad_norm = cuda_model_optimizer_step(r->gpu, (float)r->cfg.grad_clip, &r->oc, r->step + 1, lr);
+    s.loss = stats[2] > 0 ? (float)(stats[0] / stats[2]) : 0.0f;
+    s.correct = (int)stats[1];
+    s.n_targets = (int)stats[2];
+    check_finite(r, s.loss, "training");
+    return s;
+}
+
+// The CUDA backend's communicator, before the model is created (it selects the rank's device).
+static void setup_nccl(Run *r, int gpu) {
+    if (!gpu || (r->dist.world == 1 && !r->cfg.nccl)) return;
+    if (r->cfg.accum_steps != r->dist.world)
+        mlm_fatal(MLM_EXIT_USAGE, "the CUDA backend runs one micro-batch per rank: set train.accum_steps = %d (the "
+                  "number of ranks); accumulation on one GPU is not implemented yet (the CPU backend has it)",
+                  r->dist.world);
+    if (r->cfg.zero)
+        mlm_fatal(MLM_EXIT_USAGE, "train.zero is implemented on the CPU backend only; set train.zero = false");
+    r->nccl = nccl_dp_create(&r->dist);
+}
+
 // Checks and buffers once the model exists.
 static void setup_accumulation(Run *r) {
-    if (!accumulating(r)) return;
+    if (!accumulating(r) || r->nccl) return;
     if (r->gpu)
-        mlm_fatal(MLM_EXIT_USAGE, "train.accum_steps = %d with %d rank(s): gradient accumulation and data parallel are "
-                  "implemented on the CPU backend only so far; use --device cpu, or train.accum_steps = 1 in one "
-                  "process on the GPU", r->cfg.accum_steps, r->dist.world);
+        mlm_fatal(MLM_EXIT_USAGE, "train.accum_steps = %d: gradient accumulation on one GPU is implemented on the CPU "
+                  "backend only so far; use --device cpu, or train.accum_steps = 1 on the GPU", r->cfg.accum_steps);
+    if (r->dist.world > 1 && !r->dist.mpi)
+        mlm_fatal(MLM_EXIT_USAGE, "WORLD_SIZE=%d without an MPI launcher: the CPU backend's ranks exchange gradients "
+                  "through MPI; start them with mpirun -np %d mlm train ...", r->dist.world, r->dist.world);
     if (r->cfg.accum_steps % r->dist.world != 0)
         mlm_fatal(MLM_EXIT_USAGE, "train.accum_steps = %d is not a multiple of the %d ranks: each rank takes "
                   "accum_steps / ranks micro-batches of a step; set train.accum_steps to a multiple of %d",
@@ -494,6 +537,7 @@ static int checkpoint_due(const Run *r, double now);
 // One optimizer step on the batch in r->tokens: mask, forward, backward, clip, Adam at step r->step + 1.
 static BatchStats train_step(Run *r, int b, double lr) {
     BatchStats s = {0};
+    if (r->gpu && r->nccl) return train_step_nccl(r, b, lr);
     if (r->gpu) {
         CudaRandom rnd = cuda_random(r, &r->train_rng, (uint64_t)r->step, 1);
         CudaStepStats st;
@@ -560,7 +604,8 @@ static void on_signal(int sig) {
 static int agreed_checkpoint(Run *r, double now) {
     int due = checkpoint_due(r, now);
     if (r->dist.world == 1) return due;
-    int v = dist_agree(&r->dist, due | (int)pending_signal << 1);
+    int mine = due | (int)pending_signal << 1;
+    int v = r->nccl ? nccl_dp_agree(r->nccl, mine) : dist_agree(&r->dist, mine);
     stop_signal = v >> 1;
     return v & 1;
 }
@@ -703,7 +748,7 @@ static int train_epoch(Run *r, long epoch) {
 static void valid_epoch_shared(Run *r, long epoch, double *loss_out, double *acc_out);
 
 static void valid_epoch(Run *r, long epoch, double *loss_out, double *acc_out) {
-    if (r->dist.world > 1) {
+    if (r->dist.world > 1 && r->dist.mpi) {  // without MPI (NCCL ranks from RANK/WORLD_SIZE) each rank validates all
         valid_epoch_shared(r, epoch, loss_out, acc_out);
         return;
     }
@@ -851,6 +896,7 @@ static void teardown(Run *r) {
     free(r->decay_mask);
     free(r->grad_acc);
     free(r->grad_shard);
+    nccl_dp_free(r->nccl);
     free(r->tokens); free(r->inputs); free(r->labels); free(r->uniforms);
     rng_free(&r->train_rng); rng_free(&r->valid_rng); rng_free(&r->sample_rng);
     batcher_free(&r->train_b); batcher_free(&r->valid_b);
@@ -931,6 +977,7 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
     int gpu = choose_gpu(cfg);
     if (opt->profile && !gpu)
         mlm_warn("--profile-steps has no effect on the CPU backend (it brackets CUDA work for nsys and ncu)");
+    setup_nccl(&r, gpu);
     setup_model(&r, gpu);
     char err[1024];
     if (opt->resume_path) {
