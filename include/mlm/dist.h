@@ -46,8 +46,9 @@ void dist_scatter_last(const Dist *d, const float *full, float *shard, size_t n)
 // Every rank's shard of full[n_items] (items of item_bytes, in place at its offset) to every rank: the ZeRO-1
 // parameter all-gather, and per-batch validation results.
 void dist_allgather_items(const Dist *d, void *full, size_t n_items, size_t item_bytes);
-// Every rank's shard of full[n] (in place) to rank 0 alone (checkpoints of sharded Adam moments).
-void dist_gather_root(const Dist *d, float *full, size_t n);
+// Every rank's shard (its part of an n-vector) into full[n] on rank 0 alone (full: NULL elsewhere); checkpoints of
+// sharded Adam moments.
+void dist_gather_root(const Dist *d, const float *shard, float *full, size_t n);
 // buf (bytes) from rank 0 to every rank (MPI jobs only; NCCL's unique id).
 void dist_bcast_root(const Dist *d, void *buf, size_t bytes);
 // Rank 0's value of v, on every rank (decisions only rank 0 may take: stop, checkpoint now).

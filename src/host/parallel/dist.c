@@ -214,17 +214,12 @@ void dist_allgather_items(const Dist *d, void *full, size_t n_items, size_t item
     free(counts);
 }
 
-void dist_gather_root(const Dist *d, float *full, size_t n) {
-    if (d->world == 1) return;
+void dist_gather_root(const Dist *d, const float *shard, float *full, size_t n) {
     int *counts = mlm_malloc(2 * (size_t)d->world * sizeof(int), "shard layout"), *displs = counts + d->world;
     shard_layout(d, n, counts, displs);
     MPI_Request req;
-    if (d->rank == 0)
-        check_mpi(d, MPI_Igatherv(MPI_IN_PLACE, 0, MPI_FLOAT, full, counts, displs, MPI_FLOAT, 0, MPI_COMM_WORLD, &req),
-                  "MPI_Igatherv");
-    else
-        check_mpi(d, MPI_Igatherv(full + displs[d->rank], counts[d->rank], MPI_FLOAT, NULL, NULL, NULL, MPI_FLOAT, 0,
-                                  MPI_COMM_WORLD, &req), "MPI_Igatherv");
+    check_mpi(d, MPI_Igatherv(shard, counts[d->rank], MPI_FLOAT, full, counts, displs, MPI_FLOAT, 0, MPI_COMM_WORLD,
+                              &req), "MPI_Igatherv");
     wait_bounded(d, &req, 1, "the optimizer-state shards for the checkpoint");
     free(counts);
 }
@@ -279,7 +274,10 @@ void dist_scatter_last(const Dist *d, const float *full, float *shard, size_t n)
 void dist_allgather_items(const Dist *d, void *full, size_t n_items, size_t item_bytes) {
     (void)d, (void)full, (void)n_items, (void)item_bytes;
 }
-void dist_gather_root(const Dist *d, float *full, size_t n) { (void)d, (void)full, (void)n; }
+void dist_gather_root(const Dist *d, const float *shard, float *full, size_t n) {
+    (void)d;
+    if (full) memcpy(full, shard, n * sizeof(float));
+}
 void dist_bcast_root(const Dist *d, void *buf, size_t bytes) { (void)d, (void)buf, (void)bytes; }
 int dist_agree(const Dist *d, int v) { (void)d; return v; }
 

@@ -125,6 +125,7 @@ typedef struct {
     float *grad_acc;       // [P] the running sum of micro-batch gradients (accumulating only)
     float *grad_shard;     // [P / world + 1] this rank's shard of the summed gradients (train.zero)
     NcclDp *nccl;          // the CUDA backend's gradient exchange (several ranks, or train.nccl)
+    float *zero_m, *zero_v;  // [shard] train.zero: this rank's shard of the Adam moments (adam_m/v are then NULL)
 } Run;
 
 static int use_color(void) {
@@ -425,8 +426,8 @@ static float apply_summed_grads(Run *r, double lr, double *stats, int n_stats) {
     stats[n_stats] = norm;
     dist_bcast_last(d, stats, (size_t)(n_stats + 1) * sizeof(double));
     size_t a = dist_shard_start(d, P, d->rank), len = dist_shard_start(d, P, d->rank + 1) - a;
-    cpu_adam_update(&r->oc, r->params + a, r->grad_shard, r->adam_m + a, r->adam_v + a, r->decay_mask + a, len,
-                    r->step + 1, lr);
+    cpu_adam_update(&r->oc, r->params + a, r->grad_shard, r->zero_m, r->zero_v, r->decay_mask + a, len, r->step + 1,
+                    lr);
     dist_allgather_items(d, r->params, P, sizeof(float));
     return (float)stats[n_stats];
 }
@@ -510,6 +511,21 @@ static void setup_nccl(Run *r, int gpu) {
     r->nccl = nccl_dp_create(&r->dist);
 }
 
+// train.zero: keep only this rank's shard of the Adam moments (loaded whole, from a checkpoint or zeros), so that
+// each rank holds 2P / N of them instead of 2P.
+static void shard_adam_moments(Run *r) {
+    const Dist *d = &r->dist;
+    size_t a = dist_shard_start(d, r->n_params, d->rank), len = dist_shard_start(d, r->n_params, d->rank + 1) - a;
+    r->grad_shard = mlm_calloc(len + 1, sizeof(float), "gradient shard");
+    r->zero_m = mlm_malloc(2 * (len + 1) * sizeof(float), "Adam moment shards");
+    r->zero_v = r->zero_m + len + 1;
+    memcpy(r->zero_m, r->adam_m + a, len * sizeof(float));
+    memcpy(r->zero_v, r->adam_v + a, len * sizeof(float));
+    free(r->opt_state);
+    r->opt_state = NULL;
+    r->adam_m = r->adam_v = NULL;
+}
+
 // Checks and buffers once the model exists.
 static void setup_accumulation(Run *r) {
     if (!accumulating(r) || r->nccl) return;
@@ -524,7 +540,7 @@ static void setup_accumulation(Run *r) {
                   "accum_steps / ranks micro-batches of a step; set train.accum_steps to a multiple of %d",
                   r->cfg.accum_steps, r->dist.world, r->dist.world);
     r->grad_acc = mlm_calloc(r->n_params, sizeof(float), "summed gradients");
-    if (r->cfg.zero) r->grad_shard = mlm_calloc(r->n_params / r->dist.world + 1, sizeof(float), "gradient shard");
+    if (r->cfg.zero && r->dist.world > 1) shard_adam_moments(r);
 }
 
 // Data parallel: rank 0 alone decides from its clock and signals (checkpoint now, stop); the others follow, so
@@ -624,18 +640,24 @@ static void save_checkpoint(Run *r) {
     r->st.elapsed_s += mlm_now() - r->t_start;
     r->t_start = r->t_last_ckpt = mlm_now();
     download_state(r);
-    // Data parallel: rank 0 writes; with train.zero it first gathers every rank's shard of the Adam moments.
-    if (r->cfg.zero && r->dist.world > 1) {
-        dist_gather_root(&r->dist, r->adam_m, r->n_params);
-        dist_gather_root(&r->dist, r->adam_v, r->n_params);
+    // Data parallel: rank 0 writes; with train.zero it first gathers every rank's shard of the Adam moments into a
+    // whole copy that lives only while it writes.
+    float *gathered = NULL;
+    if (r->zero_m) {
+        size_t P = r->n_params;
+        if (r->dist.rank == 0) gathered = mlm_malloc(2 * P * sizeof(float), "gathered Adam moments");
+        dist_gather_root(&r->dist, r->zero_m, gathered, P);
+        dist_gather_root(&r->dist, r->zero_v, gathered ? gathered + P : NULL, P);
     }
     if (r->dist.rank != 0) return;
     Checkpoint c = {.cfg = r->cfg, .vocab = r->corpus.vocab, .st = r->st, .n_params = r->n_params,
-                    .params = r->params, .adam_m = r->adam_m, .adam_v = r->adam_v};
+                    .params = r->params, .adam_m = gathered ? gathered : r->adam_m,
+                    .adam_v = gathered ? gathered + r->n_params : r->adam_v};
     memcpy(c.corpus_md5, r->corpus_md5, sizeof(c.corpus_md5));
     char err[1024], path[1200];
     if (ckpt_save(r->run_dir, &c, r->cfg.keep_ckpts, path, sizeof(path), err, sizeof(err)))
         mlm_fatal(MLM_EXIT_FAILURE, "saving a checkpoint failed: %s; the previous checkpoint is intact", err);
+    free(gathered);
     if (!r->opt.quiet && r->tty) printf("\r\x1b[2K");
     if (!r->opt.quiet) printf("checkpoint %s\n", path);
 }
@@ -896,6 +918,7 @@ static void teardown(Run *r) {
     free(r->decay_mask);
     free(r->grad_acc);
     free(r->grad_shard);
+    free(r->zero_m);
     nccl_dp_free(r->nccl);
     free(r->tokens); free(r->inputs); free(r->labels); free(r->uniforms);
     rng_free(&r->train_rng); rng_free(&r->valid_rng); rng_free(&r->sample_rng);
@@ -916,7 +939,8 @@ static int choose_gpu(const Config *cfg) {
 int train_key_resumable(const char *key) {
     static const char *const keys[] = {"train.epochs", "train.max_steps", "train.device", "train.log_every",
                                        "train.ckpt_every", "train.keep_ckpts", "train.threads", "train.samples",
-                                       "data.path", "train.ckpt_minutes", "train.init_check_vocab"};
+                                       "data.path", "train.ckpt_minutes", "train.init_check_vocab",
+                                       "train.zero", "train.dist_timeout"};  // the last two: same bits either way
     for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
         if (!strcmp(key, keys[i])) return 1;
     return 0;
