@@ -474,16 +474,18 @@ static BatchStats train_step_accumulated(Run *r, int b, double lr) {
 
 // The CUDA backend over NCCL: rank i of N runs rows [i * B/N, (i+1) * B/N) of the step's batch (train.accum_steps
 // must be N: one micro-batch per GPU), its backward averages over its own targets, and NCCL sums the ranks'
-// gradients weighted by their share of the batch's targets, which gives the whole batch's mean. Owed: the rows'
-// own random numbers (CudaRandom has no first row yet, so rank i's masks and dropout are drawn as those of rows
-// 0..B/N-1), hence not the one-GPU run's bits for N > 1; on one rank (train.nccl) they are, which gpu_verify checks.
+// gradients weighted by their share of the batch's targets, which gives the whole batch's mean. The batch is
+// masked on the host (the same numbers and rule as the device's), so each rank's rows get their own masks. Owed:
+// their own dropout (CudaRandom has no first row yet, so rank i's dropout is drawn as that of rows 0..B/N-1), hence
+// N GPUs equal one only statistically; one rank (train.nccl) gives the plain step's bits, which gpu_verify checks.
 static BatchStats train_step_nccl(Run *r, int b, double lr) {
-    int T = r->cfg.seq_len, mb = r->cfg.batch_size / r->dist.world;
+    int T = r->cfg.seq_len, mb = r->cfg.batch_size / r->dist.world, pad = r->corpus.vocab.pad_id;
     int r0 = r->dist.rank * mb, rows = MLM_MIN(mb, b - r0);
     CudaStepStats st = {0};
     if (rows > 0) {
+        mask_batch(r, &r->train_rng, (uint64_t)r->step, b);
         CudaRandom rnd = cuda_random(r, &r->train_rng, (uint64_t)r->step, 1);
-        cuda_model_forward(r->gpu, r->tokens + (size_t)r0 * T, NULL, rows, r->corpus.vocab.pad_id, &r->mask, &rnd, &st);
+        cuda_model_forward(r->gpu, r->inputs + (size_t)r0 * T, r->labels + (size_t)r0 * T, rows, pad, NULL, &rnd, &st);
         cuda_model_backward(r->gpu);
     }
     double stats[3] = {(double)st.loss * st.n_targets, st.correct, st.n_targets};
