@@ -5,7 +5,7 @@
 //           ZeRO-1 equals plain data parallel bit for bit; a 2-rank ZeRO checkpoint resumed on 1 rank continues as
 //           the straight run; a rank killed (SIGKILL) or hung (SIGSTOP) ends the job non-zero with a message in
 //           bounded time.
-// Usage: test_dp MLM CORPUS MPIRUN|none accum|mpi. About 3 s (accum) and 20 s (mpi) on 2 cores.
+// Usage: test_dp MLM CORPUS MPIRUN|none accum|mpi. About 2 s (accum) and 14 s (mpi) on 2 cores (Release).
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,11 +20,12 @@
 static const char *mlm_bin, *corpus, *mpirun;
 static char tmpdir[256];
 
-// A small model, dropout on (so that the random offsets of micro-batches matter), 64 sequences a step.
+// A small model, dropout on (so that the random offsets of micro-batches matter), 64 sequences a step; 1% of the
+// corpus for validation (11 batches) keeps the runs short, the sanitizer build included.
 #define SMALL "--set model.d_model=32 --set model.n_heads=4 --set model.n_layers=2 --set model.d_ff=48 " \
               "--set data.seq_len=16 --set train.batch_size=64 --set train.log_every=5 --set train.samples=false " \
               "--set train.ckpt_every=0 --set optim.warmup=10 --set train.threads=1 --set model.dropout=0.1 " \
-              "--device cpu -q"
+              "--set data.train_split=0.99 --device cpu -q"
 
 static int load(const char *dir, Checkpoint *c) {
     char err[1024];
@@ -35,7 +36,7 @@ static int load(const char *dir, Checkpoint *c) {
     return 0;
 }
 
-// Weights and Adam moments of two runs' last checkpoints: bit for bit (tol < 0) or within tol (relative).
+// Weights and Adam moments of two runs' last checkpoints: bit for bit (tol < 0) or weights within tol (absolute).
 static void compare_runs(const char *a, const char *b, double tol, const char *what) {
     Checkpoint ca, cb;
     if (load(a, &ca)) return;
@@ -58,7 +59,7 @@ static void compare_runs(const char *a, const char *b, double tol, const char *w
         double moved = max_abs_err(ca.params, cb.params, n, &where);
         printf("%s: weights after %ld steps: max relative difference %.3g (max absolute %.3g)\n", what, ca.st.step, e,
                moved);
-        CHECK(e < tol, "%s: weights differ by %.3g relative (tolerance %.3g) at %zu", what, e, tol, where);
+        CHECK(moved < tol, "%s: weights differ by %.3g (tolerance %.3g) at %zu", what, moved, tol, where);
         CHECK(memcmp(ca.params, cb.params, n * sizeof(float)) != 0,
               "%s: bit-identical weights: the comparison cannot tell accumulation from the big batch", what);
     }
@@ -78,11 +79,11 @@ static void test_accumulation(void) {
     CHECK(test_run("%s train " SMALL " --set train.accum_steps=4 --data %s --steps 20 --out %s > %s.log 2>&1", mlm_bin,
                    corpus, shifted, shifted) == 0, "accum_steps=4 failed (%s.log)", shifted);
     // 20 Adam steps amplify float rounding differences of the summation order (Adam's early steps move a weight by
-    // about lr whatever the gradient's size, so a near-zero gradient's rounding can flip a step): measured 0.012 and
-    // 0.019 relative (floor 0.01), 8e-4 absolute. Dropout drawn from the wrong rows (first_row ignored) measured
-    // 42 and 57 relative, 0.67 absolute; a wrong loss normalisation scales every gradient.
-    compare_runs(big, acc, 0.05, "batch 64 vs accum_steps=2 x 32");
-    compare_runs(big, shifted, 0.05, "batch 64 vs accum_steps=4 x 16");
+    // about lr whatever the gradient's size, so a near-zero gradient's rounding can flip a step): measured 1.0e-3
+    // and 8.7e-4 absolute. Dropout drawn from the wrong rows (first_row ignored) measured 0.64 and 0.72; a wrong
+    // loss normalisation scales every gradient.
+    compare_runs(big, acc, 0.01, "batch 64 vs accum_steps=2 x 32");
+    compare_runs(big, shifted, 0.01, "batch 64 vs accum_steps=4 x 16");
     // A batch size the steps do not divide is refused with a message.
     CHECK(test_run("%s train " SMALL " --set train.accum_steps=3 --data %s --steps 1 --out %s/bad > /dev/null 2>&1",
                    mlm_bin, corpus, tmpdir) == 2, "accum_steps=3 with batch 64 should be refused (exit 2)");
@@ -108,7 +109,7 @@ static void test_data_parallel(void) {
     snprintf(big, sizeof(big), "%s/big", tmpdir);
     CHECK(test_run("%s train " SMALL " --data %s --steps 20 --out %s > %s.log 2>&1", mlm_bin, corpus, big, big) == 0,
           "batch 64 failed (%s.log)", big);
-    compare_runs(big, two, 0.05, "2 ranks x 32 vs 1 process batch 64 (tolerance as test_dp accum)");
+    compare_runs(big, two, 0.01, "2 ranks x 32 vs 1 process batch 64 (tolerance as test_dp accum)");
     compare_runs(two, zero, -1, "ZeRO-1 vs plain data parallel (2 ranks)");
     // The same training losses, logged by rank 0 alone (one line per log interval).
     char la[20][32], lb[20][32];
