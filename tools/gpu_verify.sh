@@ -323,6 +323,23 @@ resume_identity() {
   "$PY" "$ROOT/tools/compare_runs.py" identical "$a" "$b"
 }
 
+# ---- dp (issue 13): a one-rank NCCL run (train.nccl: forward, backward, NCCL's weighted sum over one rank, the
+# optimizer step) against the plain GPU step: per-step losses and the final tensors, bit for bit. Several GPUs
+# (scaling, N ranks against one) are owed until a machine has them.
+nccl_one_rank() {
+  local a="$RUNS/nccl-plain" b="$RUNS/nccl-one-rank"
+  local common=(--device cuda --steps 50 --set train.log_every=1 --set train.samples=false --set train.ckpt_every=0)
+  if [ "$STUB" = 1 ]; then
+    { stub nccl-plain steps "$a" 50 && stub nccl-one-rank steps "$b" 50; } || return
+  else
+    "$MLM" train "${REF_CONF[@]}" "${common[@]}" --out "$a" || { echo "error: the plain GPU run failed"; return 1; }
+    "$MLM" train "${REF_CONF[@]}" "${common[@]}" --set train.nccl=true --out "$b" ||
+      { echo "error: the one-rank NCCL run failed"; return 1; }
+  fi
+  "$PY" "$ROOT/tools/compare_runs.py" identical "$a" "$b"
+}
+# ---- end of the dp block
+
 throughput_mlm() {  # throughput_mlm NAME BATCH TF32
   local dir="$RUNS/$1"
   if [ "$STUB" = 1 ]; then
@@ -508,6 +525,7 @@ run_step mlm-20ep 300 mlm_epochs
 run_step agree-gpu-vs-cpu 120 agree_gpu
 run_step oom-message 60 oom_message
 run_step resume-bit-identical 120 resume_identity
+run_step nccl-one-rank 90 nccl_one_rank  # dp (issue 13)
 
 # 5. Throughput with nothing else running: wait for the reference, keeping 100 s for the four runs.
 THROUGHPUT_NEED=100

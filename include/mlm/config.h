@@ -47,6 +47,10 @@ typedef struct {
     int tf32;                     // allow TF32 tensor-core matmuls on the GPU
     int cuda_graph;               // train.cuda_graph: capture/replay the GPU step as a CUDA graph (true)
     int samples;                  // print samples each epoch
+    int accum_steps;              // train.accum_steps: micro-batches per optimizer step over all ranks (1)
+    int zero;                     // train.zero: ZeRO-1, Adam moments sharded over the ranks
+    double dist_timeout;          // train.dist_timeout: seconds before a silent rank stops the job (600)
+    int nccl;                     // train.nccl: the CUDA backend's gradients through NCCL even on one rank
     // [optim]
     int optim_kind;               // optim.name = noam | adamw
     int schedule;                 // optim.schedule = noam | cosine | linear | constant

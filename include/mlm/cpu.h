@@ -16,6 +16,9 @@ typedef struct {
     RngLayout layout;  // offsets inside a step
     uint64_t step;     // index of this step in the stream (optimizer step for training)
     float p;
+    // Gradient accumulation: this forward runs rows [first_row, first_row + rows) of the step's whole batch and
+    // draws each site's uniforms from that sub-range of the whole batch's (rows = 0: the whole batch itself).
+    int first_row, rows;
 } DropoutCtx;
 
 typedef struct {
@@ -31,6 +34,7 @@ typedef struct {
     // State of the last forward, used by backward.
     int B, T;
     int n_targets;            // labels != PAD in the last forward
+    int norm_targets;         // > 0: backward divides by this count instead (accumulation: the whole batch's)
     const int *last_inputs;   // [B, T] (borrowed)
     const int *last_labels;   // [B, T] (borrowed)
     void *internal;           // backend-private views (see cpu_model.c)

@@ -33,6 +33,8 @@ size_t cuda_model_num_params(const CudaModel *m);
 void cuda_model_set_params(CudaModel *m, const float *params);
 void cuda_model_get_params(CudaModel *m, float *params);
 void cuda_model_get_grads(CudaModel *m, float *grads);
+// The device's gradient array [P] itself (data parallel: NCCL sums it across ranks in place).
+float *cuda_model_grads_device(CudaModel *m);
 void cuda_model_set_adam(CudaModel *m, const float *adam_m, const float *adam_v);
 void cuda_model_get_adam(CudaModel *m, float *adam_m, float *adam_v);
 // decay_mask[P] (1 where AdamW decays); NULL: none.

@@ -219,8 +219,9 @@ void cpu_model_backward(CpuModel *m) {
     memset(m->grads, 0, m->n_params * sizeof(float));
     if (m->n_targets == 0) return;  // no position carries a label: the loss is the constant 0
 
-    // Mean over the labelled positions: each contributes 1 / n_targets.
-    crossentropy_backward(a->dlogits, a->logits, m->last_labels, N, V, a->pad_id, 1.0f / (float)m->n_targets);
+    // Mean over the labelled positions: each contributes 1 / n_targets (of the whole batch when accumulating).
+    int n_norm = m->norm_targets > 0 ? m->norm_targets : m->n_targets;
+    crossentropy_backward(a->dlogits, a->logits, m->last_labels, N, V, a->pad_id, 1.0f / (float)n_norm);
     linear_backward(a->dln, g->gen_w, g->gen_b, a->dlogits, a->lnf, p->gen_w, N, C, V);
     const float *x_last = a->res2 + (size_t)(L - 1) * maxBT * C;  // input of the final LayerNorm
     memset(a->dres, 0, BT * C * sizeof(float));

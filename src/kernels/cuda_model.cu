@@ -407,6 +407,7 @@ void cuda_model_get_params(CudaModel *m, float *params) {
 void cuda_model_get_grads(CudaModel *m, float *grads) {
     copy_sync(m, grads, m->grads, m->n_params * sizeof(float), cudaMemcpyDeviceToHost);
 }
+float *cuda_model_grads_device(CudaModel *m) { return m->grads; }
 void cuda_model_set_adam(CudaModel *m, const float *adam_m, const float *adam_v) {
     copy_sync(m, m->adam_m, adam_m, m->n_params * sizeof(float), cudaMemcpyHostToDevice);
     copy_sync(m, m->adam_v, adam_v, m->n_params * sizeof(float), cudaMemcpyHostToDevice);

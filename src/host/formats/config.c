@@ -55,6 +55,12 @@ static const KeyDesc KEYS[] = {
     {"train.tf32", K_BOOL, OFF(tf32), 0, 1, NULL, "allow TF32 tensor-core matmuls on the GPU"},
     {"train.cuda_graph", K_BOOL, OFF(cuda_graph), 0, 1, NULL, "GPU: capture the training step and the validation forward as CUDA graphs once per batch shape and replay them (false: plain launches; the same results bit for bit)"},
     {"train.samples", K_BOOL, OFF(samples), 0, 1, NULL, "print the sample predictions every epoch"},
+    // ---- gradient accumulation and data parallel (issue 13)
+    {"train.accum_steps", K_INT, OFF(accum_steps), 1, 1 << 20, NULL, "micro-batches per optimizer step, over all ranks (must divide train.batch_size and be a multiple of the ranks); gradients summed in a fixed order"},
+    {"train.zero", K_BOOL, OFF(zero), 0, 1, NULL, "data parallel: shard the Adam moments and the update over the ranks (ZeRO stage 1); same bits as without"},
+    {"train.dist_timeout", K_DOUBLE, OFF(dist_timeout), 1, 1e6, NULL, "data parallel: seconds a rank waits for another before the job stops with a message"},
+    {"train.nccl", K_BOOL, OFF(nccl), 0, 1, NULL, "CUDA backend: exchange gradients through NCCL (automatic with several ranks; true forces it on one rank, as tools/gpu_verify.sh checks)"},
+    // ---- end of the data-parallel keys
     {"optim.name", K_ENUM, OFF(optim_kind), 0, 0, "noam|adamw", "noam: labml's Adam (eps before bias correction); adamw: torch AdamW"},
     {"optim.schedule", K_ENUM, OFF(schedule), 0, 0, "noam|cosine|linear|constant", "learning-rate schedule"},
     {"optim.lr", K_DOUBLE, OFF(lr), 0, 1e6, NULL, "Noam factor, or the peak learning rate"},
@@ -96,6 +102,8 @@ void config_defaults(Config *c) {
     c->tf32 = 1;
     c->cuda_graph = 1;
     c->samples = 1;
+    c->accum_steps = 1;      // data-parallel block (issue 13)
+    c->dist_timeout = 600;
     c->optim_kind = OPTIM_NOAM_ADAM;
     c->schedule = SCHED_NOAM;
     c->lr = 1.0;
@@ -351,6 +359,11 @@ void config_set(Config *c, const char *assignment) {
 }
 
 int config_check(const Config *c, char *err, size_t errlen) {
+    if (c->accum_steps > 1 && c->batch_size % c->accum_steps != 0) {  // data-parallel block (issue 13)
+        snprintf(err, errlen, "train.accum_steps = %d does not divide train.batch_size = %d (micro-batches are equal)",
+                 c->accum_steps, c->batch_size);
+        return 1;
+    }
     if (c->d_model % c->n_heads) {
         snprintf(err, errlen, "model.d_model = %d is not divisible by model.n_heads = %d", c->d_model, c->n_heads);
         return 1;

@@ -38,6 +38,7 @@ void cuda_model_set_graphs(CudaModel *m, int on) { no_cuda("cuda_model_set_graph
 void cuda_model_set_params(CudaModel *m, const float *params) { no_cuda("cuda_model_set_params"); }
 void cuda_model_get_params(CudaModel *m, float *params) { no_cuda("cuda_model_get_params"); }
 void cuda_model_get_grads(CudaModel *m, float *grads) { no_cuda("cuda_model_get_grads"); }
+float *cuda_model_grads_device(CudaModel *m) { no_cuda("cuda_model_grads_device"); return NULL; }
 void cuda_model_set_adam(CudaModel *m, const float *adam_m, const float *adam_v) { no_cuda("cuda_model_set_adam"); }
 void cuda_model_get_adam(CudaModel *m, float *adam_m, float *adam_v) { no_cuda("cuda_model_get_adam"); }
 void cuda_model_set_decay_mask(CudaModel *m, const uint8_t *decay_mask) { no_cuda("cuda_model_set_decay_mask"); }

@@ -18,6 +18,8 @@
 #include "mlm/weights.h"
 #include "mlm/cuda_backend.h"
 #include "mlm/cuda_model.h"
+#include "mlm/dist.h"
+#include "mlm/nccl_dp.h"
 #include "mlm/json.h"
 #include "mlm/optim.h"
 #include "mlm/rng.h"
@@ -120,6 +122,12 @@ typedef struct {
     long first_step;       // step at which this process started training
     double t_first_step;   // wall clock after this process's first step (the estimate leaves out its warm-up)
     int estimate_shown;
+    // Gradient accumulation and data parallel (issue 13; see train_step_accumulated).
+    Dist dist;             // this process's rank among the job's (world 1 without mpirun)
+    float *grad_acc;       // [P] the running sum of micro-batch gradients (accumulating only)
+    float *grad_shard;     // [P / world + 1] this rank's shard of the summed gradients (train.zero)
+    NcclDp *nccl;          // the CUDA backend's gradient exchange (several ranks, or train.nccl)
+    float *zero_m, *zero_v;  // [shard] train.zero: this rank's shard of the Adam moments (adam_m/v are then NULL)
 } Run;
 
 static int use_color(void) {
@@ -356,6 +364,7 @@ static void format_duration(double s, char *out, size_t n) {
 
 static void log_metrics(Run *r, const char *kind, long epoch, double loss, double acc, double lr, double gnorm,
                         double tok_per_s) {
+    if (!r->metrics) return;  // ranks other than 0 of a data-parallel job
     fprintf(r->metrics, "{\"kind\":\"%s\",\"step\":%ld,\"epoch\":%ld,\"tokens\":%.0f,\"loss\":%.9g,\"accuracy\":%.9g",
             kind, r->step, epoch, r->st.tokens, loss, acc);
     if (lr >= 0) fprintf(r->metrics, ",\"lr\":%.6g,\"grad_norm\":%.6g,\"tokens_per_s\":%.6g", lr, gnorm, tok_per_s);
@@ -377,9 +386,178 @@ typedef struct {
     float grad_norm;  // training steps
 } BatchStats;
 
+// ---- Gradient accumulation and data parallel (issue 13) ---------------------------------------------------
+// The step's batch of b rows is cut into train.accum_steps micro-batches of batch_size / accum_steps rows (the last
+// batch of an epoch may leave some short or empty); rank i of N takes micro-batches i*k..i*k+k-1 (k = accum_steps
+// / N). Each micro-batch draws exactly the random numbers its rows get in the whole batch: masking is done for the
+// whole batch (cheap, and it gives the whole batch's target count), dropout from the sub-range of each site's
+// region (DropoutCtx.first_row). Its loss is normalised by the whole batch's target count, so the summed gradient
+// equals the whole batch's within float rounding, and the sum runs in one fixed order across ranks (dist.h), so N
+// ranks with k micro-batches each give the bits of one process with accum_steps = N x k.
+
+static int accumulating(const Run *r) { return r->cfg.accum_steps > 1 || r->dist.world > 1; }
+
+// sum[n] = g (first micro-batch) or sum + g, elementwise (the order across micro-batches is the caller's).
+static void accumulate_grads(float *sum, const float *g, size_t n, int *have) {
+    if (!*have) {
+        memcpy(sum, g, n * sizeof(float));
+        *have = 1;
+        return;
+    }
+    long long count = (long long)n;
+#pragma omp parallel for schedule(static) if (count >= 32768)
+    for (long long i = 0; i < count; i++) sum[i] += g[i];
+}
+
+// Clip and Adam on the summed gradients: every rank on the whole vector, or (train.zero) the last rank clips the
+// whole vector, each rank updates its shard of parameters and Adam moments, and the shards are gathered.
+static float apply_summed_grads(Run *r, double lr, double *stats, int n_stats) {
+    size_t P = r->n_params;
+    float clip = (float)r->cfg.grad_clip;
+    double norm = 0;
+    if (!r->cfg.zero || r->dist.world == 1) {
+        dist_bcast_last(&r->dist, r->grad_acc, P * sizeof(float));
+        dist_bcast_last(&r->dist, stats, (size_t)n_stats * sizeof(double));
+        norm = clip > 0 ? cpu_clip_grads(r->grad_acc, P, clip) : cpu_grad_norm(r->grad_acc, P);
+        cpu_adam_update(&r->oc, r->params, r->grad_acc, r->adam_m, r->adam_v, r->decay_mask, P, r->step + 1, lr);
+        return (float)norm;
+    }
+    const Dist *d = &r->dist;
+    if (d->rank == d->world - 1) norm = clip > 0 ? cpu_clip_grads(r->grad_acc, P, clip) : cpu_grad_norm(r->grad_acc, P);
+    dist_scatter_last(d, r->grad_acc, r->grad_shard, P);
+    stats[n_stats] = norm;
+    dist_bcast_last(d, stats, (size_t)(n_stats + 1) * sizeof(double));
+    size_t a = dist_shard_start(d, P, d->rank), len = dist_shard_start(d, P, d->rank + 1) - a;
+    cpu_adam_update(&r->oc, r->params + a, r->grad_shard, r->zero_m, r->zero_v, r->decay_mask + a, len, r->step + 1,
+                    lr);
+    dist_allgather_items(d, r->params, P, sizeof(float));
+    return (float)stats[n_stats];
+}
+
+static BatchStats train_step_accumulated(Run *r, int b, double lr) {
+    CpuModel *m = r->model;
+    int T = r->cfg.seq_len, pad = r->corpus.vocab.pad_id;
+    int k = r->cfg.accum_steps / r->dist.world, mb = r->cfg.batch_size / r->cfg.accum_steps;
+    size_t P = r->n_params;
+    mask_batch(r, &r->train_rng, (uint64_t)r->step, b);
+    int n_total = 0;
+    for (int i = 0; i < b * T; i++) n_total += r->labels[i] != pad;
+    m->norm_targets = n_total;
+    double stats[3] = {0, 0, 0};  // sum of micro-batch loss x targets, correct predictions; (zero) the norm
+    int have = 0;
+    for (int j = r->dist.rank * k; j < (r->dist.rank + 1) * k; j++) {
+        int r0 = j * mb, rows = MLM_MIN(mb, b - r0), correct = 0;
+        float loss = 0;
+        if (rows > 0) {
+            DropoutCtx d = dropout_ctx(r, &r->train_rng, (uint64_t)r->step, 1);
+            d.first_row = r0;
+            d.rows = rows;
+            loss = cpu_model_forward(m, r->inputs + (size_t)r0 * T, r->labels + (size_t)r0 * T, rows, pad, &d, &correct);
+            cpu_model_backward(m);
+        }
+        // The running sum of the ranks before this one arrives while this rank computes its first micro-batch.
+        if (j == r->dist.rank * k) dist_chain_recv(&r->dist, r->grad_acc, P, stats, 2, &have);
+        if (rows > 0) {
+            stats[0] += (double)loss * m->n_targets;
+            stats[1] += correct;
+            accumulate_grads(r->grad_acc, m->grads, P, &have);
+        }
+    }
+    m->norm_targets = 0;
+    dist_chain_send(&r->dist, r->grad_acc, P, stats, 2, have);
+    BatchStats s = {0};
+    s.grad_norm = apply_summed_grads(r, lr, stats, 2);
+    s.loss = n_total ? (float)(stats[0] / n_total) : 0.0f;
+    s.correct = (int)stats[1];
+    s.n_targets = n_total;
+    check_finite(r, s.loss, "training");
+    return s;
+}
+
+// The CUDA backend over NCCL: rank i of N runs rows [i * B/N, (i+1) * B/N) of the step's batch (train.accum_steps
+// must be N: one micro-batch per GPU), its backward averages over its own targets, and NCCL sums the ranks'
+// gradients weighted by their share of the batch's targets, which gives the whole batch's mean. The batch is
+// masked on the host (the same numbers and rule as the device's), so each rank's rows get their own masks. Owed:
+// their own dropout (CudaRandom has no first row yet, so rank i's dropout is drawn as that of rows 0..B/N-1), hence
+// N GPUs equal one only statistically; one rank (train.nccl) gives the plain step's bits, which gpu_verify checks.
+static BatchStats train_step_nccl(Run *r, int b, double lr) {
+    int T = r->cfg.seq_len, mb = r->cfg.batch_size / r->dist.world, pad = r->corpus.vocab.pad_id;
+    int r0 = r->dist.rank * mb, rows = MLM_MIN(mb, b - r0);
+    CudaStepStats st = {0};
+    if (rows > 0) {
+        mask_batch(r, &r->train_rng, (uint64_t)r->step, b);
+        CudaRandom rnd = cuda_random(r, &r->train_rng, (uint64_t)r->step, 1);
+        cuda_model_forward(r->gpu, r->inputs + (size_t)r0 * T, r->labels + (size_t)r0 * T, rows, pad, NULL, &rnd, &st);
+        cuda_model_backward(r->gpu);
+    }
+    double stats[3] = {(double)st.loss * st.n_targets, st.correct, st.n_targets};
+    nccl_dp_sum_stats(r->nccl, stats, 3);
+    float weight = stats[2] > 0 ? (float)(st.n_targets / stats[2]) : 0.0f;  // 1 exactly on one rank
+    nccl_dp_weighted_sum(r->nccl, cuda_model_grads_device(r->gpu), r->n_params, weight, rows <= 0);
+    BatchStats s = {0};
+    s.grad_norm = cuda_model_optimizer_step(r->gpu, (float)r->cfg.grad_clip, &r->oc, r->step + 1, lr);
+    s.loss = stats[2] > 0 ? (float)(stats[0] / stats[2]) : 0.0f;
+    s.correct = (int)stats[1];
+    s.n_targets = (int)stats[2];
+    check_finite(r, s.loss, "training");
+    return s;
+}
+
+// The CUDA backend's communicator, before the model is created (it selects the rank's device).
+static void setup_nccl(Run *r, int gpu) {
+    if (!gpu || (r->dist.world == 1 && !r->cfg.nccl)) return;
+    if (r->cfg.accum_steps != r->dist.world)
+        mlm_fatal(MLM_EXIT_USAGE, "the CUDA backend runs one micro-batch per rank: set train.accum_steps = %d (the "
+                  "number of ranks); accumulation on one GPU is not implemented yet (the CPU backend has it)",
+                  r->dist.world);
+    if (r->cfg.zero)
+        mlm_fatal(MLM_EXIT_USAGE, "train.zero is implemented on the CPU backend only; set train.zero = false");
+    r->nccl = nccl_dp_create(&r->dist);
+}
+
+// train.zero: keep only this rank's shard of the Adam moments (loaded whole, from a checkpoint or zeros), so that
+// each rank holds 2P / N of them instead of 2P.
+static void shard_adam_moments(Run *r) {
+    const Dist *d = &r->dist;
+    size_t a = dist_shard_start(d, r->n_params, d->rank), len = dist_shard_start(d, r->n_params, d->rank + 1) - a;
+    r->grad_shard = mlm_calloc(len + 1, sizeof(float), "gradient shard");
+    r->zero_m = mlm_malloc(2 * (len + 1) * sizeof(float), "Adam moment shards");
+    r->zero_v = r->zero_m + len + 1;
+    memcpy(r->zero_m, r->adam_m + a, len * sizeof(float));
+    memcpy(r->zero_v, r->adam_v + a, len * sizeof(float));
+    free(r->opt_state);
+    r->opt_state = NULL;
+    r->adam_m = r->adam_v = NULL;
+}
+
+// Checks and buffers once the model exists.
+static void setup_accumulation(Run *r) {
+    if (!accumulating(r) || r->nccl) return;
+    if (r->gpu)
+        mlm_fatal(MLM_EXIT_USAGE, "train.accum_steps = %d: gradient accumulation on one GPU is implemented on the CPU "
+                  "backend only so far; use --device cpu, or train.accum_steps = 1 on the GPU", r->cfg.accum_steps);
+    if (r->dist.world > 1 && !r->dist.mpi)
+        mlm_fatal(MLM_EXIT_USAGE, "WORLD_SIZE=%d without an MPI launcher: the CPU backend's ranks exchange gradients "
+                  "through MPI; start them with mpirun -np %d mlm train ...", r->dist.world, r->dist.world);
+    if (r->cfg.accum_steps % r->dist.world != 0)
+        mlm_fatal(MLM_EXIT_USAGE, "train.accum_steps = %d is not a multiple of the %d ranks: each rank takes "
+                  "accum_steps / ranks micro-batches of a step; set train.accum_steps to a multiple of %d",
+                  r->cfg.accum_steps, r->dist.world, r->dist.world);
+    r->grad_acc = mlm_calloc(r->n_params, sizeof(float), "summed gradients");
+    if (r->cfg.zero && r->dist.world > 1) shard_adam_moments(r);
+}
+
+// Data parallel: rank 0 alone decides from its clock and signals (checkpoint now, stop); the others follow, so
+// that every rank checkpoints, validates and stops at the same step.
+static volatile sig_atomic_t pending_signal = 0;
+
+static int agreed_checkpoint(Run *r, double now);
+static int checkpoint_due(const Run *r, double now);
+
 // One optimizer step on the batch in r->tokens: mask, forward, backward, clip, Adam at step r->step + 1.
 static BatchStats train_step(Run *r, int b, double lr) {
     BatchStats s = {0};
+    if (r->gpu && r->nccl) return train_step_nccl(r, b, lr);
     if (r->gpu) {
         CudaRandom rnd = cuda_random(r, &r->train_rng, (uint64_t)r->step, 1);
         CudaStepStats st;
@@ -389,6 +567,7 @@ static BatchStats train_step(Run *r, int b, double lr) {
         s.loss = st.loss, s.correct = st.correct, s.n_targets = st.n_targets, s.grad_norm = st.grad_norm;
         return s;
     }
+    if (accumulating(r)) return train_step_accumulated(r, b, lr);
     mask_batch(r, &r->train_rng, (uint64_t)r->step, b);
     DropoutCtx d = dropout_ctx(r, &r->train_rng, (uint64_t)r->step, 1);
     s.loss = cpu_model_forward(r->model, r->inputs, r->labels, b, r->corpus.vocab.pad_id, &d, &s.correct);
@@ -436,7 +615,20 @@ static void download_state(Run *r) {
 
 // SIGINT/SIGTERM only set a flag; the loop saves a checkpoint at the next step boundary and exits.
 static volatile sig_atomic_t stop_signal = 0;
-static void on_signal(int sig) { stop_signal = sig; }
+static int signals_deferred;  // data parallel: the signal waits in pending_signal for agreed_checkpoint
+static void on_signal(int sig) {
+    if (signals_deferred) pending_signal = sig;
+    else stop_signal = sig;
+}
+
+static int agreed_checkpoint(Run *r, double now) {
+    int due = checkpoint_due(r, now);
+    if (r->dist.world == 1) return due;
+    int mine = due | (int)pending_signal << 1;
+    int v = r->nccl ? nccl_dp_agree(r->nccl, mine) : dist_agree(&r->dist, mine);
+    stop_signal = v >> 1;
+    return v & 1;
+}
 
 static void install_signal_handlers(void) {
     struct sigaction sa;
@@ -452,12 +644,24 @@ static void save_checkpoint(Run *r) {
     r->st.elapsed_s += mlm_now() - r->t_start;
     r->t_start = r->t_last_ckpt = mlm_now();
     download_state(r);
+    // Data parallel: rank 0 writes; with train.zero it first gathers every rank's shard of the Adam moments into a
+    // whole copy that lives only while it writes.
+    float *gathered = NULL;
+    if (r->zero_m) {
+        size_t P = r->n_params;
+        if (r->dist.rank == 0) gathered = mlm_malloc(2 * P * sizeof(float), "gathered Adam moments");
+        dist_gather_root(&r->dist, r->zero_m, gathered, P);
+        dist_gather_root(&r->dist, r->zero_v, gathered ? gathered + P : NULL, P);
+    }
+    if (r->dist.rank != 0) return;
     Checkpoint c = {.cfg = r->cfg, .vocab = r->corpus.vocab, .st = r->st, .n_params = r->n_params,
-                    .params = r->params, .adam_m = r->adam_m, .adam_v = r->adam_v};
+                    .params = r->params, .adam_m = gathered ? gathered : r->adam_m,
+                    .adam_v = gathered ? gathered + r->n_params : r->adam_v};
     memcpy(c.corpus_md5, r->corpus_md5, sizeof(c.corpus_md5));
     char err[1024], path[1200];
     if (ckpt_save(r->run_dir, &c, r->cfg.keep_ckpts, path, sizeof(path), err, sizeof(err)))
         mlm_fatal(MLM_EXIT_FAILURE, "saving a checkpoint failed: %s; the previous checkpoint is intact", err);
+    free(gathered);
     if (!r->opt.quiet && r->tty) printf("\r\x1b[2K");
     if (!r->opt.quiet) printf("checkpoint %s\n", path);
 }
@@ -560,14 +764,20 @@ static int train_epoch(Run *r, long epoch) {
             r->t_progress = now;
         }
         maybe_print_estimate(r, now);
-        if (checkpoint_due(r, now)) save_checkpoint(r);
+        if (agreed_checkpoint(r, now)) save_checkpoint(r);
     }
     if (r->tty && !r->opt.quiet) putchar('\n');
     return r->cfg.max_steps > 0 && r->step >= r->cfg.max_steps;
 }
 
 // One pass over the validation split with fresh masks; dropout off unless train.eval_dropout.
+static void valid_epoch_shared(Run *r, long epoch, double *loss_out, double *acc_out);
+
 static void valid_epoch(Run *r, long epoch, double *loss_out, double *acc_out) {
+    if (r->dist.world > 1 && r->dist.mpi) {  // without MPI (NCCL ranks from RANK/WORLD_SIZE) each rank validates all
+        valid_epoch_shared(r, epoch, loss_out, acc_out);
+        return;
+    }
     batcher_set_epoch(&r->valid_b, epoch);
     double loss_sum = 0;
     long correct_sum = 0, target_sum = 0;
@@ -583,6 +793,36 @@ static void valid_epoch(Run *r, long epoch, double *loss_out, double *acc_out) {
         target_sum += s.n_targets;
     }
     if (stop_signal) return;
+    *loss_out = target_sum ? loss_sum / target_sum : 0;
+    *acc_out = target_sum ? (double)correct_sum / target_sum : 0;
+    log_metrics(r, "valid", epoch, *loss_out, *acc_out, -1, 0, 0);
+}
+
+// Data parallel: each rank evaluates a contiguous share of the validation batches, the per-batch results are
+// gathered on every rank and summed in batch order, as one process sums them: the same figures on every rank,
+// bit for bit those of one process (which keeps TrainState, and so checkpoints, identical).
+static void valid_epoch_shared(Run *r, long epoch, double *loss_out, double *acc_out) {
+    batcher_set_epoch(&r->valid_b, epoch);
+    size_t nb = r->valid_b.n_batches;
+    double *per = mlm_calloc(3 * nb, sizeof(double), "validation results");  // [nb][loss x targets, correct, targets]
+    for (size_t bi = dist_shard_start(&r->dist, nb, r->dist.rank); bi < dist_shard_start(&r->dist, nb, r->dist.rank + 1);
+         bi++) {
+        int b = batcher_get(&r->valid_b, bi, r->tokens);
+        BatchStats s = eval_batch(r, &r->valid_rng, (uint64_t)epoch * nb + bi, b, r->cfg.eval_dropout);
+        per[3 * bi] = (double)s.loss * s.n_targets;
+        per[3 * bi + 1] = s.correct;
+        per[3 * bi + 2] = s.n_targets;
+    }
+    dist_allgather_items(&r->dist, per, nb, 3 * sizeof(double));
+    double loss_sum = 0;
+    long correct_sum = 0, target_sum = 0;
+    for (size_t bi = 0; bi < nb; bi++) {
+        check_finite(r, (float)per[3 * bi], "validation");
+        loss_sum += per[3 * bi];
+        correct_sum += (long)per[3 * bi + 1];
+        target_sum += (long)per[3 * bi + 2];
+    }
+    free(per);
     *loss_out = target_sum ? loss_sum / target_sum : 0;
     *acc_out = target_sum ? (double)correct_sum / target_sum : 0;
     log_metrics(r, "valid", epoch, *loss_out, *acc_out, -1, 0, 0);
@@ -682,6 +922,10 @@ static void teardown(Run *r) {
     }
     free(r->opt_state);
     free(r->decay_mask);
+    free(r->grad_acc);
+    free(r->grad_shard);
+    free(r->zero_m);
+    nccl_dp_free(r->nccl);
     free(r->tokens); free(r->inputs); free(r->labels); free(r->uniforms);
     rng_free(&r->train_rng); rng_free(&r->valid_rng); rng_free(&r->sample_rng);
     batcher_free(&r->train_b); batcher_free(&r->valid_b);
@@ -701,7 +945,8 @@ static int choose_gpu(const Config *cfg) {
 int train_key_resumable(const char *key) {
     static const char *const keys[] = {"train.epochs", "train.max_steps", "train.device", "train.log_every",
                                        "train.ckpt_every", "train.keep_ckpts", "train.threads", "train.samples",
-                                       "data.path", "train.ckpt_minutes", "train.init_check_vocab"};
+                                       "data.path", "train.ckpt_minutes", "train.init_check_vocab",
+                                       "train.zero", "train.dist_timeout"};  // the last two: same bits either way
     for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
         if (!strcmp(key, keys[i])) return 1;
     return 0;
@@ -752,12 +997,17 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
         teardown(&r);
         return 0;
     }
-    // The run directory is locked before anything in it is read for the run or written.
-    choose_run_dir(&r);
-    lock_run_dir(&r);
+    dist_init(&r.dist, cfg->dist_timeout);
+    if (r.dist.rank != 0) r.opt.quiet = 1;  // rank 0 alone prints, writes metrics, samples and checkpoints
+    // The run directory is locked before anything in it is read for the run or written (by rank 0 alone).
+    if (r.dist.rank == 0) {
+        choose_run_dir(&r);
+        lock_run_dir(&r);
+    }
     int gpu = choose_gpu(cfg);
     if (opt->profile && !gpu)
         mlm_warn("--profile-steps has no effect on the CPU backend (it brackets CUDA work for nsys and ncu)");
+    setup_nccl(&r, gpu);
     setup_model(&r, gpu);
     char err[1024];
     if (opt->resume_path) {
@@ -769,9 +1019,12 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
         load_init_weights(&r);
     }
     upload_state(&r);
-    prepare_run_files(&r, opt->resume_path != NULL);
-    print_header(&r);
-    if (r.gpu) {
+    setup_accumulation(&r);
+    if (r.dist.rank == 0) prepare_run_files(&r, opt->resume_path != NULL);
+    if (r.dist.rank == 0) print_header(&r);
+    if (r.dist.rank != 0) {
+        // the other ranks print nothing
+    } else if (r.gpu) {
         char desc[256];
         cuda_device_describe(desc, sizeof(desc));
         printf("# device: CUDA (%s; TF32 matmuls %s); run directory %s\n", desc, cfg->tf32 ? "on" : "off", r.run_dir);
@@ -779,14 +1032,19 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
         printf("# device: CPU (%d OpenMP threads, matmuls: %s); run directory %s\n", omp_get_max_threads(),
                MLM_BLAS_NAME, r.run_dir);
     }
-    if (opt->resume_path) printf("# resumed at step %ld\n", r.step);
+    if (accumulating(&r) && r.dist.rank == 0)
+        printf("# %d micro-batches of %d sequences per step (train.accum_steps), %d per rank on %d rank(s)%s\n",
+               cfg->accum_steps, cfg->batch_size / cfg->accum_steps, cfg->accum_steps / r.dist.world, r.dist.world,
+               cfg->zero && r.dist.world > 1 ? "; Adam moments sharded (train.zero)" : "");
+    if (opt->resume_path && r.dist.rank == 0) printf("# resumed at step %ld\n", r.step);
+    signals_deferred = r.dist.world > 1;
     install_signal_handlers();
     r.t_start = r.t_last_ckpt = r.t_progress = mlm_now();
     r.first_step = r.step;
     long nb = (long)r.train_b.n_batches;
     for (long epoch = r.st.valid_epochs; epoch < cfg->epochs && !stop_signal; epoch++) {
         if (cfg->max_steps > 0 && r.step >= cfg->max_steps) break;
-        if (cfg->samples && r.step == epoch * nb) print_samples(&r, epoch);
+        if (cfg->samples && r.step == epoch * nb && r.dist.rank == 0) print_samples(&r, epoch);
         int done = train_epoch(&r, epoch);
         if (stop_signal) break;
         validate(&r, epoch);
@@ -798,15 +1056,16 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
     save_checkpoint(&r);
     int rc = 0;
     if (stop_signal) {
-        printf("interrupted by %s at step %ld; continue with: mlm train --resume %s\n",
+        if (r.dist.rank == 0) printf("interrupted by %s at step %ld; continue with: mlm train --resume %s\n",
                stop_signal == SIGINT ? "SIGINT" : "SIGTERM", r.step, r.run_dir);
         rc = 128 + stop_signal;
-    } else {
+    } else if (r.dist.rank == 0) {
         char dur[32];
         format_duration(r.st.elapsed_s, dur, sizeof(dur));
         printf("done: %ld steps, %.0f tokens in %s; last valid loss %.4f, accuracy %.4f (best %.4f); run directory %s\n",
                r.step, r.st.tokens, dur, r.st.last_valid_loss, r.st.last_valid_acc, r.st.best_valid_acc, r.run_dir);
     }
     teardown(&r);
+    dist_finalize(&r.dist);
     return rc;
 }
