@@ -116,7 +116,7 @@ static void test_gradients(int with_dropout) {
     random_batch(inputs, labels, N, cfg.vocab, pad, 0.8);
     Rng rng;
     rng_init(&rng, 99, RNG_DOMAIN_TRAIN);
-    DropoutCtx d = {&rng, rng_layout(max_B, cfg.max_seq, cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.n_layers), 6, 0.1f};
+    DropoutCtx d = {&rng, rng_layout(max_B, cfg.max_seq, cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.n_layers), 6, 0.1f, 0, 0};
     const DropoutCtx *drop = with_dropout ? &d : NULL;
 
     float loss = cpu_model_forward(m, inputs, labels, B, pad, drop, NULL);
@@ -174,7 +174,7 @@ static float run_step(int threads, const ModelConfig *cfg, int B, const int *in,
     model_init_params(cfg, m->params, 42, 0);
     Rng rng;
     rng_init(&rng, 5, RNG_DOMAIN_TRAIN);
-    DropoutCtx d = {&rng, rng_layout(B + 1, cfg->max_seq, cfg->d_model, cfg->n_heads, cfg->d_ff, cfg->n_layers), 3, 0.1f};
+    DropoutCtx d = {&rng, rng_layout(B + 1, cfg->max_seq, cfg->d_model, cfg->n_heads, cfg->d_ff, cfg->n_layers), 3, 0.1f, 0, 0};
     int correct = 0;
     float loss = cpu_model_forward(m, in, lab, B, pad, &d, &correct);
     memcpy(logits_out, m->logits, (size_t)B * cfg->max_seq * cfg->vocab * sizeof(float));
@@ -227,7 +227,7 @@ static void test_batch_prefix_and_edge_cases(void) {
     memcpy(b->params, a->params, a->n_params * sizeof(float));
     Rng rng;
     rng_init(&rng, 1, RNG_DOMAIN_TRAIN);
-    DropoutCtx d = {&rng, rng_layout(6, cfg.max_seq, cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.n_layers), 2, 0.2f};
+    DropoutCtx d = {&rng, rng_layout(6, cfg.max_seq, cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.n_layers), 2, 0.2f, 0, 0};
     int ca = -1, cb = -2;
     float la = cpu_model_forward(a, inputs, labels, B, pad, &d, &ca);
     float lb = cpu_model_forward(b, inputs, labels, B, pad, &d, &cb);

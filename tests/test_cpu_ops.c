@@ -374,7 +374,7 @@ static void test_attention(int with_dropout) {
     if (with_dropout) {
         // The masks come from the real dropout rule; FD evaluations reuse them, as a fixed step would.
         rng_init(&rng, 7, RNG_DOMAIN_TRAIN);
-        DropoutCtx d = {&rng, rng_layout(4, c.T, c.C, c.H, 9, 2), 3, 0.3f};
+        DropoutCtx d = {&rng, rng_layout(4, c.T, c.C, c.H, 9, 2), 3, 0.3f, 0, 0};
         keep = mlm_malloc(natt, "keep");
         dropout_keep_mask(keep, &d, 1, DROP_ATTN_PROBS, natt);
         c.keep = keep;
@@ -451,7 +451,7 @@ static void test_ffn(int with_dropout) {
     Rng rng = {0};
     if (with_dropout) {
         rng_init(&rng, 11, RNG_DOMAIN_TRAIN);
-        DropoutCtx d = {&rng, rng_layout(3, 5, c.C, 2, c.F, 2), 2, 0.25f};
+        DropoutCtx d = {&rng, rng_layout(3, 5, c.C, 2, c.F, 2), 2, 0.25f, 0, 0};
         keep = mlm_malloc(nh, "keep");
         dropout_keep_mask(keep, &d, 0, DROP_FFN_HIDDEN, nh);
         c.keep = keep;
@@ -499,7 +499,7 @@ static void test_residual_dropout(void) {
     c.res = alloc_rand(c.n, 1.0f); c.y = alloc_rand(c.n, 1.0f); c.out = alloc_zero(c.n); c.r = alloc_rand(c.n, 1.0f);
     Rng rng;
     rng_init(&rng, 5, RNG_DOMAIN_TRAIN);
-    DropoutCtx d = {&rng, rng_layout(3, 5, 6, 2, 9, 2), 1, 0.2f};
+    DropoutCtx d = {&rng, rng_layout(3, 5, 6, 2, 9, 2), 1, 0.2f, 0, 0};
     uint8_t *keep = mlm_malloc(c.n, "keep");
     dropout_keep_mask(keep, &d, 1, DROP_ATTN_RESID, c.n);
     c.keep = keep;
@@ -606,7 +606,7 @@ static void test_dropout_rule(void) {
     size_t n = 1 << 20, kept = 0;
     uint8_t *keep = mlm_malloc(n, "keep");
     float *u = mlm_malloc(n * sizeof(float), "u");
-    DropoutCtx big = {&rng, rng_layout(64, 32, 128, 8, 256, 6), 17, 0.1f};
+    DropoutCtx big = {&rng, rng_layout(64, 32, 128, 8, 256, 6), 17, 0.1f, 0, 0};
     dropout_keep_mask(keep, &big, 5, DROP_FFN_HIDDEN, n);
     rng_uniform(&rng, rng_dropout_offset(&big.layout, big.step, 5, DROP_FFN_HIDDEN), u, n);
     for (size_t i = 0; i < n; i++) {
