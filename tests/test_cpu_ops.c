@@ -589,7 +589,7 @@ static void test_dropout_rule(void) {
     const float ps[3] = {0.1f, 0.25f, 0.5f};
     size_t bad = 0, checked = 0;
     for (int k = 0; k < 3; k++) {
-        DropoutCtx d = {&rng, rng_layout(5, T, C, H, F, L), 4 + (uint64_t)k, ps[k]};
+        DropoutCtx d = {&rng, rng_layout(5, T, C, H, F, L), 4 + (uint64_t)k, ps[k], 0, 0};
         for (int l = 0; l < L; l++)
             for (int s = 0; s < 4; s++) {
                 size_t n = counts[s];
