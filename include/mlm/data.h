@@ -30,7 +30,17 @@ typedef struct {
     int n_chars;
     uint32_t chars[VOCAB_MAX_CHARS];  // code point of each id, ascending
     int pad_id, mask_id, n_tokens;
+    // A prepared shard set's byte or WordPiece vocabulary (kind != VOCAB_KIND_CHAR): chars[] is unused, n_chars
+    // is the id range random replacement draws from (256 bytes; the whole WordPiece vocabulary, as Hugging
+    // Face's collator), the specials are the vocabulary's own, md5 identifies it.
+    int kind;                    // VOCAB_KIND_CHAR (0, the reference) | VOCAB_KIND_BYTE | VOCAB_KIND_WORDPIECE
+    int unk_id, cls_id, sep_id;  // -1 when absent (char)
+    char md5[33];                // "" for char
 } Vocab;
+enum { VOCAB_KIND_CHAR = 0, VOCAB_KIND_BYTE = 1, VOCAB_KIND_WORDPIECE = 2 };
+// Well-formedness of a Vocab (checkpoints): char: 1..VOCAB_MAX_CHARS ascending code points, PAD and MASK after
+// them; byte/wordpiece: specials inside [0, n_tokens), distinct, md5 of 32 hex digits. 0, or 1 with a message.
+int vocab_check(const Vocab *v, char *err, size_t errlen);
 
 // Decode UTF-8 text into code points (malloc'ed). Returns -1 with a message in err for invalid UTF-8.
 long utf8_decode(const char *text, size_t len, uint32_t **out, char *err, size_t errlen);
@@ -46,6 +56,8 @@ const char *vocab_token_text(const Vocab *v, int id, char *buf);
 // The characters as decimal code points, comma-separated (malloc'ed): the exact form checkpoints and exports
 // store (exact for any character, NUL included). vocab_from_codepoints parses it back (strictly increasing,
 // 1..VOCAB_MAX_CHARS code points) and sets the special ids; returns 0, or 1 on malformed text.
+// A byte or WordPiece vocabulary is written "KIND:N_TOKENS:PAD,MASK,UNK,CLS,SEP:MD5" (e.g.
+// "wordpiece:30522:0,103,100,101,102:<md5 of vocab.txt>"), and parsed back the same way.
 char *vocab_codepoints_text(const Vocab *v);
 int vocab_from_codepoints(const char *s, Vocab *v);
 
