@@ -68,7 +68,13 @@ typedef struct {
     Vocab vocab;
     int *train; size_t n_train;  // token ids
     int *valid; size_t n_valid;
+    struct ShardSet *shards;     // data.path named a prepared shard set (train/valid NULL; see corpus_load_shards)
 } Corpus;
+
+// data.path naming a shard set written by `mlm prepare`: its manifest and vocabulary, the splits memory-mapped
+// (n_train/n_valid = the splits' token counts). Exits with a clear message when the set is incomplete, corrupt or
+// too short (each split needs seq_len + 2 tokens). corpus_free releases it.
+void corpus_load_shards(Corpus *c, const char *path, int seq_len);
 
 // Load, decode, build the vocabulary (over train + valid, i.e. all text) and split. Exits with a clear
 // message for a missing, unreadable, empty, non-UTF-8 or too-short corpus (needs > seq_len + 1 tokens in
@@ -80,8 +86,12 @@ void corpus_free(Corpus *c);
 // [0, min(T-1, N - (i*T + T + 1))]; (N - 1) / T items; shuffled without replacement every epoch; the last
 // partial batch is kept. Randomness from the DATA Philox stream, indexed by epoch, so any epoch's order and
 // offsets can be regenerated.
+struct ShardStream;
 typedef struct {
-    const int *tokens;    // [N] (borrowed)
+    const int *tokens;    // [N] (borrowed), or NULL when reading a shard stream
+    const struct ShardStream *shards;  // memory-mapped shards (borrowed), or NULL
+    int packed;           // stream only: documents each followed by sep_id, consecutive sequences, no offsets
+    int sep_id;
     size_t n_tokens;
     int seq_len, batch_size;
     size_t n_items;       // (N - 1) / T
@@ -96,6 +106,11 @@ typedef struct {
 
 void batcher_init(Batcher *b, const int *tokens, size_t n_tokens, int seq_len, int batch_size, int shuffle,
                   uint64_t seed, uint64_t stream);
+// The same sampling over a split of a shard set (n_tokens = the stream's tokens). packed != 0: the documents,
+// each followed by sep_id, cut into consecutive sequences of seq_len (the random offset is always 0; the
+// epoch's shuffle is as above), so that no sequence starts inside another's tokens.
+void batcher_init_stream(Batcher *b, const struct ShardStream *st, int packed, int sep_id, int seq_len,
+                         int batch_size, int shuffle, uint64_t seed, uint64_t stream);
 void batcher_free(Batcher *b);
 // Prepare epoch `epoch` (order and offsets). Deterministic in (seed, stream, epoch).
 void batcher_set_epoch(Batcher *b, long epoch);

@@ -140,7 +140,7 @@ void manifest_free(Manifest *m);
 int shards_is_set(const char *path);
 
 // ---- A split of a shard set as one token stream (train or valid shards concatenated), memory-mapped.
-typedef struct {
+typedef struct ShardStream {
     int n;
     Shard *shards;        // [n]
     uint64_t *start;      // [n + 1] stream position of each shard's first token
@@ -156,6 +156,24 @@ void shard_stream_close(ShardStream *st);
 void shard_stream_read(const ShardStream *st, uint64_t pos, size_t n, int *out);
 // Stream position of the start of document segment d (0 <= d <= n_docs; n_docs gives n_tokens).
 uint64_t shard_stream_doc_start(const ShardStream *st, uint64_t d);
+
+// The packed stream: the split's document segments, each followed by one sep_id, as one stream. Copies its
+// positions [q, q + n) into out.
+void shard_stream_packed_read(const ShardStream *st, uint64_t q, size_t n, int sep_id, int *out);
+// Length of the packed stream: n_tokens + n_docs (documents continued across shards count once per segment).
+static inline uint64_t shard_stream_packed_len(const ShardStream *st) { return st->n_tokens + st->n_docs; }
+
+// ---- A prepared shard set opened for training (data.path naming it): manifest, vocabulary, both splits.
+typedef struct ShardSet {
+    Manifest m;
+    ShardStream train, valid;
+    struct WordPiece *wp;   // wordpiece: the set's vocab.txt, to show tokens as text (NULL otherwise)
+    char md5[33];           // md5 of manifest.txt: the identity of the set in checkpoints
+} ShardSet;
+
+// Open the set at `path` (its directory or manifest.txt). Returns 0, or 1 with a message.
+int shard_set_open(ShardSet *s, const char *path, char *err, size_t errlen);
+void shard_set_close(ShardSet *s);
 
 // `mlm prepare` (src/host/commands/prepare.c): argv[0] is "prepare"; returns the exit status.
 int prepare_main(int argc, char **argv);

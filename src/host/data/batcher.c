@@ -4,6 +4,7 @@
 
 #include "mlm/common.h"
 #include "mlm/data.h"
+#include "mlm/shards.h"
 
 // Uniform integer in [0, n) from one 32-bit draw (multiply-shift; bias below 2^-32 * n, negligible here).
 static size_t bounded(uint32_t u, size_t n) { return (size_t)(((uint64_t)u * (uint64_t)n) >> 32); }
@@ -29,6 +30,20 @@ void batcher_init(Batcher *b, const int *tokens, size_t n_tokens, int seq_len, i
     b->epoch = -1;
 }
 
+void batcher_init_stream(Batcher *b, const ShardStream *st, int packed, int sep_id, int seq_len, int batch_size,
+                         int shuffle, uint64_t seed, uint64_t stream) {
+    // batcher_init's checks and counts over a placeholder array; the stream then replaces it.
+    uint64_t n = packed ? shard_stream_packed_len(st) : st->n_tokens;
+    static const int none[1] = {0};
+    batcher_init(b, none, (size_t)n, seq_len, batch_size, shuffle, seed, stream);
+    b->tokens = NULL;
+    b->shards = st;
+    b->packed = packed;
+    b->sep_id = sep_id;
+    // packed: (n - 1) / T consecutive windows, as many items as random sampling has (the last token may be left
+    // out), each at offset 0.
+}
+
 void batcher_free(Batcher *b) {
     rng_free(&b->rng);
     free(b->order);
@@ -51,7 +66,8 @@ void batcher_set_epoch(Batcher *b, long epoch) {
             b->order[j] = t;
         }
     }
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = 0; i < n && b->packed; i++) b->offsets[i] = 0;
+    for (size_t i = 0; i < n && !b->packed; i++) {
         // Offsets are drawn per item (not per position), as the dataset's __getitem__ draws them.
         size_t start = i * T;
         size_t room = b->n_tokens - (start + T + 1);  // >= 0 since i < (N - 1) / T
@@ -72,7 +88,10 @@ int batcher_get(const Batcher *b, size_t index, int *out) {
     int count = (int)MLM_MIN((size_t)b->batch_size, b->n_items - first);
     for (int r = 0; r < count; r++) {
         size_t start = batcher_item_start(b, first + (size_t)r);
-        memcpy(out + (size_t)r * b->seq_len, b->tokens + start, (size_t)b->seq_len * sizeof(int));
+        int *row = out + (size_t)r * b->seq_len;
+        if (b->tokens) memcpy(row, b->tokens + start, (size_t)b->seq_len * sizeof(int));
+        else if (b->packed) shard_stream_packed_read(b->shards, start, (size_t)b->seq_len, b->sep_id, row);
+        else shard_stream_read(b->shards, start, (size_t)b->seq_len, row);
     }
     return count;
 }

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "mlm/common.h"
+#include "mlm/shards.h"
 
 static int file_readable(const char *path) { return access(path, R_OK) == 0; }
 
@@ -254,6 +255,11 @@ void corpus_load(Corpus *c, const char *path, double train_split, int seq_len) {
 }
 
 void corpus_free(Corpus *c) {
+    if (c->shards) {
+        shard_set_close(c->shards);
+        free(c->shards);
+        c->shards = NULL;
+    }
     free(c->train);
     free(c->valid);
     c->train = c->valid = NULL;

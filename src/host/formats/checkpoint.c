@@ -206,7 +206,7 @@ static float *load_tensor(const StFile *f, const char *name, size_t n, const cha
 
 // Bytes of the CPU model's parameters, gradients and activations for a batch of B (the layout of
 // cpu_model.c's carve_acts, rounded up), in double so that absurd configurations cannot wrap around.
-static double model_bytes(const ModelConfig *m, int B) {
+double model_bytes(const ModelConfig *m, int B) {
     double BT = (double)B * m->max_seq, C = m->d_model, H = m->n_heads, T = m->max_seq, F = m->d_ff, V = m->vocab;
     double L = m->n_layers, P = (double)model_num_params(m);
     double acts = L * BT * (9 * C + 1.25 * H * T + F + 4) + BT * (2 * V + 10 * C + 2 * F + 3) + T * C;

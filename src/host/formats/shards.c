@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "mlm/common.h"
+#include "mlm/wordpiece.h"
 
 uint64_t shard_fnv1a(uint64_t h, const void *data, size_t n) {
     const uint8_t *p = data;
@@ -528,4 +529,84 @@ uint64_t shard_stream_doc_start(const ShardStream *st, uint64_t d) {
         d -= st->shards[i].h.n_docs;
     }
     return st->n_tokens;
+}
+
+// Packed position of document segment d's first token: every earlier segment adds one separator.
+static uint64_t packed_doc_start(const ShardStream *st, uint64_t d) { return shard_stream_doc_start(st, d) + d; }
+
+void shard_stream_packed_read(const ShardStream *st, uint64_t q, size_t n, int sep_id, int *out) {
+    uint64_t lo = 0, hi = st->n_docs - 1;  // the last segment starting at or before q
+    while (lo < hi) {
+        uint64_t mid = lo + (hi - lo + 1) / 2;
+        if (packed_doc_start(st, mid) <= q) lo = mid;
+        else hi = mid - 1;
+    }
+    uint64_t d = lo, start = packed_doc_start(st, d), end = shard_stream_doc_start(st, d + 1) + d;  // end: its separator
+    size_t k = 0;
+    while (k < n) {
+        if (q + k < end) {
+            size_t m = (size_t)MLM_MIN((uint64_t)(n - k), end - (q + k));
+            shard_stream_read(st, q + k - d, m, out + k);  // stream position = packed position - separators before
+            k += m;
+        } else {
+            out[k++] = sep_id;
+            d++;
+            start = end + 1;
+            end = d < st->n_docs ? shard_stream_doc_start(st, d + 1) + d : start;
+        }
+    }
+    (void)start;
+}
+
+// ---- A whole set
+
+int shard_set_open(ShardSet *s, const char *path, char *err, size_t errlen) {
+    memset(s, 0, sizeof(*s));
+    if (manifest_read(&s->m, path, err, errlen)) return 1;
+    char mpath[1200];
+    snprintf(mpath, sizeof(mpath), "%s/" SHARD_MANIFEST, s->m.dir);
+    if (data_md5_file(mpath, s->md5)) {
+        mlm_set_error(err, errlen, "cannot read %s: %s", mpath, strerror(errno));
+        manifest_free(&s->m);
+        return 1;
+    }
+    if (shard_stream_open(&s->train, &s->m, "train", 0, err, errlen)) {
+        manifest_free(&s->m);
+        return 1;
+    }
+    if (shard_stream_open(&s->valid, &s->m, "valid", 0, err, errlen)) {
+        shard_stream_close(&s->train);
+        manifest_free(&s->m);
+        return 1;
+    }
+    if (s->train.n_tokens != s->m.train_tokens || s->valid.n_tokens != s->m.valid_tokens) {
+        mlm_set_error(err, errlen, "%s: the shards hold %" PRIu64 " train / %" PRIu64 " valid tokens but the manifest "
+                      "says %" PRIu64 " / %" PRIu64 "; run `mlm prepare` again", mpath, s->train.n_tokens,
+                      s->valid.n_tokens, s->m.train_tokens, s->m.valid_tokens);
+        shard_set_close(s);
+        return 1;
+    }
+    if (s->m.tokenizer == TOKENIZER_WORDPIECE) {
+        char md5[33];
+        if (data_md5_file(s->m.vocab, md5) || strcmp(md5, s->m.vocab_md5) != 0) {
+            mlm_set_error(err, errlen, "%s: the vocabulary %s is missing or is not the one the shards were made with "
+                          "(md5 %s expected)", mpath, s->m.vocab, s->m.vocab_md5);
+            shard_set_close(s);
+            return 1;
+        }
+        s->wp = wp_load(s->m.vocab, s->m.lowercase, err, errlen);
+        if (!s->wp) {
+            shard_set_close(s);
+            return 1;
+        }
+    }
+    return 0;
+}
+
+void shard_set_close(ShardSet *s) {
+    shard_stream_close(&s->train);
+    shard_stream_close(&s->valid);
+    if (s->wp) wp_free(s->wp);
+    s->wp = NULL;
+    manifest_free(&s->m);
 }
