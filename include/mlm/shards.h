@@ -61,8 +61,8 @@ typedef struct {
     FILE *f;
     char path[1100], tmp[1200];
     ShardHeader h;
-    uint64_t *doc_off;   // [n_docs] start of each segment (grows)
-    size_t doc_cap;
+    FILE *docs;          // the segments' start offsets, spooled to NAME.part.docs (memory stays flat)
+    char docs_tmp[1220];
 } ShardWriter;
 
 int shard_writer_open(ShardWriter *w, const char *path, uint32_t token_bytes, uint32_t vocab_size,

@@ -1,5 +1,6 @@
 // shards.c: token shard files (atomic writer, validating memory-mapped reader), the shard-set manifest and
 // a split's shards as one token stream. The format is described in include/mlm/shards.h.
+#define _DEFAULT_SOURCE  // madvise
 #include "mlm/shards.h"
 
 #include <errno.h>
@@ -59,9 +60,12 @@ int shard_writer_open(ShardWriter *w, const char *path, uint32_t token_bytes, ui
     w->h.flags = continues ? SHARD_FLAG_CONTINUES : 0;
     memcpy(w->h.vocab_md5, vocab_md5, 16);
     w->h.payload_hash = SHARD_FNV_INIT;
+    snprintf(w->docs_tmp, sizeof(w->docs_tmp), "%s.docs", w->tmp);
     w->f = fopen(w->tmp, "wb");
-    if (!w->f) {
+    w->docs = fopen(w->docs_tmp, "w+b");
+    if (!w->f || !w->docs) {
         mlm_set_error(err, errlen, "cannot create %s: %s", w->tmp, strerror(errno));
+        shard_writer_abort(w);
         return 1;
     }
     uint8_t zero[SHARD_HEADER_BYTES] = {0};  // the real header goes in at close
@@ -74,12 +78,9 @@ int shard_writer_open(ShardWriter *w, const char *path, uint32_t token_bytes, ui
 }
 
 void shard_writer_begin_doc(ShardWriter *w) {
-    if (w->h.n_docs == w->doc_cap) {
-        w->doc_cap = w->doc_cap ? 2 * w->doc_cap : 1024;
-        w->doc_off = realloc(w->doc_off, w->doc_cap * sizeof(uint64_t));
-        if (!w->doc_off) mlm_fatal(MLM_EXIT_FAILURE, "out of memory for the document offsets of %s", w->path);
-    }
-    w->doc_off[w->h.n_docs++] = w->h.n_tokens;
+    if (fwrite(&w->h.n_tokens, 8, 1, w->docs) != 1)
+        mlm_fatal(MLM_EXIT_FAILURE, "cannot write %s: %s", w->docs_tmp, strerror(errno));
+    w->h.n_docs++;
 }
 
 static int write_hashed(ShardWriter *w, const void *p, size_t n, char *err, size_t errlen) {
@@ -112,19 +113,38 @@ int shard_writer_append(ShardWriter *w, const int32_t *ids, size_t n, char *err,
     return 0;
 }
 
+static void close_docs(ShardWriter *w) {
+    if (w->docs) fclose(w->docs);
+    w->docs = NULL;
+    unlink(w->docs_tmp);
+}
+
 void shard_writer_abort(ShardWriter *w) {
     if (w->f) fclose(w->f);
     w->f = NULL;
     unlink(w->tmp);
-    free(w->doc_off);
-    w->doc_off = NULL;
+    close_docs(w);
 }
 
 int shard_writer_close(ShardWriter *w, char *err, size_t errlen) {
     if (w->h.n_docs == 0) shard_writer_begin_doc(w);  // an empty shard still has one (empty) segment
     uint8_t zero[8] = {0};
     int rc = write_hashed(w, zero, pad8(w->h.n_tokens * w->h.token_bytes), err, errlen);
-    for (uint64_t d = 0; !rc && d < w->h.n_docs; d++) rc = write_hashed(w, &w->doc_off[d], 8, err, errlen);
+    if (!rc && (fflush(w->docs) != 0 || fseek(w->docs, 0, SEEK_SET) != 0)) {
+        mlm_set_error(err, errlen, "cannot read back %s: %s", w->docs_tmp, strerror(errno));
+        rc = 1;
+    }
+    uint64_t offs[1024];
+    for (uint64_t d = 0; !rc && d < w->h.n_docs; d += 1024) {
+        size_t m = (size_t)MLM_MIN((uint64_t)1024, w->h.n_docs - d);
+        if (fread(offs, 8, m, w->docs) != m) {
+            mlm_set_error(err, errlen, "cannot read back %s", w->docs_tmp);
+            rc = 1;
+        } else {
+            rc = write_hashed(w, offs, 8 * m, err, errlen);
+        }
+    }
+    close_docs(w);
     if (!rc) rc = write_hashed(w, &w->h.n_tokens, 8, err, errlen);
     uint8_t hdr[SHARD_HEADER_BYTES];
     header_encode(&w->h, hdr);
@@ -146,8 +166,6 @@ int shard_writer_close(ShardWriter *w, char *err, size_t errlen) {
         rc = 1;
     }
     if (rc) shard_writer_abort(w);
-    free(w->doc_off);
-    w->doc_off = NULL;
     return rc;
 }
 
@@ -229,7 +247,10 @@ int shard_open(Shard *s, const char *path, const uint8_t *vocab_md5, int verify_
         for (uint64_t i = 0; i < h->n_tokens; i++)
             if (shard_token(s, i) >= h->vocab_size) return shard_fail(s, err, errlen, "a token id is outside the vocabulary");
     }
-    // Training reads sequences at random offsets: no read-ahead of neighbouring pages.
+    // Training reads sequences at random offsets: no read-ahead of neighbouring pages. The pages read by the
+    // checks above are let go (a read-only file mapping reloads them on demand), so the resident size does not
+    // grow with the corpus.
+    madvise((void *)s->map, s->map_len, MADV_DONTNEED);
     posix_madvise((void *)s->map, s->map_len, POSIX_MADV_RANDOM);
     return 0;
 }
