@@ -1,7 +1,8 @@
 // test_shards.c: the shard format and the shard-set stream: a write/read round trip at both token widths, the
 // reader refusing every kind of damage (magic, header checksum, version, truncation, vocabulary checksum, payload,
-// an unfinished .part), the manifest round trip and its errors, the batcher over shards giving exactly the batches
-// of the reference batcher over the same tokens in memory, and the packed stream against a direct construction.
+// an unfinished .part), the manifest round trip and its errors, the batcher over shards sampling as the reference
+// does (a permutation per epoch, offsets in range, rows equal to the tokens), and the packed stream
+// against a direct construction.
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -176,24 +177,47 @@ static void test_streams(void) {
     ShardStream st;
     CHECK(shard_stream_open(&st, &m, "train", 1, err, sizeof(err)) == 0, "%s", err);
     CHECK(st.n == 3 && st.n_tokens == N, "stream of %d shards, %llu tokens", st.n, (unsigned long long)st.n_tokens);
-    // The reference batcher over the array and the stream batcher give the same batches, epoch after epoch.
-    Batcher a, b;
+    // The stream batcher samples as the reference does: every epoch a permutation of the (N - 1) / T items, item
+    // i starting at i*T + r with r in [0, min(T - 1, N - (i*T + T + 1))], rows equal to the tokens there, a new
+    // order each epoch, the same order again for the same (seed, stream, epoch).
+    Batcher a, b, b2;
     batcher_init(&a, ref, N, 32, 16, 1, 42, 0);
     batcher_init_stream(&b, &st, 0, 259, 32, 16, 1, 42, 0);
-    CHECK(a.n_items == b.n_items && a.n_batches == b.n_batches, "same item count");
-    int *ba = malloc(16 * 32 * sizeof(int)), *bb = malloc(16 * 32 * sizeof(int));
-    int same = 1;
+    batcher_init_stream(&b2, &st, 0, 259, 32, 16, 1, 42, 0);
+    CHECK(a.n_items == b.n_items && a.n_batches == b.n_batches, "same item and batch counts as the reference");
+    size_t n_items = b.n_items;
+    int *bb = malloc(16 * 32 * sizeof(int));
+    char *seen = calloc(n_items, 1);
+    int perm = 1, rows = 1, ranges = 1, again = 1, moved = 0, offs = 0;
+    size_t first_prev = (size_t)-1;
     for (long e = 0; e < 3; e++) {
-        batcher_set_epoch(&a, e);
         batcher_set_epoch(&b, e);
-        for (size_t i = 0; i < a.n_batches; i++) {
-            int na = batcher_get(&a, i, ba), nb = batcher_get(&b, i, bb);
-            same &= na == nb && memcmp(ba, bb, (size_t)na * 32 * sizeof(int)) == 0;
+        batcher_set_epoch(&b2, e);
+        memset(seen, 0, n_items);
+        for (size_t i = 0; i < b.n_batches; i++) {
+            int nr = batcher_get(&b, i, bb);
+            for (int r = 0; r < nr; r++) {
+                size_t pos = i * 16 + (size_t)r, start = batcher_item_start(&b, pos), item = start / 32;
+                size_t off = start % 32, hi = MLM_MIN((size_t)31, (size_t)N - (item * 32 + 33));
+                perm &= item < n_items && !seen[item];
+                if (item < n_items) seen[item] = 1;
+                ranges &= off <= hi;
+                offs |= off != 0;
+                rows &= memcmp(bb + r * 32, ref + start, 32 * sizeof(int)) == 0;
+                again &= batcher_item_start(&b2, pos) == start;
+            }
         }
+        moved |= first_prev != (size_t)-1 && first_prev != batcher_item_start(&b, 0);
+        first_prev = batcher_item_start(&b, 0);
     }
-    CHECK(same, "stream batches equal the in-memory batches");
+    CHECK(perm, "each epoch visits every item once");
+    CHECK(ranges && offs, "offsets within the reference's range, and not all zero");
+    CHECK(rows, "rows are the tokens at their start");
+    CHECK(again && moved, "deterministic per (seed, stream, epoch), and a new order each epoch");
     batcher_free(&a);
     batcher_free(&b);
+    batcher_free(&b2);
+    free(seen);
     // Packed: segments (a document continued across a shard counts once per shard) each followed by SEP.
     int *packed = malloc((N + 16) * sizeof(int));
     size_t k = 0;
@@ -230,7 +254,7 @@ static void test_streams(void) {
                                       batcher_item_start(&b, (size_t)r) % 32 == 0;
     CHECK(ok, "packed batches are whole windows of the packed stream");
     batcher_free(&b);
-    free(ba); free(bb); free(packed);
+    free(bb); free(packed);
     shard_stream_close(&st);
     // The manifest names what is wrong.
     char path[1400];

@@ -92,6 +92,7 @@ typedef struct {
     const struct ShardStream *shards;  // memory-mapped shards (borrowed), or NULL
     int packed;           // stream only: documents each followed by sep_id, consecutive sequences, no offsets
     int sep_id;
+    uint64_t key;         // stream only: seeds the per-epoch permutation and offsets, computed per item
     size_t n_tokens;
     int seq_len, batch_size;
     size_t n_items;       // (N - 1) / T
@@ -106,9 +107,11 @@ typedef struct {
 
 void batcher_init(Batcher *b, const int *tokens, size_t n_tokens, int seq_len, int batch_size, int shuffle,
                   uint64_t seed, uint64_t stream);
-// The same sampling over a split of a shard set (n_tokens = the stream's tokens). packed != 0: the documents,
-// each followed by sep_id, cut into consecutive sequences of seq_len (the random offset is always 0; the
-// epoch's shuffle is as above), so that no sequence starts inside another's tokens.
+// The same sampling over a split of a shard set (n_tokens = the stream's tokens): (N - 1) / T items, item i at
+// i*T + r, r uniform in the same range, shuffled without replacement every epoch; but the order and offsets are
+// computed per item (a keyed Feistel permutation with cycle-walking, a hashed offset), deterministic in (seed,
+// stream, epoch), so that memory does not grow with the corpus (order and offsets arrays are not allocated).
+// packed != 0: the documents, each followed by sep_id, cut into consecutive sequences of seq_len (offset 0).
 void batcher_init_stream(Batcher *b, const struct ShardStream *st, int packed, int sep_id, int seq_len,
                          int batch_size, int shuffle, uint64_t seed, uint64_t stream);
 void batcher_free(Batcher *b);
