@@ -671,8 +671,8 @@ int prepare_main(int argc, char **argv) {
     expand_inputs(p);
     prepare_out_dir(p);
     if (p->tokenizer == TOKENIZER_CHAR) spool_stdin(p);
-    p->t0 = p->t_last = mlm_now();
     setup_vocab(p);
+    p->t0 = p->t_last = mlm_now();
     Manifest *m = &p->man;
     snprintf(m->dir, sizeof(m->dir), "%s", p->out_dir);
     m->tokenizer = p->tokenizer;

@@ -155,6 +155,11 @@ static void load_data(Run *r) {
                       tokenizer_name(r->corpus.shards->m.tokenizer), cfg->data_path);
         return;
     }
+    char probe[1200];
+    snprintf(probe, sizeof(probe), "%s/train-00000.bin", cfg->data_path);
+    if (cfg->data_path[0] && access(probe, F_OK) == 0)
+        mlm_fatal(MLM_EXIT_FAILURE, "data.path %s holds shards but no %s: `mlm prepare` was interrupted before it "
+                  "finished; run it again", cfg->data_path, SHARD_MANIFEST);
     if (cfg->sampling == 1)
         mlm_fatal(MLM_EXIT_USAGE, "data.sampling = packed needs data.path to name a shard set (`mlm prepare`)");
     char path[1024];
