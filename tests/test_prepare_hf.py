@@ -4,7 +4,8 @@
 # back from the shards by an independent reader of the format (include/mlm/shards.h): on Tiny Shakespeare (one
 # document per file, pieces cut by mlm at 256 KB and batches tokenized on several threads) and on a multilingual
 # sample (CJK, accents, punctuation) as blank-line-separated documents. Also: the byte and char tokenizers against
-# Python's bytes and sorted(set(text)), the document boundaries and the seeded train/valid split (the same with
+# Python's bytes and sorted(set(text)), a 700 KB multilingual document cut into pieces, directories and standard
+# input, the document boundaries and the seeded train/valid split (the same with
 # 1 and 2 threads, and all documents accounted for), and that a truncated shard is refused by `mlm train`.
 # Usage: test_prepare_hf.py --mlm build/mlm --vocab vocab.txt --corpus tinyshakespeare.txt
 import argparse, hashlib, os, struct, subprocess, sys, tempfile, time
@@ -168,6 +169,56 @@ def main():
         if man["vocab"] != ",".join(str(ord(c)) for c in chars):
             print("FAIL: the char vocabulary differs from sorted(set(text))")
             fails += 1
+        # 5. A multilingual document of 700 KB (cut into pieces at whitespace, in the middle of CJK runs and
+        # accented words) between two short ones, as blank-line documents.
+        long_doc = " ".join(MULTI).replace("\n", " ") * 1
+        long_doc = (long_doc + " ") * (700000 // len(long_doc.encode("utf-8")) + 1)
+        path = os.path.join(tmp, "long.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("short one\n\n" + long_doc + "\n\nshort two\n")
+        out = os.path.join(tmp, "long")
+        prepare(a.mlm, ["-t", "wordpiece", "--vocab", a.vocab, "-o", out, "--documents", "blank", "--valid-fraction", "0"],
+                [path])
+        man, sets = read_set(out)
+        toks, bounds = sets["train"]
+        want = [hf(t + "\n", add_special_tokens=False)["input_ids"] for t in ("short one", long_doc, "short two")]
+        got = [toks[b:(bounds[k + 1] if k + 1 < len(bounds) else len(toks))] for k, b in enumerate(bounds)]
+        fails += check("a 700 KB multilingual document", sum(got, []), sum(want, []))
+        if [len(g) for g in got] != [len(w) for w in want]:
+            print("FAIL: document boundaries around the long document: %s vs %s" % ([len(g) for g in got],
+                                                                                  [len(w) for w in want]))
+            fails += 1
+        # 6. A directory (files in name order, one document each, nested folders walked) and standard input.
+        d = os.path.join(tmp, "dir")
+        os.makedirs(os.path.join(d, "sub"))
+        parts = {"b.txt": "Second file.", "a.txt": "First file, héllo!", "sub/c.txt": "Third: 中文"}
+        for name, t in parts.items():
+            with open(os.path.join(d, name), "w", encoding="utf-8") as f:
+                f.write(t)
+        out = os.path.join(tmp, "dirset")
+        prepare(a.mlm, ["-t", "wordpiece", "--vocab", a.vocab, "-o", out, "--valid-fraction", "0"], [d])
+        man, sets = read_set(out)
+        want = [hf(parts[n], add_special_tokens=False)["input_ids"] for n in ("a.txt", "b.txt", "sub/c.txt")]
+        toks, bounds = sets["train"]
+        got = [toks[b:(bounds[k + 1] if k + 1 < len(bounds) else len(toks))] for k, b in enumerate(bounds)]
+        if got != want:
+            print("FAIL directory input: %s vs %s" % (got, want))
+            fails += 1
+        for tk in ("char", "byte"):
+            outs = []
+            for src in ("file", "stdin"):
+                out = os.path.join(tmp, "%s-%s" % (tk, src))
+                env = dict(os.environ, OMP_NUM_THREADS="2")
+                cmd = [a.mlm, "prepare", "-q", "-t", tk, "-o", out, "--documents", "blank", "--valid-fraction", "0.2"]
+                if src == "file":
+                    subprocess.run(cmd + [multi], check=True, env=env)
+                else:
+                    subprocess.run(cmd + ["-"], check=True, env=env, stdin=open(multi, "rb"))
+                outs.append(read_set(out)[1])
+            if outs[0] != outs[1]:
+                print("FAIL %s: standard input gives other shards than the file" % tk)
+                fails += 1
+        print("directory input and standard input: %s" % ("ok" if not fails else "see above"))
     return 1 if fails else 0
 
 
