@@ -223,6 +223,8 @@ int shard_open(Shard *s, const char *path, const uint8_t *vocab_md5, int verify_
         return shard_fail(s, err, errlen, msg);
     }
     if (h->token_bytes != 2 && h->token_bytes != 4) return shard_fail(s, err, errlen, "token width is not 2 or 4 bytes");
+    if (h->flags & ~SHARD_FLAG_CONTINUES) return shard_fail(s, err, errlen, "unknown flags in the header");
+    if (h->vocab_size == 0) return shard_fail(s, err, errlen, "vocabulary size 0");
     if (h->token_bytes == 2 && h->vocab_size > 65536) return shard_fail(s, err, errlen, "16-bit tokens for a vocabulary over 65,536");
     if (h->n_docs < 1 || h->n_tokens > ((uint64_t)1 << 40) || h->n_docs > h->n_tokens + 1)
         return shard_fail(s, err, errlen, "token or document count out of range");
@@ -237,6 +239,8 @@ int shard_open(Shard *s, const char *path, const uint8_t *vocab_md5, int verify_
         return shard_fail(s, err, errlen, "tokenized with another vocabulary than the manifest's (vocab checksum differs)");
     s->tokens = b + SHARD_HEADER_BYTES;
     s->doc_off = (const uint64_t *)(s->tokens + tok_bytes + pad8(tok_bytes));
+    for (size_t i = 0; i < pad8(tok_bytes); i++)  // one encoding per shard: the padding is zero
+        if (s->tokens[tok_bytes + i]) return shard_fail(s, err, errlen, "nonzero padding after the tokens (corrupt)");
     if (s->doc_off[0] != 0 || s->doc_off[h->n_docs] != h->n_tokens)
         return shard_fail(s, err, errlen, "document offsets do not span the tokens");
     for (uint64_t d = 0; d < h->n_docs; d++)
