@@ -19,6 +19,7 @@
 
 #include "mlm/config.h"
 #include "mlm/data.h"
+#include "mlm/model.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -64,6 +65,8 @@ int ckpt_load(const char *path, Checkpoint *out, char *err, size_t errlen);
 // every parameter and Adam moment is finite (second moments >= 0). Returns 0, or nonzero with a message.
 int ckpt_validate(const Checkpoint *c, char *err, size_t errlen);
 void ckpt_free(Checkpoint *c);
+// Bytes of the CPU model's parameters, gradients and activations for a batch of B (also `mlm train --dry-run`).
+double model_bytes(const ModelConfig *m, int B);
 // Path of the newest checkpoint in RUN_DIR/checkpoints; nonzero if there is none.
 int ckpt_find_latest(const char *run_dir, char *out, size_t outlen);
 

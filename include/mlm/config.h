@@ -20,6 +20,7 @@ typedef struct {
     char data_path[CONFIG_STR];   // data.path: corpus file ("" = look up data/, $MLM_DATA_MIRROR, download)
     int seq_len;                  // data.seq_len: 32
     double train_split;           // data.train_split: 0.9
+    int sampling;                 // data.sampling = random (the reference) | packed (shard sets: documents + [SEP])
     // [model]
     int d_model, n_heads, n_layers, d_ff;  // 128, 8, 6, 256
     double dropout;               // 0.1

@@ -30,7 +30,17 @@ typedef struct {
     int n_chars;
     uint32_t chars[VOCAB_MAX_CHARS];  // code point of each id, ascending
     int pad_id, mask_id, n_tokens;
+    // A prepared shard set's byte or WordPiece vocabulary (kind != VOCAB_KIND_CHAR): chars[] is unused, n_chars
+    // is the id range random replacement draws from (256 bytes; the whole WordPiece vocabulary, as Hugging
+    // Face's collator), the specials are the vocabulary's own, md5 identifies it.
+    int kind;                    // VOCAB_KIND_CHAR (0, the reference) | VOCAB_KIND_BYTE | VOCAB_KIND_WORDPIECE
+    int unk_id, cls_id, sep_id;  // -1 when absent (char)
+    char md5[33];                // "" for char
 } Vocab;
+enum { VOCAB_KIND_CHAR = 0, VOCAB_KIND_BYTE = 1, VOCAB_KIND_WORDPIECE = 2 };
+// Well-formedness of a Vocab (checkpoints): char: 1..VOCAB_MAX_CHARS ascending code points, PAD and MASK after
+// them; byte/wordpiece: specials inside [0, n_tokens), distinct, md5 of 32 hex digits. 0, or 1 with a message.
+int vocab_check(const Vocab *v, char *err, size_t errlen);
 
 // Decode UTF-8 text into code points (malloc'ed). Returns -1 with a message in err for invalid UTF-8.
 long utf8_decode(const char *text, size_t len, uint32_t **out, char *err, size_t errlen);
@@ -46,6 +56,8 @@ const char *vocab_token_text(const Vocab *v, int id, char *buf);
 // The characters as decimal code points, comma-separated (malloc'ed): the exact form checkpoints and exports
 // store (exact for any character, NUL included). vocab_from_codepoints parses it back (strictly increasing,
 // 1..VOCAB_MAX_CHARS code points) and sets the special ids; returns 0, or 1 on malformed text.
+// A byte or WordPiece vocabulary is written "KIND:N_TOKENS:PAD,MASK,UNK,CLS,SEP:MD5" (e.g.
+// "wordpiece:30522:0,103,100,101,102:<md5 of vocab.txt>"), and parsed back the same way.
 char *vocab_codepoints_text(const Vocab *v);
 int vocab_from_codepoints(const char *s, Vocab *v);
 
@@ -56,7 +68,13 @@ typedef struct {
     Vocab vocab;
     int *train; size_t n_train;  // token ids
     int *valid; size_t n_valid;
+    struct ShardSet *shards;     // data.path named a prepared shard set (train/valid NULL; see corpus_load_shards)
 } Corpus;
+
+// data.path naming a shard set written by `mlm prepare`: its manifest and vocabulary, the splits memory-mapped
+// (n_train/n_valid = the splits' token counts). Exits with a clear message when the set is incomplete, corrupt or
+// too short (each split needs seq_len + 2 tokens). corpus_free releases it.
+void corpus_load_shards(Corpus *c, const char *path, int seq_len);
 
 // Load, decode, build the vocabulary (over train + valid, i.e. all text) and split. Exits with a clear
 // message for a missing, unreadable, empty, non-UTF-8 or too-short corpus (needs > seq_len + 1 tokens in
@@ -68,8 +86,13 @@ void corpus_free(Corpus *c);
 // [0, min(T-1, N - (i*T + T + 1))]; (N - 1) / T items; shuffled without replacement every epoch; the last
 // partial batch is kept. Randomness from the DATA Philox stream, indexed by epoch, so any epoch's order and
 // offsets can be regenerated.
+struct ShardStream;
 typedef struct {
-    const int *tokens;    // [N] (borrowed)
+    const int *tokens;    // [N] (borrowed), or NULL when reading a shard stream
+    const struct ShardStream *shards;  // memory-mapped shards (borrowed), or NULL
+    int packed;           // stream only: documents each followed by sep_id, consecutive sequences, no offsets
+    int sep_id;
+    uint64_t key;         // stream only: seeds the per-epoch permutation and offsets, computed per item
     size_t n_tokens;
     int seq_len, batch_size;
     size_t n_items;       // (N - 1) / T
@@ -84,6 +107,13 @@ typedef struct {
 
 void batcher_init(Batcher *b, const int *tokens, size_t n_tokens, int seq_len, int batch_size, int shuffle,
                   uint64_t seed, uint64_t stream);
+// The same sampling over a split of a shard set (n_tokens = the stream's tokens): (N - 1) / T items, item i at
+// i*T + r, r uniform in the same range, shuffled without replacement every epoch; but the order and offsets are
+// computed per item (a keyed Feistel permutation with cycle-walking, a hashed offset), deterministic in (seed,
+// stream, epoch), so that memory does not grow with the corpus (order and offsets arrays are not allocated).
+// packed != 0: the documents, each followed by sep_id, cut into consecutive sequences of seq_len (offset 0).
+void batcher_init_stream(Batcher *b, const struct ShardStream *st, int packed, int sep_id, int seq_len,
+                         int batch_size, int shuffle, uint64_t seed, uint64_t stream);
 void batcher_free(Batcher *b);
 // Prepare epoch `epoch` (order and offsets). Deterministic in (seed, stream, epoch).
 void batcher_set_epoch(Batcher *b, long epoch);

@@ -154,6 +154,9 @@ int eval_run(const EvalOptions *o) {
     cmd_resolve_ckpt(o->ckpt, file, sizeof(file));
     Checkpoint ck;
     cmd_load_ckpt(file, &ck);
+    if (ck.vocab.kind != VOCAB_KIND_CHAR)  // a shard set's byte/WordPiece vocabulary (issue 11): not read here yet
+        mlm_fatal(MLM_EXIT_USAGE, "%s was trained on a byte or WordPiece shard set; `mlm eval` handles character-level "
+                  "checkpoints only so far", file);
     cmd_set_threads(&ck.cfg);
     EvalText t;
     memset(&t, 0, sizeof(t));

@@ -240,6 +240,9 @@ int fill_run(const FillOptions *o) {
     cmd_resolve_ckpt(o->ckpt, file, sizeof(file));
     Checkpoint ck;
     cmd_load_ckpt(file, &ck);
+    if (ck.vocab.kind != VOCAB_KIND_CHAR)  // a shard set's byte/WordPiece vocabulary (issue 11): not read here yet
+        mlm_fatal(MLM_EXIT_USAGE, "%s was trained on a byte or WordPiece shard set; `mlm fill` handles character-level "
+                  "checkpoints only so far", file);
     cmd_set_threads(&ck.cfg);
     ModelConfig mc = train_model_config(&ck.cfg, &ck.vocab);
     Filler f = {.opt = o, .vocab = &ck.vocab, .T = mc.max_seq, .V = mc.vocab, .color = use_color()};

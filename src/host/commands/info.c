@@ -87,6 +87,9 @@ int export_run(const char *ckpt, const char *out_path) {
         mlm_fatal(MLM_EXIT_USAGE, "--out %s is the checkpoint itself; choose another file name", out_path);
     Checkpoint ck;
     cmd_load_ckpt(file, &ck);
+    if (ck.vocab.kind != VOCAB_KIND_CHAR)  // a shard set's byte/WordPiece vocabulary (issue 11): not read here yet
+        mlm_fatal(MLM_EXIT_USAGE, "%s was trained on a byte or WordPiece shard set; `mlm export` handles character-level "
+                  "checkpoints only so far", file);
     ModelConfig mc = train_model_config(&ck.cfg, &ck.vocab);  // ckpt_load checked that the sizes agree
     char err[1024];
     int rc = weights_save(out_path, &mc, &ck.vocab, ck.params, err, sizeof(err));

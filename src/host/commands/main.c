@@ -17,6 +17,7 @@
 #include "mlm/config.h"
 #include "mlm/cpu_threads.h"
 #include "mlm/report.h"
+#include "mlm/shards.h"
 #include "mlm/train.h"
 #include "mlm/wordpiece_train.h"
 
@@ -24,6 +25,7 @@ static void usage_main(FILE *f) {
     fputs("usage: mlm [--help] [--version] COMMAND [OPTIONS]\n\n"
           "Train and use character-level masked language models (BERT-style) on the CPU or an NVIDIA GPU.\n\n"
           "commands:\n"
+          "  prepare  tokenize text files into token shards for training (char, byte or WordPiece)\n"
           "  train    train a model (the reference: mlm train --config configs/shakespeare.conf)\n"
           "  eval     masked loss, accuracy and perplexity of a checkpoint on the validation split\n"
           "  fill     predict the characters marked with _ or [MASK] in a text\n"
@@ -360,6 +362,7 @@ int main(int argc, char **argv) {
         return 0;
     }
     // Each command parses its own options: shift argv so that getopt sees the command as argv[0].
+    if (!strcmp(cmd, "prepare")) return prepare_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "train")) return cmd_train(argc - 1, argv + 1);
     if (!strcmp(cmd, "eval")) return cmd_eval(argc - 1, argv + 1);
     if (!strcmp(cmd, "fill")) return cmd_fill(argc - 1, argv + 1);

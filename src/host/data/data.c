@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "mlm/common.h"
+#include "mlm/shards.h"
 
 static int file_readable(const char *path) { return access(path, R_OK) == 0; }
 
@@ -170,6 +171,9 @@ int vocab_build(Vocab *v, const uint32_t *cps, size_t n, char *err, size_t errle
     v->pad_id = v->n_chars;
     v->mask_id = v->n_chars + 1;
     v->n_tokens = v->n_chars + 2;
+    v->kind = VOCAB_KIND_CHAR;
+    v->unk_id = v->cls_id = v->sep_id = -1;
+    memset(v->md5, 0, sizeof(v->md5));
     return 0;
 }
 
@@ -251,12 +255,25 @@ void corpus_load(Corpus *c, const char *path, double train_split, int seq_len) {
 }
 
 void corpus_free(Corpus *c) {
+    if (c->shards) {
+        shard_set_close(c->shards);
+        free(c->shards);
+        c->shards = NULL;
+    }
     free(c->train);
     free(c->valid);
     c->train = c->valid = NULL;
 }
 
+static const char *const VOCAB_KIND_NAMES[3] = {"char", "byte", "wordpiece"};
+
 char *vocab_codepoints_text(const Vocab *v) {
+    if (v->kind != VOCAB_KIND_CHAR) {
+        char *s = mlm_malloc(160, "vocabulary text");
+        snprintf(s, 160, "%s:%d:%d,%d,%d,%d,%d:%s", VOCAB_KIND_NAMES[v->kind == VOCAB_KIND_BYTE ? 1 : 2], v->n_tokens,
+                 v->pad_id, v->mask_id, v->unk_id, v->cls_id, v->sep_id, v->md5);
+        return s;
+    }
     size_t cap = (size_t)v->n_chars * 12 + 1, k = 0;
     char *s = mlm_malloc(cap, "vocabulary text");
     s[0] = '\0';
@@ -264,8 +281,51 @@ char *vocab_codepoints_text(const Vocab *v) {
     return s;
 }
 
+// "KIND:N:PAD,MASK,UNK,CLS,SEP:MD5" of a byte or WordPiece vocabulary.
+static int vocab_from_subword_text(const char *s, Vocab *v) {
+    char kind[16], md5[40];
+    int n, ids[5], used = 0;
+    if (sscanf(s, "%15[a-z]:%d:%d,%d,%d,%d,%d:%39[0-9a-f]%n", kind, &n, &ids[0], &ids[1], &ids[2], &ids[3], &ids[4],
+               md5, &used) != 8 || s[used] != '\0' || strlen(md5) != 32)
+        return 1;
+    if (!strcmp(kind, "byte")) v->kind = VOCAB_KIND_BYTE;
+    else if (!strcmp(kind, "wordpiece")) v->kind = VOCAB_KIND_WORDPIECE;
+    else return 1;
+    v->n_tokens = n;
+    v->n_chars = v->kind == VOCAB_KIND_BYTE ? 256 : n;
+    v->pad_id = ids[0]; v->mask_id = ids[1]; v->unk_id = ids[2]; v->cls_id = ids[3]; v->sep_id = ids[4];
+    memcpy(v->md5, md5, 33);
+    char err[8];
+    return vocab_check(v, err, sizeof(err));
+}
+
+int vocab_check(const Vocab *v, char *err, size_t errlen) {
+    if (v->kind == VOCAB_KIND_CHAR) {
+        int ok = v->n_chars >= 1 && v->n_chars <= VOCAB_MAX_CHARS;
+        for (int i = 1; ok && i < v->n_chars; i++) ok = v->chars[i] > v->chars[i - 1];
+        if (!ok || v->chars[v->n_chars - 1] > 0x10ffff || v->pad_id != v->n_chars || v->mask_id != v->n_chars + 1 ||
+            v->n_tokens != v->n_chars + 2) {
+            mlm_set_error(err, errlen, "its vocabulary is malformed (%d characters)", v->n_chars);
+            return 1;
+        }
+        return 0;
+    }
+    int n = v->n_tokens, ok = (v->kind == VOCAB_KIND_BYTE || v->kind == VOCAB_KIND_WORDPIECE) && n >= 2 &&
+                              n <= (1 << 24) && v->n_chars >= 1 && v->n_chars <= n && strlen(v->md5) == 32;
+    int sp[5] = {v->pad_id, v->mask_id, v->unk_id, v->cls_id, v->sep_id};
+    for (int i = 0; ok && i < 5; i++) {
+        ok = (sp[i] >= 0 && sp[i] < n) || (i >= 2 && sp[i] == -1);
+        for (int k = 0; ok && k < i; k++) ok = sp[i] == -1 || sp[i] != sp[k];
+    }
+    if (!ok) mlm_set_error(err, errlen, "its %s vocabulary is malformed (%d tokens, specials %d,%d,%d,%d,%d)",
+                           v->kind == VOCAB_KIND_BYTE ? "byte" : "subword", n, sp[0], sp[1], sp[2], sp[3], sp[4]);
+    return !ok;
+}
+
 int vocab_from_codepoints(const char *s, Vocab *v) {
     memset(v, 0, sizeof(*v));
+    v->unk_id = v->cls_id = v->sep_id = -1;
+    if (*s >= 'a' && *s <= 'z') return vocab_from_subword_text(s, v);
     int n = 0;
     while (*s) {
         char *end;

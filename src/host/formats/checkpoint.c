@@ -206,7 +206,7 @@ static float *load_tensor(const StFile *f, const char *name, size_t n, const cha
 
 // Bytes of the CPU model's parameters, gradients and activations for a batch of B (the layout of
 // cpu_model.c's carve_acts, rounded up), in double so that absurd configurations cannot wrap around.
-static double model_bytes(const ModelConfig *m, int B) {
+double model_bytes(const ModelConfig *m, int B) {
     double BT = (double)B * m->max_seq, C = m->d_model, H = m->n_heads, T = m->max_seq, F = m->d_ff, V = m->vocab;
     double L = m->n_layers, P = (double)model_num_params(m);
     double acts = L * BT * (9 * C + 1.25 * H * T + F + 4) + BT * (2 * V + 10 * C + 2 * F + 3) + T * C;
@@ -226,13 +226,7 @@ int ckpt_validate(const Checkpoint *c, char *err, size_t errlen) {
         snprintf(err, errlen, "its configuration is inconsistent: %s", msg);
         return 1;
     }
-    int ascending = v->n_chars >= 1 && v->n_chars <= VOCAB_MAX_CHARS;
-    for (int i = 1; ascending && i < v->n_chars; i++) ascending = v->chars[i] > v->chars[i - 1];
-    if (!ascending || v->chars[v->n_chars - 1] > 0x10ffff || v->pad_id != v->n_chars || v->mask_id != v->n_chars + 1 ||
-        v->n_tokens != v->n_chars + 2) {
-        snprintf(err, errlen, "its vocabulary is malformed (%d characters)", v->n_chars);
-        return 1;
-    }
+    if (vocab_check(v, err, errlen)) return 1;  // char, byte or WordPiece (data.c)
     ModelConfig mc = train_model_config(&c->cfg, v);
     if (model_config_check(&mc, msg, sizeof(msg))) {
         snprintf(err, errlen, "its model is invalid: %s", msg);

@@ -23,9 +23,10 @@ typedef struct {
 
 #define OFF(field) offsetof(Config, field)
 static const KeyDesc KEYS[] = {
-    {"data.path", K_STR, OFF(data_path), 0, 0, NULL, "corpus file (empty: data/, $MLM_DATA_MIRROR, then download)"},
+    {"data.path", K_STR, OFF(data_path), 0, 0, NULL, "corpus file (empty: data/, $MLM_DATA_MIRROR, then download), or a shard set from `mlm prepare`"},
     {"data.seq_len", K_INT, OFF(seq_len), 1, 65536, NULL, "characters per sequence"},
     {"data.train_split", K_DOUBLE, OFF(train_split), 0.01, 0.99, NULL, "fraction of the corpus used for training"},
+    {"data.sampling", K_ENUM, OFF(sampling), 0, 0, "random|packed", "random: sequences at random offsets (the reference); packed: a shard set's documents, each followed by [SEP], cut into consecutive sequences"},
     {"model.d_model", K_INT, OFF(d_model), 2, 65536, NULL, "embedding width"},
     {"model.n_heads", K_INT, OFF(n_heads), 1, 1024, NULL, "attention heads (must divide d_model)"},
     {"model.n_layers", K_INT, OFF(n_layers), 1, 1024, NULL, "encoder layers"},

@@ -24,6 +24,8 @@
 #include "mlm/optim.h"
 #include "mlm/rng.h"
 #include "mlm/run_lock.h"
+#include "mlm/shards.h"
+#include "mlm/wordpiece.h"
 
 const char *const SAMPLE_PROMPTS[N_PROMPTS] = {
     "We are accounted poor citizens, the patricians good.",
@@ -44,6 +46,19 @@ ModelConfig train_model_config(const Config *c, const Vocab *v) {
     return m;
 }
 
+// A shard set's byte or WordPiece vocabulary: its own [UNK], [CLS] and [SEP] are never selected either (PAD and
+// MASK never are), as Hugging Face's collator leaves out every special token; mask.no_mask names characters,
+// which such a vocabulary does not have.
+static MaskConfig subword_mask_config(const Config *c, const Vocab *v, MaskConfig m) {
+    int specials[3] = {v->unk_id, v->cls_id, v->sep_id};
+    for (int i = 0; i < 3; i++)
+        if (specials[i] >= 0) m.no_mask[m.n_no_mask++] = specials[i];
+    if (c->no_mask_chars[0])
+        mlm_warn("mask.no_mask names characters; the %s vocabulary of this shard set has none, so it is ignored",
+                 v->kind == VOCAB_KIND_BYTE ? "byte" : "WordPiece");
+    return m;
+}
+
 MaskConfig train_mask_config(const Config *c, const Vocab *v) {
     MaskConfig m;
     memset(&m, 0, sizeof(m));
@@ -57,6 +72,7 @@ MaskConfig train_mask_config(const Config *c, const Vocab *v) {
     m.mask_id = v->mask_id;
     m.whole_word = c->mask_whole_word;  // continuation flags come with a WordPiece vocabulary (none for characters)
     m.seq_len = c->seq_len;
+    if (v->kind != VOCAB_KIND_CHAR) return subword_mask_config(c, v, m);
     for (const char *s = c->no_mask_chars; *s && m.n_no_mask < MASK_MAX_NO_MASK; s++) {
         int id = vocab_id(v, (unsigned char)*s);
         if (id < 0) mlm_warn("mask.no_mask: '%c' is not in the vocabulary; ignored", *s);
@@ -68,8 +84,12 @@ MaskConfig train_mask_config(const Config *c, const Vocab *v) {
 void render_tokens(const Vocab *v, const int *tokens, int n, char *out, size_t outlen) {
     size_t k = 0;
     for (int i = 0; i < n; i++) {
-        char buf[8];
+        char buf[16];
         const char *s;
+        if (v->kind != VOCAB_KIND_CHAR) {  // ids (train.c shows a shard set's tokens with render_shard_tokens)
+            snprintf(buf, sizeof(buf), "%s%d", i ? " " : "", tokens[i]);
+            s = buf;
+        } else
         if (tokens[i] == v->pad_id) s = "\xc2\xb7";              // ·
         else if (tokens[i] == v->mask_id) s = "_";
         else if (v->chars[tokens[i]] == '\n') s = "\xe2\x86\xb5";  // ↵
@@ -128,7 +148,80 @@ typedef struct {
     float *grad_shard;     // [P / world + 1] this rank's shard of the summed gradients (train.zero)
     NcclDp *nccl;          // the CUDA backend's gradient exchange (several ranks, or train.nccl)
     float *zero_m, *zero_v;  // [shard] train.zero: this rank's shard of the Adam moments (adam_m/v are then NULL)
+    unsigned char *continuation;  // [V] mask.whole_word: 1 where a WordPiece token continues a word (## pieces)
 } Run;
+
+// ---- The data source: the reference's text file, or a shard set written by `mlm prepare`.
+
+// data.path naming a shard set opens it (memory-mapped; its manifest's md5 identifies it in checkpoints);
+// anything else is the text corpus, located and loaded as the reference does.
+static void load_data(Run *r) {
+    const Config *cfg = &r->cfg;
+    if (cfg->data_path[0] && shards_is_set(cfg->data_path)) {
+        corpus_load_shards(&r->corpus, cfg->data_path, cfg->seq_len);
+        memcpy(r->corpus_md5, r->corpus.shards->md5, sizeof(r->corpus_md5));
+        if (cfg->sampling == 1 && r->corpus.vocab.sep_id < 0)
+            mlm_fatal(MLM_EXIT_USAGE, "data.sampling = packed separates documents with [SEP], which the %s vocabulary "
+                      "of %s lacks; prepare it with --tokenizer byte or wordpiece, or use data.sampling = random",
+                      tokenizer_name(r->corpus.shards->m.tokenizer), cfg->data_path);
+        return;
+    }
+    char probe[1200];
+    snprintf(probe, sizeof(probe), "%s/train-00000.bin", cfg->data_path);
+    if (cfg->data_path[0] && access(probe, F_OK) == 0)
+        mlm_fatal(MLM_EXIT_FAILURE, "data.path %s holds shards but no %s: `mlm prepare` was interrupted before it "
+                  "finished; run it again", cfg->data_path, SHARD_MANIFEST);
+    if (cfg->sampling == 1)
+        mlm_fatal(MLM_EXIT_USAGE, "data.sampling = packed needs data.path to name a shard set (`mlm prepare`)");
+    char path[1024];
+    data_locate_corpus(cfg->data_path, path, sizeof(path));
+    corpus_load(&r->corpus, path, cfg->train_split, cfg->seq_len);
+    if (data_md5_file(path, r->corpus_md5)) mlm_fatal(MLM_EXIT_FAILURE, "cannot read corpus %s", path);
+}
+
+// Train and valid batchers (streams 0 and 1 of the DATA Philox domain) over the text's splits or the set's.
+static void init_batchers(Run *r) {
+    const Config *cfg = &r->cfg;
+    ShardSet *s = r->corpus.shards;
+    if (s) {
+        int packed = cfg->sampling == 1, sep = r->corpus.vocab.sep_id;
+        batcher_init_stream(&r->train_b, &s->train, packed, sep, cfg->seq_len, cfg->batch_size, 1, cfg->seed, 0);
+        batcher_init_stream(&r->valid_b, &s->valid, packed, sep, cfg->seq_len, cfg->batch_size, 1, cfg->seed, 1);
+        return;
+    }
+    batcher_init(&r->train_b, r->corpus.train, r->corpus.n_train, cfg->seq_len, cfg->batch_size, 1, cfg->seed, 0);
+    batcher_init(&r->valid_b, r->corpus.valid, r->corpus.n_valid, cfg->seq_len, cfg->batch_size, 1, cfg->seed, 1);
+}
+
+// A shard set's tokens as text: WordPiece pieces joined (## continuations glued on), bytes as characters (others
+// as \xNN), the specials by name.
+static void render_shard_tokens(const Run *r, const int *tokens, int n, char *out, size_t outlen) {
+    const Vocab *v = &r->corpus.vocab;
+    const struct WordPiece *wp = r->corpus.shards ? r->corpus.shards->wp : NULL;
+    size_t k = 0;
+    out[0] = '\0';
+    for (int i = 0; i < n; i++) {
+        char buf[32];
+        const char *t = buf;
+        int id = tokens[i];
+        if (id == v->pad_id) t = "\xc2\xb7";
+        else if (id == v->mask_id) t = "_";
+        else if (wp) {
+            t = wp_token(wp, id);
+            if (!t) t = "?";
+            if (!strncmp(t, "##", 2)) t += 2;
+            else if (i) { snprintf(buf, sizeof(buf), " %.28s", t); t = buf; }
+        } else if (id == '\n') t = "\xe2\x86\xb5";
+        else if (id >= 32 && id < 127) snprintf(buf, sizeof(buf), "%c", id);
+        else if (id < 256) snprintf(buf, sizeof(buf), "\\x%02x", id);
+        else snprintf(buf, sizeof(buf), "[%d]", id);
+        size_t l = strlen(t);
+        if (k + l + 1 >= outlen) break;
+        memcpy(out + k, t, l);
+        k += l;
+        out[k] = '\0';
+    }
+}
 
 static int use_color(void) {
     const char *nc = getenv("NO_COLOR");
@@ -237,11 +330,33 @@ static void prepare_run_files(Run *r, int resuming) {
     fclose(f);
 }
 
+// The vocabulary, sampling, model size and memory of a run over a shard set.
+static void print_shard_header(const Run *r) {
+    const Vocab *v = &r->corpus.vocab;
+    const ShardSet *s = r->corpus.shards;
+    printf("# vocabulary: %s, %d tokens ([PAD]=%d [MASK]=%d [UNK]=%d [CLS]=%d [SEP]=%d)%s; sampling: %s\n",
+           tokenizer_name(s->m.tokenizer), v->n_tokens, v->pad_id, v->mask_id, v->unk_id, v->cls_id, v->sep_id,
+           s->m.tokenizer == TOKENIZER_WORDPIECE ? (s->m.lowercase ? ", lower-cased" : ", cased") : "",
+           r->cfg.sampling ? "packed documents + [SEP]" : "random offsets");
+    size_t P = model_num_params(&r->mc);
+    int B = MLM_MAX(r->cfg.batch_size, N_PROMPTS);
+    double model = model_bytes(&r->mc, B), adam = 2.0 * 4 * (double)P;
+    printf("# model: %zu parameters (%.1f MB); memory at batch %d: %.1f MB for parameters, gradients and "
+           "activations + %.1f MB Adam moments = %.1f MB\n", P, 4e-6 * (double)P, B, model / 1e6, adam / 1e6,
+           (model + adam) / 1e6);
+    printf("# %zu train sequences in %zu batches, %zu valid in %zu; %ld steps\n", r->train_b.n_items,
+           r->train_b.n_batches, r->valid_b.n_items, r->valid_b.n_batches, r->total_steps);
+}
+
 static void print_header(const Run *r) {
     printf("# mlm %s, resolved configuration\n", MLM_VERSION);
     config_write(stdout, &r->cfg);
     printf("\n# corpus %s: %zu characters, %zu train / %zu valid tokens\n", r->corpus.path, r->corpus.n_chars_total,
            r->corpus.n_train, r->corpus.n_valid);
+    if (r->corpus.vocab.kind != VOCAB_KIND_CHAR) {
+        print_shard_header(r);
+        return;
+    }
     printf("# vocabulary: %d characters + [PAD]=%d + [MASK]=%d = %d tokens: ", r->corpus.vocab.n_chars,
            r->corpus.vocab.pad_id, r->corpus.vocab.mask_id, r->corpus.vocab.n_tokens);
     char text[VOCAB_MAX_CHARS * 5];
@@ -267,12 +382,20 @@ static void print_masked_batch(const Run *r, int rows) {
     char text[4096];
     printf("# one masked batch (first %d of %d sequences; _ = [MASK], \xc2\xb7 = [PAD], \xe2\x86\xb5 = newline):\n",
            rows, r->cfg.batch_size);
-    for (int i = 0; i < rows; i++) {
+    for (int i = 0; i < rows && v->kind == VOCAB_KIND_CHAR; i++) {
         render_tokens(v, r->tokens + i * T, T, text, sizeof(text));
         printf("  original: %s\n", text);
         render_tokens(v, r->inputs + i * T, T, text, sizeof(text));
         printf("  input:    %s\n", text);
         render_tokens(v, r->labels + i * T, T, text, sizeof(text));
+        printf("  labels:   %s\n", text);
+    }
+    for (int i = 0; i < rows && v->kind != VOCAB_KIND_CHAR; i++) {
+        render_shard_tokens(r, r->tokens + i * T, T, text, sizeof(text));
+        printf("  original: %s\n", text);
+        render_shard_tokens(r, r->inputs + i * T, T, text, sizeof(text));
+        printf("  input:    %s\n", text);
+        render_shard_tokens(r, r->labels + i * T, T, text, sizeof(text));
         printf("  labels:   %s\n", text);
     }
 }
@@ -294,6 +417,7 @@ static CudaRandom cuda_random(Run *r, Rng *rng, uint64_t index, int dropout) {
 // green, wrong red, unmasked characters dimmed.
 static void print_samples(Run *r, long epoch) {
     const Vocab *v = &r->corpus.vocab;
+    if (v->kind != VOCAB_KIND_CHAR) return;  // the prompts are character-level text
     int T = r->cfg.seq_len;
     int n = N_PROMPTS;
     for (int i = 0; i < n; i++) {
@@ -845,6 +969,21 @@ static void validate(Run *r, long epoch) {
                r->st.best_valid_acc, r->st.best_epoch + 1);
 }
 
+// mask.whole_word needs to know which tokens continue a word: a WordPiece shard set's "##" pieces. Any other
+// vocabulary has no such pieces, so every token is a word of its own (the switch changes nothing; say so).
+static void attach_word_continuations(Run *r) {
+    if (!r->mask.whole_word) return;
+    const ShardSet *s = r->corpus.shards;
+    if (!s || !s->wp) {
+        mlm_warn("mask.whole_word: this vocabulary has no word pieces (only a WordPiece shard set from `mlm prepare "
+                 "--tokenizer wordpiece` does), so every token is a word of its own and masking is unchanged");
+        return;
+    }
+    r->continuation = mlm_malloc((size_t)r->mask.n_tokens, "whole-word continuation flags");
+    mask_wordpiece_continuation(s->wp, r->continuation);
+    r->mask.continuation = r->continuation;
+}
+
 static void setup(Run *r, const Config *cfg, const TrainOptions *opt) {
     memset(r, 0, sizeof(*r));
     r->cfg = *cfg;
@@ -852,16 +991,13 @@ static void setup(Run *r, const Config *cfg, const TrainOptions *opt) {
     r->color = use_color();
     r->tty = isatty(STDOUT_FILENO);
     if (cfg->threads > 0) omp_set_num_threads(cfg->threads);
-    char path[1024];
-    data_locate_corpus(cfg->data_path, path, sizeof(path));
-    corpus_load(&r->corpus, path, cfg->train_split, cfg->seq_len);
-    if (data_md5_file(path, r->corpus_md5)) mlm_fatal(MLM_EXIT_FAILURE, "cannot read corpus %s", path);
+    load_data(r);
     r->mc = train_model_config(cfg, &r->corpus.vocab);
     char err[256];
     if (model_config_check(&r->mc, err, sizeof(err))) mlm_fatal(MLM_EXIT_USAGE, "%s", err);
     r->mask = train_mask_config(cfg, &r->corpus.vocab);
-    batcher_init(&r->train_b, r->corpus.train, r->corpus.n_train, cfg->seq_len, cfg->batch_size, 1, cfg->seed, 0);
-    batcher_init(&r->valid_b, r->corpus.valid, r->corpus.n_valid, cfg->seq_len, cfg->batch_size, 1, cfg->seed, 1);
+    attach_word_continuations(r);
+    init_batchers(r);
     long per_epoch = (long)r->train_b.n_batches;
     r->total_steps = per_epoch * cfg->epochs;
     if (cfg->max_steps > 0 && cfg->max_steps < r->total_steps) r->total_steps = cfg->max_steps;
@@ -925,6 +1061,7 @@ static void teardown(Run *r) {
     free(r->grad_acc);
     free(r->grad_shard);
     free(r->zero_m);
+    free(r->continuation);
     nccl_dp_free(r->nccl);
     free(r->tokens); free(r->inputs); free(r->labels); free(r->uniforms);
     rng_free(&r->train_rng); rng_free(&r->valid_rng); rng_free(&r->sample_rng);
