@@ -45,6 +45,7 @@ typedef struct {
     int threads;                  // CPU threads (0 = OpenMP default)
     int tf32;                     // allow TF32 tensor-core matmuls on the GPU
     int samples;                  // print samples each epoch
+    int sparse_prediction;        // train.sparse_prediction: final LayerNorm, classifier, loss at selected positions only (false)
     // [optim]
     int optim_kind;               // optim.name = noam | adamw
     int schedule;                 // optim.schedule = noam | cosine | linear | constant

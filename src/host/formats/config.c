@@ -53,6 +53,7 @@ static const KeyDesc KEYS[] = {
     {"train.threads", K_INT, OFF(threads), 0, 4096, NULL, "CPU threads (0: OpenMP default)"},
     {"train.tf32", K_BOOL, OFF(tf32), 0, 1, NULL, "allow TF32 tensor-core matmuls on the GPU"},
     {"train.samples", K_BOOL, OFF(samples), 0, 1, NULL, "print the sample predictions every epoch"},
+    {"train.sparse_prediction", K_BOOL, OFF(sparse_prediction), 0, 1, NULL, "run the final LayerNorm, the classifier and the loss only at the positions selected for prediction (same loss and gradients within float rounding; faster with a large vocabulary)"},
     {"optim.name", K_ENUM, OFF(optim_kind), 0, 0, "noam|adamw", "noam: labml's Adam (eps before bias correction); adamw: torch AdamW"},
     {"optim.schedule", K_ENUM, OFF(schedule), 0, 0, "noam|cosine|linear|constant", "learning-rate schedule"},
     {"optim.lr", K_DOUBLE, OFF(lr), 0, 1e6, NULL, "Noam factor, or the peak learning rate"},
