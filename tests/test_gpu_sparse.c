@@ -12,6 +12,9 @@
 //     gradient is rounding noise by up to lr either way, so those elements are bounded by 2 lr instead).
 //  4. Batches with no selected position (explicit labels all PAD; tokens all PAD through the mask): loss 0,
 //     0 targets, every gradient exactly zero, and a training step that runs.
+//  5. The kernels alone on 2,500 rows (three tiles of the selection kernel's block): the selected rows and
+//     their count against a host loop, the gathered rows and labels exact, rows past the device count zero
+//     with an ignored label (a capacity larger than the count), the scatter exact and the other rows untouched.
 // The key-attention bias has a zero gradient in exact arithmetic (the softmax cancels it); it is measured
 // against the largest gradient of the model, as in test_gpu_model.
 #include <math.h>
@@ -20,6 +23,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels/cuda_check.h"
+#include "kernels/kernels.h"
 #include "mlm/common.h"
 #include "mlm/cpu.h"
 #include "mlm/cuda_backend.h"
@@ -271,6 +276,69 @@ static void test_none_selected(const Setup *s, CudaModel *gm, uint64_t seed) {
     free(tokens), free(labels), free(grads);
 }
 
+// 5.
+static void test_kernels(void) {
+    enum { N = 2500, C = 7, EXTRA = 3, PAD = -5 };
+    int *labels = mlm_malloc(N * sizeof(int), "labels"), *rows = mlm_malloc(N * sizeof(int), "rows");
+    float *x = mlm_malloc((size_t)N * C * sizeof(float), "x");
+    int n = 0;
+    for (int i = 0; i < N; i++) {
+        labels[i] = rand_unit() < 0.15 ? (int)(rand_unit() * 100) : PAD;
+        if (labels[i] != PAD) rows[n++] = i;
+        for (int c = 0; c < C; c++) x[(size_t)i * C + c] = (float)(rand_unit() * 2.0 - 1.0);
+    }
+    int cap = n + EXTRA;
+    int *d_labels, *d_rows, *d_n, *d_sel_labels;
+    float *d_x, *d_sel, *d_dx;
+    CUDA_CHECK(cudaMalloc((void **)&d_labels, N * sizeof(int)));
+    CUDA_CHECK(cudaMalloc((void **)&d_rows, N * sizeof(int)));
+    CUDA_CHECK(cudaMalloc((void **)&d_n, sizeof(int)));
+    CUDA_CHECK(cudaMalloc((void **)&d_sel_labels, (size_t)cap * sizeof(int)));
+    CUDA_CHECK(cudaMalloc((void **)&d_x, (size_t)N * C * sizeof(float)));
+    CUDA_CHECK(cudaMalloc((void **)&d_sel, (size_t)cap * C * sizeof(float)));
+    CUDA_CHECK(cudaMalloc((void **)&d_dx, (size_t)N * C * sizeof(float)));
+    CUDA_CHECK(cudaMemcpy(d_labels, labels, N * sizeof(int), cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(d_x, x, (size_t)N * C * sizeof(float), cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemset(d_dx, 0, (size_t)N * C * sizeof(float)));
+    cuda_select_rows(d_rows, d_n, d_labels, N, PAD, 0);
+    cuda_gather_rows(d_sel, d_sel_labels, d_x, d_labels, d_rows, d_n, cap, C, PAD, 0);
+    // Scattering the gathered rows back gives dx = x on the selected rows and 0 elsewhere.
+    cuda_scatter_rows(d_dx, d_sel, d_rows, d_n, cap, C, 0);
+    int dn = -1;
+    int *g_rows = mlm_malloc(N * sizeof(int), "rows"), *g_labels = mlm_malloc((size_t)cap * sizeof(int), "labels");
+    float *g_sel = mlm_malloc((size_t)cap * C * sizeof(float), "rows"), *g_dx = mlm_malloc((size_t)N * C * sizeof(float), "dx");
+    CUDA_CHECK(cudaMemcpy(&dn, d_n, sizeof(int), cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(g_rows, d_rows, (size_t)n * sizeof(int), cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(g_labels, d_sel_labels, (size_t)cap * sizeof(int), cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(g_sel, d_sel, (size_t)cap * C * sizeof(float), cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(g_dx, d_dx, (size_t)N * C * sizeof(float), cudaMemcpyDeviceToHost));
+    int bad_rows = 0, bad_gather = 0, bad_tail = 0, bad_scatter = 0;
+    for (int i = 0; i < n && dn == n; i++) {
+        bad_rows += g_rows[i] != rows[i];
+        bad_gather += g_labels[i] != labels[rows[i]] ||
+                      memcmp(g_sel + (size_t)i * C, x + (size_t)rows[i] * C, C * sizeof(float)) != 0;
+    }
+    for (int i = n; i < cap; i++) {
+        bad_tail += g_labels[i] != PAD;
+        for (int c = 0; c < C; c++) bad_tail += g_sel[(size_t)i * C + c] != 0.0f;
+    }
+    for (int i = 0; i < N; i++)
+        for (int c = 0; c < C; c++)
+            bad_scatter += g_dx[(size_t)i * C + c] != (labels[i] != PAD ? x[(size_t)i * C + c] : 0.0f);
+    printf("kernels on %d rows: %d selected (device %d), capacity %d: %d wrong rows, %d wrong gathers, %d wrong tail "
+           "values, %d wrong scatter values\n", N, n, dn, cap, bad_rows, bad_gather, bad_tail, bad_scatter);
+    CHECK(dn == n, "device count %d, host %d", dn, n);
+    CHECK(bad_rows == 0 && bad_gather == 0 && bad_tail == 0 && bad_scatter == 0, "selection kernels wrong");
+    CUDA_CHECK(cudaFree(d_labels));
+    CUDA_CHECK(cudaFree(d_rows));
+    CUDA_CHECK(cudaFree(d_n));
+    CUDA_CHECK(cudaFree(d_sel_labels));
+    CUDA_CHECK(cudaFree(d_x));
+    CUDA_CHECK(cudaFree(d_sel));
+    CUDA_CHECK(cudaFree(d_dx));
+    free(labels), free(rows), free(x), free(g_rows), free(g_labels), free(g_sel), free(g_dx);
+}
+
 int main(int argc, char **argv) {
     (void)argc, (void)argv;
     char why[256];
@@ -303,6 +371,7 @@ int main(int argc, char **argv) {
     test_forward_backward(&s, cm, gm, &rng, 4, 9, 1);
     test_train_step(&s, gm, init, rng.seed);
     test_none_selected(&s, gm, rng.seed);
+    test_kernels();
 
     rng_free(&rng);
     cpu_model_free(cm);
