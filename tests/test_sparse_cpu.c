@@ -45,7 +45,8 @@ static void init_params(CpuModel *m, uint64_t seed) {
 }
 
 // Per parameter tensor: max |a - b| / max |b| (the absolute difference where b is all zero).
-static double worst_tensor_err(const ModelConfig *c, const float *a, const float *b, const char **worst_name) {
+// worst_name[96] receives the tensor's name.
+static double worst_tensor_err(const ModelConfig *c, const float *a, const float *b, char *worst_name) {
     int n_tab = model_param_table(c, NULL);
     ParamEntry *tab = mlm_malloc((size_t)n_tab * sizeof(ParamEntry), "parameter table");
     model_param_table(c, tab);
@@ -62,7 +63,7 @@ static double worst_tensor_err(const ModelConfig *c, const float *a, const float
         double r = den > 0 ? num / den : num;
         if (r >= worst) {
             worst = r;
-            *worst_name = tab[k].name;
+            snprintf(worst_name, 96, "%s", tab[k].name);
         }
     }
     free(tab);
@@ -103,8 +104,8 @@ static void compare(const char *what, CpuModel *m, const int *inputs, const int 
         row++;
     }
     cpu_model_backward(m);
-    const char *worst_name = "-";
-    double grad_err = worst_tensor_err(c, m->grads, grads_d, &worst_name);
+    char worst_name[96] = "-";
+    double grad_err = worst_tensor_err(c, m->grads, grads_d, worst_name);
     int all_zero = 1;
     for (size_t i = 0; i < P; i++) all_zero &= m->grads[i] == 0.0f && grads_d[i] == 0.0f;
 
