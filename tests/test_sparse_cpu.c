@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu/ops.h"
 #include "mlm/common.h"
 #include "mlm/cpu.h"
 #include "mlm/model.h"
@@ -137,7 +138,32 @@ static void random_batch(int *inputs, int *labels, size_t n, int V, int pad, dou
     }
 }
 
+static void test_fused_crossentropy(void) {
+    enum { N = 23, V = 1001 };
+    float *logits = mlm_malloc((size_t)N * V * sizeof(float), "logits");
+    float *g1 = mlm_malloc((size_t)N * V * sizeof(float), "dlogits"), *g2 = mlm_malloc((size_t)N * V * sizeof(float), "dlogits");
+    float l1[N], l2[N];
+    int labels[N];
+    for (int n = 0; n < N; n++) {
+        labels[n] = n % 3 == 0 ? 7 : (int)(rand_unit() * V);
+        for (int v = 0; v < V; v++) logits[(size_t)n * V + v] = (float)(8.0 * rand_unit() - 4.0) + (v == 7 ? 3.0f : 0.0f);
+    }
+    int t1 = 0, c1 = -1, c2 = -1;
+    float dloss = 1.0f / N;
+    float loss1 = crossentropy_forward(l1, logits, labels, N, V, -1, &t1, &c1);
+    crossentropy_backward(g1, logits, labels, N, V, -1, dloss);
+    float loss2 = crossentropy_forward_backward(l2, g2, logits, labels, N, V, dloss, &c2);
+    int same = memcmp(g1, g2, (size_t)N * V * sizeof(float)) == 0;
+    printf("  fused cross-entropy, %d x %d: loss %.7f vs %.7f, correct %d vs %d, gradient %s\n", N, V, loss2, loss1, c2,
+           c1, same ? "bit-identical" : "DIFFERENT");
+    CHECK(same, "fused cross-entropy gradient differs from crossentropy_backward");
+    CHECK(fabsf(loss2 - loss1) <= 1e-6f * loss1, "fused loss %.9g vs %.9g", loss2, loss1);
+    CHECK(c1 == c2 && c1 > 0, "correct: fused %d, separate %d", c2, c1);
+    free(logits), free(g1), free(g2);
+}
+
 int main(void) {
+    test_fused_crossentropy();
     // Vocabulary larger than d_model, as in BERT; two layers so dres crosses the layer loop.
     ModelConfig cfg = {.vocab = 37, .d_model = 16, .n_heads = 2, .n_layers = 2, .d_ff = 24, .max_seq = 9,
                        .dropout = 0.1f, .ln_eps = 1e-5f};

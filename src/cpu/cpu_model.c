@@ -193,7 +193,10 @@ static float sparse_head_forward(CpuModel *m, const float *x, const int *labels,
     if (n == 0) return 0.0f;  // nothing to predict: loss 0, n_targets 0 (the dense path's result)
     layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, a->sel_x, p->lnf_w, p->lnf_b, n, C, c->ln_eps);
     linear_forward(a->logits, a->lnf, p->gen_w, p->gen_b, n, C, V);
-    return crossentropy_forward(a->losses, a->logits, a->sel_labels, n, V, pad_id, &m->n_targets, correct);
+    // The gradient of the mean loss (1 / n per row, as cpu_model_backward's dense start) comes in the same pass.
+    m->n_targets = n;
+    return crossentropy_forward_backward(a->losses, a->dlogits, a->logits, a->sel_labels, n, V, 1.0f / (float)n,
+                                         correct);
 }
 
 // Gradient of the sparse head into g->lnf_*, g->gen_* and a->dres[N, C] (zero on the unselected rows).
@@ -202,7 +205,7 @@ static void sparse_head_backward(CpuModel *m, int N) {
     CpuActs *a = m->internal;
     const ParamTensors *p = &m->p, *g = &m->g;
     int C = c->d_model, V = c->vocab, n = a->n_sel;
-    crossentropy_backward(a->dlogits, a->logits, a->sel_labels, n, V, a->pad_id, 1.0f / (float)m->n_targets);
+    // dlogits was written by the forward's fused cross-entropy.
     linear_backward(a->dln, g->gen_w, g->gen_b, a->dlogits, a->lnf, p->gen_w, n, C, V);
     memset(a->sel_dx, 0, (size_t)n * C * sizeof(float));
     layernorm_backward(a->sel_dx, g->lnf_w, g->lnf_b, a->dln, a->sel_x, p->lnf_w, a->lnf_mean, a->lnf_rstd, n, C);
