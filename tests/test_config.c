@@ -28,6 +28,12 @@ int main(void) {
     CHECK(strcmp(c.no_mask_chars, "\n#") == 0, "no_mask '%s'", c.no_mask_chars);
     CHECK(c.mask_scheme == MASK_SCHEME_BERT, "scheme %d", c.mask_scheme);
     CHECK(c.lr == 3e-4, "lr %g", c.lr);
+    // Sparse prediction: off by default (the reference), a boolean key.
+    Config sp;
+    config_defaults(&sp);
+    CHECK(sp.sparse_prediction == 0, "train.sparse_prediction is on by default");
+    CHECK(config_set_value(&sp, "train.sparse_prediction", "true", err, sizeof(err)) == 0 && sp.sparse_prediction == 1,
+          "train.sparse_prediction = true: %s", err);
 
     // Errors name the file, the line and the key.
     CHECK(!parses("[model]\nd_modle = 3\n", err, sizeof(err)), "unknown key accepted");

@@ -52,6 +52,7 @@ typedef struct {
     int zero;                     // train.zero: ZeRO-1, Adam moments sharded over the ranks
     double dist_timeout;          // train.dist_timeout: seconds before a silent rank stops the job (600)
     int nccl;                     // train.nccl: the CUDA backend's gradients through NCCL even on one rank
+    int sparse_prediction;        // train.sparse_prediction: final LayerNorm, classifier, loss at selected positions only (false)
     // [optim]
     int optim_kind;               // optim.name = noam | adamw
     int schedule;                 // optim.schedule = noam | cosine | linear | constant

@@ -51,6 +51,12 @@ float cpu_model_forward(CpuModel *m, const int *inputs, const int *labels, int B
 // Gradients of the last forward's mean loss into m->grads (overwritten, not accumulated).
 void cpu_model_backward(CpuModel *m);
 
+// Sparse prediction (train.sparse_prediction; off by default): forwards WITH labels run the final LayerNorm,
+// the classifier and the loss on the selected positions (label != pad_id) only, with the loss, accuracy and
+// gradients of the dense head (within float rounding). m->logits then holds [n_targets, V]: the rows of the
+// selected positions in position order. Forwards without labels always compute every position's logits.
+void cpu_model_set_sparse_prediction(CpuModel *m, int on);
+
 // Global L2 norm over all gradients, and in-place scaling by min(1, max_norm / (norm + 1e-6)).
 float cpu_grad_norm(const float *grads, size_t n);
 float cpu_clip_grads(float *grads, size_t n, float max_norm);  // returns the norm before clipping

@@ -62,7 +62,8 @@ typedef struct {
 // are ignored (as cpu_model_forward; with a mask it must be mask->pad_id). Fills stats (not grad_norm).
 void cuda_model_forward(CudaModel *m, const int *tokens, const int *labels, int B, int pad_id,
                         const MaskConfig *mask, const CudaRandom *rnd, CudaStepStats *stats);
-// Copy the logits [B,T,V] of the last forward to the host.
+// Copy the logits [B,T,V] of the last forward to the host (after a sparse forward: NaN rows except at the
+// selected positions).
 void cuda_model_get_logits(CudaModel *m, float *logits, int B);
 // Copy the model inputs and labels of the last forward (after masking) to the host.
 void cuda_model_get_batch(CudaModel *m, int *inputs, int *labels, int B);
@@ -76,6 +77,11 @@ void cuda_model_train_step(CudaModel *m, const int *tokens, int B, const MaskCon
 // and the Adam update at step t with learning rate lr. Returns the norm before clipping. (train_step does
 // the same inside the step; this is for callers that run forward and backward themselves, like the tests.)
 float cuda_model_optimizer_step(CudaModel *m, float max_norm, const OptimConfig *oc, long t, double lr);
+
+// Sparse prediction (train.sparse_prediction; off by default): forwards with labels or a mask, and training
+// steps, run the final LayerNorm, the classifier and the loss on the selected positions (label != PAD) only,
+// with the dense head's loss, accuracy and gradients (within float rounding). Not inside a CUDA graph capture.
+void cuda_model_set_sparse_prediction(CudaModel *m, int on);
 
 // cudaProfilerStart / cudaProfilerStop, for `--profile-steps` (nsys --capture-range=cudaProfilerApi, ncu
 // --profile-from-start off).

@@ -45,6 +45,15 @@ typedef struct {
     int dropout_on;
     float drop_scale;
     int pad_id;
+    // Sparse prediction (cpu_model_set_sparse_prediction): the head runs on the n_sel selected rows only,
+    // gathered in position order; lnf, lnf_mean/rstd, logits, losses and dlogits then hold n_sel rows.
+    int sparse;                  // on: forwards with labels take the sparse head
+    int sparse_last;             // the last forward took it
+    int n_sel;                   // selected rows of the last sparse forward
+    int *sel_rows;               // [B*T] row (b*T + t) of each selected position
+    int *sel_labels;             // [B*T] their labels
+    float *sel_x;                // [B*T, C] their rows of the last residual stream (input of the final LayerNorm)
+    float *sel_dx;               // [B*T, C] gradient of sel_x
 } CpuActs;
 
 // Carves consecutive tensors out of the activation allocation; with base == NULL it only counts.
@@ -103,6 +112,10 @@ static void carve_acts(CpuActs *a, const ModelConfig *c, int max_B, Carver *cv) 
     a->datty = carve_floats(cv, BT * C);
     a->dqkv = carve_floats(cv, BT * 3 * C);
     a->dfch = carve_floats(cv, BT * F);
+    a->sel_rows = (int *)carve_bytes(cv, BT * sizeof(int));
+    a->sel_labels = (int *)carve_bytes(cv, BT * sizeof(int));
+    a->sel_x = carve_floats(cv, BT * C);
+    a->sel_dx = carve_floats(cv, BT * C);
 }
 
 CpuModel *cpu_model_create(const ModelConfig *cfg, int max_B) {
@@ -146,6 +159,61 @@ static uint8_t *site_mask(CpuActs *a, const DropoutCtx *drop, uint8_t *keep, int
     if (!a->dropout_on) return NULL;
     dropout_keep_mask(keep, drop, layer, site, n);
     return keep;
+}
+
+// ---- Sparse prediction: the final LayerNorm, classifier and loss on the selected rows only.
+// Every op of the head is per row (LayerNorm, the classifier's dot products, the row's softmax), so the
+// selected rows' logits and losses are those of the dense head, and the parameter gradients differ only by
+// the zero terms the dense sums add for unselected rows (rounding of the matmul's blocking aside).
+
+void cpu_model_set_sparse_prediction(CpuModel *m, int on) { ((CpuActs *)m->internal)->sparse = on != 0; }
+
+// Gather the rows whose label != pad_id, in position order: sel_x[n, C] from x[N, C], their row indices and
+// labels. Returns n. A label outside the vocabulary stops with its position, as crossentropy_forward would.
+static int gather_selected_rows(CpuActs *a, const float *x, const int *labels, int N, int C, int V, int pad_id) {
+    int n = 0;
+    for (int r = 0; r < N; r++) {
+        if (labels[r] == pad_id) continue;
+        if (labels[r] < 0 || labels[r] >= V)
+            mlm_fatal(MLM_EXIT_FAILURE, "label %d at position %d is outside the vocabulary [0, %d)", labels[r], r, V);
+        a->sel_rows[n] = r;
+        a->sel_labels[n] = labels[r];
+        memcpy(a->sel_x + (size_t)n * C, x + (size_t)r * C, (size_t)C * sizeof(float));
+        n++;
+    }
+    return n;
+}
+
+static float sparse_head_forward(CpuModel *m, const float *x, const int *labels, int N, int pad_id, int *correct) {
+    const ModelConfig *c = &m->cfg;
+    CpuActs *a = m->internal;
+    const ParamTensors *p = &m->p;
+    int C = c->d_model, V = c->vocab;
+    int n = a->n_sel = gather_selected_rows(a, x, labels, N, C, V, pad_id);
+    if (n == 0) return 0.0f;  // nothing to predict: loss 0, n_targets 0 (the dense path's result)
+    layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, a->sel_x, p->lnf_w, p->lnf_b, n, C, c->ln_eps);
+    linear_forward(a->logits, a->lnf, p->gen_w, p->gen_b, n, C, V);
+    // The gradient of the mean loss (1 / n per row, as cpu_model_backward's dense start) comes in the same pass.
+    m->n_targets = n;
+    return crossentropy_forward_backward(a->losses, a->dlogits, a->logits, a->sel_labels, n, V, 1.0f / (float)n,
+                                         correct);
+}
+
+// Gradient of the sparse head into g->lnf_*, g->gen_* and a->dres[N, C] (zero on the unselected rows). n_norm:
+// the target count the mean loss divides by (the whole batch's when accumulating micro-batches).
+static void sparse_head_backward(CpuModel *m, int N, int n_norm) {
+    const ModelConfig *c = &m->cfg;
+    CpuActs *a = m->internal;
+    const ParamTensors *p = &m->p, *g = &m->g;
+    int C = c->d_model, V = c->vocab, n = a->n_sel;
+    // dlogits was written by the forward's fused cross-entropy with 1 / n; a micro-batch needs 1 / n_norm.
+    if (n_norm != n) crossentropy_backward(a->dlogits, a->logits, a->sel_labels, n, V, a->pad_id, 1.0f / (float)n_norm);
+    linear_backward(a->dln, g->gen_w, g->gen_b, a->dlogits, a->lnf, p->gen_w, n, C, V);
+    memset(a->sel_dx, 0, (size_t)n * C * sizeof(float));
+    layernorm_backward(a->sel_dx, g->lnf_w, g->lnf_b, a->dln, a->sel_x, p->lnf_w, a->lnf_mean, a->lnf_rstd, n, C);
+    memset(a->dres, 0, (size_t)N * C * sizeof(float));
+    for (int i = 0; i < n; i++)
+        memcpy(a->dres + (size_t)a->sel_rows[i] * C, a->sel_dx + (size_t)i * C, (size_t)C * sizeof(float));
 }
 
 float cpu_model_forward(CpuModel *m, const int *inputs, const int *labels, int B, int pad_id,
@@ -196,11 +264,12 @@ float cpu_model_forward(CpuModel *m, const int *inputs, const int *labels, int B
         residual_dropout_forward(res2, res1, a->proj, keep, ds, BT * C);
         x = res2;
     }
-    layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, x, p->lnf_w, p->lnf_b, N, C, c->ln_eps);
-    linear_forward(a->logits, a->lnf, p->gen_w, p->gen_b, N, C, V);
-
     m->n_targets = 0;
     if (correct) *correct = 0;
+    a->sparse_last = a->sparse && labels != NULL;
+    if (a->sparse_last) return sparse_head_forward(m, x, labels, N, pad_id, correct);
+    layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, x, p->lnf_w, p->lnf_b, N, C, c->ln_eps);
+    linear_forward(a->logits, a->lnf, p->gen_w, p->gen_b, N, C, V);
     if (labels == NULL) return 0.0f;
     return crossentropy_forward(a->losses, a->logits, labels, N, V, pad_id, &m->n_targets, correct);
 }
@@ -221,11 +290,15 @@ void cpu_model_backward(CpuModel *m) {
 
     // Mean over the labelled positions: each contributes 1 / n_targets (of the whole batch when accumulating).
     int n_norm = m->norm_targets > 0 ? m->norm_targets : m->n_targets;
-    crossentropy_backward(a->dlogits, a->logits, m->last_labels, N, V, a->pad_id, 1.0f / (float)n_norm);
-    linear_backward(a->dln, g->gen_w, g->gen_b, a->dlogits, a->lnf, p->gen_w, N, C, V);
-    const float *x_last = a->res2 + (size_t)(L - 1) * maxBT * C;  // input of the final LayerNorm
-    memset(a->dres, 0, BT * C * sizeof(float));
-    layernorm_backward(a->dres, g->lnf_w, g->lnf_b, a->dln, x_last, p->lnf_w, a->lnf_mean, a->lnf_rstd, N, C);
+    if (a->sparse_last) {
+        sparse_head_backward(m, N, n_norm);
+    } else {
+        crossentropy_backward(a->dlogits, a->logits, m->last_labels, N, V, a->pad_id, 1.0f / (float)n_norm);
+        linear_backward(a->dln, g->gen_w, g->gen_b, a->dlogits, a->lnf, p->gen_w, N, C, V);
+        const float *x_last = a->res2 + (size_t)(L - 1) * maxBT * C;  // input of the final LayerNorm
+        memset(a->dres, 0, BT * C * sizeof(float));
+        layernorm_backward(a->dres, g->lnf_w, g->lnf_b, a->dln, x_last, p->lnf_w, a->lnf_mean, a->lnf_rstd, N, C);
+    }
 
     for (int l = L - 1; l >= 0; l--) {
         size_t lc = (size_t)l * C;

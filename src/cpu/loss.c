@@ -1,6 +1,7 @@
 // loss.c: cross-entropy over the vocabulary with an ignore index (softmax fused in), its gradient, and accuracy.
 #include <math.h>
 #include <stddef.h>
+#include <stdlib.h>
 
 #include "cpu/ops.h"
 #include "mlm/common.h"
@@ -70,4 +71,48 @@ void crossentropy_backward(float *dlogits, const float *logits, const int *label
         for (int v = 0; v < V; v++) g[v] *= inv;
         g[labels[n]] -= dloss;
     }
+}
+
+// The sparse head's cross-entropy (every row a target): loss, accuracy and the gradient in one call. Per row,
+// one pass finds the max and the argmax, a second writes e = expf(x - max) into dlogits and sums it in
+// float (for the gradient, as crossentropy_backward) and in double (for the loss), a third scales dlogits in
+// place. The gradient is crossentropy_backward's bit for bit; the loss sums expf's float terms (relative
+// rounding ~6e-8 each) where crossentropy_forward sums exp in double: three passes and one exp per logit
+// instead of six passes and two exps.
+float crossentropy_forward_backward(float *losses, float *dlogits, const float *logits, const int *labels, int N,
+                                    int V, float dloss, int *correct) {
+    for (int n = 0; n < N; n++)
+        if (labels[n] < 0 || labels[n] >= V)
+            mlm_fatal(MLM_EXIT_FAILURE, "label %d at row %d is outside the vocabulary [0, %d)", labels[n], n, V);
+    int *best = mlm_malloc((size_t)(N > 0 ? N : 1) * sizeof(int), "argmax per row");
+#pragma omp parallel for schedule(static) if ((long long)N * V >= MLM_PARALLEL_MIN_WORK)
+    for (int n = 0; n < N; n++) {
+        const float *x = logits + (size_t)n * V;  // [V]
+        float *g = dlogits + (size_t)n * V;       // [V]
+        int arg = 0;
+        for (int v = 1; v < V; v++)
+            if (x[v] > x[arg]) arg = v;  // the first index on ties, as argmax_row
+        float maxv = x[arg];
+        float sum = 0.0f;
+        double dsum = 0.0;
+        for (int v = 0; v < V; v++) {
+            g[v] = expf(x[v] - maxv);
+            sum += g[v];
+            dsum += g[v];
+        }
+        float inv = dloss / sum;
+        for (int v = 0; v < V; v++) g[v] *= inv;
+        losses[n] = (float)(log(dsum) + maxv - x[labels[n]]);
+        g[labels[n]] -= dloss;
+        best[n] = arg;
+    }
+    double total = 0.0;  // in row order: the same for any thread count
+    int hits = 0;
+    for (int n = 0; n < N; n++) {
+        total += losses[n];
+        hits += best[n] == labels[n];
+    }
+    free(best);
+    if (correct) *correct = hits;
+    return N > 0 ? (float)(total / N) : 0.0f;
 }

@@ -95,5 +95,9 @@ float crossentropy_forward(float *losses, const float *logits, const int *labels
 // for the mean).
 void crossentropy_backward(float *dlogits, const float *logits, const int *labels, int N, int V,
                            int ignore_index, float dloss);
+// Both at once for rows that are all targets (the sparse head): losses[N], dlogits[N,V] with dloss as above
+// (crossentropy_backward's values bit for bit), *correct (if not NULL); returns the mean loss (0 if N == 0).
+float crossentropy_forward_backward(float *losses, float *dlogits, const float *logits, const int *labels, int N,
+                                    int V, float dloss, int *correct);
 
 #endif

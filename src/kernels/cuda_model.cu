@@ -85,6 +85,12 @@ typedef struct {
     float *datt;                 // [B, H, T, T] d dropout(att), then (in place) d scores
     float *scratch;              // column sums and LayerNorm weight sums
     double *norm_scratch;        // gradient norm partial sums
+    // Sparse prediction (cuda_model_set_sparse_prediction): the head on the selected rows, in position order;
+    // lnf, lnf_mean/rstd, logits, losses, correct and dlogits then hold sparse_cap rows.
+    int *sel_rows;               // [B*T] row (b*T + t) of each selected position (device count: n_targets)
+    int *sel_labels;             // [B*T] their labels (ignored past the device count)
+    float *sel_x;                // [B*T, C] their rows of the last residual stream
+    float *sel_dx;               // [B*T, C] gradient of sel_x
 } DevActs;
 
 // Everything a captured step bakes into its launches: sizes, which kernels run, and the constants passed by
@@ -146,6 +152,10 @@ struct CudaModel {
     int pad_id;             // the ignored label of the last forward (the vocabulary's [PAD])
     int dropout_on;
     float drop_scale;
+    // Sparse prediction (see sparse_plan).
+    int sparse;             // on: forwards with labels run the head on the selected rows only
+    int sparse_last;        // the last forward did
+    int sparse_cap;         // rows of its head: the host's exact count of selected positions
 };
 
 // Carves consecutive tensors out of an allocation; with base == NULL it only counts. Every tensor starts
@@ -243,6 +253,10 @@ static void carve_acts(DevActs *a, const ModelConfig *c, int max_B, size_t n_par
     a->datt = carve_f(cv, BHTT);
     a->scratch = carve_f(cv, scratch_floats(c, max_B));
     a->norm_scratch = (double *)carve(cv, MLM_MAX(cuda_grad_norm_scratch(n_params), (size_t)1) * sizeof(double));
+    a->sel_rows = carve_i(cv, BT);
+    a->sel_labels = carve_i(cv, BT);
+    a->sel_x = carve_f(cv, BT * C);
+    a->sel_dx = carve_f(cv, BT * C);
 }
 
 static double mib(size_t bytes) { return (double)bytes / (1024.0 * 1024.0); }
@@ -430,8 +444,14 @@ static void check_batch(const CudaModel *m, int B, const char *what) {
         mlm_fatal(MLM_EXIT_FAILURE, "%s: batch of %d sequences (this model holds 1..%d)", what, B, m->max_B);
 }
 
+static void sparse_logits_to_host(CudaModel *m, float *logits, int B);  // sparse prediction, below
+
 void cuda_model_get_logits(CudaModel *m, float *logits, int B) {
     check_batch(m, B, "cuda_model_get_logits");
+    if (m->sparse_last) {
+        sparse_logits_to_host(m, logits, B);
+        return;
+    }
     copy_sync(m, logits, m->a.logits, (size_t)B * m->cfg.max_seq * m->cfg.vocab * sizeof(float),
               cudaMemcpyDeviceToHost);
 }
@@ -546,6 +566,120 @@ static void mask_on_device(CudaModel *m, int B, const MaskConfig *mask, const Cu
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Sparse prediction: the final LayerNorm, the classifier and the loss on the selected rows only (label !=
+// PAD, about 15% of them), the gradient scattered back into the residual stream (zero elsewhere).
+//
+// The classifier's GEMM needs its row count on the host when it is launched, but the labels come out of the
+// mask kernel on the device, and reading a count back would stall the stream in the middle of the step.
+// The host therefore recomputes the selection from what it already holds (sparse_plan): the tokens, the
+// same Philox uniforms (philox_uniform, the CPU reproduction that check_device_philox proved equal to the
+// device generator) and the same rule (mask_apply, the host twin of the mask kernel; it follows any change of
+// the rule), or the labels themselves when the caller passes them. That count is exact, not a bound; the
+// device counts again (cuda_select_rows) and every kernel of the head reads the device's count, with the
+// host's as the capacity (rows past the device count are zero rows with an ignored label: zero loss, zero
+// gradient). The step's one read-back compares the two (sparse_check_count), so a disagreement stops the run
+// instead of dropping rows. Cost on the host: 4 B T uniforms and the rule per step, microseconds.
+//
+// A CUDA graph fixes every launch's shape when it is captured, and this head's shape changes every step:
+// a step that takes the sparse head runs as plain launches (run_step), and the head still refuses to run
+// inside a capture, should one reach it.
+
+void cuda_model_set_sparse_prediction(CudaModel *m, int on) { m->sparse = on != 0; }
+
+// Decide whether the coming forward takes the sparse head, and with how many rows.
+static void sparse_plan(CudaModel *m, const int *tokens, const int *labels, int B, const MaskConfig *mask,
+                        const CudaRandom *rnd) {
+    m->sparse_last = m->sparse && m->has_labels;
+    if (!m->sparse_last) return;
+    size_t n = (size_t)B * m->cfg.max_seq;
+    int count = 0;
+    if (mask) {
+        float *u = (float *)mlm_malloc(4 * n * sizeof(float), "masking uniforms (sparse prediction)");
+        int *inputs = (int *)mlm_malloc(2 * n * sizeof(int), "masked batch (sparse prediction)");
+        int *sel_labels = inputs + n;
+        philox_uniform(rnd->philox_seed, rng_mask_offset(&rnd->layout, rnd->step), u, 4 * n);
+        mask_apply(mask, tokens, n, u, inputs, sel_labels);
+        for (size_t i = 0; i < n; i++) count += sel_labels[i] != mask->pad_id;
+        free(u);
+        free(inputs);
+    } else {
+        for (size_t i = 0; i < n; i++) count += labels[i] != m->pad_id;
+    }
+    m->sparse_cap = count;
+}
+
+// The device's count of the last sparse forward (read back with the step's scalars) against the host's.
+static void sparse_check_count(const CudaModel *m, int device_count) {
+    if (m->sparse_last && device_count != m->sparse_cap)
+        mlm_fatal(MLM_EXIT_FAILURE,
+                  "sparse prediction: the device selected %d positions, the host's reproduction of the masking %d; "
+                  "the masking kernel and mask_apply disagree. Set train.sparse_prediction = false and report it",
+                  device_count, m->sparse_cap);
+}
+
+// Forward of the sparse head from the last residual stream x[N, C]: loss, accuracy and dlogits of the
+// selected rows, and the scalars, as the dense head's.
+static void sparse_head_forward(CudaModel *m, const float *x, int N) {
+    const ModelConfig *c = &m->cfg;
+    DevActs *a = &m->a;
+    const ParamTensors *p = &m->p;
+    int C = c->d_model, V = c->vocab, cap = m->sparse_cap;
+    cudaStreamCaptureStatus capture;
+    CUDA_CHECK(cudaStreamIsCapturing(m->stream, &capture));
+    if (capture != cudaStreamCaptureStatusNone)
+        mlm_fatal(MLM_EXIT_USAGE, "sparse prediction cannot be captured in a CUDA graph (its classifier's row count "
+                  "changes every step); set train.cuda_graph = false or train.sparse_prediction = false");
+    cuda_select_rows(a->sel_rows, a->n_targets, a->labels, N, m->pad_id, m->stream);
+    if (cap > 0) {
+        cuda_gather_rows(a->sel_x, a->sel_labels, x, a->labels, a->sel_rows, a->n_targets, cap, C, m->pad_id,
+                         m->stream);
+        cuda_layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, a->sel_x, p->lnf_w, p->lnf_b, cap, C, c->ln_eps,
+                               m->stream);
+        matmul_forward(m, a->logits, a->lnf, p->gen_w, cap, C, V);
+        cuda_add_bias(a->logits, a->logits, p->gen_b, (size_t)cap * V, V, m->stream);
+        // dlogits apart from logits, so that cuda_model_get_logits can still return them.
+        cuda_crossentropy_forward_backward(a->losses, a->correct, a->dlogits, a->logits, a->sel_labels, a->n_targets,
+                                           cap, V, m->pad_id, m->stream);
+    }
+    cuda_loss_reduce(a->scalars, a->losses, a->correct, a->n_targets, cap, m->stream);
+}
+
+// Backward of the sparse head: g->gen_*, g->lnf_* and a->dres[N, C] (zero on the unselected rows).
+static void sparse_head_backward(CudaModel *m, int N) {
+    const ModelConfig *c = &m->cfg;
+    DevActs *a = &m->a;
+    const ParamTensors *p = &m->p, *g = &m->g;
+    int C = c->d_model, V = c->vocab, cap = m->sparse_cap;
+    CUDA_CHECK(cudaMemsetAsync(a->dres, 0, (size_t)N * C * sizeof(float), m->stream));
+    if (cap == 0) return;  // no target: every gradient is zero, as the dense head's
+    linear_backward(m, a->dln, g->gen_w, g->gen_b, a->dlogits, a->lnf, p->gen_w, cap, C, V);
+    CUDA_CHECK(cudaMemsetAsync(a->sel_dx, 0, (size_t)cap * C * sizeof(float), m->stream));
+    cuda_layernorm_backward(a->sel_dx, g->lnf_w, g->lnf_b, a->dln, a->sel_x, p->lnf_w, a->lnf_mean, a->lnf_rstd, cap,
+                            C, a->scratch, m->stream);
+    cuda_scatter_rows(a->dres, a->sel_dx, a->sel_rows, a->n_targets, cap, C, m->stream);
+}
+
+// cuda_model_get_logits after a sparse forward: logits[B, T, V] with the selected positions' rows and NaN
+// in every other row (their logits were not computed).
+static void sparse_logits_to_host(CudaModel *m, float *logits, int B) {
+    size_t V = m->cfg.vocab, N = (size_t)B * m->cfg.max_seq, cap = (size_t)m->sparse_cap;
+    int n = 0;
+    int *rows = (int *)mlm_malloc(MLM_MAX(cap, (size_t)1) * sizeof(int), "selected rows");
+    float *compact = (float *)mlm_malloc(MLM_MAX(cap * V, (size_t)1) * sizeof(float), "selected logits");
+    CUDA_CHECK(cudaMemcpyAsync(&n, m->a.n_targets, sizeof(int), cudaMemcpyDeviceToHost, m->stream));
+    if (cap > 0) {
+        CUDA_CHECK(cudaMemcpyAsync(rows, m->a.sel_rows, cap * sizeof(int), cudaMemcpyDeviceToHost, m->stream));
+        CUDA_CHECK(cudaMemcpyAsync(compact, m->a.logits, cap * V * sizeof(float), cudaMemcpyDeviceToHost, m->stream));
+    }
+    CUDA_CHECK(cudaStreamSynchronize(m->stream));
+    for (size_t i = 0; i < N * V; i++) logits[i] = NAN;
+    for (size_t i = 0; i < MLM_MIN((size_t)n, cap); i++)
+        if ((size_t)rows[i] < N) memcpy(logits + (size_t)rows[i] * V, compact + i * V, V * sizeof(float));
+    free(rows);
+    free(compact);
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Forward and backward (asynchronous on the model's stream; nothing here waits for the device).
 
 static void forward_impl(CudaModel *m, int B, const CudaRandom *rnd) {
@@ -606,6 +740,11 @@ static void forward_impl(CudaModel *m, int B, const CudaRandom *rnd) {
         x = res2;
         nvtxRangePop();
     }
+    if (m->sparse_last) {
+        sparse_head_forward(m, x, N);
+        nvtxRangePop();
+        return;
+    }
     cuda_layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, x, p->lnf_w, p->lnf_b, N, C, c->ln_eps, m->stream);
     matmul_forward(m, a->logits, a->lnf, p->gen_w, N, C, V);
     cuda_add_bias(a->logits, a->logits, p->gen_b, BT * V, V, m->stream);
@@ -638,12 +777,16 @@ static void backward_impl(CudaModel *m) {
     nvtxRangePushA("backward");
     // Weight gradients are overwritten by their one product; biases, LayerNorm and the embedding accumulate.
     CUDA_CHECK(cudaMemsetAsync(m->grads, 0, m->n_params * sizeof(float), m->stream));
-    // dlogits = (softmax - onehot) / n_targets was written by the forward's fused cross-entropy.
-    linear_backward(m, a->dln, g->gen_w, g->gen_b, a->dlogits, a->lnf, p->gen_w, N, C, V);
-    const float *x_last = a->res2 + (size_t)(L - 1) * maxBT * C;  // input of the final LayerNorm
-    CUDA_CHECK(cudaMemsetAsync(a->dres, 0, BT * C * sizeof(float), m->stream));
-    cuda_layernorm_backward(a->dres, g->lnf_w, g->lnf_b, a->dln, x_last, p->lnf_w, a->lnf_mean, a->lnf_rstd, N, C,
-                            a->scratch, m->stream);
+    if (m->sparse_last) {
+        sparse_head_backward(m, N);
+    } else {
+        // dlogits = (softmax - onehot) / n_targets was written by the forward's fused cross-entropy.
+        linear_backward(m, a->dln, g->gen_w, g->gen_b, a->dlogits, a->lnf, p->gen_w, N, C, V);
+        const float *x_last = a->res2 + (size_t)(L - 1) * maxBT * C;  // input of the final LayerNorm
+        CUDA_CHECK(cudaMemsetAsync(a->dres, 0, BT * C * sizeof(float), m->stream));
+        cuda_layernorm_backward(a->dres, g->lnf_w, g->lnf_b, a->dln, x_last, p->lnf_w, a->lnf_mean, a->lnf_rstd, N,
+                                C, a->scratch, m->stream);
+    }
 
     for (int l = L - 1; l >= 0; l--) {
         snprintf(name, sizeof(name), "backward layer %d", l);
@@ -731,6 +874,7 @@ static void read_scalars(CudaModel *m, int n, CudaStepStats *stats) {
     CUDA_CHECK(cudaMemcpyAsync(m->h_scalars, m->a.scalars, (size_t)n * sizeof(float), cudaMemcpyDeviceToHost,
                                m->stream));
     CUDA_CHECK(cudaStreamSynchronize(m->stream));
+    sparse_check_count(m, (int)lrintf(m->h_scalars[2]));
     if (!stats) return;
     stats->loss = m->h_scalars[0];
     stats->correct = (int)lrintf(m->h_scalars[1]);
@@ -814,7 +958,9 @@ static void run_step(CudaModel *m, const StepArgs *s, const int *tokens, long t,
     memcpy(m->h_tokens, tokens, (size_t)s->B * m->cfg.max_seq * sizeof(int));
     stage_step(m, s->rnd, s->kind == STEP_TRAIN ? s->oc : NULL, t, lr);
     begin_forward(m, s->B, s->rnd, 1, s->mask->pad_id);
-    if (m->use_graphs) {
+    sparse_plan(m, tokens, NULL, s->B, s->mask, s->rnd);
+    // The sparse head's row count changes every step, so a step that takes it runs as plain launches.
+    if (m->use_graphs && !m->sparse_last) {
         CUDA_CHECK(cudaGraphLaunch(step_graph(m, s), m->stream));
     } else {
         enqueue_step(m, s);
@@ -843,6 +989,7 @@ void cuda_model_forward(CudaModel *m, const int *tokens, const int *labels, int 
     stage_step(m, rnd, NULL, 0, 0.0);
     upload_batch(m, m->a.inputs, tokens, labels, B);
     begin_forward(m, B, rnd, labels != NULL, pad_id);
+    sparse_plan(m, tokens, labels, B, NULL, rnd);
     forward_impl(m, B, rnd);
     if (m->has_labels) {
         read_scalars(m, 3, stats);

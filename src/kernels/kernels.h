@@ -129,6 +129,16 @@ void cuda_crossentropy_forward_backward(float *losses, int *correct, float *dlog
 // d_out[3] = {mean loss over targets, number correct, number of targets} (fixed-order reduction).
 void cuda_loss_reduce(float *d_out, const float *losses, const int *correct, const int *d_n_targets, int N,
                       cudaStream_t stream);
+// Sparse prediction (the head on the selected rows only). sel_rows[0..n) = the rows with label != ignore_index
+// in increasing order and *d_n_sel = n (counted on the device: the host never waits for it).
+void cuda_select_rows(int *sel_rows, int *d_n_sel, const int *labels, int N, int ignore_index, cudaStream_t stream);
+// For i < cap: out[i, C] = x[sel_rows[i]] and out_labels[i] = labels[sel_rows[i]] where i < *d_n_sel; past it a
+// zero row and ignore_index (the head gives those zero loss and zero gradient).
+void cuda_gather_rows(float *out, int *out_labels, const float *x, const int *labels, const int *sel_rows,
+                      const int *d_n_sel, int cap, int C, int ignore_index, cudaStream_t stream);
+// dx[sel_rows[i], C] = drows[i] for i < min(*d_n_sel, cap); the other rows of dx are not touched.
+void cuda_scatter_rows(float *dx, const float *drows, const int *sel_rows, const int *d_n_sel, int cap, int C,
+                       cudaStream_t stream);
 
 // ---- Gradient norm, clipping and the optimizer over all parameters (optim.cu) -------------------------
 // d_norm[0] = global L2 norm of grads[n] (fixed-order two-pass reduction in double, one launch: the last

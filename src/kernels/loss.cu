@@ -194,3 +194,81 @@ extern "C" void cuda_loss_reduce(float *d_out, const float *losses, const int *c
     loss_reduce_kernel<<<1, REDUCE_BLOCK, 0, stream>>>(d_out, losses, correct, d_n_targets, N);
     CUDA_CHECK_LAUNCH();
 }
+
+// ---- Sparse prediction: the selected rows (label != ignore_index) gathered, and their gradient scattered ----
+// The host launches the sparse head with a row capacity `cap` (cuda_model.cu computes it on the host, exactly,
+// from the batch); the number of selected rows itself is counted here, on the device, and read by every
+// kernel from d_n_sel, so nothing waits for the device. Rows at or past the device count (none when host and
+// device agree) are gathered as zero rows with an ignored label, which the head turns into zero loss and
+// zero gradient.
+
+// sel_rows[0..n) = the positions with label != ignore_index in increasing order; *d_n_sel = n. One block,
+// tiles of blockDim.x positions: a ballot per warp, the warp totals through shared memory, so each selected
+// position knows how many selected positions precede it (a stable compaction, no atomics).
+static __global__ void select_rows_kernel(int *sel_rows /* [N] */, int *d_n_sel, const int *labels /* [N] */, int N,
+                                          int ignore_index) {
+    __shared__ int warp_count[32];
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    int base = 0;  // selected positions in earlier tiles (the same in every thread)
+    for (int start = 0; start < N; start += blockDim.x) {
+        int i = start + threadIdx.x;
+        int sel = i < N && labels[i] != ignore_index;
+        unsigned bits = __ballot_sync(0xffffffffu, sel);
+        __syncthreads();  // warp_count may still be read for the previous tile
+        if (lane == 0) warp_count[warp] = __popc(bits);
+        __syncthreads();
+        int before = 0, total = 0;
+        for (int w = 0; w < warps; w++) {
+            if (w < warp) before += warp_count[w];
+            total += warp_count[w];
+        }
+        if (sel) sel_rows[base + before + __popc(bits & ((1u << lane) - 1u))] = i;
+        base += total;
+    }
+    if (threadIdx.x == 0) *d_n_sel = base;
+}
+
+extern "C" void cuda_select_rows(int *sel_rows, int *d_n_sel, const int *labels, int N, int ignore_index,
+                                 cudaStream_t stream) {
+    select_rows_kernel<<<1, REDUCE_BLOCK, 0, stream>>>(sel_rows, d_n_sel, labels, N, ignore_index);
+    CUDA_CHECK_LAUNCH();
+}
+
+// One block per output row i < cap: out[i] = x[sel_rows[i]] and out_labels[i] = labels[sel_rows[i]] for
+// i < *d_n_sel; a zero row and ignore_index past it.
+static __global__ void gather_rows_kernel(float *out /* [cap, C] */, int *out_labels /* [cap] */,
+                                          const float *x /* [N, C] */, const int *labels /* [N] */,
+                                          const int *sel_rows /* [cap] */, const int *d_n_sel, int C,
+                                          int ignore_index) {
+    size_t i = blockIdx.x;
+    int live = (int)i < *d_n_sel;
+    int r = live ? sel_rows[i] : 0;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) out[i * C + c] = live ? x[(size_t)r * C + c] : 0.0f;
+    if (threadIdx.x == 0) out_labels[i] = live ? labels[r] : ignore_index;
+}
+
+extern "C" void cuda_gather_rows(float *out, int *out_labels, const float *x, const int *labels, const int *sel_rows,
+                                 const int *d_n_sel, int cap, int C, int ignore_index, cudaStream_t stream) {
+    if (cap <= 0) return;
+    int threads = C < 256 ? ((C + 31) / 32) * 32 : 256;
+    gather_rows_kernel<<<(unsigned)cap, threads, 0, stream>>>(out, out_labels, x, labels, sel_rows, d_n_sel, C,
+                                                             ignore_index);
+    CUDA_CHECK_LAUNCH();
+}
+
+// One block per row i < cap: dx[sel_rows[i]] = drows[i] for i < *d_n_sel (dx's other rows are left as they are).
+static __global__ void scatter_rows_kernel(float *dx /* [N, C] */, const float *drows /* [cap, C] */,
+                                           const int *sel_rows /* [cap] */, const int *d_n_sel, int C) {
+    size_t i = blockIdx.x;
+    if ((int)i >= *d_n_sel) return;  // block-uniform
+    size_t r = (size_t)sel_rows[i];
+    for (int c = threadIdx.x; c < C; c += blockDim.x) dx[r * C + c] = drows[i * C + c];
+}
+
+extern "C" void cuda_scatter_rows(float *dx, const float *drows, const int *sel_rows, const int *d_n_sel, int cap, int C,
+                                  cudaStream_t stream) {
+    if (cap <= 0) return;
+    int threads = C < 256 ? ((C + 31) / 32) * 32 : 256;
+    scatter_rows_kernel<<<(unsigned)cap, threads, 0, stream>>>(dx, drows, sel_rows, d_n_sel, C);
+    CUDA_CHECK_LAUNCH();
+}

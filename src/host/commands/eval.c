@@ -89,6 +89,7 @@ static EvalResult evaluate(const Checkpoint *ck, const EvalText *t, uint64_t see
     MaskConfig mask = train_mask_config(c, &ck->vocab);
     int T = c->seq_len, B = c->batch_size, pad = ck->vocab.pad_id;
     CpuModel *model = cmd_cpu_model(ck, B);
+    cpu_model_set_sparse_prediction(model, c->sparse_prediction);  // loss and accuracy only: no logits needed
     Rng rng;
     rng_init(&rng, seed, RNG_DOMAIN_EVAL);
     size_t bt = (size_t)B * T;

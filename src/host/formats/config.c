@@ -62,6 +62,7 @@ static const KeyDesc KEYS[] = {
     {"train.dist_timeout", K_DOUBLE, OFF(dist_timeout), 1, 1e6, NULL, "data parallel: seconds a rank waits for another before the job stops with a message"},
     {"train.nccl", K_BOOL, OFF(nccl), 0, 1, NULL, "CUDA backend: exchange gradients through NCCL (automatic with several ranks; true forces it on one rank, as tools/gpu_verify.sh checks)"},
     // ---- end of the data-parallel keys
+    {"train.sparse_prediction", K_BOOL, OFF(sparse_prediction), 0, 1, NULL, "run the final LayerNorm, the classifier and the loss only at the positions selected for prediction (same loss and gradients within float rounding; faster with a large vocabulary)"},
     {"optim.name", K_ENUM, OFF(optim_kind), 0, 0, "noam|adamw", "noam: labml's Adam (eps before bias correction); adamw: torch AdamW"},
     {"optim.schedule", K_ENUM, OFF(schedule), 0, 0, "noam|cosine|linear|constant", "learning-rate schedule"},
     {"optim.lr", K_DOUBLE, OFF(lr), 0, 1e6, NULL, "Noam factor, or the peak learning rate"},

@@ -52,6 +52,7 @@ void cuda_model_forward(CudaModel *m, const int *tokens, const int *labels, int 
 void cuda_model_get_logits(CudaModel *m, float *logits, int B) { no_cuda("cuda_model_get_logits"); }
 void cuda_model_get_batch(CudaModel *m, int *inputs, int *labels, int B) { no_cuda("cuda_model_get_batch"); }
 void cuda_model_backward(CudaModel *m) { no_cuda("cuda_model_backward"); }
+void cuda_model_set_sparse_prediction(CudaModel *m, int on) { no_cuda("cuda_model_set_sparse_prediction"); }
 
 void cuda_model_train_step(CudaModel *m, const int *tokens, int B, const MaskConfig *mask, const CudaRandom *rnd,
                            float max_norm, const OptimConfig *oc, long t, double lr, CudaStepStats *stats) {

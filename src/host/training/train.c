@@ -1023,10 +1023,12 @@ static void setup_model(Run *r, int gpu) {
         r->n_params = cuda_model_num_params(r->gpu);
         r->params = mlm_calloc(r->n_params, sizeof(float), "parameters (host copy)");
         r->gpu_logits = mlm_malloc((size_t)max_b * r->mc.max_seq * r->mc.vocab * sizeof(float), "logits (host copy)");
+        cuda_model_set_sparse_prediction(r->gpu, r->cfg.sparse_prediction);
     } else {
         r->model = cpu_model_create(&r->mc, max_b);
         r->n_params = r->model->n_params;
         r->params = r->model->params;
+        cpu_model_set_sparse_prediction(r->model, r->cfg.sparse_prediction);
     }
     model_init_params(&r->mc, r->params, r->cfg.seed, r->cfg.init_copy_layers);
     size_t P = r->n_params;
