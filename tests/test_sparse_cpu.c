@@ -174,7 +174,7 @@ int main(void) {
     int *inputs = mlm_malloc(NB * sizeof(int), "inputs"), *labels = mlm_malloc(NB * sizeof(int), "labels");
     Rng rng;
     rng_init(&rng, 77, RNG_DOMAIN_TRAIN);
-    DropoutCtx d = {&rng, rng_layout(max_B, T, cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.n_layers), 4, 0.1f};
+    DropoutCtx d = {&rng, rng_layout(max_B, T, cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.n_layers), 4, 0.1f, 0, 0};
     printf("sparse vs dense head, V=%d C=%d H=%d L=%d F=%d T=%d (max batch %d)\n", cfg.vocab, cfg.d_model,
            cfg.n_heads, cfg.n_layers, cfg.d_ff, T, max_B);
 
