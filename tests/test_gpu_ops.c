@@ -675,6 +675,92 @@ static void test_attention(void) {
         }
 }
 
+// ---- Fused attention (T <= 64) -----------------------------------------------------------------------------
+// cuda_attention_forward / cuda_attention_backward against their twin: the bias add of linear_forward, then
+// attention_forward / attention_backward (tolerances as the chain above: 2 TOL_SUM(T) for att and out,
+// 4 TOL_SUM(T) for dq, dk, dv); the per-sequence bias partials, finished by cuda_column_sums_finish, against
+// double column sums of the kernel's own dqkv (TOL_SUM(N)); run-to-run bit identity.
+
+static void test_attention_fused(void) {
+    printf("fused attention (one block per batch and head) vs bias add + attention_forward/backward:\n");
+    // The last shape has hs = 16 at T = 64 (K and V unpadded to fit 48 KiB); odd T, C and H in between.
+    const int shapes[][4] = {{1, 1, 8, 2}, {2, 32, 128, 8}, {3, 33, 130, 10}, {2, 17, 24, 1}, {2, 64, 64, 4}};
+    const float p = 0.1f, drop_scale = dropout_scale(p);
+    CHECK(!cuda_attention_fused_fits(65, 128, 8), "T 65 must take the unfused path");
+    CHECK(!cuda_attention_fused_fits(64, 256, 4), "T 64 with hs 64 needs more than 48 KiB of shared memory");
+    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
+        for (int with_drop = 0; with_drop < 2; with_drop++) {
+            int B = shapes[s][0], T = shapes[s][1], C = shapes[s][2], H = shapes[s][3], N = B * T;
+            int with_bias = s > 0;  // the first shape without a bias (NULL)
+            size_t NC = (size_t)N * C, BHTT = (size_t)B * H * T * T;
+            char tag[96], what[200];
+            snprintf(tag, sizeof(tag), "B %d T %d C %d H %d drop %d bias %d", B, T, C, H, with_drop, with_bias);
+            CHECK(cuda_attention_fused_fits(T, C, H), "%s should fit the fused kernel", tag);
+            float *qkv = host_rand(3 * NC, -1.5f, 1.5f), *bias = host_rand(3 * C, -0.5f, 0.5f);
+            float *qkvb = host_copy(qkv, 3 * NC);
+            if (with_bias)
+                for (size_t i = 0; i < 3 * NC; i++) qkvb[i] = qkv[i] + bias[i % (3 * C)];
+            uint8_t *d_keep = NULL, *keep = with_drop ? make_keep(BHTT, p, &d_keep) : NULL;
+            float *out_c = host_zeros(NC), *att_c = host_zeros(BHTT);
+            attention_forward(out_c, att_c, qkvb, keep, drop_scale, B, T, C, H);
+            float *d_qkv = dup_f(qkv, 3 * NC), *d_bias = with_bias ? dup_f(bias, 3 * C) : NULL;
+            float *d_out = dmalloc(NC * sizeof(float)), *d_att = dmalloc(BHTT * sizeof(float));
+            float *g_out[2], *g_att[2];
+            for (int run = 0; run < 2; run++) {
+                cuda_attention_forward(d_out, d_att, d_qkv, d_bias, d_keep, drop_scale, B, T, C, H, st);
+                g_out[run] = fetch_f(d_out, NC);
+                g_att[run] = fetch_f(d_att, BHTT);
+            }
+            snprintf(what, sizeof(what), "attention_forward att %s", tag);
+            expect_close(what, g_att[0], att_c, BHTT, 2 * tol_sum(T));
+            expect_identical(what, g_att[0], g_att[1], BHTT * sizeof(float));
+            snprintf(what, sizeof(what), "attention_forward out %s", tag);
+            expect_close(what, g_out[0], out_c, NC, 2 * tol_sum(T));
+            expect_identical(what, g_out[0], g_out[1], NC * sizeof(float));
+
+            // Backward from the CPU's probabilities (isolates the backward).
+            float *dout = host_rand(NC, -1.0f, 1.0f), *dqkv_c = host_zeros(3 * NC);
+            attention_backward(dqkv_c, dout, qkvb, att_c, keep, drop_scale, B, T, C, H);
+            upload(d_att, att_c, BHTT * sizeof(float));
+            float *d_dout = dup_f(dout, NC), *d_dqkv = dmalloc(3 * NC * sizeof(float));
+            float *d_part = dmalloc(cuda_attention_bias_scratch(B, C) * sizeof(float));
+            float *d_db = dmalloc(3 * C * sizeof(float));
+            float *g_dqkv[2], *g_db[2];
+            for (int run = 0; run < 2; run++) {
+                CUDA_CHECK(cudaMemset(d_db, 0, 3 * C * sizeof(float)));
+                cuda_attention_backward(d_dqkv, d_part, d_dout, d_qkv, d_bias, d_att, d_keep, drop_scale, B, T, C, H,
+                                        st);
+                cuda_column_sums_finish(d_db, d_part, B, 3 * C, st);
+                g_dqkv[run] = fetch_f(d_dqkv, 3 * NC);
+                g_db[run] = fetch_f(d_db, 3 * C);
+            }
+            const char *names[3] = {"dq", "dk", "dv"};
+            for (int part = 0; part < 3; part++) {
+                float *gp = qkv_part(g_dqkv[0], part, B, T, C), *cp = qkv_part(dqkv_c, part, B, T, C);
+                snprintf(what, sizeof(what), "attention_backward %s %s", names[part], tag);
+                expect_close(what, gp, cp, NC, 4 * tol_sum(T));
+                free(gp), free(cp);
+            }
+            snprintf(what, sizeof(what), "attention_backward dqkv %s", tag);
+            expect_identical(what, g_dqkv[0], g_dqkv[1], 3 * NC * sizeof(float));
+            float *db_ref = host_zeros(3 * C);
+            for (int c = 0; c < 3 * C; c++) {
+                double sum = 0.0;
+                for (int r = 0; r < N; r++) sum += g_dqkv[0][(size_t)r * 3 * C + c];
+                db_ref[c] = (float)sum;
+            }
+            snprintf(what, sizeof(what), "attention_backward bias partials + finish %s", tag);
+            expect_close(what, g_db[0], db_ref, 3 * C, tol_sum(N));
+            expect_identical(what, g_db[0], g_db[1], 3 * C * sizeof(float));
+            for (int run = 0; run < 2; run++) free(g_out[run]), free(g_att[run]), free(g_dqkv[run]), free(g_db[run]);
+            free(qkv), free(bias), free(qkvb), free(keep), free(out_c), free(att_c), free(dout), free(dqkv_c);
+            free(db_ref);
+            dfree(d_qkv), dfree(d_out), dfree(d_att), dfree(d_dout), dfree(d_dqkv), dfree(d_part), dfree(d_db);
+            if (d_bias) dfree(d_bias);
+            if (d_keep) dfree(d_keep);
+        }
+}
+
 // ---- Cross-entropy ---------------------------------------------------------------------------------------
 
 static int argmax_first(const float *x, int V) {  // the CPU's rule: lowest index on ties
@@ -866,6 +952,7 @@ int main(int argc, char **argv) {
     test_embedding();
     test_layernorm();
     test_attention();
+    test_attention_fused();
     test_crossentropy();
     test_grad_norm();
     test_adam();

@@ -140,6 +140,7 @@ static size_t scratch_floats(const ModelConfig *c, int max_B) {
         int N = b * c->max_seq;
         for (int i = 0; i < 4; i++) most = MLM_MAX(most, cuda_column_sums_scratch(N, ocs[i]));
         most = MLM_MAX(most, cuda_layernorm_backward_scratch(N, c->d_model));
+        most = MLM_MAX(most, cuda_attention_bias_scratch(b, c->d_model));  // fused attention's bias partials
     }
     return MLM_MAX(most, (size_t)1);
 }
@@ -476,6 +477,7 @@ static void forward_impl(CudaModel *m, int B, const CudaRandom *rnd) {
     float ds = m->drop_scale;
     float att_scale = 1.0f / sqrtf((float)hs);
     long long sT = (long long)T * hs, sTT = (long long)T * T;
+    int fused_att = cuda_attention_fused_fits(T, C, H);  // short sequences: the one-kernel attention
     char name[64];
 
     nvtxRangePushA("forward");
@@ -497,16 +499,23 @@ static void forward_impl(CudaModel *m, int B, const CudaRandom *rnd) {
         // x = x + Drop(OutProj(MHA(LN1(x))))
         cuda_layernorm_forward(ln1, ln1_mean, ln1_rstd, x, p->ln1_w + lc, p->ln1_b + lc, N, C, c->ln_eps, m->stream);
         matmul_forward(m, qkv, ln1, p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
-        cuda_add_bias(qkv, qkv, p->qkv_b + 3 * lc, BT * 3 * C, 3 * C, m->stream);
-        cuda_qkv_split_heads(a->q, a->k, a->v, qkv, B, T, C, H, m->stream);
-        // scores[bh] = Q K^T (row-major [T, T]) = column-major K^T' Q: op(K) = T.
-        gemm_batched(m, CUBLAS_OP_T, CUBLAS_OP_N, T, T, hs, a->k, hs, sT, a->q, hs, sT, att, T, sTT, BH);
-        uint8_t *keep = site_mask(m, rnd, a->keep_att + l * maxBT * H * T, l, DROP_ATTN_PROBS, BHTT);
-        cuda_softmax_forward(att, keep ? a->att_drop : NULL, keep, ds, att_scale, BH, T, m->stream);
-        const float *pv = keep ? a->att_drop : att;
-        // yh[bh] = P V (row-major [T, hs]) = column-major V' P'.
-        gemm_batched(m, CUBLAS_OP_N, CUBLAS_OP_N, hs, T, T, a->v, hs, sT, pv, T, sTT, a->yh, hs, sT, BH);
-        cuda_heads_to_rows(atty, a->yh, B, T, C, H, m->stream);
+        uint8_t *keep;
+        if (fused_att) {
+            // One kernel per (batch, head); qkv stays without its bias (the kernels add it when they load).
+            keep = site_mask(m, rnd, a->keep_att + l * maxBT * H * T, l, DROP_ATTN_PROBS, BHTT);
+            cuda_attention_forward(atty, att, qkv, p->qkv_b + 3 * lc, keep, ds, B, T, C, H, m->stream);
+        } else {
+            cuda_add_bias(qkv, qkv, p->qkv_b + 3 * lc, BT * 3 * C, 3 * C, m->stream);
+            cuda_qkv_split_heads(a->q, a->k, a->v, qkv, B, T, C, H, m->stream);
+            // scores[bh] = Q K^T (row-major [T, T]) = column-major K^T' Q: op(K) = T.
+            gemm_batched(m, CUBLAS_OP_T, CUBLAS_OP_N, T, T, hs, a->k, hs, sT, a->q, hs, sT, att, T, sTT, BH);
+            keep = site_mask(m, rnd, a->keep_att + l * maxBT * H * T, l, DROP_ATTN_PROBS, BHTT);
+            cuda_softmax_forward(att, keep ? a->att_drop : NULL, keep, ds, att_scale, BH, T, m->stream);
+            const float *pv = keep ? a->att_drop : att;
+            // yh[bh] = P V (row-major [T, hs]) = column-major V' P'.
+            gemm_batched(m, CUBLAS_OP_N, CUBLAS_OP_N, hs, T, T, a->v, hs, sT, pv, T, sTT, a->yh, hs, sT, BH);
+            cuda_heads_to_rows(atty, a->yh, B, T, C, H, m->stream);
+        }
         matmul_forward(m, a->proj, atty, p->out_w + (size_t)l * C * C, N, C, C);
         keep = site_mask(m, rnd, a->keep_res1 + l * maxBT * C, l, DROP_ATTN_RESID, BT * C);
         cuda_residual_dropout_forward(res1, x, a->proj, p->out_b + lc, keep, ds, BT * C, C, m->stream);
@@ -550,6 +559,7 @@ static void backward_impl(CudaModel *m) {
     float ds = m->drop_scale;
     float att_scale = 1.0f / sqrtf((float)hs);
     long long sT = (long long)T * hs, sTT = (long long)T * T;
+    int fused_att = cuda_attention_fused_fits(T, C, H);  // as the forward
     char name[64];
 
     nvtxRangePushA("backward");
@@ -592,26 +602,36 @@ static void backward_impl(CudaModel *m) {
         cuda_residual_dropout_backward(a->dproj, a->dres, keep_res1, ds, BT * C, m->stream);
         linear_backward(m, a->datty, g->out_w + (size_t)l * C * C, g->out_b + lc, a->dproj, atty,
                         p->out_w + (size_t)l * C * C, N, C, C);
-        // Per head: dyh from the concatenated rows; Q, K, V again from the saved qkv (a cheap shuffle instead
-        // of three more saved tensors per layer); the dropped probabilities again from att and the mask
-        // (att * keep * scale, bit-identical to the forward's: keep is 0 or 1 and att >= 0).
-        cuda_rows_to_heads(a->dyh, a->datty, B, T, C, H, m->stream);
-        cuda_qkv_split_heads(a->q, a->k, a->v, qkv, B, T, C, H, m->stream);
-        const float *pv = att;
-        if (keep_att) {
-            cuda_residual_dropout_backward(a->att_drop, att, keep_att, ds, BHTT, m->stream);
-            pv = a->att_drop;
+        float *dqkv_b = g->qkv_b + 3 * lc;  // summed by linear_backward unless the fused kernel did it
+        if (fused_att) {
+            // One kernel per (batch, head) from the saved qkv (without bias) and probabilities; the qkv bias
+            // gradient from its per-sequence partial sums.
+            cuda_attention_backward(a->dqkv, a->scratch, a->datty, qkv, p->qkv_b + 3 * lc, att, keep_att, ds, B, T,
+                                    C, H, m->stream);
+            cuda_column_sums_finish(dqkv_b, a->scratch, B, 3 * C, m->stream);
+            dqkv_b = NULL;
+        } else {
+            // Per head: dyh from the concatenated rows; Q, K, V again from the saved qkv (a cheap shuffle instead
+            // of three more saved tensors per layer); the dropped probabilities again from att and the mask
+            // (att * keep * scale, bit-identical to the forward's: keep is 0 or 1 and att >= 0).
+            cuda_rows_to_heads(a->dyh, a->datty, B, T, C, H, m->stream);
+            cuda_qkv_split_heads(a->q, a->k, a->v, qkv, B, T, C, H, m->stream);
+            const float *pv = att;
+            if (keep_att) {
+                cuda_residual_dropout_backward(a->att_drop, att, keep_att, ds, BHTT, m->stream);
+                pv = a->att_drop;
+            }
+            // datt[bh] = dY V^T ([T, T]); dV[bh] = P^T dY ([T, hs]).
+            gemm_batched(m, CUBLAS_OP_T, CUBLAS_OP_N, T, T, hs, a->v, hs, sT, a->dyh, hs, sT, a->datt, T, sTT, BH);
+            gemm_batched(m, CUBLAS_OP_N, CUBLAS_OP_T, hs, T, T, a->dyh, hs, sT, pv, T, sTT, a->dv, hs, sT, BH);
+            // d scores (in place): undo the dropout, the softmax and the 1/sqrt(hs) scale.
+            cuda_softmax_backward(a->datt, a->datt, att, keep_att, ds, att_scale, BH, T, m->stream);
+            // dQ[bh] = dS K; dK[bh] = dS^T Q.
+            gemm_batched(m, CUBLAS_OP_N, CUBLAS_OP_N, hs, T, T, a->k, hs, sT, a->datt, T, sTT, a->dq, hs, sT, BH);
+            gemm_batched(m, CUBLAS_OP_N, CUBLAS_OP_T, hs, T, T, a->q, hs, sT, a->datt, T, sTT, a->dk, hs, sT, BH);
+            cuda_qkv_merge_heads(a->dqkv, a->dq, a->dk, a->dv, B, T, C, H, m->stream);
         }
-        // datt[bh] = dY V^T ([T, T]); dV[bh] = P^T dY ([T, hs]).
-        gemm_batched(m, CUBLAS_OP_T, CUBLAS_OP_N, T, T, hs, a->v, hs, sT, a->dyh, hs, sT, a->datt, T, sTT, BH);
-        gemm_batched(m, CUBLAS_OP_N, CUBLAS_OP_T, hs, T, T, a->dyh, hs, sT, pv, T, sTT, a->dv, hs, sT, BH);
-        // d scores (in place): undo the dropout, the softmax and the 1/sqrt(hs) scale.
-        cuda_softmax_backward(a->datt, a->datt, att, keep_att, ds, att_scale, BH, T, m->stream);
-        // dQ[bh] = dS K; dK[bh] = dS^T Q.
-        gemm_batched(m, CUBLAS_OP_N, CUBLAS_OP_N, hs, T, T, a->k, hs, sT, a->datt, T, sTT, a->dq, hs, sT, BH);
-        gemm_batched(m, CUBLAS_OP_N, CUBLAS_OP_T, hs, T, T, a->q, hs, sT, a->datt, T, sTT, a->dk, hs, sT, BH);
-        cuda_qkv_merge_heads(a->dqkv, a->dq, a->dk, a->dv, B, T, C, H, m->stream);
-        linear_backward(m, a->dln, g->qkv_w + (size_t)l * 3 * C * C, g->qkv_b + 3 * lc, a->dqkv, ln1,
+        linear_backward(m, a->dln, g->qkv_w + (size_t)l * 3 * C * C, dqkv_b, a->dqkv, ln1,
                         p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
         cuda_layernorm_backward(a->dres, g->ln1_w + lc, g->ln1_b + lc, a->dln, x, p->ln1_w + lc, ln1_mean, ln1_rstd,
                                 N, C, a->scratch, m->stream);

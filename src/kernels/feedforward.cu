@@ -172,3 +172,9 @@ extern "C" void cuda_column_sums_accumulate(float *sums, const float *x, int N, 
     column_sums_finish_kernel<<<(unsigned)((C + 255) / 256), 256, 0, stream>>>(sums, scratch, chunks, C);
     CUDA_CHECK_LAUNCH();
 }
+
+extern "C" void cuda_column_sums_finish(float *sums, const float *partial, int chunks, int C, cudaStream_t stream) {
+    if (chunks <= 0 || C <= 0) return;
+    column_sums_finish_kernel<<<(unsigned)((C + 255) / 256), 256, 0, stream>>>(sums, partial, chunks, C);
+    CUDA_CHECK_LAUNCH();
+}

@@ -47,6 +47,9 @@ void cuda_add_bias(float *out, const float *x, const float *bias, size_t n, int 
 // cuda_column_sums_scratch(N, C) floats.
 size_t cuda_column_sums_scratch(int N, int C);
 void cuda_column_sums_accumulate(float *sums, const float *x, int N, int C, float *scratch, cudaStream_t stream);
+// sums[C] += sum over k of partial[k, C], k in order (the second pass of the column sums, for kernels that
+// write their own per-chunk partial sums).
+void cuda_column_sums_finish(float *sums, const float *partial, int chunks, int C, cudaStream_t stream);
 
 // ---- Embedding (embedding.cu) -------------------------------------------------------------------------
 // out[B,T,C] = tok_emb[tokens[b,t]] * sqrt(C) + pe[t].
@@ -84,6 +87,20 @@ void cuda_qkv_merge_heads(float *dqkv, const float *dq, const float *dk, const f
 // out[B,T,C] (heads concatenated) from y[B,H,T,hs], and its inverse.
 void cuda_heads_to_rows(float *out, const float *y, int B, int T, int C, int H, cudaStream_t stream);
 void cuda_rows_to_heads(float *y, const float *in, int B, int T, int C, int H, cudaStream_t stream);
+// Fused attention for short sequences (one block per (batch, head), everything in shared memory): 1 when
+// T <= 64 and the head fits in 48 KiB of shared memory, else the model takes the path above.
+int cuda_attention_fused_fits(int T, int C, int H);
+// out[B,T,C] (heads concatenated) and att[B,H,T,T] (softmax probabilities, before dropout) from qkv[B,T,3C]
+// plus qkv_bias[3C] (may be NULL); keep[B,H,T,T] (NULL = no dropout). Twin: the bias add, then attention_forward.
+void cuda_attention_forward(float *out, float *att, const float *qkv, const float *qkv_bias, const uint8_t *keep,
+                            float drop_scale, int B, int T, int C, int H, cudaStream_t stream);
+// dqkv[B,T,3C] (overwritten) from dout[B,T,C], the forward's qkv, qkv_bias, att and keep; bias_partial[B,3C]
+// (may be NULL; cuda_attention_bias_scratch(B, C) floats) receives per-sequence column sums of dqkv, which
+// cuda_column_sums_finish(dqkv_bias, bias_partial, B, 3C) adds to the bias gradient. Twin: attention_backward.
+size_t cuda_attention_bias_scratch(int B, int C);
+void cuda_attention_backward(float *dqkv, float *bias_partial, const float *dout, const float *qkv,
+                             const float *qkv_bias, const float *att, const uint8_t *keep, float drop_scale, int B,
+                             int T, int C, int H, cudaStream_t stream);
 
 // ---- Cross-entropy (loss.cu) --------------------------------------------------------------------------
 // Fused softmax + loss + gradient over logits[N,V]: losses[N] (0 on ignored rows), correct[N] (1 where argmax
