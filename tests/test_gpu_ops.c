@@ -480,6 +480,63 @@ static void test_layernorm(void) {
         }
 }
 
+// Residual add + dropout fused into LayerNorm: res_out bit-exact against the CPU twin's residual, every output
+// bit-exact against the two unfused kernels (the same per-lane arithmetic), and LN outputs against the twin with
+// the LayerNorm tolerances above. C 2000 runs 6 rows per block (shared memory), C 12300 the unfused fallback.
+static void test_residual_layernorm(void) {
+    printf("residual add + dropout + layernorm forward (fused) vs residual_layernorm_forward and the unfused kernels:\n");
+    const int shapes[][2] = {{1, 8}, {7, 128}, {2053, 130}, {13, 2000}, {2, 12300}};
+    const float p = 0.1f, scale = dropout_scale(p), eps = 1e-5f;
+    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
+        for (int variant = 0; variant < 2; variant++) {  // 0: no bias, no dropout; 1: both
+            int N = shapes[s][0], C = shapes[s][1];
+            size_t n = (size_t)N * C;
+            char tag[96], what[200];
+            snprintf(tag, sizeof(tag), "N %d C %d bias+keep %d", N, C, variant);
+            uint8_t *d_keep = NULL, *keep = variant ? make_keep(n, p, &d_keep) : NULL;
+            float sc = variant ? scale : 1.0f;
+            float *res = host_rand(n, 1.0f, 3.0f), *y0 = host_rand(n, -1.0f, 1.0f), *bias = host_rand(C, -0.5f, 0.5f);
+            float *w = host_rand(C, 0.5f, 1.5f), *bb = host_rand(C, -0.5f, 0.5f), *y = host_copy(y0, n);
+            if (variant)
+                for (size_t i = 0; i < n; i++) y[i] = y[i] + bias[i % C];
+            float *res_out = host_zeros(n), *ln = host_zeros(n), *mean = host_zeros(N), *rstd = host_zeros(N);
+            residual_layernorm_forward(res_out, ln, mean, rstd, res, y, keep, sc, w, bb, N, C, eps);
+            float *d_res = dup_f(res, n), *d_y = dup_f(y0, n), *d_bias = variant ? dup_f(bias, C) : NULL;
+            float *d_w = dup_f(w, C), *d_b = dup_f(bb, C);
+            float *d_ro = dmalloc(n * sizeof(float)), *d_ln = dmalloc(n * sizeof(float));
+            float *d_mean = dmalloc(N * sizeof(float)), *d_rstd = dmalloc(N * sizeof(float));
+            // The unfused pair first, as the reference for bit identity.
+            cuda_residual_dropout_forward(d_ro, d_res, d_y, d_bias, d_keep, sc, n, C, st);
+            cuda_layernorm_forward(d_ln, d_mean, d_rstd, d_ro, d_w, d_b, N, C, eps, st);
+            float *u_ro = fetch_f(d_ro, n), *u_ln = fetch_f(d_ln, n), *u_mean = fetch_f(d_mean, N);
+            float *u_rstd = fetch_f(d_rstd, N);
+            CUDA_CHECK(cudaMemset(d_ro, 0, n * sizeof(float)));
+            CUDA_CHECK(cudaMemset(d_ln, 0, n * sizeof(float)));
+            cuda_residual_layernorm_forward(d_ro, d_ln, d_mean, d_rstd, d_res, d_y, d_bias, d_keep, sc, d_w, d_b, N, C,
+                                            eps, st);
+            float *g_ro = fetch_f(d_ro, n), *g_ln = fetch_f(d_ln, n), *g_mean = fetch_f(d_mean, N);
+            float *g_rstd = fetch_f(d_rstd, N);
+            snprintf(what, sizeof(what), "residual_layernorm res_out vs twin %s", tag);
+            expect_equal(what, g_ro, res_out, n);
+            snprintf(what, sizeof(what), "residual_layernorm vs unfused kernels %s", tag);
+            expect_equal(what, g_ro, u_ro, n);
+            expect_equal(what, g_ln, u_ln, n);
+            expect_equal(what, g_mean, u_mean, N);
+            expect_equal(what, g_rstd, u_rstd, N);
+            snprintf(what, sizeof(what), "residual_layernorm out vs twin %s", tag);
+            expect_close(what, g_ln, ln, n, 2 * tol_sum(C));
+            snprintf(what, sizeof(what), "residual_layernorm mean, rstd vs twin %s", tag);
+            expect_close(what, g_mean, mean, N, tol_sum(C));
+            expect_close(what, g_rstd, rstd, N, tol_sum(C));
+            free(keep), free(res), free(y0), free(bias), free(w), free(bb), free(y), free(res_out), free(ln);
+            free(mean), free(rstd), free(u_ro), free(u_ln), free(u_mean), free(u_rstd), free(g_ro), free(g_ln);
+            free(g_mean), free(g_rstd);
+            dfree(d_res), dfree(d_y), dfree(d_w), dfree(d_b), dfree(d_ro), dfree(d_ln), dfree(d_mean), dfree(d_rstd);
+            if (d_bias) dfree(d_bias);
+            if (d_keep) dfree(d_keep);
+        }
+}
+
 // ---- Attention ------------------------------------------------------------------------------------------
 // The GPU path is split_heads -> (scores = Q K^T: cuBLAS in the model, double here) -> softmax_forward ->
 // (P V: double here) -> heads_to_rows, and backward rows_to_heads -> (dP = dY V^T) -> softmax_backward ->
@@ -951,6 +1008,7 @@ int main(int argc, char **argv) {
     test_column_sums();
     test_embedding();
     test_layernorm();
+    test_residual_layernorm();
     test_attention();
     test_attention_fused();
     test_crossentropy();

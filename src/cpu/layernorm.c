@@ -28,6 +28,13 @@ void layernorm_forward(float *out, float *mean, float *rstd, const float *inp, c
     }
 }
 
+void residual_layernorm_forward(float *res_out, float *ln_out, float *mean, float *rstd, const float *res,
+                                const float *y, const uint8_t *keep, float scale, const float *w, const float *b,
+                                int N, int C, float eps) {
+    residual_dropout_forward(res_out, res, y, keep, scale, (size_t)N * C);
+    layernorm_forward(ln_out, mean, rstd, res_out, w, b, N, C, eps);
+}
+
 // Columns per task of the weight/bias gradient: each task owns whole columns and sums the rows in order.
 enum { LN_CHANNEL_BLOCK = 16 };
 

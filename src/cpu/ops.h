@@ -61,6 +61,11 @@ void embedding_backward(float *dtok_emb, const float *dout, const int *tokens, i
 // out[N,C] = (inp - mean) * rstd * w + b with the biased variance (as PyTorch); saves mean[N], rstd[N].
 void layernorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *w, const float *b,
                        int N, int C, float eps);
+// res_out[N,C] = res + dropout(y) (residual_dropout_forward), then ln_out = LayerNorm(res_out): the twin of the
+// CUDA backend's fused residual add + LayerNorm (cuda_residual_layernorm_forward).
+void residual_layernorm_forward(float *res_out, float *ln_out, float *mean, float *rstd, const float *res,
+                                const float *y, const uint8_t *keep, float scale, const float *w, const float *b,
+                                int N, int C, float eps);
 // dinp[N,C] +=, dw[C] +=, db[C] +=.
 void layernorm_backward(float *dinp, float *dw, float *db, const float *dout, const float *inp, const float *w,
                         const float *mean, const float *rstd, int N, int C);

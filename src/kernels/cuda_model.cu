@@ -496,8 +496,10 @@ static void forward_impl(CudaModel *m, int B, const CudaRandom *rnd) {
         float *fch = a->fch + l * maxBT * F;
         float *res2 = a->res2 + l * maxBT * C;
 
-        // x = x + Drop(OutProj(MHA(LN1(x))))
-        cuda_layernorm_forward(ln1, ln1_mean, ln1_rstd, x, p->ln1_w + lc, p->ln1_b + lc, N, C, c->ln_eps, m->stream);
+        // x = x + Drop(OutProj(MHA(LN1(x)))); LN1 of a later layer was fused into the previous residual add.
+        if (l == 0)
+            cuda_layernorm_forward(ln1, ln1_mean, ln1_rstd, x, p->ln1_w + lc, p->ln1_b + lc, N, C, c->ln_eps,
+                                   m->stream);
         matmul_forward(m, qkv, ln1, p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
         uint8_t *keep;
         if (fused_att) {
@@ -518,17 +520,24 @@ static void forward_impl(CudaModel *m, int B, const CudaRandom *rnd) {
         }
         matmul_forward(m, a->proj, atty, p->out_w + (size_t)l * C * C, N, C, C);
         keep = site_mask(m, rnd, a->keep_res1 + l * maxBT * C, l, DROP_ATTN_RESID, BT * C);
-        cuda_residual_dropout_forward(res1, x, a->proj, p->out_b + lc, keep, ds, BT * C, C, m->stream);
+        // The residual add fused with the LN2 that reads it.
+        cuda_residual_layernorm_forward(res1, ln2, ln2_mean, ln2_rstd, x, a->proj, p->out_b + lc, keep, ds,
+                                        p->ln2_w + lc, p->ln2_b + lc, N, C, c->ln_eps, m->stream);
 
         // x = x + Drop(Linear2(Drop(ReLU(Linear1(LN2(x))))))
-        cuda_layernorm_forward(ln2, ln2_mean, ln2_rstd, res1, p->ln2_w + lc, p->ln2_b + lc, N, C, c->ln_eps,
-                               m->stream);
         matmul_forward(m, fch, ln2, p->ff1_w + (size_t)l * F * C, N, C, F);
         keep = site_mask(m, rnd, a->keep_hidden, l, DROP_FFN_HIDDEN, BT * F);
         cuda_bias_relu_dropout_forward(fch, p->ff1_b + (size_t)l * F, keep, ds, BT * F, F, m->stream);
         matmul_forward(m, a->proj, fch, p->ff2_w + (size_t)l * C * F, N, F, C);
         keep = site_mask(m, rnd, a->keep_res2 + l * maxBT * C, l, DROP_FFN_RESID, BT * C);
-        cuda_residual_dropout_forward(res2, res1, a->proj, p->ff2_b + lc, keep, ds, BT * C, C, m->stream);
+        if (l + 1 < L) {  // the residual add fused with the next layer's LN1
+            size_t nc = lc + C, nb = (size_t)(l + 1) * maxBT;
+            cuda_residual_layernorm_forward(res2, a->ln1 + nb * C, a->ln1_mean + nb, a->ln1_rstd + nb, res1, a->proj,
+                                            p->ff2_b + lc, keep, ds, p->ln1_w + nc, p->ln1_b + nc, N, C, c->ln_eps,
+                                            m->stream);
+        } else {  // the final LayerNorm below reads it
+            cuda_residual_dropout_forward(res2, res1, a->proj, p->ff2_b + lc, keep, ds, BT * C, C, m->stream);
+        }
         x = res2;
         nvtxRangePop();
     }

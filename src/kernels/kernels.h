@@ -62,6 +62,12 @@ void cuda_embedding_backward(float *dtok_emb, const float *dout, const int *toke
 // ---- LayerNorm (layernorm.cu) -------------------------------------------------------------------------
 void cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *w, const float *b,
                             int N, int C, float eps, cudaStream_t stream);
+// res_out[N,C] = res + dropout(y + bias[col]) (bias, keep may be NULL; res_out must not alias res or y), then
+// ln_out = LayerNorm(res_out) with mean, rstd: cuda_residual_dropout_forward + cuda_layernorm_forward in one
+// pass, bit-identical to them. Twin: residual_layernorm_forward.
+void cuda_residual_layernorm_forward(float *res_out, float *ln_out, float *mean, float *rstd, const float *res,
+                                     const float *y, const float *bias, const uint8_t *keep, float scale,
+                                     const float *w, const float *b, int N, int C, float eps, cudaStream_t stream);
 // dinp[N,C] +=, dw[C] +=, db[C] += (weight/bias sums in a fixed order); scratch holds at least
 // cuda_layernorm_backward_scratch(N, C) floats.
 size_t cuda_layernorm_backward_scratch(int N, int C);

@@ -1,4 +1,5 @@
-// layernorm.cu: LayerNorm over the channel dimension (biased variance, as PyTorch), forward and backward.
+// layernorm.cu: LayerNorm over the channel dimension (biased variance, as PyTorch), forward and backward, and the
+// residual add + dropout fused into the LayerNorm that follows it.
 //
 // One warp per row for the per-row work (any C: each lane walks the row with stride 32, so loads are
 // coalesced); the weight/bias gradients are column sums over the N rows, computed without atomics by a
@@ -49,6 +50,75 @@ extern "C" void cuda_layernorm_forward(float *out, float *mean, float *rstd, con
     if (N <= 0 || C <= 0) return;
     unsigned grid = (unsigned)((N + LN_ROWS_PER_BLOCK - 1) / LN_ROWS_PER_BLOCK);
     layernorm_forward_kernel<<<grid, LN_BLOCK, 0, stream>>>(out, mean, rstd, inp, w, b, N, C, eps);
+    CUDA_CHECK_LAUNCH();
+}
+
+// ---- Residual add + dropout fused into the following LayerNorm (forward) ---------------------------------
+// res_out = res + dropout(y + bias[col]) (as residual_dropout_forward_kernel), then ln_out = LayerNorm(res_out)
+// (as layernorm_forward_kernel): one warp per row, the same per-lane sums, so both outputs are bit-identical to
+// the two separate kernels. The row is kept in shared memory for the variance and output passes, so it is read
+// from global memory once instead of three times (and once more by a separate LayerNorm).
+
+enum { RLN_MAX_SHMEM = 48 * 1024 };
+
+static int rln_rows_per_block(int C) {
+    int rows = (int)(RLN_MAX_SHMEM / ((size_t)C * sizeof(float)));
+    return rows < LN_ROWS_PER_BLOCK ? rows : LN_ROWS_PER_BLOCK;
+}
+
+// grid ceil(N / rows), block 32 * rows, dynamic shared memory rows * C floats.
+static __global__ void residual_layernorm_forward_kernel(float *res_out /* [N, C] */, float *ln_out /* [N, C] */,
+                                                         float *mean /* [N] */, float *rstd /* [N] */,
+                                                         const float *res /* [N, C] */, const float *y /* [N, C] */,
+                                                         const float *bias /* [C] or NULL */,
+                                                         const uint8_t *keep /* [N, C] or NULL */, float scale,
+                                                         const float *w /* [C] */, const float *b /* [C] */, int N,
+                                                         int C, float eps) {
+    extern __shared__ float rln_rows[];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int row = blockIdx.x * (blockDim.x / 32) + warp;
+    if (row >= N) return;  // whole warps leave together
+    float *xs = rln_rows + (size_t)warp * C;  // [C] this warp's row
+    size_t r0 = (size_t)row * C;
+    float sum = 0.0f;
+    for (int c = lane; c < C; c += 32) {
+        float x = y[r0 + c];
+        if (bias) x = __fadd_rn(x, bias[c]);
+        if (keep) x = __fmul_rn(x, (float)keep[r0 + c] * scale);  // the CPU's y * ((float)keep * scale)
+        x = __fadd_rn(res[r0 + c], x);
+        res_out[r0 + c] = x;
+        xs[c] = x;  // read back by this lane only
+        sum += x;
+    }
+    float m = __fdiv_rn(warp_sum(sum), (float)C);
+    float sq = 0.0f;
+    for (int c = lane; c < C; c += 32) {
+        float d = __fsub_rn(xs[c], m);
+        sq += d * d;
+    }
+    float var = __fdiv_rn(warp_sum(sq), (float)C);
+    float s = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(var, eps)));
+    for (int c = lane; c < C; c += 32) ln_out[r0 + c] = __fadd_rn(__fmul_rn(__fmul_rn(__fsub_rn(xs[c], m), s), w[c]), b[c]);
+    if (lane == 0) {
+        mean[row] = m;
+        rstd[row] = s;
+    }
+}
+
+extern "C" void cuda_residual_layernorm_forward(float *res_out, float *ln_out, float *mean, float *rstd,
+                                                const float *res, const float *y, const float *bias,
+                                                const uint8_t *keep, float scale, const float *w, const float *b,
+                                                int N, int C, float eps, cudaStream_t stream) {
+    if (N <= 0 || C <= 0) return;
+    int rows = rln_rows_per_block(C);
+    if (rows < 1) {  // a row longer than shared memory: the two kernels
+        cuda_residual_dropout_forward(res_out, res, y, bias, keep, scale, (size_t)N * C, C, stream);
+        cuda_layernorm_forward(ln_out, mean, rstd, res_out, w, b, N, C, eps, stream);
+        return;
+    }
+    unsigned grid = (unsigned)((N + rows - 1) / rows);
+    residual_layernorm_forward_kernel<<<grid, 32 * rows, (size_t)rows * C * sizeof(float), stream>>>(
+        res_out, ln_out, mean, rstd, res, y, bias, keep, scale, w, b, N, C, eps);
     CUDA_CHECK_LAUNCH();
 }
 
