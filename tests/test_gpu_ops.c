@@ -537,6 +537,101 @@ static void test_residual_layernorm(void) {
         }
 }
 
+// LayerNorm backward fused with the residual-dropout backward of its result: dinp, dw, db against the twin
+// layernorm_residual_backward (tolerances of test_layernorm); dy bit-exact against the kernel's own dinp times
+// keep * scale (THE DROPOUT RULE's product, evaluated here); the bias gradient against double column sums of the
+// kernel's own dy (TOL_SUM(N)) and the twin's (2 TOL_SUM(N)); run-to-run bit identity. C 600 takes the unfused
+// fallback (more than 512 columns).
+static void test_layernorm_residual_backward(void) {
+    printf("layernorm backward + residual-dropout backward + bias sums (fused) vs layernorm_residual_backward:\n");
+    const int Ns[] = {1, 7, 65, 2053}, Cs[] = {8, 128, 130, 600};
+    const float p = 0.1f, scale = dropout_scale(p), eps = 1e-5f;
+    for (size_t a = 0; a < sizeof(Ns) / sizeof(Ns[0]); a++)
+        for (size_t b = 0; b < sizeof(Cs) / sizeof(Cs[0]); b++)
+            for (int variant = 0; variant < 3; variant++) {  // 0: no dy; 1: dy, keep, bias; 2: dy, scale 1, no bias
+                int N = Ns[a], C = Cs[b];
+                if (quick && N == 2053 && C == 600) continue;
+                size_t n = (size_t)N * C;
+                char tag[96], what[200];
+                snprintf(tag, sizeof(tag), "N %d C %d variant %d", N, C, variant);
+                uint8_t *d_keep = NULL, *keep = variant == 1 ? make_keep(n, p, &d_keep) : NULL;
+                float sc = variant == 1 ? scale : 1.0f;
+                int with_dy = variant > 0, with_bias = variant == 1;
+                float *x = host_rand(n, 1.0f, 3.0f), *w = host_rand(C, 0.5f, 1.5f), *bb = host_rand(C, -0.5f, 0.5f);
+                float *out = host_zeros(n), *mean = host_zeros(N), *rstd = host_zeros(N);
+                layernorm_forward(out, mean, rstd, x, w, bb, N, C, eps);
+                float *dout = host_rand(n, -1.0f, 1.0f), *dinp0 = host_rand(n, -1.0f, 1.0f);
+                float *dw0 = host_rand(C, -1.0f, 1.0f), *db0 = host_rand(C, -1.0f, 1.0f), *dbias0 = host_rand(C, -1.0f, 1.0f);
+                float *dinp = host_copy(dinp0, n), *dw = host_copy(dw0, C), *db = host_copy(db0, C);
+                float *dbias = host_copy(dbias0, C), *dy = host_zeros(n);
+                if (with_dy)
+                    layernorm_residual_backward(dinp, dw, db, dout, x, w, mean, rstd, N, C, dy, keep, sc,
+                                                with_bias ? dbias : NULL);
+                else
+                    layernorm_backward(dinp, dw, db, dout, x, w, mean, rstd, N, C);
+                float *d_x = dup_f(x, n), *d_w = dup_f(w, C), *d_mean = dup_f(mean, N), *d_rstd = dup_f(rstd, N);
+                float *d_dout = dup_f(dout, n), *d_dinp = dmalloc(n * sizeof(float)), *d_dw = dmalloc(C * sizeof(float));
+                float *d_db = dmalloc(C * sizeof(float)), *d_dbias = dmalloc(C * sizeof(float));
+                float *d_dy = with_dy ? dmalloc(n * sizeof(float)) : NULL;
+                float *d_scratch = dmalloc(cuda_layernorm_backward_scratch(N, C) * sizeof(float));
+                float *g[2][5];
+                for (int run = 0; run < 2; run++) {
+                    upload(d_dinp, dinp0, n * sizeof(float));
+                    upload(d_dw, dw0, C * sizeof(float));
+                    upload(d_db, db0, C * sizeof(float));
+                    upload(d_dbias, dbias0, C * sizeof(float));
+                    cuda_layernorm_backward_residual(d_dinp, d_dw, d_db, d_dout, d_x, d_w, d_mean, d_rstd, N, C, d_dy,
+                                                     d_keep, sc, with_bias ? d_dbias : NULL, d_scratch, st);
+                    g[run][0] = fetch_f(d_dinp, n);
+                    g[run][1] = fetch_f(d_dw, C);
+                    g[run][2] = fetch_f(d_db, C);
+                    g[run][3] = fetch_f(d_dbias, C);
+                    g[run][4] = with_dy ? fetch_f(d_dy, n) : host_zeros(n);
+                }
+                snprintf(what, sizeof(what), "layernorm_residual_backward dinp %s", tag);
+                expect_close(what, g[0][0], dinp, n, tol_sum(C));
+                expect_identical(what, g[0][0], g[1][0], n * sizeof(float));
+                snprintf(what, sizeof(what), "layernorm_residual_backward dw, db %s", tag);
+                expect_close(what, g[0][1], dw, C, tol_sum(N));
+                expect_close(what, g[0][2], db, C, tol_sum(N));
+                expect_identical(what, g[0][1], g[1][1], C * sizeof(float));
+                expect_identical(what, g[0][2], g[1][2], C * sizeof(float));
+                if (with_dy) {
+                    float *want = host_zeros(n);
+                    for (size_t i = 0; i < n; i++) want[i] = g[0][0][i] * (keep ? (float)keep[i] * sc : sc);
+                    snprintf(what, sizeof(what), "layernorm_residual_backward dy = dinp * keep * scale %s", tag);
+                    expect_equal(what, g[0][4], want, n);
+                    expect_identical(what, g[0][4], g[1][4], n * sizeof(float));
+                    free(want);
+                }
+                if (with_bias) {
+                    float *want = host_zeros(C);
+                    for (int c = 0; c < C; c++) {
+                        double sum = dbias0[c];
+                        for (int r = 0; r < N; r++) sum += g[0][4][(size_t)r * C + c];
+                        want[c] = (float)sum;
+                    }
+                    snprintf(what, sizeof(what), "layernorm_residual_backward dbias vs own dy %s", tag);
+                    expect_close(what, g[0][3], want, C, tol_sum(N));
+                    snprintf(what, sizeof(what), "layernorm_residual_backward dbias vs twin %s", tag);
+                    expect_close(what, g[0][3], dbias, C, 2 * tol_sum(N));
+                    expect_identical(what, g[0][3], g[1][3], C * sizeof(float));
+                    free(want);
+                } else {
+                    snprintf(what, sizeof(what), "layernorm_residual_backward dbias untouched %s", tag);
+                    expect_equal(what, g[0][3], dbias0, C);
+                }
+                for (int run = 0; run < 2; run++)
+                    for (int k = 0; k < 5; k++) free(g[run][k]);
+                free(keep), free(x), free(w), free(bb), free(out), free(mean), free(rstd), free(dout), free(dinp0);
+                free(dw0), free(db0), free(dbias0), free(dinp), free(dw), free(db), free(dbias), free(dy);
+                dfree(d_x), dfree(d_w), dfree(d_mean), dfree(d_rstd), dfree(d_dout), dfree(d_dinp), dfree(d_dw);
+                dfree(d_db), dfree(d_dbias), dfree(d_scratch);
+                if (d_dy) dfree(d_dy);
+                if (d_keep) dfree(d_keep);
+            }
+}
+
 // ---- Attention ------------------------------------------------------------------------------------------
 // The GPU path is split_heads -> (scores = Q K^T: cuBLAS in the model, double here) -> softmax_forward ->
 // (P V: double here) -> heads_to_rows, and backward rows_to_heads -> (dP = dY V^T) -> softmax_backward ->
@@ -1009,6 +1104,7 @@ int main(int argc, char **argv) {
     test_embedding();
     test_layernorm();
     test_residual_layernorm();
+    test_layernorm_residual_backward();
     test_attention();
     test_attention_fused();
     test_crossentropy();

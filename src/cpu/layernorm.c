@@ -74,3 +74,11 @@ void layernorm_backward(float *dinp, float *dw, float *db, const float *dout, co
         }
     }
 }
+
+void layernorm_residual_backward(float *dinp, float *dw, float *db, const float *dout, const float *inp,
+                                 const float *w, const float *mean, const float *rstd, int N, int C, float *dy,
+                                 const uint8_t *keep, float scale, float *dbias) {
+    layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd, N, C);
+    residual_dropout_backward(dy, dinp, keep, scale, (size_t)N * C);
+    if (dbias) column_sums_accumulate(dbias, dy, N, C);
+}

@@ -69,6 +69,11 @@ void residual_layernorm_forward(float *res_out, float *ln_out, float *mean, floa
 // dinp[N,C] +=, dw[C] +=, db[C] +=.
 void layernorm_backward(float *dinp, float *dw, float *db, const float *dout, const float *inp, const float *w,
                         const float *mean, const float *rstd, int N, int C);
+// layernorm_backward, then dy[N,C] = residual_dropout_backward(dinp) and dbias[C] += its column sums (dbias may
+// be NULL): the twin of the CUDA backend's fused cuda_layernorm_backward_residual.
+void layernorm_residual_backward(float *dinp, float *dw, float *db, const float *dout, const float *inp,
+                                 const float *w, const float *mean, const float *rstd, int N, int C, float *dy,
+                                 const uint8_t *keep, float scale, float *dbias);
 
 // ---- Linear (matmul.c) -------------------------------------------------------------------------------
 // out[N,OC] = inp[N,IC] * w[OC,IC]^T + b[OC] (b may be NULL).

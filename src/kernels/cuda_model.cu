@@ -597,19 +597,26 @@ static void backward_impl(CudaModel *m) {
         const uint8_t *keep_res1 = m->dropout_on ? a->keep_res1 + l * maxBT * C : NULL;
         const uint8_t *keep_res2 = m->dropout_on ? a->keep_res2 + l * maxBT * C : NULL;
 
-        // FFN block: dres is d(res2); the skip path passes it on unchanged to d(res1).
-        cuda_residual_dropout_backward(a->dproj, a->dres, keep_res2, ds, BT * C, m->stream);
-        linear_backward(m, a->dfch, g->ff2_w + (size_t)l * C * F, g->ff2_b + lc, a->dproj, fch,
+        // FFN block: dres is d(res2); the skip path passes it on unchanged to d(res1). dproj = d(FFN output):
+        // below the top layer, the LN1 backward of the layer above wrote it and summed the ff2 bias gradient.
+        float *dff2_b = NULL;
+        if (l == L - 1) {
+            cuda_residual_dropout_backward(a->dproj, a->dres, keep_res2, ds, BT * C, m->stream);
+            dff2_b = g->ff2_b + lc;
+        }
+        linear_backward(m, a->dfch, g->ff2_w + (size_t)l * C * F, dff2_b, a->dproj, fch,
                         p->ff2_w + (size_t)l * C * F, N, F, C);
         cuda_relu_dropout_backward(a->dfch, fch, ds, BT * F, m->stream);
         linear_backward(m, a->dln, g->ff1_w + (size_t)l * F * C, g->ff1_b + (size_t)l * F, a->dfch, ln2,
                         p->ff1_w + (size_t)l * F * C, N, C, F);
-        cuda_layernorm_backward(a->dres, g->ln2_w + lc, g->ln2_b + lc, a->dln, res1, p->ln2_w + lc, ln2_mean,
-                                ln2_rstd, N, C, a->scratch, m->stream);
+        // LN2's backward also writes dproj = d(attention output) = dropout backward of d(res1), and its column
+        // sums into the output projection's bias gradient.
+        cuda_layernorm_backward_residual(a->dres, g->ln2_w + lc, g->ln2_b + lc, a->dln, res1, p->ln2_w + lc, ln2_mean,
+                                         ln2_rstd, N, C, a->dproj, keep_res1, ds, g->out_b + lc, a->scratch,
+                                         m->stream);
 
         // Attention block: dres is now d(res1); the skip path passes it on to d(x).
-        cuda_residual_dropout_backward(a->dproj, a->dres, keep_res1, ds, BT * C, m->stream);
-        linear_backward(m, a->datty, g->out_w + (size_t)l * C * C, g->out_b + lc, a->dproj, atty,
+        linear_backward(m, a->datty, g->out_w + (size_t)l * C * C, NULL, a->dproj, atty,
                         p->out_w + (size_t)l * C * C, N, C, C);
         float *dqkv_b = g->qkv_b + 3 * lc;  // summed by linear_backward unless the fused kernel did it
         if (fused_att) {
@@ -642,8 +649,15 @@ static void backward_impl(CudaModel *m) {
         }
         linear_backward(m, a->dln, g->qkv_w + (size_t)l * 3 * C * C, dqkv_b, a->dqkv, ln1,
                         p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
-        cuda_layernorm_backward(a->dres, g->ln1_w + lc, g->ln1_b + lc, a->dln, x, p->ln1_w + lc, ln1_mean, ln1_rstd,
-                                N, C, a->scratch, m->stream);
+        if (l > 0) {  // LN1's backward also starts the FFN block of the layer below (as LN2's above)
+            const uint8_t *keep_below = m->dropout_on ? a->keep_res2 + (size_t)(l - 1) * maxBT * C : NULL;
+            cuda_layernorm_backward_residual(a->dres, g->ln1_w + lc, g->ln1_b + lc, a->dln, x, p->ln1_w + lc, ln1_mean,
+                                             ln1_rstd, N, C, a->dproj, keep_below, ds, g->ff2_b + lc - C, a->scratch,
+                                             m->stream);
+        } else {
+            cuda_layernorm_backward(a->dres, g->ln1_w + lc, g->ln1_b + lc, a->dln, x, p->ln1_w + lc, ln1_mean,
+                                    ln1_rstd, N, C, a->scratch, m->stream);
+        }
         nvtxRangePop();
     }
     cuda_embedding_backward(g->tok_emb, a->dres, a->inputs, B, T, C, V, m->stream);

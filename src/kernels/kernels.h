@@ -74,6 +74,15 @@ size_t cuda_layernorm_backward_scratch(int N, int C);
 void cuda_layernorm_backward(float *dinp, float *dw, float *db, const float *dout, const float *inp, const float *w,
                              const float *mean, const float *rstd, int N, int C, float *scratch,
                              cudaStream_t stream);
+// cuda_layernorm_backward fused with the residual-dropout backward of its result: after dinp +=, dy[N,C] =
+// dinp * keep * scale (keep NULL: dinp * scale) and dbias[C] += column sums of dy (dbias may be NULL; dy NULL:
+// the plain backward). One kernel plus the sums' second pass, with the arithmetic and summation order of
+// cuda_layernorm_backward, cuda_residual_dropout_backward and cuda_column_sums_accumulate in turn. Twin:
+// layernorm_residual_backward.
+void cuda_layernorm_backward_residual(float *dinp, float *dw, float *db, const float *dout, const float *inp,
+                                      const float *w, const float *mean, const float *rstd, int N, int C, float *dy,
+                                      const uint8_t *keep, float scale, float *dbias, float *scratch,
+                                      cudaStream_t stream);
 
 // ---- Attention softmax (attention.cu) -----------------------------------------------------------------
 // In place on scores[B*H, T, T] (Q K^T, unscaled, from cuBLAS): att = softmax(scores * scale) over the last
