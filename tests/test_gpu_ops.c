@@ -380,6 +380,66 @@ static void test_column_sums(void) {
         }
 }
 
+// The ReLU/dropout and residual-dropout backward ops fused with the column sums of their result: the elementwise
+// result bit-exact against the twins (relu_dropout_backward_sums, residual_dropout_backward_sums), the sums against
+// the twins (TOL_SUM(N)) and bit for bit against cuda_column_sums_accumulate of the same result (same partition
+// and order); run-to-run bit identity.
+static void test_backward_sums(void) {
+    printf("relu/residual dropout backward + bias column sums (fused) vs the twins:\n");
+    const int shapes[][2] = {{1, 8}, {7, 256}, {65, 67}, {2053, 130}};
+    const float p = 0.1f, scale = dropout_scale(p);
+    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
+        for (int with_keep = 0; with_keep < 2; with_keep++) {
+            int N = shapes[s][0], C = shapes[s][1];
+            size_t n = (size_t)N * C;
+            char tag[96], what[200];
+            snprintf(tag, sizeof(tag), "N %d C %d keep %d", N, C, with_keep);
+            uint8_t *d_keep = NULL, *keep = with_keep ? make_keep(n, p, &d_keep) : NULL;
+            float sc = with_keep ? scale : 1.0f;
+            float *scratch = dmalloc(cuda_column_sums_scratch(N, C) * sizeof(float));
+            for (int relu = 0; relu < 2; relu++) {
+                const char *name = relu ? "relu_dropout_backward_sums" : "residual_dropout_backward_sums";
+                float *h = host_rand(n, -1.0f, 1.0f);
+                relu_dropout_forward(h, keep, sc, n);  // the forward's output: positive exactly where kept
+                float *din = host_rand(n, -1.0f, 1.0f), *sums0 = host_rand(C, -1.0f, 1.0f);
+                float *want = host_copy(din, n), *want_s = host_copy(sums0, C);
+                if (relu) relu_dropout_backward_sums(want, h, sc, N, C, want_s);
+                else residual_dropout_backward_sums(want, din, keep, sc, N, C, want_s);
+                float *d_h = dup_f(h, n), *d_in = dup_f(din, n), *d_out = dmalloc(n * sizeof(float));
+                float *d_s = dmalloc(C * sizeof(float));
+                float *g[2], *gs[2];
+                for (int run = 0; run < 2; run++) {
+                    upload(d_s, sums0, C * sizeof(float));
+                    if (relu) {
+                        upload(d_out, din, n * sizeof(float));  // in place
+                        cuda_relu_dropout_backward_sums(d_out, d_h, sc, N, C, d_s, scratch, st);
+                    } else {
+                        cuda_residual_dropout_backward_sums(d_out, d_in, d_keep, sc, N, C, d_s, scratch, st);
+                    }
+                    g[run] = fetch_f(d_out, n);
+                    gs[run] = fetch_f(d_s, C);
+                }
+                snprintf(what, sizeof(what), "%s result %s", name, tag);
+                expect_equal(what, g[0], want, n);
+                expect_identical(what, g[0], g[1], n * sizeof(float));
+                snprintf(what, sizeof(what), "%s sums vs twin %s", name, tag);
+                expect_close(what, gs[0], want_s, C, tol_sum(N));
+                expect_identical(what, gs[0], gs[1], C * sizeof(float));
+                upload(d_s, sums0, C * sizeof(float));
+                cuda_column_sums_accumulate(d_s, d_out, N, C, scratch, st);
+                float *u = fetch_f(d_s, C);
+                snprintf(what, sizeof(what), "%s sums vs column_sums_accumulate %s", name, tag);
+                expect_equal(what, gs[0], u, C);
+                free(u), free(h), free(din), free(sums0), free(want), free(want_s);
+                for (int run = 0; run < 2; run++) free(g[run]), free(gs[run]);
+                dfree(d_h), dfree(d_in), dfree(d_out), dfree(d_s);
+            }
+            free(keep);
+            dfree(scratch);
+            if (d_keep) dfree(d_keep);
+        }
+}
+
 // ---- Embedding ------------------------------------------------------------------------------------------
 
 static void test_embedding(void) {
@@ -1101,6 +1161,7 @@ int main(int argc, char **argv) {
     test_dropout_rule();
     test_feedforward();
     test_column_sums();
+    test_backward_sums();
     test_embedding();
     test_layernorm();
     test_residual_layernorm();

@@ -50,6 +50,12 @@ void residual_dropout_forward(float *out, const float *res, const float *y, cons
 // dy[n] = dout * keep * scale (the residual branch's gradient; the skip path's gradient is dout itself).
 void residual_dropout_backward(float *dy, const float *dout, const uint8_t *keep, float scale, size_t n);
 
+// relu_dropout_backward / residual_dropout_backward over [N, C] rows, then dbias[C] += column sums of the result:
+// the twins of the CUDA backend's fused cuda_relu_dropout_backward_sums / cuda_residual_dropout_backward_sums.
+void relu_dropout_backward_sums(float *dh, const float *h, float scale, int N, int C, float *dbias);
+void residual_dropout_backward_sums(float *dy, const float *dout, const uint8_t *keep, float scale, int N, int C,
+                                    float *dbias);
+
 // ---- Embedding (embedding.c) -------------------------------------------------------------------------
 // out[B,T,C] = tok_emb[tokens[b,t]] * sqrt(C) + pe[t]; fatal error on a token outside [0, V).
 void embedding_forward(float *out, const int *tokens, const float *tok_emb, const float *pe, int B, int T,

@@ -597,18 +597,18 @@ static void backward_impl(CudaModel *m) {
         const uint8_t *keep_res1 = m->dropout_on ? a->keep_res1 + l * maxBT * C : NULL;
         const uint8_t *keep_res2 = m->dropout_on ? a->keep_res2 + l * maxBT * C : NULL;
 
-        // FFN block: dres is d(res2); the skip path passes it on unchanged to d(res1). dproj = d(FFN output):
-        // below the top layer, the LN1 backward of the layer above wrote it and summed the ff2 bias gradient.
-        float *dff2_b = NULL;
-        if (l == L - 1) {
-            cuda_residual_dropout_backward(a->dproj, a->dres, keep_res2, ds, BT * C, m->stream);
-            dff2_b = g->ff2_b + lc;
-        }
-        linear_backward(m, a->dfch, g->ff2_w + (size_t)l * C * F, dff2_b, a->dproj, fch,
-                        p->ff2_w + (size_t)l * C * F, N, F, C);
-        cuda_relu_dropout_backward(a->dfch, fch, ds, BT * F, m->stream);
-        linear_backward(m, a->dln, g->ff1_w + (size_t)l * F * C, g->ff1_b + (size_t)l * F, a->dfch, ln2,
-                        p->ff1_w + (size_t)l * F * C, N, C, F);
+        // FFN block: dres is d(res2); the skip path passes it on unchanged to d(res1). dproj = d(FFN output),
+        // its column sums in the ff2 bias gradient: here for the top layer, below it by the LN1 backward of the
+        // layer above.
+        if (l == L - 1)
+            cuda_residual_dropout_backward_sums(a->dproj, a->dres, keep_res2, ds, N, C, g->ff2_b + lc, a->scratch,
+                                                m->stream);
+        linear_backward(m, a->dfch, g->ff2_w + (size_t)l * C * F, NULL, a->dproj, fch, p->ff2_w + (size_t)l * C * F,
+                        N, F, C);
+        // The ReLU/dropout backward also sums the ff1 bias gradient as it goes.
+        cuda_relu_dropout_backward_sums(a->dfch, fch, ds, N, F, g->ff1_b + (size_t)l * F, a->scratch, m->stream);
+        linear_backward(m, a->dln, g->ff1_w + (size_t)l * F * C, NULL, a->dfch, ln2, p->ff1_w + (size_t)l * F * C, N,
+                        C, F);
         // LN2's backward also writes dproj = d(attention output) = dropout backward of d(res1), and its column
         // sums into the output projection's bias gradient.
         cuda_layernorm_backward_residual(a->dres, g->ln2_w + lc, g->ln2_b + lc, a->dln, res1, p->ln2_w + lc, ln2_mean,

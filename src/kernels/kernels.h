@@ -41,6 +41,13 @@ void cuda_residual_dropout_forward(float *out, const float *res, const float *y,
 // dy[n] = dout * keep * scale (keep NULL: dy = dout * scale).
 void cuda_residual_dropout_backward(float *dy, const float *dout, const uint8_t *keep, float scale, size_t n,
                                     cudaStream_t stream);
+// The two backward ops above over [N, C] rows fused with the column sums of their result into dbias[C] (the bias
+// gradient of the Linear before them; scratch as cuda_column_sums_accumulate): dh in place, dy from dout.
+// Twins: relu_dropout_backward_sums, residual_dropout_backward_sums.
+void cuda_relu_dropout_backward_sums(float *dh, const float *h, float scale, int N, int F, float *dbias,
+                                     float *scratch, cudaStream_t stream);
+void cuda_residual_dropout_backward_sums(float *dy, const float *dout, const uint8_t *keep, float scale, int N, int C,
+                                         float *dbias, float *scratch, cudaStream_t stream);
 // out[n] = x[n] + bias[col] (x viewed as [n / C, C]); out may alias x.
 void cuda_add_bias(float *out, const float *x, const float *bias, size_t n, int C, cudaStream_t stream);
 // sums[C] += column sums of x[N, C] in a fixed order (bias gradients); scratch holds at least
