@@ -477,6 +477,56 @@ static void test_embedding(void) {
     }
 }
 
+// The embedding fused with the first LayerNorm: the embedding bit-exact against embedding_forward, every output
+// bit-exact against cuda_embedding_forward + cuda_layernorm_forward, the LayerNorm against the twin
+// embedding_layernorm_forward with test_layernorm's tolerances. C 2000: 6 rows per block; C 12300: the fallback.
+static void test_embedding_layernorm(void) {
+    printf("embedding + layernorm forward (fused) vs embedding_layernorm_forward and the unfused kernels:\n");
+    const int shapes[][4] = {{1, 1, 8, 67}, {3, 33, 130, 67}, {64, 32, 128, 67}, {2, 5, 2000, 11}, {1, 2, 12300, 3}};
+    const float eps = 1e-5f;
+    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
+        int B = shapes[s][0], T = shapes[s][1], C = shapes[s][2], V = shapes[s][3], N = B * T;
+        size_t NC = (size_t)N * C, VC = (size_t)V * C;
+        char tag[96], what[200];
+        snprintf(tag, sizeof(tag), "B %d T %d C %d V %d", B, T, C, V);
+        int *tok = mlm_malloc(N * sizeof(int), "tokens");
+        fill_ints(tok, N, 0, V);
+        float *emb = host_rand(VC, -1.0f, 1.0f), *pe = host_rand((size_t)T * C, -1.0f, 1.0f);
+        float *w = host_rand(C, 0.5f, 1.5f), *bb = host_rand(C, -0.5f, 0.5f);
+        float *out = host_zeros(NC), *ln = host_zeros(NC), *mean = host_zeros(N), *rstd = host_zeros(N);
+        embedding_layernorm_forward(out, ln, mean, rstd, tok, emb, pe, w, bb, B, T, C, V, eps);
+        int *d_tok = dup_bytes(tok, N * sizeof(int));
+        float *d_emb = dup_f(emb, VC), *d_pe = dup_f(pe, (size_t)T * C), *d_w = dup_f(w, C), *d_b = dup_f(bb, C);
+        float *d_out = dmalloc(NC * sizeof(float)), *d_ln = dmalloc(NC * sizeof(float));
+        float *d_mean = dmalloc(N * sizeof(float)), *d_rstd = dmalloc(N * sizeof(float));
+        cuda_embedding_forward(d_out, d_tok, d_emb, d_pe, B, T, C, st);
+        cuda_layernorm_forward(d_ln, d_mean, d_rstd, d_out, d_w, d_b, N, C, eps, st);
+        float *u_out = fetch_f(d_out, NC), *u_ln = fetch_f(d_ln, NC), *u_mean = fetch_f(d_mean, N);
+        float *u_rstd = fetch_f(d_rstd, N);
+        CUDA_CHECK(cudaMemset(d_out, 0, NC * sizeof(float)));
+        CUDA_CHECK(cudaMemset(d_ln, 0, NC * sizeof(float)));
+        cuda_embedding_layernorm_forward(d_out, d_ln, d_mean, d_rstd, d_tok, d_emb, d_pe, d_w, d_b, B, T, C, eps, st);
+        float *g_out = fetch_f(d_out, NC), *g_ln = fetch_f(d_ln, NC), *g_mean = fetch_f(d_mean, N);
+        float *g_rstd = fetch_f(d_rstd, N);
+        snprintf(what, sizeof(what), "embedding_layernorm embedding vs twin %s", tag);
+        expect_equal(what, g_out, out, NC);
+        snprintf(what, sizeof(what), "embedding_layernorm vs unfused kernels %s", tag);
+        expect_equal(what, g_out, u_out, NC);
+        expect_equal(what, g_ln, u_ln, NC);
+        expect_equal(what, g_mean, u_mean, N);
+        expect_equal(what, g_rstd, u_rstd, N);
+        snprintf(what, sizeof(what), "embedding_layernorm out vs twin %s", tag);
+        expect_close(what, g_ln, ln, NC, 2 * tol_sum(C));
+        snprintf(what, sizeof(what), "embedding_layernorm mean, rstd vs twin %s", tag);
+        expect_close(what, g_mean, mean, N, tol_sum(C));
+        expect_close(what, g_rstd, rstd, N, tol_sum(C));
+        free(tok), free(emb), free(pe), free(w), free(bb), free(out), free(ln), free(mean), free(rstd);
+        free(u_out), free(u_ln), free(u_mean), free(u_rstd), free(g_out), free(g_ln), free(g_mean), free(g_rstd);
+        dfree(d_tok), dfree(d_emb), dfree(d_pe), dfree(d_w), dfree(d_b), dfree(d_out), dfree(d_ln), dfree(d_mean);
+        dfree(d_rstd);
+    }
+}
+
 // ---- LayerNorm ------------------------------------------------------------------------------------------
 
 static void test_layernorm(void) {
@@ -1165,6 +1215,7 @@ int main(int argc, char **argv) {
     test_embedding();
     test_layernorm();
     test_residual_layernorm();
+    test_embedding_layernorm();
     test_layernorm_residual_backward();
     test_attention();
     test_attention_fused();

@@ -60,6 +60,11 @@ void residual_dropout_backward_sums(float *dy, const float *dout, const uint8_t 
 // out[B,T,C] = tok_emb[tokens[b,t]] * sqrt(C) + pe[t]; fatal error on a token outside [0, V).
 void embedding_forward(float *out, const int *tokens, const float *tok_emb, const float *pe, int B, int T,
                        int C, int V);
+// embedding_forward, then ln_out = LayerNorm(out) (layernorm_forward): the twin of the CUDA backend's fused
+// cuda_embedding_layernorm_forward.
+void embedding_layernorm_forward(float *out, float *ln_out, float *mean, float *rstd, const int *tokens,
+                                 const float *tok_emb, const float *pe, const float *w, const float *b, int B, int T,
+                                 int C, int V, float eps);
 // dtok_emb[V,C] += sqrt(C) * dout[b,t] at row tokens[b,t] (positions summed in order b, t).
 void embedding_backward(float *dtok_emb, const float *dout, const int *tokens, int B, int T, int C);
 

@@ -481,13 +481,15 @@ static void forward_impl(CudaModel *m, int B, const CudaRandom *rnd) {
     char name[64];
 
     nvtxRangePushA("forward");
-    cuda_embedding_forward(a->encoded, a->inputs, p->tok_emb, a->pe, B, T, C, m->stream);
+    // The embedding fused with layer 0's LN1; a later layer's LN1 is fused into the residual add before it.
+    cuda_embedding_layernorm_forward(a->encoded, a->ln1, a->ln1_mean, a->ln1_rstd, a->inputs, p->tok_emb, a->pe,
+                                     p->ln1_w, p->ln1_b, B, T, C, c->ln_eps, m->stream);
     const float *x = a->encoded;  // [B, T, C] residual stream entering the layer
     for (int l = 0; l < L; l++) {
         snprintf(name, sizeof(name), "forward layer %d", l);
         nvtxRangePushA(name);
         size_t lc = (size_t)l * C;
-        float *ln1 = a->ln1 + l * maxBT * C, *ln1_mean = a->ln1_mean + l * maxBT, *ln1_rstd = a->ln1_rstd + l * maxBT;
+        float *ln1 = a->ln1 + l * maxBT * C;  // with its mean and rstd, written before the layer (see above)
         float *qkv = a->qkv + l * maxBT * 3 * C;
         float *att = a->att + l * maxBT * H * T;
         float *atty = a->atty + l * maxBT * C;
@@ -496,10 +498,7 @@ static void forward_impl(CudaModel *m, int B, const CudaRandom *rnd) {
         float *fch = a->fch + l * maxBT * F;
         float *res2 = a->res2 + l * maxBT * C;
 
-        // x = x + Drop(OutProj(MHA(LN1(x)))); LN1 of a later layer was fused into the previous residual add.
-        if (l == 0)
-            cuda_layernorm_forward(ln1, ln1_mean, ln1_rstd, x, p->ln1_w + lc, p->ln1_b + lc, N, C, c->ln_eps,
-                                   m->stream);
+        // x = x + Drop(OutProj(MHA(LN1(x)))); LN1 (ln1, ln1_mean, ln1_rstd) was written by the kernel before.
         matmul_forward(m, qkv, ln1, p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
         uint8_t *keep;
         if (fused_att) {

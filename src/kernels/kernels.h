@@ -62,6 +62,12 @@ void cuda_column_sums_finish(float *sums, const float *partial, int chunks, int 
 // out[B,T,C] = tok_emb[tokens[b,t]] * sqrt(C) + pe[t].
 void cuda_embedding_forward(float *out, const int *tokens, const float *tok_emb, const float *pe, int B, int T,
                             int C, cudaStream_t stream);
+// cuda_embedding_forward fused with the first LayerNorm: emb_out[B,T,C] as cuda_embedding_forward, then ln_out =
+// LayerNorm(emb_out) with mean, rstd, bit-identical to the two kernels (layernorm.cu). Twin:
+// embedding_layernorm_forward.
+void cuda_embedding_layernorm_forward(float *emb_out, float *ln_out, float *mean, float *rstd, const int *tokens,
+                                      const float *tok_emb, const float *pe, const float *w, const float *b, int B,
+                                      int T, int C, float eps, cudaStream_t stream);
 // dtok_emb[V,C] += sqrt(C) * sum of dout rows whose token is v, summed in position order (no atomics).
 void cuda_embedding_backward(float *dtok_emb, const float *dout, const int *tokens, int B, int T, int C, int V,
                              cudaStream_t stream);

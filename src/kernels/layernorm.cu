@@ -5,6 +5,8 @@
 // coalesced); the weight/bias gradients are column sums over the N rows, computed without atomics by a
 // fixed two-pass reduction (see the backward). Row sums use butterfly shuffles: every lane ends with the
 // same bits (a + b == b + a), so the whole warp agrees on mean and rstd.
+#include <math.h>
+
 #include "cuda_check.h"
 #include "kernels.h"
 
@@ -66,6 +68,27 @@ static int rln_rows_per_block(int C) {
     return rows < LN_ROWS_PER_BLOCK ? rows : LN_ROWS_PER_BLOCK;
 }
 
+// The LayerNorm of one row held in shared memory xs[C] whose lanes' partial sum is `sum` (each lane summed its
+// columns lane, lane + 32, ... in order), as layernorm_forward_kernel.
+static __device__ void layernorm_row_from_shared(float *y /* [C] */, float *mean, float *rstd, const float *xs /* [C] */,
+                                                 float sum, const float *w /* [C] */, const float *b /* [C] */, int C,
+                                                 float eps) {
+    int lane = threadIdx.x % 32;
+    float m = __fdiv_rn(warp_sum(sum), (float)C);
+    float sq = 0.0f;
+    for (int c = lane; c < C; c += 32) {
+        float d = __fsub_rn(xs[c], m);
+        sq += d * d;
+    }
+    float var = __fdiv_rn(warp_sum(sq), (float)C);
+    float s = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(var, eps)));
+    for (int c = lane; c < C; c += 32) y[c] = __fadd_rn(__fmul_rn(__fmul_rn(__fsub_rn(xs[c], m), s), w[c]), b[c]);
+    if (lane == 0) {
+        *mean = m;
+        *rstd = s;
+    }
+}
+
 // grid ceil(N / rows), block 32 * rows, dynamic shared memory rows * C floats.
 static __global__ void residual_layernorm_forward_kernel(float *res_out /* [N, C] */, float *ln_out /* [N, C] */,
                                                          float *mean /* [N] */, float *rstd /* [N] */,
@@ -90,19 +113,53 @@ static __global__ void residual_layernorm_forward_kernel(float *res_out /* [N, C
         xs[c] = x;  // read back by this lane only
         sum += x;
     }
-    float m = __fdiv_rn(warp_sum(sum), (float)C);
-    float sq = 0.0f;
+    layernorm_row_from_shared(ln_out + r0, mean + row, rstd + row, xs, sum, w, b, C, eps);
+}
+
+// The embedding (embedding_forward_kernel's expression: tok_emb[token] * sqrt(C) + pe[t]) fused with the first
+// LayerNorm in the same way. grid, block and shared memory as residual_layernorm_forward_kernel.
+static __global__ void embedding_layernorm_forward_kernel(float *emb_out /* [N, C] */, float *ln_out /* [N, C] */,
+                                                          float *mean /* [N] */, float *rstd /* [N] */,
+                                                          const int *tokens /* [N] */,
+                                                          const float *tok_emb /* [V, C] */,
+                                                          const float *pe /* [T, C] */, float emb_scale,
+                                                          const float *w /* [C] */, const float *b /* [C] */, int N,
+                                                          int T, int C, float eps) {
+    extern __shared__ float rln_rows[];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int row = blockIdx.x * (blockDim.x / 32) + warp;
+    if (row >= N) return;
+    float *xs = rln_rows + (size_t)warp * C;  // [C]
+    size_t r0 = (size_t)row * C;
+    const float *e = tok_emb + (size_t)tokens[row] * C;  // [C]
+    const float *p = pe + (size_t)(row % T) * C;  // [C]
+    float sum = 0.0f;
     for (int c = lane; c < C; c += 32) {
-        float d = __fsub_rn(xs[c], m);
-        sq += d * d;
+        float x = __fadd_rn(__fmul_rn(e[c], emb_scale), p[c]);
+        emb_out[r0 + c] = x;
+        xs[c] = x;
+        sum += x;
     }
-    float var = __fdiv_rn(warp_sum(sq), (float)C);
-    float s = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(var, eps)));
-    for (int c = lane; c < C; c += 32) ln_out[r0 + c] = __fadd_rn(__fmul_rn(__fmul_rn(__fsub_rn(xs[c], m), s), w[c]), b[c]);
-    if (lane == 0) {
-        mean[row] = m;
-        rstd[row] = s;
+    layernorm_row_from_shared(ln_out + r0, mean + row, rstd + row, xs, sum, w, b, C, eps);
+}
+
+extern "C" void cuda_embedding_layernorm_forward(float *emb_out, float *ln_out, float *mean, float *rstd,
+                                                 const int *tokens, const float *tok_emb, const float *pe,
+                                                 const float *w, const float *b, int B, int T, int C, float eps,
+                                                 cudaStream_t stream) {
+    int N = B * T;
+    if (N <= 0 || C <= 0) return;
+    int rows = rln_rows_per_block(C);
+    if (rows < 1) {  // a row longer than shared memory: the two kernels
+        cuda_embedding_forward(emb_out, tokens, tok_emb, pe, B, T, C, stream);
+        cuda_layernorm_forward(ln_out, mean, rstd, emb_out, w, b, N, C, eps, stream);
+        return;
     }
+    float emb_scale = sqrtf((float)C);  // as cuda_embedding_forward
+    unsigned grid = (unsigned)((N + rows - 1) / rows);
+    embedding_layernorm_forward_kernel<<<grid, 32 * rows, (size_t)rows * C * sizeof(float), stream>>>(
+        emb_out, ln_out, mean, rstd, tokens, tok_emb, pe, emb_scale, w, b, N, T, C, eps);
+    CUDA_CHECK_LAUNCH();
 }
 
 extern "C" void cuda_residual_layernorm_forward(float *res_out, float *ln_out, float *mean, float *rstd,
