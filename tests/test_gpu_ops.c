@@ -660,7 +660,7 @@ static void test_layernorm_residual_backward(void) {
         for (size_t b = 0; b < sizeof(Cs) / sizeof(Cs[0]); b++)
             for (int variant = 0; variant < 3; variant++) {  // 0: no dy; 1: dy, keep, bias; 2: dy, scale 1, no bias
                 int N = Ns[a], C = Cs[b];
-                if (quick && N == 2053 && C == 600) continue;
+                if (quick && N == 2053 && C != 130) continue;  // the emu registration: one large shape
                 size_t n = (size_t)N * C;
                 char tag[96], what[200];
                 snprintf(tag, sizeof(tag), "N %d C %d variant %d", N, C, variant);

@@ -1,6 +1,7 @@
-// attention.cu: the attention softmax (scale, softmax, dropout of the probabilities) forward and backward, and the
-// layout shuffles between qkv rows [B,T,3C] and per-head tensors [B,H,T,hs]. The products Q K^T, P V and
-// their gradients are batched cuBLAS calls in cuda_model.cu.
+// attention.cu: the attention core. For T <= 64, one fused kernel per (batch, head) forward and backward (end of
+// the file). For longer sequences, the attention softmax (scale, softmax, dropout of the probabilities) forward
+// and backward and the layout shuffles between qkv rows [B,T,3C] and per-head tensors [B,H,T,hs]; there the
+// products Q K^T, P V and their gradients are batched cuBLAS calls in cuda_model.cu.
 #include <math.h>
 
 #include "cuda_check.h"
