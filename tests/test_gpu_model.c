@@ -544,6 +544,59 @@ static void test_vs_cpu(void) {
     free(logits), free(adam_m), free(adam_v), free(zeros);
 }
 
+// 2b. The unfused attention path (T > 64: cuda_attention_fused_fits fails, so the model takes the head split,
+// batched cuBLAS products and softmax kernels): one forward and backward with dropout against the CPU, with the
+// bounds of part 2 (loss 1e-5, gradients 1e-4 of the largest).
+
+static void test_vs_cpu_unfused_attention(void) {
+    Setup s = small_setup();
+    s.cfg.max_seq = 65;
+    s.cfg.n_layers = 1;
+    s.max_B = 3;
+    s.layout = rng_layout(s.max_B, s.cfg.max_seq, s.cfg.d_model, s.cfg.n_heads, s.cfg.d_ff, s.cfg.n_layers);
+    const ModelConfig *c = &s.cfg;
+    int B = 2, T = c->max_seq;
+    size_t n = (size_t)B * T, P = model_num_params(c);
+    printf("part 2b: GPU vs CPU, unfused attention (T %d > 64, C %d, H %d, L %d, B %d of %d, dropout %.2f)\n", T,
+           c->d_model, c->n_heads, c->n_layers, B, s.max_B, c->dropout);
+    int n_tab;
+    ParamEntry *tab = param_table(c, &n_tab);
+    float *init = mlm_malloc(P * sizeof(float), "init"), *grads = mlm_malloc(P * sizeof(float), "grads");
+    init_params(c, init, s.seed);
+    CpuModel *cm = cpu_model_create(c, s.max_B);
+    CudaModel *gm = cuda_model_create(c, s.max_B, 0);
+    memcpy(cm->params, init, P * sizeof(float));
+    cuda_model_set_params(gm, init);
+    int *tokens = mlm_malloc(n * sizeof(int), "tokens");
+    int *in_c = mlm_malloc(n * sizeof(int), "inputs"), *lab_c = mlm_malloc(n * sizeof(int), "labels");
+    random_tokens(tokens, n, s.mask.n_chars);
+    Rng rng;
+    rng_init(&rng, s.seed, RNG_DOMAIN_TRAIN);
+    uint64_t step = 3;
+    float *u = mlm_malloc(4 * n * sizeof(float), "uniforms");
+    rng_uniform(&rng, rng_mask_offset(&s.layout, step), u, 4 * n);
+    mask_apply(&s.mask, tokens, n, u, in_c, lab_c);
+    free(u);
+    DropoutCtx d = {.rng = &rng, .layout = s.layout, .step = step, .p = c->dropout};
+    float loss_c = cpu_model_forward(cm, in_c, lab_c, B, s.mask.pad_id, &d, NULL);
+    cpu_model_backward(cm);
+    CudaRandom rnd = {.philox_seed = rng.seed, .layout = s.layout, .step = step, .dropout_p = c->dropout};
+    CudaStepStats st;
+    cuda_model_forward(gm, tokens, NULL, B, s.mask.pad_id, &s.mask, &rnd, &st);
+    CHECK(st.n_targets == cm->n_targets && st.n_targets > 0, "targets: GPU %d, CPU %d", st.n_targets, cm->n_targets);
+    double r = rel_err_f(&st.loss, &loss_c, 1, NULL);
+    printf("  loss: GPU %.7f CPU %.7f (rel %.2e)\n", st.loss, loss_c, r);
+    CHECK(r <= REL_TOL, "unfused attention, loss: relative error %.3e > %.1e", r, REL_TOL);
+    cuda_model_backward(gm);
+    cuda_model_get_grads(gm, grads);
+    compare_tensors("grad (unfused attention)", tab, n_tab, grads, cm->grads, GRAD_TOL_VS_CPU,
+                    GRAD_TOL_VS_CPU * max_abs_f(cm->grads, P), "1e-4 of the largest gradient; zero in exact arithmetic");
+    rng_free(&rng);
+    cpu_model_free(cm);
+    cuda_model_free(gm);
+    free(tab), free(init), free(grads), free(tokens), free(in_c), free(lab_c);
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // 3. Determinism: two runs, one seed, bit-identical.
 
@@ -820,6 +873,7 @@ int main(int argc, char **argv) {
     printf("device: %s\n", desc);
     test_fixture();
     test_vs_cpu();
+    test_vs_cpu_unfused_attention();
     test_determinism();
     test_roundtrip();
     test_graphs();

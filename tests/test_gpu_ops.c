@@ -428,6 +428,66 @@ static void test_column_sums(void) {
         }
 }
 
+// The ReLU/dropout and residual-dropout backward ops fused with the column sums of their result: the elementwise
+// result bit-exact against the twins (relu_dropout_backward_sums, residual_dropout_backward_sums), the sums against
+// the twins (TOL_SUM(N)) and bit for bit against cuda_column_sums_accumulate of the same result (same partition
+// and order); run-to-run bit identity.
+static void test_backward_sums(void) {
+    printf("relu/residual dropout backward + bias column sums (fused) vs the twins:\n");
+    const int shapes[][2] = {{1, 8}, {7, 256}, {65, 67}, {2053, 130}};
+    const float p = 0.1f, scale = dropout_scale(p);
+    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
+        for (int with_keep = 0; with_keep < 2; with_keep++) {
+            int N = shapes[s][0], C = shapes[s][1];
+            size_t n = (size_t)N * C;
+            char tag[96], what[200];
+            snprintf(tag, sizeof(tag), "N %d C %d keep %d", N, C, with_keep);
+            uint8_t *d_keep = NULL, *keep = with_keep ? make_keep(n, p, &d_keep) : NULL;
+            float sc = with_keep ? scale : 1.0f;
+            float *scratch = dmalloc(cuda_column_sums_scratch(N, C) * sizeof(float));
+            for (int relu = 0; relu < 2; relu++) {
+                const char *name = relu ? "relu_dropout_backward_sums" : "residual_dropout_backward_sums";
+                float *h = host_rand(n, -1.0f, 1.0f);
+                relu_dropout_forward(h, keep, sc, n);  // the forward's output: positive exactly where kept
+                float *din = host_rand(n, -1.0f, 1.0f), *sums0 = host_rand(C, -1.0f, 1.0f);
+                float *want = host_copy(din, n), *want_s = host_copy(sums0, C);
+                if (relu) relu_dropout_backward_sums(want, h, sc, N, C, want_s);
+                else residual_dropout_backward_sums(want, din, keep, sc, N, C, want_s);
+                float *d_h = dup_f(h, n), *d_in = dup_f(din, n), *d_out = dmalloc(n * sizeof(float));
+                float *d_s = dmalloc(C * sizeof(float));
+                float *g[2], *gs[2];
+                for (int run = 0; run < 2; run++) {
+                    upload(d_s, sums0, C * sizeof(float));
+                    if (relu) {
+                        upload(d_out, din, n * sizeof(float));  // in place
+                        cuda_relu_dropout_backward_sums(d_out, d_h, sc, N, C, d_s, scratch, st);
+                    } else {
+                        cuda_residual_dropout_backward_sums(d_out, d_in, d_keep, sc, N, C, d_s, scratch, st);
+                    }
+                    g[run] = fetch_f(d_out, n);
+                    gs[run] = fetch_f(d_s, C);
+                }
+                snprintf(what, sizeof(what), "%s result %s", name, tag);
+                expect_equal(what, g[0], want, n);
+                expect_identical(what, g[0], g[1], n * sizeof(float));
+                snprintf(what, sizeof(what), "%s sums vs twin %s", name, tag);
+                expect_close(what, gs[0], want_s, C, tol_sum(N));
+                expect_identical(what, gs[0], gs[1], C * sizeof(float));
+                upload(d_s, sums0, C * sizeof(float));
+                cuda_column_sums_accumulate(d_s, d_out, N, C, scratch, st);
+                float *u = fetch_f(d_s, C);
+                snprintf(what, sizeof(what), "%s sums vs column_sums_accumulate %s", name, tag);
+                expect_equal(what, gs[0], u, C);
+                free(u), free(h), free(din), free(sums0), free(want), free(want_s);
+                for (int run = 0; run < 2; run++) free(g[run]), free(gs[run]);
+                dfree(d_h), dfree(d_in), dfree(d_out), dfree(d_s);
+            }
+            free(keep);
+            dfree(scratch);
+            if (d_keep) dfree(d_keep);
+        }
+}
+
 // ---- Embedding ------------------------------------------------------------------------------------------
 
 static void test_embedding(void) {
@@ -462,6 +522,56 @@ static void test_embedding(void) {
         expect_identical(what, g1, g2, VC * sizeof(float));
         free(tok), free(emb), free(pe), free(out), free(dout), free(demb0), free(demb), free(g1), free(g2);
         dfree(d_tok), dfree(d_emb), dfree(d_pe), dfree(d_out), dfree(d_dout), dfree(d_demb);
+    }
+}
+
+// The embedding fused with the first LayerNorm: the embedding bit-exact against embedding_forward, every output
+// bit-exact against cuda_embedding_forward + cuda_layernorm_forward, the LayerNorm against the twin
+// embedding_layernorm_forward with test_layernorm's tolerances. C 2000: 6 rows per block; C 12300: the fallback.
+static void test_embedding_layernorm(void) {
+    printf("embedding + layernorm forward (fused) vs embedding_layernorm_forward and the unfused kernels:\n");
+    const int shapes[][4] = {{1, 1, 8, 67}, {3, 33, 130, 67}, {64, 32, 128, 67}, {2, 5, 2000, 11}, {1, 2, 12300, 3}};
+    const float eps = 1e-5f;
+    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
+        int B = shapes[s][0], T = shapes[s][1], C = shapes[s][2], V = shapes[s][3], N = B * T;
+        size_t NC = (size_t)N * C, VC = (size_t)V * C;
+        char tag[96], what[200];
+        snprintf(tag, sizeof(tag), "B %d T %d C %d V %d", B, T, C, V);
+        int *tok = mlm_malloc(N * sizeof(int), "tokens");
+        fill_ints(tok, N, 0, V);
+        float *emb = host_rand(VC, -1.0f, 1.0f), *pe = host_rand((size_t)T * C, -1.0f, 1.0f);
+        float *w = host_rand(C, 0.5f, 1.5f), *bb = host_rand(C, -0.5f, 0.5f);
+        float *out = host_zeros(NC), *ln = host_zeros(NC), *mean = host_zeros(N), *rstd = host_zeros(N);
+        embedding_layernorm_forward(out, ln, mean, rstd, tok, emb, pe, w, bb, B, T, C, V, eps);
+        int *d_tok = dup_bytes(tok, N * sizeof(int));
+        float *d_emb = dup_f(emb, VC), *d_pe = dup_f(pe, (size_t)T * C), *d_w = dup_f(w, C), *d_b = dup_f(bb, C);
+        float *d_out = dmalloc(NC * sizeof(float)), *d_ln = dmalloc(NC * sizeof(float));
+        float *d_mean = dmalloc(N * sizeof(float)), *d_rstd = dmalloc(N * sizeof(float));
+        cuda_embedding_forward(d_out, d_tok, d_emb, d_pe, B, T, C, st);
+        cuda_layernorm_forward(d_ln, d_mean, d_rstd, d_out, d_w, d_b, N, C, eps, st);
+        float *u_out = fetch_f(d_out, NC), *u_ln = fetch_f(d_ln, NC), *u_mean = fetch_f(d_mean, N);
+        float *u_rstd = fetch_f(d_rstd, N);
+        CUDA_CHECK(cudaMemset(d_out, 0, NC * sizeof(float)));
+        CUDA_CHECK(cudaMemset(d_ln, 0, NC * sizeof(float)));
+        cuda_embedding_layernorm_forward(d_out, d_ln, d_mean, d_rstd, d_tok, d_emb, d_pe, d_w, d_b, B, T, C, eps, st);
+        float *g_out = fetch_f(d_out, NC), *g_ln = fetch_f(d_ln, NC), *g_mean = fetch_f(d_mean, N);
+        float *g_rstd = fetch_f(d_rstd, N);
+        snprintf(what, sizeof(what), "embedding_layernorm embedding vs twin %s", tag);
+        expect_equal(what, g_out, out, NC);
+        snprintf(what, sizeof(what), "embedding_layernorm vs unfused kernels %s", tag);
+        expect_equal(what, g_out, u_out, NC);
+        expect_equal(what, g_ln, u_ln, NC);
+        expect_equal(what, g_mean, u_mean, N);
+        expect_equal(what, g_rstd, u_rstd, N);
+        snprintf(what, sizeof(what), "embedding_layernorm out vs twin %s", tag);
+        expect_close(what, g_ln, ln, NC, 2 * tol_sum(C));
+        snprintf(what, sizeof(what), "embedding_layernorm mean, rstd vs twin %s", tag);
+        expect_close(what, g_mean, mean, N, tol_sum(C));
+        expect_close(what, g_rstd, rstd, N, tol_sum(C));
+        free(tok), free(emb), free(pe), free(w), free(bb), free(out), free(ln), free(mean), free(rstd);
+        free(u_out), free(u_ln), free(u_mean), free(u_rstd), free(g_out), free(g_ln), free(g_mean), free(g_rstd);
+        dfree(d_tok), dfree(d_emb), dfree(d_pe), dfree(d_w), dfree(d_b), dfree(d_out), dfree(d_ln), dfree(d_mean);
+        dfree(d_rstd);
     }
 }
 
@@ -526,6 +636,158 @@ static void test_layernorm(void) {
             dfree(d_x), dfree(d_w), dfree(d_b), dfree(d_out), dfree(d_mean), dfree(d_rstd);
             dfree(d_dout), dfree(d_dinp), dfree(d_dw), dfree(d_db), dfree(d_scratch);
         }
+}
+
+// Residual add + dropout fused into LayerNorm: res_out bit-exact against the CPU twin's residual, every output
+// bit-exact against the two unfused kernels (the same per-lane arithmetic), and LN outputs against the twin with
+// the LayerNorm tolerances above. C 2000 runs 6 rows per block (shared memory), C 12300 the unfused fallback.
+static void test_residual_layernorm(void) {
+    printf("residual add + dropout + layernorm forward (fused) vs residual_layernorm_forward and the unfused kernels:\n");
+    const int shapes[][2] = {{1, 8}, {7, 128}, {2053, 130}, {13, 2000}, {2, 12300}};
+    const float p = 0.1f, scale = dropout_scale(p), eps = 1e-5f;
+    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
+        for (int variant = 0; variant < 2; variant++) {  // 0: no bias, no dropout; 1: both
+            int N = shapes[s][0], C = shapes[s][1];
+            size_t n = (size_t)N * C;
+            char tag[96], what[200];
+            snprintf(tag, sizeof(tag), "N %d C %d bias+keep %d", N, C, variant);
+            uint8_t *d_keep = NULL, *keep = variant ? make_keep(n, p, &d_keep) : NULL;
+            float sc = variant ? scale : 1.0f;
+            float *res = host_rand(n, 1.0f, 3.0f), *y0 = host_rand(n, -1.0f, 1.0f), *bias = host_rand(C, -0.5f, 0.5f);
+            float *w = host_rand(C, 0.5f, 1.5f), *bb = host_rand(C, -0.5f, 0.5f), *y = host_copy(y0, n);
+            if (variant)
+                for (size_t i = 0; i < n; i++) y[i] = y[i] + bias[i % C];
+            float *res_out = host_zeros(n), *ln = host_zeros(n), *mean = host_zeros(N), *rstd = host_zeros(N);
+            residual_layernorm_forward(res_out, ln, mean, rstd, res, y, keep, sc, w, bb, N, C, eps);
+            float *d_res = dup_f(res, n), *d_y = dup_f(y0, n), *d_bias = variant ? dup_f(bias, C) : NULL;
+            float *d_w = dup_f(w, C), *d_b = dup_f(bb, C);
+            float *d_ro = dmalloc(n * sizeof(float)), *d_ln = dmalloc(n * sizeof(float));
+            float *d_mean = dmalloc(N * sizeof(float)), *d_rstd = dmalloc(N * sizeof(float));
+            // The unfused pair first, as the reference for bit identity.
+            cuda_residual_dropout_forward(d_ro, d_res, d_y, d_bias, d_keep, sc, n, C, st);
+            cuda_layernorm_forward(d_ln, d_mean, d_rstd, d_ro, d_w, d_b, N, C, eps, st);
+            float *u_ro = fetch_f(d_ro, n), *u_ln = fetch_f(d_ln, n), *u_mean = fetch_f(d_mean, N);
+            float *u_rstd = fetch_f(d_rstd, N);
+            CUDA_CHECK(cudaMemset(d_ro, 0, n * sizeof(float)));
+            CUDA_CHECK(cudaMemset(d_ln, 0, n * sizeof(float)));
+            cuda_residual_layernorm_forward(d_ro, d_ln, d_mean, d_rstd, d_res, d_y, d_bias, d_keep, sc, d_w, d_b, N, C,
+                                            eps, st);
+            float *g_ro = fetch_f(d_ro, n), *g_ln = fetch_f(d_ln, n), *g_mean = fetch_f(d_mean, N);
+            float *g_rstd = fetch_f(d_rstd, N);
+            snprintf(what, sizeof(what), "residual_layernorm res_out vs twin %s", tag);
+            expect_equal(what, g_ro, res_out, n);
+            snprintf(what, sizeof(what), "residual_layernorm vs unfused kernels %s", tag);
+            expect_equal(what, g_ro, u_ro, n);
+            expect_equal(what, g_ln, u_ln, n);
+            expect_equal(what, g_mean, u_mean, N);
+            expect_equal(what, g_rstd, u_rstd, N);
+            snprintf(what, sizeof(what), "residual_layernorm out vs twin %s", tag);
+            expect_close(what, g_ln, ln, n, 2 * tol_sum(C));
+            snprintf(what, sizeof(what), "residual_layernorm mean, rstd vs twin %s", tag);
+            expect_close(what, g_mean, mean, N, tol_sum(C));
+            expect_close(what, g_rstd, rstd, N, tol_sum(C));
+            free(keep), free(res), free(y0), free(bias), free(w), free(bb), free(y), free(res_out), free(ln);
+            free(mean), free(rstd), free(u_ro), free(u_ln), free(u_mean), free(u_rstd), free(g_ro), free(g_ln);
+            free(g_mean), free(g_rstd);
+            dfree(d_res), dfree(d_y), dfree(d_w), dfree(d_b), dfree(d_ro), dfree(d_ln), dfree(d_mean), dfree(d_rstd);
+            if (d_bias) dfree(d_bias);
+            if (d_keep) dfree(d_keep);
+        }
+}
+
+// LayerNorm backward fused with the residual-dropout backward of its result: dinp, dw, db against the twin
+// layernorm_residual_backward (tolerances of test_layernorm); dy bit-exact against the kernel's own dinp times
+// keep * scale (THE DROPOUT RULE's product, evaluated here); the bias gradient against double column sums of the
+// kernel's own dy (TOL_SUM(N)) and the twin's (2 TOL_SUM(N)); run-to-run bit identity. C 600 takes the unfused
+// fallback (more than 512 columns).
+static void test_layernorm_residual_backward(void) {
+    printf("layernorm backward + residual-dropout backward + bias sums (fused) vs layernorm_residual_backward:\n");
+    const int Ns[] = {1, 7, 65, 2053}, Cs[] = {8, 128, 130, 600};
+    const float p = 0.1f, scale = dropout_scale(p), eps = 1e-5f;
+    for (size_t a = 0; a < sizeof(Ns) / sizeof(Ns[0]); a++)
+        for (size_t b = 0; b < sizeof(Cs) / sizeof(Cs[0]); b++)
+            for (int variant = 0; variant < 3; variant++) {  // 0: no dy; 1: dy, keep, bias; 2: dy, scale 1, no bias
+                int N = Ns[a], C = Cs[b];
+                if (quick && N == 2053 && C != 130) continue;  // the emu registration: one large shape
+                size_t n = (size_t)N * C;
+                char tag[96], what[200];
+                snprintf(tag, sizeof(tag), "N %d C %d variant %d", N, C, variant);
+                uint8_t *d_keep = NULL, *keep = variant == 1 ? make_keep(n, p, &d_keep) : NULL;
+                float sc = variant == 1 ? scale : 1.0f;
+                int with_dy = variant > 0, with_bias = variant == 1;
+                float *x = host_rand(n, 1.0f, 3.0f), *w = host_rand(C, 0.5f, 1.5f), *bb = host_rand(C, -0.5f, 0.5f);
+                float *out = host_zeros(n), *mean = host_zeros(N), *rstd = host_zeros(N);
+                layernorm_forward(out, mean, rstd, x, w, bb, N, C, eps);
+                float *dout = host_rand(n, -1.0f, 1.0f), *dinp0 = host_rand(n, -1.0f, 1.0f);
+                float *dw0 = host_rand(C, -1.0f, 1.0f), *db0 = host_rand(C, -1.0f, 1.0f), *dbias0 = host_rand(C, -1.0f, 1.0f);
+                float *dinp = host_copy(dinp0, n), *dw = host_copy(dw0, C), *db = host_copy(db0, C);
+                float *dbias = host_copy(dbias0, C), *dy = host_zeros(n);
+                if (with_dy)
+                    layernorm_residual_backward(dinp, dw, db, dout, x, w, mean, rstd, N, C, dy, keep, sc,
+                                                with_bias ? dbias : NULL);
+                else
+                    layernorm_backward(dinp, dw, db, dout, x, w, mean, rstd, N, C);
+                float *d_x = dup_f(x, n), *d_w = dup_f(w, C), *d_mean = dup_f(mean, N), *d_rstd = dup_f(rstd, N);
+                float *d_dout = dup_f(dout, n), *d_dinp = dmalloc(n * sizeof(float)), *d_dw = dmalloc(C * sizeof(float));
+                float *d_db = dmalloc(C * sizeof(float)), *d_dbias = dmalloc(C * sizeof(float));
+                float *d_dy = with_dy ? dmalloc(n * sizeof(float)) : NULL;
+                float *d_scratch = dmalloc(cuda_layernorm_backward_scratch(N, C) * sizeof(float));
+                float *g[2][5];
+                for (int run = 0; run < 2; run++) {
+                    upload(d_dinp, dinp0, n * sizeof(float));
+                    upload(d_dw, dw0, C * sizeof(float));
+                    upload(d_db, db0, C * sizeof(float));
+                    upload(d_dbias, dbias0, C * sizeof(float));
+                    cuda_layernorm_backward_residual(d_dinp, d_dw, d_db, d_dout, d_x, d_w, d_mean, d_rstd, N, C, d_dy,
+                                                     d_keep, sc, with_bias ? d_dbias : NULL, d_scratch, st);
+                    g[run][0] = fetch_f(d_dinp, n);
+                    g[run][1] = fetch_f(d_dw, C);
+                    g[run][2] = fetch_f(d_db, C);
+                    g[run][3] = fetch_f(d_dbias, C);
+                    g[run][4] = with_dy ? fetch_f(d_dy, n) : host_zeros(n);
+                }
+                snprintf(what, sizeof(what), "layernorm_residual_backward dinp %s", tag);
+                expect_close(what, g[0][0], dinp, n, tol_sum(C));
+                expect_identical(what, g[0][0], g[1][0], n * sizeof(float));
+                snprintf(what, sizeof(what), "layernorm_residual_backward dw, db %s", tag);
+                expect_close(what, g[0][1], dw, C, tol_sum(N));
+                expect_close(what, g[0][2], db, C, tol_sum(N));
+                expect_identical(what, g[0][1], g[1][1], C * sizeof(float));
+                expect_identical(what, g[0][2], g[1][2], C * sizeof(float));
+                if (with_dy) {
+                    float *want = host_zeros(n);
+                    for (size_t i = 0; i < n; i++) want[i] = g[0][0][i] * (keep ? (float)keep[i] * sc : sc);
+                    snprintf(what, sizeof(what), "layernorm_residual_backward dy = dinp * keep * scale %s", tag);
+                    expect_equal(what, g[0][4], want, n);
+                    expect_identical(what, g[0][4], g[1][4], n * sizeof(float));
+                    free(want);
+                }
+                if (with_bias) {
+                    float *want = host_zeros(C);
+                    for (int c = 0; c < C; c++) {
+                        double sum = dbias0[c];
+                        for (int r = 0; r < N; r++) sum += g[0][4][(size_t)r * C + c];
+                        want[c] = (float)sum;
+                    }
+                    snprintf(what, sizeof(what), "layernorm_residual_backward dbias vs own dy %s", tag);
+                    expect_close(what, g[0][3], want, C, tol_sum(N));
+                    snprintf(what, sizeof(what), "layernorm_residual_backward dbias vs twin %s", tag);
+                    expect_close(what, g[0][3], dbias, C, 2 * tol_sum(N));
+                    expect_identical(what, g[0][3], g[1][3], C * sizeof(float));
+                    free(want);
+                } else {
+                    snprintf(what, sizeof(what), "layernorm_residual_backward dbias untouched %s", tag);
+                    expect_equal(what, g[0][3], dbias0, C);
+                }
+                for (int run = 0; run < 2; run++)
+                    for (int k = 0; k < 5; k++) free(g[run][k]);
+                free(keep), free(x), free(w), free(bb), free(out), free(mean), free(rstd), free(dout), free(dinp0);
+                free(dw0), free(db0), free(dbias0), free(dinp), free(dw), free(db), free(dbias), free(dy);
+                dfree(d_x), dfree(d_w), dfree(d_mean), dfree(d_rstd), dfree(d_dout), dfree(d_dinp), dfree(d_dw);
+                dfree(d_db), dfree(d_dbias), dfree(d_scratch);
+                if (d_dy) dfree(d_dy);
+                if (d_keep) dfree(d_keep);
+            }
 }
 
 // ---- Attention ------------------------------------------------------------------------------------------
@@ -719,6 +981,92 @@ static void test_attention(void) {
             dfree(d_qkv), dfree(d_q), dfree(d_k), dfree(d_v), dfree(d_att), dfree(d_y), dfree(d_out), dfree(d_dout);
             dfree(d_dy), dfree(d_datt), dfree(d_ds), dfree(d_dq), dfree(d_dk), dfree(d_dv), dfree(d_dqkv);
             if (d_attd) dfree(d_attd);
+            if (d_keep) dfree(d_keep);
+        }
+}
+
+// ---- Fused attention (T <= 64) -----------------------------------------------------------------------------
+// cuda_attention_forward / cuda_attention_backward against their twin: the bias add of linear_forward, then
+// attention_forward / attention_backward (tolerances as the chain above: 2 TOL_SUM(T) for att and out,
+// 4 TOL_SUM(T) for dq, dk, dv); the per-sequence bias partials, finished by cuda_column_sums_finish, against
+// double column sums of the kernel's own dqkv (TOL_SUM(N)); run-to-run bit identity.
+
+static void test_attention_fused(void) {
+    printf("fused attention (one block per batch and head) vs bias add + attention_forward/backward:\n");
+    // The last shape has hs = 16 at T = 64 (K and V unpadded to fit 48 KiB); odd T, C and H in between.
+    const int shapes[][4] = {{1, 1, 8, 2}, {2, 32, 128, 8}, {3, 33, 130, 10}, {2, 17, 24, 1}, {2, 64, 64, 4}};
+    const float p = 0.1f, drop_scale = dropout_scale(p);
+    CHECK(!cuda_attention_fused_fits(65, 128, 8), "T 65 must take the unfused path");
+    CHECK(!cuda_attention_fused_fits(64, 256, 4), "T 64 with hs 64 needs more than 48 KiB of shared memory");
+    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
+        for (int with_drop = 0; with_drop < 2; with_drop++) {
+            int B = shapes[s][0], T = shapes[s][1], C = shapes[s][2], H = shapes[s][3], N = B * T;
+            int with_bias = s > 0;  // the first shape without a bias (NULL)
+            size_t NC = (size_t)N * C, BHTT = (size_t)B * H * T * T;
+            char tag[96], what[200];
+            snprintf(tag, sizeof(tag), "B %d T %d C %d H %d drop %d bias %d", B, T, C, H, with_drop, with_bias);
+            CHECK(cuda_attention_fused_fits(T, C, H), "%s should fit the fused kernel", tag);
+            float *qkv = host_rand(3 * NC, -1.5f, 1.5f), *bias = host_rand(3 * C, -0.5f, 0.5f);
+            float *qkvb = host_copy(qkv, 3 * NC);
+            if (with_bias)
+                for (size_t i = 0; i < 3 * NC; i++) qkvb[i] = qkv[i] + bias[i % (3 * C)];
+            uint8_t *d_keep = NULL, *keep = with_drop ? make_keep(BHTT, p, &d_keep) : NULL;
+            float *out_c = host_zeros(NC), *att_c = host_zeros(BHTT);
+            attention_forward(out_c, att_c, qkvb, keep, drop_scale, B, T, C, H);
+            float *d_qkv = dup_f(qkv, 3 * NC), *d_bias = with_bias ? dup_f(bias, 3 * C) : NULL;
+            float *d_out = dmalloc(NC * sizeof(float)), *d_att = dmalloc(BHTT * sizeof(float));
+            float *g_out[2], *g_att[2];
+            for (int run = 0; run < 2; run++) {
+                cuda_attention_forward(d_out, d_att, d_qkv, d_bias, d_keep, drop_scale, B, T, C, H, st);
+                g_out[run] = fetch_f(d_out, NC);
+                g_att[run] = fetch_f(d_att, BHTT);
+            }
+            snprintf(what, sizeof(what), "attention_forward att %s", tag);
+            expect_close(what, g_att[0], att_c, BHTT, 2 * tol_sum(T));
+            expect_identical(what, g_att[0], g_att[1], BHTT * sizeof(float));
+            snprintf(what, sizeof(what), "attention_forward out %s", tag);
+            expect_close(what, g_out[0], out_c, NC, 2 * tol_sum(T));
+            expect_identical(what, g_out[0], g_out[1], NC * sizeof(float));
+
+            // Backward from the CPU's probabilities (isolates the backward).
+            float *dout = host_rand(NC, -1.0f, 1.0f), *dqkv_c = host_zeros(3 * NC);
+            attention_backward(dqkv_c, dout, qkvb, att_c, keep, drop_scale, B, T, C, H);
+            upload(d_att, att_c, BHTT * sizeof(float));
+            float *d_dout = dup_f(dout, NC), *d_dqkv = dmalloc(3 * NC * sizeof(float));
+            float *d_part = dmalloc(cuda_attention_bias_scratch(B, C) * sizeof(float));
+            float *d_db = dmalloc(3 * C * sizeof(float));
+            float *g_dqkv[2], *g_db[2];
+            for (int run = 0; run < 2; run++) {
+                CUDA_CHECK(cudaMemset(d_db, 0, 3 * C * sizeof(float)));
+                cuda_attention_backward(d_dqkv, d_part, d_dout, d_qkv, d_bias, d_att, d_keep, drop_scale, B, T, C, H,
+                                        st);
+                cuda_column_sums_finish(d_db, d_part, B, 3 * C, st);
+                g_dqkv[run] = fetch_f(d_dqkv, 3 * NC);
+                g_db[run] = fetch_f(d_db, 3 * C);
+            }
+            const char *names[3] = {"dq", "dk", "dv"};
+            for (int part = 0; part < 3; part++) {
+                float *gp = qkv_part(g_dqkv[0], part, B, T, C), *cp = qkv_part(dqkv_c, part, B, T, C);
+                snprintf(what, sizeof(what), "attention_backward %s %s", names[part], tag);
+                expect_close(what, gp, cp, NC, 4 * tol_sum(T));
+                free(gp), free(cp);
+            }
+            snprintf(what, sizeof(what), "attention_backward dqkv %s", tag);
+            expect_identical(what, g_dqkv[0], g_dqkv[1], 3 * NC * sizeof(float));
+            float *db_ref = host_zeros(3 * C);
+            for (int c = 0; c < 3 * C; c++) {
+                double sum = 0.0;
+                for (int r = 0; r < N; r++) sum += g_dqkv[0][(size_t)r * 3 * C + c];
+                db_ref[c] = (float)sum;
+            }
+            snprintf(what, sizeof(what), "attention_backward bias partials + finish %s", tag);
+            expect_close(what, g_db[0], db_ref, 3 * C, tol_sum(N));
+            expect_identical(what, g_db[0], g_db[1], 3 * C * sizeof(float));
+            for (int run = 0; run < 2; run++) free(g_out[run]), free(g_att[run]), free(g_dqkv[run]), free(g_db[run]);
+            free(qkv), free(bias), free(qkvb), free(keep), free(out_c), free(att_c), free(dout), free(dqkv_c);
+            free(db_ref);
+            dfree(d_qkv), dfree(d_out), dfree(d_att), dfree(d_dout), dfree(d_dqkv), dfree(d_part), dfree(d_db);
+            if (d_bias) dfree(d_bias);
             if (d_keep) dfree(d_keep);
         }
 }
@@ -955,9 +1303,14 @@ int main(int argc, char **argv) {
     test_dropout_rule();
     test_feedforward();
     test_column_sums();
+    test_backward_sums();
     test_embedding();
     test_layernorm();
+    test_residual_layernorm();
+    test_embedding_layernorm();
+    test_layernorm_residual_backward();
     test_attention();
+    test_attention_fused();
     test_crossentropy();
     test_grad_norm();
     test_adam();

@@ -23,7 +23,8 @@ bugs_py='
 import sys
 BUGS = [
  ("dropped __syncthreads (column sums)", [("feedforward.cu",
-   "    part[threadIdx.y][threadIdx.x] = s;\n    __syncthreads();\n", "    part[threadIdx.y][threadIdx.x] = s;\n")]),
+   " s += x[(size_t)r * C + c];\n    part[threadIdx.y][threadIdx.x] = s;\n    __syncthreads();\n",
+   " s += x[(size_t)r * C + c];\n    part[threadIdx.y][threadIdx.x] = s;\n")]),
  ("off-by-one bound (masking kernel, i > n)", [("mask.cu", "    if (i >= n) return;", "    if (i > n) return;")]),
  ("wrong transpose (dV = P dY instead of P^T dY)", [("cuda_model.cu",
    "gemm_batched(m, CUBLAS_OP_N, CUBLAS_OP_T, hs, T, T, a->dyh, hs, sT, pv, T, sTT, a->dv, hs, sT, BH);",
@@ -52,12 +53,15 @@ BUGS = [
  ("launch with too few blocks (elementwise grid rounds down)", [("feedforward.cu",
    "    size_t g = (n + EW_BLOCK - 1) / EW_BLOCK;", "    size_t g = n / EW_BLOCK;")]),
  ("dropped __syncthreads (LayerNorm weight-gradient partials)", [("layernorm.cu",
-   "    pb[threadIdx.y][threadIdx.x] = sb;\n    __syncthreads();\n", "    pb[threadIdx.y][threadIdx.x] = sb;\n")]),
+   "    __syncthreads();\n    for (int c = threadIdx.x; c < C; c += blockDim.x) {\n        float tw = lnf_part[c]",
+   "    for (int c = threadIdx.x; c < C; c += blockDim.x) {\n        float tw = lnf_part[c]")]),
  ("softmax scale applied twice in the backward", [("attention.cu",
    "        ds[j] = __fmul_rn(__fmul_rn(p[j], __fsub_rn(g, dot)), scale);",
    "        ds[j] = __fmul_rn(__fmul_rn(p[j], __fsub_rn(g, dot)), scale * scale);")]),
  ("grad-norm block counter not reset (a replayed step never finishes its norm)", [("optim.cu",
    "            *ticket = 0;  // ready for the next launch (and the next replay of a captured step)\n", "")]),
+ ("dropped __syncthreads (fused attention, softmax before P V)", [("attention.cu",
+   "    __syncthreads();\n    // out[b, i, h*hs + d] = sum_j P[i, j] V[j, d]", "    // out[b, i, h*hs + d] = sum_j P[i, j] V[j, d]")]),
 ]
 if sys.argv[1] == "count":
     print(len(BUGS)); sys.exit(0)

@@ -39,3 +39,10 @@ void embedding_backward(float *dtok_emb, const float *dout, const int *tokens, i
         }
     }
 }
+
+void embedding_layernorm_forward(float *out, float *ln_out, float *mean, float *rstd, const int *tokens,
+                                 const float *tok_emb, const float *pe, const float *w, const float *b, int B, int T,
+                                 int C, int V, float eps) {
+    embedding_forward(out, tokens, tok_emb, pe, B, T, C, V);
+    layernorm_forward(ln_out, mean, rstd, out, w, b, B * T, C, eps);
+}

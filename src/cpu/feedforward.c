@@ -96,3 +96,14 @@ void residual_dropout_backward(float *dy, const float *dout, const uint8_t *keep
 #pragma omp parallel for schedule(static) if (count >= MLM_PARALLEL_MIN_WORK)
     for (long long i = 0; i < count; i++) dy[i] = dout[i] * ((float)keep[i] * scale);
 }
+
+void relu_dropout_backward_sums(float *dh, const float *h, float scale, int N, int C, float *dbias) {
+    relu_dropout_backward(dh, h, scale, (size_t)N * C);
+    column_sums_accumulate(dbias, dh, N, C);
+}
+
+void residual_dropout_backward_sums(float *dy, const float *dout, const uint8_t *keep, float scale, int N, int C,
+                                    float *dbias) {
+    residual_dropout_backward(dy, dout, keep, scale, (size_t)N * C);
+    column_sums_accumulate(dbias, dy, N, C);
+}

@@ -50,10 +50,21 @@ void residual_dropout_forward(float *out, const float *res, const float *y, cons
 // dy[n] = dout * keep * scale (the residual branch's gradient; the skip path's gradient is dout itself).
 void residual_dropout_backward(float *dy, const float *dout, const uint8_t *keep, float scale, size_t n);
 
+// relu_dropout_backward / residual_dropout_backward over [N, C] rows, then dbias[C] += column sums of the result:
+// the twins of the CUDA backend's fused cuda_relu_dropout_backward_sums / cuda_residual_dropout_backward_sums.
+void relu_dropout_backward_sums(float *dh, const float *h, float scale, int N, int C, float *dbias);
+void residual_dropout_backward_sums(float *dy, const float *dout, const uint8_t *keep, float scale, int N, int C,
+                                    float *dbias);
+
 // ---- Embedding (embedding.c) -------------------------------------------------------------------------
 // out[B,T,C] = tok_emb[tokens[b,t]] * sqrt(C) + pe[t]; fatal error on a token outside [0, V).
 void embedding_forward(float *out, const int *tokens, const float *tok_emb, const float *pe, int B, int T,
                        int C, int V);
+// embedding_forward, then ln_out = LayerNorm(out) (layernorm_forward): the twin of the CUDA backend's fused
+// cuda_embedding_layernorm_forward.
+void embedding_layernorm_forward(float *out, float *ln_out, float *mean, float *rstd, const int *tokens,
+                                 const float *tok_emb, const float *pe, const float *w, const float *b, int B, int T,
+                                 int C, int V, float eps);
 // dtok_emb[V,C] += sqrt(C) * dout[b,t] at row tokens[b,t] (positions summed in order b, t).
 void embedding_backward(float *dtok_emb, const float *dout, const int *tokens, int B, int T, int C);
 
@@ -61,9 +72,19 @@ void embedding_backward(float *dtok_emb, const float *dout, const int *tokens, i
 // out[N,C] = (inp - mean) * rstd * w + b with the biased variance (as PyTorch); saves mean[N], rstd[N].
 void layernorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *w, const float *b,
                        int N, int C, float eps);
+// res_out[N,C] = res + dropout(y) (residual_dropout_forward), then ln_out = LayerNorm(res_out): the twin of the
+// CUDA backend's fused residual add + LayerNorm (cuda_residual_layernorm_forward).
+void residual_layernorm_forward(float *res_out, float *ln_out, float *mean, float *rstd, const float *res,
+                                const float *y, const uint8_t *keep, float scale, const float *w, const float *b,
+                                int N, int C, float eps);
 // dinp[N,C] +=, dw[C] +=, db[C] +=.
 void layernorm_backward(float *dinp, float *dw, float *db, const float *dout, const float *inp, const float *w,
                         const float *mean, const float *rstd, int N, int C);
+// layernorm_backward, then dy[N,C] = residual_dropout_backward(dinp) and dbias[C] += its column sums (dbias may
+// be NULL): the twin of the CUDA backend's fused cuda_layernorm_backward_residual.
+void layernorm_residual_backward(float *dinp, float *dw, float *db, const float *dout, const float *inp,
+                                 const float *w, const float *mean, const float *rstd, int N, int C, float *dy,
+                                 const uint8_t *keep, float scale, float *dbias);
 
 // ---- Linear (matmul.c) -------------------------------------------------------------------------------
 // out[N,OC] = inp[N,IC] * w[OC,IC]^T + b[OC] (b may be NULL).

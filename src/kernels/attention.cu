@@ -1,6 +1,7 @@
-// attention.cu: the attention softmax (scale, softmax, dropout of the probabilities) forward and backward, and the
-// layout shuffles between qkv rows [B,T,3C] and per-head tensors [B,H,T,hs]. The products Q K^T, P V and
-// their gradients are batched cuBLAS calls in cuda_model.cu.
+// attention.cu: the attention core. For T <= 64, one fused kernel per (batch, head) forward and backward (end of
+// the file). For longer sequences, the attention softmax (scale, softmax, dropout of the probabilities) forward
+// and backward and the layout shuffles between qkv rows [B,T,3C] and per-head tensors [B,H,T,hs]; there the
+// products Q K^T, P V and their gradients are batched cuBLAS calls in cuda_model.cu.
 #include <math.h>
 
 #include "cuda_check.h"
@@ -215,5 +216,228 @@ extern "C" void cuda_rows_to_heads(float *y, const float *in, int B, int T, int 
     size_t n = (size_t)B * T * C;
     if (n == 0) return;
     rows_to_heads_kernel<<<layout_grid(n), LAYOUT_BLOCK, 0, stream>>>(y, in, B, T, C, H, hs);
+    CUDA_CHECK_LAUNCH();
+}
+
+// ---- Fused attention for short sequences (T <= ATTN_FUSED_MAX_T) -------------------------------------------
+// One block per (batch, head) pair holds the head's Q, K, V [T, hs] and its [T, T] probabilities in shared
+// memory, so the whole core (bias add of qkv, scores, softmax, dropout, P V, the heads' concatenation) is one
+// launch and one pass over qkv instead of a bias add, a head split, two batched products, the softmax and a
+// head merge. The backward likewise: dV, d dropout(P), the softmax backward, dQ and dK, written straight into
+// dqkv's rows, plus the per-batch partial column sums of dqkv (the qkv bias gradient; cuda_column_sums_finish
+// adds them). The CPU twin is linear_forward's bias add followed by attention_forward / attention_backward
+// (attention.c); the arithmetic is the same except for the order of the dot products' sums.
+//
+// K and V rows are padded to hs + 1 floats where it fits, so that threads of a warp reading K[j][d] (or V[j][d])
+// for consecutive j hit different shared-memory banks.
+
+enum { ATTN_FUSED_MAX_T = 64, ATTN_BLOCK = 128, ATTN_MAX_SHMEM = 48 * 1024 };
+
+typedef struct {
+    int T, hs, ldkv;          // ldkv: row stride of K and V in shared memory (hs or hs + 1)
+    size_t fwd_floats, bwd_floats;
+} AttnShape;
+
+// forward: Q [T, hs], K, V [T, ldkv], P [T, T]; backward adds dY [T, hs] and dP [T, T].
+static size_t attn_fwd_floats(int T, int hs, int ldkv) { return (size_t)T * hs + 2 * (size_t)T * ldkv + (size_t)T * T; }
+static size_t attn_bwd_floats(int T, int hs, int ldkv) { return attn_fwd_floats(T, hs, ldkv) + (size_t)T * hs + (size_t)T * T; }
+
+// The layout of both kernels, or 0 when the fused kernels do not apply (T too long, shared memory too small).
+static int attn_shape(AttnShape *s, int T, int C, int H) {
+    if (T < 1 || T > ATTN_FUSED_MAX_T || H <= 0 || C % H != 0) return 0;
+    int hs = C / H;
+    const size_t most = ATTN_MAX_SHMEM / sizeof(float);
+    int ld = attn_bwd_floats(T, hs, hs + 1) <= most ? hs + 1 : hs;
+    if (attn_bwd_floats(T, hs, ld) > most) return 0;
+    *s = (AttnShape){T, hs, ld, attn_fwd_floats(T, hs, ld), attn_bwd_floats(T, hs, ld)};
+    return 1;
+}
+
+extern "C" int cuda_attention_fused_fits(int T, int C, int H) {
+    AttnShape s;
+    return attn_shape(&s, T, C, H);
+}
+
+extern "C" size_t cuda_attention_bias_scratch(int B, int C) { return (size_t)B * 3 * (size_t)C; }
+
+// Q, K, V of head h of sequence b from qkv rows (+ bias), into shared memory.
+static __device__ void attn_load_qkv(float *q /* [T, hs] */, float *k /* [T, ldkv] */, float *v /* [T, ldkv] */,
+                                     const float *qkv /* [B, T, 3C] */, const float *bias /* [3C] or NULL */, int b,
+                                     int h, int T, int C, int hs, int ldkv) {
+    for (int idx = threadIdx.x; idx < T * hs; idx += blockDim.x) {
+        int t = idx / hs, d = idx % hs, c = h * hs + d;
+        const float *row = qkv + ((size_t)b * T + t) * 3 * (size_t)C;  // [3C]
+        float xq = row[c], xk = row[C + c], xv = row[2 * C + c];
+        if (bias) {
+            xq = __fadd_rn(xq, bias[c]);
+            xk = __fadd_rn(xk, bias[C + c]);
+            xv = __fadd_rn(xv, bias[2 * C + c]);
+        }
+        q[t * hs + d] = xq;
+        k[t * ldkv + d] = xk;
+        v[t * ldkv + d] = xv;
+    }
+}
+
+// grid B * H, block ATTN_BLOCK, dynamic shared memory fwd_floats.
+static __global__ void attention_forward_kernel(float *out /* [B, T, C] */, float *att /* [B, H, T, T] */,
+                                                const float *qkv /* [B, T, 3C] */, const float *bias /* [3C] or NULL */,
+                                                const uint8_t *keep /* [B, H, T, T] or NULL */, float drop_scale,
+                                                float scale, int T, int C, int H, int hs, int ldkv) {
+    extern __shared__ float attn_sh[];
+    float *q = attn_sh;  // [T, hs]
+    float *k = q + T * hs;  // [T, ldkv]
+    float *v = k + T * ldkv;  // [T, ldkv]
+    float *p = v + T * ldkv;  // [T, T]: scores, then probabilities, then dropout(probabilities)
+    int bh = blockIdx.x, b = bh / H, h = bh % H;
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    attn_load_qkv(q, k, v, qkv, bias, b, h, T, C, hs, ldkv);
+    __syncthreads();
+    // Scores, scaled after the sum as the CPU's sgemm(alpha = scale).
+    for (int idx = threadIdx.x; idx < T * T; idx += blockDim.x) {
+        int i = idx / T, j = idx % T;
+        float s = 0.0f;
+        for (int d = 0; d < hs; d++) s += q[i * hs + d] * k[j * ldkv + d];
+        p[idx] = __fmul_rn(s, scale);
+    }
+    __syncthreads();
+    // Softmax over keys, one warp per row (as softmax_forward_kernel); the probabilities are saved for the
+    // backward, the dropped ones stay in shared memory for P V.
+    float *att_bh = att + (size_t)bh * T * T;  // [T, T]
+    const uint8_t *keep_bh = keep ? keep + (size_t)bh * T * T : NULL;  // [T, T]
+    for (int i = warp; i < T; i += warps) {  // warp-uniform: whole warps enter and leave together
+        float *r = p + i * T;
+        float maxv = -INFINITY;
+        for (int j = lane; j < T; j += 32) maxv = fmaxf(maxv, r[j]);
+        maxv = warp_max(maxv);
+        float sum = 0.0f;
+        for (int j = lane; j < T; j += 32) {
+            float e = expf(__fsub_rn(r[j], maxv));
+            r[j] = e;
+            sum += e;
+        }
+        float inv = __fdiv_rn(1.0f, warp_sum(sum));
+        for (int j = lane; j < T; j += 32) {
+            float pr = __fmul_rn(r[j], inv);
+            att_bh[i * T + j] = pr;
+            r[j] = keep_bh ? __fmul_rn(pr, (float)keep_bh[i * T + j] * drop_scale) : pr;  // THE DROPOUT RULE
+        }
+    }
+    __syncthreads();
+    // out[b, i, h*hs + d] = sum_j P[i, j] V[j, d]: the heads concatenated directly.
+    for (int idx = threadIdx.x; idx < T * hs; idx += blockDim.x) {
+        int i = idx / hs, d = idx % hs;
+        float y = 0.0f;
+        for (int j = 0; j < T; j++) y += p[i * T + j] * v[j * ldkv + d];
+        out[((size_t)b * T + i) * C + (size_t)h * hs + d] = y;
+    }
+}
+
+extern "C" void cuda_attention_forward(float *out, float *att, const float *qkv, const float *qkv_bias,
+                                       const uint8_t *keep, float drop_scale, int B, int T, int C, int H,
+                                       cudaStream_t stream) {
+    AttnShape s;
+    if (!attn_shape(&s, T, C, H))
+        mlm_fatal(MLM_EXIT_FAILURE, "cuda_attention_forward: T %d, d_model %d, %d heads do not fit the fused kernel "
+                  "(T <= %d and 48 KiB of shared memory); use the unfused path", T, C, H, ATTN_FUSED_MAX_T);
+    if (B <= 0) return;
+    float scale = 1.0f / sqrtf((float)s.hs);
+    attention_forward_kernel<<<(unsigned)(B * H), ATTN_BLOCK, s.fwd_floats * sizeof(float), stream>>>(
+        out, att, qkv, qkv_bias, keep, drop_scale, scale, T, C, H, s.hs, s.ldkv);
+    CUDA_CHECK_LAUNCH();
+}
+
+// grid B * H, block ATTN_BLOCK, dynamic shared memory bwd_floats. dqkv's slices of head h are overwritten;
+// bias_partial[b, 3C] (if not NULL) receives the column sums of the block's rows of dqkv over t, in order.
+static __global__ void attention_backward_kernel(float *dqkv /* [B, T, 3C] */, float *bias_partial /* [B, 3C] */,
+                                                 const float *dout /* [B, T, C] */, const float *qkv /* [B, T, 3C] */,
+                                                 const float *bias /* [3C] or NULL */, const float *att /* [B,H,T,T] */,
+                                                 const uint8_t *keep /* [B, H, T, T] or NULL */, float drop_scale,
+                                                 float scale, int T, int C, int H, int hs, int ldkv) {
+    extern __shared__ float attn_sh[];
+    float *q = attn_sh;  // [T, hs]
+    float *k = q + T * hs;  // [T, ldkv]
+    float *v = k + T * ldkv;  // [T, ldkv]
+    float *p = v + T * ldkv;  // [T, T] probabilities (before dropout)
+    float *dy = p + T * T;  // [T, hs] gradient of the head's output
+    float *dp = dy + T * hs;  // [T, T] d dropout(P), then d scores
+    int bh = blockIdx.x, b = bh / H, h = bh % H;
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    const uint8_t *keep_bh = keep ? keep + (size_t)bh * T * T : NULL;  // [T, T]
+    size_t row0 = (size_t)b * T;  // first row of sequence b
+    attn_load_qkv(q, k, v, qkv, bias, b, h, T, C, hs, ldkv);
+    for (int idx = threadIdx.x; idx < T * T; idx += blockDim.x) p[idx] = att[(size_t)bh * T * T + idx];
+    for (int idx = threadIdx.x; idx < T * hs; idx += blockDim.x) {
+        int t = idx / hs, d = idx % hs;
+        dy[idx] = dout[(row0 + t) * C + (size_t)h * hs + d];
+    }
+    __syncthreads();
+    // dV = dropout(P)^T dY, with dropout(P) recomputed as the forward's (bit-identical) into dp first, so
+    // that the mask is read once rather than once per output column.
+    for (int idx = threadIdx.x; idx < T * T; idx += blockDim.x)
+        dp[idx] = keep_bh ? __fmul_rn(p[idx], (float)keep_bh[idx] * drop_scale) : p[idx];
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < T * hs; idx += blockDim.x) {
+        int j = idx / hs, d = idx % hs;
+        float s = 0.0f;
+        for (int i = 0; i < T; i++) s += dp[i * T + j] * dy[i * hs + d];
+        dqkv[(row0 + j) * 3 * C + 2 * (size_t)C + (size_t)h * hs + d] = s;
+    }
+    __syncthreads();
+    // d dropout(P) = dY V^T, over dropout(P).
+    for (int idx = threadIdx.x; idx < T * T; idx += blockDim.x) {
+        int i = idx / T, j = idx % T;
+        float s = 0.0f;
+        for (int d = 0; d < hs; d++) s += dy[i * hs + d] * v[j * ldkv + d];
+        dp[idx] = s;
+    }
+    __syncthreads();
+    // Undo the dropout, then the softmax and the score scale, one warp per row (as softmax_backward_kernel).
+    for (int i = warp; i < T; i += warps) {
+        float *g = dp + i * T;
+        const float *pr = p + i * T;
+        float dot = 0.0f;
+        for (int j = lane; j < T; j += 32) {
+            if (keep_bh) g[j] = __fmul_rn(g[j], (float)keep_bh[i * T + j] * drop_scale);
+            dot += pr[j] * g[j];
+        }
+        dot = warp_sum(dot);
+        for (int j = lane; j < T; j += 32) g[j] = __fmul_rn(__fmul_rn(pr[j], __fsub_rn(g[j], dot)), scale);
+    }
+    __syncthreads();
+    // dQ = dS K, dK = dS^T Q.
+    for (int idx = threadIdx.x; idx < T * hs; idx += blockDim.x) {
+        int i = idx / hs, d = idx % hs;
+        float sq = 0.0f, sk = 0.0f;
+        for (int j = 0; j < T; j++) {
+            sq += dp[i * T + j] * k[j * ldkv + d];
+            sk += dp[j * T + i] * q[j * hs + d];
+        }
+        float *row = dqkv + (row0 + i) * 3 * C + (size_t)h * hs + d;
+        row[0] = sq;
+        row[C] = sk;
+    }
+    if (!bias_partial) return;
+    __syncthreads();  // the block's own global writes above are visible to the block after the barrier
+    for (int idx = threadIdx.x; idx < 3 * hs; idx += blockDim.x) {
+        int which = idx / hs, d = idx % hs;
+        size_t c = (size_t)which * C + (size_t)h * hs + d;
+        float s = 0.0f;
+        for (int t = 0; t < T; t++) s += dqkv[(row0 + t) * 3 * C + c];
+        bias_partial[(size_t)b * 3 * C + c] = s;
+    }
+}
+
+extern "C" void cuda_attention_backward(float *dqkv, float *bias_partial, const float *dout, const float *qkv,
+                                        const float *qkv_bias, const float *att, const uint8_t *keep,
+                                        float drop_scale, int B, int T, int C, int H, cudaStream_t stream) {
+    AttnShape s;
+    if (!attn_shape(&s, T, C, H))
+        mlm_fatal(MLM_EXIT_FAILURE, "cuda_attention_backward: T %d, d_model %d, %d heads do not fit the fused "
+                  "kernel (T <= %d and 48 KiB of shared memory); use the unfused path", T, C, H, ATTN_FUSED_MAX_T);
+    if (B <= 0) return;
+    float scale = 1.0f / sqrtf((float)s.hs);
+    attention_backward_kernel<<<(unsigned)(B * H), ATTN_BLOCK, s.bwd_floats * sizeof(float), stream>>>(
+        dqkv, bias_partial, dout, qkv, qkv_bias, att, keep, drop_scale, scale, T, C, H, s.hs, s.ldkv);
     CUDA_CHECK_LAUNCH();
 }

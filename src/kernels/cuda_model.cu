@@ -182,6 +182,7 @@ static size_t scratch_floats(const ModelConfig *c, int max_B) {
         int N = b * c->max_seq;
         for (int i = 0; i < 4; i++) most = MLM_MAX(most, cuda_column_sums_scratch(N, ocs[i]));
         most = MLM_MAX(most, cuda_layernorm_backward_scratch(N, c->d_model));
+        most = MLM_MAX(most, cuda_attention_bias_scratch(b, c->d_model));  // fused attention's bias partials
     }
     return MLM_MAX(most, (size_t)1);
 }
@@ -693,16 +694,19 @@ static void forward_impl(CudaModel *m, int B, const CudaRandom *rnd) {
     float ds = m->drop_scale;
     float att_scale = 1.0f / sqrtf((float)hs);
     long long sT = (long long)T * hs, sTT = (long long)T * T;
+    int fused_att = cuda_attention_fused_fits(T, C, H);  // short sequences: the one-kernel attention
     char name[64];
 
     nvtxRangePushA("forward");
-    cuda_embedding_forward(a->encoded, a->inputs, p->tok_emb, a->pe, B, T, C, m->stream);
+    // The embedding fused with layer 0's LN1; a later layer's LN1 is fused into the residual add before it.
+    cuda_embedding_layernorm_forward(a->encoded, a->ln1, a->ln1_mean, a->ln1_rstd, a->inputs, p->tok_emb, a->pe,
+                                     p->ln1_w, p->ln1_b, B, T, C, c->ln_eps, m->stream);
     const float *x = a->encoded;  // [B, T, C] residual stream entering the layer
     for (int l = 0; l < L; l++) {
         snprintf(name, sizeof(name), "forward layer %d", l);
         nvtxRangePushA(name);
         size_t lc = (size_t)l * C;
-        float *ln1 = a->ln1 + l * maxBT * C, *ln1_mean = a->ln1_mean + l * maxBT, *ln1_rstd = a->ln1_rstd + l * maxBT;
+        float *ln1 = a->ln1 + l * maxBT * C;  // with its mean and rstd, written before the layer (see above)
         float *qkv = a->qkv + l * maxBT * 3 * C;
         float *att = a->att + l * maxBT * H * T;
         float *atty = a->atty + l * maxBT * C;
@@ -711,32 +715,45 @@ static void forward_impl(CudaModel *m, int B, const CudaRandom *rnd) {
         float *fch = a->fch + l * maxBT * F;
         float *res2 = a->res2 + l * maxBT * C;
 
-        // x = x + Drop(OutProj(MHA(LN1(x))))
-        cuda_layernorm_forward(ln1, ln1_mean, ln1_rstd, x, p->ln1_w + lc, p->ln1_b + lc, N, C, c->ln_eps, m->stream);
+        // x = x + Drop(OutProj(MHA(LN1(x)))); LN1 (ln1, ln1_mean, ln1_rstd) was written by the kernel before.
         matmul_forward(m, qkv, ln1, p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
-        cuda_add_bias(qkv, qkv, p->qkv_b + 3 * lc, BT * 3 * C, 3 * C, m->stream);
-        cuda_qkv_split_heads(a->q, a->k, a->v, qkv, B, T, C, H, m->stream);
-        // scores[bh] = Q K^T (row-major [T, T]) = column-major K^T' Q: op(K) = T.
-        gemm_batched(m, CUBLAS_OP_T, CUBLAS_OP_N, T, T, hs, a->k, hs, sT, a->q, hs, sT, att, T, sTT, BH);
-        uint8_t *keep = site_mask(m, rnd, a->keep_att + l * maxBT * H * T, l, DROP_ATTN_PROBS, BHTT);
-        cuda_softmax_forward(att, keep ? a->att_drop : NULL, keep, ds, att_scale, BH, T, m->stream);
-        const float *pv = keep ? a->att_drop : att;
-        // yh[bh] = P V (row-major [T, hs]) = column-major V' P'.
-        gemm_batched(m, CUBLAS_OP_N, CUBLAS_OP_N, hs, T, T, a->v, hs, sT, pv, T, sTT, a->yh, hs, sT, BH);
-        cuda_heads_to_rows(atty, a->yh, B, T, C, H, m->stream);
+        uint8_t *keep;
+        if (fused_att) {
+            // One kernel per (batch, head); qkv stays without its bias (the kernels add it when they load).
+            keep = site_mask(m, rnd, a->keep_att + l * maxBT * H * T, l, DROP_ATTN_PROBS, BHTT);
+            cuda_attention_forward(atty, att, qkv, p->qkv_b + 3 * lc, keep, ds, B, T, C, H, m->stream);
+        } else {
+            cuda_add_bias(qkv, qkv, p->qkv_b + 3 * lc, BT * 3 * C, 3 * C, m->stream);
+            cuda_qkv_split_heads(a->q, a->k, a->v, qkv, B, T, C, H, m->stream);
+            // scores[bh] = Q K^T (row-major [T, T]) = column-major K^T' Q: op(K) = T.
+            gemm_batched(m, CUBLAS_OP_T, CUBLAS_OP_N, T, T, hs, a->k, hs, sT, a->q, hs, sT, att, T, sTT, BH);
+            keep = site_mask(m, rnd, a->keep_att + l * maxBT * H * T, l, DROP_ATTN_PROBS, BHTT);
+            cuda_softmax_forward(att, keep ? a->att_drop : NULL, keep, ds, att_scale, BH, T, m->stream);
+            const float *pv = keep ? a->att_drop : att;
+            // yh[bh] = P V (row-major [T, hs]) = column-major V' P'.
+            gemm_batched(m, CUBLAS_OP_N, CUBLAS_OP_N, hs, T, T, a->v, hs, sT, pv, T, sTT, a->yh, hs, sT, BH);
+            cuda_heads_to_rows(atty, a->yh, B, T, C, H, m->stream);
+        }
         matmul_forward(m, a->proj, atty, p->out_w + (size_t)l * C * C, N, C, C);
         keep = site_mask(m, rnd, a->keep_res1 + l * maxBT * C, l, DROP_ATTN_RESID, BT * C);
-        cuda_residual_dropout_forward(res1, x, a->proj, p->out_b + lc, keep, ds, BT * C, C, m->stream);
+        // The residual add fused with the LN2 that reads it.
+        cuda_residual_layernorm_forward(res1, ln2, ln2_mean, ln2_rstd, x, a->proj, p->out_b + lc, keep, ds,
+                                        p->ln2_w + lc, p->ln2_b + lc, N, C, c->ln_eps, m->stream);
 
         // x = x + Drop(Linear2(Drop(ReLU(Linear1(LN2(x))))))
-        cuda_layernorm_forward(ln2, ln2_mean, ln2_rstd, res1, p->ln2_w + lc, p->ln2_b + lc, N, C, c->ln_eps,
-                               m->stream);
         matmul_forward(m, fch, ln2, p->ff1_w + (size_t)l * F * C, N, C, F);
         keep = site_mask(m, rnd, a->keep_hidden, l, DROP_FFN_HIDDEN, BT * F);
         cuda_bias_relu_dropout_forward(fch, p->ff1_b + (size_t)l * F, keep, ds, BT * F, F, m->stream);
         matmul_forward(m, a->proj, fch, p->ff2_w + (size_t)l * C * F, N, F, C);
         keep = site_mask(m, rnd, a->keep_res2 + l * maxBT * C, l, DROP_FFN_RESID, BT * C);
-        cuda_residual_dropout_forward(res2, res1, a->proj, p->ff2_b + lc, keep, ds, BT * C, C, m->stream);
+        if (l + 1 < L) {  // the residual add fused with the next layer's LN1
+            size_t nc = lc + C, nb = (size_t)(l + 1) * maxBT;
+            cuda_residual_layernorm_forward(res2, a->ln1 + nb * C, a->ln1_mean + nb, a->ln1_rstd + nb, res1, a->proj,
+                                            p->ff2_b + lc, keep, ds, p->ln1_w + nc, p->ln1_b + nc, N, C, c->ln_eps,
+                                            m->stream);
+        } else {  // the final LayerNorm below reads it
+            cuda_residual_dropout_forward(res2, res1, a->proj, p->ff2_b + lc, keep, ds, BT * C, C, m->stream);
+        }
         x = res2;
         nvtxRangePop();
     }
@@ -772,6 +789,7 @@ static void backward_impl(CudaModel *m) {
     float ds = m->drop_scale;
     float att_scale = 1.0f / sqrtf((float)hs);
     long long sT = (long long)T * hs, sTT = (long long)T * T;
+    int fused_att = cuda_attention_fused_fits(T, C, H);  // as the forward
     char name[64];
 
     nvtxRangePushA("backward");
@@ -804,43 +822,67 @@ static void backward_impl(CudaModel *m) {
         const uint8_t *keep_res1 = m->dropout_on ? a->keep_res1 + l * maxBT * C : NULL;
         const uint8_t *keep_res2 = m->dropout_on ? a->keep_res2 + l * maxBT * C : NULL;
 
-        // FFN block: dres is d(res2); the skip path passes it on unchanged to d(res1).
-        cuda_residual_dropout_backward(a->dproj, a->dres, keep_res2, ds, BT * C, m->stream);
-        linear_backward(m, a->dfch, g->ff2_w + (size_t)l * C * F, g->ff2_b + lc, a->dproj, fch,
-                        p->ff2_w + (size_t)l * C * F, N, F, C);
-        cuda_relu_dropout_backward(a->dfch, fch, ds, BT * F, m->stream);
-        linear_backward(m, a->dln, g->ff1_w + (size_t)l * F * C, g->ff1_b + (size_t)l * F, a->dfch, ln2,
-                        p->ff1_w + (size_t)l * F * C, N, C, F);
-        cuda_layernorm_backward(a->dres, g->ln2_w + lc, g->ln2_b + lc, a->dln, res1, p->ln2_w + lc, ln2_mean,
-                                ln2_rstd, N, C, a->scratch, m->stream);
+        // FFN block: dres is d(res2); the skip path passes it on unchanged to d(res1). dproj = d(FFN output),
+        // its column sums in the ff2 bias gradient: here for the top layer, below it by the LN1 backward of the
+        // layer above.
+        if (l == L - 1)
+            cuda_residual_dropout_backward_sums(a->dproj, a->dres, keep_res2, ds, N, C, g->ff2_b + lc, a->scratch,
+                                                m->stream);
+        linear_backward(m, a->dfch, g->ff2_w + (size_t)l * C * F, NULL, a->dproj, fch, p->ff2_w + (size_t)l * C * F,
+                        N, F, C);
+        // The ReLU/dropout backward also sums the ff1 bias gradient as it goes.
+        cuda_relu_dropout_backward_sums(a->dfch, fch, ds, N, F, g->ff1_b + (size_t)l * F, a->scratch, m->stream);
+        linear_backward(m, a->dln, g->ff1_w + (size_t)l * F * C, NULL, a->dfch, ln2, p->ff1_w + (size_t)l * F * C, N,
+                        C, F);
+        // LN2's backward also writes dproj = d(attention output) = dropout backward of d(res1), and its column
+        // sums into the output projection's bias gradient.
+        cuda_layernorm_backward_residual(a->dres, g->ln2_w + lc, g->ln2_b + lc, a->dln, res1, p->ln2_w + lc, ln2_mean,
+                                         ln2_rstd, N, C, a->dproj, keep_res1, ds, g->out_b + lc, a->scratch,
+                                         m->stream);
 
         // Attention block: dres is now d(res1); the skip path passes it on to d(x).
-        cuda_residual_dropout_backward(a->dproj, a->dres, keep_res1, ds, BT * C, m->stream);
-        linear_backward(m, a->datty, g->out_w + (size_t)l * C * C, g->out_b + lc, a->dproj, atty,
+        linear_backward(m, a->datty, g->out_w + (size_t)l * C * C, NULL, a->dproj, atty,
                         p->out_w + (size_t)l * C * C, N, C, C);
-        // Per head: dyh from the concatenated rows; Q, K, V again from the saved qkv (a cheap shuffle instead
-        // of three more saved tensors per layer); the dropped probabilities again from att and the mask
-        // (att * keep * scale, bit-identical to the forward's: keep is 0 or 1 and att >= 0).
-        cuda_rows_to_heads(a->dyh, a->datty, B, T, C, H, m->stream);
-        cuda_qkv_split_heads(a->q, a->k, a->v, qkv, B, T, C, H, m->stream);
-        const float *pv = att;
-        if (keep_att) {
-            cuda_residual_dropout_backward(a->att_drop, att, keep_att, ds, BHTT, m->stream);
-            pv = a->att_drop;
+        float *dqkv_b = g->qkv_b + 3 * lc;  // summed by linear_backward unless the fused kernel did it
+        if (fused_att) {
+            // One kernel per (batch, head) from the saved qkv (without bias) and probabilities; the qkv bias
+            // gradient from its per-sequence partial sums.
+            cuda_attention_backward(a->dqkv, a->scratch, a->datty, qkv, p->qkv_b + 3 * lc, att, keep_att, ds, B, T,
+                                    C, H, m->stream);
+            cuda_column_sums_finish(dqkv_b, a->scratch, B, 3 * C, m->stream);
+            dqkv_b = NULL;
+        } else {
+            // Per head: dyh from the concatenated rows; Q, K, V again from the saved qkv (a cheap shuffle instead
+            // of three more saved tensors per layer); the dropped probabilities again from att and the mask
+            // (att * keep * scale, bit-identical to the forward's: keep is 0 or 1 and att >= 0).
+            cuda_rows_to_heads(a->dyh, a->datty, B, T, C, H, m->stream);
+            cuda_qkv_split_heads(a->q, a->k, a->v, qkv, B, T, C, H, m->stream);
+            const float *pv = att;
+            if (keep_att) {
+                cuda_residual_dropout_backward(a->att_drop, att, keep_att, ds, BHTT, m->stream);
+                pv = a->att_drop;
+            }
+            // datt[bh] = dY V^T ([T, T]); dV[bh] = P^T dY ([T, hs]).
+            gemm_batched(m, CUBLAS_OP_T, CUBLAS_OP_N, T, T, hs, a->v, hs, sT, a->dyh, hs, sT, a->datt, T, sTT, BH);
+            gemm_batched(m, CUBLAS_OP_N, CUBLAS_OP_T, hs, T, T, a->dyh, hs, sT, pv, T, sTT, a->dv, hs, sT, BH);
+            // d scores (in place): undo the dropout, the softmax and the 1/sqrt(hs) scale.
+            cuda_softmax_backward(a->datt, a->datt, att, keep_att, ds, att_scale, BH, T, m->stream);
+            // dQ[bh] = dS K; dK[bh] = dS^T Q.
+            gemm_batched(m, CUBLAS_OP_N, CUBLAS_OP_N, hs, T, T, a->k, hs, sT, a->datt, T, sTT, a->dq, hs, sT, BH);
+            gemm_batched(m, CUBLAS_OP_N, CUBLAS_OP_T, hs, T, T, a->q, hs, sT, a->datt, T, sTT, a->dk, hs, sT, BH);
+            cuda_qkv_merge_heads(a->dqkv, a->dq, a->dk, a->dv, B, T, C, H, m->stream);
         }
-        // datt[bh] = dY V^T ([T, T]); dV[bh] = P^T dY ([T, hs]).
-        gemm_batched(m, CUBLAS_OP_T, CUBLAS_OP_N, T, T, hs, a->v, hs, sT, a->dyh, hs, sT, a->datt, T, sTT, BH);
-        gemm_batched(m, CUBLAS_OP_N, CUBLAS_OP_T, hs, T, T, a->dyh, hs, sT, pv, T, sTT, a->dv, hs, sT, BH);
-        // d scores (in place): undo the dropout, the softmax and the 1/sqrt(hs) scale.
-        cuda_softmax_backward(a->datt, a->datt, att, keep_att, ds, att_scale, BH, T, m->stream);
-        // dQ[bh] = dS K; dK[bh] = dS^T Q.
-        gemm_batched(m, CUBLAS_OP_N, CUBLAS_OP_N, hs, T, T, a->k, hs, sT, a->datt, T, sTT, a->dq, hs, sT, BH);
-        gemm_batched(m, CUBLAS_OP_N, CUBLAS_OP_T, hs, T, T, a->q, hs, sT, a->datt, T, sTT, a->dk, hs, sT, BH);
-        cuda_qkv_merge_heads(a->dqkv, a->dq, a->dk, a->dv, B, T, C, H, m->stream);
-        linear_backward(m, a->dln, g->qkv_w + (size_t)l * 3 * C * C, g->qkv_b + 3 * lc, a->dqkv, ln1,
+        linear_backward(m, a->dln, g->qkv_w + (size_t)l * 3 * C * C, dqkv_b, a->dqkv, ln1,
                         p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
-        cuda_layernorm_backward(a->dres, g->ln1_w + lc, g->ln1_b + lc, a->dln, x, p->ln1_w + lc, ln1_mean, ln1_rstd,
-                                N, C, a->scratch, m->stream);
+        if (l > 0) {  // LN1's backward also starts the FFN block of the layer below (as LN2's above)
+            const uint8_t *keep_below = m->dropout_on ? a->keep_res2 + (size_t)(l - 1) * maxBT * C : NULL;
+            cuda_layernorm_backward_residual(a->dres, g->ln1_w + lc, g->ln1_b + lc, a->dln, x, p->ln1_w + lc, ln1_mean,
+                                             ln1_rstd, N, C, a->dproj, keep_below, ds, g->ff2_b + lc - C, a->scratch,
+                                             m->stream);
+        } else {
+            cuda_layernorm_backward(a->dres, g->ln1_w + lc, g->ln1_b + lc, a->dln, x, p->ln1_w + lc, ln1_mean,
+                                    ln1_rstd, N, C, a->scratch, m->stream);
+        }
         nvtxRangePop();
     }
     cuda_embedding_backward(g->tok_emb, a->dres, a->inputs, B, T, C, V, m->stream);

@@ -1,4 +1,5 @@
-// feedforward.cu: dropout keep masks, bias+ReLU+dropout, residual add+dropout, bias add, bias-gradient column sums.
+// feedforward.cu: dropout keep masks, bias+ReLU+dropout, residual add+dropout, bias add, bias-gradient column sums
+// (alone, or fused into the ReLU/dropout and residual-dropout backward).
 //
 // Every elementwise kernel reproduces the CPU expression of src/cpu/feedforward.c bit for bit. nvcc contracts
 // a * b + c into one fused multiply-add by default (one rounding instead of two), which would differ from the
@@ -171,4 +172,64 @@ extern "C" void cuda_column_sums_accumulate(float *sums, const float *x, int N, 
     CUDA_CHECK_LAUNCH();
     column_sums_finish_kernel<<<(unsigned)((C + 255) / 256), 256, 0, stream>>>(sums, scratch, chunks, C);
     CUDA_CHECK_LAUNCH();
+}
+
+extern "C" void cuda_column_sums_finish(float *sums, const float *partial, int chunks, int C, cudaStream_t stream) {
+    if (chunks <= 0 || C <= 0) return;
+    column_sums_finish_kernel<<<(unsigned)((C + 255) / 256), 256, 0, stream>>>(sums, partial, chunks, C);
+    CUDA_CHECK_LAUNCH();
+}
+
+// ---- Backward elementwise ops fused with the column sums of their result (bias gradients) -------------------
+// The layout and summation order of column_sums_partial_kernel (block (32, 8) over a chunk of COLSUM_ROWS rows
+// and 32 columns), each element transformed as it is read: with h, the ReLU + dropout backward in place
+// (relu_dropout_backward_kernel: out = in * (h > 0) * scale); without, the residual-dropout backward
+// (residual_dropout_backward_kernel: out = in * keep * scale). The bias gradient is then the same sum as a
+// separate column-sum pass over out would give, without that pass reading out again.
+static __global__ void backward_column_sums_partial_kernel(float *partial /* [chunks, C] */, float *out /* [N, C] */,
+                                                           const float *in /* [N, C] */,
+                                                           const float *h /* [N, C] or NULL */,
+                                                           const uint8_t *keep /* [N, C] or NULL */, float scale,
+                                                           int N, int C) {
+    __shared__ float part[COLSUM_TY][COLSUM_TX];
+    int c = blockIdx.y * COLSUM_TX + threadIdx.x;
+    int r0 = blockIdx.x * COLSUM_ROWS, r1 = min(r0 + COLSUM_ROWS, N);
+    float s = 0.0f;
+    if (c < C)
+        for (int r = r0 + (int)threadIdx.y; r < r1; r += COLSUM_TY) {
+            size_t i = (size_t)r * C + c;
+            float v;
+            if (h) v = __fmul_rn(in[i], (float)(h[i] > 0.0f) * scale);
+            else v = __fmul_rn(in[i], keep ? (float)keep[i] * scale : scale);
+            out[i] = v;
+            s += v;
+        }
+    part[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < C) {
+        float t = part[0][threadIdx.x];
+        for (int k = 1; k < COLSUM_TY; k++) t += part[k][threadIdx.x];
+        partial[(size_t)blockIdx.x * C + c] = t;
+    }
+}
+
+static void backward_column_sums(float *out, const float *in, const float *h, const uint8_t *keep, float scale, int N,
+                                 int C, float *dbias, float *scratch, cudaStream_t stream) {
+    if (N <= 0 || C <= 0) return;
+    int chunks = colsum_chunks(N);
+    dim3 grid((unsigned)chunks, (unsigned)((C + COLSUM_TX - 1) / COLSUM_TX));
+    backward_column_sums_partial_kernel<<<grid, dim3(COLSUM_TX, COLSUM_TY), 0, stream>>>(scratch, out, in, h, keep,
+                                                                                        scale, N, C);
+    CUDA_CHECK_LAUNCH();
+    cuda_column_sums_finish(dbias, scratch, chunks, C, stream);
+}
+
+extern "C" void cuda_relu_dropout_backward_sums(float *dh, const float *h, float scale, int N, int F, float *dbias,
+                                                float *scratch, cudaStream_t stream) {
+    backward_column_sums(dh, dh, h, NULL, scale, N, F, dbias, scratch, stream);
+}
+
+extern "C" void cuda_residual_dropout_backward_sums(float *dy, const float *dout, const uint8_t *keep, float scale,
+                                                    int N, int C, float *dbias, float *scratch, cudaStream_t stream) {
+    backward_column_sums(dy, dout, NULL, keep, scale, N, C, dbias, scratch, stream);
 }

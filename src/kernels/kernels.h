@@ -73,17 +73,33 @@ void cuda_residual_dropout_forward(float *out, const float *res, const float *y,
 // dy[n] = dout * keep * scale (keep NULL: dy = dout * scale).
 void cuda_residual_dropout_backward(float *dy, const float *dout, const uint8_t *keep, float scale, size_t n,
                                     cudaStream_t stream);
+// The two backward ops above over [N, C] rows fused with the column sums of their result into dbias[C] (the bias
+// gradient of the Linear before them; scratch as cuda_column_sums_accumulate): dh in place, dy from dout.
+// Twins: relu_dropout_backward_sums, residual_dropout_backward_sums.
+void cuda_relu_dropout_backward_sums(float *dh, const float *h, float scale, int N, int F, float *dbias,
+                                     float *scratch, cudaStream_t stream);
+void cuda_residual_dropout_backward_sums(float *dy, const float *dout, const uint8_t *keep, float scale, int N, int C,
+                                         float *dbias, float *scratch, cudaStream_t stream);
 // out[n] = x[n] + bias[col] (x viewed as [n / C, C]); out may alias x.
 void cuda_add_bias(float *out, const float *x, const float *bias, size_t n, int C, cudaStream_t stream);
 // sums[C] += column sums of x[N, C] in a fixed order (bias gradients); scratch holds at least
 // cuda_column_sums_scratch(N, C) floats.
 size_t cuda_column_sums_scratch(int N, int C);
 void cuda_column_sums_accumulate(float *sums, const float *x, int N, int C, float *scratch, cudaStream_t stream);
+// sums[C] += sum over k of partial[k, C], k in order (the second pass of the column sums, for kernels that
+// write their own per-chunk partial sums).
+void cuda_column_sums_finish(float *sums, const float *partial, int chunks, int C, cudaStream_t stream);
 
 // ---- Embedding (embedding.cu) -------------------------------------------------------------------------
 // out[B,T,C] = tok_emb[tokens[b,t]] * sqrt(C) + pe[t].
 void cuda_embedding_forward(float *out, const int *tokens, const float *tok_emb, const float *pe, int B, int T,
                             int C, cudaStream_t stream);
+// cuda_embedding_forward fused with the first LayerNorm: emb_out[B,T,C] as cuda_embedding_forward, then ln_out =
+// LayerNorm(emb_out) with mean, rstd, bit-identical to the two kernels (layernorm.cu). Twin:
+// embedding_layernorm_forward.
+void cuda_embedding_layernorm_forward(float *emb_out, float *ln_out, float *mean, float *rstd, const int *tokens,
+                                      const float *tok_emb, const float *pe, const float *w, const float *b, int B,
+                                      int T, int C, float eps, cudaStream_t stream);
 // dtok_emb[V,C] += sqrt(C) * sum of dout rows whose token is v, summed in position order (no atomics).
 void cuda_embedding_backward(float *dtok_emb, const float *dout, const int *tokens, int B, int T, int C, int V,
                              cudaStream_t stream);
@@ -91,12 +107,27 @@ void cuda_embedding_backward(float *dtok_emb, const float *dout, const int *toke
 // ---- LayerNorm (layernorm.cu) -------------------------------------------------------------------------
 void cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *w, const float *b,
                             int N, int C, float eps, cudaStream_t stream);
+// res_out[N,C] = res + dropout(y + bias[col]) (bias, keep may be NULL; res_out must not alias res or y), then
+// ln_out = LayerNorm(res_out) with mean, rstd: cuda_residual_dropout_forward + cuda_layernorm_forward in one
+// pass, bit-identical to them. Twin: residual_layernorm_forward.
+void cuda_residual_layernorm_forward(float *res_out, float *ln_out, float *mean, float *rstd, const float *res,
+                                     const float *y, const float *bias, const uint8_t *keep, float scale,
+                                     const float *w, const float *b, int N, int C, float eps, cudaStream_t stream);
 // dinp[N,C] +=, dw[C] +=, db[C] += (weight/bias sums in a fixed order); scratch holds at least
 // cuda_layernorm_backward_scratch(N, C) floats.
 size_t cuda_layernorm_backward_scratch(int N, int C);
 void cuda_layernorm_backward(float *dinp, float *dw, float *db, const float *dout, const float *inp, const float *w,
                              const float *mean, const float *rstd, int N, int C, float *scratch,
                              cudaStream_t stream);
+// cuda_layernorm_backward fused with the residual-dropout backward of its result: after dinp +=, dy[N,C] =
+// dinp * keep * scale (keep NULL: dinp * scale) and dbias[C] += column sums of dy (dbias may be NULL; dy NULL:
+// the plain backward). One kernel plus the sums' second pass, with the arithmetic and summation order of
+// cuda_layernorm_backward, cuda_residual_dropout_backward and cuda_column_sums_accumulate in turn. Twin:
+// layernorm_residual_backward.
+void cuda_layernorm_backward_residual(float *dinp, float *dw, float *db, const float *dout, const float *inp,
+                                      const float *w, const float *mean, const float *rstd, int N, int C, float *dy,
+                                      const uint8_t *keep, float scale, float *dbias, float *scratch,
+                                      cudaStream_t stream);
 
 // ---- Attention softmax (attention.cu) -----------------------------------------------------------------
 // In place on scores[B*H, T, T] (Q K^T, unscaled, from cuBLAS): att = softmax(scores * scale) over the last
@@ -116,6 +147,20 @@ void cuda_qkv_merge_heads(float *dqkv, const float *dq, const float *dk, const f
 // out[B,T,C] (heads concatenated) from y[B,H,T,hs], and its inverse.
 void cuda_heads_to_rows(float *out, const float *y, int B, int T, int C, int H, cudaStream_t stream);
 void cuda_rows_to_heads(float *y, const float *in, int B, int T, int C, int H, cudaStream_t stream);
+// Fused attention for short sequences (one block per (batch, head), everything in shared memory): 1 when
+// T <= 64 and the head fits in 48 KiB of shared memory, else the model takes the path above.
+int cuda_attention_fused_fits(int T, int C, int H);
+// out[B,T,C] (heads concatenated) and att[B,H,T,T] (softmax probabilities, before dropout) from qkv[B,T,3C]
+// plus qkv_bias[3C] (may be NULL); keep[B,H,T,T] (NULL = no dropout). Twin: the bias add, then attention_forward.
+void cuda_attention_forward(float *out, float *att, const float *qkv, const float *qkv_bias, const uint8_t *keep,
+                            float drop_scale, int B, int T, int C, int H, cudaStream_t stream);
+// dqkv[B,T,3C] (overwritten) from dout[B,T,C], the forward's qkv, qkv_bias, att and keep; bias_partial[B,3C]
+// (may be NULL; cuda_attention_bias_scratch(B, C) floats) receives per-sequence column sums of dqkv, which
+// cuda_column_sums_finish(dqkv_bias, bias_partial, B, 3C) adds to the bias gradient. Twin: attention_backward.
+size_t cuda_attention_bias_scratch(int B, int C);
+void cuda_attention_backward(float *dqkv, float *bias_partial, const float *dout, const float *qkv,
+                             const float *qkv_bias, const float *att, const uint8_t *keep, float drop_scale, int B,
+                             int T, int C, int H, cudaStream_t stream);
 
 // ---- Cross-entropy (loss.cu) --------------------------------------------------------------------------
 // Fused softmax + loss + gradient over logits[N,V]: losses[N] (0 on ignored rows), correct[N] (1 where argmax
