@@ -99,6 +99,13 @@ static void test_lock_and_wall_time_checkpoints(void) {
     kill(holder, SIGKILL);
     CHECK(test_wait(holder) == 128 + SIGKILL, "the holder should have died of SIGKILL");
     CHECK(file_exists(lockfile), "kill -9 leaves the lock file behind (this is what the takeover is for)");
+    // A writer killed between writing NAME.tmp and renaming it leaves the .tmp behind (the kill above may or may
+    // not have landed there); plant one so the takeover's cleanup is always exercised.
+    char stale_tmp[600];
+    snprintf(stale_tmp, sizeof(stale_tmp), "%s/checkpoints/ckpt-99999999.safetensors.tmp", run);
+    FILE *st = fopen(stale_tmp, "w");
+    CHECK(st != NULL, "cannot plant %s", stale_tmp);
+    if (st) fclose(st);
 
     Checkpoint ck;
     char err[1024];

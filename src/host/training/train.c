@@ -2,6 +2,7 @@
 // progress lines and metrics.
 #include "mlm/train.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <math.h>
 #include <omp.h>
@@ -297,11 +298,32 @@ static void release_lock_at_exit(void) {
     if (held_lock) run_lock_release(held_lock);
 }
 
+// A checkpoint is written as NAME.tmp and renamed; a writer killed in between (kill -9, power loss) leaves the
+// .tmp behind. Once this process holds the lock nobody else writes here, so any .tmp is such a leftover: an
+// incomplete file that no loader reads, removed so that it neither fills the disk nor looks like work.
+static void remove_stale_checkpoint_temporaries(const char *run_dir) {
+    char dir[1100];
+    snprintf(dir, sizeof(dir), "%s/checkpoints", run_dir);
+    DIR *d = opendir(dir);
+    if (!d) return;  // no checkpoints yet
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        size_t n = strlen(e->d_name);
+        static const char suffix[] = ".safetensors.tmp";
+        if (n <= sizeof(suffix) - 1 || strcmp(e->d_name + n - (sizeof(suffix) - 1), suffix) != 0) continue;
+        char path[1400];
+        snprintf(path, sizeof(path), "%s/%s", dir, e->d_name);
+        if (unlink(path) == 0) mlm_warn("removed %s, an unfinished checkpoint of a run that was killed while writing it", path);
+    }
+    closedir(d);
+}
+
 static void lock_run_dir(Run *r) {
     char err[1400];
     if (run_lock_acquire(r->run_dir, &r->lock, err, sizeof(err))) mlm_fatal(MLM_EXIT_USAGE, "%s", err);
     held_lock = &r->lock;
     atexit(release_lock_at_exit);
+    remove_stale_checkpoint_temporaries(r->run_dir);
 }
 
 // metrics.jsonl (trimmed to the checkpoint on resume) and config.conf. A fresh start is refused in a directory
