@@ -4,12 +4,12 @@
 // Format: a safetensors file (tensors "params", "adam.m", "adam.v", float32 [P]) whose __metadata__ holds
 // format = "mlm-checkpoint", format_version, step, tokens, valid_epochs, best_valid_acc, best_epoch, elapsed_s,
 // last_valid_step, last_valid_loss, last_valid_acc, n_params, corpus_md5, vocab (comma-separated code
-// points, or "KIND:N:specials:MD5" for byte and WordPiece), for WordPiece also vocab_text (the vocab.txt itself)
-// and vocab_lowercase (true|false), config (the resolved config text), md5.<tensor> for every tensor, and md5.header: the md5 of every
-// other metadata key and value (vocab_text and vocab_lowercase after the rest, when present, so that character
-// checkpoints are byte for byte what they were) and of the tensor table (names, dtypes, shapes), so that no byte of the file
-// can change unnoticed. Data order and every RNG offset derive from (config seed, step), so the step is the
-// whole position of the run.
+// points, or "KIND:N:specials:MD5" for byte and WordPiece), for WordPiece also vocab_text (the vocab.txt
+// itself) and vocab_lowercase (true|false), config (the resolved config text), md5.<tensor> for every tensor,
+// and md5.header: the md5 of every other metadata key and value (vocab_text and vocab_lowercase after the
+// rest, when present, so that character checkpoints are byte for byte what they were) and of the tensor table
+// (names, dtypes, shapes), so that no byte of the file can change unnoticed. Data order and every RNG offset
+// derive from (config seed, step), so the step is the whole position of the run.
 //
 // Version 1 files (before md5.header and last_valid_*) are still read, with a warning that their metadata is
 // not covered by a checksum: refusing them would strand runs that took hours, and their tensors are still

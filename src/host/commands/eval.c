@@ -142,12 +142,13 @@ static void open_eval_set(ShardSet *set, const char *path, const Checkpoint *ck)
     if (manifest_vocab(&set->m, &v, err, sizeof(err))) mlm_fatal(MLM_EXIT_USAGE, "--data %s: %s", path, err);
     char *have = vocab_codepoints_text(&v), *want = vocab_codepoints_text(&ck->vocab);
     if (strcmp(have, want) != 0)
-        mlm_fatal(MLM_EXIT_USAGE, "--data %s was prepared with the %s vocabulary %.120s, but the checkpoint was trained "
-                  "with %.120s; its token ids would mean other tokens. Prepare the text again with the checkpoint's "
-                  "vocabulary (`mlm prepare --tokenizer %s%s ...`), or evaluate the whole of a text file with --data "
-                  "FILE --split all", path, tokenizer_name(set->m.tokenizer), have, want,
-                  ck->vocab.kind == VOCAB_KIND_BYTE ? "byte" : ck->vocab.kind == VOCAB_KIND_WORDPIECE ? "wordpiece" : "char",
-                  ck->vocab.kind == VOCAB_KIND_WORDPIECE ? " --vocab VOCAB.TXT (the one with that md5)" : "");
+        mlm_fatal(MLM_EXIT_USAGE, "--data %s was prepared with the %s vocabulary %.120s, but the checkpoint was "
+                  "trained with %.120s; its token ids would mean other tokens. Prepare the text again with the "
+                  "checkpoint's vocabulary (`mlm prepare --tokenizer %s%s ...`), or evaluate the whole of a text file "
+                  "with --data FILE --split all", path, tokenizer_name(set->m.tokenizer), have, want,
+                  tokenizer_name(ck->vocab.kind),  // VocabKind and TokenizerKind number the kinds alike
+                  ck->vocab.kind == VOCAB_KIND_WORDPIECE ? " --vocab VOCAB.TXT (the one with that md5; `mlm export` "
+                  "writes it as vocab_wordpiece)" : "");
     free(have);
     free(want);
 }
@@ -174,8 +175,8 @@ static void locate_run_set(const Checkpoint *ck, const char *file, char *path, s
     char manifest[1200], md5[33];
     snprintf(manifest, sizeof(manifest), "%s/" SHARD_MANIFEST, configured);
     if (data_md5_file(manifest, md5) == 0 && strcmp(md5, ck->corpus_md5) != 0)
-        mlm_fatal(MLM_EXIT_USAGE, "the shard set %s (data.path) has manifest md5 %s but the run trained on one with md5 "
-                  "%s: it was prepared again, so its validation split is another text. Evaluate on it anyway with "
+        mlm_fatal(MLM_EXIT_USAGE, "the shard set %s (data.path) has manifest md5 %s but the run trained on one with "
+                  "md5 %s: it was prepared again, so its validation split is another text. Evaluate on it anyway with "
                   "--data %s --split valid", configured, md5, ck->corpus_md5, configured);
     snprintf(path, len, "%s", configured);
 }
@@ -268,7 +269,9 @@ int eval_run(const EvalOptions *o) {
     int have_set = 0;
     memset(&set, 0, sizeof(set));
     char path[1100];
-    if ((o->data && shards_is_set(o->data)) || (!o->data && ck.vocab.kind != VOCAB_KIND_CHAR)) {
+    // A shard set: --data naming one, or the run's own (byte and WordPiece runs always train on one; a char run may).
+    int run_set = ck.vocab.kind != VOCAB_KIND_CHAR || (ck.cfg.data_path[0] && shards_is_set(ck.cfg.data_path));
+    if (o->data ? shards_is_set(o->data) : run_set) {
         if (o->data) snprintf(path, sizeof(path), "%s", o->data);
         else locate_run_set(&ck, file, path, sizeof(path));
         open_eval_set(&set, path, &ck);
