@@ -194,9 +194,15 @@ static size_t predict_line(Filler *f, const int *ids, size_t n, Prediction *pred
     return n_pred;
 }
 
-// One token of the filled text into out: a character, a byte, or a WordPiece piece (a space before it unless it is
-// the first or a ## continuation; specials shown by name).
-static void put_token(const Filler *f, FILE *out, int id, size_t i, int pretty, int predicted) {
+// WordPiece: a space goes before a piece unless it is the first or a ## continuation (outside the highlighting).
+static int space_before(const Filler *f, int id, size_t i) {
+    const Vocab *v = f->vocab;
+    return v->kind == VOCAB_KIND_WORDPIECE && i > 0 && (is_special(v, id) || strncmp(wp_token(f->wp, id), "##", 2));
+}
+
+// One token of the filled text into out: a character, a byte, or a WordPiece piece (## dropped; specials shown by
+// name).
+static void put_token(const Filler *f, FILE *out, int id, int pretty, int predicted) {
     const Vocab *v = f->vocab;
     char buf[16];
     if (v->kind == VOCAB_KIND_CHAR) {
@@ -208,9 +214,7 @@ static void put_token(const Filler *f, FILE *out, int id, size_t i, int pretty, 
         else fputs(token_text(f, id, buf, sizeof(buf)), out);
     } else {
         const char *t = wp_token(f->wp, id);
-        int glue = !strncmp(t, "##", 2) && !is_special(v, id);
-        if (i > 0 && !glue) fputc(' ', out);
-        fputs(glue ? t + 2 : t, out);
+        fputs(!strncmp(t, "##", 2) && !is_special(v, id) ? t + 2 : t, out);
     }
 }
 
@@ -224,13 +228,11 @@ static char *render_filled(const Filler *f, const int *ids, size_t n, const Pred
     FILE *out = open_memstream(&s, &len);
     if (!out) mlm_fatal(MLM_EXIT_FAILURE, "out of memory rendering the filled text");
     for (size_t i = 0; i < n; i++) {
-        if (ids[i] == f->vocab->mask_id) {
-            fputs(on, out);
-            put_token(f, out, preds[q++].best_char, i, pretty, 1);
-            fputs(off, out);
-        } else {
-            put_token(f, out, ids[i], i, pretty, 0);
-        }
+        int predicted = ids[i] == f->vocab->mask_id, id = predicted ? preds[q++].best_char : ids[i];
+        if (space_before(f, id, i)) fputc(' ', out);
+        fputs(predicted ? on : "", out);
+        put_token(f, out, id, pretty, predicted);
+        fputs(predicted ? off : "", out);
     }
     fclose(out);
     return s;
