@@ -4,10 +4,12 @@
 // Format: a safetensors file (tensors "params", "adam.m", "adam.v", float32 [P]) whose __metadata__ holds
 // format = "mlm-checkpoint", format_version, step, tokens, valid_epochs, best_valid_acc, best_epoch, elapsed_s,
 // last_valid_step, last_valid_loss, last_valid_acc, n_params, corpus_md5, vocab (comma-separated code
-// points), config (the resolved config text), md5.<tensor> for every tensor, and md5.header: the md5 of every
-// other metadata key and value and of the tensor table (names, dtypes, shapes), so that no byte of the file
-// can change unnoticed. Data order and every RNG offset derive from (config seed, step), so the step is the
-// whole position of the run.
+// points, or "KIND:N:specials:MD5" for byte and WordPiece), for WordPiece also vocab_text (the vocab.txt
+// itself) and vocab_lowercase (true|false), config (the resolved config text), md5.<tensor> for every tensor,
+// and md5.header: the md5 of every other metadata key and value (vocab_text and vocab_lowercase after the
+// rest, when present, so that character checkpoints are byte for byte what they were) and of the tensor table
+// (names, dtypes, shapes), so that no byte of the file can change unnoticed. Data order and every RNG offset
+// derive from (config seed, step), so the step is the whole position of the run.
 //
 // Version 1 files (before md5.header and last_valid_*) are still read, with a warning that their metadata is
 // not covered by a checksum: refusing them would strand runs that took hours, and their tensors are still
@@ -46,6 +48,11 @@ typedef struct {
     char corpus_md5[33];
     size_t n_params;
     float *params, *adam_m, *adam_v;  // [P] each, owned
+    // WordPiece only (NULL/0 otherwise): the vocab.txt's bytes (md5 = vocab.md5) and its lower-casing, what
+    // decoding and tokenizing need, so that eval, fill and export work without the shard set. Owned (ckpt_free).
+    // NULL also for a WordPiece checkpoint written before mlm stored it: resuming works, decoding says what to do.
+    char *vocab_text;
+    int lowercase;
 } Checkpoint;
 
 // Write RUN_DIR/checkpoints/ckpt-<step>.safetensors atomically and delete all but the newest `keep`.
@@ -65,6 +72,15 @@ int ckpt_load(const char *path, Checkpoint *out, char *err, size_t errlen);
 // every parameter and Adam moment is finite (second moments >= 0). Returns 0, or nonzero with a message.
 int ckpt_validate(const Checkpoint *c, char *err, size_t errlen);
 void ckpt_free(Checkpoint *c);
+// Fill c->vocab_text and c->lowercase from the shard set a run trains on (s may be NULL: a text corpus, nothing to
+// do; byte: nothing to store): its vocab.txt, which must still have the md5 the set recorded. Returns 0, or 1 with a
+// message (c->vocab_text stays NULL). The caller frees c->vocab_text.
+struct ShardSet;
+int ckpt_attach_vocab(Checkpoint *c, const struct ShardSet *s, char *err, size_t errlen);
+// The tokenizer of a WordPiece checkpoint, from the vocab.txt it stores (wordpiece.h; free with wp_free), or NULL
+// with a message saying what to do (a checkpoint from before vocabularies were stored, or another kind).
+struct WordPiece;
+struct WordPiece *ckpt_wordpiece(const Checkpoint *c, char *err, size_t errlen);
 // Bytes of the CPU model's parameters, gradients and activations for a batch of B (also `mlm train --dry-run`).
 double model_bytes(const ModelConfig *m, int B);
 // Path of the newest checkpoint in RUN_DIR/checkpoints; nonzero if there is none.

@@ -14,8 +14,12 @@ extern "C" {
 // Write every tensor of the reference's state_dict (float32, PyTorch names and shapes: the parameters and
 // labml_nn's positional-encoding buffer MODEL_PE_BUFFER_NAME) plus metadata describing the model
 // (d_model, n_heads, n_layers, d_ff, seq_len and the vocabulary: "vocab" as UTF-8 text and "vocab_codepoints"
-// as comma-separated code points) atomically.
-int weights_save(const char *path, const ModelConfig *mc, const Vocab *v, const float *params, char *err, size_t errlen);
+// as comma-separated code points) atomically. A byte or WordPiece vocabulary is described instead by "tokenizer"
+// (byte|wordpiece), "vocab_size", "pad_id", "mask_id", "unk_id", "cls_id", "sep_id" (-1: none), "vocab_md5",
+// "vocab_codepoints" (its "KIND:N:specials:MD5" form, which --init checks) and, for WordPiece, "vocab_wordpiece"
+// (the vocab.txt itself, vocab_text: required) and "lowercase" (true|false); vocab_text is ignored otherwise.
+int weights_save(const char *path, const ModelConfig *mc, const Vocab *v, const char *vocab_text, int lowercase,
+                 const float *params, char *err, size_t errlen);
 // THE way weights enter a model (`mlm train --init`): load every parameter tensor of `mc` from a safetensors
 // file with PyTorch names (as `mlm export` or torch's safetensors.save_file write) into params[P]. Refuses,
 // listing every mismatch, unless the file holds exactly the model's tensors with its shapes in float32 (the

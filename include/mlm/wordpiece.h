@@ -19,6 +19,9 @@ typedef struct WordPiece WordPiece;
 // with "file:line: what" in err. lower != 0: lower-case and strip accents (BERT uncased; Hugging Face's
 // lowercase=True with strip_accents left unset). Returns NULL on error.
 WordPiece *wp_load(const char *path, int lower, char *err, size_t errlen);
+// The same from the text of a vocab.txt in memory (len bytes, copied; e.g. the one a checkpoint stores); `name`
+// stands for the file in messages.
+WordPiece *wp_load_text(const char *text, size_t len, const char *name, int lower, char *err, size_t errlen);
 void wp_free(WordPiece *wp);
 size_t wp_vocab_size(const WordPiece *wp);
 // Id of a token given exactly ("[MASK]", "##ing"), or -1 if absent.

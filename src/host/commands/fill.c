@@ -1,5 +1,8 @@
 // fill.c: `mlm fill`: predict the characters marked with _ or [MASK] in a text, window by window, and print
 // the filled text (highlighted on a terminal) or, with --json, the top-k candidates of every marked position.
+// Byte and WordPiece checkpoints: the text is tokenized with the checkpoint's tokenizer (the bytes of the text, or
+// BERT's WordPiece with the vocab.txt the checkpoint stores) and only [MASK] marks a position (one token); a
+// WordPiece text is shown as its pieces joined by spaces, ## pieces glued to the one before.
 //
 // A text is encoded with the checkpoint's vocabulary and cut into consecutive windows of seq_len tokens; the
 // last window is padded with PAD, as the reference pads its sample prompts. The model runs with dropout off
@@ -14,13 +17,14 @@
 #include "mlm/common.h"
 #include "mlm/cpu.h"
 #include "mlm/train.h"
+#include "mlm/wordpiece.h"
 
 #define FILL_MAX_WINDOWS 8  // windows per forward pass
 
 // One masked position's prediction.
 typedef struct {
     size_t index;   // token position in the line (a [MASK] counts as one token)
-    int best_char;  // most probable real character (never PAD or MASK): what the filled text shows
+    int best_char;  // most probable real token (never a special): what the filled text shows
     int *top;       // [k] token ids by decreasing probability
     double *prob;   // [k]
     float *logits;  // [V] raw logits, only with --logits
@@ -29,6 +33,7 @@ typedef struct {
 typedef struct {
     const FillOptions *opt;
     const Vocab *vocab;
+    WordPiece *wp;  // WordPiece checkpoints: the tokenizer of its stored vocab.txt (NULL otherwise)
     CpuModel *model;
     int T, V, k;
     int color;
@@ -41,9 +46,41 @@ static int use_color(void) {
     return isatty(STDOUT_FILENO) && !(nc && nc[0]);
 }
 
+// Byte vocabulary: one id per byte, the literal "[MASK]" one MASK token.
+static size_t encode_line_bytes(const Filler *f, const char *line, int **ids_out) {
+    size_t n = strlen(line), k = 0;
+    int *ids = mlm_malloc((n + 1) * sizeof(int), "input tokens");
+    for (size_t i = 0; i < n; i++) {
+        if (!strncmp(line + i, "[MASK]", 6)) {
+            ids[k++] = f->vocab->mask_id;
+            i += 5;
+        } else {
+            ids[k++] = (unsigned char)line[i];
+        }
+    }
+    *ids_out = ids;
+    return k;
+}
+
+// WordPiece: BERT's tokenization, which keeps a "[MASK]" written in the text as the MASK token.
+static size_t encode_line_wordpiece(const Filler *f, const char *line, int **ids_out) {
+    size_t len = strlen(line), cap = len + 1;
+    int32_t *ids = mlm_malloc(cap * sizeof(int32_t), "input tokens");
+    size_t n = wp_encode(f->wp, line, len, ids, cap);
+    if (n > cap) {  // cannot happen (a piece is at least one byte), but the API allows it
+        ids = realloc(ids, n * sizeof(int32_t));
+        if (!ids) mlm_fatal(MLM_EXIT_FAILURE, "out of memory tokenizing input line %ld", f->line_no);
+        wp_encode(f->wp, line, len, ids, n);
+    }
+    *ids_out = ids;  // int32_t is int on every platform mlm builds for
+    return n;
+}
+
 // The line as token ids: _ and [MASK] become MASK, everything else must be in the vocabulary.
 // Returns the count; ids is malloc'ed.
 static size_t encode_line(const Filler *f, const char *line, int **ids_out) {
+    if (f->vocab->kind == VOCAB_KIND_BYTE) return encode_line_bytes(f, line, ids_out);
+    if (f->vocab->kind == VOCAB_KIND_WORDPIECE) return encode_line_wordpiece(f, line, ids_out);
     uint32_t *cps;
     char err[256];
     long n = utf8_decode(line, strlen(line), &cps, err, sizeof(err));
@@ -96,18 +133,37 @@ static void top_k(const double *p, int V, int k, int *top, double *prob) {
     }
 }
 
-static int best_real_char(const double *p, int n_chars) {
-    int best = 0;
-    for (int i = 1; i < n_chars; i++)
-        if (p[i] > p[best]) best = i;
+static int is_special(const Vocab *v, int id) {
+    return id == v->pad_id || id == v->mask_id || id == v->unk_id || id == v->cls_id || id == v->sep_id;
+}
+
+// The most probable token the filled text can show: a character or byte (ids below n_chars), or any WordPiece
+// token but the specials.
+static int best_real_token(const Vocab *v, const double *p) {
+    int best = -1;
+    for (int i = 0; i < v->n_chars; i++)
+        if (!(v->kind == VOCAB_KIND_WORDPIECE && is_special(v, i)) && (best < 0 || p[i] > p[best])) best = i;
     return best;
+}
+
+// The text of one token: a character; a byte as itself when it is printable ASCII, else <0xNN>; a WordPiece
+// token as in vocab.txt (## kept); the specials by name.
+static const char *token_text(const Filler *f, int id, char *buf, size_t buflen) {
+    const Vocab *v = f->vocab;
+    if (v->kind == VOCAB_KIND_CHAR) return vocab_token_text(v, id, buf);
+    if (v->kind == VOCAB_KIND_WORDPIECE) return wp_token(f->wp, id);
+    static const char *const names[5] = {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"};
+    if (id >= 256) return id - 256 < 5 ? names[id - 256] : "[?]";
+    if (id >= 0x20 && id < 0x7f) snprintf(buf, buflen, "%c", id);
+    else snprintf(buf, buflen, "<0x%02X>", id);
+    return buf;
 }
 
 static void predict_position(const Filler *f, const float *logits, size_t index, Prediction *out) {
     double *p = mlm_malloc((size_t)f->V * sizeof(double), "probabilities");
     softmax(logits, f->V, p);
     out->index = index;
-    out->best_char = best_real_char(p, f->vocab->n_chars);
+    out->best_char = best_real_token(f->vocab, p);
     out->top = mlm_malloc((size_t)f->k * sizeof(int), "top-k ids");
     out->prob = mlm_malloc((size_t)f->k * sizeof(double), "top-k probabilities");
     top_k(p, f->V, f->k, out->top, out->prob);
@@ -138,34 +194,59 @@ static size_t predict_line(Filler *f, const int *ids, size_t n, Prediction *pred
     return n_pred;
 }
 
-// The line with every MASK replaced by its prediction; `pretty` marks predictions (green and underlined on a
-// terminal, so that a predicted space shows) and shows a predicted newline as ↵ so that one input line stays
-// one output line.
-static void print_filled(const Filler *f, const int *ids, size_t n, const Prediction *preds, int pretty) {
-    const char *on = pretty && f->color ? "\x1b[1;4;32m" : "", *off = pretty && f->color ? "\x1b[0m" : "";
-    size_t q = 0;
-    char buf[8];
-    for (size_t i = 0; i < n; i++) {
-        if (ids[i] == f->vocab->mask_id) {
-            int c = preds[q++].best_char;
-            const char *s = pretty && f->vocab->chars[c] == '\n' ? "\xe2\x86\xb5" : vocab_token_text(f->vocab, c, buf);
-            printf("%s%s%s", on, s, off);
-        } else {
-            fputs(vocab_token_text(f->vocab, ids[i], buf), stdout);
-        }
+// WordPiece: a space goes before a piece unless it is the first or a ## continuation (outside the highlighting).
+static int space_before(const Filler *f, int id, size_t i) {
+    const Vocab *v = f->vocab;
+    return v->kind == VOCAB_KIND_WORDPIECE && i > 0 && (is_special(v, id) || strncmp(wp_token(f->wp, id), "##", 2));
+}
+
+// One token of the filled text into out: a character, a byte, or a WordPiece piece (## dropped; specials shown by
+// name).
+static void put_token(const Filler *f, FILE *out, int id, int pretty, int predicted) {
+    const Vocab *v = f->vocab;
+    char buf[16];
+    if (v->kind == VOCAB_KIND_CHAR) {
+        if (pretty && predicted && v->chars[id] == '\n') fputs("\xe2\x86\xb5", out);
+        else if (pretty) fputs(vocab_token_text(v, id, buf), out);
+        else fwrite(buf, 1, (size_t)utf8_encode(v->chars[id], buf), out);
+    } else if (v->kind == VOCAB_KIND_BYTE) {
+        if (id < 256) fputc(id, out);
+        else fputs(token_text(f, id, buf, sizeof(buf)), out);
+    } else {
+        const char *t = wp_token(f->wp, id);
+        fputs(!strncmp(t, "##", 2) && !is_special(v, id) ? t + 2 : t, out);
     }
+}
+
+// The line with every MASK replaced by its prediction (malloc'ed); `pretty` marks predictions (green and underlined
+// on a terminal, so that a predicted space shows) and shows a predicted newline as ↵ so that one input line stays
+// one output line.
+static char *render_filled(const Filler *f, const int *ids, size_t n, const Prediction *preds, int pretty) {
+    const char *on = pretty && f->color ? "\x1b[1;4;32m" : "", *off = pretty && f->color ? "\x1b[0m" : "";
+    char *s = NULL;
+    size_t len = 0, q = 0;
+    FILE *out = open_memstream(&s, &len);
+    if (!out) mlm_fatal(MLM_EXIT_FAILURE, "out of memory rendering the filled text");
+    for (size_t i = 0; i < n; i++) {
+        int predicted = ids[i] == f->vocab->mask_id, id = predicted ? preds[q++].best_char : ids[i];
+        if (space_before(f, id, i)) fputc(' ', out);
+        fputs(predicted ? on : "", out);
+        put_token(f, out, id, pretty, predicted);
+        fputs(predicted ? off : "", out);
+    }
+    fclose(out);
+    return s;
+}
+
+static void print_filled(const Filler *f, const int *ids, size_t n, const Prediction *preds, int pretty) {
+    char *s = render_filled(f, ids, n, preds, pretty);
+    fputs(s, stdout);
+    free(s);
 }
 
 // The filled text as a malloc'ed string (for JSON).
 static char *filled_string(const Filler *f, const int *ids, size_t n, const Prediction *preds) {
-    char *s = mlm_malloc(n * 5 + 1, "filled text");
-    size_t len = 0, q = 0;
-    for (size_t i = 0; i < n; i++) {
-        int id = ids[i] == f->vocab->mask_id ? preds[q++].best_char : ids[i];
-        len += (size_t)utf8_encode(f->vocab->chars[id], s + len);
-    }
-    s[len] = '\0';
-    return s;
+    return render_filled(f, ids, n, preds, 0);
 }
 
 static void print_json(const Filler *f, const char *line, const int *ids, size_t n, const Prediction *preds,
@@ -176,13 +257,14 @@ static void print_json(const Filler *f, const char *line, const int *ids, size_t
     fputs(",\"filled\":", stdout);
     json_write_string(stdout, filled);
     fputs(",\"positions\":[", stdout);
-    char buf[8];
+    char buf[16];
     for (size_t q = 0; q < n_pred; q++) {
         const Prediction *p = &preds[q];
         printf("%s{\"index\":%zu,\"top\":[", q ? "," : "", p->index);
         for (int j = 0; j < f->k; j++) {
             fputs(j ? ",{\"char\":" : "{\"char\":", stdout);
-            json_write_string(stdout, vocab_token_text(f->vocab, p->top[j], buf));
+            json_write_string(stdout, token_text(f, p->top[j], buf, sizeof(buf)));
+            if (f->vocab->kind != VOCAB_KIND_CHAR) printf(",\"id\":%d", p->top[j]);  // a token's text may repeat
             printf(",\"prob\":%.9g}", p->prob[j]);
         }
         putchar(']');
@@ -240,12 +322,13 @@ int fill_run(const FillOptions *o) {
     cmd_resolve_ckpt(o->ckpt, file, sizeof(file));
     Checkpoint ck;
     cmd_load_ckpt(file, &ck);
-    if (ck.vocab.kind != VOCAB_KIND_CHAR)  // a shard set's byte/WordPiece vocabulary (issue 11): not read here yet
-        mlm_fatal(MLM_EXIT_USAGE, "%s was trained on a byte or WordPiece shard set; `mlm fill` handles character-level "
-                  "checkpoints only so far", file);
     cmd_set_threads(&ck.cfg);
     ModelConfig mc = train_model_config(&ck.cfg, &ck.vocab);
     Filler f = {.opt = o, .vocab = &ck.vocab, .T = mc.max_seq, .V = mc.vocab, .color = use_color()};
+    if (ck.vocab.kind == VOCAB_KIND_WORDPIECE) {
+        char err[1024];
+        if (!(f.wp = ckpt_wordpiece(&ck, err, sizeof(err)))) mlm_fatal(MLM_EXIT_USAGE, "fill: %s: %s", file, err);
+    }
     f.k = MLM_MIN(o->top_k, f.V);
     f.model = cmd_cpu_model(&ck, FILL_MAX_WINDOWS);
     f.inputs = mlm_malloc((size_t)FILL_MAX_WINDOWS * f.T * sizeof(int), "window tokens");
@@ -256,6 +339,7 @@ int fill_run(const FillOptions *o) {
         fill_line(&f, o->text);
     }
     free(f.inputs);
+    wp_free(f.wp);
     cpu_model_free(f.model);
     ckpt_free(&ck);
     return 0;

@@ -14,6 +14,7 @@
 #include "mlm/json.h"
 #include "mlm/train.h"
 #include "mlm/weights.h"
+#include "mlm/wordpiece.h"
 
 // ---------------------------------------------------------------------------------------------------------
 // Shared helpers
@@ -87,12 +88,14 @@ int export_run(const char *ckpt, const char *out_path) {
         mlm_fatal(MLM_EXIT_USAGE, "--out %s is the checkpoint itself; choose another file name", out_path);
     Checkpoint ck;
     cmd_load_ckpt(file, &ck);
-    if (ck.vocab.kind != VOCAB_KIND_CHAR)  // a shard set's byte/WordPiece vocabulary (issue 11): not read here yet
-        mlm_fatal(MLM_EXIT_USAGE, "%s was trained on a byte or WordPiece shard set; `mlm export` handles character-level "
-                  "checkpoints only so far", file);
-    ModelConfig mc = train_model_config(&ck.cfg, &ck.vocab);  // ckpt_load checked that the sizes agree
     char err[1024];
-    int rc = weights_save(out_path, &mc, &ck.vocab, ck.params, err, sizeof(err));
+    if (ck.vocab.kind == VOCAB_KIND_WORDPIECE && !ck.vocab_text) {  // the export must carry its vocabulary
+        struct WordPiece *wp = ckpt_wordpiece(&ck, err, sizeof(err));
+        if (!wp) mlm_fatal(MLM_EXIT_USAGE, "export: %s: %s", file, err);
+        wp_free(wp);
+    }
+    ModelConfig mc = train_model_config(&ck.cfg, &ck.vocab);  // ckpt_load checked that the sizes agree
+    int rc = weights_save(out_path, &mc, &ck.vocab, ck.vocab_text, ck.lowercase, ck.params, err, sizeof(err));
     if (rc == 0)
         printf("wrote %s: %d tensors (the state_dict of labml_nn's TransformerMLM: %zu parameters and the "
                "positional-encoding buffer) from step %ld of %s\n", out_path, model_param_table(&mc, NULL) + 1,
@@ -176,6 +179,25 @@ static void print_metrics_line(const char *label, const JsonObject *line) {
     putchar('\n');
 }
 
+// The vocabulary's kind, size and special ids (and for WordPiece its lower-casing and whether the checkpoint stores
+// the vocab.txt that decoding needs).
+static void print_vocabulary(const Checkpoint *ck) {
+    const Vocab *v = &ck->vocab;
+    if (v->kind == VOCAB_KIND_CHAR) {
+        printf("%-20s char: %d characters + [PAD] %d + [MASK] %d\n", "vocabulary", v->n_chars, v->pad_id, v->mask_id);
+        return;
+    }
+    printf("%-20s %s: %d tokens; [PAD] %d, [MASK] %d, [UNK] %d, [CLS] %d, [SEP] %d (-1: none)\n", "vocabulary",
+           v->kind == VOCAB_KIND_BYTE ? "byte (256 byte values + specials)" : "wordpiece", v->n_tokens, v->pad_id,
+           v->mask_id, v->unk_id, v->cls_id, v->sep_id);
+    if (v->kind == VOCAB_KIND_WORDPIECE)
+        printf("%-20s md5 %s, %s, %s\n", "vocab.txt", v->md5, ck->lowercase ? "lower-cased" : "cased",
+               ck->vocab_text ? "stored in the checkpoint" : "NOT stored (an older checkpoint: eval, fill and export "
+               "refuse it until its run writes a new one)");
+    else
+        printf("%-20s %s\n", "vocabulary md5", v->md5);
+}
+
 int info_run(const char *ckpt) {
     char file[1200], run_dir[1200];
     cmd_resolve_ckpt(ckpt, file, sizeof(file));
@@ -189,8 +211,9 @@ int info_run(const char *ckpt) {
     printf("%-20s %s\n", "checkpoint", file);
     printf("%-20s %s\n", "run directory", run_dir[0] ? run_dir : "(unknown: the file is not in RUN_DIR/checkpoints)");
     printf("%-20s %zu\n", "parameters", ck.n_params);
-    printf("%-20s d_model %d, %d heads, %d layers, d_ff %d, seq_len %d, vocabulary %d (%d characters + [PAD] + "
-           "[MASK])\n", "model", mc.d_model, mc.n_heads, mc.n_layers, mc.d_ff, mc.max_seq, mc.vocab, ck.vocab.n_chars);
+    printf("%-20s d_model %d, %d heads, %d layers, d_ff %d, seq_len %d, vocabulary %d\n", "model", mc.d_model,
+           mc.n_heads, mc.n_layers, mc.d_ff, mc.max_seq, mc.vocab);
+    print_vocabulary(&ck);
     printf("%-20s %ld\n", "step", ck.st.step);
     printf("%-20s %ld completed and validated (of %d)\n", "epochs", ck.st.valid_epochs, c->epochs);
     // The same count metrics.jsonl reports: steps x batch x seq_len (the last batch of an epoch is smaller).

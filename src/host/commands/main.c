@@ -71,6 +71,10 @@ static void usage_ckpt_command(FILE *f, const char *cmd) {
               "      --split S     valid: the validation split (the last 1 - data.train_split of the text, cut as\n"
               "                    training cuts it); all: the whole text. Default without --data: valid, on the\n"
               "                    run's corpus, which must be the file it trained on (same md5)\n"
+              "                    Byte and WordPiece checkpoints: --data SET, a shard set prepared with the\n"
+              "                    checkpoint's vocabulary (default: the run's data.path if unchanged), --split\n"
+              "                    valid (its validation split, the default) or all (train + valid); or --data\n"
+              "                    FILE --split all, a text tokenized with the checkpoint's tokenizer\n"
               "      --seed N      masking seed (default: the run's train.seed)\n"
               "      --device DEV  auto or cpu (the GPU backend does not evaluate yet)\n"
               "      --json        print one JSON object instead of the summary\n"
@@ -81,7 +85,10 @@ static void usage_ckpt_command(FILE *f, const char *cmd) {
               "TEXT is -. Every other character must be in the checkpoint's vocabulary. A text longer than the\n"
               "model's seq_len is processed in consecutive windows of seq_len characters, each predicted on its\n"
               "own (the last one padded with [PAD]). Prints the text with the predictions filled in (highlighted\n"
-              "on a terminal unless NO_COLOR is set; a predicted newline shows as \xe2\x86\xb5).\n\n"
+              "on a terminal unless NO_COLOR is set; a predicted newline shows as \xe2\x86\xb5).\n"
+              "Byte and WordPiece checkpoints tokenize TEXT with their own tokenizer (bytes; BERT's WordPiece with\n"
+              "the vocab.txt stored in the checkpoint); only [MASK] marks a position (one token), pieces print as\n"
+              "in vocab.txt (## kept) and --json candidates also carry their \"id\".\n\n"
               "options:\n"
               "  -k, --ckpt PATH   checkpoint file, or a run directory (its newest checkpoint)\n"
               "      --top-k K     candidates per masked position in --json output, 1 to 100000 (default 5;\n"
@@ -94,7 +101,9 @@ static void usage_ckpt_command(FILE *f, const char *cmd) {
     else if (!strcmp(cmd, "export"))
         fputs("usage: mlm export --ckpt PATH --out FILE.safetensors\n\n"
               "Write the model with the reference's PyTorch state_dict names and shapes (load it with\n"
-              "safetensors.torch.load_file, or start a new run from it with mlm train --init FILE).\n", f);
+              "safetensors.torch.load_file, or start a new run from it with mlm train --init FILE). Byte and\n"
+              "WordPiece checkpoints add their tokenizer to the metadata: tokenizer, vocab_size, the special ids,\n"
+              "vocab_md5 and, for WordPiece, vocab_wordpiece (the vocab.txt) and lowercase.\n", f);
     else if (!strcmp(cmd, "info"))
         fputs("usage: mlm info --ckpt PATH\n\n"
               "Configuration, parameter count, step, epochs, tokens seen, training time, best validation accuracy\n"

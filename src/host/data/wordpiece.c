@@ -117,6 +117,18 @@ static int32_t lookup(const WordPiece *wp, const char *s, size_t n) {
     }
 }
 
+// Parse the vocabulary text buf[len] (malloc'ed, cap > len: taken over; tokens are terminated in place). `path`
+// names it in messages.
+static WordPiece *wp_parse(char *buf, size_t len, const char *path, int lower, char *err, size_t errlen);
+
+WordPiece *wp_load_text(const char *text, size_t len, const char *name, int lower, char *err, size_t errlen) {
+    char *buf = malloc(len + 1);
+    if (!buf) { mlm_set_error(err, errlen, "%s: out of memory", name); return NULL; }
+    memcpy(buf, text, len);
+    buf[len] = '\0';
+    return wp_parse(buf, len, name, lower, err, errlen);
+}
+
 WordPiece *wp_load(const char *path, int lower, char *err, size_t errlen) {
     FILE *f = fopen(path, "rb");
     if (!f) { mlm_set_error(err, errlen, "%s: cannot open vocabulary: %s", path, strerror(errno)); return NULL; }
@@ -131,7 +143,10 @@ WordPiece *wp_load(const char *path, int lower, char *err, size_t errlen) {
     fclose(f);
     if (!buf || rerr) { free(buf); mlm_set_error(err, errlen, "%s: cannot read vocabulary", path); return NULL; }
     buf[len] = '\0';
+    return wp_parse(buf, len, path, lower, err, errlen);
+}
 
+static WordPiece *wp_parse(char *buf, size_t len, const char *path, int lower, char *err, size_t errlen) {
     WordPiece *wp = calloc(1, sizeof *wp);
     size_t nlines = 0;
     for (size_t i = 0; i < len; i++) nlines += buf[i] == '\n';

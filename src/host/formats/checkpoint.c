@@ -12,7 +12,9 @@
 
 #include "mlm/common.h"
 #include "mlm/safetensors.h"
+#include "mlm/shards.h"
 #include "mlm/train.h"
+#include "mlm/wordpiece.h"
 
 #define CKPT_PREFIX "ckpt-"
 #define CKPT_SUFFIX ".safetensors"
@@ -84,11 +86,16 @@ static const char *const META_KEYS[] = {
     "config", "md5.params", "md5.adam.m", "md5.adam.v",
 };
 #define N_META_KEYS ((int)(sizeof(META_KEYS) / sizeof(META_KEYS[0])))
+// A WordPiece checkpoint's vocabulary, after the rest (absent from character and byte checkpoints, which are thereby
+// byte for byte what they were before these keys existed).
+static const char *const VOCAB_KEYS[] = {"vocab_text", "vocab_lowercase"};
+#define N_VOCAB_KEYS 2
 static const char *const TENSOR_NAMES[3] = {"params", "adam.m", "adam.v"};
 
 // md5 of "key\0value\0" for every metadata key in META_KEYS order, then "name\0dtype\0numel\0" for every tensor:
-// the whole header except md5.header itself.
-static void header_md5(const char *const *values, const StTensor *const tensors[3], char out[33]) {
+// the whole header except md5.header itself. extra: the VOCAB_KEYS values, or NULL when the file has none.
+static void header_md5(const char *const *values, const char *const *extra, const StTensor *const tensors[3],
+                       char out[33]) {
     char *buf = NULL;
     size_t len = 0;
     FILE *f = open_memstream(&buf, &len);
@@ -96,6 +103,10 @@ static void header_md5(const char *const *values, const StTensor *const tensors[
     for (int i = 0; i < N_META_KEYS; i++) {
         fwrite(META_KEYS[i], 1, strlen(META_KEYS[i]) + 1, f);
         fwrite(values[i], 1, strlen(values[i]) + 1, f);
+    }
+    for (int i = 0; extra && i < N_VOCAB_KEYS; i++) {
+        fwrite(VOCAB_KEYS[i], 1, strlen(VOCAB_KEYS[i]) + 1, f);
+        fwrite(extra[i], 1, strlen(extra[i]) + 1, f);
     }
     for (int i = 0; i < 3; i++) {
         const StTensor *t = tensors[i];
@@ -143,15 +154,33 @@ int ckpt_save(const char *run_dir, const Checkpoint *c, int keep, char *path_out
         lv_acc, n_params, c->corpus_md5, voc, cfg, md5s[0], md5s[1], md5s[2],
     };
     const StTensor *const tp[3] = {&t[0], &t[1], &t[2]};
-    header_md5(values, tp, hdr);
-    const char *meta[2 * (N_META_KEYS + 1)];
-    for (int i = 0; i < N_META_KEYS; i++) {
-        meta[2 * i] = META_KEYS[i];
-        meta[2 * i + 1] = values[i];
+    // WordPiece: the vocab.txt itself, checked against the md5 the vocabulary records (a mismatch here is a bug).
+    const char *extra[N_VOCAB_KEYS] = {c->vocab_text, c->lowercase ? "true" : "false"};
+    int has_extra = c->vocab.kind == VOCAB_KIND_WORDPIECE && c->vocab_text;
+    if (has_extra) {
+        char md5[33];
+        data_md5(c->vocab_text, strlen(c->vocab_text), md5);
+        if (strcmp(md5, c->vocab.md5) != 0) {
+            snprintf(err, errlen, "the vocabulary text to store has md5 %s, the run's vocabulary %s", md5, c->vocab.md5);
+            free(cfg);
+            free(voc);
+            return 1;
+        }
     }
-    meta[2 * N_META_KEYS] = "md5.header";
-    meta[2 * N_META_KEYS + 1] = hdr;
-    int rc = st_write(path, t, 3, meta, N_META_KEYS + 1, err, errlen);
+    header_md5(values, has_extra ? extra : NULL, tp, hdr);
+    const char *meta[2 * (N_META_KEYS + N_VOCAB_KEYS + 1)];
+    int n_meta = 0;
+    for (int i = 0; i < N_META_KEYS; i++, n_meta++) {
+        meta[2 * n_meta] = META_KEYS[i];
+        meta[2 * n_meta + 1] = values[i];
+    }
+    for (int i = 0; has_extra && i < N_VOCAB_KEYS; i++, n_meta++) {
+        meta[2 * n_meta] = VOCAB_KEYS[i];
+        meta[2 * n_meta + 1] = extra[i];
+    }
+    meta[2 * n_meta] = "md5.header";
+    meta[2 * n_meta + 1] = hdr;
+    int rc = st_write(path, t, 3, meta, n_meta + 1, err, errlen);
     free(cfg);
     free(voc);
     if (rc) return rc;
@@ -263,6 +292,48 @@ int ckpt_validate(const Checkpoint *c, char *err, size_t errlen) {
     return 0;
 }
 
+// A WordPiece checkpoint's vocab_text and vocab_lowercase: the text must have the vocabulary's md5 and parse as a
+// vocab.txt of its size whose specials are the recorded ids.
+static int load_vocab_text(Checkpoint *out, char *const extra[N_VOCAB_KEYS], const char *path, char *err,
+                           size_t errlen) {
+    const Vocab *v = &out->vocab;
+    if (v->kind != VOCAB_KIND_WORDPIECE) {
+        snprintf(err, errlen, "checkpoint %s: holds a vocab_text but its vocabulary is not WordPiece; the file is "
+                 "corrupt or was edited", path);
+        return 1;
+    }
+    char md5[33];
+    data_md5(extra[0], strlen(extra[0]), md5);
+    if (strcmp(md5, v->md5) != 0) {
+        snprintf(err, errlen, "checkpoint %s: its stored vocabulary text has md5 %s, but its vocabulary records %s; "
+                 "the file is corrupt or was edited: use an earlier checkpoint", path, md5, v->md5);
+        return 1;
+    }
+    if (strcmp(extra[1], "true") && strcmp(extra[1], "false")) {
+        snprintf(err, errlen, "checkpoint %s: metadata 'vocab_lowercase' is '%s', not true or false", path, extra[1]);
+        return 1;
+    }
+    out->lowercase = !strcmp(extra[1], "true");
+    char msg[512];
+    WordPiece *wp = wp_load_text(extra[0], strlen(extra[0]), "vocab_text", out->lowercase, msg, sizeof(msg));
+    if (!wp) {
+        snprintf(err, errlen, "checkpoint %s: its stored vocabulary is unusable: %s", path, msg);
+        return 1;
+    }
+    int sp[5] = {v->pad_id, v->mask_id, v->unk_id, v->cls_id, v->sep_id};
+    static const char *const names[5] = {"[PAD]", "[MASK]", "[UNK]", "[CLS]", "[SEP]"};
+    int bad = (long)wp_vocab_size(wp) != v->n_tokens;
+    for (int i = 0; i < 5 && !bad; i++) bad = sp[i] != wp_id(wp, names[i]);
+    if (bad)
+        snprintf(err, errlen, "checkpoint %s: its stored vocabulary (%zu tokens) does not match the recorded size %d "
+                 "and special ids; the file is corrupt", path, wp_vocab_size(wp), v->n_tokens);
+    wp_free(wp);
+    if (bad) return 1;
+    out->vocab_text = mlm_malloc(strlen(extra[0]) + 1, "vocabulary text");
+    memcpy(out->vocab_text, extra[0], strlen(extra[0]) + 1);
+    return 0;
+}
+
 int ckpt_load(const char *path_in, Checkpoint *out, char *err, size_t errlen) {
     memset(out, 0, sizeof(*out));
     char path[1200];
@@ -281,6 +352,9 @@ int ckpt_load(const char *path_in, Checkpoint *out, char *err, size_t errlen) {
     int rc = 1;
     char *values[N_META_KEYS] = {0}, *stored_hdr = st_meta_get(&f, "md5.header");
     for (int i = 0; i < N_META_KEYS; i++) values[i] = st_meta_get(&f, META_KEYS[i]);
+    char *extra[N_VOCAB_KEYS];
+    for (int i = 0; i < N_VOCAB_KEYS; i++) extra[i] = st_meta_get(&f, VOCAB_KEYS[i]);
+    int has_extra = extra[0] || extra[1];
     const char *format = values[0], *cfg = values[15], *voc = values[14], *md5 = values[13];
     long version = 0, n_params = 0;
     if (!format || strcmp(format, CKPT_FORMAT) != 0) {
@@ -302,7 +376,12 @@ int ckpt_load(const char *path_in, Checkpoint *out, char *err, size_t errlen) {
             }
         char hdr[33];
         const StTensor *const tp[3] = {st_find(&f, "params"), st_find(&f, "adam.m"), st_find(&f, "adam.v")};
-        header_md5((const char *const *)values, tp, hdr);
+        if (has_extra && !(extra[0] && extra[1])) {
+            snprintf(err, errlen, "checkpoint %s: metadata '%s' is missing; the file is corrupt", path,
+                     VOCAB_KEYS[extra[0] ? 1 : 0]);
+            goto done;
+        }
+        header_md5((const char *const *)values, has_extra ? (const char *const *)extra : NULL, tp, hdr);
         if (!stored_hdr || strcmp(stored_hdr, hdr) != 0) {
             snprintf(err, errlen, "checkpoint %s: its header (step, configuration, vocabulary, ...) fails its checksum "
                      "(stored %s, computed %s); the file is corrupt or was edited: use an earlier checkpoint", path,
@@ -350,6 +429,7 @@ int ckpt_load(const char *path_in, Checkpoint *out, char *err, size_t errlen) {
     }
     snprintf(out->corpus_md5, sizeof(out->corpus_md5), "%s", md5);
     out->n_params = (size_t)n_params;
+    if (has_extra && load_vocab_text(out, extra, path, err, errlen)) goto done;
     // Sizes first (a tensor the metadata does not describe is never copied), then the tensors, then the rest.
     char want_md5[3][33];
     for (int i = 0; i < 3; i++) {
@@ -370,6 +450,7 @@ int ckpt_load(const char *path_in, Checkpoint *out, char *err, size_t errlen) {
     rc = 0;
 done:
     for (int i = 0; i < N_META_KEYS; i++) free(values[i]);
+    for (int i = 0; i < N_VOCAB_KEYS; i++) free(extra[i]);
     free(stored_hdr);
     st_free(&f);
     if (rc) ckpt_free(out);
@@ -381,4 +462,42 @@ void ckpt_free(Checkpoint *c) {
     free(c->adam_m);
     free(c->adam_v);
     c->params = c->adam_m = c->adam_v = NULL;
+    free(c->vocab_text);
+    c->vocab_text = NULL;
+}
+
+int ckpt_attach_vocab(Checkpoint *c, const ShardSet *s, char *err, size_t errlen) {
+    c->vocab_text = NULL;
+    c->lowercase = 0;
+    if (!s || c->vocab.kind != VOCAB_KIND_WORDPIECE) return 0;
+    size_t len;
+    char *text = mlm_read_file(s->m.vocab, &len), md5[33];
+    if (!text) {
+        snprintf(err, errlen, "cannot read the shard set's vocabulary %s: %s", s->m.vocab, strerror(errno));
+        return 1;
+    }
+    data_md5(text, len, md5);
+    if (strlen(text) != len || strcmp(md5, c->vocab.md5) != 0) {
+        snprintf(err, errlen, "the shard set's vocabulary %s has changed since the run started (md5 %s, the set "
+                 "records %s)", s->m.vocab, md5, c->vocab.md5);
+        free(text);
+        return 1;
+    }
+    c->vocab_text = text;
+    c->lowercase = s->m.lowercase;
+    return 0;
+}
+
+WordPiece *ckpt_wordpiece(const Checkpoint *c, char *err, size_t errlen) {
+    if (c->vocab.kind != VOCAB_KIND_WORDPIECE) {
+        snprintf(err, errlen, "the checkpoint's vocabulary is not WordPiece");
+        return NULL;
+    }
+    if (!c->vocab_text) {
+        snprintf(err, errlen, "the checkpoint was written before mlm stored WordPiece vocabularies in checkpoints; "
+                 "continue its run for a step with this mlm (`mlm train --resume RUN_DIR --steps N+1`, with its shard "
+                 "set in place) to write one that does");
+        return NULL;
+    }
+    return wp_load_text(c->vocab_text, strlen(c->vocab_text), "the checkpoint's vocab_text", c->lowercase, err, errlen);
 }

@@ -35,7 +35,36 @@ static float *pe_buffer_tensor(const ModelConfig *mc, StTensor *t) {
     return pe;
 }
 
-int weights_save(const char *path, const ModelConfig *mc, const Vocab *v, const float *params, char *err, size_t errlen) {
+// The metadata of a byte or WordPiece vocabulary (weights.h) after the model's n_meta pairs in meta[]; the
+// numbers are written into num[7][24]. Returns the new pair count.
+static int subword_meta(const char **meta, int n_meta, const Vocab *v, const char *vocab_text, int lowercase,
+                        char num[7][24]) {
+    const char *keys[6] = {"vocab_size", "pad_id", "mask_id", "unk_id", "cls_id", "sep_id"};
+    int vals[6] = {v->n_tokens, v->pad_id, v->mask_id, v->unk_id, v->cls_id, v->sep_id};
+    meta[2 * n_meta] = "tokenizer";
+    meta[2 * n_meta++ + 1] = v->kind == VOCAB_KIND_BYTE ? "byte" : "wordpiece";
+    for (int i = 0; i < 6; i++, n_meta++) {
+        snprintf(num[i], sizeof(num[i]), "%d", vals[i]);
+        meta[2 * n_meta] = keys[i];
+        meta[2 * n_meta + 1] = num[i];
+    }
+    meta[2 * n_meta] = "vocab_md5";
+    meta[2 * n_meta++ + 1] = v->md5;
+    if (v->kind == VOCAB_KIND_WORDPIECE) {
+        meta[2 * n_meta] = "vocab_wordpiece";
+        meta[2 * n_meta++ + 1] = vocab_text;
+        meta[2 * n_meta] = "lowercase";
+        meta[2 * n_meta++ + 1] = lowercase ? "true" : "false";
+    }
+    return n_meta;
+}
+
+int weights_save(const char *path, const ModelConfig *mc, const Vocab *v, const char *vocab_text, int lowercase,
+                 const float *params, char *err, size_t errlen) {
+    if (v->kind == VOCAB_KIND_WORDPIECE && !vocab_text) {
+        snprintf(err, errlen, "the WordPiece vocabulary's text is missing, so the export could not be read back");
+        return 1;
+    }
     int n;
     ParamEntry *tab = param_table(mc, &n);
     // Every tensor of the reference's state_dict: the n parameters, then the positional-encoding buffer.
@@ -56,15 +85,25 @@ int weights_save(const char *path, const ModelConfig *mc, const Vocab *v, const 
     snprintf(d[2], sizeof(d[2]), "%d", mc->n_layers);
     snprintf(d[3], sizeof(d[3]), "%d", mc->d_ff);
     snprintf(d[4], sizeof(d[4]), "%d", mc->max_seq);
-    char *chars = mlm_malloc((size_t)v->n_chars * 5 + 1, "vocabulary");
+    int is_char = v->kind == VOCAB_KIND_CHAR;
+    char *chars = mlm_malloc(is_char ? (size_t)v->n_chars * 5 + 1 : 1, "vocabulary");
     size_t k = 0;
-    for (int i = 0; i < v->n_chars; i++) k += (size_t)utf8_encode(v->chars[i], chars + k);
+    for (int i = 0; is_char && i < v->n_chars; i++) k += (size_t)utf8_encode(v->chars[i], chars + k);
     chars[k] = '\0';
     // The code points too: exact even for a NUL character, which ends the UTF-8 string above.
     char *codes = vocab_codepoints_text(v);
-    const char *meta[] = {"format", "pt", "producer", "mlm " MLM_VERSION, "d_model", d[0], "n_heads", d[1],
-                          "n_layers", d[2], "d_ff", d[3], "seq_len", d[4], "vocab", chars, "vocab_codepoints", codes};
-    int rc = st_write(path, t, n + 1, meta, (int)(sizeof(meta) / sizeof(meta[0]) / 2), err, errlen);
+    const char *meta[2 * 24] = {"format", "pt", "producer", "mlm " MLM_VERSION, "d_model", d[0], "n_heads", d[1],
+                                "n_layers", d[2], "d_ff", d[3], "seq_len", d[4]};
+    int n_meta = 7;
+    if (is_char) {  // exactly the keys of before byte and WordPiece vocabularies
+        meta[2 * n_meta] = "vocab";
+        meta[2 * n_meta++ + 1] = chars;
+    }
+    meta[2 * n_meta] = "vocab_codepoints";
+    meta[2 * n_meta++ + 1] = codes;
+    char num[7][24];
+    if (!is_char) n_meta = subword_meta(meta, n_meta, v, vocab_text, lowercase, num);
+    int rc = st_write(path, t, n + 1, meta, n_meta, err, errlen);
     free(pe);
     free(chars);
     free(codes);
@@ -115,6 +154,7 @@ static int stored_vocab(const StFile *f, Vocab *v) {
         if (n >= 0) free(cps);
     }
     free(s);
+    if (!rc && v->kind != VOCAB_KIND_CHAR) return 0;  // byte/WordPiece: checked by vocab_from_codepoints
     for (int i = 1; !rc && i < v->n_chars; i++) rc = v->chars[i] <= v->chars[i - 1];
     if (!rc && v->n_chars == 0) rc = 1;
     return rc;
@@ -147,6 +187,20 @@ static int vocab_mismatch(const StFile *f, const char *path, const Vocab *want, 
         mlm_warn("%s records no vocabulary (not written by `mlm export`?), so it cannot be checked against this "
                  "corpus; make sure the embedding rows mean the same characters", path);
         return 0;
+    }
+    if (have.kind != VOCAB_KIND_CHAR || want->kind != VOCAB_KIND_CHAR) {
+        // A byte or WordPiece vocabulary is its kind, size, specials and the md5 of its vocab.txt.
+        if (have.kind == want->kind && have.n_tokens == want->n_tokens && have.pad_id == want->pad_id &&
+            have.mask_id == want->mask_id && have.unk_id == want->unk_id && have.cls_id == want->cls_id &&
+            have.sep_id == want->sep_id && !strcmp(have.md5, want->md5))
+            return 0;
+        char *a = vocab_codepoints_text(&have), *b = vocab_codepoints_text(want);
+        snprintf(err, errlen, "%s was exported for the vocabulary %.200s, but this corpus has %.200s; its embedding "
+                 "rows would mean other tokens: train on a shard set prepared with the weights' vocabulary, or --set "
+                 "train.init_check_vocab=false to load them anyway", path, a, b);
+        free(a);
+        free(b);
+        return 1;
     }
     if (have.n_chars == want->n_chars && !memcmp(have.chars, want->chars, (size_t)have.n_chars * sizeof(uint32_t)))
         return 0;

@@ -805,8 +805,13 @@ static void save_checkpoint(Run *r) {
                     .adam_v = gathered ? gathered + r->n_params : r->adam_v};
     memcpy(c.corpus_md5, r->corpus_md5, sizeof(c.corpus_md5));
     char err[1024], path[1200];
+    // WordPiece: the vocab.txt goes into the checkpoint (eval, fill and export decode with it); if it changed under
+    // the run, the checkpoint is still written, without it.
+    if (ckpt_attach_vocab(&c, r->corpus.shards, err, sizeof(err)))
+        mlm_warn("%s; this checkpoint will not store its vocabulary (eval, fill and export need it)", err);
     if (ckpt_save(r->run_dir, &c, r->cfg.keep_ckpts, path, sizeof(path), err, sizeof(err)))
         mlm_fatal(MLM_EXIT_FAILURE, "saving a checkpoint failed: %s; the previous checkpoint is intact", err);
+    free(c.vocab_text);
     free(gathered);
     if (!r->opt.quiet && r->tty) printf("\r\x1b[2K");
     if (!r->opt.quiet) printf("checkpoint %s\n", path);
