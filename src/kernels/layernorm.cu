@@ -194,6 +194,22 @@ static int lnb_chunks(int N) { return (N + LNB_ROWS - 1) / LNB_ROWS; }
 // path's column sums need only [chunks][C]).
 extern "C" size_t cuda_layernorm_backward_scratch(int N, int C) { return 3 * (size_t)lnb_chunks(N) * (size_t)C; }
 
+// One row's means of dnorm = g * w and of dnorm * norm over its C columns (a warp per row, lane = column
+// offset): the two sums every LayerNorm backward kernel needs before it can write dinp.
+static __device__ __forceinline__ void row_dnorm_means(const float *x /* [C] */, const float *g /* [C] */,
+                                                       const float *w /* [C] */, float m, float s, int C, int lane,
+                                                       float *mean_dnorm, float *mean_dnorm_norm) {
+    float sum_dnorm = 0.0f, sum_dnorm_norm = 0.0f;
+    for (int c = lane; c < C; c += 32) {
+        float norm = __fmul_rn(__fsub_rn(x[c], m), s);
+        float dnorm = __fmul_rn(g[c], w[c]);
+        sum_dnorm += dnorm;
+        sum_dnorm_norm += dnorm * norm;
+    }
+    *mean_dnorm = __fdiv_rn(warp_sum(sum_dnorm), (float)C);
+    *mean_dnorm_norm = __fdiv_rn(warp_sum(sum_dnorm_norm), (float)C);
+}
+
 static __global__ void layernorm_backward_dinp_kernel(float *dinp /* [N, C] */, const float *dout /* [N, C] */,
                                                       const float *inp /* [N, C] */, const float *w /* [C] */,
                                                       const float *mean /* [N] */, const float *rstd /* [N] */, int N,
@@ -205,15 +221,8 @@ static __global__ void layernorm_backward_dinp_kernel(float *dinp /* [N, C] */, 
     const float *g = dout + (size_t)row * C;  // [C]
     float *dx = dinp + (size_t)row * C;  // [C]
     float m = mean[row], s = rstd[row];
-    float sum_dnorm = 0.0f, sum_dnorm_norm = 0.0f;
-    for (int c = lane; c < C; c += 32) {
-        float norm = __fmul_rn(__fsub_rn(x[c], m), s);
-        float dnorm = __fmul_rn(g[c], w[c]);
-        sum_dnorm += dnorm;
-        sum_dnorm_norm += dnorm * norm;
-    }
-    float mean_dnorm = __fdiv_rn(warp_sum(sum_dnorm), (float)C);
-    float mean_dnorm_norm = __fdiv_rn(warp_sum(sum_dnorm_norm), (float)C);
+    float mean_dnorm, mean_dnorm_norm;
+    row_dnorm_means(x, g, w, m, s, C, lane, &mean_dnorm, &mean_dnorm_norm);
     for (int c = lane; c < C; c += 32) {
         float norm = __fmul_rn(__fsub_rn(x[c], m), s);
         // The CPU's s * (g * w - mean_dnorm - norm * mean_dnorm_norm), rounded step by step.
@@ -323,15 +332,8 @@ static __global__ void layernorm_backward_fused_kernel(float *dinp /* [N, C] */,
         const float *g = dout + (size_t)r * C;  // [C]
         float *dx = dinp + (size_t)r * C;  // [C]
         float m = mean[r], s = rstd[r];
-        float sum_dnorm = 0.0f, sum_dnorm_norm = 0.0f;
-        for (int c = lane; c < C; c += 32) {
-            float norm = __fmul_rn(__fsub_rn(x[c], m), s);
-            float dnorm = __fmul_rn(g[c], w[c]);
-            sum_dnorm += dnorm;
-            sum_dnorm_norm += dnorm * norm;
-        }
-        float mean_dnorm = __fdiv_rn(warp_sum(sum_dnorm), (float)C);
-        float mean_dnorm_norm = __fdiv_rn(warp_sum(sum_dnorm_norm), (float)C);
+        float mean_dnorm, mean_dnorm_norm;
+        row_dnorm_means(x, g, w, m, s, C, lane, &mean_dnorm, &mean_dnorm_norm);
         for (int c = lane; c < C; c += 32) {
             float gc = g[c];
             float norm = __fmul_rn(__fsub_rn(x[c], m), s);
