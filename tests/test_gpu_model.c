@@ -874,7 +874,8 @@ static void test_graphs(void) {
 // way (train.c's train_step_accumulated): masks identical, losses and norms within 1e-5, the summed gradients
 // within 1e-4, parameters as part 2; (b) the same steps with train.cuda_graph off: bit for bit; (c) the CUDA
 // step without accumulation (whole batches of 8): the same masks, and gradients, losses and parameters within
-// the same float tolerances (the sums run in other orders).
+// the same float tolerances (the sums run in other orders); (d) with sparse prediction against (a)'s dense run.
+// And a data-parallel rank's rows draw their own dropout (test_rank_rows_dropout).
 
 enum { ACC_STEPS = 3, ACC_K = 2, ACC_BATCH = 8 };
 static const int acc_batch[ACC_STEPS] = {8, 5, 8};
@@ -919,13 +920,14 @@ static void accum_run_free(AccumRun *r) {
 
 // The steps on the device: k = ACC_K micro-batches of ACC_BATCH / k rows per step (the model holds one
 // micro-batch), or k = 1, the plain training step on whole batches.
-static void accum_run_gpu(const Setup *s, const float *init, int k, int use_graphs, AccumRun *out) {
+static void accum_run_gpu(const Setup *s, const float *init, int k, int use_graphs, int sparse, AccumRun *out) {
     const ModelConfig *c = &s->cfg;
     int T = c->max_seq, V = c->vocab, mb = ACC_BATCH / k;
     size_t P = model_num_params(c), BT = (size_t)ACC_BATCH * T;
     accum_run_alloc(s, out);
     CudaModel *gm = cuda_model_create(c, mb, 0);
     cuda_model_set_graphs(gm, use_graphs);
+    cuda_model_set_sparse_prediction(gm, sparse);
     cuda_model_set_params(gm, init);
     float *zeros = mlm_calloc(P, sizeof(float), "zeros");
     cuda_model_set_adam(gm, zeros, zeros);
@@ -1040,7 +1042,10 @@ static void accum_compare(const Setup *s, const AccumRun *a, const AccumRun *b, 
         for (size_t i = 0; i < n; i++) diff += ia[i] != ib[i] || la[i] != lb[i];
         CHECK(diff == 0, "%s step %d: masked inputs/labels differ at %zu of %zu positions", what, k + 1, diff, n);
         const float *lga = a->logits + k * BT * V, *lgb = b->logits + k * BT * V;
-        int ties = near_ties(lgb, lb, n, V, s->mask.pad_id, 2.0 * max_abs_err(lga, lgb, n * V, NULL));
+        double tie_eps = 0.0;  // over the targets' rows (a sparse head leaves the others NaN)
+        for (size_t i = 0; i < n; i++)
+            if (lb[i] != s->mask.pad_id) tie_eps = fmax(tie_eps, 2.0 * max_abs_err(lga + i * V, lgb + i * V, V, NULL));
+        int ties = near_ties(lgb, lb, n, V, s->mask.pad_id, tie_eps);
         double rl = rel_err_f(&a->loss[k], &b->loss[k], 1, NULL), rn = rel_err_f(&a->norm[k], &b->norm[k], 1, NULL);
         printf("  %s step %d (B %d): masks equal, loss %.7f vs %.7f (rel %.2e), norm %.7f vs %.7f (rel %.2e), correct "
                "%d/%d (%d near ties), targets %d/%d\n", what, k + 1, acc_batch[k], a->loss[k], b->loss[k], rl,
@@ -1062,6 +1067,51 @@ static void accum_compare(const Setup *s, const AccumRun *a, const AccumRun *b, 
     free(unc), free(tab);
 }
 
+// A data-parallel rank's share (train.c's NCCL step): rows [4, 8) of a host-masked batch of 8 through
+// cuda_model_forward with labels and CudaRandom.first_row = 4, against the CPU forward with DropoutCtx.first_row:
+// loss and logits within 1e-5 (the rows' own dropout), and not the dropout of rows 0..3.
+static void test_rank_rows_dropout(const Setup *s, const float *init) {
+    const ModelConfig *c = &s->cfg;
+    int T = c->max_seq, V = c->vocab, B = ACC_BATCH, r0 = 4, rows = 4;
+    size_t n = (size_t)B * T, nr = (size_t)rows * T;
+    CudaModel *gm = cuda_model_create(c, rows, 0);
+    CpuModel *cm = cpu_model_create(c, rows);
+    cuda_model_set_params(gm, init);
+    memcpy(cm->params, init, model_num_params(c) * sizeof(float));
+    int *tokens = mlm_malloc(n * sizeof(int), "tokens"), *inputs = mlm_malloc(n * sizeof(int), "inputs");
+    int *labels = mlm_malloc(n * sizeof(int), "labels");
+    float *logits = mlm_malloc(nr * V * sizeof(float), "logits");
+    Rng rng;
+    rng_init(&rng, s->seed, RNG_DOMAIN_TRAIN);
+    lcg_state = 99;
+    random_tokens(tokens, n, s->mask.n_chars);
+    host_mask_whole_batch(s, &rng, tokens, B, 3, inputs, labels);
+    DropoutCtx d = {.rng = &rng, .layout = s->layout, .step = 3, .p = c->dropout, .first_row = r0, .rows = rows};
+    int correct;
+    float loss_c = cpu_model_forward(cm, inputs + (size_t)r0 * T, labels + (size_t)r0 * T, rows, s->mask.pad_id, &d,
+                                     &correct);
+    CudaRandom rnd = {.philox_seed = rng.seed, .layout = s->layout, .step = 3, .dropout_p = c->dropout,
+                      .first_row = r0, .batch_rows = B};
+    CudaStepStats st;
+    cuda_model_forward(gm, inputs + (size_t)r0 * T, labels + (size_t)r0 * T, rows, s->mask.pad_id, NULL, &rnd, &st);
+    cuda_model_get_logits(gm, logits, rows);
+    double rl = rel_err_f(&st.loss, &loss_c, 1, NULL), rg = rel_err_f(logits, cm->logits, nr * V, NULL);
+    // The same rows with the dropout of rows 0..3 (what ranks > 0 drew before): other numbers.
+    rnd.first_row = 0;
+    rnd.batch_rows = 0;
+    cuda_model_forward(gm, inputs + (size_t)r0 * T, labels + (size_t)r0 * T, rows, s->mask.pad_id, NULL, &rnd, &st);
+    cuda_model_get_logits(gm, logits, rows);
+    double rw = rel_err_f(logits, cm->logits, nr * V, NULL);
+    printf("  a rank's rows %d..%d of %d: loss rel %.2e, logits rel %.2e vs the CPU's (rows 0..%d's dropout: %.2e)\n",
+           r0, r0 + rows - 1, B, rl, rg, rows - 1, rw);
+    CHECK(rl <= REL_TOL && rg <= REL_TOL, "a rank's rows: loss rel %.3e, logits rel %.3e > %.1e", rl, rg, REL_TOL);
+    CHECK(rw > 100 * REL_TOL, "the rows' own dropout and that of rows 0..%d give the same logits", rows - 1);
+    rng_free(&rng);
+    free(tokens), free(inputs), free(labels), free(logits);
+    cuda_model_free(gm);
+    cpu_model_free(cm);
+}
+
 static void test_accumulation(void) {
     Setup s = small_setup();
     size_t P = model_num_params(&s.cfg);
@@ -1074,7 +1124,7 @@ static void test_accumulation(void) {
     EmuCounters before, after;
     emu_counters_get(&before);
 #endif
-    accum_run_gpu(&s, init, ACC_K, 1, &on);
+    accum_run_gpu(&s, init, ACC_K, 1, 0, &on);
 #ifdef MLM_CUDA_EMULATION
     emu_counters_get(&after);
     // One graph launch per micro-batch: 2 + 2 + 2 (the batch of 5 is micro-batches of 4 and 1).
@@ -1082,7 +1132,7 @@ static void test_accumulation(void) {
           "graph launches with accumulation: %llu, expected one per micro-batch (%d)",
           (unsigned long long)(after.graph_launches - before.graph_launches), 2 * ACC_STEPS);
 #endif
-    accum_run_gpu(&s, init, ACC_K, 0, &off);
+    accum_run_gpu(&s, init, ACC_K, 0, 0, &off);
     int same = 1;
     for (int k = 0; k < ACC_STEPS; k++)
         same &= memcmp(&on.loss[k], &off.loss[k], sizeof(float)) == 0 &&
@@ -1095,9 +1145,14 @@ static void test_accumulation(void) {
     CHECK(same, "accumulation with and without graphs differs");
     accum_run_cpu(&s, init, &cpu);
     accum_compare(&s, &on, &cpu, "CUDA accum 2 vs CPU accum 2");
-    accum_run_gpu(&s, init, 1, 1, &plain);
+    accum_run_gpu(&s, init, 1, 1, 0, &plain);
     accum_compare(&s, &on, &plain, "CUDA accum 2 vs CUDA batch");
-    accum_run_free(&on), accum_run_free(&off), accum_run_free(&plain), accum_run_free(&cpu);
+    // Sparse prediction (its micro-batches run as plain launches; the host's row counts from the mapped uniforms).
+    AccumRun sparse;
+    accum_run_gpu(&s, init, ACC_K, 1, 1, &sparse);
+    accum_compare(&s, &sparse, &on, "CUDA accum 2 sparse vs dense");
+    accum_run_free(&on), accum_run_free(&off), accum_run_free(&plain), accum_run_free(&cpu), accum_run_free(&sparse);
+    test_rank_rows_dropout(&s, init);
     free(init);
 }
 
