@@ -4,6 +4,9 @@
 // A step is captured once per shape as a CUDA graph and replayed (train.cuda_graph): what changes from step
 // to step (Philox seed and offsets, Adam's t and lr, the batch) is uploaded by one copy into fixed device
 // memory that the kernels read, and random numbers are computed inside the kernels (no cuRAND call).
+// Gradient accumulation (train.accum_steps) runs a step's micro-batches as such units too (cuda_model_accumulate):
+// each draws its rows' numbers of the whole batch, divides by the whole batch's targets, and adds its gradients
+// to a device sum in call order; one clip + Adam on the sum follows (cuda_model_apply_accumulated).
 //
 // It mirrors src/cpu/cpu_model.c op for op: the same parameter layout (model_param_views), the same saved
 // activations (stacked [L, max_B, T, ...] per layer, a smaller batch using a prefix of each layer's block),
