@@ -20,6 +20,8 @@
 //     norms, parameters and Adam moments. (`test_gpu_model --quick` runs 8 steps, for compute-sanitizer.)
 //  4. Parameters and Adam moments set then read back bit for bit (what checkpoints and --init/--resume rely
 //     on to move a run between the backends).
+//  5. train.cuda_graph on vs off bit for bit, and vs the CPU (see part 5).
+//  6. Gradient accumulation on the device vs the CPU's, vs itself without graphs, vs whole batches (see part 6).
 //
 // The key-attention bias is special everywhere: it adds q . b_k to every score of a query row, which the
 // softmax cancels, so its gradient is exactly zero in real arithmetic and both sides hold rounding noise.
@@ -864,6 +866,296 @@ static void test_graphs(void) {
     graph_run_free(&on), graph_run_free(&off), graph_run_free(&cpu);
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// 6. Gradient accumulation (train.accum_steps = 2) on the device: each micro-batch draws the random numbers its
+// rows get in the whole batch (mask and every dropout site), its gradient is divided by the whole batch's target
+// count, the sums run on the device and one clip + Adam follows. Three steps with batches of 8, 5 (a partial
+// last batch: micro-batches of 4 and 1 rows) and 8, dropout on, against (a) the CPU backend accumulating the same
+// way (train.c's train_step_accumulated): masks identical, losses and norms within 1e-5, the summed gradients
+// within 1e-4, parameters as part 2; (b) the same steps with train.cuda_graph off: bit for bit; (c) the CUDA
+// step without accumulation (whole batches of 8): the same masks, and gradients, losses and parameters within
+// the same float tolerances (the sums run in other orders); (d) with sparse prediction against (a)'s dense run.
+// And a data-parallel rank's rows draw their own dropout (test_rank_rows_dropout).
+
+enum { ACC_STEPS = 3, ACC_K = 2, ACC_BATCH = 8 };
+static const int acc_batch[ACC_STEPS] = {8, 5, 8};
+
+typedef struct {
+    float loss[ACC_STEPS], norm[ACC_STEPS];
+    int correct[ACC_STEPS], targets[ACC_STEPS];
+    int *inputs, *labels;  // [ACC_STEPS, ACC_BATCH * T] each step's masked batch
+    float *logits;         // [ACC_STEPS, ACC_BATCH * T, V]
+    float *grads;          // [ACC_STEPS, P] each step's summed gradients (before clipping)
+    float *params, *adam_m, *adam_v;
+} AccumRun;
+
+// The whole batch's masking on the host (as train.c's mask_batch): inputs, labels and the count of targets.
+static int host_mask_whole_batch(const Setup *s, Rng *rng, const int *tokens, int B, uint64_t step, int *inputs,
+                                 int *labels) {
+    size_t n = (size_t)B * s->cfg.max_seq;
+    float *u = mlm_malloc(4 * n * sizeof(float), "uniforms");
+    rng_uniform(rng, rng_mask_offset(&s->layout, step), u, 4 * n);
+    mask_apply(&s->mask, tokens, n, u, inputs, labels);
+    free(u);
+    int count = 0;
+    for (size_t i = 0; i < n; i++) count += labels[i] != s->mask.pad_id;
+    return count;
+}
+
+static void accum_run_alloc(const Setup *s, AccumRun *out) {
+    size_t P = model_num_params(&s->cfg), BT = (size_t)ACC_BATCH * s->cfg.max_seq;
+    out->inputs = mlm_malloc(ACC_STEPS * BT * sizeof(int), "inputs");
+    out->labels = mlm_malloc(ACC_STEPS * BT * sizeof(int), "labels");
+    out->logits = mlm_malloc(ACC_STEPS * BT * s->cfg.vocab * sizeof(float), "logits");
+    out->grads = mlm_malloc(ACC_STEPS * P * sizeof(float), "grads");
+    out->params = mlm_malloc(P * sizeof(float), "params");
+    out->adam_m = mlm_malloc(P * sizeof(float), "m");
+    out->adam_v = mlm_malloc(P * sizeof(float), "v");
+}
+
+static void accum_run_free(AccumRun *r) {
+    free(r->inputs), free(r->labels), free(r->logits), free(r->grads), free(r->params), free(r->adam_m);
+    free(r->adam_v);
+}
+
+// The steps on the device: k = ACC_K micro-batches of ACC_BATCH / k rows per step (the model holds one
+// micro-batch), or k = 1, the plain training step on whole batches.
+static void accum_run_gpu(const Setup *s, const float *init, int k, int use_graphs, int sparse, AccumRun *out) {
+    const ModelConfig *c = &s->cfg;
+    int T = c->max_seq, V = c->vocab, mb = ACC_BATCH / k;
+    size_t P = model_num_params(c), BT = (size_t)ACC_BATCH * T;
+    accum_run_alloc(s, out);
+    CudaModel *gm = cuda_model_create(c, mb, 0);
+    cuda_model_set_graphs(gm, use_graphs);
+    cuda_model_set_sparse_prediction(gm, sparse);
+    cuda_model_set_params(gm, init);
+    float *zeros = mlm_calloc(P, sizeof(float), "zeros");
+    cuda_model_set_adam(gm, zeros, zeros);
+    int *tokens = mlm_malloc(BT * sizeof(int), "tokens"), *inputs = mlm_malloc(BT * sizeof(int), "host inputs");
+    int *labels = mlm_malloc(BT * sizeof(int), "host labels");
+    Rng rng;
+    rng_init(&rng, s->seed, RNG_DOMAIN_TRAIN);
+    lcg_state = 5150;
+    for (int step = 0; step < ACC_STEPS; step++) {
+        int B = acc_batch[step];
+        random_tokens(tokens, (size_t)B * T, s->mask.n_chars);
+        CudaRandom rnd = {.philox_seed = rng.seed, .layout = s->layout, .step = (uint64_t)step,
+                          .dropout_p = c->dropout};
+        int *in = out->inputs + step * BT, *lab = out->labels + step * BT;
+        float *lg = out->logits + step * BT * V, *grads = out->grads + step * P;
+        CudaStepStats st;
+        long t = step + 1;
+        if (k == 1) {
+            cuda_model_train_step(gm, tokens, B, &s->mask, &rnd, s->max_norm, &s->oc, t, optim_lr(&s->oc, t), &st);
+            cuda_model_get_batch(gm, in, lab, B);
+            cuda_model_get_logits(gm, lg, B);
+            cuda_model_get_grads(gm, grads);
+        } else {
+            int n_total = host_mask_whole_batch(s, &rng, tokens, B, (uint64_t)step, inputs, labels);
+            for (int j = 0; j < k; j++) {
+                int r0 = j * mb, rows = MLM_MIN(mb, B - r0);
+                if (rows <= 0) continue;
+                rnd.first_row = r0;
+                rnd.batch_rows = B;
+                cuda_model_accumulate(gm, tokens + (size_t)r0 * T, rows, &s->mask, &rnd, n_total, j == 0);
+                cuda_model_get_batch(gm, in + (size_t)r0 * T, lab + (size_t)r0 * T, rows);
+                cuda_model_get_logits(gm, lg + (size_t)r0 * T * V, rows);
+            }
+            cuda_model_apply_accumulated(gm, s->max_norm, &s->oc, t, optim_lr(&s->oc, t), &st);
+            cuda_model_get_accumulated_grads(gm, grads);
+        }
+        out->loss[step] = st.loss;
+        out->norm[step] = st.grad_norm;
+        out->correct[step] = st.correct;
+        out->targets[step] = st.n_targets;
+    }
+    cuda_model_get_params(gm, out->params);
+    cuda_model_get_adam(gm, out->adam_m, out->adam_v);
+    rng_free(&rng);
+    free(tokens), free(inputs), free(labels), free(zeros);
+    cuda_model_free(gm);
+}
+
+// The CPU backend's accumulation as train.c's train_step_accumulated runs it (one process).
+static void accum_run_cpu(const Setup *s, const float *init, AccumRun *out) {
+    const ModelConfig *c = &s->cfg;
+    int T = c->max_seq, V = c->vocab, mb = ACC_BATCH / ACC_K;
+    size_t P = model_num_params(c), BT = (size_t)ACC_BATCH * T;
+    accum_run_alloc(s, out);
+    CpuModel *cm = cpu_model_create(c, mb);
+    memcpy(cm->params, init, P * sizeof(float));
+    memset(out->adam_m, 0, P * sizeof(float));
+    memset(out->adam_v, 0, P * sizeof(float));
+    int *tokens = mlm_malloc(BT * sizeof(int), "tokens");
+    Rng rng;
+    rng_init(&rng, s->seed, RNG_DOMAIN_TRAIN);
+    lcg_state = 5150;
+    for (int step = 0; step < ACC_STEPS; step++) {
+        int B = acc_batch[step];
+        random_tokens(tokens, (size_t)B * T, s->mask.n_chars);
+        int *in = out->inputs + step * BT, *lab = out->labels + step * BT;
+        float *lg = out->logits + step * BT * V, *grads = out->grads + step * P;
+        int n_total = host_mask_whole_batch(s, &rng, tokens, B, (uint64_t)step, in, lab);
+        cm->norm_targets = n_total;
+        double loss_sum = 0.0;
+        int correct_sum = 0;
+        for (int j = 0; j < ACC_K; j++) {
+            int r0 = j * mb, rows = MLM_MIN(mb, B - r0), correct = 0;
+            if (rows <= 0) continue;
+            DropoutCtx d = {.rng = &rng, .layout = s->layout, .step = (uint64_t)step, .p = c->dropout,
+                            .first_row = r0, .rows = rows};
+            float loss = cpu_model_forward(cm, in + (size_t)r0 * T, lab + (size_t)r0 * T, rows, s->mask.pad_id, &d,
+                                           &correct);
+            cpu_model_backward(cm);
+            memcpy(lg + (size_t)r0 * T * V, cm->logits, (size_t)rows * T * V * sizeof(float));
+            loss_sum += (double)loss * cm->n_targets;
+            correct_sum += correct;
+            for (size_t i = 0; i < P; i++) grads[i] = j == 0 ? cm->grads[i] : grads[i] + cm->grads[i];
+        }
+        cm->norm_targets = 0;
+        float *clipped = mlm_malloc(P * sizeof(float), "clipped");
+        memcpy(clipped, grads, P * sizeof(float));
+        out->norm[step] = cpu_clip_grads(clipped, P, s->max_norm);
+        cpu_adam_update(&s->oc, cm->params, clipped, out->adam_m, out->adam_v, NULL, P, step + 1,
+                        optim_lr(&s->oc, step + 1));
+        free(clipped);
+        out->loss[step] = n_total ? (float)(loss_sum / n_total) : 0.0f;
+        out->correct[step] = correct_sum;
+        out->targets[step] = n_total;
+    }
+    memcpy(out->params, cm->params, P * sizeof(float));
+    rng_free(&rng);
+    free(tokens);
+    cpu_model_free(cm);
+}
+
+// a against the reference b: masks identical, losses, norms and targets, correct within near ties, every step's
+// gradients within 1e-4 (track_grad_noise), then the parameters (compare_params_after_steps).
+static void accum_compare(const Setup *s, const AccumRun *a, const AccumRun *b, const char *what) {
+    int T = s->cfg.max_seq, V = s->cfg.vocab, n_tab;
+    size_t P = model_num_params(&s->cfg), BT = (size_t)ACC_BATCH * T;
+    ParamEntry *tab = param_table(&s->cfg, &n_tab);
+    double *unc = mlm_calloc(P, sizeof(double), "gradient uncertainty"), lr_sum = 0.0, worst = 0.0, worst_g = 0.0;
+    for (int k = 0; k < ACC_STEPS; k++) {
+        size_t n = (size_t)acc_batch[k] * T, diff = 0;
+        const int *ia = a->inputs + k * BT, *la = a->labels + k * BT, *ib = b->inputs + k * BT, *lb = b->labels + k * BT;
+        for (size_t i = 0; i < n; i++) diff += ia[i] != ib[i] || la[i] != lb[i];
+        CHECK(diff == 0, "%s step %d: masked inputs/labels differ at %zu of %zu positions", what, k + 1, diff, n);
+        const float *lga = a->logits + k * BT * V, *lgb = b->logits + k * BT * V;
+        double tie_eps = 0.0;  // over the targets' rows (a sparse head leaves the others NaN)
+        for (size_t i = 0; i < n; i++)
+            if (lb[i] != s->mask.pad_id) tie_eps = fmax(tie_eps, 2.0 * max_abs_err(lga + i * V, lgb + i * V, V, NULL));
+        int ties = near_ties(lgb, lb, n, V, s->mask.pad_id, tie_eps);
+        double rl = rel_err_f(&a->loss[k], &b->loss[k], 1, NULL), rn = rel_err_f(&a->norm[k], &b->norm[k], 1, NULL);
+        printf("  %s step %d (B %d): masks equal, loss %.7f vs %.7f (rel %.2e), norm %.7f vs %.7f (rel %.2e), correct "
+               "%d/%d (%d near ties), targets %d/%d\n", what, k + 1, acc_batch[k], a->loss[k], b->loss[k], rl,
+               a->norm[k], b->norm[k], rn, a->correct[k], b->correct[k], ties, a->targets[k], b->targets[k]);
+        CHECK(rl <= REL_TOL && rn <= REL_TOL, "%s step %d: loss rel %.3e, norm rel %.3e > %.1e", what, k + 1, rl, rn,
+              REL_TOL);
+        CHECK(a->targets[k] == b->targets[k], "%s step %d: targets %d vs %d", what, k + 1, a->targets[k], b->targets[k]);
+        CHECK(abs(a->correct[k] - b->correct[k]) <= ties, "%s step %d: correct %d vs %d, only %d near ties", what,
+              k + 1, a->correct[k], b->correct[k], ties);
+        const float *gb = b->grads + (size_t)k * P;
+        worst_g = fmax(worst_g, track_grad_noise(tab, n_tab, a->grads + (size_t)k * P, gb,
+                                                 GRAD_TOL_VS_CPU * max_abs_f(gb, P), unc, k + 1));
+        lr_sum += optim_lr(&s->oc, k + 1);
+        worst = fmax(worst, fmax(rl, rn));
+    }
+    double wp = compare_params_after_steps(tab, n_tab, a->params, b->params, unc, 2.0 * 1.005 * lr_sum);
+    printf("  %s: losses and norms within %.2e, summed gradients %.2e, parameters %.2e (off the floor)\n", what,
+           worst, worst_g, wp);
+    free(unc), free(tab);
+}
+
+// A data-parallel rank's share (train.c's NCCL step): rows [4, 8) of a host-masked batch of 8 through
+// cuda_model_forward with labels and CudaRandom.first_row = 4, against the CPU forward with DropoutCtx.first_row:
+// loss and logits within 1e-5 (the rows' own dropout), and not the dropout of rows 0..3.
+static void test_rank_rows_dropout(const Setup *s, const float *init) {
+    const ModelConfig *c = &s->cfg;
+    int T = c->max_seq, V = c->vocab, B = ACC_BATCH, r0 = 4, rows = 4;
+    size_t n = (size_t)B * T, nr = (size_t)rows * T;
+    CudaModel *gm = cuda_model_create(c, rows, 0);
+    CpuModel *cm = cpu_model_create(c, rows);
+    cuda_model_set_params(gm, init);
+    memcpy(cm->params, init, model_num_params(c) * sizeof(float));
+    int *tokens = mlm_malloc(n * sizeof(int), "tokens"), *inputs = mlm_malloc(n * sizeof(int), "inputs");
+    int *labels = mlm_malloc(n * sizeof(int), "labels");
+    float *logits = mlm_malloc(nr * V * sizeof(float), "logits");
+    Rng rng;
+    rng_init(&rng, s->seed, RNG_DOMAIN_TRAIN);
+    lcg_state = 99;
+    random_tokens(tokens, n, s->mask.n_chars);
+    host_mask_whole_batch(s, &rng, tokens, B, 3, inputs, labels);
+    DropoutCtx d = {.rng = &rng, .layout = s->layout, .step = 3, .p = c->dropout, .first_row = r0, .rows = rows};
+    int correct;
+    float loss_c = cpu_model_forward(cm, inputs + (size_t)r0 * T, labels + (size_t)r0 * T, rows, s->mask.pad_id, &d,
+                                     &correct);
+    CudaRandom rnd = {.philox_seed = rng.seed, .layout = s->layout, .step = 3, .dropout_p = c->dropout,
+                      .first_row = r0, .batch_rows = B};
+    CudaStepStats st;
+    cuda_model_forward(gm, inputs + (size_t)r0 * T, labels + (size_t)r0 * T, rows, s->mask.pad_id, NULL, &rnd, &st);
+    cuda_model_get_logits(gm, logits, rows);
+    double rl = rel_err_f(&st.loss, &loss_c, 1, NULL), rg = rel_err_f(logits, cm->logits, nr * V, NULL);
+    // The same rows with the dropout of rows 0..3 (what ranks > 0 drew before): other numbers.
+    rnd.first_row = 0;
+    rnd.batch_rows = 0;
+    cuda_model_forward(gm, inputs + (size_t)r0 * T, labels + (size_t)r0 * T, rows, s->mask.pad_id, NULL, &rnd, &st);
+    cuda_model_get_logits(gm, logits, rows);
+    double rw = rel_err_f(logits, cm->logits, nr * V, NULL);
+    printf("  a rank's rows %d..%d of %d: loss rel %.2e, logits rel %.2e vs the CPU's (rows 0..%d's dropout: %.2e)\n",
+           r0, r0 + rows - 1, B, rl, rg, rows - 1, rw);
+    CHECK(rl <= REL_TOL && rg <= REL_TOL, "a rank's rows: loss rel %.3e, logits rel %.3e > %.1e", rl, rg, REL_TOL);
+    CHECK(rw > 100 * REL_TOL, "the rows' own dropout and that of rows 0..%d give the same logits", rows - 1);
+    rng_free(&rng);
+    free(tokens), free(inputs), free(labels), free(logits);
+    cuda_model_free(gm);
+    cpu_model_free(cm);
+}
+
+static void test_accumulation(void) {
+    Setup s = small_setup();
+    size_t P = model_num_params(&s.cfg);
+    printf("part 6: gradient accumulation, %d micro-batches of %d, %d steps (batches 8, 5, 8), dropout %.2f\n", ACC_K,
+           ACC_BATCH / ACC_K, ACC_STEPS, s.cfg.dropout);
+    float *init = mlm_malloc(P * sizeof(float), "init");
+    init_params(&s.cfg, init, s.seed + 6);
+    AccumRun on, off, plain, cpu;
+#ifdef MLM_CUDA_EMULATION
+    EmuCounters before, after;
+    emu_counters_get(&before);
+#endif
+    accum_run_gpu(&s, init, ACC_K, 1, 0, &on);
+#ifdef MLM_CUDA_EMULATION
+    emu_counters_get(&after);
+    // One graph launch per micro-batch: 2 + 2 + 2 (the batch of 5 is micro-batches of 4 and 1).
+    CHECK(after.graph_launches - before.graph_launches == 2 * ACC_STEPS,
+          "graph launches with accumulation: %llu, expected one per micro-batch (%d)",
+          (unsigned long long)(after.graph_launches - before.graph_launches), 2 * ACC_STEPS);
+#endif
+    accum_run_gpu(&s, init, ACC_K, 0, 0, &off);
+    int same = 1;
+    for (int k = 0; k < ACC_STEPS; k++)
+        same &= memcmp(&on.loss[k], &off.loss[k], sizeof(float)) == 0 &&
+                memcmp(&on.norm[k], &off.norm[k], sizeof(float)) == 0 && on.correct[k] == off.correct[k];
+    same &= memcmp(on.grads, off.grads, ACC_STEPS * P * sizeof(float)) == 0;
+    same &= memcmp(on.params, off.params, P * sizeof(float)) == 0;
+    same &= memcmp(on.adam_m, off.adam_m, P * sizeof(float)) == 0 && memcmp(on.adam_v, off.adam_v, P * sizeof(float)) == 0;
+    printf("  graphs on vs off: %s\n", same ? "bit-identical (losses, norms, summed gradients, parameters, Adam)"
+                                            : "DIFFER");
+    CHECK(same, "accumulation with and without graphs differs");
+    accum_run_cpu(&s, init, &cpu);
+    accum_compare(&s, &on, &cpu, "CUDA accum 2 vs CPU accum 2");
+    accum_run_gpu(&s, init, 1, 1, 0, &plain);
+    accum_compare(&s, &on, &plain, "CUDA accum 2 vs CUDA batch");
+    // Sparse prediction (its micro-batches run as plain launches; the host's row counts from the mapped uniforms).
+    AccumRun sparse;
+    accum_run_gpu(&s, init, ACC_K, 1, 1, &sparse);
+    accum_compare(&s, &sparse, &on, "CUDA accum 2 sparse vs dense");
+    accum_run_free(&on), accum_run_free(&off), accum_run_free(&plain), accum_run_free(&cpu), accum_run_free(&sparse);
+    test_rank_rows_dropout(&s, init);
+    free(init);
+}
+
 int main(int argc, char **argv) {
     char why[256];
     if (cuda_device_count(why, sizeof(why)) == 0) return test_skip(why);
@@ -877,5 +1169,6 @@ int main(int argc, char **argv) {
     test_determinism();
     test_roundtrip();
     test_graphs();
+    test_accumulation();
     return test_finish("test_gpu_model");
 }

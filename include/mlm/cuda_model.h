@@ -50,11 +50,16 @@ void cuda_model_set_graphs(CudaModel *m, int on);
 // Masking and dropout use cuRAND's Philox stream with key `philox_seed` (Rng.seed of the stream), computed
 // inside the kernels, at the offsets of `layout` for index `step`: the same numbers, so the same masks, as
 // the CPU. The seed and the step's base offset reach the device in the step's one upload.
+// A micro-batch (gradient accumulation) or a data-parallel rank's share runs rows [first_row, first_row + B) of
+// a whole batch of batch_rows rows and draws exactly the numbers those rows get in the whole batch, on the mask
+// and on every dropout site (as the CPU's DropoutCtx.first_row / rows). batch_rows 0: the batch is the whole
+// batch (first_row must then be 0).
 typedef struct {
     uint64_t philox_seed;
     RngLayout layout;
     uint64_t step;
     float dropout_p;  // 0: no dropout
+    int first_row, batch_rows;
 } CudaRandom;
 
 // Forward only (validation, samples, eval): tokens[B,T] host ids are masked on the device (mask != NULL)
@@ -73,6 +78,21 @@ void cuda_model_backward(CudaModel *m);
 // step t (from 1) with learning rate lr. tokens[B,T] host ids are copied asynchronously.
 void cuda_model_train_step(CudaModel *m, const int *tokens, int B, const MaskConfig *mask, const CudaRandom *rnd,
                            float max_norm, const OptimConfig *oc, long t, double lr, CudaStepStats *stats);
+// Gradient accumulation (train.accum_steps): a step's batch runs as micro-batches, each one call of
+// cuda_model_accumulate with its tokens[B,T] (host ids, masked on the device) and rnd->first_row / batch_rows
+// naming its rows in the whole batch; norm_targets is the whole batch's count of targets (the host's, from the
+// same masking), by which each micro-batch's gradient is divided, so that the sum is the whole batch's mean.
+// first: 1 on the step's first micro-batch. The gradients are summed on the device in call order, and the loss
+// (x targets) and correct predictions with them; nothing is read back. cuda_model_apply_accumulated then clips
+// and updates once with the sum (as cuda_model_optimizer_step) and fills stats over the whole batch (one
+// read-back). A micro-batch is captured as a CUDA graph like a training step (train.cuda_graph).
+void cuda_model_accumulate(CudaModel *m, const int *tokens, int B, const MaskConfig *mask, const CudaRandom *rnd,
+                           int norm_targets, int first);
+void cuda_model_apply_accumulated(CudaModel *m, float max_norm, const OptimConfig *oc, long t, double lr,
+                                  CudaStepStats *stats);
+// The summed gradients [P] of the micro-batches so far (after cuda_model_accumulate; tests).
+void cuda_model_get_accumulated_grads(CudaModel *m, float *grads);
+
 // The optimizer part of a step on the gradients of the last backward: global-norm clip (max_norm <= 0: off)
 // and the Adam update at step t with learning rate lr. Returns the norm before clipping. (train_step does
 // the same inside the step; this is for callers that run forward and backward themselves, like the tests.)

@@ -4,6 +4,9 @@
 // A step is captured once per shape as a CUDA graph and replayed (train.cuda_graph): what changes from step
 // to step (Philox seed and offsets, Adam's t and lr, the batch) is uploaded by one copy into fixed device
 // memory that the kernels read, and random numbers are computed inside the kernels (no cuRAND call).
+// Gradient accumulation (train.accum_steps) runs a step's micro-batches as such units too (cuda_model_accumulate):
+// each draws its rows' numbers of the whole batch, divides by the whole batch's targets, and adds its gradients
+// to a device sum in call order; one clip + Adam on the sum follows (cuda_model_apply_accumulated).
 //
 // It mirrors src/cpu/cpu_model.c op for op: the same parameter layout (model_param_views), the same saved
 // activations (stacked [L, max_B, T, ...] per layer, a smaller batch using a prefix of each layer's block),
@@ -96,7 +99,8 @@ typedef struct {
 // Everything a captured step bakes into its launches: sizes, which kernels run, and the constants passed by
 // value. A graph is replayed only for an equal key (memcmp: keys are zeroed before they are filled); what
 // changes every step lives in the DeviceStep instead.
-typedef enum { STEP_TRAIN = 1, STEP_FORWARD = 2 } StepKind;
+// STEP_MICRO: a micro-batch of gradient accumulation (mask, forward, backward, add to the sums; no update).
+typedef enum { STEP_TRAIN = 1, STEP_FORWARD = 2, STEP_MICRO = 3 } StepKind;
 typedef struct {
     int kind, B, pad_id, decay_set;
     MaskConfig mask;
@@ -152,6 +156,15 @@ struct CudaModel {
     int pad_id;             // the ignored label of the last forward (the vocabulary's [PAD])
     int dropout_on;
     float drop_scale;
+    // Gradient accumulation (cuda_model_accumulate): the sums, allocated on first use.
+    void *accum_block;      // grad_acc | acc_stats
+    float *grad_acc;        // [P] the running sum of the micro-batches' gradients
+    double *acc_stats;      // [3] sums of loss x targets, correct predictions, targets (the device's counts)
+    double *h_acc_stats;    // [3] pinned read-back of acc_stats
+    int accum_last;         // the last forward was a micro-batch: dlogits divide by the step's norm_targets
+    int accum_norm;         // the whole batch's target count of the current step (host copy)
+    long accum_sparse_cap;  // sum of the host's sparse row counts over the step's micro-batches
+    int accum_sparse;       // some micro-batch of the step took the sparse head
     // Sparse prediction (see sparse_plan).
     int sparse;             // on: forwards with labels run the head on the selected rows only
     int sparse_last;        // the last forward did
@@ -394,6 +407,8 @@ void cuda_model_free(CudaModel *m) {
     CUDA_CHECK(cudaFreeHost(m->h_upload));
     CUDA_CHECK(cudaFreeHost(m->h_scalars));
     CUDA_CHECK(cudaFree(m->continuation));
+    CUDA_CHECK(cudaFree(m->accum_block));
+    if (m->h_acc_stats) CUDA_CHECK(cudaFreeHost(m->h_acc_stats));
     CUDA_CHECK(cudaEventDestroy(m->stage_free));
     CUBLAS_CHECK(cublasDestroy(m->cublas));
     CUDA_CHECK(cudaFree(m->cublas_workspace));
@@ -502,6 +517,9 @@ static void gemm_batched(CudaModel *m, cublasOperation_t ta, cublasOperation_t t
 // Where a step's draws start in its stream, and where each draw sits inside the step (the RngLayout of the
 // configured batch); the kernels add the two (mask.cu's step_rng_offset). rng_dropout_offset(l, s, ...) is
 // s * per_step plus its value at step 0, so the in-step part is the same every step and can be captured.
+// A micro-batch's rows (CudaRandom.first_row, batch_rows) reach the kernels in the DeviceStep (stage_step); each
+// launch passes its region's outputs per row (T for the mask, n / B for a dropout site), and step_rng_offset
+// starts first_row rows into the region, so one captured graph serves every micro-batch of a shape.
 static uint64_t step_rng_base(const CudaRandom *rnd) { return rng_mask_offset(&rnd->layout, rnd->step); }
 static uint64_t mask_offset_in_step(const CudaRandom *rnd) { return rng_mask_offset(&rnd->layout, 0); }
 static uint64_t dropout_offset_in_step(const CudaRandom *rnd, int layer, DropSite site) {
@@ -512,9 +530,27 @@ static uint64_t dropout_offset_in_step(const CudaRandom *rnd, int layer, DropSit
 // uniforms are computed in the keep kernel from the step's seed and offset in device memory.
 static uint8_t *site_mask(CudaModel *m, const CudaRandom *rnd, uint8_t *keep, int layer, DropSite site, size_t n) {
     if (!m->dropout_on) return NULL;
-    cuda_dropout_keep_philox(keep, m->a.step, dropout_offset_in_step(rnd, layer, site), rnd->dropout_p, n,
-                             m->stream);
+    cuda_dropout_keep_philox_rows(keep, m->a.step, dropout_offset_in_step(rnd, layer, site), n / (size_t)m->B,
+                                  rnd->dropout_p, n, m->stream);
     return keep;
+}
+
+// The rows of a (micro-)batch of B sequences must lie inside its whole batch.
+static void check_rows(const CudaRandom *rnd, int B, const char *what) {
+    if (!rnd) return;
+    int whole = rnd->batch_rows > 0 ? rnd->batch_rows : B;
+    if (rnd->first_row < 0 || (rnd->batch_rows == 0 && rnd->first_row != 0) || rnd->first_row + B > whole)
+        mlm_fatal(MLM_EXIT_FAILURE, "%s: rows %d..%d of a whole batch of %d rows (CudaRandom.first_row, batch_rows)",
+                  what, rnd->first_row, rnd->first_row + B - 1, rnd->batch_rows);
+}
+
+// The host's copy of the masking uniforms u[4, n] of a (micro-)batch of n tokens, as the mask kernel draws them:
+// each block starts first_row rows into its block of the whole batch (sparse_plan needs them on the host).
+static void host_mask_uniforms(const CudaRandom *rnd, int T, size_t n, float *u) {
+    uint64_t row0 = (uint64_t)rnd->first_row * (uint64_t)T;
+    uint64_t stride = rnd->batch_rows > 0 ? (uint64_t)rnd->batch_rows * (uint64_t)T : (uint64_t)n;
+    uint64_t o = rng_mask_offset(&rnd->layout, rnd->step) + row0;
+    for (int k = 0; k < 4; k++) philox_uniform(rnd->philox_seed, o + (uint64_t)k * stride, u + (size_t)k * n, n);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -531,6 +567,8 @@ static void stage_step(CudaModel *m, const CudaRandom *rnd, const OptimConfig *o
     if (rnd) {
         s->philox_seed = rnd->philox_seed;
         s->rng_base = step_rng_base(rnd);
+        s->rng_row0 = (uint64_t)rnd->first_row;
+        s->rng_rows = (uint64_t)rnd->batch_rows;
     }
     if (oc) {
         s->adam = cuda_adam_step((int)oc->kind, oc->beta1, oc->beta2, oc->weight_decay, t, lr);
@@ -562,8 +600,8 @@ static void upload_batch(CudaModel *m, int *d_tokens, const int *tokens, const i
 // Mask the uploaded tokens on the device with the uniforms of the step (seed and offset in m->a.step).
 static void mask_on_device(CudaModel *m, int B, const MaskConfig *mask, const CudaRandom *rnd) {
     size_t n = (size_t)B * m->cfg.max_seq;
-    cuda_mask_philox(mask, m->continuation, m->a.tokens, n, m->a.step, mask_offset_in_step(rnd), m->a.inputs,
-                     m->a.labels, m->stream);
+    cuda_mask_philox_rows(mask, m->continuation, m->a.tokens, n, (size_t)m->cfg.max_seq, m->a.step,
+                          mask_offset_in_step(rnd), m->a.inputs, m->a.labels, m->stream);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -587,6 +625,12 @@ static void mask_on_device(CudaModel *m, int B, const MaskConfig *mask, const Cu
 
 void cuda_model_set_sparse_prediction(CudaModel *m, int on) { m->sparse = on != 0; }
 
+// The device count dlogits divide by: the batch's own targets, or (a micro-batch of gradient accumulation) the
+// whole batch's, uploaded with the step (DeviceStep.norm_targets), so that the summed gradient is its mean.
+static const int *loss_divisor(const CudaModel *m) {
+    return m->accum_last ? &m->a.step->norm_targets : m->a.n_targets;
+}
+
 // Decide whether the coming forward takes the sparse head, and with how many rows.
 static void sparse_plan(CudaModel *m, const int *tokens, const int *labels, int B, const MaskConfig *mask,
                         const CudaRandom *rnd) {
@@ -598,7 +642,7 @@ static void sparse_plan(CudaModel *m, const int *tokens, const int *labels, int 
         float *u = (float *)mlm_malloc(4 * n * sizeof(float), "masking uniforms (sparse prediction)");
         int *inputs = (int *)mlm_malloc(2 * n * sizeof(int), "masked batch (sparse prediction)");
         int *sel_labels = inputs + n;
-        philox_uniform(rnd->philox_seed, rng_mask_offset(&rnd->layout, rnd->step), u, 4 * n);
+        host_mask_uniforms(rnd, m->cfg.max_seq, n, u);
         mask_apply(mask, tokens, n, u, inputs, sel_labels);
         for (size_t i = 0; i < n; i++) count += sel_labels[i] != mask->pad_id;
         free(u);
@@ -639,8 +683,8 @@ static void sparse_head_forward(CudaModel *m, const float *x, int N) {
         matmul_forward(m, a->logits, a->lnf, p->gen_w, cap, C, V);
         cuda_add_bias(a->logits, a->logits, p->gen_b, (size_t)cap * V, V, m->stream);
         // dlogits apart from logits, so that cuda_model_get_logits can still return them.
-        cuda_crossentropy_forward_backward(a->losses, a->correct, a->dlogits, a->logits, a->sel_labels, a->n_targets,
-                                           cap, V, m->pad_id, m->stream);
+        cuda_crossentropy_forward_backward(a->losses, a->correct, a->dlogits, a->logits, a->sel_labels,
+                                           loss_divisor(m), cap, V, m->pad_id, m->stream);
     }
     cuda_loss_reduce(a->scalars, a->losses, a->correct, a->n_targets, cap, m->stream);
 }
@@ -770,8 +814,8 @@ static void forward_impl(CudaModel *m, int B, const CudaRandom *rnd) {
         // Labels equal to pad_id are ignored (as cpu_model_forward). Loss, accuracy and dlogits (the
         // backward's starting point) in one pass; the count of targets stays on the device so nothing waits.
         cuda_count_targets(a->n_targets, a->labels, N, m->pad_id, m->stream);
-        cuda_crossentropy_forward_backward(a->losses, a->correct, a->dlogits, a->logits, a->labels, a->n_targets, N,
-                                           V, m->pad_id, m->stream);
+        cuda_crossentropy_forward_backward(a->losses, a->correct, a->dlogits, a->logits, a->labels, loss_divisor(m),
+                                           N, V, m->pad_id, m->stream);
         cuda_loss_reduce(a->scalars, a->losses, a->correct, a->n_targets, N, m->stream);
     }
     nvtxRangePop();
@@ -891,11 +935,11 @@ static void backward_impl(CudaModel *m) {
 
 // Gradient norm into scalars[3], then clip + Adam over all parameters with the step's t and lr from m->a.step
 // (two launches).
-static void optimizer_impl(CudaModel *m, float max_norm, const OptimConfig *oc) {
+static void optimizer_impl(CudaModel *m, float *grads, float max_norm, const OptimConfig *oc) {
     nvtxRangePushA("optimizer");
     float *d_norm = m->a.scalars + 3;
-    cuda_grad_norm(d_norm, m->grads, m->n_params, m->a.norm_scratch, m->stream);
-    cuda_adam_update_dev(m->params, m->grads, m->adam_m, m->adam_v, m->decay_set ? m->decay_mask : NULL, d_norm,
+    cuda_grad_norm(d_norm, grads, m->n_params, m->a.norm_scratch, m->stream);
+    cuda_adam_update_dev(m->params, grads, m->adam_m, m->adam_v, m->decay_set ? m->decay_mask : NULL, d_norm,
                          max_norm, m->n_params, (int)oc->kind, oc->beta1, oc->beta2, oc->eps, &m->a.step->adam,
                          m->stream);
     nvtxRangePop();
@@ -907,6 +951,7 @@ static void begin_forward(CudaModel *m, int B, const CudaRandom *rnd, int has_la
     m->has_labels = has_labels;
     m->pad_id = pad_id;
     m->dropout_on = rnd != NULL && rnd->dropout_p > 0.0f;
+    m->accum_last = 0;  // run_step sets it for a micro-batch
     // THE DROPOUT RULE's scale, evaluated in float as on the CPU.
     m->drop_scale = m->dropout_on ? 1.0f / (1.0f - rnd->dropout_p) : 1.0f;
 }
@@ -925,6 +970,51 @@ static void read_scalars(CudaModel *m, int n, CudaStepStats *stats) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Gradient accumulation: the micro-batches' gradients and statistics summed on the device, in call order.
+
+// acc[i] = g[i] on the step's first micro-batch, acc[i] + g[i] after (one rounding, as the CPU's sum += g).
+static __global__ void accumulate_grads_kernel(float *acc /* [n] */, const float *g /* [n] */, size_t n,
+                                               const DeviceStep *step) {
+    int first = step->accum_first;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        acc[i] = first ? g[i] : __fadd_rn(acc[i], g[i]);
+}
+
+// acc[3] (+)= {loss x targets, correct, targets} of the micro-batch from cuda_loss_reduce's scalars (one thread:
+// three numbers, in call order).
+static __global__ void accumulate_stats_kernel(double *acc, const float *scalars, const DeviceStep *step) {
+    if (step->accum_first) acc[0] = acc[1] = acc[2] = 0.0;
+    acc[0] += (double)scalars[0] * (double)scalars[2];
+    acc[1] += (double)scalars[1];
+    acc[2] += (double)scalars[2];
+}
+
+// The sums, once per model (outside any capture).
+static void accumulation_buffers(CudaModel *m) {
+    if (m->accum_block) return;
+    size_t grad_bytes = (m->n_params * sizeof(float) + 255) & ~(size_t)255;
+    m->accum_block = device_alloc(grad_bytes + 3 * sizeof(double), "summed gradients (train.accum_steps)", &m->cfg,
+                                  m->max_B);
+    m->grad_acc = (float *)m->accum_block;
+    m->acc_stats = (double *)((char *)m->accum_block + grad_bytes);
+    CUDA_CHECK(cudaMemsetAsync(m->accum_block, 0, grad_bytes + 3 * sizeof(double), m->stream));
+    CUDA_CHECK(cudaMallocHost((void **)&m->h_acc_stats, 3 * sizeof(double)));
+}
+
+// After a micro-batch's backward: its gradients and statistics into the sums.
+static void accumulate_impl(CudaModel *m) {
+    nvtxRangePushA("accumulate");
+    const int block = 256;
+    size_t blocks = (m->n_params + block - 1) / block;
+    unsigned grid = (unsigned)MLM_MIN(blocks, (size_t)4096);
+    accumulate_grads_kernel<<<grid, block, 0, m->stream>>>(m->grad_acc, m->grads, m->n_params, m->a.step);
+    CUDA_CHECK_LAUNCH();
+    accumulate_stats_kernel<<<1, 1, 0, m->stream>>>(m->acc_stats, m->a.scalars, m->a.step);
+    CUDA_CHECK_LAUNCH();
+    nvtxRangePop();
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // A masked step as one unit of launches, run plainly or captured once per StepKey and replayed.
 
 typedef struct {
@@ -934,6 +1024,8 @@ typedef struct {
     const CudaRandom *rnd;
     float max_norm;           // STEP_TRAIN only
     const OptimConfig *oc;    // STEP_TRAIN only
+    int norm_targets;         // STEP_MICRO only: the whole batch's targets
+    int accum_first;          // STEP_MICRO only: the step's first micro-batch
 } StepArgs;
 
 static StepKey step_key(const CudaModel *m, const StepArgs *s) {
@@ -964,7 +1056,11 @@ static void enqueue_step(CudaModel *m, const StepArgs *s) {
     forward_impl(m, s->B, s->rnd);
     if (s->kind == STEP_TRAIN) {
         backward_impl(m);
-        optimizer_impl(m, s->max_norm, s->oc);
+        optimizer_impl(m, m->grads, s->max_norm, s->oc);
+    }
+    if (s->kind == STEP_MICRO) {
+        backward_impl(m);
+        accumulate_impl(m);
     }
 }
 
@@ -999,7 +1095,12 @@ static void run_step(CudaModel *m, const StepArgs *s, const int *tokens, long t,
     wait_stage(m);
     memcpy(m->h_tokens, tokens, (size_t)s->B * m->cfg.max_seq * sizeof(int));
     stage_step(m, s->rnd, s->kind == STEP_TRAIN ? s->oc : NULL, t, lr);
+    if (s->kind == STEP_MICRO) {
+        m->h_step->norm_targets = s->norm_targets;
+        m->h_step->accum_first = s->accum_first;
+    }
     begin_forward(m, s->B, s->rnd, 1, s->mask->pad_id);
+    m->accum_last = s->kind == STEP_MICRO;
     sparse_plan(m, tokens, NULL, s->B, s->mask, s->rnd);
     // The sparse head's row count changes every step, so a step that takes it runs as plain launches.
     if (m->use_graphs && !m->sparse_last) {
@@ -1016,13 +1117,14 @@ static void run_step(CudaModel *m, const StepArgs *s, const int *tokens, long t,
 void cuda_model_forward(CudaModel *m, const int *tokens, const int *labels, int B, int pad_id,
                         const MaskConfig *mask, const CudaRandom *rnd, CudaStepStats *stats) {
     check_batch(m, B, "cuda_model_forward");
+    check_rows(rnd, B, "cuda_model_forward");
     if (mask && !rnd) mlm_fatal(MLM_EXIT_FAILURE, "cuda_model_forward: masking needs a random stream");
     if (mask && mask->pad_id != pad_id)
         mlm_fatal(MLM_EXIT_FAILURE, "cuda_model_forward: pad_id %d differs from the mask's [PAD] %d", pad_id,
                   mask->pad_id);
     if (mask) {
         // Validation and samples: a captured forward like the training step.
-        StepArgs s = {STEP_FORWARD, B, mask, rnd, 0.0f, NULL};
+        StepArgs s = {STEP_FORWARD, B, mask, rnd, 0.0f, NULL, 0, 0};
         run_step(m, &s, tokens, 0, 0.0);
         read_scalars(m, 3, stats);
         return;
@@ -1050,7 +1152,7 @@ float cuda_model_optimizer_step(CudaModel *m, float max_norm, const OptimConfig 
     stage_step(m, NULL, oc, t, lr);
     upload_step(m, 0);
     CUDA_CHECK(cudaEventRecord(m->stage_free, m->stream));
-    optimizer_impl(m, max_norm, oc);
+    optimizer_impl(m, m->grads, max_norm, oc);
     CUDA_CHECK(cudaMemcpyAsync(m->h_scalars + 3, m->a.scalars + 3, sizeof(float), cudaMemcpyDeviceToHost, m->stream));
     CUDA_CHECK(cudaStreamSynchronize(m->stream));
     return m->h_scalars[3];
@@ -1060,11 +1162,62 @@ void cuda_model_train_step(CudaModel *m, const int *tokens, int B, const MaskCon
                            float max_norm, const OptimConfig *oc, long t, double lr, CudaStepStats *stats) {
     check_batch(m, B, "cuda_model_train_step");
     if (!mask || !rnd) mlm_fatal(MLM_EXIT_FAILURE, "cuda_model_train_step needs a mask config and a random stream");
+    check_rows(rnd, B, "cuda_model_train_step");
     nvtxRangePushA("train_step");
-    StepArgs s = {STEP_TRAIN, B, mask, rnd, max_norm, oc};
+    StepArgs s = {STEP_TRAIN, B, mask, rnd, max_norm, oc, 0, 0};
     run_step(m, &s, tokens, t, lr);
     read_scalars(m, 4, stats);  // the step's only wait for the device
     nvtxRangePop();
+}
+
+void cuda_model_accumulate(CudaModel *m, const int *tokens, int B, const MaskConfig *mask, const CudaRandom *rnd,
+                           int norm_targets, int first) {
+    check_batch(m, B, "cuda_model_accumulate");
+    if (!mask || !rnd) mlm_fatal(MLM_EXIT_FAILURE, "cuda_model_accumulate needs a mask config and a random stream");
+    if (norm_targets < 0) mlm_fatal(MLM_EXIT_FAILURE, "cuda_model_accumulate: negative target count %d", norm_targets);
+    check_rows(rnd, B, "cuda_model_accumulate");
+    accumulation_buffers(m);
+    nvtxRangePushA("micro_batch");
+    if (first) {
+        m->accum_sparse_cap = 0;
+        m->accum_sparse = 0;
+    }
+    m->accum_norm = norm_targets;
+    StepArgs s = {STEP_MICRO, B, mask, rnd, 0.0f, NULL, norm_targets, first != 0};
+    run_step(m, &s, tokens, 0, 0.0);
+    if (m->sparse_last) m->accum_sparse = 1, m->accum_sparse_cap += m->sparse_cap;
+    nvtxRangePop();
+}
+
+void cuda_model_apply_accumulated(CudaModel *m, float max_norm, const OptimConfig *oc, long t, double lr,
+                                  CudaStepStats *stats) {
+    if (!m->accum_block) mlm_fatal(MLM_EXIT_FAILURE, "cuda_model_apply_accumulated: no micro-batch accumulated");
+    wait_stage(m);
+    stage_step(m, NULL, oc, t, lr);
+    upload_step(m, 0);
+    CUDA_CHECK(cudaEventRecord(m->stage_free, m->stream));
+    optimizer_impl(m, m->grad_acc, max_norm, oc);
+    // The step's one read-back: the norm and the sums.
+    CUDA_CHECK(cudaMemcpyAsync(m->h_scalars + 3, m->a.scalars + 3, sizeof(float), cudaMemcpyDeviceToHost, m->stream));
+    CUDA_CHECK(cudaMemcpyAsync(m->h_acc_stats, m->acc_stats, 3 * sizeof(double), cudaMemcpyDeviceToHost, m->stream));
+    CUDA_CHECK(cudaStreamSynchronize(m->stream));
+    long device_count = lrint(m->h_acc_stats[2]);
+    if (m->accum_sparse && device_count != m->accum_sparse_cap)
+        mlm_fatal(MLM_EXIT_FAILURE,
+                  "sparse prediction: the device selected %ld positions over the step's micro-batches, the host's "
+                  "reproduction of the masking %ld; the masking kernel and mask_apply disagree. Set "
+                  "train.sparse_prediction = false and report it", device_count, m->accum_sparse_cap);
+    if (!stats) return;
+    int n = m->accum_norm;
+    stats->loss = n > 0 ? (float)(m->h_acc_stats[0] / n) : 0.0f;
+    stats->correct = (int)lrint(m->h_acc_stats[1]);
+    stats->n_targets = n;
+    stats->grad_norm = m->h_scalars[3];
+}
+
+void cuda_model_get_accumulated_grads(CudaModel *m, float *grads) {
+    if (!m->accum_block) mlm_fatal(MLM_EXIT_FAILURE, "cuda_model_get_accumulated_grads: no micro-batch accumulated");
+    copy_sync(m, grads, m->grad_acc, m->n_params * sizeof(float), cudaMemcpyDeviceToHost);
 }
 
 void cuda_profiler_start(void) { CUDA_CHECK(cudaProfilerStart()); }

@@ -42,12 +42,20 @@ typedef struct {
     int32_t pad_;
     int64_t t;             // the optimizer step and learning rate the constants are for (logged, checked)
     double lr;
+    // Gradient accumulation and data parallel: this (micro-)batch is rows [rng_row0, rng_row0 + B) of the step's
+    // whole batch of rng_rows rows (0: the batch is the whole batch), and draws the numbers those rows get there.
+    uint64_t rng_row0, rng_rows;
+    int32_t norm_targets;  // accumulating: the whole batch's count of targets, the divisor of dlogits
+    int32_t accum_first;   // accumulating: 1 on the step's first micro-batch (the sums start), else 0
 } DeviceStep;
 // out[n] = uniforms in (0, 1] of cuRAND's Philox4x32-10 LEGACY stream with key `seed` from absolute `offset`,
 // computed inside the kernel (bit-identical to cuda_uniform and philox_uniform; no cuRAND call).
 void cuda_philox_uniform(float *d_out, uint64_t seed, uint64_t offset, size_t n, cudaStream_t stream);
 // Draws are addressed as (d_step, offset_in_step): the absolute offset is d_step->rng_base + offset_in_step
-// (mask.cu's step_rng_offset, the one place that maps them on the device).
+// (mask.cu's step_rng_offset, the one place that maps them on the device). The *_rows variants take the
+// outputs per row of the draw's region (row_len; T for the mask, n / B for a dropout site): a micro-batch then
+// starts d_step->rng_row0 rows into the region, and the mask's four blocks lie d_step->rng_rows rows apart.
+// row_len 0 (the plain functions): the batch is the whole batch.
 // Masking of n tokens with the uniforms at that offset (layout of mask_apply), generated in the kernel.
 // d_continuation: the device copy of c->continuation [n_tokens] (whole-word masking; may be NULL when
 // c->whole_word is off).
@@ -58,6 +66,11 @@ void cuda_mask_philox(const MaskConfig *c, const unsigned char *d_continuation, 
 // kernel: cuda_uniform + cuda_dropout_keep in one launch and without the uniforms buffer.
 void cuda_dropout_keep_philox(uint8_t *keep, const DeviceStep *d_step, uint64_t offset_in_step, float p, size_t n,
                               cudaStream_t stream);
+void cuda_mask_philox_rows(const MaskConfig *c, const unsigned char *d_continuation, const int *d_tokens, size_t n,
+                           size_t row_len, const DeviceStep *d_step, uint64_t offset_in_step, int *d_inputs,
+                           int *d_labels, cudaStream_t stream);
+void cuda_dropout_keep_philox_rows(uint8_t *keep, const DeviceStep *d_step, uint64_t offset_in_step, size_t row_len,
+                                   float p, size_t n, cudaStream_t stream);
 
 // ---- Dropout, ReLU, residual (feedforward.cu) ---------------------------------------------------------
 // keep[n] = !(u[n] < p) as bytes.

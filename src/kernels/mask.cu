@@ -58,10 +58,19 @@ static __device__ __forceinline__ float philox_uniform_at(uint64_t seed, uint64_
     return philox_to_uniform(x[g % 4]);
 }
 
-// Absolute offset of a draw of the step *s: the one place that maps a step's draws to stream offsets on the
-// device (micro-batch row offsets would be added here).
-static __device__ __forceinline__ uint64_t step_rng_offset(const DeviceStep *s, uint64_t offset_in_step) {
-    return s->rng_base + offset_in_step;
+// Absolute offset of a draw of the step *s whose region holds row_len outputs per row of the whole batch: the
+// one place that maps a step's draws to stream offsets on the device. A micro-batch (gradient accumulation, a
+// data-parallel rank) starts s->rng_row0 rows into the region, so it draws exactly the numbers its rows get in
+// the whole batch (as the CPU's dropout_keep_mask with DropoutCtx.first_row).
+static __device__ __forceinline__ uint64_t step_rng_offset(const DeviceStep *s, uint64_t offset_in_step,
+                                                           uint64_t row_len) {
+    return s->rng_base + offset_in_step + s->rng_row0 * row_len;
+}
+
+// Distance between the mask's four blocks of uniforms (U1..U4): the WHOLE batch's token count, n when the batch
+// is the whole batch.
+static __device__ __forceinline__ uint64_t step_mask_stride(const DeviceStep *s, uint64_t row_len, uint64_t n) {
+    return row_len > 0 && s->rng_rows > 0 ? s->rng_rows * row_len : n;
 }
 
 // Threads per Philox block of work: each thread computes whole blocks (4 outputs) and stores the ones inside
@@ -94,9 +103,9 @@ extern "C" void cuda_philox_uniform(float *d_out, uint64_t seed, uint64_t offset
 
 // keep[i] = !(u < p) for the uniform u at offset + i (THE DROPOUT RULE, as dropout_keep_kernel).
 static __global__ void dropout_keep_philox_kernel(uint8_t *keep /* [n] */, const DeviceStep *step,
-                                                  uint64_t offset_in_step, float p, size_t n) {
+                                                  uint64_t offset_in_step, uint64_t row_len, float p, size_t n) {
     __shared__ uint64_t s_seed, s_offset;  // read once per block
-    if (threadIdx.x == 0) s_seed = step->philox_seed, s_offset = step_rng_offset(step, offset_in_step);
+    if (threadIdx.x == 0) s_seed = step->philox_seed, s_offset = step_rng_offset(step, offset_in_step, row_len);
     __syncthreads();
     uint64_t seed = s_seed, offset = s_offset;
     uint64_t first = offset / 4, count = (offset + n - 1) / 4 - first + 1;
@@ -110,12 +119,17 @@ static __global__ void dropout_keep_philox_kernel(uint8_t *keep /* [n] */, const
     }
 }
 
+extern "C" void cuda_dropout_keep_philox_rows(uint8_t *keep, const DeviceStep *d_step, uint64_t offset_in_step,
+                                              size_t row_len, float p, size_t n, cudaStream_t stream) {
+    if (n == 0) return;
+    dropout_keep_philox_kernel<<<philox_grid(n), PHILOX_BLOCK_THREADS, 0, stream>>>(keep, d_step, offset_in_step,
+                                                                                     row_len, p, n);
+    CUDA_CHECK_LAUNCH();
+}
+
 extern "C" void cuda_dropout_keep_philox(uint8_t *keep, const DeviceStep *d_step, uint64_t offset_in_step, float p,
                                          size_t n, cudaStream_t stream) {
-    if (n == 0) return;
-    dropout_keep_philox_kernel<<<philox_grid(n), PHILOX_BLOCK_THREADS, 0, stream>>>(keep, d_step, offset_in_step, p,
-                                                                                     n);
-    CUDA_CHECK_LAUNCH();
+    cuda_dropout_keep_philox_rows(keep, d_step, offset_in_step, 0, p, n, stream);
 }
 
 // ---- Masking ---------------------------------------------------------------------------------------------
@@ -123,23 +137,34 @@ extern "C" void cuda_dropout_keep_philox(uint8_t *keep, const DeviceStep *d_step
 // __grid_constant__ so that taking its address reads it from the parameter bank instead of copying 120 bytes
 // per thread.
 static __global__ void mask_kernel(const __grid_constant__ MaskRule rule, const int *tokens, size_t n,
-                                   const DeviceStep *step, uint64_t offset_in_step, int *inputs, int *labels) {
-    __shared__ uint64_t s_seed, s_offset;  // read once per block
-    if (threadIdx.x == 0) s_seed = step->philox_seed, s_offset = step_rng_offset(step, offset_in_step);
+                                   uint64_t row_len, const DeviceStep *step, uint64_t offset_in_step, int *inputs,
+                                   int *labels) {
+    __shared__ uint64_t s_seed, s_offset, s_stride;  // read once per block
+    if (threadIdx.x == 0) {
+        s_seed = step->philox_seed;
+        s_offset = step_rng_offset(step, offset_in_step, row_len);
+        s_stride = step_mask_stride(step, row_len, n);
+    }
     __syncthreads();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    uint64_t seed = s_seed, o = s_offset + i;
+    uint64_t seed = s_seed, o = s_offset + i, stride = s_stride;
     // Whole words: the selection draw is the U1 of the word's first piece (a short walk back over "##" pieces).
     size_t s = mask_word_start(&rule, tokens, i);
-    float u1 = philox_uniform_at(seed, s_offset + s), u2 = philox_uniform_at(seed, o + n);
-    float u3 = philox_uniform_at(seed, o + 2 * n), u4 = philox_uniform_at(seed, o + 3 * n);
+    float u1 = philox_uniform_at(seed, s_offset + s), u2 = philox_uniform_at(seed, o + stride);
+    float u3 = philox_uniform_at(seed, o + 2 * stride), u4 = philox_uniform_at(seed, o + 3 * stride);
     mask_one(&rule, tokens[i], u1, u2, u3, u4, &inputs[i], &labels[i]);
 }
 
 extern "C" void cuda_mask_philox(const MaskConfig *c, const unsigned char *d_continuation, const int *d_tokens,
                                  size_t n, const DeviceStep *d_step, uint64_t offset_in_step, int *d_inputs,
                                  int *d_labels, cudaStream_t stream) {
+    cuda_mask_philox_rows(c, d_continuation, d_tokens, n, 0, d_step, offset_in_step, d_inputs, d_labels, stream);
+}
+
+extern "C" void cuda_mask_philox_rows(const MaskConfig *c, const unsigned char *d_continuation, const int *d_tokens,
+                                      size_t n, size_t row_len, const DeviceStep *d_step, uint64_t offset_in_step,
+                                      int *d_inputs, int *d_labels, cudaStream_t stream) {
     if (n == 0) return;
     if (c->whole_word && c->continuation && !d_continuation)
         mlm_fatal(MLM_EXIT_FAILURE, "whole-word masking on the GPU needs the continuation flags on the device: call "
@@ -148,7 +173,8 @@ extern "C" void cuda_mask_philox(const MaskConfig *c, const unsigned char *d_con
     rule.cont = c->whole_word && c->continuation ? d_continuation : NULL;  // the device copy of c->continuation
     const int block = 256;
     unsigned grid = (unsigned)((n + block - 1) / block);
-    mask_kernel<<<grid, block, 0, stream>>>(rule, d_tokens, n, d_step, offset_in_step, d_inputs, d_labels);
+    mask_kernel<<<grid, block, 0, stream>>>(rule, d_tokens, n, row_len, d_step, offset_in_step, d_inputs,
+                                            d_labels);
     CUDA_CHECK_LAUNCH();
 }
 

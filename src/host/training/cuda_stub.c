@@ -63,5 +63,17 @@ float cuda_model_optimizer_step(CudaModel *m, float max_norm, const OptimConfig 
     no_cuda("cuda_model_optimizer_step");
 }
 
+void cuda_model_accumulate(CudaModel *m, const int *tokens, int B, const MaskConfig *mask, const CudaRandom *rnd,
+                           int norm_targets, int first) {
+    no_cuda("cuda_model_accumulate");
+}
+
+void cuda_model_apply_accumulated(CudaModel *m, float max_norm, const OptimConfig *oc, long t, double lr,
+                                  CudaStepStats *stats) {
+    no_cuda("cuda_model_apply_accumulated");
+}
+
+void cuda_model_get_accumulated_grads(CudaModel *m, float *grads) { no_cuda("cuda_model_get_accumulated_grads"); }
+
 void cuda_profiler_start(void) {}
 void cuda_profiler_stop(void) {}

@@ -620,12 +620,40 @@ static BatchStats train_step_accumulated(Run *r, int b, double lr) {
     return s;
 }
 
+// The CUDA backend on one GPU with train.accum_steps = k: the micro-batches run on the device one after another
+// (cuda_model_accumulate), each masking its rows and drawing its dropout from its rows' sub-range of the whole
+// batch's draws (CudaRandom.first_row / batch_rows), its gradient divided by the whole batch's target count; the
+// device sums them in micro-batch order, then clips and updates once (cuda_model_apply_accumulated). The host
+// masks the whole batch too, with the same numbers and rule, for that count alone (as the CPU path does).
+static BatchStats train_step_cuda_accumulated(Run *r, int b, double lr) {
+    int T = r->cfg.seq_len, k = r->cfg.accum_steps, mb = r->cfg.batch_size / r->cfg.accum_steps;
+    mask_batch(r, &r->train_rng, (uint64_t)r->step, b);
+    int n_total = 0;
+    for (int i = 0; i < b * T; i++) n_total += r->labels[i] != r->corpus.vocab.pad_id;
+    int first = 1;
+    for (int j = 0; j < k; j++) {
+        int r0 = j * mb, rows = MLM_MIN(mb, b - r0);
+        if (rows <= 0) break;  // a short last batch leaves the last micro-batches empty
+        CudaRandom rnd = cuda_random(r, &r->train_rng, (uint64_t)r->step, 1);
+        rnd.first_row = r0;
+        rnd.batch_rows = b;
+        cuda_model_accumulate(r->gpu, r->tokens + (size_t)r0 * T, rows, &r->mask, &rnd, n_total, first);
+        first = 0;
+    }
+    CudaStepStats st;
+    cuda_model_apply_accumulated(r->gpu, (float)r->cfg.grad_clip, &r->oc, r->step + 1, lr, &st);
+    check_finite(r, st.loss, "training");
+    BatchStats s = {st.loss, st.correct, st.n_targets, st.grad_norm};
+    return s;
+}
+
 // The CUDA backend over NCCL: rank i of N runs rows [i * B/N, (i+1) * B/N) of the step's batch (train.accum_steps
 // must be N: one micro-batch per GPU), its backward averages over its own targets, and NCCL sums the ranks'
 // gradients weighted by their share of the batch's targets, which gives the whole batch's mean. The batch is
-// masked on the host (the same numbers and rule as the device's), so each rank's rows get their own masks. Owed:
-// their own dropout (CudaRandom has no first row yet, so rank i's dropout is drawn as that of rows 0..B/N-1), hence
-// N GPUs equal one only statistically; one rank (train.nccl) gives the plain step's bits, which gpu_verify checks.
+// masked on the host (the same numbers and rule as the device's), so each rank's rows get their own masks, and
+// each rank draws its rows' own dropout (CudaRandom.first_row / batch_rows: the sub-range of each site's draws that
+// its rows get in the whole batch). N GPUs then differ from one GPU with train.accum_steps = N by the float
+// rounding of the weighted sum alone; one rank (train.nccl) gives the plain step's bits, which gpu_verify checks.
 static BatchStats train_step_nccl(Run *r, int b, double lr) {
     int T = r->cfg.seq_len, mb = r->cfg.batch_size / r->dist.world, pad = r->corpus.vocab.pad_id;
     int r0 = r->dist.rank * mb, rows = MLM_MIN(mb, b - r0);
@@ -633,6 +661,8 @@ static BatchStats train_step_nccl(Run *r, int b, double lr) {
     if (rows > 0) {
         mask_batch(r, &r->train_rng, (uint64_t)r->step, b);
         CudaRandom rnd = cuda_random(r, &r->train_rng, (uint64_t)r->step, 1);
+        rnd.first_row = r0;
+        rnd.batch_rows = b;
         cuda_model_forward(r->gpu, r->inputs + (size_t)r0 * T, r->labels + (size_t)r0 * T, rows, pad, NULL, &rnd, &st);
         cuda_model_backward(r->gpu);
     }
@@ -653,9 +683,9 @@ static BatchStats train_step_nccl(Run *r, int b, double lr) {
 static void setup_nccl(Run *r, int gpu) {
     if (!gpu || (r->dist.world == 1 && !r->cfg.nccl)) return;
     if (r->cfg.accum_steps != r->dist.world)
-        mlm_fatal(MLM_EXIT_USAGE, "the CUDA backend runs one micro-batch per rank: set train.accum_steps = %d (the "
-                  "number of ranks); accumulation on one GPU is not implemented yet (the CPU backend has it)",
-                  r->dist.world);
+        mlm_fatal(MLM_EXIT_USAGE, "the CUDA backend over NCCL runs one micro-batch per rank: set train.accum_steps = "
+                  "%d (the number of ranks); several micro-batches per GPU are implemented on one GPU only so far "
+                  "(without train.nccl), and on the CPU backend", r->dist.world);
     if (r->cfg.zero)
         mlm_fatal(MLM_EXIT_USAGE, "train.zero is implemented on the CPU backend only; set train.zero = false");
     r->nccl = nccl_dp_create(&r->dist);
@@ -679,9 +709,7 @@ static void shard_adam_moments(Run *r) {
 // Checks and buffers once the model exists.
 static void setup_accumulation(Run *r) {
     if (!accumulating(r) || r->nccl) return;
-    if (r->gpu)
-        mlm_fatal(MLM_EXIT_USAGE, "train.accum_steps = %d: gradient accumulation on one GPU is implemented on the CPU "
-                  "backend only so far; use --device cpu, or train.accum_steps = 1 on the GPU", r->cfg.accum_steps);
+    if (r->gpu) return;  // one GPU: the device holds the sums (cuda_model_accumulate)
     if (r->dist.world > 1 && !r->dist.mpi)
         mlm_fatal(MLM_EXIT_USAGE, "WORLD_SIZE=%d without an MPI launcher: the CPU backend's ranks exchange gradients "
                   "through MPI; start them with mpirun -np %d mlm train ...", r->dist.world, r->dist.world);
@@ -704,6 +732,7 @@ static int checkpoint_due(const Run *r, double now);
 static BatchStats train_step(Run *r, int b, double lr) {
     BatchStats s = {0};
     if (r->gpu && r->nccl) return train_step_nccl(r, b, lr);
+    if (r->gpu && accumulating(r)) return train_step_cuda_accumulated(r, b, lr);
     if (r->gpu) {
         CudaRandom rnd = cuda_random(r, &r->train_rng, (uint64_t)r->step, 1);
         CudaStepStats st;
