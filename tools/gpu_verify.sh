@@ -21,7 +21,8 @@
 #      the four at once, each capped; "device not supported" is a skip, not a failure
 #   4. mlm for the same epochs on the reference configuration, TF32 off; the GPU half of the agreement run
 #      (20 steps vs the CPU, TF32 off, losses within 1e-3); the out-of-memory message; an interrupted and
-#      resumed GPU run against an uninterrupted one, bit for bit
+#      resumed GPU run against an uninterrupted one, bit for bit; a one-rank NCCL run against the plain step,
+#      bit for bit; a WordPiece BERT-tiny run (sparse prediction, whole words, 2 micro-batches) GPU vs CPU
 #   5. throughput once the reference has finished (mlm batch 64 TF32 on and off, batch 512, the reference
 #      trainer for 300 steps); the benchmark suite (bench/run.sh --quick: mlm against the reference trainer,
 #      fused Adam and torch.compile, device rates, roofline; its JSON comes back as bench-<date>.json); ncu on
@@ -212,7 +213,7 @@ build_usable() {
     return 1
   fi
   [ -f "$b/SOURCE_STAMP" ] || echo "note: $b has no SOURCE_STAMP; assuming it matches these sources"
-  for f in mlm tests/test_gpu_model tests/test_gpu_ops tests/test_gpu_mask; do
+  for f in mlm tests/test_gpu_model tests/test_gpu_ops tests/test_gpu_mask tests/test_gpu_sparse; do
     [ -x "$b/$f" ] || { echo "missing $b/$f"; return 1; }
     if ldd "$b/$f" 2>&1 | grep -q 'not found'; then
       echo "$b/$f: $(ldd "$b/$f" | grep 'not found' | tr -s ' \t' ' ' | tr '\n' ';')"
@@ -225,8 +226,8 @@ build_usable() {
 build_fresh() {
   [ "$STUB" = 1 ] && { stub build none; return; }
   cmake -S "$ROOT" -B "$ROOT/build-gpu-local" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
-    -DMLM_WITH_BLAS=OFF && cmake --build "$ROOT/build-gpu-local" -j"$JOBS" \
-    --target mlm test_gpu_model test_gpu_ops test_gpu_mask
+    -DMLM_WITH_BLAS=OFF -DMLM_MPI=OFF && cmake --build "$ROOT/build-gpu-local" -j"$JOBS" \
+    --target mlm test_gpu_model test_gpu_ops test_gpu_mask test_gpu_sparse
 }
 
 reference_epochs() {
@@ -339,6 +340,32 @@ nccl_one_rank() {
   "$PY" "$ROOT/tools/compare_runs.py" identical "$a" "$b"
 }
 # ---- end of the dp block
+
+# ---- issue 11 on the GPU: a WordPiece shard set (a slice of the corpus, the BERT vocabulary from data/ beside the
+# corpus), BERT-tiny with sparse prediction, whole-word masking and 2 micro-batches a step, 10 steps on the CPU
+# and on the GPU (TF32 off): per-step losses within 1e-3 relative, as agree-gpu-vs-cpu for the reference.
+SUBWORD_STEPS=10
+subword_gpu_vs_cpu() {
+  local a="$RUNS/subword-cpu" b="$RUNS/subword-gpu" set="$RUNS/subword-set"
+  local vocab
+  vocab="$(dirname "${CORPUS:-.}")/bert-base-uncased-vocab.txt"
+  if [ "$STUB" = 1 ]; then
+    { stub subword-cpu steps "$a" $SUBWORD_STEPS && stub subword-gpu steps "$b" $SUBWORD_STEPS; } || return
+  else
+    [ -f "$vocab" ] || { echo "no $vocab: copy ../shared/data/bert-base-uncased-vocab.txt into data/ with the corpus"; return 3; }
+    head -c 400000 "$CORPUS" >"$RUNS/subword.txt"
+    "$MLM" prepare --tokenizer wordpiece --vocab "$vocab" --documents blank --out "$set" "$RUNS/subword.txt" ||
+      { echo "error: mlm prepare failed"; return 1; }
+    local common=(--config "$ROOT/configs/bert-tiny.conf" --set data.path="$set" --steps $SUBWORD_STEPS -q
+      --set train.batch_size=16 --set train.accum_steps=2 --set train.sparse_prediction=true
+      --set mask.whole_word=true --set train.tf32=false --set train.log_every=1 --set train.samples=false
+      --set train.ckpt_every=0)
+    "$MLM" train "${common[@]}" --device cpu --set train.threads=$((JOBS > 8 ? 8 : JOBS)) --out "$a" ||
+      { echo "error: the CPU run failed"; return 1; }
+    "$MLM" train "${common[@]}" --device cuda --out "$b" || { echo "error: the GPU run failed"; return 1; }
+  fi
+  "$PY" "$ROOT/tools/compare_runs.py" steps "$a/metrics.jsonl" "$b/metrics.jsonl" --rel 1e-3 --steps $SUBWORD_STEPS
+}
 
 throughput_mlm() {  # throughput_mlm NAME BATCH TF32
   local dir="$RUNS/$1"
@@ -491,7 +518,7 @@ bg_step ref-20ep "$DEADLINE" reference_epochs
 bg_step agree-cpu 150 agree_cpu
 
 # 2. The GPU tests, each once; a failing one again with CUDA_LAUNCH_BLOCKING=1 so the log names the kernel.
-for t in test_gpu_mask:60 test_gpu_ops:150 test_gpu_model:200; do
+for t in test_gpu_mask:60 test_gpu_ops:150 test_gpu_model:200 test_gpu_sparse:60; do
   name=${t%%:*}
   run_step "$name" "${t##*:}" gpu_test "$name"
   rc=$?
@@ -526,6 +553,7 @@ run_step agree-gpu-vs-cpu 120 agree_gpu
 run_step oom-message 60 oom_message
 run_step resume-bit-identical 120 resume_identity
 run_step nccl-one-rank 90 nccl_one_rank  # dp (issue 13)
+run_step subword-gpu-vs-cpu 120 subword_gpu_vs_cpu  # issue 11: WordPiece, sparse, whole words, accumulation
 
 # 5. Throughput with nothing else running: wait for the reference, keeping 100 s for the four runs.
 THROUGHPUT_NEED=100
