@@ -6,6 +6,8 @@
 #
 #   bash tools/plant_bugs.sh [BUG_NUMBER...]      # default: all; MLM_PLANT_DIR (default build-plant) holds
 #                                                 # the patched copy and its build (reused between runs)
+#   bash tools/plant_bugs.sh --check              # only: does every bug's text still occur exactly once in
+#                                                 # src/kernels? (seconds; test_plant_bugs_patterns in CTest)
 # Release build, so the layer's own checks do the catching (ASan would add out-of-bounds reports on top).
 # The first run compiles the project once (nvcc for mlm_cuda, a dependency of mlm_core); each bug then
 # rebuilds one kernel object and relinks. About a minute per bug on 2 cores.
@@ -45,8 +47,8 @@ BUGS = [
    "    return (s->rng_base + offset_in_step + s->rng_row0 * row_len) / 4;")]),
  ("read of a buffer before its upload (tokens copied after the mask kernel)", [("mask.cu",
    "    CUDA_CHECK(cudaMemcpy(d_tokens, tokens, n * sizeof(int), cudaMemcpyHostToDevice));\n", ""),
-  ("mask.cu", "    cuda_mask_philox(c, d_tokens, n, d_step, 0, d_inputs, d_labels, 0);\n",
-   "    cuda_mask_philox(c, d_tokens, n, d_step, 0, d_inputs, d_labels, 0);\n"
+  ("mask.cu", "    cuda_mask_philox(c, d_cont, d_tokens, n, d_step, 0, d_inputs, d_labels, 0);\n",
+   "    cuda_mask_philox(c, d_cont, d_tokens, n, d_step, 0, d_inputs, d_labels, 0);\n"
    "    CUDA_CHECK(cudaMemcpy(d_tokens, tokens, n * sizeof(int), cudaMemcpyHostToDevice));\n")]),
  ("kernel reads one element past an allocation (column sums, k <= chunks)", [("feedforward.cu",
    "    for (int k = 0; k < chunks; k++) t += partial[(size_t)k * C + c];",
@@ -66,6 +68,16 @@ BUGS = [
 ]
 if sys.argv[1] == "count":
     print(len(BUGS)); sys.exit(0)
+if sys.argv[1] == "check":  # the text of every edit must occur exactly once in the real sources, or the bug plants nothing
+    bad = 0
+    for k, (name, edits) in enumerate(BUGS, 1):
+        for f, old, new in edits:
+            n = open(sys.argv[2] + "/" + f).read().count(old)
+            if n != 1:
+                print("plant_bugs: bug %d (%s): its text occurs %d times in %s; update the bug to the source" % (k, name, n, f))
+                bad += 1
+    print("plant_bugs: %d bugs, %s" % (len(BUGS), "every text found once" if bad == 0 else "%d texts to update" % bad))
+    sys.exit(1 if bad else 0)
 k = int(sys.argv[1]); name, edits = BUGS[k - 1]
 if sys.argv[2] == "name":
     print(name); sys.exit(0)
@@ -77,6 +89,7 @@ for f, old, new in edits:
         sys.exit("plant_bugs: bug %d (%s): the text to replace occurs %d times in %s; update the bug to the source" % (k, name, s.count(old), f))
     open(p, "w").write(s.replace(old, new))
 '
+if [ "${1:-}" = "--check" ]; then exec python3 -c "$bugs_py" check "$root/src/kernels"; fi
 n_bugs="$(python3 -c "$bugs_py" count)"
 selected=("$@")
 if [ ${#selected[@]} -eq 0 ]; then selected=($(seq 1 "$n_bugs")); fi
