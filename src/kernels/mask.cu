@@ -83,16 +83,23 @@ static unsigned philox_grid(size_t n) {
     return (unsigned)(grid < (size_t)PHILOX_MAX_GRID ? grid : (size_t)PHILOX_MAX_GRID);
 }
 
-static __global__ void philox_uniform_kernel(float *out /* [n] */, uint64_t seed, uint64_t offset, size_t n) {
+// The grid-stride walk over the Philox blocks that [offset, offset + n) touches: store(i, u) for each uniform u
+// at offset + i, i in [0, n).
+template <typename Store>
+static __device__ __forceinline__ void for_each_philox_uniform(uint64_t seed, uint64_t offset, size_t n, Store store) {
     uint64_t first = offset / 4, count = (offset + n - 1) / 4 - first + 1;
     for (uint64_t j = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; j < count; j += (uint64_t)gridDim.x * blockDim.x) {
         uint32_t x[4];
         philox_block(seed, first + j, x);
         for (int k = 0; k < 4; k++) {
             uint64_t g = (first + j) * 4 + k;
-            if (g >= offset && g - offset < n) out[g - offset] = philox_to_uniform(x[k]);
+            if (g >= offset && g - offset < n) store(g - offset, philox_to_uniform(x[k]));
         }
     }
+}
+
+static __global__ void philox_uniform_kernel(float *out /* [n] */, uint64_t seed, uint64_t offset, size_t n) {
+    for_each_philox_uniform(seed, offset, n, [=](uint64_t i, float u) { out[i] = u; });
 }
 
 extern "C" void cuda_philox_uniform(float *d_out, uint64_t seed, uint64_t offset, size_t n, cudaStream_t stream) {
@@ -107,16 +114,7 @@ static __global__ void dropout_keep_philox_kernel(uint8_t *keep /* [n] */, const
     __shared__ uint64_t s_seed, s_offset;  // read once per block
     if (threadIdx.x == 0) s_seed = step->philox_seed, s_offset = step_rng_offset(step, offset_in_step, row_len);
     __syncthreads();
-    uint64_t seed = s_seed, offset = s_offset;
-    uint64_t first = offset / 4, count = (offset + n - 1) / 4 - first + 1;
-    for (uint64_t j = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; j < count; j += (uint64_t)gridDim.x * blockDim.x) {
-        uint32_t x[4];
-        philox_block(seed, first + j, x);
-        for (int k = 0; k < 4; k++) {
-            uint64_t g = (first + j) * 4 + k;
-            if (g >= offset && g - offset < n) keep[g - offset] = !(philox_to_uniform(x[k]) < p);
-        }
-    }
+    for_each_philox_uniform(s_seed, s_offset, n, [=](uint64_t i, float u) { keep[i] = !(u < p); });
 }
 
 extern "C" void cuda_dropout_keep_philox_rows(uint8_t *keep, const DeviceStep *d_step, uint64_t offset_in_step,
