@@ -1147,12 +1147,18 @@ void cuda_model_backward(CudaModel *m) {
     backward_impl(m);
 }
 
-float cuda_model_optimizer_step(CudaModel *m, float max_norm, const OptimConfig *oc, long t, double lr) {
+// Clip + Adam over grads[P] with the constants of (t, lr), uploaded alone through the staging buffer.
+static void optimizer_on_device(CudaModel *m, float *grads, float max_norm, const OptimConfig *oc, long t,
+                                double lr) {
     wait_stage(m);
     stage_step(m, NULL, oc, t, lr);
     upload_step(m, 0);
     CUDA_CHECK(cudaEventRecord(m->stage_free, m->stream));
-    optimizer_impl(m, m->grads, max_norm, oc);
+    optimizer_impl(m, grads, max_norm, oc);
+}
+
+float cuda_model_optimizer_step(CudaModel *m, float max_norm, const OptimConfig *oc, long t, double lr) {
+    optimizer_on_device(m, m->grads, max_norm, oc, t, lr);
     CUDA_CHECK(cudaMemcpyAsync(m->h_scalars + 3, m->a.scalars + 3, sizeof(float), cudaMemcpyDeviceToHost, m->stream));
     CUDA_CHECK(cudaStreamSynchronize(m->stream));
     return m->h_scalars[3];
@@ -1192,11 +1198,7 @@ void cuda_model_accumulate(CudaModel *m, const int *tokens, int B, const MaskCon
 void cuda_model_apply_accumulated(CudaModel *m, float max_norm, const OptimConfig *oc, long t, double lr,
                                   CudaStepStats *stats) {
     if (!m->accum_block) mlm_fatal(MLM_EXIT_FAILURE, "cuda_model_apply_accumulated: no micro-batch accumulated");
-    wait_stage(m);
-    stage_step(m, NULL, oc, t, lr);
-    upload_step(m, 0);
-    CUDA_CHECK(cudaEventRecord(m->stage_free, m->stream));
-    optimizer_impl(m, m->grad_acc, max_norm, oc);
+    optimizer_on_device(m, m->grad_acc, max_norm, oc, t, lr);
     // The step's one read-back: the norm and the sums.
     CUDA_CHECK(cudaMemcpyAsync(m->h_scalars + 3, m->a.scalars + 3, sizeof(float), cudaMemcpyDeviceToHost, m->stream));
     CUDA_CHECK(cudaMemcpyAsync(m->h_acc_stats, m->acc_stats, 3 * sizeof(double), cudaMemcpyDeviceToHost, m->stream));
