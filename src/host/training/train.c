@@ -398,26 +398,26 @@ static void mask_batch(Run *r, Rng *rng, uint64_t index, int b) {
     mask_apply(&r->mask, r->tokens, n, r->uniforms, r->inputs, r->labels);
 }
 
+// render_tokens with render_shard_tokens's signature, so one loop shows either kind of vocabulary.
+static void render_char_tokens(const Run *r, const int *tokens, int n, char *out, size_t outlen) {
+    render_tokens(&r->corpus.vocab, tokens, n, out, outlen);
+}
+
 static void print_masked_batch(const Run *r, int rows) {
     const Vocab *v = &r->corpus.vocab;
     int T = r->cfg.seq_len;
     char text[4096];
     printf("# one masked batch (first %d of %d sequences; _ = [MASK], \xc2\xb7 = [PAD], \xe2\x86\xb5 = newline):\n",
            rows, r->cfg.batch_size);
-    for (int i = 0; i < rows && v->kind == VOCAB_KIND_CHAR; i++) {
-        render_tokens(v, r->tokens + i * T, T, text, sizeof(text));
+    // Characters as the reference shows them; a shard set's byte or WordPiece tokens as their text.
+    void (*render)(const Run *, const int *, int, char *, size_t) =
+        v->kind == VOCAB_KIND_CHAR ? render_char_tokens : render_shard_tokens;
+    for (int i = 0; i < rows; i++) {
+        render(r, r->tokens + i * T, T, text, sizeof(text));
         printf("  original: %s\n", text);
-        render_tokens(v, r->inputs + i * T, T, text, sizeof(text));
+        render(r, r->inputs + i * T, T, text, sizeof(text));
         printf("  input:    %s\n", text);
-        render_tokens(v, r->labels + i * T, T, text, sizeof(text));
-        printf("  labels:   %s\n", text);
-    }
-    for (int i = 0; i < rows && v->kind != VOCAB_KIND_CHAR; i++) {
-        render_shard_tokens(r, r->tokens + i * T, T, text, sizeof(text));
-        printf("  original: %s\n", text);
-        render_shard_tokens(r, r->inputs + i * T, T, text, sizeof(text));
-        printf("  input:    %s\n", text);
-        render_shard_tokens(r, r->labels + i * T, T, text, sizeof(text));
+        render(r, r->labels + i * T, T, text, sizeof(text));
         printf("  labels:   %s\n", text);
     }
 }
