@@ -9,9 +9,10 @@
 // __FILE__, __LINE__)(args...).
 //
 // Precision: __fadd_rn/__fsub_rn/__fmul_rn/__fdiv_rn/__fsqrt_rn/__frcp_rn are IEEE round-to-nearest on both
-// (the emulator is built with -ffp-contract=off, so nothing is fused). Where the hardware differs: expf/exp/logf/
-// log/__expf use the host libm (the device's expf is within 2 ulp, __expf is a fast approximation; the emulator
-// is more accurate); a*b+c written plainly may be fused into an FMA by nvcc but never by the emulator; cuBLAS
+// and never fused. Where the hardware differs: expf/exp/logf/log/__expf use the host libm (the device's expf is
+// within 2 ulp, __expf is a fast approximation; the emulator is more accurate); a*b+c written plainly may be
+// fused into an FMA by nvcc, but by the emulator only in a build with MLM_EMU_FP_CONTRACT=ON (by default it is
+// compiled with -ffp-contract=off); cuBLAS
 // accumulates in double here (FP32 FMA in an unspecified order on the device; TF32 inputs are rounded to
 // TF32 as the tensor cores do when the math mode allows it). Denormals are kept (the device flushes them only
 // with -ftz=true, which the project does not use).
@@ -138,15 +139,30 @@ template <typename T>
 static inline T atomicXor(T *p, T v) { T old = *p; *p = old ^ v; return old; }
 
 // ---- Arithmetic intrinsics (see the precision note at the top) -------------------------------------------
-static inline float __fadd_rn(float a, float b) { return a + b; }
-static inline float __fsub_rn(float a, float b) { return a - b; }
-static inline float __fmul_rn(float a, float b) { return a * b; }
+// nvcc never fuses an _rn intrinsic into an FMA, neither with the operation that produced its operand nor with
+// the one that consumes its result. In a build with contraction on (MLM_EMU_FP_CONTRACT) the host compiler would
+// fuse the inlined `a * b` and `+` all the same: emu_rounded makes it materialise a value rounded to its type (an
+// empty asm that takes the value in a register and may change it), so each intrinsic rounds on its own there too.
+template <typename T>
+static inline T emu_rounded(T x) {
+#if defined(__x86_64__) || defined(__i386__)
+    __asm__("" : "+x"(x));
+#elif defined(__aarch64__)
+    __asm__("" : "+w"(x));
+#else
+    __asm__("" : "+m"(x));
+#endif
+    return x;
+}
+static inline float __fadd_rn(float a, float b) { return emu_rounded(emu_rounded(a) + emu_rounded(b)); }
+static inline float __fsub_rn(float a, float b) { return emu_rounded(emu_rounded(a) - emu_rounded(b)); }
+static inline float __fmul_rn(float a, float b) { return emu_rounded(emu_rounded(a) * emu_rounded(b)); }
 static inline float __fdiv_rn(float a, float b) { return a / b; }
 static inline float __frcp_rn(float a) { return 1.0f / a; }
 static inline float __fsqrt_rn(float a) { return sqrtf(a); }
 static inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
-static inline double __dadd_rn(double a, double b) { return a + b; }
-static inline double __dmul_rn(double a, double b) { return a * b; }
+static inline double __dadd_rn(double a, double b) { return emu_rounded(emu_rounded(a) + emu_rounded(b)); }
+static inline double __dmul_rn(double a, double b) { return emu_rounded(emu_rounded(a) * emu_rounded(b)); }
 static inline double __fma_rn(double a, double b, double c) { return fma(a, b, c); }
 // glibc declares __expf and __logf itself: the device's fast intrinsics get other names here.
 static inline float emu_fast_expf(float a) { return expf(a); }
