@@ -55,6 +55,13 @@ extern "C" void __sanitizer_finish_switch_fiber(void *fake_stack_save, const voi
 #include <ucontext.h>
 #endif
 
+// The build's variant, in the device name every GPU test prints.
+#ifdef EMU_FP_CONTRACT
+#define EMU_MODE_NAME ", kernels with FMA contraction"
+#else
+#define EMU_MODE_NAME ""
+#endif
+
 // ---------------------------------------------------------------------------------------------------------
 // Reports.
 
@@ -986,8 +993,8 @@ cudaError_t emu_cudaGetDeviceCount(int *count) {
 cudaError_t emu_cudaGetDeviceProperties(cudaDeviceProp *prop, int device) {
     if (!prop || device != 0) return set_error(device != 0 ? cudaErrorInvalidDevice : cudaErrorInvalidValue);
     memset(prop, 0, sizeof(*prop));
-    snprintf(prop->name, sizeof(prop->name), "mlm CPU emulation (tests/emu, order %s)",
-             (init_order(), g_order == 0 ? "forward" : g_order == 1 ? "reverse" : "random"));
+    snprintf(prop->name, sizeof(prop->name), "mlm CPU emulation (tests/emu, order %s%s)",
+             (init_order(), g_order == 0 ? "forward" : g_order == 1 ? "reverse" : "random"), EMU_MODE_NAME);
     prop->totalGlobalMem = total_device_bytes();
     prop->sharedMemPerBlock = 48 * 1024;
     prop->regsPerBlock = 65536;
@@ -1795,6 +1802,15 @@ static void counters_at_exit(void) {
 }
 
 __attribute__((constructor)) static void emu_init(void) {
+#ifdef EMU_FP_CONTRACT
+    // The kernels were compiled with FMA instructions (MLM_EMU_FP_CONTRACT): a CPU without them cannot run them.
+    if (!__builtin_cpu_supports("fma")) {
+        printf("SKIP: the emulated kernels were built with FMA contraction (MLM_EMU_FP_CONTRACT=ON) and this CPU has "
+               "no FMA instructions; configure with -DMLM_EMU_FP_CONTRACT=OFF here\n");
+        fflush(stdout);
+        _exit(77);
+    }
+#endif
     atexit(counters_at_exit);
 }
 
