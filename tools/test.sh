@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# tools/test.sh: the README's test command. Builds mlm (Release) and runs the whole CTest suite, then
-# builds with AddressSanitizer + UndefinedBehaviorSanitizer and runs the suite again (slow tests excluded
-# there), then fuzzes the file readers for a bounded time (tests/fuzz/). GPU tests report "Skipped" with the
+# tools/test.sh: the README's test command. Builds mlm (Release) and runs the whole CTest suite, then a
+# CPU-only build (its emu tests with the kernels compiled with FMA contraction), the emu tests with blocks in
+# parallel under ThreadSanitizer, then builds with AddressSanitizer + UndefinedBehaviorSanitizer and runs the
+# suite again (slow tests excluded there), then fuzzes the file readers for a bounded time (tests/fuzz/). GPU tests report "Skipped" with the
 # reason where there is no GPU. First, the Python reference packages go into a cached virtual environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,6 +68,15 @@ if out="$(./build-cpu/mlm train --device cuda --steps 1 -o "$(mktemp -u)" 2>&1)"
   exit 1
 fi
 echo "   --device cuda refused as expected: ${out#mlm: error: }"
+
+# The emu tests once more with the blocks of every grid on a pool of threads under ThreadSanitizer (MLM_EMU_TSAN,
+# tests/emu): device atomics and __threadfence are C11 atomics and fences there, so an inter-block race (a
+# last-block reduction without its fence, a counter two blocks share without an atomic) fails. CPU-only (no nvcc),
+# the emu targets alone.
+echo "== emu tests, blocks in parallel under ThreadSanitizer (MLM_EMU_TSAN)"
+cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=Release -DMLM_CUDA=OFF -DMLM_EMU_TSAN=ON -DMLM_TEST_CORPUS="$corpus" >/dev/null
+cmake --build build-tsan -j"$jobs" --target test_emu_mask test_emu_ops test_emu_model test_emu_sparse test_emu_layer
+(cd build-tsan && ctest --output-on-failure -j"$jobs" -L emu)
 
 echo "== sanitizer build (ASan + UBSan)"
 cmake -S . -B build-san -DCMAKE_BUILD_TYPE=Debug -DMLM_SANITIZE=ON -DMLM_TEST_CORPUS="$corpus" "${py_args[@]}" >/dev/null
