@@ -189,6 +189,7 @@ enum AllocKind { ALLOC_DEVICE, ALLOC_PINNED };
 struct Alloc {
     size_t size;
     AllocKind kind;
+    bool lazy = false;  // emu_lazy_device_memory: reserved address space, zero until touched, no redzone
 };
 static std::map<uintptr_t, Alloc> g_live;        // base -> allocation
 static std::map<uintptr_t, size_t> g_freed;      // base -> size of freed device allocations (most recent kept)
@@ -271,7 +272,7 @@ static void fill_nan_pattern(void *p, size_t bytes) {
 
 // The redzone after a device allocation still holds the NaN pattern (nothing wrote past the end).
 static void check_redzone(uintptr_t base, const Alloc &a, const char *when) {
-    if (EMU_REDZONE == 0 || a.kind != ALLOC_DEVICE) return;
+    if (EMU_REDZONE == 0 || a.kind != ALLOC_DEVICE || a.lazy) return;
     const uint8_t *z = (const uint8_t *)(base + a.size);
     size_t total = a.size + EMU_REDZONE;
     for (size_t i = 0; i < (size_t)EMU_REDZONE; i++) {
@@ -1155,8 +1156,42 @@ static void execute_launch(const LaunchRec &L) {
     g_body = nullptr;
 }
 
+// ---- Launch recording (emu_api.h): launches as made, for checks against a real architecture's limits at shapes
+// too large to emulate (tests/test_launch_resources.c).
+
+static bool g_recording = false, g_skip_bodies = false;
+static std::vector<EmuLaunchRecord> &g_records = *new std::vector<EmuLaunchRecord>();
+
+extern "C" void emu_record_launches(int on, int skip_bodies) {
+    g_recording = on != 0;
+    g_skip_bodies = on && skip_bodies;
+}
+
+extern "C" size_t emu_launch_records(const EmuLaunchRecord **out) {
+    *out = g_records.data();
+    return g_records.size();
+}
+
+static void record_launch(const char *kernel, const char *file, int line, const emu::LaunchCfg &c) {
+    EmuLaunchRecord r;
+    r.kernel = kernel;
+    r.file = file;
+    r.line = line;
+    r.grid[0] = c.grid.x, r.grid[1] = c.grid.y, r.grid[2] = c.grid.z;
+    r.block[0] = c.block.x, r.block[1] = c.block.y, r.block[2] = c.block.z;
+    r.shmem = c.shmem;
+    g_records.push_back(r);
+}
+
 void emu_launch(const char *kernel, const char *file, int line, const emu::LaunchCfg &c,
                 std::shared_ptr<emu::Body> body) {
+    // Recording without bodies: every launch is accepted as made; the test that records judges it against a real
+    // architecture's limits (stricter than the generic ones below).
+    if (g_recording) record_launch(kernel, file, line, c);
+    if (g_skip_bodies && (unsigned long long)c.grid.x * c.grid.y * c.grid.z > 1) {
+        g_cnt.launches++;
+        return;
+    }
     // Configuration errors come back from cudaGetLastError, as on the device (the kernel does not run).
     const dim3 &g = c.grid, &b = c.block;
     unsigned long long nt = (unsigned long long)b.x * b.y * b.z;
@@ -1281,6 +1316,23 @@ const char *emu_cudaGetErrorString(cudaError_t e) {
     }
 }
 
+// emu_lazy_device_memory (emu_api.h): allocations that are address space only until touched.
+static bool g_lazy_memory = false;
+extern "C" void emu_lazy_device_memory(int on) { g_lazy_memory = on != 0; }
+
+// memset(p, 0, n) inside a lazy allocation without touching its untouched pages: whole pages are handed back to
+// the kernel (MADV_DONTNEED: an anonymous private page reads as zeros afterwards), the ends are written.
+static void zero_lazy(void *p, size_t n) {
+    uintptr_t a = (uintptr_t)p, e = a + n, page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t lo = (a + page - 1) & ~(page - 1), hi = e & ~(page - 1);
+    if (hi <= lo || madvise((void *)lo, hi - lo, MADV_DONTNEED) != 0) {
+        memset(p, 0, n);
+        return;
+    }
+    memset(p, 0, lo - a);
+    memset((void *)hi, 0, e - hi);
+}
+
 cudaError_t emu_cudaMalloc(void **ptr, size_t bytes) {
     if (!ptr) return set_error(cudaErrorInvalidValue);
     *ptr = nullptr;
@@ -1288,10 +1340,20 @@ cudaError_t emu_cudaMalloc(void **ptr, size_t bytes) {
     if (bytes > total_device_bytes() - std::min(g_device_bytes, total_device_bytes()))
         return set_error(cudaErrorMemoryAllocation);
     void *p = nullptr;
-    if (posix_memalign(&p, 256, bytes + EMU_REDZONE) != 0 || !p) return set_error(cudaErrorMemoryAllocation);
-    fill_nan_pattern(p, bytes + EMU_REDZONE);
+    if (g_lazy_memory) {
+        p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED) {
+            emu_warn("error: cudaMalloc(%zu bytes) in lazy device memory: the host refused to reserve the address "
+                     "space (%s); with vm.overcommit_memory = 2 such reservations count as commitments",
+                     bytes, strerror(errno));
+            return set_error(cudaErrorMemoryAllocation);
+        }
+    } else {
+        if (posix_memalign(&p, 256, bytes + EMU_REDZONE) != 0 || !p) return set_error(cudaErrorMemoryAllocation);
+        fill_nan_pattern(p, bytes + EMU_REDZONE);
+    }
     g_freed.erase((uintptr_t)p);
-    g_live[(uintptr_t)p] = Alloc{bytes, ALLOC_DEVICE};
+    g_live[(uintptr_t)p] = Alloc{bytes, ALLOC_DEVICE, g_lazy_memory};
     g_device_bytes += bytes;
     g_dev_lo = std::min(g_dev_lo, (uintptr_t)p);
     g_dev_hi = std::max(g_dev_hi, (uintptr_t)p + bytes);
@@ -1312,13 +1374,15 @@ static cudaError_t free_alloc(void *p, AllocKind kind, const char *api) {
     flush_device();
     size_t size = it->second.size;
     check_redzone(it->first, it->second, api);
+    bool lazy = it->second.lazy;
     g_live.erase(it);
     if (kind == ALLOC_DEVICE) {
         g_device_bytes -= size;
         g_freed[(uintptr_t)p] = size;
         if (g_freed.size() > 100000) g_freed.erase(g_freed.begin());
     }
-    free(p);
+    if (lazy) munmap(p, size);
+    else free(p);
     return cudaSuccess;
 }
 
@@ -1431,7 +1495,11 @@ static cudaError_t memset_common(void *dst, int value, size_t n, cudaStream_t st
     if (!async && capturing_anywhere()) return set_error(cudaErrorStreamCaptureImplicit);
     g_cnt.memsets++;
     g_cnt.memset_bytes += n;
-    enqueue(s, Op{[dst, value, n] { memset(dst, value, n); }, nullptr});
+    const Alloc *a = find_live(dst, n, nullptr);
+    if (a && a->lazy && value == 0)
+        enqueue(s, Op{[dst, n] { zero_lazy(dst, n); }, nullptr});
+    else
+        enqueue(s, Op{[dst, value, n] { memset(dst, value, n); }, nullptr});
     if (!async) {
         g_cnt.host_syncs++;
         flush_all(s);
@@ -1722,6 +1790,7 @@ static cublasStatus_t gemm(cublasHandle_t h, cublasOperation_t ta, cublasOperati
     bool tf32 = h->math == CUBLAS_TF32_TENSOR_OP_MATH;
     CUstream_st *s = stream_of(h->stream, api);
     if (!s) return CUBLAS_STATUS_EXECUTION_FAILED;
+    if (g_skip_bodies) return CUBLAS_STATUS_SUCCESS;  // validated and counted; nothing computed (launch recording)
     enqueue(s, Op{[=] {
         gemm_family_count(fam, fam_flops, fam_read, fam_written);
         // op(A) as rows of length k and op(B) as columns of length k, so the inner product is contiguous.
@@ -1916,6 +1985,10 @@ static curandStatus_t generate(curandGenerator_t gen, void *out, size_t n, bool 
     if (!s) return CURAND_STATUS_LAUNCH_FAILURE;
     g_cnt.curand_calls++;
     g_cnt.curand_values += n;
+    if (g_skip_bodies) {  // launch recording: the stream advances, nothing is generated
+        gen->offset += n;
+        return CURAND_STATUS_SUCCESS;
+    }
     unsigned long long seed = gen->seed, offset = gen->offset;
     enqueue(s, Op{[=] {
         uint32_t *u = (uint32_t *)out;
