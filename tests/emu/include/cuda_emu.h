@@ -3,19 +3,18 @@
 //
 // Execution model (tests/emu/emu_runtime.cc): the blocks of a launch run one after another (on a pool of OS
 // threads in the parallel-blocks build); the threads of a block run as fibers on one OS thread, switched only at
-// __syncthreads and the warp collectives, in the order MLM_EMU_ORDER selects (forward, reverse, random). Device memory is host memory (so ASan sees device
-// out-of-bounds accesses). `<<<grid, block, shmem, stream>>>` is rewritten at build time
-// (tests/emu/rewrite_launch.cmake) into emu::launcher(kernel, "kernel", emu::cfg(grid, block, shmem, stream),
-// __FILE__, __LINE__)(args...).
+// __syncthreads and the warp collectives, in the order MLM_EMU_ORDER selects (forward, reverse, random). Device
+// memory is host memory (so ASan sees device out-of-bounds accesses). `<<<grid, block, shmem, stream>>>` is
+// rewritten at build time (tests/emu/rewrite_launch.cmake) into emu::launcher(kernel, "kernel", emu::cfg(grid,
+// block, shmem, stream), __FILE__, __LINE__)(args...).
 //
 // Precision: __fadd_rn/__fsub_rn/__fmul_rn/__fdiv_rn/__fsqrt_rn/__frcp_rn are IEEE round-to-nearest on both
 // and never fused. Where the hardware differs: expf/exp/logf/log/__expf use the host libm (the device's expf is
 // within 2 ulp, __expf is a fast approximation; the emulator is more accurate); a*b+c written plainly may be
 // fused into an FMA by nvcc, but by the emulator only in a build with MLM_EMU_FP_CONTRACT=ON (by default it is
-// compiled with -ffp-contract=off); cuBLAS
-// accumulates in double here (FP32 FMA in an unspecified order on the device; TF32 inputs are rounded to
-// TF32 as the tensor cores do when the math mode allows it). Denormals are kept (the device flushes them only
-// with -ftz=true, which the project does not use).
+// compiled with -ffp-contract=off); cuBLAS accumulates in double here (FP32 FMA in an unspecified order on the
+// device; TF32 inputs are rounded to TF32 as the tensor cores do when the math mode allows it). Denormals are
+// kept (the device flushes them only with -ftz=true, which the project does not use).
 #ifndef MLM_EMU_CUDA_EMU_H
 #define MLM_EMU_CUDA_EMU_H
 
@@ -209,6 +208,29 @@ static inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c);
 static inline double __dadd_rn(double a, double b) { return emu_rounded(emu_rounded(a) + emu_rounded(b)); }
 static inline double __dmul_rn(double a, double b) { return emu_rounded(emu_rounded(a) * emu_rounded(b)); }
 static inline double __fma_rn(double a, double b, double c) { return fma(a, b, c); }
+// The device's expf, exp, logf and log are not correctly rounded: within 2, 1, 1 and 1 ulp of the true value
+// (CUDA C Programming Guide, "Mathematical Functions"). The build with MLM_EMU_FP_CONTRACT (EMU_DEVICE_MATH)
+// moves the host's result (itself within a fraction of an ulp) by a pseudo-random amount inside those bounds,
+// fixed by the argument's bits so that two kernels given one argument agree: a test whose tolerance leaves no
+// room for the device's exp and log fails there.
+#ifdef EMU_DEVICE_MATH
+template <typename T>
+static inline T emu_ulps_away(T r, T x, int max_ulps) {
+    uint64_t h = emu_to_bits(x) * 0x9E3779B97F4A7C15ull;
+    int k = (int)((h >> 32) % (uint64_t)(2 * max_ulps + 1)) - max_ulps;
+    for (; k > 0; k--) r = nextafter(r, (T)INFINITY);
+    for (; k < 0; k++) r = nextafter(r, -(T)INFINITY);
+    return r;
+}
+static inline float emu_device_expf(float x) { return emu_ulps_away(::expf(x), x, 2); }
+static inline double emu_device_exp(double x) { return emu_ulps_away(::exp(x), x, 1); }
+static inline float emu_device_logf(float x) { return emu_ulps_away(::logf(x), x, 1); }
+static inline double emu_device_log(double x) { return emu_ulps_away(::log(x), x, 1); }
+#define expf emu_device_expf
+#define exp emu_device_exp
+#define logf emu_device_logf
+#define log emu_device_log
+#endif
 // glibc declares __expf and __logf itself: the device's fast intrinsics get other names here.
 static inline float emu_fast_expf(float a) { return expf(a); }
 static inline float emu_fast_logf(float a) { return logf(a); }
