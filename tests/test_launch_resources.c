@@ -391,8 +391,8 @@ int main(int argc, char **argv) {
             double t0 = mlm_now();
             drive(&cfg, &v, shapes[s][0], shapes[s][1]);
             collect_launches(before, shape);
-            printf("  %-42s %5zu launches, %3zu new configurations (%.1f s)\n", shape, emu_launch_records(&rec) - before,
-                   n_launches - distinct, mlm_now() - t0);
+            printf("  %-42s %5zu launches, %3zu new configurations (%.1f s)\n", shape,
+                   emu_launch_records(&rec) - before, n_launches - distinct, mlm_now() - t0);
         }
     }
 

@@ -58,10 +58,11 @@ extern "C" void __sanitizer_finish_switch_fiber(void *fake_stack_save, const voi
 #endif
 
 #if defined(__SANITIZE_THREAD__)
-// MLM_EMU_TSAN: the host thread's accesses are not watched (emu_init). Everything it does (copies, memsets, cuBLAS
-// and cuRAND arithmetic, NaN fills, one-block launches) happens before a launch is dispatched to the workers or
-// after they all finished, so it cannot race with a block; watching it only made the tests several times slower.
-// The workers' accesses, the blocks of every multi-block grid, are all watched.
+// MLM_EMU_TSAN: the host thread's accesses are not watched (emu_init) except while it runs its share of a grid's
+// blocks (pool_run). Everything else it does (copies, memsets, cuBLAS and cuRAND arithmetic, NaN fills, one-block
+// launches) happens before a launch is dispatched to the workers or after they all finished, so it cannot race
+// with a block; watching it only made the tests several times slower. Every block of a multi-block grid is
+// watched.
 extern "C" void __tsan_ignore_thread_begin(void);
 extern "C" void __tsan_ignore_thread_end(void);
 static void tsan_watch_host_at_exit(void) { __tsan_ignore_thread_end(); }  // ThreadSanitizer checks it ended
@@ -615,8 +616,8 @@ extern "C" void emu_syncthreads(const char *file, int line) {
         g_run->bar_first = f->linear;
     } else if (g_run->bar_line != line || (g_run->bar_file != file && strcmp(g_run->bar_file, file) != 0)) {
         emu_fail("threads of one block wait at different __syncthreads: %s at %s:%d, %s at %s:%d (a barrier in "
-                 "divergent code)", thread_name(g_run->fibers[g_run->bar_first]).c_str(), g_run->bar_file, g_run->bar_line,
-                 thread_name(f).c_str(), file, line);
+                 "divergent code)", thread_name(g_run->fibers[g_run->bar_first]).c_str(), g_run->bar_file,
+                 g_run->bar_line, thread_name(f).c_str(), file, line);
     }
     g_run->bar_arrived++;
     f->state = F_WAIT_BAR;
@@ -990,8 +991,8 @@ static void run_linear_block(uint64_t b, std::vector<int> &order) {
 }
 
 #ifdef EMU_PARALLEL_BLOCKS
-// ---- Parallel blocks: the blocks of a grid on a pool of OS threads (MLM_EMU_WORKERS, default 4), each with its
-// own fibers for the threads of a block. Worker w runs blocks w, w + W, w + 2W, ... (a fixed assignment: a shared
+// ---- Parallel blocks: the blocks of a grid on MLM_EMU_WORKERS OS threads (default 4: the host thread and a pool
+// of 3), each with its own fibers for the threads of a block. Worker w runs blocks w, w + W, w + 2W, ... (a fixed assignment: a shared
 // work counter would be an atomic that orders each block after the one taken before it, and ThreadSanitizer
 // would then miss their races). Two blocks on different workers are ordered only by what the kernel itself does:
 // its atomics and __threadfence (cuda_emu.h). The launch is dispatched and joined under a mutex, so the host's
@@ -1089,12 +1090,13 @@ static void pool_after_fork_child(void) {
     new (&g_pool) BlockPool();
 }
 
+// MLM_EMU_WORKERS threads run blocks: the host thread (worker 0) and the pool's.
 static void pool_start(void) {
     int n = std::max(2, std::min(64, env_int("MLM_EMU_WORKERS", 4)));
     static bool at_fork = false;
     if (!at_fork) pthread_atfork(nullptr, nullptr, pool_after_fork_child);
     at_fork = true;
-    for (int w = 0; w < n; w++) {
+    for (int w = 1; w < n; w++) {
         pthread_t t;
         if (pthread_create(&t, nullptr, worker_main, (void *)(intptr_t)w) != 0)
             emu_fail("cannot start block worker %d of %d: %s (set MLM_EMU_WORKERS lower)", w, n, strerror(errno));
@@ -1103,15 +1105,32 @@ static void pool_start(void) {
     g_pool.workers = n;
 }
 
+// The host's own blocks are watched like the workers' (emu_init ignores the host thread otherwise).
+static void host_watch(bool on) {
+#if defined(__SANITIZE_THREAD__)
+    if (on) __tsan_ignore_thread_end();
+    else __tsan_ignore_thread_begin();
+#else
+    (void)on;
+#endif
+}
+
 static void pool_run(const LaunchRec &L) {
     if (g_pool.workers == 0) pool_start();
     pool_edge_release(&g_pool.dispatched);
     pool_hide_begin();
     pthread_mutex_lock(&g_pool.mu);
     g_pool.launch = &L;
-    g_pool.pending = g_pool.workers;
+    g_pool.pending = g_pool.workers - 1;
     g_pool.generation++;
     pthread_cond_broadcast(&g_pool.go);
+    pthread_mutex_unlock(&g_pool.mu);
+    pool_hide_end();
+    host_watch(true);
+    worker_run_launch(0, g_pool.workers, L);
+    host_watch(false);
+    pool_hide_begin();
+    pthread_mutex_lock(&g_pool.mu);
     while (g_pool.pending > 0) pthread_cond_wait(&g_pool.finished, &g_pool.mu);
     g_pool.launch = nullptr;
     pthread_mutex_unlock(&g_pool.mu);

@@ -414,14 +414,9 @@ static void test_atomics(void) {
         CK(cudaMemcpy(&h_sum, sum, sizeof(float), cudaMemcpyDeviceToHost));
         CHECK(h_sum == 300.0f, "last-block reduction, launch %d: %g, want 300", rep + 1, h_sum);
     }
-    CK(cudaFree(total));
-    CK(cudaFree(sum));
-    CK(cudaFree(partial));
-    CK(cudaFree(maxv));
-    CK(cudaFree(flag));
-    CK(cudaFree(count));
-    CK(cudaFree(ticket));
-    CK(cudaFree(ran_on));
+    for (void *p : {(void *)total, (void *)sum, (void *)partial, (void *)maxv, (void *)flag, (void *)count,
+                    (void *)ticket, (void *)ran_on})
+        CK(cudaFree(p));
     printf("  atomics (float add, max, inc, CAS) over %d blocks, which ran on %d OS thread%s; a last-block reduction "
            "with its fence, twice\n", blocks, threads, threads == 1 ? "" : "s");
 }
