@@ -28,6 +28,7 @@
 #include "cpu/matmul.h"
 
 #include <math.h>
+#include <stddef.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -46,32 +47,51 @@ enum { GEMM_KC = 256 };
 // Whole op(A) packed up front when it takes at most this much (64 MiB); larger ones go in chunks of rows.
 #define GEMM_PACK_A_BYTES ((size_t)64 << 20)
 
-// A micro-kernel: acc[MR][NR] (row-major, ld NR) = (load ? acc : 0) + sum over k < kc of ap[k][0..MR) x bp[k][0..NR),
-// one fma per k per element, k ascending.
-typedef void MicroKernel(int kc, const float *ap, const float *bp, float *acc, int load);
+// A micro-kernel: acc[MR][NR] (row-major, ld NR) += sum over k < kc of a(:, k) x b(k, :), one fma per k per
+// element, k ascending (the callers zero acc first: a conditional start made GCC keep the accumulators in memory). Packed operands: a(i, k) = ap[k * MR + i], b(k, j) = bp[k * NR + j].
+typedef void MicroKernel(int kc, const float *ap, const float *bp, float *acc);
+// The same over operands in place (small products, where packing would cost more than the arithmetic):
+// a(i, k) = a[i * rs_a + k * cs_a], b(k, j) = b[k * rs_b + j].
+typedef void StridedKernel(int kc, const float *a, ptrdiff_t rs_a, ptrdiff_t cs_a, const float *b, ptrdiff_t rs_b,
+                           float *acc);
 
 typedef struct {
     const char *name;
     int mr, nr;             // register block
     int mc, nc;             // largest tile a thread takes (multiples of mr and nr)
     MicroKernel *kernel;
+    StridedKernel *strided;
 } GemmKernel;
+
+// Each kernel's body is written once, over strided operands, and instantiated twice: with the packed layout's
+// strides as constants (the compiler folds them) and with strides given at run time.
+#define GEMM_INSTANTIATE(body, target_attr, MR_, NR_)                                                          \
+    target_attr static void body##_packed(int kc, const float *ap, const float *bp, float *acc) {  \
+        body(kc, ap, 1, MR_, bp, NR_, acc);                                                                  \
+    }                                                                                                        \
+    target_attr static void body##_strided(int kc, const float *a, ptrdiff_t rs_a, ptrdiff_t cs_a,           \
+                                           const float *b, ptrdiff_t rs_b, float *acc) {          \
+        body(kc, a, rs_a, cs_a, b, rs_b, acc);                                                               \
+    }
 
 // ---- Portable C: any CPU. fmaf keeps the summation rule (and compiles to one instruction where the CPU
 // has FMA; elsewhere it is a library call, slow but exact).
 
 enum { GEN_MR = 4, GEN_NR = 16 };
 
-static void kernel_generic(int kc, const float *ap, const float *bp, float *acc, int load) {
+static inline __attribute__((always_inline)) void generic_body(int kc, const float *a, ptrdiff_t rs_a,
+                                                                ptrdiff_t cs_a, const float *b, ptrdiff_t rs_b,
+                                                                float *acc) {
     float c[GEN_MR][GEN_NR];
     for (int i = 0; i < GEN_MR; i++)
-        for (int j = 0; j < GEN_NR; j++) c[i][j] = load ? acc[i * GEN_NR + j] : 0.0f;
-    for (int k = 0; k < kc; k++, ap += GEN_MR, bp += GEN_NR)
+        for (int j = 0; j < GEN_NR; j++) c[i][j] = acc[i * GEN_NR + j];
+    for (int k = 0; k < kc; k++, a += cs_a, b += rs_b)
         for (int i = 0; i < GEN_MR; i++)
-            for (int j = 0; j < GEN_NR; j++) c[i][j] = fmaf(ap[i], bp[j], c[i][j]);
+            for (int j = 0; j < GEN_NR; j++) c[i][j] = fmaf(a[i * rs_a], b[j], c[i][j]);
     for (int i = 0; i < GEN_MR; i++)
         for (int j = 0; j < GEN_NR; j++) acc[i * GEN_NR + j] = c[i][j];
 }
+GEMM_INSTANTIATE(generic_body, , GEN_MR, GEN_NR)
 
 #ifdef GEMM_X86
 // ---- AVX2 + FMA (Haswell, Zen and later): 6 x 16, twelve ymm accumulators, two B loads and six broadcasts
@@ -79,55 +99,81 @@ static void kernel_generic(int kc, const float *ap, const float *bp, float *acc,
 
 enum { AVX2_MR = 6, AVX2_NR = 16 };
 
-__attribute__((target("avx2,fma"))) static void kernel_avx2(int kc, const float *ap, const float *bp, float *acc,
-                                                           int load) {
+static inline __attribute__((always_inline, target("avx2,fma"))) void avx2_body(int kc, const float *a,
+                                                                                 ptrdiff_t rs_a, ptrdiff_t cs_a,
+                                                                                 const float *b, ptrdiff_t rs_b,
+                                                                                 float *acc) {
     __m256 c[AVX2_MR][2];
     for (int i = 0; i < AVX2_MR; i++)
-        for (int j = 0; j < 2; j++) c[i][j] = load ? _mm256_loadu_ps(acc + i * AVX2_NR + 8 * j) : _mm256_setzero_ps();
-    for (int k = 0; k < kc; k++, ap += AVX2_MR, bp += AVX2_NR) {
-        __m256 b0 = _mm256_loadu_ps(bp), b1 = _mm256_loadu_ps(bp + 8);
+        for (int j = 0; j < 2; j++) c[i][j] = _mm256_loadu_ps(acc + i * AVX2_NR + 8 * j);
+    for (int k = 0; k < kc; k++, a += cs_a, b += rs_b) {
+        __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
         for (int i = 0; i < AVX2_MR; i++) {
-            __m256 a = _mm256_broadcast_ss(ap + i);
-            c[i][0] = _mm256_fmadd_ps(a, b0, c[i][0]);
-            c[i][1] = _mm256_fmadd_ps(a, b1, c[i][1]);
+            __m256 ai = _mm256_broadcast_ss(a + i * rs_a);
+            c[i][0] = _mm256_fmadd_ps(ai, b0, c[i][0]);
+            c[i][1] = _mm256_fmadd_ps(ai, b1, c[i][1]);
         }
     }
     for (int i = 0; i < AVX2_MR; i++)
         for (int j = 0; j < 2; j++) _mm256_storeu_ps(acc + i * AVX2_NR + 8 * j, c[i][j]);
 }
+GEMM_INSTANTIATE(avx2_body, __attribute__((target("avx2,fma"))), AVX2_MR, AVX2_NR)
 
 // ---- AVX-512 (Skylake-X, Ice Lake, Zen 4 and later): 12 x 32, twenty-four zmm accumulators, two B loads and
 // twelve broadcasts (folded into the fma as {1to16} operands) per k.
 
 enum { AVX512_MR = 12, AVX512_NR = 32 };
 
-__attribute__((target("avx512f"))) static void kernel_avx512(int kc, const float *ap, const float *bp, float *acc,
-                                                            int load) {
+static inline __attribute__((always_inline, target("avx512f"))) void avx512_body(int kc, const float *a,
+                                                                                  ptrdiff_t rs_a, ptrdiff_t cs_a,
+                                                                                  const float *b, ptrdiff_t rs_b,
+                                                                                  float *acc) {
     __m512 c[AVX512_MR][2];
     for (int i = 0; i < AVX512_MR; i++)
         for (int j = 0; j < 2; j++)
-            c[i][j] = load ? _mm512_loadu_ps(acc + i * AVX512_NR + 16 * j) : _mm512_setzero_ps();
-    for (int k = 0; k < kc; k++, ap += AVX512_MR, bp += AVX512_NR) {
-        __m512 b0 = _mm512_loadu_ps(bp), b1 = _mm512_loadu_ps(bp + 16);
+            c[i][j] = _mm512_loadu_ps(acc + i * AVX512_NR + 16 * j);
+    for (int k = 0; k < kc; k++, a += cs_a, b += rs_b) {
+        __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
         for (int i = 0; i < AVX512_MR; i++) {
-            __m512 a = _mm512_set1_ps(ap[i]);
-            c[i][0] = _mm512_fmadd_ps(a, b0, c[i][0]);
-            c[i][1] = _mm512_fmadd_ps(a, b1, c[i][1]);
+            __m512 ai = _mm512_set1_ps(a[i * rs_a]);
+            c[i][0] = _mm512_fmadd_ps(ai, b0, c[i][0]);
+            c[i][1] = _mm512_fmadd_ps(ai, b1, c[i][1]);
         }
     }
     for (int i = 0; i < AVX512_MR; i++)
         for (int j = 0; j < 2; j++) _mm512_storeu_ps(acc + i * AVX512_NR + 16 * j, c[i][j]);
 }
+GEMM_INSTANTIATE(avx512_body, __attribute__((target("avx512f"))), AVX512_MR, AVX512_NR)
+
+// ---- AVX-512, one vector wide: 16 x 16, sixteen zmm accumulators, for products 16 columns wide (attention's
+// [T, hs] with hs = 16), which would leave half of every 32-wide panel empty.
+
+enum { AVX512N_MR = 16, AVX512N_NR = 16 };
+
+static inline __attribute__((always_inline, target("avx512f"))) void avx512n_body(int kc, const float *a,
+                                                                                   ptrdiff_t rs_a, ptrdiff_t cs_a,
+                                                                                   const float *b, ptrdiff_t rs_b,
+                                                                                   float *acc) {
+    __m512 c[AVX512N_MR];
+    for (int i = 0; i < AVX512N_MR; i++) c[i] = _mm512_loadu_ps(acc + i * AVX512N_NR);
+    for (int k = 0; k < kc; k++, a += cs_a, b += rs_b) {
+        __m512 b0 = _mm512_loadu_ps(b);
+        for (int i = 0; i < AVX512N_MR; i++) c[i] = _mm512_fmadd_ps(_mm512_set1_ps(a[i * rs_a]), b0, c[i]);
+    }
+    for (int i = 0; i < AVX512N_MR; i++) _mm512_storeu_ps(acc + i * AVX512N_NR, c[i]);
+}
+GEMM_INSTANTIATE(avx512n_body, __attribute__((target("avx512f"))), AVX512N_MR, AVX512N_NR)
 #endif
 
 // Tiles: MC x NC of 96 x 256 (AVX-512), 96 x 128 (AVX2), 64 x 64 (C); a thread's accumulators for one tile
 // (MC x NC floats) stay in L2 between K blocks.
 static const GemmKernel KERNELS[] = {
 #ifdef GEMM_X86
-    {"avx512", AVX512_MR, AVX512_NR, 8 * AVX512_MR, 8 * AVX512_NR, kernel_avx512},
-    {"avx2", AVX2_MR, AVX2_NR, 16 * AVX2_MR, 8 * AVX2_NR, kernel_avx2},
+    {"avx512", AVX512_MR, AVX512_NR, 8 * AVX512_MR, 8 * AVX512_NR, avx512_body_packed, avx512_body_strided},
+    {"avx512n", AVX512N_MR, AVX512N_NR, 6 * AVX512N_MR, 8 * AVX512N_NR, avx512n_body_packed, avx512n_body_strided},
+    {"avx2", AVX2_MR, AVX2_NR, 16 * AVX2_MR, 8 * AVX2_NR, avx2_body_packed, avx2_body_strided},
 #endif
-    {"generic", GEN_MR, GEN_NR, 16 * GEN_MR, 4 * GEN_NR, kernel_generic},
+    {"generic", GEN_MR, GEN_NR, 16 * GEN_MR, 4 * GEN_NR, generic_body_packed, generic_body_strided},
 };
 enum { N_KERNELS = sizeof(KERNELS) / sizeof(KERNELS[0]) };
 
@@ -135,7 +181,7 @@ static int kernel_supported_now(const GemmKernel *k) {
 #ifdef GEMM_X86
     // __builtin_cpu_supports also checks that the OS saves the vector state (XCR0), so a CPU with AVX-512
     // under an OS or hypervisor that disables it is not sent to the AVX-512 kernel.
-    if (strcmp(k->name, "avx512") == 0) return __builtin_cpu_supports("avx512f");
+    if (strncmp(k->name, "avx512", 6) == 0) return __builtin_cpu_supports("avx512f");
     if (strcmp(k->name, "avx2") == 0) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
     return strcmp(k->name, "generic") == 0;
@@ -312,11 +358,8 @@ static void run_tile(const Product *p, int ti, int tj, float *acc) {
                 const float *a = p->ap + (size_t)(i / mr) * K * mr + (size_t)k0 * mr;
                 // This micro-tile's accumulators in the tile's buffer (they persist between K blocks).
                 float *t = acc + ((size_t)((i - i_begin) / mr) * tile_panels_j + (j - j_begin) / nr) * mr * nr;
-                if (kc > 0) {
-                    k->kernel(kc, a, b, t, k0 > 0);
-                } else {
-                    memset(t, 0, sizeof(float) * (size_t)mr * nr);  // K == 0: C = beta * C
-                }
+                if (k0 == 0) memset(t, 0, sizeof(float) * (size_t)mr * nr);  // +0 (K == 0: C = beta * C)
+                if (kc > 0) k->kernel(kc, a, b, t);
                 if (last)
                     store_tile(p->C + (size_t)(p->row0 + i) * p->ldc + j, p->ldc, t, nr, MLM_MIN(mr, i_end - i),
                                MLM_MIN(nr, j_end - j), p->alpha, p->beta);
@@ -381,6 +424,39 @@ static void gemm_body(const Product *p, const float *A, int lda, int trans_a, co
     }
 }
 
+// ---- Small products (attention's per-head [T, hs] x [hs, T] and the like): packing both operands costs more
+// than the arithmetic, so the kernel reads op(A) where it lies (rows i.. at A + i * lda, or columns at A + i
+// with trans_a) and op(B)'s rows in place when they are contiguous (no trans_b); only a partial register block
+// at an edge, and op(B) with trans_b, are packed. Same kernels, same summation order, same bits.
+enum { GEMM_SMALL_WORK = 64 * 64 * 64 };
+
+static void gemm_small(const GemmKernel *k, int trans_a, int trans_b, int M, int N, int K, float alpha,
+                       const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+    int mr = k->mr, nr = k->nr;
+    float *bp = buffer_get(&ws_b, (size_t)MLM_MAX(K, 1) * nr, "packed B");
+    float *ap = buffer_get(&ws_a, (size_t)MLM_MAX(K, 1) * mr, "packed A");
+    float *acc = buffer_get(&ws_acc, (size_t)mr * nr, "accumulators");
+    ptrdiff_t rs_a = trans_a ? 1 : lda, cs_a = trans_a ? lda : 1;
+    for (int j = 0; j < N; j += nr) {
+        const float *b = B + j;
+        ptrdiff_t rs_b = ldb;
+        if (trans_b || j + nr > N) {
+            pack_b(bp, B + (trans_b ? (size_t)j * ldb : (size_t)j), ldb, trans_b, K, N - j, nr, 0, 1);
+            b = bp, rs_b = nr;
+        }
+        for (int i = 0; i < M; i += mr) {
+            memset(acc, 0, sizeof(float) * (size_t)mr * nr);
+            if (K > 0 && i + mr <= M) {
+                k->strided(K, A + (size_t)i * rs_a, rs_a, cs_a, b, rs_b, acc);
+            } else if (K > 0) {
+                pack_a(ap, A, lda, trans_a, K, i, M - i, mr, 0, 1);
+                k->strided(K, ap, 1, mr, b, rs_b, acc);
+            }
+            store_tile(C + (size_t)i * ldc + j, ldc, acc, nr, MLM_MIN(mr, M - i), MLM_MIN(nr, N - j), alpha, beta);
+        }
+    }
+}
+
 static void gemm(int parallel, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
                  const float *B, int ldb, float beta, float *C, int ldc) {
     if (M <= 0 || N <= 0) return;
@@ -391,6 +467,10 @@ static void gemm(int parallel, int trans_a, int trans_b, int M, int N, int K, fl
     size_t chunk_panels = MLM_MAX(GEMM_PACK_A_BYTES / (sizeof(float) * (size_t)mr * MLM_MAX(K, 1)), (size_t)1);
     int chunk_rows = (int)MLM_MIN((size_t)MLM_CEIL_DIV(M, mr), chunk_panels) * mr;
     int threads = parallel && (double)M * N * K >= MLM_PARALLEL_MIN_WORK ? omp_get_max_threads() : 1;
+    if (threads == 1 && (double)M * N * K <= GEMM_SMALL_WORK) {
+        gemm_small(k, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        return;
+    }
 
     Product p = {k, M, N, K, alpha, beta, C, ldc, NULL, 0, MLM_MIN(chunk_rows, M), NULL, 0, 0};
     choose_tiles(&p, threads);
