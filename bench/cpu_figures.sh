@@ -10,14 +10,15 @@
 #      unloaded speed that PyTorch keeps, and stays at least 2x PyTorch).
 # Every figure is a same-run ratio; load averages are recorded beside them. Environment: nothing set (thread
 # variables are removed). Results: bench/results/cpu-<host>-<date>.json and the printed tables.
-#   bash bench/cpu_figures.sh [--repeats N] [--quick]      (about 25 min on an idle 2-core VM; --quick: ~8 min)
+#   bash bench/cpu_figures.sh [--repeats N] [--quick]      (about 30 min on an idle 2-core VM; --quick: one repeat,
+#                                                           shorter runs, matmul_bench on shakespeare only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-repeats=3; steps=40; torch_steps=20; mm_repeats=5
+repeats=3; steps=40; torch_steps=20; mm_repeats=5; mm_models=all
 while [ $# -gt 0 ]; do
   case "$1" in
     --repeats) repeats="$2"; shift ;;
-    --quick) repeats=1; steps=25; torch_steps=10; mm_repeats=3 ;;
+    --quick) repeats=1; steps=25; torch_steps=10; mm_repeats=1; mm_models=shakespeare ;;
     *) echo "usage: bash bench/cpu_figures.sh [--repeats N] [--quick]" >&2; exit 2 ;;
   esac
   shift
@@ -38,7 +39,7 @@ py="${MLM_BENCH_PYTHON:-$(bash tools/python_env.sh)}"
 echo "== load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "== 1. built-in GEMM vs OpenBLAS on the model's products"
 env -u OMP_NUM_THREADS -u OMP_WAIT_POLICY -u GOMP_SPINCOUNT -u OPENBLAS_NUM_THREADS \
-  ./build-bench-builtin/bench/matmul_bench --threads 1 2 --repeats "$mm_repeats"
+  ./build-bench-builtin/bench/matmul_bench --threads 1 2 --repeats "$mm_repeats" --model "$mm_models"
 echo "== 2. mlm train (OpenBLAS and built-in) against the seed's PyTorch step"
 "$py" bench/cpu_vs_torch.py --python "$py" --mlm openblas=build-bench-openblas/mlm builtin=build-bench-builtin/mlm \
   --threads 1 2 default --busy-peer default --repeats "$repeats" --steps "$steps" --torch-steps "$torch_steps" \
