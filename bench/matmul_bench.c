@@ -44,7 +44,8 @@ typedef struct {
     int B, T, C, F, V, L, H;
 } Model;
 
-static const Model MODELS[] = {{"shakespeare", 64, 32, 128, 256, 67, 6, 8}, {"bert-mini", 32, 128, 256, 1024, 30522, 4, 4}};
+static const Model MODELS[] = {{"shakespeare", 64, 32, 128, 256, 67, 6, 8},
+                               {"bert-mini", 32, 128, 256, 1024, 30522, 4, 4}};
 
 // The products of one training step of model m (src/cpu/cpu_model.c, attention.c).
 static int model_shapes(const Model *m, Shape *s) {

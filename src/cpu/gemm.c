@@ -1,5 +1,5 @@
-// gemm.c: the built-in SGEMM of the CPU backend: packed operands, register-blocked micro-kernels (AVX-512,
-// AVX2 + FMA, portable C) chosen at run time, OpenMP over output tiles.
+// gemm.c: the built-in SGEMM of the CPU backend: packed operands, register-blocked micro-kernels (AVX-512 12 x 32
+// and 16 x 16, AVX2 + FMA 6 x 16, portable C 4 x 16) chosen at run time, OpenMP over output tiles.
 //
 // How a product C[M, N] = alpha op(A)[M, K] op(B)[K, N] + beta C is computed (the GotoBLAS/BLIS scheme):
 //   1. op(B) is packed once, whole, into panels of NR columns, [N / NR][K][NR], zero-padded to a whole panel;
@@ -10,16 +10,19 @@
 //      dynamically. Each tile runs over K in blocks of GEMM_KC (so that a B panel block stays in L1 and the
 //      tile's A panels in L2), micro-tile by micro-tile: the micro-kernel keeps an MR x NR block of C in
 //      registers and adds one rank-1 update per k.
+//   Products of at most GEMM_SMALL_WORK multiply-adds on one thread (attention's per-head ones) skip the
+//   packing: the same kernels read the operands in place (gemm_small).
 //
 // THE SUMMATION ORDER, which is what makes results independent of threads, tiles and kernels: every element
 // is acc = fma(a[k], b[k], acc) for k = 0, 1, ..., K - 1 starting from acc = +0.0f (a K-block boundary stores
 // acc and reloads it, which is exact), then C = alpha * acc (+ beta * C, products rounded separately). Tiles,
 // KC, the thread count and the scheduling only decide WHO computes an element and WHEN, never the order of
-// its terms, so the result is bit-identical for any number of threads; and since all three kernels follow
-// the same rule, also for any kernel (a run resumed on a machine without AVX-512 continues the same bits).
+// its terms, so the result is bit-identical for any number of threads; and since every kernel follows the same
+// rule, also for any kernel (a run resumed on a machine without AVX-512 continues the same bits).
 //
 // Why built-in at all: it is the floor every machine gets (no BLAS, or only a reference one), and it lets the
 // CPU backend promise thread-independent results without trusting a library's internals.
+//
 // No contraction of a * b + c into an fma: the epilogue's alpha * acc + beta * c is rounded as written. GCC
 // contracts nothing in ISO C mode (-std=c11, as this project builds); clang needs the pragma.
 #ifdef __clang__
@@ -48,7 +51,8 @@ enum { GEMM_KC = 256 };
 #define GEMM_PACK_A_BYTES ((size_t)64 << 20)
 
 // A micro-kernel: acc[MR][NR] (row-major, ld NR) += sum over k < kc of a(:, k) x b(k, :), one fma per k per
-// element, k ascending (the callers zero acc first: a conditional start made GCC keep the accumulators in memory). Packed operands: a(i, k) = ap[k * MR + i], b(k, j) = bp[k * NR + j].
+// element, k ascending; the callers zero acc first (a conditional start made GCC keep the accumulators in
+// memory). Packed operands: a(i, k) = ap[k * MR + i], b(k, j) = bp[k * NR + j].
 typedef void MicroKernel(int kc, const float *ap, const float *bp, float *acc);
 // The same over operands in place (small products, where packing would cost more than the arithmetic):
 // a(i, k) = a[i * rs_a + k * cs_a], b(k, j) = b[k * rs_b + j].
@@ -165,8 +169,8 @@ static inline __attribute__((always_inline, target("avx512f"))) void avx512n_bod
 GEMM_INSTANTIATE(avx512n_body, __attribute__((target("avx512f"))), AVX512N_MR, AVX512N_NR)
 #endif
 
-// Tiles: MC x NC of 96 x 256 (AVX-512), 96 x 128 (AVX2), 64 x 64 (C); a thread's accumulators for one tile
-// (MC x NC floats) stay in L2 between K blocks.
+// Widest first (gemm_kernel_name() names the first this CPU supports). Tiles: MC x NC of 96 x 256 (AVX-512),
+// 96 x 128 (AVX-512 16 wide, AVX2), 64 x 64 (C): a thread's accumulators for one tile stay in L2 between K blocks.
 static const GemmKernel KERNELS[] = {
 #ifdef GEMM_X86
     {"avx512", AVX512_MR, AVX512_NR, 8 * AVX512_MR, 8 * AVX512_NR, avx512_body_packed, avx512_body_strided},
