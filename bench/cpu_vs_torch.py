@@ -222,10 +222,15 @@ def main() -> int:
     plan = [(t, False) for t in parse_threads(args.threads)]
     if args.busy_peer is not None:
         plan += [(t, True) for t in parse_threads(args.busy_peer or ['default'])]
+    os.makedirs(os.path.join(HERE, 'results'), exist_ok=True)
+    out = os.path.join(HERE, 'results', f"cpu-{socket.gethostname().split('.')[0]}-"
+                       f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
     for t, peer in plan:
         c = run_condition(args, binaries, python, t, env, peer)
         result['conditions'].append(c)
         print_condition(c, binaries)
+        with open(out, 'w') as f:  # after every condition, so that an interrupted run keeps what it measured
+            json.dump(result, f, indent=1)
     # Under load: the share of its unloaded speed each program keeps, at the same thread setting.
     shares = {}
     for c in result['conditions']:
@@ -240,9 +245,6 @@ def main() -> int:
               ', '.join(f'{k} {v:.2f}' for k, v in shares[c['threads']].items()), flush=True)
     result['share_kept_with_busy_peer'] = shares
     result['loadavg_end'] = os.getloadavg()
-    os.makedirs(os.path.join(HERE, 'results'), exist_ok=True)
-    out = os.path.join(HERE, 'results', f"cpu-{socket.gethostname().split('.')[0]}-"
-                       f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
     with open(out, 'w') as f:
         json.dump(result, f, indent=1)
     print(f'written to {os.path.relpath(out, ROOT)}')
