@@ -1224,8 +1224,10 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
         cuda_device_describe(desc, sizeof(desc));
         printf("# device: CUDA (%s; TF32 matmuls %s); run directory %s\n", desc, cfg->tf32 ? "on" : "off", r.run_dir);
     } else {
-        printf("# device: CPU (%d OpenMP threads, matmuls: %s); run directory %s\n", omp_get_max_threads(),
-               MLM_BLAS_NAME, r.run_dir);
+        char matmuls[768];
+        cpu_matmul_describe(matmuls, sizeof(matmuls));
+        printf("# device: CPU (%d OpenMP threads, matmuls: %s); run directory %s\n", omp_get_max_threads(), matmuls,
+               r.run_dir);
     }
     if (accumulating(&r) && r.dist.rank == 0)
         printf("# %d micro-batches of %d sequences per step (train.accum_steps), %d per rank on %d rank(s)%s\n",
