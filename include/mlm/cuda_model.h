@@ -43,8 +43,9 @@ void cuda_model_set_decay_mask(CudaModel *m, const uint8_t *decay_mask);
 void cuda_model_set_continuation(CudaModel *m, const unsigned char *flags);
 
 // train.cuda_graph: on (the default), a masked step (cuda_model_train_step, and cuda_model_forward with a mask)
-// is captured as one CUDA graph the first time its shape is seen (batch size, configuration) and replayed
-// afterwards; off, the same launches are issued one by one. Both give bit-identical results.
+// runs as plain launches the first time its shape is seen (batch size, configuration: a warm-up outside any
+// capture), is captured as one CUDA graph the second time and replayed afterwards; off, the same launches are
+// issued one by one. Both give bit-identical results.
 void cuda_model_set_graphs(CudaModel *m, int on);
 
 // Masking and dropout use cuRAND's Philox stream with key `philox_seed` (Rng.seed of the stream), computed
