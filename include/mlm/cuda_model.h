@@ -104,6 +104,21 @@ float cuda_model_optimizer_step(CudaModel *m, float max_norm, const OptimConfig 
 // with the dense head's loss, accuracy and gradients (within float rounding). Not inside a CUDA graph capture.
 void cuda_model_set_sparse_prediction(CudaModel *m, int on);
 
+// More than 2^31 elements (issue 21, item 4): no cuBLAS call gets an operand of more than max_elems elements
+// (INT_MAX unless lowered): a product over N rows runs as blocks of rows (cuda_model.cu says why). Tests lower the
+// limit with cuda_model_set_gemm_limit (0 restores INT_MAX) so that small shapes take the split path, and list
+// with cuda_model_linear_gemms, without a device, the calls one linear layer of N rows, IC inputs and OC outputs
+// makes (its forward, then dinp and dw of its backward) under a limit, to check their arithmetic at real shapes.
+// It returns the number of calls and writes the first max_calls.
+typedef struct {
+    int transa, transb;                   // 1: the operand is transposed (CUBLAS_OP_T)
+    int m, n, k, lda, ldb, ldc;           // as passed to cublasSgemm
+    size_t a_offset, b_offset, c_offset;  // where each operand starts, in elements from its tensor's start
+    float beta;                           // 0: C overwritten, 1: added to
+} CudaGemmCall;
+void cuda_model_set_gemm_limit(CudaModel *m, size_t max_elems);
+int cuda_model_linear_gemms(int N, int IC, int OC, size_t max_elems, CudaGemmCall *calls, int max_calls);
+
 // cudaProfilerStart / cudaProfilerStop, for `--profile-steps` (nsys --capture-range=cudaProfilerApi, ncu
 // --profile-from-start off).
 void cuda_profiler_start(void);
