@@ -114,13 +114,18 @@ static void usage_ckpt_command(FILE *f, const char *cmd) {
               "curves, the config and the latest samples of run directory DIR.\n", f);
 }
 
+// The checks of a configuration to train with: cross-key consistency, and settings under which nothing trains.
+static int check_for_training(const Config *c, char *err, size_t errlen) {
+    return config_check(c, err, errlen) || config_check_trainable(c, err, errlen);
+}
+
 // Cross-key checks of the final configuration, blamed on what made it fail: the --set overrides when the
 // configuration before them (file, checkpoint or defaults) passes, else that configuration.
 static void check_config(const Config *cfg, const Config *before_sets, const char *origin, const char **sets,
                          int n_sets) {
     char err[512], before[512];
-    if (config_check(cfg, err, sizeof(err)) == 0) return;
-    if (n_sets > 0 && config_check(before_sets, before, sizeof(before)) == 0) {
+    if (check_for_training(cfg, err, sizeof(err)) == 0) return;
+    if (n_sets > 0 && check_for_training(before_sets, before, sizeof(before)) == 0) {
         // The overrides of the keys the message names (all of them if it names none).
         char list[1024] = "";
         for (int pass = 0; pass < 2 && !list[0]; pass++)

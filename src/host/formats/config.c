@@ -3,6 +3,7 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <float.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdlib.h>
@@ -392,6 +393,27 @@ int config_check(const Config *c, char *err, size_t errlen) {
                  MASK_MAX_NO_MASK);
         return 1;
     }
+    return 0;
+}
+
+// Settings under which nothing can train (issue 22, bug 11), refused with the reason instead of a NaN blamed on the
+// learning rate or a loss of 0 reported as the best; checked for training only, so that the checkpoints of such
+// runs still evaluate and export.
+int config_check_trainable(const Config *c, char *err, size_t errlen) {
+    // The optimizers compute in float: a positive eps below half the smallest float rounds to 0 there.
+    if (!((float)c->eps > 0.0f)) {
+        snprintf(err, errlen, "optim.eps = %g is 0 in float: Adam divides by sqrt(v) + eps, and v is 0 for every "
+                 "weight whose gradient is 0 (the embedding row of a token absent from the batch, for one), so 0 / 0 "
+                 "makes those weights NaN at the first step; use a positive value of at least %g, e.g. 1e-8, the "
+                 "default", c->eps, (double)FLT_TRUE_MIN);
+        return 1;
+    }
+    if (c->mask_prob <= 0.0) {
+        snprintf(err, errlen, "mask.prob = %g selects no position for prediction, so there is no loss to train on or "
+                 "to validate; use a probability in (0, 1], e.g. 0.15, the default", c->mask_prob);
+        return 1;
+    }
+    // optim.lr = 0 stays allowed: a step at rate 0 turns --init weights into a checkpoint unchanged (test_commands).
     return 0;
 }
 
