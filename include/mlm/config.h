@@ -80,6 +80,12 @@ int config_check(const Config *c, char *err, size_t errlen);
 int config_check_trainable(const Config *c, char *err, size_t errlen);
 // Write the resolved configuration in the file format (re-readable by config_load_file).
 void config_write(FILE *f, const Config *c);
+// The keys in table order: how many, the i-th's dotted name, and its value in c as config_write writes it (out:
+// CONFIG_VALUE_TEXT bytes hold any value).
+#define CONFIG_VALUE_TEXT (2 * CONFIG_STR + 8)
+int config_key_count(void);
+const char *config_key_name(int i);
+void config_value_text(const Config *c, int i, char *out, size_t outlen);
 // One-line help of every key (for `mlm train --help`).
 void config_print_keys(FILE *f);
 // Build the derived optimizer settings.

@@ -13,6 +13,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "mlm/agree_ranks.h"
 #include "mlm/checkpoint.h"
 #include "mlm/common.h"
 #include "mlm/cpu.h"
@@ -1204,12 +1205,13 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
     }
     dist_init(&r.dist, cfg->dist_timeout);
     if (r.dist.rank != 0) r.opt.quiet = 1;  // rank 0 alone prints, writes metrics, samples and checkpoints
+    int gpu = choose_gpu(cfg);
+    train_agree_setup(&r.dist, cfg, r.corpus_md5, gpu);  // several ranks: the same run everywhere, or none
     // The run directory is locked before anything in it is read for the run or written (by rank 0 alone).
     if (r.dist.rank == 0) {
         choose_run_dir(&r);
         lock_run_dir(&r);
     }
-    int gpu = choose_gpu(cfg);
     if (opt->profile && !gpu)
         mlm_warn("--profile-steps has no effect on the CPU backend (it brackets CUDA work for nsys and ncu)");
     setup_nccl(&r, gpu);
@@ -1223,6 +1225,8 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
     } else if (opt->init_path) {
         load_init_weights(&r);
     }
+    train_agree_state(&r.dist, r.step, r.params, opt->resume_path ? r.adam_m : NULL, opt->resume_path ? r.adam_v : NULL,
+                      r.n_params, opt->resume_path ? "resumed" : opt->init_path ? "--init" : "seeded");
     upload_state(&r);
     setup_accumulation(&r);
     if (r.dist.rank == 0) prepare_run_files(&r, opt->resume_path != NULL);
