@@ -6,7 +6,8 @@
 //           the straight run; a rank killed (SIGKILL) or hung (SIGSTOP) ends the job non-zero with a message in
 //           bounded time.
 //   agree   ranks that differ in their configuration, data or starting state all refuse at start-up, naming the
-//           key and the ranks' values (only train.threads, train.device and data.path may differ).
+//           key and the ranks' values (only train.threads, train.device and data.path may differ); eval, export
+//           and prepare under mpirun -np 2 refuse and write nothing.
 // Usage: test_dp MLM CORPUS MPIRUN|none accum|mpi|agree. About 2 s (accum), 14 s (mpi) and 35 s (agree) on 2 cores
 // (Release).
 #include <signal.h>
@@ -184,10 +185,11 @@ static void test_fault(int sig, const char *name) {
     free(text);
 }
 
-// ---- agree: ranks that do not run the same thing all refuse at start-up (issue 22, bug 2). Before, rank 1 with
-// another learning rate, seed, dropout or sparse prediction trained (exit 0, a worse model); another
-// train.max_steps hung until train.dist_timeout and blamed a dead rank; another batch size or train.zero aborted
-// inside Open MPI.
+// ---- agree: ranks that do not run the same thing all refuse at start-up (issue 22, bug 2), and the one-process
+// commands refuse under mpirun (issue 22, item 12). Before, rank 1 with another learning rate, seed, dropout or
+// sparse prediction trained (exit 0, a worse model); another train.max_steps hung until train.dist_timeout and
+// blamed a dead rank; another batch size or train.zero aborted inside Open MPI; eval, export and prepare ran once
+// per rank.
 
 // mpirun -np 1 mlm train ... SET0 : -np 1 mlm train ... SET1 (MPMD: each rank its own command line) for 3 steps of
 // the small model (with a resume, the command lines are SET0 and SET1 alone); returns the job's exit status, *took
@@ -264,6 +266,35 @@ static void test_agreement(void) {
     CHECK(code == 0, "ranks that differ only in train.threads and data.path should train (exit %d, %s.log)", code, dir);
 }
 
+// The other commands under mpirun -np 2: refused with exit 2, nothing written; under -np 1 they run.
+static void test_commands_one_rank(void) {
+    char ckpt[300], out[300];
+    snprintf(ckpt, sizeof(ckpt), "%s/agree-ckpt3", tmpdir);
+    struct { const char *name, *args, *written; } cmds[] = {
+        {"eval", "eval --ckpt %s", NULL},
+        {"export", "export --ckpt %s --out %s/exported.safetensors", "exported.safetensors"},
+        {"prepare", "prepare --tokenizer char --out %s/prepared %s", "prepared"},
+    };
+    for (size_t i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++) {
+        char args[800], log[400];
+        if (i == 2) snprintf(args, sizeof(args), cmds[i].args, tmpdir, corpus);
+        else if (i == 1) snprintf(args, sizeof(args), cmds[i].args, ckpt, tmpdir);
+        else snprintf(args, sizeof(args), cmds[i].args, ckpt);
+        snprintf(log, sizeof(log), "%s/cmd-%s.log", tmpdir, cmds[i].name);
+        int code = test_run("%s -np 2 --oversubscribe %s %s > %s 2>&1", mpirun, mlm_bin, args, log);
+        printf("mpirun -np 2 mlm %s: exit %d\n", cmds[i].name, code);
+        CHECK(code == 2, "mlm %s under 2 ranks: exit %d, expected 2 (%s)", cmds[i].name, code, log);
+        CHECK(text_has(log, "runs as one process, but it was started as rank"), "mlm %s: no refusal in %s",
+              cmds[i].name, log);
+        if (cmds[i].written) {
+            snprintf(out, sizeof(out), "%s/%s", tmpdir, cmds[i].written);
+            CHECK(access(out, F_OK) != 0, "mlm %s under 2 ranks wrote %s", cmds[i].name, out);
+        }
+    }
+    CHECK(test_run("%s -np 1 %s eval --ckpt %s > %s/cmd-eval1.log 2>&1", mpirun, mlm_bin, ckpt, tmpdir) == 0,
+          "mlm eval under mpirun -np 1 should run (%s/cmd-eval1.log)", tmpdir);
+}
+
 static int mpmd(const char *set0, const char *set1, const char *dir, double *took) {
     double t0 = now_s();
     int code = strstr(set0, "--resume") ?
@@ -296,6 +327,7 @@ int main(int argc, char **argv) {
         setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
         setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
         test_agreement();
+        test_commands_one_rank();
     } else {
         if (!strcmp(mpirun, "none") || !*mpirun)
             return test_skip("mlm was built without MPI or mpirun is missing (tools/test.sh installs openmpi-bin and "

@@ -16,6 +16,7 @@
 #include "mlm/common.h"
 #include "mlm/config.h"
 #include "mlm/cpu_threads.h"
+#include "mlm/dist.h"
 #include "mlm/report.h"
 #include "mlm/shards.h"
 #include "mlm/train.h"
@@ -360,6 +361,18 @@ static int cmd_report(int argc, char **argv) {
     return 0;
 }
 
+// Only `train` runs as several ranks. Started by mpirun -np N, any other command would run N times at once: prepare,
+// export, vocab and report writing the same files, eval and fill printing N copies. Refused on every rank (each
+// says it: mpirun may stop the others before they print), with exit status 2 and nothing written.
+static void refuse_several_ranks(const char *cmd) {
+    int rank, size = dist_launch_size(&rank);
+    if (size <= 1) return;
+    mlm_fatal(MLM_EXIT_USAGE, "`mlm %s` runs as one process, but it was started as rank %d of %d (mpirun, or "
+              "WORLD_SIZE): each rank would run it again%s. Run it without mpirun (only `mlm train` uses several ranks)",
+              cmd, rank, size, !strcmp(cmd, "prepare") || !strcmp(cmd, "export") || !strcmp(cmd, "vocab") ||
+              !strcmp(cmd, "report") ? ", all writing the same files" : "");
+}
+
 int main(int argc, char **argv) {
     cpu_threads_prepare(argv);  // may re-execute mlm so that OpenMP starts with passive waiting
     if (argc < 2) {
@@ -375,6 +388,7 @@ int main(int argc, char **argv) {
         usage_main(stdout);
         return 0;
     }
+    if (strcmp(cmd, "train") != 0) refuse_several_ranks(cmd);
     // Each command parses its own options: shift argv so that getopt sees the command as argv[0].
     if (!strcmp(cmd, "prepare")) return prepare_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "train")) return cmd_train(argc - 1, argv + 1);
