@@ -14,6 +14,9 @@ int train_key_per_rank(const char *key) {
 }
 
 void train_agree_setup(const Dist *d, const Config *cfg, const char *data_md5, int gpu) {
+    if (d->world > 1 && !d->mpi && d->rank == 0)
+        mlm_warn("the %d ranks were started without mpirun (RANK / WORLD_SIZE), so nothing can compare their "
+                 "configurations: start every rank with the same command line", d->world);
     if (d->world == 1 || !d->mpi) return;
     int nk = config_key_count(), n = 0;
     const char **names = mlm_malloc((size_t)(nk + 2) * sizeof(char *), "agreement keys");
