@@ -893,7 +893,7 @@ static void test_attention(void) {
                 pv = attd;
             }
             float *out_c = host_zeros(NC), *att_c = host_zeros(BHTT);
-            attention_forward(out_c, att_c, qkv, keep, drop_scale, B, T, C, H);
+            attention_forward(out_c, att_c, qkv, keep, drop_scale, B, T, C, H, NULL);
             snprintf(what, sizeof(what), "softmax_forward vs attention_forward %s", tag);
             expect_close(what, att, att_c, BHTT, 2 * tol_sum(T));
             float *y = host_zeros(NC);
@@ -1012,7 +1012,7 @@ static void test_attention_fused(void) {
                 for (size_t i = 0; i < 3 * NC; i++) qkvb[i] = qkv[i] + bias[i % (3 * C)];
             uint8_t *d_keep = NULL, *keep = with_drop ? make_keep(BHTT, p, &d_keep) : NULL;
             float *out_c = host_zeros(NC), *att_c = host_zeros(BHTT);
-            attention_forward(out_c, att_c, qkvb, keep, drop_scale, B, T, C, H);
+            attention_forward(out_c, att_c, qkvb, keep, drop_scale, B, T, C, H, NULL);
             float *d_qkv = dup_f(qkv, 3 * NC), *d_bias = with_bias ? dup_f(bias, 3 * C) : NULL;
             float *d_out = dmalloc(NC * sizeof(float)), *d_att = dmalloc(BHTT * sizeof(float));
             float *g_out[2], *g_att[2];
