@@ -329,6 +329,9 @@ CudaModel *cuda_model_create(const ModelConfig *cfg, int max_B, int allow_tf32) 
     char err[256];
     if (model_config_check(cfg, err, sizeof(err))) mlm_fatal(MLM_EXIT_USAGE, "%s", err);
     if (max_B < 1) mlm_fatal(MLM_EXIT_USAGE, "batch size %d must be >= 1", max_B);
+    if (cfg->arch != MODEL_ARCH_LABML)
+        mlm_fatal(MLM_EXIT_USAGE, "model.arch = bert has no CUDA kernels yet (issue 20's CUDA part is open); train it "
+                  "with --device cpu");
     if (cuda_device_count(err, sizeof(err)) == 0) mlm_fatal(MLM_EXIT_FAILURE, "CUDA model: %s", err);
     CudaModel *m = (CudaModel *)mlm_calloc(1, sizeof(CudaModel), "CUDA model");
     m->cfg = *cfg;
