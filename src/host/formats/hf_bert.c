@@ -40,10 +40,13 @@ static int write_file_atomic(const char *path, const char *text, size_t len, cha
     return 0;
 }
 
-// The shortest decimal that reads back as the same double (1e-12, not 9.9999999999999998e-13).
-static void shortest_double(double v, char *buf, size_t n) {
-    snprintf(buf, n, "%.15g", v);
-    if (strtod(buf, NULL) != v) snprintf(buf, n, "%.17g", v);
+// The shortest decimal that reads back as the same float: the value the configuration key was set to (1e-12, not
+// the float's exact 9.99999996e-13), which transformers then rounds to the same float.
+static void shortest_float(float v, char *buf, size_t n) {
+    for (int digits = 1; digits <= 9; digits++) {
+        snprintf(buf, n, "%.*g", digits, (double)v);
+        if ((float)strtod(buf, NULL) == v) return;
+    }
 }
 
 // config.json with every field BertConfig has (transformers 5's to_dict, less its bookkeeping).
@@ -52,10 +55,9 @@ static char *config_json(const ModelConfig *mc, const Vocab *v) {
     size_t len = 0;
     FILE *f = open_memstream(&buf, &len);
     if (!f) mlm_fatal(MLM_EXIT_FAILURE, "out of memory writing config.json");
-    // The float model settings as the config keys hold them (rounded to float, so print the float's own decimal).
-    shortest_double((double)mc->ln_eps, eps, sizeof(eps));
-    shortest_double((double)mc->dropout, drop, sizeof(drop));
-    shortest_double((double)mc->init_std, std, sizeof(std));
+    shortest_float(mc->ln_eps, eps, sizeof(eps));
+    shortest_float(mc->dropout, drop, sizeof(drop));
+    shortest_float(mc->init_std, std, sizeof(std));
     fprintf(f,
             "{\n  \"architectures\": [\"BertForMaskedLM\"],\n  \"model_type\": \"bert\",\n"
             "  \"vocab_size\": %d,\n  \"hidden_size\": %d,\n  \"num_hidden_layers\": %d,\n"
