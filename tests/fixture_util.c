@@ -18,7 +18,9 @@ size_t fixture_entry_numel(const ParamEntry *e) {
     return (size_t)e->shape[0] * (e->ndim == 2 ? (size_t)e->shape[1] : 1);
 }
 
-int fixture_is_key_bias(const char *name) { return strstr(name, "self_attn.key.linear.bias") != NULL; }
+int fixture_is_key_bias(const char *name) {
+    return strstr(name, "self_attn.key.linear.bias") != NULL || strstr(name, "attention.self.key.bias") != NULL;
+}
 
 double fixture_rel_err(const float *a, const double *b, size_t n) {
     double num = 0.0, den = 0.0;

@@ -13,7 +13,7 @@
 size_t fixture_numel(const StTensor *t);
 // Elements of a parameter table entry.
 size_t fixture_entry_numel(const ParamEntry *e);
-// The attention key bias: its gradient is zero in exact arithmetic (softmax ignores a constant shift of the
+// The attention key bias (labml's or BERT's): its gradient is zero in exact arithmetic (softmax ignores a constant shift of the
 // scores), so tests compare it against the model's largest gradient instead of its own.
 int fixture_is_key_bias(const char *name);
 // The fixture tests' error measure: max|a - b| / max|b| over n elements (the absolute error when max|b| is

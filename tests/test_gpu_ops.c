@@ -865,10 +865,10 @@ static void test_attention(void) {
             float *scores = host_zeros(BHTT);
             host_bmm(scores, q, k, BH, T, T, hs, 0, 1);
             float *d_att = dup_f(scores, BHTT), *d_attd = with_drop ? dmalloc(BHTT * sizeof(float)) : NULL;
-            cuda_softmax_forward(d_att, d_attd, d_keep, drop_scale, scale, BH, T, st);
+            cuda_softmax_forward(d_att, d_attd, d_keep, drop_scale, scale, BH, T, NULL, H, st);
             float *att = fetch_f(d_att, BHTT), *attd = with_drop ? fetch_f(d_attd, BHTT) : NULL;
             upload(d_att, scores, BHTT * sizeof(float));  // determinism: a second run
-            cuda_softmax_forward(d_att, d_attd, d_keep, drop_scale, scale, BH, T, st);
+            cuda_softmax_forward(d_att, d_attd, d_keep, drop_scale, scale, BH, T, NULL, H, st);
             float *att2 = fetch_f(d_att, BHTT);
             snprintf(what, sizeof(what), "softmax_forward %s", tag);
             expect_identical(what, att, att2, BHTT * sizeof(float));
@@ -1017,7 +1017,7 @@ static void test_attention_fused(void) {
             float *d_out = dmalloc(NC * sizeof(float)), *d_att = dmalloc(BHTT * sizeof(float));
             float *g_out[2], *g_att[2];
             for (int run = 0; run < 2; run++) {
-                cuda_attention_forward(d_out, d_att, d_qkv, d_bias, d_keep, drop_scale, B, T, C, H, st);
+                cuda_attention_forward(d_out, d_att, d_qkv, d_bias, d_keep, drop_scale, B, T, C, H, NULL, st);
                 g_out[run] = fetch_f(d_out, NC);
                 g_att[run] = fetch_f(d_att, BHTT);
             }

@@ -9,12 +9,13 @@
 #define GELU_INV_SQRT_2PI 0.39894228040143267794
 
 // As PyTorch's CPU kernel (approximate = 'none'), in float: x * 0.5 * (1 + erf(x / sqrt(2))).
-static float gelu(float x) { return x * 0.5f * (1.0f + erff(x * (float)GELU_INV_SQRT2)); }
+static float gelu(float x) { return (x * 0.5f) * (1.0f + erff(x * (float)GELU_INV_SQRT2)); }
 
 // d gelu / dx = Phi(x) + x phi(x): the normal CDF plus x times the normal density (as PyTorch's backward).
+// Written as gelu.cu's kernel rounds it, one operation at a time.
 static float gelu_grad(float x) {
     float cdf = 0.5f * (1.0f + erff(x * (float)GELU_INV_SQRT2));
-    float pdf = expf(-0.5f * x * x) * (float)GELU_INV_SQRT_2PI;
+    float pdf = expf((-0.5f * x) * x) * (float)GELU_INV_SQRT_2PI;
     return cdf + x * pdf;
 }
 

@@ -1127,7 +1127,6 @@ static void teardown(Run *r) {
 // train.device: cpu, cuda (refused without a device), or auto (the GPU when there is one). 1: CUDA.
 static int choose_gpu(const Config *cfg) {
     if (cfg->device == DEVICE_CPU) return 0;
-    if (cfg->arch != 0 && cfg->device == DEVICE_AUTO) return 0;  // model.arch = bert: CPU kernels only, for now
     char why[256];
     int gpus = cuda_device_count(why, sizeof(why));
     if (cfg->device == DEVICE_CUDA && gpus == 0)
