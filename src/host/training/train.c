@@ -231,7 +231,15 @@ static int use_color(void) {
     return isatty(STDOUT_FILENO) && !(nc && nc[0]);
 }
 
+// mkdir -p: `--out runs/x` in a fresh checkout creates runs/ too.
 static void make_dir(const char *path) {
+    char parent[1024];
+    snprintf(parent, sizeof(parent), "%s", path);
+    char *slash = strrchr(parent, '/');
+    if (slash && slash != parent) {
+        *slash = '\0';
+        if (access(parent, F_OK) != 0) make_dir(parent);
+    }
     if (mkdir(path, 0755) != 0 && errno != EEXIST)
         mlm_fatal(MLM_EXIT_FAILURE, "cannot create directory %s: %s", path, strerror(errno));
 }
