@@ -237,32 +237,6 @@ static void random_tokens(int *tokens, int B, int T) {
             tokens[b * T + t] = t >= T - (b % 4) * 3 ? PAD_ID : rand_unit() < 0.3 ? 7 : 5 + (int)(rand_unit() * 52);
 }
 
-// Per parameter tensor, max |a - b| / max |b| (the key bias: / the largest |b| of the model); the worst.
-static double worst_tensor_err(const ModelConfig *c, const float *a, const float *b, char *name) {
-    int n_tab = model_param_table(c, NULL);
-    ParamEntry *tab = mlm_malloc((size_t)n_tab * sizeof(ParamEntry), "parameter table");
-    model_param_table(c, tab);
-    double worst = 0.0, largest = 0.0;
-    for (size_t i = 0; i < model_num_params(c); i++) largest = fmax(largest, fabs((double)b[i]));
-    snprintf(name, 96, "-");
-    for (int k = 0; k < n_tab; k++) {
-        size_t n = fixture_entry_numel(&tab[k]), o = tab[k].offset;
-        double num = 0.0, den = fixture_is_key_bias(tab[k].name) ? largest : 0.0;
-        for (size_t i = 0; i < n; i++) {
-            double d = fabs((double)a[o + i] - (double)b[o + i]);
-            num = isnan(d) ? INFINITY : fmax(num, d);
-            den = fmax(den, fabs((double)b[o + i]));
-        }
-        double r = den > 0 ? num / den : num;
-        if (r >= worst) {
-            worst = r;
-            snprintf(name, 96, "%s", tab[k].name);
-        }
-    }
-    free(tab);
-    return worst;
-}
-
 static void test_model(const Setup *s, CpuModel *cm, CudaModel *gm, Rng *rng, int B, uint64_t step, int dropout,
                        int sparse) {
     const ModelConfig *c = &s->cfg;
@@ -290,7 +264,7 @@ static void test_model(const Setup *s, CpuModel *cm, CudaModel *gm, Rng *rng, in
     cuda_model_get_batch(gm, g_in, g_lab, B);
     int same_batch = !memcmp(g_in, inputs, n * sizeof(int)) && !memcmp(g_lab, labels, n * sizeof(int));
     char where[96];
-    double rg = worst_tensor_err(c, grads, cm->grads, where);
+    double rg = fixture_worst_tensor_err(c, grads, cm->grads, where);
     double rl = fabs((double)st.loss - loss_c) / fmax(fabs(loss_c), 1e-30);
     int pad_row_zero = 1;
     for (int k = 0; k < c->d_model; k++) pad_row_zero &= grads[(size_t)PAD_ID * c->d_model + k] == 0.0f;
@@ -376,7 +350,7 @@ static void test_accumulation(const Setup *s, CpuModel *cm, CudaModel *gm, Rng *
     cm->norm_targets = 0;
     cuda_model_get_accumulated_grads(gm, g);
     char where[96];
-    double rg = worst_tensor_err(c, g, acc, where);
+    double rg = fixture_worst_tensor_err(c, g, acc, where);
     printf("two accumulated micro-batches (dropout 0.1), CUDA vs CPU: %d targets, grads %.1e (%s)\n", targets, rg, where);
     CHECK(rg <= 1e-4, "accumulated gradient %s: CUDA vs CPU %.3e > 1e-4", where, rg);
     free(tokens), free(inputs), free(labels), free(u), free(acc), free(g);

@@ -280,12 +280,40 @@ static void add_inplace(float *y, const float *x, size_t n) {
     for (long long i = 0; i < count; i++) y[i] += x[i];
 }
 
+// One layer's saved activations and dropout masks: its slices of the stacked [L, max_B, T, ...] tensors.
+typedef struct {
+    float *ln1, *ln1_mean, *ln1_rstd;  // [B, T, C], [B, T], [B, T]
+    float *qkv;                        // [B, T, 3C]
+    float *att;                        // [B, H, T, T]
+    float *atty, *res1;                // [B, T, C]
+    float *ln2, *ln2_mean, *ln2_rstd;  // [B, T, C], [B, T], [B, T]
+    float *fc_pre, *fch;               // [B, T, F] (fc_pre: bert)
+    float *res2;                       // [B, T, C]
+    uint8_t *keep_att, *keep_res1, *keep_res2;  // the masks (NULL when the last forward had no dropout)
+} LayerActs;
+
+static LayerActs layer_acts(const CpuModel *m, int l) {
+    const ModelConfig *c = &m->cfg;
+    const CpuActs *a = m->internal;
+    size_t maxBT = (size_t)m->max_B * c->max_seq, C = c->d_model, H = c->n_heads, T = c->max_seq, F = c->d_ff;
+    size_t rows = l * maxBT;
+    int drop = a->dropout_on;
+    LayerActs y = {
+        a->ln1 + rows * C, a->ln1_mean + rows, a->ln1_rstd + rows, a->qkv + rows * 3 * C, a->att + rows * H * T,
+        a->atty + rows * C, a->res1 + rows * C, a->ln2 + rows * C, a->ln2_mean + rows, a->ln2_rstd + rows,
+        c->arch == MODEL_ARCH_BERT ? a->fc_pre + rows * F : NULL, a->fch + rows * F, a->res2 + rows * C,
+        drop ? a->keep_att + rows * H * T : NULL, drop ? a->keep_res1 + rows * C : NULL,
+        drop ? a->keep_res2 + rows * C : NULL,
+    };
+    return y;
+}
+
 // ---- labml's encoder: x = x + Drop(Sublayer(LN(x))) per block. Returns the last residual stream [B, T, C].
 static const float *labml_encoder_forward(CpuModel *m, const int *inputs, int B, const DropoutCtx *drop) {
     const ModelConfig *c = &m->cfg;
     CpuActs *a = m->internal;
     int T = c->max_seq, C = c->d_model, H = c->n_heads, F = c->d_ff, V = c->vocab, L = c->n_layers;
-    size_t BT = (size_t)B * T, maxBT = (size_t)m->max_B * T;
+    size_t BT = (size_t)B * T;
     int N = (int)BT;
     float ds = a->drop_scale;
     const ParamTensors *p = &m->p;
@@ -294,31 +322,24 @@ static const float *labml_encoder_forward(CpuModel *m, const int *inputs, int B,
     const float *x = a->encoded;  // [B, T, C] residual stream entering the layer
     for (int l = 0; l < L; l++) {
         size_t lc = (size_t)l * C;
-        float *ln1 = a->ln1 + l * maxBT * C, *ln1_mean = a->ln1_mean + l * maxBT, *ln1_rstd = a->ln1_rstd + l * maxBT;
-        float *qkv = a->qkv + l * maxBT * 3 * C;
-        float *att = a->att + l * maxBT * H * T;
-        float *atty = a->atty + l * maxBT * C;
-        float *res1 = a->res1 + l * maxBT * C;
-        float *ln2 = a->ln2 + l * maxBT * C, *ln2_mean = a->ln2_mean + l * maxBT, *ln2_rstd = a->ln2_rstd + l * maxBT;
-        float *fch = a->fch + l * maxBT * F;
-        float *res2 = a->res2 + l * maxBT * C;
+        LayerActs y = layer_acts(m, l);
         // x = x + Drop(OutProj(MHA(LN1(x))))
-        layernorm_forward(ln1, ln1_mean, ln1_rstd, x, p->ln1_w + lc, p->ln1_b + lc, N, C, c->ln_eps);
-        linear_forward(qkv, ln1, p->qkv_w + (size_t)l * 3 * C * C, p->qkv_b + 3 * lc, N, C, 3 * C);
-        uint8_t *keep = site_mask(a, drop, a->keep_att + l * maxBT * H * T, l, DROP_ATTN_PROBS, BT * H * T);
-        attention_forward(atty, att, qkv, keep, ds, B, T, C, H, NULL);
-        linear_forward(a->proj, atty, p->out_w + (size_t)l * C * C, p->out_b + lc, N, C, C);
-        keep = site_mask(a, drop, a->keep_res1 + l * maxBT * C, l, DROP_ATTN_RESID, BT * C);
-        residual_dropout_forward(res1, x, a->proj, keep, ds, BT * C);
+        layernorm_forward(y.ln1, y.ln1_mean, y.ln1_rstd, x, p->ln1_w + lc, p->ln1_b + lc, N, C, c->ln_eps);
+        linear_forward(y.qkv, y.ln1, p->qkv_w + (size_t)l * 3 * C * C, p->qkv_b + 3 * lc, N, C, 3 * C);
+        uint8_t *keep = site_mask(a, drop, y.keep_att, l, DROP_ATTN_PROBS, BT * H * T);
+        attention_forward(y.atty, y.att, y.qkv, keep, ds, B, T, C, H, NULL);
+        linear_forward(a->proj, y.atty, p->out_w + (size_t)l * C * C, p->out_b + lc, N, C, C);
+        keep = site_mask(a, drop, y.keep_res1, l, DROP_ATTN_RESID, BT * C);
+        residual_dropout_forward(y.res1, x, a->proj, keep, ds, BT * C);
         // x = x + Drop(Linear2(Drop(ReLU(Linear1(LN2(x))))))
-        layernorm_forward(ln2, ln2_mean, ln2_rstd, res1, p->ln2_w + lc, p->ln2_b + lc, N, C, c->ln_eps);
-        linear_forward(fch, ln2, p->ff1_w + (size_t)l * F * C, p->ff1_b + (size_t)l * F, N, C, F);
+        layernorm_forward(y.ln2, y.ln2_mean, y.ln2_rstd, y.res1, p->ln2_w + lc, p->ln2_b + lc, N, C, c->ln_eps);
+        linear_forward(y.fch, y.ln2, p->ff1_w + (size_t)l * F * C, p->ff1_b + (size_t)l * F, N, C, F);
         keep = site_mask(a, drop, a->keep_hidden, l, DROP_FFN_HIDDEN, BT * F);
-        relu_dropout_forward(fch, keep, ds, BT * F);
-        linear_forward(a->proj, fch, p->ff2_w + (size_t)l * C * F, p->ff2_b + lc, N, F, C);
-        keep = site_mask(a, drop, a->keep_res2 + l * maxBT * C, l, DROP_FFN_RESID, BT * C);
-        residual_dropout_forward(res2, res1, a->proj, keep, ds, BT * C);
-        x = res2;
+        relu_dropout_forward(y.fch, keep, ds, BT * F);
+        linear_forward(a->proj, y.fch, p->ff2_w + (size_t)l * C * F, p->ff2_b + lc, N, F, C);
+        keep = site_mask(a, drop, y.keep_res2, l, DROP_FFN_RESID, BT * C);
+        residual_dropout_forward(y.res2, y.res1, a->proj, keep, ds, BT * C);
+        x = y.res2;
     }
     return x;
 }
@@ -329,7 +350,7 @@ static const float *bert_encoder_forward(CpuModel *m, const int *inputs, int B, 
     const ModelConfig *c = &m->cfg;
     CpuActs *a = m->internal;
     int T = c->max_seq, C = c->d_model, H = c->n_heads, F = c->d_ff, V = c->vocab, L = c->n_layers;
-    size_t BT = (size_t)B * T, maxBT = (size_t)m->max_B * T;
+    size_t BT = (size_t)B * T;
     int N = (int)BT;
     float ds = a->drop_scale;
     const ParamTensors *p = &m->p;
@@ -343,30 +364,23 @@ static const float *bert_encoder_forward(CpuModel *m, const int *inputs, int B, 
     const float *x = a->encoded;  // [B, T, C] hidden state entering the layer
     for (int l = 0; l < L; l++) {
         size_t lc = (size_t)l * C;
-        float *ln1 = a->ln1 + l * maxBT * C, *ln1_mean = a->ln1_mean + l * maxBT, *ln1_rstd = a->ln1_rstd + l * maxBT;
-        float *qkv = a->qkv + l * maxBT * 3 * C;
-        float *att = a->att + l * maxBT * H * T;
-        float *atty = a->atty + l * maxBT * C;
-        float *res1 = a->res1 + l * maxBT * C;
-        float *ln2 = a->ln2 + l * maxBT * C, *ln2_mean = a->ln2_mean + l * maxBT, *ln2_rstd = a->ln2_rstd + l * maxBT;
-        float *fc_pre = a->fc_pre + l * maxBT * F, *fch = a->fch + l * maxBT * F;
-        float *res2 = a->res2 + l * maxBT * C;
+        LayerActs y = layer_acts(m, l);
         // h = LN1(x + Drop(OutProj(MHA(x)))), attention dropout on the probabilities.
-        linear_forward(qkv, x, p->qkv_w + (size_t)l * 3 * C * C, p->qkv_b + 3 * lc, N, C, 3 * C);
-        keep = site_mask(a, drop, a->keep_att + l * maxBT * H * T, l, DROP_ATTN_PROBS, BT * H * T);
-        attention_forward(atty, att, qkv, keep, ds, B, T, C, H, a->key_valid);
-        linear_forward(a->proj, atty, p->out_w + (size_t)l * C * C, p->out_b + lc, N, C, C);
-        keep = site_mask(a, drop, a->keep_res1 + l * maxBT * C, l, DROP_ATTN_RESID, BT * C);
-        residual_layernorm_forward(res1, ln1, ln1_mean, ln1_rstd, x, a->proj, keep, ds, p->ln1_w + lc, p->ln1_b + lc, N,
-                                   C, c->ln_eps);
+        linear_forward(y.qkv, x, p->qkv_w + (size_t)l * 3 * C * C, p->qkv_b + 3 * lc, N, C, 3 * C);
+        keep = site_mask(a, drop, y.keep_att, l, DROP_ATTN_PROBS, BT * H * T);
+        attention_forward(y.atty, y.att, y.qkv, keep, ds, B, T, C, H, a->key_valid);
+        linear_forward(a->proj, y.atty, p->out_w + (size_t)l * C * C, p->out_b + lc, N, C, C);
+        keep = site_mask(a, drop, y.keep_res1, l, DROP_ATTN_RESID, BT * C);
+        residual_layernorm_forward(y.res1, y.ln1, y.ln1_mean, y.ln1_rstd, x, a->proj, keep, ds, p->ln1_w + lc,
+                                   p->ln1_b + lc, N, C, c->ln_eps);
         // x = LN2(h + Drop(Dense2(GELU(Dense1(h))))), no dropout inside the feed-forward block.
-        linear_forward(fc_pre, ln1, p->ff1_w + (size_t)l * F * C, p->ff1_b + (size_t)l * F, N, C, F);
-        gelu_forward(fch, fc_pre, BT * F);
-        linear_forward(a->proj, fch, p->ff2_w + (size_t)l * C * F, p->ff2_b + lc, N, F, C);
-        keep = site_mask(a, drop, a->keep_res2 + l * maxBT * C, l, DROP_FFN_RESID, BT * C);
-        residual_layernorm_forward(res2, ln2, ln2_mean, ln2_rstd, ln1, a->proj, keep, ds, p->ln2_w + lc, p->ln2_b + lc,
-                                   N, C, c->ln_eps);
-        x = ln2;
+        linear_forward(y.fc_pre, y.ln1, p->ff1_w + (size_t)l * F * C, p->ff1_b + (size_t)l * F, N, C, F);
+        gelu_forward(y.fch, y.fc_pre, BT * F);
+        linear_forward(a->proj, y.fch, p->ff2_w + (size_t)l * C * F, p->ff2_b + lc, N, F, C);
+        keep = site_mask(a, drop, y.keep_res2, l, DROP_FFN_RESID, BT * C);
+        residual_layernorm_forward(y.res2, y.ln2, y.ln2_mean, y.ln2_rstd, y.ln1, a->proj, keep, ds, p->ln2_w + lc,
+                                   p->ln2_b + lc, N, C, c->ln_eps);
+        x = y.ln2;
     }
     return x;
 }
@@ -411,42 +425,35 @@ static void labml_encoder_backward(CpuModel *m) {
     const ModelConfig *c = &m->cfg;
     CpuActs *a = m->internal;
     int B = m->B, T = c->max_seq, C = c->d_model, H = c->n_heads, F = c->d_ff, L = c->n_layers;
-    size_t BT = (size_t)B * T, maxBT = (size_t)m->max_B * T;
+    size_t BT = (size_t)B * T;
     int N = (int)BT;
     float ds = a->drop_scale;
     const ParamTensors *p = &m->p;
     const ParamTensors *g = &m->g;
     for (int l = L - 1; l >= 0; l--) {
         size_t lc = (size_t)l * C;
-        const float *x = l > 0 ? a->res2 + (size_t)(l - 1) * maxBT * C : a->encoded;  // layer input
-        const float *ln1 = a->ln1 + l * maxBT * C, *ln1_mean = a->ln1_mean + l * maxBT, *ln1_rstd = a->ln1_rstd + l * maxBT;
-        const float *qkv = a->qkv + l * maxBT * 3 * C;
-        const float *att = a->att + l * maxBT * H * T;
-        const float *atty = a->atty + l * maxBT * C;
-        const float *res1 = a->res1 + l * maxBT * C;
-        const float *ln2 = a->ln2 + l * maxBT * C, *ln2_mean = a->ln2_mean + l * maxBT, *ln2_rstd = a->ln2_rstd + l * maxBT;
-        const float *fch = a->fch + l * maxBT * F;
-        const uint8_t *keep_att = a->dropout_on ? a->keep_att + l * maxBT * H * T : NULL;
-        const uint8_t *keep_res1 = a->dropout_on ? a->keep_res1 + l * maxBT * C : NULL;
-        const uint8_t *keep_res2 = a->dropout_on ? a->keep_res2 + l * maxBT * C : NULL;
+        LayerActs y = layer_acts(m, l);
+        const float *x = l > 0 ? layer_acts(m, l - 1).res2 : a->encoded;  // layer input
 
         // FFN block: dres is d(res2); the skip path passes it on unchanged to d(res1).
-        residual_dropout_backward(a->dproj, a->dres, keep_res2, ds, BT * C);
-        linear_backward(a->dfch, g->ff2_w + (size_t)l * C * F, g->ff2_b + lc, a->dproj, fch,
+        residual_dropout_backward(a->dproj, a->dres, y.keep_res2, ds, BT * C);
+        linear_backward(a->dfch, g->ff2_w + (size_t)l * C * F, g->ff2_b + lc, a->dproj, y.fch,
                         p->ff2_w + (size_t)l * C * F, N, F, C);
-        relu_dropout_backward(a->dfch, fch, ds, BT * F);
-        linear_backward(a->dln, g->ff1_w + (size_t)l * F * C, g->ff1_b + (size_t)l * F, a->dfch, ln2,
+        relu_dropout_backward(a->dfch, y.fch, ds, BT * F);
+        linear_backward(a->dln, g->ff1_w + (size_t)l * F * C, g->ff1_b + (size_t)l * F, a->dfch, y.ln2,
                         p->ff1_w + (size_t)l * F * C, N, C, F);
-        layernorm_backward(a->dres, g->ln2_w + lc, g->ln2_b + lc, a->dln, res1, p->ln2_w + lc, ln2_mean, ln2_rstd, N, C);
+        layernorm_backward(a->dres, g->ln2_w + lc, g->ln2_b + lc, a->dln, y.res1, p->ln2_w + lc, y.ln2_mean, y.ln2_rstd,
+                           N, C);
 
         // Attention block: dres is now d(res1); the skip path passes it on to d(x).
-        residual_dropout_backward(a->dproj, a->dres, keep_res1, ds, BT * C);
-        linear_backward(a->datty, g->out_w + (size_t)l * C * C, g->out_b + lc, a->dproj, atty,
+        residual_dropout_backward(a->dproj, a->dres, y.keep_res1, ds, BT * C);
+        linear_backward(a->datty, g->out_w + (size_t)l * C * C, g->out_b + lc, a->dproj, y.atty,
                         p->out_w + (size_t)l * C * C, N, C, C);
-        attention_backward(a->dqkv, a->datty, qkv, att, keep_att, ds, B, T, C, H);
-        linear_backward(a->dln, g->qkv_w + (size_t)l * 3 * C * C, g->qkv_b + 3 * lc, a->dqkv, ln1,
+        attention_backward(a->dqkv, a->datty, y.qkv, y.att, y.keep_att, ds, B, T, C, H);
+        linear_backward(a->dln, g->qkv_w + (size_t)l * 3 * C * C, g->qkv_b + 3 * lc, a->dqkv, y.ln1,
                         p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
-        layernorm_backward(a->dres, g->ln1_w + lc, g->ln1_b + lc, a->dln, x, p->ln1_w + lc, ln1_mean, ln1_rstd, N, C);
+        layernorm_backward(a->dres, g->ln1_w + lc, g->ln1_b + lc, a->dln, x, p->ln1_w + lc, y.ln1_mean, y.ln1_rstd, N,
+                           C);
     }
     embedding_backward(g->tok_emb, a->dres, m->last_inputs, B, T, C);
 }
@@ -457,43 +464,36 @@ static void bert_encoder_backward(CpuModel *m) {
     const ModelConfig *c = &m->cfg;
     CpuActs *a = m->internal;
     int B = m->B, T = c->max_seq, C = c->d_model, H = c->n_heads, F = c->d_ff, L = c->n_layers;
-    size_t BT = (size_t)B * T, maxBT = (size_t)m->max_B * T;
+    size_t BT = (size_t)B * T;
     int N = (int)BT;
     float ds = a->drop_scale;
     const ParamTensors *p = &m->p;
     const ParamTensors *g = &m->g;
     for (int l = L - 1; l >= 0; l--) {
         size_t lc = (size_t)l * C;
-        const float *x = l > 0 ? a->ln2 + (size_t)(l - 1) * maxBT * C : a->encoded;  // layer input
-        const float *ln1 = a->ln1 + l * maxBT * C, *ln1_mean = a->ln1_mean + l * maxBT, *ln1_rstd = a->ln1_rstd + l * maxBT;
-        const float *qkv = a->qkv + l * maxBT * 3 * C;
-        const float *att = a->att + l * maxBT * H * T;
-        const float *atty = a->atty + l * maxBT * C;
-        const float *res1 = a->res1 + l * maxBT * C, *res2 = a->res2 + l * maxBT * C;
-        const float *ln2_mean = a->ln2_mean + l * maxBT, *ln2_rstd = a->ln2_rstd + l * maxBT;
-        const float *fc_pre = a->fc_pre + l * maxBT * F, *fch = a->fch + l * maxBT * F;
-        const uint8_t *keep_att = a->dropout_on ? a->keep_att + l * maxBT * H * T : NULL;
-        const uint8_t *keep_res1 = a->dropout_on ? a->keep_res1 + l * maxBT * C : NULL;
-        const uint8_t *keep_res2 = a->dropout_on ? a->keep_res2 + l * maxBT * C : NULL;
+        LayerActs y = layer_acts(m, l);
+        const float *x = l > 0 ? layer_acts(m, l - 1).ln2 : a->encoded;  // layer input
 
         // FFN block: dres is d(LN2 output); dres2 = d(res2) = d(h) through the skip, plus the FFN's input gradient.
         memset(a->dres2, 0, BT * C * sizeof(float));
-        layernorm_backward(a->dres2, g->ln2_w + lc, g->ln2_b + lc, a->dres, res2, p->ln2_w + lc, ln2_mean, ln2_rstd, N, C);
-        residual_dropout_backward(a->dproj, a->dres2, keep_res2, ds, BT * C);
-        linear_backward(a->dfch, g->ff2_w + (size_t)l * C * F, g->ff2_b + lc, a->dproj, fch,
+        layernorm_backward(a->dres2, g->ln2_w + lc, g->ln2_b + lc, a->dres, y.res2, p->ln2_w + lc, y.ln2_mean,
+                           y.ln2_rstd, N, C);
+        residual_dropout_backward(a->dproj, a->dres2, y.keep_res2, ds, BT * C);
+        linear_backward(a->dfch, g->ff2_w + (size_t)l * C * F, g->ff2_b + lc, a->dproj, y.fch,
                         p->ff2_w + (size_t)l * C * F, N, F, C);
-        gelu_backward(a->dfch, a->dfch, fc_pre, BT * F);
-        linear_backward(a->dln, g->ff1_w + (size_t)l * F * C, g->ff1_b + (size_t)l * F, a->dfch, ln1,
+        gelu_backward(a->dfch, a->dfch, y.fc_pre, BT * F);
+        linear_backward(a->dln, g->ff1_w + (size_t)l * F * C, g->ff1_b + (size_t)l * F, a->dfch, y.ln1,
                         p->ff1_w + (size_t)l * F * C, N, C, F);
         add_inplace(a->dres2, a->dln, BT * C);  // d h
 
         // Attention block: dres = d(res1) = d(x) through the skip, plus the attention's input gradient.
         memset(a->dres, 0, BT * C * sizeof(float));
-        layernorm_backward(a->dres, g->ln1_w + lc, g->ln1_b + lc, a->dres2, res1, p->ln1_w + lc, ln1_mean, ln1_rstd, N, C);
-        residual_dropout_backward(a->dproj, a->dres, keep_res1, ds, BT * C);
-        linear_backward(a->datty, g->out_w + (size_t)l * C * C, g->out_b + lc, a->dproj, atty,
+        layernorm_backward(a->dres, g->ln1_w + lc, g->ln1_b + lc, a->dres2, y.res1, p->ln1_w + lc, y.ln1_mean,
+                           y.ln1_rstd, N, C);
+        residual_dropout_backward(a->dproj, a->dres, y.keep_res1, ds, BT * C);
+        linear_backward(a->datty, g->out_w + (size_t)l * C * C, g->out_b + lc, a->dproj, y.atty,
                         p->out_w + (size_t)l * C * C, N, C, C);
-        attention_backward(a->dqkv, a->datty, qkv, att, keep_att, ds, B, T, C, H);
+        attention_backward(a->dqkv, a->datty, y.qkv, y.att, y.keep_att, ds, B, T, C, H);
         linear_backward(a->dln, g->qkv_w + (size_t)l * 3 * C * C, g->qkv_b + 3 * lc, a->dqkv, x,
                         p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
         add_inplace(a->dres, a->dln, BT * C);  // d x

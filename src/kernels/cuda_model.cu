@@ -792,6 +792,28 @@ static void sparse_logits_to_host(CudaModel *m, float *logits, int B) {
 // ---------------------------------------------------------------------------------------------------------
 // Forward and backward (asynchronous on the model's stream; nothing here waits for the device).
 
+// One layer's saved activations and dropout masks: its slices of the stacked [L, max_B, T, ...] tensors (as
+// cpu_model.c's LayerActs).
+typedef struct {
+    float *ln1, *ln1_mean, *ln1_rstd, *qkv, *att, *atty, *res1, *ln2, *ln2_mean, *ln2_rstd, *fc_pre, *fch, *res2;
+    uint8_t *keep_att, *keep_res1, *keep_res2;  // NULL in the backward when the forward had no dropout
+} LayerActs;
+
+static LayerActs layer_acts(const CudaModel *m, int l) {
+    const ModelConfig *c = &m->cfg;
+    const DevActs *a = &m->a;
+    size_t maxBT = (size_t)m->max_B * c->max_seq, C = c->d_model, H = c->n_heads, T = c->max_seq, F = c->d_ff;
+    size_t rows = l * maxBT;
+    LayerActs y = {
+        a->ln1 + rows * C, a->ln1_mean + rows, a->ln1_rstd + rows, a->qkv + rows * 3 * C, a->att + rows * H * T,
+        a->atty + rows * C, a->res1 + rows * C, a->ln2 + rows * C, a->ln2_mean + rows, a->ln2_rstd + rows,
+        c->arch == MODEL_ARCH_BERT ? a->fc_pre + rows * F : NULL, a->fch + rows * F, a->res2 + rows * C,
+        a->keep_att + rows * H * T, a->keep_res1 + rows * C, a->keep_res2 + rows * C,
+    };
+    if (!m->dropout_on) y.keep_att = y.keep_res1 = y.keep_res2 = NULL;
+    return y;
+}
+
 // The attention core of layer l (as attention.c): atty[B, T, C] and att[B, H, T, T] from qkv (without its bias,
 // which the kernels add) and the layer's dropout; [PAD] keys masked out for arch = bert.
 static void attention_layer_forward(CudaModel *m, int l, int B, const CudaRandom *rnd) {
@@ -803,11 +825,12 @@ static void attention_layer_forward(CudaModel *m, int l, int B, const CudaRandom
     float ds = m->drop_scale, att_scale = 1.0f / sqrtf((float)hs);
     long long sT = (long long)T * hs, sTT = (long long)T * T;
     float *qkv = a->qkv + l * maxBT * 3 * C, *att = a->att + l * maxBT * H * T, *atty = a->atty + l * maxBT * C;
+    uint8_t *keep_att = a->keep_att + l * maxBT * H * T;
     const uint8_t *key_valid = c->arch == MODEL_ARCH_BERT ? a->key_valid : NULL;
     uint8_t *keep;
     if (cuda_attention_fused_fits(T, C, H)) {
         // One kernel per (batch, head); qkv stays without its bias (the kernels add it when they load).
-        keep = site_mask(m, rnd, a->keep_att + l * maxBT * H * T, l, DROP_ATTN_PROBS, BHTT);
+        keep = site_mask(m, rnd, keep_att, l, DROP_ATTN_PROBS, BHTT);
         cuda_attention_forward(atty, att, qkv, p->qkv_b + 3 * lc, keep, ds, B, T, C, H, key_valid, m->stream);
         return;
     }
@@ -815,7 +838,7 @@ static void attention_layer_forward(CudaModel *m, int l, int B, const CudaRandom
     cuda_qkv_split_heads(a->q, a->k, a->v, qkv, B, T, C, H, m->stream);
     // scores[bh] = Q K^T (row-major [T, T]) = column-major K^T' Q: op(K) = T.
     gemm_batched(m, CUBLAS_OP_T, CUBLAS_OP_N, T, T, hs, a->k, hs, sT, a->q, hs, sT, att, T, sTT, BH);
-    keep = site_mask(m, rnd, a->keep_att + l * maxBT * H * T, l, DROP_ATTN_PROBS, BHTT);
+    keep = site_mask(m, rnd, keep_att, l, DROP_ATTN_PROBS, BHTT);
     cuda_softmax_forward(att, keep ? a->att_drop : NULL, keep, ds, att_scale, BH, T, key_valid, H, m->stream);
     const float *pv = keep ? a->att_drop : att;
     // yh[bh] = P V (row-major [T, hs]) = column-major V' P'.
@@ -842,38 +865,32 @@ static const float *labml_layers_forward(CudaModel *m, int B, const CudaRandom *
         snprintf(name, sizeof(name), "forward layer %d", l);
         nvtxRangePushA(name);
         size_t lc = (size_t)l * C;
-        float *ln1 = a->ln1 + l * maxBT * C;  // with its mean and rstd, written before the layer (see above)
-        float *qkv = a->qkv + l * maxBT * 3 * C;
-        float *atty = a->atty + l * maxBT * C;
-        float *res1 = a->res1 + l * maxBT * C;
-        float *ln2 = a->ln2 + l * maxBT * C, *ln2_mean = a->ln2_mean + l * maxBT, *ln2_rstd = a->ln2_rstd + l * maxBT;
-        float *fch = a->fch + l * maxBT * F;
-        float *res2 = a->res2 + l * maxBT * C;
+        LayerActs y = layer_acts(m, l);  // y.ln1 with its mean and rstd was written before the layer (see above)
 
         // x = x + Drop(OutProj(MHA(LN1(x)))); LN1 (ln1, ln1_mean, ln1_rstd) was written by the kernel before.
-        matmul_forward(m, qkv, ln1, p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
+        matmul_forward(m, y.qkv, y.ln1, p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
         attention_layer_forward(m, l, B, rnd);
-        matmul_forward(m, a->proj, atty, p->out_w + (size_t)l * C * C, N, C, C);
+        matmul_forward(m, a->proj, y.atty, p->out_w + (size_t)l * C * C, N, C, C);
         uint8_t *keep = site_mask(m, rnd, a->keep_res1 + l * maxBT * C, l, DROP_ATTN_RESID, BT * C);
         // The residual add fused with the LN2 that reads it.
-        cuda_residual_layernorm_forward(res1, ln2, ln2_mean, ln2_rstd, x, a->proj, p->out_b + lc, keep, ds,
+        cuda_residual_layernorm_forward(y.res1, y.ln2, y.ln2_mean, y.ln2_rstd, x, a->proj, p->out_b + lc, keep, ds,
                                         p->ln2_w + lc, p->ln2_b + lc, N, C, c->ln_eps, m->stream);
 
         // x = x + Drop(Linear2(Drop(ReLU(Linear1(LN2(x))))))
-        matmul_forward(m, fch, ln2, p->ff1_w + (size_t)l * F * C, N, C, F);
+        matmul_forward(m, y.fch, y.ln2, p->ff1_w + (size_t)l * F * C, N, C, F);
         keep = site_mask(m, rnd, a->keep_hidden, l, DROP_FFN_HIDDEN, BT * F);
-        cuda_bias_relu_dropout_forward(fch, p->ff1_b + (size_t)l * F, keep, ds, BT * F, F, m->stream);
-        matmul_forward(m, a->proj, fch, p->ff2_w + (size_t)l * C * F, N, F, C);
+        cuda_bias_relu_dropout_forward(y.fch, p->ff1_b + (size_t)l * F, keep, ds, BT * F, F, m->stream);
+        matmul_forward(m, a->proj, y.fch, p->ff2_w + (size_t)l * C * F, N, F, C);
         keep = site_mask(m, rnd, a->keep_res2 + l * maxBT * C, l, DROP_FFN_RESID, BT * C);
         if (l + 1 < L) {  // the residual add fused with the next layer's LN1
-            size_t nc = lc + C, nb = (size_t)(l + 1) * maxBT;
-            cuda_residual_layernorm_forward(res2, a->ln1 + nb * C, a->ln1_mean + nb, a->ln1_rstd + nb, res1, a->proj,
-                                            p->ff2_b + lc, keep, ds, p->ln1_w + nc, p->ln1_b + nc, N, C, c->ln_eps,
-                                            m->stream);
+            LayerActs next = layer_acts(m, l + 1);
+            cuda_residual_layernorm_forward(y.res2, next.ln1, next.ln1_mean, next.ln1_rstd, y.res1, a->proj,
+                                            p->ff2_b + lc, keep, ds, p->ln1_w + lc + C, p->ln1_b + lc + C, N, C,
+                                            c->ln_eps, m->stream);
         } else {  // the final LayerNorm below reads it
-            cuda_residual_dropout_forward(res2, res1, a->proj, p->ff2_b + lc, keep, ds, BT * C, C, m->stream);
+            cuda_residual_dropout_forward(y.res2, y.res1, a->proj, p->ff2_b + lc, keep, ds, BT * C, C, m->stream);
         }
-        x = res2;
+        x = y.res2;
         nvtxRangePop();
     }
     return x;
@@ -902,26 +919,20 @@ static const float *bert_layers_forward(CudaModel *m, int B, const CudaRandom *r
         snprintf(name, sizeof(name), "forward layer %d", l);
         nvtxRangePushA(name);
         size_t lc = (size_t)l * C;
-        float *ln1 = a->ln1 + l * maxBT * C, *ln1_mean = a->ln1_mean + l * maxBT, *ln1_rstd = a->ln1_rstd + l * maxBT;
-        float *qkv = a->qkv + l * maxBT * 3 * C;
-        float *atty = a->atty + l * maxBT * C;
-        float *res1 = a->res1 + l * maxBT * C;
-        float *ln2 = a->ln2 + l * maxBT * C, *ln2_mean = a->ln2_mean + l * maxBT, *ln2_rstd = a->ln2_rstd + l * maxBT;
-        float *fc_pre = a->fc_pre + l * maxBT * F, *fch = a->fch + l * maxBT * F;
-        float *res2 = a->res2 + l * maxBT * C;
-        matmul_forward(m, qkv, x, p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
+        LayerActs y = layer_acts(m, l);
+        matmul_forward(m, y.qkv, x, p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
         attention_layer_forward(m, l, B, rnd);
-        matmul_forward(m, a->proj, atty, p->out_w + (size_t)l * C * C, N, C, C);
+        matmul_forward(m, a->proj, y.atty, p->out_w + (size_t)l * C * C, N, C, C);
         keep = site_mask(m, rnd, a->keep_res1 + l * maxBT * C, l, DROP_ATTN_RESID, BT * C);
-        cuda_residual_layernorm_forward(res1, ln1, ln1_mean, ln1_rstd, x, a->proj, p->out_b + lc, keep, ds,
+        cuda_residual_layernorm_forward(y.res1, y.ln1, y.ln1_mean, y.ln1_rstd, x, a->proj, p->out_b + lc, keep, ds,
                                         p->ln1_w + lc, p->ln1_b + lc, N, C, c->ln_eps, m->stream);
-        matmul_forward(m, fc_pre, ln1, p->ff1_w + (size_t)l * F * C, N, C, F);
-        cuda_bias_gelu_forward(fc_pre, fch, p->ff1_b + (size_t)l * F, BT * F, F, m->stream);
-        matmul_forward(m, a->proj, fch, p->ff2_w + (size_t)l * C * F, N, F, C);
+        matmul_forward(m, y.fc_pre, y.ln1, p->ff1_w + (size_t)l * F * C, N, C, F);
+        cuda_bias_gelu_forward(y.fc_pre, y.fch, p->ff1_b + (size_t)l * F, BT * F, F, m->stream);
+        matmul_forward(m, a->proj, y.fch, p->ff2_w + (size_t)l * C * F, N, F, C);
         keep = site_mask(m, rnd, a->keep_res2 + l * maxBT * C, l, DROP_FFN_RESID, BT * C);
-        cuda_residual_layernorm_forward(res2, ln2, ln2_mean, ln2_rstd, ln1, a->proj, p->ff2_b + lc, keep, ds,
+        cuda_residual_layernorm_forward(y.res2, y.ln2, y.ln2_mean, y.ln2_rstd, y.ln1, a->proj, p->ff2_b + lc, keep, ds,
                                         p->ln2_w + lc, p->ln2_b + lc, N, C, c->ln_eps, m->stream);
-        x = ln2;
+        x = y.ln2;
         nvtxRangePop();
     }
     return x;
@@ -1010,7 +1021,6 @@ static void labml_layers_backward(CudaModel *m) {
     const ParamTensors *p = &m->p;
     const ParamTensors *g = &m->g;
     int B = m->B, T = c->max_seq, C = c->d_model, F = c->d_ff, V = c->vocab, L = c->n_layers;
-    size_t maxBT = (size_t)m->max_B * T;
     int N = B * T;
     float ds = m->drop_scale;
     char name[64];
@@ -1018,48 +1028,40 @@ static void labml_layers_backward(CudaModel *m) {
         snprintf(name, sizeof(name), "backward layer %d", l);
         nvtxRangePushA(name);
         size_t lc = (size_t)l * C;
-        const float *x = l > 0 ? a->res2 + (size_t)(l - 1) * maxBT * C : a->encoded;  // layer input
-        const float *ln1 = a->ln1 + l * maxBT * C, *ln1_mean = a->ln1_mean + l * maxBT, *ln1_rstd = a->ln1_rstd + l * maxBT;
-        const float *atty = a->atty + l * maxBT * C;
-        const float *res1 = a->res1 + l * maxBT * C;
-        const float *ln2 = a->ln2 + l * maxBT * C, *ln2_mean = a->ln2_mean + l * maxBT, *ln2_rstd = a->ln2_rstd + l * maxBT;
-        const float *fch = a->fch + l * maxBT * F;
-        const uint8_t *keep_att = m->dropout_on ? a->keep_att + l * maxBT * c->n_heads * T : NULL;
-        const uint8_t *keep_res1 = m->dropout_on ? a->keep_res1 + l * maxBT * C : NULL;
-        const uint8_t *keep_res2 = m->dropout_on ? a->keep_res2 + l * maxBT * C : NULL;
+        LayerActs y = layer_acts(m, l);
+        const float *x = l > 0 ? layer_acts(m, l - 1).res2 : a->encoded;  // layer input
 
         // FFN block: dres is d(res2); the skip path passes it on unchanged to d(res1). dproj = d(FFN output),
         // its column sums in the ff2 bias gradient: here for the top layer, below it by the LN1 backward of the
         // layer above.
         if (l == L - 1)
-            cuda_residual_dropout_backward_sums(a->dproj, a->dres, keep_res2, ds, N, C, g->ff2_b + lc, a->scratch,
+            cuda_residual_dropout_backward_sums(a->dproj, a->dres, y.keep_res2, ds, N, C, g->ff2_b + lc, a->scratch,
                                                 m->stream);
-        linear_backward(m, a->dfch, g->ff2_w + (size_t)l * C * F, NULL, a->dproj, fch, p->ff2_w + (size_t)l * C * F,
+        linear_backward(m, a->dfch, g->ff2_w + (size_t)l * C * F, NULL, a->dproj, y.fch, p->ff2_w + (size_t)l * C * F,
                         N, F, C);
         // The ReLU/dropout backward also sums the ff1 bias gradient as it goes.
-        cuda_relu_dropout_backward_sums(a->dfch, fch, ds, N, F, g->ff1_b + (size_t)l * F, a->scratch, m->stream);
-        linear_backward(m, a->dln, g->ff1_w + (size_t)l * F * C, NULL, a->dfch, ln2, p->ff1_w + (size_t)l * F * C, N,
+        cuda_relu_dropout_backward_sums(a->dfch, y.fch, ds, N, F, g->ff1_b + (size_t)l * F, a->scratch, m->stream);
+        linear_backward(m, a->dln, g->ff1_w + (size_t)l * F * C, NULL, a->dfch, y.ln2, p->ff1_w + (size_t)l * F * C, N,
                         C, F);
         // LN2's backward also writes dproj = d(attention output) = dropout backward of d(res1), and its column
         // sums into the output projection's bias gradient.
-        cuda_layernorm_backward_residual(a->dres, g->ln2_w + lc, g->ln2_b + lc, a->dln, res1, p->ln2_w + lc, ln2_mean,
-                                         ln2_rstd, N, C, a->dproj, keep_res1, ds, g->out_b + lc, a->scratch,
-                                         m->stream);
+        cuda_layernorm_backward_residual(a->dres, g->ln2_w + lc, g->ln2_b + lc, a->dln, y.res1, p->ln2_w + lc,
+                                         y.ln2_mean, y.ln2_rstd, N, C, a->dproj, y.keep_res1, ds, g->out_b + lc,
+                                         a->scratch, m->stream);
 
         // Attention block: dres is now d(res1); the skip path passes it on to d(x).
-        linear_backward(m, a->datty, g->out_w + (size_t)l * C * C, NULL, a->dproj, atty,
+        linear_backward(m, a->datty, g->out_w + (size_t)l * C * C, NULL, a->dproj, y.atty,
                         p->out_w + (size_t)l * C * C, N, C, C);
-        float *dqkv_b = attention_layer_backward(m, l, keep_att);
-        linear_backward(m, a->dln, g->qkv_w + (size_t)l * 3 * C * C, dqkv_b, a->dqkv, ln1,
+        float *dqkv_b = attention_layer_backward(m, l, y.keep_att);
+        linear_backward(m, a->dln, g->qkv_w + (size_t)l * 3 * C * C, dqkv_b, a->dqkv, y.ln1,
                         p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
         if (l > 0) {  // LN1's backward also starts the FFN block of the layer below (as LN2's above)
-            const uint8_t *keep_below = m->dropout_on ? a->keep_res2 + (size_t)(l - 1) * maxBT * C : NULL;
-            cuda_layernorm_backward_residual(a->dres, g->ln1_w + lc, g->ln1_b + lc, a->dln, x, p->ln1_w + lc, ln1_mean,
-                                             ln1_rstd, N, C, a->dproj, keep_below, ds, g->ff2_b + lc - C, a->scratch,
-                                             m->stream);
+            cuda_layernorm_backward_residual(a->dres, g->ln1_w + lc, g->ln1_b + lc, a->dln, x, p->ln1_w + lc,
+                                             y.ln1_mean, y.ln1_rstd, N, C, a->dproj, layer_acts(m, l - 1).keep_res2, ds,
+                                             g->ff2_b + lc - C, a->scratch, m->stream);
         } else {
-            cuda_layernorm_backward(a->dres, g->ln1_w + lc, g->ln1_b + lc, a->dln, x, p->ln1_w + lc, ln1_mean,
-                                    ln1_rstd, N, C, a->scratch, m->stream);
+            cuda_layernorm_backward(a->dres, g->ln1_w + lc, g->ln1_b + lc, a->dln, x, p->ln1_w + lc, y.ln1_mean,
+                                    y.ln1_rstd, N, C, a->scratch, m->stream);
         }
         nvtxRangePop();
     }
@@ -1075,7 +1077,7 @@ static void bert_layers_backward(CudaModel *m) {
     const ParamTensors *p = &m->p;
     const ParamTensors *g = &m->g;
     int B = m->B, T = c->max_seq, C = c->d_model, F = c->d_ff, V = c->vocab, L = c->n_layers;
-    size_t BT = (size_t)B * T, maxBT = (size_t)m->max_B * T;
+    size_t BT = (size_t)B * T;
     int N = (int)BT;
     float ds = m->drop_scale;
     char name[64];
@@ -1083,35 +1085,28 @@ static void bert_layers_backward(CudaModel *m) {
         snprintf(name, sizeof(name), "backward layer %d", l);
         nvtxRangePushA(name);
         size_t lc = (size_t)l * C;
-        const float *x = l > 0 ? a->ln2 + (size_t)(l - 1) * maxBT * C : a->encoded;  // layer input
-        const float *ln1 = a->ln1 + l * maxBT * C, *ln1_mean = a->ln1_mean + l * maxBT, *ln1_rstd = a->ln1_rstd + l * maxBT;
-        const float *atty = a->atty + l * maxBT * C;
-        const float *res1 = a->res1 + l * maxBT * C, *res2 = a->res2 + l * maxBT * C;
-        const float *ln2_mean = a->ln2_mean + l * maxBT, *ln2_rstd = a->ln2_rstd + l * maxBT;
-        const float *fc_pre = a->fc_pre + l * maxBT * F, *fch = a->fch + l * maxBT * F;
-        const uint8_t *keep_att = m->dropout_on ? a->keep_att + l * maxBT * c->n_heads * T : NULL;
-        const uint8_t *keep_res1 = m->dropout_on ? a->keep_res1 + l * maxBT * C : NULL;
-        const uint8_t *keep_res2 = m->dropout_on ? a->keep_res2 + l * maxBT * C : NULL;
+        LayerActs y = layer_acts(m, l);
+        const float *x = l > 0 ? layer_acts(m, l - 1).ln2 : a->encoded;  // layer input
 
         // FFN block: dres2 = d(res2) from LN2's backward; then the FFN's input gradient is added to it: d h.
         CUDA_CHECK(cudaMemsetAsync(a->dres2, 0, BT * C * sizeof(float), m->stream));
-        cuda_layernorm_backward(a->dres2, g->ln2_w + lc, g->ln2_b + lc, a->dres, res2, p->ln2_w + lc, ln2_mean,
-                                ln2_rstd, N, C, a->scratch, m->stream);
-        cuda_residual_dropout_backward(a->dproj, a->dres2, keep_res2, ds, BT * C, m->stream);
-        linear_backward(m, a->dfch, g->ff2_w + (size_t)l * C * F, g->ff2_b + lc, a->dproj, fch,
+        cuda_layernorm_backward(a->dres2, g->ln2_w + lc, g->ln2_b + lc, a->dres, y.res2, p->ln2_w + lc, y.ln2_mean,
+                                y.ln2_rstd, N, C, a->scratch, m->stream);
+        cuda_residual_dropout_backward(a->dproj, a->dres2, y.keep_res2, ds, BT * C, m->stream);
+        linear_backward(m, a->dfch, g->ff2_w + (size_t)l * C * F, g->ff2_b + lc, a->dproj, y.fch,
                         p->ff2_w + (size_t)l * C * F, N, F, C);
-        cuda_gelu_backward(a->dfch, a->dfch, fc_pre, BT * F, m->stream);
-        linear_backward_acc(m, a->dres2, g->ff1_w + (size_t)l * F * C, g->ff1_b + (size_t)l * F, a->dfch, ln1,
+        cuda_gelu_backward(a->dfch, a->dfch, y.fc_pre, BT * F, m->stream);
+        linear_backward_acc(m, a->dres2, g->ff1_w + (size_t)l * F * C, g->ff1_b + (size_t)l * F, a->dfch, y.ln1,
                             p->ff1_w + (size_t)l * F * C, N, C, F);
 
         // Attention block: dres = d(res1) from LN1's backward, plus the attention's input gradient: d x.
         CUDA_CHECK(cudaMemsetAsync(a->dres, 0, BT * C * sizeof(float), m->stream));
-        cuda_layernorm_backward(a->dres, g->ln1_w + lc, g->ln1_b + lc, a->dres2, res1, p->ln1_w + lc, ln1_mean,
-                                ln1_rstd, N, C, a->scratch, m->stream);
-        cuda_residual_dropout_backward(a->dproj, a->dres, keep_res1, ds, BT * C, m->stream);
-        linear_backward(m, a->datty, g->out_w + (size_t)l * C * C, g->out_b + lc, a->dproj, atty,
+        cuda_layernorm_backward(a->dres, g->ln1_w + lc, g->ln1_b + lc, a->dres2, y.res1, p->ln1_w + lc, y.ln1_mean,
+                                y.ln1_rstd, N, C, a->scratch, m->stream);
+        cuda_residual_dropout_backward(a->dproj, a->dres, y.keep_res1, ds, BT * C, m->stream);
+        linear_backward(m, a->datty, g->out_w + (size_t)l * C * C, g->out_b + lc, a->dproj, y.atty,
                         p->out_w + (size_t)l * C * C, N, C, C);
-        float *dqkv_b = attention_layer_backward(m, l, keep_att);
+        float *dqkv_b = attention_layer_backward(m, l, y.keep_att);
         linear_backward_acc(m, a->dres, g->qkv_w + (size_t)l * 3 * C * C, dqkv_b, a->dqkv, x,
                             p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
         nvtxRangePop();
