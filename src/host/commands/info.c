@@ -225,8 +225,11 @@ int info_run(const char *ckpt) {
     printf("%-20s %s\n", "checkpoint", file);
     printf("%-20s %s\n", "run directory", run_dir[0] ? run_dir : "(unknown: the file is not in RUN_DIR/checkpoints)");
     printf("%-20s %zu\n", "parameters", ck.n_params);
-    printf("%-20s d_model %d, %d heads, %d layers, d_ff %d, seq_len %d, vocabulary %d\n", "model", mc.d_model,
-           mc.n_heads, mc.n_layers, mc.d_ff, mc.max_seq, mc.vocab);
+    printf("%-20s %s: d_model %d, %d heads, %d layers, d_ff %d, seq_len %d, vocabulary %d", "model",
+           mc.arch == MODEL_ARCH_BERT ? "bert (BertForMaskedLM)" : "labml (TransformerMLM)", mc.d_model, mc.n_heads,
+           mc.n_layers, mc.d_ff, mc.max_seq, mc.vocab);
+    if (mc.arch == MODEL_ARCH_BERT) printf(", %d positions, LayerNorm eps %g", mc.max_positions, (double)mc.ln_eps);
+    putchar('\n');
     print_vocabulary(&ck);
     printf("%-20s %ld\n", "step", ck.st.step);
     printf("%-20s %ld completed and validated (of %d)\n", "epochs", ck.st.valid_epochs, c->epochs);
