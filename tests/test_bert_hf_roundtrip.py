@@ -213,9 +213,9 @@ def minilm(args, tmp):
     cfg = json.load(open(os.path.join(src, "config.json")))
     sets = [f"model.d_model={cfg['hidden_size']}", f"model.n_layers={cfg['num_hidden_layers']}",
             f"model.n_heads={cfg['num_attention_heads']}", f"model.d_ff={cfg['intermediate_size']}",
-            f"model.max_positions={cfg['max_position_embeddings']}", "data.seq_len=64", "train.batch_size=8",
+            f"model.max_positions={cfg['max_position_embeddings']}", "data.seq_len=32", "train.batch_size=8",
             "optim.warmup=0", "optim.lr=1e-3", "train.log_every=5"]
-    data = prepare(args.mlm, os.path.join(src, "vocab.txt"), args.corpus, tmp, "minilm-set", 300000)
+    data = prepare(args.mlm, os.path.join(src, "vocab.txt"), args.corpus, tmp, "minilm-set", 100000)
     start, trained = os.path.join(tmp, "minilm-0"), os.path.join(tmp, "minilm-20")
     r = train(args, start, src, data, *sets, "optim.lr=0")
     check("BertModel imports: pooler ignored and listed, head initialised", "pooler" in r.stderr and
