@@ -43,6 +43,19 @@ THREAD_VARS = ('OPENBLAS_NUM_THREADS', 'OMP_NUM_THREADS', 'OMP_WAIT_POLICY', 'GO
 SHAPE = dict(n_layers=4, d_model=256, n_heads=4, d_ff=1024, seq_len=128, vocab=30522)
 
 
+def timed_steps(step, args):
+    """--warmup untimed calls of step(), then --steps timed ones: their target counts, wall and CPU seconds."""
+    for _ in range(args.warmup):
+        step()
+    targets, wall, cpu = [], [], []
+    for _ in range(args.steps):
+        t, c = time.perf_counter(), time.process_time()
+        targets.append(step())
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    return targets, wall, cpu
+
+
 def torch_worker(args) -> int:
     """Time the PyTorch reference model in this process; print one JSON line."""
     import torch
@@ -60,7 +73,6 @@ def torch_worker(args) -> int:
                       warmup=cfg.warmup, d_model=cfg.d_model)
     gen = torch.Generator().manual_seed(args.seed + 1)
     sparse = args.worker == 'torch-sparse'
-    targets = []
 
     def step():
         x = torch.randint(0, cfg.vocab - 2, (cfg.seq_len, cfg.batch), generator=gen)
@@ -77,14 +89,7 @@ def torch_worker(args) -> int:
         opt.step()
         return int((labels != cfg.pad_id).sum())
 
-    for _ in range(args.warmup):
-        step()
-    wall, cpu = [], []
-    for _ in range(args.steps):
-        t, c = time.perf_counter(), time.process_time()
-        targets.append(step())
-        wall.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
+    targets, wall, cpu = timed_steps(step, args)
     med = statistics.median(wall)
     print(json.dumps({'impl': args.worker, 'tokens_per_s': cfg.batch * cfg.seq_len / med, 'step_ms': 1e3 * med,
                       'step_ms_min': 1e3 * min(wall), 'cpu_ms_per_step': 1e3 * statistics.median(cpu),
@@ -115,7 +120,6 @@ def hf_worker(args) -> int:
                             lr=1e-4, betas=(0.9, 0.999), eps=1e-6)
     gen = torch.Generator().manual_seed(args.seed + 1)
     sparse = args.worker == 'hf-sparse'
-    targets = []
 
     def step():
         x = torch.randint(0, V - 2, (B, T), generator=gen)
@@ -137,14 +141,7 @@ def hf_worker(args) -> int:
         opt.step()
         return int(sel.sum())
 
-    for _ in range(args.warmup):
-        step()
-    wall, cpu = [], []
-    for _ in range(args.steps):
-        t, c = time.perf_counter(), time.process_time()
-        targets.append(step())
-        wall.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
+    targets, wall, cpu = timed_steps(step, args)
     med = statistics.median(wall)
     print(json.dumps({'impl': args.worker, 'arch': 'bert', 'tokens_per_s': B * T / med, 'step_ms': 1e3 * med,
                       'step_ms_min': 1e3 * min(wall), 'cpu_ms_per_step': 1e3 * statistics.median(cpu),
