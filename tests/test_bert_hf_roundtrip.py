@@ -6,7 +6,7 @@
 #     one exception that step's arithmetic makes), and config.json agrees.
 #  2. BertForMaskedLM.from_pretrained on the export reports no missing, unexpected or mismatched keys, and
 #     pipeline("fill-mask") on it gives the same top-5 tokens as `mlm fill --json` on the checkpoint (the pipeline
-#     adds [CLS] ... [SEP]; mlm fill is given them literally; a tie at the 5th place is recognised, not failed).
+#     adds [CLS] ... [SEP]; mlm fill is given them literally; near-equal candidates may swap ranks, nothing else).
 #  3. A BertForPreTraining-style file with legacy LayerNorm gamma/beta names, a pooler, a next-sentence head and a
 #     saved tied decoder imports (the extras ignored and listed on one line) and re-exports byte-identical; the
 #     refusals: an untied decoder, a labml checkpoint under --format hf, a config.json that disagrees with model.*
@@ -121,10 +121,10 @@ def roundtrip(args, tmp):
                               f"[CLS] {text} [SEP]"]).stdout)
         mine = [c["id"] for c in res["positions"][0]["top"]]
         theirs = [c["token"] for c in hf[:5]]
-        # A tie at the 5th place: the 5th and 6th candidates' probabilities agree to 1e-6 (float rounding of two
-        # correct computations decides it); then only the first 4 must agree.
-        tie = abs(hf[4]["score"] - hf[5]["score"]) <= 1e-6
-        ok = mine == theirs or (tie and mine[:4] == theirs[:4])
+        # Ties: where the ranks differ, the two tokens' probabilities (the pipeline's, top 6) must agree to 1e-5
+        # relative: the logits agree to ~1e-6 (test_bert_hf), so only such near-equal candidates may swap.
+        score = {c["token"]: c["score"] for c in hf}
+        ok = all(a == b or (a in score and abs(score[a] - score[b]) <= 1e-5 * score[b]) for a, b in zip(mine, theirs))
         check(f"fill-mask top-5 for {text!r}", ok, f"mlm {mine}, pipeline {theirs}"
               f" (probabilities {hf[0]['score']:.4f}..{hf[4]['score']:.4f})")
 
