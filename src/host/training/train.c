@@ -44,7 +44,9 @@ const char *const SAMPLE_PROMPTS[N_PROMPTS] = {
 
 ModelConfig train_model_config(const Config *c, const Vocab *v) {
     ModelConfig m = {.vocab = v->n_tokens, .d_model = c->d_model, .n_heads = c->n_heads, .n_layers = c->n_layers,
-                     .d_ff = c->d_ff, .max_seq = c->seq_len, .dropout = (float)c->dropout, .ln_eps = (float)c->ln_eps};
+                     .d_ff = c->d_ff, .max_seq = c->seq_len, .dropout = (float)c->dropout, .ln_eps = (float)c->ln_eps,
+                     .arch = c->arch, .max_positions = c->max_positions, .type_vocab = c->type_vocab_size,
+                     .init_std = (float)c->init_std, .pad_id = v->pad_id};
     return m;
 }
 
@@ -230,7 +232,15 @@ static int use_color(void) {
     return isatty(STDOUT_FILENO) && !(nc && nc[0]);
 }
 
+// mkdir -p: `--out runs/x` in a fresh checkout creates runs/ too.
 static void make_dir(const char *path) {
+    char parent[1024];
+    snprintf(parent, sizeof(parent), "%s", path);
+    char *slash = strrchr(parent, '/');
+    if (slash && slash != parent) {
+        *slash = '\0';
+        if (access(parent, F_OK) != 0) make_dir(parent);
+    }
     if (mkdir(path, 0755) != 0 && errno != EEXIST)
         mlm_fatal(MLM_EXIT_FAILURE, "cannot create directory %s: %s", path, strerror(errno));
 }
@@ -1070,7 +1080,7 @@ static void setup(Run *r, const Config *cfg, const TrainOptions *opt) {
     if (cfg->max_steps > 0 && cfg->max_steps < r->total_steps) r->total_steps = cfg->max_steps;
     r->oc = config_optim(cfg, r->total_steps);
     int max_b = MLM_MAX(cfg->batch_size, N_PROMPTS);
-    r->layout = rng_layout(max_b, cfg->seq_len, cfg->d_model, cfg->n_heads, cfg->d_ff, cfg->n_layers);
+    r->layout = model_rng_layout(&r->mc, max_b);
     rng_init(&r->train_rng, cfg->seed, RNG_DOMAIN_TRAIN);
     rng_init(&r->valid_rng, cfg->seed, RNG_DOMAIN_VALID);
     rng_init(&r->sample_rng, cfg->seed, RNG_DOMAIN_SAMPLE);
@@ -1102,16 +1112,11 @@ static void setup_model(Run *r, int gpu) {
     r->opt_state = mlm_calloc(2 * P, sizeof(float), "Adam moments");
     r->adam_m = r->opt_state;
     r->adam_v = r->opt_state + P;
-    r->decay_mask = mlm_calloc(P, 1, "weight-decay mask");
+    r->decay_mask = mlm_malloc(P, "weight-decay mask");
+    model_decay_mask(&r->mc, r->decay_mask);
     r->st.best_epoch = -1;
     r->st.last_valid_step = -1;
     r->st.last_valid_loss = r->st.last_valid_acc = NAN;
-    int n = model_param_table(&r->mc, NULL);
-    ParamEntry *tab = mlm_malloc((size_t)n * sizeof(ParamEntry), "parameter table");
-    model_param_table(&r->mc, tab);
-    for (int i = 0; i < n; i++)
-        if (tab[i].is_matrix) memset(r->decay_mask + tab[i].offset, 1, (size_t)tab[i].shape[0] * tab[i].shape[1]);
-    free(tab);
 }
 
 static void teardown(Run *r) {
