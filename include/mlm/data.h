@@ -42,6 +42,11 @@ enum { VOCAB_KIND_CHAR = 0, VOCAB_KIND_BYTE = 1, VOCAB_KIND_WORDPIECE = 2 };
 // them; byte/wordpiece: specials inside [0, n_tokens), distinct, md5 of 32 hex digits. 0, or 1 with a message.
 int vocab_check(const Vocab *v, char *err, size_t errlen);
 
+// One character of s[0, n) (n >= 1): returns the bytes it takes (>= 1) and its code point in *cp, or UTF8_INVALID
+// with 1 byte for an invalid sequence (a stray or truncated one, an overlong form, a surrogate, over U+10FFFF).
+// The one definition of valid UTF-8 in mlm: every tokenizer drops or refuses exactly these bytes.
+#define UTF8_INVALID 0xFFFFFFFFu
+size_t utf8_next(const unsigned char *s, size_t n, uint32_t *cp);
 // Decode UTF-8 text into code points (malloc'ed). Returns -1 with a message in err for invalid UTF-8.
 long utf8_decode(const char *text, size_t len, uint32_t **out, char *err, size_t errlen);
 // Encode one code point as UTF-8 into buf (>= 5 bytes), NUL-terminated; returns the byte count.
