@@ -80,6 +80,11 @@ typedef struct {
 // (n_train/n_valid = the splits' token counts). Exits with a clear message when the set is incomplete, corrupt or
 // too short (each split needs seq_len + 2 tokens). corpus_free releases it.
 void corpus_load_shards(Corpus *c, const char *path, int seq_len);
+// Read every byte of the shard set once (checksums and token ids, on every core) unless run_dir's stamp says this
+// run verified these very files before; write_stamp: record the result there (the holder of run_dir's lock).
+// Prints one line on stdout unless quiet; exits naming the shard and offset when the set is damaged. No-op for a
+// text corpus (it is read whole and decoded, so every id is in range by construction).
+void corpus_verify_shards(Corpus *c, const char *run_dir, int write_stamp, int quiet);
 
 // Load, decode, build the vocabulary (over train + valid, i.e. all text) and split. Exits with a clear
 // message for a missing, unreadable, empty, non-UTF-8 or too-short corpus (needs > seq_len + 1 tokens in
