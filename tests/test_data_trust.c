@@ -32,13 +32,7 @@ static const char *const TINY =
     "--set model.n_layers=1 --set model.d_model=16 --set model.n_heads=2 --set model.d_ff=16 --set data.seq_len=16 "
     "--set train.batch_size=4 --set train.threads=2 --set train.samples=false --device cpu -q";
 
-static int log_has(const char *log, const char *needle) {
-    size_t len;
-    char *t = mlm_read_file(log, &len);
-    int yes = t && strstr(t, needle) != NULL;
-    free(t);
-    return yes;
-}
+#define log_has test_file_contains
 
 static uint64_t rng_state = 0x2207;
 static uint64_t next_rand(void) {
@@ -150,7 +144,7 @@ static void stamp(const char *set, const char *run) {
           log_has(log, "verified (checksums and token ids)"), "changed back: verified again (its times changed), and resumed");
 }
 
-// Rewrite token i of shard entry `e` of the set at dir to `id` with every checksum valid (what a crafted file or
+// Token i of shard entry `e` of the set at dir rewritten to `id` with every checksum valid (what a crafted file or
 // a buggy writer leaves), the manifest rewritten to match.
 static void craft_token(const char *dir, int e, uint64_t i, uint32_t id) {
     Manifest m;
@@ -160,19 +154,7 @@ static void craft_token(const char *dir, int e, uint64_t i, uint32_t id) {
         return;
     }
     manifest_shard_path(&m, &m.shards[e], path, sizeof(path));
-    size_t len;
-    unsigned char *d = (unsigned char *)mlm_read_file(path, &len);
-    uint16_t v = (uint16_t)id;
-    memcpy(d + SHARD_HEADER_BYTES + 2 * i, &v, 2);
-    uint64_t h = shard_fnv1a(SHARD_FNV_INIT, d + SHARD_HEADER_BYTES, len - SHARD_HEADER_BYTES);
-    memcpy(d + 56, &h, 8);
-    uint64_t hh = shard_fnv1a(SHARD_FNV_INIT, d, 64);
-    memcpy(d + 64, &hh, 8);
-    FILE *f = fopen(path, "wb");
-    fwrite(d, 1, len, f);
-    fclose(f);
-    free(d);
-    m.shards[e].payload_hash = h;
+    m.shards[e].payload_hash = test_shard_set_token(path, i, id);
     CHECK(manifest_write(&m, err, sizeof(err)) == 0, "%s", err);
     manifest_free(&m);
 }

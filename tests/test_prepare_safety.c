@@ -36,22 +36,8 @@
 static const char *mlm;
 static char tmp[256];
 
-static int log_has(const char *log, const char *needle) {
-    size_t len;
-    char *t = mlm_read_file(log, &len);
-    int yes = t && strstr(t, needle) != NULL;
-    free(t);
-    return yes;
-}
-
-static int same_bytes(const char *a, const char *b) {
-    size_t la, lb;
-    char *x = mlm_read_file(a, &la), *y = mlm_read_file(b, &lb);
-    int same = x && y && la == lb && !memcmp(x, y, la);
-    free(x);
-    free(y);
-    return same;
-}
+#define log_has test_file_contains
+#define same_bytes test_same_file
 
 // The set at dir opens and every byte verifies; its manifest in *m (caller frees) when m is not NULL.
 static int set_ok(const char *dir, Manifest *m, char *err, size_t errlen) {

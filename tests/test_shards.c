@@ -541,22 +541,12 @@ static void test_mismatch_messages(void) {
     manifest_free(&a);
 }
 
-// Rewrite a shard's token i to `id`, with valid payload and header checksums (what a crafted or buggy writer
-// would leave), and its manifest entry's hash; returns the new payload hash.
+// A shard's token i rewritten to `id` with valid payload and header checksums (what a crafted file or a buggy
+// writer would leave), and its manifest entry's hash.
 static void craft_token(Manifest *m, int entry, uint64_t i, uint32_t id) {
     char path[1400], err[512];
     manifest_shard_path(m, &m->shards[entry], path, sizeof(path));
-    size_t len;
-    unsigned char *d = (unsigned char *)slurp(path, &len);
-    uint16_t v = (uint16_t)id;
-    memcpy(d + SHARD_HEADER_BYTES + 2 * i, &v, 2);
-    uint64_t h = shard_fnv1a(SHARD_FNV_INIT, d + SHARD_HEADER_BYTES, len - SHARD_HEADER_BYTES);
-    memcpy(d + 56, &h, 8);
-    uint64_t hh = shard_fnv1a(SHARD_FNV_INIT, d, 64);
-    memcpy(d + 64, &hh, 8);
-    spit(path, (char *)d, len);
-    free(d);
-    m->shards[entry].payload_hash = h;
+    m->shards[entry].payload_hash = test_shard_set_token(path, i, id);
     CHECK(manifest_write(m, err, sizeof(err)) == 0, "%s", err);
 }
 
