@@ -39,6 +39,6 @@ void corpus_verify_shards(Corpus *c, const char *run_dir, int write_stamp, int q
         printf("# shard set: %d shards, %.1f MB, verified earlier in this run (unchanged since: %s/%s)\n", res.n_shards,
                (double)res.bytes / 1e6, run_dir, SHARD_VERIFIED_STAMP);
     else
-        printf("# shard set: %d shards, %.1f MB verified (checksums and token ids) in %.2f s, %.0f MB/s\n", res.n_shards,
+        printf("# shard set: %d shards, %.1f MB verified (checksums and token ids) in %.3f s, %.0f MB/s\n", res.n_shards,
                (double)res.bytes / 1e6, res.seconds, (double)res.bytes / 1e6 / (res.seconds > 0 ? res.seconds : 1e-9));
 }
