@@ -332,7 +332,10 @@ static void test_no_hangs(void) {
     CHECK(test_run("%s prepare -q -t wordpiece --vocab %s/vocab.txt --documents blank --valid-fraction 0.2 --out %s "
                    "%s/a.txt", mlm, tmp, d, tmp) == 0, "set");
     Manifest m;
-    if (manifest_read(&m, d, err, sizeof(err))) return;
+    if (manifest_read(&m, d, err, sizeof(err))) {
+        CHECK(0, "the set for the hang checks: %s", err);
+        return;
+    }
     const char *tiny = "--set model.n_layers=1 --set model.d_model=8 --set model.n_heads=2 --set model.d_ff=8 "
                        "--set data.seq_len=8 --set train.batch_size=2 --device cpu -q";
     test_run("cp -r %s %s-v && rm %s-v/%s/vocab.txt && ln -s /dev/zero %s-v/%s/vocab.txt", d, d, d, m.shard_dir, d, m.shard_dir);
@@ -354,6 +357,16 @@ static void test_no_hangs(void) {
     rc = test_run("timeout 60 %s prepare -t byte --out %s/fifo-prep %s > %s 2>&1", mlm, tmp, in, log);
     CHECK(rc == 0 && log_has(log, "left out 1 entries that are not regular files"),
           "mlm prepare DIR with a FIFO inside: the FIFO left out (exit %d)", rc);
+    // A pipe named as an input with no writer: prepare waits for it, as it should, and SIGTERM still stops it at once
+    // (the handler used to let the blocked open restart, so only SIGKILL ended it), leaving nothing behind.
+    char fifo[500];
+    snprintf(fifo, sizeof(fifo), "%s/lonely-fifo", tmp);
+    mkfifo(fifo, 0644);
+    rc = test_run("timeout -k 10 2 %s prepare -q -t byte --out %s/fifo-out %s > %s 2>&1", mlm, tmp, fifo, log);
+    char fo[500];
+    snprintf(fo, sizeof(fo), "%s/fifo-out", tmp);
+    CHECK(rc == 124 && log_has(log, "interrupted by SIGTERM") && access(fo, F_OK) != 0,
+          "SIGTERM while waiting on a pipe: stopped cleanly (exit %d), nothing left", rc);
     rc = test_run("timeout 60 %s prepare -q -t byte --out %s/zero /dev/zero > %s 2>&1", mlm, tmp, log);
     CHECK(rc == 2 && log_has(log, "character device"), "/dev/zero as an input refused (exit %d)", rc);
 }

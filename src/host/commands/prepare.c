@@ -121,7 +121,23 @@ static void usage_prepare(FILE *f) {
 // Stopping: SIGINT and SIGTERM end the run between reads, cleanly (the old set stays, the new one's files go).
 
 static volatile sig_atomic_t stop_signal;
-static void on_signal(int sig) { stop_signal = sig; }
+static void on_signal(int sig) {
+    if (stop_signal) {  // a second one: stop now (the next prepare clears what is left)
+        signal(sig, SIG_DFL);
+        raise(sig);
+    }
+    stop_signal = sig;
+}
+
+// Without SA_RESTART, so that a read or open blocked on a pipe returns (EINTR) and the run can stop.
+static void install_signal_handlers(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+}
 
 static void check_stop(void) {
     if (stop_signal)
@@ -285,7 +301,8 @@ static const char *input_label(const Prep *p, size_t i) {
 
 static FILE *open_input(const char *path) {
     if (!strcmp(path, "-")) return stdin;
-    FILE *f = fopen(path, "rb");
+    FILE *f = fopen(path, "rb");  // a pipe named as an input blocks here until its writer comes
+    check_stop();
     if (!f) mlm_fatal(MLM_EXIT_FAILURE, "cannot read %s: %s", path, strerror(errno));
     return f;
 }
@@ -294,6 +311,7 @@ static FILE *open_input(const char *path) {
 static size_t read_input(FILE *f, const char *path, char *buf, size_t n) {
     check_stop();
     size_t got = fread(buf, 1, n, f);
+    check_stop();  // a signal interrupts a read blocked on a pipe
     if (got == 0 && ferror(f))
         mlm_fatal(MLM_EXIT_FAILURE, "cannot read %s: %s", input_name(path), strerror(errno ? errno : EIO));
     return got;
@@ -811,8 +829,7 @@ int prepare_main(int argc, char **argv) {
     parse_options(p, argc, argv);
     check_stdin_open(p);
     if (p->threads > 0) omp_set_num_threads(p->threads);
-    signal(SIGINT, on_signal);
-    signal(SIGTERM, on_signal);
+    install_signal_handlers();
     open_out_dir(p);      // locked from here; cleanup_at_exit removes what this run wrote unless it commits
     read_old_set(p);
     expand_inputs(p);
