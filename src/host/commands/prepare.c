@@ -252,7 +252,8 @@ static void read_old_set(Prep *p) {
     if (!ours)
         mlm_fatal(MLM_EXIT_USAGE, "%s is not the manifest of an mlm shard set; mlm prepare does not overwrite it: "
                   "choose another --out", m);
-    mlm_warn("the set being replaced cannot be read (%s); its shard files are left in place", err);
+    mlm_warn("the manifest of the set being replaced cannot be read (%s); it is replaced all the same (--force): its "
+             "shard folder goes, files a version-1 set kept in DIR itself stay", err);
 }
 
 // Leftovers of earlier prepares killed before they finished: the staging folder, and shard folders no manifest
