@@ -59,6 +59,10 @@ const char *mlm_file_kind(unsigned mode);
 int mlm_parse_long(const char *s, long min, long max, long *out);
 int mlm_parse_u64(const char *s, uint64_t max, uint64_t *out);
 
+// Send SIGINT and SIGTERM to `handler`, without SA_RESTART: a read or open blocked on a pipe or a socket returns
+// (EINTR) so that the program can stop at its next check instead of waiting for data that may never come.
+void mlm_on_stop_signals(void (*handler)(int));
+
 // Monotonic wall clock in seconds.
 double mlm_now(void);
 

@@ -129,16 +129,6 @@ static void on_signal(int sig) {
     stop_signal = sig;
 }
 
-// Without SA_RESTART, so that a read or open blocked on a pipe returns (EINTR) and the run can stop.
-static void install_signal_handlers(void) {
-    struct sigaction sa;
-    memset(&sa, 0, sizeof(sa));
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
-}
-
 static void check_stop(void) {
     if (stop_signal)
         mlm_fatal(128 + stop_signal, "prepare interrupted by %s; nothing was replaced (the unfinished set is removed)",
@@ -830,7 +820,7 @@ int prepare_main(int argc, char **argv) {
     parse_options(p, argc, argv);
     check_stdin_open(p);
     if (p->threads > 0) omp_set_num_threads(p->threads);
-    install_signal_handlers();
+    mlm_on_stop_signals(on_signal);  // no SA_RESTART: an open or read blocked on a pipe returns, and the run stops
     open_out_dir(p);      // locked from here; cleanup_at_exit removes what this run wrote unless it commits
     read_old_set(p);
     expand_inputs(p);
