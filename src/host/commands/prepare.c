@@ -496,7 +496,7 @@ static void add_manifest_entry(Prep *p, int split, const ShardWriter *w) {
     ShardEntry *e = &m->shards[m->n_shards++];
     snprintf(e->split, sizeof(e->split), "%s", split ? "valid" : "train");
     const char *base = strrchr(w->path, '/');
-    snprintf(e->file, sizeof(e->file), "%s", base ? base + 1 : w->path);
+    snprintf(e->file, sizeof(e->file), "%.255s", base ? base + 1 : w->path);
     e->n_tokens = w->h.n_tokens;
     e->n_docs = w->h.n_docs;
 }
