@@ -367,6 +367,9 @@ static void test_no_hangs(void) {
     snprintf(fo, sizeof(fo), "%s/fifo-out", tmp);
     CHECK(rc == 124 && log_has(log, "interrupted by SIGTERM") && access(fo, F_OK) != 0,
           "SIGTERM while waiting on a pipe: stopped cleanly (exit %d), nothing left", rc);
+    rc = test_run("timeout 60 %s train --data /dev/zero %s --steps 1 -o %s/zero-run > %s 2>&1", mlm, tiny, tmp, log);
+    CHECK(rc == 1 && log_has(log, "character device"), "/dev/zero as the text corpus: refused at once (exit %d; it "
+          "filled the memory)", rc);
     rc = test_run("timeout 60 %s prepare -q -t byte --out %s/zero /dev/zero > %s 2>&1", mlm, tmp, log);
     CHECK(rc == 2 && log_has(log, "character device"), "/dev/zero as an input refused (exit %d)", rc);
 }

@@ -44,8 +44,9 @@ typedef struct {
 // (as the reference drops them) with a warning so that a mostly foreign text does not pass unnoticed.
 static void load_text(const char *path, int valid_only, const Checkpoint *ck, EvalText *t) {
     size_t len;
-    char *text = mlm_read_file(path, &len);
-    if (!text) mlm_fatal(MLM_EXIT_USAGE, "--data %s: %s", path, strerror(errno));
+    char why[1400];
+    char *text = mlm_read_regular(path, "text", 0, &len, why, sizeof(why));  // not a FIFO or /dev/zero
+    if (!text) mlm_fatal(MLM_EXIT_USAGE, "--data %s", why);
     uint32_t *cps;
     char err[256];
     long n = utf8_decode(text, len, &cps, err, sizeof(err));
@@ -117,8 +118,9 @@ static void gather_sequences(const EvalText *t, size_t first, int b, int T, int 
 // The whole of a text file as the checkpoint's byte or WordPiece tokens.
 static void load_text_subword(const char *path, const Checkpoint *ck, EvalText *t) {
     size_t len;
-    char *text = mlm_read_file(path, &len), err[1024];
-    if (!text) mlm_fatal(MLM_EXIT_USAGE, "--data %s: %s", path, strerror(errno));
+    char err[1400];
+    char *text = mlm_read_regular(path, "text", 0, &len, err, sizeof(err));  // not a FIFO or /dev/zero
+    if (!text) mlm_fatal(MLM_EXIT_USAGE, "--data %s", err);
     t->ids = mlm_malloc((len + 1) * sizeof(int), "evaluation tokens");
     if (ck->vocab.kind == VOCAB_KIND_BYTE) {
         for (size_t i = 0; i < len; i++) t->ids[i] = (unsigned char)text[i];

@@ -237,8 +237,10 @@ void corpus_load(Corpus *c, const char *path, double train_split, int seq_len) {
     memset(c, 0, sizeof(*c));
     snprintf(c->path, sizeof(c->path), "%s", path);
     size_t len;
-    char *text = mlm_read_file(path, &len);
-    if (!text) mlm_fatal(MLM_EXIT_FAILURE, "cannot read corpus %s: %s", path, strerror(errno));
+    char why[1400];
+    // A regular file only: /dev/zero given as the corpus filled the memory, a FIFO read once could not be checksummed.
+    char *text = mlm_read_regular(path, "corpus", 0, &len, why, sizeof(why));
+    if (!text) mlm_fatal(MLM_EXIT_FAILURE, "%s", why);
     if (len == 0) mlm_fatal(MLM_EXIT_FAILURE, "corpus %s is empty; give a text file with --data", path);
     uint32_t *cps;
     char err[256];
