@@ -97,7 +97,7 @@ static void test_training_and_resume(void) {
 static void test_damaged_sets(void) {
     char d[400];
     snprintf(d, sizeof(d), "%s/damaged", tmp);
-    test_run("cp -r %s %s && truncate -s -3 %s/train-00000.bin", set, d, d);
+    test_run("cp -r %s %s && truncate -s -3 %s/shards-*/train-00000.bin", set, d, d);
     CHECK(test_run("%s train --config %s/bert-tiny.conf --set data.path=%s --dry-run > %s.log 2>&1", mlm, configs, d,
                    d) == 1 && test_run("grep -q 'truncated' %s.log", d) == 0, "truncated shard refused");
     test_run("rm %s/manifest.txt", d);

@@ -170,9 +170,7 @@ static void load_data(Run *r) {
                       tokenizer_name(r->corpus.shards->m.tokenizer), cfg->data_path);
         return;
     }
-    char probe[1200];
-    snprintf(probe, sizeof(probe), "%s/train-00000.bin", cfg->data_path);
-    if (cfg->data_path[0] && access(probe, F_OK) == 0)
+    if (cfg->data_path[0] && shards_interrupted(cfg->data_path))
         mlm_fatal(MLM_EXIT_FAILURE, "data.path %s holds shards but no %s: `mlm prepare` was interrupted before it "
                   "finished; run it again", cfg->data_path, SHARD_MANIFEST);
     if (cfg->sampling == 1)
@@ -1165,7 +1163,12 @@ int train_key_resumable(const char *key) {
 
 // Continue from a checkpoint: tensors, step and bookkeeping; refuse a different corpus or vocabulary.
 static void restore(Run *r, const Checkpoint *c) {
-    if (strcmp(c->corpus_md5, r->corpus_md5) != 0)
+    if (r->corpus.shards && !shard_set_identity_matches(r->corpus.shards, c->corpus_md5))
+        mlm_fatal(MLM_EXIT_USAGE, "the shard set %s (identity %s) is not the one this run trained on (identity %s): its "
+                  "manifest or shards differ. Pass the original set with --set data.path=DIR; a set of format version "
+                  "1 prepared again keeps the run's identity only when it is prepared with --force over the old one",
+                  r->corpus.path, r->corpus_md5, c->corpus_md5);
+    if (!r->corpus.shards && strcmp(c->corpus_md5, r->corpus_md5) != 0)
         mlm_fatal(MLM_EXIT_USAGE, "the corpus %s (md5 %s) is not the one this run trained on (md5 %s); pass the "
                   "original with --data", r->corpus.path, r->corpus_md5, c->corpus_md5);
     if (memcmp(&c->vocab, &r->corpus.vocab, sizeof(Vocab)) != 0)
@@ -1196,6 +1199,7 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
     setup(&r, cfg, opt);
     r.lock.fd = -1;
     if (opt->dry_run) {
+        corpus_verify_shards(&r.corpus, NULL, 0, r.opt.quiet);
         print_header(&r);
         batcher_set_epoch(&r.train_b, 0);
         int b = batcher_get(&r.train_b, 0, r.tokens);
@@ -1217,6 +1221,9 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
         choose_run_dir(&r);
         lock_run_dir(&r);
     }
+    // Every byte of a shard set is read once per run before training trusts it (rank 0 records that in the run
+    // directory, so a resume skips it while the files are unchanged; other ranks check their own view of the files).
+    corpus_verify_shards(&r.corpus, r.dist.rank == 0 ? r.run_dir : r.opt.out_dir, r.dist.rank == 0, r.opt.quiet);
     if (opt->profile && !gpu)
         mlm_warn("--profile-steps has no effect on the CPU backend (it brackets CUDA work for nsys and ncu)");
     setup_nccl(&r, gpu);
