@@ -313,6 +313,23 @@ static void random_tokens(int *tokens, size_t n, int n_chars) {
     for (size_t i = 0; i < n; i++) tokens[i] = (int)(rand_unit() * n_chars);
 }
 
+// One batch through both backends, the GPU first: masked on the device, forward and backward, its gradients into
+// grads_g and its stats into *st; then the CPU on the same batch masked on the host (in_c, lab_c), with dropout,
+// its ReLU ties taken the GPU's way (relu, attached to cm): *pass holds its loss and correct count, cm its
+// gradients and logits.
+static void gpu_then_cpu(const Setup *s, CudaModel *gm, CpuModel *cm, ReluTies *relu, Rng *rng, const int *tokens,
+                         const int *in_c, const int *lab_c, int B, uint64_t step, float *grads_g, CudaStepStats *st,
+                         CpuPass *pass, const char *what) {
+    CudaRandom rnd = {.philox_seed = rng->seed, .layout = s->layout, .step = step, .dropout_p = s->cfg.dropout};
+    cuda_model_forward(gm, tokens, NULL, B, s->mask.pad_id, &s->mask, &rnd, st);
+    cuda_model_backward(gm);
+    cuda_model_get_grads(gm, grads_g);
+    DropoutCtx d = {.rng = rng, .layout = s->layout, .step = step, .p = s->cfg.dropout};
+    *pass = (CpuPass){cm, in_c, lab_c, B, s->mask.pad_id, &d, 0.0f, 0};
+    cpu_pass_resolve(pass, relu, grads_g, what);
+    pass->drop = NULL;  // d ends here
+}
+
 // One CPU training step exactly as src/host/training/train.c runs it (host masking, dropout from the stream, clip,
 // Adam), its ReLU ties taken the GPU's way where ties and g_gpu (the GPU's gradients of the step) are given.
 // Returns the loss; *norm, *correct, *n_targets as logged.
@@ -468,19 +485,13 @@ static void test_vs_cpu(void) {
     rng_uniform(&rng, rng_mask_offset(&s.layout, step), u, 4 * n);
     mask_apply(&s.mask, tokens, n, u, in_c, lab_c);
     free(u);
-    // The GPU first: the CPU's pass then takes its ReLU ties the way the GPU's gradients show.
-    CudaRandom rnd = {.philox_seed = rng.seed, .layout = s.layout, .step = step, .dropout_p = c->dropout};
-    CudaStepStats st;
-    cuda_model_forward(gm, tokens, NULL, B, s.mask.pad_id, &s.mask, &rnd, &st);
-    cuda_model_get_batch(gm, in_g, lab_g, B);
-    cuda_model_get_logits(gm, logits, B);
-    cuda_model_backward(gm);
-    cuda_model_get_grads(gm, grads);
     ReluTies relu;
     relu_ties_attach(&relu, cm);
-    DropoutCtx d = {.rng = &rng, .layout = s.layout, .step = step, .p = c->dropout};
-    CpuPass pass = {cm, in_c, lab_c, B, s.mask.pad_id, &d, 0.0f, 0};
-    cpu_pass_resolve(&pass, &relu, grads, "step 7");
+    CudaStepStats st;
+    CpuPass pass;
+    gpu_then_cpu(&s, gm, cm, &relu, &rng, tokens, in_c, lab_c, B, step, grads, &st, &pass, "step 7");
+    cuda_model_get_batch(gm, in_g, lab_g, B);
+    cuda_model_get_logits(gm, logits, B);
     float loss_c = pass.loss;
     int correct_c = pass.correct;
     size_t diff = 0, selected = 0;
@@ -515,6 +526,7 @@ static void test_vs_cpu(void) {
     CHECK(r <= REL_TOL, "logits without dropout: relative error %.3e > %.1e", r, REL_TOL);
 
     // Three full training steps from the same start: train.c's CPU step vs cuda_model_train_step.
+    CudaRandom rnd = {.philox_seed = rng.seed, .layout = s.layout, .step = 0, .dropout_p = c->dropout};
     float *adam_m = mlm_calloc(P, sizeof(float), "m"), *adam_v = mlm_calloc(P, sizeof(float), "v");
     float *zeros = mlm_calloc(P, sizeof(float), "zeros");
     memcpy(cm->params, init, P * sizeof(float));
@@ -601,16 +613,11 @@ static void test_vs_cpu_unfused_attention(void) {
     rng_uniform(&rng, rng_mask_offset(&s.layout, step), u, 4 * n);
     mask_apply(&s.mask, tokens, n, u, in_c, lab_c);
     free(u);
-    CudaRandom rnd = {.philox_seed = rng.seed, .layout = s.layout, .step = step, .dropout_p = c->dropout};
-    CudaStepStats st;
-    cuda_model_forward(gm, tokens, NULL, B, s.mask.pad_id, &s.mask, &rnd, &st);
-    cuda_model_backward(gm);
-    cuda_model_get_grads(gm, grads);
     ReluTies relu;
     relu_ties_attach(&relu, cm);
-    DropoutCtx d = {.rng = &rng, .layout = s.layout, .step = step, .p = c->dropout};
-    CpuPass pass = {cm, in_c, lab_c, B, s.mask.pad_id, &d, 0.0f, 0};
-    cpu_pass_resolve(&pass, &relu, grads, "unfused");
+    CudaStepStats st;
+    CpuPass pass;
+    gpu_then_cpu(&s, gm, cm, &relu, &rng, tokens, in_c, lab_c, B, step, grads, &st, &pass, "unfused");
     float loss_c = pass.loss;
     CHECK(st.n_targets == cm->n_targets && st.n_targets > 0, "targets: GPU %d, CPU %d", st.n_targets, cm->n_targets);
     double r = rel_err_f(&st.loss, &loss_c, 1, NULL);
