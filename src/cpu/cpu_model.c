@@ -66,6 +66,8 @@ typedef struct {
     int *sel_labels;             // [B*T] their labels
     float *sel_x;                // [B*T, C] their rows of the last residual stream (input of the final LayerNorm)
     float *sel_dx;               // [B*T, C] gradient of sel_x
+    CpuReluHook relu_hook;       // tests only (cpu_model_set_relu_hook); NULL otherwise
+    void *relu_hook_ctx;
 } CpuActs;
 
 // Carves consecutive tensors out of the activation allocation; with base == NULL it only counts.
@@ -226,6 +228,12 @@ static void head_transform_backward(CpuModel *m, float *dx, const float *x, int 
 
 void cpu_model_set_sparse_prediction(CpuModel *m, int on) { ((CpuActs *)m->internal)->sparse = on != 0; }
 
+void cpu_model_set_relu_hook(CpuModel *m, CpuReluHook hook, void *ctx) {
+    CpuActs *a = m->internal;
+    a->relu_hook = hook;
+    a->relu_hook_ctx = ctx;
+}
+
 // Gather the rows whose label != pad_id, in position order: sel_x[n, C] from x[N, C], their row indices and
 // labels. Returns n. A label outside the vocabulary stops with its position, as crossentropy_forward would.
 static int gather_selected_rows(CpuActs *a, const float *x, const int *labels, int N, int C, int V, int pad_id) {
@@ -335,6 +343,9 @@ static const float *labml_encoder_forward(CpuModel *m, const int *inputs, int B,
         layernorm_forward(y.ln2, y.ln2_mean, y.ln2_rstd, y.res1, p->ln2_w + lc, p->ln2_b + lc, N, C, c->ln_eps);
         linear_forward(y.fch, y.ln2, p->ff1_w + (size_t)l * F * C, p->ff1_b + (size_t)l * F, N, C, F);
         keep = site_mask(a, drop, a->keep_hidden, l, DROP_FFN_HIDDEN, BT * F);
+        if (a->relu_hook)
+            a->relu_hook(a->relu_hook_ctx, &(CpuReluSite){l, N, C, F, y.fch, y.ln2, p->ff1_w + (size_t)l * F * C,
+                                                          p->ff1_b + (size_t)l * F, keep});
         relu_dropout_forward(y.fch, keep, ds, BT * F);
         linear_forward(a->proj, y.fch, p->ff2_w + (size_t)l * C * F, p->ff2_b + lc, N, F, C);
         keep = site_mask(a, drop, y.keep_res2, l, DROP_FFN_RESID, BT * C);
