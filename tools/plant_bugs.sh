@@ -134,8 +134,8 @@ configure() {
   esac >/dev/null
 }
 build_tests() {
-  local targets=(test_emu_mask test_emu_ops test_emu_model test_emu_sparse test_emu_layer)
-  case "$1" in release) targets+=(test_launch_resources) ;; launch) targets=(test_launch_resources) ;; esac
+  local targets=(emu_tests)  # every emu test (test_launch_resources among them where it is built)
+  case "$1" in launch) targets=(test_launch_resources) ;; esac
   nice -n 10 cmake --build "$(build_dir "$1")" -j"$jobs" --target "${targets[@]}" >"$work/build.log" 2>&1
 }
 
