@@ -56,7 +56,7 @@ int main(int argc, char **argv) {
     CudaModel *m = cuda_model_create(&mc, B, 1);
     cuda_model_set_graphs(m, cfg.cuda_graph);  // --set train.cuda_graph=false: the plain launches
     cuda_model_set_params(m, params);
-    OptimConfig oc = config_optim(&cfg, warmup + 1);
+    OptimConfig oc = optim_config_from(&cfg, warmup + 1);
     MaskConfig mk = {.scheme = MASK_SCHEME_REFERENCE, .prob = 0.15f, .unchanged_prob = 0.1f, .random_prob = 0.1f,
                      .n_tokens = V, .n_chars = V - 2, .pad_id = V - 2, .mask_id = V - 1};
     Rng rng, data;

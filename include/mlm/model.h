@@ -80,8 +80,14 @@ int model_pe_buffer_rows(const ModelConfig *cfg);
 // starts as a copy of layer 0 (the reference deep-copies one template layer).
 void model_init_params(const ModelConfig *cfg, float *params, uint64_t user_seed, int copy_layers);
 
+// The model a run configuration describes ([model], data.seq_len) over a vocabulary of vocab_size tokens: what
+// train, eval, fill, info and checkpoints build and check.
+struct Config;
+ModelConfig model_config_from(const struct Config *c, int vocab_size);
 // Validate hyper-parameters; on failure write a message naming the offending setting into `err`.
 int model_config_check(const ModelConfig *cfg, char *err, size_t errlen);
+// Bytes of the CPU model's parameters, gradients and activations for a batch of B (also `mlm train --dry-run`).
+double model_bytes(const ModelConfig *m, int B);
 
 // Sinusoidal positional encodings, pe[T, C]: pe[p, 2i] = sin(p * exp(-2i ln(10000) / C)), pe[p, 2i+1] = cos(...).
 void model_positional_encoding(int T, int C, float *pe);

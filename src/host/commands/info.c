@@ -46,7 +46,7 @@ void cmd_load_ckpt(const char *path, Checkpoint *ck) {
 }
 
 CpuModel *cmd_cpu_model(const Checkpoint *ck, int max_B) {
-    ModelConfig mc = train_model_config(&ck->cfg, &ck->vocab);
+    ModelConfig mc = model_config_from(&ck->cfg, ck->vocab.n_tokens);
     CpuModel *m = cpu_model_create(&mc, max_B);
     if (m->n_params != ck->n_params)  // ckpt_load refuses such a file; never copy past the model
         mlm_fatal(MLM_EXIT_FAILURE, "internal error: the checkpoint holds %zu parameters, its model %zu", ck->n_params,
@@ -94,7 +94,7 @@ int export_run(const char *ckpt, const char *out_path) {
         if (!wp) mlm_fatal(MLM_EXIT_USAGE, "export: %s: %s", file, err);
         wp_free(wp);
     }
-    ModelConfig mc = train_model_config(&ck.cfg, &ck.vocab);  // ckpt_load checked that the sizes agree
+    ModelConfig mc = model_config_from(&ck.cfg, ck.vocab.n_tokens);  // ckpt_load checked that the sizes agree
     int rc = weights_save(out_path, &mc, &ck.vocab, ck.vocab_text, ck.lowercase, ck.params, err, sizeof(err));
     if (rc == 0)
         printf("wrote %s: %d tensors (the state_dict of labml_nn's TransformerMLM: %zu parameters and the "
@@ -205,7 +205,7 @@ int info_run(const char *ckpt) {
     Checkpoint ck;
     cmd_load_ckpt(file, &ck);
     const Config *c = &ck.cfg;
-    ModelConfig mc = train_model_config(c, &ck.vocab);
+    ModelConfig mc = model_config_from(c, ck.vocab.n_tokens);
     char elapsed[64];
     format_elapsed(ck.st.elapsed_s, elapsed, sizeof(elapsed));
     printf("%-20s %s\n", "checkpoint", file);

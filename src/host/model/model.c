@@ -1,4 +1,5 @@
-// model.c: parameter layout, the PyTorch state_dict name table, initialisation and positional encodings.
+// model.c: parameter layout, the PyTorch state_dict name table, initialisation and positional encodings, the
+// model a configuration describes and its memory.
 #include "mlm/model.h"
 
 #include <math.h>
@@ -7,6 +8,7 @@
 #include <string.h>
 
 #include "mlm/common.h"
+#include "mlm/config.h"
 #include "mlm/rng.h"
 
 // Sizes of the 17 parameter tensors, in ParamTensors order.
@@ -197,4 +199,19 @@ double model_train_flops(const ModelConfig *c, int B, int T) {
     // attention: QK^T and PV, 2 * T * C MACs per token per layer.
     double fwd = 2.0 * BT * (L * (4.0 * C * C + 2.0 * C * F + 2.0 * T * C) + C * V);
     return 3.0 * fwd;  // backward costs twice the forward
+}
+
+ModelConfig model_config_from(const Config *c, int vocab_size) {
+    ModelConfig m = {.vocab = vocab_size, .d_model = c->d_model, .n_heads = c->n_heads, .n_layers = c->n_layers,
+                     .d_ff = c->d_ff, .max_seq = c->seq_len, .dropout = (float)c->dropout, .ln_eps = (float)c->ln_eps};
+    return m;
+}
+
+// Bytes of the CPU model's parameters, gradients and activations for a batch of B (the layout of
+// cpu_model.c's carve_acts, rounded up), in double so that absurd configurations cannot wrap around.
+double model_bytes(const ModelConfig *m, int B) {
+    double BT = (double)B * m->max_seq, C = m->d_model, H = m->n_heads, T = m->max_seq, F = m->d_ff, V = m->vocab;
+    double L = m->n_layers, P = (double)model_num_params(m);
+    double acts = L * BT * (9 * C + 1.25 * H * T + F + 4) + BT * (2 * V + 10 * C + 2 * F + 3) + T * C;
+    return 4 * (2 * P + acts) + 64.0 * 36 * (L + 2);
 }

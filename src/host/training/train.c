@@ -28,25 +28,6 @@
 #include "mlm/shards.h"
 #include "mlm/wordpiece.h"
 
-const char *const SAMPLE_PROMPTS[N_PROMPTS] = {
-    "We are accounted poor citizens, the patricians good.",
-    "What authority surfeits on would relieve us: if they",
-    "would yield us but the superfluity, while it were",
-    "wholesome, we might guess they relieved us humanely;",
-    "but they think we are too dear: the leanness that",
-    "afflicts us, the object of our misery, is as an",
-    "inventory to particularise their abundance; our",
-    "sufferance is a gain to them Let us revenge this with",
-    "our pikes, ere we become rakes: for the gods know I",
-    "speak this in hunger for bread, not in thirst for revenge.",
-};
-
-ModelConfig train_model_config(const Config *c, const Vocab *v) {
-    ModelConfig m = {.vocab = v->n_tokens, .d_model = c->d_model, .n_heads = c->n_heads, .n_layers = c->n_layers,
-                     .d_ff = c->d_ff, .max_seq = c->seq_len, .dropout = (float)c->dropout, .ln_eps = (float)c->ln_eps};
-    return m;
-}
-
 // A shard set's byte or WordPiece vocabulary: its own [UNK], [CLS] and [SEP] are never selected either (PAD and
 // MASK never are), as Hugging Face's collator leaves out every special token; mask.no_mask names characters,
 // which such a vocabulary does not have.
@@ -1048,7 +1029,7 @@ static void setup(Run *r, const Config *cfg, const TrainOptions *opt) {
     r->tty = isatty(STDOUT_FILENO);
     if (cfg->threads > 0) omp_set_num_threads(cfg->threads);
     load_data(r);
-    r->mc = train_model_config(cfg, &r->corpus.vocab);
+    r->mc = model_config_from(cfg, r->corpus.vocab.n_tokens);
     char err[256];
     if (model_config_check(&r->mc, err, sizeof(err))) mlm_fatal(MLM_EXIT_USAGE, "%s", err);
     r->mask = train_mask_config(cfg, &r->corpus.vocab);
@@ -1057,7 +1038,7 @@ static void setup(Run *r, const Config *cfg, const TrainOptions *opt) {
     long per_epoch = (long)r->train_b.n_batches;
     r->total_steps = per_epoch * cfg->epochs;
     if (cfg->max_steps > 0 && cfg->max_steps < r->total_steps) r->total_steps = cfg->max_steps;
-    r->oc = config_optim(cfg, r->total_steps);
+    r->oc = optim_config_from(cfg, r->total_steps);
     int max_b = MLM_MAX(cfg->batch_size, N_PROMPTS);
     r->layout = rng_layout(max_b, cfg->seq_len, cfg->d_model, cfg->n_heads, cfg->d_ff, cfg->n_layers);
     rng_init(&r->train_rng, cfg->seed, RNG_DOMAIN_TRAIN);
