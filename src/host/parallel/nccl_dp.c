@@ -23,7 +23,8 @@ struct NcclDp {
     float *zeros;         // [zeros_n] device zeros: what a rank without rows in a step contributes
     size_t zeros_n;
     double *dstats;       // [8] device staging for statistics
-    int *dint;            // [1] device staging for agreement
+    double *hstats;       // [8] pinned host staging (an asynchronous copy from pageable memory is not ordered)
+    int *dint, *hint;     // [1] device and pinned staging for agreement
 };
 
 static double now_s(void) {
@@ -57,9 +58,9 @@ static void cudart_check(const NcclDp *n, const Dist *d, cudaError_t e, const ch
     fail(n, d, "CUDA call %s", msg, file, line);
 }
 
-// Poll until the communicator has no operation in progress and the stream is idle, or stop the job after the
-// timeout (ncclCommAbort frees the peers' collectives too): a dead or hung rank never hangs the others.
-static void wait_bounded(NcclDp *n, const char *what) {
+// Poll until the communicator has no operation in progress and (stream_too) the stream is idle, or stop the job
+// after the timeout (ncclCommAbort frees the peers' collectives too): a dead or hung rank never hangs the others.
+static void wait_comm(NcclDp *n, int stream_too, const char *what) {
     const Dist *d = &n->dist;
     double t0 = now_s();
     struct timespec nap = {0, 50 * 1000};
@@ -68,6 +69,7 @@ static void wait_bounded(NcclDp *n, const char *what) {
         ncclCommGetAsyncError(n->comm, &async);
         if (async != ncclSuccess && async != ncclInProgress) NCCL_CHECK(n, d, async);
         if (async == ncclSuccess) {
+            if (!stream_too) return;
             cudaError_t e = cudaStreamQuery(n->stream);
             if (e == cudaSuccess) return;
             if (e != cudaErrorNotReady) CUDART_CHECK(n, d, e);
@@ -82,6 +84,8 @@ static void wait_bounded(NcclDp *n, const char *what) {
         nanosleep(&nap, NULL);
     }
 }
+
+static void wait_bounded(NcclDp *n, const char *what) { wait_comm(n, 1, what); }
 
 // The unique id through a file every rank can read: rank 0 writes it (atomically: temporary file, rename), the
 // others wait for it within the timeout. The path must be new for each job (a stale id would join a dead job).
@@ -138,15 +142,25 @@ NcclDp *nccl_dp_create(const Dist *d) {
     wait_bounded(n, "every rank to join the NCCL communicator");
     CUDART_CHECK(n, d, cudaMalloc((void **)&n->dstats, 8 * sizeof(double)));
     CUDART_CHECK(n, d, cudaMalloc((void **)&n->dint, sizeof(int)));
+    CUDART_CHECK(n, d, cudaMallocHost((void **)&n->hstats, 8 * sizeof(double)));
+    CUDART_CHECK(n, d, cudaMallocHost((void **)&n->hint, sizeof(int)));
     return n;
 }
 
+// A nonblocking communicator is finalized (its operations flushed, polled until quiescent) before it is destroyed;
+// destroying it while NCCL still works would leave the peers waiting for this rank.
 void nccl_dp_free(NcclDp *n) {
     if (!n) return;
-    if (n->comm) ncclCommDestroy(n->comm);
+    if (n->comm) {
+        NCCL_CHECK(n, &n->dist, ncclCommFinalize(n->comm));
+        wait_comm(n, 0, "the other ranks to finish with the NCCL communicator");
+        NCCL_CHECK(n, &n->dist, ncclCommDestroy(n->comm));
+    }
     cudaFree(n->zeros);
     cudaFree(n->dstats);
     cudaFree(n->dint);
+    cudaFreeHost(n->hstats);
+    cudaFreeHost(n->hint);
     if (n->stream) cudaStreamDestroy(n->stream);
     free(n);
 }
@@ -159,7 +173,9 @@ void nccl_dp_weighted_sum(NcclDp *n, float *grads, size_t count, float weight, i
         if (n->zeros_n < count) {
             cudaFree(n->zeros);
             CUDART_CHECK(n, d, cudaMalloc((void **)&n->zeros, count * sizeof(float)));
-            CUDART_CHECK(n, d, cudaMemset(n->zeros, 0, count * sizeof(float)));
+            // On NCCL's stream: the legacy default stream (cudaMemset) is not ordered with this non-blocking one,
+            // so the all-reduce below could read memory not yet cleared (a NaN there becomes NaN on every rank).
+            CUDART_CHECK(n, d, cudaMemsetAsync(n->zeros, 0, count * sizeof(float), n->stream));
             n->zeros_n = count;
         }
         send = n->zeros;
@@ -175,19 +191,25 @@ void nccl_dp_weighted_sum(NcclDp *n, float *grads, size_t count, float weight, i
 void nccl_dp_sum_stats(NcclDp *n, double *stats, int k) {
     const Dist *d = &n->dist;
     if (k > 8) mlm_fatal(MLM_EXIT_FAILURE, "nccl_dp_sum_stats: %d values (at most 8)", k);
-    CUDART_CHECK(n, d, cudaMemcpy(n->dstats, stats, (size_t)k * sizeof(double), cudaMemcpyHostToDevice));
+    // Pinned memory and NCCL's stream: cudaMemcpy from pageable memory may return before the data reaches the device
+    // and is not ordered with the non-blocking stream, so NCCL could reduce the previous step's statistics.
+    size_t bytes = (size_t)k * sizeof(double);
+    memcpy(n->hstats, stats, bytes);
+    CUDART_CHECK(n, d, cudaMemcpyAsync(n->dstats, n->hstats, bytes, cudaMemcpyHostToDevice, n->stream));
     NCCL_CHECK(n, d, ncclAllReduce(n->dstats, n->dstats, (size_t)k, ncclDouble, ncclSum, n->comm, n->stream));
+    CUDART_CHECK(n, d, cudaMemcpyAsync(n->hstats, n->dstats, bytes, cudaMemcpyDeviceToHost, n->stream));
     wait_bounded(n, "the step statistics of the other ranks");
-    CUDART_CHECK(n, d, cudaMemcpy(stats, n->dstats, (size_t)k * sizeof(double), cudaMemcpyDeviceToHost));
+    memcpy(stats, n->hstats, bytes);
 }
 
 int nccl_dp_agree(NcclDp *n, int v) {
     const Dist *d = &n->dist;
-    CUDART_CHECK(n, d, cudaMemcpy(n->dint, &v, sizeof(int), cudaMemcpyHostToDevice));
+    *n->hint = v;  // pinned, on NCCL's stream (as the statistics)
+    CUDART_CHECK(n, d, cudaMemcpyAsync(n->dint, n->hint, sizeof(int), cudaMemcpyHostToDevice, n->stream));
     NCCL_CHECK(n, d, ncclBroadcast(n->dint, n->dint, 1, ncclInt32, 0, n->comm, n->stream));
+    CUDART_CHECK(n, d, cudaMemcpyAsync(n->hint, n->dint, sizeof(int), cudaMemcpyDeviceToHost, n->stream));
     wait_bounded(n, "rank 0's decision to go on, stop or checkpoint");
-    CUDART_CHECK(n, d, cudaMemcpy(&v, n->dint, sizeof(int), cudaMemcpyDeviceToHost));
-    return v;
+    return *n->hint;
 }
 
 #else  // built without NCCL
