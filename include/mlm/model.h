@@ -64,6 +64,8 @@ typedef struct {
 // Fill `out` (if not NULL) with every state_dict tensor, in a fixed order; return how many there are
 // (2 + 16 * L + 4 entries). The entries tile the parameter array exactly.
 int model_param_table(const ModelConfig *cfg, ParamEntry *out);
+// mask[P] = 1 on the 2-D weights (ParamEntry.is_matrix: AdamW decays them), 0 elsewhere.
+void model_decay_mask(const ModelConfig *cfg, uint8_t *mask);
 
 // The one persistent buffer of the reference's state_dict: labml_nn's EmbeddingsWithPositionalEncoding
 // registers its fixed sinusoid table as `src_embed.positional_encodings`, float32 [max_len, 1, d_model] with

@@ -201,6 +201,16 @@ double model_train_flops(const ModelConfig *c, int B, int T) {
     return 3.0 * fwd;  // backward costs twice the forward
 }
 
+void model_decay_mask(const ModelConfig *c, uint8_t *mask) {
+    memset(mask, 0, model_num_params(c));
+    int n = model_param_table(c, NULL);
+    ParamEntry *tab = mlm_malloc((size_t)n * sizeof(ParamEntry), "parameter table");
+    model_param_table(c, tab);
+    for (int i = 0; i < n; i++)
+        if (tab[i].is_matrix) memset(mask + tab[i].offset, 1, (size_t)tab[i].shape[0] * tab[i].shape[1]);
+    free(tab);
+}
+
 ModelConfig model_config_from(const Config *c, int vocab_size) {
     ModelConfig m = {.vocab = vocab_size, .d_model = c->d_model, .n_heads = c->n_heads, .n_layers = c->n_layers,
                      .d_ff = c->d_ff, .max_seq = c->seq_len, .dropout = (float)c->dropout, .ln_eps = (float)c->ln_eps};
