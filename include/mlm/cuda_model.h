@@ -41,8 +41,6 @@ void cuda_model_get_adam(CudaModel *m, float *adam_m, float *adam_v);
 void cuda_model_shard_moments(CudaModel *m, size_t lo, size_t len);
 // The device's parameter array [P] (ZeRO-1: NCCL gathers every rank's updated range into it).
 float *cuda_model_params_device(CudaModel *m);
-// The device's gradient array [P] itself (data parallel: NCCL sums it across ranks in place).
-float *cuda_model_grads_device(CudaModel *m);
 // decay_mask[P] (1 where AdamW decays); NULL: none.
 void cuda_model_set_decay_mask(CudaModel *m, const uint8_t *decay_mask);
 // flags[V]: MaskConfig.continuation of whole-word masking (1 where a token continues a word), copied to the device.

@@ -471,7 +471,6 @@ void cuda_model_shard_moments(CudaModel *m, size_t lo, size_t len) {
 }
 
 float *cuda_model_params_device(CudaModel *m) { return m->params; }
-float *cuda_model_grads_device(CudaModel *m) { return m->grads; }
 void cuda_model_set_decay_mask(CudaModel *m, const uint8_t *decay_mask) {
     m->decay_set = decay_mask != NULL;
     if (decay_mask) copy_sync(m, m->decay_mask, decay_mask, m->n_params, cudaMemcpyHostToDevice);

@@ -39,7 +39,6 @@ void cuda_model_set_params(CudaModel *m, const float *params) { no_cuda("cuda_mo
 void cuda_model_get_params(CudaModel *m, float *params) { no_cuda("cuda_model_get_params"); }
 void cuda_model_get_grads(CudaModel *m, float *grads) { no_cuda("cuda_model_get_grads"); }
 float *cuda_model_params_device(CudaModel *m) { no_cuda("cuda_model_params_device"); }
-float *cuda_model_grads_device(CudaModel *m) { no_cuda("cuda_model_grads_device"); }
 void cuda_model_shard_moments(CudaModel *m, size_t lo, size_t len) { no_cuda("cuda_model_shard_moments"); }
 void cuda_model_set_adam(CudaModel *m, const float *adam_m, const float *adam_v) { no_cuda("cuda_model_set_adam"); }
 void cuda_model_get_adam(CudaModel *m, float *adam_m, float *adam_v) { no_cuda("cuda_model_get_adam"); }
