@@ -39,10 +39,7 @@ typedef struct {
     Step train_step;        // the step's setup and host buffers (the host's masks of validation and samples too)
     int max_rows;           // the largest batch: MLM_MAX(batch_size, N_PROMPTS)
     int *tokens;            // [max_rows, T] the batch before masking
-    // Host copies for checkpoints, --init and --resume.
     size_t n_params;
-    float *params;          // [P]
-    float *adam_m, *adam_v; // [moments] this rank's range of the Adam moments (ZeRO-1: its shard)
     // Progress.
     long step;              // optimizer steps done
     TrainState st;          // what a checkpoint records besides the tensors (st.step mirrors step)

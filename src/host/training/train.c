@@ -187,9 +187,6 @@ static void setup_backend(Run *r) {
                         .tf32 = cfg->tf32, .cuda_graph = cfg->cuda_graph};
     step_shard(r->rd, r->n_params, cfg->zero, &bc.moments_lo, &bc.moments_len);
     r->be = r->gpu ? backend_cuda(&bc) : backend_cpu(&bc);
-    r->params = mlm_malloc(r->n_params * sizeof(float), "parameters (host copy)");
-    r->adam_m = mlm_malloc(2 * MLM_MAX(bc.moments_len, (size_t)1) * sizeof(float), "Adam moments (host copy)");
-    r->adam_v = r->adam_m + MLM_MAX(bc.moments_len, (size_t)1);
     step_plan(&r->train_step, r->be, r->rd, &r->train_rng, (float)cfg->dropout, cfg->batch_size, cfg->accum_steps,
               cfg->zero);
 }
@@ -220,18 +217,17 @@ static void restore(Run *r, const Checkpoint *c) {
     r->step = c->st.step;
 }
 
-// --init: the weights of a safetensors file, refused (listing every mismatch) unless they are exactly this
-// model's tensors, and, unless train.init_check_vocab = false, exported for this vocabulary.
-static void load_init_weights(Run *r) {
+// --init: the weights of a safetensors file into params[P], refused (listing every mismatch) unless they are exactly
+// this model's tensors, and, unless train.init_check_vocab = false, exported for this vocabulary.
+static void load_init_weights(Run *r, float *params) {
     char err[4096];
     const Vocab *check = r->cfg.init_check_vocab ? &r->corpus.vocab : NULL;
-    if (weights_load(r->opt.init_path, &r->mc, check, r->params, err, sizeof(err)))
+    if (weights_load(r->opt.init_path, &r->mc, check, params, err, sizeof(err)))
         mlm_fatal(MLM_EXIT_USAGE, "--init: %s", err);
     if (!check) mlm_warn("--init %s: vocabulary not checked (train.init_check_vocab = false)", r->opt.init_path);
 }
 
 static void load_start(Run *r) {
-    model_init_params(&r->mc, r->params, r->cfg.seed, r->cfg.init_copy_layers);
     if (r->opt.resume_path) {
         Checkpoint c;
         char err[1024];
@@ -240,8 +236,11 @@ static void load_start(Run *r) {
         ckpt_free(&c);
         return;
     }
-    if (r->opt.init_path) load_init_weights(r);
-    r->be->load(r->be, r->params, NULL, NULL);  // Adam moments start at zero
+    float *params = mlm_malloc(r->n_params * sizeof(float), "initial parameters");
+    if (r->opt.init_path) load_init_weights(r, params);
+    else model_init_params(&r->mc, params, r->cfg.seed, r->cfg.init_copy_layers);
+    r->be->load(r->be, params, NULL, NULL);  // Adam moments start at zero
+    free(params);
 }
 
 static void teardown(Run *r) {
@@ -251,8 +250,6 @@ static void teardown(Run *r) {
     if (r->be) r->be->free(r->be);
     if (r->rd) r->rd->free(r->rd);
     step_free(&r->train_step);
-    free(r->params);
-    free(r->adam_m);
     free(r->tokens);
     free(r->continuation);
     rng_free(&r->train_rng); rng_free(&r->valid_rng); rng_free(&r->sample_rng);
@@ -302,20 +299,24 @@ static void save_checkpoint(Run *r) {
     r->st.step = r->step;
     r->st.elapsed_s += mlm_now() - r->t_start;
     r->t_start = r->t_last_ckpt = mlm_now();
-    r->be->save(r->be, r->params, r->adam_m, r->adam_v);
-    // Data parallel: rank 0 writes; under ZeRO-1 it first gathers every rank's shard of the Adam moments into a whole
-    // copy that lives only while it writes.
+    // Host copies that live only while the checkpoint is written: the parameters and this rank's range of the Adam
+    // moments. Data parallel: rank 0 writes; under ZeRO-1 it first gathers every rank's shard of the moments.
+    size_t P = r->n_params, len = r->train_step.len;
+    float *host = mlm_malloc((P + 2 * len) * sizeof(float), "parameters and Adam moments (host copy)");
+    float *params = host, *adam_m = host + P, *adam_v = host + P + len;
+    r->be->save(r->be, params, adam_m, adam_v);
     float *gathered = NULL;
-    if (r->train_step.len < r->n_params) {
-        size_t P = r->n_params;
+    if (len < P) {
         if (r->dist.rank == 0) gathered = mlm_malloc(2 * P * sizeof(float), "gathered Adam moments");
-        r->rd->gather_to_root(r->rd, r->adam_m, gathered, P);
-        r->rd->gather_to_root(r->rd, r->adam_v, gathered ? gathered + P : NULL, P);
+        r->rd->gather_to_root(r->rd, adam_m, gathered, P);
+        r->rd->gather_to_root(r->rd, adam_v, gathered ? gathered + P : NULL, P);
     }
-    if (r->dist.rank != 0) return;
-    Checkpoint c = {.cfg = r->cfg, .vocab = r->corpus.vocab, .st = r->st, .n_params = r->n_params,
-                    .params = r->params, .adam_m = gathered ? gathered : r->adam_m,
-                    .adam_v = gathered ? gathered + r->n_params : r->adam_v};
+    if (r->dist.rank != 0) {
+        free(host);
+        return;
+    }
+    Checkpoint c = {.cfg = r->cfg, .vocab = r->corpus.vocab, .st = r->st, .n_params = P, .params = params,
+                    .adam_m = gathered ? gathered : adam_m, .adam_v = gathered ? gathered + P : adam_v};
     memcpy(c.corpus_md5, r->corpus_md5, sizeof(c.corpus_md5));
     char err[1024], path[1200];
     // WordPiece: the vocab.txt goes into the checkpoint (eval, fill and export decode with it); if it changed under
@@ -326,6 +327,7 @@ static void save_checkpoint(Run *r) {
         mlm_fatal(MLM_EXIT_FAILURE, "saving a checkpoint failed: %s; the previous checkpoint is intact", err);
     free(c.vocab_text);
     free(gathered);
+    free(host);
     if (!r->opt.quiet && r->tty) printf("\r\x1b[2K");
     if (!r->opt.quiet) printf("checkpoint %s\n", path);
 }
