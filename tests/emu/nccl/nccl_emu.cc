@@ -42,8 +42,16 @@ static ncclResult_t run_stream(cudaStream_t stream) {
     return cudaStreamSynchronize(stream) == cudaSuccess ? ncclSuccess : ncclUnhandledCudaError;
 }
 
-// MPI counts are int: large buffers go in pieces.
+// MPI counts are int: large buffers go in pieces; exchange(offset in elements, count) moves one.
 enum { PIECE = 1 << 28 };
+template <typename Exchange>
+static ncclResult_t in_pieces(size_t count, Exchange exchange) {
+    for (size_t o = 0; o < count; o += PIECE) {
+        int n = (int)(count - o < (size_t)PIECE ? count - o : (size_t)PIECE);
+        if (exchange(o, n) != MPI_SUCCESS) return ncclSystemError;
+    }
+    return ncclSuccess;
+}
 
 extern "C" {
 
@@ -114,12 +122,9 @@ ncclResult_t ncclAllReduce(const void *sendbuff, void *recvbuff, size_t count, n
     if (r != ncclSuccess) return r;
     if (sendbuff != recvbuff) memmove(recvbuff, sendbuff, count * bytes);
     if (comm->comm == MPI_COMM_NULL) return ncclSuccess;
-    for (size_t o = 0; o < count; o += PIECE) {
-        int n = (int)(count - o < (size_t)PIECE ? count - o : (size_t)PIECE);
-        if (MPI_Allreduce(MPI_IN_PLACE, (char *)recvbuff + o * bytes, n, t, MPI_SUM, comm->comm) != MPI_SUCCESS)
-            return ncclSystemError;
-    }
-    return ncclSuccess;
+    return in_pieces(count, [&](size_t o, int n) {
+        return MPI_Allreduce(MPI_IN_PLACE, (char *)recvbuff + o * bytes, n, t, MPI_SUM, comm->comm);
+    });
 }
 
 ncclResult_t ncclBroadcast(const void *sendbuff, void *recvbuff, size_t count, ncclDataType_t datatype, int root,
@@ -131,11 +136,9 @@ ncclResult_t ncclBroadcast(const void *sendbuff, void *recvbuff, size_t count, n
     if (r != ncclSuccess) return r;
     if (comm->rank == root && sendbuff != recvbuff) memmove(recvbuff, sendbuff, count * bytes);
     if (comm->comm == MPI_COMM_NULL) return ncclSuccess;
-    for (size_t o = 0; o < count; o += PIECE) {
-        int n = (int)(count - o < (size_t)PIECE ? count - o : (size_t)PIECE);
-        if (MPI_Bcast((char *)recvbuff + o * bytes, n, t, root, comm->comm) != MPI_SUCCESS) return ncclSystemError;
-    }
-    return ncclSuccess;
+    return in_pieces(count, [&](size_t o, int n) {
+        return MPI_Bcast((char *)recvbuff + o * bytes, n, t, root, comm->comm);
+    });
 }
 
 ncclResult_t ncclSend(const void *sendbuff, size_t count, ncclDataType_t datatype, int peer, ncclComm_t comm,
@@ -145,12 +148,9 @@ ncclResult_t ncclSend(const void *sendbuff, size_t count, ncclDataType_t datatyp
     if (t == MPI_DATATYPE_NULL || comm->comm == MPI_COMM_NULL) return fail("ncclSend: type or peer");
     ncclResult_t r = run_stream(stream);
     if (r != ncclSuccess) return r;
-    for (size_t o = 0; o < count; o += PIECE) {
-        int n = (int)(count - o < (size_t)PIECE ? count - o : (size_t)PIECE);
-        if (MPI_Send((const char *)sendbuff + o * bytes, n, t, peer, 77, comm->comm) != MPI_SUCCESS)
-            return ncclSystemError;
-    }
-    return ncclSuccess;
+    return in_pieces(count, [&](size_t o, int n) {
+        return MPI_Send((const char *)sendbuff + o * bytes, n, t, peer, 77, comm->comm);
+    });
 }
 
 ncclResult_t ncclRecv(void *recvbuff, size_t count, ncclDataType_t datatype, int peer, ncclComm_t comm,
@@ -160,12 +160,9 @@ ncclResult_t ncclRecv(void *recvbuff, size_t count, ncclDataType_t datatype, int
     if (t == MPI_DATATYPE_NULL || comm->comm == MPI_COMM_NULL) return fail("ncclRecv: type or peer");
     ncclResult_t r = run_stream(stream);
     if (r != ncclSuccess) return r;
-    for (size_t o = 0; o < count; o += PIECE) {
-        int n = (int)(count - o < (size_t)PIECE ? count - o : (size_t)PIECE);
-        if (MPI_Recv((char *)recvbuff + o * bytes, n, t, peer, 77, comm->comm, MPI_STATUS_IGNORE) != MPI_SUCCESS)
-            return ncclSystemError;
-    }
-    return ncclSuccess;
+    return in_pieces(count, [&](size_t o, int n) {
+        return MPI_Recv((char *)recvbuff + o * bytes, n, t, peer, 77, comm->comm, MPI_STATUS_IGNORE);
+    });
 }
 
 // A group's operations run as they are issued, in the same order on every rank (the project's groups hold
