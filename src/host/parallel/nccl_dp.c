@@ -98,8 +98,8 @@ static void wait_bounded(NcclReducer *n, const char *what) { wait_comm(n, 1, wha
 static void exchange_id_by_file(const Dist *d, ncclUniqueId *id) {
     const char *path = getenv("MLM_NCCL_ID_FILE");
     if (!path || !*path)
-        mlm_fatal(MLM_EXIT_USAGE, "rank %d of %d started without MPI: set MLM_NCCL_ID_FILE to a new path on a filesystem "
-                  "every rank sees (rank 0 writes NCCL's unique id there), or start the ranks with mpirun%s", d->rank,
+        mlm_fatal(MLM_EXIT_USAGE, "rank %d of %d started without MPI: set MLM_NCCL_ID_FILE to a new path on a "
+                  "filesystem every rank sees (rank 0 writes NCCL's unique id there), or start the ranks with mpirun%s", d->rank,
                   d->world, getenv("MASTER_ADDR") ? " (a TCP exchange through MASTER_ADDR/MASTER_PORT is not "
                   "implemented)" : "");
     if (d->rank == 0) {

@@ -17,7 +17,7 @@ typedef struct {
     Backend be;             // first: a Backend * is a CpuBackend *
     BackendConfig cfg;
     CpuModel *model;
-    float *sum;             // [P] the gradient sum of steps with several micro-batches (or joined), allocated on first use
+    float *sum;             // [P] the sum of a step with several micro-batches (or joined); allocated on first use
     SumPlace place;
     float *adam_m, *adam_v; // [moments_len] each, one allocation: the moments of this rank's range
     uint8_t *decay_mask;    // [P] 1 where AdamW decays

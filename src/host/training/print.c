@@ -193,7 +193,8 @@ void format_duration(double s, char *out, size_t n) {
     else snprintf(out, n, "%lds", t);
 }
 
-void print_progress(const Run *r, long epoch, double loss, double acc, double lr, float gnorm, double tps, double eta_s) {
+void print_progress(const Run *r, long epoch, double loss, double acc, double lr, float gnorm, double tps,
+                    double eta_s) {
     char eta[32];
     format_duration(eta_s, eta, sizeof(eta));
     printf("%sepoch %ld/%d step %ld/%ld loss %.4f acc %.4f lr %.3e |g| %.3f %.0f tok/s, %s left%s",
@@ -239,14 +240,16 @@ void print_device(const Run *r) {
     if (r->gpu) {
         char desc[256];
         cuda_device_describe(desc, sizeof(desc));
-        printf("# device: CUDA (%s; TF32 matmuls %s); run directory %s\n", desc, r->cfg.tf32 ? "on" : "off", r->run_dir);
+        printf("# device: CUDA (%s; TF32 matmuls %s); run directory %s\n", desc, r->cfg.tf32 ? "on" : "off",
+               r->run_dir);
     } else {
         printf("# device: CPU (%d OpenMP threads, matmuls: %s); run directory %s\n", omp_get_max_threads(),
                MLM_BLAS_NAME, r->run_dir);
     }
     const Config *c = &r->cfg;
+    int sharded = r->train_step.len < r->n_params;
     if (c->accum_steps > 1 || r->dist.world > 1)
         printf("# %d micro-batches of %d sequences per step (train.accum_steps), %d per rank on %d rank(s), summed by "
                "the %s reducer%s\n", c->accum_steps, c->batch_size / c->accum_steps, c->accum_steps / r->dist.world,
-               r->dist.world, r->rd->name, r->train_step.len < r->n_params ? "; Adam moments sharded (train.zero)" : "");
+               r->dist.world, r->rd->name, sharded ? "; Adam moments sharded (train.zero)" : "");
 }

@@ -64,7 +64,8 @@ void print_header(const Run *r);
 void print_device(const Run *r);
 void print_masked_batch(const Run *r, int rows);
 void print_samples(Run *r, long epoch);
-void print_progress(const Run *r, long epoch, double loss, double acc, double lr, float gnorm, double tps, double eta_s);
+void print_progress(const Run *r, long epoch, double loss, double acc, double lr, float gnorm, double tps,
+                    double eta_s);
 void maybe_print_estimate(Run *r, double now);
 void format_duration(double s, char *out, size_t n);
 

@@ -21,7 +21,6 @@
 #include "mlm/wordpiece.h"
 #include "run.h"
 
-
 // A shard set's byte or WordPiece vocabulary: its own [UNK], [CLS] and [SEP] are never selected either (PAD and
 // MASK never are), as Hugging Face's collator leaves out every special token; mask.no_mask names characters,
 // which such a vocabulary does not have.

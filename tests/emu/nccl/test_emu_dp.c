@@ -72,7 +72,8 @@ static void same_bits(const char *a, const char *b, const char *what) {
     snprintf(dir_b, sizeof(dir_b), "%s/%s", tmpdir, b);
     memset(la, 0, sizeof(la));
     memset(lb, 0, sizeof(lb));
-    int na = test_train_losses(dir_a, la, STEPS), nb = test_train_losses(dir_b, lb, STEPS), same = na == STEPS && nb == STEPS;
+    int na = test_train_losses(dir_a, la, STEPS), nb = test_train_losses(dir_b, lb, STEPS);
+    int same = na == STEPS && nb == STEPS;
     for (int i = 0; i < STEPS && same; i++) same = la[i][0] && strcmp(la[i], lb[i]) == 0;
     CHECK(same, "%s: the per-step training losses differ (%d and %d lines)", what, na, nb);
     if (t_failures == failures)
@@ -101,7 +102,8 @@ static void within_rounding(const char *a, const char *b, const char *what) {
     size_t n = MLM_MIN(ca.n_params, cb.n_params), where = 0;
     double em = max_abs_err(ca.adam_m, cb.adam_m, n, &where) / max_abs(cb.adam_m, n);
     double ev = max_abs_err(ca.adam_v, cb.adam_v, n, &where) / max_abs(cb.adam_v, n);
-    printf("%s: step 1's Adam moments (the summed gradient) within %.2e (m) and %.2e (v) of the largest\n", what, em, ev);
+    printf("%s: step 1's Adam moments (the summed gradient) within %.2e (m) and %.2e (v) of the largest\n", what, em,
+           ev);
     CHECK(em <= 4e-6 && ev <= 8e-6, "%s: step 1's moments differ by %.3e (m), %.3e (v) of the largest", what, em, ev);
     ckpt_free(&ca);
     ckpt_free(&cb);
