@@ -84,10 +84,11 @@ struct Backend {
     void (*evaluate)(Backend *, const Batch *, BatchStats *stats);
     // Host copy of the last evaluate's logits [rows, T, V] (rows it did not compute, if any, are NaN).
     const float *(*logits)(Backend *, int rows);
-    // ---- State (checkpoints, --init, --resume): host arrays of all P parameters and moments (NULL: zeros), of
-    // which the backend keeps its moment range; save writes params[P] and its range of the moments.
+    // ---- State (checkpoints, --init, --resume): load takes host arrays of all P parameters and moments (NULL:
+    // zeros), of which the backend keeps its moment range; save points at host arrays of the parameters [P] and of
+    // its range of the moments, valid until the backend's next call (the CPU backend's own; the CUDA backend's copies).
     void (*load)(Backend *, const float *params, const float *adam_m, const float *adam_v);
-    void (*save)(Backend *, float *params, float *adam_m, float *adam_v);
+    void (*save)(Backend *, const float **params, const float **adam_m, const float **adam_v);
     void (*free)(Backend *);
 };
 

@@ -129,11 +129,11 @@ static void cpu_load(Backend *be, const float *params, const float *adam_m, cons
     else memset(c->adam_v, 0, bytes);
 }
 
-static void cpu_save(Backend *be, float *params, float *adam_m, float *adam_v) {
+static void cpu_save(Backend *be, const float **params, const float **adam_m, const float **adam_v) {
     CpuBackend *c = cpu_of(be);
-    memcpy(params, c->model->params, be->n_params * sizeof(float));
-    memcpy(adam_m, c->adam_m, c->cfg.moments_len * sizeof(float));
-    memcpy(adam_v, c->adam_v, c->cfg.moments_len * sizeof(float));
+    *params = c->model->params;
+    *adam_m = c->adam_m;
+    *adam_v = c->adam_v;
 }
 
 static void cpu_free(Backend *be) {

@@ -29,6 +29,7 @@ typedef struct {
     int fused;            // the last update ran with its micro-batch as one step (fused_stats holds its read-back)
     CudaStepStats fused_stats;
     float *h_logits;      // [max_rows, T, V] host copy for the samples
+    float *h_state;       // [P + 2 moments] host copy of the parameters and moments (checkpoints; first save)
 } CudaBackend;
 
 static CudaBackend *cuda_of(Backend *be) { return (CudaBackend *)be; }
@@ -135,16 +136,22 @@ static void cuda_load(Backend *be, const float *params, const float *adam_m, con
     free(zeros);
 }
 
-static void cuda_save(Backend *be, float *params, float *adam_m, float *adam_v) {
+static void cuda_save(Backend *be, const float **params, const float **adam_m, const float **adam_v) {
     CudaBackend *c = cuda_of(be);
-    cuda_model_get_params(c->gm, params);
-    cuda_model_get_adam(c->gm, adam_m, adam_v);
+    size_t P = be->n_params, M = MLM_MAX(c->cfg.moments_len, (size_t)1);
+    if (!c->h_state) c->h_state = mlm_malloc((P + 2 * M) * sizeof(float), "parameters and Adam moments (host copy)");
+    cuda_model_get_params(c->gm, c->h_state);
+    cuda_model_get_adam(c->gm, c->h_state + P, c->h_state + P + M);
+    *params = c->h_state;
+    *adam_m = c->h_state + P;
+    *adam_v = c->h_state + P + M;
 }
 
 static void cuda_free(Backend *be) {
     CudaBackend *c = cuda_of(be);
     cuda_model_free(c->gm);
     free(c->h_logits);
+    free(c->h_state);
     free(c);
 }
 

@@ -298,24 +298,21 @@ static void save_checkpoint(Run *r) {
     r->st.step = r->step;
     r->st.elapsed_s += mlm_now() - r->t_start;
     r->t_start = r->t_last_ckpt = mlm_now();
-    // Host copies that live only while the checkpoint is written: the parameters and this rank's range of the Adam
-    // moments. Data parallel: rank 0 writes; under ZeRO-1 it first gathers every rank's shard of the moments.
+    // Data parallel: rank 0 writes; under ZeRO-1 it first gathers every rank's shard of the Adam moments into a whole
+    // copy that lives only while it writes.
     size_t P = r->n_params, len = r->train_step.len;
-    float *host = mlm_malloc((P + 2 * len) * sizeof(float), "parameters and Adam moments (host copy)");
-    float *params = host, *adam_m = host + P, *adam_v = host + P + len;
-    r->be->save(r->be, params, adam_m, adam_v);
+    const float *params, *adam_m, *adam_v;
+    r->be->save(r->be, &params, &adam_m, &adam_v);
     float *gathered = NULL;
     if (len < P) {
         if (r->dist.rank == 0) gathered = mlm_malloc(2 * P * sizeof(float), "gathered Adam moments");
         r->rd->gather_to_root(r->rd, adam_m, gathered, P);
         r->rd->gather_to_root(r->rd, adam_v, gathered ? gathered + P : NULL, P);
     }
-    if (r->dist.rank != 0) {
-        free(host);
-        return;
-    }
-    Checkpoint c = {.cfg = r->cfg, .vocab = r->corpus.vocab, .st = r->st, .n_params = P, .params = params,
-                    .adam_m = gathered ? gathered : adam_m, .adam_v = gathered ? gathered + P : adam_v};
+    if (r->dist.rank != 0) return;
+    // (ckpt_save only reads the tensors; Checkpoint's pointers are not const because ckpt_load owns what it fills.)
+    Checkpoint c = {.cfg = r->cfg, .vocab = r->corpus.vocab, .st = r->st, .n_params = P, .params = (float *)params,
+                    .adam_m = gathered ? gathered : (float *)adam_m, .adam_v = gathered ? gathered + P : (float *)adam_v};
     memcpy(c.corpus_md5, r->corpus_md5, sizeof(c.corpus_md5));
     char err[1024], path[1200];
     // WordPiece: the vocab.txt goes into the checkpoint (eval, fill and export decode with it); if it changed under
@@ -326,7 +323,6 @@ static void save_checkpoint(Run *r) {
         mlm_fatal(MLM_EXIT_FAILURE, "saving a checkpoint failed: %s; the previous checkpoint is intact", err);
     free(c.vocab_text);
     free(gathered);
-    free(host);
     if (!r->opt.quiet && r->tty) printf("\r\x1b[2K");
     if (!r->opt.quiet) printf("checkpoint %s\n", path);
 }
