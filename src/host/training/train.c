@@ -312,7 +312,8 @@ static void save_checkpoint(Run *r) {
     if (r->dist.rank != 0) return;
     // (ckpt_save only reads the tensors; Checkpoint's pointers are not const because ckpt_load owns what it fills.)
     Checkpoint c = {.cfg = r->cfg, .vocab = r->corpus.vocab, .st = r->st, .n_params = P, .params = (float *)params,
-                    .adam_m = gathered ? gathered : (float *)adam_m, .adam_v = gathered ? gathered + P : (float *)adam_v};
+                    .adam_m = gathered ? gathered : (float *)adam_m,
+                    .adam_v = gathered ? gathered + P : (float *)adam_v};
     memcpy(c.corpus_md5, r->corpus_md5, sizeof(c.corpus_md5));
     char err[1024], path[1200];
     // WordPiece: the vocab.txt goes into the checkpoint (eval, fill and export decode with it); if it changed under
