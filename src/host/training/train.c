@@ -278,15 +278,6 @@ static void on_signal(int sig) {
     else stop_signal = sig;
 }
 
-static void install_signal_handlers(void) {
-    struct sigaction sa;
-    memset(&sa, 0, sizeof(sa));
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
-}
-
 // A checkpoint every train.ckpt_every steps and, so that a kill never loses much wall time, every
 // train.ckpt_minutes minutes.
 static int checkpoint_due(const Run *r, double now) {
@@ -540,7 +531,7 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
         if (opt->resume_path) printf("# resumed at step %ld\n", r.step);
     }
     signals_deferred = r.dist.world > 1;
-    install_signal_handlers();
+    mlm_on_stop_signals(on_signal);
     r.t_start = r.t_last_ckpt = r.t_progress = mlm_now();
     r.first_step = r.step;
     long nb = (long)r.train_b.n_batches;
