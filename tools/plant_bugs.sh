@@ -100,7 +100,7 @@ fresh_copy() {
 }
 
 build_tests() {
-  nice -n 10 cmake --build "$build" -j"$jobs" --target test_emu_mask test_emu_ops test_emu_model test_emu_sparse test_emu_layer \
+  nice -n 10 cmake --build "$build" -j"$jobs" --target test_emu_mask test_emu_ops test_emu_model test_emu_sparse test_emu_bert test_emu_layer \
     >"$work/build.log" 2>&1
 }
 
