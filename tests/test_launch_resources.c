@@ -223,9 +223,9 @@ static void drive(const Config *preset, const Vocab *v, int max_B, int T) {
     Config cfg = *preset;
     cfg.seq_len = T;
     cfg.batch_size = max_B;
-    ModelConfig mc = train_model_config(&cfg, v);
+    ModelConfig mc = model_config_from(&cfg, v->n_tokens, v->pad_id);
     MaskConfig mask = train_mask_config(&cfg, v);
-    OptimConfig oc = config_optim(&cfg, 100);
+    OptimConfig oc = optim_config_from(&cfg, 100);
     Rng rng;
     rng_init(&rng, cfg.seed, RNG_DOMAIN_TRAIN);
     CudaRandom rnd = {.philox_seed = rng.seed,
