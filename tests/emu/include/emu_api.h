@@ -22,6 +22,9 @@ typedef struct {
     uint64_t graph_launches;                      // cudaGraphLaunch calls; the copies, memsets and cuBLAS calls a
                                                   // graph holds count at each launch, not at its capture
     int bytes_counted;                            // 1 when the kernels were built with the access hooks
+    uint64_t device_bytes_live, device_bytes_peak;  // cudaMalloc'd bytes now, and the most ever live at once in
+                                                  // this process (not reset by emu_counters_reset: a model
+                                                  // allocates before the step being counted)
 } EmuCounters;
 
 void emu_counters_reset(void);
