@@ -42,7 +42,7 @@ BUGS = [
  ("missing stream synchronisation before the host reads the step scalars", [("cuda_model.cu",
    "                               m->stream));\n    CUDA_CHECK(cudaStreamSynchronize(m->stream));\n    sparse_check_count(",
    "                               m->stream));\n    sparse_check_count(")]),
- ("wrong Philox offset (in blocks of 4 instead of values)", [("mask.cu",
+ ("wrong Philox offset (in blocks of 4 instead of values)", [("philox.cuh",
    "    return s->rng_base + offset_in_step + s->rng_row0 * row_len;",
    "    return (s->rng_base + offset_in_step + s->rng_row0 * row_len) / 4;")]),
  ("read of a buffer before its upload (tokens copied after the mask kernel)", [("mask.cu",
