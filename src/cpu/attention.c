@@ -37,23 +37,27 @@ int attention_dropout(AttnDropout *ad, const DropoutCtx *drop, int layer, size_t
                   "train with model.dropout = 0 or report the CUDA version");
     ad->seed = drop->rng->seed;
     ad->offset = dropout_site_offset(drop, layer, DROP_ATTN_PROBS, n);
+    ad->threshold = dropout_keep_threshold(drop->p);
     ad->p = drop->p;
     ad->scale = dropout_scale(drop->p);
     return 1;
 }
 
-// Multipliers z[n] = keep * scale (0 or scale) of the n attention elements at stream offsets [offset, offset + n):
-// THE DROPOUT RULE of ops.h on cuRAND's Philox outputs, computed here (a tile's row of keys).
-static void dropout_row(float *z, const AttnDropout *d, uint64_t offset, int n) {
-    uint64_t first = offset / 4, last = (offset + (uint64_t)n - 1) / 4;
+// Multipliers keep * scale (0 or scale) of the n attention elements at stream offsets [offset, offset + n), in
+// rows of row_len: element offset + e goes to z[(e / row_len) * stride + e % row_len]. THE DROPOUT RULE of ops.h
+// on cuRAND's Philox outputs, computed here (kept where the raw output reaches the threshold: !(u < p) exactly).
+static void dropout_range(float *z, const AttnDropout *d, uint64_t offset, size_t n, int row_len, int stride) {
+    uint64_t first = offset / 4, last = (offset + n - 1) / 4;
+    int r = 0, c = 0;  // where the next element in the range goes (the outputs are visited in increasing order)
     for (uint64_t p0 = first; p0 <= last; p0 += PHILOX_LANES) {
         uint32_t x[4][PHILOX_LANES];
         curand_philox_lanes(d->seed, p0, x);
         for (int l = 0; l < PHILOX_LANES; l++)
             for (int w = 0; w < 4; w++) {
                 uint64_t g = (p0 + (uint64_t)l) * 4 + (uint64_t)w;
-                if (g < offset || g >= offset + (uint64_t)n) continue;
-                z[g - offset] = (float)!(curand_uniform_of(x[w][l]) < d->p) * d->scale;
+                if (g < offset || g >= offset + n) continue;
+                z[(size_t)r * stride + c] = (uint64_t)x[w][l] >= d->threshold ? d->scale : 0.0f;
+                if (++c == row_len) c = 0, r++;
             }
     }
 }
@@ -86,12 +90,16 @@ static void tile_scores(float *s, const AttnHead *a, int i0, int br, int j0, int
 }
 
 // z[br, ATTN_TILE] = the dropout multipliers (keep * scale) of the tile's elements (b, h, i0 + r, j0 + c), whose
-// index in the site's [B, H, T, T] order is (bh T + i) T + j.
+// index in the site's [B, H, T, T] order is (bh T + i) T + j: one range when the tile holds whole rows (T <= the
+// tile), else one range per row.
 static void tile_dropout(float *z, const AttnHead *a, int i0, int br, int j0, int bc) {
-    for (int r = 0; r < br; r++) {
-        uint64_t e = ((uint64_t)a->bh * (uint64_t)a->T + (uint64_t)(i0 + r)) * (uint64_t)a->T + (uint64_t)j0;
-        dropout_row(z + (size_t)r * ATTN_TILE, a->drop, a->drop->offset + e, bc);
+    uint64_t e0 = a->drop->offset + ((uint64_t)a->bh * (uint64_t)a->T + (uint64_t)i0) * (uint64_t)a->T + (uint64_t)j0;
+    if (bc == a->T) {
+        dropout_range(z, a->drop, e0, (size_t)br * bc, bc, ATTN_TILE);
+        return;
     }
+    for (int r = 0; r < br; r++)
+        dropout_range(z + (size_t)r * ATTN_TILE, a->drop, e0 + (uint64_t)r * a->T, bc, bc, ATTN_TILE);
 }
 
 // Forward of one query tile: out rows [i0, i0 + br) of the head (row stride C) and their lse.
@@ -110,17 +118,24 @@ static void forward_query_tile(float *out, float *lse, const AttnHead *a, int i0
             float mx = -INFINITY;
             for (int c = 0; c < bc; c++) mx = sr[c] > mx ? sr[c] : mx;
             float m_new = m[r] > mx ? m[r] : mx;
-            // Rescale what the earlier key tiles accumulated (exp(-inf) = 0 before the first valid key); a row
-            // whose keys so far are all [PAD] has nothing to rescale and gets p = 0.
-            float corr = m_new == -INFINITY ? 1.0f : expf(m[r] - m_new), sum = 0.0f;
-            for (int c = 0; c < bc; c++) {
-                float p = sr[c] == -INFINITY ? 0.0f : expf(sr[c] - m_new);
-                sum += p;
-                sr[c] = a->drop ? p * z[(size_t)r * ATTN_TILE + c] : p;  // THE DROPOUT RULE, on the probabilities
+            if (m_new == -INFINITY) {  // every key so far is [PAD]: nothing accumulated, nothing to add
+                for (int c = 0; c < bc; c++) sr[c] = 0.0f;
+                continue;
             }
+            // exp(-inf) = 0: a [PAD] key's p, and the rescale of a row whose earlier keys were all [PAD].
+            float corr = expf(m[r] - m_new), sum = 0.0f;
+            for (int c = 0; c < bc; c++) {
+                float p = expf(sr[c] - m_new);
+                sum += p;
+                sr[c] = p;
+            }
+            if (a->drop)  // THE DROPOUT RULE, on the probabilities
+                for (int c = 0; c < bc; c++) sr[c] *= z[(size_t)r * ATTN_TILE + c];
+            // Rescale what the earlier key tiles accumulated (nothing before the first).
             l[r] = l[r] * corr + sum;
             m[r] = m_new;
-            for (int d = 0; d < hs; d++) o[(size_t)r * hs + d] *= corr;
+            if (j0 > 0)
+                for (int d = 0; d < hs; d++) o[(size_t)r * hs + d] *= corr;
         }
         // o += dropout(P~) V over the tile's keys (P~ = exp(S - m), normalised by l at the end).
         matmul_serial(0, 0, br, hs, bc, 1.0f, s, ATTN_TILE, a->v + (size_t)j0 * a->C3, a->C3, 1.0f, o, hs);
@@ -163,13 +178,11 @@ static void backward_tile(float *dq, float *dk, float *dv, const AttnHead *a, co
                           const float *dsum, int i0, int br, int j0, int bc, float *s, float *z, float *pd, float *dp) {
     int hs = a->hs, C3 = a->C3;
     const float *gi = go + (size_t)i0 * a->C;
-    // P = exp(S - lse): the forward's probabilities, recomputed (into s).
+    // P = exp(S - lse): the forward's probabilities, recomputed (into s; 0 at [PAD] keys, S = -inf, and in rows
+    // without a valid key, lse = +inf).
     tile_scores(s, a, i0, br, j0, bc);
     for (int r = 0; r < br; r++)
-        for (int c = 0; c < bc; c++) {
-            float *e = s + (size_t)r * ATTN_TILE + c;
-            *e = *e == -INFINITY ? 0.0f : expf(*e - lse[i0 + r]);
-        }
+        for (int c = 0; c < bc; c++) s[(size_t)r * ATTN_TILE + c] = expf(s[(size_t)r * ATTN_TILE + c] - lse[i0 + r]);
     // out = dropout(P) V: dV += dropout(P)^T dO.
     if (a->drop) {
         tile_dropout(z, a, i0, br, j0, bc);

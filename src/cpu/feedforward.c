@@ -15,7 +15,7 @@
 // The smallest raw output x with uniform(x) >= p (2^32 if there is none). uniform() is monotonic in x
 // (a conversion, a product and a sum by positive constants, each rounding monotonically), so
 // !(uniform(x) < p) is exactly x >= threshold, an integer compare instead of a conversion per element.
-static uint64_t keep_threshold(float p) {
+uint64_t dropout_keep_threshold(float p) {
     uint64_t lo = 0, hi = (uint64_t)1 << 32;  // invariant: uniform(x) < p for x < lo; >= p at hi (virtually)
     while (lo < hi) {
         uint64_t mid = lo + (hi - lo) / 2;
@@ -45,7 +45,7 @@ void dropout_keep_mask(uint8_t *keep, const DropoutCtx *drop, int layer, DropSit
     float p = drop->p;
     if (rng_reproduced(drop->rng)) {
         // Integer compare on the raw outputs: the same decisions as !(uniform < p), without conversions.
-        uint64_t threshold = keep_threshold(p);
+        uint64_t threshold = dropout_keep_threshold(p);
         FOR_EACH_PHILOX(drop->rng->seed, offset, (uint64_t)n, keep[i] = (uint64_t)x >= threshold);
         return;
     }

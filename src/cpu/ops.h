@@ -36,6 +36,8 @@
 int dropout_is_active(const DropoutCtx *drop);
 // scale = 1 / (1 - p) in float, as in the rule above.
 float dropout_scale(float p);
+// The smallest raw Philox output x whose uniform is >= p (2^32 if none): keep = !(u < p) is exactly x >= it.
+uint64_t dropout_keep_threshold(float p);
 // keep[n] (1 = kept) for one site, by the rule above.
 void dropout_keep_mask(uint8_t *keep, const DropoutCtx *drop, int layer, DropSite site, size_t n);
 // The absolute stream offset of element 0 of that site's n elements (a micro-batch's rows start inside the
@@ -110,9 +112,10 @@ void column_sums_accumulate(float *sums, const float *x, int N, int C);
 // Dropout of the probabilities (drop NULL: none) follows THE DROPOUT RULE above for site DROP_ATTN_PROBS, element
 // (b, h, i, j) at index ((b H + h) T + i) T + j of the site, its uniform computed inside the tile from Philox.
 typedef struct {
-    uint64_t seed;    // Philox key of the step's stream (Rng.seed)
-    uint64_t offset;  // absolute stream offset of element 0 of this batch's attention site
-    float p, scale;   // drop probability, 1 / (1 - p)
+    uint64_t seed;       // Philox key of the step's stream (Rng.seed)
+    uint64_t offset;     // absolute stream offset of element 0 of this batch's attention site
+    uint64_t threshold;  // dropout_keep_threshold(p): kept where the raw output is >= it
+    float p, scale;      // drop probability, 1 / (1 - p)
 } AttnDropout;
 // Fill *ad for layer `layer` of a forward over n = B*H*T*T attention elements; returns 0 (ad untouched) when
 // `drop` asks for no dropout. Fatal when the stream cannot be regenerated inside the tiles (rng_reproduced).
