@@ -14,13 +14,11 @@
 //     1e-6 + 4e-7 sqrt(K). The CPU's serial sum carries a typical relative error of ~0.3 eps sqrt(K) (eps = 6e-8)
 //     and the GPU tree much less, so this is 10-20x the expected difference while a real bug (a missing term, a
 //     wrong index or scale) is >= 1/K relative (5e-4 at K = 2053) and usually O(1). Applied to: column sums and
-//     LayerNorm dw/db (K = N rows), LayerNorm mean, rstd and dinp (K = C), softmax forward and backward (K = T),
+//     LayerNorm dw/db (K = N rows), LayerNorm mean, rstd and dinp (K = C), the attention's bias partials (K = N),
 //     cross-entropy gradients (K = V).
 //   - LayerNorm output: 2 TOL_SUM(C). The inputs are centred at 2 with spread 1 (so that the centring matters),
 //     so a 1-ulp difference in the mean (2.4e-7 at 2) is magnified by |mean| / std ~ 3.5 in x - mean (measured
 //     in a CPU emulation of the kernels: 6e-7 at C = 8, 9.6e-7 at C = 130).
-//   - softmax against a double-precision softmax of the very scores the GPU got: 2e-6 (expf is within 2 ulp on the
-//     device, plus the roundings of 1/sum and the product: ~4 ulp ~ 5e-7 worst case).
 //   - the tiled attention against the materialised attention in double: 1e-5 (argued at test_attention_tiled).
 //   - cross-entropy losses and the batch mean loss: 1e-6 (log-sum-exp in double on both sides, only the final
 //     float rounding differs); correct flags, counts and n_targets exact.

@@ -216,7 +216,9 @@ static __global__ void attention_forward_kernel_hs(float *out /* [B, T, C] */, f
             m[a] = m_new;
             for (int c = 0; c < CH; c++) o[a][c] = __fmul_rn(o[a][c], corr);
         }
-        __syncthreads();  // every row of ps written before the product reads it
+        // The product reads only the thread's own rows of ps (ty + ATT_TY a), which its half-warp wrote: the warp's
+        // barrier orders those writes before the reads (the whole block's would wait for nothing more).
+        __syncwarp();
         tile_product<RT, CH, TILE, false, false>(o, ps, LDT, vs, LDH);  // o += dropout(P~) V
     }
     for (int a = 0; a < RT; a++) {
@@ -329,7 +331,7 @@ static __global__ void attention_backward_kernel_hs(float *dqkv /* [B, T, 3C] */
                     dss[row * LDT + col] = __fmul_rn(__fmul_rn(p, __fsub_rn(g, d_i)), scale);  // dS = P (dP - D) scale
                 }
             }
-            __syncthreads();  // ps and dss complete
+            __syncthreads();  // ps and dss complete: the products below read them by column, across warps
             tile_product<RT, CH, TILE, true, false>(dv, ps, LDT, gs, LDH);   // dV += dropout(P)^T dO
             tile_product<RT, CH, TILE, true, false>(dk, dss, LDT, qs, LDH);  // dK += dS^T Q
             float dq[RT][CH] = {};
