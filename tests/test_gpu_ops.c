@@ -871,18 +871,15 @@ static void test_attention_tiled(void) {
                                       fetch_f(d_db, 3 * C)};
                 }
                 double e_lse = 0.0;
-                int inf_ok = 1;
-                for (size_t i = 0; i < nl; i++) {
-                    if (isinf(lse_ref[i])) inf_ok &= isinf(run[0].lse[i]) && run[0].lse[i] > 0;
-                    else e_lse = fmax(e_lse, fabs(run[0].lse[i] - lse_ref[i]));
-                }
+                for (size_t i = 0; i < nl; i++)
+                    e_lse = fmax(e_lse, isnan(run[0].lse[i]) ? INFINITY : fabs(run[0].lse[i] - lse_ref[i]));
                 double e_out = attention_ref_error(run[0].out, y_ref, N, 0, C, C);
                 double e_dq = attention_ref_error(run[0].dqkv, dqkv_ref, N, 0, 3 * C, C);
                 double e_dk = attention_ref_error(run[0].dqkv, dqkv_ref, N, C, 3 * C, C);
                 double e_dv = attention_ref_error(run[0].dqkv, dqkv_ref, N, 2 * C, 3 * C, C);
                 printf("  %-44s out %.1e lse %.1e dq %.1e dk %.1e dv %.1e\n", tag, e_out, e_lse, e_dq, e_dk, e_dv);
-                CHECK(e_out <= ATT_TILED_TOL && e_lse <= ATT_TILED_TOL && inf_ok,
-                      "tiled attention forward %s: out %.2e lse %.2e (+inf rows ok %d)", tag, e_out, e_lse, inf_ok);
+                CHECK(e_out <= ATT_TILED_TOL && e_lse <= ATT_TILED_TOL, "tiled attention forward %s: out %.2e lse %.2e",
+                      tag, e_out, e_lse);
                 CHECK(e_dq <= ATT_TILED_TOL && e_dk <= ATT_TILED_TOL && e_dv <= ATT_TILED_TOL,
                       "tiled attention backward %s: dq %.2e dk %.2e dv %.2e", tag, e_dq, e_dk, e_dv);
                 snprintf(what, sizeof(what), "attention (out, lse, dqkv, bias) %s", tag);

@@ -3,6 +3,8 @@
 #ifndef MLM_CPU_H
 #define MLM_CPU_H
 
+#include <stdint.h>
+
 #include "mlm/model.h"
 #include "mlm/rng.h"
 
@@ -41,6 +43,10 @@ typedef struct {
 } CpuModel;
 
 CpuModel *cpu_model_create(const ModelConfig *cfg, int max_B);
+
+// Which matmul the CPU backend runs in this process and why, for the device line: the optimized BLAS (vendor,
+// version, kernels, file) or the built-in GEMM with its micro-kernel and the reason no BLAS is used.
+void cpu_matmul_describe(char *buf, size_t n);
 void cpu_model_free(CpuModel *m);
 
 // Forward over inputs[B, T] (T = cfg.max_seq). With labels != NULL computes the mean cross-entropy over
@@ -56,6 +62,21 @@ void cpu_model_backward(CpuModel *m);
 // gradients of the dense head (within float rounding). m->logits then holds [n_targets, V]: the rows of the
 // selected positions in position order. Forwards without labels always compute every position's logits.
 void cpu_model_set_sparse_prediction(CpuModel *m, int on);
+
+// Tests only: a view of the ReLU decisions (tests/relu_ties.c, docs/testing.md). When a hook is set, every
+// forward calls it once per layer, after the feed-forward pre-activation h[N, F] = x[N, C] w[F, C]^T + b[F] is
+// computed and the hidden dropout mask keep[N, F] (NULL without dropout) is drawn, before ReLU + dropout read h.
+// The hook may rewrite h to force a decision (ReLU passes h > 0). No hook (the default, and always in
+// production): one test of a pointer per layer and forward.
+typedef struct {
+    int layer, N, C, F;
+    float *h;                 // [N, F] the pre-activation as this backend computed it (bias included)
+    const float *x;           // [N, C] the layer's LN2 output
+    const float *w, *b;       // [F, C], [F] the first Linear's weight and bias
+    const uint8_t *keep;      // [N, F] 1 = kept, or NULL
+} CpuReluSite;
+typedef void (*CpuReluHook)(void *ctx, const CpuReluSite *site);
+void cpu_model_set_relu_hook(CpuModel *m, CpuReluHook hook, void *ctx);
 
 // Global L2 norm over all gradients, and in-place scaling by min(1, max_norm / (norm + 1e-6)).
 float cpu_grad_norm(const float *grads, size_t n);

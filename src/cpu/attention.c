@@ -71,12 +71,25 @@ typedef struct {
     const AttnDropout *drop;    // NULL: no dropout
 } AttnHead;
 
+// The key mask of sequence b: NULL when every key is valid, and when none is (ops.h: such a sequence attends to
+// every key), so that every query row has a valid key.
+static const uint8_t *sequence_key_mask(const uint8_t *key_valid, int b, int T) {
+    if (!key_valid) return NULL;
+    const uint8_t *v = key_valid + (size_t)b * T;
+    int any = 0, all = 1;
+    for (int j = 0; j < T; j++) {
+        any |= v[j] != 0;
+        all &= v[j] != 0;
+    }
+    return any && !all ? v : NULL;
+}
+
 static AttnHead attn_head(const float *qkv, const uint8_t *key_valid, const AttnDropout *drop, int bh, int T, int C,
                           int H) {
     int hs = C / H, b = bh / H, h = bh % H;
     const float *q = qkv + (size_t)b * T * 3 * C + (size_t)h * hs;
     return (AttnHead){T, hs, 3 * C, C, bh, b, 1.0f / sqrtf((float)hs), q, q + C, q + 2 * C,
-                      key_valid ? key_valid + (size_t)b * T : NULL, drop};
+                      sequence_key_mask(key_valid, b, T), drop};
 }
 
 // s[br, ATTN_TILE] = (Q[i0..] K[j0..]^T) * scale over a br x bc tile, -inf at [PAD] keys (exp gives them 0).
@@ -118,7 +131,7 @@ static void forward_query_tile(float *out, float *lse, const AttnHead *a, int i0
             float mx = -INFINITY;
             for (int c = 0; c < bc; c++) mx = sr[c] > mx ? sr[c] : mx;
             float m_new = m[r] > mx ? m[r] : mx;
-            if (m_new == -INFINITY) {  // every key so far is [PAD]: nothing accumulated, nothing to add
+            if (m_new == -INFINITY) {  // every key so far is [PAD] (keys of a later tile are valid): nothing to add
                 for (int c = 0; c < bc; c++) sr[c] = 0.0f;
                 continue;
             }
@@ -140,13 +153,11 @@ static void forward_query_tile(float *out, float *lse, const AttnHead *a, int i0
         // o += dropout(P~) V over the tile's keys (P~ = exp(S - m), normalised by l at the end).
         matmul_serial(0, 0, br, hs, bc, 1.0f, s, ATTN_TILE, a->v + (size_t)j0 * a->C3, a->C3, 1.0f, o, hs);
     }
-    for (int r = 0; r < br; r++) {
-        // A row with no valid key (all [PAD]) attends to nothing: output 0, and an lse that makes every
-        // recomputed probability 0.
-        float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+    for (int r = 0; r < br; r++) {  // every row has a valid key (sequence_key_mask), so l > 0
+        float inv = 1.0f / l[r];
         float *y = out + (size_t)(i0 + r) * a->C;
         for (int d = 0; d < hs; d++) y[d] = o[(size_t)r * hs + d] * inv;
-        lse[i0 + r] = l[r] > 0.0f ? m[r] + logf(l[r]) : INFINITY;
+        lse[i0 + r] = m[r] + logf(l[r]);
     }
 }
 
@@ -178,8 +189,7 @@ static void backward_tile(float *dq, float *dk, float *dv, const AttnHead *a, co
                           const float *dsum, int i0, int br, int j0, int bc, float *s, float *z, float *pd, float *dp) {
     int hs = a->hs, C3 = a->C3;
     const float *gi = go + (size_t)i0 * a->C;
-    // P = exp(S - lse): the forward's probabilities, recomputed (into s; 0 at [PAD] keys, S = -inf, and in rows
-    // without a valid key, lse = +inf).
+    // P = exp(S - lse): the forward's probabilities, recomputed (into s; 0 at [PAD] keys, S = -inf).
     tile_scores(s, a, i0, br, j0, bc);
     for (int r = 0; r < br; r++)
         for (int c = 0; c < bc; c++) s[(size_t)r * ATTN_TILE + c] = expf(s[(size_t)r * ATTN_TILE + c] - lse[i0 + r]);

@@ -74,6 +74,21 @@ void embedding_layernorm_forward(float *out, float *ln_out, float *mean, float *
 // dtok_emb[V,C] += sqrt(C) * dout[b,t] at row tokens[b,t] (positions summed in order b, t).
 void embedding_backward(float *dtok_emb, const float *dout, const int *tokens, int B, int T, int C);
 
+// BERT (transformers' BertEmbeddings without its LayerNorm and dropout): out[B,T,C] = (word[tokens[b,t]] +
+// type[0]) + pos[t] (every position is token type 0); fatal error on a token outside [0, V).
+void bert_embedding_forward(float *out, const int *tokens, const float *word, const float *pos, const float *type,
+                            int B, int T, int C, int V);
+// dword[V,C] += dout[b,t] at row tokens[b,t]; dpos[T,C] += dout[b,t] at row t; dtype[C] (row 0) += every dout
+// (positions summed in order b, t). The caller zeroes the [PAD] row's gradient (model.h: it is frozen).
+void bert_embedding_backward(float *dword, float *dpos, float *dtype, const float *dout, const int *tokens, int B,
+                             int T, int C);
+
+// ---- GELU (gelu.c) -----------------------------------------------------------------------------------
+// out[n] = GELU(inp) = inp * Phi(inp), the exact erf form (transformers' "gelu"); out may alias inp.
+void gelu_forward(float *out, const float *inp, size_t n);
+// dinp[n] = dout * GELU'(inp), from the forward's input (dinp may alias dout).
+void gelu_backward(float *dinp, const float *dout, const float *inp, size_t n);
+
 // ---- LayerNorm (layernorm.c) -------------------------------------------------------------------------
 // out[N,C] = (inp - mean) * rstd * w + b with the biased variance (as PyTorch); saves mean[N], rstd[N].
 void layernorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *w, const float *b,
@@ -106,8 +121,9 @@ void column_sums_accumulate(float *sums, const float *x, int N, int C);
 // qkv[B,T,3C] holds query, key, value (head h = features h*hs..h*hs+hs-1 of each, hs = C/H). Tiled (FlashAttention-2):
 // nothing of size T x T is stored; the forward saves lse[B,H,T], the backward recomputes the probabilities.
 //   out[B,T,C] = dropout(softmax(Q K^T / sqrt(hs) + mask)) V per head, the heads concatenated, where mask is -inf
-//   at the keys j of sequence b with key_valid[b, j] == 0 ([PAD]; key_valid NULL: every key is valid). A query
-//   row with no valid key gets out = 0 and lse = +inf (and zero gradients).
+//   at the keys j of sequence b with key_valid[b, j] == 0 ([PAD] tokens of arch = bert, transformers'
+//   attention_mask; key_valid NULL: every key is valid). A sequence with no valid key at all attends to every key
+//   (nothing reads such rows: they are all padding).
 //   lse[B,H,T] = log sum_j exp(score_ij) over the valid keys (before dropout).
 // Dropout of the probabilities (drop NULL: none) follows THE DROPOUT RULE above for site DROP_ATTN_PROBS, element
 // (b, h, i, j) at index ((b H + h) T + i) T + j of the site, its uniform computed inside the tile from Philox.

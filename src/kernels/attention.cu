@@ -117,6 +117,20 @@ static __device__ __forceinline__ bool key_ok(int j, int T, const uint8_t *key_v
     return j < T && (!key_valid || key_valid[j]);
 }
 
+// The key mask of sequence b (attention.c's sequence_key_mask): its T flags, or NULL when every key or none is valid
+// (a sequence with no valid key attends to every key), so that every query row has a valid key. Each thread reads
+// the flags itself: no shared state and no barrier, T bytes against the block's T x tile x hs products.
+static __device__ const uint8_t *sequence_key_mask(const uint8_t *key_valid /* [B, T] or NULL */, int b, int T) {
+    if (!key_valid) return NULL;
+    const uint8_t *v = key_valid + (size_t)b * T;  // [T]
+    bool any = false, all = true;
+    for (int j = 0; j < T; j++) {
+        any |= v[j] != 0;
+        all &= v[j] != 0;
+    }
+    return any && !all ? v : NULL;
+}
+
 // The Philox key and the absolute offset of element 0 of the (micro-)batch's attention site, read once per block
 // (thread 0; the caller's next barrier publishes them).
 struct AttnRng {
@@ -174,7 +188,7 @@ static __global__ void attention_forward_kernel_hs(float *out /* [B, T, C] */, f
     int tx = threadIdx.x % ATT_TX, ty = threadIdx.x / ATT_TX;
     bool dropping = drop_step != NULL && drop_p > 0.0f;
     const float *seq = qkv + (size_t)b * T * 3 * C + (size_t)h * hs;  // the head's q columns of sequence b
-    const uint8_t *valid = key_valid ? key_valid + (size_t)b * T : NULL;
+    const uint8_t *valid = sequence_key_mask(key_valid, b, T);
     load_attn_rng(&rng, drop_step, drop_offset_in_step, H, T);
     load_rows<HS, TILE>(qs, seq, 3 * (size_t)C, bias ? bias + (size_t)h * hs : NULL, i0, T, hs);
     float o[RT][CH], m[RT], l[RT];  // the thread's output rows (unnormalised) and their running max and sum
@@ -224,14 +238,13 @@ static __global__ void attention_forward_kernel_hs(float *out /* [B, T, C] */, f
     for (int a = 0; a < RT; a++) {
         int i = i0 + ty + ATT_TY * a;
         if (i >= T) continue;
-        // A row with no valid key attends to nothing: output 0, and an lse that makes its recomputed P 0.
-        float inv = l[a] > 0.0f ? __fdiv_rn(1.0f, l[a]) : 0.0f;
+        float inv = __fdiv_rn(1.0f, l[a]);  // every row has a valid key (sequence_key_mask), so l > 0
         float *y = out + ((size_t)b * T + i) * C + (size_t)h * hs;
         for (int c = 0; c < CH; c++) {
             int d = tx + ATT_TX * c;
             if (d < hs) y[d] = __fmul_rn(o[a][c], inv);
         }
-        if (tx == 0) lse[(size_t)bh * T + i] = l[a] > 0.0f ? __fadd_rn(m[a], logf(l[a])) : INFINITY;
+        if (tx == 0) lse[(size_t)bh * T + i] = __fadd_rn(m[a], logf(l[a]));
     }
 }
 
@@ -293,7 +306,7 @@ static __global__ void attention_backward_kernel_hs(float *dqkv /* [B, T, 3C] */
     const float *y = out + (size_t)b * T * C + col0;          // [T, hs], row stride C
     float *dseq = dqkv + (size_t)b * T * C3 + col0;           // the head's dq columns of sequence b
     const float *lse_h = lse + (size_t)bh * T, *delta_h = delta + (size_t)bh * T;
-    const uint8_t *valid = key_valid ? key_valid + (size_t)b * T : NULL;
+    const uint8_t *valid = sequence_key_mask(key_valid, b, T);
     load_attn_rng(&rng, drop_step, drop_offset_in_step, H, T);
     // D_i = dO_i . O_i = sum_j P_ij dP_ij (dropout included): the softmax backward's row sum.
     for (int i = threadIdx.x; i < T; i += blockDim.x) {
@@ -392,5 +405,19 @@ extern "C" void cuda_attention_backward(float *dqkv, float *bias_partial, float 
     attention_backward_kernel<<<(unsigned)(B * H), ATT_THREADS, backward_shmem[k], stream>>>(
         dqkv, bias_partial, delta, dout, qkv, qkv_bias, out, lse, key_valid, step, drop.offset_in_step, drop.p,
         drop.scale, T, C, H, hs, 1.0f / sqrtf((float)hs));
+    CUDA_CHECK_LAUNCH();
+}
+
+// ---- The key-padding mask (model.arch = bert) -------------------------------------------------------------
+// valid[n] = inputs[n] != pad_id: transformers' attention_mask, as cpu_model.c derives it.
+static __global__ void key_valid_kernel(uint8_t *valid /* [n] */, const int *inputs /* [n] */, size_t n, int pad_id) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        valid[i] = inputs[i] != pad_id;
+}
+
+extern "C" void cuda_key_valid(uint8_t *valid, const int *inputs, size_t n, int pad_id, cudaStream_t stream) {
+    if (n == 0) return;
+    size_t blocks = (n + 255) / 256;
+    key_valid_kernel<<<(unsigned)(blocks < (1u << 20) ? blocks : (1u << 20)), 256, 0, stream>>>(valid, inputs, n, pad_id);
     CUDA_CHECK_LAUNCH();
 }

@@ -117,6 +117,22 @@ void cuda_embedding_layernorm_forward(float *emb_out, float *ln_out, float *mean
 void cuda_embedding_backward(float *dtok_emb, const float *dout, const int *tokens, int B, int T, int C, int V,
                              cudaStream_t stream);
 
+// BERT (model.arch = bert): out[B,T,C] = (word[tokens] + type[0]) + pos[t]; twin bert_embedding_forward
+// (bit-identical).
+void cuda_bert_embedding_forward(float *out, const int *tokens, const float *word, const float *pos,
+                                 const float *type, int B, int T, int C, cudaStream_t stream);
+// dword[V,C] += dout rows by token, dpos[T,C] += dout summed over the batch, dtype[C] (row 0) += every dout row, each
+// sum in position order (no atomics); twin bert_embedding_backward (bit-identical).
+void cuda_bert_embedding_backward(float *dword, float *dpos, float *dtype, const float *dout, const int *tokens,
+                                  int B, int T, int C, int V, cudaStream_t stream);
+
+// ---- GELU (gelu.cu) -----------------------------------------------------------------------------------
+// pre[n] += bias[col] (pre viewed as [n / F, F]; bias may be NULL; pre keeps the result for the backward), then
+// out[n] = GELU(pre), the erf form. Twin: linear_forward's bias add, then gelu_forward.
+void cuda_bias_gelu_forward(float *pre, float *out, const float *bias, size_t n, int F, cudaStream_t stream);
+// dinp[n] = dout * GELU'(inp) (dinp may alias dout). Twin: gelu_backward.
+void cuda_gelu_backward(float *dinp, const float *dout, const float *inp, size_t n, cudaStream_t stream);
+
 // ---- LayerNorm (layernorm.cu) -------------------------------------------------------------------------
 void cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *w, const float *b,
                             int N, int C, float eps, cudaStream_t stream);
@@ -146,17 +162,16 @@ void cuda_layernorm_backward_residual(float *dinp, float *dw, float *db, const f
 // Tiled attention (FlashAttention-2), any T, nothing of size T x T stored. qkv[B,T,3C] without its bias, which the
 // kernels add as they load (qkv_bias[3C], may be NULL); head h = features h*hs..h*hs+hs-1 of each of q, k, v,
 // hs = C / H at most 128 (cuda_attention_supported). key_valid[B,T] (NULL: every key valid): 0 marks a [PAD] key
-// that no query attends to. Dropout of the probabilities by THE DROPOUT RULE, its uniforms computed in the tiles at
-// (step, offset_in_step) as site DROP_ATTN_PROBS of the step ([B, H, T, T] order; a micro-batch's rows start
-// step->rng_row0 rows in). Twins: attention_forward / attention_backward (src/cpu/attention.c).
+// that no query attends to; a sequence with no valid key attends to every key (attention_forward's rule). Dropout
+// of the probabilities by THE DROPOUT RULE, its uniforms computed in the tiles at (step, offset_in_step) as site
+// DROP_ATTN_PROBS of the step ([B, H, T, T] order; a micro-batch's rows start step->rng_row0 rows in). Twins: attention_forward / attention_backward (src/cpu/attention.c).
 typedef struct {
     const DeviceStep *step;   // the step's seed and base offset (device memory); NULL: no dropout
     uint64_t offset_in_step;  // rng_dropout_offset(layout, 0, layer, DROP_ATTN_PROBS)
     float p, scale;           // drop probability (0: no dropout), 1 / (1 - p)
 } CudaAttnDropout;
 int cuda_attention_supported(int C, int H);
-// out[B,T,C] (heads concatenated) and lse[B,H,T] (log-sum-exp of each row's scores; +inf for a row without a
-// valid key, whose output is 0).
+// out[B,T,C] (heads concatenated) and lse[B,H,T] (log-sum-exp of each row's scores over its valid keys).
 void cuda_attention_forward(float *out, float *lse, const float *qkv, const float *qkv_bias, const uint8_t *key_valid,
                             CudaAttnDropout drop, int B, int T, int C, int H, cudaStream_t stream);
 // dqkv[B,T,3C] (overwritten) from dout[B,T,C] and the forward's qkv, qkv_bias, out, lse (same key_valid and drop);
@@ -168,6 +183,8 @@ size_t cuda_attention_delta_scratch(int B, int T, int H);
 void cuda_attention_backward(float *dqkv, float *bias_partial, float *delta, const float *dout, const float *qkv,
                              const float *qkv_bias, const float *out, const float *lse, const uint8_t *key_valid,
                              CudaAttnDropout drop, int B, int T, int C, int H, cudaStream_t stream);
+// valid[n] = inputs[n] != pad_id (the key-padding mask of model.arch = bert).
+void cuda_key_valid(uint8_t *valid, const int *inputs, size_t n, int pad_id, cudaStream_t stream);
 
 // ---- Cross-entropy (loss.cu) --------------------------------------------------------------------------
 // Fused softmax + loss + gradient over logits[N,V]: losses[N] (0 on ignored rows), correct[N] (1 where argmax

@@ -13,6 +13,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "mlm/agree_ranks.h"
 #include "mlm/checkpoint.h"
 #include "mlm/common.h"
 #include "mlm/cpu.h"
@@ -43,7 +44,9 @@ const char *const SAMPLE_PROMPTS[N_PROMPTS] = {
 
 ModelConfig train_model_config(const Config *c, const Vocab *v) {
     ModelConfig m = {.vocab = v->n_tokens, .d_model = c->d_model, .n_heads = c->n_heads, .n_layers = c->n_layers,
-                     .d_ff = c->d_ff, .max_seq = c->seq_len, .dropout = (float)c->dropout, .ln_eps = (float)c->ln_eps};
+                     .d_ff = c->d_ff, .max_seq = c->seq_len, .dropout = (float)c->dropout, .ln_eps = (float)c->ln_eps,
+                     .arch = c->arch, .max_positions = c->max_positions, .type_vocab = c->type_vocab_size,
+                     .init_std = (float)c->init_std, .pad_id = v->pad_id};
     return m;
 }
 
@@ -167,9 +170,7 @@ static void load_data(Run *r) {
                       tokenizer_name(r->corpus.shards->m.tokenizer), cfg->data_path);
         return;
     }
-    char probe[1200];
-    snprintf(probe, sizeof(probe), "%s/train-00000.bin", cfg->data_path);
-    if (cfg->data_path[0] && access(probe, F_OK) == 0)
+    if (cfg->data_path[0] && shards_interrupted(cfg->data_path))
         mlm_fatal(MLM_EXIT_FAILURE, "data.path %s holds shards but no %s: `mlm prepare` was interrupted before it "
                   "finished; run it again", cfg->data_path, SHARD_MANIFEST);
     if (cfg->sampling == 1)
@@ -229,7 +230,15 @@ static int use_color(void) {
     return isatty(STDOUT_FILENO) && !(nc && nc[0]);
 }
 
+// mkdir -p: `--out runs/x` in a fresh checkout creates runs/ too.
 static void make_dir(const char *path) {
+    char parent[1024];
+    snprintf(parent, sizeof(parent), "%s", path);
+    char *slash = strrchr(parent, '/');
+    if (slash && slash != parent) {
+        *slash = '\0';
+        if (access(parent, F_OK) != 0) make_dir(parent);
+    }
     if (mkdir(path, 0755) != 0 && errno != EEXIST)
         mlm_fatal(MLM_EXIT_FAILURE, "cannot create directory %s: %s", path, strerror(errno));
 }
@@ -511,8 +520,12 @@ static void format_duration(double s, char *out, size_t n) {
 static void log_metrics(Run *r, const char *kind, long epoch, double loss, double acc, double lr, double gnorm,
                         double tok_per_s) {
     if (!r->metrics) return;  // ranks other than 0 of a data-parallel job
-    fprintf(r->metrics, "{\"kind\":\"%s\",\"step\":%ld,\"epoch\":%ld,\"tokens\":%.0f,\"loss\":%.9g,\"accuracy\":%.9g",
-            kind, r->step, epoch, r->st.tokens, loss, acc);
+    // A validation split without targets has no loss or accuracy: null (mlm report skips it).
+    char loss_s[32] = "null", acc_s[32] = "null";
+    if (isfinite(loss)) snprintf(loss_s, sizeof(loss_s), "%.9g", loss);
+    if (isfinite(acc)) snprintf(acc_s, sizeof(acc_s), "%.9g", acc);
+    fprintf(r->metrics, "{\"kind\":\"%s\",\"step\":%ld,\"epoch\":%ld,\"tokens\":%.0f,\"loss\":%s,\"accuracy\":%s",
+            kind, r->step, epoch, r->st.tokens, loss_s, acc_s);
     if (lr >= 0) fprintf(r->metrics, ",\"lr\":%.6g,\"grad_norm\":%.6g,\"tokens_per_s\":%.6g", lr, gnorm, tok_per_s);
     // time_s: training wall time of the whole run, across checkpoints and resumes.
     fprintf(r->metrics, ",\"time_s\":%.3f}\n", r->st.elapsed_s + (mlm_now() - r->t_start));
@@ -973,8 +986,8 @@ static void valid_epoch(Run *r, long epoch, double *loss_out, double *acc_out) {
         target_sum += s.n_targets;
     }
     if (stop_signal) return;
-    *loss_out = target_sum ? loss_sum / target_sum : 0;
-    *acc_out = target_sum ? (double)correct_sum / target_sum : 0;
+    *loss_out = target_sum ? loss_sum / target_sum : NAN;  // no target, no loss (validate says so)
+    *acc_out = target_sum ? (double)correct_sum / target_sum : NAN;
     log_metrics(r, "valid", epoch, *loss_out, *acc_out, -1, 0, 0);
 }
 
@@ -1003,8 +1016,8 @@ static void valid_epoch_shared(Run *r, long epoch, double *loss_out, double *acc
         target_sum += (long)per[3 * bi + 2];
     }
     free(per);
-    *loss_out = target_sum ? loss_sum / target_sum : 0;
-    *acc_out = target_sum ? (double)correct_sum / target_sum : 0;
+    *loss_out = target_sum ? loss_sum / target_sum : NAN;
+    *acc_out = target_sum ? (double)correct_sum / target_sum : NAN;
     log_metrics(r, "valid", epoch, *loss_out, *acc_out, -1, 0, 0);
 }
 
@@ -1020,9 +1033,15 @@ static void validate(Run *r, long epoch) {
     r->st.last_valid_step = r->step;
     r->st.last_valid_loss = vloss;
     r->st.last_valid_acc = vacc;
-    if (!r->opt.quiet)
-        printf("epoch %ld: valid loss %.4f acc %.4f (best %.4f at epoch %ld)\n", epoch + 1, vloss, vacc,
-               r->st.best_valid_acc, r->st.best_epoch + 1);
+    if (r->opt.quiet) return;
+    char best[64] = "no best yet";
+    if (r->st.best_epoch >= 0)
+        snprintf(best, sizeof(best), "best %.4f at epoch %ld", r->st.best_valid_acc, r->st.best_epoch + 1);
+    if (isnan(vloss))  // a split in which masking selected nothing (all [PAD], or every token exempt)
+        printf("epoch %ld: the validation split has no position selected for prediction, so it has no loss or "
+               "accuracy (%s)\n", epoch + 1, best);
+    else
+        printf("epoch %ld: valid loss %.4f acc %.4f (%s)\n", epoch + 1, vloss, vacc, best);
 }
 
 // mask.whole_word needs to know which tokens continue a word: a WordPiece shard set's "##" pieces. Any other
@@ -1059,7 +1078,7 @@ static void setup(Run *r, const Config *cfg, const TrainOptions *opt) {
     if (cfg->max_steps > 0 && cfg->max_steps < r->total_steps) r->total_steps = cfg->max_steps;
     r->oc = config_optim(cfg, r->total_steps);
     int max_b = MLM_MAX(cfg->batch_size, N_PROMPTS);
-    r->layout = rng_layout(max_b, cfg->seq_len, cfg->d_model, cfg->n_heads, cfg->d_ff, cfg->n_layers);
+    r->layout = model_rng_layout(&r->mc, max_b);
     rng_init(&r->train_rng, cfg->seed, RNG_DOMAIN_TRAIN);
     rng_init(&r->valid_rng, cfg->seed, RNG_DOMAIN_VALID);
     rng_init(&r->sample_rng, cfg->seed, RNG_DOMAIN_SAMPLE);
@@ -1091,16 +1110,11 @@ static void setup_model(Run *r, int gpu) {
     r->opt_state = mlm_calloc(2 * P, sizeof(float), "Adam moments");
     r->adam_m = r->opt_state;
     r->adam_v = r->opt_state + P;
-    r->decay_mask = mlm_calloc(P, 1, "weight-decay mask");
+    r->decay_mask = mlm_malloc(P, "weight-decay mask");
+    model_decay_mask(&r->mc, r->decay_mask);
     r->st.best_epoch = -1;
     r->st.last_valid_step = -1;
     r->st.last_valid_loss = r->st.last_valid_acc = NAN;
-    int n = model_param_table(&r->mc, NULL);
-    ParamEntry *tab = mlm_malloc((size_t)n * sizeof(ParamEntry), "parameter table");
-    model_param_table(&r->mc, tab);
-    for (int i = 0; i < n; i++)
-        if (tab[i].is_matrix) memset(r->decay_mask + tab[i].offset, 1, (size_t)tab[i].shape[0] * tab[i].shape[1]);
-    free(tab);
 }
 
 static void teardown(Run *r) {
@@ -1149,7 +1163,12 @@ int train_key_resumable(const char *key) {
 
 // Continue from a checkpoint: tensors, step and bookkeeping; refuse a different corpus or vocabulary.
 static void restore(Run *r, const Checkpoint *c) {
-    if (strcmp(c->corpus_md5, r->corpus_md5) != 0)
+    if (r->corpus.shards && !shard_set_identity_matches(r->corpus.shards, c->corpus_md5))
+        mlm_fatal(MLM_EXIT_USAGE, "the shard set %s (identity %s) is not the one this run trained on (identity %s): its "
+                  "manifest or shards differ. Pass the original set with --set data.path=DIR; a set of format version "
+                  "1 prepared again keeps the run's identity only when it is prepared with --force over the old one",
+                  r->corpus.path, r->corpus_md5, c->corpus_md5);
+    if (!r->corpus.shards && strcmp(c->corpus_md5, r->corpus_md5) != 0)
         mlm_fatal(MLM_EXIT_USAGE, "the corpus %s (md5 %s) is not the one this run trained on (md5 %s); pass the "
                   "original with --data", r->corpus.path, r->corpus_md5, c->corpus_md5);
     if (memcmp(&c->vocab, &r->corpus.vocab, sizeof(Vocab)) != 0)
@@ -1180,6 +1199,7 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
     setup(&r, cfg, opt);
     r.lock.fd = -1;
     if (opt->dry_run) {
+        corpus_verify_shards(&r.corpus, NULL, 0, r.opt.quiet);
         print_header(&r);
         batcher_set_epoch(&r.train_b, 0);
         int b = batcher_get(&r.train_b, 0, r.tokens);
@@ -1194,12 +1214,16 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
     }
     dist_init(&r.dist, cfg->dist_timeout);
     if (r.dist.rank != 0) r.opt.quiet = 1;  // rank 0 alone prints, writes metrics, samples and checkpoints
+    int gpu = choose_gpu(cfg);
+    train_agree_setup(&r.dist, cfg, r.corpus_md5, gpu);  // several ranks: the same run everywhere, or none
     // The run directory is locked before anything in it is read for the run or written (by rank 0 alone).
     if (r.dist.rank == 0) {
         choose_run_dir(&r);
         lock_run_dir(&r);
     }
-    int gpu = choose_gpu(cfg);
+    // Every byte of a shard set is read once per run before training trusts it (rank 0 records that in the run
+    // directory, so a resume skips it while the files are unchanged; other ranks check their own view of the files).
+    corpus_verify_shards(&r.corpus, r.dist.rank == 0 ? r.run_dir : r.opt.out_dir, r.dist.rank == 0, r.opt.quiet);
     if (opt->profile && !gpu)
         mlm_warn("--profile-steps has no effect on the CPU backend (it brackets CUDA work for nsys and ncu)");
     setup_nccl(&r, gpu);
@@ -1213,6 +1237,8 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
     } else if (opt->init_path) {
         load_init_weights(&r);
     }
+    train_agree_state(&r.dist, r.step, r.params, opt->resume_path ? r.adam_m : NULL, opt->resume_path ? r.adam_v : NULL,
+                      r.n_params, opt->resume_path ? "resumed" : opt->init_path ? "--init" : "seeded");
     upload_state(&r);
     setup_accumulation(&r);
     if (r.dist.rank == 0) prepare_run_files(&r, opt->resume_path != NULL);
@@ -1224,8 +1250,10 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
         cuda_device_describe(desc, sizeof(desc));
         printf("# device: CUDA (%s; TF32 matmuls %s); run directory %s\n", desc, cfg->tf32 ? "on" : "off", r.run_dir);
     } else {
-        printf("# device: CPU (%d OpenMP threads, matmuls: %s); run directory %s\n", omp_get_max_threads(),
-               MLM_BLAS_NAME, r.run_dir);
+        char matmuls[768];
+        cpu_matmul_describe(matmuls, sizeof(matmuls));
+        printf("# device: CPU (%d OpenMP threads, matmuls: %s); run directory %s\n", omp_get_max_threads(), matmuls,
+               r.run_dir);
     }
     if (accumulating(&r) && r.dist.rank == 0)
         printf("# %d micro-batches of %d sequences per step (train.accum_steps), %d per rank on %d rank(s)%s\n",
@@ -1257,8 +1285,11 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
     } else if (r.dist.rank == 0) {
         char dur[32];
         format_duration(r.st.elapsed_s, dur, sizeof(dur));
-        printf("done: %ld steps, %.0f tokens in %s; last valid loss %.4f, accuracy %.4f (best %.4f); run directory %s\n",
-               r.step, r.st.tokens, dur, r.st.last_valid_loss, r.st.last_valid_acc, r.st.best_valid_acc, r.run_dir);
+        char last[96] = "the last validation had no target, so no loss";
+        if (!isnan(r.st.last_valid_loss))
+            snprintf(last, sizeof(last), "last valid loss %.4f, accuracy %.4f (best %.4f)", r.st.last_valid_loss,
+                     r.st.last_valid_acc, r.st.best_valid_acc);
+        printf("done: %ld steps, %.0f tokens in %s; %s; run directory %s\n", r.step, r.st.tokens, dur, last, r.run_dir);
     }
     teardown(&r);
     dist_finalize(&r.dist);
