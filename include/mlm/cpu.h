@@ -81,6 +81,8 @@ void cpu_model_set_relu_hook(CpuModel *m, CpuReluHook hook, void *ctx);
 // Global L2 norm over all gradients, and in-place scaling by min(1, max_norm / (norm + 1e-6)).
 float cpu_grad_norm(const float *grads, size_t n);
 float cpu_clip_grads(float *grads, size_t n, float max_norm);  // returns the norm before clipping
+// The scaling of cpu_clip_grads with a norm taken over a longer vector (a range of the whole gradient, ZeRO-1).
+void cpu_scale_grads(float *grads, size_t n, float norm, float max_norm);
 
 #ifdef __cplusplus
 }

@@ -574,8 +574,7 @@ float cpu_grad_norm(const float *grads, size_t n) {
     return (float)sqrt(total);
 }
 
-float cpu_clip_grads(float *grads, size_t n, float max_norm) {
-    float norm = cpu_grad_norm(grads, n);
+void cpu_scale_grads(float *grads, size_t n, float norm, float max_norm) {
     // As torch.nn.utils.clip_grad_norm_: coefficient max_norm / (norm + 1e-6), clamped to 1.
     float coef = (float)((double)max_norm / ((double)norm + 1e-6));
     if (coef < 1.0f) {
@@ -583,5 +582,10 @@ float cpu_clip_grads(float *grads, size_t n, float max_norm) {
 #pragma omp parallel for schedule(static) if (count >= MLM_PARALLEL_MIN_WORK)
         for (long long i = 0; i < count; i++) grads[i] *= coef;
     }
+}
+
+float cpu_clip_grads(float *grads, size_t n, float max_norm) {
+    float norm = cpu_grad_norm(grads, n);
+    cpu_scale_grads(grads, n, norm, max_norm);
     return norm;
 }

@@ -142,6 +142,7 @@ struct CudaModel {
     void *state_block;
     float *params, *grads, *adam_m, *adam_v;
     uint8_t *decay_mask;
+    size_t moments_lo, moments_len;  // the moments cover parameters [lo, lo + len): all P, or a ZeRO-1 shard
     int decay_set;          // decay_mask holds a mask (else AdamW decays nothing)
     ParamTensors p, g;      // device views
     void *act_block;
@@ -343,6 +344,20 @@ static void check_device_philox(cudaStream_t stream) {
     checked = 1;
 }
 
+// The state block's tensors (params | grads | adam m | adam v | decay mask) at `base`, or (base NULL) only its size.
+static size_t carve_state(CudaModel *m, void *base) {
+    size_t P = m->n_params, M = m->moments_len;
+    Carver cv = {(char *)base, 0};
+    float *params = carve_f(&cv, P), *grads = carve_f(&cv, P), *adam_m = carve_f(&cv, M), *adam_v = carve_f(&cv, M);
+    uint8_t *decay = carve_b(&cv, P);
+    if (base) {
+        m->params = params, m->grads = grads, m->adam_m = adam_m, m->adam_v = adam_v, m->decay_mask = decay;
+        model_param_views(&m->cfg, m->params, &m->p);
+        model_param_views(&m->cfg, m->grads, &m->g);
+    }
+    return cv.used;
+}
+
 CudaModel *cuda_model_create(const ModelConfig *cfg, int max_B, int allow_tf32) {
     char err[256];
     if (model_config_check(cfg, err, sizeof(err))) mlm_fatal(MLM_EXIT_USAGE, "%s", err);
@@ -377,22 +392,11 @@ CudaModel *cuda_model_create(const ModelConfig *cfg, int max_B, int allow_tf32) 
                   "shrink model.d_model, model.d_ff or the vocabulary, or train with --device cpu", widest, C);
 
     // Parameters, gradients, Adam moments and the weight-decay mask.
-    Carver count = {NULL, 0};
-    carve(&count, P * sizeof(float));
-    carve(&count, P * sizeof(float));
-    carve(&count, P * sizeof(float));
-    carve(&count, P * sizeof(float));
-    carve(&count, P);
-    m->state_block = device_alloc(count.used, "parameters, gradients and Adam moments", cfg, max_B);
-    Carver cv = {(char *)m->state_block, 0};
-    m->params = carve_f(&cv, P);
-    m->grads = carve_f(&cv, P);
-    m->adam_m = carve_f(&cv, P);
-    m->adam_v = carve_f(&cv, P);
-    m->decay_mask = carve_b(&cv, P);
-    CUDA_CHECK(cudaMemsetAsync(m->state_block, 0, count.used, m->stream));
-    model_param_views(cfg, m->params, &m->p);
-    model_param_views(cfg, m->grads, &m->g);
+    m->moments_len = P;
+    size_t state_bytes = carve_state(m, NULL);
+    m->state_block = device_alloc(state_bytes, "parameters, gradients and Adam moments", cfg, max_B);
+    carve_state(m, m->state_block);
+    CUDA_CHECK(cudaMemsetAsync(m->state_block, 0, state_bytes, m->stream));
 
     // Activations.
     Carver acount = {NULL, 0};
@@ -465,15 +469,36 @@ void cuda_model_get_params(CudaModel *m, float *params) {
 void cuda_model_get_grads(CudaModel *m, float *grads) {
     copy_sync(m, grads, m->grads, m->n_params * sizeof(float), cudaMemcpyDeviceToHost);
 }
-float *cuda_model_grads_device(CudaModel *m) { return m->grads; }
 void cuda_model_set_adam(CudaModel *m, const float *adam_m, const float *adam_v) {
-    copy_sync(m, m->adam_m, adam_m, m->n_params * sizeof(float), cudaMemcpyHostToDevice);
-    copy_sync(m, m->adam_v, adam_v, m->n_params * sizeof(float), cudaMemcpyHostToDevice);
+    copy_sync(m, m->adam_m, adam_m, m->moments_len * sizeof(float), cudaMemcpyHostToDevice);
+    copy_sync(m, m->adam_v, adam_v, m->moments_len * sizeof(float), cudaMemcpyHostToDevice);
 }
 void cuda_model_get_adam(CudaModel *m, float *adam_m, float *adam_v) {
-    copy_sync(m, adam_m, m->adam_m, m->n_params * sizeof(float), cudaMemcpyDeviceToHost);
-    copy_sync(m, adam_v, m->adam_v, m->n_params * sizeof(float), cudaMemcpyDeviceToHost);
+    copy_sync(m, adam_m, m->adam_m, m->moments_len * sizeof(float), cudaMemcpyDeviceToHost);
+    copy_sync(m, adam_v, m->adam_v, m->moments_len * sizeof(float), cudaMemcpyDeviceToHost);
 }
+
+void cuda_model_shard_moments(CudaModel *m, size_t lo, size_t len) {
+    if (lo + len > m->n_params || len == 0)
+        mlm_fatal(MLM_EXIT_FAILURE, "cuda_model_shard_moments: parameters %zu..%zu of %zu", lo, lo + len, m->n_params);
+    void *old = m->state_block;
+    float *old_params = m->params, *old_grads = m->grads;
+    uint8_t *old_decay = m->decay_mask;
+    m->moments_lo = lo;
+    m->moments_len = len;
+    size_t bytes = carve_state(m, NULL);
+    m->state_block = device_alloc(bytes, "parameters, gradients and a shard of the Adam moments", &m->cfg, m->max_B);
+    carve_state(m, m->state_block);
+    CUDA_CHECK(cudaMemsetAsync(m->state_block, 0, bytes, m->stream));
+    size_t P = m->n_params;
+    CUDA_CHECK(cudaMemcpyAsync(m->params, old_params, P * sizeof(float), cudaMemcpyDeviceToDevice, m->stream));
+    CUDA_CHECK(cudaMemcpyAsync(m->grads, old_grads, P * sizeof(float), cudaMemcpyDeviceToDevice, m->stream));
+    CUDA_CHECK(cudaMemcpyAsync(m->decay_mask, old_decay, P, cudaMemcpyDeviceToDevice, m->stream));
+    CUDA_CHECK(cudaStreamSynchronize(m->stream));
+    CUDA_CHECK(cudaFree(old));
+}
+
+float *cuda_model_params_device(CudaModel *m) { return m->params; }
 void cuda_model_set_decay_mask(CudaModel *m, const uint8_t *decay_mask) {
     m->decay_set = decay_mask != NULL;
     if (decay_mask) copy_sync(m, m->decay_mask, decay_mask, m->n_params, cudaMemcpyHostToDevice);
@@ -1184,15 +1209,19 @@ static void backward_impl(CudaModel *m) {
     nvtxRangePop();
 }
 
-// Gradient norm into scalars[3], then clip + Adam over all parameters with the step's t and lr from m->a.step
-// (two launches).
-static void optimizer_impl(CudaModel *m, float *grads, float max_norm, const OptimConfig *oc) {
+// Gradient norm of all P gradients into scalars[3], then clip + Adam over parameters [lo, lo + len) with the step's
+// t and lr from m->a.step (two launches).
+static void optimizer_impl(CudaModel *m, float *grads, size_t lo, size_t len, float max_norm, const OptimConfig *oc) {
+    if (lo < m->moments_lo || lo + len > m->moments_lo + m->moments_len)
+        mlm_fatal(MLM_EXIT_FAILURE, "CUDA update of parameters %zu..%zu: this model keeps Adam moments for %zu..%zu "
+                  "only (cuda_model_shard_moments)", lo, lo + len, m->moments_lo, m->moments_lo + m->moments_len);
     nvtxRangePushA("optimizer");
     float *d_norm = m->a.scalars + 3;
+    size_t at = lo - m->moments_lo;
     cuda_grad_norm(d_norm, grads, m->n_params, m->a.norm_scratch, m->stream);
-    cuda_adam_update_dev(m->params, grads, m->adam_m, m->adam_v, m->decay_set ? m->decay_mask : NULL, d_norm,
-                         max_norm, m->n_params, (int)oc->kind, oc->beta1, oc->beta2, oc->eps, &m->a.step->adam,
-                         m->stream);
+    cuda_adam_update_dev(m->params + lo, grads + lo, m->adam_m + at, m->adam_v + at,
+                         m->decay_set ? m->decay_mask + lo : NULL, d_norm, max_norm, len, (int)oc->kind, oc->beta1,
+                         oc->beta2, oc->eps, &m->a.step->adam, m->stream);
     nvtxRangePop();
 }
 
@@ -1309,7 +1338,7 @@ static void enqueue_step(CudaModel *m, const StepArgs *s) {
     forward_impl(m, s->B, s->rnd);
     if (s->kind == STEP_TRAIN) {
         backward_impl(m);
-        optimizer_impl(m, m->grads, s->max_norm, s->oc);
+        optimizer_impl(m, m->grads, 0, m->n_params, s->max_norm, s->oc);
     }
     if (s->kind == STEP_MICRO) {
         backward_impl(m);
@@ -1417,18 +1446,19 @@ void cuda_model_backward(CudaModel *m) {
     backward_impl(m);
 }
 
-// Clip + Adam over grads[P] with the constants of (t, lr), uploaded alone through the staging buffer.
-static void optimizer_on_device(CudaModel *m, float *grads, float max_norm, const OptimConfig *oc, long t,
-                                double lr) {
+// Clip (by the norm of all of grads[P]) + Adam over parameters [lo, lo + len) with the constants of (t, lr),
+// uploaded alone through the staging buffer.
+static void optimizer_on_device(CudaModel *m, float *grads, size_t lo, size_t len, float max_norm,
+                                const OptimConfig *oc, long t, double lr) {
     wait_stage(m);
     stage_step(m, NULL, oc, t, lr);
     upload_step(m, 0);
     CUDA_CHECK(cudaEventRecord(m->stage_free, m->stream));
-    optimizer_impl(m, grads, max_norm, oc);
+    optimizer_impl(m, grads, lo, len, max_norm, oc);
 }
 
 float cuda_model_optimizer_step(CudaModel *m, float max_norm, const OptimConfig *oc, long t, double lr) {
-    optimizer_on_device(m, m->grads, max_norm, oc, t, lr);
+    optimizer_on_device(m, m->grads, 0, m->n_params, max_norm, oc, t, lr);
     CUDA_CHECK(cudaMemcpyAsync(m->h_scalars + 3, m->a.scalars + 3, sizeof(float), cudaMemcpyDeviceToHost, m->stream));
     CUDA_CHECK(cudaStreamSynchronize(m->stream));
     return m->h_scalars[3];
@@ -1465,10 +1495,18 @@ void cuda_model_accumulate(CudaModel *m, const int *tokens, int B, const MaskCon
     nvtxRangePop();
 }
 
-void cuda_model_apply_accumulated(CudaModel *m, float max_norm, const OptimConfig *oc, long t, double lr,
-                                  CudaStepStats *stats) {
-    if (!m->accum_block) mlm_fatal(MLM_EXIT_FAILURE, "cuda_model_apply_accumulated: no micro-batch accumulated");
-    optimizer_on_device(m, m->grad_acc, max_norm, oc, t, lr);
+float *cuda_model_accumulated_grads_device(CudaModel *m) {
+    accumulation_buffers(m);
+    return m->grad_acc;
+}
+
+void cuda_model_update_accumulated(CudaModel *m, size_t lo, size_t len, float max_norm, const OptimConfig *oc, long t,
+                                   double lr) {
+    if (!m->accum_block) mlm_fatal(MLM_EXIT_FAILURE, "cuda_model_update_accumulated: no micro-batch accumulated");
+    optimizer_on_device(m, m->grad_acc, lo, len, max_norm, oc, t, lr);
+}
+
+void cuda_model_read_update(CudaModel *m, float *grad_norm, double sums[3]) {
     // The step's one read-back: the norm and the sums.
     CUDA_CHECK(cudaMemcpyAsync(m->h_scalars + 3, m->a.scalars + 3, sizeof(float), cudaMemcpyDeviceToHost, m->stream));
     CUDA_CHECK(cudaMemcpyAsync(m->h_acc_stats, m->acc_stats, 3 * sizeof(double), cudaMemcpyDeviceToHost, m->stream));
@@ -1479,12 +1517,23 @@ void cuda_model_apply_accumulated(CudaModel *m, float max_norm, const OptimConfi
                   "sparse prediction: the device selected %ld positions over the step's micro-batches, the host's "
                   "reproduction of the masking %ld; the masking kernel and mask_apply disagree. Set "
                   "train.sparse_prediction = false and report it", device_count, m->accum_sparse_cap);
+    *grad_norm = m->h_scalars[3];
+    memcpy(sums, m->h_acc_stats, 3 * sizeof(double));
+}
+
+void cuda_model_apply_accumulated(CudaModel *m, float max_norm, const OptimConfig *oc, long t, double lr,
+                                  CudaStepStats *stats) {
+    if (!m->accum_block) mlm_fatal(MLM_EXIT_FAILURE, "cuda_model_apply_accumulated: no micro-batch accumulated");
+    cuda_model_update_accumulated(m, 0, m->n_params, max_norm, oc, t, lr);
+    float norm;
+    double sums[3];
+    cuda_model_read_update(m, &norm, sums);
     if (!stats) return;
     int n = m->accum_norm;
-    stats->loss = n > 0 ? (float)(m->h_acc_stats[0] / n) : 0.0f;
-    stats->correct = (int)lrint(m->h_acc_stats[1]);
+    stats->loss = n > 0 ? (float)(sums[0] / n) : 0.0f;
+    stats->correct = (int)lrint(sums[1]);
     stats->n_targets = n;
-    stats->grad_norm = m->h_scalars[3];
+    stats->grad_norm = norm;
 }
 
 void cuda_model_get_accumulated_grads(CudaModel *m, float *grads) {
