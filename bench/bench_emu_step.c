@@ -1,8 +1,11 @@
 // bench_emu_step.c: the CPU-side measure of one CUDA training step of the reference configuration (or --set
 // overrides) as the trainer runs it (step.h over the CUDA backend, one process), run through the CPU execution layer
 // (tests/emu) in counting mode: kernel launches, cuBLAS calls, cuRAND calls, host<->device copies, host
-// synchronisations, and the bytes the kernels' loads and stores touch in device memory. Built only against the layer
-// (target bench_emu_step, tests/emu/CMakeLists.txt).
+// synchronisations, the bytes the kernels' loads and stores touch in device memory, and the device memory the
+// model takes (peak of the layer's cudaMalloc'd bytes). Built only against the layer (target bench_emu_step,
+// tests/emu/CMakeLists.txt).
+// --memory-only: create the backend and print its device memory, without running a step (seconds, where a step of
+// a large shape takes many minutes on the layer).
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -46,11 +49,15 @@ int main(int argc, char **argv) {
     // capture, issue 21 item 5), its second is captured: the counted step after two is a steady-state replay.
     int warmup = 2;
     const char *json_path = NULL;  // --json FILE: the counters and the per-family breakdown for bench/suite.py
+    int memory_only = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--set") && i + 1 < argc) config_set(&cfg, argv[++i]);
         else if (!strcmp(argv[i], "--warmup") && i + 1 < argc) warmup = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--json") && i + 1 < argc) json_path = argv[++i];
-        else mlm_fatal(MLM_EXIT_USAGE, "usage: bench_emu_step [--set KEY=VALUE]... [--warmup N] [--json FILE]");
+        else if (!strcmp(argv[i], "--memory-only")) memory_only = 1;
+        else
+            mlm_fatal(MLM_EXIT_USAGE,
+                      "usage: bench_emu_step [--set KEY=VALUE]... [--warmup N] [--json FILE] [--memory-only]");
     }
     config_validate(&cfg, "bench_emu_step");
     const int V = 67, B = cfg.batch_size, T = cfg.seq_len;
@@ -67,6 +74,17 @@ int main(int argc, char **argv) {
                         .moments_lo = 0, .moments_len = P, .tf32 = 1, .cuda_graph = cfg.cuda_graph};
     Backend *be = backend_cuda(&bc);
     be->load(be, params, NULL, NULL);
+    if (memory_only) {
+        EmuCounters c;
+        emu_counters_get(&c);
+        printf("model B %d x T %d, d_model %d, heads %d, layers %d, d_ff %d, vocab %d (%zu params): device memory "
+               "%llu bytes (%.2f MiB) after the backend's creation, peak %llu bytes\n", B, T, mc.d_model, mc.n_heads,
+               mc.n_layers, mc.d_ff, V, P, (unsigned long long)c.device_bytes_live, c.device_bytes_live / 1048576.0,
+               (unsigned long long)c.device_bytes_peak);
+        be->free(be);
+        free(params);
+        return 0;
+    }
     Dist one = {.rank = 0, .world = 1, .local_rank = 0, .mpi = 0, .timeout_s = cfg.dist_timeout};
     Reducer *rd = reducer_none(&one);
     Rng rng, data;

@@ -23,6 +23,7 @@
 //  5. train.cuda_graph on vs off bit for bit, and vs the CPU (see part 5).
 //  6. Gradient accumulation on the device vs the CPU's, vs itself without graphs, vs whole batches (see part 6).
 //  7. Products split by rows (more than 2^31 logits) against the unsplit ones, and their plan at real shapes.
+//  8. The device memory of a model linear in T (the attention stores nothing of size T x T).
 //
 // The key-attention bias is special everywhere: it adds q . b_k to every score of a query row, which the
 // softmax cancels, so its gradient is exactly zero in real arithmetic and both sides hold rounding noise.
@@ -61,6 +62,7 @@
 #ifdef MLM_CUDA_EMULATION
 #include "emu_api.h"
 #endif
+#include "kernels/cuda_check.h"
 #include "cpu/matmul.h"
 #include "mlm/common.h"
 #include "mlm/cpu.h"
@@ -581,11 +583,11 @@ static void test_vs_cpu(void) {
     free(logits), free(adam_m), free(adam_v), free(zeros);
 }
 
-// 2b. The unfused attention path (T > 64: cuda_attention_fused_fits fails, so the model takes the head split,
-// batched cuBLAS products and softmax kernels): one forward and backward with dropout against the CPU, with the
-// bounds of part 2 (loss 1e-5, gradients 1e-4 of the largest).
+// 2b. A sequence longer than one tile of keys (T 65: three tiles of the GPU's tiled attention, two of the CPU's):
+// one forward and backward with dropout against the CPU, with the bounds of part 2 (loss 1e-5, gradients 1e-4 of
+// the largest).
 
-static void test_vs_cpu_unfused_attention(void) {
+static void test_vs_cpu_attention_tiles(void) {
     Setup s = small_setup();
     s.cfg.max_seq = 65;
     s.cfg.n_layers = 1;
@@ -594,7 +596,7 @@ static void test_vs_cpu_unfused_attention(void) {
     const ModelConfig *c = &s.cfg;
     int B = 2, T = c->max_seq;
     size_t n = (size_t)B * T, P = model_num_params(c);
-    printf("part 2b: GPU vs CPU, unfused attention (T %d > 64, C %d, H %d, L %d, B %d of %d, dropout %.2f)\n", T,
+    printf("part 2b: GPU vs CPU, several attention tiles (T %d, C %d, H %d, L %d, B %d of %d, dropout %.2f)\n", T,
            c->d_model, c->n_heads, c->n_layers, B, s.max_B, c->dropout);
     int n_tab;
     ParamEntry *tab = param_table(c, &n_tab);
@@ -618,13 +620,13 @@ static void test_vs_cpu_unfused_attention(void) {
     relu_ties_attach(&relu, cm);
     CudaStepStats st;
     CpuPass pass;
-    gpu_then_cpu(&s, gm, cm, &relu, &rng, tokens, in_c, lab_c, B, step, grads, &st, &pass, "unfused");
+    gpu_then_cpu(&s, gm, cm, &relu, &rng, tokens, in_c, lab_c, B, step, grads, &st, &pass, "several tiles");
     float loss_c = pass.loss;
     CHECK(st.n_targets == cm->n_targets && st.n_targets > 0, "targets: GPU %d, CPU %d", st.n_targets, cm->n_targets);
     double r = rel_err_f(&st.loss, &loss_c, 1, NULL);
     printf("  loss: GPU %.7f CPU %.7f (rel %.2e)\n", st.loss, loss_c, r);
-    CHECK(r <= REL_TOL, "unfused attention, loss: relative error %.3e > %.1e", r, REL_TOL);
-    compare_tensors("grad (unfused attention)", tab, n_tab, grads, cm->grads, GRAD_TOL_VS_CPU,
+    CHECK(r <= REL_TOL, "several attention tiles, loss: relative error %.3e > %.1e", r, REL_TOL);
+    compare_tensors("grad (several attention tiles)", tab, n_tab, grads, cm->grads, GRAD_TOL_VS_CPU,
                     GRAD_TOL_VS_CPU * max_abs_f(cm->grads, P), "1e-4 of the largest gradient; zero in exact arithmetic");
     relu_ties_print(&relu, "GPU");
     rng_free(&rng);
@@ -1239,6 +1241,30 @@ static void test_accumulation(void) {
     free(init);
 }
 
+// 8. Device memory linear in T: the attention stores nothing of size T x T (attention.cu), so the memory a model
+// takes (cudaMemGetInfo before and after cuda_model_create) grows as much from T 256 to 512 as twice from 128 to
+// 256: ratio 2, within the 2 MiB granularity of a real device's allocations (7 MiB a step here); a [B, H, T, T]
+// tensor back in the layout would make it about 4 (at this shape it would dominate: H T = 8192 floats a row
+// against about 25 C + F = 864).
+static void test_memory_linear_in_T(void) {
+    printf("part 8: device memory of a model linear in T (no T x T storage)\n");
+    size_t used[3];
+    for (int k = 0; k < 3; k++) {
+        ModelConfig c = {.vocab = 67, .d_model = 32, .n_heads = 16, .n_layers = 2, .d_ff = 64, .max_seq = 128 << k,
+                         .dropout = 0.1f, .ln_eps = 1e-5f};
+        size_t free0, free1, total;
+        CUDA_CHECK(cudaMemGetInfo(&free0, &total));
+        CudaModel *m = cuda_model_create(&c, 16, 0);
+        CUDA_CHECK(cudaMemGetInfo(&free1, &total));
+        used[k] = free0 - free1;
+        cuda_model_free(m);
+    }
+    double ratio = (double)(used[2] - used[1]) / (double)(used[1] - used[0]);
+    printf("  device bytes at T 128, 256, 512: %zu, %zu, %zu (growth ratio %.3f)\n", used[0], used[1], used[2], ratio);
+    CHECK(used[0] < used[1] && used[1] < used[2] && ratio < 2.5,
+          "device memory grows %.3f x from T 256 to 512 against 128 to 256: a T x T term", ratio);
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // 7. More than 2^31 logits (issue 21, item 4): no cuBLAS call gets an operand of more than 2^31 - 1 elements, a
 // product over N rows running as blocks of rows (cuda_model.cu, "cuBLAS products", says why and why these checks
@@ -1299,7 +1325,7 @@ static void split_run(const Setup *s, const float *init, const int *inputs, cons
 
 #ifdef MLM_CUDA_EMULATION
 // The cuBLAS calls of one forward and backward of the small model under a limit, from the plan: four linear
-// layers per layer (qkv, output, FFN 1 and 2; the attention itself is the fused kernel at T 33) and the
+// layers per layer (qkv, output, FFN 1 and 2; the attention itself is the tiled kernels, no cuBLAS call) and the
 // classifier over `head_rows` rows.
 static unsigned long long planned_calls(const ModelConfig *c, int N, int head_rows, size_t limit) {
     int C = c->d_model, F = c->d_ff;
@@ -1489,11 +1515,12 @@ int main(int argc, char **argv) {
     print_cpu_matmul();
     test_fixture();
     test_vs_cpu();
-    test_vs_cpu_unfused_attention();
+    test_vs_cpu_attention_tiles();
     test_determinism();
     test_roundtrip();
     test_graphs();
     test_accumulation();
     test_split_gemms();
+    test_memory_linear_in_T();
     return test_finish("test_gpu_model");
 }

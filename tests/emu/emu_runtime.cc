@@ -149,8 +149,12 @@ extern "C" void emu_counters_reset(void) {
     gemm_family_reset();
 }
 
+static size_t g_device_bytes = 0, g_device_bytes_peak = 0;  // live cudaMalloc bytes; their maximum so far
+
 extern "C" void emu_counters_get(EmuCounters *out) {
     *out = g_cnt;
+    out->device_bytes_live = g_device_bytes;
+    out->device_bytes_peak = g_device_bytes_peak;
 #ifdef EMU_COUNT_ACCESSES
     out->bytes_counted = 1;
 #endif
@@ -175,6 +179,8 @@ extern "C" void emu_counters_print(FILE *f) {
     fprintf(f, "memsets                %llu (%llu bytes)\n", (unsigned long long)c.memsets,
             (unsigned long long)c.memset_bytes);
     fprintf(f, "host synchronisations  %llu\n", (unsigned long long)c.host_syncs);
+    fprintf(f, "device memory          %.2f MiB live, %.2f MiB peak (cudaMalloc, whole process)\n",
+            c.device_bytes_live / 1048576.0, c.device_bytes_peak / 1048576.0);
     fprintf(f, "graph launches         %llu (copies, memsets and cuBLAS calls above include those inside)\n",
             (unsigned long long)c.graph_launches);
     if (c.cold_captures)
@@ -207,7 +213,6 @@ struct Alloc {
 };
 static std::map<uintptr_t, Alloc> g_live;        // base -> allocation
 static std::map<uintptr_t, size_t> g_freed;      // base -> size of freed device allocations (most recent kept)
-static size_t g_device_bytes = 0;
 static uintptr_t g_dev_lo = UINTPTR_MAX, g_dev_hi = 0;  // bounds of all device allocations ever made
 
 // Without ASan (which puts its own redzones around every allocation), each device allocation is followed by
@@ -1388,6 +1393,7 @@ cudaError_t emu_cudaMalloc(void **ptr, size_t bytes) {
     g_freed.erase((uintptr_t)p);
     g_live[(uintptr_t)p] = Alloc{bytes, ALLOC_DEVICE, g_lazy_memory};
     g_device_bytes += bytes;
+    g_device_bytes_peak = std::max(g_device_bytes_peak, g_device_bytes);
     g_dev_lo = std::min(g_dev_lo, (uintptr_t)p);
     g_dev_hi = std::max(g_dev_hi, (uintptr_t)p + bytes);
     *ptr = p;
@@ -2233,7 +2239,8 @@ extern "C" void emu_counters_json(FILE *f) {
         {"d2h_copies", c.d2h_copies}, {"d2h_bytes", c.d2h_bytes}, {"d2d_copies", c.d2d_copies},
         {"d2d_bytes", c.d2d_bytes}, {"memsets", c.memsets}, {"memset_bytes", c.memset_bytes},
         {"host_syncs", c.host_syncs}, {"kernel_bytes_read", c.kernel_bytes_read},
-        {"kernel_bytes_written", c.kernel_bytes_written}};
+        {"kernel_bytes_written", c.kernel_bytes_written}, {"device_bytes_live", c.device_bytes_live},
+        {"device_bytes_peak", c.device_bytes_peak}};
     for (size_t i = 0; i < sizeof(tot) / sizeof(tot[0]); i++)
         fprintf(f, "%s\"%s\": %llu", i ? ", " : "", tot[i].name, (unsigned long long)tot[i].v);
     fprintf(f, "},\n \"kernels\": [");

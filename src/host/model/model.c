@@ -350,7 +350,9 @@ ModelConfig model_config_from(const Config *c, int vocab_size, int pad_id) {
 double model_bytes(const ModelConfig *m, int B) {
     double BT = (double)B * m->max_seq, C = m->d_model, H = m->n_heads, T = m->max_seq, F = m->d_ff, V = m->vocab;
     double L = m->n_layers, P = (double)model_num_params(m);
-    double acts = L * BT * (9 * C + 1.25 * H * T + F + 4) + BT * (2 * V + 10 * C + 2 * F + 3) + T * C;
+    // Per layer and position: 9C (8.5 rounded up), the attention's log-sum-exp per head (the tiled attention stores
+    // nothing of size T x T), F, 4 statistics.
+    double acts = L * BT * (9 * C + H + F + 4) + BT * (2 * V + 10 * C + 2 * F + 3) + T * C;
     // arch = bert: GELU's inputs per layer, the embedding sum, its statistics and dropout mask, the head's two
     // transform tensors, the key mask and a second residual gradient.
     if (m->arch == MODEL_ARCH_BERT) acts += L * BT * F + BT * (4.5 * C + 3);

@@ -26,6 +26,9 @@ typedef struct {
                                                   // that kernel (or a cuBLAS call of that shape) ever ran outside a
                                                   // capture: a first use inside capture (issue 21, item 5)
     int bytes_counted;                            // 1 when the kernels were built with the access hooks
+    uint64_t device_bytes_live, device_bytes_peak;  // cudaMalloc'd bytes now, and the most ever live at once in
+                                                  // this process (not reset by emu_counters_reset: a model
+                                                  // allocates before the step being counted)
 } EmuCounters;
 
 void emu_counters_reset(void);
