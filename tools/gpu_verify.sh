@@ -151,7 +151,7 @@ in_list() { case ",$1," in *",$2,"*) return 0 ;; esac; return 1; }
 stub() {
   local name=$1 kind=$2
   shift 2
-  if in_list "${MLM_VERIFY_STUB_HANG:-}" "$name"; then sleep 1000; fi
+  if in_list "${MLM_VERIFY_STUB_HANG:-}" "$name"; then sleep "${MLM_VERIFY_STUB_HANG_S:-1000}"; fi
   if in_list "${MLM_VERIFY_STUB_UNSUPPORTED:-}" "$name"; then
     echo "========= Error: Device not supported (stand-in)"
     return 1
