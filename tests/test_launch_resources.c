@@ -69,17 +69,32 @@ static const char *base_name(const char *path) {
     return s ? s + 1 : path;
 }
 
-// "_Z11adam_kernelPfPKf..." -> "adam_kernel"; a name ptxas did not mangle (extern "C") stays as it is.
+// "_Z11adam_kernelPfPKf..." -> "adam_kernel"; a template's instantiation keeps its arguments and loses its return
+// type ("void k<16>(float*)" -> "k<16>"), so that each instantiation is an entry of its own (its registers and
+// spills are its own); a name ptxas did not mangle (extern "C") stays as it is.
 static void kernel_name(const char *mangled, char *out, size_t outlen) {
     int status = -1;
     char *d = __cxa_demangle(mangled, NULL, NULL, &status);
     const char *s = status == 0 && d ? d : mangled;
-    size_t n = strcspn(s, "(<");
+    size_t n = strcspn(s, "(");
     const char *start = s;
-    for (const char *p = s; p < s + n; p++)  // the last component of a qualified name
-        if (p[0] == ':' && p[1] == ':') start = p + 2;
+    int depth = 0;
+    for (const char *p = s; p < s + n; p++) {  // the last component of a qualified name, after any return type
+        depth += (*p == '<') - (*p == '>');
+        if (depth == 0 && p[0] == ':' && p[1] == ':') start = p + 2;
+        if (depth == 0 && p[0] == ' ') start = p + 1;
+    }
     snprintf(out, outlen, "%.*s", (int)(s + n - start), start);
     free(d);
+}
+
+// A launch written kernel<HS><<<...>>> inside a template is recorded as "kernel<HS>": which instantiation ran is not
+// in the record, so it stands for every instantiation "kernel<...>" of its file, and each is checked.
+static int launch_matches(const char *func_name, const char *launch_name) {
+    const char *lt = strchr(launch_name, '<');
+    if (!lt) return !strcmp(func_name, launch_name);
+    size_t base = (size_t)(lt - launch_name);
+    return !strncmp(func_name, launch_name, base) && func_name[base] == '<';
 }
 
 static int arch_index(int sm) {
@@ -317,6 +332,24 @@ static void note_closest(Closest *c, double frac, const char *kernel, const char
     snprintf(c->what, sizeof(c->what), "%s at %s: %ld of %ld", kernel, shape, used, limit);
 }
 
+// One launch against one compiled kernel's resources on one architecture.
+static void check_launch_on(const Arch *A, int a, Func *f, const Launch *L, long threads, const char *where) {
+    const EmuLaunchRecord *r = &L->r;
+    f->launched++;
+    long regs = block_registers(A, f->regs, threads);
+    CHECK(f->regs <= A->regs_per_thread && regs <= A->regs_per_block,
+          "%s: sm_%d: %s: %d registers per thread take %ld registers for the block, more than the %d a block may "
+          "have: the launch would fail with cudaErrorLaunchOutOfResources (use fewer threads per block or "
+          "__launch_bounds__(%ld))", where, A->sm, f->name, f->regs, regs, A->regs_per_block, threads);
+    note_closest(&closest_regs[a], (double)regs / A->regs_per_block, f->name, L->shape, regs, A->regs_per_block);
+    long smem = (long)f->smem + (long)r->shmem;
+    note_closest(&closest_smem[a], (double)smem / A->smem_default, f->name, L->shape, smem, A->smem_default);
+    CHECK(smem <= A->smem_default,
+          "%s: sm_%d: %s: %d bytes of static and %zu of dynamic shared memory make %ld, more than the %d a launch "
+          "may use without cudaFuncSetAttribute(cudaFuncAttributeMaxDynamicSharedMemorySize) (the device "
+          "allows %d after it)", where, A->sm, f->name, f->smem, r->shmem, smem, A->smem_default, A->smem_optin);
+}
+
 static void check_launch(const Launch *L) {
     const EmuLaunchRecord *r = &L->r;
     long threads = (long)r->block[0] * r->block[1] * r->block[2];
@@ -332,23 +365,16 @@ static void check_launch(const Launch *L) {
           "%s: a block may have 1..1024 threads, at most 1024 x 1024 x 64", where);
     for (int a = 0; a < N_ARCHS; a++) {
         const Arch *A = &ARCHS[a];
-        Func *f = find_func(base_name(r->file), r->kernel, a, 1);
-        CHECK(f != NULL, "%s: sm_%d: ptxas reported no kernel %s in %s (is the kernel defined in src/kernels, and "
+        int found = 0;
+        for (int i = 0; i < n_funcs; i++) {
+            Func *f = &funcs[i];
+            int same_kernel = !strcmp(f->file, base_name(r->file)) && launch_matches(f->name, r->kernel);
+            if (f->arch != a || !f->is_entry || !same_kernel) continue;
+            found++;
+            check_launch_on(A, a, f, L, threads, where);
+        }
+        CHECK(found > 0, "%s: sm_%d: ptxas reported no kernel %s in %s (is the kernel defined in src/kernels, and "
               "does the report hold it?)", where, A->sm, r->kernel, base_name(r->file));
-        if (!f) continue;
-        f->launched++;
-        long regs = block_registers(A, f->regs, threads);
-        CHECK(f->regs <= A->regs_per_thread && regs <= A->regs_per_block,
-              "%s: sm_%d: %d registers per thread take %ld registers for the block, more than the %d a block may "
-              "have: the launch would fail with cudaErrorLaunchOutOfResources (use fewer threads per block or "
-              "__launch_bounds__(%ld))", where, A->sm, f->regs, regs, A->regs_per_block, threads);
-        note_closest(&closest_regs[a], (double)regs / A->regs_per_block, r->kernel, L->shape, regs, A->regs_per_block);
-        long smem = (long)f->smem + (long)r->shmem;
-        note_closest(&closest_smem[a], (double)smem / A->smem_default, r->kernel, L->shape, smem, A->smem_default);
-        CHECK(smem <= A->smem_default,
-              "%s: sm_%d: %d bytes of static and %zu of dynamic shared memory make %ld, more than the %d a launch "
-              "may use without cudaFuncSetAttribute(cudaFuncAttributeMaxDynamicSharedMemorySize) (the device "
-              "allows %d after it)", where, A->sm, f->smem, r->shmem, smem, A->smem_default, A->smem_optin);
     }
 }
 

@@ -248,26 +248,32 @@ static __global__ void attention_forward_kernel_hs(float *out /* [B, T, C] */, f
     }
 }
 
-typedef void (*AttnForwardKernel)(float *, float *, const float *, const float *, const uint8_t *, const DeviceStep *,
-                                  uint64_t, float, float, int, int, int, int, float);
-static const AttnForwardKernel forward_kernels[4] = {attention_forward_kernel_hs<16>, attention_forward_kernel_hs<32>,
-                                                     attention_forward_kernel_hs<64>, attention_forward_kernel_hs<128>};
-static const size_t forward_shmem[4] = {AttShape<16>::fwd_bytes, AttShape<32>::fwd_bytes, AttShape<64>::fwd_bytes,
-                                        AttShape<128>::fwd_bytes};
-static const int tiles[4] = {AttShape<16>::TILE, AttShape<32>::TILE, AttShape<64>::TILE, AttShape<128>::TILE};
+// One instantiation's launch: the kernel, its tile and its shared memory all follow from the head size.
+template <int HS>
+static void attention_forward_launch(float *out, float *lse, const float *qkv, const float *qkv_bias,
+                                     const uint8_t *key_valid, const DeviceStep *step, CudaAttnDropout drop, int B,
+                                     int T, int C, int H, int hs, cudaStream_t stream) {
+    dim3 grid((unsigned)(B * H), (unsigned)((T + AttShape<HS>::TILE - 1) / AttShape<HS>::TILE));
+    attention_forward_kernel_hs<HS><<<grid, ATT_THREADS, AttShape<HS>::fwd_bytes, stream>>>(
+        out, lse, qkv, qkv_bias, key_valid, step, drop.offset_in_step, drop.p, drop.scale, T, C, H, hs,
+        1.0f / sqrtf((float)hs));
+}
 
 extern "C" void cuda_attention_forward(float *out, float *lse, const float *qkv, const float *qkv_bias,
                                        const uint8_t *key_valid, CudaAttnDropout drop, int B, int T, int C, int H,
                                        cudaStream_t stream) {
     int hs = checked_head_size(C, H, "cuda_attention_forward");
     if (B <= 0 || T <= 0) return;
-    int k = hs_index(hs);
-    AttnForwardKernel attention_forward_kernel = forward_kernels[k];
-    dim3 grid((unsigned)(B * H), (unsigned)((T + tiles[k] - 1) / tiles[k]));
     const DeviceStep *step = drop.p > 0.0f ? drop.step : NULL;
-    attention_forward_kernel<<<grid, ATT_THREADS, forward_shmem[k], stream>>>(
-        out, lse, qkv, qkv_bias, key_valid, step, drop.offset_in_step, drop.p, drop.scale, T, C, H, hs,
-        1.0f / sqrtf((float)hs));
+#define ATTN_FORWARD(HS) \
+    attention_forward_launch<HS>(out, lse, qkv, qkv_bias, key_valid, step, drop, B, T, C, H, hs, stream)
+    switch (hs_index(hs)) {  // the instantiation for the head size, padded (hs_index)
+    case 0: ATTN_FORWARD(16); break;
+    case 1: ATTN_FORWARD(32); break;
+    case 2: ATTN_FORWARD(64); break;
+    default: ATTN_FORWARD(128);
+    }
+#undef ATTN_FORWARD
     CUDA_CHECK_LAUNCH();
 }
 
@@ -384,14 +390,15 @@ static __global__ void attention_backward_kernel_hs(float *dqkv /* [B, T, 3C] */
     }
 }
 
-typedef void (*AttnBackwardKernel)(float *, float *, float *, const float *, const float *, const float *,
-                                   const float *, const float *, const uint8_t *, const DeviceStep *, uint64_t, float,
-                                   float, int, int, int, int, float);
-static const AttnBackwardKernel backward_kernels[4] = {
-    attention_backward_kernel_hs<16>, attention_backward_kernel_hs<32>, attention_backward_kernel_hs<64>,
-    attention_backward_kernel_hs<128>};
-static const size_t backward_shmem[4] = {AttShape<16>::bwd_bytes, AttShape<32>::bwd_bytes, AttShape<64>::bwd_bytes,
-                                         AttShape<128>::bwd_bytes};
+template <int HS>
+static void attention_backward_launch(float *dqkv, float *bias_partial, float *delta, const float *dout,
+                                      const float *qkv, const float *qkv_bias, const float *out, const float *lse,
+                                      const uint8_t *key_valid, const DeviceStep *step, CudaAttnDropout drop, int B,
+                                      int T, int C, int H, int hs, cudaStream_t stream) {
+    attention_backward_kernel_hs<HS><<<(unsigned)(B * H), ATT_THREADS, AttShape<HS>::bwd_bytes, stream>>>(
+        dqkv, bias_partial, delta, dout, qkv, qkv_bias, out, lse, key_valid, step, drop.offset_in_step, drop.p,
+        drop.scale, T, C, H, hs, 1.0f / sqrtf((float)hs));
+}
 
 extern "C" void cuda_attention_backward(float *dqkv, float *bias_partial, float *delta, const float *dout,
                                         const float *qkv, const float *qkv_bias, const float *out, const float *lse,
@@ -399,12 +406,17 @@ extern "C" void cuda_attention_backward(float *dqkv, float *bias_partial, float 
                                         cudaStream_t stream) {
     int hs = checked_head_size(C, H, "cuda_attention_backward");
     if (B <= 0 || T <= 0) return;
-    int k = hs_index(hs);
-    AttnBackwardKernel attention_backward_kernel = backward_kernels[k];
     const DeviceStep *step = drop.p > 0.0f ? drop.step : NULL;
-    attention_backward_kernel<<<(unsigned)(B * H), ATT_THREADS, backward_shmem[k], stream>>>(
-        dqkv, bias_partial, delta, dout, qkv, qkv_bias, out, lse, key_valid, step, drop.offset_in_step, drop.p,
-        drop.scale, T, C, H, hs, 1.0f / sqrtf((float)hs));
+#define ATTN_BACKWARD(HS) \
+    attention_backward_launch<HS>(dqkv, bias_partial, delta, dout, qkv, qkv_bias, out, lse, key_valid, step, drop, B, \
+                                  T, C, H, hs, stream)
+    switch (hs_index(hs)) {
+    case 0: ATTN_BACKWARD(16); break;
+    case 1: ATTN_BACKWARD(32); break;
+    case 2: ATTN_BACKWARD(64); break;
+    default: ATTN_BACKWARD(128);
+    }
+#undef ATTN_BACKWARD
     CUDA_CHECK_LAUNCH();
 }
 
