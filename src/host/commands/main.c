@@ -15,6 +15,7 @@
 #include "mlm/commands.h"
 #include "mlm/common.h"
 #include "mlm/config.h"
+#include "mlm/cpu.h"
 #include "mlm/cpu_threads.h"
 #include "mlm/dist.h"
 #include "mlm/report.h"
@@ -395,7 +396,11 @@ int main(int argc, char **argv) {
     }
     const char *cmd = argv[1];
     if (!strcmp(cmd, "--version") || !strcmp(cmd, "-V")) {
-        printf("mlm %s (CPU matmuls: %s)\n", MLM_VERSION, MLM_BLAS_NAME);
+        // What runs, asked of the library loaded now (an alternatives switch after the build can put a reference
+        // BLAS behind the linked name, and then the built-in GEMM runs), not the name CMake chose.
+        char matmuls[768];
+        cpu_matmul_describe(matmuls, sizeof(matmuls));
+        printf("mlm %s (CPU matmuls: %s)\n", MLM_VERSION, matmuls);
         return 0;
     }
     if (!strcmp(cmd, "--help") || !strcmp(cmd, "-h") || !strcmp(cmd, "help")) {
