@@ -2,7 +2,7 @@
 // (issue 22: bugs 1, 3, 4 and its "Done when"):
 //   - corrupting any byte of a set (sampled, seeded positions of every shard, the manifest and vocab.txt; the
 //     first and last byte of each) is refused by `mlm train`, `mlm eval` and `mlm train --resume`, each naming the
-//     file, and no checkpoint is written;
+//     file, and no checkpoint is written (a refused fresh run leaves no empty run directory either);
 //   - a run verifies its set once: --resume says it was verified earlier; a shard changed in place since (and
 //     changed back) is verified again, and refused while it is damaged;
 //   - a token id outside the vocabulary under valid checksums (a crafted or buggy writer) is refused when the set is
@@ -102,6 +102,14 @@ static void sweep(const char *set, const char *run) {
                 else
                     rc = test_run("%s train --resume %s --set data.path=%s --steps 3 -q > %s 2>&1", mlm, run, c, log);
                 int ok = rc != 0 && log_has(log, names[f]) && access(ckpt3, F_OK) != 0;
+                // A refused fresh run leaves no run directory behind (it created it and wrote nothing in it).
+                char fresh[300];
+                snprintf(fresh, sizeof(fresh), "%s/fresh", tmp);
+                if (cmd == 0 && access(fresh, F_OK) == 0) {
+                    CHECK(0, "train: byte %ld of %s xor 0x%02x: refused, but left its run directory %s behind", at,
+                          names[f], x, fresh);
+                    test_run("rmdir %s", fresh);
+                }
                 refused[cmd] += ok;
                 if (!ok) {
                     char shown[600] = "";

@@ -13,6 +13,17 @@
 #include "mlm/json.h"
 #include "run.h"
 
+// The directories this process created, so that a run refused before it wrote anything (a shard set that fails
+// verification, a lock held by another process) leaves no empty directory behind. At exit each is removed if it
+// is still empty, deepest first; rmdir never removes a directory with anything in it, so a run's files stay.
+#define MAX_CREATED_DIRS 16
+static char created_dirs[MAX_CREATED_DIRS][1024];
+static int n_created_dirs;
+
+static void remove_created_dirs_left_empty(void) {
+    while (n_created_dirs > 0) rmdir(created_dirs[--n_created_dirs]);
+}
+
 // mkdir -p: `--out runs/x` in a fresh checkout creates runs/ too.
 static void make_dir(const char *path) {
     char parent[1024];
@@ -22,8 +33,13 @@ static void make_dir(const char *path) {
         *slash = '\0';
         if (access(parent, F_OK) != 0) make_dir(parent);
     }
-    if (mkdir(path, 0755) != 0 && errno != EEXIST)
+    if (mkdir(path, 0755) == 0) {
+        // Registered before the run lock's release (run_dir_lock), so it runs after it: atexit is last in, first out.
+        if (n_created_dirs == 0) atexit(remove_created_dirs_left_empty);
+        if (n_created_dirs < MAX_CREATED_DIRS) snprintf(created_dirs[n_created_dirs++], sizeof(created_dirs[0]), "%s", path);
+    } else if (errno != EEXIST) {
         mlm_fatal(MLM_EXIT_FAILURE, "cannot create directory %s: %s", path, strerror(errno));
+    }
 }
 
 // On resume, metrics logged after the checkpoint (the run went on before it died) are dropped so that the
