@@ -27,25 +27,9 @@ tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 fail=0
 
-cat >"$tmp/fake.c" <<'C'
-void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda,
-                 const float *B, int ldb, float beta, float *C, int ldc) {
-    (void)order;
-    for (int i = 0; i < M; i++)
-        for (int j = 0; j < N; j++) {
-            float s = 0.0f;
-            for (int k = 0; k < K; k++)
-                s += (ta == 112 ? A[k * lda + i] : A[i * lda + k]) * (tb == 112 ? B[j * ldb + k] : B[k * ldb + j]);
-            C[i * ldc + j] = alpha * s + (beta != 0.0f ? beta * C[i * ldc + j] : 0.0f);
-        }
-}
-#ifdef VENDOR
-char *openblas_get_config(void) { return "OpenBLAS 9.9.9 (fake, for test_blas_runtime)"; }
-#endif
-C
 mkdir -p "$tmp/ref" "$tmp/opt" "$tmp/netlib"
-"$cc" -shared -fPIC -O1 -Wl,-soname,"$soname" -o "$tmp/ref/$soname" "$tmp/fake.c" || { echo "FAIL: cannot build the fake CBLAS"; exit 1; }
-"$cc" -shared -fPIC -O1 -DVENDOR -Wl,-soname,"$soname" -o "$tmp/opt/$soname" "$tmp/fake.c" || { echo "FAIL: cannot build the fake OpenBLAS"; exit 1; }
+"$cc" -shared -fPIC -O1 -Wl,-soname,"$soname" -o "$tmp/ref/$soname" "$(dirname "$0")/fake_cblas.c" || { echo "FAIL: cannot build the fake CBLAS"; exit 1; }
+"$cc" -shared -fPIC -O1 -DVENDOR -Wl,-soname,"$soname" -o "$tmp/opt/$soname" "$(dirname "$0")/fake_cblas.c" || { echo "FAIL: cannot build the fake OpenBLAS"; exit 1; }
 
 # A two-line corpus repeated is enough for one step of 4 sequences (under a second).
 printf 'First Citizen:\nBefore we proceed any further, hear me speak.\n%.0s' $(seq 1 50) >"$tmp/corpus.txt"

@@ -17,24 +17,8 @@ trap 'rm -rf "$tmp"' EXIT
 fail=0
 
 # cblas_sgemm by its definition (row-major only, as mlm calls it); with -DVENDOR also OpenBLAS's vendor function.
-cat >"$tmp/fake.c" <<'C'
-void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda,
-                 const float *B, int ldb, float beta, float *C, int ldc) {
-    (void)order;
-    for (int i = 0; i < M; i++)
-        for (int j = 0; j < N; j++) {
-            float s = 0.0f;
-            for (int k = 0; k < K; k++)
-                s += (ta == 112 ? A[k * lda + i] : A[i * lda + k]) * (tb == 112 ? B[j * ldb + k] : B[k * ldb + j]);
-            C[i * ldc + j] = alpha * s + (beta != 0.0f ? beta * C[i * ldc + j] : 0.0f);
-        }
-}
-#ifdef VENDOR
-char *openblas_get_config(void) { return "OpenBLAS 9.9.9 (fake, for test_blas_select)"; }
-#endif
-C
-"$cc" -shared -fPIC -O1 -o "$tmp/libfakeref.so" "$tmp/fake.c" || { echo "FAIL: cannot build the fake CBLAS with $cc"; exit 1; }
-"$cc" -shared -fPIC -O1 -DVENDOR -o "$tmp/libfakeopt.so" "$tmp/fake.c" || { echo "FAIL: cannot build the fake OpenBLAS"; exit 1; }
+"$cc" -shared -fPIC -O1 -o "$tmp/libfakeref.so" "$(dirname "$0")/fake_cblas.c" || { echo "FAIL: cannot build the fake CBLAS with $cc"; exit 1; }
+"$cc" -shared -fPIC -O1 -DVENDOR -o "$tmp/libfakeopt.so" "$(dirname "$0")/fake_cblas.c" || { echo "FAIL: cannot build the fake OpenBLAS"; exit 1; }
 
 # configure NAME ARGS...: configures into $tmp/NAME, leaves CMake's output in $tmp/NAME.log and mlm's link line
 # in $tmp/NAME.link. Returns CMake's status.
