@@ -1,8 +1,8 @@
 // kernels.h: the CUDA backend's op kernels (device pointers, launched on `stream`), mirroring src/cpu/ops.h
 // op for op so that every kernel can be tested against its CPU twin.
 //
-// Conventions: activations row-major [B, T, ...], N = B * T rows; Linear weights [out, in]. Matmuls are not
-// here: the model calls cuBLAS directly (cuda_model.cu). Determinism: no kernel uses atomics where the order
+// Conventions: activations row-major [B, T, ...], N = B * T rows; Linear weights [out, in]. FP32 matmuls are
+// not here: the model calls cuBLAS directly (cuda_model.cu); the cuBLASLt products (BF16) are (matmul.cu). Determinism: no kernel uses atomics where the order
 // of a floating-point sum would change the result; reductions run in a fixed order (fixed block partition,
 // then a second fixed-order pass), so two runs with one seed give bit-identical results.
 // Dropout follows THE DROPOUT RULE of src/cpu/ops.h exactly: keep = !(u < p), y = keep ? x * scale : 0,
@@ -216,6 +216,41 @@ AdamStep cuda_adam_step(int kind, float beta1, float beta2, float weight_decay, 
 void cuda_adam_update_dev(float *params, const float *grads, float *m, float *v, const uint8_t *decay_mask,
                           const float *d_norm, float max_norm, size_t n, int kind, float beta1, float beta2, float eps,
                           const AdamStep *d_step, cudaStream_t stream);
+
+// ---- BF16 copies (bf16.cu; train.precision = bf16) --------------------------------------------------------
+// BF16 values as uint16_t bits (include/mlm/bf16.h). Twins: bf16_round_array, bf16_to_float_array,
+// bf16_stochastic_round_array (src/cpu/bf16.c).
+// out[n] = in[n] rounded to the nearest BF16 (ties to even).
+void cuda_bf16_round(uint16_t *out, const float *in, size_t n, cudaStream_t stream);
+// out[n] = in[n] as floats (exact).
+void cuda_bf16_to_float(float *out, const uint16_t *in, size_t n, cudaStream_t stream);
+// out[n] = THE ROUNDING RULE (stochastic rounding) of in[n] with the Philox stream `seed` from absolute `offset`.
+void cuda_bf16_stochastic_round(uint16_t *out, const float *in, size_t n, uint64_t seed, uint64_t offset,
+                                cudaStream_t stream);
+
+// ---- The Linear layers' products through cuBLASLt (matmul.cu) ----------------------------------------------
+// Row-major views (Linear weights [out, in]), FP32 accumulation (CUBLAS_COMPUTE_32F, FP32 scale); inputs of type
+// in_t (FP32 inputs use TF32 tensor cores when the CudaLt says so), the output of its own type; beta 0 overwrites
+// (the output is not read), beta 1 adds to it. Twins: linear_forward / linear_backward (src/cpu/matmul.c) on the
+// same values (BF16 ones rounded as floats).
+typedef enum { MLM_DTYPE_F32 = 0, MLM_DTYPE_BF16 = 1 } MlmDtype;
+typedef struct {
+    void *handle;            // cublasLtHandle_t
+    void *workspace;         // device memory the products may use (shared with cuBLAS: one stream)
+    size_t workspace_bytes;
+    int tf32;                // FP32 products on TF32 tensor cores (CUBLAS_COMPUTE_32F_FAST_TF32)
+} CudaLt;
+void cuda_lt_create(CudaLt *lt, void *workspace, size_t workspace_bytes, int tf32);
+void cuda_lt_destroy(CudaLt *lt);
+// out[N,OC] = beta out + inp[N,IC] w[OC,IC]^T (+ bias[OC], of out's type; NULL: none).
+void cuda_lt_linear_forward(const CudaLt *lt, void *out, MlmDtype out_t, const void *inp, const void *w,
+                            MlmDtype in_t, const void *bias, int N, int IC, int OC, float beta, cudaStream_t stream);
+// dinp[N,IC] = beta dinp + dout[N,OC] w[OC,IC].
+void cuda_lt_linear_backward_input(const CudaLt *lt, void *dinp, MlmDtype dinp_t, const void *dout, const void *w,
+                                   MlmDtype in_t, int N, int IC, int OC, float beta, cudaStream_t stream);
+// dw[OC,IC] = beta dw + dout[N,OC]^T inp[N,IC].
+void cuda_lt_linear_backward_weight(const CudaLt *lt, void *dw, MlmDtype dw_t, const void *dout, const void *inp,
+                                    MlmDtype in_t, int N, int IC, int OC, float beta, cudaStream_t stream);
 
 #ifdef __cplusplus
 }
