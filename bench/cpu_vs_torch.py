@@ -23,7 +23,13 @@ With --torch-passive PyTorch is also timed with OMP_WAIT_POLICY=passive (a faire
 that other processes keep busy, where its OpenMP threads otherwise spin against them); the ratio columns
 always use PyTorch as a user gets it, and the passive figures are reported beside them.
 
-Usage: python3 bench/cpu_vs_torch.py [--threads 1 2] [--steps 40] [--repeats 3] [--mlm build/mlm]
+Several mlm builds can run side by side (--mlm openblas=build/mlm builtin=build-builtin/mlm), "default" as a
+thread count runs both programs without setting any (mlm without train.threads, PyTorch without
+set_num_threads), and --busy-peer times the given thread settings again with one busy process running beside
+(a Python loop), reporting the share of its unloaded speed each program keeps.
+
+Usage: python3 bench/cpu_vs_torch.py [--threads 1 2 default] [--busy-peer [default]] [--steps 40] [--repeats 3]
+                                     [--mlm [LABEL=]PATH ...]
 Writes bench/results/cpu-<host>-<date>.json and prints a table.
 """
 
@@ -63,8 +69,10 @@ def train_once(mlm: str, threads: int, steps: int, env: dict):
     """Runs the command; returns (its metrics rows, the CPU seconds it used, user + system)."""
     out = tempfile.mkdtemp(prefix='mlm-bench-')
     run_dir = os.path.join(out, 'run')
-    cmd = [mlm, 'train', '--device', 'cpu', '--set', f'train.max_steps={steps}', '--set', f'train.threads={threads}',
-           '--set', f'train.log_every={LOG_EVERY}', '-q', '-o', run_dir]
+    # threads 0: no train.threads, mlm's own default (what a user who sets nothing gets)
+    cmd = ([mlm, 'train', '--device', 'cpu', '--set', f'train.max_steps={steps}'] +
+           (['--set', f'train.threads={threads}'] if threads > 0 else []) +
+           ['--set', f'train.log_every={LOG_EVERY}', '-q', '-o', run_dir])
     before = os.times()
     try:
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -79,17 +87,20 @@ def train_once(mlm: str, threads: int, steps: int, env: dict):
     return rows, cpu, ' '.join(cmd[:-2] + ['-o', 'RUN'])
 
 
-def run_mlm(mlm: str, threads: int, steps: int, env: dict) -> dict:
+def run_mlm(mlm: str, threads: int, steps: int, env: dict, cpu_time: bool = True) -> dict:
     rows, cpu_long, command = train_once(mlm, threads, steps, env)
     tps = [r['tokens_per_s'] for r in rows if r.get('kind') == 'train'][1:]  # the first interval is warm-up
     if not tps:
         sys.exit(f'cpu_vs_torch: {steps} steps give no timed interval after the warm-up; use --steps >= {2 * LOG_EVERY}')
-    # CPU time per step: the same command with LOG_EVERY steps costs the same start-up, samples and final
-    # validation, so the difference is the CPU time of steps - LOG_EVERY training steps.
-    _, cpu_short, _ = train_once(mlm, threads, LOG_EVERY, env)
     med = statistics.median(tps)
-    return {'tokens_per_s': med, 'step_ms': 1000.0 * B * T / med, 'intervals_tokens_per_s': [round(x, 1) for x in tps],
-            'cpu_ms_per_step': 1000.0 * (cpu_long - cpu_short) / (steps - LOG_EVERY), 'command': command}
+    out = {'tokens_per_s': med, 'step_ms': 1000.0 * B * T / med, 'intervals_tokens_per_s': [round(x, 1) for x in tps],
+           'command': command}
+    if cpu_time:
+        # CPU time per step: the same command with LOG_EVERY steps costs the same start-up, samples and final
+        # validation, so the difference is the CPU time of steps - LOG_EVERY training steps.
+        _, cpu_short, _ = train_once(mlm, threads, LOG_EVERY, env)
+        out['cpu_ms_per_step'] = 1000.0 * (cpu_long - cpu_short) / (steps - LOG_EVERY)
+    return out
 
 
 def run_torch(python: str, threads: int, steps: int, env: dict) -> dict:
@@ -104,25 +115,96 @@ def summary(xs: list) -> dict:
     return {'min': min(xs), 'median': statistics.median(xs), 'max': max(xs)}
 
 
+class BusyPeer:
+    """One busy process beside the benchmark (a Python loop that never sleeps), as on a shared machine."""
+
+    def __enter__(self):
+        self.proc = subprocess.Popen([sys.executable, '-c', 'while True: pass'])
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.kill()  # our own child, by its handle
+        self.proc.wait()
+
+
+def thread_label(t: int) -> str:
+    return 'default' if t == 0 else str(t)
+
+
+def parse_threads(values: list) -> list:
+    return [0 if v == 'default' else int(v) for v in values]
+
+
+def run_condition(args, binaries, python, t, env, peer: bool) -> dict:
+    """REPEATS rounds of (each mlm binary, PyTorch), alternated; with peer, one busy process runs throughout."""
+    runs = {label: [] for label in binaries}
+    runs['torch'] = []
+    passive = []
+
+    def rounds():
+        for _ in range(args.repeats):
+            for label, path in binaries.items():
+                runs[label].append(run_mlm(path, t, args.steps, env, cpu_time=not args.no_cpu_time))
+            runs['torch'].append(run_torch(python, t, args.torch_steps, env))
+            if args.torch_passive:
+                passive.append(run_torch(python, t, args.torch_steps, dict(env, OMP_WAIT_POLICY='passive')))
+
+    if peer:
+        with BusyPeer():
+            rounds()
+    else:
+        rounds()
+    out = {'threads': thread_label(t), 'busy_peer': peer, 'runs': runs, 'loadavg': os.getloadavg()}
+    out['tokens_per_s'] = {k: summary([r['tokens_per_s'] for r in v]) for k, v in runs.items()}
+    out['ratio_vs_torch'] = {k: summary([a['tokens_per_s'] / b['tokens_per_s'] for a, b in zip(runs[k], runs['torch'])])
+                             for k in binaries}
+    if not args.no_cpu_time:
+        out['cpu_ms_per_step'] = {k: summary([r['cpu_ms_per_step'] for r in v]) for k, v in runs.items()}
+    if passive:
+        out['torch_passive_tokens_per_s'] = summary([r['tokens_per_s'] for r in passive])
+    return out
+
+
+def print_condition(c: dict, binaries) -> None:
+    where = 'with one busy process beside it' if c['busy_peer'] else 'no added load'
+    tps = c['tokens_per_s']
+    line = (f"{c['threads']:>7} | {where:31} | " + ' | '.join(
+        f"{k} {tps[k]['median']:6.0f} ({tps[k]['min']:.0f}-{tps[k]['max']:.0f}) x{c['ratio_vs_torch'][k]['median']:.2f}"
+        for k in binaries) + f" | torch {tps['torch']['median']:6.0f} ({tps['torch']['min']:.0f}-{tps['torch']['max']:.0f})"
+            f" | load {c['loadavg'][0]:.1f}")
+    print(line, flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--threads', type=int, nargs='+', default=[1, 2])
+    ap.add_argument('--threads', nargs='+', default=['1', '2'],
+                    help='thread counts; "default" runs both programs without setting any (default: 1 2)')
+    ap.add_argument('--busy-peer', nargs='*', default=None, metavar='THREADS',
+                    help='also time these thread counts (default: "default") with one busy process running beside, '
+                         'and report the share of its unloaded speed each program keeps')
     ap.add_argument('--steps', type=int, default=40, help='mlm optimizer steps per run (intervals of 5; default %(default)s)')
     ap.add_argument('--torch-steps', type=int, default=20, help='timed PyTorch steps per run (default %(default)s)')
     ap.add_argument('--repeats', type=int, default=3)
-    ap.add_argument('--mlm', default=os.path.join(ROOT, 'build', 'mlm'))
+    ap.add_argument('--mlm', nargs='+', default=[os.path.join(ROOT, 'build', 'mlm')],
+                    help='mlm binaries, each PATH or LABEL=PATH (e.g. openblas=build/mlm builtin=build-builtin/mlm)')
     ap.add_argument('--python', default=None, help='python with torch (default: .venv-bench/bin/python, else python3)')
     ap.add_argument('--torch-passive', action='store_true', help='also time PyTorch with OMP_WAIT_POLICY=passive')
+    ap.add_argument('--no-cpu-time', action='store_true', help='skip the second, short mlm run that gives CPU time per step')
     ap.add_argument('--note', default='', help='free text stored with the results (e.g. "machine shared")')
     args = ap.parse_args()
     python = args.python
     if python is None:
         venv = os.path.join(ROOT, '.venv-bench', 'bin', 'python')
         python = venv if os.path.exists(venv) else 'python3'
-    if not os.access(args.mlm, os.X_OK):
-        sys.exit(f'cpu_vs_torch: {args.mlm} not found: build it first (cmake -S . -B build && cmake --build build --target mlm)')
+    binaries = {}
+    for spec in args.mlm:
+        label, path = spec.split('=', 1) if '=' in spec else ('mlm', spec)
+        if not os.access(path, os.X_OK):
+            sys.exit(f'cpu_vs_torch: {path} not found: build it first (cmake -S . -B build && cmake --build build --target mlm)')
+        binaries[label] = path
     env = clean_env()
-    version = subprocess.run([args.mlm, '--version'], env=env, stdout=subprocess.PIPE, text=True).stdout.strip()
+    versions = {k: subprocess.run([p, '--version'], env=env, stdout=subprocess.PIPE, text=True).stdout.strip()
+                for k, p in binaries.items()}
     cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')),
                platform.processor())
     try:
@@ -131,47 +213,38 @@ def main() -> int:
         commit = 'unknown'
     flops = train_flops_per_step()
     result = {'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'), 'commit': commit,
-              'host': socket.gethostname(), 'cpu': cpu, 'cores': os.cpu_count(), 'mlm_version': version,
+              'host': socket.gethostname(), 'cpu': cpu, 'cores': os.cpu_count(), 'mlm_versions': versions,
               'loadavg_start': os.getloadavg(), 'note': args.note, 'config': {'B': B, 'T': T, 'C': C, 'F': F, 'L': L, 'V': V},
-              'step_gflop': flops / 1e9, 'by_threads': {}}
-    print(f'{cpu}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; {version}', flush=True)
-    print('threads | mlm tokens/s (min/med/max) | mlm ms/step | GFLOP/s | torch tokens/s (min/med/max) | mlm/torch (min/med/max)')
-    for t in args.threads:
-        mlm_runs, torch_runs, passive_runs = [], [], []
-        for _ in range(args.repeats):
-            mlm_runs.append(run_mlm(args.mlm, t, args.steps, env))
-            torch_runs.append(run_torch(python, t, args.torch_steps, env))
-            if args.torch_passive:
-                passive_runs.append(run_torch(python, t, args.torch_steps, dict(env, OMP_WAIT_POLICY='passive')))
-        m = summary([r['tokens_per_s'] for r in mlm_runs])
-        p = summary([r['tokens_per_s'] for r in torch_runs])
-        ratio = summary([a['tokens_per_s'] / b['tokens_per_s'] for a, b in zip(mlm_runs, torch_runs)])
-        cpu_ratio = summary([b['cpu_ms_per_step'] / a['cpu_ms_per_step'] for a, b in zip(mlm_runs, torch_runs)])
-        result['by_threads'][str(t)] = {'mlm': mlm_runs, 'torch': torch_runs, 'mlm_tokens_per_s': m,
-                                        'torch_tokens_per_s': p, 'ratio': ratio,
-                                        'mlm_cpu_ms_per_step': summary([r['cpu_ms_per_step'] for r in mlm_runs]),
-                                        'torch_cpu_ms_per_step': summary([r['cpu_ms_per_step'] for r in torch_runs]),
-                                        'ratio_cpu_time': cpu_ratio,
-                                        'mlm_gflops_per_s_median': m['median'] * flops / (B * T) / 1e9}
-        extra = ''
-        if passive_runs:
-            q = summary([r['tokens_per_s'] for r in passive_runs])
-            qr = summary([a['tokens_per_s'] / b['tokens_per_s'] for a, b in zip(mlm_runs, passive_runs)])
-            result['by_threads'][str(t)].update({'torch_passive': passive_runs, 'torch_passive_tokens_per_s': q,
-                                                 'ratio_vs_torch_passive': qr})
-            extra = (f" | torch passive {q['min']:.0f} {q['median']:.0f} {q['max']:.0f}, "
-                     f"mlm/that {qr['min']:.2f} {qr['median']:.2f} {qr['max']:.2f}")
-        print(f"{t:7d} | {m['min']:6.0f} {m['median']:6.0f} {m['max']:6.0f} | {1000 * B * T / m['median']:10.1f} | "
-              f"{m['median'] * flops / (B * T) / 1e9:7.1f} | {p['min']:6.0f} {p['median']:6.0f} {p['max']:6.0f} | "
-              f"{ratio['min']:.2f} {ratio['median']:.2f} {ratio['max']:.2f}{extra}", flush=True)
-        mc, tc = result['by_threads'][str(t)]['mlm_cpu_ms_per_step'], result['by_threads'][str(t)]['torch_cpu_ms_per_step']
-        print(f"        CPU ms/step (min/med/max): mlm {mc['min']:.0f} {mc['median']:.0f} {mc['max']:.0f}, "
-              f"torch {tc['min']:.0f} {tc['median']:.0f} {tc['max']:.0f}; torch/mlm "
-              f"{cpu_ratio['min']:.2f} {cpu_ratio['median']:.2f} {cpu_ratio['max']:.2f}", flush=True)
-    result['loadavg_end'] = os.getloadavg()
+              'step_gflop': flops / 1e9, 'conditions': []}
+    print(f'{cpu}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; ' +
+          '; '.join(f'{k}: {v}' for k, v in versions.items()), flush=True)
+    print('threads | condition | per mlm build: tokens/s median (min-max) x median ratio to PyTorch | PyTorch tokens/s | load')
+    plan = [(t, False) for t in parse_threads(args.threads)]
+    if args.busy_peer is not None:
+        plan += [(t, True) for t in parse_threads(args.busy_peer or ['default'])]
     os.makedirs(os.path.join(HERE, 'results'), exist_ok=True)
     out = os.path.join(HERE, 'results', f"cpu-{socket.gethostname().split('.')[0]}-"
                        f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
+    for t, peer in plan:
+        c = run_condition(args, binaries, python, t, env, peer)
+        result['conditions'].append(c)
+        print_condition(c, binaries)
+        with open(out, 'w') as f:  # after every condition, so that an interrupted run keeps what it measured
+            json.dump(result, f, indent=1)
+    # Under load: the share of its unloaded speed each program keeps, at the same thread setting.
+    shares = {}
+    for c in result['conditions']:
+        if not c['busy_peer']:
+            continue
+        base = next((d for d in result['conditions'] if not d['busy_peer'] and d['threads'] == c['threads']), None)
+        if base is None:
+            continue
+        shares[c['threads']] = {k: c['tokens_per_s'][k]['median'] / base['tokens_per_s'][k]['median']
+                                for k in c['tokens_per_s']}
+        print(f"share of unloaded speed kept beside one busy process, {c['threads']} threads: " +
+              ', '.join(f'{k} {v:.2f}' for k, v in shares[c['threads']].items()), flush=True)
+    result['share_kept_with_busy_peer'] = shares
+    result['loadavg_end'] = os.getloadavg()
     with open(out, 'w') as f:
         json.dump(result, f, indent=1)
     print(f'written to {os.path.relpath(out, ROOT)}')

@@ -33,7 +33,8 @@ import reference_model as rm  # noqa: E402
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--threads', type=int, default=2, help='torch.set_num_threads (default: %(default)s)')
+    ap.add_argument('--threads', type=int, default=2,
+                    help='torch.set_num_threads (default: %(default)s; 0: PyTorch\'s own default, as a user gets it)')
     ap.add_argument('--warmup', type=int, default=5, help='untimed steps first')
     ap.add_argument('--steps', type=int, default=30, help='timed steps')
     ap.add_argument('--seed', type=int, default=0)
@@ -47,7 +48,8 @@ def main() -> int:
     ap.add_argument('--per-step', action='store_true', help='also list every timed step (ms)')
     args = ap.parse_args()
 
-    torch.set_num_threads(args.threads)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if args.flush_denormal:
         torch.set_flush_denormal(True)
     torch.manual_seed(args.seed)

@@ -487,6 +487,54 @@ static void test_corpus_warnings(void) {
     free(e);
 }
 
+// Settings under which nothing trains (issue 22, bug 11). Before: optim.eps = 0 trained into NaN at step 1 and blamed
+// the learning rate (exit 1, after creating the run), mask.prob = 0 trained to loss 0 and reported validation loss
+// 0.0000 as its best (exit 0). Now both are refused before anything is written (exit 2, naming the key and why);
+// and a validation split in which masking selects nothing (here a probability so small that no position is drawn)
+// reports no loss (null in metrics.jsonl) and stays out of "best".
+static void test_degenerate_settings(void) {
+    struct { const char *set, *want; } refused[] = {
+        {"--set optim.eps=0", "optim.eps = 0 is 0 in float: Adam divides by sqrt(v) + eps"},
+        {"--set optim.eps=1e-46", "optim.eps = 1e-46 is 0 in float"},  // a positive double whose float is 0
+        {"--set mask.prob=0", "mask.prob = 0 selects no position for prediction"},
+    };
+    for (size_t i = 0; i < sizeof(refused) / sizeof(refused[0]); i++) {
+        char dir[400];
+        snprintf(dir, sizeof(dir), "%s/degenerate%zu", tmpdir, i);
+        int code = test_run("%s train " SMALL " --data %s %s --steps 2 --out %s > %s/degenerate.log 2>&1", mlm_bin,
+                            corpus, refused[i].set, dir, tmpdir);
+        char *log = slurp("degenerate.log");
+        CHECK(code == 2 && strstr(log, refused[i].want), "%s: exit %d, expected 2 with \"%s\":\n%s", refused[i].set,
+              code, refused[i].want, log);
+        CHECK(test_run("test -e %s", dir) != 0, "%s: the refused run created %s", refused[i].set, dir);
+        free(log);
+    }
+    char dir[400], metrics[500];
+    snprintf(dir, sizeof(dir), "%s/no-targets", tmpdir);
+    snprintf(metrics, sizeof(metrics), "no-targets/metrics.jsonl");
+    CHECK(test_run("%s train " SMALL " --data %s --set mask.prob=1e-12 --steps 3 --out %s > %s/no-targets.log 2>&1",
+                   mlm_bin, corpus, dir, tmpdir) == 0, "training without targets failed (%s/no-targets.log)", tmpdir);
+    char *log = slurp("no-targets.log"), *m = slurp(metrics);
+    CHECK(strstr(log, "the validation split has no position selected for prediction, so it has no loss") &&
+          !strstr(log, "valid loss 0.0000"), "the output should say the validation has no loss:\n%s", log);
+    CHECK(strstr(m, "\"kind\":\"valid\"") && strstr(m, "\"loss\":null,\"accuracy\":null") &&
+          !strstr(m, "\"kind\":\"valid\",\"step\":3,\"epoch\":0,\"tokens\":96,\"loss\":0,"),
+          "metrics.jsonl should record validation without targets as null:\n%s", m);
+    Checkpoint ck;
+    char err[1024];
+    CHECK(ckpt_load(dir, &ck, err, sizeof(err)) == 0, "%s", err);
+    if (t_failures == 0) {
+        CHECK(ck.st.best_epoch == -1 && ck.st.best_valid_acc == 0.0 && isnan(ck.st.last_valid_loss),
+              "no best without targets: best epoch %ld, best accuracy %g, last loss %g", ck.st.best_epoch,
+              ck.st.best_valid_acc, ck.st.last_valid_loss);
+        ckpt_free(&ck);
+    }
+    CHECK(test_run("%s report %s > /dev/null 2>&1", mlm_bin, dir) == 0, "mlm report on a run without validation "
+          "targets failed");
+    free(log);
+    free(m);
+}
+
 int main(int argc, char **argv) {
     if (argc < 3) return test_skip("usage: test_commands MLM_BINARY CORPUS");
     mlm_bin = argv[1];
@@ -510,6 +558,7 @@ int main(int argc, char **argv) {
         test_init_checks();
         test_messages();
         test_corpus_warnings();
+        test_degenerate_settings();
     }
     int rc = test_finish("test_commands");
     if (rc == 0) test_run("rm -rf %s", tmpdir);

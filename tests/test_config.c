@@ -92,6 +92,27 @@ int main(void) {
     c.n_heads = 7;
     CHECK(config_check(&c, err, sizeof(err)) != 0 && strstr(err, "n_heads"), "heads not dividing d_model: %s", err);
 
+    // Settings under which nothing trains (issue 22, bug 11): refused for training, with the reason. Adam runs in
+    // float, so an eps whose float is 0 (below half the smallest subnormal, 7e-46) is refused; the smallest
+    // subnormal (1e-45 rounds to 1.4e-45) keeps 0 / eps finite and passes.
+    config_defaults(&c);
+    CHECK(config_check_trainable(&c, err, sizeof(err)) == 0, "the defaults should train: %s", err);
+    double bad_eps[] = {0.0, 1e-46, 5e-46}, good_eps[] = {1e-45, 1e-8, 1.0};
+    for (int i = 0; i < 3; i++) {
+        config_defaults(&c);
+        c.eps = bad_eps[i];
+        CHECK(config_check_trainable(&c, err, sizeof(err)) != 0 && strstr(err, "optim.eps") && strstr(err, "NaN"),
+              "optim.eps = %g (float %g) should be refused: %s", bad_eps[i], (double)(float)bad_eps[i], err);
+        c.eps = good_eps[i];
+        CHECK(config_check_trainable(&c, err, sizeof(err)) == 0, "optim.eps = %g should pass: %s", good_eps[i], err);
+    }
+    config_defaults(&c);
+    c.mask_prob = 0.0;
+    CHECK(config_check_trainable(&c, err, sizeof(err)) != 0 && strstr(err, "mask.prob"), "mask.prob = 0: %s", err);
+    CHECK(config_check(&c, err, sizeof(err)) == 0, "mask.prob = 0 is consistent (a checkpoint with it still loads)");
+    c.mask_prob = 1.0;
+    CHECK(config_check_trainable(&c, err, sizeof(err)) == 0, "mask.prob = 1 should pass: %s", err);
+
     // Round trip: write the resolved config, parse it back, get the same struct.
     config_defaults(&c);
     c.d_model = 96; c.seed = 18446744073709551615ull; c.ckpt_minutes = 2.5; c.init_check_vocab = 0; c.lr = 0.123456789012345; c.mask_scheme = MASK_SCHEME_BERT;

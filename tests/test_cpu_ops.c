@@ -90,25 +90,62 @@ static double fd_check(const char *what, LossFn f, void *ctx, float *x, const fl
 
 // ---- matmul -----------------------------------------------------------------------------------------
 
-static void naive_matmul(int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda, const float *B,
-                         int ldb, float beta, const float *C0, float *C, int ldc) {
+// The exact product in double, and per element the rounding bound of a float computation of it: a sum of K
+// products accumulated in float in ANY order (fma or not) is within gamma_K * sum_k |a_k b_k| of the exact
+// sum, gamma_n = n u / (1 - n u), u = 2^-24 (Higham, Accuracy and Stability, 3.1); the epilogue alpha * s +
+// beta * c adds at most three more roundings of terms bounded by |alpha| sum |a b| + |beta c|. So
+// bound = gamma_{K+3} (|alpha| sum_k |a_k b_k| + |beta c|). It is a worst case, K u ~ 2e-5 relative at K = 300,
+// while a wrong element, transpose or leading dimension, a term dropped or counted twice, is off by about a
+// whole term (1 / K of the sum, ~3e-3 relative at K = 300).
+static void reference_matmul(int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda,
+                             const float *B, int ldb, float beta, const float *C0, double *want, double *bound,
+                             int ldc) {
+    const double u = 1.0 / 16777216.0, gamma = (K + 3) * u / (1.0 - (K + 3) * u);
     for (int i = 0; i < M; i++)
         for (int j = 0; j < N; j++) {
-            double s = 0.0;
+            double s = 0.0, abs_sum = 0.0;
             for (int k = 0; k < K; k++) {
                 double a = ta ? A[(size_t)k * lda + i] : A[(size_t)i * lda + k];
                 double b = tb ? B[(size_t)j * ldb + k] : B[(size_t)k * ldb + j];
                 s += a * b;
+                abs_sum += fabs(a * b);
             }
             double c = beta != 0.0f ? (double)beta * C0[(size_t)i * ldc + j] : 0.0;
-            C[(size_t)i * ldc + j] = (float)(alpha * s + c);
+            want[(size_t)i * ldc + j] = alpha * s + c;
+            bound[(size_t)i * ldc + j] = gamma * (fabs(alpha) * abs_sum + fabs(c));
         }
 }
 
+typedef void MatmulFn(int, int, int, int, int, float, const float *, int, const float *, int, float, float *, int);
+
+// The built-in GEMM's kernels this CPU can run (each forced in turn below).
+static const char *const GEMM_KERNELS[] = {"avx512", "avx512n", "avx2", "generic"};
+
+// Worst |got - want| / bound over C[M, N] (INFINITY for a NaN), and whether the padding columns j >= N kept
+// their values (beta != 0: C0's; beta == 0: the NaN they started with, since C must not be read or written there).
+static double worst_ratio(const float *got, const double *want, const double *bound, const float *C0, float beta,
+                          int M, int N, int ldc, int *pad_ok) {
+    double worst = 0.0;
+    for (int i = 0; i < M; i++) {
+        for (int j = 0; j < N; j++) {
+            size_t k = (size_t)i * ldc + j;
+            double err = fabs((double)got[k] - want[k]);
+            worst = isnan(got[k]) ? INFINITY : fmax(worst, err / fmax(bound[k], 1e-30));
+        }
+        size_t k = (size_t)i * ldc + N;
+        if (!(beta == 0.0f ? isnan(got[k]) : got[k] == C0[k])) *pad_ok = 0;
+    }
+    return worst;
+}
+
 static void test_matmul(void) {
-    printf("matmul (%s), matmul_serial and the built-in fallback vs a naive double loop\n", matmul_backend_name());
-    // Odd sizes that cross the fallback's 64 x 128 x 256 tiles, with padded leading dimensions.
-    const int shapes[][3] = {{1, 1, 1}, {5, 7, 3}, {67, 129, 300}, {130, 67, 257}, {33, 260, 17}};
+    printf("matmul (%s), matmul_serial and the built-in GEMM (each kernel: %s) vs the exact product, within the "
+           "rounding bound\n", matmul_backend_name(), gemm_kernel_name());
+    // Odd sizes that cross every kernel's register blocks (12 x 32, 6 x 16, 4 x 16), the tiles and the K
+    // block of 256, with padded leading dimensions; K = 0 (C = beta C) and one row or column.
+    const int shapes[][3] = {{1, 1, 1}, {5, 7, 3}, {67, 129, 300}, {130, 67, 257}, {33, 260, 17},
+                             {13, 33, 513}, {3, 5, 0}, {1, 100, 40}, {100, 1, 40}};
+    double worst_all = 0.0;
     for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
         int M = shapes[s][0], N = shapes[s][1], K = shapes[s][2];
         for (int ta = 0; ta < 2; ta++)
@@ -118,72 +155,77 @@ static void test_matmul(void) {
                     int lda = (ta ? M : K) + 3, ldb = (tb ? K : N) + 2, ldc = N + 1;
                     size_t na = (size_t)(ta ? K : M) * lda, nb = (size_t)(tb ? N : K) * ldb, nc = (size_t)M * ldc;
                     float *A = alloc_rand(na, 1.0f), *B = alloc_rand(nb, 1.0f), *C0 = alloc_rand(nc, 1.0f);
-                    float *want = alloc_zero(nc), *fb = mlm_malloc(nc * sizeof(float), "c"), *bl = mlm_malloc(nc * sizeof(float), "c");
-                    float *se = mlm_malloc(nc * sizeof(float), "c");
-                    memcpy(want, C0, nc * sizeof(float));
-                    naive_matmul(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C0, want, ldc);
-                    // beta = 0 must not read C: start from NaN there.
-                    for (size_t i = 0; i < nc; i++) fb[i] = bl[i] = se[i] = beta != 0.0f ? C0[i] : NAN;
-                    matmul_fallback(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, fb, ldc);
-                    matmul(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, bl, ldc);
-                    matmul_init();
-                    matmul_serial(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, se, ldc);
-                    double ef = 0.0, eb = 0.0, efb = 0.0, es = 0.0;
-                    for (int i = 0; i < M; i++)
-                        for (int j = 0; j < N; j++) {
-                            size_t k = (size_t)i * ldc + j;
-                            // Relative to sqrt(K): the rounding of a K-term float sum grows like sqrt(K) eps.
-                            double scale = sqrt((double)K) + 1.0;
-                            ef = fmax(ef, fabs((double)fb[k] - want[k]) / scale);
-                            eb = fmax(eb, fabs((double)bl[k] - want[k]) / scale);
-                            efb = fmax(efb, fabs((double)bl[k] - fb[k]) / scale);
-                            es = fmax(es, fabs((double)se[k] - want[k]) / scale);
-                            if (isnan(fb[k]) || isnan(bl[k]) || isnan(se[k])) ef = eb = es = INFINITY;
+                    double *want = mlm_malloc(nc * sizeof(double), "want"), *bound = mlm_malloc(nc * sizeof(double), "bound");
+                    reference_matmul(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C0, want, bound, ldc);
+                    float *got = mlm_malloc(nc * sizeof(float), "c"), *first = mlm_malloc(nc * sizeof(float), "c");
+                    // Every path; the built-in one once per kernel, all of which must give the same bits.
+                    MatmulFn *fns[] = {matmul, matmul_serial, matmul_builtin, matmul_builtin_serial};
+                    const char *names[] = {"matmul", "matmul_serial", "matmul_builtin", "matmul_builtin_serial"};
+                    int n_builtin = 0;
+                    for (int f = 0; f < 4; f++)
+                        for (int kn = 0; kn < (f == 2 ? 4 : 1); kn++) {  // serial shares the kernels' code
+                            if (f == 2 && !gemm_force_kernel(GEMM_KERNELS[kn])) continue;
+                            // beta = 0 must not read C: start from NaN there.
+                            for (size_t i = 0; i < nc; i++) got[i] = beta != 0.0f ? C0[i] : NAN;
+                            fns[f](ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, got, ldc);
+                            gemm_force_kernel(NULL);
+                            int pad_ok = 1;
+                            double r = worst_ratio(got, want, bound, C0, beta, M, N, ldc, &pad_ok);
+                            worst_all = fmax(worst_all, r);
+                            CHECK(r <= 1.0 && pad_ok, "%s%s%s %dx%dx%d ta=%d tb=%d beta=%g: error %.3g x the rounding "
+                                  "bound%s", names[f], f == 2 ? " kernel " : "", f == 2 ? GEMM_KERNELS[kn] : "", M, N,
+                                  K, ta, tb, beta, r, pad_ok ? "" : ", and a padding column of C changed");
+                            if (f >= 2) {
+                                if (n_builtin++ == 0) {
+                                    memcpy(first, got, nc * sizeof(float));
+                                } else {
+                                    size_t differ = 0;
+                                    for (int i = 0; i < M; i++)
+                                        differ += memcmp(first + (size_t)i * ldc, got + (size_t)i * ldc,
+                                                         (size_t)N * sizeof(float)) != 0;
+                                    CHECK(differ == 0, "%s kernel %s %dx%dx%d ta=%d tb=%d: %zu rows differ from the "
+                                          "first built-in result (every kernel must sum in the same order)", names[f],
+                                          f == 2 ? GEMM_KERNELS[kn] : gemm_kernel_name(), M, N, K, ta, tb, differ);
+                                }
+                            }
                         }
-                    // The padding columns of C (j >= N) must be untouched.
-                    int pad_ok = 1;
-                    for (int i = 0; i < M; i++) {
-                        size_t k = (size_t)i * ldc + N;
-                        if (!(beta == 0.0f ? isnan(fb[k]) && isnan(bl[k]) && isnan(se[k])
-                                           : fb[k] == C0[k] && bl[k] == C0[k] && se[k] == C0[k]))
-                            pad_ok = 0;
-                    }
-                    // Float sums of K products: rounding ~ sqrt(K) * 6e-8 * |terms|; 1e-6 per sqrt(K) is ~10x that.
-                    CHECK(ef < 1e-6 && eb < 1e-6 && efb < 1e-6 && es < 1e-6 && pad_ok,
-                          "matmul %dx%dx%d ta=%d tb=%d beta=%g: fallback err %.2e, matmul err %.2e, between %.2e, "
-                          "serial err %.2e, pad %d", M, N, K, ta, tb, beta, ef, eb, efb, es, pad_ok);
-                    if (s == 2 && ta == 0 && tb == 1 && bi == 1)
-                        printf("  %dx%dx%d NT: fallback err %.2e, matmul err %.2e, serial err %.2e (per sqrt(K))\n", M, N,
-                               K, ef, eb, es);
-                    free(A); free(B); free(C0); free(want); free(fb); free(bl); free(se);
+                    free(A); free(B); free(C0); free(want); free(bound); free(got); free(first);
                 }
     }
+    printf("  worst error / rounding bound over every path, kernel and shape: %.3g\n", worst_all);
 }
 
-// matmul() on the reference model's shapes (tiled in one and two dimensions) gives the same bits for 1, 2
-// and 3 threads, and the BLAS it calls runs on the calling thread only (OpenBLAS's own pool stays idle).
+// matmul() and the built-in GEMM on the model's shapes (tiled in one and two dimensions) give the same bits for
+// 1, 2 and 3 threads (the CPU backend's promise: a run resumed with another thread count continues the same
+// bits), and the BLAS it calls runs on the calling thread only (OpenBLAS's own pool stays idle).
 static void test_matmul_threads(void) {
-    printf("matmul: reference shapes bit-identical for 1, 2 and 3 threads; BLAS single-threaded\n");
+    printf("matmul and the built-in GEMM: model shapes bit-identical for 1, 2 and 3 threads; BLAS single-threaded\n");
     const int shapes[][5] = {{0, 1, 2048, 384, 128}, {0, 0, 2048, 128, 384}, {1, 0, 384, 128, 2048},
-                             {1, 0, 65, 128, 2048}, {0, 1, 2048, 65, 128}, {0, 1, 300, 1000, 64}};
+                             {1, 0, 65, 128, 2048},  {0, 1, 2048, 65, 128},  {0, 1, 300, 1000, 64},
+                             {0, 1, 200, 300, 256},  {1, 0, 100, 200, 520},  {0, 0, 77, 30, 600}};
+    MatmulFn *fns[] = {matmul, matmul_builtin};
+    const char *names[] = {"matmul", "matmul_builtin"};
     for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
         int ta = shapes[s][0], tb = shapes[s][1], M = shapes[s][2], N = shapes[s][3], K = shapes[s][4];
         int lda = ta ? M : K, ldb = tb ? K : N;
         float *A = alloc_rand((size_t)M * K, 1.0f), *B = alloc_rand((size_t)K * N, 1.0f);
         float *C0 = alloc_rand((size_t)M * N, 1.0f), *C[3];  // beta = 1: the tiles must also read C right
-        for (int t = 0; t < 3; t++) {
-            C[t] = mlm_malloc((size_t)M * N * sizeof(float), "C");
-            memcpy(C[t], C0, (size_t)M * N * sizeof(float));
-            omp_set_num_threads(t + 1);
-            matmul(ta, tb, M, N, K, 1.0f, A, lda, B, ldb, 1.0f, C[t], N);
+        for (int f = 0; f < 2; f++) {
+            for (int t = 0; t < 3; t++) {
+                C[t] = mlm_malloc((size_t)M * N * sizeof(float), "C");
+                memcpy(C[t], C0, (size_t)M * N * sizeof(float));
+                omp_set_num_threads(t + 1);
+                fns[f](ta, tb, M, N, K, 1.0f, A, lda, B, ldb, 1.0f, C[t], N);
+            }
+            omp_set_num_threads(2);
+            size_t differ = 0;
+            for (size_t i = 0; i < (size_t)M * N; i++)
+                differ += memcmp(&C[0][i], &C[1][i], sizeof(float)) != 0 || memcmp(&C[0][i], &C[2][i], sizeof(float)) != 0;
+            CHECK(differ == 0, "%s %dx%dx%d ta=%d tb=%d: %zu of %d elements differ between 1, 2 and 3 threads",
+                  names[f], M, N, K, ta, tb, differ, M * N);
+            for (int t = 0; t < 3; t++) free(C[t]);
         }
-        omp_set_num_threads(2);
-        size_t differ = 0;
-        for (size_t i = 0; i < (size_t)M * N; i++)
-            differ += memcmp(&C[0][i], &C[1][i], sizeof(float)) != 0 || memcmp(&C[0][i], &C[2][i], sizeof(float)) != 0;
-        CHECK(differ == 0, "matmul %dx%dx%d ta=%d tb=%d: %zu of %d elements differ between 1, 2 and 3 threads", M, N,
-              K, ta, tb, differ, M * N);
-        free(A); free(B); free(C0); free(C[0]); free(C[1]); free(C[2]);
+        free(A); free(B); free(C0);
     }
     int blas_threads = matmul_blas_threads();
     printf("  OpenBLAS threads after matmul_init: %d (-1: no OpenBLAS loaded)\n", blas_threads);

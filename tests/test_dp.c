@@ -5,7 +5,11 @@
 //           ZeRO-1 equals plain data parallel bit for bit; a 2-rank ZeRO checkpoint resumed on 1 rank continues as
 //           the straight run; a rank killed (SIGKILL) or hung (SIGSTOP) ends the job non-zero with a message in
 //           bounded time.
-// Usage: test_dp MLM CORPUS MPIRUN|none accum|mpi. About 2 s (accum) and 14 s (mpi) on 2 cores (Release).
+//   agree   ranks that differ in their configuration, data or starting state all refuse at start-up, naming the
+//           key and the ranks' values (only train.threads, train.device and data.path may differ); eval, export
+//           and prepare under mpirun -np 2 refuse and write nothing.
+// Usage: test_dp MLM CORPUS MPIRUN|none accum|mpi|agree. About 2 s (accum), 14 s (mpi) and 35 s (agree) on 2 cores
+// (Release).
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -181,9 +185,131 @@ static void test_fault(int sig, const char *name) {
     free(text);
 }
 
+// ---- agree: ranks that do not run the same thing all refuse at start-up (issue 22, bug 2), and the one-process
+// commands refuse under mpirun (issue 22, item 12). Before, rank 1 with another learning rate, seed, dropout or
+// sparse prediction trained (exit 0, a worse model); another train.max_steps hung until train.dist_timeout and
+// blamed a dead rank; another batch size or train.zero aborted inside Open MPI; eval, export and prepare ran once
+// per rank.
+
+// mpirun -np 1 mlm train ... SET0 : -np 1 mlm train ... SET1 (MPMD: each rank its own command line) for 3 steps of
+// the small model (with a resume, the command lines are SET0 and SET1 alone); returns the job's exit status, *took
+// its wall time.
+static int mpmd(const char *set0, const char *set1, const char *dir, double *took);
+
+static int text_has(const char *path, const char *want) {
+    size_t len = 0;
+    char *text = mlm_read_file(path, &len);
+    int found = text && strstr(text, want);
+    free(text);
+    return found;
+}
+
+// A refusal: exit 2, within 60 s, before any step (no metrics), and every `want` in the log.
+static void expect_refusal(const char *name, const char *set0, const char *set1, const char *const *want, int n_want) {
+    char dir[300], log[320], metrics[340];
+    snprintf(dir, sizeof(dir), "%s/agree-%s", tmpdir, name);
+    snprintf(log, sizeof(log), "%s.log", dir);
+    snprintf(metrics, sizeof(metrics), "%s/metrics.jsonl", dir);
+    double took = 0;
+    int code = mpmd(set0, set1, dir, &took);
+    printf("%s: rank 0 %s | rank 1 %s: exit %d after %.1f s\n", name, set0, set1, code, took);
+    CHECK(code == 2, "%s: the job should refuse with exit status 2, not %d (%s)", name, code, log);
+    CHECK(took < 60, "%s: the refusal took %.0f s", name, took);
+    CHECK(access(metrics, F_OK) != 0, "%s: a step was trained before the refusal (%s exists)", name, metrics);
+    for (int i = 0; i < n_want; i++) CHECK(text_has(log, want[i]), "%s: no \"%s\" in %s", name, want[i], log);
+}
+
+static void test_agreement(void) {
+    // Learning rate, seed, dropout and sparse prediction on rank 1 at once: each is named with both values.
+    const char *four[] = {"do not run the same configuration", "optim.lr is 1 on rank 0, 2 on rank 1",
+                          "train.seed is 1234 on rank 0, 99 on rank 1", "model.dropout is 0.1 on rank 0, 0.2 on rank 1",
+                          "train.sparse_prediction is false on rank 0, true on rank 1"};
+    expect_refusal("lr-seed-dropout-sparse", "", "--set optim.lr=2 --set train.seed=99 --set model.dropout=0.2 "
+                   "--set train.sparse_prediction=true", four, 5);
+    // Another max_steps: before, a hang until train.dist_timeout (30 s here, 600 by default).
+    const char *steps[] = {"train.max_steps is 3 on rank 0, 5 on rank 1"};
+    expect_refusal("max-steps", "--set train.dist_timeout=30", "--set train.dist_timeout=30 --steps 5", steps, 1);
+    // Another batch size and train.zero: before, an abort inside Open MPI.
+    const char *batch[] = {"train.batch_size is 64 on rank 0, 32 on rank 1", "train.zero is false on rank 0, true on rank 1"};
+    expect_refusal("batch-zero", "", "--set train.batch_size=32 --set train.zero=true", batch, 2);
+    // Other data: the first 400 KB of the corpus on rank 1 (before: an abort inside Open MPI).
+    char part[300];
+    snprintf(part, sizeof(part), "%s/part.txt", tmpdir);
+    CHECK(test_run("head -c 400000 %s > %s", corpus, part) == 0, "cannot write %s", part);
+    char other_data[400];
+    snprintf(other_data, sizeof(other_data), "--data %s", part);
+    const char *data[] = {"the data set's md5 is"};
+    expect_refusal("data", "", other_data, data, 1);
+    // Resumed from two different checkpoints (steps 3 and 4 of one process with accum_steps = 2).
+    char a[300], b[300], ra[400], rb[400];
+    snprintf(a, sizeof(a), "%s/agree-ckpt3", tmpdir);
+    snprintf(b, sizeof(b), "%s/agree-ckpt4", tmpdir);
+    CHECK(test_run("%s train " SMALL " --set train.accum_steps=2 --data %s --steps 3 --out %s > %s.log 2>&1", mlm_bin,
+                   corpus, a, a) == 0, "3 steps failed (%s.log)", a);
+    CHECK(test_run("%s train " SMALL " --set train.accum_steps=2 --data %s --steps 4 --out %s > %s.log 2>&1", mlm_bin,
+                   corpus, b, b) == 0, "4 steps failed (%s.log)", b);
+    // (Before, this hung for train.dist_timeout; 30 s here instead of 600.)
+    snprintf(ra, sizeof(ra), "--resume %s --steps 6 --set train.dist_timeout=30", a);
+    snprintf(rb, sizeof(rb), "--resume %s --steps 6 --set train.dist_timeout=30", b);
+    const char *state[] = {"do not run the same starting state", "the starting state is resumed, step 3",
+                           "resumed, step 4"};
+    expect_refusal("resume", ra, rb, state, 3);
+    // What may differ: the threads, and the path of the same data (a copy elsewhere).
+    char copy[300], dir[300], same[700];
+    snprintf(copy, sizeof(copy), "%s/copy.txt", tmpdir);
+    snprintf(dir, sizeof(dir), "%s/agree-threads-path", tmpdir);
+    CHECK(test_run("cp %s %s", corpus, copy) == 0, "cannot copy the corpus");
+    snprintf(same, sizeof(same), "--set train.threads=2 --data %s", copy);
+    double took;
+    int code = mpmd("", same, dir, &took);
+    printf("threads and data path differ: exit %d after %.1f s\n", code, took);
+    CHECK(code == 0, "ranks that differ only in train.threads and data.path should train (exit %d, %s.log)", code, dir);
+}
+
+// The other commands under mpirun -np 2: refused with exit 2, nothing written; under -np 1 they run.
+static void test_commands_one_rank(void) {
+    char ckpt[300], out[300];
+    snprintf(ckpt, sizeof(ckpt), "%s/agree-ckpt3", tmpdir);
+    struct { const char *name, *args, *written; } cmds[] = {
+        {"eval", "eval --ckpt %s", NULL},
+        {"export", "export --ckpt %s --out %s/exported.safetensors", "exported.safetensors"},
+        {"prepare", "prepare --tokenizer char --out %s/prepared %s", "prepared"},
+    };
+    for (size_t i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++) {
+        char args[800], log[400];
+        if (i == 2) snprintf(args, sizeof(args), cmds[i].args, tmpdir, corpus);
+        else if (i == 1) snprintf(args, sizeof(args), cmds[i].args, ckpt, tmpdir);
+        else snprintf(args, sizeof(args), cmds[i].args, ckpt);
+        snprintf(log, sizeof(log), "%s/cmd-%s.log", tmpdir, cmds[i].name);
+        int code = test_run("%s -np 2 --oversubscribe %s %s > %s 2>&1", mpirun, mlm_bin, args, log);
+        printf("mpirun -np 2 mlm %s: exit %d\n", cmds[i].name, code);
+        CHECK(code == 2, "mlm %s under 2 ranks: exit %d, expected 2 (%s)", cmds[i].name, code, log);
+        CHECK(text_has(log, "runs as one process, but it was started as rank"), "mlm %s: no refusal in %s",
+              cmds[i].name, log);
+        if (cmds[i].written) {
+            snprintf(out, sizeof(out), "%s/%s", tmpdir, cmds[i].written);
+            CHECK(access(out, F_OK) != 0, "mlm %s under 2 ranks wrote %s", cmds[i].name, out);
+        }
+    }
+    CHECK(test_run("%s -np 1 %s eval --ckpt %s > %s/cmd-eval1.log 2>&1", mpirun, mlm_bin, ckpt, tmpdir) == 0,
+          "mlm eval under mpirun -np 1 should run (%s/cmd-eval1.log)", tmpdir);
+}
+
+static int mpmd(const char *set0, const char *set1, const char *dir, double *took) {
+    double t0 = now_s();
+    int code = strstr(set0, "--resume") ?
+        test_run("%s --oversubscribe -np 1 %s train %s -q : -np 1 %s train %s -q > %s.log 2>&1", mpirun, mlm_bin, set0,
+                 mlm_bin, set1, dir) :
+        test_run("%s --oversubscribe -np 1 %s train " SMALL " --set train.accum_steps=2 --data %s --steps 3 %s "
+                        "--out %s : -np 1 %s train " SMALL " --set train.accum_steps=2 --data %s --steps 3 %s --out %s "
+                        "> %s.log 2>&1", mpirun, mlm_bin, corpus, set0, dir, mlm_bin, corpus, set1, dir, dir);
+    *took = now_s() - t0;
+    return code;
+}
+
 int main(int argc, char **argv) {
     if (argc < 5) {
-        fprintf(stderr, "usage: test_dp MLM CORPUS MPIRUN|none accum|mpi\n");
+        fprintf(stderr, "usage: test_dp MLM CORPUS MPIRUN|none accum|mpi|agree\n");
         return 1;
     }
     mlm_bin = argv[1];
@@ -194,6 +320,14 @@ int main(int argc, char **argv) {
     if (!mkdtemp(tmpdir)) return 1;
     if (!strcmp(argv[4], "accum")) {
         test_accumulation();
+    } else if (!strcmp(argv[4], "agree")) {
+        if (!strcmp(mpirun, "none") || !*mpirun)
+            return test_skip("mlm was built without MPI or mpirun is missing (tools/test.sh installs openmpi-bin and "
+                             "libopenmpi-dev)");
+        setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
+        setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
+        test_agreement();
+        test_commands_one_rank();
     } else {
         if (!strcmp(mpirun, "none") || !*mpirun)
             return test_skip("mlm was built without MPI or mpirun is missing (tools/test.sh installs openmpi-bin and "
@@ -207,5 +341,6 @@ int main(int argc, char **argv) {
         test_fault(SIGSTOP, "hang");
     }
     if (t_failures == 0) test_run("rm -rf %s", tmpdir);
-    return test_finish(argv[4][0] == 'a' ? "test_dp accum" : "test_dp mpi");
+    return test_finish(!strcmp(argv[4], "accum") ? "test_dp accum" : !strcmp(argv[4], "agree") ? "test_dp agree"
+                                                                                          : "test_dp mpi");
 }

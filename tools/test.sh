@@ -6,21 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# OpenBLAS makes the CPU backend fast; without it mlm falls back to its own OpenMP matmul.
-if ! ldconfig -p 2>/dev/null | grep -q libopenblas && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  echo "== installing libopenblas-dev (optional; the build works without it)"
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas-dev >/dev/null) ||
-    echo "   could not install OpenBLAS; using the built-in matmul"
-fi
-
-# ---- Open MPI for the data-parallel tests (block owned by the dp work, issue 13; tests/test_dp.c, label `mpi`) ----
-# Optional: without it CMake builds mlm without MPI and the mpi-labelled test skips, saying why.
-if ! command -v mpirun >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  echo "== installing openmpi-bin and libopenmpi-dev (optional; the build works without them)"
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openmpi-bin libopenmpi-dev >/dev/null) ||
-    echo "   could not install Open MPI; the data-parallel test will skip"
-fi
-# ---- end of the Open MPI block ------------------------------------------------------------------------------
+# Optional system packages (tools/install_deps.sh, shared with the README's first command): OpenBLAS makes the CPU
+# backend fast (without it mlm builds its own GEMM, never a reference BLAS); Open MPI for the data-parallel tests
+# (issue 13, tests/test_dp.c, label `mpi`; without it the mpi-labelled test skips, saying why). Installed when
+# this runs as root or with passwordless sudo; otherwise it says what to install.
+bash tools/install_deps.sh blas mpi
 
 # The corpus for the data tests: ../shared/data (CI) unless MLM_DATA_MIRROR points elsewhere.
 export MLM_DATA_MIRROR="${MLM_DATA_MIRROR:-$(cd .. && pwd)/shared/data}"
@@ -53,9 +43,10 @@ skip_reasons build
 
 # A CPU-only configure (MLM_CUDA=OFF), as on a machine without the CUDA Toolkit: the CPU trainer builds, its
 # unit tests pass, the GPU tests skip with the reason, the CUDA code still runs on the CPU layer (emu), and
-# --device cuda says the binary has no CUDA. About 40 s on 2 cores (no nvcc involved).
-echo "== CPU-only build (MLM_CUDA=OFF)"
-cmake -S . -B build-cpu -DCMAKE_BUILD_TYPE=Release -DMLM_CUDA=OFF -DMLM_TEST_CORPUS="$corpus" >/dev/null
+# --device cuda says the binary has no CUDA. About 40 s on 2 cores (no nvcc involved). It uses the built-in GEMM
+# (MLM_BLAS=OFF), as a machine without OpenBLAS does, so that the emu tests compare the CUDA step with it too.
+echo "== CPU-only build (MLM_CUDA=OFF, built-in GEMM)"
+cmake -S . -B build-cpu -DCMAKE_BUILD_TYPE=Release -DMLM_CUDA=OFF -DMLM_BLAS=OFF -DMLM_TEST_CORPUS="$corpus" >/dev/null
 cmake --build build-cpu -j"$jobs"
 (cd build-cpu && ctest --output-on-failure -j"$jobs" -L "unit|gpu|emu")
 skip_reasons build-cpu

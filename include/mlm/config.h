@@ -75,8 +75,17 @@ int config_set_value(Config *c, const char *key, const char *value, char *err, s
 // Cross-key checks (heads divide d_model, probabilities sum, ...). Exits 2 with a message on failure.
 void config_validate(const Config *c, const char *origin);
 int config_check(const Config *c, char *err, size_t errlen);
+// Settings under which nothing can train (optim.eps whose float is 0, mask.prob 0): 1 with the reason in err.
+// Training checks it besides config_check; reading a checkpoint does not.
+int config_check_trainable(const Config *c, char *err, size_t errlen);
 // Write the resolved configuration in the file format (re-readable by config_load_file).
 void config_write(FILE *f, const Config *c);
+// The keys in table order: how many, the i-th's dotted name, and its value in c as config_write writes it (out:
+// CONFIG_VALUE_TEXT bytes hold any value).
+#define CONFIG_VALUE_TEXT (2 * CONFIG_STR + 8)
+int config_key_count(void);
+const char *config_key_name(int i);
+void config_value_text(const Config *c, int i, char *out, size_t outlen);
 // One-line help of every key (for `mlm train --help`).
 void config_print_keys(FILE *f);
 // Build the derived optimizer settings.

@@ -41,6 +41,10 @@ typedef struct {
 } CpuModel;
 
 CpuModel *cpu_model_create(const ModelConfig *cfg, int max_B);
+
+// Which matmul the CPU backend runs in this process and why, for the device line: the optimized BLAS (vendor,
+// version, kernels, file) or the built-in GEMM with its micro-kernel and the reason no BLAS is used.
+void cpu_matmul_describe(char *buf, size_t n);
 void cpu_model_free(CpuModel *m);
 
 // Forward over inputs[B, T] (T = cfg.max_seq). With labels != NULL computes the mean cross-entropy over

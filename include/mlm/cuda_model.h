@@ -43,8 +43,9 @@ void cuda_model_set_decay_mask(CudaModel *m, const uint8_t *decay_mask);
 void cuda_model_set_continuation(CudaModel *m, const unsigned char *flags);
 
 // train.cuda_graph: on (the default), a masked step (cuda_model_train_step, and cuda_model_forward with a mask)
-// is captured as one CUDA graph the first time its shape is seen (batch size, configuration) and replayed
-// afterwards; off, the same launches are issued one by one. Both give bit-identical results.
+// runs as plain launches the first time its shape is seen (batch size, configuration: a warm-up outside any
+// capture), is captured as one CUDA graph the second time and replayed afterwards; off, the same launches are
+// issued one by one. Both give bit-identical results.
 void cuda_model_set_graphs(CudaModel *m, int on);
 
 // Masking and dropout use cuRAND's Philox stream with key `philox_seed` (Rng.seed of the stream), computed
@@ -102,6 +103,21 @@ float cuda_model_optimizer_step(CudaModel *m, float max_norm, const OptimConfig 
 // steps, run the final LayerNorm, the classifier and the loss on the selected positions (label != PAD) only,
 // with the dense head's loss, accuracy and gradients (within float rounding). Not inside a CUDA graph capture.
 void cuda_model_set_sparse_prediction(CudaModel *m, int on);
+
+// More than 2^31 elements (issue 21, item 4): no cuBLAS call gets an operand of more than max_elems elements
+// (INT_MAX unless lowered): a product over N rows runs as blocks of rows (cuda_model.cu says why). Tests lower the
+// limit with cuda_model_set_gemm_limit (0 restores INT_MAX) so that small shapes take the split path, and list
+// with cuda_model_linear_gemms, without a device, the calls one linear layer of N rows, IC inputs and OC outputs
+// makes (its forward, then dinp and dw of its backward) under a limit, to check their arithmetic at real shapes.
+// It returns the number of calls and writes the first max_calls.
+typedef struct {
+    int transa, transb;                   // 1: the operand is transposed (CUBLAS_OP_T)
+    int m, n, k, lda, ldb, ldc;           // as passed to cublasSgemm
+    size_t a_offset, b_offset, c_offset;  // where each operand starts, in elements from its tensor's start
+    float beta;                           // 0: C overwritten, 1: added to
+} CudaGemmCall;
+void cuda_model_set_gemm_limit(CudaModel *m, size_t max_elems);
+int cuda_model_linear_gemms(int N, int IC, int OC, size_t max_elems, CudaGemmCall *calls, int max_calls);
 
 // cudaProfilerStart / cudaProfilerStop, for `--profile-steps` (nsys --capture-range=cudaProfilerApi, ncu
 // --profile-from-start off).

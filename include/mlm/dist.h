@@ -29,6 +29,9 @@ int dist_have_mpi(void);
 // mpirun's, or a RANK outside WORLD_SIZE).
 void dist_init(Dist *d, double timeout_s);
 void dist_finalize(Dist *d);
+// How many ranks the launcher started (mpirun's, a PMI launcher's, or WORLD_SIZE), from the environment alone,
+// without initialising MPI, and this process's rank: 1 and 0 for a plain process.
+int dist_launch_size(int *rank);
 // Stop every rank of the job now with exit status `code` (after the caller printed why).
 void dist_abort(const Dist *d, int code);
 

@@ -1,94 +1,37 @@
-// matmul.c: row-major SGEMM (a CBLAS wrapper and the built-in blocked OpenMP fallback) and the Linear layer.
+// matmul.c: row-major SGEMM entry points (an optimized CBLAS when the build has one, else the built-in GEMM
+// of gemm.c), which matmul runs and why, and the Linear layer.
+#define _GNU_SOURCE  // dladdr (blas_id.h), before any header
 #include "cpu/matmul.h"
 #include "cpu/ops.h"
 
 #include <dlfcn.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu/blas_id.h"
 #include "mlm/common.h"
+#include "mlm/cpu.h"
 
 #ifdef MLM_HAVE_CBLAS
-#include <cblas.h>
+// The CBLAS interface is declared here rather than taken from a cblas.h: the header found at build time need
+// not belong to the library that runs (Debian's alternatives switch them separately), and the interface
+// (enum values and the sgemm signature) is fixed by the CBLAS standard.
+enum { CblasRowMajor = 101, CblasNoTrans = 111, CblasTrans = 112 };
+void cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
+                 const float *B, int ldb, float beta, float *C, int ldc);
 #endif
 
-// Tile sizes of the fallback: an A panel [MB, KB] (64 KiB) and a B panel [KB, NB] (128 KiB) stay in L2,
-// and the accumulator [MB, NB] (32 KiB) in L1/L2.
-enum { MM_MB = 64, MM_NB = 128, MM_KB = 256 };
-
-// Element (i, k) of op(A) and (k, j) of op(B).
-static inline float op_a(const float *A, int lda, int trans_a, int i, int k) {
-    return trans_a ? A[(size_t)k * lda + i] : A[(size_t)i * lda + k];
-}
-static inline float op_b(const float *B, int ldb, int trans_b, int k, int j) {
-    return trans_b ? B[(size_t)j * ldb + k] : B[(size_t)k * ldb + j];
-}
-
-// Copy op(A)[i0:i0+mb, k0:k0+kb] into ap[mb, kb] and op(B)[k0:k0+kb, j0:j0+nb] into bp[kb, nb], so
-// that the inner loop below runs over contiguous memory whatever the transposes are.
-static void pack_a(float *ap, const float *A, int lda, int trans_a, int i0, int mb, int k0, int kb) {
-    for (int i = 0; i < mb; i++)
-        for (int k = 0; k < kb; k++) ap[i * kb + k] = op_a(A, lda, trans_a, i0 + i, k0 + k);
-}
-static void pack_b(float *bp, const float *B, int ldb, int trans_b, int k0, int kb, int j0, int nb) {
-    if (!trans_b) {
-        for (int k = 0; k < kb; k++) memcpy(bp + k * nb, B + (size_t)(k0 + k) * ldb + j0, (size_t)nb * sizeof(float));
-        return;
-    }
-    for (int k = 0; k < kb; k++)
-        for (int j = 0; j < nb; j++) bp[k * nb + j] = B[(size_t)(j0 + j) * ldb + k0 + k];
-}
-
-// acc[mb, nb] += ap[mb, kb] * bp[kb, nb]; k ascending for every element (the fixed summation order).
-static void tile_multiply(float *acc, const float *ap, const float *bp, int mb, int nb, int kb) {
-    for (int i = 0; i < mb; i++) {
-        float *row = acc + i * nb;
-        for (int k = 0; k < kb; k++) {
-            float a = ap[i * kb + k];
-            const float *brow = bp + k * nb;
-            for (int j = 0; j < nb; j++) row[j] += a * brow[j];
-        }
-    }
-}
-
-void matmul_fallback(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
-                     const float *B, int ldb, float beta, float *C, int ldc) {
-    if (M <= 0 || N <= 0) return;
-    int tiles_m = MLM_CEIL_DIV(M, MM_MB), tiles_n = MLM_CEIL_DIV(N, MM_NB);
-    int n_tiles = tiles_m * tiles_n;
-#pragma omp parallel if ((double)M * N * K >= MLM_PARALLEL_MIN_WORK)
-    {
-        // Per-thread panels; each output tile is owned by exactly one thread, so no reduction crosses threads.
-        float *ap = mlm_malloc(sizeof(float) * MM_MB * MM_KB, "matmul A panel");
-        float *bp = mlm_malloc(sizeof(float) * MM_KB * MM_NB, "matmul B panel");
-        float *acc = mlm_malloc(sizeof(float) * MM_MB * MM_NB, "matmul accumulator");
-#pragma omp for schedule(static)
-        for (int tile = 0; tile < n_tiles; tile++) {
-            int i0 = (tile / tiles_n) * MM_MB, j0 = (tile % tiles_n) * MM_NB;
-            int mb = MLM_MIN(MM_MB, M - i0), nb = MLM_MIN(MM_NB, N - j0);
-            memset(acc, 0, sizeof(float) * (size_t)mb * nb);
-            for (int k0 = 0; k0 < K; k0 += MM_KB) {
-                int kb = MLM_MIN(MM_KB, K - k0);
-                pack_a(ap, A, lda, trans_a, i0, mb, k0, kb);
-                pack_b(bp, B, ldb, trans_b, k0, kb, j0, nb);
-                tile_multiply(acc, ap, bp, mb, nb, kb);
-            }
-            for (int i = 0; i < mb; i++) {
-                float *c = C + (size_t)(i0 + i) * ldc + j0;
-                const float *a = acc + i * nb;
-                if (beta == 0.0f) {
-                    for (int j = 0; j < nb; j++) c[j] = alpha * a[j];
-                } else {
-                    for (int j = 0; j < nb; j++) c[j] = alpha * a[j] + beta * c[j];
-                }
-            }
-        }
-        free(ap);
-        free(bp);
-        free(acc);
-    }
-}
+// Why CMake chose what it chose (the status line of its "CBLAS for the CPU backend" block).
+#ifndef MLM_BLAS_WHY
+#define MLM_BLAS_WHY "built without CMake's BLAS selection"
+#endif
+#ifdef MLM_HAVE_CBLAS
+#define MLM_BLAS_LINKED 1
+#else
+#define MLM_BLAS_LINKED 0
+#endif
 
 // ---- Keeping the BLAS on the calling thread.
 //
@@ -184,40 +127,84 @@ static void matmul_blas(int trans_a, int trans_b, int M, int N, int K, float alp
 }
 #endif
 
+// ---- Which matmul runs, decided once per process.
+//
+// A CBLAS build calls the library only when it identifies itself as an optimized BLAS (blas_id.h) or when it
+// was named explicitly at configure time (MLM_BLAS=path-or-name: MLM_BLAS_FORCED); otherwise (the reference
+// BLAS that an alternatives switch put behind libblas.so.3 after the build, say) the built-in GEMM runs,
+// which is several times faster than a reference BLAS.
+typedef struct {
+    int use_blas;
+    BlasId id;
+} MatmulChoice;
+
+static MatmulChoice choice;
+
+static void choose_matmul(void) {
+#ifdef MLM_HAVE_CBLAS
+    blas_identify(&choice.id, (void *)cblas_sgemm);
+#ifdef MLM_BLAS_FORCED
+    choice.use_blas = 1;
+#else
+    choice.use_blas = choice.id.vendor != NULL;
+#endif
+#endif
+}
+
+static const MatmulChoice *matmul_choice(void) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, choose_matmul);
+    return &choice;
+}
+
 void matmul(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
             const float *B, int ldb, float beta, float *C, int ldc) {
     if (M <= 0 || N <= 0) return;
 #ifdef MLM_HAVE_CBLAS
-    matmul_blas(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-#else
-    matmul_fallback(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    if (matmul_choice()->use_blas) {
+        matmul_blas(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        return;
+    }
 #endif
+    matmul_builtin(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 void matmul_serial(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
                    const float *B, int ldb, float beta, float *C, int ldc) {
     if (M <= 0 || N <= 0) return;
 #ifdef MLM_HAVE_CBLAS
-    matmul_init();
-    cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans,
-                M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-#else
-    for (int i = 0; i < M; i++)
-        for (int j = 0; j < N; j++) {
-            float acc = 0.0f;
-            for (int k = 0; k < K; k++) acc += op_a(A, lda, trans_a, i, k) * op_b(B, ldb, trans_b, k, j);
-            float *c = C + (size_t)i * ldc + j;
-            *c = beta == 0.0f ? alpha * acc : alpha * acc + beta * *c;
-        }
+    if (matmul_choice()->use_blas) {
+        matmul_init();
+        cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans,
+                    M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        return;
+    }
 #endif
+    matmul_builtin_serial(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 const char *matmul_backend_name(void) {
-#ifdef MLM_HAVE_CBLAS
-    return MLM_BLAS_NAME;
-#else
-    return "builtin";
-#endif
+    const MatmulChoice *c = matmul_choice();
+    if (!c->use_blas) return "builtin";
+    return c->id.vendor ? c->id.vendor : "CBLAS";
+}
+
+void cpu_matmul_describe(char *buf, size_t n) {
+    const MatmulChoice *c = matmul_choice();
+    if (c->use_blas && c->id.vendor) {
+        char core[96] = "";
+        if (c->id.core[0]) snprintf(core, sizeof(core), ", %.63s kernels", c->id.core);
+        snprintf(buf, n, "%s%s (%s)", c->id.version[0] ? c->id.version : c->id.vendor, core,
+                 c->id.file[0] ? c->id.file : "linked statically");
+    } else if (c->use_blas) {
+        snprintf(buf, n, "CBLAS %s, named by MLM_BLAS at configure time; it is no known optimized BLAS",
+                 c->id.file[0] ? c->id.file : "(linked statically)");
+    } else if (MLM_BLAS_LINKED) {
+        snprintf(buf, n, "built-in, %s kernel: the linked CBLAS %s is no optimized BLAS (OpenBLAS, BLIS or MKL), "
+                 "so it is not used", gemm_kernel_name(), c->id.file[0] ? c->id.file : "(linked statically)");
+    } else {
+        snprintf(buf, n, "built-in, %s kernel (%s)", gemm_kernel_name(), MLM_BLAS_WHY);
+    }
 }
 
 // ---- Linear layer: y = x W^T + b with W [out, in], as torch.nn.Linear.

@@ -19,6 +19,7 @@
 #include <cublas_v2.h>
 #include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
+#include <limits.h>
 #include <math.h>
 #include <nvtx3/nvToolsExt.h>
 #include <stdio.h>
@@ -110,9 +111,12 @@ typedef struct {
     float beta1, beta2, eps;
 } StepKey;
 
+// A key's first step runs as plain launches and is only remembered here (seen); its second step is captured and
+// every later one replays the graph (step_graph says why).
 typedef struct {
     StepKey key;
-    cudaGraphExec_t exec;  // NULL: slot free
+    int seen;              // 0: slot free
+    cudaGraphExec_t exec;  // NULL until the key's second step
     uint64_t last_used;
 } StepGraph;
 
@@ -169,6 +173,13 @@ struct CudaModel {
     int sparse;             // on: forwards with labels run the head on the selected rows only
     int sparse_last;        // the last forward did
     int sparse_cap;         // rows of its head: the host's exact count of selected positions
+    // cuBLAS products (sgemm): no operand of one call spans more than gemm_max_elems elements. gemm_recording: the
+    // calls are counted (gemm_log_n) and the first gemm_log_cap written to gemm_log instead of made
+    // (cuda_model_linear_gemms).
+    size_t gemm_max_elems;
+    int gemm_recording;
+    CudaGemmCall *gemm_log;
+    int gemm_log_n, gemm_log_cap;
 };
 
 // Carves consecutive tensors out of an allocation; with base == NULL it only counts. Every tensor starts
@@ -347,6 +358,12 @@ CudaModel *cuda_model_create(const ModelConfig *cfg, int max_B, int allow_tf32) 
     CUBLAS_CHECK(cublasSetWorkspace(m->cublas, m->cublas_workspace, CUBLAS_WORKSPACE_BYTES));
     check_device_philox(m->stream);
     m->use_graphs = 1;
+    cuda_model_set_gemm_limit(m, (size_t)INT_MAX);
+    // A weight matrix is one operand of every product that reads it, never split: it must fit the 32-bit API.
+    size_t C = (size_t)cfg->d_model, widest = MLM_MAX(MLM_MAX((size_t)cfg->vocab, (size_t)cfg->d_ff), 3 * C);
+    if (widest * C > (size_t)INT_MAX)
+        mlm_fatal(MLM_EXIT_USAGE, "a weight matrix of %zu x %zu elements exceeds cuBLAS's 32-bit sizes (2^31 - 1); "
+                  "shrink model.d_model, model.d_ff or the vocabulary, or train with --device cpu", widest, C);
 
     // Parameters, gradients, Adam moments and the weight-decay mask.
     Carver count = {NULL, 0};
@@ -482,24 +499,102 @@ void cuda_model_get_batch(CudaModel *m, int *inputs, int *labels, int B) {
 
 // ---------------------------------------------------------------------------------------------------------
 // cuBLAS products (row-major views; no bias: bias adds are fused into the following elementwise kernel).
+//
+// More than 2^31 elements (issue 21, item 4). cublasSgemm takes sizes and leading dimensions as int, and GEMMs
+// whose operands span 2^31 elements or more have failed on real GPUs (illegal addresses in cuBLAS's gemv/gemm,
+// PyTorch #17897; a cuBLASLt 13.6 algorithm at exactly 2^31, RAFT #3097), while the classifier's logits
+// [B*T, V] pass 2^31 at T 512, V 30,522 from B 138 on, which an H200 holds. So no call is made with an operand
+// of more than m->gemm_max_elems elements (INT_MAX; cuda_model_set_gemm_limit lowers it for the tests): a
+// product over N rows runs as blocks of rows, each block's operands addressed by element offsets computed
+// here in size_t. Rows are independent in the forward and in dinp, so a block computes exactly the rows the
+// whole product would (the same bits where cuBLAS picks the same kernel for both shapes: always on tests/emu);
+// dw sums over the rows, so the blocks add into it in order (beta 1 after the first): a different summation
+// order, within float rounding of the whole product. The kernels that index the logits and dlogits do it in
+// 64 bits (cuda_add_bias: size_t n and i; the cross-entropy: size_t row * V; the column sums: (size_t)r * C;
+// cuda_model_get_logits: size_t), one block per row keeps every grid below 2^31, and the scratch of the
+// column sums is N / 64 x V (54 M floats at B 224, T 512).
+//
+// Why the small tests cover the real case: test_gpu_model part 7 lowers the limit so that every product of a
+// small model (the classifier included) takes the block loop below, forward and backward, dense and sparse,
+// and checks it against the unsplit products on tests/emu (bit for bit where rows are independent); at the
+// real shapes only the numbers in this loop change, and part 7 also runs the loop itself without a device
+// (cuda_model_linear_gemms) at T 512, V 30,522 for B 137 to 224, 300 and 512, and at V 250,002: every call's int
+// arguments are the exact values, every operand spans at most INT_MAX elements, the blocks tile the rows, and the
+// offsets are the exact products in 64 bits where they pass 2^31.
 
 static const float ONE = 1.0f, ZERO = 0.0f;
 
+// One cublasSgemm on operands that start a_off, b_off, c_off elements into A, B and C; or, when the model only
+// records (cuda_model_linear_gemms), the call's arguments instead (no device, no pointer arithmetic).
+static void sgemm(CudaModel *m, cublasOperation_t ta, cublasOperation_t tb, int M, int N, int K, const float *A,
+                  size_t a_off, int lda, const float *B, size_t b_off, int ldb, const float *beta, float *C,
+                  size_t c_off, int ldc) {
+    if (m->gemm_recording) {
+        if (m->gemm_log && m->gemm_log_n < m->gemm_log_cap) {
+            CudaGemmCall *g = &m->gemm_log[m->gemm_log_n];
+            g->transa = ta == CUBLAS_OP_T, g->transb = tb == CUBLAS_OP_T;
+            g->m = M, g->n = N, g->k = K, g->lda = lda, g->ldb = ldb, g->ldc = ldc;
+            g->a_offset = a_off, g->b_offset = b_off, g->c_offset = c_off;
+            g->beta = *beta;
+        }
+        m->gemm_log_n++;
+        return;
+    }
+    CUBLAS_CHECK(cublasSgemm(m->cublas, ta, tb, M, N, K, &ONE, A + a_off, lda, B + b_off, ldb, beta, C + c_off, ldc));
+}
+
+// Rows per call of a product whose row-split operands are [N, IC] and [N, OC]: as many as keep both within the
+// limit (at least one).
+static long gemm_rows_per_call(const CudaModel *m, int IC, int OC) {
+    size_t rows = m->gemm_max_elems / (size_t)MLM_MAX(IC, OC);
+    return (long)MLM_MIN(MLM_MAX(rows, (size_t)1), (size_t)INT_MAX);
+}
+
 // out[N, OC] = inp[N, IC] w[OC, IC]^T. Column-major, out is [OC, N], inp is [IC, N] and w is [IC, OC], so
-// out = op_T(w) inp.
+// out = op_T(w) inp; a block of rows is a block of columns of out and inp.
 static void matmul_forward(CudaModel *m, float *out, const float *inp, const float *w, int N, int IC, int OC) {
-    CUBLAS_CHECK(cublasSgemm(m->cublas, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, IC, &ONE, w, IC, inp, IC, &ZERO, out, OC));
+    long step = gemm_rows_per_call(m, IC, OC);
+    for (long r0 = 0; r0 < N; r0 += step) {
+        int rows = (int)MLM_MIN(step, N - r0);
+        sgemm(m, CUBLAS_OP_T, CUBLAS_OP_N, OC, rows, IC, w, 0, IC, inp, (size_t)r0 * IC, IC, &ZERO, out,
+              (size_t)r0 * OC, OC);
+    }
 }
 
 // dinp[N, IC] = dout[N, OC] w[OC, IC] (skipped when dinp is NULL); dw[OC, IC] = dout^T inp (overwritten: each
-// weight receives one product per backward); db[OC] += column sums of dout (skipped when db is NULL).
+// weight receives one product per backward, its row blocks added in order); db[OC] += column sums of dout
+// (skipped when db is NULL).
 static void linear_backward(CudaModel *m, float *dinp, float *dw, float *db, const float *dout, const float *inp,
                             const float *w, int N, int IC, int OC) {
-    if (dinp)
-        CUBLAS_CHECK(cublasSgemm(m->cublas, CUBLAS_OP_N, CUBLAS_OP_N, IC, N, OC, &ONE, w, IC, dout, OC, &ZERO, dinp,
-                                 IC));
-    CUBLAS_CHECK(cublasSgemm(m->cublas, CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, N, &ONE, inp, IC, dout, OC, &ZERO, dw, IC));
+    long step = gemm_rows_per_call(m, IC, OC);
+    for (long r0 = 0; dinp && r0 < N; r0 += step) {
+        int rows = (int)MLM_MIN(step, N - r0);
+        sgemm(m, CUBLAS_OP_N, CUBLAS_OP_N, IC, rows, OC, w, 0, IC, dout, (size_t)r0 * OC, OC, &ZERO, dinp,
+              (size_t)r0 * IC, IC);
+    }
+    for (long r0 = 0; r0 < N; r0 += step) {
+        int rows = (int)MLM_MIN(step, N - r0);
+        sgemm(m, CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, rows, inp, (size_t)r0 * IC, IC, dout, (size_t)r0 * OC, OC,
+              r0 == 0 ? &ZERO : &ONE, dw, 0, IC);
+    }
     if (db) cuda_column_sums_accumulate(db, dout, N, OC, m->a.scratch, m->stream);
+}
+
+void cuda_model_set_gemm_limit(CudaModel *m, size_t max_elems) {
+    m->gemm_max_elems = max_elems > 0 && max_elems < (size_t)INT_MAX ? max_elems : (size_t)INT_MAX;
+}
+
+int cuda_model_linear_gemms(int N, int IC, int OC, size_t max_elems, CudaGemmCall *calls, int max_calls) {
+    CudaModel rec;
+    memset(&rec, 0, sizeof(rec));
+    cuda_model_set_gemm_limit(&rec, max_elems);
+    rec.gemm_recording = 1;
+    rec.gemm_log = calls;
+    rec.gemm_log_cap = max_calls;
+    float not_written;  // linear_backward skips dinp when it is NULL; recording never touches it
+    matmul_forward(&rec, NULL, NULL, NULL, N, IC, OC);
+    linear_backward(&rec, &not_written, NULL, NULL, NULL, NULL, NULL, N, IC, OC);
+    return rec.gemm_log_n;
 }
 
 // One product per (batch, head), all [T, hs] or [T, T] row-major blocks, batched over BH. Arguments as
@@ -1064,29 +1159,45 @@ static void enqueue_step(CudaModel *m, const StepArgs *s) {
     }
 }
 
-// The executable graph of this key: found, or captured now (in the slot used least recently).
+// Capture the step's launches into g's executable graph (nothing runs until it is launched).
+static void capture_step(CudaModel *m, const StepArgs *s, StepGraph *g) {
+    cudaGraph_t graph;
+    CUDA_CHECK(cudaStreamBeginCapture(m->stream, cudaStreamCaptureModeThreadLocal));
+    enqueue_step(m, s);
+    CUDA_CHECK(cudaStreamEndCapture(m->stream, &graph));
+    CUDA_CHECK(cudaGraphInstantiate(&g->exec, graph, 0));
+    CUDA_CHECK(cudaGraphDestroy(graph));
+}
+
+// The executable graph of this key: found, or captured now (in the slot used least recently); NULL the first time
+// the key is seen, and the caller then runs the step as plain launches.
+//
+// Why the first step of each key is not captured (issue 21, item 5): inside cudaStreamBeginCapture nothing runs,
+// yet the first launch of a kernel loads its module (lazy loading, the default since CUDA 12.2) and the first
+// cuBLAS call of a shape picks its kernel, may set up its own state and loads that kernel in turn; work like that
+// inside a capture is what real GPUs have refused or captured wrongly where tests/emu cannot look. One plain step
+// per key first has every kernel, every cuBLAS shape and the handle used once outside any capture, at the cost of
+// nothing (the plain step is the step, bit for bit the graph's: test_gpu_model part 5), and tests/emu counts
+// launches and cuBLAS calls captured before their first plain use (EmuCounters.cold_captures, checked zero there).
 static cudaGraphExec_t step_graph(CudaModel *m, const StepArgs *s) {
     StepKey key = step_key(m, s);
     StepGraph *slot = &m->graphs[0];
     m->graph_clock++;
     for (int i = 0; i < MAX_STEP_GRAPHS; i++) {
         StepGraph *g = &m->graphs[i];
-        if (g->exec && memcmp(&g->key, &key, sizeof(key)) == 0) {
+        if (g->seen && memcmp(&g->key, &key, sizeof(key)) == 0) {
             g->last_used = m->graph_clock;
+            if (!g->exec) capture_step(m, s, g);
             return g->exec;
         }
-        if (!g->exec || (slot->exec && g->last_used < slot->last_used)) slot = g;
+        if (!g->seen || (slot->seen && g->last_used < slot->last_used)) slot = g;
     }
     if (slot->exec) CUDA_CHECK(cudaGraphExecDestroy(slot->exec));
-    cudaGraph_t graph;
-    CUDA_CHECK(cudaStreamBeginCapture(m->stream, cudaStreamCaptureModeThreadLocal));
-    enqueue_step(m, s);
-    CUDA_CHECK(cudaStreamEndCapture(m->stream, &graph));
-    CUDA_CHECK(cudaGraphInstantiate(&slot->exec, graph, 0));
-    CUDA_CHECK(cudaGraphDestroy(graph));
+    slot->exec = NULL;
+    slot->seen = 1;
     slot->key = key;
     slot->last_used = m->graph_clock;
-    return slot->exec;
+    return NULL;
 }
 
 // Stage the tokens and the step's scalars, then run the step: one graph launch (train.cuda_graph) or the
@@ -1103,8 +1214,9 @@ static void run_step(CudaModel *m, const StepArgs *s, const int *tokens, long t,
     m->accum_last = s->kind == STEP_MICRO;
     sparse_plan(m, tokens, NULL, s->B, s->mask, s->rnd);
     // The sparse head's row count changes every step, so a step that takes it runs as plain launches.
-    if (m->use_graphs && !m->sparse_last) {
-        CUDA_CHECK(cudaGraphLaunch(step_graph(m, s), m->stream));
+    cudaGraphExec_t graph = m->use_graphs && !m->sparse_last ? step_graph(m, s) : NULL;
+    if (graph) {
+        CUDA_CHECK(cudaGraphLaunch(graph, m->stream));
     } else {
         enqueue_step(m, s);
     }

@@ -114,6 +114,16 @@ static std::string gemm_family_key(const char *api, cublasOperation_t ta, cublas
                                    int batch);
 static void gemm_family_count(const std::string &key, uint64_t flops, uint64_t bytes_read, uint64_t bytes_written);
 
+// First use inside a stream capture (EmuCounters.cold_captures): what has run outside any capture so far, kernels
+// by name and cuBLAS calls by shape. Process state, not a counter: emu_counters_reset leaves it.
+static std::set<std::string> *g_warm_uses;  // leaked on purpose, like g_kstats
+
+static void note_use(const std::string &what, bool capturing) {
+    if (!g_warm_uses) g_warm_uses = new std::set<std::string>();
+    if (!capturing) g_warm_uses->insert(what);
+    else if (!g_warm_uses->count(what)) g_cnt.cold_captures++;
+}
+
 extern "C" void emu_counters_reset(void) {
     memset(&g_cnt, 0, sizeof(g_cnt));
     if (g_kstats) g_kstats->clear();
@@ -148,6 +158,9 @@ extern "C" void emu_counters_print(FILE *f) {
     fprintf(f, "host synchronisations  %llu\n", (unsigned long long)c.host_syncs);
     fprintf(f, "graph launches         %llu (copies, memsets and cuBLAS calls above include those inside)\n",
             (unsigned long long)c.graph_launches);
+    if (c.cold_captures)
+        fprintf(f, "cold captures          %llu (kernels or cuBLAS shapes first used inside a stream capture)\n",
+                (unsigned long long)c.cold_captures);
     if (c.bytes_counted)
         fprintf(f, "kernel global memory   %.2f MB read, %.2f MB written\n", c.kernel_bytes_read / 1e6,
                 c.kernel_bytes_written / 1e6);
@@ -962,6 +975,7 @@ void emu_launch(const char *kernel, const char *file, int line, const emu::Launc
         set_error(cudaErrorInvalidResourceHandle);
         return;
     }
+    note_use(std::string("kernel ") + kernel, s->capture != nullptr);
     LaunchRec rec{kernel, file, line, g, b, c.shmem, std::move(body)};
     enqueue(s, Op{[rec] { execute_launch(rec); }, nullptr});
 }
@@ -1506,6 +1520,10 @@ static cublasStatus_t gemm(cublasHandle_t h, cublasOperation_t ta, cublasOperati
     bool tf32 = h->math == CUBLAS_TF32_TENSOR_OP_MATH;
     CUstream_st *s = stream_of(h->stream, api);
     if (!s) return CUBLAS_STATUS_EXECUTION_FAILED;
+    char shape[160];
+    snprintf(shape, sizeof(shape), "%s %d %d m%d n%d k%d lda%d ldb%d ldc%d x%d tf32 %d", api, (int)ta, (int)tb, m, n, k,
+             lda, ldb, ldc, batch, (int)tf32);
+    note_use(shape, s->capture != nullptr);
     enqueue(s, Op{[=] {
         gemm_family_count(fam, fam_flops, fam_read, fam_written);
         // op(A) as rows of length k and op(B) as columns of length k, so the inner product is contiguous.

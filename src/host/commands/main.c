@@ -16,6 +16,7 @@
 #include "mlm/common.h"
 #include "mlm/config.h"
 #include "mlm/cpu_threads.h"
+#include "mlm/dist.h"
 #include "mlm/report.h"
 #include "mlm/shards.h"
 #include "mlm/train.h"
@@ -114,13 +115,18 @@ static void usage_ckpt_command(FILE *f, const char *cmd) {
               "curves, the config and the latest samples of run directory DIR.\n", f);
 }
 
+// The checks of a configuration to train with: cross-key consistency, and settings under which nothing trains.
+static int check_for_training(const Config *c, char *err, size_t errlen) {
+    return config_check(c, err, errlen) || config_check_trainable(c, err, errlen);
+}
+
 // Cross-key checks of the final configuration, blamed on what made it fail: the --set overrides when the
 // configuration before them (file, checkpoint or defaults) passes, else that configuration.
 static void check_config(const Config *cfg, const Config *before_sets, const char *origin, const char **sets,
                          int n_sets) {
     char err[512], before[512];
-    if (config_check(cfg, err, sizeof(err)) == 0) return;
-    if (n_sets > 0 && config_check(before_sets, before, sizeof(before)) == 0) {
+    if (check_for_training(cfg, err, sizeof(err)) == 0) return;
+    if (n_sets > 0 && check_for_training(before_sets, before, sizeof(before)) == 0) {
         // The overrides of the keys the message names (all of them if it names none).
         char list[1024] = "";
         for (int pass = 0; pass < 2 && !list[0]; pass++)
@@ -355,6 +361,18 @@ static int cmd_report(int argc, char **argv) {
     return 0;
 }
 
+// Only `train` runs as several ranks. Started by mpirun -np N, any other command would run N times at once: prepare,
+// export, vocab and report writing the same files, eval and fill printing N copies. Refused on every rank (each
+// says it: mpirun may stop the others before they print), with exit status 2 and nothing written.
+static void refuse_several_ranks(const char *cmd) {
+    int rank, size = dist_launch_size(&rank);
+    if (size <= 1) return;
+    mlm_fatal(MLM_EXIT_USAGE, "`mlm %s` runs as one process, but it was started as rank %d of %d (mpirun, or "
+              "WORLD_SIZE): each rank would run it again%s. Run it without mpirun (only `mlm train` uses several ranks)",
+              cmd, rank, size, !strcmp(cmd, "prepare") || !strcmp(cmd, "export") || !strcmp(cmd, "vocab") ||
+              !strcmp(cmd, "report") ? ", all writing the same files" : "");
+}
+
 int main(int argc, char **argv) {
     cpu_threads_prepare(argv);  // may re-execute mlm so that OpenMP starts with passive waiting
     if (argc < 2) {
@@ -370,6 +388,7 @@ int main(int argc, char **argv) {
         usage_main(stdout);
         return 0;
     }
+    if (strcmp(cmd, "train") != 0) refuse_several_ranks(cmd);
     // Each command parses its own options: shift argv so that getopt sees the command as argv[0].
     if (!strcmp(cmd, "prepare")) return prepare_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "train")) return cmd_train(argc - 1, argv + 1);

@@ -3,6 +3,7 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <float.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdlib.h>
@@ -395,42 +396,65 @@ int config_check(const Config *c, char *err, size_t errlen) {
     return 0;
 }
 
+// Settings under which nothing can train (issue 22, bug 11), refused with the reason instead of a NaN blamed on the
+// learning rate or a loss of 0 reported as the best; checked for training only, so that the checkpoints of such
+// runs still evaluate and export.
+int config_check_trainable(const Config *c, char *err, size_t errlen) {
+    // The optimizers compute in float: a positive eps below half the smallest float rounds to 0 there.
+    if (!((float)c->eps > 0.0f)) {
+        snprintf(err, errlen, "optim.eps = %g is 0 in float: Adam divides by sqrt(v) + eps, and v is 0 for every "
+                 "weight whose gradient is 0 (the embedding row of a token absent from the batch, for one), so 0 / 0 "
+                 "makes those weights NaN at the first step; use a positive value of at least %g, e.g. 1e-8, the "
+                 "default", c->eps, (double)FLT_TRUE_MIN);
+        return 1;
+    }
+    if (c->mask_prob <= 0.0) {
+        snprintf(err, errlen, "mask.prob = %g selects no position for prediction, so there is no loss to train on or "
+                 "to validate; use a probability in (0, 1], e.g. 0.15, the default", c->mask_prob);
+        return 1;
+    }
+    // optim.lr = 0 stays allowed: a step at rate 0 turns --init weights into a checkpoint unchanged (test_commands).
+    return 0;
+}
+
 void config_validate(const Config *c, const char *origin) {
     char err[512];
     if (config_check(c, err, sizeof(err))) mlm_fatal(MLM_EXIT_USAGE, "%s: %s", origin, err);
 }
 
-static void write_escaped(FILE *f, const char *s) {
-    fputc('"', f);
-    for (; *s; s++) {
-        switch (*s) {
-        case '\n': fputs("\\n", f); break;
-        case '\t': fputs("\\t", f); break;
-        case '\\': fputs("\\\\", f); break;
-        case '"': fputs("\\\"", f); break;
-        default: fputc(*s, f);
+// s in double quotes with \n \t \\ \" escaped, as decode_string reads it back (out holds 2 x strlen(s) + 3).
+static void escape_string(const char *s, char *out, size_t outlen) {
+    size_t k = 0;
+    out[k++] = '"';
+    for (; *s && k + 4 < outlen; s++) {
+        const char *e = *s == '\n' ? "\\n" : *s == '\t' ? "\\t" : *s == '\\' ? "\\\\" : *s == '"' ? "\\\"" : NULL;
+        if (e) {
+            memcpy(out + k, e, 2);
+            k += 2;
+        } else {
+            out[k++] = *s;
         }
     }
-    fputc('"', f);
+    out[k++] = '"';
+    out[k] = '\0';
 }
 
-static void write_value(FILE *f, const KeyDesc *k, const Config *c) {
+// A key's value in c as the config file writes it.
+static void format_value(const KeyDesc *k, const Config *c, char *out, size_t outlen) {
     const char *field = (const char *)c + k->offset;
     switch (k->type) {
-    case K_INT: fprintf(f, "%d", *(const int *)field); break;
-    case K_LONG: fprintf(f, "%ld", *(const long *)field); break;
-    case K_U64: fprintf(f, "%llu", (unsigned long long)*(const uint64_t *)field); break;
+    case K_INT: snprintf(out, outlen, "%d", *(const int *)field); break;
+    case K_LONG: snprintf(out, outlen, "%ld", *(const long *)field); break;
+    case K_U64: snprintf(out, outlen, "%llu", (unsigned long long)*(const uint64_t *)field); break;
     case K_DOUBLE: {
         // The shortest of %.15g / %.17g that reads back to the same double (0.9, not 0.90000000000000002).
         double v = *(const double *)field;
-        char buf[40];
-        snprintf(buf, sizeof(buf), "%.15g", v);
-        if (strtod(buf, NULL) != v) snprintf(buf, sizeof(buf), "%.17g", v);
-        fputs(buf, f);
+        snprintf(out, outlen, "%.15g", v);
+        if (strtod(out, NULL) != v) snprintf(out, outlen, "%.17g", v);
         break;
     }
-    case K_BOOL: fputs(*(const int *)field ? "true" : "false", f); break;
-    case K_STR: write_escaped(f, field); break;
+    case K_BOOL: snprintf(out, outlen, "%s", *(const int *)field ? "true" : "false"); break;
+    case K_STR: escape_string(field, out, outlen); break;
     case K_ENUM: {
         int idx = *(const int *)field;
         const char *p = k->choices;
@@ -439,10 +463,26 @@ static void write_value(FILE *f, const KeyDesc *k, const Config *c) {
             if (p) p++;
         }
         const char *bar = p ? strchr(p, '|') : NULL;
-        if (p) fprintf(f, "%.*s", bar ? (int)(bar - p) : (int)strlen(p), p);
+        snprintf(out, outlen, "%.*s", p ? (bar ? (int)(bar - p) : (int)strlen(p)) : 0, p ? p : "");
         break;
     }
     }
+}
+
+static void write_value(FILE *f, const KeyDesc *k, const Config *c) {
+    char text[CONFIG_VALUE_TEXT];
+    format_value(k, c, text, sizeof(text));
+    fputs(text, f);
+}
+
+int config_key_count(void) { return N_KEYS; }
+const char *config_key_name(int i) { return i >= 0 && i < N_KEYS ? KEYS[i].name : NULL; }
+void config_value_text(const Config *c, int i, char *out, size_t outlen) {
+    if (i < 0 || i >= N_KEYS) {
+        snprintf(out, outlen, "?");
+        return;
+    }
+    format_value(&KEYS[i], c, out, outlen);
 }
 
 void config_write(FILE *f, const Config *c) {

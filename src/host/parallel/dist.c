@@ -39,6 +39,14 @@ static void ranks_from_env(Dist *d, long env_rank, long env_world) {
     d->local_rank = local < 0 ? 0 : (int)local;
 }
 
+int dist_launch_size(int *rank) {
+    long size = env_long("OMPI_COMM_WORLD_SIZE"), r = env_long("OMPI_COMM_WORLD_RANK");
+    if (size < 0) size = env_long("PMI_SIZE"), r = env_long("PMI_RANK");
+    if (size < 0) size = env_long("WORLD_SIZE"), r = env_long("RANK");
+    if (rank) *rank = r < 0 ? 0 : (int)r;
+    return size < 1 ? 1 : (int)size;
+}
+
 size_t dist_shard_start(const Dist *d, size_t n, int rank) {
     // Equal shards, the first n % world one element longer: rank i starts at i * q + min(i, r).
     size_t q = n / (size_t)d->world, r = n % (size_t)d->world, i = (size_t)rank;

@@ -75,5 +75,10 @@ void cuda_model_apply_accumulated(CudaModel *m, float max_norm, const OptimConfi
 
 void cuda_model_get_accumulated_grads(CudaModel *m, float *grads) { no_cuda("cuda_model_get_accumulated_grads"); }
 
+void cuda_model_set_gemm_limit(CudaModel *m, size_t max_elems) { no_cuda("cuda_model_set_gemm_limit"); }
+int cuda_model_linear_gemms(int N, int IC, int OC, size_t max_elems, CudaGemmCall *calls, int max_calls) {
+    no_cuda("cuda_model_linear_gemms");
+}
+
 void cuda_profiler_start(void) {}
 void cuda_profiler_stop(void) {}

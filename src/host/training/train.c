@@ -13,6 +13,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "mlm/agree_ranks.h"
 #include "mlm/checkpoint.h"
 #include "mlm/common.h"
 #include "mlm/cpu.h"
@@ -511,8 +512,12 @@ static void format_duration(double s, char *out, size_t n) {
 static void log_metrics(Run *r, const char *kind, long epoch, double loss, double acc, double lr, double gnorm,
                         double tok_per_s) {
     if (!r->metrics) return;  // ranks other than 0 of a data-parallel job
-    fprintf(r->metrics, "{\"kind\":\"%s\",\"step\":%ld,\"epoch\":%ld,\"tokens\":%.0f,\"loss\":%.9g,\"accuracy\":%.9g",
-            kind, r->step, epoch, r->st.tokens, loss, acc);
+    // A validation split without targets has no loss or accuracy: null (mlm report skips it).
+    char loss_s[32] = "null", acc_s[32] = "null";
+    if (isfinite(loss)) snprintf(loss_s, sizeof(loss_s), "%.9g", loss);
+    if (isfinite(acc)) snprintf(acc_s, sizeof(acc_s), "%.9g", acc);
+    fprintf(r->metrics, "{\"kind\":\"%s\",\"step\":%ld,\"epoch\":%ld,\"tokens\":%.0f,\"loss\":%s,\"accuracy\":%s",
+            kind, r->step, epoch, r->st.tokens, loss_s, acc_s);
     if (lr >= 0) fprintf(r->metrics, ",\"lr\":%.6g,\"grad_norm\":%.6g,\"tokens_per_s\":%.6g", lr, gnorm, tok_per_s);
     // time_s: training wall time of the whole run, across checkpoints and resumes.
     fprintf(r->metrics, ",\"time_s\":%.3f}\n", r->st.elapsed_s + (mlm_now() - r->t_start));
@@ -973,8 +978,8 @@ static void valid_epoch(Run *r, long epoch, double *loss_out, double *acc_out) {
         target_sum += s.n_targets;
     }
     if (stop_signal) return;
-    *loss_out = target_sum ? loss_sum / target_sum : 0;
-    *acc_out = target_sum ? (double)correct_sum / target_sum : 0;
+    *loss_out = target_sum ? loss_sum / target_sum : NAN;  // no target, no loss (validate says so)
+    *acc_out = target_sum ? (double)correct_sum / target_sum : NAN;
     log_metrics(r, "valid", epoch, *loss_out, *acc_out, -1, 0, 0);
 }
 
@@ -1003,8 +1008,8 @@ static void valid_epoch_shared(Run *r, long epoch, double *loss_out, double *acc
         target_sum += (long)per[3 * bi + 2];
     }
     free(per);
-    *loss_out = target_sum ? loss_sum / target_sum : 0;
-    *acc_out = target_sum ? (double)correct_sum / target_sum : 0;
+    *loss_out = target_sum ? loss_sum / target_sum : NAN;
+    *acc_out = target_sum ? (double)correct_sum / target_sum : NAN;
     log_metrics(r, "valid", epoch, *loss_out, *acc_out, -1, 0, 0);
 }
 
@@ -1020,9 +1025,15 @@ static void validate(Run *r, long epoch) {
     r->st.last_valid_step = r->step;
     r->st.last_valid_loss = vloss;
     r->st.last_valid_acc = vacc;
-    if (!r->opt.quiet)
-        printf("epoch %ld: valid loss %.4f acc %.4f (best %.4f at epoch %ld)\n", epoch + 1, vloss, vacc,
-               r->st.best_valid_acc, r->st.best_epoch + 1);
+    if (r->opt.quiet) return;
+    char best[64] = "no best yet";
+    if (r->st.best_epoch >= 0)
+        snprintf(best, sizeof(best), "best %.4f at epoch %ld", r->st.best_valid_acc, r->st.best_epoch + 1);
+    if (isnan(vloss))  // a split in which masking selected nothing (all [PAD], or every token exempt)
+        printf("epoch %ld: the validation split has no position selected for prediction, so it has no loss or "
+               "accuracy (%s)\n", epoch + 1, best);
+    else
+        printf("epoch %ld: valid loss %.4f acc %.4f (%s)\n", epoch + 1, vloss, vacc, best);
 }
 
 // mask.whole_word needs to know which tokens continue a word: a WordPiece shard set's "##" pieces. Any other
@@ -1194,12 +1205,13 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
     }
     dist_init(&r.dist, cfg->dist_timeout);
     if (r.dist.rank != 0) r.opt.quiet = 1;  // rank 0 alone prints, writes metrics, samples and checkpoints
+    int gpu = choose_gpu(cfg);
+    train_agree_setup(&r.dist, cfg, r.corpus_md5, gpu);  // several ranks: the same run everywhere, or none
     // The run directory is locked before anything in it is read for the run or written (by rank 0 alone).
     if (r.dist.rank == 0) {
         choose_run_dir(&r);
         lock_run_dir(&r);
     }
-    int gpu = choose_gpu(cfg);
     if (opt->profile && !gpu)
         mlm_warn("--profile-steps has no effect on the CPU backend (it brackets CUDA work for nsys and ncu)");
     setup_nccl(&r, gpu);
@@ -1213,6 +1225,8 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
     } else if (opt->init_path) {
         load_init_weights(&r);
     }
+    train_agree_state(&r.dist, r.step, r.params, opt->resume_path ? r.adam_m : NULL, opt->resume_path ? r.adam_v : NULL,
+                      r.n_params, opt->resume_path ? "resumed" : opt->init_path ? "--init" : "seeded");
     upload_state(&r);
     setup_accumulation(&r);
     if (r.dist.rank == 0) prepare_run_files(&r, opt->resume_path != NULL);
@@ -1224,8 +1238,10 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
         cuda_device_describe(desc, sizeof(desc));
         printf("# device: CUDA (%s; TF32 matmuls %s); run directory %s\n", desc, cfg->tf32 ? "on" : "off", r.run_dir);
     } else {
-        printf("# device: CPU (%d OpenMP threads, matmuls: %s); run directory %s\n", omp_get_max_threads(),
-               MLM_BLAS_NAME, r.run_dir);
+        char matmuls[768];
+        cpu_matmul_describe(matmuls, sizeof(matmuls));
+        printf("# device: CPU (%d OpenMP threads, matmuls: %s); run directory %s\n", omp_get_max_threads(), matmuls,
+               r.run_dir);
     }
     if (accumulating(&r) && r.dist.rank == 0)
         printf("# %d micro-batches of %d sequences per step (train.accum_steps), %d per rank on %d rank(s)%s\n",
@@ -1257,8 +1273,11 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
     } else if (r.dist.rank == 0) {
         char dur[32];
         format_duration(r.st.elapsed_s, dur, sizeof(dur));
-        printf("done: %ld steps, %.0f tokens in %s; last valid loss %.4f, accuracy %.4f (best %.4f); run directory %s\n",
-               r.step, r.st.tokens, dur, r.st.last_valid_loss, r.st.last_valid_acc, r.st.best_valid_acc, r.run_dir);
+        char last[96] = "the last validation had no target, so no loss";
+        if (!isnan(r.st.last_valid_loss))
+            snprintf(last, sizeof(last), "last valid loss %.4f, accuracy %.4f (best %.4f)", r.st.last_valid_loss,
+                     r.st.last_valid_acc, r.st.best_valid_acc);
+        printf("done: %ld steps, %.0f tokens in %s; %s; run directory %s\n", r.step, r.st.tokens, dur, last, r.run_dir);
     }
     teardown(&r);
     dist_finalize(&r.dist);

@@ -21,6 +21,9 @@ typedef struct {
     uint64_t kernel_bytes_read, kernel_bytes_written;  // global memory touched by kernel loads/stores (counting build)
     uint64_t graph_launches;                      // cudaGraphLaunch calls; the copies, memsets and cuBLAS calls a
                                                   // graph holds count at each launch, not at its capture
+    uint64_t cold_captures;                       // kernel launches and cuBLAS calls captured into a graph before
+                                                  // that kernel (or a cuBLAS call of that shape) ever ran outside a
+                                                  // capture: a first use inside capture (issue 21, item 5)
     int bytes_counted;                            // 1 when the kernels were built with the access hooks
 } EmuCounters;
 

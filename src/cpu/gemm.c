@@ -1,0 +1,501 @@
+// gemm.c: the built-in SGEMM of the CPU backend: packed operands, register-blocked micro-kernels (AVX-512 12 x 32
+// and 16 x 16, AVX2 + FMA 6 x 16, portable C 4 x 16) chosen at run time, OpenMP over output tiles.
+//
+// How a product C[M, N] = alpha op(A)[M, K] op(B)[K, N] + beta C is computed (the GotoBLAS/BLIS scheme):
+//   1. op(B) is packed once, whole, into panels of NR columns, [N / NR][K][NR], zero-padded to a whole panel;
+//      op(A) into panels of MR rows, [M / MR][K][MR] (whole too, unless that would take more than
+//      GEMM_PACK_A_BYTES: then in chunks of rows, one after another). Packing makes every operand the
+//      micro-kernel reads contiguous, whatever the transposes and leading dimensions are.
+//   2. The output is cut into tiles of MC x NC (multiples of MR x NR); OpenMP threads take tiles
+//      dynamically. Each tile runs over K in blocks of GEMM_KC (so that a B panel block stays in L1 and the
+//      tile's A panels in L2), micro-tile by micro-tile: the micro-kernel keeps an MR x NR block of C in
+//      registers and adds one rank-1 update per k.
+//   Products of at most GEMM_SMALL_WORK multiply-adds on one thread (attention's per-head ones) skip the
+//   packing: the same kernels read the operands in place (gemm_small).
+//
+// THE SUMMATION ORDER, which is what makes results independent of threads, tiles and kernels: every element
+// is acc = fma(a[k], b[k], acc) for k = 0, 1, ..., K - 1 starting from acc = +0.0f (a K-block boundary stores
+// acc and reloads it, which is exact), then C = alpha * acc (+ beta * C, products rounded separately). Tiles,
+// KC, the thread count and the scheduling only decide WHO computes an element and WHEN, never the order of
+// its terms, so the result is bit-identical for any number of threads; and since every kernel follows the same
+// rule, also for any kernel (a run resumed on a machine without AVX-512 continues the same bits).
+//
+// Why built-in at all: it is the floor every machine gets (no BLAS, or only a reference one), and it lets the
+// CPU backend promise thread-independent results without trusting a library's internals.
+//
+// No contraction of a * b + c into an fma: the epilogue's alpha * acc + beta * c is rounded as written. GCC
+// contracts nothing in ISO C mode (-std=c11, as this project builds); clang needs the pragma.
+#ifdef __clang__
+#pragma STDC FP_CONTRACT OFF
+#endif
+#include "cpu/matmul.h"
+
+#include <math.h>
+#include <stddef.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu/ops.h"
+#include "mlm/common.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define GEMM_X86 1
+#endif
+
+// K block: an NR-wide B panel block of 256 x 32 floats is 32 KiB (L1); an MC-row A block 96 x 256, 96 KiB (L2).
+enum { GEMM_KC = 256 };
+// Whole op(A) packed up front when it takes at most this much (64 MiB); larger ones go in chunks of rows.
+#define GEMM_PACK_A_BYTES ((size_t)64 << 20)
+
+// A micro-kernel: acc[MR][NR] (row-major, ld NR) += sum over k < kc of a(:, k) x b(k, :), one fma per k per
+// element, k ascending; the callers zero acc first (a conditional start made GCC keep the accumulators in
+// memory). Packed operands: a(i, k) = ap[k * MR + i], b(k, j) = bp[k * NR + j].
+typedef void MicroKernel(int kc, const float *ap, const float *bp, float *acc);
+// The same over operands in place (small products, where packing would cost more than the arithmetic):
+// a(i, k) = a[i * rs_a + k * cs_a], b(k, j) = b[k * rs_b + j].
+typedef void StridedKernel(int kc, const float *a, ptrdiff_t rs_a, ptrdiff_t cs_a, const float *b, ptrdiff_t rs_b,
+                           float *acc);
+
+typedef struct {
+    const char *name;
+    int mr, nr;             // register block
+    int mc, nc;             // largest tile a thread takes (multiples of mr and nr)
+    MicroKernel *kernel;
+    StridedKernel *strided;
+} GemmKernel;
+
+// Each kernel's body is written once, over strided operands, and instantiated twice: with the packed layout's
+// strides as constants (the compiler folds them) and with strides given at run time.
+#define GEMM_INSTANTIATE(body, target_attr, MR_, NR_)                                                          \
+    target_attr static void body##_packed(int kc, const float *ap, const float *bp, float *acc) {  \
+        body(kc, ap, 1, MR_, bp, NR_, acc);                                                                  \
+    }                                                                                                        \
+    target_attr static void body##_strided(int kc, const float *a, ptrdiff_t rs_a, ptrdiff_t cs_a,           \
+                                           const float *b, ptrdiff_t rs_b, float *acc) {          \
+        body(kc, a, rs_a, cs_a, b, rs_b, acc);                                                               \
+    }
+
+// ---- Portable C: any CPU. fmaf keeps the summation rule (and compiles to one instruction where the CPU
+// has FMA; elsewhere it is a library call, slow but exact).
+
+enum { GEN_MR = 4, GEN_NR = 16 };
+
+static inline __attribute__((always_inline)) void generic_body(int kc, const float *a, ptrdiff_t rs_a,
+                                                                ptrdiff_t cs_a, const float *b, ptrdiff_t rs_b,
+                                                                float *acc) {
+    float c[GEN_MR][GEN_NR];
+    for (int i = 0; i < GEN_MR; i++)
+        for (int j = 0; j < GEN_NR; j++) c[i][j] = acc[i * GEN_NR + j];
+    for (int k = 0; k < kc; k++, a += cs_a, b += rs_b)
+        for (int i = 0; i < GEN_MR; i++)
+            for (int j = 0; j < GEN_NR; j++) c[i][j] = fmaf(a[i * rs_a], b[j], c[i][j]);
+    for (int i = 0; i < GEN_MR; i++)
+        for (int j = 0; j < GEN_NR; j++) acc[i * GEN_NR + j] = c[i][j];
+}
+GEMM_INSTANTIATE(generic_body, , GEN_MR, GEN_NR)
+
+#ifdef GEMM_X86
+// ---- AVX2 + FMA (Haswell, Zen and later): 6 x 16, twelve ymm accumulators, two B loads and six broadcasts
+// per k (15 of the 16 ymm registers).
+
+enum { AVX2_MR = 6, AVX2_NR = 16 };
+
+static inline __attribute__((always_inline, target("avx2,fma"))) void avx2_body(int kc, const float *a,
+                                                                                 ptrdiff_t rs_a, ptrdiff_t cs_a,
+                                                                                 const float *b, ptrdiff_t rs_b,
+                                                                                 float *acc) {
+    __m256 c[AVX2_MR][2];
+    for (int i = 0; i < AVX2_MR; i++)
+        for (int j = 0; j < 2; j++) c[i][j] = _mm256_loadu_ps(acc + i * AVX2_NR + 8 * j);
+    for (int k = 0; k < kc; k++, a += cs_a, b += rs_b) {
+        __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+        for (int i = 0; i < AVX2_MR; i++) {
+            __m256 ai = _mm256_broadcast_ss(a + i * rs_a);
+            c[i][0] = _mm256_fmadd_ps(ai, b0, c[i][0]);
+            c[i][1] = _mm256_fmadd_ps(ai, b1, c[i][1]);
+        }
+    }
+    for (int i = 0; i < AVX2_MR; i++)
+        for (int j = 0; j < 2; j++) _mm256_storeu_ps(acc + i * AVX2_NR + 8 * j, c[i][j]);
+}
+GEMM_INSTANTIATE(avx2_body, __attribute__((target("avx2,fma"))), AVX2_MR, AVX2_NR)
+
+// ---- AVX-512 (Skylake-X, Ice Lake, Zen 4 and later): 12 x 32, twenty-four zmm accumulators, two B loads and
+// twelve broadcasts (folded into the fma as {1to16} operands) per k.
+
+enum { AVX512_MR = 12, AVX512_NR = 32 };
+
+static inline __attribute__((always_inline, target("avx512f"))) void avx512_body(int kc, const float *a,
+                                                                                  ptrdiff_t rs_a, ptrdiff_t cs_a,
+                                                                                  const float *b, ptrdiff_t rs_b,
+                                                                                  float *acc) {
+    __m512 c[AVX512_MR][2];
+    for (int i = 0; i < AVX512_MR; i++)
+        for (int j = 0; j < 2; j++)
+            c[i][j] = _mm512_loadu_ps(acc + i * AVX512_NR + 16 * j);
+    for (int k = 0; k < kc; k++, a += cs_a, b += rs_b) {
+        __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+        for (int i = 0; i < AVX512_MR; i++) {
+            __m512 ai = _mm512_set1_ps(a[i * rs_a]);
+            c[i][0] = _mm512_fmadd_ps(ai, b0, c[i][0]);
+            c[i][1] = _mm512_fmadd_ps(ai, b1, c[i][1]);
+        }
+    }
+    for (int i = 0; i < AVX512_MR; i++)
+        for (int j = 0; j < 2; j++) _mm512_storeu_ps(acc + i * AVX512_NR + 16 * j, c[i][j]);
+}
+GEMM_INSTANTIATE(avx512_body, __attribute__((target("avx512f"))), AVX512_MR, AVX512_NR)
+
+// ---- AVX-512, one vector wide: 16 x 16, sixteen zmm accumulators, for products 16 columns wide (attention's
+// [T, hs] with hs = 16), which would leave half of every 32-wide panel empty.
+
+enum { AVX512N_MR = 16, AVX512N_NR = 16 };
+
+static inline __attribute__((always_inline, target("avx512f"))) void avx512n_body(int kc, const float *a,
+                                                                                   ptrdiff_t rs_a, ptrdiff_t cs_a,
+                                                                                   const float *b, ptrdiff_t rs_b,
+                                                                                   float *acc) {
+    __m512 c[AVX512N_MR];
+    for (int i = 0; i < AVX512N_MR; i++) c[i] = _mm512_loadu_ps(acc + i * AVX512N_NR);
+    for (int k = 0; k < kc; k++, a += cs_a, b += rs_b) {
+        __m512 b0 = _mm512_loadu_ps(b);
+        for (int i = 0; i < AVX512N_MR; i++) c[i] = _mm512_fmadd_ps(_mm512_set1_ps(a[i * rs_a]), b0, c[i]);
+    }
+    for (int i = 0; i < AVX512N_MR; i++) _mm512_storeu_ps(acc + i * AVX512N_NR, c[i]);
+}
+GEMM_INSTANTIATE(avx512n_body, __attribute__((target("avx512f"))), AVX512N_MR, AVX512N_NR)
+#endif
+
+// Widest first (gemm_kernel_name() names the first this CPU supports). Tiles: MC x NC of 96 x 256 (AVX-512),
+// 96 x 128 (AVX-512 16 wide, AVX2), 64 x 64 (C): a thread's accumulators for one tile stay in L2 between K blocks.
+static const GemmKernel KERNELS[] = {
+#ifdef GEMM_X86
+    {"avx512", AVX512_MR, AVX512_NR, 8 * AVX512_MR, 8 * AVX512_NR, avx512_body_packed, avx512_body_strided},
+    {"avx512n", AVX512N_MR, AVX512N_NR, 6 * AVX512N_MR, 8 * AVX512N_NR, avx512n_body_packed, avx512n_body_strided},
+    {"avx2", AVX2_MR, AVX2_NR, 16 * AVX2_MR, 8 * AVX2_NR, avx2_body_packed, avx2_body_strided},
+#endif
+    {"generic", GEN_MR, GEN_NR, 16 * GEN_MR, 4 * GEN_NR, generic_body_packed, generic_body_strided},
+};
+enum { N_KERNELS = sizeof(KERNELS) / sizeof(KERNELS[0]) };
+
+static int kernel_supported_now(const GemmKernel *k) {
+#ifdef GEMM_X86
+    // __builtin_cpu_supports also checks that the OS saves the vector state (XCR0), so a CPU with AVX-512
+    // under an OS or hypervisor that disables it is not sent to the AVX-512 kernel.
+    if (strncmp(k->name, "avx512", 6) == 0) return __builtin_cpu_supports("avx512f");
+    if (strcmp(k->name, "avx2") == 0) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+    return strcmp(k->name, "generic") == 0;
+}
+
+// Whether KERNELS[i] runs on this CPU, asked once (a benign race: every thread computes the same answers).
+static int kernel_supported(const GemmKernel *k) {
+    static int known, supported[N_KERNELS];
+    if (!known) {
+        for (int i = 0; i < N_KERNELS; i++) supported[i] = kernel_supported_now(&KERNELS[i]);
+        known = 1;
+    }
+    return supported[k - KERNELS];
+}
+
+// The kernel the tests or the bench forced (gemm_force_kernel), or NULL: choose per product.
+static const GemmKernel *forced_kernel;
+
+int gemm_force_kernel(const char *name) {
+    if (name == NULL) {
+        forced_kernel = NULL;
+        return 1;
+    }
+    for (int i = 0; i < N_KERNELS; i++)
+        if (strcmp(KERNELS[i].name, name) == 0 && kernel_supported(&KERNELS[i])) {
+            forced_kernel = &KERNELS[i];
+            return 1;
+        }
+    return 0;
+}
+
+const char *gemm_kernel_name(void) {
+    for (int i = 0; i < N_KERNELS; i++)
+        if (kernel_supported(&KERNELS[i])) return KERNELS[i].name;
+    return "generic";
+}
+
+// The widest supported kernel, unless a product's N fits a narrower one's panels with much less padding
+// (attention's [T, hs] outputs with hs = 16 would waste half of every 32-wide panel). Any choice gives the
+// same bits (the summation rule above), so this is about speed only.
+static const GemmKernel *choose_kernel(int N) {
+    if (forced_kernel) return forced_kernel;
+    const GemmKernel *best = NULL;
+    for (int i = 0; i < N_KERNELS; i++) {
+        const GemmKernel *k = &KERNELS[i];
+        if (!kernel_supported(k)) continue;
+        if (best == NULL) {
+            best = k;
+        } else if (k->nr < best->nr &&
+                   4 * MLM_CEIL_DIV(N, best->nr) * best->nr > 5 * MLM_CEIL_DIV(N, k->nr) * k->nr) {
+            best = k;
+        }
+    }
+    return best;
+}
+
+// ---- Packing.
+
+// Panels p0 <= p < p1 of op(B): panel p is op(B)[0:K, p*nr : p*nr + nr] as [K][nr], zero-padded past N.
+static void pack_b(float *bp, const float *B, int ldb, int trans_b, int K, int N, int nr, int p0, int p1) {
+    for (int p = p0; p < p1; p++) {
+        float *dst = bp + (size_t)p * K * nr;
+        int j0 = p * nr, nb = MLM_MIN(nr, N - j0);
+        if (!trans_b) {
+            for (int k = 0; k < K; k++) {
+                const float *src = B + (size_t)k * ldb + j0;
+                float *d = dst + (size_t)k * nr;
+                for (int j = 0; j < nb; j++) d[j] = src[j];  // a loop, not memcpy: rows are short
+                for (int j = nb; j < nr; j++) d[j] = 0.0f;
+            }
+        } else {
+            // op(B)[k][j] = B[j][k]: read B's rows along k, write the panel's columns.
+            for (int j = 0; j < nr; j++) {
+                if (j < nb) {
+                    const float *src = B + (size_t)(j0 + j) * ldb;
+                    for (int k = 0; k < K; k++) dst[(size_t)k * nr + j] = src[k];
+                } else {
+                    for (int k = 0; k < K; k++) dst[(size_t)k * nr + j] = 0.0f;
+                }
+            }
+        }
+    }
+}
+
+// Panels p0 <= p < p1 of op(A) rows [i0, i0 + rows): panel p is op(A)[i0 + p*mr : +mr, 0:K] as [K][mr],
+// zero-padded past the last row.
+static void pack_a(float *ap, const float *A, int lda, int trans_a, int K, int i0, int rows, int mr, int p0, int p1) {
+    for (int p = p0; p < p1; p++) {
+        float *dst = ap + (size_t)p * K * mr;
+        int r0 = i0 + p * mr, mb = MLM_MIN(mr, i0 + rows - r0);
+        if (trans_a) {
+            // op(A)[i][k] = A[k][i]: each k's mr values are contiguous in A's row k.
+            for (int k = 0; k < K; k++) {
+                const float *src = A + (size_t)k * lda + r0;
+                float *d = dst + (size_t)k * mr;
+                for (int i = 0; i < mb; i++) d[i] = src[i];
+                for (int i = mb; i < mr; i++) d[i] = 0.0f;
+            }
+        } else {
+            for (int i = 0; i < mr; i++) {
+                if (i < mb) {
+                    const float *src = A + (size_t)(r0 + i) * lda;
+                    for (int k = 0; k < K; k++) dst[(size_t)k * mr + i] = src[k];
+                } else {
+                    for (int k = 0; k < K; k++) dst[(size_t)k * mr + i] = 0.0f;
+                }
+            }
+        }
+    }
+}
+
+// C[m, n] (ld ldc) = alpha * acc (+ beta * C); acc is [m][ld_acc]. Two roundings when beta != 0, as the
+// summation rule says; with beta == 0 C is not read.
+static void store_tile(float *C, int ldc, const float *acc, int ld_acc, int m, int n, float alpha, float beta) {
+    for (int i = 0; i < m; i++) {
+        float *c = C + (size_t)i * ldc;
+        const float *a = acc + (size_t)i * ld_acc;
+        if (beta == 0.0f) {
+            for (int j = 0; j < n; j++) c[j] = alpha * a[j];
+        } else {
+            for (int j = 0; j < n; j++) c[j] = alpha * a[j] + beta * c[j];
+        }
+    }
+}
+
+// ---- Workspace: grow-only buffers of the calling thread (matmul_serial runs inside OpenMP loops, one
+// product per thread at a time; matmul from the main thread), so a product allocates nothing in the steady
+// state. 64-byte aligned for the vector loads.
+
+typedef struct {
+    float *ptr;
+    size_t cap;  // floats
+} Buffer;
+
+static float *buffer_get(Buffer *b, size_t n, const char *what) {
+    if (n > b->cap) {
+        free(b->ptr);
+        size_t bytes = ((n * sizeof(float) + 63) / 64) * 64;
+        b->ptr = aligned_alloc(64, bytes);
+        if (b->ptr == NULL) mlm_fatal(1, "out of memory: %zu bytes for the matmul's %s", bytes, what);
+        b->cap = n;
+    }
+    return b->ptr;
+}
+
+static _Thread_local Buffer ws_a, ws_b, ws_acc;
+
+// ---- The product.
+
+typedef struct {
+    const GemmKernel *k;
+    int M, N, K;
+    float alpha, beta;
+    float *C;
+    int ldc;
+    const float *ap;   // packed rows [row0, row0 + rows) of op(A): panels [rows / mr][K][mr]
+    int row0, rows;
+    const float *bp;   // packed op(B): panels [N / nr][K][nr]
+    int tile_rows, tile_cols;  // mc x nc of this product (multiples of mr x nr)
+} Product;
+
+// One tile: rows [row0 + ti * tile_rows, ...) x columns [tj * tile_cols, ...), all of K.
+static void run_tile(const Product *p, int ti, int tj, float *acc) {
+    const GemmKernel *k = p->k;
+    int mr = k->mr, nr = k->nr, K = p->K;
+    int i_begin = ti * p->tile_rows, i_end = MLM_MIN(i_begin + p->tile_rows, p->rows);  // rows of the chunk
+    int j_begin = tj * p->tile_cols, j_end = MLM_MIN(j_begin + p->tile_cols, p->N);
+    int tile_panels_j = MLM_CEIL_DIV(j_end - j_begin, nr);
+    for (int k0 = 0; k0 < K || k0 == 0; k0 += GEMM_KC) {
+        int kc = MLM_MIN(GEMM_KC, K - k0), last = k0 + GEMM_KC >= K;
+        for (int j = j_begin; j < j_end; j += nr) {
+            const float *b = p->bp + (size_t)(j / nr) * K * nr + (size_t)k0 * nr;
+            for (int i = i_begin; i < i_end; i += mr) {
+                const float *a = p->ap + (size_t)(i / mr) * K * mr + (size_t)k0 * mr;
+                // This micro-tile's accumulators in the tile's buffer (they persist between K blocks).
+                float *t = acc + ((size_t)((i - i_begin) / mr) * tile_panels_j + (j - j_begin) / nr) * mr * nr;
+                if (k0 == 0) memset(t, 0, sizeof(float) * (size_t)mr * nr);  // +0 (K == 0: C = beta * C)
+                if (kc > 0) k->kernel(kc, a, b, t);
+                if (last)
+                    store_tile(p->C + (size_t)(p->row0 + i) * p->ldc + j, p->ldc, t, nr, MLM_MIN(mr, i_end - i),
+                               MLM_MIN(nr, j_end - j), p->alpha, p->beta);
+            }
+        }
+        if (K == 0) break;
+    }
+}
+
+// Tile size for this product: the kernel's MC x NC, cut down (in whole register blocks) until there are at
+// least 4 tiles per thread when the product is big enough to share, so that dynamic scheduling can even out
+// a thread slowed by another process. Any tiling gives the same bits.
+static void choose_tiles(Product *p, int threads) {
+    const GemmKernel *k = p->k;
+    int mc = MLM_MIN(k->mc, MLM_CEIL_DIV(p->rows, k->mr) * k->mr);
+    int nc = MLM_MIN(k->nc, MLM_CEIL_DIV(p->N, k->nr) * k->nr);
+    int want = threads > 1 ? 4 * threads : 1;
+    while (MLM_CEIL_DIV(p->rows, mc) * MLM_CEIL_DIV(p->N, nc) < want) {
+        if (mc >= nc / 2 && mc > k->mr) {
+            mc = MLM_MAX(k->mr, (mc / 2 / k->mr) * k->mr);
+        } else if (nc > k->nr) {
+            nc = MLM_MAX(k->nr, (nc / 2 / k->nr) * k->nr);
+        } else if (mc > k->mr) {
+            mc = MLM_MAX(k->mr, (mc / 2 / k->mr) * k->mr);
+        } else {
+            break;
+        }
+    }
+    p->tile_rows = mc;
+    p->tile_cols = nc;
+}
+
+// Packs the operands and runs the tiles: the body of the parallel region (parallel: every thread of the team
+// calls it, and the loops are shared out), or the whole product on the calling thread (matmul_serial, often
+// inside another parallel region, where a worksharing loop would bind to that region's team).
+static void gemm_body(const Product *p, const float *A, int lda, int trans_a, const float *B, int ldb, int trans_b,
+                      int chunk_rows, float *acc, int parallel) {
+    const GemmKernel *k = p->k;
+    float *bp = (float *)p->bp, *ap = (float *)p->ap;
+    int panels_b = MLM_CEIL_DIV(p->N, k->nr);
+    if (parallel) {
+#pragma omp for schedule(static)
+        for (int q = 0; q < panels_b; q++) pack_b(bp, B, ldb, trans_b, p->K, p->N, k->nr, q, q + 1);
+    } else {
+        pack_b(bp, B, ldb, trans_b, p->K, p->N, k->nr, 0, panels_b);
+    }
+    for (int row0 = 0; row0 < p->M; row0 += chunk_rows) {
+        Product chunk = *p;  // this chunk's rows (the tiling was chosen for a whole chunk)
+        chunk.row0 = row0;
+        chunk.rows = MLM_MIN(chunk_rows, p->M - row0);
+        int panels_a = MLM_CEIL_DIV(chunk.rows, k->mr);
+        int tiles_m = MLM_CEIL_DIV(chunk.rows, p->tile_rows), tiles_n = MLM_CEIL_DIV(p->N, p->tile_cols);
+        if (parallel) {
+#pragma omp for schedule(static)
+            for (int q = 0; q < panels_a; q++) pack_a(ap, A, lda, trans_a, p->K, row0, chunk.rows, k->mr, q, q + 1);
+#pragma omp for schedule(dynamic, 1)
+            for (int t = 0; t < tiles_m * tiles_n; t++) run_tile(&chunk, t / tiles_n, t % tiles_n, acc);
+        } else {
+            pack_a(ap, A, lda, trans_a, p->K, row0, chunk.rows, k->mr, 0, panels_a);
+            for (int t = 0; t < tiles_m * tiles_n; t++) run_tile(&chunk, t / tiles_n, t % tiles_n, acc);
+        }
+    }
+}
+
+// ---- Small products (attention's per-head [T, hs] x [hs, T] and the like): packing both operands costs more
+// than the arithmetic, so the kernel reads op(A) where it lies (rows i.. at A + i * lda, or columns at A + i
+// with trans_a) and op(B)'s rows in place when they are contiguous (no trans_b); only a partial register block
+// at an edge, and op(B) with trans_b, are packed. Same kernels, same summation order, same bits.
+enum { GEMM_SMALL_WORK = 64 * 64 * 64 };
+
+static void gemm_small(const GemmKernel *k, int trans_a, int trans_b, int M, int N, int K, float alpha,
+                       const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+    int mr = k->mr, nr = k->nr;
+    float *bp = buffer_get(&ws_b, (size_t)MLM_MAX(K, 1) * nr, "packed B");
+    float *ap = buffer_get(&ws_a, (size_t)MLM_MAX(K, 1) * mr, "packed A");
+    float *acc = buffer_get(&ws_acc, (size_t)mr * nr, "accumulators");
+    ptrdiff_t rs_a = trans_a ? 1 : lda, cs_a = trans_a ? lda : 1;
+    for (int j = 0; j < N; j += nr) {
+        const float *b = B + j;
+        ptrdiff_t rs_b = ldb;
+        if (trans_b || j + nr > N) {
+            pack_b(bp, B + (trans_b ? (size_t)j * ldb : (size_t)j), ldb, trans_b, K, N - j, nr, 0, 1);
+            b = bp, rs_b = nr;
+        }
+        for (int i = 0; i < M; i += mr) {
+            memset(acc, 0, sizeof(float) * (size_t)mr * nr);
+            if (K > 0 && i + mr <= M) {
+                k->strided(K, A + (size_t)i * rs_a, rs_a, cs_a, b, rs_b, acc);
+            } else if (K > 0) {
+                pack_a(ap, A, lda, trans_a, K, i, M - i, mr, 0, 1);
+                k->strided(K, ap, 1, mr, b, rs_b, acc);
+            }
+            store_tile(C + (size_t)i * ldc + j, ldc, acc, nr, MLM_MIN(mr, M - i), MLM_MIN(nr, N - j), alpha, beta);
+        }
+    }
+}
+
+static void gemm(int parallel, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
+                 const float *B, int ldb, float beta, float *C, int ldc) {
+    if (M <= 0 || N <= 0) return;
+    if (K < 0) K = 0;
+    const GemmKernel *k = choose_kernel(N);
+    int mr = k->mr, nr = k->nr;
+    // Rows of op(A) packed at a time: all of them unless that passes GEMM_PACK_A_BYTES.
+    size_t chunk_panels = MLM_MAX(GEMM_PACK_A_BYTES / (sizeof(float) * (size_t)mr * MLM_MAX(K, 1)), (size_t)1);
+    int chunk_rows = (int)MLM_MIN((size_t)MLM_CEIL_DIV(M, mr), chunk_panels) * mr;
+    int threads = parallel && (double)M * N * K >= MLM_PARALLEL_MIN_WORK ? omp_get_max_threads() : 1;
+    if (threads == 1 && (double)M * N * K <= GEMM_SMALL_WORK) {
+        gemm_small(k, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        return;
+    }
+
+    Product p = {k, M, N, K, alpha, beta, C, ldc, NULL, 0, MLM_MIN(chunk_rows, M), NULL, 0, 0};
+    choose_tiles(&p, threads);
+    p.bp = buffer_get(&ws_b, (size_t)MLM_CEIL_DIV(N, nr) * MLM_MAX(K, 1) * nr, "packed B");
+    p.ap = buffer_get(&ws_a, (size_t)chunk_rows * MLM_MAX(K, 1), "packed A");
+    size_t acc_per_thread = (size_t)p.tile_rows * p.tile_cols;
+    float *acc = buffer_get(&ws_acc, acc_per_thread * threads, "accumulators");
+    if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+        gemm_body(&p, A, lda, trans_a, B, ldb, trans_b, chunk_rows, acc + acc_per_thread * omp_get_thread_num(), 1);
+    } else {
+        gemm_body(&p, A, lda, trans_a, B, ldb, trans_b, chunk_rows, acc, 0);
+    }
+}
+
+void matmul_builtin(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
+                    const float *B, int ldb, float beta, float *C, int ldc) {
+    gemm(1, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+void matmul_builtin_serial(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
+                           const float *B, int ldb, float beta, float *C, int ldc) {
+    gemm(0, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
