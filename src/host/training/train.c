@@ -1084,7 +1084,7 @@ static void setup(Run *r, const Config *cfg, const TrainOptions *opt) {
 static void setup_model(Run *r, int gpu) {
     int max_b = MLM_MAX(r->cfg.batch_size, N_PROMPTS);
     if (gpu) {
-        r->gpu = cuda_model_create(&r->mc, max_b, r->cfg.tf32);
+        r->gpu = cuda_model_create(&r->mc, max_b, r->cfg.precision == PRECISION_TF32);
         cuda_model_set_graphs(r->gpu, r->cfg.cuda_graph);
         if (r->mask.whole_word && r->mask.continuation) cuda_model_set_continuation(r->gpu, r->mask.continuation);
         r->n_params = cuda_model_num_params(r->gpu);
@@ -1152,7 +1152,10 @@ int train_key_resumable(const char *key) {
     static const char *const keys[] = {"train.epochs", "train.max_steps", "train.device", "train.log_every",
                                        "train.ckpt_every", "train.keep_ckpts", "train.threads", "train.samples",
                                        "data.path", "train.ckpt_minutes", "train.init_check_vocab",
-                                       "train.zero", "train.dist_timeout"};  // the last two: same bits either way
+                                       "train.zero", "train.dist_timeout",  // these two: same bits either way
+                                       // checkpoints hold FP32 masters and moments in every precision, so a run
+                                       // may continue in another (as on another device: rounding changes, not the run)
+                                       "train.precision", "train.tf32"};
     for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
         if (!strcmp(key, keys[i])) return 1;
     return 0;
@@ -1236,7 +1239,7 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
     } else if (r.gpu) {
         char desc[256];
         cuda_device_describe(desc, sizeof(desc));
-        printf("# device: CUDA (%s; TF32 matmuls %s); run directory %s\n", desc, cfg->tf32 ? "on" : "off", r.run_dir);
+        printf("# device: CUDA (%s; TF32 matmuls %s); run directory %s\n", desc, cfg->precision == PRECISION_TF32 ? "on" : "off", r.run_dir);
     } else {
         char matmuls[768];
         cpu_matmul_describe(matmuls, sizeof(matmuls));
