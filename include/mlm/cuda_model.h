@@ -26,6 +26,24 @@ typedef struct {
 
 // allow_tf32: cuBLAS may use TF32 tensor cores for the float32 matmuls.
 CudaModel *cuda_model_create(const ModelConfig *cfg, int max_B, int allow_tf32);
+
+// The device memory a model needs, computed from the layout cuda_model_create allocates (no device is touched, so
+// `mlm train --dry-run` prints it anywhere): bytes of each part and the total of the allocations a training run
+// makes. precision: train.precision (PrecisionKind); accumulate: train.accum_steps > 1 (the summed gradients);
+// whole_word: mask.whole_word with a WordPiece vocabulary (its flags on the device). Not counted: the CUDA
+// context, cuBLAS's and cuBLASLt's own handles (a few hundred MiB the driver reserves) and NCCL's buffers.
+typedef struct {
+    size_t params, grads, adam;  // FP32 parameters (the master weights), gradients, the two Adam moments
+    size_t state_alloc;          // their allocation (with the weight-decay mask and 256-byte alignment)
+    size_t activations;          // saved activations, scratch and the step's upload region, for max_B sequences
+    size_t workspace;            // the cuBLAS / cuBLASLt workspace
+    size_t accumulation;         // summed gradients of gradient accumulation
+    size_t other;                // whole-word flags
+    size_t total;                // state_alloc + activations + workspace + accumulation + other
+    int precision;
+} CudaMemoryPlan;
+void cuda_model_memory_plan(const ModelConfig *cfg, int max_B, int precision, int accumulate, int whole_word,
+                            CudaMemoryPlan *plan);
 void cuda_model_free(CudaModel *m);
 size_t cuda_model_num_params(const CudaModel *m);
 

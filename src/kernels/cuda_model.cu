@@ -336,6 +336,40 @@ static void check_device_philox(cudaStream_t stream) {
     checked = 1;
 }
 
+// The parameter-sized state, one allocation: params | grads | adam m | adam v | decay mask (bytes). With base NULL
+// the carver only counts; the plan below and cuda_model_create share it, so the estimate is the allocation.
+static void carve_state(CudaModel *m, size_t P, Carver *cv) {
+    m->params = carve_f(cv, P);
+    m->grads = carve_f(cv, P);
+    m->adam_m = carve_f(cv, P);
+    m->adam_v = carve_f(cv, P);
+    m->decay_mask = carve_b(cv, P);
+}
+
+static size_t accumulation_bytes(size_t P) { return ((P * sizeof(float) + 255) & ~(size_t)255) + 3 * sizeof(double); }
+
+void cuda_model_memory_plan(const ModelConfig *cfg, int max_B, int precision, int accumulate, int whole_word,
+                            CudaMemoryPlan *plan) {
+    memset(plan, 0, sizeof(*plan));
+    size_t P = model_num_params(cfg);
+    CudaModel shape;  // only its view pointers are written (NULL: counting)
+    memset(&shape, 0, sizeof(shape));
+    Carver cv = {NULL, 0};
+    carve_state(&shape, P, &cv);
+    plan->params = P * sizeof(float);
+    plan->grads = P * sizeof(float);
+    plan->adam = 2 * P * sizeof(float);
+    plan->state_alloc = cv.used;
+    Carver acv = {NULL, 0};
+    carve_acts(&shape.a, cfg, max_B, P, &acv);
+    plan->activations = acv.used;
+    plan->workspace = CUBLAS_WORKSPACE_BYTES;
+    plan->accumulation = accumulate ? accumulation_bytes(P) : 0;
+    plan->other = whole_word ? (size_t)cfg->vocab : 0;
+    plan->precision = precision;
+    plan->total = plan->state_alloc + plan->activations + plan->workspace + plan->accumulation + plan->other;
+}
+
 CudaModel *cuda_model_create(const ModelConfig *cfg, int max_B, int allow_tf32) {
     char err[256];
     if (model_config_check(cfg, err, sizeof(err))) mlm_fatal(MLM_EXIT_USAGE, "%s", err);
@@ -367,18 +401,10 @@ CudaModel *cuda_model_create(const ModelConfig *cfg, int max_B, int allow_tf32) 
 
     // Parameters, gradients, Adam moments and the weight-decay mask.
     Carver count = {NULL, 0};
-    carve(&count, P * sizeof(float));
-    carve(&count, P * sizeof(float));
-    carve(&count, P * sizeof(float));
-    carve(&count, P * sizeof(float));
-    carve(&count, P);
+    carve_state(m, P, &count);
     m->state_block = device_alloc(count.used, "parameters, gradients and Adam moments", cfg, max_B);
     Carver cv = {(char *)m->state_block, 0};
-    m->params = carve_f(&cv, P);
-    m->grads = carve_f(&cv, P);
-    m->adam_m = carve_f(&cv, P);
-    m->adam_v = carve_f(&cv, P);
-    m->decay_mask = carve_b(&cv, P);
+    carve_state(m, P, &cv);
     CUDA_CHECK(cudaMemsetAsync(m->state_block, 0, count.used, m->stream));
     model_param_views(cfg, m->params, &m->p);
     model_param_views(cfg, m->grads, &m->g);
@@ -1087,12 +1113,11 @@ static __global__ void accumulate_stats_kernel(double *acc, const float *scalars
 // The sums, once per model (outside any capture).
 static void accumulation_buffers(CudaModel *m) {
     if (m->accum_block) return;
-    size_t grad_bytes = (m->n_params * sizeof(float) + 255) & ~(size_t)255;
-    m->accum_block = device_alloc(grad_bytes + 3 * sizeof(double), "summed gradients (train.accum_steps)", &m->cfg,
-                                  m->max_B);
+    size_t grad_bytes = (m->n_params * sizeof(float) + 255) & ~(size_t)255, bytes = accumulation_bytes(m->n_params);
+    m->accum_block = device_alloc(bytes, "summed gradients (train.accum_steps)", &m->cfg, m->max_B);
     m->grad_acc = (float *)m->accum_block;
     m->acc_stats = (double *)((char *)m->accum_block + grad_bytes);
-    CUDA_CHECK(cudaMemsetAsync(m->accum_block, 0, grad_bytes + 3 * sizeof(double), m->stream));
+    CUDA_CHECK(cudaMemsetAsync(m->accum_block, 0, bytes, m->stream));
     CUDA_CHECK(cudaMallocHost((void **)&m->h_acc_stats, 3 * sizeof(double)));
 }
 

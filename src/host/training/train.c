@@ -1081,8 +1081,11 @@ static void setup(Run *r, const Config *cfg, const TrainOptions *opt) {
     r->uniforms = mlm_malloc(4 * bt * sizeof(float), "masking uniforms");
 }
 
+// The largest batch the CUDA model of this configuration holds (what setup_model passes to cuda_model_create).
+static int gpu_max_batch(const Config *cfg) { return MLM_MAX(cfg->batch_size, N_PROMPTS); }
+
 static void setup_model(Run *r, int gpu) {
-    int max_b = MLM_MAX(r->cfg.batch_size, N_PROMPTS);
+    int max_b = gpu_max_batch(&r->cfg);
     if (gpu) {
         r->gpu = cuda_model_create(&r->mc, max_b, r->cfg.precision == PRECISION_TF32);
         cuda_model_set_graphs(r->gpu, r->cfg.cuda_graph);
@@ -1189,6 +1192,47 @@ static void load_init_weights(Run *r) {
     if (!check) mlm_warn("--init %s: vocabulary not checked (train.init_check_vocab = false)", r->opt.init_path);
 }
 
+// bytes as "12.3 MiB" or "4.56 GiB" into buf[32].
+static const char *mib_gib(size_t bytes, char *buf) {
+    double mib = (double)bytes / (1024.0 * 1024.0);
+    if (mib < 1024.0) snprintf(buf, 32, "%.1f MiB", mib);
+    else snprintf(buf, 32, "%.2f GiB", mib / 1024.0);
+    return buf;
+}
+
+// --dry-run: the device memory the CUDA backend would allocate for this configuration (cuda_model_memory_plan,
+// the layout cuda_model_create carves), before anything is allocated; with a GPU here, whether it fits.
+static void print_device_memory(const Run *r) {
+    const Config *c = &r->cfg;
+    if (c->device == DEVICE_CPU) return;
+    char why[256];
+    int devices = cuda_device_count(why, sizeof(why));
+    if (!devices && strstr(why, "built without CUDA")) {
+        printf("# device memory: not estimated (%s)\n", why);
+        return;
+    }
+    static const char *const names[] = {"fp32", "tf32", "bf16"};
+    CudaMemoryPlan p;
+    int B = gpu_max_batch(c);
+    cuda_model_memory_plan(&r->mc, B, c->precision, c->accum_steps > 1, r->mask.whole_word && r->mask.continuation,
+                           &p);
+    char b[8][32];
+    printf("# device memory (CUDA backend, train.precision = %s, batches of up to %d x %d tokens): %s = parameter "
+           "state %s (parameters %s, gradients %s, Adam moments %s, decay mask) + activations %s + cuBLAS workspace %s",
+           names[c->precision], B, c->seq_len, mib_gib(p.total, b[0]), mib_gib(p.state_alloc, b[1]),
+           mib_gib(p.params, b[2]), mib_gib(p.grads, b[3]), mib_gib(p.adam, b[4]), mib_gib(p.activations, b[5]),
+           mib_gib(p.workspace, b[6]));
+    if (p.accumulation) printf(" + summed gradients %s", mib_gib(p.accumulation, b[7]));
+    if (p.other) printf(" + whole-word flags %zu bytes", p.other);
+    printf("; the CUDA context and library handles take a few hundred MiB more\n");
+    if (devices) {
+        char desc[256];
+        cuda_device_describe(desc, sizeof(desc));
+        size_t have = cuda_device_total_memory();
+        printf("# device memory: %s on this machine's GPU (%s)\n", p.total < have ? "fits" : "does NOT fit", desc);
+    }
+}
+
 int train_run(const Config *cfg, const TrainOptions *opt) {
     Run r;
     setup(&r, cfg, opt);
@@ -1199,6 +1243,7 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
         int b = batcher_get(&r.train_b, 0, r.tokens);
         mask_batch(&r, &r.train_rng, 0, b);
         print_masked_batch(&r, MLM_MIN(b, 4));
+        print_device_memory(&r);
         long sel = 0;
         for (int i = 0; i < b * cfg->seq_len; i++) sel += r.labels[i] != r.corpus.vocab.pad_id;
         printf("# %ld of %d positions selected for prediction (%.1f%%); dry run: nothing trained\n", sel,
