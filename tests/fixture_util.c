@@ -2,6 +2,7 @@
 #include "fixture_util.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -18,7 +19,9 @@ size_t fixture_entry_numel(const ParamEntry *e) {
     return (size_t)e->shape[0] * (e->ndim == 2 ? (size_t)e->shape[1] : 1);
 }
 
-int fixture_is_key_bias(const char *name) { return strstr(name, "self_attn.key.linear.bias") != NULL; }
+int fixture_is_key_bias(const char *name) {
+    return strstr(name, "self_attn.key.linear.bias") != NULL || strstr(name, "attention.self.key.bias") != NULL;
+}
 
 double fixture_rel_err(const float *a, const double *b, size_t n) {
     double num = 0.0, den = 0.0;
@@ -111,4 +114,29 @@ int fixture_config(const StFile *fx, FixtureConfig *out, char *err, size_t errle
         return 1;
     }
     return 0;
+}
+
+double fixture_worst_tensor_err(const ModelConfig *c, const float *a, const float *b, char *name) {
+    int n_tab = model_param_table(c, NULL);
+    ParamEntry *tab = mlm_malloc((size_t)n_tab * sizeof(ParamEntry), "parameter table");
+    model_param_table(c, tab);
+    double worst = 0.0, largest = 0.0;
+    for (size_t i = 0; i < model_num_params(c); i++) largest = fmax(largest, fabs((double)b[i]));
+    snprintf(name, 96, "-");
+    for (int k = 0; k < n_tab; k++) {
+        size_t n = fixture_entry_numel(&tab[k]), o = tab[k].offset;
+        double num = 0.0, den = fixture_is_key_bias(tab[k].name) ? largest : 0.0;
+        for (size_t i = 0; i < n; i++) {
+            double d = fabs((double)a[o + i] - (double)b[o + i]);
+            num = isnan(d) ? INFINITY : fmax(num, d);
+            den = fmax(den, fabs((double)b[o + i]));
+        }
+        double r = den > 0 ? num / den : num;
+        if (r >= worst) {
+            worst = r;
+            snprintf(name, 96, "%s", tab[k].name);
+        }
+    }
+    free(tab);
+    return worst;
 }

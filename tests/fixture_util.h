@@ -13,13 +13,16 @@
 size_t fixture_numel(const StTensor *t);
 // Elements of a parameter table entry.
 size_t fixture_entry_numel(const ParamEntry *e);
-// The attention key bias: its gradient is zero in exact arithmetic (softmax ignores a constant shift of the
+// The attention key bias (labml's or BERT's): its gradient is zero in exact arithmetic (softmax ignores a constant shift of the
 // scores), so tests compare it against the model's largest gradient instead of its own.
 int fixture_is_key_bias(const char *name);
 // The fixture tests' error measure: max|a - b| / max|b| over n elements (the absolute error when max|b| is
 // 0); a NaN difference counts as infinite.
 double fixture_rel_err(const float *a, const double *b, size_t n);
 double fixture_max_abs(const double *b, size_t n);
+// Per parameter tensor of c, max |a - b| / max |b| (the key bias: / the largest |b| of the model); returns the worst
+// and writes its tensor's name into name[96] (the CUDA tests' gradient comparisons).
+double fixture_worst_tensor_err(const ModelConfig *c, const float *a, const float *b, char *name);
 // Fetch a floating tensor (F32 or F64) as doubles (malloc'ed); a failed CHECK and NULL if it is missing or
 // has the wrong size. `path` names the file in messages.
 double *fixture_floats(const StFile *fx, const char *path, const char *name, size_t n);

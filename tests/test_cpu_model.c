@@ -1,6 +1,7 @@
-// test_cpu_model.c: the whole CPU model: parameter count, finite-difference gradients of every parameter
-// tensor (dropout off and on), bit-identical results for 1 and 2 threads, batch-prefix independence,
-// clipping, an all-ignored batch, and a short overfitting run.
+// test_cpu_model.c: the whole CPU model, both architectures (labml, bert): parameter count, finite-difference
+// gradients of every parameter tensor (dropout off and on), bit-identical results for 1 and 2 threads,
+// batch-prefix independence, clipping, an all-ignored batch, and a short overfitting run; for bert also the
+// frozen [PAD] row and [PAD] keys masked out of attention.
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -22,22 +23,38 @@ static double rand_unit(void) {
 }
 
 static const char *tensor_names[MODEL_NUM_PARAM_TENSORS] = {
-    "tok_emb", "ln1_w", "ln1_b", "qkv_w", "qkv_b", "out_w", "out_b", "ln2_w", "ln2_b",
-    "ff1_w", "ff1_b", "ff2_w", "ff2_b", "lnf_w", "lnf_b", "gen_w", "gen_b",
+    "tok_emb", "pos_emb", "type_emb", "emb_ln_w", "emb_ln_b", "ln1_w", "ln1_b", "qkv_w", "qkv_b", "out_w", "out_b",
+    "ln2_w", "ln2_b", "ff1_w", "ff1_b", "ff2_w", "ff2_b", "lnf_w", "lnf_b", "head_w", "head_b", "head_ln_w",
+    "head_ln_b", "gen_w", "gen_b",
 };
 
-// Start pointer and size of every parameter tensor, and whether it is stacked over layers.
+// labml's model (the fields after ln_eps zero) and BERT's at the same shapes.
+static ModelConfig labml_cfg(int V, int C, int H, int L, int F, int T, float p) {
+    ModelConfig c = {.vocab = V, .d_model = C, .n_heads = H, .n_layers = L, .d_ff = F, .max_seq = T, .dropout = p,
+                     .ln_eps = 1e-5f};
+    return c;
+}
+static ModelConfig bert_cfg(int V, int C, int H, int L, int F, int T, float p, int pad) {
+    ModelConfig c = labml_cfg(V, C, H, L, F, T, p);
+    c.ln_eps = 1e-12f;
+    c.arch = MODEL_ARCH_BERT;
+    c.max_positions = T + 3;
+    c.type_vocab = 2;
+    c.init_std = 0.02f;
+    c.pad_id = pad;
+    return c;
+}
+
+// Start pointer and size of every parameter tensor, and whether it is stacked over layers (fields 5..16).
 static void tensor_table(const ModelConfig *c, const ParamTensors *t, float *ptr[], size_t size[], int per_layer[]) {
-    size_t V = c->vocab, C = c->d_model, F = c->d_ff, L = c->n_layers;
-    float *p[MODEL_NUM_PARAM_TENSORS] = {t->tok_emb, t->ln1_w, t->ln1_b, t->qkv_w, t->qkv_b, t->out_w, t->out_b,
-                                         t->ln2_w, t->ln2_b, t->ff1_w, t->ff1_b, t->ff2_w, t->ff2_b,
-                                         t->lnf_w, t->lnf_b, t->gen_w, t->gen_b};
-    size_t s[MODEL_NUM_PARAM_TENSORS] = {V * C, L * C, L * C, L * 3 * C * C, L * 3 * C, L * C * C, L * C, L * C, L * C,
-                                         L * F * C, L * F, L * C * F, L * C, C, C, V * C, V};
+    float *p[MODEL_NUM_PARAM_TENSORS] = {t->tok_emb, t->pos_emb, t->type_emb, t->emb_ln_w, t->emb_ln_b, t->ln1_w,
+                                         t->ln1_b, t->qkv_w, t->qkv_b, t->out_w, t->out_b, t->ln2_w, t->ln2_b, t->ff1_w,
+                                         t->ff1_b, t->ff2_w, t->ff2_b, t->lnf_w, t->lnf_b, t->head_w, t->head_b,
+                                         t->head_ln_w, t->head_ln_b, t->gen_w, t->gen_b};
+    model_tensor_sizes(c, size);
     for (int i = 0; i < MODEL_NUM_PARAM_TENSORS; i++) {
         ptr[i] = p[i];
-        size[i] = s[i];
-        per_layer[i] = i >= 1 && i <= 12;
+        per_layer[i] = i >= 5 && i <= 16;
     }
 }
 
@@ -77,10 +94,19 @@ static void init_params(CpuModel *m, uint64_t seed) {
         m->p.ln2_w[i] += (float)(0.4 * rand_unit() - 0.2);
         m->p.ln2_b[i] = (float)(0.4 * rand_unit() - 0.2);
     }
-    for (int i = 0; i < c->d_model; i++) {
-        m->p.lnf_w[i] += (float)(0.4 * rand_unit() - 0.2);
-        m->p.lnf_b[i] = (float)(0.4 * rand_unit() - 0.2);
-    }
+    float *w[3] = {m->p.lnf_w, m->p.emb_ln_w, m->p.head_ln_w}, *b[3] = {m->p.lnf_b, m->p.emb_ln_b, m->p.head_ln_b};
+    size_t sizes[MODEL_NUM_PARAM_TENSORS];
+    model_tensor_sizes(c, sizes);
+    size_t n[3] = {sizes[17], sizes[3], sizes[21]};  // lnf_w (labml), emb_ln_w and head_ln_w (bert)
+    for (int k = 0; k < 3; k++)
+        for (size_t i = 0; i < n[k]; i++) {
+            w[k][i] += (float)(0.4 * rand_unit() - 0.2);
+            b[k][i] = (float)(0.4 * rand_unit() - 0.2);
+        }
+    // bert: biases start at 0 and weights at N(0, 0.02); larger values make every gradient generic.
+    if (c->arch == MODEL_ARCH_BERT)
+        for (size_t i = 0; i < m->n_params; i++) m->params[i] += (float)(0.3 * rand_unit() - 0.15);
+    if (c->arch == MODEL_ARCH_BERT) memset(m->p.tok_emb + (size_t)c->pad_id * c->d_model, 0, c->d_model * sizeof(float));
 }
 
 // Whole-model gradient check. Tolerance: the forward is float through ~20 ops, so logits carry ~1e-6
@@ -105,18 +131,23 @@ static double fd_at(CpuModel *m, float *x, float h, const int *in, const int *la
     return (lp - lm) / ((double)xp - (double)xm);
 }
 
-static void test_gradients(int with_dropout) {
-    ModelConfig cfg = {11, 8, 2, 2, 12, 5, 0.1f, 1e-5f};
-    int B = 3, max_B = 4, pad = 9, N = B * cfg.max_seq;
-    printf("whole-model gradient check, V=11 C=8 H=2 L=2 F=12 T=5 B=3 (max 4), dropout %s\n",
-           with_dropout ? "p=0.1 at a fixed step" : "off");
+static void test_gradients(int arch, int with_dropout) {
+    int B = 3, max_B = 4, pad = 9;
+    ModelConfig cfg = arch == MODEL_ARCH_BERT ? bert_cfg(11, 8, 2, 2, 12, 5, 0.1f, pad) : labml_cfg(11, 8, 2, 2, 12, 5, 0.1f);
+    int N = B * cfg.max_seq;
+    printf("whole-model gradient check (%s), V=11 C=8 H=2 L=2 F=12 T=5 B=3 (max 4), dropout %s\n",
+           arch == MODEL_ARCH_BERT ? "bert" : "labml", with_dropout ? "p=0.1 at a fixed step" : "off");
     CpuModel *m = cpu_model_create(&cfg, max_B);
     init_params(m, 3);
     int inputs[15], labels[15];
     random_batch(inputs, labels, N, cfg.vocab, pad, 0.8);
+    if (arch == MODEL_ARCH_BERT) {  // [PAD] inputs: their keys are masked out of attention (two in row 1)
+        inputs[5 + 1] = pad;
+        inputs[5 + 3] = pad;
+    }
     Rng rng;
     rng_init(&rng, 99, RNG_DOMAIN_TRAIN);
-    DropoutCtx d = {&rng, rng_layout(max_B, cfg.max_seq, cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.n_layers), 6, 0.1f, 0, 0};
+    DropoutCtx d = {&rng, model_rng_layout(&cfg, max_B), 6, 0.1f, 0, 0};
     const DropoutCtx *drop = with_dropout ? &d : NULL;
 
     float loss = cpu_model_forward(m, inputs, labels, B, pad, drop, NULL);
@@ -132,6 +163,7 @@ static void test_gradients(int with_dropout) {
     tensor_table(&cfg, &m->p, ptr, size, per_layer);
     double overall = 0.0;
     for (int t = 0; t < MODEL_NUM_PARAM_TENSORS; t++) {
+        if (size[t] == 0) continue;  // not a tensor of this architecture
         // Samples from every layer of a stacked tensor: 5 per layer, or 8 for a single tensor.
         int groups = per_layer[t] ? cfg.n_layers : 1, per_group = per_layer[t] ? 5 : 8;
         size_t group_size = size[t] / groups;
@@ -140,6 +172,8 @@ static void test_gradients(int with_dropout) {
         for (int gi = 0; gi < groups; gi++)
             for (int s = 0; s < per_group; s++) {
                 size_t idx = gi * group_size + (size_t)(rand_unit() * group_size);
+                // bert's [PAD] row is frozen: its gradient is 0 by definition (checked below), not the loss's.
+                if (arch == MODEL_ARCH_BERT && t == 0 && idx / cfg.d_model == (size_t)pad) idx = (idx + 2 * cfg.d_model) % size[t];
                 float *x = ptr[t] + idx;
                 float analytic = grads[x - m->params];
                 double fd = fd_at(m, x, 1e-2f, inputs, labels, B, pad, drop);
@@ -161,6 +195,33 @@ static void test_gradients(int with_dropout) {
         overall = fmax(overall, worst_ratio);
     }
     printf("  worst error / tolerance over all tensors: %.3f\n", overall);
+    if (arch == MODEL_ARCH_BERT) {
+        int moved = 0;
+        for (int c = 0; c < cfg.d_model; c++) moved += grads[(size_t)pad * cfg.d_model + c] != 0.0f;
+        CHECK(moved == 0, "%d gradients of the frozen [PAD] row are not 0", moved);
+        // The masked keys: changing a [PAD] input's own key and value changes no other row's output. Its row's
+        // query still attends (its logits exist, labels may ask for them), so compare the other rows only.
+        cpu_model_forward(m, inputs, labels, B, pad, NULL, NULL);
+        size_t NV = (size_t)N * cfg.vocab;
+        float *before = mlm_malloc(NV * sizeof(float), "logits");
+        memcpy(before, m->logits, NV * sizeof(float));
+        float saved = m->p.pos_emb[1 * cfg.d_model];  // position 1 is a [PAD] only in row 1
+        m->p.pos_emb[1 * cfg.d_model] += 0.5f;
+        cpu_model_forward(m, inputs, labels, B, pad, NULL, NULL);
+        int leaked = 0, moved_rows = 0;
+        for (int r = 0; r < N; r++)
+            for (int v = 0; v < cfg.vocab; v++) {
+                int differs = m->logits[(size_t)r * cfg.vocab + v] != before[(size_t)r * cfg.vocab + v];
+                if (r / cfg.max_seq == 1 && r % cfg.max_seq != 1) leaked += differs;  // row 1's other positions
+                if (r / cfg.max_seq != 1 && r % cfg.max_seq == 1) moved_rows += differs;  // control: not masked
+            }
+        m->p.pos_emb[1 * cfg.d_model] = saved;
+        printf("  [PAD] key of row 1 moved: %d logits of its other positions changed (0 wanted); control rows: %d\n",
+               leaked, moved_rows);
+        CHECK(leaked == 0 && moved_rows > 0, "the [PAD] key leaks into attention (%d) or the control does not move (%d)",
+              leaked, moved_rows);
+        free(before);
+    }
     free(grads);
     rng_free(&rng);
     cpu_model_free(m);
@@ -174,7 +235,7 @@ static float run_step(int threads, const ModelConfig *cfg, int B, const int *in,
     model_init_params(cfg, m->params, 42, 0);
     Rng rng;
     rng_init(&rng, 5, RNG_DOMAIN_TRAIN);
-    DropoutCtx d = {&rng, rng_layout(B + 1, cfg->max_seq, cfg->d_model, cfg->n_heads, cfg->d_ff, cfg->n_layers), 3, 0.1f, 0, 0};
+    DropoutCtx d = {&rng, model_rng_layout(cfg, B + 1), 3, 0.1f, 0, 0};
     int correct = 0;
     float loss = cpu_model_forward(m, in, lab, B, pad, &d, &correct);
     memcpy(logits_out, m->logits, (size_t)B * cfg->max_seq * cfg->vocab * sizeof(float));
@@ -192,14 +253,18 @@ static float run_step(int threads, const ModelConfig *cfg, int B, const int *in,
     return loss;
 }
 
-static void test_thread_determinism(void) {
+static void test_thread_determinism(int arch) {
     // Large enough that every op's loop passes MLM_PARALLEL_MIN_WORK and really runs on both threads.
-    ModelConfig cfg = {67, 128, 4, 2, 160, 32, 0.1f, 1e-5f};
-    int B = 9, pad = 65, N = B * cfg.max_seq;
-    printf("determinism: one training step (dropout on) with 1 and 2 threads, V=67 C=128 H=4 L=2 F=160 T=32 B=9\n");
+    int B = 9, pad = 65;
+    ModelConfig cfg = arch == MODEL_ARCH_BERT ? bert_cfg(67, 128, 4, 2, 160, 32, 0.1f, pad)
+                                              : labml_cfg(67, 128, 4, 2, 160, 32, 0.1f);
+    int N = B * cfg.max_seq;
+    printf("determinism (%s): one training step (dropout on) with 1 and 2 threads, V=67 C=128 H=4 L=2 F=160 T=32 B=9\n",
+           arch == MODEL_ARCH_BERT ? "bert" : "labml");
     size_t P = model_num_params(&cfg), NL = (size_t)N * cfg.vocab;
     int *in = mlm_malloc(N * sizeof(int), "in"), *lab = mlm_malloc(N * sizeof(int), "lab");
     random_batch(in, lab, N, cfg.vocab, pad, 0.15);
+    for (int i = N - 7; i < N; i++) in[i] = pad;  // a padded tail: bert masks those keys
     float *g1 = mlm_malloc(P * 4, "g"), *g2 = mlm_malloc(P * 4, "g"), *p1 = mlm_malloc(P * 4, "p"), *p2 = mlm_malloc(P * 4, "p");
     float *l1 = mlm_malloc(NL * 4, "l"), *l2 = mlm_malloc(NL * 4, "l");
     float loss1 = run_step(1, &cfg, B, in, lab, pad, g1, p1, l1);
@@ -214,7 +279,7 @@ static void test_thread_determinism(void) {
 }
 
 static void test_batch_prefix_and_edge_cases(void) {
-    ModelConfig cfg = {11, 8, 2, 2, 12, 5, 0.1f, 1e-5f};
+    ModelConfig cfg = labml_cfg(11, 8, 2, 2, 12, 5, 0.1f);
     int pad = 9, B = 3, N = B * cfg.max_seq;
     printf("batch prefix, all-ignored batch, forward without labels, clipping\n");
     int inputs[15], labels[15];
@@ -266,8 +331,8 @@ static void test_batch_prefix_and_edge_cases(void) {
     cpu_model_free(b);
 }
 
-static void test_overfit(void) {
-    ModelConfig cfg = {11, 16, 2, 2, 32, 8, 0.0f, 1e-5f};
+static void test_overfit(int arch) {
+    ModelConfig cfg = arch == MODEL_ARCH_BERT ? bert_cfg(11, 16, 2, 2, 32, 8, 0.0f, 9) : labml_cfg(11, 16, 2, 2, 32, 8, 0.0f);
     int B = 4, pad = 9, N = B * cfg.max_seq;
     CpuModel *m = cpu_model_create(&cfg, B);
     model_init_params(&cfg, m->params, 4, 1);
@@ -284,7 +349,8 @@ static void test_overfit(void) {
         cpu_clip_grads(m->grads, m->n_params, 1.0f);
         cpu_adam_update(&oc, m->params, m->grads, mo, vo, NULL, m->n_params, t, optim_lr(&oc, t));
     }
-    printf("overfitting one batch: loss %.4f -> %.4f after 200 AdamW steps, %d of %d correct\n", first, last, correct,
+    printf("overfitting one batch (%s): loss %.4f -> %.4f after 200 AdamW steps, %d of %d correct\n",
+           arch == MODEL_ARCH_BERT ? "bert" : "labml", first, last, correct,
            m->n_targets);
     CHECK(last < 0.1f * first && correct == m->n_targets, "the model does not learn one batch: %g -> %g", first, last);
     free(mo);
@@ -294,14 +360,22 @@ static void test_overfit(void) {
 
 int main(void) {
     omp_set_num_threads(2);
-    ModelConfig ref = {67, 128, 8, 6, 256, 32, 0.1f, 1e-5f};
+    ModelConfig ref = labml_cfg(67, 128, 8, 6, 256, 32, 0.1f);
     size_t n = model_num_params(&ref);
     printf("reference configuration: %zu parameters\n", n);
     CHECK(n == 812355, "model_num_params = %zu, expected 812355", n);
-    test_gradients(0);
-    test_gradients(1);
-    test_thread_determinism();
+    // bert-base as transformers counts BertForMaskedLM.num_parameters() (the tied decoder once): 109,514,298.
+    ModelConfig base = bert_cfg(30522, 768, 12, 12, 3072, 128, 0.1f, 0);
+    base.max_positions = 512;
+    n = model_num_params(&base);
+    printf("bert-base (BertForMaskedLM): %zu parameters\n", n);
+    CHECK(n == 109514298, "model_num_params = %zu, expected 109514298", n);
+    for (int arch = MODEL_ARCH_LABML; arch <= MODEL_ARCH_BERT; arch++) {
+        test_gradients(arch, 0);
+        test_gradients(arch, 1);
+        test_thread_determinism(arch);
+        test_overfit(arch);
+    }
     test_batch_prefix_and_edge_cases();
-    test_overfit();
     return test_finish("test_cpu_model");
 }

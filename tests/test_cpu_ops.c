@@ -359,6 +359,78 @@ static void test_layernorm(void) {
     free(c.x); free(c.w); free(c.b); free(c.y); free(c.mean); free(c.rstd); free(c.r); free(dx); free(dw); free(db);
 }
 
+// ---- GELU and BERT's embeddings (arch = bert) ---------------------------------------------------------
+
+typedef struct {
+    size_t n;
+    float *x, *y, *r;
+} GeluCtx;
+
+static double gelu_loss(void *p) {
+    GeluCtx *c = p;
+    gelu_forward(c->y, c->x, c->n);
+    return dot_double(c->y, c->r, c->n);
+}
+
+static void test_gelu(void) {
+    printf("GELU (erf form), n=41 over [-6, 6] and 0\n");
+    GeluCtx c = {41, NULL, NULL, NULL};
+    c.x = alloc_zero(c.n); c.y = alloc_zero(c.n); c.r = alloc_rand(c.n, 1.0f);
+    for (size_t i = 0; i < c.n; i++) c.x[i] = -6.0f + 12.0f * (float)i / (float)(c.n - 1);  // x[20] == 0
+    gelu_loss(&c);
+    // Against the definition in double: erff and the product each round once or twice (~2 ulp of |y| <= 6).
+    double e = 0.0;
+    for (size_t i = 0; i < c.n; i++) {
+        double x = c.x[i], want = 0.5 * x * (1.0 + erf(x / sqrt(2.0)));
+        e = fmax(e, fabs(want - c.y[i]) / fmax(1.0, fabs(want)));
+    }
+    printf("  forward vs double definition: max rel err %.2e\n", e);
+    CHECK(e < 1e-6, "GELU forward error %.2e", e);
+    float *dx = alloc_zero(c.n);
+    gelu_backward(dx, c.r, c.x, c.n);
+    fd_check("gelu d input", gelu_loss, &c, c.x, dx, c.n, 1e-2f, FD_ATOL, FD_RTOL);
+    free(c.x); free(c.y); free(c.r); free(dx);
+}
+
+typedef struct {
+    int B, T, C, V;
+    const int *tok;
+    float *word, *pos, *type, *y, *r;
+} BertEmbCtx;
+
+static double bert_emb_loss(void *p) {
+    BertEmbCtx *c = p;
+    bert_embedding_forward(c->y, c->tok, c->word, c->pos, c->type, c->B, c->T, c->C, c->V);
+    return dot_double(c->y, c->r, (size_t)c->B * c->T * c->C);
+}
+
+static void test_bert_embedding(void) {
+    printf("BERT embeddings (word + type 0 + learned position), B=2 T=4 C=3 V=6, position table of 5 rows\n");
+    static const int tok[8] = {3, 0, 5, 3, 1, 1, 4, 0};  // repeated tokens: their gradients must add up
+    BertEmbCtx c = {2, 4, 3, 6, tok, NULL, NULL, NULL, NULL, NULL};
+    size_t ny = (size_t)c.B * c.T * c.C;
+    c.word = alloc_rand((size_t)c.V * c.C, 1.0f); c.pos = alloc_rand(5 * (size_t)c.C, 1.0f);
+    c.type = alloc_rand(2 * (size_t)c.C, 1.0f); c.y = alloc_zero(ny); c.r = alloc_rand(ny, 1.0f);
+    bert_emb_loss(&c);
+    double e = 0.0;
+    for (int n = 0; n < c.B * c.T; n++)
+        for (int k = 0; k < c.C; k++)
+            e = fmax(e, fabs((double)c.word[tok[n] * c.C + k] + c.type[k] + c.pos[(n % c.T) * c.C + k] - c.y[n * c.C + k]));
+    printf("  forward vs definition: max |err| %.2e\n", e);
+    CHECK(e < 1e-6, "BERT embedding forward error %.2e", e);  // two float adds of O(1) terms: <= 2 ulp
+    float *dw = alloc_zero((size_t)c.V * c.C), *dp = alloc_zero(5 * (size_t)c.C), *dt = alloc_zero(2 * (size_t)c.C);
+    bert_embedding_backward(dw, dp, dt, c.r, tok, c.B, c.T, c.C);
+    // The loss is linear: FD is exact up to rounding, with any h. Rows never used (word 2, position 4, type 1)
+    // must get exactly 0.
+    fd_check("bert embedding d word", bert_emb_loss, &c, c.word, dw, (size_t)c.V * c.C, 1e-2f, FD_ATOL, FD_RTOL);
+    fd_check("bert embedding d position", bert_emb_loss, &c, c.pos, dp, 5 * (size_t)c.C, 1e-2f, FD_ATOL, FD_RTOL);
+    fd_check("bert embedding d type", bert_emb_loss, &c, c.type, dt, 2 * (size_t)c.C, 1e-2f, FD_ATOL, FD_RTOL);
+    int unused_nonzero = 0;
+    for (int k = 0; k < c.C; k++) unused_nonzero += dw[2 * c.C + k] != 0 || dp[4 * c.C + k] != 0 || dt[c.C + k] != 0;
+    CHECK(unused_nonzero == 0, "rows no position uses got a gradient");
+    free(c.word); free(c.pos); free(c.type); free(c.y); free(c.r); free(dw); free(dp); free(dt);
+}
+
 // ---- Attention core ---------------------------------------------------------------------------------------
 
 typedef struct {
@@ -366,11 +438,12 @@ typedef struct {
     float *qkv, *att, *y, *r;
     const uint8_t *keep;
     float scale;
+    const uint8_t *key_valid;  // [B, T] key-padding mask (NULL: none)
 } AttCtx;
 
 static double att_loss(void *p) {
     AttCtx *c = p;
-    attention_forward(c->y, c->att, c->qkv, c->keep, c->scale, c->B, c->T, c->C, c->H);
+    attention_forward(c->y, c->att, c->qkv, c->keep, c->scale, c->B, c->T, c->C, c->H, c->key_valid);
     return dot_double(c->y, c->r, (size_t)c->B * c->T * c->C);
 }
 
@@ -382,11 +455,15 @@ static double attention_reference_error(const AttCtx *c) {
         for (int h = 0; h < c->H; h++)
             for (int i = 0; i < c->T; i++) {
                 double s[64], mx = -1e300, sum = 0.0;
+                // transformers' additive mask: a key with valid 0 gets -inf (a sequence with no valid key: none).
+                int any_valid = 0;
+                for (int j = 0; j < c->T; j++) any_valid |= !c->key_valid || c->key_valid[b * c->T + j];
                 for (int j = 0; j < c->T; j++) {
                     double d = 0.0;
                     for (int k = 0; k < hs; k++)
                         d += (double)c->qkv[(b * c->T + i) * C3 + h * hs + k] * c->qkv[(b * c->T + j) * C3 + c->C + h * hs + k];
                     s[j] = d / sqrt((double)hs);
+                    if (any_valid && c->key_valid && !c->key_valid[b * c->T + j]) s[j] = -INFINITY;
                     mx = fmax(mx, s[j]);
                 }
                 for (int j = 0; j < c->T; j++) sum += (s[j] = exp(s[j] - mx));
@@ -405,10 +482,12 @@ static double attention_reference_error(const AttCtx *c) {
     return e;
 }
 
-static void test_attention(int with_dropout) {
-    printf("attention core (softmax(QK^T/sqrt(hs)) V, no mask), B=3 T=5 C=6 H=2, dropout %s\n",
-           with_dropout ? "p=0.3" : "off");
-    AttCtx c = {3, 5, 6, 2, NULL, NULL, NULL, NULL, NULL, 1.0f};
+static void test_attention(int with_dropout, int key_padding) {
+    printf("attention core (softmax(QK^T/sqrt(hs)) V, %s), B=3 T=5 C=6 H=2, dropout %s\n",
+           key_padding ? "[PAD] keys masked: row 0 none, row 1 two, row 2 all" : "no mask", with_dropout ? "p=0.3" : "off");
+    // Row 2 has no valid key: it attends to every key (ops.h), as transformers' additive mask does in effect.
+    static const uint8_t valid[15] = {1, 1, 1, 1, 1, 1, 0, 1, 1, 0, 0, 0, 0, 0, 0};
+    AttCtx c = {3, 5, 6, 2, NULL, NULL, NULL, NULL, NULL, 1.0f, key_padding ? valid : NULL};
     size_t nqkv = (size_t)c.B * c.T * 3 * c.C, ny = (size_t)c.B * c.T * c.C, natt = (size_t)c.B * c.H * c.T * c.T;
     c.qkv = alloc_rand(nqkv, 1.5f); c.att = alloc_zero(natt); c.y = alloc_zero(ny); c.r = alloc_rand(ny, 1.0f);
     uint8_t *keep = NULL;
@@ -426,10 +505,18 @@ static void test_attention(int with_dropout) {
     double e = attention_reference_error(&c);
     printf("  forward vs double reference: max |err| %.2e\n", e);
     CHECK(e < 1e-5, "attention forward error %.2e", e);
+    if (key_padding) {  // the masked keys' probabilities are exactly 0, so their values cannot leak in
+        int nonzero = 0;
+        for (int bh = 0; bh < c.B * c.H; bh++)
+            for (int i = 0; i < c.T; i++)
+                for (int j = 0; j < c.T; j++)
+                    nonzero += bh / c.H == 1 && !valid[c.T + j] && c.att[((size_t)bh * c.T + i) * c.T + j] != 0.0f;
+        CHECK(nonzero == 0, "%d probabilities of masked keys are not exactly 0", nonzero);
+    }
     float *dqkv = alloc_rand(nqkv, 1.0f);  // overwritten by the backward
     attention_backward(dqkv, c.r, c.qkv, c.att, c.keep, c.scale, c.B, c.T, c.C, c.H);
-    fd_check(with_dropout ? "attention d qkv (dropout)" : "attention d qkv", att_loss, &c, c.qkv, dqkv, nqkv, 1e-2f,
-             FD_ATOL, FD_RTOL);
+    fd_check(key_padding ? "attention d qkv (key padding)" : with_dropout ? "attention d qkv (dropout)" : "attention d qkv",
+             att_loss, &c, c.qkv, dqkv, nqkv, 1e-2f, FD_ATOL, FD_RTOL);
     if (with_dropout) {
         rng_free(&rng);
         free(keep);
@@ -851,8 +938,11 @@ int main(void) {
     test_linear();
     test_embedding();
     test_layernorm();
-    test_attention(0);
-    test_attention(1);
+    test_attention(0, 0);
+    test_attention(1, 0);
+    test_attention(1, 1);
+    test_gelu();
+    test_bert_embedding();
     test_ffn(0);
     test_ffn(1);
     test_residual_dropout();

@@ -865,10 +865,10 @@ static void test_attention(void) {
             float *scores = host_zeros(BHTT);
             host_bmm(scores, q, k, BH, T, T, hs, 0, 1);
             float *d_att = dup_f(scores, BHTT), *d_attd = with_drop ? dmalloc(BHTT * sizeof(float)) : NULL;
-            cuda_softmax_forward(d_att, d_attd, d_keep, drop_scale, scale, BH, T, st);
+            cuda_softmax_forward(d_att, d_attd, d_keep, drop_scale, scale, BH, T, NULL, H, st);
             float *att = fetch_f(d_att, BHTT), *attd = with_drop ? fetch_f(d_attd, BHTT) : NULL;
             upload(d_att, scores, BHTT * sizeof(float));  // determinism: a second run
-            cuda_softmax_forward(d_att, d_attd, d_keep, drop_scale, scale, BH, T, st);
+            cuda_softmax_forward(d_att, d_attd, d_keep, drop_scale, scale, BH, T, NULL, H, st);
             float *att2 = fetch_f(d_att, BHTT);
             snprintf(what, sizeof(what), "softmax_forward %s", tag);
             expect_identical(what, att, att2, BHTT * sizeof(float));
@@ -893,7 +893,7 @@ static void test_attention(void) {
                 pv = attd;
             }
             float *out_c = host_zeros(NC), *att_c = host_zeros(BHTT);
-            attention_forward(out_c, att_c, qkv, keep, drop_scale, B, T, C, H);
+            attention_forward(out_c, att_c, qkv, keep, drop_scale, B, T, C, H, NULL);
             snprintf(what, sizeof(what), "softmax_forward vs attention_forward %s", tag);
             expect_close(what, att, att_c, BHTT, 2 * tol_sum(T));
             float *y = host_zeros(NC);
@@ -1012,12 +1012,12 @@ static void test_attention_fused(void) {
                 for (size_t i = 0; i < 3 * NC; i++) qkvb[i] = qkv[i] + bias[i % (3 * C)];
             uint8_t *d_keep = NULL, *keep = with_drop ? make_keep(BHTT, p, &d_keep) : NULL;
             float *out_c = host_zeros(NC), *att_c = host_zeros(BHTT);
-            attention_forward(out_c, att_c, qkvb, keep, drop_scale, B, T, C, H);
+            attention_forward(out_c, att_c, qkvb, keep, drop_scale, B, T, C, H, NULL);
             float *d_qkv = dup_f(qkv, 3 * NC), *d_bias = with_bias ? dup_f(bias, 3 * C) : NULL;
             float *d_out = dmalloc(NC * sizeof(float)), *d_att = dmalloc(BHTT * sizeof(float));
             float *g_out[2], *g_att[2];
             for (int run = 0; run < 2; run++) {
-                cuda_attention_forward(d_out, d_att, d_qkv, d_bias, d_keep, drop_scale, B, T, C, H, st);
+                cuda_attention_forward(d_out, d_att, d_qkv, d_bias, d_keep, drop_scale, B, T, C, H, NULL, st);
                 g_out[run] = fetch_f(d_out, NC);
                 g_att[run] = fetch_f(d_att, BHTT);
             }

@@ -67,33 +67,6 @@ static Setup setup(void) {
     return s;
 }
 
-// Per parameter tensor, max |a - b| / max |b| (the key bias: / the largest |b| of the model); the worst, and
-// the tensor where it is (name[96]).
-static double worst_tensor_err(const ModelConfig *c, const float *a, const float *b, char *name) {
-    int n_tab = model_param_table(c, NULL);
-    ParamEntry *tab = mlm_malloc((size_t)n_tab * sizeof(ParamEntry), "parameter table");
-    model_param_table(c, tab);
-    double worst = 0.0, largest = 0.0;
-    for (size_t i = 0; i < model_num_params(c); i++) largest = fmax(largest, fabs((double)b[i]));
-    snprintf(name, 96, "-");
-    for (int k = 0; k < n_tab; k++) {
-        size_t n = fixture_entry_numel(&tab[k]), o = tab[k].offset;
-        double num = 0.0, den = fixture_is_key_bias(tab[k].name) ? largest : 0.0;
-        for (size_t i = 0; i < n; i++) {
-            double d = fabs((double)a[o + i] - (double)b[o + i]);
-            num = isnan(d) ? INFINITY : fmax(num, d);
-            den = fmax(den, fabs((double)b[o + i]));
-        }
-        double r = den > 0 ? num / den : num;
-        if (r >= worst) {
-            worst = r;
-            snprintf(name, 96, "%s", tab[k].name);
-        }
-    }
-    free(tab);
-    return worst;
-}
-
 // Selected rows whose label logit and best other logit are within eps (argmax may differ by rounding).
 static int near_ties(const float *rows, const int *labels, int n, int V, double eps) {
     int ties = 0;
@@ -162,7 +135,7 @@ static void test_forward_backward(const Setup *s, CpuModel *cm, CudaModel *gm, R
     }
     int ties = near_ties(cm->logits, sel, n_sel, V, 2.0 * max_logit_diff);
     char where[96];
-    double rg = worst_tensor_err(c, g_sparse, cm->grads, where);
+    double rg = fixture_worst_tensor_err(c, g_sparse, cm->grads, where);
     double rl = fabs((double)ss.loss - loss_c) / fmax(fabs(loss_c), 1e-30);
     printf("  CUDA sparse vs CPU sparse: targets %d/%d, loss %.7f/%.7f (rel %.1e), correct %d/%d (%d near ties), "
            "logits max diff %.1e, grads %.1e (%s)\n", ss.n_targets, targets_c, ss.loss, loss_c, rl, ss.correct,
@@ -189,7 +162,7 @@ static void test_forward_backward(const Setup *s, CpuModel *cm, CudaModel *gm, R
             logit_max = fmax(logit_max, fabs((double)logits_d[i * V + v]));
         }
     }
-    double rd = worst_tensor_err(c, g_sparse, g_dense, where);
+    double rd = fixture_worst_tensor_err(c, g_sparse, g_dense, where);
     printf("  CUDA sparse vs CUDA dense: targets %d/%d, loss %.7f/%.7f, correct %d/%d, logits %.1e, grads %.1e (%s)\n",
            ss.n_targets, sd.n_targets, ss.loss, sd.loss, ss.correct, sd.correct, logit_err / fmax(logit_max, 1e-30),
            rd, where);

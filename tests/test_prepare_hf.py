@@ -35,7 +35,7 @@ def read_shard(path):
     ids = list(struct.unpack_from("<%d%s" % (ntok, "H" if width == 2 else "I"), b, 72))
     docs = list(struct.unpack_from("<%dQ" % (ndocs + 1), b, off))
     assert len(b) == off + 8 * (ndocs + 1) and docs[0] == 0 and docs[-1] == ntok
-    return ids, docs, flags
+    return ids, docs, flags, payload_hash
 
 
 def fnv1a(data):
@@ -46,25 +46,37 @@ def fnv1a(data):
 
 
 def read_set(d):
+    """The set's manifest (checksum checked: md5 of every byte before the last line) and both splits' tokens."""
+    raw = open(os.path.join(d, "manifest.txt"), "rb").read()
+    body, last = raw[:raw.rstrip(b"\n").rfind(b"\n") + 1], raw[raw.rstrip(b"\n").rfind(b"\n") + 1:]
+    assert last == b"checksum = " + hashlib.md5(body).hexdigest().encode() + b"\n", "manifest checksum"
     man, shards = {}, []
-    for line in open(os.path.join(d, "manifest.txt"), encoding="utf-8"):
+    for line in body.decode("utf-8").splitlines():
         if line.startswith("#") or " = " not in line:
             continue
-        k, v = line.rstrip("\n").split(" = ", 1)
+        k, v = line.split(" = ", 1)
         if k == "shard":
             shards.append(v.split())
         else:
             man[k] = v
     out = {"train": ([], []), "valid": ([], [])}
-    for split, f, ntok, ndocs in shards:
-        ids, docs, flags = read_shard(os.path.join(d, f))
-        assert len(ids) == int(ntok) and len(docs) == int(ndocs) + 1
+    for split, f, ntok, ndocs, phash in shards:
+        ids, docs, flags, h = read_shard(os.path.join(d, man.get("shard_dir", ""), f))
+        assert len(ids) == int(ntok) and len(docs) == int(ndocs) + 1 and int(phash, 16) == h
         toks, bounds = out[split]
         base = len(toks)
         starts = docs[:-1][1:] if flags & 1 else docs[:-1]  # a continued document does not start here
         bounds.extend(base + s for s in starts)
         toks.extend(ids)
     return man, out
+
+
+def shard_files(d):
+    """The shard files of the set in d (in its shard folder)."""
+    man = dict(l.split(" = ", 1) for l in open(os.path.join(d, "manifest.txt"), encoding="utf-8").read().splitlines()
+               if " = " in l and not l.startswith("shard ="))
+    folder = os.path.join(d, man.get("shard_dir", ""))
+    return folder, sorted(f for f in os.listdir(folder) if f.endswith(".bin"))
 
 
 def prepare(mlm, args, inputs, threads=2):
@@ -113,7 +125,7 @@ def main():
         theirs = hf(text, add_special_tokens=False)["input_ids"]
         print("tinyshakespeare: mlm prepare %.2f s, hf %.2f s" % (t1 - t0, time.perf_counter() - t1))
         fails += check("tinyshakespeare wordpiece", sets["train"][0] + sets["valid"][0], theirs)
-        if open(os.path.join(out, "vocab.txt"), "rb").read() != open(a.vocab, "rb").read() or \
+        if open(os.path.join(out, man["vocab"]), "rb").read() != open(a.vocab, "rb").read() or \
                 man["vocab_md5"] != hashlib.md5(open(a.vocab, "rb").read()).hexdigest():
             print("FAIL: the vocabulary copied into the set or its checksum differs")
             fails += 1
@@ -149,16 +161,20 @@ def main():
         out1 = os.path.join(tmp, "multi_t1")
         prepare(a.mlm, ["-t", "wordpiece", "--vocab", a.vocab, "-o", out1, "--documents", "blank",
                         "--valid-fraction", "0.3", "--seed", "7"], [multi], threads=1)
-        for f in sorted(os.listdir(out1)):
-            if f.endswith(".bin") and open(os.path.join(out1, f), "rb").read() != \
-                    open(os.path.join(tmp, "multi0", f), "rb").read():
+        (folder1, files1), (folder2, files2) = shard_files(out1), shard_files(os.path.join(tmp, "multi0"))
+        if files1 != files2 or open(os.path.join(out1, "manifest.txt"), "rb").read().split(b"\n")[1:-2] != \
+                open(os.path.join(tmp, "multi0", "manifest.txt"), "rb").read().split(b"\n")[1:-2]:
+            print("FAIL: other shard files or manifest with 1 and 2 threads: %s vs %s" % (files1, files2))
+            fails += 1
+        for f in files1:
+            if open(os.path.join(folder1, f), "rb").read() != open(os.path.join(folder2, f), "rb").read():
                 print("FAIL: %s differs between 1 and 2 threads" % f)
                 fails += 1
         # 4. Byte and char tokenizers, small shards (the text spans several), against Python.
         out = os.path.join(tmp, "byte")
         prepare(a.mlm, ["-t", "byte", "-o", out, "--shard-tokens", "300000"], [a.corpus])
         man, sets = read_set(out)
-        fails += check("tinyshakespeare byte (%d shards)" % len([f for f in os.listdir(out) if f.endswith(".bin")]),
+        fails += check("tinyshakespeare byte (%d shards)" % len(shard_files(out)[1]),
                        sets["train"][0],
                        list(text.encode("utf-8")))
         out = os.path.join(tmp, "char")

@@ -1,6 +1,6 @@
 // test_presets.c: the BERT presets (configs/bert-{tiny,mini,small,medium,base}.conf) over a WordPiece shard set that
 // `mlm prepare` makes from 200 KB of Tiny Shakespeare with the BERT uncased vocab.txt: each dry-runs, printing its parameter
-// count (checked against the closed form of the reference architecture) and memory; tiny and mini train a few
+// count (checked against the closed form of BertForMaskedLM) and memory; tiny and mini train a few
 // steps; a tiny run resumed from its step-2 checkpoint ends bit-identical (weights and Adam moments) to the
 // straight run; a shard set without manifest (an interrupted prepare) and a truncated shard are refused.
 // usage: test_presets MLM CONFIG_DIR VOCAB_TXT CORPUS
@@ -17,12 +17,13 @@
 static const char *mlm, *configs;
 static char tmp[256], set[300];
 
-// Parameters of the reference architecture: embedding V x C; per layer the attention's q, k, v and output
-// projections (4 C^2 + 4 C), the feed-forward (2 C F + F + C) and two LayerNorms (4 C); the final LayerNorm (2 C);
-// the classifier C x V + V.
+// Parameters of BertForMaskedLM (model.arch = bert): word embeddings V x C, 512 positions and 2 token types, the
+// embedding LayerNorm (2 C); per layer the attention's q, k, v and output projections (4 C^2 + 4 C), the feed-forward
+// (2 C F + F + C) and two LayerNorms (4 C); the head's transform (C^2 + C) and LayerNorm (2 C); the decoder tied to the
+// word embeddings plus its bias V. bert-base with the uncased vocabulary: 109,514,298, as transformers counts it.
 static long closed_form_params(long V, long C, long L) {
     long F = 4 * C;
-    return V * C + L * (4 * C * C + 4 * C + 2 * C * F + F + C + 4 * C) + 2 * C + C * V + V;
+    return V * C + 512 * C + 2 * C + 2 * C + L * (4 * C * C + 4 * C + 2 * C * F + F + C + 4 * C) + C * C + C + 2 * C + V;
 }
 
 static void test_dry_runs(void) {
@@ -96,7 +97,7 @@ static void test_training_and_resume(void) {
 static void test_damaged_sets(void) {
     char d[400];
     snprintf(d, sizeof(d), "%s/damaged", tmp);
-    test_run("cp -r %s %s && truncate -s -3 %s/train-00000.bin", set, d, d);
+    test_run("cp -r %s %s && truncate -s -3 %s/shards-*/train-00000.bin", set, d, d);
     CHECK(test_run("%s train --config %s/bert-tiny.conf --set data.path=%s --dry-run > %s.log 2>&1", mlm, configs, d,
                    d) == 1 && test_run("grep -q 'truncated' %s.log", d) == 0, "truncated shard refused");
     test_run("rm %s/manifest.txt", d);

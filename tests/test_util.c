@@ -2,6 +2,7 @@
 #include "test_util.h"
 
 #include "mlm/common.h"
+#include "mlm/shards.h"
 
 #include <math.h>
 #include <fcntl.h>
@@ -106,4 +107,43 @@ int test_train_losses(const char *run_dir, char losses[][32], int max) {
     }
     free(text);
     return n;
+}
+
+int test_file_contains(const char *path, const char *needle) {
+    size_t len;
+    char *t = mlm_read_file(path, &len);
+    int yes = t && strstr(t, needle) != NULL;
+    free(t);
+    return yes;
+}
+
+int test_same_file(const char *a, const char *b) {
+    size_t la, lb;
+    char *x = mlm_read_file(a, &la), *y = mlm_read_file(b, &lb);
+    int same = x && y && la == lb && !memcmp(x, y, la);
+    free(x);
+    free(y);
+    return same;
+}
+
+uint64_t test_shard_set_token(const char *path, uint64_t i, uint32_t id) {
+    size_t len;
+    unsigned char *d = (unsigned char *)mlm_read_file(path, &len);
+    if (!d || len < SHARD_HEADER_BYTES + 2 * (i + 1)) {
+        fprintf(stderr, "test_shard_set_token: cannot read token %llu of %s\n", (unsigned long long)i, path);
+        exit(1);
+    }
+    uint16_t v = (uint16_t)id;
+    memcpy(d + SHARD_HEADER_BYTES + 2 * i, &v, 2);
+    uint64_t h = shard_fnv1a(SHARD_FNV_INIT, d + SHARD_HEADER_BYTES, len - SHARD_HEADER_BYTES);
+    memcpy(d + 56, &h, 8);  // header: payload hash at 56, the header's own hash (of bytes 0..63) at 64
+    uint64_t hh = shard_fnv1a(SHARD_FNV_INIT, d, 64);
+    memcpy(d + 64, &hh, 8);
+    FILE *f = fopen(path, "wb");
+    if (!f || fwrite(d, 1, len, f) != len || fclose(f) != 0) {
+        fprintf(stderr, "test_shard_set_token: cannot write %s\n", path);
+        exit(1);
+    }
+    free(d);
+    return h;
 }

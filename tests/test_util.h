@@ -3,6 +3,7 @@
 #define MLM_TEST_UTIL_H
 
 #include <stddef.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <sys/types.h>
 
@@ -43,6 +44,14 @@ int test_wait(pid_t pid);
 // with %.9g, so equal strings mean equal floats). Returns how many train lines there are in that range (a step
 // logged twice counts twice), or -1 without a metrics file.
 int test_train_losses(const char *run_dir, char losses[][32], int max);
+
+// 1 if the file at path contains `needle` (0 if it cannot be read); 1 if two files hold the same bytes.
+int test_file_contains(const char *path, const char *needle);
+int test_same_file(const char *a, const char *b);
+
+// Rewrite token i (2-byte ids) of the shard file at path to `id` with its payload and header checksums made valid
+// again, as a buggy writer or a crafted file would leave it; returns the new payload hash (the manifest's entry).
+uint64_t test_shard_set_token(const char *path, uint64_t i, uint32_t id);
 
 // Path of the corpus for tests: $MLM_TEST_CORPUS or argv[1]; NULL (and a printed reason) if unreadable.
 const char *test_corpus_path(int argc, char **argv);

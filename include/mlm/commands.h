@@ -42,8 +42,9 @@ typedef struct {
 int eval_run(const EvalOptions *o);
 // `mlm fill`: predict the characters marked with _ or [MASK].
 int fill_run(const FillOptions *o);
-// `mlm export`: the checkpoint's weights as safetensors with PyTorch state_dict names and shapes.
-int export_run(const char *ckpt, const char *out_path);
+// `mlm export`: the checkpoint's weights as safetensors with PyTorch state_dict names and shapes (hf == 0), or a
+// model.arch = bert checkpoint as a transformers BertForMaskedLM directory (hf == 1, hf_bert.h).
+int export_run(const char *ckpt, const char *out_path, int hf);
 // `mlm info`: configuration, size, progress and the last metrics of a checkpoint and its run.
 int info_run(const char *ckpt);
 

@@ -41,11 +41,27 @@ char *mlm_strdup(const char *s);
 // directory, so that messages say what is wrong instead of "Input/output error").
 char *mlm_read_file(const char *path, size_t *len_out);
 
+// Open `path` for reading only if it is a regular file of at most max_bytes (0: any size). FIFOs, devices,
+// sockets and directories are refused without blocking (a FIFO waits for a writer forever, /dev/zero never
+// ends). `what` names the file's role in messages ("vocabulary", "shard"). Returns the descriptor (close it)
+// and the size in *size_out, or -1 with a message naming the file.
+int mlm_open_regular(const char *path, const char *what, uint64_t max_bytes, uint64_t *size_out, char *err,
+                     size_t errlen);
+// The whole of such a file, NUL-terminated (malloc'ed; *len_out = its length). NULL with a message.
+char *mlm_read_regular(const char *path, const char *what, uint64_t max_bytes, size_t *len_out, char *err,
+                       size_t errlen);
+// What kind of file st_mode is, for messages: "a directory", "a FIFO (named pipe)", "a character device" ...
+const char *mlm_file_kind(unsigned mode);
+
 // Strict integers (config keys, command-line numbers, checkpoint metadata): plain decimal digits with an
 // optional leading '-' (no '+', spaces, hex, octal or exponent), within [min, max]. Return 0 on success; on
 // failure 1 = not a plain decimal integer, 2 = outside [min, max] (the value is not stored either way).
 int mlm_parse_long(const char *s, long min, long max, long *out);
 int mlm_parse_u64(const char *s, uint64_t max, uint64_t *out);
+
+// Send SIGINT and SIGTERM to `handler`, without SA_RESTART: a read or open blocked on a pipe or a socket returns
+// (EINTR) so that the program can stop at its next check instead of waiting for data that may never come.
+void mlm_on_stop_signals(void (*handler)(int));
 
 // Monotonic wall clock in seconds.
 double mlm_now(void);

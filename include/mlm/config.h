@@ -26,6 +26,10 @@ typedef struct {
     double dropout;               // 0.1
     double ln_eps;                // 1e-5
     int init_copy_layers;         // model.init = copy (every layer a copy of one template) | pytorch
+    int arch;                     // model.arch = labml (the reference) | bert (transformers' BertForMaskedLM)
+    int max_positions;            // model.max_positions: 512 (bert: rows of the learned position table)
+    int type_vocab_size;          // model.type_vocab_size: 2 (bert)
+    double init_std;              // model.init_std: 0.02 (bert: N(0, init_std) weights)
     // [mask]
     int mask_scheme;              // mask.scheme = reference | bert
     double mask_prob, mask_unchanged_prob, mask_random_prob;  // 0.15, 0.1, 0.1

@@ -42,6 +42,11 @@ enum { VOCAB_KIND_CHAR = 0, VOCAB_KIND_BYTE = 1, VOCAB_KIND_WORDPIECE = 2 };
 // them; byte/wordpiece: specials inside [0, n_tokens), distinct, md5 of 32 hex digits. 0, or 1 with a message.
 int vocab_check(const Vocab *v, char *err, size_t errlen);
 
+// One character of s[0, n) (n >= 1): returns the bytes it takes (>= 1) and its code point in *cp, or UTF8_INVALID
+// with 1 byte for an invalid sequence (a stray or truncated one, an overlong form, a surrogate, over U+10FFFF).
+// The one definition of valid UTF-8 in mlm: every tokenizer drops or refuses exactly these bytes.
+#define UTF8_INVALID 0xFFFFFFFFu
+size_t utf8_next(const unsigned char *s, size_t n, uint32_t *cp);
 // Decode UTF-8 text into code points (malloc'ed). Returns -1 with a message in err for invalid UTF-8.
 long utf8_decode(const char *text, size_t len, uint32_t **out, char *err, size_t errlen);
 // Encode one code point as UTF-8 into buf (>= 5 bytes), NUL-terminated; returns the byte count.
@@ -75,6 +80,11 @@ typedef struct {
 // (n_train/n_valid = the splits' token counts). Exits with a clear message when the set is incomplete, corrupt or
 // too short (each split needs seq_len + 2 tokens). corpus_free releases it.
 void corpus_load_shards(Corpus *c, const char *path, int seq_len);
+// Read every byte of the shard set once (checksums and token ids, on every core) unless run_dir's stamp says this
+// run verified these very files before; write_stamp: record the result there (the holder of run_dir's lock).
+// Prints one line on stdout unless quiet; exits naming the shard and offset when the set is damaged. No-op for a
+// text corpus (it is read whole and decoded, so every id is in range by construction).
+void corpus_verify_shards(Corpus *c, const char *run_dir, int write_stamp, int quiet);
 
 // Load, decode, build the vocabulary (over train + valid, i.e. all text) and split. Exits with a clear
 // message for a missing, unreadable, empty, non-UTF-8 or too-short corpus (needs > seq_len + 1 tokens in

@@ -59,22 +59,29 @@ void rng_u32(Rng *rng, uint64_t offset, uint32_t *out, size_t n);
 void rng_normal(Rng *rng, uint64_t offset, float *out, size_t n, float mean, float std);
 
 // Where each random draw of one step lives. A step owns `per_step` consecutive outputs starting at
-// step * per_step; inside it the masking uniforms come first, then per layer the four dropout sites in
-// forward order, so a training run consumes its stream contiguously (no seeks; see rng_uniform).
-// Sizes are for the configured (maximum) batch, so a partial last batch uses a prefix of each site.
+// step * per_step; inside it the masking uniforms come first, then the embedding dropout (bert only; empty for
+// labml), then per layer the dropout sites in forward order, so a training run consumes its stream contiguously
+// (no seeks; see rng_uniform). Sizes are for the configured (maximum) batch, so a partial last batch uses a
+// prefix of each site. model_rng_layout (model.h) makes the layout of an architecture.
 typedef struct {
     uint64_t mask;        // 4 * B * T: U1 (select), U2 (unchanged), U3 (random), U4 (random token)
+    uint64_t embed;       // B * T * C: the embedding output's dropout (bert); 0 for labml
     uint64_t attn_probs;  // B * H * T * T per layer
     uint64_t attn_resid;  // B * T * C per layer
     uint64_t ffn_hidden;  // B * T * F per layer
     uint64_t ffn_resid;   // B * T * C per layer
     uint64_t per_layer;   // sum of the four dropout sites
-    uint64_t per_step;    // mask + n_layers * per_layer
+    uint64_t per_step;    // mask + embed + n_layers * per_layer
 } RngLayout;
 
-typedef enum { DROP_ATTN_PROBS = 0, DROP_ATTN_RESID = 1, DROP_FFN_HIDDEN = 2, DROP_FFN_RESID = 3 } DropSite;
+// DROP_EMBED is the one site outside the layers (its `layer` argument is ignored).
+typedef enum { DROP_ATTN_PROBS = 0, DROP_ATTN_RESID = 1, DROP_FFN_HIDDEN = 2, DROP_FFN_RESID = 3, DROP_EMBED = 4 } DropSite;
 
+// labml's layout: four sites per layer, no embedding site.
 RngLayout rng_layout(int B, int T, int C, int H, int F, int n_layers);
+// The same with an embedding site of `embed` outputs and an FFN-hidden site of `ffn_hidden` per layer (bert: B * T
+// * C and 0).
+RngLayout rng_layout_sites(int B, int T, int C, int H, uint64_t ffn_hidden, uint64_t embed, int n_layers);
 // Absolute offset of the masking uniforms of step `step`.
 uint64_t rng_mask_offset(const RngLayout *l, uint64_t step);
 // Absolute offset of dropout site `site` of layer `layer` in step `step`.

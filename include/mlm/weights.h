@@ -25,7 +25,8 @@ int weights_save(const char *path, const ModelConfig *mc, const Vocab *v, const 
 // listing every mismatch, unless the file holds exactly the model's tensors with its shapes in float32 (the
 // positional-encoding buffer of a labml_nn state_dict is allowed and ignored); then, when check_vocab is not
 // NULL, unless the vocabulary recorded in the file equals it (a file without one is accepted with a warning);
-// then unless every value is finite. params is written only on success.
+// then unless every value is finite. params is written only on success. A directory is a transformers model
+// (model.arch = bert): hf_import (hf_bert.h).
 int weights_load(const char *path, const ModelConfig *mc, const Vocab *check_vocab, float *params, char *err,
                  size_t errlen);
 

@@ -11,11 +11,13 @@ extern "C" {
 #endif
 
 #define WP_MAX_INPUT_CHARS_PER_WORD 100  // longer words become [UNK], as in BERT
+#define WP_VOCAB_MAX_BYTES ((uint64_t)256 << 20)  // a vocab.txt is at most this big (BERT's: 232 KB)
 
 typedef struct WordPiece WordPiece;
 
 // Load a BERT vocab.txt: one token per line, id = line number (0-based), trailing whitespace and '\r' trimmed.
-// Rejects unreadable files, invalid UTF-8, empty lines, duplicate tokens and a vocabulary without [UNK],
+// Rejects anything but a regular file of at most WP_VOCAB_MAX_BYTES, unreadable files, invalid UTF-8, empty lines,
+// duplicate tokens and a vocabulary without [UNK],
 // with "file:line: what" in err. lower != 0: lower-case and strip accents (BERT uncased; Hugging Face's
 // lowercase=True with strip_accents left unset). Returns NULL on error.
 WordPiece *wp_load(const char *path, int lower, char *err, size_t errlen);
@@ -34,6 +36,10 @@ const char *wp_token(const WordPiece *wp, int32_t id);
 // dropped like U+FFFD. As in Hugging Face, "[PAD]" "[UNK]" "[CLS]" "[SEP]" "[MASK]" written verbatim in the
 // text (case-sensitive, before normalisation) become those specials' ids.
 size_t wp_encode(const WordPiece *wp, const char *text, size_t len, int32_t *ids, size_t cap);
+
+// 1 if the basic tokenizer always ends a word at code point cp (whitespace, punctuation, a CJK character: each of
+// the last two is a word of its own), whatever surrounds it. `mlm prepare` cuts long runs of text there.
+int wp_ends_word(uint32_t cp);
 
 // The basic tokenizer alone (BertNormalizer and BertPreTokenizer as wp_encode applies them; specials written in
 // the text are not matched, as in Hugging Face's trainer on a fresh tokenizer): emit(ctx, word, len) for each

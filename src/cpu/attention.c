@@ -12,13 +12,13 @@
 #include "cpu/ops.h"
 #include "mlm/common.h"
 
-// Softmax of each of the T rows of s[T, T], in place.
-static void softmax_rows(float *s, int T) {
+// Softmax of each of the T rows of s[T, T], in place, over the keys j with valid[j] (valid == NULL: all).
+static void softmax_rows(float *s, int T, const uint8_t *valid) {
     for (int i = 0; i < T; i++) {
         float *row = s + (size_t)i * T;
-        float maxv = row[0];
-        for (int j = 1; j < T; j++) maxv = row[j] > maxv ? row[j] : maxv;
-        for (int j = 0; j < T; j++) row[j] = expf(row[j] - maxv);
+        float maxv = -INFINITY;
+        for (int j = 0; j < T; j++) maxv = (!valid || valid[j]) && row[j] > maxv ? row[j] : maxv;
+        for (int j = 0; j < T; j++) row[j] = !valid || valid[j] ? expf(row[j] - maxv) : 0.0f;
         float sum = 0.0f;
         for (int j = 0; j < T; j++) sum += row[j];
         float inv = 1.0f / sum;
@@ -31,8 +31,20 @@ static void apply_dropout(float *pd, const float *p, const uint8_t *keep, float 
     for (size_t i = 0; i < n; i++) pd[i] = p[i] * ((float)keep[i] * scale);
 }
 
+// The sequence's key mask for softmax_rows: NULL when every key is valid, and when none is (see ops.h).
+static const uint8_t *sequence_key_mask(const uint8_t *key_valid, int b, int T) {
+    if (!key_valid) return NULL;
+    const uint8_t *v = key_valid + (size_t)b * T;
+    int any = 0, all = 1;
+    for (int j = 0; j < T; j++) {
+        any |= v[j] != 0;
+        all &= v[j] != 0;
+    }
+    return any && !all ? v : NULL;
+}
+
 void attention_forward(float *out, float *att, const float *qkv, const uint8_t *keep, float drop_scale, int B,
-                       int T, int C, int H) {
+                       int T, int C, int H, const uint8_t *key_valid) {
     int hs = C / H, C3 = 3 * C;
     size_t TT = (size_t)T * T;
     float scale = 1.0f / sqrtf((float)hs);
@@ -48,7 +60,7 @@ void attention_forward(float *out, float *att, const float *qkv, const uint8_t *
             float *p = att + (size_t)bh * TT;                     // [T, T]
             // Scores (Q K^T) * scale, then the softmax over keys, saved for the backward.
             matmul_serial(0, 1, T, T, hs, scale, q, C3, k, C3, 0.0f, p, T);
-            softmax_rows(p, T);
+            softmax_rows(p, T, sequence_key_mask(key_valid, b, T));
             const float *pv = p;
             if (keep) {
                 apply_dropout(pd, p, keep + (size_t)bh * TT, drop_scale, TT);

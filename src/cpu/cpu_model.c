@@ -1,5 +1,6 @@
 // cpu_model.c: the CPU model instance: one allocation each for parameters, gradients and activations,
-// the forward (loss, accuracy) and backward passes composed from ops.h, and gradient norm / clipping.
+// the forward (loss, accuracy) and backward passes composed from ops.h for both architectures (labml's pre-LN
+// TransformerMLM and BertForMaskedLM, model.h), and gradient norm / clipping.
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,6 +42,17 @@ typedef struct {
     float *datty;                // [B, T, C]
     float *dqkv;                 // [B, T, 3C]
     float *dfch;                 // [B, T, F]
+    // arch = bert (empty for labml). There, ln1/ln2 are the LayerNorms AFTER each residual add, so ln2 of layer l
+    // is the stream entering layer l + 1, res1/res2 are the sums they normalise, encoded is the embeddings after
+    // their LayerNorm and dropout, fch is GELU's output and lnf the head transform's LayerNorm output.
+    float *emb_sum;              // [B, T, C] word + type + position, input of the embedding LayerNorm
+    float *emb_mean, *emb_rstd;  // [B, T]
+    uint8_t *keep_emb;           // [B, T, C] embedding dropout mask
+    float *fc_pre;               // [L, B, T, F] intermediate.dense output, GELU's input
+    float *head_pre;             // [B, T, C] head transform dense output, GELU's input
+    float *head_act;             // [B, T, C] GELU(head_pre), input of the head LayerNorm
+    uint8_t *key_valid;          // [B, T] 1 where the input is not [PAD] (the attention's key-padding mask)
+    float *dres2;                // [B, T, C] second gradient of the residual stream (post-LN backward)
     // State of the last forward.
     int dropout_on;
     float drop_scale;
@@ -81,7 +93,7 @@ static uint8_t *carve_bytes(Carver *cv, size_t bytes) {
 static void carve_acts(CpuActs *a, const ModelConfig *c, int max_B, Carver *cv) {
     size_t B = max_B, T = c->max_seq, C = c->d_model, H = c->n_heads, L = c->n_layers, F = c->d_ff, V = c->vocab;
     size_t BT = B * T;
-    a->pe = carve_floats(cv, T * C);
+    a->pe = carve_floats(cv, c->arch == MODEL_ARCH_BERT ? 0 : T * C);  // labml's sinusoids
     a->encoded = carve_floats(cv, BT * C);
     a->ln1 = carve_floats(cv, L * BT * C);
     a->ln1_mean = carve_floats(cv, L * BT);
@@ -116,6 +128,16 @@ static void carve_acts(CpuActs *a, const ModelConfig *c, int max_B, Carver *cv) 
     a->sel_labels = (int *)carve_bytes(cv, BT * sizeof(int));
     a->sel_x = carve_floats(cv, BT * C);
     a->sel_dx = carve_floats(cv, BT * C);
+    size_t BTb = c->arch == MODEL_ARCH_BERT ? BT : 0;  // bert's tensors are empty for labml
+    a->emb_sum = carve_floats(cv, BTb * C);
+    a->emb_mean = carve_floats(cv, BTb);
+    a->emb_rstd = carve_floats(cv, BTb);
+    a->keep_emb = carve_bytes(cv, BTb * C);
+    a->fc_pre = carve_floats(cv, L * BTb * F);
+    a->head_pre = carve_floats(cv, BTb * C);
+    a->head_act = carve_floats(cv, BTb * C);
+    a->key_valid = carve_bytes(cv, BTb);
+    a->dres2 = carve_floats(cv, BTb * C);
 }
 
 CpuModel *cpu_model_create(const ModelConfig *cfg, int max_B) {
@@ -139,7 +161,7 @@ CpuModel *cpu_model_create(const ModelConfig *cfg, int max_B) {
     m->n_acts = count.used;
     Carver cv = {m->acts, 0};
     carve_acts(a, cfg, max_B, &cv);
-    model_positional_encoding(cfg->max_seq, cfg->d_model, a->pe);
+    if (cfg->arch != MODEL_ARCH_BERT) model_positional_encoding(cfg->max_seq, cfg->d_model, a->pe);
     m->logits = a->logits;
     m->internal = a;
     return m;
@@ -161,7 +183,43 @@ static uint8_t *site_mask(CpuActs *a, const DropoutCtx *drop, uint8_t *keep, int
     return keep;
 }
 
-// ---- Sparse prediction: the final LayerNorm, classifier and loss on the selected rows only.
+// ---- The head's transform: the rows x[n, C] of the last hidden state into a->lnf[n, C], the decoder's input.
+// labml: the encoder's final LayerNorm. bert: cls.predictions.transform, dense -> GELU -> LayerNorm.
+
+static void head_transform_forward(CpuModel *m, const float *x, int n) {
+    const ModelConfig *c = &m->cfg;
+    CpuActs *a = m->internal;
+    const ParamTensors *p = &m->p;
+    int C = c->d_model;
+    if (c->arch != MODEL_ARCH_BERT) {
+        layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, x, p->lnf_w, p->lnf_b, n, C, c->ln_eps);
+        return;
+    }
+    linear_forward(a->head_pre, x, p->head_w, p->head_b, n, C, C);
+    gelu_forward(a->head_act, a->head_pre, (size_t)n * C);
+    layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, a->head_act, p->head_ln_w, p->head_ln_b, n, C, c->ln_eps);
+}
+
+// dx[n, C] (overwritten) from a->dln = d lnf, and the transform's parameter gradients.
+static void head_transform_backward(CpuModel *m, float *dx, const float *x, int n) {
+    const ModelConfig *c = &m->cfg;
+    CpuActs *a = m->internal;
+    const ParamTensors *p = &m->p, *g = &m->g;
+    int C = c->d_model;
+    if (c->arch != MODEL_ARCH_BERT) {
+        memset(dx, 0, (size_t)n * C * sizeof(float));
+        layernorm_backward(dx, g->lnf_w, g->lnf_b, a->dln, x, p->lnf_w, a->lnf_mean, a->lnf_rstd, n, C);
+        return;
+    }
+    float *dact = a->dproj;  // [n, C] scratch: d head_act, then (in place) d head_pre
+    memset(dact, 0, (size_t)n * C * sizeof(float));
+    layernorm_backward(dact, g->head_ln_w, g->head_ln_b, a->dln, a->head_act, p->head_ln_w, a->lnf_mean, a->lnf_rstd,
+                       n, C);
+    gelu_backward(dact, dact, a->head_pre, (size_t)n * C);
+    linear_backward(dx, g->head_w, g->head_b, dact, x, p->head_w, n, C, C);
+}
+
+// ---- Sparse prediction: the head's transform, decoder and loss on the selected rows only.
 // Every op of the head is per row (LayerNorm, the classifier's dot products, the row's softmax), so the
 // selected rows' logits and losses are those of the dense head, and the parameter gradients differ only by
 // the zero terms the dense sums add for unselected rows (rounding of the matmul's blocking aside).
@@ -191,7 +249,7 @@ static float sparse_head_forward(CpuModel *m, const float *x, const int *labels,
     int C = c->d_model, V = c->vocab;
     int n = a->n_sel = gather_selected_rows(a, x, labels, N, C, V, pad_id);
     if (n == 0) return 0.0f;  // nothing to predict: loss 0, n_targets 0 (the dense path's result)
-    layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, a->sel_x, p->lnf_w, p->lnf_b, n, C, c->ln_eps);
+    head_transform_forward(m, a->sel_x, n);
     linear_forward(a->logits, a->lnf, p->gen_w, p->gen_b, n, C, V);
     // The gradient of the mean loss (1 / n per row, as cpu_model_backward's dense start) comes in the same pass.
     m->n_targets = n;
@@ -199,8 +257,8 @@ static float sparse_head_forward(CpuModel *m, const float *x, const int *labels,
                                          correct);
 }
 
-// Gradient of the sparse head into g->lnf_*, g->gen_* and a->dres[N, C] (zero on the unselected rows). n_norm:
-// the target count the mean loss divides by (the whole batch's when accumulating micro-batches).
+// Gradient of the sparse head into its parameters' gradients and a->dres[N, C] (zero on the unselected rows).
+// n_norm: the target count the mean loss divides by (the whole batch's when accumulating micro-batches).
 static void sparse_head_backward(CpuModel *m, int N, int n_norm) {
     const ModelConfig *c = &m->cfg;
     CpuActs *a = m->internal;
@@ -209,28 +267,54 @@ static void sparse_head_backward(CpuModel *m, int N, int n_norm) {
     // dlogits was written by the forward's fused cross-entropy with 1 / n; a micro-batch needs 1 / n_norm.
     if (n_norm != n) crossentropy_backward(a->dlogits, a->logits, a->sel_labels, n, V, a->pad_id, 1.0f / (float)n_norm);
     linear_backward(a->dln, g->gen_w, g->gen_b, a->dlogits, a->lnf, p->gen_w, n, C, V);
-    memset(a->sel_dx, 0, (size_t)n * C * sizeof(float));
-    layernorm_backward(a->sel_dx, g->lnf_w, g->lnf_b, a->dln, a->sel_x, p->lnf_w, a->lnf_mean, a->lnf_rstd, n, C);
+    head_transform_backward(m, a->sel_dx, a->sel_x, n);
     memset(a->dres, 0, (size_t)N * C * sizeof(float));
     for (int i = 0; i < n; i++)
         memcpy(a->dres + (size_t)a->sel_rows[i] * C, a->sel_dx + (size_t)i * C, (size_t)C * sizeof(float));
 }
 
-float cpu_model_forward(CpuModel *m, const int *inputs, const int *labels, int B, int pad_id,
-                        const DropoutCtx *drop, int *correct) {
+// y[n] += x[n].
+static void add_inplace(float *y, const float *x, size_t n) {
+    long long count = (long long)n;
+#pragma omp parallel for schedule(static) if (count >= MLM_PARALLEL_MIN_WORK)
+    for (long long i = 0; i < count; i++) y[i] += x[i];
+}
+
+// One layer's saved activations and dropout masks: its slices of the stacked [L, max_B, T, ...] tensors.
+typedef struct {
+    float *ln1, *ln1_mean, *ln1_rstd;  // [B, T, C], [B, T], [B, T]
+    float *qkv;                        // [B, T, 3C]
+    float *att;                        // [B, H, T, T]
+    float *atty, *res1;                // [B, T, C]
+    float *ln2, *ln2_mean, *ln2_rstd;  // [B, T, C], [B, T], [B, T]
+    float *fc_pre, *fch;               // [B, T, F] (fc_pre: bert)
+    float *res2;                       // [B, T, C]
+    uint8_t *keep_att, *keep_res1, *keep_res2;  // the masks (NULL when the last forward had no dropout)
+} LayerActs;
+
+static LayerActs layer_acts(const CpuModel *m, int l) {
     const ModelConfig *c = &m->cfg;
-    if (B < 1 || B > m->max_B) mlm_fatal(MLM_EXIT_FAILURE, "batch of %d sequences (this model holds 1..%d)", B, m->max_B);
+    const CpuActs *a = m->internal;
+    size_t maxBT = (size_t)m->max_B * c->max_seq, C = c->d_model, H = c->n_heads, T = c->max_seq, F = c->d_ff;
+    size_t rows = l * maxBT;
+    int drop = a->dropout_on;
+    LayerActs y = {
+        a->ln1 + rows * C, a->ln1_mean + rows, a->ln1_rstd + rows, a->qkv + rows * 3 * C, a->att + rows * H * T,
+        a->atty + rows * C, a->res1 + rows * C, a->ln2 + rows * C, a->ln2_mean + rows, a->ln2_rstd + rows,
+        c->arch == MODEL_ARCH_BERT ? a->fc_pre + rows * F : NULL, a->fch + rows * F, a->res2 + rows * C,
+        drop ? a->keep_att + rows * H * T : NULL, drop ? a->keep_res1 + rows * C : NULL,
+        drop ? a->keep_res2 + rows * C : NULL,
+    };
+    return y;
+}
+
+// ---- labml's encoder: x = x + Drop(Sublayer(LN(x))) per block. Returns the last residual stream [B, T, C].
+static const float *labml_encoder_forward(CpuModel *m, const int *inputs, int B, const DropoutCtx *drop) {
+    const ModelConfig *c = &m->cfg;
     CpuActs *a = m->internal;
     int T = c->max_seq, C = c->d_model, H = c->n_heads, F = c->d_ff, V = c->vocab, L = c->n_layers;
-    size_t BT = (size_t)B * T, maxBT = (size_t)m->max_B * T;
+    size_t BT = (size_t)B * T;
     int N = (int)BT;
-    m->B = B;
-    m->T = T;
-    m->last_inputs = inputs;
-    m->last_labels = labels;
-    a->dropout_on = dropout_is_active(drop);
-    a->drop_scale = a->dropout_on ? dropout_scale(drop->p) : 1.0f;
-    a->pad_id = pad_id;
     float ds = a->drop_scale;
     const ParamTensors *p = &m->p;
 
@@ -238,40 +322,190 @@ float cpu_model_forward(CpuModel *m, const int *inputs, const int *labels, int B
     const float *x = a->encoded;  // [B, T, C] residual stream entering the layer
     for (int l = 0; l < L; l++) {
         size_t lc = (size_t)l * C;
-        float *ln1 = a->ln1 + l * maxBT * C, *ln1_mean = a->ln1_mean + l * maxBT, *ln1_rstd = a->ln1_rstd + l * maxBT;
-        float *qkv = a->qkv + l * maxBT * 3 * C;
-        float *att = a->att + l * maxBT * H * T;
-        float *atty = a->atty + l * maxBT * C;
-        float *res1 = a->res1 + l * maxBT * C;
-        float *ln2 = a->ln2 + l * maxBT * C, *ln2_mean = a->ln2_mean + l * maxBT, *ln2_rstd = a->ln2_rstd + l * maxBT;
-        float *fch = a->fch + l * maxBT * F;
-        float *res2 = a->res2 + l * maxBT * C;
+        LayerActs y = layer_acts(m, l);
         // x = x + Drop(OutProj(MHA(LN1(x))))
-        layernorm_forward(ln1, ln1_mean, ln1_rstd, x, p->ln1_w + lc, p->ln1_b + lc, N, C, c->ln_eps);
-        linear_forward(qkv, ln1, p->qkv_w + (size_t)l * 3 * C * C, p->qkv_b + 3 * lc, N, C, 3 * C);
-        uint8_t *keep = site_mask(a, drop, a->keep_att + l * maxBT * H * T, l, DROP_ATTN_PROBS, BT * H * T);
-        attention_forward(atty, att, qkv, keep, ds, B, T, C, H);
-        linear_forward(a->proj, atty, p->out_w + (size_t)l * C * C, p->out_b + lc, N, C, C);
-        keep = site_mask(a, drop, a->keep_res1 + l * maxBT * C, l, DROP_ATTN_RESID, BT * C);
-        residual_dropout_forward(res1, x, a->proj, keep, ds, BT * C);
+        layernorm_forward(y.ln1, y.ln1_mean, y.ln1_rstd, x, p->ln1_w + lc, p->ln1_b + lc, N, C, c->ln_eps);
+        linear_forward(y.qkv, y.ln1, p->qkv_w + (size_t)l * 3 * C * C, p->qkv_b + 3 * lc, N, C, 3 * C);
+        uint8_t *keep = site_mask(a, drop, y.keep_att, l, DROP_ATTN_PROBS, BT * H * T);
+        attention_forward(y.atty, y.att, y.qkv, keep, ds, B, T, C, H, NULL);
+        linear_forward(a->proj, y.atty, p->out_w + (size_t)l * C * C, p->out_b + lc, N, C, C);
+        keep = site_mask(a, drop, y.keep_res1, l, DROP_ATTN_RESID, BT * C);
+        residual_dropout_forward(y.res1, x, a->proj, keep, ds, BT * C);
         // x = x + Drop(Linear2(Drop(ReLU(Linear1(LN2(x))))))
-        layernorm_forward(ln2, ln2_mean, ln2_rstd, res1, p->ln2_w + lc, p->ln2_b + lc, N, C, c->ln_eps);
-        linear_forward(fch, ln2, p->ff1_w + (size_t)l * F * C, p->ff1_b + (size_t)l * F, N, C, F);
+        layernorm_forward(y.ln2, y.ln2_mean, y.ln2_rstd, y.res1, p->ln2_w + lc, p->ln2_b + lc, N, C, c->ln_eps);
+        linear_forward(y.fch, y.ln2, p->ff1_w + (size_t)l * F * C, p->ff1_b + (size_t)l * F, N, C, F);
         keep = site_mask(a, drop, a->keep_hidden, l, DROP_FFN_HIDDEN, BT * F);
-        relu_dropout_forward(fch, keep, ds, BT * F);
-        linear_forward(a->proj, fch, p->ff2_w + (size_t)l * C * F, p->ff2_b + lc, N, F, C);
-        keep = site_mask(a, drop, a->keep_res2 + l * maxBT * C, l, DROP_FFN_RESID, BT * C);
-        residual_dropout_forward(res2, res1, a->proj, keep, ds, BT * C);
-        x = res2;
+        relu_dropout_forward(y.fch, keep, ds, BT * F);
+        linear_forward(a->proj, y.fch, p->ff2_w + (size_t)l * C * F, p->ff2_b + lc, N, F, C);
+        keep = site_mask(a, drop, y.keep_res2, l, DROP_FFN_RESID, BT * C);
+        residual_dropout_forward(y.res2, y.res1, a->proj, keep, ds, BT * C);
+        x = y.res2;
     }
+    return x;
+}
+
+// ---- BERT's encoder (BertModel without the pooler): Drop(LN(word + type + position)), then per layer
+// h = LN1(x + Drop(Dense(Attn(x)))), x = LN2(h + Drop(Dense2(GELU(Dense1(h))))). Returns the last hidden state.
+static const float *bert_encoder_forward(CpuModel *m, const int *inputs, int B, const DropoutCtx *drop) {
+    const ModelConfig *c = &m->cfg;
+    CpuActs *a = m->internal;
+    int T = c->max_seq, C = c->d_model, H = c->n_heads, F = c->d_ff, V = c->vocab, L = c->n_layers;
+    size_t BT = (size_t)B * T;
+    int N = (int)BT;
+    float ds = a->drop_scale;
+    const ParamTensors *p = &m->p;
+
+    // transformers' attention_mask = (input_ids != pad): [PAD] keys are masked out wherever a batch has them.
+    for (size_t i = 0; i < BT; i++) a->key_valid[i] = inputs[i] != a->pad_id;
+    bert_embedding_forward(a->emb_sum, inputs, p->tok_emb, p->pos_emb, p->type_emb, B, T, C, V);
+    layernorm_forward(a->encoded, a->emb_mean, a->emb_rstd, a->emb_sum, p->emb_ln_w, p->emb_ln_b, N, C, c->ln_eps);
+    uint8_t *keep = site_mask(a, drop, a->keep_emb, 0, DROP_EMBED, BT * C);
+    if (keep) residual_dropout_backward(a->encoded, a->encoded, keep, ds, BT * C);  // y = x * keep * scale: dropout
+    const float *x = a->encoded;  // [B, T, C] hidden state entering the layer
+    for (int l = 0; l < L; l++) {
+        size_t lc = (size_t)l * C;
+        LayerActs y = layer_acts(m, l);
+        // h = LN1(x + Drop(OutProj(MHA(x)))), attention dropout on the probabilities.
+        linear_forward(y.qkv, x, p->qkv_w + (size_t)l * 3 * C * C, p->qkv_b + 3 * lc, N, C, 3 * C);
+        keep = site_mask(a, drop, y.keep_att, l, DROP_ATTN_PROBS, BT * H * T);
+        attention_forward(y.atty, y.att, y.qkv, keep, ds, B, T, C, H, a->key_valid);
+        linear_forward(a->proj, y.atty, p->out_w + (size_t)l * C * C, p->out_b + lc, N, C, C);
+        keep = site_mask(a, drop, y.keep_res1, l, DROP_ATTN_RESID, BT * C);
+        residual_layernorm_forward(y.res1, y.ln1, y.ln1_mean, y.ln1_rstd, x, a->proj, keep, ds, p->ln1_w + lc,
+                                   p->ln1_b + lc, N, C, c->ln_eps);
+        // x = LN2(h + Drop(Dense2(GELU(Dense1(h))))), no dropout inside the feed-forward block.
+        linear_forward(y.fc_pre, y.ln1, p->ff1_w + (size_t)l * F * C, p->ff1_b + (size_t)l * F, N, C, F);
+        gelu_forward(y.fch, y.fc_pre, BT * F);
+        linear_forward(a->proj, y.fch, p->ff2_w + (size_t)l * C * F, p->ff2_b + lc, N, F, C);
+        keep = site_mask(a, drop, y.keep_res2, l, DROP_FFN_RESID, BT * C);
+        residual_layernorm_forward(y.res2, y.ln2, y.ln2_mean, y.ln2_rstd, y.ln1, a->proj, keep, ds, p->ln2_w + lc,
+                                   p->ln2_b + lc, N, C, c->ln_eps);
+        x = y.ln2;
+    }
+    return x;
+}
+
+// The last hidden state [B, T, C] of the last forward (the head's input).
+static const float *last_hidden(const CpuModel *m) {
+    const CpuActs *a = m->internal;
+    size_t off = (size_t)(m->cfg.n_layers - 1) * m->max_B * m->cfg.max_seq * m->cfg.d_model;
+    return (m->cfg.arch == MODEL_ARCH_BERT ? a->ln2 : a->res2) + off;
+}
+
+float cpu_model_forward(CpuModel *m, const int *inputs, const int *labels, int B, int pad_id,
+                        const DropoutCtx *drop, int *correct) {
+    const ModelConfig *c = &m->cfg;
+    if (B < 1 || B > m->max_B) mlm_fatal(MLM_EXIT_FAILURE, "batch of %d sequences (this model holds 1..%d)", B, m->max_B);
+    CpuActs *a = m->internal;
+    int T = c->max_seq, C = c->d_model, V = c->vocab;
+    int N = B * T;
+    m->B = B;
+    m->T = T;
+    m->last_inputs = inputs;
+    m->last_labels = labels;
+    a->dropout_on = dropout_is_active(drop);
+    a->drop_scale = a->dropout_on ? dropout_scale(drop->p) : 1.0f;
+    a->pad_id = pad_id;
+    const ParamTensors *p = &m->p;
+
+    const float *x = c->arch == MODEL_ARCH_BERT ? bert_encoder_forward(m, inputs, B, drop)
+                                                : labml_encoder_forward(m, inputs, B, drop);
     m->n_targets = 0;
     if (correct) *correct = 0;
     a->sparse_last = a->sparse && labels != NULL;
     if (a->sparse_last) return sparse_head_forward(m, x, labels, N, pad_id, correct);
-    layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, x, p->lnf_w, p->lnf_b, N, C, c->ln_eps);
+    head_transform_forward(m, x, N);
     linear_forward(a->logits, a->lnf, p->gen_w, p->gen_b, N, C, V);
     if (labels == NULL) return 0.0f;
     return crossentropy_forward(a->losses, a->logits, labels, N, V, pad_id, &m->n_targets, correct);
+}
+
+// labml's layers from the top down: a->dres holds d(last residual stream) and ends as d(embedding output).
+static void labml_encoder_backward(CpuModel *m) {
+    const ModelConfig *c = &m->cfg;
+    CpuActs *a = m->internal;
+    int B = m->B, T = c->max_seq, C = c->d_model, H = c->n_heads, F = c->d_ff, L = c->n_layers;
+    size_t BT = (size_t)B * T;
+    int N = (int)BT;
+    float ds = a->drop_scale;
+    const ParamTensors *p = &m->p;
+    const ParamTensors *g = &m->g;
+    for (int l = L - 1; l >= 0; l--) {
+        size_t lc = (size_t)l * C;
+        LayerActs y = layer_acts(m, l);
+        const float *x = l > 0 ? layer_acts(m, l - 1).res2 : a->encoded;  // layer input
+
+        // FFN block: dres is d(res2); the skip path passes it on unchanged to d(res1).
+        residual_dropout_backward(a->dproj, a->dres, y.keep_res2, ds, BT * C);
+        linear_backward(a->dfch, g->ff2_w + (size_t)l * C * F, g->ff2_b + lc, a->dproj, y.fch,
+                        p->ff2_w + (size_t)l * C * F, N, F, C);
+        relu_dropout_backward(a->dfch, y.fch, ds, BT * F);
+        linear_backward(a->dln, g->ff1_w + (size_t)l * F * C, g->ff1_b + (size_t)l * F, a->dfch, y.ln2,
+                        p->ff1_w + (size_t)l * F * C, N, C, F);
+        layernorm_backward(a->dres, g->ln2_w + lc, g->ln2_b + lc, a->dln, y.res1, p->ln2_w + lc, y.ln2_mean, y.ln2_rstd,
+                           N, C);
+
+        // Attention block: dres is now d(res1); the skip path passes it on to d(x).
+        residual_dropout_backward(a->dproj, a->dres, y.keep_res1, ds, BT * C);
+        linear_backward(a->datty, g->out_w + (size_t)l * C * C, g->out_b + lc, a->dproj, y.atty,
+                        p->out_w + (size_t)l * C * C, N, C, C);
+        attention_backward(a->dqkv, a->datty, y.qkv, y.att, y.keep_att, ds, B, T, C, H);
+        linear_backward(a->dln, g->qkv_w + (size_t)l * 3 * C * C, g->qkv_b + 3 * lc, a->dqkv, y.ln1,
+                        p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
+        layernorm_backward(a->dres, g->ln1_w + lc, g->ln1_b + lc, a->dln, x, p->ln1_w + lc, y.ln1_mean, y.ln1_rstd, N,
+                           C);
+    }
+    embedding_backward(g->tok_emb, a->dres, m->last_inputs, B, T, C);
+}
+
+// BERT's layers from the top down: a->dres holds d(last hidden state). Post-LN: each LayerNorm's input gradient
+// goes to both its residual sum's terms, the skip (dres2 / dres) and the sublayer, whose input gradient is added.
+static void bert_encoder_backward(CpuModel *m) {
+    const ModelConfig *c = &m->cfg;
+    CpuActs *a = m->internal;
+    int B = m->B, T = c->max_seq, C = c->d_model, H = c->n_heads, F = c->d_ff, L = c->n_layers;
+    size_t BT = (size_t)B * T;
+    int N = (int)BT;
+    float ds = a->drop_scale;
+    const ParamTensors *p = &m->p;
+    const ParamTensors *g = &m->g;
+    for (int l = L - 1; l >= 0; l--) {
+        size_t lc = (size_t)l * C;
+        LayerActs y = layer_acts(m, l);
+        const float *x = l > 0 ? layer_acts(m, l - 1).ln2 : a->encoded;  // layer input
+
+        // FFN block: dres is d(LN2 output); dres2 = d(res2) = d(h) through the skip, plus the FFN's input gradient.
+        memset(a->dres2, 0, BT * C * sizeof(float));
+        layernorm_backward(a->dres2, g->ln2_w + lc, g->ln2_b + lc, a->dres, y.res2, p->ln2_w + lc, y.ln2_mean,
+                           y.ln2_rstd, N, C);
+        residual_dropout_backward(a->dproj, a->dres2, y.keep_res2, ds, BT * C);
+        linear_backward(a->dfch, g->ff2_w + (size_t)l * C * F, g->ff2_b + lc, a->dproj, y.fch,
+                        p->ff2_w + (size_t)l * C * F, N, F, C);
+        gelu_backward(a->dfch, a->dfch, y.fc_pre, BT * F);
+        linear_backward(a->dln, g->ff1_w + (size_t)l * F * C, g->ff1_b + (size_t)l * F, a->dfch, y.ln1,
+                        p->ff1_w + (size_t)l * F * C, N, C, F);
+        add_inplace(a->dres2, a->dln, BT * C);  // d h
+
+        // Attention block: dres = d(res1) = d(x) through the skip, plus the attention's input gradient.
+        memset(a->dres, 0, BT * C * sizeof(float));
+        layernorm_backward(a->dres, g->ln1_w + lc, g->ln1_b + lc, a->dres2, y.res1, p->ln1_w + lc, y.ln1_mean,
+                           y.ln1_rstd, N, C);
+        residual_dropout_backward(a->dproj, a->dres, y.keep_res1, ds, BT * C);
+        linear_backward(a->datty, g->out_w + (size_t)l * C * C, g->out_b + lc, a->dproj, y.atty,
+                        p->out_w + (size_t)l * C * C, N, C, C);
+        attention_backward(a->dqkv, a->datty, y.qkv, y.att, y.keep_att, ds, B, T, C, H);
+        linear_backward(a->dln, g->qkv_w + (size_t)l * 3 * C * C, g->qkv_b + 3 * lc, a->dqkv, x,
+                        p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
+        add_inplace(a->dres, a->dln, BT * C);  // d x
+    }
+    // Embeddings: undo their dropout, then their LayerNorm, then the three lookups.
+    residual_dropout_backward(a->dres, a->dres, a->dropout_on ? a->keep_emb : NULL, ds, BT * C);
+    memset(a->dres2, 0, BT * C * sizeof(float));
+    layernorm_backward(a->dres2, g->emb_ln_w, g->emb_ln_b, a->dres, a->emb_sum, p->emb_ln_w, a->emb_mean, a->emb_rstd,
+                       N, C);
+    bert_embedding_backward(g->tok_emb, g->pos_emb, g->type_emb, a->dres2, m->last_inputs, B, T, C);
+    // The [PAD] row is frozen (model.h): neither its lookups nor the tied decoder move it.
+    memset(g->tok_emb + (size_t)c->pad_id * C, 0, (size_t)C * sizeof(float));
 }
 
 void cpu_model_backward(CpuModel *m) {
@@ -279,10 +513,8 @@ void cpu_model_backward(CpuModel *m) {
     CpuActs *a = m->internal;
     if (m->last_inputs == NULL || m->last_labels == NULL)
         mlm_fatal(MLM_EXIT_FAILURE, "cpu_model_backward needs a forward with labels first");
-    int B = m->B, T = c->max_seq, C = c->d_model, H = c->n_heads, F = c->d_ff, V = c->vocab, L = c->n_layers;
-    size_t BT = (size_t)B * T, maxBT = (size_t)m->max_B * T;
-    int N = (int)BT;
-    float ds = a->drop_scale;
+    int B = m->B, T = c->max_seq, C = c->d_model, V = c->vocab;
+    int N = B * T;
     const ParamTensors *p = &m->p;
     const ParamTensors *g = &m->g;
     memset(m->grads, 0, m->n_params * sizeof(float));
@@ -295,44 +527,10 @@ void cpu_model_backward(CpuModel *m) {
     } else {
         crossentropy_backward(a->dlogits, a->logits, m->last_labels, N, V, a->pad_id, 1.0f / (float)n_norm);
         linear_backward(a->dln, g->gen_w, g->gen_b, a->dlogits, a->lnf, p->gen_w, N, C, V);
-        const float *x_last = a->res2 + (size_t)(L - 1) * maxBT * C;  // input of the final LayerNorm
-        memset(a->dres, 0, BT * C * sizeof(float));
-        layernorm_backward(a->dres, g->lnf_w, g->lnf_b, a->dln, x_last, p->lnf_w, a->lnf_mean, a->lnf_rstd, N, C);
+        head_transform_backward(m, a->dres, last_hidden(m), N);
     }
-
-    for (int l = L - 1; l >= 0; l--) {
-        size_t lc = (size_t)l * C;
-        const float *x = l > 0 ? a->res2 + (size_t)(l - 1) * maxBT * C : a->encoded;  // layer input
-        const float *ln1 = a->ln1 + l * maxBT * C, *ln1_mean = a->ln1_mean + l * maxBT, *ln1_rstd = a->ln1_rstd + l * maxBT;
-        const float *qkv = a->qkv + l * maxBT * 3 * C;
-        const float *att = a->att + l * maxBT * H * T;
-        const float *atty = a->atty + l * maxBT * C;
-        const float *res1 = a->res1 + l * maxBT * C;
-        const float *ln2 = a->ln2 + l * maxBT * C, *ln2_mean = a->ln2_mean + l * maxBT, *ln2_rstd = a->ln2_rstd + l * maxBT;
-        const float *fch = a->fch + l * maxBT * F;
-        const uint8_t *keep_att = a->dropout_on ? a->keep_att + l * maxBT * H * T : NULL;
-        const uint8_t *keep_res1 = a->dropout_on ? a->keep_res1 + l * maxBT * C : NULL;
-        const uint8_t *keep_res2 = a->dropout_on ? a->keep_res2 + l * maxBT * C : NULL;
-
-        // FFN block: dres is d(res2); the skip path passes it on unchanged to d(res1).
-        residual_dropout_backward(a->dproj, a->dres, keep_res2, ds, BT * C);
-        linear_backward(a->dfch, g->ff2_w + (size_t)l * C * F, g->ff2_b + lc, a->dproj, fch,
-                        p->ff2_w + (size_t)l * C * F, N, F, C);
-        relu_dropout_backward(a->dfch, fch, ds, BT * F);
-        linear_backward(a->dln, g->ff1_w + (size_t)l * F * C, g->ff1_b + (size_t)l * F, a->dfch, ln2,
-                        p->ff1_w + (size_t)l * F * C, N, C, F);
-        layernorm_backward(a->dres, g->ln2_w + lc, g->ln2_b + lc, a->dln, res1, p->ln2_w + lc, ln2_mean, ln2_rstd, N, C);
-
-        // Attention block: dres is now d(res1); the skip path passes it on to d(x).
-        residual_dropout_backward(a->dproj, a->dres, keep_res1, ds, BT * C);
-        linear_backward(a->datty, g->out_w + (size_t)l * C * C, g->out_b + lc, a->dproj, atty,
-                        p->out_w + (size_t)l * C * C, N, C, C);
-        attention_backward(a->dqkv, a->datty, qkv, att, keep_att, ds, B, T, C, H);
-        linear_backward(a->dln, g->qkv_w + (size_t)l * 3 * C * C, g->qkv_b + 3 * lc, a->dqkv, ln1,
-                        p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
-        layernorm_backward(a->dres, g->ln1_w + lc, g->ln1_b + lc, a->dln, x, p->ln1_w + lc, ln1_mean, ln1_rstd, N, C);
-    }
-    embedding_backward(g->tok_emb, a->dres, m->last_inputs, B, T, C);
+    if (c->arch == MODEL_ARCH_BERT) bert_encoder_backward(m);
+    else labml_encoder_backward(m);
 }
 
 // Fixed partition of the gradient vector for the norm: the chunk boundaries depend only on n, and the

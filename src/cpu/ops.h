@@ -68,6 +68,21 @@ void embedding_layernorm_forward(float *out, float *ln_out, float *mean, float *
 // dtok_emb[V,C] += sqrt(C) * dout[b,t] at row tokens[b,t] (positions summed in order b, t).
 void embedding_backward(float *dtok_emb, const float *dout, const int *tokens, int B, int T, int C);
 
+// BERT (transformers' BertEmbeddings without its LayerNorm and dropout): out[B,T,C] = (word[tokens[b,t]] +
+// type[0]) + pos[t] (every position is token type 0); fatal error on a token outside [0, V).
+void bert_embedding_forward(float *out, const int *tokens, const float *word, const float *pos, const float *type,
+                            int B, int T, int C, int V);
+// dword[V,C] += dout[b,t] at row tokens[b,t]; dpos[T,C] += dout[b,t] at row t; dtype[C] (row 0) += every dout
+// (positions summed in order b, t). The caller zeroes the [PAD] row's gradient (model.h: it is frozen).
+void bert_embedding_backward(float *dword, float *dpos, float *dtype, const float *dout, const int *tokens, int B,
+                             int T, int C);
+
+// ---- GELU (gelu.c) -----------------------------------------------------------------------------------
+// out[n] = GELU(inp) = inp * Phi(inp), the exact erf form (transformers' "gelu"); out may alias inp.
+void gelu_forward(float *out, const float *inp, size_t n);
+// dinp[n] = dout * GELU'(inp), from the forward's input (dinp may alias dout).
+void gelu_backward(float *dinp, const float *dout, const float *inp, size_t n);
+
 // ---- LayerNorm (layernorm.c) -------------------------------------------------------------------------
 // out[N,C] = (inp - mean) * rstd * w + b with the biased variance (as PyTorch); saves mean[N], rstd[N].
 void layernorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *w, const float *b,
@@ -98,10 +113,14 @@ void column_sums_accumulate(float *sums, const float *x, int N, int C);
 
 // ---- Multi-head attention core (attention.c) ---------------------------------------------------------
 // qkv[B,T,3C] holds query, key, value (head h = features h*hs..h*hs+hs-1 of each, hs = C/H).
-// att[B,H,T,T] = softmax(Q K^T / sqrt(hs)) over keys (no mask), saved before dropout;
+// att[B,H,T,T] = softmax(Q K^T / sqrt(hs)) over keys, saved before dropout;
 // out[B,T,C] = dropout(att) V with the heads concatenated. keep[B,H,T,T] (NULL = no dropout).
+// key_valid[B,T] (NULL = every key): the key-padding mask, 0 at keys no query may attend to ([PAD] tokens of
+// arch = bert, transformers' attention_mask): their probability is exactly 0. A sequence with no valid key at all
+// attends to every key (nothing reads such rows: they are all padding). The backward needs no mask: a
+// probability of 0 has a zero gradient through the softmax.
 void attention_forward(float *out, float *att, const float *qkv, const uint8_t *keep, float drop_scale, int B,
-                       int T, int C, int H);
+                       int T, int C, int H, const uint8_t *key_valid);
 // dqkv[B,T,3C] (overwritten) from dout[B,T,C].
 void attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att, const uint8_t *keep,
                         float drop_scale, int B, int T, int C, int H);

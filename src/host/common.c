@@ -2,11 +2,14 @@
 #include "mlm/common.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 void mlm_fatal(int code, const char *fmt, ...) {
     va_list ap;
@@ -90,6 +93,85 @@ char *mlm_read_file(const char *path, size_t *len_out) {
     if (len_out) *len_out = len;
     return buf;
 }
+const char *mlm_file_kind(unsigned mode) {
+    return S_ISREG(mode) ? "a regular file" : S_ISDIR(mode) ? "a directory" : S_ISFIFO(mode) ? "a FIFO (named pipe)"
+         : S_ISCHR(mode) ? "a character device" : S_ISBLK(mode) ? "a block device" : S_ISSOCK(mode) ? "a socket"
+         : "not a regular file";
+}
+
+int mlm_open_regular(const char *path, const char *what, uint64_t max_bytes, uint64_t *size_out, char *err,
+                     size_t errlen) {
+    // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer before fstat could refuse it.
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) {
+        mlm_set_error(err, errlen, "%s: cannot open the %s: %s", path, what, strerror(errno));
+        return -1;
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        mlm_set_error(err, errlen, "%s: cannot read the %s: %s", path, what, strerror(errno));
+        close(fd);
+        return -1;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        mlm_set_error(err, errlen, "%s: the %s is %s, not a regular file; give the file itself", path, what,
+                      mlm_file_kind(st.st_mode));
+        close(fd);
+        return -1;
+    }
+    if (max_bytes && (uint64_t)st.st_size > max_bytes) {
+        mlm_set_error(err, errlen, "%s: the %s is %llu bytes, more than the %llu a %s may have; is it the right file?",
+                      path, what, (unsigned long long)st.st_size, (unsigned long long)max_bytes, what);
+        close(fd);
+        return -1;
+    }
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+    if (size_out) *size_out = (uint64_t)st.st_size;
+    return fd;
+}
+
+char *mlm_read_regular(const char *path, const char *what, uint64_t max_bytes, size_t *len_out, char *err,
+                       size_t errlen) {
+    uint64_t size;
+    int fd = mlm_open_regular(path, what, max_bytes, &size, err, errlen);
+    if (fd < 0) return NULL;
+    // Read to the end, not just st_size bytes: a file that grows meanwhile is still held to the limit.
+    size_t cap = (size_t)size + 1, len = 0;
+    char *buf = malloc(cap + 1);
+    for (;;) {
+        if (!buf) {
+            mlm_set_error(err, errlen, "%s: out of memory reading the %s", path, what);
+            break;
+        }
+        if (len == cap) {
+            char *nb = realloc(buf, (cap *= 2) + 1);
+            if (!nb) { free(buf); buf = NULL; continue; }
+            buf = nb;
+        }
+        ssize_t got = read(fd, buf + len, cap - len);
+        if (got < 0 && errno == EINTR) continue;
+        if (got < 0) {
+            mlm_set_error(err, errlen, "%s: cannot read the %s: %s", path, what, strerror(errno));
+            free(buf);
+            buf = NULL;
+            break;
+        }
+        if (got == 0) break;
+        len += (size_t)got;
+        if (max_bytes && len > max_bytes) {
+            mlm_set_error(err, errlen, "%s: the %s grew past the %llu bytes a %s may have while it was read", path,
+                          what, (unsigned long long)max_bytes, what);
+            free(buf);
+            buf = NULL;
+            break;
+        }
+    }
+    close(fd);
+    if (!buf) return NULL;
+    buf[len] = '\0';
+    if (len_out) *len_out = len;
+    return buf;
+}
 
 // Digits only after an optional '-': strtoll and friends also take spaces, '+', 0x and overflow quietly.
 static int plain_decimal(const char *s) {
@@ -117,6 +199,15 @@ int mlm_parse_u64(const char *s, uint64_t max, uint64_t *out) {
     if (errno == ERANGE || v > max) return 2;
     *out = (uint64_t)v;
     return 0;
+}
+
+void mlm_on_stop_signals(void (*handler)(int)) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = handler;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
 }
 
 double mlm_now(void) {

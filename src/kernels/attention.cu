@@ -26,19 +26,35 @@ static __device__ __forceinline__ float warp_max(float x) {
     return x;
 }
 
+// The key-padding mask of sequence b for a warp's row (attention.c's sequence_key_mask): its T flags, or NULL when
+// there is no mask, or when every key or none is valid (a sequence of nothing but [PAD] attends to every key).
+// Every lane of the warp gets the same answer.
+static __device__ const uint8_t *warp_key_mask(const uint8_t *key_valid /* [B, T] or NULL */, size_t b, int T,
+                                               int lane) {
+    if (!key_valid) return NULL;
+    const uint8_t *v = key_valid + b * (size_t)T;  // [T]
+    float valid = 0.0f;  // a count: exact in float up to 2^24 keys
+    for (int j = lane; j < T; j += 32) valid += v[j] != 0;
+    valid = warp_sum(valid);
+    return valid > 0.0f && valid < (float)T ? v : NULL;
+}
+
 static __global__ void softmax_forward_kernel(float *att /* [rows, T] */, float *att_drop /* [rows, T] or NULL */,
                                               const uint8_t *keep /* [rows, T] or NULL */, float drop_scale,
-                                              float scale, size_t rows, int T) {
+                                              float scale, size_t rows, int T,
+                                              const uint8_t *key_valid /* [B, T] or NULL */, int H) {
     size_t row = (size_t)blockIdx.x * SM_ROWS_PER_BLOCK + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= rows) return;  // whole warps leave together
     float *a = att + row * (size_t)T;  // [T]: unscaled scores in, probabilities out
+    const uint8_t *kv = warp_key_mask(key_valid, row / ((size_t)H * T), T, lane);  // masked keys: probability 0
     float maxv = -INFINITY;
-    for (int j = lane; j < T; j += 32) maxv = fmaxf(maxv, __fmul_rn(a[j], scale));
+    for (int j = lane; j < T; j += 32)
+        if (!kv || kv[j]) maxv = fmaxf(maxv, __fmul_rn(a[j], scale));
     maxv = warp_max(maxv);
     float sum = 0.0f;
     for (int j = lane; j < T; j += 32) {
-        float e = expf(__fsub_rn(__fmul_rn(a[j], scale), maxv));
+        float e = !kv || kv[j] ? expf(__fsub_rn(__fmul_rn(a[j], scale), maxv)) : 0.0f;
         a[j] = e;
         sum += e;
     }
@@ -57,12 +73,13 @@ static __global__ void softmax_forward_kernel(float *att /* [rows, T] */, float 
 }
 
 extern "C" void cuda_softmax_forward(float *att, float *att_drop, const uint8_t *keep, float drop_scale, float scale,
-                                     int BH, int T, cudaStream_t stream) {
+                                     int BH, int T, const uint8_t *key_valid, int H, cudaStream_t stream) {
     size_t rows = (size_t)BH * T;
     if (rows == 0) return;
     if (keep != NULL && att_drop == NULL) mlm_fatal(MLM_EXIT_FAILURE, "cuda_softmax_forward: keep without att_drop");
     unsigned grid = (unsigned)((rows + SM_ROWS_PER_BLOCK - 1) / SM_ROWS_PER_BLOCK);
-    softmax_forward_kernel<<<grid, SM_BLOCK, 0, stream>>>(att, att_drop, keep, drop_scale, scale, rows, T);
+    softmax_forward_kernel<<<grid, SM_BLOCK, 0, stream>>>(att, att_drop, keep, drop_scale, scale, rows, T, key_valid,
+                                                          H > 0 ? H : 1);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -283,7 +300,8 @@ static __device__ void attn_load_qkv(float *q /* [T, hs] */, float *k /* [T, ldk
 static __global__ void attention_forward_kernel(float *out /* [B, T, C] */, float *att /* [B, H, T, T] */,
                                                 const float *qkv /* [B, T, 3C] */, const float *bias /* [3C] or NULL */,
                                                 const uint8_t *keep /* [B, H, T, T] or NULL */, float drop_scale,
-                                                float scale, int T, int C, int H, int hs, int ldkv) {
+                                                float scale, int T, int C, int H, int hs, int ldkv,
+                                                const uint8_t *key_valid /* [B, T] or NULL */) {
     extern __shared__ float attn_sh[];
     float *q = attn_sh;  // [T, hs]
     float *k = q + T * hs;  // [T, ldkv]
@@ -307,12 +325,14 @@ static __global__ void attention_forward_kernel(float *out /* [B, T, C] */, floa
     const uint8_t *keep_bh = keep ? keep + (size_t)bh * T * T : NULL;  // [T, T]
     for (int i = warp; i < T; i += warps) {  // warp-uniform: whole warps enter and leave together
         float *r = p + i * T;
+        const uint8_t *kv = warp_key_mask(key_valid, (size_t)b, T, lane);  // masked keys: probability 0
         float maxv = -INFINITY;
-        for (int j = lane; j < T; j += 32) maxv = fmaxf(maxv, r[j]);
+        for (int j = lane; j < T; j += 32)
+            if (!kv || kv[j]) maxv = fmaxf(maxv, r[j]);
         maxv = warp_max(maxv);
         float sum = 0.0f;
         for (int j = lane; j < T; j += 32) {
-            float e = expf(__fsub_rn(r[j], maxv));
+            float e = !kv || kv[j] ? expf(__fsub_rn(r[j], maxv)) : 0.0f;
             r[j] = e;
             sum += e;
         }
@@ -335,7 +355,7 @@ static __global__ void attention_forward_kernel(float *out /* [B, T, C] */, floa
 
 extern "C" void cuda_attention_forward(float *out, float *att, const float *qkv, const float *qkv_bias,
                                        const uint8_t *keep, float drop_scale, int B, int T, int C, int H,
-                                       cudaStream_t stream) {
+                                       const uint8_t *key_valid, cudaStream_t stream) {
     AttnShape s;
     if (!attn_shape(&s, T, C, H))
         mlm_fatal(MLM_EXIT_FAILURE, "cuda_attention_forward: T %d, d_model %d, %d heads do not fit the fused kernel "
@@ -343,7 +363,7 @@ extern "C" void cuda_attention_forward(float *out, float *att, const float *qkv,
     if (B <= 0) return;
     float scale = 1.0f / sqrtf((float)s.hs);
     attention_forward_kernel<<<(unsigned)(B * H), ATTN_BLOCK, s.fwd_floats * sizeof(float), stream>>>(
-        out, att, qkv, qkv_bias, keep, drop_scale, scale, T, C, H, s.hs, s.ldkv);
+        out, att, qkv, qkv_bias, keep, drop_scale, scale, T, C, H, s.hs, s.ldkv, key_valid);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -439,5 +459,19 @@ extern "C" void cuda_attention_backward(float *dqkv, float *bias_partial, const 
     float scale = 1.0f / sqrtf((float)s.hs);
     attention_backward_kernel<<<(unsigned)(B * H), ATTN_BLOCK, s.bwd_floats * sizeof(float), stream>>>(
         dqkv, bias_partial, dout, qkv, qkv_bias, att, keep, drop_scale, scale, T, C, H, s.hs, s.ldkv);
+    CUDA_CHECK_LAUNCH();
+}
+
+// ---- The key-padding mask (model.arch = bert) -------------------------------------------------------------
+// valid[n] = inputs[n] != pad_id: transformers' attention_mask, as cpu_model.c derives it.
+static __global__ void key_valid_kernel(uint8_t *valid /* [n] */, const int *inputs /* [n] */, size_t n, int pad_id) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        valid[i] = inputs[i] != pad_id;
+}
+
+extern "C" void cuda_key_valid(uint8_t *valid, const int *inputs, size_t n, int pad_id, cudaStream_t stream) {
+    if (n == 0) return;
+    size_t blocks = (n + 255) / 256;
+    key_valid_kernel<<<(unsigned)(blocks < (1u << 20) ? blocks : (1u << 20)), 256, 0, stream>>>(valid, inputs, n, pad_id);
     CUDA_CHECK_LAUNCH();
 }

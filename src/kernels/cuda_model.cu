@@ -8,6 +8,9 @@
 // each draws its rows' numbers of the whole batch, divides by the whole batch's targets, and adds its gradients
 // to a device sum in call order; one clip + Adam on the sum follows (cuda_model_apply_accumulated).
 //
+// Both architectures (model.h): labml's pre-LN encoder with its fused LayerNorm kernels, and model.arch = bert
+// (BertForMaskedLM: learned positions, post-LN layers whose residual adds are fused with the LayerNorm after them,
+// GELU, the head transform and the decoder tied to the word embeddings, [PAD] keys masked out of attention).
 // It mirrors src/cpu/cpu_model.c op for op: the same parameter layout (model_param_views), the same saved
 // activations (stacked [L, max_B, T, ...] per layer, a smaller batch using a prefix of each layer's block),
 // and the same random numbers: masking and dropout compute cuRAND's Philox stream inside the kernels
@@ -95,6 +98,14 @@ typedef struct {
     int *sel_labels;             // [B*T] their labels (ignored past the device count)
     float *sel_x;                // [B*T, C] their rows of the last residual stream
     float *sel_dx;               // [B*T, C] gradient of sel_x
+    // model.arch = bert (empty for labml; cpu_model.c's CpuActs says what each holds).
+    float *emb_sum;              // [B, T, C] word + type + position
+    float *emb_mean, *emb_rstd;  // [B, T]
+    uint8_t *keep_emb;           // [B, T, C]
+    float *fc_pre;               // [L, B, T, F] GELU's inputs
+    float *head_pre, *head_act;  // [B, T, C] each: the head transform's dense output and GELU of it
+    uint8_t *key_valid;          // [B, T] inputs != [PAD]
+    float *dres2;                // [B, T, C]
 } DevActs;
 
 // Everything a captured step bakes into its launches: sizes, which kernels run, and the constants passed by
@@ -282,6 +293,16 @@ static void carve_acts(DevActs *a, const ModelConfig *c, int max_B, size_t n_par
     a->sel_labels = carve_i(cv, BT);
     a->sel_x = carve_f(cv, BT * C);
     a->sel_dx = carve_f(cv, BT * C);
+    size_t BTb = c->arch == MODEL_ARCH_BERT ? BT : 0;
+    a->emb_sum = carve_f(cv, BTb * C);
+    a->emb_mean = carve_f(cv, BTb);
+    a->emb_rstd = carve_f(cv, BTb);
+    a->keep_emb = carve_b(cv, BTb * C);
+    a->fc_pre = carve_f(cv, L * BTb * F);
+    a->head_pre = carve_f(cv, BTb * C);
+    a->head_act = carve_f(cv, BTb * C);
+    a->key_valid = carve_b(cv, BTb);
+    a->dres2 = carve_f(cv, BTb * C);
 }
 
 static double mib(size_t bytes) { return (double)bytes / (1024.0 * 1024.0); }
@@ -589,13 +610,14 @@ static void matmul_forward(CudaModel *m, float *out, const float *inp, const flo
 
 // dinp[N, IC] = dout[N, OC] w[OC, IC] (skipped when dinp is NULL); dw[OC, IC] = dout^T inp (overwritten: each
 // weight receives one product per backward, its row blocks added in order); db[OC] += column sums of dout
-// (skipped when db is NULL).
-static void linear_backward(CudaModel *m, float *dinp, float *dw, float *db, const float *dout, const float *inp,
-                            const float *w, int N, int IC, int OC) {
+// (skipped when db is NULL). dinp = beta dinp + dout w: beta 0 overwrites, beta 1 adds (a post-LN sublayer's input
+// gradient added to the skip path's, model.arch = bert).
+static void linear_backward_beta(CudaModel *m, float *dinp, const float *beta, float *dw, float *db, const float *dout,
+                                 const float *inp, const float *w, int N, int IC, int OC) {
     long step = gemm_rows_per_call(m, IC, OC);
     for (long r0 = 0; dinp && r0 < N; r0 += step) {
         int rows = (int)MLM_MIN(step, N - r0);
-        sgemm(m, CUBLAS_OP_N, CUBLAS_OP_N, IC, rows, OC, w, 0, IC, dout, (size_t)r0 * OC, OC, &ZERO, dinp,
+        sgemm(m, CUBLAS_OP_N, CUBLAS_OP_N, IC, rows, OC, w, 0, IC, dout, (size_t)r0 * OC, OC, beta, dinp,
               (size_t)r0 * IC, IC);
     }
     for (long r0 = 0; r0 < N; r0 += step) {
@@ -604,6 +626,16 @@ static void linear_backward(CudaModel *m, float *dinp, float *dw, float *db, con
               r0 == 0 ? &ZERO : &ONE, dw, 0, IC);
     }
     if (db) cuda_column_sums_accumulate(db, dout, N, OC, m->a.scratch, m->stream);
+}
+static void linear_backward(CudaModel *m, float *dinp, float *dw, float *db, const float *dout, const float *inp,
+                            const float *w, int N, int IC, int OC) {
+    linear_backward_beta(m, dinp, &ZERO, dw, db, dout, inp, w, N, IC, OC);
+}
+// linear_backward with dinp += dout w instead of = (cuBLAS beta 1): a post-LN sublayer's input gradient added to
+// the skip path's (model.arch = bert).
+static void linear_backward_acc(CudaModel *m, float *dinp, float *dw, float *db, const float *dout, const float *inp,
+                                const float *w, int N, int IC, int OC) {
+    linear_backward_beta(m, dinp, &ONE, dw, db, dout, inp, w, N, IC, OC);
 }
 
 void cuda_model_set_gemm_limit(CudaModel *m, size_t max_elems) {
@@ -783,6 +815,44 @@ static void sparse_check_count(const CudaModel *m, int device_count) {
                   device_count, m->sparse_cap);
 }
 
+// ---- The head's transform: rows x[n, C] of the last hidden state into a->lnf[n, C], the decoder's input (as
+// cpu_model.c): labml's final LayerNorm, or BERT's cls.predictions.transform (dense -> GELU -> LayerNorm).
+
+static void head_transform_forward(CudaModel *m, const float *x, int n) {
+    const ModelConfig *c = &m->cfg;
+    DevActs *a = &m->a;
+    const ParamTensors *p = &m->p;
+    int C = c->d_model;
+    if (c->arch != MODEL_ARCH_BERT) {
+        cuda_layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, x, p->lnf_w, p->lnf_b, n, C, c->ln_eps, m->stream);
+        return;
+    }
+    matmul_forward(m, a->head_pre, x, p->head_w, n, C, C);
+    cuda_bias_gelu_forward(a->head_pre, a->head_act, p->head_b, (size_t)n * C, C, m->stream);
+    cuda_layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, a->head_act, p->head_ln_w, p->head_ln_b, n, C, c->ln_eps,
+                           m->stream);
+}
+
+// dx[n, C] (overwritten) from a->dln = d lnf, and the transform's parameter gradients.
+static void head_transform_backward(CudaModel *m, float *dx, const float *x, int n) {
+    const ModelConfig *c = &m->cfg;
+    DevActs *a = &m->a;
+    const ParamTensors *p = &m->p, *g = &m->g;
+    int C = c->d_model;
+    if (c->arch != MODEL_ARCH_BERT) {
+        CUDA_CHECK(cudaMemsetAsync(dx, 0, (size_t)n * C * sizeof(float), m->stream));
+        cuda_layernorm_backward(dx, g->lnf_w, g->lnf_b, a->dln, x, p->lnf_w, a->lnf_mean, a->lnf_rstd, n, C, a->scratch,
+                                m->stream);
+        return;
+    }
+    float *dact = a->dproj;  // [n, C] scratch: d head_act, then (in place) d head_pre
+    CUDA_CHECK(cudaMemsetAsync(dact, 0, (size_t)n * C * sizeof(float), m->stream));
+    cuda_layernorm_backward(dact, g->head_ln_w, g->head_ln_b, a->dln, a->head_act, p->head_ln_w, a->lnf_mean,
+                            a->lnf_rstd, n, C, a->scratch, m->stream);
+    cuda_gelu_backward(dact, dact, a->head_pre, (size_t)n * C, m->stream);
+    linear_backward(m, dx, g->head_w, g->head_b, dact, x, p->head_w, n, C, C);
+}
+
 // Forward of the sparse head from the last residual stream x[N, C]: loss, accuracy and dlogits of the
 // selected rows, and the scalars, as the dense head's.
 static void sparse_head_forward(CudaModel *m, const float *x, int N) {
@@ -799,8 +869,7 @@ static void sparse_head_forward(CudaModel *m, const float *x, int N) {
     if (cap > 0) {
         cuda_gather_rows(a->sel_x, a->sel_labels, x, a->labels, a->sel_rows, a->n_targets, cap, C, m->pad_id,
                          m->stream);
-        cuda_layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, a->sel_x, p->lnf_w, p->lnf_b, cap, C, c->ln_eps,
-                               m->stream);
+        head_transform_forward(m, a->sel_x, cap);
         matmul_forward(m, a->logits, a->lnf, p->gen_w, cap, C, V);
         cuda_add_bias(a->logits, a->logits, p->gen_b, (size_t)cap * V, V, m->stream);
         // dlogits apart from logits, so that cuda_model_get_logits can still return them.
@@ -819,9 +888,7 @@ static void sparse_head_backward(CudaModel *m, int N) {
     CUDA_CHECK(cudaMemsetAsync(a->dres, 0, (size_t)N * C * sizeof(float), m->stream));
     if (cap == 0) return;  // no target: every gradient is zero, as the dense head's
     linear_backward(m, a->dln, g->gen_w, g->gen_b, a->dlogits, a->lnf, p->gen_w, cap, C, V);
-    CUDA_CHECK(cudaMemsetAsync(a->sel_dx, 0, (size_t)cap * C * sizeof(float), m->stream));
-    cuda_layernorm_backward(a->sel_dx, g->lnf_w, g->lnf_b, a->dln, a->sel_x, p->lnf_w, a->lnf_mean, a->lnf_rstd, cap,
-                            C, a->scratch, m->stream);
+    head_transform_backward(m, a->sel_dx, a->sel_x, cap);
     cuda_scatter_rows(a->dres, a->sel_dx, a->sel_rows, a->n_targets, cap, C, m->stream);
 }
 
@@ -848,21 +915,71 @@ static void sparse_logits_to_host(CudaModel *m, float *logits, int B) {
 // ---------------------------------------------------------------------------------------------------------
 // Forward and backward (asynchronous on the model's stream; nothing here waits for the device).
 
-static void forward_impl(CudaModel *m, int B, const CudaRandom *rnd) {
+// One layer's saved activations and dropout masks: its slices of the stacked [L, max_B, T, ...] tensors (as
+// cpu_model.c's LayerActs).
+typedef struct {
+    float *ln1, *ln1_mean, *ln1_rstd, *qkv, *att, *atty, *res1, *ln2, *ln2_mean, *ln2_rstd, *fc_pre, *fch, *res2;
+    uint8_t *keep_att, *keep_res1, *keep_res2;  // NULL in the backward when the forward had no dropout
+} LayerActs;
+
+static LayerActs layer_acts(const CudaModel *m, int l) {
+    const ModelConfig *c = &m->cfg;
+    const DevActs *a = &m->a;
+    size_t maxBT = (size_t)m->max_B * c->max_seq, C = c->d_model, H = c->n_heads, T = c->max_seq, F = c->d_ff;
+    size_t rows = l * maxBT;
+    LayerActs y = {
+        a->ln1 + rows * C, a->ln1_mean + rows, a->ln1_rstd + rows, a->qkv + rows * 3 * C, a->att + rows * H * T,
+        a->atty + rows * C, a->res1 + rows * C, a->ln2 + rows * C, a->ln2_mean + rows, a->ln2_rstd + rows,
+        c->arch == MODEL_ARCH_BERT ? a->fc_pre + rows * F : NULL, a->fch + rows * F, a->res2 + rows * C,
+        a->keep_att + rows * H * T, a->keep_res1 + rows * C, a->keep_res2 + rows * C,
+    };
+    if (!m->dropout_on) y.keep_att = y.keep_res1 = y.keep_res2 = NULL;
+    return y;
+}
+
+// The attention core of layer l (as attention.c): atty[B, T, C] and att[B, H, T, T] from qkv (without its bias,
+// which the kernels add) and the layer's dropout; [PAD] keys masked out for arch = bert.
+static void attention_layer_forward(CudaModel *m, int l, int B, const CudaRandom *rnd) {
     const ModelConfig *c = &m->cfg;
     DevActs *a = &m->a;
     const ParamTensors *p = &m->p;
-    int T = c->max_seq, C = c->d_model, H = c->n_heads, F = c->d_ff, V = c->vocab, L = c->n_layers;
-    int hs = C / H, BH = B * H;
-    size_t BT = (size_t)B * T, maxBT = (size_t)m->max_B * T, BHTT = (size_t)BH * T * T;
+    int T = c->max_seq, C = c->d_model, H = c->n_heads, hs = C / H, BH = B * H;
+    size_t BT = (size_t)B * T, maxBT = (size_t)m->max_B * T, BHTT = (size_t)BH * T * T, lc = (size_t)l * C;
+    float ds = m->drop_scale, att_scale = 1.0f / sqrtf((float)hs);
+    long long sT = (long long)T * hs, sTT = (long long)T * T;
+    float *qkv = a->qkv + l * maxBT * 3 * C, *att = a->att + l * maxBT * H * T, *atty = a->atty + l * maxBT * C;
+    uint8_t *keep_att = a->keep_att + l * maxBT * H * T;
+    const uint8_t *key_valid = c->arch == MODEL_ARCH_BERT ? a->key_valid : NULL;
+    uint8_t *keep;
+    if (cuda_attention_fused_fits(T, C, H)) {
+        // One kernel per (batch, head); qkv stays without its bias (the kernels add it when they load).
+        keep = site_mask(m, rnd, keep_att, l, DROP_ATTN_PROBS, BHTT);
+        cuda_attention_forward(atty, att, qkv, p->qkv_b + 3 * lc, keep, ds, B, T, C, H, key_valid, m->stream);
+        return;
+    }
+    cuda_add_bias(qkv, qkv, p->qkv_b + 3 * lc, BT * 3 * C, 3 * C, m->stream);
+    cuda_qkv_split_heads(a->q, a->k, a->v, qkv, B, T, C, H, m->stream);
+    // scores[bh] = Q K^T (row-major [T, T]) = column-major K^T' Q: op(K) = T.
+    gemm_batched(m, CUBLAS_OP_T, CUBLAS_OP_N, T, T, hs, a->k, hs, sT, a->q, hs, sT, att, T, sTT, BH);
+    keep = site_mask(m, rnd, keep_att, l, DROP_ATTN_PROBS, BHTT);
+    cuda_softmax_forward(att, keep ? a->att_drop : NULL, keep, ds, att_scale, BH, T, key_valid, H, m->stream);
+    const float *pv = keep ? a->att_drop : att;
+    // yh[bh] = P V (row-major [T, hs]) = column-major V' P'.
+    gemm_batched(m, CUBLAS_OP_N, CUBLAS_OP_N, hs, T, T, a->v, hs, sT, pv, T, sTT, a->yh, hs, sT, BH);
+    cuda_heads_to_rows(atty, a->yh, B, T, C, H, m->stream);
+}
+
+// labml's encoder: x = x + Drop(Sublayer(LN(x))), each residual add fused with the LayerNorm that reads it. Returns
+// the last residual stream [B, T, C].
+static const float *labml_layers_forward(CudaModel *m, int B, const CudaRandom *rnd) {
+    const ModelConfig *c = &m->cfg;
+    DevActs *a = &m->a;
+    const ParamTensors *p = &m->p;
+    int T = c->max_seq, C = c->d_model, F = c->d_ff, L = c->n_layers;
+    size_t BT = (size_t)B * T, maxBT = (size_t)m->max_B * T;
     int N = (int)BT;
     float ds = m->drop_scale;
-    float att_scale = 1.0f / sqrtf((float)hs);
-    long long sT = (long long)T * hs, sTT = (long long)T * T;
-    int fused_att = cuda_attention_fused_fits(T, C, H);  // short sequences: the one-kernel attention
     char name[64];
-
-    nvtxRangePushA("forward");
     // The embedding fused with layer 0's LN1; a later layer's LN1 is fused into the residual add before it.
     cuda_embedding_layernorm_forward(a->encoded, a->ln1, a->ln1_mean, a->ln1_rstd, a->inputs, p->tok_emb, a->pe,
                                      p->ln1_w, p->ln1_b, B, T, C, c->ln_eps, m->stream);
@@ -871,63 +988,100 @@ static void forward_impl(CudaModel *m, int B, const CudaRandom *rnd) {
         snprintf(name, sizeof(name), "forward layer %d", l);
         nvtxRangePushA(name);
         size_t lc = (size_t)l * C;
-        float *ln1 = a->ln1 + l * maxBT * C;  // with its mean and rstd, written before the layer (see above)
-        float *qkv = a->qkv + l * maxBT * 3 * C;
-        float *att = a->att + l * maxBT * H * T;
-        float *atty = a->atty + l * maxBT * C;
-        float *res1 = a->res1 + l * maxBT * C;
-        float *ln2 = a->ln2 + l * maxBT * C, *ln2_mean = a->ln2_mean + l * maxBT, *ln2_rstd = a->ln2_rstd + l * maxBT;
-        float *fch = a->fch + l * maxBT * F;
-        float *res2 = a->res2 + l * maxBT * C;
+        LayerActs y = layer_acts(m, l);  // y.ln1 with its mean and rstd was written before the layer (see above)
 
         // x = x + Drop(OutProj(MHA(LN1(x)))); LN1 (ln1, ln1_mean, ln1_rstd) was written by the kernel before.
-        matmul_forward(m, qkv, ln1, p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
-        uint8_t *keep;
-        if (fused_att) {
-            // One kernel per (batch, head); qkv stays without its bias (the kernels add it when they load).
-            keep = site_mask(m, rnd, a->keep_att + l * maxBT * H * T, l, DROP_ATTN_PROBS, BHTT);
-            cuda_attention_forward(atty, att, qkv, p->qkv_b + 3 * lc, keep, ds, B, T, C, H, m->stream);
-        } else {
-            cuda_add_bias(qkv, qkv, p->qkv_b + 3 * lc, BT * 3 * C, 3 * C, m->stream);
-            cuda_qkv_split_heads(a->q, a->k, a->v, qkv, B, T, C, H, m->stream);
-            // scores[bh] = Q K^T (row-major [T, T]) = column-major K^T' Q: op(K) = T.
-            gemm_batched(m, CUBLAS_OP_T, CUBLAS_OP_N, T, T, hs, a->k, hs, sT, a->q, hs, sT, att, T, sTT, BH);
-            keep = site_mask(m, rnd, a->keep_att + l * maxBT * H * T, l, DROP_ATTN_PROBS, BHTT);
-            cuda_softmax_forward(att, keep ? a->att_drop : NULL, keep, ds, att_scale, BH, T, m->stream);
-            const float *pv = keep ? a->att_drop : att;
-            // yh[bh] = P V (row-major [T, hs]) = column-major V' P'.
-            gemm_batched(m, CUBLAS_OP_N, CUBLAS_OP_N, hs, T, T, a->v, hs, sT, pv, T, sTT, a->yh, hs, sT, BH);
-            cuda_heads_to_rows(atty, a->yh, B, T, C, H, m->stream);
-        }
-        matmul_forward(m, a->proj, atty, p->out_w + (size_t)l * C * C, N, C, C);
-        keep = site_mask(m, rnd, a->keep_res1 + l * maxBT * C, l, DROP_ATTN_RESID, BT * C);
+        matmul_forward(m, y.qkv, y.ln1, p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
+        attention_layer_forward(m, l, B, rnd);
+        matmul_forward(m, a->proj, y.atty, p->out_w + (size_t)l * C * C, N, C, C);
+        uint8_t *keep = site_mask(m, rnd, a->keep_res1 + l * maxBT * C, l, DROP_ATTN_RESID, BT * C);
         // The residual add fused with the LN2 that reads it.
-        cuda_residual_layernorm_forward(res1, ln2, ln2_mean, ln2_rstd, x, a->proj, p->out_b + lc, keep, ds,
+        cuda_residual_layernorm_forward(y.res1, y.ln2, y.ln2_mean, y.ln2_rstd, x, a->proj, p->out_b + lc, keep, ds,
                                         p->ln2_w + lc, p->ln2_b + lc, N, C, c->ln_eps, m->stream);
 
         // x = x + Drop(Linear2(Drop(ReLU(Linear1(LN2(x))))))
-        matmul_forward(m, fch, ln2, p->ff1_w + (size_t)l * F * C, N, C, F);
+        matmul_forward(m, y.fch, y.ln2, p->ff1_w + (size_t)l * F * C, N, C, F);
         keep = site_mask(m, rnd, a->keep_hidden, l, DROP_FFN_HIDDEN, BT * F);
-        cuda_bias_relu_dropout_forward(fch, p->ff1_b + (size_t)l * F, keep, ds, BT * F, F, m->stream);
-        matmul_forward(m, a->proj, fch, p->ff2_w + (size_t)l * C * F, N, F, C);
+        cuda_bias_relu_dropout_forward(y.fch, p->ff1_b + (size_t)l * F, keep, ds, BT * F, F, m->stream);
+        matmul_forward(m, a->proj, y.fch, p->ff2_w + (size_t)l * C * F, N, F, C);
         keep = site_mask(m, rnd, a->keep_res2 + l * maxBT * C, l, DROP_FFN_RESID, BT * C);
         if (l + 1 < L) {  // the residual add fused with the next layer's LN1
-            size_t nc = lc + C, nb = (size_t)(l + 1) * maxBT;
-            cuda_residual_layernorm_forward(res2, a->ln1 + nb * C, a->ln1_mean + nb, a->ln1_rstd + nb, res1, a->proj,
-                                            p->ff2_b + lc, keep, ds, p->ln1_w + nc, p->ln1_b + nc, N, C, c->ln_eps,
-                                            m->stream);
+            LayerActs next = layer_acts(m, l + 1);
+            cuda_residual_layernorm_forward(y.res2, next.ln1, next.ln1_mean, next.ln1_rstd, y.res1, a->proj,
+                                            p->ff2_b + lc, keep, ds, p->ln1_w + lc + C, p->ln1_b + lc + C, N, C,
+                                            c->ln_eps, m->stream);
         } else {  // the final LayerNorm below reads it
-            cuda_residual_dropout_forward(res2, res1, a->proj, p->ff2_b + lc, keep, ds, BT * C, C, m->stream);
+            cuda_residual_dropout_forward(y.res2, y.res1, a->proj, p->ff2_b + lc, keep, ds, BT * C, C, m->stream);
         }
-        x = res2;
+        x = y.res2;
         nvtxRangePop();
     }
+    return x;
+}
+
+// BERT's encoder (cpu_model.c's bert_encoder_forward): Drop(LN(word + type + position)), then per layer
+// h = LN1(x + Drop(Dense(Attn(x)))), x = LN2(h + Drop(Dense2(GELU(Dense1(h))))), each residual add fused with its
+// LayerNorm. Returns the last hidden state [B, T, C].
+static const float *bert_layers_forward(CudaModel *m, int B, const CudaRandom *rnd) {
+    const ModelConfig *c = &m->cfg;
+    DevActs *a = &m->a;
+    const ParamTensors *p = &m->p;
+    int T = c->max_seq, C = c->d_model, F = c->d_ff, L = c->n_layers;
+    size_t BT = (size_t)B * T, maxBT = (size_t)m->max_B * T;
+    int N = (int)BT;
+    float ds = m->drop_scale;
+    char name[64];
+    cuda_key_valid(a->key_valid, a->inputs, BT, m->pad_id, m->stream);
+    cuda_bert_embedding_forward(a->emb_sum, a->inputs, p->tok_emb, p->pos_emb, p->type_emb, B, T, C, m->stream);
+    cuda_layernorm_forward(a->encoded, a->emb_mean, a->emb_rstd, a->emb_sum, p->emb_ln_w, p->emb_ln_b, N, C, c->ln_eps,
+                           m->stream);
+    uint8_t *keep = site_mask(m, rnd, a->keep_emb, 0, DROP_EMBED, BT * C);
+    if (keep) cuda_residual_dropout_backward(a->encoded, a->encoded, keep, ds, BT * C, m->stream);  // y = x keep scale
+    const float *x = a->encoded;  // [B, T, C] hidden state entering the layer
+    for (int l = 0; l < L; l++) {
+        snprintf(name, sizeof(name), "forward layer %d", l);
+        nvtxRangePushA(name);
+        size_t lc = (size_t)l * C;
+        LayerActs y = layer_acts(m, l);
+        matmul_forward(m, y.qkv, x, p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
+        attention_layer_forward(m, l, B, rnd);
+        matmul_forward(m, a->proj, y.atty, p->out_w + (size_t)l * C * C, N, C, C);
+        keep = site_mask(m, rnd, a->keep_res1 + l * maxBT * C, l, DROP_ATTN_RESID, BT * C);
+        cuda_residual_layernorm_forward(y.res1, y.ln1, y.ln1_mean, y.ln1_rstd, x, a->proj, p->out_b + lc, keep, ds,
+                                        p->ln1_w + lc, p->ln1_b + lc, N, C, c->ln_eps, m->stream);
+        matmul_forward(m, y.fc_pre, y.ln1, p->ff1_w + (size_t)l * F * C, N, C, F);
+        cuda_bias_gelu_forward(y.fc_pre, y.fch, p->ff1_b + (size_t)l * F, BT * F, F, m->stream);
+        matmul_forward(m, a->proj, y.fch, p->ff2_w + (size_t)l * C * F, N, F, C);
+        keep = site_mask(m, rnd, a->keep_res2 + l * maxBT * C, l, DROP_FFN_RESID, BT * C);
+        cuda_residual_layernorm_forward(y.res2, y.ln2, y.ln2_mean, y.ln2_rstd, y.ln1, a->proj, p->ff2_b + lc, keep, ds,
+                                        p->ln2_w + lc, p->ln2_b + lc, N, C, c->ln_eps, m->stream);
+        x = y.ln2;
+        nvtxRangePop();
+    }
+    return x;
+}
+
+// The last hidden state [B, T, C] of the forward (the head's input).
+static const float *last_hidden(const CudaModel *m) {
+    size_t off = (size_t)(m->cfg.n_layers - 1) * m->max_B * m->cfg.max_seq * m->cfg.d_model;
+    return (m->cfg.arch == MODEL_ARCH_BERT ? m->a.ln2 : m->a.res2) + off;
+}
+
+static void forward_impl(CudaModel *m, int B, const CudaRandom *rnd) {
+    const ModelConfig *c = &m->cfg;
+    DevActs *a = &m->a;
+    const ParamTensors *p = &m->p;
+    int T = c->max_seq, C = c->d_model, V = c->vocab;
+    size_t BT = (size_t)B * T;
+    int N = (int)BT;
+    nvtxRangePushA("forward");
+    const float *x = c->arch == MODEL_ARCH_BERT ? bert_layers_forward(m, B, rnd) : labml_layers_forward(m, B, rnd);
     if (m->sparse_last) {
         sparse_head_forward(m, x, N);
         nvtxRangePop();
         return;
     }
-    cuda_layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, x, p->lnf_w, p->lnf_b, N, C, c->ln_eps, m->stream);
+    head_transform_forward(m, x, N);
     matmul_forward(m, a->logits, a->lnf, p->gen_w, N, C, V);
     cuda_add_bias(a->logits, a->logits, p->gen_b, BT * V, V, m->stream);
 
@@ -942,115 +1096,173 @@ static void forward_impl(CudaModel *m, int B, const CudaRandom *rnd) {
     nvtxRangePop();
 }
 
+// dqkv[B, T, 3C] of layer l from datty (the attention core's backward, as attention.c). Returns the qkv bias
+// gradient for linear_backward to sum, or NULL when the fused kernel summed it already.
+static float *attention_layer_backward(CudaModel *m, int l, const uint8_t *keep_att) {
+    const ModelConfig *c = &m->cfg;
+    DevActs *a = &m->a;
+    const ParamTensors *p = &m->p, *g = &m->g;
+    int B = m->B, T = c->max_seq, C = c->d_model, H = c->n_heads, hs = C / H, BH = B * H;
+    size_t maxBT = (size_t)m->max_B * T, BHTT = (size_t)BH * T * T, lc = (size_t)l * C;
+    float ds = m->drop_scale, att_scale = 1.0f / sqrtf((float)hs);
+    long long sT = (long long)T * hs, sTT = (long long)T * T;
+    const float *qkv = a->qkv + l * maxBT * 3 * C, *att = a->att + l * maxBT * H * T;
+    if (cuda_attention_fused_fits(T, C, H)) {
+        // One kernel per (batch, head) from the saved qkv (without bias) and probabilities; the qkv bias
+        // gradient from its per-sequence partial sums.
+        cuda_attention_backward(a->dqkv, a->scratch, a->datty, qkv, p->qkv_b + 3 * lc, att, keep_att, ds, B, T, C, H,
+                                m->stream);
+        cuda_column_sums_finish(g->qkv_b + 3 * lc, a->scratch, B, 3 * C, m->stream);
+        return NULL;
+    }
+    // Per head: dyh from the concatenated rows; Q, K, V again from the saved qkv (a cheap shuffle instead
+    // of three more saved tensors per layer); the dropped probabilities again from att and the mask
+    // (att * keep * scale, bit-identical to the forward's: keep is 0 or 1 and att >= 0).
+    cuda_rows_to_heads(a->dyh, a->datty, B, T, C, H, m->stream);
+    cuda_qkv_split_heads(a->q, a->k, a->v, qkv, B, T, C, H, m->stream);
+    const float *pv = att;
+    if (keep_att) {
+        cuda_residual_dropout_backward(a->att_drop, att, keep_att, ds, BHTT, m->stream);
+        pv = a->att_drop;
+    }
+    // datt[bh] = dY V^T ([T, T]); dV[bh] = P^T dY ([T, hs]).
+    gemm_batched(m, CUBLAS_OP_T, CUBLAS_OP_N, T, T, hs, a->v, hs, sT, a->dyh, hs, sT, a->datt, T, sTT, BH);
+    gemm_batched(m, CUBLAS_OP_N, CUBLAS_OP_T, hs, T, T, a->dyh, hs, sT, pv, T, sTT, a->dv, hs, sT, BH);
+    // d scores (in place): undo the dropout, the softmax and the 1/sqrt(hs) scale.
+    cuda_softmax_backward(a->datt, a->datt, att, keep_att, ds, att_scale, BH, T, m->stream);
+    // dQ[bh] = dS K; dK[bh] = dS^T Q.
+    gemm_batched(m, CUBLAS_OP_N, CUBLAS_OP_N, hs, T, T, a->k, hs, sT, a->datt, T, sTT, a->dq, hs, sT, BH);
+    gemm_batched(m, CUBLAS_OP_N, CUBLAS_OP_T, hs, T, T, a->q, hs, sT, a->datt, T, sTT, a->dk, hs, sT, BH);
+    cuda_qkv_merge_heads(a->dqkv, a->dq, a->dk, a->dv, B, T, C, H, m->stream);
+    return g->qkv_b + 3 * lc;
+}
+
+// labml's layers from the top down: a->dres holds d(last residual stream) (the head's backward wrote it).
+static void labml_layers_backward(CudaModel *m) {
+    const ModelConfig *c = &m->cfg;
+    DevActs *a = &m->a;
+    const ParamTensors *p = &m->p;
+    const ParamTensors *g = &m->g;
+    int B = m->B, T = c->max_seq, C = c->d_model, F = c->d_ff, V = c->vocab, L = c->n_layers;
+    int N = B * T;
+    float ds = m->drop_scale;
+    char name[64];
+    for (int l = L - 1; l >= 0; l--) {
+        snprintf(name, sizeof(name), "backward layer %d", l);
+        nvtxRangePushA(name);
+        size_t lc = (size_t)l * C;
+        LayerActs y = layer_acts(m, l);
+        const float *x = l > 0 ? layer_acts(m, l - 1).res2 : a->encoded;  // layer input
+
+        // FFN block: dres is d(res2); the skip path passes it on unchanged to d(res1). dproj = d(FFN output),
+        // its column sums in the ff2 bias gradient: here for the top layer, below it by the LN1 backward of the
+        // layer above.
+        if (l == L - 1)
+            cuda_residual_dropout_backward_sums(a->dproj, a->dres, y.keep_res2, ds, N, C, g->ff2_b + lc, a->scratch,
+                                                m->stream);
+        linear_backward(m, a->dfch, g->ff2_w + (size_t)l * C * F, NULL, a->dproj, y.fch, p->ff2_w + (size_t)l * C * F,
+                        N, F, C);
+        // The ReLU/dropout backward also sums the ff1 bias gradient as it goes.
+        cuda_relu_dropout_backward_sums(a->dfch, y.fch, ds, N, F, g->ff1_b + (size_t)l * F, a->scratch, m->stream);
+        linear_backward(m, a->dln, g->ff1_w + (size_t)l * F * C, NULL, a->dfch, y.ln2, p->ff1_w + (size_t)l * F * C, N,
+                        C, F);
+        // LN2's backward also writes dproj = d(attention output) = dropout backward of d(res1), and its column
+        // sums into the output projection's bias gradient.
+        cuda_layernorm_backward_residual(a->dres, g->ln2_w + lc, g->ln2_b + lc, a->dln, y.res1, p->ln2_w + lc,
+                                         y.ln2_mean, y.ln2_rstd, N, C, a->dproj, y.keep_res1, ds, g->out_b + lc,
+                                         a->scratch, m->stream);
+
+        // Attention block: dres is now d(res1); the skip path passes it on to d(x).
+        linear_backward(m, a->datty, g->out_w + (size_t)l * C * C, NULL, a->dproj, y.atty,
+                        p->out_w + (size_t)l * C * C, N, C, C);
+        float *dqkv_b = attention_layer_backward(m, l, y.keep_att);
+        linear_backward(m, a->dln, g->qkv_w + (size_t)l * 3 * C * C, dqkv_b, a->dqkv, y.ln1,
+                        p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
+        if (l > 0) {  // LN1's backward also starts the FFN block of the layer below (as LN2's above)
+            cuda_layernorm_backward_residual(a->dres, g->ln1_w + lc, g->ln1_b + lc, a->dln, x, p->ln1_w + lc,
+                                             y.ln1_mean, y.ln1_rstd, N, C, a->dproj, layer_acts(m, l - 1).keep_res2, ds,
+                                             g->ff2_b + lc - C, a->scratch, m->stream);
+        } else {
+            cuda_layernorm_backward(a->dres, g->ln1_w + lc, g->ln1_b + lc, a->dln, x, p->ln1_w + lc, y.ln1_mean,
+                                    y.ln1_rstd, N, C, a->scratch, m->stream);
+        }
+        nvtxRangePop();
+    }
+    cuda_embedding_backward(g->tok_emb, a->dres, a->inputs, B, T, C, V, m->stream);
+}
+
+// BERT's layers from the top down (cpu_model.c's bert_encoder_backward): a->dres holds d(last hidden state). Each
+// post-LN LayerNorm's input gradient reaches the skip path and the sublayer, whose input gradient cuBLAS adds on
+// (beta = 1).
+static void bert_layers_backward(CudaModel *m) {
+    const ModelConfig *c = &m->cfg;
+    DevActs *a = &m->a;
+    const ParamTensors *p = &m->p;
+    const ParamTensors *g = &m->g;
+    int B = m->B, T = c->max_seq, C = c->d_model, F = c->d_ff, V = c->vocab, L = c->n_layers;
+    size_t BT = (size_t)B * T;
+    int N = (int)BT;
+    float ds = m->drop_scale;
+    char name[64];
+    for (int l = L - 1; l >= 0; l--) {
+        snprintf(name, sizeof(name), "backward layer %d", l);
+        nvtxRangePushA(name);
+        size_t lc = (size_t)l * C;
+        LayerActs y = layer_acts(m, l);
+        const float *x = l > 0 ? layer_acts(m, l - 1).ln2 : a->encoded;  // layer input
+
+        // FFN block: dres2 = d(res2) from LN2's backward; then the FFN's input gradient is added to it: d h.
+        CUDA_CHECK(cudaMemsetAsync(a->dres2, 0, BT * C * sizeof(float), m->stream));
+        cuda_layernorm_backward(a->dres2, g->ln2_w + lc, g->ln2_b + lc, a->dres, y.res2, p->ln2_w + lc, y.ln2_mean,
+                                y.ln2_rstd, N, C, a->scratch, m->stream);
+        cuda_residual_dropout_backward(a->dproj, a->dres2, y.keep_res2, ds, BT * C, m->stream);
+        linear_backward(m, a->dfch, g->ff2_w + (size_t)l * C * F, g->ff2_b + lc, a->dproj, y.fch,
+                        p->ff2_w + (size_t)l * C * F, N, F, C);
+        cuda_gelu_backward(a->dfch, a->dfch, y.fc_pre, BT * F, m->stream);
+        linear_backward_acc(m, a->dres2, g->ff1_w + (size_t)l * F * C, g->ff1_b + (size_t)l * F, a->dfch, y.ln1,
+                            p->ff1_w + (size_t)l * F * C, N, C, F);
+
+        // Attention block: dres = d(res1) from LN1's backward, plus the attention's input gradient: d x.
+        CUDA_CHECK(cudaMemsetAsync(a->dres, 0, BT * C * sizeof(float), m->stream));
+        cuda_layernorm_backward(a->dres, g->ln1_w + lc, g->ln1_b + lc, a->dres2, y.res1, p->ln1_w + lc, y.ln1_mean,
+                                y.ln1_rstd, N, C, a->scratch, m->stream);
+        cuda_residual_dropout_backward(a->dproj, a->dres, y.keep_res1, ds, BT * C, m->stream);
+        linear_backward(m, a->datty, g->out_w + (size_t)l * C * C, g->out_b + lc, a->dproj, y.atty,
+                        p->out_w + (size_t)l * C * C, N, C, C);
+        float *dqkv_b = attention_layer_backward(m, l, y.keep_att);
+        linear_backward_acc(m, a->dres, g->qkv_w + (size_t)l * 3 * C * C, dqkv_b, a->dqkv, x,
+                            p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
+        nvtxRangePop();
+    }
+    // Embeddings: undo their dropout and LayerNorm, then the three lookups; the [PAD] row is frozen (model.h).
+    cuda_residual_dropout_backward(a->dres, a->dres, m->dropout_on ? a->keep_emb : NULL, ds, BT * C, m->stream);
+    CUDA_CHECK(cudaMemsetAsync(a->dres2, 0, BT * C * sizeof(float), m->stream));
+    cuda_layernorm_backward(a->dres2, g->emb_ln_w, g->emb_ln_b, a->dres, a->emb_sum, p->emb_ln_w, a->emb_mean,
+                            a->emb_rstd, N, C, a->scratch, m->stream);
+    cuda_bert_embedding_backward(g->tok_emb, g->pos_emb, g->type_emb, a->dres2, a->inputs, B, T, C, V, m->stream);
+    CUDA_CHECK(cudaMemsetAsync(g->tok_emb + (size_t)c->pad_id * C, 0, (size_t)C * sizeof(float), m->stream));
+}
+
 static void backward_impl(CudaModel *m) {
     const ModelConfig *c = &m->cfg;
     DevActs *a = &m->a;
     const ParamTensors *p = &m->p;
     const ParamTensors *g = &m->g;
-    int B = m->B, T = c->max_seq, C = c->d_model, H = c->n_heads, F = c->d_ff, V = c->vocab, L = c->n_layers;
-    int hs = C / H, BH = B * H;
-    size_t BT = (size_t)B * T, maxBT = (size_t)m->max_B * T, BHTT = (size_t)BH * T * T;
-    int N = (int)BT;
-    float ds = m->drop_scale;
-    float att_scale = 1.0f / sqrtf((float)hs);
-    long long sT = (long long)T * hs, sTT = (long long)T * T;
-    int fused_att = cuda_attention_fused_fits(T, C, H);  // as the forward
-    char name[64];
-
+    int B = m->B, T = c->max_seq, C = c->d_model, V = c->vocab;
+    int N = B * T;
     nvtxRangePushA("backward");
-    // Weight gradients are overwritten by their one product; biases, LayerNorm and the embedding accumulate.
+    // Weight gradients are overwritten by their one product; biases, LayerNorm and the embedding accumulate
+    // (bert's tied decoder writes the word embeddings' gradient first, the lookups add to it).
     CUDA_CHECK(cudaMemsetAsync(m->grads, 0, m->n_params * sizeof(float), m->stream));
     if (m->sparse_last) {
         sparse_head_backward(m, N);
     } else {
         // dlogits = (softmax - onehot) / n_targets was written by the forward's fused cross-entropy.
         linear_backward(m, a->dln, g->gen_w, g->gen_b, a->dlogits, a->lnf, p->gen_w, N, C, V);
-        const float *x_last = a->res2 + (size_t)(L - 1) * maxBT * C;  // input of the final LayerNorm
-        CUDA_CHECK(cudaMemsetAsync(a->dres, 0, BT * C * sizeof(float), m->stream));
-        cuda_layernorm_backward(a->dres, g->lnf_w, g->lnf_b, a->dln, x_last, p->lnf_w, a->lnf_mean, a->lnf_rstd, N,
-                                C, a->scratch, m->stream);
+        head_transform_backward(m, a->dres, last_hidden(m), N);
     }
-
-    for (int l = L - 1; l >= 0; l--) {
-        snprintf(name, sizeof(name), "backward layer %d", l);
-        nvtxRangePushA(name);
-        size_t lc = (size_t)l * C;
-        const float *x = l > 0 ? a->res2 + (size_t)(l - 1) * maxBT * C : a->encoded;  // layer input
-        const float *ln1 = a->ln1 + l * maxBT * C, *ln1_mean = a->ln1_mean + l * maxBT, *ln1_rstd = a->ln1_rstd + l * maxBT;
-        const float *qkv = a->qkv + l * maxBT * 3 * C;
-        const float *att = a->att + l * maxBT * H * T;
-        const float *atty = a->atty + l * maxBT * C;
-        const float *res1 = a->res1 + l * maxBT * C;
-        const float *ln2 = a->ln2 + l * maxBT * C, *ln2_mean = a->ln2_mean + l * maxBT, *ln2_rstd = a->ln2_rstd + l * maxBT;
-        const float *fch = a->fch + l * maxBT * F;
-        const uint8_t *keep_att = m->dropout_on ? a->keep_att + l * maxBT * H * T : NULL;
-        const uint8_t *keep_res1 = m->dropout_on ? a->keep_res1 + l * maxBT * C : NULL;
-        const uint8_t *keep_res2 = m->dropout_on ? a->keep_res2 + l * maxBT * C : NULL;
-
-        // FFN block: dres is d(res2); the skip path passes it on unchanged to d(res1). dproj = d(FFN output),
-        // its column sums in the ff2 bias gradient: here for the top layer, below it by the LN1 backward of the
-        // layer above.
-        if (l == L - 1)
-            cuda_residual_dropout_backward_sums(a->dproj, a->dres, keep_res2, ds, N, C, g->ff2_b + lc, a->scratch,
-                                                m->stream);
-        linear_backward(m, a->dfch, g->ff2_w + (size_t)l * C * F, NULL, a->dproj, fch, p->ff2_w + (size_t)l * C * F,
-                        N, F, C);
-        // The ReLU/dropout backward also sums the ff1 bias gradient as it goes.
-        cuda_relu_dropout_backward_sums(a->dfch, fch, ds, N, F, g->ff1_b + (size_t)l * F, a->scratch, m->stream);
-        linear_backward(m, a->dln, g->ff1_w + (size_t)l * F * C, NULL, a->dfch, ln2, p->ff1_w + (size_t)l * F * C, N,
-                        C, F);
-        // LN2's backward also writes dproj = d(attention output) = dropout backward of d(res1), and its column
-        // sums into the output projection's bias gradient.
-        cuda_layernorm_backward_residual(a->dres, g->ln2_w + lc, g->ln2_b + lc, a->dln, res1, p->ln2_w + lc, ln2_mean,
-                                         ln2_rstd, N, C, a->dproj, keep_res1, ds, g->out_b + lc, a->scratch,
-                                         m->stream);
-
-        // Attention block: dres is now d(res1); the skip path passes it on to d(x).
-        linear_backward(m, a->datty, g->out_w + (size_t)l * C * C, NULL, a->dproj, atty,
-                        p->out_w + (size_t)l * C * C, N, C, C);
-        float *dqkv_b = g->qkv_b + 3 * lc;  // summed by linear_backward unless the fused kernel did it
-        if (fused_att) {
-            // One kernel per (batch, head) from the saved qkv (without bias) and probabilities; the qkv bias
-            // gradient from its per-sequence partial sums.
-            cuda_attention_backward(a->dqkv, a->scratch, a->datty, qkv, p->qkv_b + 3 * lc, att, keep_att, ds, B, T,
-                                    C, H, m->stream);
-            cuda_column_sums_finish(dqkv_b, a->scratch, B, 3 * C, m->stream);
-            dqkv_b = NULL;
-        } else {
-            // Per head: dyh from the concatenated rows; Q, K, V again from the saved qkv (a cheap shuffle instead
-            // of three more saved tensors per layer); the dropped probabilities again from att and the mask
-            // (att * keep * scale, bit-identical to the forward's: keep is 0 or 1 and att >= 0).
-            cuda_rows_to_heads(a->dyh, a->datty, B, T, C, H, m->stream);
-            cuda_qkv_split_heads(a->q, a->k, a->v, qkv, B, T, C, H, m->stream);
-            const float *pv = att;
-            if (keep_att) {
-                cuda_residual_dropout_backward(a->att_drop, att, keep_att, ds, BHTT, m->stream);
-                pv = a->att_drop;
-            }
-            // datt[bh] = dY V^T ([T, T]); dV[bh] = P^T dY ([T, hs]).
-            gemm_batched(m, CUBLAS_OP_T, CUBLAS_OP_N, T, T, hs, a->v, hs, sT, a->dyh, hs, sT, a->datt, T, sTT, BH);
-            gemm_batched(m, CUBLAS_OP_N, CUBLAS_OP_T, hs, T, T, a->dyh, hs, sT, pv, T, sTT, a->dv, hs, sT, BH);
-            // d scores (in place): undo the dropout, the softmax and the 1/sqrt(hs) scale.
-            cuda_softmax_backward(a->datt, a->datt, att, keep_att, ds, att_scale, BH, T, m->stream);
-            // dQ[bh] = dS K; dK[bh] = dS^T Q.
-            gemm_batched(m, CUBLAS_OP_N, CUBLAS_OP_N, hs, T, T, a->k, hs, sT, a->datt, T, sTT, a->dq, hs, sT, BH);
-            gemm_batched(m, CUBLAS_OP_N, CUBLAS_OP_T, hs, T, T, a->q, hs, sT, a->datt, T, sTT, a->dk, hs, sT, BH);
-            cuda_qkv_merge_heads(a->dqkv, a->dq, a->dk, a->dv, B, T, C, H, m->stream);
-        }
-        linear_backward(m, a->dln, g->qkv_w + (size_t)l * 3 * C * C, dqkv_b, a->dqkv, ln1,
-                        p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
-        if (l > 0) {  // LN1's backward also starts the FFN block of the layer below (as LN2's above)
-            const uint8_t *keep_below = m->dropout_on ? a->keep_res2 + (size_t)(l - 1) * maxBT * C : NULL;
-            cuda_layernorm_backward_residual(a->dres, g->ln1_w + lc, g->ln1_b + lc, a->dln, x, p->ln1_w + lc, ln1_mean,
-                                             ln1_rstd, N, C, a->dproj, keep_below, ds, g->ff2_b + lc - C, a->scratch,
-                                             m->stream);
-        } else {
-            cuda_layernorm_backward(a->dres, g->ln1_w + lc, g->ln1_b + lc, a->dln, x, p->ln1_w + lc, ln1_mean,
-                                    ln1_rstd, N, C, a->scratch, m->stream);
-        }
-        nvtxRangePop();
-    }
-    cuda_embedding_backward(g->tok_emb, a->dres, a->inputs, B, T, C, V, m->stream);
+    if (c->arch == MODEL_ARCH_BERT) bert_layers_backward(m);
+    else labml_layers_backward(m);
     nvtxRangePop();
 }
 

@@ -1,4 +1,5 @@
-// embedding.cu: token embedding * sqrt(C) + sinusoidal positions (forward) and its token-row gradient sums (backward).
+// embedding.cu: token embedding * sqrt(C) + sinusoidal positions (forward) and its token-row gradient sums (backward);
+// BERT's word + token type + learned position embeddings and their gradients (model.arch = bert).
 #include <math.h>
 
 #include "cuda_check.h"
@@ -70,5 +71,61 @@ extern "C" void cuda_embedding_backward(float *dtok_emb, const float *dout, cons
     if (threads > EMB_BWD_MAX_THREADS) threads = EMB_BWD_MAX_THREADS;
     dim3 grid((unsigned)V, (unsigned)((C + threads - 1) / threads));
     embedding_backward_kernel<<<grid, threads, 0, stream>>>(dtok_emb, dout, tokens, N, C, scale);
+    CUDA_CHECK_LAUNCH();
+}
+
+// ---- BERT (model.arch = bert) ---------------------------------------------------------------------------
+// out[n, c] = (word[tokens[n], c] + type[c]) + pos[n % T, c] (type 0 everywhere), the order and roundings of
+// bert_embedding_forward: bit-identical.
+static __global__ void bert_embedding_forward_kernel(float *out /* [N, C] */, const int *tokens /* [N] */,
+                                                     const float *word /* [V, C] */, const float *pos /* [P, C] */,
+                                                     const float *type /* [TV, C] */, size_t NC, int T, int C) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < NC; i += (size_t)gridDim.x * blockDim.x) {
+        size_t n = i / (size_t)C;
+        int c = (int)(i % (size_t)C), t = (int)(n % (size_t)T);
+        out[i] = __fadd_rn(__fadd_rn(word[(size_t)tokens[n] * C + c], type[c]), pos[(size_t)t * C + c]);
+    }
+}
+
+extern "C" void cuda_bert_embedding_forward(float *out, const int *tokens, const float *word, const float *pos,
+                                            const float *type, int B, int T, int C, cudaStream_t stream) {
+    size_t NC = (size_t)B * T * C;
+    if (NC == 0) return;
+    size_t blocks = (NC + 255) / 256;
+    unsigned grid = (unsigned)(blocks < (1u << 20) ? blocks : (1u << 20));
+    bert_embedding_forward_kernel<<<grid, 256, 0, stream>>>(out, tokens, word, pos, type, NC, T, C);
+    CUDA_CHECK_LAUNCH();
+}
+
+// dpos[t, c] += dout[b, t, c] over b in order, and dtype[c] (row 0) += dout[n, c] over n in order: one thread per
+// (t, c) and per c, each summing its column in the CPU's order (bert_embedding_backward), so bit-identical.
+static __global__ void bert_position_type_backward_kernel(float *dpos /* [P, C] */, float *dtype /* [TV, C] */,
+                                                          const float *dout /* [B, T, C] */, int B, int T, int C) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    size_t TC = (size_t)T * C;
+    if (i < TC) {  // position t = i / C, column c = i % C
+        float acc = dpos[i];
+        for (int b = 0; b < B; b++) acc = __fadd_rn(acc, dout[(size_t)b * TC + i]);
+        dpos[i] = acc;
+    } else if (i < TC + (size_t)C) {
+        size_t c = i - TC, N = (size_t)B * T;
+        float acc = dtype[c];
+        for (size_t n = 0; n < N; n++) acc = __fadd_rn(acc, dout[n * C + c]);
+        dtype[c] = acc;
+    }
+}
+
+extern "C" void cuda_bert_embedding_backward(float *dword, float *dpos, float *dtype, const float *dout,
+                                             const int *tokens, int B, int T, int C, int V, cudaStream_t stream) {
+    int N = B * T;
+    if (N <= 0 || C <= 0 || V <= 0) return;
+    // The word rows: labml's token-row sums with scale 1 (x * 1.0f is x exactly).
+    int threads = ((C + 31) / 32) * 32;
+    if (threads > EMB_BWD_MAX_THREADS) threads = EMB_BWD_MAX_THREADS;
+    dim3 grid((unsigned)V, (unsigned)((C + threads - 1) / threads));
+    embedding_backward_kernel<<<grid, threads, 0, stream>>>(dword, dout, tokens, N, C, 1.0f);
+    CUDA_CHECK_LAUNCH();
+    size_t n = (size_t)T * C + (size_t)C;
+    bert_position_type_backward_kernel<<<(unsigned)((n + 255) / 256), 256, 0, stream>>>(dpos, dtype, dout, B, T, C);
     CUDA_CHECK_LAUNCH();
 }

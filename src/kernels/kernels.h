@@ -117,6 +117,22 @@ void cuda_embedding_layernorm_forward(float *emb_out, float *ln_out, float *mean
 void cuda_embedding_backward(float *dtok_emb, const float *dout, const int *tokens, int B, int T, int C, int V,
                              cudaStream_t stream);
 
+// BERT (model.arch = bert): out[B,T,C] = (word[tokens] + type[0]) + pos[t]; twin bert_embedding_forward
+// (bit-identical).
+void cuda_bert_embedding_forward(float *out, const int *tokens, const float *word, const float *pos,
+                                 const float *type, int B, int T, int C, cudaStream_t stream);
+// dword[V,C] += dout rows by token, dpos[T,C] += dout summed over the batch, dtype[C] (row 0) += every dout row, each
+// sum in position order (no atomics); twin bert_embedding_backward (bit-identical).
+void cuda_bert_embedding_backward(float *dword, float *dpos, float *dtype, const float *dout, const int *tokens,
+                                  int B, int T, int C, int V, cudaStream_t stream);
+
+// ---- GELU (gelu.cu) -----------------------------------------------------------------------------------
+// pre[n] += bias[col] (pre viewed as [n / F, F]; bias may be NULL; pre keeps the result for the backward), then
+// out[n] = GELU(pre), the erf form. Twin: linear_forward's bias add, then gelu_forward.
+void cuda_bias_gelu_forward(float *pre, float *out, const float *bias, size_t n, int F, cudaStream_t stream);
+// dinp[n] = dout * GELU'(inp) (dinp may alias dout). Twin: gelu_backward.
+void cuda_gelu_backward(float *dinp, const float *dout, const float *inp, size_t n, cudaStream_t stream);
+
 // ---- LayerNorm (layernorm.cu) -------------------------------------------------------------------------
 void cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *w, const float *b,
                             int N, int C, float eps, cudaStream_t stream);
@@ -146,8 +162,10 @@ void cuda_layernorm_backward_residual(float *dinp, float *dw, float *db, const f
 // In place on scores[B*H, T, T] (Q K^T, unscaled, from cuBLAS): att = softmax(scores * scale) over the last
 // axis, written back; if keep != NULL also writes att_drop[B*H,T,T] = att * keep * drop_scale (else att_drop
 // may be NULL and P V uses att).
+// key_valid[B, T] (NULL: none; H: heads, so that row r belongs to sequence r / (H T)): the key-padding mask of
+// attention_forward (ops.h): masked keys get probability exactly 0; a sequence with no valid key attends to all.
 void cuda_softmax_forward(float *att, float *att_drop, const uint8_t *keep, float drop_scale, float scale,
-                          int BH, int T, cudaStream_t stream);
+                          int BH, int T, const uint8_t *key_valid, int H, cudaStream_t stream);
 // Given datt_drop[BH,T,T] (= dout V^T from cuBLAS), writes dscores[BH,T,T] = scale * softmax_backward(att,
 // datt) where datt = datt_drop * keep * drop_scale (keep NULL: datt = datt_drop). dscores may alias datt_drop.
 void cuda_softmax_backward(float *dscores, const float *datt_drop, const float *att, const uint8_t *keep,
@@ -164,9 +182,13 @@ void cuda_rows_to_heads(float *y, const float *in, int B, int T, int C, int H, c
 // T <= 64 and the head fits in 48 KiB of shared memory, else the model takes the path above.
 int cuda_attention_fused_fits(int T, int C, int H);
 // out[B,T,C] (heads concatenated) and att[B,H,T,T] (softmax probabilities, before dropout) from qkv[B,T,3C]
-// plus qkv_bias[3C] (may be NULL); keep[B,H,T,T] (NULL = no dropout). Twin: the bias add, then attention_forward.
+// plus qkv_bias[3C] (may be NULL); keep[B,H,T,T] (NULL = no dropout); key_valid[B,T] the key-padding mask (NULL:
+// none), as cuda_softmax_forward's. Twin: the bias add, then attention_forward.
 void cuda_attention_forward(float *out, float *att, const float *qkv, const float *qkv_bias, const uint8_t *keep,
-                            float drop_scale, int B, int T, int C, int H, cudaStream_t stream);
+                            float drop_scale, int B, int T, int C, int H, const uint8_t *key_valid,
+                            cudaStream_t stream);
+// valid[n] = inputs[n] != pad_id (the key-padding mask of model.arch = bert).
+void cuda_key_valid(uint8_t *valid, const int *inputs, size_t n, int pad_id, cudaStream_t stream);
 // dqkv[B,T,3C] (overwritten) from dout[B,T,C], the forward's qkv, qkv_bias, att and keep; bias_partial[B,3C]
 // (may be NULL; cuda_attention_bias_scratch(B, C) floats) receives per-sequence column sums of dqkv, which
 // cuda_column_sums_finish(dqkv_bias, bias_partial, B, 3C) adds to the bias gradient. Twin: attention_backward.

@@ -13,7 +13,7 @@ cd "$(dirname "$0")/../.."
 secs="${1:-15}"
 shift || true
 harnesses=("$@")
-[ ${#harnesses[@]} -gt 0 ] || harnesses=(config json utf8 safetensors checkpoint ckpt_model shards)
+[ ${#harnesses[@]} -gt 0 ] || harnesses=(config json utf8 safetensors checkpoint ckpt_model shards vocab shard_set prepare_input)
 bdir="${MLM_FUZZ_BUILD:-build-fuzz}"
 mlm="${MLM_BIN:-build/mlm}"
 

@@ -13,6 +13,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "mlm/commands.h"
@@ -43,8 +44,9 @@ typedef struct {
 // (as the reference drops them) with a warning so that a mostly foreign text does not pass unnoticed.
 static void load_text(const char *path, int valid_only, const Checkpoint *ck, EvalText *t) {
     size_t len;
-    char *text = mlm_read_file(path, &len);
-    if (!text) mlm_fatal(MLM_EXIT_USAGE, "--data %s: %s", path, strerror(errno));
+    char why[1400];
+    char *text = mlm_read_regular(path, "text", 0, &len, why, sizeof(why));  // not a FIFO or /dev/zero
+    if (!text) mlm_fatal(MLM_EXIT_USAGE, "--data %s", why);
     uint32_t *cps;
     char err[256];
     long n = utf8_decode(text, len, &cps, err, sizeof(err));
@@ -116,8 +118,9 @@ static void gather_sequences(const EvalText *t, size_t first, int b, int T, int 
 // The whole of a text file as the checkpoint's byte or WordPiece tokens.
 static void load_text_subword(const char *path, const Checkpoint *ck, EvalText *t) {
     size_t len;
-    char *text = mlm_read_file(path, &len), err[1024];
-    if (!text) mlm_fatal(MLM_EXIT_USAGE, "--data %s: %s", path, strerror(errno));
+    char err[1400];
+    char *text = mlm_read_regular(path, "text", 0, &len, err, sizeof(err));  // not a FIFO or /dev/zero
+    if (!text) mlm_fatal(MLM_EXIT_USAGE, "--data %s", err);
     t->ids = mlm_malloc((len + 1) * sizeof(int), "evaluation tokens");
     if (ck->vocab.kind == VOCAB_KIND_BYTE) {
         for (size_t i = 0; i < len; i++) t->ids[i] = (unsigned char)text[i];
@@ -172,13 +175,28 @@ static void locate_run_set(const Checkpoint *ck, const char *file, char *path, s
         mlm_fatal(MLM_EXIT_USAGE, "%s was trained on the shard set %s (manifest md5 %s), which is not there; pass a "
                   "shard set prepared with its vocabulary: --data SET [--split valid|all], or a text: --data FILE "
                   "--split all", file, configured[0] ? configured : "(data.path unset)", ck->corpus_md5);
-    char manifest[1200], md5[33];
-    snprintf(manifest, sizeof(manifest), "%s/" SHARD_MANIFEST, configured);
-    if (data_md5_file(manifest, md5) == 0 && strcmp(md5, ck->corpus_md5) != 0)
-        mlm_fatal(MLM_EXIT_USAGE, "the shard set %s (data.path) has manifest md5 %s but the run trained on one with "
-                  "md5 %s: it was prepared again, so its validation split is another text. Evaluate on it anyway with "
-                  "--data %s --split valid", configured, md5, ck->corpus_md5, configured);
     snprintf(path, len, "%s", configured);
+}
+
+// The run's own set must still be the one it trained on (checked once it is open: a set prepared again from a
+// version-1 one with the same shards keeps the run's identity, Manifest.replaces).
+static void check_run_set(const ShardSet *set, const Checkpoint *ck, const char *path) {
+    if (!shard_set_identity_matches(set, ck->corpus_md5))
+        mlm_fatal(MLM_EXIT_USAGE, "the shard set %s (data.path) has identity %s but the run trained on one with "
+                  "identity %s: it was prepared again, so its validation split is another text. Evaluate on it anyway "
+                  "with --data %s --split valid", path, set->md5, ck->corpus_md5, path);
+}
+
+// Every byte of the splits evaluated is read once (checksums, token ids) unless the run directory's stamp says the
+// run verified these very files (--ckpt naming a run directory; eval only reads the stamp, the run owns it).
+static void verify_eval_set(ShardSet *set, const char *path, int split_all, const char *ckpt_arg) {
+    struct stat st;
+    const char *run_dir = stat(ckpt_arg, &st) == 0 && S_ISDIR(st.st_mode) ? ckpt_arg : NULL;
+    ShardVerifyResult res;
+    char err[2048];
+    if (shard_set_verify(set, SHARD_VERIFY_VALID | (split_all ? SHARD_VERIFY_TRAIN : 0), run_dir, 0, 0, &res, err,
+                         sizeof(err)))
+        mlm_fatal(MLM_EXIT_FAILURE, "--data %s: %s", path, err);
 }
 
 static EvalResult evaluate(const Checkpoint *ck, const EvalText *t, uint64_t seed) {
@@ -276,6 +294,8 @@ int eval_run(const EvalOptions *o) {
         else locate_run_set(&ck, file, path, sizeof(path));
         open_eval_set(&set, path, &ck);
         have_set = 1;
+        if (!o->data) check_run_set(&set, &ck, path);
+        verify_eval_set(&set, path, o->split == EVAL_SPLIT_ALL, o->ckpt);
         use_set(&set, path, o->split == EVAL_SPLIT_ALL, &t);
     } else if (ck.vocab.kind != VOCAB_KIND_CHAR) {  // --data FILE: a text, tokenized here
         if (o->split != EVAL_SPLIT_ALL)

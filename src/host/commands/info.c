@@ -11,6 +11,7 @@
 #include "mlm/checkpoint.h"
 #include "mlm/commands.h"
 #include "mlm/common.h"
+#include "mlm/hf_bert.h"
 #include "mlm/json.h"
 #include "mlm/train.h"
 #include "mlm/weights.h"
@@ -79,7 +80,7 @@ void json_write_string(FILE *f, const char *s) {
 // ---------------------------------------------------------------------------------------------------------
 // mlm export
 
-int export_run(const char *ckpt, const char *out_path) {
+int export_run(const char *ckpt, const char *out_path, int hf) {
     char file[1200];
     cmd_resolve_ckpt(ckpt, file, sizeof(file));
     // Writing over the checkpoint (out == ckpt) would replace the run's state by a weights-only file.
@@ -95,13 +96,26 @@ int export_run(const char *ckpt, const char *out_path) {
         wp_free(wp);
     }
     ModelConfig mc = train_model_config(&ck.cfg, &ck.vocab);  // ckpt_load checked that the sizes agree
-    int rc = weights_save(out_path, &mc, &ck.vocab, ck.vocab_text, ck.lowercase, ck.params, err, sizeof(err));
-    if (rc == 0)
-        printf("wrote %s: %d tensors (the state_dict of labml_nn's TransformerMLM: %zu parameters and the "
-               "positional-encoding buffer) from step %ld of %s\n", out_path, model_param_table(&mc, NULL) + 1,
-               ck.n_params, ck.st.step, file);
+    int rc;
+    if (hf) {
+        HfTokenizer tok = {.vocab_text = ck.vocab_text, .lowercase = ck.lowercase, .vocab = &ck.vocab};
+        rc = hf_export(out_path, &mc, ck.params, &tok, err, sizeof(err));
+        if (rc == 0)
+            printf("wrote %s: transformers' BertForMaskedLM (config.json, model.safetensors with %d tensors and %zu "
+                   "parameters, vocab.txt, tokenizer_config.json, special_tokens_map.json) from step %ld of %s; load it "
+                   "with BertForMaskedLM.from_pretrained(\"%s\")\n", out_path, model_param_table(&mc, NULL), ck.n_params,
+                   ck.st.step, file, out_path);
+    } else {
+        rc = weights_save(out_path, &mc, &ck.vocab, ck.vocab_text, ck.lowercase, ck.params, err, sizeof(err));
+        int bert = mc.arch == MODEL_ARCH_BERT;
+        if (rc == 0)
+            printf("wrote %s: %d tensors (%s: %zu parameters%s) from step %ld of %s\n", out_path,
+                   model_param_table(&mc, NULL) + !bert,
+                   bert ? "BertForMaskedLM's state_dict, tied decoder once" : "the state_dict of labml_nn's TransformerMLM",
+                   ck.n_params, bert ? "" : " and the positional-encoding buffer", ck.st.step, file);
+    }
     ckpt_free(&ck);
-    if (rc) mlm_fatal(MLM_EXIT_FAILURE, "export: %s", err);
+    if (rc) mlm_fatal(hf ? MLM_EXIT_USAGE : MLM_EXIT_FAILURE, "export: %s", err);
     return 0;
 }
 
@@ -211,8 +225,11 @@ int info_run(const char *ckpt) {
     printf("%-20s %s\n", "checkpoint", file);
     printf("%-20s %s\n", "run directory", run_dir[0] ? run_dir : "(unknown: the file is not in RUN_DIR/checkpoints)");
     printf("%-20s %zu\n", "parameters", ck.n_params);
-    printf("%-20s d_model %d, %d heads, %d layers, d_ff %d, seq_len %d, vocabulary %d\n", "model", mc.d_model,
-           mc.n_heads, mc.n_layers, mc.d_ff, mc.max_seq, mc.vocab);
+    printf("%-20s %s: d_model %d, %d heads, %d layers, d_ff %d, seq_len %d, vocabulary %d", "model",
+           mc.arch == MODEL_ARCH_BERT ? "bert (BertForMaskedLM)" : "labml (TransformerMLM)", mc.d_model, mc.n_heads,
+           mc.n_layers, mc.d_ff, mc.max_seq, mc.vocab);
+    if (mc.arch == MODEL_ARCH_BERT) printf(", %d positions, LayerNorm eps %g", mc.max_positions, (double)mc.ln_eps);
+    putchar('\n');
     print_vocabulary(&ck);
     printf("%-20s %ld\n", "step", ck.st.step);
     printf("%-20s %ld completed and validated (of %d)\n", "epochs", ck.st.valid_epochs, c->epochs);

@@ -48,7 +48,9 @@ static void usage_train(FILE *f) {
           "      --device DEV       auto, cpu or cuda (same as --set train.device=DEV)\n"
           "  -o, --out DIR          run directory (default: runs/<config>-<timestamp>)\n"
           "      --resume DIR       continue the run in DIR exactly where its last checkpoint left off\n"
-          "      --init FILE        start from weights in a safetensors file (as `mlm export` writes)\n"
+          "      --init FILE|DIR    start from weights in a safetensors file (as `mlm export` writes), or (with\n"
+          "                         model.arch = bert) a transformers BERT directory: BertForMaskedLM,\n"
+          "                         BertForPreTraining or BertModel (config.json, model.safetensors, vocab.txt)\n"
           "      --steps N          stop after N optimizer steps (same as --set train.max_steps=N)\n"
           "      --profile-steps A:B  bracket steps A..B for Nsight (cudaProfilerStart/Stop; CUDA only);\n"
           "                         step s runs when s steps are done (the first is step 0)\n"
@@ -100,11 +102,16 @@ static void usage_ckpt_command(FILE *f, const char *cmd) {
               "      --logits      with --json, also each masked position's raw logits\n"
               "  -h, --help        this help\n", f);
     else if (!strcmp(cmd, "export"))
-        fputs("usage: mlm export --ckpt PATH --out FILE.safetensors\n\n"
-              "Write the model with the reference's PyTorch state_dict names and shapes (load it with\n"
+        fputs("usage: mlm export --ckpt PATH --out FILE.safetensors\n"
+              "       mlm export --ckpt PATH --format hf --out DIR\n\n"
+              "--format safetensors (the default): write the model with its PyTorch state_dict names and shapes\n"
+              "(labml_nn's TransformerMLM, or transformers' BertForMaskedLM for model.arch = bert; load it with\n"
               "safetensors.torch.load_file, or start a new run from it with mlm train --init FILE). Byte and\n"
               "WordPiece checkpoints add their tokenizer to the metadata: tokenizer, vocab_size, the special ids,\n"
-              "vocab_md5 and, for WordPiece, vocab_wordpiece (the vocab.txt) and lowercase.\n", f);
+              "vocab_md5 and, for WordPiece, vocab_wordpiece (the vocab.txt) and lowercase.\n"
+              "--format hf (model.arch = bert, WordPiece): write DIR (new or empty) as transformers saves a\n"
+              "BertForMaskedLM: config.json, model.safetensors, vocab.txt, tokenizer_config.json and\n"
+              "special_tokens_map.json, for BertForMaskedLM.from_pretrained(DIR) and pipeline(\"fill-mask\").\n", f);
     else if (!strcmp(cmd, "info"))
         fputs("usage: mlm info --ckpt PATH\n\n"
               "Configuration, parameter count, step, epochs, tokens seen, training time, best validation accuracy\n"
@@ -241,7 +248,7 @@ static int cmd_train(int argc, char **argv) {
 
 // Options of the checkpoint commands; each command accepts the subset it lists in `allowed`.
 typedef struct {
-    const char *ckpt, *out, *data, *seed, *device, *top_k, *split;
+    const char *ckpt, *out, *data, *seed, *device, *top_k, *split, *format;
     int json, logits;
 } CkptArgs;
 
@@ -251,7 +258,8 @@ static int parse_ckpt_args(const char *cmd, const char *allowed, int argc, char 
         {"seed", required_argument, 0, 'e'}, {"device", required_argument, 0, 'V'},
         {"top-k", required_argument, 0, 't'}, {"json", no_argument, 0, 'j'},
         {"logits", no_argument, 0, 'L'},     {"out", required_argument, 0, 'o'},
-        {"split", required_argument, 0, 'p'}, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+        {"split", required_argument, 0, 'p'}, {"format", required_argument, 0, 'F'},
+        {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     memset(a, 0, sizeof(*a));
     int c;
     while ((c = getopt_long(argc, argv, "k:o:h", opts, NULL)) != -1) {
@@ -270,6 +278,7 @@ static int parse_ckpt_args(const char *cmd, const char *allowed, int argc, char 
         case 'V': a->device = optarg; break;
         case 't': a->top_k = optarg; break;
         case 'p': a->split = optarg; break;
+        case 'F': a->format = optarg; break;
         case 'j': a->json = 1; break;
         case 'L': a->logits = 1; break;
         }
@@ -331,10 +340,14 @@ static int cmd_fill(int argc, char **argv) {
 
 static int cmd_export(int argc, char **argv) {
     CkptArgs a;
-    int rc = parse_ckpt_args("export", "ko", argc, argv, &a);
+    int rc = parse_ckpt_args("export", "koF", argc, argv, &a);
     if (rc) return rc < 0 ? 0 : rc;
-    if (!a.out) mlm_fatal(MLM_EXIT_USAGE, "mlm export: --out FILE.safetensors is required");
-    return export_run(a.ckpt, a.out);
+    int hf = a.format && !strcmp(a.format, "hf");
+    if (a.format && !hf && strcmp(a.format, "safetensors"))
+        mlm_fatal(MLM_EXIT_USAGE, "--format %s: expected safetensors (the default: one file with PyTorch state_dict "
+                  "names) or hf (a transformers BertForMaskedLM directory, for model.arch = bert)", a.format);
+    if (!a.out) mlm_fatal(MLM_EXIT_USAGE, "mlm export: --out %s is required", hf ? "DIR" : "FILE.safetensors");
+    return export_run(a.ckpt, a.out, hf);
 }
 
 static int cmd_info(int argc, char **argv) {

@@ -14,6 +14,8 @@
 #include <sys/stat.h>
 
 #include "mlm/common.h"
+#include "mlm/input_files.h"
+#include "mlm/shards.h"
 #include "mlm/wordpiece_train.h"
 
 // Read and count the input in blocks of this size (MLM_VOCAB_BLOCK_BYTES overrides it, for the tests).
@@ -159,54 +161,6 @@ static void check_out_dir(const char *path) {
     free(copy);
 }
 
-typedef struct {
-    char **paths;
-    size_t n, cap;
-} PathList;
-
-static void paths_add(PathList *l, const char *path) {
-    if (l->n == l->cap) {
-        l->cap = l->cap ? 2 * l->cap : 64;
-        l->paths = realloc(l->paths, l->cap * sizeof(char *));
-        if (!l->paths) mlm_fatal(MLM_EXIT_FAILURE, "out of memory listing the input files");
-    }
-    l->paths[l->n++] = mlm_strdup(path);
-}
-
-static int by_name(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
-
-// A file as it is; a directory: its files, recursively, in name order, hidden entries skipped. Every input must
-// be readable before any counting starts (a typo fails at once, not after an hour).
-static void expand_input(PathList *l, const char *path, int depth) {
-    struct stat st;
-    if (stat(path, &st) != 0) mlm_fatal(MLM_EXIT_USAGE, "%s: %s", path, strerror(errno));
-    if (!S_ISDIR(st.st_mode)) {
-        if (access(path, R_OK) != 0) mlm_fatal(MLM_EXIT_USAGE, "%s: %s", path, strerror(errno));
-        paths_add(l, path);
-        return;
-    }
-    if (depth > 64) mlm_fatal(MLM_EXIT_USAGE, "%s: directories nested over 64 deep (a link loop?)", path);
-    DIR *d = opendir(path);
-    if (!d) mlm_fatal(MLM_EXIT_USAGE, "%s: %s", path, strerror(errno));
-    PathList sub = {0};
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL) {
-        if (e->d_name[0] == '.') continue;
-        size_t n = strlen(path) + strlen(e->d_name) + 2;
-        char *p = mlm_malloc(n, "a path");
-        snprintf(p, n, "%s/%s", path, e->d_name);
-        paths_add(&sub, p);
-        free(p);
-    }
-    closedir(d);
-    qsort(sub.paths, sub.n, sizeof(char *), by_name);
-    for (size_t i = 0; i < sub.n; i++) {
-        expand_input(l, sub.paths[i], depth + 1);
-        free(sub.paths[i]);
-    }
-    free(sub.paths);
-}
-
 int vocab_command(int argc, char **argv) {
     VocabOptions o = {.lower = 1, .min_frequency = 2, .limit_alphabet = 1000};
     enum { OPT_LOWER = 1000, OPT_NO_LOWER, OPT_MIN_FREQ, OPT_LIMIT_ALPHA, OPT_THREADS };
@@ -239,11 +193,11 @@ int vocab_command(int argc, char **argv) {
     if (optind >= argc)
         mlm_fatal(MLM_EXIT_USAGE, "mlm vocab: no input; give text files, or - to read standard input");
     check_out_dir(o.out);
-    PathList inputs = {0};
-    for (int i = optind; i < argc; i++) {
-        if (!strcmp(argv[i], "-")) paths_add(&inputs, "-");
-        else expand_input(&inputs, argv[i], 0);
-    }
+    // Regular files, pipes named here, each file once however many links lead to it; shard sets left out.
+    InputFiles inputs = {0};
+    InputRules rules = {.set_marker = SHARD_MANIFEST};
+    for (int i = optind; i < argc; i++) input_files_add(&inputs, argv[i], &rules);
+    if (!o.quiet) input_files_report(&inputs, "mlm vocab");
     if (inputs.n == 0) mlm_fatal(MLM_EXIT_USAGE, "mlm vocab: the directories given hold no files");
 
     Counting k = {.threads = o.threads ? o.threads : omp_get_max_threads(), .t0 = mlm_now(), .quiet = o.quiet,
@@ -258,9 +212,8 @@ int vocab_command(int argc, char **argv) {
         if (!f) mlm_fatal(MLM_EXIT_FAILURE, "%s: %s", path, strerror(errno));
         count_stream(&k, f, is_stdin ? "standard input" : path);
         if (!is_stdin) fclose(f);
-        free(inputs.paths[i]);
     }
-    free(inputs.paths);
+    input_files_free(&inputs);
     for (int t = 1; t < k.threads; t++) {
         if (wp_counts_merge(k.per_thread[0], k.per_thread[t]))
             mlm_fatal(MLM_EXIT_FAILURE, "out of memory while merging the word counts");

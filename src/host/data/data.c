@@ -86,32 +86,41 @@ void data_locate_corpus(const char *explicit_path, char *out, size_t outlen) {
     snprintf(out, outlen, "%s", local);
 }
 
+size_t utf8_next(const unsigned char *s, size_t n, uint32_t *cp) {
+    unsigned char c = s[0];
+    if (c < 0x80) { *cp = c; return 1; }
+    size_t k; uint32_t v, min;
+    if ((c & 0xE0) == 0xC0) { k = 2; v = c & 0x1F; min = 0x80; }
+    else if ((c & 0xF0) == 0xE0) { k = 3; v = c & 0x0F; min = 0x800; }
+    else if ((c & 0xF8) == 0xF0) { k = 4; v = c & 0x07; min = 0x10000; }
+    else { *cp = UTF8_INVALID; return 1; }
+    if (n < k) { *cp = UTF8_INVALID; return 1; }
+    for (size_t i = 1; i < k; i++) {
+        if ((s[i] & 0xC0) != 0x80) { *cp = UTF8_INVALID; return 1; }
+        v = (v << 6) | (s[i] & 0x3F);
+    }
+    // Overlong forms and surrogates are invalid, so that one character has exactly one encoding.
+    if (v < min || v > 0x10FFFF || (v >= 0xD800 && v <= 0xDFFF)) { *cp = UTF8_INVALID; return 1; }
+    *cp = v;
+    return k;
+}
+
 long utf8_decode(const char *text, size_t len, uint32_t **out, char *err, size_t errlen) {
     uint32_t *cps = mlm_malloc((len + 1) * sizeof(uint32_t), "decoded text");
     const unsigned char *s = (const unsigned char *)text;
     size_t i = 0, n = 0;
     while (i < len) {
-        uint32_t c = s[i];
-        int extra = c < 0x80 ? 0 : (c >> 5) == 0x6 ? 1 : (c >> 4) == 0xe ? 2 : (c >> 3) == 0x1e ? 3 : -1;
-        if (extra < 0 || i + (size_t)extra >= len + (extra ? 0 : 1)) goto bad;
-        if (extra) c &= 0x3f >> extra;
-        for (int k = 1; k <= extra; k++) {
-            if ((s[i + k] & 0xc0) != 0x80) goto bad;
-            c = (c << 6) | (s[i + k] & 0x3f);
+        size_t k = utf8_next(s + i, len - i, &cps[n]);
+        if (cps[n] == UTF8_INVALID) {
+            snprintf(err, errlen, "invalid UTF-8 at byte %zu", i);
+            free(cps);
+            return -1;
         }
-        // Reject overlong forms and surrogates so that one character has exactly one encoding.
-        if ((extra == 1 && c < 0x80) || (extra == 2 && c < 0x800) || (extra == 3 && (c < 0x10000 || c > 0x10ffff)) ||
-            (c >= 0xd800 && c <= 0xdfff))
-            goto bad;
-        cps[n++] = c;
-        i += (size_t)extra + 1;
+        n++;
+        i += k;
     }
     *out = cps;
     return (long)n;
-bad:
-    snprintf(err, errlen, "invalid UTF-8 at byte %zu", i);
-    free(cps);
-    return -1;
 }
 
 int utf8_encode(uint32_t cp, char *buf) {
@@ -228,8 +237,10 @@ void corpus_load(Corpus *c, const char *path, double train_split, int seq_len) {
     memset(c, 0, sizeof(*c));
     snprintf(c->path, sizeof(c->path), "%s", path);
     size_t len;
-    char *text = mlm_read_file(path, &len);
-    if (!text) mlm_fatal(MLM_EXIT_FAILURE, "cannot read corpus %s: %s", path, strerror(errno));
+    char why[1400];
+    // A regular file only: /dev/zero given as the corpus filled the memory, a FIFO read once could not be checksummed.
+    char *text = mlm_read_regular(path, "corpus", 0, &len, why, sizeof(why));
+    if (!text) mlm_fatal(MLM_EXIT_FAILURE, "%s", why);
     if (len == 0) mlm_fatal(MLM_EXIT_FAILURE, "corpus %s is empty; give a text file with --data", path);
     uint32_t *cps;
     char err[256];

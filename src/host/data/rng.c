@@ -164,24 +164,30 @@ void rng_normal(Rng *rng, uint64_t offset, float *out, size_t n, float mean, flo
 }
 #endif
 
-RngLayout rng_layout(int B, int T, int C, int H, int F, int n_layers) {
+RngLayout rng_layout_sites(int B, int T, int C, int H, uint64_t ffn_hidden, uint64_t embed, int n_layers) {
     RngLayout l;
     uint64_t bt = (uint64_t)B * (uint64_t)T;
     l.mask = 4 * bt;
+    l.embed = embed;
     l.attn_probs = bt * (uint64_t)H * (uint64_t)T;
     l.attn_resid = bt * (uint64_t)C;
-    l.ffn_hidden = bt * (uint64_t)F;
+    l.ffn_hidden = ffn_hidden;
     l.ffn_resid = bt * (uint64_t)C;
     l.per_layer = l.attn_probs + l.attn_resid + l.ffn_hidden + l.ffn_resid;
     // No padding between steps: consecutive steps must stay adjacent in the stream (see rng_uniform).
-    l.per_step = l.mask + (uint64_t)n_layers * l.per_layer;
+    l.per_step = l.mask + l.embed + (uint64_t)n_layers * l.per_layer;
     return l;
+}
+
+RngLayout rng_layout(int B, int T, int C, int H, int F, int n_layers) {
+    return rng_layout_sites(B, T, C, H, (uint64_t)B * (uint64_t)T * (uint64_t)F, 0, n_layers);
 }
 
 uint64_t rng_mask_offset(const RngLayout *l, uint64_t step) { return step * l->per_step; }
 
 uint64_t rng_dropout_offset(const RngLayout *l, uint64_t step, int layer, DropSite site) {
-    uint64_t o = step * l->per_step + l->mask + (uint64_t)layer * l->per_layer;
+    if (site == DROP_EMBED) return step * l->per_step + l->mask;
+    uint64_t o = step * l->per_step + l->mask + l->embed + (uint64_t)layer * l->per_layer;
     if (site > DROP_ATTN_PROBS) o += l->attn_probs;
     if (site > DROP_ATTN_RESID) o += l->attn_resid;
     if (site > DROP_FFN_HIDDEN) o += l->ffn_hidden;

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "mlm/common.h"
+#include "mlm/data.h"
 #include "unicode_tables.h"
 
 struct WordPiece {
@@ -29,27 +30,15 @@ static const char *const WP_SPECIALS[5] = {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "
 
 // ---- UTF-8
 
-// Decode one code point at s[0..n), strictly (no overlongs, surrogates or > U+10FFFF). Returns bytes
-// consumed (>= 1); *cp = 0xFFFD for an invalid sequence (one byte consumed).
-static size_t utf8_decode(const unsigned char *s, size_t n, uint32_t *cp) {
-    unsigned char c = s[0];
-    if (c < 0x80) { *cp = c; return 1; }
-    size_t k; uint32_t v, min;
-    if ((c & 0xE0) == 0xC0) { k = 2; v = c & 0x1F; min = 0x80; }
-    else if ((c & 0xF0) == 0xE0) { k = 3; v = c & 0x0F; min = 0x800; }
-    else if ((c & 0xF8) == 0xF0) { k = 4; v = c & 0x07; min = 0x10000; }
-    else { *cp = 0xFFFD; return 1; }
-    if (n < k) { *cp = 0xFFFD; return 1; }
-    for (size_t i = 1; i < k; i++) {
-        if ((s[i] & 0xC0) != 0x80) { *cp = 0xFFFD; return 1; }
-        v = (v << 6) | (s[i] & 0x3F);
-    }
-    if (v < min || v > 0x10FFFF || (v >= 0xD800 && v <= 0xDFFF)) { *cp = 0xFFFD; return 1; }
-    *cp = v;
+// One code point at s[0..n) (data.c's utf8_next); 0xFFFD for an invalid sequence (one byte consumed), which
+// clean_text then drops, as Hugging Face drops the U+FFFD a lossy decode gives.
+static size_t wp_next_char(const unsigned char *s, size_t n, uint32_t *cp) {
+    size_t k = utf8_next(s, n, cp);
+    if (*cp == UTF8_INVALID) *cp = 0xFFFD;
     return k;
 }
 
-static size_t utf8_encode(uint32_t cp, char *out) {
+static size_t wp_put_char(uint32_t cp, char *out) {
     if (cp < 0x80) { out[0] = (char)cp; return 1; }
     if (cp < 0x800) { out[0] = (char)(0xC0 | (cp >> 6)); out[1] = (char)(0x80 | (cp & 0x3F)); return 2; }
     if (cp < 0x10000) {
@@ -63,9 +52,8 @@ static size_t utf8_encode(uint32_t cp, char *out) {
 static int utf8_valid(const char *s, size_t n) {
     for (size_t i = 0; i < n;) {
         uint32_t cp;
-        size_t k = utf8_decode((const unsigned char *)s + i, n - i, &cp);
-        if (cp == 0xFFFD && !(k == 3 && (unsigned char)s[i] == 0xEF)) return 0;
-        i += k;
+        i += utf8_next((const unsigned char *)s + i, n - i, &cp);
+        if (cp == UTF8_INVALID) return 0;
     }
     return 1;
 }
@@ -99,6 +87,11 @@ static int is_cjk(uint32_t cp) {
            (cp >= 0xF900 && cp <= 0xFAFF) || (cp >= 0x2F800 && cp <= 0x2FA1F);
 }
 
+int wp_ends_word(uint32_t cp) {
+    int c = uni_class(cp);
+    return c == UNI_SPACE || c == UNI_PUNCT || is_cjk(cp);
+}
+
 // ---- Vocabulary hash (FNV-1a)
 
 static uint64_t hash_bytes(const char *s, size_t n) {
@@ -130,19 +123,10 @@ WordPiece *wp_load_text(const char *text, size_t len, const char *name, int lowe
 }
 
 WordPiece *wp_load(const char *path, int lower, char *err, size_t errlen) {
-    FILE *f = fopen(path, "rb");
-    if (!f) { mlm_set_error(err, errlen, "%s: cannot open vocabulary: %s", path, strerror(errno)); return NULL; }
-    size_t cap = 1 << 20, len = 0;
-    char *buf = malloc(cap);
-    size_t got;
-    while (buf && (got = fread(buf + len, 1, cap - len - 1, f)) > 0) {
-        len += got;
-        if (len + 1 == cap) { char *nb = realloc(buf, cap *= 2); if (!nb) { free(buf); buf = NULL; } else buf = nb; }
-    }
-    int rerr = ferror(f);
-    fclose(f);
-    if (!buf || rerr) { free(buf); mlm_set_error(err, errlen, "%s: cannot read vocabulary", path); return NULL; }
-    buf[len] = '\0';
+    size_t len;
+    // A regular file of bounded size: a vocab.txt linked to /dev/zero or a FIFO would be read forever.
+    char *buf = mlm_read_regular(path, "vocabulary", WP_VOCAB_MAX_BYTES, &len, err, errlen);
+    if (!buf) return NULL;
     return wp_parse(buf, len, path, lower, err, errlen);
 }
 
@@ -269,7 +253,7 @@ static void push_char(Enc *e, uint32_t cp) {
     if (!grow((void **)&e->word, &e->wcap, e->wlen + 4, 1) ||
         !grow((void **)&e->bounds, &e->bcap, e->nchars + 1, sizeof(size_t))) { e->oom = 1; return; }
     e->bounds[e->nchars++] = e->wlen;
-    e->wlen += utf8_encode(cp, e->word + e->wlen);
+    e->wlen += wp_put_char(cp, e->word + e->wlen);
 }
 
 // BertPreTokenizer: whitespace ends a word, punctuation is a word of its own.
@@ -284,7 +268,7 @@ static void lower_then_pretokenize(Enc *e, uint32_t cp) {
     const UniMap *m = uni_find(uni_lower_map, uni_lower_map_len, cp);
     if (!m) { pretokenize(e, cp); return; }
     const unsigned char *s = uni_lower_pool + m->off;
-    for (size_t i = 0; i < m->len;) { uint32_t c; i += utf8_decode(s + i, m->len - i, &c); pretokenize(e, c); }
+    for (size_t i = 0; i < m->len;) { uint32_t c; i += wp_next_char(s + i, m->len - i, &c); pretokenize(e, c); }
 }
 
 // Accent stripping (NFD, drop Mn) then lower-casing, as BertNormalizer orders them.
@@ -300,7 +284,7 @@ static void strip_lower(Enc *e, uint32_t cp) {
     const UniMap *m = uni_find(uni_strip_map, uni_strip_map_len, cp);
     if (!m) { lower_then_pretokenize(e, cp); return; }
     const unsigned char *s = uni_strip_pool + m->off;
-    for (size_t i = 0; i < m->len;) { uint32_t c; i += utf8_decode(s + i, m->len - i, &c); lower_then_pretokenize(e, c); }
+    for (size_t i = 0; i < m->len;) { uint32_t c; i += wp_next_char(s + i, m->len - i, &c); lower_then_pretokenize(e, c); }
 }
 
 // BertNormalizer then BertPreTokenizer over the text; with a vocabulary (e->wp), the specials written verbatim
@@ -324,7 +308,7 @@ static void basic_tokenize(Enc *e_, const char *text, size_t len) {
             }
         }
         uint32_t cp;
-        i += utf8_decode(s + i, len - i, &cp);
+        i += wp_next_char(s + i, len - i, &cp);
         int c = uni_class(cp);
         if (cp == 0 || cp == 0xFFFD || c == UNI_CONTROL) continue;  // clean_text
         if (c == UNI_SPACE) { flush_word(&e); continue; }

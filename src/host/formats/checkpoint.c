@@ -239,6 +239,9 @@ double model_bytes(const ModelConfig *m, int B) {
     double BT = (double)B * m->max_seq, C = m->d_model, H = m->n_heads, T = m->max_seq, F = m->d_ff, V = m->vocab;
     double L = m->n_layers, P = (double)model_num_params(m);
     double acts = L * BT * (9 * C + 1.25 * H * T + F + 4) + BT * (2 * V + 10 * C + 2 * F + 3) + T * C;
+    // arch = bert: GELU's inputs per layer, the embedding sum, its statistics and dropout mask, the head's two
+    // transform tensors, the key mask and a second residual gradient.
+    if (m->arch == MODEL_ARCH_BERT) acts += L * BT * F + BT * (4.5 * C + 3);
     return 4 * (2 * P + acts) + 64.0 * 36 * (L + 2);
 }
 

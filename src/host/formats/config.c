@@ -33,8 +33,12 @@ static const KeyDesc KEYS[] = {
     {"model.n_layers", K_INT, OFF(n_layers), 1, 1024, NULL, "encoder layers"},
     {"model.d_ff", K_INT, OFF(d_ff), 1, 1 << 20, NULL, "feed-forward hidden width"},
     {"model.dropout", K_DOUBLE, OFF(dropout), 0, 0.99, NULL, "dropout probability at the four sites of each layer"},
-    {"model.ln_eps", K_DOUBLE, OFF(ln_eps), 1e-12, 1, NULL, "LayerNorm epsilon"},
+    {"model.ln_eps", K_DOUBLE, OFF(ln_eps), 1e-12, 1, NULL, "LayerNorm epsilon (BERT's layer_norm_eps is 1e-12, as the bert presets set)"},
     {"model.init", K_ENUM, OFF(init_copy_layers), 0, 0, "pytorch|copy", "pytorch: every layer drawn independently; copy: all layers start as copies of one (the reference)"},
+    {"model.arch", K_ENUM, OFF(arch), 0, 0, "labml|bert", "labml: the reference's pre-LN TransformerMLM; bert: Hugging Face's BertForMaskedLM (post-LN, GELU, learned positions, tied MLM head; `mlm export --format hf` writes it for transformers)"},
+    {"model.max_positions", K_INT, OFF(max_positions), 1, 1 << 20, NULL, "bert: rows of the learned position table (max_position_embeddings; >= data.seq_len)"},
+    {"model.type_vocab_size", K_INT, OFF(type_vocab_size), 1, 1 << 16, NULL, "bert: token types (type_vocab_size; MLM uses type 0 everywhere)"},
+    {"model.init_std", K_DOUBLE, OFF(init_std), 1e-9, 10, NULL, "bert: initial weights N(0, init_std) (initializer_range)"},
     {"mask.scheme", K_ENUM, OFF(mask_scheme), 0, 0, "reference|bert", "reference: labml's independent 10%/10% draws; bert: conditional 80/10/10"},
     {"mask.prob", K_DOUBLE, OFF(mask_prob), 0, 1, NULL, "probability that a position is selected for prediction"},
     {"mask.unchanged_prob", K_DOUBLE, OFF(mask_unchanged_prob), 0, 1, NULL, "selected positions left unchanged"},
@@ -88,6 +92,10 @@ void config_defaults(Config *c) {
     c->dropout = 0.1;
     c->ln_eps = 1e-5;
     c->init_copy_layers = 1;
+    c->arch = 0;  // labml
+    c->max_positions = 512;
+    c->type_vocab_size = 2;
+    c->init_std = 0.02;
     c->mask_scheme = MASK_SCHEME_REFERENCE;
     c->mask_prob = 0.15;
     c->mask_unchanged_prob = 0.1;
@@ -393,8 +401,13 @@ int config_check(const Config *c, char *err, size_t errlen) {
         snprintf(err, errlen, "model.d_model = %d is not divisible by model.n_heads = %d", c->d_model, c->n_heads);
         return 1;
     }
-    if (c->d_model % 2) {
+    if (c->arch == 0 && c->d_model % 2) {
         snprintf(err, errlen, "model.d_model = %d must be even (sinusoidal positions pair features)", c->d_model);
+        return 1;
+    }
+    if (c->arch == 1 && c->seq_len > c->max_positions) {
+        snprintf(err, errlen, "data.seq_len = %d exceeds model.max_positions = %d under model.arch = bert (one learned "
+                 "position per token); lower data.seq_len or raise model.max_positions", c->seq_len, c->max_positions);
         return 1;
     }
     if (c->mask_scheme == MASK_SCHEME_BERT && c->mask_unchanged_prob + c->mask_random_prob > 1.0) {

@@ -180,18 +180,21 @@ static int shard_fail(Shard *s, char *err, size_t errlen, const char *what) {
 int shard_open(Shard *s, const char *path, const uint8_t *vocab_md5, int verify_payload, char *err, size_t errlen) {
     memset(s, 0, sizeof(*s));
     snprintf(s->path, sizeof(s->path), "%s", path);
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) {
-        mlm_set_error(err, errlen, "cannot open shard %s: %s", path, strerror(errno));
-        return 1;
-    }
+    uint64_t size;
+    int fd = mlm_open_regular(path, "shard", 0, &size, err, errlen);
+    if (fd < 0) return 1;
     struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    if (fstat(fd, &st) != 0) {
+        mlm_set_error(err, errlen, "cannot read shard %s: %s", path, strerror(errno));
         close(fd);
-        mlm_set_error(err, errlen, "shard %s is not a regular file", path);
         return 1;
     }
-    s->map_len = (size_t)st.st_size;
+    s->dev = (uint64_t)st.st_dev;
+    s->ino = (uint64_t)st.st_ino;
+    s->size = size;
+    s->mtime_ns = (uint64_t)st.st_mtim.tv_sec * 1000000000u + (uint64_t)st.st_mtim.tv_nsec;
+    s->ctime_ns = (uint64_t)st.st_ctim.tv_sec * 1000000000u + (uint64_t)st.st_ctim.tv_nsec;
+    s->map_len = (size_t)size;
     if (s->map_len < SHARD_HEADER_BYTES) {
         close(fd);
         return shard_fail(s, err, errlen, "too short for a shard header (truncated?)");
@@ -204,7 +207,7 @@ int shard_open(Shard *s, const char *path, const uint8_t *vocab_md5, int verify_
     }
     s->map = m;
     const uint8_t *b = s->map;
-    if (memcmp(b, SHARD_MAGIC, 8) != 0) return shard_fail(s, err, errlen, "not a shard (wrong magic number)");
+    if (memcmp(b, SHARD_MAGIC, 8) != 0) return shard_fail(s, err, errlen, "not a shard (wrong magic number at byte 0)");
     ShardHeader *h = &s->h;
     h->version = get32(b + 8);
     h->token_bytes = get32(b + 12);
@@ -216,7 +219,7 @@ int shard_open(Shard *s, const char *path, const uint8_t *vocab_md5, int verify_
     h->payload_hash = get64(b + 56);
     h->header_hash = get64(b + 64);
     if (h->header_hash != shard_fnv1a(SHARD_FNV_INIT, b, 64))
-        return shard_fail(s, err, errlen, "its header fails its checksum (corrupt)");
+        return shard_fail(s, err, errlen, "its header (bytes 0..63) fails its checksum (corrupt)");
     if (h->version != SHARD_VERSION) {
         char msg[128];
         snprintf(msg, sizeof(msg), "format version %u, but this mlm reads version %d", h->version, SHARD_VERSION);
@@ -239,17 +242,27 @@ int shard_open(Shard *s, const char *path, const uint8_t *vocab_md5, int verify_
         return shard_fail(s, err, errlen, "tokenized with another vocabulary than the manifest's (vocab checksum differs)");
     s->tokens = b + SHARD_HEADER_BYTES;
     s->doc_off = (const uint64_t *)(s->tokens + tok_bytes + pad8(tok_bytes));
+    uint64_t off0 = SHARD_HEADER_BYTES + tok_bytes + pad8(tok_bytes);  // file offset of the document offsets
+    char msg[200];
     for (size_t i = 0; i < pad8(tok_bytes); i++)  // one encoding per shard: the padding is zero
-        if (s->tokens[tok_bytes + i]) return shard_fail(s, err, errlen, "nonzero padding after the tokens (corrupt)");
-    if (s->doc_off[0] != 0 || s->doc_off[h->n_docs] != h->n_tokens)
-        return shard_fail(s, err, errlen, "document offsets do not span the tokens");
+        if (s->tokens[tok_bytes + i]) {
+            snprintf(msg, sizeof(msg), "nonzero padding after the tokens at byte %" PRIu64 " (corrupt)",
+                     SHARD_HEADER_BYTES + tok_bytes + i);
+            return shard_fail(s, err, errlen, msg);
+        }
+    if (s->doc_off[0] != 0 || s->doc_off[h->n_docs] != h->n_tokens) {
+        snprintf(msg, sizeof(msg), "document offsets (bytes %" PRIu64 "..%zu) do not span the tokens", off0, s->map_len - 1);
+        return shard_fail(s, err, errlen, msg);
+    }
     for (uint64_t d = 0; d < h->n_docs; d++)
-        if (s->doc_off[d + 1] < s->doc_off[d]) return shard_fail(s, err, errlen, "document offsets decrease");
-    if (verify_payload) {
-        if (shard_fnv1a(SHARD_FNV_INIT, s->tokens, s->map_len - SHARD_HEADER_BYTES) != h->payload_hash)
-            return shard_fail(s, err, errlen, "its tokens fail their checksum (corrupt)");
-        for (uint64_t i = 0; i < h->n_tokens; i++)
-            if (shard_token(s, i) >= h->vocab_size) return shard_fail(s, err, errlen, "a token id is outside the vocabulary");
+        if (s->doc_off[d + 1] < s->doc_off[d]) {
+            snprintf(msg, sizeof(msg), "document offset %" PRIu64 " (byte %" PRIu64 ") is below the one before it",
+                     d + 1, off0 + 8 * (d + 1));
+            return shard_fail(s, err, errlen, msg);
+        }
+    if (verify_payload && shard_verify(s, NULL, err, errlen)) {
+        shard_close(s);
+        return 1;
     }
     // Training reads sequences at random offsets: no read-ahead of neighbouring pages. The pages read by the
     // checks above are let go (a read-only file mapping reloads them on demand), so the resident size does not
@@ -279,17 +292,40 @@ int shards_is_set(const char *path) {
     return access(m, F_OK) == 0;
 }
 
+int shards_interrupted(const char *dir) {
+    char p[1200];
+    snprintf(p, sizeof(p), "%s/" SHARD_STAGING, dir);
+    if (access(p, F_OK) == 0) return 1;
+    snprintf(p, sizeof(p), "%s/train-00000.bin", dir);  // version 1 wrote the shards into the set's directory
+    return access(p, F_OK) == 0;
+}
+
+void manifest_shard_path(const Manifest *m, const ShardEntry *e, char *out, size_t outlen) {
+    if (m->shard_dir[0]) snprintf(out, outlen, "%s/%s/%s", m->dir, m->shard_dir, e->file);
+    else snprintf(out, outlen, "%s/%s", m->dir, e->file);
+}
+
+static const char HEX[] = "0123456789abcdef";
+
+static int is_hex(const char *s, size_t n) { return strlen(s) == n && strspn(s, HEX) == n; }
+
+// A folder name inside the set's directory: letters, digits, '-', '_' and '.', not "." or "..".
+static int is_plain_name(const char *s) {
+    size_t n = strlen(s);
+    return n > 0 && n < 64 && strspn(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.") == n &&
+           strcmp(s, ".") && strcmp(s, "..");
+}
+
 int manifest_write(const Manifest *m, char *err, size_t errlen) {
     char path[1100], tmp[1200];
     snprintf(path, sizeof(path), "%s/" SHARD_MANIFEST, m->dir);
     snprintf(tmp, sizeof(tmp), "%s.part", path);
-    FILE *f = fopen(tmp, "w");
-    if (!f) {
-        mlm_set_error(err, errlen, "cannot create %s: %s", tmp, strerror(errno));
-        return 1;
-    }
+    char *text = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&text, &len);
+    if (!f) mlm_fatal(MLM_EXIT_FAILURE, "out of memory writing a manifest");
     fprintf(f, "# mlm shard set, written by mlm prepare %s; train with --set data.path=%s\n", MLM_VERSION, m->dir);
-    fprintf(f, "format = mlm-shards\nversion = %d\ntokenizer = %s\n", SHARD_VERSION, tokenizer_name(m->tokenizer));
+    fprintf(f, "format = mlm-shards\nversion = %d\ntokenizer = %s\n", MANIFEST_VERSION, tokenizer_name(m->tokenizer));
     fprintf(f, "vocab = %s\n", m->tokenizer == TOKENIZER_CHAR ? m->char_codepoints : m->vocab);
     fprintf(f, "vocab_md5 = %s\nvocab_size = %u\nlowercase = %d\ndocuments = %s\ntoken_bytes = %u\n", m->vocab_md5,
             m->vocab_size, m->lowercase, m->blank_docs ? "blank" : "file", m->token_bytes);
@@ -297,13 +333,27 @@ int manifest_write(const Manifest *m, char *err, size_t errlen) {
     fprintf(f, "pad_id = %d\nmask_id = %d\nunk_id = %d\ncls_id = %d\nsep_id = %d\n", m->pad_id, m->mask_id, m->unk_id,
             m->cls_id, m->sep_id);
     fprintf(f, "train_docs = %" PRIu64 "\nvalid_docs = %" PRIu64 "\ntrain_tokens = %" PRIu64 "\nvalid_tokens = %" PRIu64
-            "\nsource_bytes = %" PRIu64 "\n", m->train_docs, m->valid_docs, m->train_tokens, m->valid_tokens,
-            m->source_bytes);
+            "\nsource_bytes = %" PRIu64 "\ninvalid_utf8 = %" PRIu64 "\n", m->train_docs, m->valid_docs, m->train_tokens,
+            m->valid_tokens, m->source_bytes, m->invalid_utf8);
+    if (m->replaces[0]) fprintf(f, "replaces = %s\n", m->replaces);
+    if (m->shard_dir[0]) fprintf(f, "shard_dir = %s\n", m->shard_dir);
     for (int i = 0; i < m->n_shards; i++)
-        fprintf(f, "shard = %s %s %" PRIu64 " %" PRIu64 "\n", m->shards[i].split, m->shards[i].file,
-                m->shards[i].n_tokens, m->shards[i].n_docs);
-    int rc = ferror(f) || fflush(f) != 0 || fsync(fileno(f)) != 0;
-    rc |= fclose(f) != 0;
+        fprintf(f, "shard = %s %s %" PRIu64 " %" PRIu64 " %016" PRIx64 "\n", m->shards[i].split, m->shards[i].file,
+                m->shards[i].n_tokens, m->shards[i].n_docs, m->shards[i].payload_hash);
+    if (fclose(f) != 0) mlm_fatal(MLM_EXIT_FAILURE, "out of memory writing a manifest");
+    char md5[33];
+    data_md5(text, len, md5);
+    FILE *out = fopen(tmp, "w");
+    if (!out) {
+        mlm_set_error(err, errlen, "cannot create %s: %s", tmp, strerror(errno));
+        free(text);
+        return 1;
+    }
+    int rc = fwrite(text, 1, len, out) != len;
+    free(text);
+    fprintf(out, "checksum = %s\n", md5);
+    rc |= ferror(out) || fflush(out) != 0 || fsync(fileno(out)) != 0;
+    rc |= fclose(out) != 0;
     if (!rc && rename(tmp, path) != 0) rc = 1;
     if (rc) {
         mlm_set_error(err, errlen, "cannot write %s: %s", path, strerror(errno));
@@ -331,7 +381,7 @@ static int parse_int_field(const char *v, long min, long max, int *out) {
 static int manifest_line(Manifest *m, const char *key, char *val, int *seen_format) {
     uint64_t u;
     if (!strcmp(key, "format")) { *seen_format = !strcmp(val, "mlm-shards"); return !*seen_format; }
-    if (!strcmp(key, "version")) return strcmp(val, "1") != 0;
+    if (!strcmp(key, "version")) return parse_int_field(val, 1, MANIFEST_VERSION, &m->version);
     if (!strcmp(key, "tokenizer")) {
         if (!strcmp(val, "char")) m->tokenizer = TOKENIZER_CHAR;
         else if (!strcmp(val, "byte")) m->tokenizer = TOKENIZER_BYTE;
@@ -347,7 +397,7 @@ static int manifest_line(Manifest *m, const char *key, char *val, int *seen_form
         return 0;
     }
     if (!strcmp(key, "vocab_md5")) {
-        if (strlen(val) != 32 || strspn(val, "0123456789abcdef") != 32) return 1;
+        if (!is_hex(val, 32)) return 1;
         memcpy(m->vocab_md5, val, 33);
         return 0;
     }
@@ -363,7 +413,7 @@ static int manifest_line(Manifest *m, const char *key, char *val, int *seen_form
     if (!strcmp(key, "valid_fraction")) {
         char *end;
         m->valid_fraction = strtod(val, &end);
-        return *end || !(m->valid_fraction >= 0 && m->valid_fraction < 1);
+        return *end || end == val || !(m->valid_fraction >= 0 && m->valid_fraction < 1);
     }
     if (!strcmp(key, "pad_id")) return parse_int_field(val, 0, 1 << 24, &m->pad_id);
     if (!strcmp(key, "mask_id")) return parse_int_field(val, 0, 1 << 24, &m->mask_id);
@@ -375,31 +425,112 @@ static int manifest_line(Manifest *m, const char *key, char *val, int *seen_form
     if (!strcmp(key, "train_tokens")) return parse_u64_field(val, &m->train_tokens);
     if (!strcmp(key, "valid_tokens")) return parse_u64_field(val, &m->valid_tokens);
     if (!strcmp(key, "source_bytes")) return parse_u64_field(val, &m->source_bytes);
+    if (!strcmp(key, "invalid_utf8")) return parse_u64_field(val, &m->invalid_utf8);
+    if (!strcmp(key, "shard_dir")) {
+        if (!is_plain_name(val)) return 1;
+        snprintf(m->shard_dir, sizeof(m->shard_dir), "%s", val);
+        return 0;
+    }
+    if (!strcmp(key, "replaces")) {
+        if (!is_hex(val, 32)) return 1;
+        memcpy(m->replaces, val, 33);
+        return 0;
+    }
+    if (!strcmp(key, "checksum")) return 1;  // only as the last line (manifest_load takes it off)
     if (!strcmp(key, "shard")) {
         if (m->n_shards >= SHARD_MAX_FILES) return 1;
         m->shards = realloc(m->shards, (size_t)(m->n_shards + 1) * sizeof(ShardEntry));
         if (!m->shards) mlm_fatal(MLM_EXIT_FAILURE, "out of memory reading a manifest");
         ShardEntry *e = &m->shards[m->n_shards];
-        char split[16], file[300], toks[32], docs[32], extra[2];
-        if (sscanf(val, "%15s %299s %31s %31s %1s", split, file, toks, docs, extra) != 4) return 1;
-        if ((strcmp(split, "train") && strcmp(split, "valid")) || strlen(file) >= sizeof(e->file) || strchr(file, '/') ||
+        memset(e, 0, sizeof(*e));
+        char split[16], file[300], toks[32], docs[32], hash[32], extra[2];
+        int n = sscanf(val, "%15s %299s %31s %31s %31s %1s", split, file, toks, docs, hash, extra);
+        if (n != 4 && n != 5) return 1;
+        if (n == 5 && (!is_hex(hash, 16) || sscanf(hash, "%16" SCNx64, &e->payload_hash) != 1)) return 1;
+        if ((n == 4) != (m->version == 1)) return 1;  // version 2 lists every shard's payload hash
+        if ((strcmp(split, "train") && strcmp(split, "valid")) || !is_plain_name(file) ||
             parse_u64_field(toks, &e->n_tokens) || parse_u64_field(docs, &e->n_docs))
             return 1;
         snprintf(e->split, sizeof(e->split), "%.7s", split);
-        snprintf(e->file, sizeof(e->file), "%s", file);
+        snprintf(e->file, sizeof(e->file), "%.255s", file);
         m->n_shards++;
         return 0;
     }
     return 0;  // unknown keys are ignored, so later versions may add information
 }
 
-int manifest_read(Manifest *m, const char *dir_or_file, char *err, size_t errlen) {
+// The special ids and the vocabulary the manifest describes must agree: a char set's code points have the md5
+// the shards carry, and its specials follow them; a byte set is the one fixed vocabulary. (WordPiece: checked
+// against vocab.txt by shard_set_open, which reads it.) 0, or 1 with a message.
+static int manifest_check_vocab(const Manifest *m, const char *path, char *err, size_t errlen) {
+    char md5[33];
+    if (m->tokenizer == TOKENIZER_CHAR) {
+        Vocab v;
+        data_md5(m->char_codepoints, strlen(m->char_codepoints), md5);
+        if (strcmp(md5, m->vocab_md5)) {
+            mlm_set_error(err, errlen, "%s: the character list (vocab) has md5 %s, not the vocab_md5 %s the set was "
+                          "tokenized with (edited or damaged); run `mlm prepare` again", path, md5, m->vocab_md5);
+            return 1;
+        }
+        if (vocab_from_codepoints(m->char_codepoints, &v) || v.kind != VOCAB_KIND_CHAR ||
+            (uint32_t)v.n_tokens != m->vocab_size || m->pad_id != v.pad_id || m->mask_id != v.mask_id ||
+            m->unk_id != -1 || m->cls_id != -1 || m->sep_id != -1 || m->lowercase) {
+            mlm_set_error(err, errlen, "%s: the special ids or vocab_size do not follow the character list (a char set "
+                          "has [PAD] and [MASK] after its characters, nothing else); run `mlm prepare` again", path);
+            return 1;
+        }
+        return 0;
+    }
+    if (m->tokenizer == TOKENIZER_BYTE) {
+        data_md5(BYTE_VOCAB_TEXT, strlen(BYTE_VOCAB_TEXT), md5);
+        if (strcmp(md5, m->vocab_md5) || m->vocab_size != BT_VOCAB_SIZE || m->pad_id != BT_PAD ||
+            m->mask_id != BT_MASK || m->unk_id != BT_UNK || m->cls_id != BT_CLS || m->sep_id != BT_SEP ||
+            m->lowercase || strcmp(m->char_codepoints, "bytes")) {
+            mlm_set_error(err, errlen, "%s: not the byte vocabulary (its vocab_md5, vocab_size or special ids differ "
+                          "from the byte tokenizer's: 261 ids, [PAD] [UNK] [CLS] [SEP] [MASK] = 256..260); run `mlm "
+                          "prepare` again", path);
+            return 1;
+        }
+        return 0;
+    }
+    return 0;
+}
+
+// Counts that must add up across the shard list.
+static int manifest_check_counts(const Manifest *m, const char *path, char *err, size_t errlen) {
+    uint64_t t[2] = {0, 0};
+    for (int i = 0; i < m->n_shards; i++) t[!strcmp(m->shards[i].split, "valid")] += m->shards[i].n_tokens;
+    if (t[0] != m->train_tokens || t[1] != m->valid_tokens) {
+        mlm_set_error(err, errlen, "%s: its shards hold %" PRIu64 " train / %" PRIu64 " valid tokens but it says %"
+                      PRIu64 " / %" PRIu64 "; run `mlm prepare` again", path, t[0], t[1], m->train_tokens,
+                      m->valid_tokens);
+        return 1;
+    }
+    if (m->token_bytes == 2 && m->vocab_size > 65536) {
+        mlm_set_error(err, errlen, "%s: 2-byte tokens for a vocabulary of %u; run `mlm prepare` again", path, m->vocab_size);
+        return 1;
+    }
+    return 0;
+}
+
+// The command that makes a version-1 set again (its options are all in the manifest; the text is not).
+static void prepare_again_command(const Manifest *m, char *out, size_t outlen) {
+    char vocab[1300] = "";
+    if (m->tokenizer == TOKENIZER_WORDPIECE)
+        snprintf(vocab, sizeof(vocab), " --vocab %s%s", m->vocab, m->lowercase ? "" : " --no-lowercase");
+    snprintf(out, outlen, "mlm prepare --force --out %s --tokenizer %s%s --documents %s --valid-fraction %.17g --seed %"
+             PRIu64 " TEXT...", m->dir, tokenizer_name(m->tokenizer), vocab, m->blank_docs ? "blank" : "file",
+             m->valid_fraction, m->seed);
+}
+
+// Read and parse; v1_ok: accept a version-1 manifest (for prepare --force to replace it), else refuse it.
+static int manifest_load(Manifest *m, const char *dir_or_file, int v1_ok, char *err, size_t errlen) {
     memset(m, 0, sizeof(*m));
     m->unk_id = m->cls_id = m->sep_id = -1;
     m->pad_id = m->mask_id = -1;
     char path[1200];
     struct stat st;
-    if (stat(dir_or_file, &st) == 0 && S_ISREG(st.st_mode)) {
+    if (stat(dir_or_file, &st) == 0 && !S_ISDIR(st.st_mode)) {
         snprintf(path, sizeof(path), "%s", dir_or_file);
         const char *slash = strrchr(dir_or_file, '/');
         snprintf(m->dir, sizeof(m->dir), "%.*s", slash ? (int)(slash - dir_or_file) : 1, slash ? dir_or_file : ".");
@@ -408,12 +539,41 @@ int manifest_read(Manifest *m, const char *dir_or_file, char *err, size_t errlen
         snprintf(path, sizeof(path), "%s/" SHARD_MANIFEST, dir_or_file);
     }
     size_t len;
-    char *text = mlm_read_file(path, &len);
+    char *text = mlm_read_regular(path, "shard manifest", MANIFEST_MAX_BYTES, &len, err, errlen);
     if (!text) {
-        mlm_set_error(err, errlen, "cannot read %s: %s; a shard set without its manifest is an interrupted "
-                      "`mlm prepare`: run it again", path, strerror(errno));
+        if (errno == ENOENT)
+            mlm_set_error(err, errlen, "cannot read %s: %s; a shard set without its manifest is an interrupted "
+                          "`mlm prepare`: run it again", path, strerror(ENOENT));
         return 1;
     }
+    data_md5(text, len, m->md5);
+    // The checksum: the last line, over every byte before it.
+    size_t body = len;
+    int have_sum = 0;
+    if (len > 0 && text[len - 1] == '\n') {
+        size_t start = len - 1;
+        while (start > 0 && text[start - 1] != '\n') start--;
+        if (!strncmp(text + start, "checksum = ", 11)) {
+            have_sum = 1;
+            body = start;
+            char md5[33];
+            data_md5(text, body, md5);
+            text[len - 1] = '\0';
+            if (!is_hex(text + start + 11, 32) || strcmp(md5, text + start + 11)) {
+                mlm_set_error(err, errlen, "%s fails its checksum (the file is damaged or was edited; only `mlm "
+                              "prepare` writes it): run `mlm prepare` again to rebuild the shard set", path);
+                free(text);
+                return 1;
+            }
+        }
+    }
+    if (!have_sum && strstr(text, "\nchecksum = ")) {
+        mlm_set_error(err, errlen, "%s has text after its checksum line (damaged, or appended to); run `mlm prepare` "
+                      "again to rebuild the shard set", path);
+        free(text);
+        return 1;
+    }
+    text[body] = '\0';
     int line_no = 0, seen_format = 0, rc = 0;
     for (char *line = text; *line && !rc;) {
         char *nl = strchr(line, '\n');
@@ -432,14 +592,37 @@ int manifest_read(Manifest *m, const char *dir_or_file, char *err, size_t errlen
         line = nl ? nl + 1 : line + strlen(line);
     }
     free(text);
-    if (!rc && (!seen_format || !m->vocab_size || !m->token_bytes || m->vocab_md5[0] == '\0' || !m->char_codepoints ||
-                m->pad_id < 0 || m->mask_id < 0)) {
-        mlm_set_error(err, errlen, "%s: not a complete mlm shard manifest (format, vocab, vocab_md5, vocab_size, "
-                      "token_bytes, pad_id and mask_id are required)", path);
+    if (!rc && (!seen_format || !m->version || !m->vocab_size || !m->token_bytes || m->vocab_md5[0] == '\0' ||
+                !m->char_codepoints || m->pad_id < 0 || m->mask_id < 0)) {
+        mlm_set_error(err, errlen, "%s: not a complete mlm shard manifest (format, version, vocab, vocab_md5, "
+                      "vocab_size, token_bytes, pad_id and mask_id are required)", path);
         rc = 1;
     }
+    if (!rc && m->version == 1 && !v1_ok) {
+        char cmd[2000];
+        prepare_again_command(m, cmd, sizeof(cmd));
+        mlm_set_error(err, errlen, "%s is a shard set of format version 1 (from an mlm before manifests had checksums), whose manifest has no "
+                      "checksum and does not cover the shards' contents, so it is not read any more; prepare it again "
+                      "from the same text with the same options: %s (add --shard-tokens N if it was made with it). The "
+                      "shards come out the same, and runs checkpointed on this set resume on the new one", path, cmd);
+        rc = 1;
+    }
+    if (!rc && m->version > 1 && !have_sum) {
+        mlm_set_error(err, errlen, "%s has no checksum line at its end (damaged or cut short); run `mlm prepare` "
+                      "again to rebuild the shard set", path);
+        rc = 1;
+    }
+    if (!rc && m->version > 1) rc = manifest_check_vocab(m, path, err, errlen) || manifest_check_counts(m, path, err, errlen);
     if (rc) manifest_free(m);
     return rc;
+}
+
+int manifest_read(Manifest *m, const char *dir_or_file, char *err, size_t errlen) {
+    return manifest_load(m, dir_or_file, 0, err, errlen);
+}
+
+int manifest_read_v1(Manifest *m, const char *dir_or_file, char *err, size_t errlen) {
+    return manifest_load(m, dir_or_file, 1, err, errlen);
 }
 
 static void md5_bytes(const char hex[33], uint8_t out[16]) {
@@ -490,18 +673,29 @@ int shard_stream_open(ShardStream *st, const Manifest *m, const char *split, int
         const ShardEntry *e = &m->shards[i];
         if (strcmp(e->split, split)) continue;
         char path[1400];
-        snprintf(path, sizeof(path), "%s/%s", m->dir, e->file);
+        manifest_shard_path(m, e, path, sizeof(path));
         Shard *s = &st->shards[st->n];
         if (shard_open(s, path, md5, verify_payload, err, errlen)) {
             shard_stream_close(st);
             return 1;
         }
         st->n++;
-        if (s->h.n_tokens != e->n_tokens || s->h.n_docs != e->n_docs || s->h.vocab_size != m->vocab_size ||
-            s->h.token_bytes != m->token_bytes) {
-            mlm_set_error(err, errlen, "shard %s does not match its manifest entry (tokens %" PRIu64 " vs %" PRIu64
-                          ", documents %" PRIu64 " vs %" PRIu64 "); run `mlm prepare` again", path, s->h.n_tokens,
-                          e->n_tokens, s->h.n_docs, e->n_docs);
+        const ShardHeader *h = &s->h;
+        char what[300] = "";
+        if (h->token_bytes != m->token_bytes)
+            snprintf(what, sizeof(what), "its tokens are %u bytes wide, the manifest's %u", h->token_bytes, m->token_bytes);
+        else if (h->vocab_size != m->vocab_size)
+            snprintf(what, sizeof(what), "it was written for %u token ids, the manifest's vocabulary has %u", h->vocab_size,
+                     m->vocab_size);
+        else if (h->n_tokens != e->n_tokens || h->n_docs != e->n_docs)
+            snprintf(what, sizeof(what), "it holds %" PRIu64 " tokens in %" PRIu64 " document segments, its manifest "
+                     "entry says %" PRIu64 " in %" PRIu64, h->n_tokens, h->n_docs, e->n_tokens, e->n_docs);
+        else if (m->version > 1 && h->payload_hash != e->payload_hash)
+            snprintf(what, sizeof(what), "its payload hash %016" PRIx64 " is not the %016" PRIx64 " its manifest entry "
+                     "lists (a shard of another set, or of another prepare)", h->payload_hash, e->payload_hash);
+        if (what[0]) {
+            mlm_set_error(err, errlen, "shard %s does not match its manifest entry: %s; run `mlm prepare` again", path,
+                          what);
             shard_stream_close(st);
             return 1;
         }
@@ -530,6 +724,15 @@ static int shard_of(const ShardStream *st, uint64_t pos) {
     return lo;
 }
 
+// An id read from a mapped shard is outside the vocabulary: the file changed after it was verified (a mapping
+// shows later writes to the file). Stop before the id reaches a model (the CUDA embedding does not check).
+MLM_NORETURN static void shard_id_outside(const Shard *s, uint64_t local, uint32_t id) {
+    mlm_fatal(MLM_EXIT_FAILURE, "shard %s: token %" PRIu64 " (byte offset %" PRIu64 ") is id %u, outside the vocabulary "
+              "of %u ids; the file was changed after it was verified (is another program writing it?): run `mlm "
+              "prepare` again, then `mlm train --resume`", s->path, local, SHARD_HEADER_BYTES + local * s->h.token_bytes,
+              id, s->h.vocab_size);
+}
+
 void shard_stream_read(const ShardStream *st, uint64_t pos, size_t n, int *out) {
     size_t k = 0;
     while (k < n) {
@@ -537,13 +740,17 @@ void shard_stream_read(const ShardStream *st, uint64_t pos, size_t n, int *out) 
         const Shard *s = &st->shards[i];
         uint64_t local = pos + k - st->start[i];
         size_t m = (size_t)MLM_MIN((uint64_t)(n - k), s->h.n_tokens - local);
+        uint32_t bad = 0, V = s->h.vocab_size;
         if (s->h.token_bytes == 2) {
             const uint16_t *t = (const uint16_t *)s->tokens + local;
-            for (size_t j = 0; j < m; j++) out[k + j] = t[j];
+            for (size_t j = 0; j < m; j++) bad |= (out[k + j] = t[j]) >= V;
         } else {
             const uint32_t *t = (const uint32_t *)s->tokens + local;
-            for (size_t j = 0; j < m; j++) out[k + j] = (int)t[j];
+            for (size_t j = 0; j < m; j++) bad |= t[j] >= V, out[k + j] = (int)t[j];
         }
+        if (bad)
+            for (size_t j = 0; j < m; j++)
+                if ((uint32_t)out[k + j] >= V) shard_id_outside(s, local + j, (uint32_t)out[k + j]);
         k += m;
     }
 }
@@ -585,47 +792,79 @@ void shard_stream_packed_read(const ShardStream *st, uint64_t q, size_t n, int s
 
 // ---- A whole set
 
-int shard_set_open(ShardSet *s, const char *path, char *err, size_t errlen) {
+// Read the set's vocab.txt once (a regular file of bounded size): its md5 must be the one the shards were made
+// with, and its [PAD] [MASK] [UNK] [CLS] [SEP] and size those of the manifest.
+static int open_wordpiece_vocab(ShardSet *s, const char *mpath, char *err, size_t errlen) {
+    const Manifest *m = &s->m;
+    size_t len;
+    char why[1400];
+    char *text = mlm_read_regular(m->vocab, "vocabulary", WP_VOCAB_MAX_BYTES, &len, why, sizeof(why));
+    if (!text) {
+        mlm_set_error(err, errlen, "%s: %s; the set needs the vocab.txt it was made with (md5 %s)", mpath, why,
+                      m->vocab_md5);
+        return 1;
+    }
+    char md5[33];
+    data_md5(text, len, md5);
+    if (strcmp(md5, m->vocab_md5) != 0) {
+        mlm_set_error(err, errlen, "%s: the vocabulary %s has md5 %s, not the %s the shards were made with (damaged or "
+                      "replaced); run `mlm prepare` again", mpath, m->vocab, md5, m->vocab_md5);
+        free(text);
+        return 1;
+    }
+    s->wp = wp_load_text(text, len, m->vocab, m->lowercase, err, errlen);
+    free(text);
+    if (!s->wp) return 1;
+    int want[5] = {wp_id(s->wp, "[PAD]"), wp_id(s->wp, "[MASK]"), wp_id(s->wp, "[UNK]"), wp_id(s->wp, "[CLS]"),
+                   wp_id(s->wp, "[SEP]")};
+    int have[5] = {m->pad_id, m->mask_id, m->unk_id, m->cls_id, m->sep_id};
+    static const char *const names[5] = {"pad_id", "mask_id", "unk_id", "cls_id", "sep_id"};
+    if (wp_vocab_size(s->wp) != m->vocab_size) {
+        mlm_set_error(err, errlen, "%s: vocab_size %u, but %s has %zu tokens; run `mlm prepare` again", mpath,
+                      m->vocab_size, m->vocab, wp_vocab_size(s->wp));
+        return 1;
+    }
+    for (int i = 0; i < 5; i++)
+        if (want[i] != have[i]) {
+            mlm_set_error(err, errlen, "%s: %s = %d, but %s has that token at id %d; run `mlm prepare` again", mpath,
+                          names[i], have[i], m->vocab, want[i]);
+            return 1;
+        }
+    return 0;
+}
+
+static int shard_set_open_once(ShardSet *s, const char *path, char *err, size_t errlen) {
     memset(s, 0, sizeof(*s));
     if (manifest_read(&s->m, path, err, errlen)) return 1;
+    memcpy(s->md5, s->m.md5, sizeof(s->md5));
     char mpath[1200];
     snprintf(mpath, sizeof(mpath), "%s/" SHARD_MANIFEST, s->m.dir);
-    if (data_md5_file(mpath, s->md5)) {
-        mlm_set_error(err, errlen, "cannot read %s: %s", mpath, strerror(errno));
-        manifest_free(&s->m);
-        return 1;
-    }
-    if (shard_stream_open(&s->train, &s->m, "train", 0, err, errlen)) {
-        manifest_free(&s->m);
-        return 1;
-    }
-    if (shard_stream_open(&s->valid, &s->m, "valid", 0, err, errlen)) {
-        shard_stream_close(&s->train);
-        manifest_free(&s->m);
-        return 1;
-    }
-    if (s->train.n_tokens != s->m.train_tokens || s->valid.n_tokens != s->m.valid_tokens) {
-        mlm_set_error(err, errlen, "%s: the shards hold %" PRIu64 " train / %" PRIu64 " valid tokens but the manifest "
-                      "says %" PRIu64 " / %" PRIu64 "; run `mlm prepare` again", mpath, s->train.n_tokens,
-                      s->valid.n_tokens, s->m.train_tokens, s->m.valid_tokens);
+    if (s->m.tokenizer == TOKENIZER_WORDPIECE && open_wordpiece_vocab(s, mpath, err, errlen)) {
         shard_set_close(s);
         return 1;
     }
-    if (s->m.tokenizer == TOKENIZER_WORDPIECE) {
-        char md5[33];
-        if (data_md5_file(s->m.vocab, md5) || strcmp(md5, s->m.vocab_md5) != 0) {
-            mlm_set_error(err, errlen, "%s: the vocabulary %s is missing or is not the one the shards were made with "
-                          "(md5 %s expected)", mpath, s->m.vocab, s->m.vocab_md5);
-            shard_set_close(s);
-            return 1;
-        }
-        s->wp = wp_load(s->m.vocab, s->m.lowercase, err, errlen);
-        if (!s->wp) {
-            shard_set_close(s);
-            return 1;
-        }
+    if (shard_stream_open(&s->train, &s->m, "train", 0, err, errlen) ||
+        shard_stream_open(&s->valid, &s->m, "valid", 0, err, errlen)) {
+        shard_set_close(s);
+        return 1;
     }
     return 0;
+}
+
+int shard_set_open(ShardSet *s, const char *path, char *err, size_t errlen) {
+    if (shard_set_open_once(s, path, err, errlen) == 0) return 0;
+    // `mlm prepare --force` may have replaced the set between the manifest and its files (it swaps the manifest,
+    // then removes the old shards): if the manifest changed meanwhile, the new set is complete; open it instead.
+    Manifest again;
+    char ignored[8];
+    if (manifest_read(&again, path, ignored, sizeof(ignored)) != 0) return 1;
+    int changed = strcmp(again.md5, s->md5) != 0 && s->md5[0];
+    manifest_free(&again);
+    return changed ? shard_set_open_once(s, path, err, errlen) : 1;
+}
+
+int shard_set_identity_matches(const ShardSet *s, const char *md5) {
+    return !strcmp(s->md5, md5) || (s->m.replaces[0] && !strcmp(s->m.replaces, md5));
 }
 
 void shard_set_close(ShardSet *s) {

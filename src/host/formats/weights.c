@@ -7,7 +7,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <sys/stat.h>
+
 #include "mlm/common.h"
+#include "mlm/hf_bert.h"
 #include "mlm/safetensors.h"
 
 static ParamEntry *param_table(const ModelConfig *mc, int *n) {
@@ -67,7 +70,9 @@ int weights_save(const char *path, const ModelConfig *mc, const Vocab *v, const 
     }
     int n;
     ParamEntry *tab = param_table(mc, &n);
-    // Every tensor of the reference's state_dict: the n parameters, then the positional-encoding buffer.
+    // Every tensor of the reference's state_dict: the n parameters, then the positional-encoding buffer (labml_nn's;
+    // BERT's positions are a parameter).
+    int has_pe = mc->arch != MODEL_ARCH_BERT;
     StTensor *t = mlm_calloc((size_t)n + 1, sizeof(StTensor), "tensor list");
     for (int i = 0; i < n; i++) {
         t[i].name = tab[i].name;
@@ -78,7 +83,7 @@ int weights_save(const char *path, const ModelConfig *mc, const Vocab *v, const 
         t[i].nbytes = entry_numel(&tab[i]) * sizeof(float);
         t[i].data = params + tab[i].offset;
     }
-    float *pe = pe_buffer_tensor(mc, &t[n]);
+    float *pe = has_pe ? pe_buffer_tensor(mc, &t[n]) : NULL;
     char d[5][24];
     snprintf(d[0], sizeof(d[0]), "%d", mc->d_model);
     snprintf(d[1], sizeof(d[1]), "%d", mc->n_heads);
@@ -103,7 +108,7 @@ int weights_save(const char *path, const ModelConfig *mc, const Vocab *v, const 
     meta[2 * n_meta++ + 1] = codes;
     char num[7][24];
     if (!is_char) n_meta = subword_meta(meta, n_meta, v, vocab_text, lowercase, num);
-    int rc = st_write(path, t, n + 1, meta, n_meta, err, errlen);
+    int rc = st_write(path, t, n + has_pe, meta, n_meta, err, errlen);
     free(pe);
     free(chars);
     free(codes);
@@ -216,6 +221,8 @@ static int vocab_mismatch(const StFile *f, const char *path, const Vocab *want, 
 
 int weights_load(const char *path, const ModelConfig *mc, const Vocab *check_vocab, float *params, char *err,
                  size_t errlen) {
+    struct stat st;
+    if (stat(path, &st) == 0 && S_ISDIR(st.st_mode)) return hf_import(path, mc, check_vocab, params, err, errlen);
     StFile f;
     if (st_read(path, &f, err, errlen)) return 1;
     int n, problems = 0;

@@ -35,7 +35,7 @@ int run_lock_acquire(const char *run_dir, RunLock *lk, char *err, size_t errlen)
             close(fd);
             if (e == EWOULDBLOCK)
                 snprintf(err, errlen, "%s is in use by another mlm process (pid %ld, lock file %s); wait for it to "
-                         "finish or stop it (kill %ld), or train into another --out directory", run_dir, pid, lk->path,
+                         "finish or stop it (kill %ld), or use another --out directory", run_dir, pid, lk->path,
                          pid);
             else
                 snprintf(err, errlen, "cannot lock %s: %s", lk->path, strerror(e));

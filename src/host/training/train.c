@@ -44,7 +44,9 @@ const char *const SAMPLE_PROMPTS[N_PROMPTS] = {
 
 ModelConfig train_model_config(const Config *c, const Vocab *v) {
     ModelConfig m = {.vocab = v->n_tokens, .d_model = c->d_model, .n_heads = c->n_heads, .n_layers = c->n_layers,
-                     .d_ff = c->d_ff, .max_seq = c->seq_len, .dropout = (float)c->dropout, .ln_eps = (float)c->ln_eps};
+                     .d_ff = c->d_ff, .max_seq = c->seq_len, .dropout = (float)c->dropout, .ln_eps = (float)c->ln_eps,
+                     .arch = c->arch, .max_positions = c->max_positions, .type_vocab = c->type_vocab_size,
+                     .init_std = (float)c->init_std, .pad_id = v->pad_id};
     return m;
 }
 
@@ -168,9 +170,7 @@ static void load_data(Run *r) {
                       tokenizer_name(r->corpus.shards->m.tokenizer), cfg->data_path);
         return;
     }
-    char probe[1200];
-    snprintf(probe, sizeof(probe), "%s/train-00000.bin", cfg->data_path);
-    if (cfg->data_path[0] && access(probe, F_OK) == 0)
+    if (cfg->data_path[0] && shards_interrupted(cfg->data_path))
         mlm_fatal(MLM_EXIT_FAILURE, "data.path %s holds shards but no %s: `mlm prepare` was interrupted before it "
                   "finished; run it again", cfg->data_path, SHARD_MANIFEST);
     if (cfg->sampling == 1)
@@ -230,7 +230,15 @@ static int use_color(void) {
     return isatty(STDOUT_FILENO) && !(nc && nc[0]);
 }
 
+// mkdir -p: `--out runs/x` in a fresh checkout creates runs/ too.
 static void make_dir(const char *path) {
+    char parent[1024];
+    snprintf(parent, sizeof(parent), "%s", path);
+    char *slash = strrchr(parent, '/');
+    if (slash && slash != parent) {
+        *slash = '\0';
+        if (access(parent, F_OK) != 0) make_dir(parent);
+    }
     if (mkdir(path, 0755) != 0 && errno != EEXIST)
         mlm_fatal(MLM_EXIT_FAILURE, "cannot create directory %s: %s", path, strerror(errno));
 }
@@ -1070,7 +1078,7 @@ static void setup(Run *r, const Config *cfg, const TrainOptions *opt) {
     if (cfg->max_steps > 0 && cfg->max_steps < r->total_steps) r->total_steps = cfg->max_steps;
     r->oc = config_optim(cfg, r->total_steps);
     int max_b = MLM_MAX(cfg->batch_size, N_PROMPTS);
-    r->layout = rng_layout(max_b, cfg->seq_len, cfg->d_model, cfg->n_heads, cfg->d_ff, cfg->n_layers);
+    r->layout = model_rng_layout(&r->mc, max_b);
     rng_init(&r->train_rng, cfg->seed, RNG_DOMAIN_TRAIN);
     rng_init(&r->valid_rng, cfg->seed, RNG_DOMAIN_VALID);
     rng_init(&r->sample_rng, cfg->seed, RNG_DOMAIN_SAMPLE);
@@ -1105,16 +1113,11 @@ static void setup_model(Run *r, int gpu) {
     r->opt_state = mlm_calloc(2 * P, sizeof(float), "Adam moments");
     r->adam_m = r->opt_state;
     r->adam_v = r->opt_state + P;
-    r->decay_mask = mlm_calloc(P, 1, "weight-decay mask");
+    r->decay_mask = mlm_malloc(P, "weight-decay mask");
+    model_decay_mask(&r->mc, r->decay_mask);
     r->st.best_epoch = -1;
     r->st.last_valid_step = -1;
     r->st.last_valid_loss = r->st.last_valid_acc = NAN;
-    int n = model_param_table(&r->mc, NULL);
-    ParamEntry *tab = mlm_malloc((size_t)n * sizeof(ParamEntry), "parameter table");
-    model_param_table(&r->mc, tab);
-    for (int i = 0; i < n; i++)
-        if (tab[i].is_matrix) memset(r->decay_mask + tab[i].offset, 1, (size_t)tab[i].shape[0] * tab[i].shape[1]);
-    free(tab);
 }
 
 static void teardown(Run *r) {
@@ -1166,7 +1169,12 @@ int train_key_resumable(const char *key) {
 
 // Continue from a checkpoint: tensors, step and bookkeeping; refuse a different corpus or vocabulary.
 static void restore(Run *r, const Checkpoint *c) {
-    if (strcmp(c->corpus_md5, r->corpus_md5) != 0)
+    if (r->corpus.shards && !shard_set_identity_matches(r->corpus.shards, c->corpus_md5))
+        mlm_fatal(MLM_EXIT_USAGE, "the shard set %s (identity %s) is not the one this run trained on (identity %s): its "
+                  "manifest or shards differ. Pass the original set with --set data.path=DIR; a set of format version "
+                  "1 prepared again keeps the run's identity only when it is prepared with --force over the old one",
+                  r->corpus.path, r->corpus_md5, c->corpus_md5);
+    if (!r->corpus.shards && strcmp(c->corpus_md5, r->corpus_md5) != 0)
         mlm_fatal(MLM_EXIT_USAGE, "the corpus %s (md5 %s) is not the one this run trained on (md5 %s); pass the "
                   "original with --data", r->corpus.path, r->corpus_md5, c->corpus_md5);
     if (memcmp(&c->vocab, &r->corpus.vocab, sizeof(Vocab)) != 0)
@@ -1238,6 +1246,7 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
     setup(&r, cfg, opt);
     r.lock.fd = -1;
     if (opt->dry_run) {
+        corpus_verify_shards(&r.corpus, NULL, 0, r.opt.quiet);
         print_header(&r);
         batcher_set_epoch(&r.train_b, 0);
         int b = batcher_get(&r.train_b, 0, r.tokens);
@@ -1260,6 +1269,9 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
         choose_run_dir(&r);
         lock_run_dir(&r);
     }
+    // Every byte of a shard set is read once per run before training trusts it (rank 0 records that in the run
+    // directory, so a resume skips it while the files are unchanged; other ranks check their own view of the files).
+    corpus_verify_shards(&r.corpus, r.dist.rank == 0 ? r.run_dir : r.opt.out_dir, r.dist.rank == 0, r.opt.quiet);
     if (opt->profile && !gpu)
         mlm_warn("--profile-steps has no effect on the CPU backend (it brackets CUDA work for nsys and ncu)");
     setup_nccl(&r, gpu);
