@@ -41,7 +41,7 @@ static size_t device_used(void) {
 
 typedef struct {
     const char *name;
-    int V, C, H, L, F, T, B, accum, whole_word;
+    int V, C, H, L, F, T, B, accum, whole_word, bert;
 } Case;
 
 static void run_case(const Case *k) {
@@ -49,6 +49,8 @@ static void run_case(const Case *k) {
     memset(&mc, 0, sizeof(mc));
     mc.vocab = k->V, mc.d_model = k->C, mc.n_heads = k->H, mc.n_layers = k->L, mc.d_ff = k->F, mc.max_seq = k->T;
     mc.dropout = 0.1f, mc.ln_eps = 1e-5f;
+    if (k->bert) mc.arch = MODEL_ARCH_BERT, mc.max_positions = k->T + 3, mc.type_vocab = 2, mc.init_std = 0.02f,
+                 mc.pad_id = k->V - 2;
     CudaMemoryPlan plan;
     cuda_model_memory_plan(&mc, k->B, PRECISION_TF32, k->accum > 1, k->whole_word, &plan);
     size_t P = model_num_params(&mc);
@@ -115,9 +117,10 @@ int main(int argc, char **argv) {
     if (cuda_device_count(why, sizeof(why)) == 0) return test_skip(why);
     printf("test_gpu_memory: the dry run's device-memory plan against the CUDA model's allocations\n");
     const Case cases[] = {
-        {"reference shape (V 67, T 32, B 8)", 67, 128, 8, 6, 256, 32, 8, 1, 0},
-        {"accumulation 2, whole words", 101, 64, 4, 2, 96, 20, 6, 2, 1},
-        {"T 80 (past the fused attention)", 53, 32, 2, 1, 64, 80, 3, 1, 0},
+        {"reference shape (V 67, T 32, B 8)", 67, 128, 8, 6, 256, 32, 8, 1, 0, 0},
+        {"accumulation 2, whole words", 101, 64, 4, 2, 96, 20, 6, 2, 1, 0},
+        {"T 80 (past the fused attention)", 53, 32, 2, 1, 64, 80, 3, 1, 0, 0},
+        {"model.arch = bert, T 24", 90, 48, 4, 2, 80, 24, 4, 1, 0, 1},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) run_case(&cases[i]);
     return test_finish("test_gpu_memory");
