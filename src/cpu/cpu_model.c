@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "cpu/ops.h"
+#include "mlm/bf16.h"
 #include "mlm/common.h"
 #include "mlm/cpu.h"
 
@@ -53,6 +54,13 @@ typedef struct {
     float *head_act;             // [B, T, C] GELU(head_pre), input of the head LayerNorm
     uint8_t *key_valid;          // [B, T] 1 where the input is not [PAD] (the attention's key-padding mask)
     float *dres2;                // [B, T, C] second gradient of the residual stream (post-LN backward)
+    // train.precision = bf16 (cpu_model_set_bf16): the CUDA backend's BF16 step on the CPU. The forward and backward
+    // read the BF16 copy of the parameters (params_bf: floats holding BF16 values, THE ROUNDING RULE of the FP32
+    // masters m->params), and every tensor the CUDA backend stores in BF16 is rounded to a BF16 value where it is
+    // written (bf16_point); the rest (LayerNorm statistics, losses, parameter gradients) stays FP32.
+    int bf16;
+    float *params_bf;            // [P]
+    uint64_t round_seed;         // Philox key of the run's ROUND stream
     // State of the last forward.
     int dropout_on;
     float drop_scale;
@@ -169,11 +177,45 @@ CpuModel *cpu_model_create(const ModelConfig *cfg, int max_B) {
 
 void cpu_model_free(CpuModel *m) {
     if (!m) return;
+    free(((CpuActs *)m->internal)->params_bf);
     free(m->params);
     free(m->grads);
     free(m->acts);
     free(m->internal);
     free(m);
+}
+
+// ---- train.precision = bf16 ---------------------------------------------------------------------------------
+
+void cpu_model_set_bf16(CpuModel *m, uint64_t round_seed) {
+    CpuActs *a = m->internal;
+    if (!a->params_bf) a->params_bf = mlm_malloc(m->n_params * sizeof(float), "BF16 parameter copy");
+    a->bf16 = 1;
+    a->round_seed = round_seed;
+    model_param_views(&m->cfg, a->params_bf, &m->p);
+    cpu_model_round_params(m, 0);
+}
+
+void cpu_model_round_params(CpuModel *m, uint64_t updates_done) {
+    CpuActs *a = m->internal;
+    if (!a->bf16) return;
+    bf16_stochastic_round_values(a->params_bf, m->params, m->n_params, a->round_seed, updates_done * m->n_params);
+}
+
+// x[n] becomes BF16 values where the CUDA backend stores this tensor in BF16 (bf16 mode; otherwise nothing).
+static void bf16_point(const CpuActs *a, float *x, size_t n) {
+    if (a->bf16) bf16_round_in_place(x, n);
+}
+
+// The residual add and the LayerNorm after it (post-LN, bert) with the BF16 point between them, where the CUDA
+// backend's fused kernel rounds the sum before taking its statistics.
+static void residual_ln_forward(const CpuActs *a, float *res_out, float *ln_out, float *mean, float *rstd,
+                                const float *res, const float *y, const uint8_t *keep, float scale, const float *w,
+                                const float *b, int N, int C, float eps) {
+    residual_dropout_forward(res_out, res, y, keep, scale, (size_t)N * C);
+    bf16_point(a, res_out, (size_t)N * C);
+    layernorm_forward(ln_out, mean, rstd, res_out, w, b, N, C, eps);
+    bf16_point(a, ln_out, (size_t)N * C);
 }
 
 // Draw the masks of one dropout site, or return NULL when dropout is off for this forward.
@@ -193,11 +235,15 @@ static void head_transform_forward(CpuModel *m, const float *x, int n) {
     int C = c->d_model;
     if (c->arch != MODEL_ARCH_BERT) {
         layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, x, p->lnf_w, p->lnf_b, n, C, c->ln_eps);
+        bf16_point(a, a->lnf, (size_t)n * C);
         return;
     }
     linear_forward(a->head_pre, x, p->head_w, p->head_b, n, C, C);
+    bf16_point(a, a->head_pre, (size_t)n * C);
     gelu_forward(a->head_act, a->head_pre, (size_t)n * C);
+    bf16_point(a, a->head_act, (size_t)n * C);
     layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, a->head_act, p->head_ln_w, p->head_ln_b, n, C, c->ln_eps);
+    bf16_point(a, a->lnf, (size_t)n * C);
 }
 
 // dx[n, C] (overwritten) from a->dln = d lnf, and the transform's parameter gradients.
@@ -209,14 +255,18 @@ static void head_transform_backward(CpuModel *m, float *dx, const float *x, int 
     if (c->arch != MODEL_ARCH_BERT) {
         memset(dx, 0, (size_t)n * C * sizeof(float));
         layernorm_backward(dx, g->lnf_w, g->lnf_b, a->dln, x, p->lnf_w, a->lnf_mean, a->lnf_rstd, n, C);
+        bf16_point(a, dx, (size_t)n * C);
         return;
     }
     float *dact = a->dproj;  // [n, C] scratch: d head_act, then (in place) d head_pre
     memset(dact, 0, (size_t)n * C * sizeof(float));
     layernorm_backward(dact, g->head_ln_w, g->head_ln_b, a->dln, a->head_act, p->head_ln_w, a->lnf_mean, a->lnf_rstd,
                        n, C);
+    bf16_point(a, dact, (size_t)n * C);
     gelu_backward(dact, dact, a->head_pre, (size_t)n * C);
+    bf16_point(a, dact, (size_t)n * C);
     linear_backward(dx, g->head_w, g->head_b, dact, x, p->head_w, n, C, C);
+    bf16_point(a, dx, (size_t)n * C);
 }
 
 // ---- Sparse prediction: the head's transform, decoder and loss on the selected rows only.
@@ -251,10 +301,13 @@ static float sparse_head_forward(CpuModel *m, const float *x, const int *labels,
     if (n == 0) return 0.0f;  // nothing to predict: loss 0, n_targets 0 (the dense path's result)
     head_transform_forward(m, a->sel_x, n);
     linear_forward(a->logits, a->lnf, p->gen_w, p->gen_b, n, C, V);
+    bf16_point(a, a->logits, (size_t)n * V);
     // The gradient of the mean loss (1 / n per row, as cpu_model_backward's dense start) comes in the same pass.
     m->n_targets = n;
-    return crossentropy_forward_backward(a->losses, a->dlogits, a->logits, a->sel_labels, n, V, 1.0f / (float)n,
-                                         correct);
+    float loss = crossentropy_forward_backward(a->losses, a->dlogits, a->logits, a->sel_labels, n, V, 1.0f / (float)n,
+                                               correct);
+    bf16_point(a, a->dlogits, (size_t)n * V);
+    return loss;
 }
 
 // Gradient of the sparse head into its parameters' gradients and a->dres[N, C] (zero on the unselected rows).
@@ -265,8 +318,12 @@ static void sparse_head_backward(CpuModel *m, int N, int n_norm) {
     const ParamTensors *p = &m->p, *g = &m->g;
     int C = c->d_model, V = c->vocab, n = a->n_sel;
     // dlogits was written by the forward's fused cross-entropy with 1 / n; a micro-batch needs 1 / n_norm.
-    if (n_norm != n) crossentropy_backward(a->dlogits, a->logits, a->sel_labels, n, V, a->pad_id, 1.0f / (float)n_norm);
+    if (n_norm != n) {
+        crossentropy_backward(a->dlogits, a->logits, a->sel_labels, n, V, a->pad_id, 1.0f / (float)n_norm);
+        bf16_point(a, a->dlogits, (size_t)n * V);
+    }
     linear_backward(a->dln, g->gen_w, g->gen_b, a->dlogits, a->lnf, p->gen_w, n, C, V);
+    bf16_point(a, a->dln, (size_t)n * C);
     head_transform_backward(m, a->sel_dx, a->sel_x, n);
     memset(a->dres, 0, (size_t)N * C * sizeof(float));
     for (int i = 0; i < n; i++)
@@ -319,26 +376,37 @@ static const float *labml_encoder_forward(CpuModel *m, const int *inputs, int B,
     const ParamTensors *p = &m->p;
 
     embedding_forward(a->encoded, inputs, p->tok_emb, a->pe, B, T, C, V);
+    bf16_point(a, a->encoded, BT * C);
     const float *x = a->encoded;  // [B, T, C] residual stream entering the layer
     for (int l = 0; l < L; l++) {
         size_t lc = (size_t)l * C;
         LayerActs y = layer_acts(m, l);
         // x = x + Drop(OutProj(MHA(LN1(x))))
         layernorm_forward(y.ln1, y.ln1_mean, y.ln1_rstd, x, p->ln1_w + lc, p->ln1_b + lc, N, C, c->ln_eps);
+        bf16_point(a, y.ln1, BT * C);
         linear_forward(y.qkv, y.ln1, p->qkv_w + (size_t)l * 3 * C * C, p->qkv_b + 3 * lc, N, C, 3 * C);
+        bf16_point(a, y.qkv, BT * 3 * C);
         uint8_t *keep = site_mask(a, drop, y.keep_att, l, DROP_ATTN_PROBS, BT * H * T);
         attention_forward(y.atty, y.att, y.qkv, keep, ds, B, T, C, H, NULL);
+        bf16_point(a, y.atty, BT * C);
         linear_forward(a->proj, y.atty, p->out_w + (size_t)l * C * C, p->out_b + lc, N, C, C);
+        bf16_point(a, a->proj, BT * C);
         keep = site_mask(a, drop, y.keep_res1, l, DROP_ATTN_RESID, BT * C);
         residual_dropout_forward(y.res1, x, a->proj, keep, ds, BT * C);
+        bf16_point(a, y.res1, BT * C);
         // x = x + Drop(Linear2(Drop(ReLU(Linear1(LN2(x))))))
         layernorm_forward(y.ln2, y.ln2_mean, y.ln2_rstd, y.res1, p->ln2_w + lc, p->ln2_b + lc, N, C, c->ln_eps);
+        bf16_point(a, y.ln2, BT * C);
         linear_forward(y.fch, y.ln2, p->ff1_w + (size_t)l * F * C, p->ff1_b + (size_t)l * F, N, C, F);
+        bf16_point(a, y.fch, BT * F);
         keep = site_mask(a, drop, a->keep_hidden, l, DROP_FFN_HIDDEN, BT * F);
         relu_dropout_forward(y.fch, keep, ds, BT * F);
+        bf16_point(a, y.fch, BT * F);
         linear_forward(a->proj, y.fch, p->ff2_w + (size_t)l * C * F, p->ff2_b + lc, N, F, C);
+        bf16_point(a, a->proj, BT * C);
         keep = site_mask(a, drop, y.keep_res2, l, DROP_FFN_RESID, BT * C);
         residual_dropout_forward(y.res2, y.res1, a->proj, keep, ds, BT * C);
+        bf16_point(a, y.res2, BT * C);
         x = y.res2;
     }
     return x;
@@ -358,28 +426,37 @@ static const float *bert_encoder_forward(CpuModel *m, const int *inputs, int B, 
     // transformers' attention_mask = (input_ids != pad): [PAD] keys are masked out wherever a batch has them.
     for (size_t i = 0; i < BT; i++) a->key_valid[i] = inputs[i] != a->pad_id;
     bert_embedding_forward(a->emb_sum, inputs, p->tok_emb, p->pos_emb, p->type_emb, B, T, C, V);
+    bf16_point(a, a->emb_sum, BT * C);
     layernorm_forward(a->encoded, a->emb_mean, a->emb_rstd, a->emb_sum, p->emb_ln_w, p->emb_ln_b, N, C, c->ln_eps);
+    bf16_point(a, a->encoded, BT * C);
     uint8_t *keep = site_mask(a, drop, a->keep_emb, 0, DROP_EMBED, BT * C);
     if (keep) residual_dropout_backward(a->encoded, a->encoded, keep, ds, BT * C);  // y = x * keep * scale: dropout
+    if (keep) bf16_point(a, a->encoded, BT * C);
     const float *x = a->encoded;  // [B, T, C] hidden state entering the layer
     for (int l = 0; l < L; l++) {
         size_t lc = (size_t)l * C;
         LayerActs y = layer_acts(m, l);
         // h = LN1(x + Drop(OutProj(MHA(x)))), attention dropout on the probabilities.
         linear_forward(y.qkv, x, p->qkv_w + (size_t)l * 3 * C * C, p->qkv_b + 3 * lc, N, C, 3 * C);
+        bf16_point(a, y.qkv, BT * 3 * C);
         keep = site_mask(a, drop, y.keep_att, l, DROP_ATTN_PROBS, BT * H * T);
         attention_forward(y.atty, y.att, y.qkv, keep, ds, B, T, C, H, a->key_valid);
+        bf16_point(a, y.atty, BT * C);
         linear_forward(a->proj, y.atty, p->out_w + (size_t)l * C * C, p->out_b + lc, N, C, C);
+        bf16_point(a, a->proj, BT * C);
         keep = site_mask(a, drop, y.keep_res1, l, DROP_ATTN_RESID, BT * C);
-        residual_layernorm_forward(y.res1, y.ln1, y.ln1_mean, y.ln1_rstd, x, a->proj, keep, ds, p->ln1_w + lc,
-                                   p->ln1_b + lc, N, C, c->ln_eps);
+        residual_ln_forward(a, y.res1, y.ln1, y.ln1_mean, y.ln1_rstd, x, a->proj, keep, ds, p->ln1_w + lc,
+                            p->ln1_b + lc, N, C, c->ln_eps);
         // x = LN2(h + Drop(Dense2(GELU(Dense1(h))))), no dropout inside the feed-forward block.
         linear_forward(y.fc_pre, y.ln1, p->ff1_w + (size_t)l * F * C, p->ff1_b + (size_t)l * F, N, C, F);
+        bf16_point(a, y.fc_pre, BT * F);
         gelu_forward(y.fch, y.fc_pre, BT * F);
+        bf16_point(a, y.fch, BT * F);
         linear_forward(a->proj, y.fch, p->ff2_w + (size_t)l * C * F, p->ff2_b + lc, N, F, C);
+        bf16_point(a, a->proj, BT * C);
         keep = site_mask(a, drop, y.keep_res2, l, DROP_FFN_RESID, BT * C);
-        residual_layernorm_forward(y.res2, y.ln2, y.ln2_mean, y.ln2_rstd, y.ln1, a->proj, keep, ds, p->ln2_w + lc,
-                                   p->ln2_b + lc, N, C, c->ln_eps);
+        residual_ln_forward(a, y.res2, y.ln2, y.ln2_mean, y.ln2_rstd, y.ln1, a->proj, keep, ds, p->ln2_w + lc,
+                            p->ln2_b + lc, N, C, c->ln_eps);
         x = y.ln2;
     }
     return x;
@@ -416,6 +493,7 @@ float cpu_model_forward(CpuModel *m, const int *inputs, const int *labels, int B
     if (a->sparse_last) return sparse_head_forward(m, x, labels, N, pad_id, correct);
     head_transform_forward(m, x, N);
     linear_forward(a->logits, a->lnf, p->gen_w, p->gen_b, N, C, V);
+    bf16_point(a, a->logits, (size_t)N * V);
     if (labels == NULL) return 0.0f;
     return crossentropy_forward(a->losses, a->logits, labels, N, V, pad_id, &m->n_targets, correct);
 }
@@ -437,23 +515,33 @@ static void labml_encoder_backward(CpuModel *m) {
 
         // FFN block: dres is d(res2); the skip path passes it on unchanged to d(res1).
         residual_dropout_backward(a->dproj, a->dres, y.keep_res2, ds, BT * C);
+        bf16_point(a, a->dproj, BT * C);
         linear_backward(a->dfch, g->ff2_w + (size_t)l * C * F, g->ff2_b + lc, a->dproj, y.fch,
                         p->ff2_w + (size_t)l * C * F, N, F, C);
+        bf16_point(a, a->dfch, BT * F);
         relu_dropout_backward(a->dfch, y.fch, ds, BT * F);
+        bf16_point(a, a->dfch, BT * F);
         linear_backward(a->dln, g->ff1_w + (size_t)l * F * C, g->ff1_b + (size_t)l * F, a->dfch, y.ln2,
                         p->ff1_w + (size_t)l * F * C, N, C, F);
+        bf16_point(a, a->dln, BT * C);
         layernorm_backward(a->dres, g->ln2_w + lc, g->ln2_b + lc, a->dln, y.res1, p->ln2_w + lc, y.ln2_mean, y.ln2_rstd,
                            N, C);
+        bf16_point(a, a->dres, BT * C);
 
         // Attention block: dres is now d(res1); the skip path passes it on to d(x).
         residual_dropout_backward(a->dproj, a->dres, y.keep_res1, ds, BT * C);
+        bf16_point(a, a->dproj, BT * C);
         linear_backward(a->datty, g->out_w + (size_t)l * C * C, g->out_b + lc, a->dproj, y.atty,
                         p->out_w + (size_t)l * C * C, N, C, C);
+        bf16_point(a, a->datty, BT * C);
         attention_backward(a->dqkv, a->datty, y.qkv, y.att, y.keep_att, ds, B, T, C, H);
+        bf16_point(a, a->dqkv, BT * 3 * C);
         linear_backward(a->dln, g->qkv_w + (size_t)l * 3 * C * C, g->qkv_b + 3 * lc, a->dqkv, y.ln1,
                         p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
+        bf16_point(a, a->dln, BT * C);
         layernorm_backward(a->dres, g->ln1_w + lc, g->ln1_b + lc, a->dln, x, p->ln1_w + lc, y.ln1_mean, y.ln1_rstd, N,
                            C);
+        bf16_point(a, a->dres, BT * C);
     }
     embedding_backward(g->tok_emb, a->dres, m->last_inputs, B, T, C);
 }
@@ -478,31 +566,43 @@ static void bert_encoder_backward(CpuModel *m) {
         memset(a->dres2, 0, BT * C * sizeof(float));
         layernorm_backward(a->dres2, g->ln2_w + lc, g->ln2_b + lc, a->dres, y.res2, p->ln2_w + lc, y.ln2_mean,
                            y.ln2_rstd, N, C);
+        bf16_point(a, a->dres2, BT * C);
         residual_dropout_backward(a->dproj, a->dres2, y.keep_res2, ds, BT * C);
+        bf16_point(a, a->dproj, BT * C);
         linear_backward(a->dfch, g->ff2_w + (size_t)l * C * F, g->ff2_b + lc, a->dproj, y.fch,
                         p->ff2_w + (size_t)l * C * F, N, F, C);
+        bf16_point(a, a->dfch, BT * F);
         gelu_backward(a->dfch, a->dfch, y.fc_pre, BT * F);
+        bf16_point(a, a->dfch, BT * F);
         linear_backward(a->dln, g->ff1_w + (size_t)l * F * C, g->ff1_b + (size_t)l * F, a->dfch, y.ln1,
                         p->ff1_w + (size_t)l * F * C, N, C, F);
-        add_inplace(a->dres2, a->dln, BT * C);  // d h
+        add_inplace(a->dres2, a->dln, BT * C);  // d h (the CUDA backend adds the product in one rounding: beta 1)
+        bf16_point(a, a->dres2, BT * C);
 
         // Attention block: dres = d(res1) = d(x) through the skip, plus the attention's input gradient.
         memset(a->dres, 0, BT * C * sizeof(float));
         layernorm_backward(a->dres, g->ln1_w + lc, g->ln1_b + lc, a->dres2, y.res1, p->ln1_w + lc, y.ln1_mean,
                            y.ln1_rstd, N, C);
+        bf16_point(a, a->dres, BT * C);
         residual_dropout_backward(a->dproj, a->dres, y.keep_res1, ds, BT * C);
+        bf16_point(a, a->dproj, BT * C);
         linear_backward(a->datty, g->out_w + (size_t)l * C * C, g->out_b + lc, a->dproj, y.atty,
                         p->out_w + (size_t)l * C * C, N, C, C);
+        bf16_point(a, a->datty, BT * C);
         attention_backward(a->dqkv, a->datty, y.qkv, y.att, y.keep_att, ds, B, T, C, H);
+        bf16_point(a, a->dqkv, BT * 3 * C);
         linear_backward(a->dln, g->qkv_w + (size_t)l * 3 * C * C, g->qkv_b + 3 * lc, a->dqkv, x,
                         p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
-        add_inplace(a->dres, a->dln, BT * C);  // d x
+        add_inplace(a->dres, a->dln, BT * C);  // d x (one rounding, as above)
+        bf16_point(a, a->dres, BT * C);
     }
     // Embeddings: undo their dropout, then their LayerNorm, then the three lookups.
     residual_dropout_backward(a->dres, a->dres, a->dropout_on ? a->keep_emb : NULL, ds, BT * C);
+    bf16_point(a, a->dres, BT * C);
     memset(a->dres2, 0, BT * C * sizeof(float));
     layernorm_backward(a->dres2, g->emb_ln_w, g->emb_ln_b, a->dres, a->emb_sum, p->emb_ln_w, a->emb_mean, a->emb_rstd,
                        N, C);
+    bf16_point(a, a->dres2, BT * C);
     bert_embedding_backward(g->tok_emb, g->pos_emb, g->type_emb, a->dres2, m->last_inputs, B, T, C);
     // The [PAD] row is frozen (model.h): neither its lookups nor the tied decoder move it.
     memset(g->tok_emb + (size_t)c->pad_id * C, 0, (size_t)C * sizeof(float));
@@ -526,7 +626,9 @@ void cpu_model_backward(CpuModel *m) {
         sparse_head_backward(m, N, n_norm);
     } else {
         crossentropy_backward(a->dlogits, a->logits, m->last_labels, N, V, a->pad_id, 1.0f / (float)n_norm);
+        bf16_point(a, a->dlogits, (size_t)N * V);
         linear_backward(a->dln, g->gen_w, g->gen_b, a->dlogits, a->lnf, p->gen_w, N, C, V);
+        bf16_point(a, a->dln, (size_t)N * C);
         head_transform_backward(m, a->dres, last_hidden(m), N);
     }
     if (c->arch == MODEL_ARCH_BERT) bert_encoder_backward(m);

@@ -579,6 +579,7 @@ static float apply_summed_grads(Run *r, double lr, double *stats, int n_stats) {
         dist_bcast_last(&r->dist, stats, (size_t)n_stats * sizeof(double));
         norm = clip > 0 ? cpu_clip_grads(r->grad_acc, P, clip) : cpu_grad_norm(r->grad_acc, P);
         cpu_adam_update(&r->oc, r->params, r->grad_acc, r->adam_m, r->adam_v, r->decay_mask, P, r->step + 1, lr);
+        cpu_model_round_params(r->model, (uint64_t)r->step + 1);
         return (float)norm;
     }
     const Dist *d = &r->dist;
@@ -590,6 +591,7 @@ static float apply_summed_grads(Run *r, double lr, double *stats, int n_stats) {
     cpu_adam_update(&r->oc, r->params + a, r->grad_shard, r->zero_m, r->zero_v, r->decay_mask + a, len, r->step + 1,
                     lr);
     dist_allgather_items(d, r->params, P, sizeof(float));
+    cpu_model_round_params(r->model, (uint64_t)r->step + 1);  // every rank from the gathered masters: the same bits
     return (float)stats[n_stats];
 }
 
@@ -765,6 +767,7 @@ static BatchStats train_step(Run *r, int b, double lr) {
                                        : cpu_grad_norm(r->model->grads, r->model->n_params);
     cpu_adam_update(&r->oc, r->model->params, r->model->grads, r->adam_m, r->adam_v, r->decay_mask,
                     r->model->n_params, r->step + 1, lr);
+    cpu_model_round_params(r->model, (uint64_t)r->step + 1);  // train.precision = bf16: the copy the next step reads
     s.n_targets = r->model->n_targets;
     return s;
 }
@@ -789,6 +792,7 @@ static BatchStats eval_batch(Run *r, Rng *rng, uint64_t index, int b, int dropou
 // The GPU's parameters and Adam moments to and from the host copies (checkpoints, --init, --resume); the CPU
 // backend works on the host arrays directly.
 static void upload_state(Run *r) {
+    if (r->model) cpu_model_round_params(r->model, (uint64_t)r->step);  // bf16: the copy of the loaded masters
     if (!r->gpu) return;
     cuda_model_set_params(r->gpu, r->params);
     cuda_model_set_adam(r->gpu, r->adam_m, r->adam_v);
@@ -1095,6 +1099,9 @@ static int gpu_max_batch(const Config *cfg) { return MLM_MAX(cfg->batch_size, N_
 static void setup_model(Run *r, int gpu) {
     int max_b = gpu_max_batch(&r->cfg);
     if (gpu) {
+        if (r->cfg.precision == PRECISION_BF16)
+            mlm_fatal(MLM_EXIT_USAGE, "train.precision = bf16 is not on the CUDA backend yet; train it with --device cpu "
+                      "(the CPU reference of the BF16 step) or set train.precision = tf32");
         r->gpu = cuda_model_create(&r->mc, max_b, r->cfg.precision == PRECISION_TF32);
         cuda_model_set_graphs(r->gpu, r->cfg.cuda_graph);
         if (r->mask.whole_word && r->mask.continuation) cuda_model_set_continuation(r->gpu, r->mask.continuation);
@@ -1107,6 +1114,8 @@ static void setup_model(Run *r, int gpu) {
         r->n_params = r->model->n_params;
         r->params = r->model->params;
         cpu_model_set_sparse_prediction(r->model, r->cfg.sparse_prediction);
+        if (r->cfg.precision == PRECISION_BF16)
+            cpu_model_set_bf16(r->model, rng_domain_seed(r->cfg.seed, RNG_DOMAIN_ROUND));
     }
     model_init_params(&r->mc, r->params, r->cfg.seed, r->cfg.init_copy_layers);
     size_t P = r->n_params;
@@ -1300,8 +1309,8 @@ int train_run(const Config *cfg, const TrainOptions *opt) {
     } else {
         char matmuls[768];
         cpu_matmul_describe(matmuls, sizeof(matmuls));
-        printf("# device: CPU (%d OpenMP threads, matmuls: %s); run directory %s\n", omp_get_max_threads(), matmuls,
-               r.run_dir);
+        printf("# device: CPU (%d OpenMP threads, matmuls: %s%s); run directory %s\n", omp_get_max_threads(), matmuls,
+               cfg->precision == PRECISION_BF16 ? "; BF16 roundings of the CUDA backend's BF16 step" : "", r.run_dir);
     }
     if (accumulating(&r) && r.dist.rank == 0)
         printf("# %d micro-batches of %d sequences per step (train.accum_steps), %d per rank on %d rank(s)%s\n",
