@@ -1,25 +1,32 @@
 // bench_emu_step.c: the CPU-side measure of one CUDA training step of the reference configuration (or --set
-// overrides), run through the CPU execution layer (tests/emu) in counting mode: kernel launches, cuBLAS calls,
-// cuRAND calls, host<->device copies, host synchronisations, and the bytes the kernels' loads and stores touch
-// in device memory. Built only against the layer (target bench_emu_step, tests/emu/CMakeLists.txt).
+// overrides) as the trainer runs it (step.h over the CUDA backend, one process), run through the CPU execution layer
+// (tests/emu) in counting mode: kernel launches, cuBLAS calls, cuRAND calls, host<->device copies, host
+// synchronisations, the bytes the kernels' loads and stores touch in device memory, and the device memory the
+// model takes (peak of the layer's cudaMalloc'd bytes). Built only against the layer (target bench_emu_step,
+// tests/emu/CMakeLists.txt).
+// --memory-only: create the backend and print its device memory, without running a step (seconds, where a step of
+// a large shape takes many minutes on the layer).
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "emu_api.h"
+#include "mlm/backend.h"
 #include "mlm/common.h"
 #include "mlm/config.h"
-#include "mlm/cuda_model.h"
+#include "mlm/dist.h"
 #include "mlm/mask.h"
 #include "mlm/model.h"
 #include "mlm/optim.h"
+#include "mlm/reducer.h"
 #include "mlm/rng.h"
+#include "mlm/step.h"
 
 // The counters as JSON (emu_counters_json) inside an object that also names the configuration counted, written
 // to a temporary name and renamed (the model is created with TF32 on, as below) so that a reader never sees half a file.
 static void write_counts_json(const char *path, const Config *cfg, const ModelConfig *mc, size_t P,
-                              const CudaStepStats *st) {
+                              const BatchStats *st) {
     char tmp[4096];
     snprintf(tmp, sizeof(tmp), "%s.tmp", path);
     FILE *f = fopen(tmp, "w");
@@ -42,41 +49,60 @@ int main(int argc, char **argv) {
     // capture, issue 21 item 5), its second is captured: the counted step after two is a steady-state replay.
     int warmup = 2;
     const char *json_path = NULL;  // --json FILE: the counters and the per-family breakdown for bench/suite.py
+    int memory_only = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--set") && i + 1 < argc) config_set(&cfg, argv[++i]);
         else if (!strcmp(argv[i], "--warmup") && i + 1 < argc) warmup = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--json") && i + 1 < argc) json_path = argv[++i];
-        else mlm_fatal(MLM_EXIT_USAGE, "usage: bench_emu_step [--set KEY=VALUE]... [--warmup N] [--json FILE]");
+        else if (!strcmp(argv[i], "--memory-only")) memory_only = 1;
+        else
+            mlm_fatal(MLM_EXIT_USAGE,
+                      "usage: bench_emu_step [--set KEY=VALUE]... [--warmup N] [--json FILE] [--memory-only]");
     }
     config_validate(&cfg, "bench_emu_step");
     const int V = 67, B = cfg.batch_size, T = cfg.seq_len;
-    ModelConfig mc = {.vocab = V, .d_model = cfg.d_model, .n_heads = cfg.n_heads, .n_layers = cfg.n_layers,
-                      .d_ff = cfg.d_ff, .max_seq = T, .dropout = (float)cfg.dropout, .ln_eps = (float)cfg.ln_eps};
+    ModelConfig mc = model_config_from(&cfg, V, V - 2);  // [PAD] = V - 2, as in mk below
     size_t P = model_num_params(&mc), N = (size_t)B * T;
     float *params = mlm_malloc(P * sizeof(float), "params");
     model_init_params(&mc, params, cfg.seed, cfg.init_copy_layers);
-    CudaModel *m = cuda_model_create(&mc, B, 1);
-    cuda_model_set_graphs(m, cfg.cuda_graph);  // --set train.cuda_graph=false: the plain launches
-    cuda_model_set_params(m, params);
-    OptimConfig oc = config_optim(&cfg, warmup + 1);
     MaskConfig mk = {.scheme = MASK_SCHEME_REFERENCE, .prob = 0.15f, .unchanged_prob = 0.1f, .random_prob = 0.1f,
                      .n_tokens = V, .n_chars = V - 2, .pad_id = V - 2, .mask_id = V - 1};
+    RngLayout layout = model_rng_layout(&mc, B);
+    // The trainer's CUDA backend (TF32 on) and step over one process's reducer.
+    BackendConfig bc = {.mc = mc, .max_rows = B, .mask = mk, .layout = layout, .oc = optim_config_from(&cfg, warmup + 1),
+                        .max_norm = (float)cfg.grad_clip, .sparse_prediction = cfg.sparse_prediction,
+                        .moments_lo = 0, .moments_len = P, .precision = PRECISION_TF32, .cuda_graph = cfg.cuda_graph};
+    Backend *be = backend_cuda(&bc);
+    be->load(be, params, NULL, NULL, 0);
+    if (memory_only) {
+        EmuCounters c;
+        emu_counters_get(&c);
+        printf("model B %d x T %d, d_model %d, heads %d, layers %d, d_ff %d, vocab %d (%zu params): device memory "
+               "%llu bytes (%.2f MiB) after the backend's creation, peak %llu bytes\n", B, T, mc.d_model, mc.n_heads,
+               mc.n_layers, mc.d_ff, V, P, (unsigned long long)c.device_bytes_live, c.device_bytes_live / 1048576.0,
+               (unsigned long long)c.device_bytes_peak);
+        be->free(be);
+        free(params);
+        return 0;
+    }
+    Dist one = {.rank = 0, .world = 1, .local_rank = 0, .mpi = 0, .timeout_s = cfg.dist_timeout};
+    Reducer *rd = reducer_none(&one);
     Rng rng, data;
     rng_init(&rng, cfg.seed, RNG_DOMAIN_TRAIN);
     rng_init(&data, cfg.seed, RNG_DOMAIN_DATA);
-    CudaRandom rnd = {.philox_seed = rng.seed, .layout = rng_layout(B, T, mc.d_model, mc.n_heads, mc.d_ff, mc.n_layers),
-                      .step = 0, .dropout_p = mc.dropout};
+    Step step;
+    step_init(&step, &mk, layout, T, B);
+    step_plan(&step, be, rd, &rng, mc.dropout, B, cfg.accum_steps, 0);
     int *tok = mlm_malloc(N * sizeof(int), "tokens");
     uint32_t *raw = mlm_malloc(N * sizeof(uint32_t), "raw");
-    CudaStepStats st = {0};
+    BatchStats st = {0};
     EmuCounters first = {0};  // the first step alone: the warm-up's cost, shown apart from the steady state
     for (int s = 0; s <= warmup; s++) {
         if (s == 0 || s == warmup) emu_counters_reset();  // count the last step only (creation and warm-up excluded)
         rng_u32(&data, (uint64_t)s * N, raw, N);
         for (size_t i = 0; i < N; i++) tok[i] = (int)(((uint64_t)raw[i] * (V - 2)) >> 32);
-        rnd.step = (uint64_t)s;
         double t0 = mlm_now();
-        cuda_model_train_step(m, tok, B, &mk, &rnd, (float)cfg.grad_clip, &oc, s + 1, optim_lr(&oc, s + 1), &st);
+        st = step_run(&step, tok, B, (uint64_t)s, s + 1, optim_lr(&bc.oc, s + 1));
         if (s == 0 && warmup > 0) emu_counters_get(&first);
         if (s == 0 && warmup > 0)
             printf("first step (the warm-up: plain launches, once per batch shape, before any capture): %llu kernel "
@@ -91,7 +117,9 @@ int main(int argc, char **argv) {
     if (!isfinite(st.loss)) mlm_fatal(MLM_EXIT_FAILURE, "the step's loss is not finite");
     emu_counters_print(stdout);
     if (json_path) write_counts_json(json_path, &cfg, &mc, P, &st);
-    cuda_model_free(m);
+    step_free(&step);
+    rd->free(rd);
+    be->free(be);
     rng_free(&rng);
     rng_free(&data);
     free(params), free(tok), free(raw);

@@ -53,7 +53,7 @@ B, T, C, F, L, V = 64, 32, 128, 256, 6, 67  # reference configuration; V: 65 cha
 
 
 def train_flops_per_step() -> float:
-    # As model_train_flops (src/host/training/model.c): matmuls and attention, forward + 2x for backward.
+    # As model_train_flops (src/host/model/model.c): matmuls and attention, forward + 2x for backward.
     fwd = 2.0 * B * T * (L * (4.0 * C * C + 2.0 * C * F + 2.0 * T * C) + C * V)
     return 3.0 * fwd
 

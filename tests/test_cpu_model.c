@@ -1,7 +1,7 @@
 // test_cpu_model.c: the whole CPU model, both architectures (labml, bert): parameter count, finite-difference
 // gradients of every parameter tensor (dropout off and on), bit-identical results for 1 and 2 threads,
-// batch-prefix independence, clipping, an all-ignored batch, and a short overfitting run; for bert also the
-// frozen [PAD] row and [PAD] keys masked out of attention.
+// batch-prefix independence, clipping, an all-ignored batch, a short overfitting run, and activations linear in T;
+// for bert also the frozen [PAD] row and [PAD] keys masked out of attention.
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -331,6 +331,24 @@ static void test_batch_prefix_and_edge_cases(void) {
     cpu_model_free(b);
 }
 
+// The attention stores nothing of size T x T (tiled; attention.c): the activation allocation is linear in T. Its
+// growth from T to 2T is compared with the growth from T/2 to T: 2 for a linear size, 4 if a [B, H, T, T] tensor
+// were back (at this shape it would be most of the allocation: H T = 4096 floats per row against ~20 C + F = 720).
+static void test_activations_linear_in_T(int arch) {
+    printf("%s: activation memory linear in T (no T x T storage)\n", arch == MODEL_ARCH_BERT ? "bert" : "labml");
+    size_t n[3];
+    for (int k = 0; k < 3; k++) {
+        ModelConfig cfg = arch == MODEL_ARCH_BERT ? bert_cfg(11, 32, 16, 2, 64, 128 << k, 0.1f, 9)
+                                                  : labml_cfg(11, 32, 16, 2, 64, 128 << k, 0.1f);
+        CpuModel *m = cpu_model_create(&cfg, 2);
+        n[k] = m->n_acts;
+        cpu_model_free(m);
+    }
+    double ratio = (double)(n[2] - n[1]) / (double)(n[1] - n[0]);
+    printf("  activation floats at T 128, 256, 512: %zu, %zu, %zu (growth ratio %.3f)\n", n[0], n[1], n[2], ratio);
+    CHECK(ratio < 2.1, "activations grow %.3f x from T 256 to 512 against 128 to 256: a T x T term", ratio);
+}
+
 static void test_overfit(int arch) {
     ModelConfig cfg = arch == MODEL_ARCH_BERT ? bert_cfg(11, 16, 2, 2, 32, 8, 0.0f, 9) : labml_cfg(11, 16, 2, 2, 32, 8, 0.0f);
     int B = 4, pad = 9, N = B * cfg.max_seq;
@@ -375,6 +393,7 @@ int main(void) {
         test_gradients(arch, 1);
         test_thread_determinism(arch);
         test_overfit(arch);
+        test_activations_linear_in_T(arch);
     }
     test_batch_prefix_and_edge_cases();
     return test_finish("test_cpu_model");

@@ -28,6 +28,7 @@
 #include "mlm/model.h"
 #include "mlm/optim.h"
 #include "mlm/rng.h"
+#include "attention_ref.h"
 #include "test_util.h"
 
 // ---- Small deterministic helpers --------------------------------------------------------------------
@@ -77,6 +78,7 @@ static double fd_check(const char *what, LossFn f, void *ctx, float *x, const fl
         double fd = (lp - lm) / ((double)xp - (double)xm);
         double err = fabs((double)analytic[i] - fd);
         double ratio = err / (atol + rtol * fabs(fd));
+        if (isnan(ratio)) ratio = INFINITY;  // a NaN gradient or loss fails (the comparisons below would skip it)
         double rel = err / fmax(fabs(fd), 1e-3);
         if (ratio > worst_ratio) { worst_ratio = ratio; at = i; }
         if (err > worst_abs) worst_abs = err;
@@ -431,97 +433,133 @@ static void test_bert_embedding(void) {
     free(c.word); free(c.pos); free(c.type); free(c.y); free(c.r); free(dw); free(dp); free(dt);
 }
 
-// ---- Attention core ---------------------------------------------------------------------------------------
+// ---- Attention core (tiled) --------------------------------------------------------------------------------
+// attention_forward / attention_backward tile the queries and keys (ATTN_TILE = 64) and never store T x T. Two
+// independent references: central finite differences of the forward (small shape, every element of dqkv), and the
+// materialised attention in double precision (tests/attention_ref.c) at T in {8, 33, 64, 65, 128, 512} (one tile,
+// one tile exactly, one past it, two, eight), with and without dropout and [PAD] keys.
 
 typedef struct {
     int B, T, C, H;
-    float *qkv, *att, *y, *r;
-    const uint8_t *keep;
-    float scale;
-    const uint8_t *key_valid;  // [B, T] key-padding mask (NULL: none)
+    float *qkv, *y, *lse, *r;
+    const uint8_t *key_valid;
+    const AttnDropout *drop;
 } AttCtx;
 
 static double att_loss(void *p) {
     AttCtx *c = p;
-    attention_forward(c->y, c->att, c->qkv, c->keep, c->scale, c->B, c->T, c->C, c->H, c->key_valid);
+    attention_forward(c->y, c->lse, c->qkv, c->key_valid, c->drop, c->B, c->T, c->C, c->H);
     return dot_double(c->y, c->r, (size_t)c->B * c->T * c->C);
 }
 
-// out = dropout(softmax(Q K^T / sqrt(hs))) V per (b, h), in double, from the same keep mask.
-static double attention_reference_error(const AttCtx *c) {
-    int hs = c->C / c->H, C3 = 3 * c->C;
-    double e = 0.0;
-    for (int b = 0; b < c->B; b++)
-        for (int h = 0; h < c->H; h++)
-            for (int i = 0; i < c->T; i++) {
-                double s[64], mx = -1e300, sum = 0.0;
-                // transformers' additive mask: a key with valid 0 gets -inf (a sequence with no valid key: none).
-                int any_valid = 0;
-                for (int j = 0; j < c->T; j++) any_valid |= !c->key_valid || c->key_valid[b * c->T + j];
-                for (int j = 0; j < c->T; j++) {
-                    double d = 0.0;
-                    for (int k = 0; k < hs; k++)
-                        d += (double)c->qkv[(b * c->T + i) * C3 + h * hs + k] * c->qkv[(b * c->T + j) * C3 + c->C + h * hs + k];
-                    s[j] = d / sqrt((double)hs);
-                    if (any_valid && c->key_valid && !c->key_valid[b * c->T + j]) s[j] = -INFINITY;
-                    mx = fmax(mx, s[j]);
-                }
-                for (int j = 0; j < c->T; j++) sum += (s[j] = exp(s[j] - mx));
-                for (int j = 0; j < c->T; j++) {
-                    s[j] /= sum;
-                    size_t a = (((size_t)b * c->H + h) * c->T + i) * c->T + j;
-                    e = fmax(e, fabs(s[j] - c->att[a]));
-                    if (c->keep) s[j] = c->keep[a] ? s[j] * c->scale : 0.0;
-                }
-                for (int k = 0; k < hs; k++) {
-                    double o = 0.0;
-                    for (int j = 0; j < c->T; j++) o += s[j] * c->qkv[(b * c->T + j) * C3 + 2 * c->C + h * hs + k];
-                    e = fmax(e, fabs(o - c->y[(b * c->T + i) * c->C + h * hs + k]));
-                }
-            }
-    return e;
+// THE DROPOUT RULE of the attention site, as its definition states it: keep[n] = !(u < p) for the uniforms
+// rng_uniform gives at the site's offset (the layout the trainer uses; layer `layer` of step `step`), and the
+// tiled op's view of the same site (attention_dropout). n = B*H*T*T.
+typedef struct {
+    Rng rng;
+    DropoutCtx ctx;
+    AttnDropout ad;
+    uint8_t *keep;
+} AttDrop;
+
+static void att_drop_init(AttDrop *d, float p, int B, int T, int C, int H, size_t n) {
+    rng_init(&d->rng, 7, RNG_DOMAIN_TRAIN);
+    d->ctx = (DropoutCtx){&d->rng, rng_layout(B + 1, T, C, H, 9, 3), 5, p, 0, 0};
+    const int layer = 2;
+    float *u = mlm_malloc(n * sizeof(float), "uniforms");
+    rng_uniform(&d->rng, rng_dropout_offset(&d->ctx.layout, d->ctx.step, layer, DROP_ATTN_PROBS), u, n);
+    d->keep = mlm_malloc(n, "keep");
+    for (size_t i = 0; i < n; i++) d->keep[i] = !(u[i] < p);
+    free(u);
+    CHECK(attention_dropout(&d->ad, &d->ctx, layer, n) == 1, "attention_dropout: dropout active");
 }
 
-static void test_attention(int with_dropout, int key_padding) {
-    printf("attention core (softmax(QK^T/sqrt(hs)) V, %s), B=3 T=5 C=6 H=2, dropout %s\n",
-           key_padding ? "[PAD] keys masked: row 0 none, row 1 two, row 2 all" : "no mask", with_dropout ? "p=0.3" : "off");
+static void att_drop_free(AttDrop *d) {
+    rng_free(&d->rng);
+    free(d->keep);
+}
+
+static void test_attention_fd(int with_dropout, int key_padding) {
+    printf("attention core vs finite differences, B=3 T=5 C=6 H=2, dropout %s, %s\n", with_dropout ? "p=0.3" : "off",
+           key_padding ? "[PAD] keys masked: row 0 none, row 1 two, row 2 all" : "no mask");
     // Row 2 has no valid key: it attends to every key (ops.h), as transformers' additive mask does in effect.
     static const uint8_t valid[15] = {1, 1, 1, 1, 1, 1, 0, 1, 1, 0, 0, 0, 0, 0, 0};
-    AttCtx c = {3, 5, 6, 2, NULL, NULL, NULL, NULL, NULL, 1.0f, key_padding ? valid : NULL};
+    AttCtx c = {3, 5, 6, 2, NULL, NULL, NULL, NULL, key_padding ? valid : NULL, NULL};
     size_t nqkv = (size_t)c.B * c.T * 3 * c.C, ny = (size_t)c.B * c.T * c.C, natt = (size_t)c.B * c.H * c.T * c.T;
-    c.qkv = alloc_rand(nqkv, 1.5f); c.att = alloc_zero(natt); c.y = alloc_zero(ny); c.r = alloc_rand(ny, 1.0f);
-    uint8_t *keep = NULL;
-    Rng rng = {0};
+    c.qkv = alloc_rand(nqkv, 1.5f); c.y = alloc_zero(ny); c.lse = alloc_zero((size_t)c.B * c.H * c.T);
+    c.r = alloc_rand(ny, 1.0f);
+    AttDrop d = {0};
     if (with_dropout) {
-        // The masks come from the real dropout rule; FD evaluations reuse them, as a fixed step would.
-        rng_init(&rng, 7, RNG_DOMAIN_TRAIN);
-        DropoutCtx d = {&rng, rng_layout(4, c.T, c.C, c.H, 9, 2), 3, 0.3f, 0, 0};
-        keep = mlm_malloc(natt, "keep");
-        dropout_keep_mask(keep, &d, 1, DROP_ATTN_PROBS, natt);
-        c.keep = keep;
-        c.scale = dropout_scale(0.3f);
+        // FD evaluations regenerate the same decisions, as a fixed step would.
+        att_drop_init(&d, 0.3f, c.B, c.T, c.C, c.H, natt);
+        c.drop = &d.ad;
     }
     att_loss(&c);
-    double e = attention_reference_error(&c);
-    printf("  forward vs double reference: max |err| %.2e\n", e);
-    CHECK(e < 1e-5, "attention forward error %.2e", e);
-    if (key_padding) {  // the masked keys' probabilities are exactly 0, so their values cannot leak in
-        int nonzero = 0;
-        for (int bh = 0; bh < c.B * c.H; bh++)
-            for (int i = 0; i < c.T; i++)
-                for (int j = 0; j < c.T; j++)
-                    nonzero += bh / c.H == 1 && !valid[c.T + j] && c.att[((size_t)bh * c.T + i) * c.T + j] != 0.0f;
-        CHECK(nonzero == 0, "%d probabilities of masked keys are not exactly 0", nonzero);
-    }
     float *dqkv = alloc_rand(nqkv, 1.0f);  // overwritten by the backward
-    attention_backward(dqkv, c.r, c.qkv, c.att, c.keep, c.scale, c.B, c.T, c.C, c.H);
-    fd_check(key_padding ? "attention d qkv (key padding)" : with_dropout ? "attention d qkv (dropout)" : "attention d qkv",
-             att_loss, &c, c.qkv, dqkv, nqkv, 1e-2f, FD_ATOL, FD_RTOL);
-    if (with_dropout) {
-        rng_free(&rng);
-        free(keep);
+    attention_backward(dqkv, c.r, c.qkv, c.y, c.lse, c.key_valid, c.drop, c.B, c.T, c.C, c.H);
+    const char *what = key_padding ? "attention d qkv (key padding)"
+                       : with_dropout ? "attention d qkv (dropout)" : "attention d qkv";
+    fd_check(what, att_loss, &c, c.qkv, dqkv, nqkv, 1e-2f, FD_ATOL, FD_RTOL);
+    if (key_padding) {  // masked keys' probabilities are exactly 0: their k and v get exactly no gradient
+        int nonzero = 0;
+        for (int j = 0; j < c.T; j++)
+            for (int k = c.C; k < 3 * c.C && !valid[c.T + j]; k++)  // sequence 1's masked keys: k and v columns
+                nonzero += dqkv[(size_t)(c.T + j) * 3 * c.C + k] != 0.0f;
+        CHECK(nonzero == 0, "%d gradients of masked keys and values are not exactly 0", nonzero);
     }
-    free(c.qkv); free(c.att); free(c.y); free(c.r); free(dqkv);
+    if (with_dropout) att_drop_free(&d);
+    free(c.qkv); free(c.y); free(c.lse); free(c.r); free(dqkv);
+}
+
+// Tolerance of the tiled FP32 attention against the double reference, relative to the tensor's largest magnitude
+// (out, and each of dq, dk, dv on its own; lse absolute): 1e-5. Every output is a sum of products in FP32 whose
+// longest chain of roundings is a score (hs <= 64 terms), a tile's sum (<= 64 terms, the matmul's) and the
+// accumulation over the T / 64 <= 8 key tiles (a rescale and an add each), plus a few roundings of exp, log and the
+// division: about 140 roundings. Rounding errors of random sign grow as sqrt(140) u = 7e-7 of the magnitudes
+// summed (measured: 1e-7 .. 1e-6); 1e-5 leaves that a margin of 14, while a wrong tile bound, a missing rescale
+// or a dropout counter off by one moves the results by 1e-3 or more.
+#define ATT_TILED_TOL 1e-5
+
+static void test_attention_tiled(void) {
+    printf("tiled attention vs the materialised attention in double (tests/attention_ref.c):\n");
+    const int shapes[][4] = {{3, 8, 32, 2}, {2, 33, 48, 2}, {2, 64, 128, 2}, {2, 65, 64, 4}, {2, 128, 32, 2},
+                             {1, 512, 32, 2}};
+    for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++)
+        for (int with_drop = 0; with_drop < 2; with_drop++)
+            for (int with_pad = 0; with_pad < 2; with_pad++) {
+                int B = shapes[si][0], T = shapes[si][1], C = shapes[si][2], H = shapes[si][3];
+                size_t N = (size_t)B * T, nqkv = N * 3 * C, ny = N * C, nl = N * H, natt = nl * T;
+                float *qkv = alloc_rand(nqkv, 1.5f), *dout = alloc_rand(ny, 1.0f);
+                float *y = alloc_zero(ny), *lse = alloc_zero(nl), *dqkv = alloc_rand(nqkv, 1.0f);
+                double *y_ref = mlm_malloc(ny * sizeof(double), "ref");
+                double *lse_ref = mlm_malloc(nl * sizeof(double), "ref");
+                double *dqkv_ref = mlm_malloc(nqkv * sizeof(double), "ref");
+                uint8_t *valid = with_pad ? attention_ref_key_valid(B, T) : NULL;
+                AttDrop d = {0};
+                if (with_drop) att_drop_init(&d, 0.2f, B, T, C, H, natt);
+                attention_forward(y, lse, qkv, valid, with_drop ? &d.ad : NULL, B, T, C, H);
+                attention_backward(dqkv, dout, qkv, y, lse, valid, with_drop ? &d.ad : NULL, B, T, C, H);
+                attention_ref_forward(y_ref, lse_ref, qkv, valid, d.keep, with_drop ? d.ad.scale : 1.0f, B, T, C, H);
+                attention_ref_backward(dqkv_ref, dout, qkv, valid, d.keep, with_drop ? d.ad.scale : 1.0f, B, T, C, H);
+                double e_lse = 0.0;
+                for (size_t i = 0; i < nl; i++)
+                    e_lse = fmax(e_lse, isnan(lse[i]) ? INFINITY : fabs(lse[i] - lse_ref[i]));
+                double e_out = attention_ref_error(y, y_ref, N, 0, C, C);
+                double e_dq = attention_ref_error(dqkv, dqkv_ref, N, 0, 3 * C, C);
+                double e_dk = attention_ref_error(dqkv, dqkv_ref, N, C, 3 * C, C);
+                double e_dv = attention_ref_error(dqkv, dqkv_ref, N, 2 * C, 3 * C, C);
+                printf("  B %d T %3d C %3d H %d drop %d pad %d: out %.1e lse %.1e dq %.1e dk %.1e dv %.1e\n", B, T, C,
+                       H, with_drop, with_pad, e_out, e_lse, e_dq, e_dk, e_dv);
+                CHECK(e_out <= ATT_TILED_TOL && e_lse <= ATT_TILED_TOL,
+                      "tiled attention forward T %d drop %d pad %d: out %.2e lse %.2e", T, with_drop, with_pad, e_out,
+                      e_lse);
+                CHECK(e_dq <= ATT_TILED_TOL && e_dk <= ATT_TILED_TOL && e_dv <= ATT_TILED_TOL,
+                      "tiled attention backward T %d drop %d pad %d: dq %.2e dk %.2e dv %.2e", T, with_drop, with_pad,
+                      e_dq, e_dk, e_dv);
+                if (with_drop) att_drop_free(&d);
+                free(qkv), free(dout), free(y), free(lse), free(dqkv), free(y_ref), free(lse_ref), free(dqkv_ref);
+                free(valid);
+            }
 }
 
 // ---- ReLU FFN with dropout, and the residual dropout ---------------------------------------------------
@@ -938,9 +976,10 @@ int main(void) {
     test_linear();
     test_embedding();
     test_layernorm();
-    test_attention(0, 0);
-    test_attention(1, 0);
-    test_attention(1, 1);
+    test_attention_fd(0, 0);
+    test_attention_fd(1, 0);
+    test_attention_fd(1, 1);
+    test_attention_tiled();
     test_gelu();
     test_bert_embedding();
     test_ffn(0);

@@ -119,7 +119,7 @@ int main(int argc, char **argv) {
     const Case cases[] = {
         {"reference shape (V 67, T 32, B 8)", 67, 128, 8, 6, 256, 32, 8, 1, 0, 0},
         {"accumulation 2, whole words", 101, 64, 4, 2, 96, 20, 6, 2, 1, 0},
-        {"T 80 (past the fused attention)", 53, 32, 2, 1, 64, 80, 3, 1, 0, 0},
+        {"T 80 (several attention tiles)", 53, 32, 2, 1, 64, 80, 3, 1, 0, 0},
         {"model.arch = bert, T 24", 90, 48, 4, 2, 80, 24, 4, 1, 0, 1},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) run_case(&cases[i]);

@@ -14,16 +14,12 @@
 //     1e-6 + 4e-7 sqrt(K). The CPU's serial sum carries a typical relative error of ~0.3 eps sqrt(K) (eps = 6e-8)
 //     and the GPU tree much less, so this is 10-20x the expected difference while a real bug (a missing term, a
 //     wrong index or scale) is >= 1/K relative (5e-4 at K = 2053) and usually O(1). Applied to: column sums and
-//     LayerNorm dw/db (K = N rows), LayerNorm mean, rstd and dinp (K = C), softmax forward and backward (K = T),
+//     LayerNorm dw/db (K = N rows), LayerNorm mean, rstd and dinp (K = C), the attention's bias partials (K = N),
 //     cross-entropy gradients (K = V).
 //   - LayerNorm output: 2 TOL_SUM(C). The inputs are centred at 2 with spread 1 (so that the centring matters),
 //     so a 1-ulp difference in the mean (2.4e-7 at 2) is magnified by |mean| / std ~ 3.5 in x - mean (measured
 //     in a CPU emulation of the kernels: 6e-7 at C = 8, 9.6e-7 at C = 130).
-//   - softmax against a double-precision softmax of the very scores the GPU got: 2e-6 (expf is within 2 ulp on the
-//     device, plus the roundings of 1/sum and the product: ~4 ulp ~ 5e-7 worst case).
-//   - attention against the CPU's attention_forward/backward (the CPU computes the scores with its own sgemm, the
-//     test computes the GPU path's matmuls in double): 2 TOL_SUM(T) for att and out, 4 TOL_SUM(T) for dq, dk, dv
-//     (two more sums of T terms; every one of dq, dk, dv compared on its own scale).
+//   - the tiled attention against the materialised attention in double: 1e-5 (argued at test_attention_tiled).
 //   - cross-entropy losses and the batch mean loss: 1e-6 (log-sum-exp in double on both sides, only the final
 //     float rounding differs); correct flags, counts and n_targets exact.
 //   - gradient norm: 1e-6 (double sums on both sides; equal up to the float rounding of the result).
@@ -45,6 +41,7 @@
 #include "mlm/curand_check.h"
 #include "mlm/optim.h"
 #include "mlm/rng.h"
+#include "attention_ref.h"
 #include "test_util.h"
 
 // --quick (the emu registration, tests/emu): the largest shapes shrink so that the CPU emulation stays fast;
@@ -790,285 +787,137 @@ static void test_layernorm_residual_backward(void) {
             }
 }
 
-// ---- Attention ------------------------------------------------------------------------------------------
-// The GPU path is split_heads -> (scores = Q K^T: cuBLAS in the model, double here) -> softmax_forward ->
-// (P V: double here) -> heads_to_rows, and backward rows_to_heads -> (dP = dY V^T) -> softmax_backward ->
-// (dQ = dS K, dK = dS^T Q, dV = P^T dY) -> merge_heads. The layout kernels are checked bit for bit against host
-// index arithmetic, the softmax kernels against double-precision formulas on the same inputs, and the whole
-// chain against the CPU's attention_forward / attention_backward.
+// ---- Tiled attention --------------------------------------------------------------------------------------
+// cuda_attention_forward / cuda_attention_backward (tiles of 32 queries and 32 keys, 16 at head size 128) against
+// the materialised attention in double (tests/attention_ref.c) at T in {8, 33, 64, 65, 128, 512}, with and without
+// dropout and [PAD] keys, head sizes 16, 24 (padded to 32), 64 and 128: out, lse, dq, dk, dv within ATT_TILED_TOL
+// = 1e-5 of each tensor's largest magnitude (lse absolute). The argument is test_cpu_ops.c's: about 140 roundings
+// on the longest chain (a score of hs <= 128 fused multiply-adds, a tile's 32 terms, the accumulation over T / 32
+// key tiles, exp, log, a division), so random-sign errors of ~sqrt(140) u = 7e-7 against a wrong tile bound, a
+// missing rescale or a dropout counter off by one at 1e-3 or more. The dropout decisions of the reference are THE
+// DROPOUT RULE as stated (rng_uniform at the site's offset, !(u < p)); the kernels draw them from the DeviceStep as
+// the model does. Also: the qkv bias added on load (the reference gets qkv + bias); the bias partials + finish
+// against double column sums of the kernel's own dqkv (TOL_SUM(N)); run-to-run bit identity; and a micro-batch (rows
+// 1.. of the whole batch, DeviceStep.rng_row0 = 1) equal to those rows of the whole batch's forward bit for bit.
+#define ATT_TILED_TOL 1e-5
 
-static size_t head_index(int b, int h, int t, int d, int H, int T, int hs) {
-    return (((size_t)b * H + h) * T + t) * hs + d;
-}
+typedef struct {
+    float *out, *lse, *dqkv, *db;  // host copies of one run's results
+} AttRun;
 
-// C[bh][m][n] = sum_k A[bh][m][k] * Bm[bh][n][k] (transB) or sum_k A[bh][m][k] * Bm[bh][k][n], in double.
-static void host_bmm(float *out, const float *A, const float *Bm, int BH, int M, int Nn, int K, int transA,
-                     int transB) {
-    for (int bh = 0; bh < BH; bh++) {
-        const float *a = A + (size_t)bh * M * K, *bmat = Bm + (size_t)bh * K * Nn;
-        float *o = out + (size_t)bh * M * Nn;
-        for (int i = 0; i < M; i++)
-            for (int j = 0; j < Nn; j++) {
-                double s = 0.0;
-                for (int k = 0; k < K; k++) {
-                    double av = transA ? a[(size_t)k * M + i] : a[(size_t)i * K + k];
-                    double bv = transB ? bmat[(size_t)j * K + k] : bmat[(size_t)k * Nn + j];
-                    s += av * bv;
+static void att_run_free(AttRun *r) { free(r->out), free(r->lse), free(r->dqkv), free(r->db); }
+
+static void test_attention_tiled(void) {
+    printf("tiled attention vs the materialised attention in double (tests/attention_ref.c):\n");
+    const int shapes[][4] = {{3, 8, 32, 2}, {2, 33, 48, 2}, {2, 64, 128, 2}, {2, 65, 64, 4}, {1, 128, 128, 1},
+                             {1, 512, 32, 2}};
+    const float p = 0.2f, drop_scale = dropout_scale(p);
+    const int layer = 1;
+    const uint64_t step = 3;
+    CHECK(!cuda_attention_supported(256, 1) && cuda_attention_supported(256, 2) && !cuda_attention_supported(100, 3),
+          "cuda_attention_supported: head sizes up to 128, d_model a multiple of the heads");
+    for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++)
+        for (int with_drop = 0; with_drop < 2; with_drop++)
+            for (int with_pad = 0; with_pad < 2; with_pad++) {
+                int B = shapes[si][0], T = shapes[si][1], C = shapes[si][2], H = shapes[si][3];
+                size_t N = (size_t)B * T, nqkv = N * 3 * C, ny = N * C, nl = N * H, natt = nl * T;
+                int with_bias = (si + with_drop) % 2 == 0;  // half the cases with a bias, the others NULL
+                char tag[96], what[200];
+                snprintf(tag, sizeof(tag), "B %d T %d C %d H %d drop %d pad %d bias %d", B, T, C, H, with_drop,
+                         with_pad, with_bias);
+                float *qkv = host_rand(nqkv, -1.5f, 1.5f), *bias = host_rand(3 * C, -0.5f, 0.5f);
+                float *dout = host_rand(ny, -1.0f, 1.0f), *qkvb = host_copy(qkv, nqkv);
+                if (with_bias)
+                    for (size_t i = 0; i < nqkv; i++) qkvb[i] = qkv[i] + bias[i % (3 * C)];
+                uint8_t *valid = with_pad ? attention_ref_key_valid(B, T) : NULL, *keep = NULL;
+                // The step's draws as the model lays them out (a layout for a larger batch: this one is a prefix).
+                RngLayout lay = rng_layout(B + 1, T, C, H, 2 * C, 2);
+                DeviceStep hstep;
+                memset(&hstep, 0, sizeof(hstep));
+                hstep.philox_seed = drop_rng.seed;
+                hstep.rng_base = rng_mask_offset(&lay, step);
+                DeviceStep *d_step = dup_bytes(&hstep, sizeof(hstep));
+                CudaAttnDropout drop = {NULL, 0, 0.0f, 1.0f};
+                if (with_drop) {
+                    uint64_t in_step = rng_dropout_offset(&lay, 0, layer, DROP_ATTN_PROBS);
+                    drop = (CudaAttnDropout){d_step, in_step, p, drop_scale};
+                    float *u = host_zeros(natt);
+                    rng_uniform(&drop_rng, rng_dropout_offset(&lay, step, layer, DROP_ATTN_PROBS), u, natt);
+                    keep = mlm_malloc(natt, "keep");
+                    for (size_t i = 0; i < natt; i++) keep[i] = !(u[i] < p);
+                    free(u);
                 }
-                o[(size_t)i * Nn + j] = (float)s;
-            }
-    }
-}
+                double *y_ref = mlm_malloc(ny * sizeof(double), "ref");
+                double *lse_ref = mlm_malloc(nl * sizeof(double), "ref");
+                double *dqkv_ref = mlm_malloc(nqkv * sizeof(double), "ref");
+                attention_ref_forward(y_ref, lse_ref, qkvb, valid, keep, drop_scale, B, T, C, H);
+                attention_ref_backward(dqkv_ref, dout, qkvb, valid, keep, drop_scale, B, T, C, H);
 
-// Part `which` (0 q, 1 k, 2 v) of x[B,T,3C], as [B,T,C].
-static float *qkv_part(const float *x, int which, int B, int T, int C) {
-    float *o = host_zeros((size_t)B * T * C);
-    for (size_t r = 0; r < (size_t)B * T; r++) memcpy(o + r * C, x + r * 3 * C + (size_t)which * C, C * sizeof(float));
-    return o;
-}
-
-static void test_attention(void) {
-    printf("attention softmax, layouts and the whole chain vs attention_forward/backward:\n");
-    const int shapes[][4] = {{1, 1, 8, 2}, {2, 32, 128, 8}, {3, 33, 130, 10}, {1, 257, 64, 4}, {1, 2053, 16, 1}};
-    const float p = 0.1f, drop_scale = dropout_scale(p);
-    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]) - (quick ? 1 : 0); s++)
-        for (int with_drop = 0; with_drop < 2; with_drop++) {
-            int B = shapes[s][0], T = shapes[s][1], C = shapes[s][2], H = shapes[s][3], hs = C / H, BH = B * H;
-            size_t NC = (size_t)B * T * C, TT = (size_t)T * T, BHTT = (size_t)BH * TT;
-            float scale = 1.0f / sqrtf((float)hs);
-            char tag[96], what[200];
-            snprintf(tag, sizeof(tag), "B %d T %d C %d H %d drop %d", B, T, C, H, with_drop);
-            float *qkv = host_rand(3 * NC, -1.5f, 1.5f);
-            float *d_qkv = dup_f(qkv, 3 * NC);
-            float *d_q = dmalloc(NC * sizeof(float)), *d_k = dmalloc(NC * sizeof(float));
-            float *d_v = dmalloc(NC * sizeof(float));
-            cuda_qkv_split_heads(d_q, d_k, d_v, d_qkv, B, T, C, H, st);
-            float *q = fetch_f(d_q, NC), *k = fetch_f(d_k, NC), *v = fetch_f(d_v, NC);
-            float *want_q = host_zeros(NC), *want_k = host_zeros(NC), *want_v = host_zeros(NC);
-            for (int b = 0; b < B; b++)
-                for (int t = 0; t < T; t++)
-                    for (int h = 0; h < H; h++)
-                        for (int d = 0; d < hs; d++) {
-                            const float *row = qkv + ((size_t)b * T + t) * 3 * C + (size_t)h * hs + d;
-                            size_t j = head_index(b, h, t, d, H, T, hs);
-                            want_q[j] = row[0];
-                            want_k[j] = row[C];
-                            want_v[j] = row[2 * C];
-                        }
-            snprintf(what, sizeof(what), "qkv_split_heads %s", tag);
-            expect_equal(what, q, want_q, NC);
-            expect_equal(what, k, want_k, NC);
-            expect_equal(what, v, want_v, NC);
-
-            // Softmax forward on the unscaled scores.
-            uint8_t *d_keep = NULL, *keep = with_drop ? make_keep(BHTT, p, &d_keep) : NULL;
-            float *scores = host_zeros(BHTT);
-            host_bmm(scores, q, k, BH, T, T, hs, 0, 1);
-            float *d_att = dup_f(scores, BHTT), *d_attd = with_drop ? dmalloc(BHTT * sizeof(float)) : NULL;
-            cuda_softmax_forward(d_att, d_attd, d_keep, drop_scale, scale, BH, T, NULL, H, st);
-            float *att = fetch_f(d_att, BHTT), *attd = with_drop ? fetch_f(d_attd, BHTT) : NULL;
-            upload(d_att, scores, BHTT * sizeof(float));  // determinism: a second run
-            cuda_softmax_forward(d_att, d_attd, d_keep, drop_scale, scale, BH, T, NULL, H, st);
-            float *att2 = fetch_f(d_att, BHTT);
-            snprintf(what, sizeof(what), "softmax_forward %s", tag);
-            expect_identical(what, att, att2, BHTT * sizeof(float));
-            // Double softmax of fl(s * scale), the same rounded products the kernel exponentiates.
-            float *ref = host_zeros(BHTT);
-            for (size_t r = 0; r < (size_t)BH * T; r++) {
-                const float *sr = scores + r * T;
-                double mx = -INFINITY, sum = 0.0;
-                for (int j = 0; j < T; j++) mx = fmax(mx, (double)(sr[j] * scale));
-                for (int j = 0; j < T; j++) sum += exp((double)(sr[j] * scale) - mx);
-                for (int j = 0; j < T; j++) ref[r * T + j] = (float)(exp((double)(sr[j] * scale) - mx) / sum);
-            }
-            snprintf(what, sizeof(what), "softmax_forward vs double %s", tag);
-            expect_close(what, att, ref, BHTT, 2e-6);
-            const float *pv = att;  // what P V uses
-            if (with_drop) {
-                float *want = host_zeros(BHTT);
-                for (size_t i = 0; i < BHTT; i++) want[i] = att[i] * ((float)keep[i] * drop_scale);
-                snprintf(what, sizeof(what), "softmax_forward att_drop %s", tag);
-                expect_equal(what, attd, want, BHTT);
-                free(want);
-                pv = attd;
-            }
-            float *out_c = host_zeros(NC), *att_c = host_zeros(BHTT);
-            attention_forward(out_c, att_c, qkv, keep, drop_scale, B, T, C, H, NULL);
-            snprintf(what, sizeof(what), "softmax_forward vs attention_forward %s", tag);
-            expect_close(what, att, att_c, BHTT, 2 * tol_sum(T));
-            float *y = host_zeros(NC);
-            host_bmm(y, pv, v, BH, T, hs, T, 0, 0);
-            float *d_y = dup_f(y, NC), *d_out = dmalloc(NC * sizeof(float));
-            cuda_heads_to_rows(d_out, d_y, B, T, C, H, st);
-            float *out = fetch_f(d_out, NC), *want_out = host_zeros(NC);
-            for (int b = 0; b < B; b++)
-                for (int t = 0; t < T; t++)
-                    for (int h = 0; h < H; h++)
-                        for (int d = 0; d < hs; d++)
-                            want_out[((size_t)b * T + t) * C + (size_t)h * hs + d] = y[head_index(b, h, t, d, H, T, hs)];
-            snprintf(what, sizeof(what), "heads_to_rows %s", tag);
-            expect_equal(what, out, want_out, NC);
-            snprintf(what, sizeof(what), "attention out vs attention_forward %s", tag);
-            expect_close(what, out, out_c, NC, 2 * tol_sum(T));
-
-            // Backward.
-            float *dout = host_rand(NC, -1.0f, 1.0f);
-            float *d_dout = dup_f(dout, NC), *d_dy = dmalloc(NC * sizeof(float));
-            cuda_rows_to_heads(d_dy, d_dout, B, T, C, H, st);
-            float *dy = fetch_f(d_dy, NC), *want_dy = host_zeros(NC);
-            for (int b = 0; b < B; b++)
-                for (int t = 0; t < T; t++)
-                    for (int h = 0; h < H; h++)
-                        for (int d = 0; d < hs; d++)
-                            want_dy[head_index(b, h, t, d, H, T, hs)] = dout[((size_t)b * T + t) * C + (size_t)h * hs + d];
-            snprintf(what, sizeof(what), "rows_to_heads %s", tag);
-            expect_equal(what, dy, want_dy, NC);
-            float *datt = host_zeros(BHTT);
-            host_bmm(datt, dy, v, BH, T, T, hs, 0, 1);  // d(att_drop) = dY V^T
-            float *d_datt = dup_f(datt, BHTT), *d_ds = dmalloc(BHTT * sizeof(float));
-            cuda_softmax_backward(d_ds, d_datt, d_att, d_keep, drop_scale, scale, BH, T, st);
-            float *ds = fetch_f(d_ds, BHTT);
-            cuda_softmax_backward(d_datt, d_datt, d_att, d_keep, drop_scale, scale, BH, T, st);  // in place
-            float *ds2 = fetch_f(d_datt, BHTT);
-            snprintf(what, sizeof(what), "softmax_backward (in place == separate, deterministic) %s", tag);
-            expect_identical(what, ds, ds2, BHTT * sizeof(float));
-            float *ds_ref = host_zeros(BHTT);
-            for (size_t r = 0; r < (size_t)BH * T; r++) {
-                const float *pr = att + r * T, *gr = datt + r * T;
-                const uint8_t *kr = keep ? keep + r * T : NULL;
-                double dot = 0.0;
-                for (int j = 0; j < T; j++) dot += (double)pr[j] * (kr ? (double)gr[j] * kr[j] * drop_scale : gr[j]);
-                for (int j = 0; j < T; j++) {
-                    double gj = kr ? (double)gr[j] * kr[j] * drop_scale : gr[j];
-                    ds_ref[r * T + j] = (float)((double)scale * pr[j] * (gj - dot));
+                float *d_qkv = dup_f(qkv, nqkv), *d_bias = with_bias ? dup_f(bias, 3 * C) : NULL;
+                uint8_t *d_valid = valid ? dup_bytes(valid, N) : NULL;
+                float *d_out = dmalloc(ny * sizeof(float)), *d_lse = dmalloc(nl * sizeof(float));
+                float *d_dout = dup_f(dout, ny), *d_dqkv = dmalloc(nqkv * sizeof(float));
+                float *d_delta = dmalloc(cuda_attention_delta_scratch(B, T, H) * sizeof(float));
+                float *d_part = dmalloc(cuda_attention_bias_scratch(B, C) * sizeof(float));
+                float *d_db = dmalloc(3 * C * sizeof(float));
+                AttRun run[2];
+                for (int r = 0; r < 2; r++) {
+                    cuda_attention_forward(d_out, d_lse, d_qkv, d_bias, d_valid, drop, B, T, C, H, st);
+                    CUDA_CHECK(cudaMemsetAsync(d_db, 0, 3 * C * sizeof(float), st));
+                    cuda_attention_backward(d_dqkv, d_part, d_delta, d_dout, d_qkv, d_bias, d_out, d_lse, d_valid, drop,
+                                            B, T, C, H, st);
+                    cuda_column_sums_finish(d_db, d_part, B, 3 * C, st);
+                    run[r] = (AttRun){fetch_f(d_out, ny), fetch_f(d_lse, nl), fetch_f(d_dqkv, nqkv),
+                                      fetch_f(d_db, 3 * C)};
                 }
+                double e_lse = 0.0;
+                for (size_t i = 0; i < nl; i++)
+                    e_lse = fmax(e_lse, isnan(run[0].lse[i]) ? INFINITY : fabs(run[0].lse[i] - lse_ref[i]));
+                double e_out = attention_ref_error(run[0].out, y_ref, N, 0, C, C);
+                double e_dq = attention_ref_error(run[0].dqkv, dqkv_ref, N, 0, 3 * C, C);
+                double e_dk = attention_ref_error(run[0].dqkv, dqkv_ref, N, C, 3 * C, C);
+                double e_dv = attention_ref_error(run[0].dqkv, dqkv_ref, N, 2 * C, 3 * C, C);
+                printf("  %-44s out %.1e lse %.1e dq %.1e dk %.1e dv %.1e\n", tag, e_out, e_lse, e_dq, e_dk, e_dv);
+                CHECK(e_out <= ATT_TILED_TOL && e_lse <= ATT_TILED_TOL, "tiled attention forward %s: out %.2e lse %.2e",
+                      tag, e_out, e_lse);
+                CHECK(e_dq <= ATT_TILED_TOL && e_dk <= ATT_TILED_TOL && e_dv <= ATT_TILED_TOL,
+                      "tiled attention backward %s: dq %.2e dk %.2e dv %.2e", tag, e_dq, e_dk, e_dv);
+                snprintf(what, sizeof(what), "attention (out, lse, dqkv, bias) %s", tag);
+                expect_identical(what, run[0].out, run[1].out, ny * sizeof(float));
+                expect_identical(what, run[0].lse, run[1].lse, nl * sizeof(float));
+                expect_identical(what, run[0].dqkv, run[1].dqkv, nqkv * sizeof(float));
+                expect_identical(what, run[0].db, run[1].db, 3 * C * sizeof(float));
+                float *db_ref = host_zeros(3 * C);
+                for (int c = 0; c < 3 * C; c++) {
+                    double sum = 0.0;
+                    for (size_t r = 0; r < N; r++) sum += run[0].dqkv[r * 3 * C + c];
+                    db_ref[c] = (float)sum;
+                }
+                snprintf(what, sizeof(what), "attention bias partials + finish %s", tag);
+                expect_close(what, run[0].db, db_ref, 3 * C, tol_sum((int)N));
+                if (B > 1) {
+                    // Rows 1..B-1 as a micro-batch of the whole batch: the same numbers, drawn rng_row0 rows in.
+                    hstep.rng_row0 = 1;
+                    hstep.rng_rows = (uint64_t)B;
+                    upload(d_step, &hstep, sizeof(hstep));
+                    float *d_out1 = dmalloc((ny - (size_t)T * C) * sizeof(float));
+                    float *d_lse1 = dmalloc((nl - (size_t)T * H) * sizeof(float));
+                    cuda_attention_forward(d_out1, d_lse1, d_qkv + (size_t)T * 3 * C, d_bias,
+                                           d_valid ? d_valid + T : NULL, drop, B - 1, T, C, H, st);
+                    float *out1 = fetch_f(d_out1, ny - (size_t)T * C);
+                    snprintf(what, sizeof(what), "attention micro-batch rows 1.. %s", tag);
+                    expect_identical(what, out1, run[0].out + (size_t)T * C, (ny - (size_t)T * C) * sizeof(float));
+                    free(out1);
+                    dfree(d_out1), dfree(d_lse1);
+                }
+                for (int r = 0; r < 2; r++) att_run_free(&run[r]);
+                free(qkv), free(bias), free(dout), free(qkvb), free(valid), free(keep), free(y_ref), free(lse_ref);
+                free(dqkv_ref), free(db_ref);
+                dfree(d_qkv), dfree(d_out), dfree(d_lse), dfree(d_dout), dfree(d_dqkv), dfree(d_delta), dfree(d_part);
+                dfree(d_db), dfree(d_step);
+                if (d_bias) dfree(d_bias);
+                if (d_valid) dfree(d_valid);
             }
-            snprintf(what, sizeof(what), "softmax_backward vs double %s", tag);
-            expect_close(what, ds, ds_ref, BHTT, tol_sum(T));
-            float *dq = host_zeros(NC), *dk = host_zeros(NC), *dv = host_zeros(NC);
-            host_bmm(dq, ds, k, BH, T, hs, T, 0, 0);   // dQ = dS K
-            host_bmm(dk, ds, q, BH, T, hs, T, 1, 0);   // dK = dS^T Q
-            host_bmm(dv, pv, dy, BH, T, hs, T, 1, 0);  // dV = P_drop^T dY
-            float *d_dq = dup_f(dq, NC), *d_dk = dup_f(dk, NC), *d_dv = dup_f(dv, NC);
-            float *d_dqkv = dmalloc(3 * NC * sizeof(float));
-            cuda_qkv_merge_heads(d_dqkv, d_dq, d_dk, d_dv, B, T, C, H, st);
-            float *dqkv = fetch_f(d_dqkv, 3 * NC), *want_dqkv = host_zeros(3 * NC);
-            for (int b = 0; b < B; b++)
-                for (int t = 0; t < T; t++)
-                    for (int h = 0; h < H; h++)
-                        for (int d = 0; d < hs; d++) {
-                            float *row = want_dqkv + ((size_t)b * T + t) * 3 * C + (size_t)h * hs + d;
-                            size_t j = head_index(b, h, t, d, H, T, hs);
-                            row[0] = dq[j];
-                            row[C] = dk[j];
-                            row[2 * C] = dv[j];
-                        }
-            snprintf(what, sizeof(what), "qkv_merge_heads %s", tag);
-            expect_equal(what, dqkv, want_dqkv, 3 * NC);
-            float *dqkv_c = host_zeros(3 * NC);
-            attention_backward(dqkv_c, dout, qkv, att_c, keep, drop_scale, B, T, C, H);
-            const char *names[3] = {"dq", "dk", "dv"};
-            for (int part = 0; part < 3; part++) {
-                float *gp = qkv_part(dqkv, part, B, T, C), *cp = qkv_part(dqkv_c, part, B, T, C);
-                snprintf(what, sizeof(what), "attention %s vs attention_backward %s", names[part], tag);
-                expect_close(what, gp, cp, NC, 4 * tol_sum(T));
-                free(gp), free(cp);
-            }
-            free(qkv), free(q), free(k), free(v), free(want_q), free(want_k), free(want_v), free(keep), free(scores);
-            free(att), free(attd), free(att2), free(ref), free(out_c), free(att_c), free(y), free(out), free(want_out);
-            free(dout), free(dy), free(want_dy), free(datt), free(ds), free(ds2), free(ds_ref), free(dq), free(dk);
-            free(dv), free(dqkv), free(want_dqkv), free(dqkv_c);
-            dfree(d_qkv), dfree(d_q), dfree(d_k), dfree(d_v), dfree(d_att), dfree(d_y), dfree(d_out), dfree(d_dout);
-            dfree(d_dy), dfree(d_datt), dfree(d_ds), dfree(d_dq), dfree(d_dk), dfree(d_dv), dfree(d_dqkv);
-            if (d_attd) dfree(d_attd);
-            if (d_keep) dfree(d_keep);
-        }
-}
-
-// ---- Fused attention (T <= 64) -----------------------------------------------------------------------------
-// cuda_attention_forward / cuda_attention_backward against their twin: the bias add of linear_forward, then
-// attention_forward / attention_backward (tolerances as the chain above: 2 TOL_SUM(T) for att and out,
-// 4 TOL_SUM(T) for dq, dk, dv); the per-sequence bias partials, finished by cuda_column_sums_finish, against
-// double column sums of the kernel's own dqkv (TOL_SUM(N)); run-to-run bit identity.
-
-static void test_attention_fused(void) {
-    printf("fused attention (one block per batch and head) vs bias add + attention_forward/backward:\n");
-    // The last shape has hs = 16 at T = 64 (K and V unpadded to fit 48 KiB); odd T, C and H in between.
-    const int shapes[][4] = {{1, 1, 8, 2}, {2, 32, 128, 8}, {3, 33, 130, 10}, {2, 17, 24, 1}, {2, 64, 64, 4}};
-    const float p = 0.1f, drop_scale = dropout_scale(p);
-    CHECK(!cuda_attention_fused_fits(65, 128, 8), "T 65 must take the unfused path");
-    CHECK(!cuda_attention_fused_fits(64, 256, 4), "T 64 with hs 64 needs more than 48 KiB of shared memory");
-    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
-        for (int with_drop = 0; with_drop < 2; with_drop++) {
-            int B = shapes[s][0], T = shapes[s][1], C = shapes[s][2], H = shapes[s][3], N = B * T;
-            int with_bias = s > 0;  // the first shape without a bias (NULL)
-            size_t NC = (size_t)N * C, BHTT = (size_t)B * H * T * T;
-            char tag[96], what[200];
-            snprintf(tag, sizeof(tag), "B %d T %d C %d H %d drop %d bias %d", B, T, C, H, with_drop, with_bias);
-            CHECK(cuda_attention_fused_fits(T, C, H), "%s should fit the fused kernel", tag);
-            float *qkv = host_rand(3 * NC, -1.5f, 1.5f), *bias = host_rand(3 * C, -0.5f, 0.5f);
-            float *qkvb = host_copy(qkv, 3 * NC);
-            if (with_bias)
-                for (size_t i = 0; i < 3 * NC; i++) qkvb[i] = qkv[i] + bias[i % (3 * C)];
-            uint8_t *d_keep = NULL, *keep = with_drop ? make_keep(BHTT, p, &d_keep) : NULL;
-            float *out_c = host_zeros(NC), *att_c = host_zeros(BHTT);
-            attention_forward(out_c, att_c, qkvb, keep, drop_scale, B, T, C, H, NULL);
-            float *d_qkv = dup_f(qkv, 3 * NC), *d_bias = with_bias ? dup_f(bias, 3 * C) : NULL;
-            float *d_out = dmalloc(NC * sizeof(float)), *d_att = dmalloc(BHTT * sizeof(float));
-            float *g_out[2], *g_att[2];
-            for (int run = 0; run < 2; run++) {
-                cuda_attention_forward(d_out, d_att, d_qkv, d_bias, d_keep, drop_scale, B, T, C, H, NULL, st);
-                g_out[run] = fetch_f(d_out, NC);
-                g_att[run] = fetch_f(d_att, BHTT);
-            }
-            snprintf(what, sizeof(what), "attention_forward att %s", tag);
-            expect_close(what, g_att[0], att_c, BHTT, 2 * tol_sum(T));
-            expect_identical(what, g_att[0], g_att[1], BHTT * sizeof(float));
-            snprintf(what, sizeof(what), "attention_forward out %s", tag);
-            expect_close(what, g_out[0], out_c, NC, 2 * tol_sum(T));
-            expect_identical(what, g_out[0], g_out[1], NC * sizeof(float));
-
-            // Backward from the CPU's probabilities (isolates the backward).
-            float *dout = host_rand(NC, -1.0f, 1.0f), *dqkv_c = host_zeros(3 * NC);
-            attention_backward(dqkv_c, dout, qkvb, att_c, keep, drop_scale, B, T, C, H);
-            upload(d_att, att_c, BHTT * sizeof(float));
-            float *d_dout = dup_f(dout, NC), *d_dqkv = dmalloc(3 * NC * sizeof(float));
-            float *d_part = dmalloc(cuda_attention_bias_scratch(B, C) * sizeof(float));
-            float *d_db = dmalloc(3 * C * sizeof(float));
-            float *g_dqkv[2], *g_db[2];
-            for (int run = 0; run < 2; run++) {
-                CUDA_CHECK(cudaMemset(d_db, 0, 3 * C * sizeof(float)));
-                cuda_attention_backward(d_dqkv, d_part, d_dout, d_qkv, d_bias, d_att, d_keep, drop_scale, B, T, C, H,
-                                        st);
-                cuda_column_sums_finish(d_db, d_part, B, 3 * C, st);
-                g_dqkv[run] = fetch_f(d_dqkv, 3 * NC);
-                g_db[run] = fetch_f(d_db, 3 * C);
-            }
-            const char *names[3] = {"dq", "dk", "dv"};
-            for (int part = 0; part < 3; part++) {
-                float *gp = qkv_part(g_dqkv[0], part, B, T, C), *cp = qkv_part(dqkv_c, part, B, T, C);
-                snprintf(what, sizeof(what), "attention_backward %s %s", names[part], tag);
-                expect_close(what, gp, cp, NC, 4 * tol_sum(T));
-                free(gp), free(cp);
-            }
-            snprintf(what, sizeof(what), "attention_backward dqkv %s", tag);
-            expect_identical(what, g_dqkv[0], g_dqkv[1], 3 * NC * sizeof(float));
-            float *db_ref = host_zeros(3 * C);
-            for (int c = 0; c < 3 * C; c++) {
-                double sum = 0.0;
-                for (int r = 0; r < N; r++) sum += g_dqkv[0][(size_t)r * 3 * C + c];
-                db_ref[c] = (float)sum;
-            }
-            snprintf(what, sizeof(what), "attention_backward bias partials + finish %s", tag);
-            expect_close(what, g_db[0], db_ref, 3 * C, tol_sum(N));
-            expect_identical(what, g_db[0], g_db[1], 3 * C * sizeof(float));
-            for (int run = 0; run < 2; run++) free(g_out[run]), free(g_att[run]), free(g_dqkv[run]), free(g_db[run]);
-            free(qkv), free(bias), free(qkvb), free(keep), free(out_c), free(att_c), free(dout), free(dqkv_c);
-            free(db_ref);
-            dfree(d_qkv), dfree(d_out), dfree(d_att), dfree(d_dout), dfree(d_dqkv), dfree(d_part), dfree(d_db);
-            if (d_bias) dfree(d_bias);
-            if (d_keep) dfree(d_keep);
-        }
 }
 
 // ---- Cross-entropy ---------------------------------------------------------------------------------------
@@ -1309,8 +1158,7 @@ int main(int argc, char **argv) {
     test_residual_layernorm();
     test_embedding_layernorm();
     test_layernorm_residual_backward();
-    test_attention();
-    test_attention_fused();
+    test_attention_tiled();
     test_crossentropy();
     test_grad_norm();
     test_adam();

@@ -4,7 +4,8 @@
 //  1. CUDA sparse vs CPU sparse (the same masks, since the device draws the CPU's Philox numbers), dropout off
 //     and on, full and partial batches: targets equal, loss within 1e-5, correct within the near ties, every
 //     gradient tensor within 1e-4 of its largest element (the bounds of test_gpu_model part 2, for the same
-//     reasons: the backends add in different orders).
+//     reasons: the backends add in different orders), the CPU taking its ReLU ties the CUDA model's way where
+//     that explains the CUDA gradients (tests/relu_ties.h, as test_gpu_model).
 //  2. CUDA sparse vs CUDA dense on the same batch: targets and correct equal, loss within 1e-6, the selected
 //     rows' logits within 1e-6 (NaN in every other row), every gradient within 1e-5 of its tensor's largest.
 //  3. A whole cuda_model_train_step sparse and dense from the same state: the same loss, targets, and
@@ -34,6 +35,7 @@
 #include "mlm/optim.h"
 #include "mlm/rng.h"
 #include "fixture_util.h"
+#include "relu_ties.h"
 #include "test_util.h"
 
 static uint64_t lcg_state = 31337;
@@ -85,8 +87,8 @@ static void random_tokens(int *tokens, size_t n, int n_chars) {
 }
 
 // 1 and 2 on one batch.
-static void test_forward_backward(const Setup *s, CpuModel *cm, CudaModel *gm, Rng *rng, int B, uint64_t step,
-                                  int dropout) {
+static void test_forward_backward(const Setup *s, CpuModel *cm, ReluTies *relu, CudaModel *gm, Rng *rng, int B,
+                                  uint64_t step, int dropout) {
     const ModelConfig *c = &s->cfg;
     int T = c->max_seq, V = c->vocab, pad = s->mask.pad_id;
     size_t n = (size_t)B * T, P = model_num_params(c);
@@ -103,11 +105,6 @@ static void test_forward_backward(const Setup *s, CpuModel *cm, CudaModel *gm, R
     rng_uniform(rng, rng_mask_offset(&s->layout, step), u, 4 * n);
     mask_apply(&s->mask, tokens, n, u, inputs, labels);
     DropoutCtx d = {.rng = rng, .layout = s->layout, .step = step, .p = dropout ? c->dropout : 0.0f};
-    cpu_model_set_sparse_prediction(cm, 1);
-    int correct_c = 0;
-    float loss_c = cpu_model_forward(cm, inputs, labels, B, pad, &d, &correct_c);
-    int targets_c = cm->n_targets;
-    cpu_model_backward(cm);
     int n_sel = 0;
     for (size_t i = 0; i < n; i++)
         if (labels[i] != pad) sel[n_sel++] = labels[i];
@@ -120,6 +117,13 @@ static void test_forward_backward(const Setup *s, CpuModel *cm, CudaModel *gm, R
     cuda_model_get_logits(gm, logits_s, B);
     cuda_model_backward(gm);
     cuda_model_get_grads(gm, g_sparse);
+
+    // The CPU's pass, its ReLU ties taken the way the CUDA gradients show (relu_ties.h).
+    cpu_model_set_sparse_prediction(cm, 1);
+    CpuPass pass = {cm, inputs, labels, B, pad, &d, 0.0f, 0};
+    cpu_pass_resolve(&pass, relu, g_sparse, "CPU sparse");
+    float loss_c = pass.loss;
+    int correct_c = pass.correct, targets_c = cm->n_targets;
 
     // 1. against the CPU.
     double max_logit_diff = 0.0;
@@ -342,15 +346,19 @@ int main(int argc, char **argv) {
     Rng rng;
     rng_init(&rng, s.seed, RNG_DOMAIN_TRAIN);
 
-    test_forward_backward(&s, cm, gm, &rng, s.max_B, 7, 0);
-    test_forward_backward(&s, cm, gm, &rng, s.max_B, 8, 1);
-    test_forward_backward(&s, cm, gm, &rng, 4, 9, 1);
+    ReluTies relu;
+    relu_ties_attach(&relu, cm);
+    test_forward_backward(&s, cm, &relu, gm, &rng, s.max_B, 7, 0);
+    test_forward_backward(&s, cm, &relu, gm, &rng, s.max_B, 8, 1);
+    test_forward_backward(&s, cm, &relu, gm, &rng, 4, 9, 1);
+    relu_ties_print(&relu, "CUDA model");
     test_train_step(&s, gm, init, rng.seed);
     test_none_selected(&s, gm, rng.seed);
     test_kernels();
 
     rng_free(&rng);
     cpu_model_free(cm);
+    relu_ties_free(&relu);
     cuda_model_free(gm);
     free(init);
     return test_finish("test_gpu_sparse");

@@ -64,8 +64,11 @@ check "run 1: no checkpoint in the tarball" bash -c "! tar -tzf '$out/logs.tar.g
 
 # ---- 2. a deadline, a hang, a failure, an unsupported device ------------------------------------------------
 out="$tmp/bad"
+# The hanging stand-in sleeps for a duration unique to this run (1000.PID s), so that the check below that it was
+# stopped looks for this run's process only, not another test_gpu_verify's running beside it on the machine.
+hang_s="1000.$$"
 t0=$SECONDS
-MLM_VERIFY_DEADLINE=14 MLM_VERIFY_STUB_HANG=mlm-20ep MLM_VERIFY_STUB_FAIL=test_gpu_model \
+MLM_VERIFY_DEADLINE=14 MLM_VERIFY_STUB_HANG=mlm-20ep MLM_VERIFY_STUB_HANG_S="$hang_s" MLM_VERIFY_STUB_FAIL=test_gpu_model \
   MLM_VERIFY_STUB_UNSUPPORTED=racecheck-model bash "$root/tools/gpu_verify.sh" "$out" >"$tmp/bad.log" 2>&1
 rc=$?
 took=$((SECONDS - t0))
@@ -86,7 +89,7 @@ check "run 2: steps after the deadline are skips that say why" \
 check "run 2: the overall line names the failures" \
   grep -q '^steps: .* FAILED: test_gpu_model, test_gpu_model-blocking, mlm-20ep' "$out/summary.txt"
 check "run 2: the reference's epochs are still compared" grep -q 'reference epochs logged: 20' "$out/summary.txt"
-check "run 2: no stand-in left running" bash -c "! pgrep -f '^sleep 1000$' >/dev/null"
+check "run 2: no stand-in left running" bash -c "! pgrep -f '^sleep $hang_s\$' >/dev/null"
 
 echo "test_gpu_verify: $checks checks, $failures failed"
 if [ $failures -ne 0 ]; then

@@ -54,7 +54,7 @@ static double recompute_valid_loss(const Checkpoint *ck, const ShardSet *set, lo
     const Config *c = &ck->cfg;
     int T = c->seq_len, V = ck->vocab.n_tokens, pad = ck->vocab.pad_id;
     MaskConfig mask = train_mask_config(c, &ck->vocab);
-    ModelConfig mc = train_model_config(c, &ck->vocab);
+    ModelConfig mc = model_config_from(c, ck->vocab.n_tokens, ck->vocab.pad_id);
     CpuModel *m = cpu_model_create(&mc, 1);
     memcpy(m->params, ck->params, ck->n_params * sizeof(float));
     Rng rng;

@@ -151,7 +151,7 @@ in_list() { case ",$1," in *",$2,"*) return 0 ;; esac; return 1; }
 stub() {
   local name=$1 kind=$2
   shift 2
-  if in_list "${MLM_VERIFY_STUB_HANG:-}" "$name"; then sleep 1000; fi
+  if in_list "${MLM_VERIFY_STUB_HANG:-}" "$name"; then sleep "${MLM_VERIFY_STUB_HANG_S:-1000}"; fi
   if in_list "${MLM_VERIFY_STUB_UNSUPPORTED:-}" "$name"; then
     echo "========= Error: Device not supported (stand-in)"
     return 1
@@ -324,8 +324,9 @@ resume_identity() {
   "$PY" "$ROOT/tools/compare_runs.py" identical "$a" "$b"
 }
 
-# ---- dp (issue 13): a one-rank NCCL run (train.nccl: forward, backward, NCCL's weighted sum over one rank, the
-# optimizer step) against the plain GPU step: per-step losses and the final tensors, bit for bit. Several GPUs
+# ---- dp (issue 13): a one-rank NCCL run (train.nccl: the micro-batch into the device's gradient sum, NCCL's
+# all-reduce over one rank, clip + Adam) against the plain GPU step (one captured graph): per-step losses and the
+# final tensors, bit for bit (test_emu_dp checks the same on the CPU execution layer). Several GPUs
 # (scaling, N ranks against one) are owed until a machine has them.
 nccl_one_rank() {
   local a="$RUNS/nccl-plain" b="$RUNS/nccl-one-rank"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# tools/test.sh: the README's test command. Builds mlm (Release) and runs the whole CTest suite, then
-# builds with AddressSanitizer + UndefinedBehaviorSanitizer and runs the suite again (slow tests excluded
-# there), then fuzzes the file readers for a bounded time (tests/fuzz/). GPU tests report "Skipped" with the
+# tools/test.sh: the README's test command. Builds mlm (Release) and runs the whole CTest suite, then a
+# CPU-only build (its emu tests with the kernels compiled with FMA contraction), the emu tests with blocks in
+# parallel under ThreadSanitizer, then builds with AddressSanitizer + UndefinedBehaviorSanitizer and runs the
+# suite again (slow tests excluded there), then fuzzes the file readers for a bounded time (tests/fuzz/). GPU tests report "Skipped" with the
 # reason where there is no GPU. First, the Python reference packages go into a cached virtual environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,9 +45,12 @@ skip_reasons build
 # A CPU-only configure (MLM_CUDA=OFF), as on a machine without the CUDA Toolkit: the CPU trainer builds, its
 # unit tests pass, the GPU tests skip with the reason, the CUDA code still runs on the CPU layer (emu), and
 # --device cuda says the binary has no CUDA. About 40 s on 2 cores (no nvcc involved). It uses the built-in GEMM
-# (MLM_BLAS=OFF), as a machine without OpenBLAS does, so that the emu tests compare the CUDA step with it too.
-echo "== CPU-only build (MLM_CUDA=OFF, built-in GEMM)"
-cmake -S . -B build-cpu -DCMAKE_BUILD_TYPE=Release -DMLM_CUDA=OFF -DMLM_BLAS=OFF -DMLM_TEST_CORPUS="$corpus" >/dev/null
+# (MLM_BLAS=OFF), as a machine without OpenBLAS does, so that the emu tests compare the CUDA step with it too. Its
+# emu tests run with the kernels compiled as nvcc rounds them (MLM_EMU_FP_CONTRACT: a * b + c fused into FMAs, the
+# device's expf/logf error), the other builds' without: every emu test passes both ways, so no tolerance rests on
+# the emulator's roundings.
+echo "== CPU-only build (MLM_CUDA=OFF, built-in GEMM; emu kernels with FMA contraction)"
+cmake -S . -B build-cpu -DCMAKE_BUILD_TYPE=Release -DMLM_CUDA=OFF -DMLM_BLAS=OFF -DMLM_EMU_FP_CONTRACT=ON -DMLM_TEST_CORPUS="$corpus" >/dev/null
 cmake --build build-cpu -j"$jobs"
 (cd build-cpu && ctest --output-on-failure -j"$jobs" -L "unit|gpu|emu")
 skip_reasons build-cpu
@@ -56,6 +60,15 @@ if out="$(./build-cpu/mlm train --device cuda --steps 1 -o "$(mktemp -u)" 2>&1)"
   exit 1
 fi
 echo "   --device cuda refused as expected: ${out#mlm: error: }"
+
+# The emu tests once more with the blocks of every grid on a pool of threads under ThreadSanitizer (MLM_EMU_TSAN,
+# tests/emu): device atomics and __threadfence are C11 atomics and fences there, so an inter-block race (a
+# last-block reduction without its fence, a counter two blocks share without an atomic) fails. CPU-only (no nvcc),
+# the emu targets alone.
+echo "== emu tests, blocks in parallel under ThreadSanitizer (MLM_EMU_TSAN)"
+cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=Release -DMLM_CUDA=OFF -DMLM_EMU_TSAN=ON -DMLM_TEST_CORPUS="$corpus" >/dev/null
+cmake --build build-tsan -j"$jobs" --target emu_tests
+(cd build-tsan && ctest --output-on-failure -j"$jobs" -L emu)
 
 echo "== sanitizer build (ASan + UBSan)"
 cmake -S . -B build-san -DCMAKE_BUILD_TYPE=Debug -DMLM_SANITIZE=ON -DMLM_TEST_CORPUS="$corpus" "${py_args[@]}" >/dev/null

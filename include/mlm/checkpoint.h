@@ -63,7 +63,8 @@ int ckpt_save(const char *run_dir, const Checkpoint *c, int keep, char *path_out
 // calls this. Loads a checkpoint file, or the newest checkpoint of a run directory, and verifies the file
 // (format, version, the header checksum and each tensor's), then ckpt_validate. Returns 0 with `out` filled
 // (release it with ckpt_free), or nonzero with a message saying what is wrong in err and `out` empty: after a
-// 0, a model built from train_model_config(&out->cfg, &out->vocab) has exactly out->n_params parameters.
+// 0, a model built from model_config_from(&out->cfg, out->vocab.n_tokens, out->vocab.pad_id) has exactly
+// out->n_params parameters.
 int ckpt_load(const char *path, Checkpoint *out, char *err, size_t errlen);
 // The consistency checks of ckpt_load on a checkpoint in memory: the config passes config_check and
 // model_config_check, the vocabulary is well formed (1..VOCAB_MAX_CHARS ascending code points, PAD and MASK
@@ -81,8 +82,6 @@ int ckpt_attach_vocab(Checkpoint *c, const struct ShardSet *s, char *err, size_t
 // with a message saying what to do (a checkpoint from before vocabularies were stored, or another kind).
 struct WordPiece;
 struct WordPiece *ckpt_wordpiece(const Checkpoint *c, char *err, size_t errlen);
-// Bytes of the CPU model's parameters, gradients and activations for a batch of B (also `mlm train --dry-run`).
-double model_bytes(const ModelConfig *m, int B);
 // Path of the newest checkpoint in RUN_DIR/checkpoints; nonzero if there is none.
 int ckpt_find_latest(const char *run_dir, char *out, size_t outlen);
 

@@ -6,16 +6,21 @@
 #include <stdint.h>
 #include <stdio.h>
 
-#include "mlm/mask.h"
-#include "mlm/optim.h"
-
 #ifdef __cplusplus
 extern "C" {
 #endif
 
 #define CONFIG_STR 512
 
-typedef struct {
+// The values of the enumerated keys that other layers name (a value is the position of its name in the key's list,
+// e.g. mask.scheme = reference|bert). They live here, below the masking (mask.h) and the optimizer (optim.h) that
+// use them, so that the configuration knows nothing of the code it configures.
+typedef enum { MASK_SCHEME_REFERENCE = 0, MASK_SCHEME_BERT = 1 } MaskScheme;            // mask.scheme
+typedef enum { OPTIM_NOAM_ADAM = 0, OPTIM_ADAMW = 1 } OptimKind;                        // optim.name
+typedef enum { SCHED_NOAM = 0, SCHED_COSINE = 1, SCHED_LINEAR = 2, SCHED_CONSTANT = 3 } ScheduleKind;  // optim.schedule
+#define MASK_MAX_NO_MASK 16  // mask.no_mask: at most this many characters (MaskConfig.no_mask holds their ids)
+
+typedef struct Config {
     // [data]
     char data_path[CONFIG_STR];   // data.path: corpus file ("" = look up data/, $MLM_DATA_MIRROR, download)
     int seq_len;                  // data.seq_len: 32
@@ -73,6 +78,8 @@ typedef enum { DEVICE_AUTO = 0, DEVICE_CPU = 1, DEVICE_CUDA = 2 } DeviceKind;
 // tensors rounded to BF16 values at the same points (the reference of the GPU's BF16 step). The old key
 // train.tf32 = true | false still reads, as train.precision = tf32 | fp32.
 typedef enum { PRECISION_FP32 = 0, PRECISION_TF32 = 1, PRECISION_BF16 = 2 } PrecisionKind;
+// "fp32", "tf32", "bf16": the value of train.precision as a configuration file spells it.
+const char *precision_name(int precision);
 
 void config_defaults(Config *c);
 // Parse a config file into c (on top of what c holds). On error prints "FILE:LINE: message" and exits 2.
@@ -98,8 +105,6 @@ const char *config_key_name(int i);
 void config_value_text(const Config *c, int i, char *out, size_t outlen);
 // One-line help of every key (for `mlm train --help`).
 void config_print_keys(FILE *f);
-// Build the derived optimizer settings.
-OptimConfig config_optim(const Config *c, long total_steps);
 
 #ifdef __cplusplus
 }

@@ -3,6 +3,8 @@
 #ifndef MLM_CPU_H
 #define MLM_CPU_H
 
+#include <stdint.h>
+
 #include "mlm/model.h"
 #include "mlm/rng.h"
 
@@ -71,9 +73,26 @@ void cpu_model_set_sparse_prediction(CpuModel *m, int on);
 void cpu_model_set_bf16(CpuModel *m, uint64_t round_seed);
 void cpu_model_round_params(CpuModel *m, uint64_t updates_done);
 
+// Tests only: a view of the ReLU decisions (tests/relu_ties.c, docs/testing.md). When a hook is set, every
+// forward calls it once per layer, after the feed-forward pre-activation h[N, F] = x[N, C] w[F, C]^T + b[F] is
+// computed and the hidden dropout mask keep[N, F] (NULL without dropout) is drawn, before ReLU + dropout read h.
+// The hook may rewrite h to force a decision (ReLU passes h > 0). No hook (the default, and always in
+// production): one test of a pointer per layer and forward.
+typedef struct {
+    int layer, N, C, F;
+    float *h;                 // [N, F] the pre-activation as this backend computed it (bias included)
+    const float *x;           // [N, C] the layer's LN2 output
+    const float *w, *b;       // [F, C], [F] the first Linear's weight and bias
+    const uint8_t *keep;      // [N, F] 1 = kept, or NULL
+} CpuReluSite;
+typedef void (*CpuReluHook)(void *ctx, const CpuReluSite *site);
+void cpu_model_set_relu_hook(CpuModel *m, CpuReluHook hook, void *ctx);
+
 // Global L2 norm over all gradients, and in-place scaling by min(1, max_norm / (norm + 1e-6)).
 float cpu_grad_norm(const float *grads, size_t n);
 float cpu_clip_grads(float *grads, size_t n, float max_norm);  // returns the norm before clipping
+// The scaling of cpu_clip_grads with a norm taken over a longer vector (a range of the whole gradient, ZeRO-1).
+void cpu_scale_grads(float *grads, size_t n, float norm, float max_norm);
 
 #ifdef __cplusplus
 }

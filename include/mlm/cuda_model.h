@@ -51,10 +51,14 @@ size_t cuda_model_num_params(const CudaModel *m);
 void cuda_model_set_params(CudaModel *m, const float *params);
 void cuda_model_get_params(CudaModel *m, float *params);
 void cuda_model_get_grads(CudaModel *m, float *grads);
-// The device's gradient array [P] itself (data parallel: NCCL sums it across ranks in place).
-float *cuda_model_grads_device(CudaModel *m);
+// The Adam moments: P values each, or after cuda_model_shard_moments the len values of its range.
 void cuda_model_set_adam(CudaModel *m, const float *adam_m, const float *adam_v);
 void cuda_model_get_adam(CudaModel *m, float *adam_m, float *adam_v);
+// ZeRO-1 (train.zero): keep Adam moments for parameters [lo, lo + len) alone (2 len floats on the device instead of
+// 2 P); updates then cover that range (cuda_model_update_accumulated). Call before the first step.
+void cuda_model_shard_moments(CudaModel *m, size_t lo, size_t len);
+// The device's parameter array [P] (ZeRO-1: NCCL gathers every rank's updated range into it).
+float *cuda_model_params_device(CudaModel *m);
 // decay_mask[P] (1 where AdamW decays); NULL: none.
 void cuda_model_set_decay_mask(CudaModel *m, const uint8_t *decay_mask);
 // flags[V]: MaskConfig.continuation of whole-word masking (1 where a token continues a word), copied to the device.
@@ -111,6 +115,14 @@ void cuda_model_apply_accumulated(CudaModel *m, float max_norm, const OptimConfi
                                   CudaStepStats *stats);
 // The summed gradients [P] of the micro-batches so far (after cuda_model_accumulate; tests).
 void cuda_model_get_accumulated_grads(CudaModel *m, float *grads);
+// The same sum in device memory (allocated on first use): data parallel sums it across ranks in place (NCCL).
+float *cuda_model_accumulated_grads_device(CudaModel *m);
+// cuda_model_apply_accumulated in two parts, for a step over ranks (step.c): the clip (by the norm of all P summed
+// gradients) and Adam update of parameters [lo, lo + len), asynchronous; then the step's one read-back: the norm
+// before clipping and the sums since the step's first micro-batch (loss x targets, correct predictions, targets).
+void cuda_model_update_accumulated(CudaModel *m, size_t lo, size_t len, float max_norm, const OptimConfig *oc, long t,
+                                   double lr);
+void cuda_model_read_update(CudaModel *m, float *grad_norm, double sums[3]);
 
 // The optimizer part of a step on the gradients of the last backward: global-norm clip (max_norm <= 0: off)
 // and the Adam update at step t with learning rate lr. Returns the norm before clipping. (train_step does

@@ -16,6 +16,11 @@ extern "C" {
 #define CORPUS_URL "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 #define VOCAB_MAX_CHARS 4096
 
+// The reference's sample prompts (the opening of the corpus), shown masked and predicted before every epoch. A run
+// holds batches of MLM_MAX(batch_size, N_PROMPTS) sequences so that they fit in one.
+#define N_PROMPTS 10
+extern const char *const SAMPLE_PROMPTS[N_PROMPTS];
+
 // Find the corpus: `explicit_path` if given (used as is, any UTF-8 text), else data/tinyshakespeare.txt,
 // else $MLM_DATA_MIRROR/tinyshakespeare.txt, else download into data/. Files that were mirrored or
 // downloaded are verified against CORPUS_MD5. Writes the chosen path into out; exits with a message that

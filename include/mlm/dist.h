@@ -1,5 +1,5 @@
 // dist.h: the ranks of a data-parallel run (MPI for the CPU backend) and the few exchanges training needs:
-// a gradient sum in one fixed global order (a chain in rank order), its broadcast or scatter, gathers, and
+// a gradient sum in one fixed global order (a chain in rank order), its broadcast, gathers, and
 // agreement on rank 0's decisions; every wait is bounded by a timeout so that a dead or hung rank stops the job.
 //
 // Why a chain and not MPI_Allreduce: an allreduce's summation order depends on the library, the algorithm and
@@ -44,8 +44,6 @@ void dist_chain_send(const Dist *d, const float *sum, size_t n, const double *st
 void dist_bcast_last(const Dist *d, void *buf, size_t bytes);
 // Shards: rank i owns elements [dist_shard_start(i), dist_shard_start(i + 1)) of an n-vector.
 size_t dist_shard_start(const Dist *d, size_t n, int rank);
-// The last rank's full[n] is cut into shards; each rank receives its own into shard (ZeRO-1 reduce-scatter).
-void dist_scatter_last(const Dist *d, const float *full, float *shard, size_t n);
 // Every rank's shard of full[n_items] (items of item_bytes, in place at its offset) to every rank: the ZeRO-1
 // parameter all-gather, and per-batch validation results.
 void dist_allgather_items(const Dist *d, void *full, size_t n_items, size_t item_bytes);

@@ -4,13 +4,11 @@
 
 #include <stddef.h>
 
+#include "mlm/config.h"  // MaskScheme, MASK_MAX_NO_MASK: the values of mask.scheme and the size of mask.no_mask
+
 #ifdef __cplusplus
 extern "C" {
 #endif
-
-typedef enum { MASK_SCHEME_REFERENCE = 0, MASK_SCHEME_BERT = 1 } MaskScheme;
-
-#define MASK_MAX_NO_MASK 16
 
 typedef struct {
     MaskScheme scheme;

@@ -116,8 +116,15 @@ int model_pe_buffer_rows(const ModelConfig *cfg);
 // template layer).
 void model_init_params(const ModelConfig *cfg, float *params, uint64_t user_seed, int copy_layers);
 
+// The model a run configuration describes ([model], data.seq_len) over a vocabulary of vocab_size tokens whose
+// [PAD] is pad_id (bert masks [PAD] keys and freezes its row): what train, eval, fill, info and checkpoints build
+// and check.
+struct Config;
+ModelConfig model_config_from(const struct Config *c, int vocab_size, int pad_id);
 // Validate hyper-parameters; on failure write a message naming the offending setting into `err`.
 int model_config_check(const ModelConfig *cfg, char *err, size_t errlen);
+// Bytes of the CPU model's parameters, gradients and activations for a batch of B (also `mlm train --dry-run`).
+double model_bytes(const ModelConfig *m, int B);
 
 // Where AdamW decays: mask[P] = 1 on every 2-D weight (ParamEntry.is_matrix), except, for bert, the [PAD] row of
 // the word embeddings, which is frozen (its gradient is zeroed too, see cpu_model_backward).

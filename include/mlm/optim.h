@@ -5,12 +5,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "mlm/config.h"  // OptimKind, ScheduleKind: the values of optim.name and optim.schedule
+
 #ifdef __cplusplus
 extern "C" {
 #endif
-
-typedef enum { OPTIM_NOAM_ADAM = 0, OPTIM_ADAMW = 1 } OptimKind;
-typedef enum { SCHED_NOAM = 0, SCHED_COSINE = 1, SCHED_LINEAR = 2, SCHED_CONSTANT = 3 } ScheduleKind;
 
 typedef struct {
     OptimKind kind;
@@ -29,6 +28,9 @@ typedef struct {
 // Noam: lr * d_model^-0.5 * min(t^-0.5, t * warmup^-1.5).
 // Others: linear warmup to lr over `warmup` steps, then cosine/linear decay to min_lr at total_steps, or constant.
 double optim_lr(const OptimConfig *c, long t);
+
+// The optimizer settings of a configuration ([optim], model.d_model for Noam) for a run of total_steps steps.
+OptimConfig optim_config_from(const Config *c, long total_steps);
 
 // One Adam step over n parameters at step t (from 1) with learning rate lr.
 // OPTIM_NOAM_ADAM is labml's Adam: step = lr * sqrt(1 - b2^t) / (1 - b1^t); p -= step * m / (sqrt(v) + eps)

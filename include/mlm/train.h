@@ -11,9 +11,6 @@
 extern "C" {
 #endif
 
-#define N_PROMPTS 10
-extern const char *const SAMPLE_PROMPTS[N_PROMPTS];
-
 typedef struct {
     const char *config_path;  // for the run name and messages (may be NULL)
     const char *out_dir;      // run directory (NULL: runs/<config>-<timestamp>)
@@ -27,8 +24,8 @@ typedef struct {
     long profile_first, profile_last;
 } TrainOptions;
 
-// Derived settings shared by train, eval and fill.
-ModelConfig train_model_config(const Config *c, const Vocab *v);
+// The masking a configuration describes over a vocabulary (shared by train and eval; model_config_from in model.h
+// gives the model).
 MaskConfig train_mask_config(const Config *c, const Vocab *v);
 
 // Keys that may change when a run is resumed: they bound or report the run, never its arithmetic.

@@ -15,7 +15,7 @@
 // The smallest raw output x with uniform(x) >= p (2^32 if there is none). uniform() is monotonic in x
 // (a conversion, a product and a sum by positive constants, each rounding monotonically), so
 // !(uniform(x) < p) is exactly x >= threshold, an integer compare instead of a conversion per element.
-static uint64_t keep_threshold(float p) {
+uint64_t dropout_keep_threshold(float p) {
     uint64_t lo = 0, hi = (uint64_t)1 << 32;  // invariant: uniform(x) < p for x < lo; >= p at hi (virtually)
     while (lo < hi) {
         uint64_t mid = lo + (hi - lo) / 2;
@@ -31,16 +31,21 @@ int dropout_is_active(const DropoutCtx *drop) {
 
 float dropout_scale(float p) { return 1.0f / (1.0f - p); }
 
-void dropout_keep_mask(uint8_t *keep, const DropoutCtx *drop, int layer, DropSite site, size_t n) {
-    if (n == 0) return;
+uint64_t dropout_site_offset(const DropoutCtx *drop, int layer, DropSite site, size_t n) {
     // The uniforms of one site are a prefix (the actual batch) of the region RngLayout reserves for it.
     uint64_t offset = rng_dropout_offset(&drop->layout, drop->step, layer, site);
     // A micro-batch's rows are a contiguous sub-range of the whole batch's [B, ...] region (n / rows per row).
     if (drop->rows > 0) offset += (uint64_t)drop->first_row * ((uint64_t)n / (uint64_t)drop->rows);
+    return offset;
+}
+
+void dropout_keep_mask(uint8_t *keep, const DropoutCtx *drop, int layer, DropSite site, size_t n) {
+    if (n == 0) return;
+    uint64_t offset = dropout_site_offset(drop, layer, site, n);
     float p = drop->p;
     if (rng_reproduced(drop->rng)) {
         // Integer compare on the raw outputs: the same decisions as !(uniform < p), without conversions.
-        uint64_t threshold = keep_threshold(p);
+        uint64_t threshold = dropout_keep_threshold(p);
         FOR_EACH_PHILOX(drop->rng->seed, offset, (uint64_t)n, keep[i] = (uint64_t)x >= threshold);
         return;
     }

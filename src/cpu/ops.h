@@ -27,7 +27,8 @@
 //     keep[i]   = !(u[i] < p)                       (u is in (0, 1]; element i is dropped when u[i] < p)
 //     y[i]      = keep[i] ? x[i] * scale : 0.0f,   scale = 1.0f / (1.0f - p) evaluated in float
 //   (the CPU computes x[i] * (keep[i] * scale), identical except that a dropped negative x gives -0.0).
-//   The attention site is applied to the softmax probabilities [B, H, T, T] (before P V); the two residual
+//   The attention site is applied to the softmax probabilities [B, H, T, T] (before P V; never stored: the tiles of
+//   attention.c compute each element's uniform where they use it); the two residual
 //   sites to the block outputs [B, T, C] before they are added to the residual stream; the FFN site to
 //   ReLU(Linear1) [B, T, F].
 
@@ -35,8 +36,13 @@
 int dropout_is_active(const DropoutCtx *drop);
 // scale = 1 / (1 - p) in float, as in the rule above.
 float dropout_scale(float p);
+// The smallest raw Philox output x whose uniform is >= p (2^32 if none): keep = !(u < p) is exactly x >= it.
+uint64_t dropout_keep_threshold(float p);
 // keep[n] (1 = kept) for one site, by the rule above.
 void dropout_keep_mask(uint8_t *keep, const DropoutCtx *drop, int layer, DropSite site, size_t n);
+// The absolute stream offset of element 0 of that site's n elements (a micro-batch's rows start inside the
+// whole batch's region): where dropout_keep_mask draws from.
+uint64_t dropout_site_offset(const DropoutCtx *drop, int layer, DropSite site, size_t n);
 
 // h[n] = ReLU(h) then dropout (keep == NULL: no dropout), in place.
 void relu_dropout_forward(float *h, const uint8_t *keep, float scale, size_t n);
@@ -112,18 +118,29 @@ void linear_backward(float *dinp, float *dw, float *db, const float *dout, const
 void column_sums_accumulate(float *sums, const float *x, int N, int C);
 
 // ---- Multi-head attention core (attention.c) ---------------------------------------------------------
-// qkv[B,T,3C] holds query, key, value (head h = features h*hs..h*hs+hs-1 of each, hs = C/H).
-// att[B,H,T,T] = softmax(Q K^T / sqrt(hs)) over keys, saved before dropout;
-// out[B,T,C] = dropout(att) V with the heads concatenated. keep[B,H,T,T] (NULL = no dropout).
-// key_valid[B,T] (NULL = every key): the key-padding mask, 0 at keys no query may attend to ([PAD] tokens of
-// arch = bert, transformers' attention_mask): their probability is exactly 0. A sequence with no valid key at all
-// attends to every key (nothing reads such rows: they are all padding). The backward needs no mask: a
-// probability of 0 has a zero gradient through the softmax.
-void attention_forward(float *out, float *att, const float *qkv, const uint8_t *keep, float drop_scale, int B,
-                       int T, int C, int H, const uint8_t *key_valid);
-// dqkv[B,T,3C] (overwritten) from dout[B,T,C].
-void attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att, const uint8_t *keep,
-                        float drop_scale, int B, int T, int C, int H);
+// qkv[B,T,3C] holds query, key, value (head h = features h*hs..h*hs+hs-1 of each, hs = C/H). Tiled (FlashAttention-2):
+// nothing of size T x T is stored; the forward saves lse[B,H,T], the backward recomputes the probabilities.
+//   out[B,T,C] = dropout(softmax(Q K^T / sqrt(hs) + mask)) V per head, the heads concatenated, where mask is -inf
+//   at the keys j of sequence b with key_valid[b, j] == 0 ([PAD] tokens of arch = bert, transformers'
+//   attention_mask; key_valid NULL: every key is valid). A sequence with no valid key at all attends to every key
+//   (nothing reads such rows: they are all padding).
+//   lse[B,H,T] = log sum_j exp(score_ij) over the valid keys (before dropout).
+// Dropout of the probabilities (drop NULL: none) follows THE DROPOUT RULE above for site DROP_ATTN_PROBS, element
+// (b, h, i, j) at index ((b H + h) T + i) T + j of the site, its uniform computed inside the tile from Philox.
+typedef struct {
+    uint64_t seed;       // Philox key of the step's stream (Rng.seed)
+    uint64_t offset;     // absolute stream offset of element 0 of this batch's attention site
+    uint64_t threshold;  // dropout_keep_threshold(p): kept where the raw output is >= it
+    float p, scale;      // drop probability, 1 / (1 - p)
+} AttnDropout;
+// Fill *ad for layer `layer` of a forward over n = B*H*T*T attention elements; returns 0 (ad untouched) when
+// `drop` asks for no dropout. Fatal when the stream cannot be regenerated inside the tiles (rng_reproduced).
+int attention_dropout(AttnDropout *ad, const DropoutCtx *drop, int layer, size_t n);
+void attention_forward(float *out, float *lse, const float *qkv, const uint8_t *key_valid, const AttnDropout *drop,
+                       int B, int T, int C, int H);
+// dqkv[B,T,3C] (overwritten) from dout[B,T,C] and the forward's qkv, out, lse (same key_valid and drop).
+void attention_backward(float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
+                        const uint8_t *key_valid, const AttnDropout *drop, int B, int T, int C, int H);
 
 // ---- Cross-entropy with an ignore index (loss.c) -----------------------------------------------------
 // losses[N] = -log softmax(logits[n])[labels[n]] (0 where labels[n] == ignore_index). Returns the mean over

@@ -1,464 +1,422 @@
-// attention.cu: the attention core. For T <= 64, one fused kernel per (batch, head) forward and backward (end of
-// the file). For longer sequences, the attention softmax (scale, softmax, dropout of the probabilities) forward
-// and backward and the layout shuffles between qkv rows [B,T,3C] and per-head tensors [B,H,T,hs]; there the
-// products Q K^T, P V and their gradients are batched cuBLAS calls in cuda_model.cu.
+// attention.cu: the attention core, tiled (FlashAttention-2's algorithm), forward and backward, for any T; nothing
+// of size T x T is stored. Twin: src/cpu/attention.c (the same algorithm on the CPU; its opening explains it).
+//
+// Forward: one block per (query tile, batch x head). Q's tile stays in shared memory while the key tiles stream
+// through; the tile's scores live in registers, the online softmax keeps each row's running max m and sum l (in
+// FP32 whatever the storage type: when a key tile raises m, l and the output accumulated so far are rescaled by
+// exp(m_old - m_new)), and the block writes the output rows and lse = m + log(l) once, at the end.
+// Backward: one block per (batch, head), key tiles outer (dK and dV of the tile accumulate in registers), query
+// tiles inner: P = exp(S - lse) recomputed, dV += dropout(P)^T dO, dS = P (dP - D) with D = rowsum(dO * O)
+// (computed by the block first), dK += dS^T Q, and dQ += dS K added to the block's own rows of dqkv in a fixed
+// order (key tile by key tile). No atomics: the results are deterministic, and since every output element is
+// written by exactly one thread of one block (the bias partials read dqkv only after the block's barrier), no
+// two blocks ever touch the same memory: races between blocks are impossible by construction, no last-block
+// tricks.
+// Attention dropout is regenerated inside each tile from the Philox counter of each (batch, head, query, key)
+// element, at the stream offset THE DROPOUT RULE (src/cpu/ops.h) gives element (b, h, i, j) of the [B, H, T, T]
+// site: the decisions of the CPU twin and of the keep masks this file stored before it was tiled.
+//
+// Tile products run on CUDA cores in FP32 (tile_product: each thread a small register block of the output,
+// explicit fused multiply-adds so that the GPU and the CPU execution layer round alike). A BF16 variant would
+// replace tile_product and the tile loads and keep the softmax statistics, the lse and the accumulators in FP32.
 #include <math.h>
 
 #include "cuda_check.h"
 #include "kernels.h"
+#include "philox.cuh"
 
-// ---- Softmax over keys: one warp per row of T scores ------------------------------------------------------
-// A row of any length T is walked by the 32 lanes with stride 32 (coalesced), in three passes: the max (for
-// stability), the sum of exponentials (written back to the row, which only the writing lane re-reads), then
-// the normalisation and dropout. Rows never share a warp, so no block-level synchronisation is needed.
-// Arithmetic follows attention.c's softmax_rows: e = expf(s * scale - max), p = e * (1 / sum); the products
-// are rounded separately (__fmul_rn) where nvcc would otherwise fuse them into the subtraction.
+// ---- Shapes ---------------------------------------------------------------------------------------------
+// A block has ATT_THREADS threads, seen as ATT_TY x ATT_TX (ty, tx). In a tile product the thread owns the
+// output rows ty + ATT_TY a and columns tx + ATT_TX b: the 16 threads of a row sit in one half-warp, so the
+// softmax's row max and sum are shuffles within it.
+// HS is the head size rounded up to a supported size (16, 32, 64, 128): tiles hold zeros past hs, which add
+// nothing. TILE (query rows and keys of a tile) is 32, or 16 at HS 128, so that a block's tiles fit 48 KiB.
+enum { ATT_THREADS = 128, ATT_TX = 16, ATT_TY = 8, ATT_MAX_HS = 128 };
 
-enum { SM_BLOCK = 256, SM_ROWS_PER_BLOCK = SM_BLOCK / 32 };
+template <int HS>
+struct AttShape {
+    static constexpr int TILE = HS <= 64 ? 32 : 16;
+    static constexpr int LDH = HS + 1;    // row stride of the [TILE, HS] tiles: odd, so a warp's loads of
+    static constexpr int LDT = TILE + 1;  // different rows hit different banks; likewise [TILE, TILE] tiles
+    static constexpr int RT = TILE / ATT_TY;  // rows a thread owns in a tile product
+    static constexpr int CT = TILE / ATT_TX;  // ... its columns of a [TILE, TILE] product
+    static constexpr int CH = HS / ATT_TX;    // ... its columns of a [TILE, HS] product
+    // Dynamic shared memory of the two kernels, in bytes.
+    static constexpr size_t fwd_bytes = (3 * TILE * LDH + TILE * LDT) * sizeof(float) + TILE * TILE;
+    static constexpr size_t bwd_bytes = (4 * TILE * LDH + 2 * TILE * LDT) * sizeof(float) + TILE * TILE;
+};
 
-static __device__ __forceinline__ float warp_sum(float x) {
-    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-    return x;
-}
+// The kernels are instantiated for the padded head sizes 16, 32, 64 and 128, in that order (hs_index).
+static int hs_index(int hs) { return hs <= 16 ? 0 : hs <= 32 ? 1 : hs <= 64 ? 2 : 3; }
 
-static __device__ __forceinline__ float warp_max(float x) {
-    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-    return x;
-}
+extern "C" int cuda_attention_supported(int C, int H) { return H > 0 && C % H == 0 && C / H <= ATT_MAX_HS; }
 
-// The key-padding mask of sequence b for a warp's row (attention.c's sequence_key_mask): its T flags, or NULL when
-// there is no mask, or when every key or none is valid (a sequence of nothing but [PAD] attends to every key).
-// Every lane of the warp gets the same answer.
-static __device__ const uint8_t *warp_key_mask(const uint8_t *key_valid /* [B, T] or NULL */, size_t b, int T,
-                                               int lane) {
-    if (!key_valid) return NULL;
-    const uint8_t *v = key_valid + b * (size_t)T;  // [T]
-    float valid = 0.0f;  // a count: exact in float up to 2^24 keys
-    for (int j = lane; j < T; j += 32) valid += v[j] != 0;
-    valid = warp_sum(valid);
-    return valid > 0.0f && valid < (float)T ? v : NULL;
-}
-
-static __global__ void softmax_forward_kernel(float *att /* [rows, T] */, float *att_drop /* [rows, T] or NULL */,
-                                              const uint8_t *keep /* [rows, T] or NULL */, float drop_scale,
-                                              float scale, size_t rows, int T,
-                                              const uint8_t *key_valid /* [B, T] or NULL */, int H) {
-    size_t row = (size_t)blockIdx.x * SM_ROWS_PER_BLOCK + threadIdx.x / 32;
-    int lane = threadIdx.x % 32;
-    if (row >= rows) return;  // whole warps leave together
-    float *a = att + row * (size_t)T;  // [T]: unscaled scores in, probabilities out
-    const uint8_t *kv = warp_key_mask(key_valid, row / ((size_t)H * T), T, lane);  // masked keys: probability 0
-    float maxv = -INFINITY;
-    for (int j = lane; j < T; j += 32)
-        if (!kv || kv[j]) maxv = fmaxf(maxv, __fmul_rn(a[j], scale));
-    maxv = warp_max(maxv);
-    float sum = 0.0f;
-    for (int j = lane; j < T; j += 32) {
-        float e = !kv || kv[j] ? expf(__fsub_rn(__fmul_rn(a[j], scale), maxv)) : 0.0f;
-        a[j] = e;
-        sum += e;
-    }
-    float inv = __fdiv_rn(1.0f, warp_sum(sum));
-    if (keep) {
-        const uint8_t *k = keep + row * (size_t)T;  // [T]
-        float *d = att_drop + row * (size_t)T;  // [T]
-        for (int j = lane; j < T; j += 32) {
-            float p = __fmul_rn(a[j], inv);
-            a[j] = p;
-            d[j] = __fmul_rn(p, (float)k[j] * drop_scale);  // THE DROPOUT RULE, as the CPU's p * (keep * scale)
-        }
-    } else {
-        for (int j = lane; j < T; j += 32) a[j] = __fmul_rn(a[j], inv);
-    }
-}
-
-extern "C" void cuda_softmax_forward(float *att, float *att_drop, const uint8_t *keep, float drop_scale, float scale,
-                                     int BH, int T, const uint8_t *key_valid, int H, cudaStream_t stream) {
-    size_t rows = (size_t)BH * T;
-    if (rows == 0) return;
-    if (keep != NULL && att_drop == NULL) mlm_fatal(MLM_EXIT_FAILURE, "cuda_softmax_forward: keep without att_drop");
-    unsigned grid = (unsigned)((rows + SM_ROWS_PER_BLOCK - 1) / SM_ROWS_PER_BLOCK);
-    softmax_forward_kernel<<<grid, SM_BLOCK, 0, stream>>>(att, att_drop, keep, drop_scale, scale, rows, T, key_valid,
-                                                          H > 0 ? H : 1);
-    CUDA_CHECK_LAUNCH();
-}
-
-// datt = datt_drop * keep * drop_scale; dscores = scale * att * (datt - sum_j att_j datt_j), as
-// attention_backward: (att * (datt - dot)) * scale. Pass 1 reduces the dot product, pass 2 recomputes datt
-// and writes; dscores may alias datt_drop since each element is read before it is written, by one lane.
-static __global__ void softmax_backward_kernel(float *dscores /* [rows, T] */, const float *datt_drop /* [rows, T] */,
-                                               const float *att /* [rows, T] */,
-                                               const uint8_t *keep /* [rows, T] or NULL */, float drop_scale,
-                                               float scale, size_t rows, int T) {
-    size_t row = (size_t)blockIdx.x * SM_ROWS_PER_BLOCK + threadIdx.x / 32;
-    int lane = threadIdx.x % 32;
-    if (row >= rows) return;
-    const float *da = datt_drop + row * (size_t)T;  // [T]
-    const float *p = att + row * (size_t)T;  // [T]
-    const uint8_t *k = keep ? keep + row * (size_t)T : NULL;  // [T]
-    float *ds = dscores + row * (size_t)T;  // [T]
-    float dot = 0.0f;
-    for (int j = lane; j < T; j += 32) {
-        float g = k ? __fmul_rn(da[j], (float)k[j] * drop_scale) : da[j];
-        dot += p[j] * g;
-    }
-    dot = warp_sum(dot);
-    for (int j = lane; j < T; j += 32) {
-        float g = k ? __fmul_rn(da[j], (float)k[j] * drop_scale) : da[j];
-        ds[j] = __fmul_rn(__fmul_rn(p[j], __fsub_rn(g, dot)), scale);
-    }
-}
-
-extern "C" void cuda_softmax_backward(float *dscores, const float *datt_drop, const float *att, const uint8_t *keep,
-                                      float drop_scale, float scale, int BH, int T, cudaStream_t stream) {
-    size_t rows = (size_t)BH * T;
-    if (rows == 0) return;
-    unsigned grid = (unsigned)((rows + SM_ROWS_PER_BLOCK - 1) / SM_ROWS_PER_BLOCK);
-    softmax_backward_kernel<<<grid, SM_BLOCK, 0, stream>>>(dscores, datt_drop, att, keep, drop_scale, scale, rows, T);
-    CUDA_CHECK_LAUNCH();
-}
-
-// ---- Layout shuffles ------------------------------------------------------------------------------------
-// Head h owns features h*hs .. h*hs+hs-1 of each of q, k, v (hs = C / H). One thread per element of the
-// destination, so writes are fully coalesced and reads are contiguous over runs of hs floats.
-
-enum { LAYOUT_BLOCK = 256 };
-
-static unsigned layout_grid(size_t n) {
-    size_t g = (n + LAYOUT_BLOCK - 1) / LAYOUT_BLOCK;
-    return (unsigned)(g < (1u << 20) ? g : (1u << 20));
-}
-
-static int head_size(int C, int H, const char *who) {
-    if (H <= 0 || C % H != 0) mlm_fatal(MLM_EXIT_FAILURE, "%s: d_model %d is not a multiple of n_heads %d", who, C, H);
+static int checked_head_size(int C, int H, const char *who) {
+    if (!cuda_attention_supported(C, H))
+        mlm_fatal(MLM_EXIT_USAGE, "%s: d_model %d with %d heads is a head size of %s; the CUDA attention kernels take "
+                  "head sizes up to %d: use more heads (model.n_heads) or --device cpu", who, C, H,
+                  H > 0 && C % H == 0 ? "more than 128" : "no whole number", ATT_MAX_HS);
     return C / H;
 }
 
-#define LAYOUT_LOOP(i, n) \
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (size_t)gridDim.x * blockDim.x)
-
-// q, k, v [B,H,T,hs] from qkv [B,T,3C].
-static __global__ void qkv_split_heads_kernel(float *q /* [B,H,T,hs] */, float *k /* [B,H,T,hs] */,
-                                              float *v /* [B,H,T,hs] */, const float *qkv /* [B,T,3C] */, int B, int T,
-                                              int C, int H, int hs) {
-    size_t n = (size_t)B * H * T * hs;
-    LAYOUT_LOOP(i, n) {
-        int d = (int)(i % hs);
-        size_t r = i / hs;  // (b, h, t)
-        int t = (int)(r % T);
-        r /= T;
-        int h = (int)(r % H);
-        size_t b = r / H;
-        const float *src = qkv + (b * T + t) * (size_t)(3 * C) + (size_t)h * hs + d;
-        q[i] = src[0];
-        k[i] = src[C];
-        v[i] = src[2 * C];
-    }
-}
-
-// dqkv [B,T,3C] (overwritten) from dq, dk, dv [B,H,T,hs].
-static __global__ void qkv_merge_heads_kernel(float *dqkv /* [B,T,3C] */, const float *dq /* [B,H,T,hs] */,
-                                              const float *dk /* [B,H,T,hs] */, const float *dv /* [B,H,T,hs] */, int B,
-                                              int T, int C, int H, int hs) {
-    size_t n = (size_t)B * T * 3 * C;
-    LAYOUT_LOOP(i, n) {
-        int c3 = (int)(i % (size_t)(3 * C));
-        size_t bt = i / (size_t)(3 * C);
-        int t = (int)(bt % T);
-        size_t b = bt / T;
-        int which = c3 / C, c = c3 % C;
-        int h = c / hs, d = c % hs;
-        size_t j = ((b * H + h) * T + t) * (size_t)hs + d;
-        dqkv[i] = which == 0 ? dq[j] : which == 1 ? dk[j] : dv[j];
-    }
-}
-
-// out [B,T,C] (heads concatenated) from y [B,H,T,hs].
-static __global__ void heads_to_rows_kernel(float *out /* [B,T,C] */, const float *y /* [B,H,T,hs] */, int B, int T,
-                                            int C, int H, int hs) {
-    size_t n = (size_t)B * T * C;
-    LAYOUT_LOOP(i, n) {
-        int c = (int)(i % (size_t)C);
-        size_t bt = i / (size_t)C;
-        int t = (int)(bt % T);
-        size_t b = bt / T;
-        int h = c / hs, d = c % hs;
-        out[i] = y[((b * H + h) * T + t) * (size_t)hs + d];
-    }
-}
-
-// y [B,H,T,hs] from in [B,T,C].
-static __global__ void rows_to_heads_kernel(float *y /* [B,H,T,hs] */, const float *in /* [B,T,C] */, int B, int T,
-                                            int C, int H, int hs) {
-    size_t n = (size_t)B * H * T * hs;
-    LAYOUT_LOOP(i, n) {
-        int d = (int)(i % hs);
-        size_t r = i / hs;
-        int t = (int)(r % T);
-        r /= T;
-        int h = (int)(r % H);
-        size_t b = r / H;
-        y[i] = in[(b * T + t) * (size_t)C + (size_t)h * hs + d];
-    }
-}
-
-extern "C" void cuda_qkv_split_heads(float *q, float *k, float *v, const float *qkv, int B, int T, int C, int H,
-                                     cudaStream_t stream) {
-    int hs = head_size(C, H, "cuda_qkv_split_heads");
-    size_t n = (size_t)B * T * C;
-    if (n == 0) return;
-    qkv_split_heads_kernel<<<layout_grid(n), LAYOUT_BLOCK, 0, stream>>>(q, k, v, qkv, B, T, C, H, hs);
-    CUDA_CHECK_LAUNCH();
-}
-
-extern "C" void cuda_qkv_merge_heads(float *dqkv, const float *dq, const float *dk, const float *dv, int B, int T,
-                                     int C, int H, cudaStream_t stream) {
-    int hs = head_size(C, H, "cuda_qkv_merge_heads");
-    size_t n = (size_t)B * T * 3 * C;
-    if (n == 0) return;
-    qkv_merge_heads_kernel<<<layout_grid(n), LAYOUT_BLOCK, 0, stream>>>(dqkv, dq, dk, dv, B, T, C, H, hs);
-    CUDA_CHECK_LAUNCH();
-}
-
-extern "C" void cuda_heads_to_rows(float *out, const float *y, int B, int T, int C, int H, cudaStream_t stream) {
-    int hs = head_size(C, H, "cuda_heads_to_rows");
-    size_t n = (size_t)B * T * C;
-    if (n == 0) return;
-    heads_to_rows_kernel<<<layout_grid(n), LAYOUT_BLOCK, 0, stream>>>(out, y, B, T, C, H, hs);
-    CUDA_CHECK_LAUNCH();
-}
-
-extern "C" void cuda_rows_to_heads(float *y, const float *in, int B, int T, int C, int H, cudaStream_t stream) {
-    int hs = head_size(C, H, "cuda_rows_to_heads");
-    size_t n = (size_t)B * T * C;
-    if (n == 0) return;
-    rows_to_heads_kernel<<<layout_grid(n), LAYOUT_BLOCK, 0, stream>>>(y, in, B, T, C, H, hs);
-    CUDA_CHECK_LAUNCH();
-}
-
-// ---- Fused attention for short sequences (T <= ATTN_FUSED_MAX_T) -------------------------------------------
-// One block per (batch, head) pair holds the head's Q, K, V [T, hs] and its [T, T] probabilities in shared
-// memory, so the whole core (bias add of qkv, scores, softmax, dropout, P V, the heads' concatenation) is one
-// launch and one pass over qkv instead of a bias add, a head split, two batched products, the softmax and a
-// head merge. The backward likewise: dV, d dropout(P), the softmax backward, dQ and dK, written straight into
-// dqkv's rows, plus the per-batch partial column sums of dqkv (the qkv bias gradient; cuda_column_sums_finish
-// adds them). The CPU twin is linear_forward's bias add followed by attention_forward / attention_backward
-// (attention.c); the arithmetic is the same except for the order of the dot products' sums.
-//
-// K and V rows are padded to hs + 1 floats where it fits, so that threads of a warp reading K[j][d] (or V[j][d])
-// for consecutive j hit different shared-memory banks.
-
-enum { ATTN_FUSED_MAX_T = 64, ATTN_BLOCK = 128, ATTN_MAX_SHMEM = 48 * 1024 };
-
-typedef struct {
-    int T, hs, ldkv;          // ldkv: row stride of K and V in shared memory (hs or hs + 1)
-    size_t fwd_floats, bwd_floats;
-} AttnShape;
-
-// forward: Q [T, hs], K, V [T, ldkv], P [T, T]; backward adds dY [T, hs] and dP [T, T].
-static size_t attn_fwd_floats(int T, int hs, int ldkv) { return (size_t)T * hs + 2 * (size_t)T * ldkv + (size_t)T * T; }
-static size_t attn_bwd_floats(int T, int hs, int ldkv) { return attn_fwd_floats(T, hs, ldkv) + (size_t)T * hs + (size_t)T * T; }
-
-// The layout of both kernels, or 0 when the fused kernels do not apply (T too long, shared memory too small).
-static int attn_shape(AttnShape *s, int T, int C, int H) {
-    if (T < 1 || T > ATTN_FUSED_MAX_T || H <= 0 || C % H != 0) return 0;
-    int hs = C / H;
-    const size_t most = ATTN_MAX_SHMEM / sizeof(float);
-    int ld = attn_bwd_floats(T, hs, hs + 1) <= most ? hs + 1 : hs;
-    if (attn_bwd_floats(T, hs, ld) > most) return 0;
-    *s = (AttnShape){T, hs, ld, attn_fwd_floats(T, hs, ld), attn_bwd_floats(T, hs, ld)};
-    return 1;
-}
-
-extern "C" int cuda_attention_fused_fits(int T, int C, int H) {
-    AttnShape s;
-    return attn_shape(&s, T, C, H);
-}
-
 extern "C" size_t cuda_attention_bias_scratch(int B, int C) { return (size_t)B * 3 * (size_t)C; }
+extern "C" size_t cuda_attention_delta_scratch(int B, int T, int H) { return (size_t)B * H * T; }
 
-// Q, K, V of head h of sequence b from qkv rows (+ bias), into shared memory.
-static __device__ void attn_load_qkv(float *q /* [T, hs] */, float *k /* [T, ldkv] */, float *v /* [T, ldkv] */,
-                                     const float *qkv /* [B, T, 3C] */, const float *bias /* [3C] or NULL */, int b,
-                                     int h, int T, int C, int hs, int ldkv) {
-    for (int idx = threadIdx.x; idx < T * hs; idx += blockDim.x) {
-        int t = idx / hs, d = idx % hs, c = h * hs + d;
-        const float *row = qkv + ((size_t)b * T + t) * 3 * (size_t)C;  // [3C]
-        float xq = row[c], xk = row[C + c], xv = row[2 * C + c];
-        if (bias) {
-            xq = __fadd_rn(xq, bias[c]);
-            xk = __fadd_rn(xk, bias[C + c]);
-            xv = __fadd_rn(xv, bias[2 * C + c]);
+// ---- Pieces shared by the two kernels -------------------------------------------------------------------
+
+// dst[r, d] (row stride HS + 1) = src[(row0 + r) * ld + d] (+ bias[d]) for the tile's rows, 0 past T and past hs:
+// a tile of one head's q, k or v (src and bias at the head's first column) or of its dO.
+template <int HS, int TILE>
+static __device__ void load_rows(float *dst, const float *src, size_t ld, const float *bias, int row0, int T,
+                                 int hs) {
+    for (int idx = threadIdx.x; idx < TILE * HS; idx += blockDim.x) {
+        int r = idx / HS, d = idx % HS, t = row0 + r;
+        float x = 0.0f;
+        if (t < T && d < hs) {
+            x = src[(size_t)t * ld + d];
+            if (bias) x = __fadd_rn(x, bias[d]);
         }
-        q[t * hs + d] = xq;
-        k[t * ldkv + d] = xk;
-        v[t * ldkv + d] = xv;
+        dst[r * (HS + 1) + d] = x;
     }
 }
 
-// grid B * H, block ATTN_BLOCK, dynamic shared memory fwd_floats.
-static __global__ void attention_forward_kernel(float *out /* [B, T, C] */, float *att /* [B, H, T, T] */,
-                                                const float *qkv /* [B, T, 3C] */, const float *bias /* [3C] or NULL */,
-                                                const uint8_t *keep /* [B, H, T, T] or NULL */, float drop_scale,
-                                                float scale, int T, int C, int H, int hs, int ldkv,
-                                                const uint8_t *key_valid /* [B, T] or NULL */) {
+// acc[a][b] += sum_k A(row, k) B(k, col) over k < K for the thread's rows ty + ATT_TY a and columns tx + ATT_TX b.
+// Shared-memory operands: A(row, k) = a[row * lda + k] (A_T: a[k * lda + row]), B(k, col) = b[k * ldb + col]
+// (B_T: b[col * ldb + k]). Each sum in k order, one rounding per term (fused multiply-add).
+template <int R, int CC, int K, bool A_T, bool B_T>
+static __device__ __forceinline__ void tile_product(float (&acc)[R][CC], const float *a, int lda, const float *b,
+                                                    int ldb) {
+    int tx = threadIdx.x % ATT_TX, ty = threadIdx.x / ATT_TX;
+    for (int k = 0; k < K; k++) {
+        float av[R], bv[CC];
+        for (int i = 0; i < R; i++) {
+            int row = ty + ATT_TY * i;
+            av[i] = A_T ? a[k * lda + row] : a[row * lda + k];
+        }
+        for (int j = 0; j < CC; j++) {
+            int col = tx + ATT_TX * j;
+            bv[j] = B_T ? b[col * ldb + k] : b[k * ldb + col];
+        }
+        for (int i = 0; i < R; i++)
+            for (int j = 0; j < CC; j++) acc[i][j] = __fmaf_rn(av[i], bv[j], acc[i][j]);
+    }
+}
+
+// Max and sum over the 16 threads of a tile row (one half-warp; every lane of the warp takes part).
+static __device__ __forceinline__ float row_max(float x) {
+    for (int o = ATT_TX / 2; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+}
+static __device__ __forceinline__ float row_sum(float x) {
+    for (int o = ATT_TX / 2; o > 0; o >>= 1) x = __fadd_rn(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+}
+
+// Whether query row i may attend to key j: a key of the sequence ([PAD] keys masked when key_valid is given).
+static __device__ __forceinline__ bool key_ok(int j, int T, const uint8_t *key_valid /* [T] or NULL */) {
+    return j < T && (!key_valid || key_valid[j]);
+}
+
+// The key mask of sequence b (attention.c's sequence_key_mask): its T flags, or NULL when every key or none is valid
+// (a sequence with no valid key attends to every key), so that every query row has a valid key. Each thread reads
+// the flags itself: no shared state and no barrier, T bytes against the block's T x tile x hs products.
+static __device__ const uint8_t *sequence_key_mask(const uint8_t *key_valid /* [B, T] or NULL */, int b, int T) {
+    if (!key_valid) return NULL;
+    const uint8_t *v = key_valid + (size_t)b * T;  // [T]
+    bool any = false, all = true;
+    for (int j = 0; j < T; j++) {
+        any |= v[j] != 0;
+        all &= v[j] != 0;
+    }
+    return any && !all ? v : NULL;
+}
+
+// The Philox key and the absolute offset of element 0 of the (micro-)batch's attention site, read once per block
+// (thread 0; the caller's next barrier publishes them).
+struct AttnRng {
+    uint64_t seed, base;
+};
+static __device__ void load_attn_rng(AttnRng *s, const DeviceStep *step, uint64_t offset_in_step, int H, int T) {
+    if (threadIdx.x == 0 && step) {
+        s->seed = step->philox_seed;
+        s->base = step_rng_offset(step, offset_in_step, (uint64_t)H * T * T);  // outputs per batch row: H T T
+    }
+}
+
+// keep[r * TILE + c] = THE DROPOUT RULE for element (b, h, i0 + r, j0 + c) of the attention site, whose uniform is
+// the stream's output base + (bh T + i) T + j. One Philox block (4 outputs) per task: a row's keys [j0, j0 + TILE)
+// touch at most TILE / 4 + 1 blocks. Entries past T are not written (the softmax never reads them).
+template <int TILE>
+static __device__ void tile_keep(uint8_t *keep, const AttnRng *rng, float p, int bh, int i0, int j0, int T) {
+    constexpr int per_row = TILE / 4 + 1;
+    int n = min(TILE, T - j0);
+    for (int w = threadIdx.x; w < TILE * per_row; w += blockDim.x) {
+        int r = w / per_row, i = i0 + r;
+        if (i >= T) continue;
+        uint64_t g0 = rng->base + ((uint64_t)bh * T + i) * T + j0;  // the row's first key
+        uint64_t blk = g0 / 4 + w % per_row;
+        if (blk * 4 >= g0 + n) continue;
+        uint32_t x[4];
+        philox_block(rng->seed, blk, x);
+        for (int k = 0; k < 4; k++) {
+            uint64_t g = blk * 4 + k;
+            if (g >= g0 && g < g0 + n) keep[r * TILE + (int)(g - g0)] = !(philox_to_uniform(x[k]) < p);
+        }
+    }
+}
+
+// ---- Forward --------------------------------------------------------------------------------------------
+// grid (B * H, ceil(T / TILE)), block ATT_THREADS, dynamic shared memory AttShape<HS>::fwd_bytes.
+template <int HS>
+static __global__ void attention_forward_kernel_hs(float *out /* [B, T, C] */, float *lse /* [B, H, T] */,
+                                                   const float *qkv /* [B, T, 3C] */,
+                                                   const float *bias /* [3C] or NULL */,
+                                                   const uint8_t *key_valid /* [B, T] or NULL */,
+                                                   const DeviceStep *drop_step /* NULL: no dropout */,
+                                                   uint64_t drop_offset_in_step, float drop_p, float drop_scale, int T,
+                                                   int C, int H, int hs, float scale) {
+    typedef AttShape<HS> S;
+    constexpr int TILE = S::TILE, LDH = S::LDH, LDT = S::LDT, RT = S::RT, CT = S::CT, CH = S::CH;
     extern __shared__ float attn_sh[];
-    float *q = attn_sh;  // [T, hs]
-    float *k = q + T * hs;  // [T, ldkv]
-    float *v = k + T * ldkv;  // [T, ldkv]
-    float *p = v + T * ldkv;  // [T, T]: scores, then probabilities, then dropout(probabilities)
-    int bh = blockIdx.x, b = bh / H, h = bh % H;
-    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-    attn_load_qkv(q, k, v, qkv, bias, b, h, T, C, hs, ldkv);
-    __syncthreads();
-    // Scores, scaled after the sum as the CPU's sgemm(alpha = scale).
-    for (int idx = threadIdx.x; idx < T * T; idx += blockDim.x) {
-        int i = idx / T, j = idx % T;
-        float s = 0.0f;
-        for (int d = 0; d < hs; d++) s += q[i * hs + d] * k[j * ldkv + d];
-        p[idx] = __fmul_rn(s, scale);
+    float *qs = attn_sh;                          // [TILE, LDH] the block's queries
+    float *ks = qs + TILE * LDH;                  // [TILE, LDH] a key tile
+    float *vs = ks + TILE * LDH;                  // [TILE, LDH] its values
+    float *ps = vs + TILE * LDH;                  // [TILE, LDT] dropout(exp(S - m)) of the tile
+    uint8_t *keep = (uint8_t *)(ps + TILE * LDT);  // [TILE, TILE] the tile's dropout decisions
+    __shared__ AttnRng rng;
+    int bh = blockIdx.x, b = bh / H, h = bh % H, i0 = blockIdx.y * TILE;
+    int tx = threadIdx.x % ATT_TX, ty = threadIdx.x / ATT_TX;
+    bool dropping = drop_step != NULL && drop_p > 0.0f;
+    const float *seq = qkv + (size_t)b * T * 3 * C + (size_t)h * hs;  // the head's q columns of sequence b
+    const uint8_t *valid = sequence_key_mask(key_valid, b, T);
+    load_attn_rng(&rng, drop_step, drop_offset_in_step, H, T);
+    load_rows<HS, TILE>(qs, seq, 3 * (size_t)C, bias ? bias + (size_t)h * hs : NULL, i0, T, hs);
+    float o[RT][CH], m[RT], l[RT];  // the thread's output rows (unnormalised) and their running max and sum
+    for (int a = 0; a < RT; a++) {
+        m[a] = -INFINITY, l[a] = 0.0f;
+        for (int c = 0; c < CH; c++) o[a][c] = 0.0f;
     }
-    __syncthreads();
-    // Softmax over keys, one warp per row (as softmax_forward_kernel); the probabilities are saved for the
-    // backward, the dropped ones stay in shared memory for P V.
-    float *att_bh = att + (size_t)bh * T * T;  // [T, T]
-    const uint8_t *keep_bh = keep ? keep + (size_t)bh * T * T : NULL;  // [T, T]
-    for (int i = warp; i < T; i += warps) {  // warp-uniform: whole warps enter and leave together
-        float *r = p + i * T;
-        const uint8_t *kv = warp_key_mask(key_valid, (size_t)b, T, lane);  // masked keys: probability 0
-        float maxv = -INFINITY;
-        for (int j = lane; j < T; j += 32)
-            if (!kv || kv[j]) maxv = fmaxf(maxv, r[j]);
-        maxv = warp_max(maxv);
-        float sum = 0.0f;
-        for (int j = lane; j < T; j += 32) {
-            float e = !kv || kv[j] ? expf(__fsub_rn(r[j], maxv)) : 0.0f;
-            r[j] = e;
-            sum += e;
+    for (int j0 = 0; j0 < T; j0 += TILE) {
+        __syncthreads();  // the previous tile's products are done with ks, vs, ps and keep
+        load_rows<HS, TILE>(ks, seq + C, 3 * (size_t)C, bias ? bias + C + (size_t)h * hs : NULL, j0, T, hs);
+        load_rows<HS, TILE>(vs, seq + 2 * C, 3 * (size_t)C, bias ? bias + 2 * C + (size_t)h * hs : NULL, j0, T, hs);
+        if (dropping) tile_keep<TILE>(keep, &rng, drop_p, bh, i0, j0, T);
+        __syncthreads();
+        float s[RT][CT] = {};
+        tile_product<RT, CT, HS, false, true>(s, qs, LDH, ks, LDH);  // Q K^T
+        for (int a = 0; a < RT; a++) {
+            int row = ty + ATT_TY * a;
+            bool row_ok = i0 + row < T;  // rows past T (the last query tile) attend to nothing
+            float mx = -INFINITY;
+            for (int c = 0; c < CT; c++) {
+                int j = j0 + tx + ATT_TX * c;
+                s[a][c] = row_ok && key_ok(j, T, valid) ? __fmul_rn(s[a][c], scale) : -INFINITY;
+                mx = fmaxf(mx, s[a][c]);
+            }
+            float m_new = fmaxf(m[a], row_max(mx));
+            // Rescale the earlier tiles' sum and output (exp(-inf) = 0 before the first valid key); while every key so
+            // far is [PAD] there is nothing to rescale and every p is 0.
+            float corr = m_new == -INFINITY ? 1.0f : expf(__fsub_rn(m[a], m_new));
+            float sum = 0.0f;
+            for (int c = 0; c < CT; c++) {
+                int col = tx + ATT_TX * c;
+                float p = s[a][c] == -INFINITY ? 0.0f : expf(__fsub_rn(s[a][c], m_new));
+                sum = __fadd_rn(sum, p);
+                if (dropping && p != 0.0f)  // THE DROPOUT RULE on the probabilities (keep is read for valid keys only)
+                    p = __fmul_rn(p, (float)keep[row * TILE + col] * drop_scale);
+                ps[row * LDT + col] = p;
+            }
+            l[a] = __fadd_rn(__fmul_rn(l[a], corr), row_sum(sum));
+            m[a] = m_new;
+            for (int c = 0; c < CH; c++) o[a][c] = __fmul_rn(o[a][c], corr);
         }
-        float inv = __fdiv_rn(1.0f, warp_sum(sum));
-        for (int j = lane; j < T; j += 32) {
-            float pr = __fmul_rn(r[j], inv);
-            att_bh[i * T + j] = pr;
-            r[j] = keep_bh ? __fmul_rn(pr, (float)keep_bh[i * T + j] * drop_scale) : pr;  // THE DROPOUT RULE
-        }
+        // The product reads only the thread's own rows of ps (ty + ATT_TY a), which its half-warp wrote: the warp's
+        // barrier orders those writes before the reads (the whole block's would wait for nothing more).
+        __syncwarp();
+        tile_product<RT, CH, TILE, false, false>(o, ps, LDT, vs, LDH);  // o += dropout(P~) V
     }
-    __syncthreads();
-    // out[b, i, h*hs + d] = sum_j P[i, j] V[j, d]: the heads concatenated directly.
-    for (int idx = threadIdx.x; idx < T * hs; idx += blockDim.x) {
-        int i = idx / hs, d = idx % hs;
-        float y = 0.0f;
-        for (int j = 0; j < T; j++) y += p[i * T + j] * v[j * ldkv + d];
-        out[((size_t)b * T + i) * C + (size_t)h * hs + d] = y;
+    for (int a = 0; a < RT; a++) {
+        int i = i0 + ty + ATT_TY * a;
+        if (i >= T) continue;
+        float inv = __fdiv_rn(1.0f, l[a]);  // every row has a valid key (sequence_key_mask), so l > 0
+        float *y = out + ((size_t)b * T + i) * C + (size_t)h * hs;
+        for (int c = 0; c < CH; c++) {
+            int d = tx + ATT_TX * c;
+            if (d < hs) y[d] = __fmul_rn(o[a][c], inv);
+        }
+        if (tx == 0) lse[(size_t)bh * T + i] = __fadd_rn(m[a], logf(l[a]));
     }
 }
 
-extern "C" void cuda_attention_forward(float *out, float *att, const float *qkv, const float *qkv_bias,
-                                       const uint8_t *keep, float drop_scale, int B, int T, int C, int H,
-                                       const uint8_t *key_valid, cudaStream_t stream) {
-    AttnShape s;
-    if (!attn_shape(&s, T, C, H))
-        mlm_fatal(MLM_EXIT_FAILURE, "cuda_attention_forward: T %d, d_model %d, %d heads do not fit the fused kernel "
-                  "(T <= %d and 48 KiB of shared memory); use the unfused path", T, C, H, ATTN_FUSED_MAX_T);
-    if (B <= 0) return;
-    float scale = 1.0f / sqrtf((float)s.hs);
-    attention_forward_kernel<<<(unsigned)(B * H), ATTN_BLOCK, s.fwd_floats * sizeof(float), stream>>>(
-        out, att, qkv, qkv_bias, keep, drop_scale, scale, T, C, H, s.hs, s.ldkv, key_valid);
+// One instantiation's launch: the kernel, its tile and its shared memory all follow from the head size.
+template <int HS>
+static void attention_forward_launch(float *out, float *lse, const float *qkv, const float *qkv_bias,
+                                     const uint8_t *key_valid, const DeviceStep *step, CudaAttnDropout drop, int B,
+                                     int T, int C, int H, int hs, cudaStream_t stream) {
+    dim3 grid((unsigned)(B * H), (unsigned)((T + AttShape<HS>::TILE - 1) / AttShape<HS>::TILE));
+    attention_forward_kernel_hs<HS><<<grid, ATT_THREADS, AttShape<HS>::fwd_bytes, stream>>>(
+        out, lse, qkv, qkv_bias, key_valid, step, drop.offset_in_step, drop.p, drop.scale, T, C, H, hs,
+        1.0f / sqrtf((float)hs));
+}
+
+extern "C" void cuda_attention_forward(float *out, float *lse, const float *qkv, const float *qkv_bias,
+                                       const uint8_t *key_valid, CudaAttnDropout drop, int B, int T, int C, int H,
+                                       cudaStream_t stream) {
+    int hs = checked_head_size(C, H, "cuda_attention_forward");
+    if (B <= 0 || T <= 0) return;
+    const DeviceStep *step = drop.p > 0.0f ? drop.step : NULL;
+#define ATTN_FORWARD(HS) \
+    attention_forward_launch<HS>(out, lse, qkv, qkv_bias, key_valid, step, drop, B, T, C, H, hs, stream)
+    switch (hs_index(hs)) {  // the instantiation for the head size, padded (hs_index)
+    case 0: ATTN_FORWARD(16); break;
+    case 1: ATTN_FORWARD(32); break;
+    case 2: ATTN_FORWARD(64); break;
+    default: ATTN_FORWARD(128);
+    }
+#undef ATTN_FORWARD
     CUDA_CHECK_LAUNCH();
 }
 
-// grid B * H, block ATTN_BLOCK, dynamic shared memory bwd_floats. dqkv's slices of head h are overwritten;
-// bias_partial[b, 3C] (if not NULL) receives the column sums of the block's rows of dqkv over t, in order.
-static __global__ void attention_backward_kernel(float *dqkv /* [B, T, 3C] */, float *bias_partial /* [B, 3C] */,
-                                                 const float *dout /* [B, T, C] */, const float *qkv /* [B, T, 3C] */,
-                                                 const float *bias /* [3C] or NULL */, const float *att /* [B,H,T,T] */,
-                                                 const uint8_t *keep /* [B, H, T, T] or NULL */, float drop_scale,
-                                                 float scale, int T, int C, int H, int hs, int ldkv) {
+// ---- Backward -------------------------------------------------------------------------------------------
+// grid B * H, block ATT_THREADS, dynamic shared memory AttShape<HS>::bwd_bytes. The head's slices of dqkv are
+// overwritten; delta[bh, T] is the block's scratch for D; bias_partial[b, 3C] (if not NULL) receives the column
+// sums over t of the block's columns of dqkv, in t order.
+template <int HS>
+static __global__ void attention_backward_kernel_hs(float *dqkv /* [B, T, 3C] */, float *bias_partial /* [B, 3C] */,
+                                                    float *delta /* [B, H, T] */, const float *dout /* [B, T, C] */,
+                                                    const float *qkv /* [B, T, 3C] */,
+                                                    const float *bias /* [3C] or NULL */,
+                                                    const float *out /* [B, T, C] */,
+                                                    const float *lse /* [B, H, T] */,
+                                                    const uint8_t *key_valid /* [B, T] or NULL */,
+                                                    const DeviceStep *drop_step /* NULL: no dropout */,
+                                                    uint64_t drop_offset_in_step, float drop_p, float drop_scale,
+                                                    int T, int C, int H, int hs, float scale) {
+    typedef AttShape<HS> S;
+    constexpr int TILE = S::TILE, LDH = S::LDH, LDT = S::LDT, RT = S::RT, CT = S::CT, CH = S::CH;
     extern __shared__ float attn_sh[];
-    float *q = attn_sh;  // [T, hs]
-    float *k = q + T * hs;  // [T, ldkv]
-    float *v = k + T * ldkv;  // [T, ldkv]
-    float *p = v + T * ldkv;  // [T, T] probabilities (before dropout)
-    float *dy = p + T * T;  // [T, hs] gradient of the head's output
-    float *dp = dy + T * hs;  // [T, T] d dropout(P), then d scores
+    float *ks = attn_sh;                           // [TILE, LDH] the key tile
+    float *vs = ks + TILE * LDH;                   // [TILE, LDH] its values
+    float *qs = vs + TILE * LDH;                   // [TILE, LDH] a query tile
+    float *gs = qs + TILE * LDH;                   // [TILE, LDH] its rows of dO
+    float *ps = gs + TILE * LDH;                   // [TILE, LDT] dropout(P) of the pair
+    float *dss = ps + TILE * LDT;                  // [TILE, LDT] dS of the pair
+    uint8_t *keep = (uint8_t *)(dss + TILE * LDT);  // [TILE, TILE] the pair's dropout decisions
+    __shared__ AttnRng rng;
     int bh = blockIdx.x, b = bh / H, h = bh % H;
-    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-    const uint8_t *keep_bh = keep ? keep + (size_t)bh * T * T : NULL;  // [T, T]
-    size_t row0 = (size_t)b * T;  // first row of sequence b
-    attn_load_qkv(q, k, v, qkv, bias, b, h, T, C, hs, ldkv);
-    for (int idx = threadIdx.x; idx < T * T; idx += blockDim.x) p[idx] = att[(size_t)bh * T * T + idx];
-    for (int idx = threadIdx.x; idx < T * hs; idx += blockDim.x) {
-        int t = idx / hs, d = idx % hs;
-        dy[idx] = dout[(row0 + t) * C + (size_t)h * hs + d];
+    int tx = threadIdx.x % ATT_TX, ty = threadIdx.x / ATT_TX;
+    bool dropping = drop_step != NULL && drop_p > 0.0f;
+    size_t C3 = 3 * (size_t)C, col0 = (size_t)h * hs;
+    const float *seq = qkv + (size_t)b * T * C3 + col0;       // the head's q columns of sequence b
+    const float *go = dout + (size_t)b * T * C + col0;        // [T, hs], row stride C
+    const float *y = out + (size_t)b * T * C + col0;          // [T, hs], row stride C
+    float *dseq = dqkv + (size_t)b * T * C3 + col0;           // the head's dq columns of sequence b
+    const float *lse_h = lse + (size_t)bh * T, *delta_h = delta + (size_t)bh * T;
+    const uint8_t *valid = sequence_key_mask(key_valid, b, T);
+    load_attn_rng(&rng, drop_step, drop_offset_in_step, H, T);
+    // D_i = dO_i . O_i = sum_j P_ij dP_ij (dropout included): the softmax backward's row sum.
+    for (int i = threadIdx.x; i < T; i += blockDim.x) {
+        float d = 0.0f;
+        for (int e = 0; e < hs; e++) d = __fmaf_rn(go[(size_t)i * C + e], y[(size_t)i * C + e], d);
+        delta[(size_t)bh * T + i] = d;
     }
-    __syncthreads();
-    // dV = dropout(P)^T dY, with dropout(P) recomputed as the forward's (bit-identical) into dp first, so
-    // that the mask is read once rather than once per output column.
-    for (int idx = threadIdx.x; idx < T * T; idx += blockDim.x)
-        dp[idx] = keep_bh ? __fmul_rn(p[idx], (float)keep_bh[idx] * drop_scale) : p[idx];
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < T * hs; idx += blockDim.x) {
-        int j = idx / hs, d = idx % hs;
-        float s = 0.0f;
-        for (int i = 0; i < T; i++) s += dp[i * T + j] * dy[i * hs + d];
-        dqkv[(row0 + j) * 3 * C + 2 * (size_t)C + (size_t)h * hs + d] = s;
-    }
-    __syncthreads();
-    // d dropout(P) = dY V^T, over dropout(P).
-    for (int idx = threadIdx.x; idx < T * T; idx += blockDim.x) {
-        int i = idx / T, j = idx % T;
-        float s = 0.0f;
-        for (int d = 0; d < hs; d++) s += dy[i * hs + d] * v[j * ldkv + d];
-        dp[idx] = s;
-    }
-    __syncthreads();
-    // Undo the dropout, then the softmax and the score scale, one warp per row (as softmax_backward_kernel).
-    for (int i = warp; i < T; i += warps) {
-        float *g = dp + i * T;
-        const float *pr = p + i * T;
-        float dot = 0.0f;
-        for (int j = lane; j < T; j += 32) {
-            if (keep_bh) g[j] = __fmul_rn(g[j], (float)keep_bh[i * T + j] * drop_scale);
-            dot += pr[j] * g[j];
+    for (int j0 = 0; j0 < T; j0 += TILE) {
+        __syncthreads();  // D written; the previous key tile's products are done with ks and vs
+        load_rows<HS, TILE>(ks, seq + C, C3, bias ? bias + C + col0 : NULL, j0, T, hs);
+        load_rows<HS, TILE>(vs, seq + 2 * C, C3, bias ? bias + 2 * C + col0 : NULL, j0, T, hs);
+        float dk[RT][CH] = {}, dv[RT][CH] = {};  // the thread's rows ty + ATT_TY a of the key tile
+        for (int i0 = 0; i0 < T; i0 += TILE) {
+            __syncthreads();  // the previous pair's products are done with qs, gs, ps, dss and keep
+            load_rows<HS, TILE>(qs, seq, C3, bias ? bias + col0 : NULL, i0, T, hs);
+            load_rows<HS, TILE>(gs, go, C, NULL, i0, T, hs);
+            if (dropping) tile_keep<TILE>(keep, &rng, drop_p, bh, i0, j0, T);
+            __syncthreads();
+            float s[RT][CT] = {}, dpd[RT][CT] = {};
+            tile_product<RT, CT, HS, false, true>(s, qs, LDH, ks, LDH);   // Q K^T
+            tile_product<RT, CT, HS, false, true>(dpd, gs, LDH, vs, LDH);  // d dropout(P) = dO V^T
+            for (int a = 0; a < RT; a++) {
+                int row = ty + ATT_TY * a, i = i0 + row;
+                float lse_i = i < T ? lse_h[i] : INFINITY, d_i = i < T ? delta_h[i] : 0.0f;
+                for (int c = 0; c < CT; c++) {
+                    int col = tx + ATT_TX * c, j = j0 + col;
+                    float p = i < T && key_ok(j, T, valid) ? expf(__fsub_rn(__fmul_rn(s[a][c], scale), lse_i)) : 0.0f;
+                    float pd = p, g = dpd[a][c];
+                    if (dropping && p != 0.0f) {  // undo the dropout: dP = d dropout(P) * keep * scale
+                        float z = (float)keep[row * TILE + col] * drop_scale;
+                        pd = __fmul_rn(p, z);
+                        g = __fmul_rn(g, z);
+                    }
+                    ps[row * LDT + col] = pd;
+                    dss[row * LDT + col] = __fmul_rn(__fmul_rn(p, __fsub_rn(g, d_i)), scale);  // dS = P (dP - D) scale
+                }
+            }
+            __syncthreads();  // ps and dss complete: the products below read them by column, across warps
+            tile_product<RT, CH, TILE, true, false>(dv, ps, LDT, gs, LDH);   // dV += dropout(P)^T dO
+            tile_product<RT, CH, TILE, true, false>(dk, dss, LDT, qs, LDH);  // dK += dS^T Q
+            float dq[RT][CH] = {};
+            tile_product<RT, CH, TILE, false, false>(dq, dss, LDT, ks, LDH);  // this key tile's part of dS K
+            // dQ: the thread's own elements, the first key tile's part written, the later ones added in order.
+            for (int a = 0; a < RT; a++) {
+                int i = i0 + ty + ATT_TY * a;
+                if (i >= T) continue;
+                for (int c = 0; c < CH; c++) {
+                    int d = tx + ATT_TX * c;
+                    if (d >= hs) continue;
+                    float *dst = dseq + (size_t)i * C3 + d;
+                    *dst = j0 == 0 ? dq[a][c] : __fadd_rn(*dst, dq[a][c]);
+                }
+            }
         }
-        dot = warp_sum(dot);
-        for (int j = lane; j < T; j += 32) g[j] = __fmul_rn(__fmul_rn(pr[j], __fsub_rn(g[j], dot)), scale);
-    }
-    __syncthreads();
-    // dQ = dS K, dK = dS^T Q.
-    for (int idx = threadIdx.x; idx < T * hs; idx += blockDim.x) {
-        int i = idx / hs, d = idx % hs;
-        float sq = 0.0f, sk = 0.0f;
-        for (int j = 0; j < T; j++) {
-            sq += dp[i * T + j] * k[j * ldkv + d];
-            sk += dp[j * T + i] * q[j * hs + d];
+        for (int a = 0; a < RT; a++) {
+            int j = j0 + ty + ATT_TY * a;
+            if (j >= T) continue;
+            for (int c = 0; c < CH; c++) {
+                int d = tx + ATT_TX * c;
+                if (d >= hs) continue;
+                float *row = dseq + (size_t)j * C3 + d;
+                row[C] = dk[a][c];
+                row[2 * C] = dv[a][c];
+            }
         }
-        float *row = dqkv + (row0 + i) * 3 * C + (size_t)h * hs + d;
-        row[0] = sq;
-        row[C] = sk;
     }
     if (!bias_partial) return;
     __syncthreads();  // the block's own global writes above are visible to the block after the barrier
     for (int idx = threadIdx.x; idx < 3 * hs; idx += blockDim.x) {
         int which = idx / hs, d = idx % hs;
-        size_t c = (size_t)which * C + (size_t)h * hs + d;
+        size_t c = (size_t)which * C + col0 + d;
         float s = 0.0f;
-        for (int t = 0; t < T; t++) s += dqkv[(row0 + t) * 3 * C + c];
-        bias_partial[(size_t)b * 3 * C + c] = s;
+        for (int t = 0; t < T; t++) s = __fadd_rn(s, dqkv[((size_t)b * T + t) * C3 + c]);
+        bias_partial[(size_t)b * C3 + c] = s;
     }
 }
 
-extern "C" void cuda_attention_backward(float *dqkv, float *bias_partial, const float *dout, const float *qkv,
-                                        const float *qkv_bias, const float *att, const uint8_t *keep,
-                                        float drop_scale, int B, int T, int C, int H, cudaStream_t stream) {
-    AttnShape s;
-    if (!attn_shape(&s, T, C, H))
-        mlm_fatal(MLM_EXIT_FAILURE, "cuda_attention_backward: T %d, d_model %d, %d heads do not fit the fused "
-                  "kernel (T <= %d and 48 KiB of shared memory); use the unfused path", T, C, H, ATTN_FUSED_MAX_T);
-    if (B <= 0) return;
-    float scale = 1.0f / sqrtf((float)s.hs);
-    attention_backward_kernel<<<(unsigned)(B * H), ATTN_BLOCK, s.bwd_floats * sizeof(float), stream>>>(
-        dqkv, bias_partial, dout, qkv, qkv_bias, att, keep, drop_scale, scale, T, C, H, s.hs, s.ldkv);
+template <int HS>
+static void attention_backward_launch(float *dqkv, float *bias_partial, float *delta, const float *dout,
+                                      const float *qkv, const float *qkv_bias, const float *out, const float *lse,
+                                      const uint8_t *key_valid, const DeviceStep *step, CudaAttnDropout drop, int B,
+                                      int T, int C, int H, int hs, cudaStream_t stream) {
+    attention_backward_kernel_hs<HS><<<(unsigned)(B * H), ATT_THREADS, AttShape<HS>::bwd_bytes, stream>>>(
+        dqkv, bias_partial, delta, dout, qkv, qkv_bias, out, lse, key_valid, step, drop.offset_in_step, drop.p,
+        drop.scale, T, C, H, hs, 1.0f / sqrtf((float)hs));
+}
+
+extern "C" void cuda_attention_backward(float *dqkv, float *bias_partial, float *delta, const float *dout,
+                                        const float *qkv, const float *qkv_bias, const float *out, const float *lse,
+                                        const uint8_t *key_valid, CudaAttnDropout drop, int B, int T, int C, int H,
+                                        cudaStream_t stream) {
+    int hs = checked_head_size(C, H, "cuda_attention_backward");
+    if (B <= 0 || T <= 0) return;
+    const DeviceStep *step = drop.p > 0.0f ? drop.step : NULL;
+#define ATTN_BACKWARD(HS) \
+    attention_backward_launch<HS>(dqkv, bias_partial, delta, dout, qkv, qkv_bias, out, lse, key_valid, step, drop, B, \
+                                  T, C, H, hs, stream)
+    switch (hs_index(hs)) {
+    case 0: ATTN_BACKWARD(16); break;
+    case 1: ATTN_BACKWARD(32); break;
+    case 2: ATTN_BACKWARD(64); break;
+    default: ATTN_BACKWARD(128);
+    }
+#undef ATTN_BACKWARD
     CUDA_CHECK_LAUNCH();
 }
 

@@ -56,14 +56,13 @@ typedef struct {
     float *ln1;                  // [L, B, T, C]
     float *ln1_mean, *ln1_rstd;  // [L, B, T]
     float *qkv;                  // [L, B, T, 3C]
-    float *att;                  // [L, B, H, T, T] softmax probabilities, before dropout
+    float *lse;                  // [L, B, H, T] log-sum-exp of each attention row (the tiled backward's softmax)
     float *atty;                 // [L, B, T, C] heads concatenated, input of the output projection
     float *res1;                 // [L, B, T, C] residual stream after the attention block
     float *ln2;                  // [L, B, T, C]
     float *ln2_mean, *ln2_rstd;  // [L, B, T]
     float *fch;                  // [L, B, T, F] dropout(ReLU(Linear1)), input of Linear2
     float *res2;                 // [L, B, T, C] residual stream after the FFN block
-    uint8_t *keep_att;           // [L, B, H, T, T] dropout masks of the attention probabilities
     uint8_t *keep_res1;          // [L, B, T, C]
     uint8_t *keep_res2;          // [L, B, T, C]
     uint8_t *keep_hidden;        // [B, T, F] (scratch: the backward needs only fch)
@@ -75,9 +74,6 @@ typedef struct {
     int *n_targets;              // [1]
     float *scalars;              // [4] mean loss, correct, n_targets (cuda_loss_reduce), grad norm
     // Forward scratch.
-    float *q, *k, *v;            // [B, H, T, hs] each
-    float *yh;                   // [B, H, T, hs] P V per head
-    float *att_drop;             // [B, H, T, T] dropout(att) of the current layer
     float *proj;                 // [B, T, C] a block's output before bias, dropout and the residual add
     // Backward scratch.
     float *dlogits;              // [B, T, V] (written by the fused cross-entropy in the forward)
@@ -85,11 +81,9 @@ typedef struct {
     float *dln;                  // [B, T, C] gradient of a LayerNorm output
     float *dproj;                // [B, T, C]
     float *datty;                // [B, T, C]
-    float *dyh;                  // [B, H, T, hs]
-    float *dq, *dk, *dv;         // [B, H, T, hs] each
+    float *att_delta;            // [B, H, T] the attention backward's D = rowsum(dO * O)
     float *dqkv;                 // [B, T, 3C]
     float *dfch;                 // [B, T, F]
-    float *datt;                 // [B, H, T, T] d dropout(att), then (in place) d scores
     float *scratch;              // column sums and LayerNorm weight sums
     double *norm_scratch;        // gradient norm partial sums
     // Sparse prediction (cuda_model_set_sparse_prediction): the head on the selected rows, in position order;
@@ -148,6 +142,7 @@ struct CudaModel {
     void *state_block;
     float *params, *grads, *adam_m, *adam_v;
     uint8_t *decay_mask;
+    size_t moments_lo, moments_len;  // the moments cover parameters [lo, lo + len): all P, or a ZeRO-1 shard
     int decay_set;          // decay_mask holds a mask (else AdamW decays nothing)
     ParamTensors p, g;      // device views
     void *act_block;
@@ -171,6 +166,8 @@ struct CudaModel {
     int pad_id;             // the ignored label of the last forward (the vocabulary's [PAD])
     int dropout_on;
     float drop_scale;
+    float drop_p;           // dropout_on: the probability, and where its draws lie in a step, for the attention
+    RngLayout drop_layout;  // backward, which regenerates the forward's attention dropout
     // Gradient accumulation (cuda_model_accumulate): the sums, allocated on first use.
     void *accum_block;      // grad_acc | acc_stats
     float *grad_acc;        // [P] the running sum of the micro-batches' gradients
@@ -217,7 +214,7 @@ static size_t scratch_floats(const ModelConfig *c, int max_B) {
         int N = b * c->max_seq;
         for (int i = 0; i < 4; i++) most = MLM_MAX(most, cuda_column_sums_scratch(N, ocs[i]));
         most = MLM_MAX(most, cuda_layernorm_backward_scratch(N, c->d_model));
-        most = MLM_MAX(most, cuda_attention_bias_scratch(b, c->d_model));  // fused attention's bias partials
+        most = MLM_MAX(most, cuda_attention_bias_scratch(b, c->d_model));  // the attention's bias partials
     }
     return MLM_MAX(most, (size_t)1);
 }
@@ -236,7 +233,7 @@ static size_t upload_offsets(size_t maxBT, size_t *tokens_at, size_t *labels_at)
 
 static void carve_acts(DevActs *a, const ModelConfig *c, int max_B, size_t n_params, Carver *cv) {
     size_t B = max_B, T = c->max_seq, C = c->d_model, H = c->n_heads, L = c->n_layers, F = c->d_ff, V = c->vocab;
-    size_t BT = B * T, BHTT = B * H * T * T;
+    size_t BT = B * T;
     a->pe = carve_f(cv, T * C);
     size_t tokens_at, labels_at;
     char *up = (char *)carve(cv, upload_offsets(BT, &tokens_at, &labels_at));
@@ -249,7 +246,7 @@ static void carve_acts(DevActs *a, const ModelConfig *c, int max_B, size_t n_par
     a->ln1_mean = carve_f(cv, L * BT);
     a->ln1_rstd = carve_f(cv, L * BT);
     a->qkv = carve_f(cv, L * BT * 3 * C);
-    a->att = carve_f(cv, L * BHTT);
+    a->lse = carve_f(cv, L * BT * H);
     a->atty = carve_f(cv, L * BT * C);
     a->res1 = carve_f(cv, L * BT * C);
     a->ln2 = carve_f(cv, L * BT * C);
@@ -257,7 +254,6 @@ static void carve_acts(DevActs *a, const ModelConfig *c, int max_B, size_t n_par
     a->ln2_rstd = carve_f(cv, L * BT);
     a->fch = carve_f(cv, L * BT * F);
     a->res2 = carve_f(cv, L * BT * C);
-    a->keep_att = carve_b(cv, L * BHTT);
     a->keep_res1 = carve_b(cv, L * BT * C);
     a->keep_res2 = carve_b(cv, L * BT * C);
     a->keep_hidden = carve_b(cv, BT * F);
@@ -269,24 +265,15 @@ static void carve_acts(DevActs *a, const ModelConfig *c, int max_B, size_t n_par
     a->correct = carve_i(cv, BT);
     a->n_targets = carve_i(cv, 1);
     a->scalars = carve_f(cv, 4);
-    a->q = carve_f(cv, BT * C);
-    a->k = carve_f(cv, BT * C);
-    a->v = carve_f(cv, BT * C);
-    a->yh = carve_f(cv, BT * C);
-    a->att_drop = carve_f(cv, BHTT);
     a->proj = carve_f(cv, BT * C);
     a->dlogits = carve_f(cv, BT * V);
     a->dres = carve_f(cv, BT * C);
     a->dln = carve_f(cv, BT * C);
     a->dproj = carve_f(cv, BT * C);
     a->datty = carve_f(cv, BT * C);
-    a->dyh = carve_f(cv, BT * C);
-    a->dq = carve_f(cv, BT * C);
-    a->dk = carve_f(cv, BT * C);
-    a->dv = carve_f(cv, BT * C);
+    a->att_delta = carve_f(cv, cuda_attention_delta_scratch((int)B, (int)T, (int)H));
     a->dqkv = carve_f(cv, BT * 3 * C);
     a->dfch = carve_f(cv, BT * F);
-    a->datt = carve_f(cv, BHTT);
     a->scratch = carve_f(cv, scratch_floats(c, max_B));
     a->norm_scratch = (double *)carve(cv, MLM_MAX(cuda_grad_norm_scratch(n_params), (size_t)1) * sizeof(double));
     a->sel_rows = carve_i(cv, BT);
@@ -357,14 +344,18 @@ static void check_device_philox(cudaStream_t stream) {
     checked = 1;
 }
 
-// The parameter-sized state, one allocation: params | grads | adam m | adam v | decay mask (bytes). With base NULL
-// the carver only counts; the plan below and cuda_model_create share it, so the estimate is the allocation.
-static void carve_state(CudaModel *m, size_t P, Carver *cv) {
-    m->params = carve_f(cv, P);
-    m->grads = carve_f(cv, P);
-    m->adam_m = carve_f(cv, P);
-    m->adam_v = carve_f(cv, P);
-    m->decay_mask = carve_b(cv, P);
+// The state block's tensors (params | grads | adam m | adam v | decay mask) at `base`, or (base NULL) only its size.
+static size_t carve_state(CudaModel *m, void *base) {
+    size_t P = m->n_params, M = m->moments_len;
+    Carver cv = {(char *)base, 0};
+    float *params = carve_f(&cv, P), *grads = carve_f(&cv, P), *adam_m = carve_f(&cv, M), *adam_v = carve_f(&cv, M);
+    uint8_t *decay = carve_b(&cv, P);
+    if (base) {
+        m->params = params, m->grads = grads, m->adam_m = adam_m, m->adam_v = adam_v, m->decay_mask = decay;
+        model_param_views(&m->cfg, m->params, &m->p);
+        model_param_views(&m->cfg, m->grads, &m->g);
+    }
+    return cv.used;
 }
 
 static size_t accumulation_bytes(size_t P) { return ((P * sizeof(float) + 255) & ~(size_t)255) + 3 * sizeof(double); }
@@ -373,14 +364,15 @@ void cuda_model_memory_plan(const ModelConfig *cfg, int max_B, int precision, in
                             CudaMemoryPlan *plan) {
     memset(plan, 0, sizeof(*plan));
     size_t P = model_num_params(cfg);
-    CudaModel shape;  // only its view pointers are written (NULL: counting)
+    CudaModel shape;  // counting only: the sizes carve_state and carve_acts read
     memset(&shape, 0, sizeof(shape));
-    Carver cv = {NULL, 0};
-    carve_state(&shape, P, &cv);
+    shape.cfg = *cfg;
+    shape.n_params = P;
+    shape.moments_len = P;  // every parameter's moments (a ZeRO-1 rank keeps a shard of them)
     plan->params = P * sizeof(float);
     plan->grads = P * sizeof(float);
     plan->adam = 2 * P * sizeof(float);
-    plan->state_alloc = cv.used;
+    plan->state_alloc = carve_state(&shape, NULL);
     Carver acv = {NULL, 0};
     carve_acts(&shape.a, cfg, max_B, P, &acv);
     plan->activations = acv.used;
@@ -395,6 +387,10 @@ CudaModel *cuda_model_create(const ModelConfig *cfg, int max_B, int allow_tf32) 
     char err[256];
     if (model_config_check(cfg, err, sizeof(err))) mlm_fatal(MLM_EXIT_USAGE, "%s", err);
     if (max_B < 1) mlm_fatal(MLM_EXIT_USAGE, "batch size %d must be >= 1", max_B);
+    if (!cuda_attention_supported(cfg->d_model, cfg->n_heads))
+        mlm_fatal(MLM_EXIT_USAGE, "the CUDA attention kernels take head sizes (model.d_model / model.n_heads) up to "
+                  "128, and d_model %d with %d heads is %d: use more heads or --device cpu", cfg->d_model,
+                  cfg->n_heads, cfg->d_model / cfg->n_heads);
     if (cuda_device_count(err, sizeof(err)) == 0) mlm_fatal(MLM_EXIT_FAILURE, "CUDA model: %s", err);
     CudaModel *m = (CudaModel *)mlm_calloc(1, sizeof(CudaModel), "CUDA model");
     m->cfg = *cfg;
@@ -421,14 +417,11 @@ CudaModel *cuda_model_create(const ModelConfig *cfg, int max_B, int allow_tf32) 
                   "shrink model.d_model, model.d_ff or the vocabulary, or train with --device cpu", widest, C);
 
     // Parameters, gradients, Adam moments and the weight-decay mask.
-    Carver count = {NULL, 0};
-    carve_state(m, P, &count);
-    m->state_block = device_alloc(count.used, "parameters, gradients and Adam moments", cfg, max_B);
-    Carver cv = {(char *)m->state_block, 0};
-    carve_state(m, P, &cv);
-    CUDA_CHECK(cudaMemsetAsync(m->state_block, 0, count.used, m->stream));
-    model_param_views(cfg, m->params, &m->p);
-    model_param_views(cfg, m->grads, &m->g);
+    m->moments_len = P;
+    size_t state_bytes = carve_state(m, NULL);
+    m->state_block = device_alloc(state_bytes, "parameters, gradients and Adam moments", cfg, max_B);
+    carve_state(m, m->state_block);
+    CUDA_CHECK(cudaMemsetAsync(m->state_block, 0, state_bytes, m->stream));
 
     // Activations.
     Carver acount = {NULL, 0};
@@ -501,15 +494,36 @@ void cuda_model_get_params(CudaModel *m, float *params) {
 void cuda_model_get_grads(CudaModel *m, float *grads) {
     copy_sync(m, grads, m->grads, m->n_params * sizeof(float), cudaMemcpyDeviceToHost);
 }
-float *cuda_model_grads_device(CudaModel *m) { return m->grads; }
 void cuda_model_set_adam(CudaModel *m, const float *adam_m, const float *adam_v) {
-    copy_sync(m, m->adam_m, adam_m, m->n_params * sizeof(float), cudaMemcpyHostToDevice);
-    copy_sync(m, m->adam_v, adam_v, m->n_params * sizeof(float), cudaMemcpyHostToDevice);
+    copy_sync(m, m->adam_m, adam_m, m->moments_len * sizeof(float), cudaMemcpyHostToDevice);
+    copy_sync(m, m->adam_v, adam_v, m->moments_len * sizeof(float), cudaMemcpyHostToDevice);
 }
 void cuda_model_get_adam(CudaModel *m, float *adam_m, float *adam_v) {
-    copy_sync(m, adam_m, m->adam_m, m->n_params * sizeof(float), cudaMemcpyDeviceToHost);
-    copy_sync(m, adam_v, m->adam_v, m->n_params * sizeof(float), cudaMemcpyDeviceToHost);
+    copy_sync(m, adam_m, m->adam_m, m->moments_len * sizeof(float), cudaMemcpyDeviceToHost);
+    copy_sync(m, adam_v, m->adam_v, m->moments_len * sizeof(float), cudaMemcpyDeviceToHost);
 }
+
+void cuda_model_shard_moments(CudaModel *m, size_t lo, size_t len) {
+    if (lo + len > m->n_params || len == 0)
+        mlm_fatal(MLM_EXIT_FAILURE, "cuda_model_shard_moments: parameters %zu..%zu of %zu", lo, lo + len, m->n_params);
+    void *old = m->state_block;
+    float *old_params = m->params, *old_grads = m->grads;
+    uint8_t *old_decay = m->decay_mask;
+    m->moments_lo = lo;
+    m->moments_len = len;
+    size_t bytes = carve_state(m, NULL);
+    m->state_block = device_alloc(bytes, "parameters, gradients and a shard of the Adam moments", &m->cfg, m->max_B);
+    carve_state(m, m->state_block);
+    CUDA_CHECK(cudaMemsetAsync(m->state_block, 0, bytes, m->stream));
+    size_t P = m->n_params;
+    CUDA_CHECK(cudaMemcpyAsync(m->params, old_params, P * sizeof(float), cudaMemcpyDeviceToDevice, m->stream));
+    CUDA_CHECK(cudaMemcpyAsync(m->grads, old_grads, P * sizeof(float), cudaMemcpyDeviceToDevice, m->stream));
+    CUDA_CHECK(cudaMemcpyAsync(m->decay_mask, old_decay, P, cudaMemcpyDeviceToDevice, m->stream));
+    CUDA_CHECK(cudaStreamSynchronize(m->stream));
+    CUDA_CHECK(cudaFree(old));
+}
+
+float *cuda_model_params_device(CudaModel *m) { return m->params; }
 void cuda_model_set_decay_mask(CudaModel *m, const uint8_t *decay_mask) {
     m->decay_set = decay_mask != NULL;
     if (decay_mask) copy_sync(m, m->decay_mask, decay_mask, m->n_params, cudaMemcpyHostToDevice);
@@ -655,15 +669,6 @@ int cuda_model_linear_gemms(int N, int IC, int OC, size_t max_elems, CudaGemmCal
     return rec.gemm_log_n;
 }
 
-// One product per (batch, head), all [T, hs] or [T, T] row-major blocks, batched over BH. Arguments as
-// cublasSgemmStridedBatched (column-major).
-static void gemm_batched(CudaModel *m, cublasOperation_t ta, cublasOperation_t tb, int M, int N, int K,
-                         const float *A, int lda, long long sa, const float *B, int ldb, long long sb, float *C,
-                         int ldc, long long sc, int batch) {
-    CUBLAS_CHECK(cublasSgemmStridedBatched(m->cublas, ta, tb, M, N, K, &ONE, A, lda, sa, B, ldb, sb, &ZERO, C, ldc,
-                                           sc, batch));
-}
-
 // ---------------------------------------------------------------------------------------------------------
 // Random numbers.
 
@@ -686,6 +691,17 @@ static uint8_t *site_mask(CudaModel *m, const CudaRandom *rnd, uint8_t *keep, in
     cuda_dropout_keep_philox_rows(keep, m->a.step, dropout_offset_in_step(rnd, layer, site), n / (size_t)m->B,
                                   rnd->dropout_p, n, m->stream);
     return keep;
+}
+
+// Layer l's attention dropout of the current forward (drawn inside the attention kernels), or none.
+static CudaAttnDropout attention_dropout(const CudaModel *m, int layer) {
+    CudaAttnDropout d = {NULL, 0, 0.0f, 1.0f};
+    if (!m->dropout_on) return d;
+    d.step = m->a.step;
+    d.offset_in_step = rng_dropout_offset(&m->drop_layout, 0, layer, DROP_ATTN_PROBS);
+    d.p = m->drop_p;
+    d.scale = m->drop_scale;
+    return d;
 }
 
 // The rows of a (micro-)batch of B sequences must lie inside its whole batch.
@@ -918,55 +934,33 @@ static void sparse_logits_to_host(CudaModel *m, float *logits, int B) {
 // One layer's saved activations and dropout masks: its slices of the stacked [L, max_B, T, ...] tensors (as
 // cpu_model.c's LayerActs).
 typedef struct {
-    float *ln1, *ln1_mean, *ln1_rstd, *qkv, *att, *atty, *res1, *ln2, *ln2_mean, *ln2_rstd, *fc_pre, *fch, *res2;
-    uint8_t *keep_att, *keep_res1, *keep_res2;  // NULL in the backward when the forward had no dropout
+    float *ln1, *ln1_mean, *ln1_rstd, *qkv, *lse, *atty, *res1, *ln2, *ln2_mean, *ln2_rstd, *fc_pre, *fch, *res2;
+    uint8_t *keep_res1, *keep_res2;  // NULL in the backward when the forward had no dropout
 } LayerActs;
 
 static LayerActs layer_acts(const CudaModel *m, int l) {
     const ModelConfig *c = &m->cfg;
     const DevActs *a = &m->a;
-    size_t maxBT = (size_t)m->max_B * c->max_seq, C = c->d_model, H = c->n_heads, T = c->max_seq, F = c->d_ff;
+    size_t maxBT = (size_t)m->max_B * c->max_seq, C = c->d_model, H = c->n_heads, F = c->d_ff;
     size_t rows = l * maxBT;
     LayerActs y = {
-        a->ln1 + rows * C, a->ln1_mean + rows, a->ln1_rstd + rows, a->qkv + rows * 3 * C, a->att + rows * H * T,
+        a->ln1 + rows * C, a->ln1_mean + rows, a->ln1_rstd + rows, a->qkv + rows * 3 * C, a->lse + rows * H,
         a->atty + rows * C, a->res1 + rows * C, a->ln2 + rows * C, a->ln2_mean + rows, a->ln2_rstd + rows,
         c->arch == MODEL_ARCH_BERT ? a->fc_pre + rows * F : NULL, a->fch + rows * F, a->res2 + rows * C,
-        a->keep_att + rows * H * T, a->keep_res1 + rows * C, a->keep_res2 + rows * C,
+        a->keep_res1 + rows * C, a->keep_res2 + rows * C,
     };
-    if (!m->dropout_on) y.keep_att = y.keep_res1 = y.keep_res2 = NULL;
+    if (!m->dropout_on) y.keep_res1 = y.keep_res2 = NULL;
     return y;
 }
 
-// The attention core of layer l (as attention.c): atty[B, T, C] and att[B, H, T, T] from qkv (without its bias,
-// which the kernels add) and the layer's dropout; [PAD] keys masked out for arch = bert.
-static void attention_layer_forward(CudaModel *m, int l, int B, const CudaRandom *rnd) {
+// The attention core of layer l (as attention.c): atty[B, T, C] and lse[B, H, T] from qkv (without its bias, which
+// the kernels add as they load), tiled, its dropout drawn inside the kernel; [PAD] keys masked out for arch = bert.
+static void attention_layer_forward(CudaModel *m, int l, int B) {
     const ModelConfig *c = &m->cfg;
-    DevActs *a = &m->a;
-    const ParamTensors *p = &m->p;
-    int T = c->max_seq, C = c->d_model, H = c->n_heads, hs = C / H, BH = B * H;
-    size_t BT = (size_t)B * T, maxBT = (size_t)m->max_B * T, BHTT = (size_t)BH * T * T, lc = (size_t)l * C;
-    float ds = m->drop_scale, att_scale = 1.0f / sqrtf((float)hs);
-    long long sT = (long long)T * hs, sTT = (long long)T * T;
-    float *qkv = a->qkv + l * maxBT * 3 * C, *att = a->att + l * maxBT * H * T, *atty = a->atty + l * maxBT * C;
-    uint8_t *keep_att = a->keep_att + l * maxBT * H * T;
-    const uint8_t *key_valid = c->arch == MODEL_ARCH_BERT ? a->key_valid : NULL;
-    uint8_t *keep;
-    if (cuda_attention_fused_fits(T, C, H)) {
-        // One kernel per (batch, head); qkv stays without its bias (the kernels add it when they load).
-        keep = site_mask(m, rnd, keep_att, l, DROP_ATTN_PROBS, BHTT);
-        cuda_attention_forward(atty, att, qkv, p->qkv_b + 3 * lc, keep, ds, B, T, C, H, key_valid, m->stream);
-        return;
-    }
-    cuda_add_bias(qkv, qkv, p->qkv_b + 3 * lc, BT * 3 * C, 3 * C, m->stream);
-    cuda_qkv_split_heads(a->q, a->k, a->v, qkv, B, T, C, H, m->stream);
-    // scores[bh] = Q K^T (row-major [T, T]) = column-major K^T' Q: op(K) = T.
-    gemm_batched(m, CUBLAS_OP_T, CUBLAS_OP_N, T, T, hs, a->k, hs, sT, a->q, hs, sT, att, T, sTT, BH);
-    keep = site_mask(m, rnd, keep_att, l, DROP_ATTN_PROBS, BHTT);
-    cuda_softmax_forward(att, keep ? a->att_drop : NULL, keep, ds, att_scale, BH, T, key_valid, H, m->stream);
-    const float *pv = keep ? a->att_drop : att;
-    // yh[bh] = P V (row-major [T, hs]) = column-major V' P'.
-    gemm_batched(m, CUBLAS_OP_N, CUBLAS_OP_N, hs, T, T, a->v, hs, sT, pv, T, sTT, a->yh, hs, sT, BH);
-    cuda_heads_to_rows(atty, a->yh, B, T, C, H, m->stream);
+    const LayerActs y = layer_acts(m, l);
+    const uint8_t *key_valid = c->arch == MODEL_ARCH_BERT ? m->a.key_valid : NULL;
+    cuda_attention_forward(y.atty, y.lse, y.qkv, m->p.qkv_b + (size_t)l * 3 * c->d_model, key_valid,
+                           attention_dropout(m, l), B, c->max_seq, c->d_model, c->n_heads, m->stream);
 }
 
 // labml's encoder: x = x + Drop(Sublayer(LN(x))), each residual add fused with the LayerNorm that reads it. Returns
@@ -992,7 +986,7 @@ static const float *labml_layers_forward(CudaModel *m, int B, const CudaRandom *
 
         // x = x + Drop(OutProj(MHA(LN1(x)))); LN1 (ln1, ln1_mean, ln1_rstd) was written by the kernel before.
         matmul_forward(m, y.qkv, y.ln1, p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
-        attention_layer_forward(m, l, B, rnd);
+        attention_layer_forward(m, l, B);
         matmul_forward(m, a->proj, y.atty, p->out_w + (size_t)l * C * C, N, C, C);
         uint8_t *keep = site_mask(m, rnd, a->keep_res1 + l * maxBT * C, l, DROP_ATTN_RESID, BT * C);
         // The residual add fused with the LN2 that reads it.
@@ -1044,7 +1038,7 @@ static const float *bert_layers_forward(CudaModel *m, int B, const CudaRandom *r
         size_t lc = (size_t)l * C;
         LayerActs y = layer_acts(m, l);
         matmul_forward(m, y.qkv, x, p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
-        attention_layer_forward(m, l, B, rnd);
+        attention_layer_forward(m, l, B);
         matmul_forward(m, a->proj, y.atty, p->out_w + (size_t)l * C * C, N, C, C);
         keep = site_mask(m, rnd, a->keep_res1 + l * maxBT * C, l, DROP_ATTN_RESID, BT * C);
         cuda_residual_layernorm_forward(y.res1, y.ln1, y.ln1_mean, y.ln1_rstd, x, a->proj, p->out_b + lc, keep, ds,
@@ -1096,45 +1090,19 @@ static void forward_impl(CudaModel *m, int B, const CudaRandom *rnd) {
     nvtxRangePop();
 }
 
-// dqkv[B, T, 3C] of layer l from datty (the attention core's backward, as attention.c). Returns the qkv bias
-// gradient for linear_backward to sum, or NULL when the fused kernel summed it already.
-static float *attention_layer_backward(CudaModel *m, int l, const uint8_t *keep_att) {
+// dqkv[B, T, 3C] of layer l from datty (the attention core's backward, as attention.c), tiled: the probabilities
+// recomputed from the saved qkv (without bias), output and lse, the dropout regenerated inside the kernel. The qkv
+// bias gradient from its per-sequence partial sums.
+static void attention_layer_backward(CudaModel *m, int l) {
     const ModelConfig *c = &m->cfg;
     DevActs *a = &m->a;
-    const ParamTensors *p = &m->p, *g = &m->g;
-    int B = m->B, T = c->max_seq, C = c->d_model, H = c->n_heads, hs = C / H, BH = B * H;
-    size_t maxBT = (size_t)m->max_B * T, BHTT = (size_t)BH * T * T, lc = (size_t)l * C;
-    float ds = m->drop_scale, att_scale = 1.0f / sqrtf((float)hs);
-    long long sT = (long long)T * hs, sTT = (long long)T * T;
-    const float *qkv = a->qkv + l * maxBT * 3 * C, *att = a->att + l * maxBT * H * T;
-    if (cuda_attention_fused_fits(T, C, H)) {
-        // One kernel per (batch, head) from the saved qkv (without bias) and probabilities; the qkv bias
-        // gradient from its per-sequence partial sums.
-        cuda_attention_backward(a->dqkv, a->scratch, a->datty, qkv, p->qkv_b + 3 * lc, att, keep_att, ds, B, T, C, H,
-                                m->stream);
-        cuda_column_sums_finish(g->qkv_b + 3 * lc, a->scratch, B, 3 * C, m->stream);
-        return NULL;
-    }
-    // Per head: dyh from the concatenated rows; Q, K, V again from the saved qkv (a cheap shuffle instead
-    // of three more saved tensors per layer); the dropped probabilities again from att and the mask
-    // (att * keep * scale, bit-identical to the forward's: keep is 0 or 1 and att >= 0).
-    cuda_rows_to_heads(a->dyh, a->datty, B, T, C, H, m->stream);
-    cuda_qkv_split_heads(a->q, a->k, a->v, qkv, B, T, C, H, m->stream);
-    const float *pv = att;
-    if (keep_att) {
-        cuda_residual_dropout_backward(a->att_drop, att, keep_att, ds, BHTT, m->stream);
-        pv = a->att_drop;
-    }
-    // datt[bh] = dY V^T ([T, T]); dV[bh] = P^T dY ([T, hs]).
-    gemm_batched(m, CUBLAS_OP_T, CUBLAS_OP_N, T, T, hs, a->v, hs, sT, a->dyh, hs, sT, a->datt, T, sTT, BH);
-    gemm_batched(m, CUBLAS_OP_N, CUBLAS_OP_T, hs, T, T, a->dyh, hs, sT, pv, T, sTT, a->dv, hs, sT, BH);
-    // d scores (in place): undo the dropout, the softmax and the 1/sqrt(hs) scale.
-    cuda_softmax_backward(a->datt, a->datt, att, keep_att, ds, att_scale, BH, T, m->stream);
-    // dQ[bh] = dS K; dK[bh] = dS^T Q.
-    gemm_batched(m, CUBLAS_OP_N, CUBLAS_OP_N, hs, T, T, a->k, hs, sT, a->datt, T, sTT, a->dq, hs, sT, BH);
-    gemm_batched(m, CUBLAS_OP_N, CUBLAS_OP_T, hs, T, T, a->q, hs, sT, a->datt, T, sTT, a->dk, hs, sT, BH);
-    cuda_qkv_merge_heads(a->dqkv, a->dq, a->dk, a->dv, B, T, C, H, m->stream);
-    return g->qkv_b + 3 * lc;
+    const LayerActs y = layer_acts(m, l);
+    int B = m->B, C = c->d_model;
+    size_t l3c = (size_t)l * 3 * C;
+    const uint8_t *key_valid = c->arch == MODEL_ARCH_BERT ? a->key_valid : NULL;
+    cuda_attention_backward(a->dqkv, a->scratch, a->att_delta, a->datty, y.qkv, m->p.qkv_b + l3c, y.atty, y.lse,
+                            key_valid, attention_dropout(m, l), B, c->max_seq, C, c->n_heads, m->stream);
+    cuda_column_sums_finish(m->g.qkv_b + l3c, a->scratch, B, 3 * C, m->stream);
 }
 
 // labml's layers from the top down: a->dres holds d(last residual stream) (the head's backward wrote it).
@@ -1175,8 +1143,8 @@ static void labml_layers_backward(CudaModel *m) {
         // Attention block: dres is now d(res1); the skip path passes it on to d(x).
         linear_backward(m, a->datty, g->out_w + (size_t)l * C * C, NULL, a->dproj, y.atty,
                         p->out_w + (size_t)l * C * C, N, C, C);
-        float *dqkv_b = attention_layer_backward(m, l, y.keep_att);
-        linear_backward(m, a->dln, g->qkv_w + (size_t)l * 3 * C * C, dqkv_b, a->dqkv, y.ln1,
+        attention_layer_backward(m, l);
+        linear_backward(m, a->dln, g->qkv_w + (size_t)l * 3 * C * C, NULL, a->dqkv, y.ln1,
                         p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
         if (l > 0) {  // LN1's backward also starts the FFN block of the layer below (as LN2's above)
             cuda_layernorm_backward_residual(a->dres, g->ln1_w + lc, g->ln1_b + lc, a->dln, x, p->ln1_w + lc,
@@ -1229,8 +1197,8 @@ static void bert_layers_backward(CudaModel *m) {
         cuda_residual_dropout_backward(a->dproj, a->dres, y.keep_res1, ds, BT * C, m->stream);
         linear_backward(m, a->datty, g->out_w + (size_t)l * C * C, g->out_b + lc, a->dproj, y.atty,
                         p->out_w + (size_t)l * C * C, N, C, C);
-        float *dqkv_b = attention_layer_backward(m, l, y.keep_att);
-        linear_backward_acc(m, a->dres, g->qkv_w + (size_t)l * 3 * C * C, dqkv_b, a->dqkv, x,
+        attention_layer_backward(m, l);
+        linear_backward_acc(m, a->dres, g->qkv_w + (size_t)l * 3 * C * C, NULL, a->dqkv, x,
                             p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
         nvtxRangePop();
     }
@@ -1266,15 +1234,19 @@ static void backward_impl(CudaModel *m) {
     nvtxRangePop();
 }
 
-// Gradient norm into scalars[3], then clip + Adam over all parameters with the step's t and lr from m->a.step
-// (two launches).
-static void optimizer_impl(CudaModel *m, float *grads, float max_norm, const OptimConfig *oc) {
+// Gradient norm of all P gradients into scalars[3], then clip + Adam over parameters [lo, lo + len) with the step's
+// t and lr from m->a.step (two launches).
+static void optimizer_impl(CudaModel *m, float *grads, size_t lo, size_t len, float max_norm, const OptimConfig *oc) {
+    if (lo < m->moments_lo || lo + len > m->moments_lo + m->moments_len)
+        mlm_fatal(MLM_EXIT_FAILURE, "CUDA update of parameters %zu..%zu: this model keeps Adam moments for %zu..%zu "
+                  "only (cuda_model_shard_moments)", lo, lo + len, m->moments_lo, m->moments_lo + m->moments_len);
     nvtxRangePushA("optimizer");
     float *d_norm = m->a.scalars + 3;
+    size_t at = lo - m->moments_lo;
     cuda_grad_norm(d_norm, grads, m->n_params, m->a.norm_scratch, m->stream);
-    cuda_adam_update_dev(m->params, grads, m->adam_m, m->adam_v, m->decay_set ? m->decay_mask : NULL, d_norm,
-                         max_norm, m->n_params, (int)oc->kind, oc->beta1, oc->beta2, oc->eps, &m->a.step->adam,
-                         m->stream);
+    cuda_adam_update_dev(m->params + lo, grads + lo, m->adam_m + at, m->adam_v + at,
+                         m->decay_set ? m->decay_mask + lo : NULL, d_norm, max_norm, len, (int)oc->kind, oc->beta1,
+                         oc->beta2, oc->eps, &m->a.step->adam, m->stream);
     nvtxRangePop();
 }
 
@@ -1287,6 +1259,8 @@ static void begin_forward(CudaModel *m, int B, const CudaRandom *rnd, int has_la
     m->accum_last = 0;  // run_step sets it for a micro-batch
     // THE DROPOUT RULE's scale, evaluated in float as on the CPU.
     m->drop_scale = m->dropout_on ? 1.0f / (1.0f - rnd->dropout_p) : 1.0f;
+    m->drop_p = m->dropout_on ? rnd->dropout_p : 0.0f;
+    if (m->dropout_on) m->drop_layout = rnd->layout;
 }
 
 // Read scalars[0..n) back (one small copy) and wait for the stream.
@@ -1388,7 +1362,7 @@ static void enqueue_step(CudaModel *m, const StepArgs *s) {
     forward_impl(m, s->B, s->rnd);
     if (s->kind == STEP_TRAIN) {
         backward_impl(m);
-        optimizer_impl(m, m->grads, s->max_norm, s->oc);
+        optimizer_impl(m, m->grads, 0, m->n_params, s->max_norm, s->oc);
     }
     if (s->kind == STEP_MICRO) {
         backward_impl(m);
@@ -1496,18 +1470,19 @@ void cuda_model_backward(CudaModel *m) {
     backward_impl(m);
 }
 
-// Clip + Adam over grads[P] with the constants of (t, lr), uploaded alone through the staging buffer.
-static void optimizer_on_device(CudaModel *m, float *grads, float max_norm, const OptimConfig *oc, long t,
-                                double lr) {
+// Clip (by the norm of all of grads[P]) + Adam over parameters [lo, lo + len) with the constants of (t, lr),
+// uploaded alone through the staging buffer.
+static void optimizer_on_device(CudaModel *m, float *grads, size_t lo, size_t len, float max_norm,
+                                const OptimConfig *oc, long t, double lr) {
     wait_stage(m);
     stage_step(m, NULL, oc, t, lr);
     upload_step(m, 0);
     CUDA_CHECK(cudaEventRecord(m->stage_free, m->stream));
-    optimizer_impl(m, grads, max_norm, oc);
+    optimizer_impl(m, grads, lo, len, max_norm, oc);
 }
 
 float cuda_model_optimizer_step(CudaModel *m, float max_norm, const OptimConfig *oc, long t, double lr) {
-    optimizer_on_device(m, m->grads, max_norm, oc, t, lr);
+    optimizer_on_device(m, m->grads, 0, m->n_params, max_norm, oc, t, lr);
     CUDA_CHECK(cudaMemcpyAsync(m->h_scalars + 3, m->a.scalars + 3, sizeof(float), cudaMemcpyDeviceToHost, m->stream));
     CUDA_CHECK(cudaStreamSynchronize(m->stream));
     return m->h_scalars[3];
@@ -1544,10 +1519,18 @@ void cuda_model_accumulate(CudaModel *m, const int *tokens, int B, const MaskCon
     nvtxRangePop();
 }
 
-void cuda_model_apply_accumulated(CudaModel *m, float max_norm, const OptimConfig *oc, long t, double lr,
-                                  CudaStepStats *stats) {
-    if (!m->accum_block) mlm_fatal(MLM_EXIT_FAILURE, "cuda_model_apply_accumulated: no micro-batch accumulated");
-    optimizer_on_device(m, m->grad_acc, max_norm, oc, t, lr);
+float *cuda_model_accumulated_grads_device(CudaModel *m) {
+    accumulation_buffers(m);
+    return m->grad_acc;
+}
+
+void cuda_model_update_accumulated(CudaModel *m, size_t lo, size_t len, float max_norm, const OptimConfig *oc, long t,
+                                   double lr) {
+    if (!m->accum_block) mlm_fatal(MLM_EXIT_FAILURE, "cuda_model_update_accumulated: no micro-batch accumulated");
+    optimizer_on_device(m, m->grad_acc, lo, len, max_norm, oc, t, lr);
+}
+
+void cuda_model_read_update(CudaModel *m, float *grad_norm, double sums[3]) {
     // The step's one read-back: the norm and the sums.
     CUDA_CHECK(cudaMemcpyAsync(m->h_scalars + 3, m->a.scalars + 3, sizeof(float), cudaMemcpyDeviceToHost, m->stream));
     CUDA_CHECK(cudaMemcpyAsync(m->h_acc_stats, m->acc_stats, 3 * sizeof(double), cudaMemcpyDeviceToHost, m->stream));
@@ -1558,12 +1541,23 @@ void cuda_model_apply_accumulated(CudaModel *m, float max_norm, const OptimConfi
                   "sparse prediction: the device selected %ld positions over the step's micro-batches, the host's "
                   "reproduction of the masking %ld; the masking kernel and mask_apply disagree. Set "
                   "train.sparse_prediction = false and report it", device_count, m->accum_sparse_cap);
+    *grad_norm = m->h_scalars[3];
+    memcpy(sums, m->h_acc_stats, 3 * sizeof(double));
+}
+
+void cuda_model_apply_accumulated(CudaModel *m, float max_norm, const OptimConfig *oc, long t, double lr,
+                                  CudaStepStats *stats) {
+    if (!m->accum_block) mlm_fatal(MLM_EXIT_FAILURE, "cuda_model_apply_accumulated: no micro-batch accumulated");
+    cuda_model_update_accumulated(m, 0, m->n_params, max_norm, oc, t, lr);
+    float norm;
+    double sums[3];
+    cuda_model_read_update(m, &norm, sums);
     if (!stats) return;
     int n = m->accum_norm;
-    stats->loss = n > 0 ? (float)(m->h_acc_stats[0] / n) : 0.0f;
-    stats->correct = (int)lrint(m->h_acc_stats[1]);
+    stats->loss = n > 0 ? (float)(sums[0] / n) : 0.0f;
+    stats->correct = (int)lrint(sums[1]);
     stats->n_targets = n;
-    stats->grad_norm = m->h_scalars[3];
+    stats->grad_norm = norm;
 }
 
 void cuda_model_get_accumulated_grads(CudaModel *m, float *grads) {

@@ -158,44 +158,33 @@ void cuda_layernorm_backward_residual(float *dinp, float *dw, float *db, const f
                                       const uint8_t *keep, float scale, float *dbias, float *scratch,
                                       cudaStream_t stream);
 
-// ---- Attention softmax (attention.cu) -----------------------------------------------------------------
-// In place on scores[B*H, T, T] (Q K^T, unscaled, from cuBLAS): att = softmax(scores * scale) over the last
-// axis, written back; if keep != NULL also writes att_drop[B*H,T,T] = att * keep * drop_scale (else att_drop
-// may be NULL and P V uses att).
-// key_valid[B, T] (NULL: none; H: heads, so that row r belongs to sequence r / (H T)): the key-padding mask of
-// attention_forward (ops.h): masked keys get probability exactly 0; a sequence with no valid key attends to all.
-void cuda_softmax_forward(float *att, float *att_drop, const uint8_t *keep, float drop_scale, float scale,
-                          int BH, int T, const uint8_t *key_valid, int H, cudaStream_t stream);
-// Given datt_drop[BH,T,T] (= dout V^T from cuBLAS), writes dscores[BH,T,T] = scale * softmax_backward(att,
-// datt) where datt = datt_drop * keep * drop_scale (keep NULL: datt = datt_drop). dscores may alias datt_drop.
-void cuda_softmax_backward(float *dscores, const float *datt_drop, const float *att, const uint8_t *keep,
-                           float drop_scale, float scale, int BH, int T, cudaStream_t stream);
-// Layout shuffles between qkv[B,T,3C] and per-head q, k, v [B,H,T,hs], and back for the output/gradients.
-void cuda_qkv_split_heads(float *q, float *k, float *v, const float *qkv, int B, int T, int C, int H,
-                          cudaStream_t stream);
-void cuda_qkv_merge_heads(float *dqkv, const float *dq, const float *dk, const float *dv, int B, int T, int C, int H,
-                          cudaStream_t stream);
-// out[B,T,C] (heads concatenated) from y[B,H,T,hs], and its inverse.
-void cuda_heads_to_rows(float *out, const float *y, int B, int T, int C, int H, cudaStream_t stream);
-void cuda_rows_to_heads(float *y, const float *in, int B, int T, int C, int H, cudaStream_t stream);
-// Fused attention for short sequences (one block per (batch, head), everything in shared memory): 1 when
-// T <= 64 and the head fits in 48 KiB of shared memory, else the model takes the path above.
-int cuda_attention_fused_fits(int T, int C, int H);
-// out[B,T,C] (heads concatenated) and att[B,H,T,T] (softmax probabilities, before dropout) from qkv[B,T,3C]
-// plus qkv_bias[3C] (may be NULL); keep[B,H,T,T] (NULL = no dropout); key_valid[B,T] the key-padding mask (NULL:
-// none), as cuda_softmax_forward's. Twin: the bias add, then attention_forward.
-void cuda_attention_forward(float *out, float *att, const float *qkv, const float *qkv_bias, const uint8_t *keep,
-                            float drop_scale, int B, int T, int C, int H, const uint8_t *key_valid,
-                            cudaStream_t stream);
+// ---- Attention (attention.cu) --------------------------------------------------------------------------
+// Tiled attention (FlashAttention-2), any T, nothing of size T x T stored. qkv[B,T,3C] without its bias, which the
+// kernels add as they load (qkv_bias[3C], may be NULL); head h = features h*hs..h*hs+hs-1 of each of q, k, v,
+// hs = C / H at most 128 (cuda_attention_supported). key_valid[B,T] (NULL: every key valid): 0 marks a [PAD] key
+// that no query attends to; a sequence with no valid key attends to every key (attention_forward's rule). Dropout
+// of the probabilities by THE DROPOUT RULE, its uniforms computed in the tiles at (step, offset_in_step) as site
+// DROP_ATTN_PROBS of the step ([B, H, T, T] order; a micro-batch's rows start step->rng_row0 rows in). Twins: attention_forward / attention_backward (src/cpu/attention.c).
+typedef struct {
+    const DeviceStep *step;   // the step's seed and base offset (device memory); NULL: no dropout
+    uint64_t offset_in_step;  // rng_dropout_offset(layout, 0, layer, DROP_ATTN_PROBS)
+    float p, scale;           // drop probability (0: no dropout), 1 / (1 - p)
+} CudaAttnDropout;
+int cuda_attention_supported(int C, int H);
+// out[B,T,C] (heads concatenated) and lse[B,H,T] (log-sum-exp of each row's scores over its valid keys).
+void cuda_attention_forward(float *out, float *lse, const float *qkv, const float *qkv_bias, const uint8_t *key_valid,
+                            CudaAttnDropout drop, int B, int T, int C, int H, cudaStream_t stream);
+// dqkv[B,T,3C] (overwritten) from dout[B,T,C] and the forward's qkv, qkv_bias, out, lse (same key_valid and drop);
+// delta: cuda_attention_delta_scratch(B, T, H) floats of scratch. bias_partial[B,3C] (may be NULL;
+// cuda_attention_bias_scratch(B, C) floats) receives per-sequence column sums of dqkv, which
+// cuda_column_sums_finish(dqkv_bias, bias_partial, B, 3C) adds to the bias gradient.
+size_t cuda_attention_bias_scratch(int B, int C);
+size_t cuda_attention_delta_scratch(int B, int T, int H);
+void cuda_attention_backward(float *dqkv, float *bias_partial, float *delta, const float *dout, const float *qkv,
+                             const float *qkv_bias, const float *out, const float *lse, const uint8_t *key_valid,
+                             CudaAttnDropout drop, int B, int T, int C, int H, cudaStream_t stream);
 // valid[n] = inputs[n] != pad_id (the key-padding mask of model.arch = bert).
 void cuda_key_valid(uint8_t *valid, const int *inputs, size_t n, int pad_id, cudaStream_t stream);
-// dqkv[B,T,3C] (overwritten) from dout[B,T,C], the forward's qkv, qkv_bias, att and keep; bias_partial[B,3C]
-// (may be NULL; cuda_attention_bias_scratch(B, C) floats) receives per-sequence column sums of dqkv, which
-// cuda_column_sums_finish(dqkv_bias, bias_partial, B, 3C) adds to the bias gradient. Twin: attention_backward.
-size_t cuda_attention_bias_scratch(int B, int C);
-void cuda_attention_backward(float *dqkv, float *bias_partial, const float *dout, const float *qkv,
-                             const float *qkv_bias, const float *att, const uint8_t *keep, float drop_scale, int B,
-                             int T, int C, int H, cudaStream_t stream);
 
 // ---- Cross-entropy (loss.cu) --------------------------------------------------------------------------
 // Fused softmax + loss + gradient over logits[N,V]: losses[N] (0 on ignored rows), correct[N] (1 where argmax

@@ -18,6 +18,7 @@
 // non-blocking stream does not. MLM_EMU_EAGER=1 runs work at enqueue instead.
 #include <ctype.h>
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -32,6 +33,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <new>
 #include <random>
 #include <set>
 #include <string>
@@ -54,6 +56,24 @@ extern "C" void __sanitizer_finish_switch_fiber(void *fake_stack_save, const voi
 
 #if !defined(__x86_64__)
 #include <ucontext.h>
+#endif
+
+#if defined(__SANITIZE_THREAD__)
+// MLM_EMU_TSAN: the host thread's accesses are not watched (emu_init) except while it runs its share of a grid's
+// blocks (pool_run). Everything else it does (copies, memsets, cuBLAS and cuRAND arithmetic, NaN fills, one-block
+// launches) happens before a launch is dispatched to the workers or after they all finished, so it cannot race
+// with a block; watching it only made the tests several times slower. Every block of a multi-block grid is
+// watched.
+extern "C" void __tsan_ignore_thread_begin(void);
+extern "C" void __tsan_ignore_thread_end(void);
+static void tsan_watch_host_at_exit(void) { __tsan_ignore_thread_end(); }  // ThreadSanitizer checks it ended
+#endif
+
+// The build's variant, in the device name every GPU test prints.
+#ifdef EMU_FP_CONTRACT
+#define EMU_MODE_NAME ", kernels with FMA contraction"
+#else
+#define EMU_MODE_NAME ""
 #endif
 
 // ---------------------------------------------------------------------------------------------------------
@@ -130,8 +150,12 @@ extern "C" void emu_counters_reset(void) {
     gemm_family_reset();
 }
 
+static size_t g_device_bytes = 0, g_device_bytes_peak = 0;  // live cudaMalloc bytes; their maximum so far
+
 extern "C" void emu_counters_get(EmuCounters *out) {
     *out = g_cnt;
+    out->device_bytes_live = g_device_bytes;
+    out->device_bytes_peak = g_device_bytes_peak;
 #ifdef EMU_COUNT_ACCESSES
     out->bytes_counted = 1;
 #endif
@@ -156,6 +180,8 @@ extern "C" void emu_counters_print(FILE *f) {
     fprintf(f, "memsets                %llu (%llu bytes)\n", (unsigned long long)c.memsets,
             (unsigned long long)c.memset_bytes);
     fprintf(f, "host synchronisations  %llu\n", (unsigned long long)c.host_syncs);
+    fprintf(f, "device memory          %.2f MiB live, %.2f MiB peak (cudaMalloc, whole process)\n",
+            c.device_bytes_live / 1048576.0, c.device_bytes_peak / 1048576.0);
     fprintf(f, "graph launches         %llu (copies, memsets and cuBLAS calls above include those inside)\n",
             (unsigned long long)c.graph_launches);
     if (c.cold_captures)
@@ -184,10 +210,10 @@ enum AllocKind { ALLOC_DEVICE, ALLOC_PINNED };
 struct Alloc {
     size_t size;
     AllocKind kind;
+    bool lazy = false;  // emu_lazy_device_memory: reserved address space, zero until touched, no redzone
 };
 static std::map<uintptr_t, Alloc> g_live;        // base -> allocation
 static std::map<uintptr_t, size_t> g_freed;      // base -> size of freed device allocations (most recent kept)
-static size_t g_device_bytes = 0;
 static uintptr_t g_dev_lo = UINTPTR_MAX, g_dev_hi = 0;  // bounds of all device allocations ever made
 
 // Without ASan (which puts its own redzones around every allocation), each device allocation is followed by
@@ -251,6 +277,9 @@ static std::string describe_ptr(const void *p) {
 
 // 0x7fffffff in every aligned word: a NaN as float (and, doubled, as double), INT_MAX as int, so a read of
 // memory nothing wrote shows up in the results (or as a wild index).
+#if defined(__SANITIZE_THREAD__)
+__attribute__((no_sanitize_thread))  // a worker's refill of its own dynamic shared memory races with nobody
+#endif
 static void fill_nan_pattern(void *p, size_t bytes) {
     uint8_t *b = (uint8_t *)p;
     size_t i = 0;
@@ -263,7 +292,7 @@ static void fill_nan_pattern(void *p, size_t bytes) {
 
 // The redzone after a device allocation still holds the NaN pattern (nothing wrote past the end).
 static void check_redzone(uintptr_t base, const Alloc &a, const char *when) {
-    if (EMU_REDZONE == 0 || a.kind != ALLOC_DEVICE) return;
+    if (EMU_REDZONE == 0 || a.kind != ALLOC_DEVICE || a.lazy) return;
     const uint8_t *z = (const uint8_t *)(base + a.size);
     size_t total = a.size + EMU_REDZONE;
     for (size_t i = 0; i < (size_t)EMU_REDZONE; i++) {
@@ -308,6 +337,7 @@ struct Fiber {
     const char *wait_file = nullptr;
     int wait_line = 0;
     uint64_t warp_result = 0;
+    bool fenced = false;  // executed __threadfence since its block started: its atomics publish (release)
 };
 
 struct WarpState {
@@ -321,30 +351,43 @@ struct WarpState {
     int arg[32];
 };
 
-// Fibers live as long as the process (reused by every launch); the vector is never destroyed, so LeakSanitizer
-// sees them reachable at exit.
-static std::vector<Fiber *> &g_fibers = *new std::vector<Fiber *>();
-static std::vector<WarpState> g_warps;
-static Fiber *g_cur = nullptr;
-static int g_nthreads = 0, g_done = 0;
-static int g_bar_arrived = 0;
-static const char *g_bar_file = nullptr;
-static int g_bar_line = 0;
-static int g_bar_first = 0;
-static std::shared_ptr<emu::Body> g_body;
-static void *g_dyn_shared = nullptr;
-static size_t g_dyn_shared_bytes = 0;
-
-uint3 emu_threadIdx;
-dim3 emu_blockIdx, emu_blockDim, emu_gridDim;
-
+// The state of one OS thread that runs blocks: the fibers of a block (one per thread, reused by every block and
+// launch), the block's barrier and warp collectives, its dynamic shared memory and the scheduler's context. The
+// host thread has one; in the parallel-blocks build (EMU_PARALLEL_BLOCKS) so has every worker of the pool, and
+// g_run, thread-local there, names the calling thread's. Runners live as long as the process (never destroyed,
+// so LeakSanitizer sees their fibers reachable at exit).
+struct BlockRunner {
+    std::vector<Fiber *> fibers;
+    std::vector<WarpState> warps;
+    Fiber *cur = nullptr;  // the fiber running now (nullptr: the scheduler)
+    int nthreads = 0, done = 0;
+    int bar_arrived = 0;  // threads waiting at the current __syncthreads, first arrived at bar_file:bar_line
+    const char *bar_file = nullptr;
+    int bar_line = 0, bar_first = 0;
+    void *dyn_shared = nullptr;  // the launch's dynamic shared memory (one block at a time)
+    size_t dyn_shared_bytes = 0;
+    std::mt19937_64 rng;  // MLM_EMU_ORDER=random
 #if defined(__x86_64__)
-static void *g_sched_sp = nullptr;
+    void *sched_sp = nullptr;
 #else
-static ucontext_t g_sched_uc;
+    ucontext_t sched_uc;
 #endif
-[[maybe_unused]] static const void *g_sched_stack_bottom = nullptr;
-[[maybe_unused]] static size_t g_sched_stack_size = 0;
+    const void *sched_stack_bottom = nullptr;  // (ASan's view of the scheduler's stack)
+    size_t sched_stack_size = 0;
+};
+static EMU_TLS BlockRunner *g_run = nullptr;
+static emu::Body *g_body = nullptr;  // the launch being executed (its LaunchRec owns it)
+
+static Fiber *current_fiber() { return g_run ? g_run->cur : nullptr; }
+
+static BlockRunner *host_runner() {
+    static BlockRunner *r = new BlockRunner();
+    return r;
+}
+
+EMU_TLS uint3 emu_threadIdx;
+EMU_TLS dim3 emu_blockIdx;
+dim3 emu_blockDim, emu_gridDim;
 
 #if defined(__x86_64__)
 // emu_ctx_switch(save, to): saves the callee-saved registers, MXCSR and the x87 control word on the current
@@ -390,14 +433,15 @@ emu_fiber_trampoline:
 #endif
 
 static void switch_to_fiber(Fiber *f) {
+    BlockRunner *r = g_run;
 #if EMU_ASAN
     void *fake = nullptr;
     __sanitizer_start_switch_fiber(&fake, f->stack, f->stack_size);
 #endif
 #if defined(__x86_64__)
-    emu_ctx_switch(&g_sched_sp, f->sp);
+    emu_ctx_switch(&r->sched_sp, f->sp);
 #else
-    swapcontext(&g_sched_uc, &f->uc);
+    swapcontext(&r->sched_uc, &f->uc);
 #endif
 #if EMU_ASAN
     __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
@@ -405,16 +449,17 @@ static void switch_to_fiber(Fiber *f) {
 }
 
 static void switch_to_scheduler(Fiber *f) {
+    BlockRunner *r = g_run;
 #if EMU_ASAN
-    __sanitizer_start_switch_fiber(&f->fake_stack, g_sched_stack_bottom, g_sched_stack_size);
+    __sanitizer_start_switch_fiber(&f->fake_stack, r->sched_stack_bottom, r->sched_stack_size);
 #endif
 #if defined(__x86_64__)
-    emu_ctx_switch(&f->sp, g_sched_sp);
+    emu_ctx_switch(&f->sp, r->sched_sp);
 #else
-    swapcontext(&f->uc, &g_sched_uc);
+    swapcontext(&f->uc, &r->sched_uc);
 #endif
 #if EMU_ASAN
-    __sanitizer_finish_switch_fiber(f->fake_stack, &g_sched_stack_bottom, &g_sched_stack_size);
+    __sanitizer_finish_switch_fiber(f->fake_stack, &r->sched_stack_bottom, &r->sched_stack_size);
 #endif
 }
 
@@ -424,7 +469,7 @@ static void thread_exited(Fiber *f);
 // for the same thread index of the next block and launch.
 extern "C" void emu_fiber_main(Fiber *f) {
 #if EMU_ASAN
-    __sanitizer_finish_switch_fiber(nullptr, &g_sched_stack_bottom, &g_sched_stack_size);
+    __sanitizer_finish_switch_fiber(nullptr, &g_run->sched_stack_bottom, &g_run->sched_stack_size);
 #endif
     for (;;) {
         g_body->run();
@@ -482,7 +527,6 @@ static Fiber *fiber_create(int linear) {
 
 static int g_order = -1;  // 0 forward, 1 reverse, 2 random
 static uint64_t g_seed = 1;
-static std::mt19937_64 g_rng;
 
 static void init_order() {
     if (g_order >= 0) return;
@@ -494,7 +538,7 @@ static void init_order() {
         emu_warn("MLM_EMU_ORDER=%s is not forward, reverse or random; using forward", o);
     const char *s = getenv("MLM_EMU_SEED");
     g_seed = s && *s ? strtoull(s, nullptr, 10) : 1;
-    g_rng.seed(g_seed);
+    host_runner()->rng.seed(g_seed);
 }
 
 extern "C" int emu_set_order(int order, uint64_t seed) {
@@ -502,7 +546,7 @@ extern "C" int emu_set_order(int order, uint64_t seed) {
     int old = g_order;
     g_order = order;
     g_seed = seed;
-    g_rng.seed(seed);
+    host_runner()->rng.seed(seed);
     return old;
 }
 
@@ -512,8 +556,18 @@ extern "C" char __start_emu_shared[] __attribute__((weak));
 extern "C" char __stop_emu_shared[] __attribute__((weak));
 
 extern "C" void *emu_dynamic_shared(void) {
-    if (!g_cur) emu_fail("extern __shared__ memory used outside a kernel");
-    return g_dyn_shared;
+    if (!current_fiber()) emu_fail("extern __shared__ memory used outside a kernel");
+    return g_run->dyn_shared;
+}
+
+// ---- Fences (the memory-order model of cuda_emu.h's atomics) -------------------------------------------------
+
+extern "C" void emu_threadfence(void) {
+    if (Fiber *f = current_fiber()) f->fenced = true;
+}
+extern "C" int emu_thread_fenced(void) {
+    Fiber *f = current_fiber();
+    return f && f->fenced;
 }
 
 // ---- Barrier and warp collectives -----------------------------------------------------------------------
@@ -545,7 +599,7 @@ static std::string where_waiting(const Fiber *f) {
     case F_READY: return "is running";
     case F_WAIT_BAR: snprintf(b, sizeof(b), "waits at __syncthreads at %s:%d", f->wait_file, f->wait_line); return b;
     case F_WAIT_WARP: {
-        const WarpState &w = g_warps[f->linear / 32];
+        const WarpState &w = g_run->warps[f->linear / 32];
         snprintf(b, sizeof(b), "waits at %s (mask 0x%08x) at %s:%d", op_name(w.op), w.mask, f->wait_file, f->wait_line);
         return b;
     }
@@ -555,9 +609,9 @@ static std::string where_waiting(const Fiber *f) {
 
 static int count_exited_report(std::string *first) {
     int n = 0;
-    for (int i = 0; i < g_nthreads; i++)
-        if (g_fibers[i]->state == F_DONE) {
-            if (n++ == 0) *first = thread_name(g_fibers[i]);
+    for (int i = 0; i < g_run->nthreads; i++)
+        if (g_run->fibers[i]->state == F_DONE) {
+            if (n++ == 0) *first = thread_name(g_run->fibers[i]);
         }
     return n;
 }
@@ -569,45 +623,45 @@ static int count_exited_report(std::string *first) {
     emu_fail("__syncthreads at %s:%d reached by only part of the block: %d of %d threads wait there, %d threads "
              "exited without reaching it (first: %s); every thread of the block must reach every __syncthreads "
              "(move the early return after the barrier or make the condition block-uniform)",
-             file, line, g_bar_arrived, g_nthreads, exited, first.c_str());
+             file, line, g_run->bar_arrived, g_run->nthreads, exited, first.c_str());
 }
 
 extern "C" void emu_syncthreads(const char *file, int line) {
-    Fiber *f = g_cur;
+    Fiber *f = current_fiber();
     if (!f) emu_fail("__syncthreads called outside a kernel (at %s:%d)", file, line);
-    if (g_bar_arrived == 0) {
-        g_bar_file = file;
-        g_bar_line = line;
-        g_bar_first = f->linear;
-    } else if (g_bar_line != line || (g_bar_file != file && strcmp(g_bar_file, file) != 0)) {
+    if (g_run->bar_arrived == 0) {
+        g_run->bar_file = file;
+        g_run->bar_line = line;
+        g_run->bar_first = f->linear;
+    } else if (g_run->bar_line != line || (g_run->bar_file != file && strcmp(g_run->bar_file, file) != 0)) {
         emu_fail("threads of one block wait at different __syncthreads: %s at %s:%d, %s at %s:%d (a barrier in "
-                 "divergent code)", thread_name(g_fibers[g_bar_first]).c_str(), g_bar_file, g_bar_line,
-                 thread_name(f).c_str(), file, line);
+                 "divergent code)", thread_name(g_run->fibers[g_run->bar_first]).c_str(), g_run->bar_file,
+                 g_run->bar_line, thread_name(f).c_str(), file, line);
     }
-    g_bar_arrived++;
+    g_run->bar_arrived++;
     f->state = F_WAIT_BAR;
     f->wait_file = file;
     f->wait_line = line;
-    if (g_done > 0) barrier_partial(file, line);
-    if (g_bar_arrived == g_nthreads) {
-        for (int i = 0; i < g_nthreads; i++)
-            if (g_fibers[i]->state == F_WAIT_BAR) g_fibers[i]->state = F_READY;
-        g_bar_arrived = 0;
+    if (g_run->done > 0) barrier_partial(file, line);
+    if (g_run->bar_arrived == g_run->nthreads) {
+        for (int i = 0; i < g_run->nthreads; i++)
+            if (g_run->fibers[i]->state == F_WAIT_BAR) g_run->fibers[i]->state = F_READY;
+        g_run->bar_arrived = 0;
     }
     switch_to_scheduler(f);
 }
 
-static int lanes_in_warp(int warp) { return std::min(32, g_nthreads - warp * 32); }
+static int lanes_in_warp(int warp) { return std::min(32, g_run->nthreads - warp * 32); }
 
 static void complete_warp_op(int warp) {
-    WarpState &w = g_warps[warp];
+    WarpState &w = g_run->warps[warp];
     int width = w.width;
     uint64_t ballot = 0;
     for (int l = 0; l < 32; l++)
         if (w.mask >> l & 1u) ballot |= (uint64_t)(w.val[l] != 0) << l;
     for (int l = 0; l < 32; l++) {
         if (!(w.mask >> l & 1u)) continue;
-        Fiber *f = g_fibers[warp * 32 + l];
+        Fiber *f = g_run->fibers[warp * 32 + l];
         int seg = l & ~(width - 1), src = l;
         uint64_t r = 0;
         switch (w.op) {
@@ -637,7 +691,7 @@ static void complete_warp_op(int warp) {
 }
 
 extern "C" uint64_t emu_warp_op(int op, unsigned mask, uint64_t value, int arg, int width, const char *file, int line) {
-    Fiber *f = g_cur;
+    Fiber *f = current_fiber();
     if (!f) emu_fail("%s called outside a kernel (at %s:%d)", op_name(op), file, line);
     int warp = f->linear / 32, lane = f->linear % 32, nl = lanes_in_warp(warp);
     if (width < 1 || width > 32 || (width & (width - 1)))
@@ -649,8 +703,8 @@ extern "C" uint64_t emu_warp_op(int op, unsigned mask, uint64_t value, int arg, 
         emu_fail("%s at %s:%d: mask 0x%08x names lane %d, which does not exist: the block has %d threads, so warp %d "
                  "has lanes 0..%d only (a full mask in a partial warp; round the block size up to a multiple of 32 "
                  "or use the mask of the existing lanes)",
-                 op_name(op), file, line, mask, 31 - __builtin_clz(mask), g_nthreads, warp, nl - 1);
-    WarpState &w = g_warps[warp];
+                 op_name(op), file, line, mask, 31 - __builtin_clz(mask), g_run->nthreads, warp, nl - 1);
+    WarpState &w = g_run->warps[warp];
     if (w.arrived == 0) {
         w.op = op;
         w.mask = mask;
@@ -659,7 +713,7 @@ extern "C" uint64_t emu_warp_op(int op, unsigned mask, uint64_t value, int arg, 
         w.line = line;
         // A lane that exits later is caught by thread_exited.
         for (int l = 0; l < 32; l++)
-            if ((mask >> l & 1u) && g_fibers[warp * 32 + l]->state == F_DONE)
+            if ((mask >> l & 1u) && g_run->fibers[warp * 32 + l]->state == F_DONE)
                 emu_fail("%s at %s:%d: mask 0x%08x names lane %d of warp %d, which has exited and will never arrive",
                          op_name(op), file, line, mask, l, warp);
     } else if (w.op != op || w.mask != mask || w.line != line || (w.file != file && strcmp(w.file, file) != 0)) {
@@ -678,21 +732,21 @@ extern "C" uint64_t emu_warp_op(int op, unsigned mask, uint64_t value, int arg, 
 }
 
 extern "C" unsigned emu_activemask(void) {
-    Fiber *f = g_cur;
+    Fiber *f = current_fiber();
     if (!f) return 0;
     int warp = f->linear / 32;
     unsigned m = 0;
     for (int l = 0; l < lanes_in_warp(warp); l++)
-        if (g_fibers[warp * 32 + l]->state != F_DONE) m |= 1u << l;
+        if (g_run->fibers[warp * 32 + l]->state != F_DONE) m |= 1u << l;
     return m;
 }
 
 static void thread_exited(Fiber *f) {
     f->state = F_DONE;
-    g_done++;
-    if (g_bar_arrived > 0) barrier_partial(g_bar_file, g_bar_line);
+    g_run->done++;
+    if (g_run->bar_arrived > 0) barrier_partial(g_run->bar_file, g_run->bar_line);
     int warp = f->linear / 32, lane = f->linear % 32;
-    const WarpState &w = g_warps[warp];
+    const WarpState &w = g_run->warps[warp];
     if (w.arrived && (w.mask >> lane & 1u))
         emu_fail("%s at %s:%d: mask 0x%08x names lane %d of warp %d, which exited without arriving (lanes waiting: "
                  "0x%08x)", op_name(w.op), w.file, w.line, w.mask, lane, warp, w.arrived);
@@ -701,34 +755,37 @@ static void thread_exited(Fiber *f) {
 [[noreturn]] static void deadlock() {
     std::string msg;
     int shown = 0;
-    for (int i = 0; i < g_nthreads && shown < 8; i++) {
-        Fiber *f = g_fibers[i];
+    for (int i = 0; i < g_run->nthreads && shown < 8; i++) {
+        Fiber *f = g_run->fibers[i];
         if (f->state == F_DONE) continue;
         msg += "\n    " + thread_name(f) + " " + where_waiting(f);
         shown++;
     }
     emu_fail("the block cannot make progress: %d of %d threads exited, the others wait for threads that never "
-             "arrive:%s", g_done, g_nthreads, msg.c_str());
+             "arrive:%s", g_run->done, g_run->nthreads, msg.c_str());
 }
 
 static void run_block(std::vector<int> &order) {
     if (__start_emu_shared && __stop_emu_shared)
         fill_nan_pattern(__start_emu_shared, (size_t)(__stop_emu_shared - __start_emu_shared));
-    if (g_dyn_shared) fill_nan_pattern(g_dyn_shared, g_dyn_shared_bytes);
-    g_done = 0;
-    g_bar_arrived = 0;
-    for (auto &w : g_warps) w.arrived = 0;
-    for (int i = 0; i < g_nthreads; i++) g_fibers[i]->state = F_READY;
-    while (g_done < g_nthreads) {
-        if (g_order == 2) std::shuffle(order.begin(), order.end(), g_rng);
+    if (g_run->dyn_shared) fill_nan_pattern(g_run->dyn_shared, g_run->dyn_shared_bytes);
+    g_run->done = 0;
+    g_run->bar_arrived = 0;
+    for (auto &w : g_run->warps) w.arrived = 0;
+    for (int i = 0; i < g_run->nthreads; i++) {
+        g_run->fibers[i]->state = F_READY;
+        g_run->fibers[i]->fenced = false;
+    }
+    while (g_run->done < g_run->nthreads) {
+        if (g_order == 2) std::shuffle(order.begin(), order.end(), g_run->rng);
         bool progress = false;
         for (int idx : order) {
-            Fiber *f = g_fibers[idx];
+            Fiber *f = g_run->fibers[idx];
             if (f->state != F_READY) continue;
-            g_cur = f;
+            g_run->cur = f;
             emu_threadIdx = f->tid;
             switch_to_fiber(f);
-            g_cur = nullptr;
+            g_run->cur = nullptr;
             progress = true;
         }
         if (!progress) deadlock();
@@ -893,6 +950,19 @@ void __tsan_read_range(void *p, unsigned long n) { count_access(p, n, false); }
 void __tsan_write_range(void *p, unsigned long n) { count_access(p, n, true); }
 // shared_ptr reference counts (host code of the launch path, never device memory).
 int __tsan_atomic32_fetch_add(volatile int *a, int v, int) { return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST); }
+// Device atomics (cuda_emu.h: a load, then compare-and-swap): counted as a read, and a write when it swaps.
+#define EMU_TSAN_ATOMIC(N, T)                                                                               \
+    T __tsan_atomic##N##_load(const volatile T *a, int) {                                                   \
+        count_access((const void *)a, N / 8, false);                                                        \
+        return __atomic_load_n(a, __ATOMIC_SEQ_CST);                                                        \
+    }                                                                                                       \
+    int __tsan_atomic##N##_compare_exchange_strong(volatile T *a, T *c, T v, int, int) {                    \
+        int ok = __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);           \
+        count_access((const void *)a, N / 8, ok != 0);                                                      \
+        return ok;                                                                                          \
+    }
+EMU_TSAN_ATOMIC(32, int)
+EMU_TSAN_ATOMIC(64, long long)
 void __tsan_vptr_update(void **, void *) {}
 void __tsan_vptr_read(void **) {}
 }
@@ -911,19 +981,189 @@ struct LaunchRec {
     std::shared_ptr<emu::Body> body;
 };
 
+// Prepares the calling thread's runner for the blocks of launch L: a fiber per thread, their indices, the warps,
+// the thread order and the dynamic shared memory.
+static void runner_begin(const LaunchRec &L, std::vector<int> *order) {
+    BlockRunner *r = g_run;
+    unsigned nt = L.block.x * L.block.y * L.block.z;
+    while (r->fibers.size() < nt) r->fibers.push_back(fiber_create((int)r->fibers.size()));
+    r->warps.resize((nt + 31) / 32);
+    r->nthreads = (int)nt;
+    for (unsigned i = 0; i < nt; i++)
+        r->fibers[i]->tid = uint3{i % L.block.x, (i / L.block.x) % L.block.y, i / (L.block.x * L.block.y)};
+    order->resize(nt);
+    for (unsigned i = 0; i < nt; i++) (*order)[i] = g_order == 1 ? (int)(nt - 1 - i) : (int)i;
+    r->dyn_shared_bytes = L.shmem;
+    r->dyn_shared = L.shmem ? malloc(L.shmem) : nullptr;  // heap: ASan sees accesses past the requested size
+}
+
+static void runner_end(void) {
+    free(g_run->dyn_shared);
+    g_run->dyn_shared = nullptr;
+}
+
+// Runs block b (linear, x fastest) of the current launch on the calling thread.
+static void run_linear_block(uint64_t b, std::vector<int> &order) {
+    const dim3 &g = emu_gridDim;
+    emu_blockIdx = dim3((unsigned)(b % g.x), (unsigned)(b / g.x % g.y), (unsigned)(b / ((uint64_t)g.x * g.y)));
+    run_block(order);
+}
+
+#ifdef EMU_PARALLEL_BLOCKS
+// ---- Parallel blocks: the blocks of a grid on MLM_EMU_WORKERS OS threads (default 4: the host thread and a pool
+// of 3), each with its own fibers for the threads of a block. Worker w runs blocks w, w + W, w + 2W, ... (a fixed assignment: a shared
+// work counter would be an atomic that orders each block after the one taken before it, and ThreadSanitizer
+// would then miss their races). Two blocks on different workers are ordered only by what the kernel itself does:
+// its atomics and __threadfence (cuda_emu.h). The launch is dispatched and joined under a mutex, so the host's
+// work before it happens before every block and every block before the host's work after it, as on a device.
+// The threads of one block share their worker's ThreadSanitizer thread: the fiber switches run them one after
+// another (in the order MLM_EMU_ORDER selects, which the sequential build already checks), so ThreadSanitizer
+// sees each block as one sequential thread and reports only races between blocks.
+struct BlockPool {
+    pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t go = PTHREAD_COND_INITIALIZER, finished = PTHREAD_COND_INITIALIZER;
+    int workers = 0;          // started
+    uint64_t generation = 0;  // launches dispatched so far
+    int pending = 0;          // workers still running the current launch
+    const LaunchRec *launch = nullptr;
+    char dispatched, joined;  // ThreadSanitizer's sync objects of the launch's edges (pool_hide_begin)
+};
+static BlockPool g_pool;
+
+#if defined(__SANITIZE_THREAD__)
+extern "C" void __tsan_acquire(void *addr);
+extern "C" void __tsan_release(void *addr);
+extern "C" void AnnotateIgnoreSyncBegin(const char *file, int line);
+extern "C" void AnnotateIgnoreSyncEnd(const char *file, int line);
+#endif
+// The pool's own bookkeeping (its mutex, condition variables and fields) is hidden from ThreadSanitizer: a worker
+// that takes the mutex after another released it would otherwise be ordered after all of that worker's blocks,
+// and a race between their blocks would go unreported whenever the two happened not to overlap in time. The
+// launch's real edges are declared instead: the host's work before the launch happens before every block
+// (dispatched), and every block before the host's work after it (joined).
+static void pool_hide_begin(void) {
+#if defined(__SANITIZE_THREAD__)
+    __tsan_ignore_thread_begin();
+    AnnotateIgnoreSyncBegin(__FILE__, __LINE__);
+#endif
+}
+static void pool_hide_end(void) {
+#if defined(__SANITIZE_THREAD__)
+    AnnotateIgnoreSyncEnd(__FILE__, __LINE__);
+    __tsan_ignore_thread_end();
+#endif
+}
+static void pool_edge_acquire(char *edge) {
+#if defined(__SANITIZE_THREAD__)
+    __tsan_acquire(edge);
+#else
+    (void)edge;
+#endif
+}
+static void pool_edge_release(char *edge) {
+#if defined(__SANITIZE_THREAD__)
+    __tsan_release(edge);
+#else
+    (void)edge;
+#endif
+}
+
+static void worker_run_launch(int w, int workers, const LaunchRec &L) {
+    std::vector<int> order;
+    runner_begin(L, &order);
+    uint64_t blocks = (uint64_t)L.grid.x * L.grid.y * L.grid.z;
+    for (uint64_t b = (uint64_t)w; b < blocks; b += (uint64_t)workers) {
+        if (g_order == 2) g_run->rng.seed(g_seed + b * 0x9E3779B97F4A7C15ull);  // the same orders on every run
+        run_linear_block(b, order);
+    }
+    runner_end();
+}
+
+static void *worker_main(void *arg) {
+    int w = (int)(intptr_t)arg;
+    g_run = new BlockRunner();
+    uint64_t seen = 0;
+    for (;;) {
+        pool_hide_begin();
+        pthread_mutex_lock(&g_pool.mu);
+        while (g_pool.generation == seen) pthread_cond_wait(&g_pool.go, &g_pool.mu);
+        seen = g_pool.generation;
+        const LaunchRec *L = g_pool.launch;
+        int workers = g_pool.workers;
+        pthread_mutex_unlock(&g_pool.mu);
+        pool_hide_end();
+        pool_edge_acquire(&g_pool.dispatched);
+        worker_run_launch(w, workers, *L);
+        pool_edge_release(&g_pool.joined);
+        pool_hide_begin();
+        pthread_mutex_lock(&g_pool.mu);
+        if (--g_pool.pending == 0) pthread_cond_signal(&g_pool.finished);
+        pthread_mutex_unlock(&g_pool.mu);
+        pool_hide_end();
+    }
+    return nullptr;
+}
+
+// A forked child has none of the parent's workers: it starts its own at its first launch.
+static void pool_after_fork_child(void) {
+    new (&g_pool) BlockPool();
+}
+
+// MLM_EMU_WORKERS threads run blocks: the host thread (worker 0) and the pool's.
+static void pool_start(void) {
+    int n = std::max(2, std::min(64, env_int("MLM_EMU_WORKERS", 4)));
+    static bool at_fork = false;
+    if (!at_fork) pthread_atfork(nullptr, nullptr, pool_after_fork_child);
+    at_fork = true;
+    for (int w = 1; w < n; w++) {
+        pthread_t t;
+        if (pthread_create(&t, nullptr, worker_main, (void *)(intptr_t)w) != 0)
+            emu_fail("cannot start block worker %d of %d: %s (set MLM_EMU_WORKERS lower)", w, n, strerror(errno));
+        pthread_detach(t);
+    }
+    g_pool.workers = n;
+}
+
+// The host's own blocks are watched like the workers' (emu_init ignores the host thread otherwise).
+static void host_watch(bool on) {
+#if defined(__SANITIZE_THREAD__)
+    if (on) __tsan_ignore_thread_end();
+    else __tsan_ignore_thread_begin();
+#else
+    (void)on;
+#endif
+}
+
+static void pool_run(const LaunchRec &L) {
+    if (g_pool.workers == 0) pool_start();
+    pool_edge_release(&g_pool.dispatched);
+    pool_hide_begin();
+    pthread_mutex_lock(&g_pool.mu);
+    g_pool.launch = &L;
+    g_pool.pending = g_pool.workers - 1;
+    g_pool.generation++;
+    pthread_cond_broadcast(&g_pool.go);
+    pthread_mutex_unlock(&g_pool.mu);
+    pool_hide_end();
+    host_watch(true);
+    worker_run_launch(0, g_pool.workers, L);
+    host_watch(false);
+    pool_hide_begin();
+    pthread_mutex_lock(&g_pool.mu);
+    while (g_pool.pending > 0) pthread_cond_wait(&g_pool.finished, &g_pool.mu);
+    g_pool.launch = nullptr;
+    pthread_mutex_unlock(&g_pool.mu);
+    pool_hide_end();
+    pool_edge_acquire(&g_pool.joined);
+}
+#endif
+
 static void execute_launch(const LaunchRec &L) {
     init_order();
+    if (!g_run) g_run = host_runner();
+    uint64_t blocks = (uint64_t)L.grid.x * L.grid.y * L.grid.z;
     unsigned nt = L.block.x * L.block.y * L.block.z;
-    while (g_fibers.size() < nt) g_fibers.push_back(fiber_create((int)g_fibers.size()));
-    g_warps.resize((nt + 31) / 32);
-    g_nthreads = (int)nt;
-    for (unsigned i = 0; i < nt; i++)
-        g_fibers[i]->tid = uint3{i % L.block.x, (i / L.block.x) % L.block.y, i / (L.block.x * L.block.y)};
-    std::vector<int> order(nt);
-    for (unsigned i = 0; i < nt; i++) order[i] = g_order == 1 ? (int)(nt - 1 - i) : (int)i;
-    g_dyn_shared_bytes = L.shmem;
-    g_dyn_shared = L.shmem ? malloc(L.shmem) : nullptr;  // heap: ASan sees accesses past the requested size
-    g_body = L.body;
+    g_body = L.body.get();
     g_kernel = L.name;
     g_kernel_file = L.file;
     g_kernel_line = L.line;
@@ -932,28 +1172,64 @@ static void execute_launch(const LaunchRec &L) {
     g_cur_kstats = kernel_stats(L.name);
     g_cur_kstats->launches++;
     g_cnt.launches++;
-    g_cnt.blocks += (uint64_t)L.grid.x * L.grid.y * L.grid.z;
-    g_cnt.threads += (uint64_t)L.grid.x * L.grid.y * L.grid.z * nt;
+    g_cnt.blocks += blocks;
+    g_cnt.threads += blocks * nt;
     g_counting_accesses = true;
-    for (unsigned z = 0; z < L.grid.z; z++)
-        for (unsigned y = 0; y < L.grid.y; y++)
-            for (unsigned x = 0; x < L.grid.x; x++) {
-                emu_blockIdx = dim3(x, y, z);
-                run_block(order);
-            }
+#ifdef EMU_PARALLEL_BLOCKS
+    if (blocks > 1) {
+        pool_run(L);
+    } else
+#endif
+    {
+        std::vector<int> order;
+        runner_begin(L, &order);
+        for (uint64_t b = 0; b < blocks; b++) run_linear_block(b, order);
+        runner_end();
+    }
     g_counting_accesses = false;
     char when[256];
     snprintf(when, sizeof(when), "after kernel %s launched at %s:%d", L.name, L.file, L.line);
     g_kernel = nullptr;
     check_all_redzones(when);
-    free(g_dyn_shared);
-    g_dyn_shared = nullptr;
-    g_body.reset();
-    g_kernel = nullptr;
+    g_body = nullptr;
+}
+
+// ---- Launch recording (emu_api.h): launches as made, for checks against a real architecture's limits at shapes
+// too large to emulate (tests/test_launch_resources.c).
+
+static bool g_recording = false, g_skip_bodies = false;
+static std::vector<EmuLaunchRecord> &g_records = *new std::vector<EmuLaunchRecord>();
+
+extern "C" void emu_record_launches(int on, int skip_bodies) {
+    g_recording = on != 0;
+    g_skip_bodies = on && skip_bodies;
+}
+
+extern "C" size_t emu_launch_records(const EmuLaunchRecord **out) {
+    *out = g_records.data();
+    return g_records.size();
+}
+
+static void record_launch(const char *kernel, const char *file, int line, const emu::LaunchCfg &c) {
+    EmuLaunchRecord r;
+    r.kernel = kernel;
+    r.file = file;
+    r.line = line;
+    r.grid[0] = c.grid.x, r.grid[1] = c.grid.y, r.grid[2] = c.grid.z;
+    r.block[0] = c.block.x, r.block[1] = c.block.y, r.block[2] = c.block.z;
+    r.shmem = c.shmem;
+    g_records.push_back(r);
 }
 
 void emu_launch(const char *kernel, const char *file, int line, const emu::LaunchCfg &c,
                 std::shared_ptr<emu::Body> body) {
+    // Recording without bodies: every launch is accepted as made; the test that records judges it against a real
+    // architecture's limits (stricter than the generic ones below).
+    if (g_recording) record_launch(kernel, file, line, c);
+    if (g_skip_bodies && (unsigned long long)c.grid.x * c.grid.y * c.grid.z > 1) {
+        g_cnt.launches++;
+        return;
+    }
     // Configuration errors come back from cudaGetLastError, as on the device (the kernel does not run).
     const dim3 &g = c.grid, &b = c.block;
     unsigned long long nt = (unsigned long long)b.x * b.y * b.z;
@@ -1001,8 +1277,8 @@ cudaError_t emu_cudaGetDeviceCount(int *count) {
 cudaError_t emu_cudaGetDeviceProperties(cudaDeviceProp *prop, int device) {
     if (!prop || device != 0) return set_error(device != 0 ? cudaErrorInvalidDevice : cudaErrorInvalidValue);
     memset(prop, 0, sizeof(*prop));
-    snprintf(prop->name, sizeof(prop->name), "mlm CPU emulation (tests/emu, order %s)",
-             (init_order(), g_order == 0 ? "forward" : g_order == 1 ? "reverse" : "random"));
+    snprintf(prop->name, sizeof(prop->name), "mlm CPU emulation (tests/emu, order %s%s)",
+             (init_order(), g_order == 0 ? "forward" : g_order == 1 ? "reverse" : "random"), EMU_MODE_NAME);
     prop->totalGlobalMem = total_device_bytes();
     prop->sharedMemPerBlock = 48 * 1024;
     prop->regsPerBlock = 65536;
@@ -1079,6 +1355,23 @@ const char *emu_cudaGetErrorString(cudaError_t e) {
     }
 }
 
+// emu_lazy_device_memory (emu_api.h): allocations that are address space only until touched.
+static bool g_lazy_memory = false;
+extern "C" void emu_lazy_device_memory(int on) { g_lazy_memory = on != 0; }
+
+// memset(p, 0, n) inside a lazy allocation without touching its untouched pages: whole pages are handed back to
+// the kernel (MADV_DONTNEED: an anonymous private page reads as zeros afterwards), the ends are written.
+static void zero_lazy(void *p, size_t n) {
+    uintptr_t a = (uintptr_t)p, e = a + n, page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t lo = (a + page - 1) & ~(page - 1), hi = e & ~(page - 1);
+    if (hi <= lo || madvise((void *)lo, hi - lo, MADV_DONTNEED) != 0) {
+        memset(p, 0, n);
+        return;
+    }
+    memset(p, 0, lo - a);
+    memset((void *)hi, 0, e - hi);
+}
+
 cudaError_t emu_cudaMalloc(void **ptr, size_t bytes) {
     if (!ptr) return set_error(cudaErrorInvalidValue);
     *ptr = nullptr;
@@ -1086,11 +1379,22 @@ cudaError_t emu_cudaMalloc(void **ptr, size_t bytes) {
     if (bytes > total_device_bytes() - std::min(g_device_bytes, total_device_bytes()))
         return set_error(cudaErrorMemoryAllocation);
     void *p = nullptr;
-    if (posix_memalign(&p, 256, bytes + EMU_REDZONE) != 0 || !p) return set_error(cudaErrorMemoryAllocation);
-    fill_nan_pattern(p, bytes + EMU_REDZONE);
+    if (g_lazy_memory) {
+        p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED) {
+            emu_warn("error: cudaMalloc(%zu bytes) in lazy device memory: the host refused to reserve the address "
+                     "space (%s); with vm.overcommit_memory = 2 such reservations count as commitments",
+                     bytes, strerror(errno));
+            return set_error(cudaErrorMemoryAllocation);
+        }
+    } else {
+        if (posix_memalign(&p, 256, bytes + EMU_REDZONE) != 0 || !p) return set_error(cudaErrorMemoryAllocation);
+        fill_nan_pattern(p, bytes + EMU_REDZONE);
+    }
     g_freed.erase((uintptr_t)p);
-    g_live[(uintptr_t)p] = Alloc{bytes, ALLOC_DEVICE};
+    g_live[(uintptr_t)p] = Alloc{bytes, ALLOC_DEVICE, g_lazy_memory};
     g_device_bytes += bytes;
+    g_device_bytes_peak = std::max(g_device_bytes_peak, g_device_bytes);
     g_dev_lo = std::min(g_dev_lo, (uintptr_t)p);
     g_dev_hi = std::max(g_dev_hi, (uintptr_t)p + bytes);
     *ptr = p;
@@ -1110,13 +1414,15 @@ static cudaError_t free_alloc(void *p, AllocKind kind, const char *api) {
     flush_device();
     size_t size = it->second.size;
     check_redzone(it->first, it->second, api);
+    bool lazy = it->second.lazy;
     g_live.erase(it);
     if (kind == ALLOC_DEVICE) {
         g_device_bytes -= size;
         g_freed[(uintptr_t)p] = size;
         if (g_freed.size() > 100000) g_freed.erase(g_freed.begin());
     }
-    free(p);
+    if (lazy) munmap(p, size);
+    else free(p);
     return cudaSuccess;
 }
 
@@ -1229,7 +1535,11 @@ static cudaError_t memset_common(void *dst, int value, size_t n, cudaStream_t st
     if (!async && capturing_anywhere()) return set_error(cudaErrorStreamCaptureImplicit);
     g_cnt.memsets++;
     g_cnt.memset_bytes += n;
-    enqueue(s, Op{[dst, value, n] { memset(dst, value, n); }, nullptr});
+    const Alloc *a = find_live(dst, n, nullptr);
+    if (a && a->lazy && value == 0)
+        enqueue(s, Op{[dst, n] { zero_lazy(dst, n); }, nullptr});
+    else
+        enqueue(s, Op{[dst, value, n] { memset(dst, value, n); }, nullptr});
     if (!async) {
         g_cnt.host_syncs++;
         flush_all(s);
@@ -1524,6 +1834,7 @@ static cublasStatus_t gemm(cublasHandle_t h, cublasOperation_t ta, cublasOperati
     snprintf(shape, sizeof(shape), "%s %d %d m%d n%d k%d lda%d ldb%d ldc%d x%d tf32 %d", api, (int)ta, (int)tb, m, n, k,
              lda, ldb, ldc, batch, (int)tf32);
     note_use(shape, s->capture != nullptr);
+    if (g_skip_bodies) return CUBLAS_STATUS_SUCCESS;  // validated and counted; nothing computed (launch recording)
     enqueue(s, Op{[=] {
         gemm_family_count(fam, fam_flops, fam_read, fam_written);
         // op(A) as rows of length k and op(B) as columns of length k, so the inner product is contiguous.
@@ -1718,6 +2029,10 @@ static curandStatus_t generate(curandGenerator_t gen, void *out, size_t n, bool 
     if (!s) return CURAND_STATUS_LAUNCH_FAILURE;
     g_cnt.curand_calls++;
     g_cnt.curand_values += n;
+    if (g_skip_bodies) {  // launch recording: the stream advances, nothing is generated
+        gen->offset += n;
+        return CURAND_STATUS_SUCCESS;
+    }
     unsigned long long seed = gen->seed, offset = gen->offset;
     enqueue(s, Op{[=] {
         uint32_t *u = (uint32_t *)out;
@@ -1814,6 +2129,19 @@ static void counters_at_exit(void) {
 }
 
 __attribute__((constructor)) static void emu_init(void) {
+#ifdef EMU_FP_CONTRACT
+    // The kernels were compiled with FMA instructions (MLM_EMU_FP_CONTRACT): a CPU without them cannot run them.
+    if (!__builtin_cpu_supports("fma")) {
+        printf("SKIP: the emulated kernels were built with FMA contraction (MLM_EMU_FP_CONTRACT=ON) and this CPU has "
+               "no FMA instructions; configure with -DMLM_EMU_FP_CONTRACT=OFF here\n");
+        fflush(stdout);
+        _exit(77);
+    }
+#endif
+#if defined(__SANITIZE_THREAD__)
+    __tsan_ignore_thread_begin();
+    atexit(tsan_watch_host_at_exit);
+#endif
     atexit(counters_at_exit);
 }
 
@@ -1913,7 +2241,8 @@ extern "C" void emu_counters_json(FILE *f) {
         {"d2h_copies", c.d2h_copies}, {"d2h_bytes", c.d2h_bytes}, {"d2d_copies", c.d2d_copies},
         {"d2d_bytes", c.d2d_bytes}, {"memsets", c.memsets}, {"memset_bytes", c.memset_bytes},
         {"host_syncs", c.host_syncs}, {"kernel_bytes_read", c.kernel_bytes_read},
-        {"kernel_bytes_written", c.kernel_bytes_written}};
+        {"kernel_bytes_written", c.kernel_bytes_written}, {"device_bytes_live", c.device_bytes_live},
+        {"device_bytes_peak", c.device_bytes_peak}};
     for (size_t i = 0; i < sizeof(tot) / sizeof(tot[0]); i++)
         fprintf(f, "%s\"%s\": %llu", i ? ", " : "", tot[i].name, (unsigned long long)tot[i].v);
     fprintf(f, "},\n \"kernels\": [");

@@ -5,15 +5,20 @@
 // allocations; deferred stream semantics, events across streams, graph capture and replay; and, each in a
 // child process, that the misuses the layer exists to catch are reported (a barrier part of the block never
 // reaches, a full-mask shuffle in a partial warp, a lane that exits before a shuffle, barriers in divergent
-// code, a host pointer passed to a kernel, an NVTX pop without a push, a cuBLAS operand past its allocation).
+// code, a host pointer passed to a kernel, an NVTX pop without a push, a cuBLAS operand past its allocation);
+// atomics across blocks, and in the parallel-blocks build (MLM_EMU_TSAN) that the blocks ran on several threads
+// and that ThreadSanitizer reports a last-block reduction without its fence and a counter without an atomic.
+#include <errno.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -321,6 +326,101 @@ static void test_kernels(void) {
            "memory, shuffles of width 16, ballot, atomics; launch-configuration errors\n");
 }
 
+// ---- Atomics and blocks in parallel --------------------------------------------------------------------------
+
+// Every block adds its partial sum to a float total, takes the maximum of an int, counts itself with atomicInc and
+// swaps a flag with atomicCAS; and says which OS thread ran it.
+static __global__ void atomics_kernel(float *total, int *maxv, unsigned *count, int *flag, long *ran_on) {
+    if (threadIdx.x != 0) return;
+    atomicAdd(total, (float)(blockIdx.x + 1));
+    atomicMax(maxv, (int)(blockIdx.x * 7 % 13));
+    atomicInc(count, 1000u);
+    atomicCAS(flag, 0, (int)blockIdx.x + 1);
+    ran_on[blockIdx.x] = (long)pthread_self();
+}
+
+// The Programming Guide's last-block reduction: each block publishes a partial, fences, takes a ticket; the last
+// one adds every partial and resets the ticket. fence 0 leaves out the __threadfence (the race ThreadSanitizer
+// must report in the parallel-blocks build).
+static __global__ void last_block_sum_kernel(float *out, float *partial /* [gridDim.x] */, unsigned *ticket,
+                                             int fence) {
+    __shared__ bool last;
+    if (threadIdx.x == 0) {
+        partial[blockIdx.x] = (float)(blockIdx.x + 1);
+        if (fence) __threadfence();
+        last = atomicAdd(ticket, 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (last && threadIdx.x == 0) {
+        float s = 0.0f;
+        for (unsigned b = 0; b < gridDim.x; b++) s += partial[b];
+        *out = s;
+        *ticket = 0;
+    }
+}
+
+// A counter every block increments without an atomic.
+static __global__ void plain_counter_kernel(int *counter) {
+    if (threadIdx.x == 0) *counter += 1;
+}
+
+static void test_atomics(void) {
+    const int blocks = 24;
+    float *total, *sum, *partial;
+    int *maxv, *flag;
+    unsigned *count, *ticket;
+    long *ran_on;
+    CK(cudaMalloc(&total, sizeof(float)));
+    CK(cudaMalloc(&sum, sizeof(float)));
+    CK(cudaMalloc(&partial, blocks * sizeof(float)));
+    CK(cudaMalloc(&maxv, sizeof(int)));
+    CK(cudaMalloc(&flag, sizeof(int)));
+    CK(cudaMalloc(&count, sizeof(unsigned)));
+    CK(cudaMalloc(&ticket, sizeof(unsigned)));
+    CK(cudaMalloc(&ran_on, blocks * sizeof(long)));
+    CK(cudaMemset(total, 0, sizeof(float)));
+    CK(cudaMemset(maxv, 0, sizeof(int)));
+    CK(cudaMemset(flag, 0, sizeof(int)));
+    CK(cudaMemset(count, 0, sizeof(unsigned)));
+    CK(cudaMemset(ticket, 0, sizeof(unsigned)));
+    atomics_kernel<<<blocks, 64>>>(total, maxv, count, flag, ran_on);
+    CK(cudaGetLastError());
+    float h_total = 0.0f;
+    int h_max = 0, h_flag = 0;
+    unsigned h_count = 0;
+    std::vector<long> h_ran(blocks);
+    CK(cudaMemcpy(&h_total, total, sizeof(float), cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(&h_max, maxv, sizeof(int), cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(&h_flag, flag, sizeof(int), cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(&h_count, count, sizeof(unsigned), cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(h_ran.data(), ran_on, blocks * sizeof(long), cudaMemcpyDeviceToHost));
+    // 1 + ... + 24 = 300 is exact in float whatever the order of the additions.
+    CHECK(h_total == 300.0f, "atomicAdd(float) over %d blocks: %g, want 300", blocks, h_total);
+    CHECK(h_max == 12, "atomicMax: %d, want 12", h_max);
+    CHECK(h_count == (unsigned)blocks, "atomicInc: %u, want %d", h_count, blocks);
+    CHECK(h_flag >= 1 && h_flag <= blocks, "atomicCAS: flag %d, want the id of the first block to swap", h_flag);
+    std::sort(h_ran.begin(), h_ran.end());
+    int threads = (int)(std::unique(h_ran.begin(), h_ran.end()) - h_ran.begin());
+#ifdef EMU_PARALLEL_BLOCKS
+    CHECK(threads >= 2, "parallel-blocks build: the %d blocks ran on %d OS thread(s), want several", blocks, threads);
+#else
+    CHECK(threads == 1, "sequential build: the %d blocks ran on %d OS threads, want 1", blocks, threads);
+#endif
+    // The last-block reduction, launched twice (the ticket must be back at 0 for the second).
+    for (int rep = 0; rep < 2; rep++) {
+        last_block_sum_kernel<<<blocks, 32>>>(sum, partial, ticket, 1);
+        CK(cudaGetLastError());
+        float h_sum = 0.0f;
+        CK(cudaMemcpy(&h_sum, sum, sizeof(float), cudaMemcpyDeviceToHost));
+        CHECK(h_sum == 300.0f, "last-block reduction, launch %d: %g, want 300", rep + 1, h_sum);
+    }
+    for (void *p : {(void *)total, (void *)sum, (void *)partial, (void *)maxv, (void *)flag, (void *)count,
+                    (void *)ticket, (void *)ran_on})
+        CK(cudaFree(p));
+    printf("  atomics (float add, max, inc, CAS) over %d blocks, which ran on %d OS thread%s; a last-block reduction "
+           "with its fence, twice\n", blocks, threads, threads == 1 ? "" : "s");
+}
+
 // ---- Runtime: memory, streams, events, graphs -----------------------------------------------------------
 
 static void test_runtime(void) {
@@ -499,6 +599,27 @@ static void misuse_write_past_end(void) {
     cudaDeviceSynchronize();
 }
 
+#ifdef EMU_PARALLEL_BLOCKS
+// Inter-block races, which only the parallel-blocks build (ThreadSanitizer) reports.
+static void misuse_missing_fence(void) {
+    float *sum, *partial;
+    unsigned *ticket;
+    cudaMalloc(&sum, sizeof(float));
+    cudaMalloc(&partial, 64 * sizeof(float));
+    cudaMalloc(&ticket, sizeof(unsigned));
+    cudaMemset(ticket, 0, sizeof(unsigned));
+    last_block_sum_kernel<<<64, 32>>>(sum, partial, ticket, 0);
+    cudaDeviceSynchronize();
+}
+static void misuse_plain_counter(void) {
+    int *counter;
+    cudaMalloc(&counter, sizeof(int));
+    cudaMemset(counter, 0, sizeof(int));
+    plain_counter_kernel<<<64, 32>>>(counter);
+    cudaDeviceSynchronize();
+}
+#endif
+
 // needle: alternatives separated by '|'.
 static void expect_report(const char *what, Misuse f, const char *needle) {
     int fds[2];
@@ -512,6 +633,12 @@ static void expect_report(const char *what, Misuse f, const char *needle) {
     if (pid == 0) {
         dup2(fds[1], 2);
         close(fds[0]);
+#ifdef EMU_PARALLEL_BLOCKS
+        // A child forked from a process with threads (the block workers) runs ThreadSanitizer with everything
+        // ignored: start afresh instead (main's --misuse).
+        execl("/proc/self/exe", "test_emu_layer", "--misuse", what, (char *)NULL);
+        _exit(127);
+#endif
         f();
         _exit(0);  // not reached when the layer reports
     }
@@ -519,10 +646,14 @@ static void expect_report(const char *what, Misuse f, const char *needle) {
     std::string out;
     char buf[4096];
     ssize_t r;
-    while ((r = read(fds[0], buf, sizeof(buf))) > 0) out.append(buf, (size_t)r);
+    while ((r = read(fds[0], buf, sizeof(buf))) > 0 || (r < 0 && errno == EINTR))
+        if (r > 0) out.append(buf, (size_t)r);
+    int rerr = r < 0 ? errno : 0;
     close(fds[0]);
     int status = 0;
-    waitpid(pid, &status, 0);
+    pid_t w;
+    while ((w = waitpid(pid, &status, 0)) < 0 && errno == EINTR) {}
+    CHECK(w == pid && rerr == 0, "%s: reading the child's report: read errno %d, waitpid %d", what, rerr, (int)w);
     bool failed = !(WIFEXITED(status) && WEXITSTATUS(status) == 0);
     bool found = false;
     std::string alts = needle;
@@ -536,26 +667,55 @@ static void expect_report(const char *what, Misuse f, const char *needle) {
     if (failed && found) {
         size_t at = out.find("emu: error");
         if (at == std::string::npos) at = out.find("ERROR: AddressSanitizer");
+        size_t frame = std::string::npos;  // ThreadSanitizer: where the first of the two accesses was made
+        if (at == std::string::npos && (at = out.find("WARNING: ThreadSanitizer")) != std::string::npos)
+            frame = out.find("#0 ", at);
         if (at == std::string::npos) at = 0;
         size_t eol = out.find('\n', at);
-        printf("    %-28s -> %s\n", what, out.substr(at, eol == std::string::npos ? std::string::npos : eol - at).c_str());
+        std::string line = out.substr(at, eol == std::string::npos ? std::string::npos : eol - at);
+        if (frame != std::string::npos) line += ": " + out.substr(frame, out.find('\n', frame) - frame);
+        printf("    %-28s -> %s\n", what, line.c_str());
     }
 }
 
+static const struct {
+    const char *what;
+    Misuse f;
+    const char *needle;
+} MISUSES[] = {
+    {"early return + barrier", misuse_barrier, "reached by only part of the block"},
+    {"full mask, 48-thread block", misuse_partial_warp, "which does not exist"},
+    {"lane exits before shuffle", misuse_exited_lane, "lane 3"},
+    {"divergent barriers", misuse_divergent_barrier, "different __syncthreads"},
+    {"host pointer to a kernel", misuse_host_pointer, "is not device memory"},
+    {"freed pointer to a kernel", misuse_freed_pointer, "FREED device allocation"},
+    {"NVTX pop without push", misuse_nvtx, "nvtxRangePop without an open range"},
+    {"sgemm lda past allocation", misuse_gemm_extent, "operand A spans"},
+    {"store one past the end", misuse_write_past_end, "past the end of the device allocation|heap-buffer-overflow"},
+#ifdef EMU_PARALLEL_BLOCKS
+    {"ticket without __threadfence", misuse_missing_fence, "ThreadSanitizer: data race"},
+    {"counter without an atomic", misuse_plain_counter, "ThreadSanitizer: data race"},
+#endif
+};
+
 static void test_misuse(void) {
     printf("  misuse reports (each in a child process):\n");
-    expect_report("early return + barrier", misuse_barrier, "reached by only part of the block");
-    expect_report("full mask, 48-thread block", misuse_partial_warp, "which does not exist");
-    expect_report("lane exits before shuffle", misuse_exited_lane, "lane 3");
-    expect_report("divergent barriers", misuse_divergent_barrier, "different __syncthreads");
-    expect_report("host pointer to a kernel", misuse_host_pointer, "is not device memory");
-    expect_report("freed pointer to a kernel", misuse_freed_pointer, "FREED device allocation");
-    expect_report("NVTX pop without push", misuse_nvtx, "nvtxRangePop without an open range");
-    expect_report("sgemm lda past allocation", misuse_gemm_extent, "operand A spans");
-    expect_report("store one past the end", misuse_write_past_end, "past the end of the device allocation|heap-buffer-overflow");
+    for (const auto &m : MISUSES) expect_report(m.what, m.f, m.needle);
 }
 
-int main(void) {
+// test_emu_layer --misuse WHAT: one misuse alone (the child of expect_report in the parallel-blocks build).
+static int run_misuse(const char *what) {
+    for (const auto &m : MISUSES)
+        if (!strcmp(m.what, what)) {
+            m.f();
+            return 0;
+        }
+    fprintf(stderr, "test_emu_layer: no misuse named \"%s\"\n", what);
+    return 2;
+}
+
+int main(int argc, char **argv) {
+    if (argc == 3 && !strcmp(argv[1], "--misuse")) return run_misuse(argv[2]);
     printf("test_emu_layer: the CPU execution layer (tests/emu)\n");
     cublasHandle_t h;
     CHECK(cublasCreate(&h) == CUBLAS_STATUS_SUCCESS, "cublasCreate");
@@ -564,6 +724,7 @@ int main(void) {
     cublasDestroy(h);
     test_philox();
     test_kernels();
+    test_atomics();
     test_runtime();
     test_misuse();
     return test_finish("test_emu_layer");

@@ -34,7 +34,7 @@ static int small_enough(const ModelConfig *mc, int B) {
 static void run_model(const Checkpoint *ck, int B, int with_labels) {
     // The load path of fill and eval: ckpt_load (below) validated the checkpoint, so its config must pass the
     // model check and cmd_cpu_model must find exactly ck->n_params parameters (it exits otherwise).
-    ModelConfig mc = train_model_config(&ck->cfg, &ck->vocab);
+    ModelConfig mc = model_config_from(&ck->cfg, ck->vocab.n_tokens, ck->vocab.pad_id);
     char err[512];
     if (model_config_check(&mc, err, sizeof(err)) != 0) fuzz_fail("ckpt_load accepted a bad model config: %s", err);
     if (B < 1) fuzz_fail("ckpt_load accepted batch_size %d", B);

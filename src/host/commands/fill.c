@@ -323,7 +323,7 @@ int fill_run(const FillOptions *o) {
     Checkpoint ck;
     cmd_load_ckpt(file, &ck);
     cmd_set_threads(&ck.cfg);
-    ModelConfig mc = train_model_config(&ck.cfg, &ck.vocab);
+    ModelConfig mc = model_config_from(&ck.cfg, ck.vocab.n_tokens, ck.vocab.pad_id);
     Filler f = {.opt = o, .vocab = &ck.vocab, .T = mc.max_seq, .V = mc.vocab, .color = use_color()};
     if (ck.vocab.kind == VOCAB_KIND_WORDPIECE) {
         char err[1024];

@@ -47,7 +47,7 @@ void cmd_load_ckpt(const char *path, Checkpoint *ck) {
 }
 
 CpuModel *cmd_cpu_model(const Checkpoint *ck, int max_B) {
-    ModelConfig mc = train_model_config(&ck->cfg, &ck->vocab);
+    ModelConfig mc = model_config_from(&ck->cfg, ck->vocab.n_tokens, ck->vocab.pad_id);
     CpuModel *m = cpu_model_create(&mc, max_B);
     if (m->n_params != ck->n_params)  // ckpt_load refuses such a file; never copy past the model
         mlm_fatal(MLM_EXIT_FAILURE, "internal error: the checkpoint holds %zu parameters, its model %zu", ck->n_params,
@@ -95,7 +95,8 @@ int export_run(const char *ckpt, const char *out_path, int hf) {
         if (!wp) mlm_fatal(MLM_EXIT_USAGE, "export: %s: %s", file, err);
         wp_free(wp);
     }
-    ModelConfig mc = train_model_config(&ck.cfg, &ck.vocab);  // ckpt_load checked that the sizes agree
+    // ckpt_load checked that the sizes agree.
+    ModelConfig mc = model_config_from(&ck.cfg, ck.vocab.n_tokens, ck.vocab.pad_id);
     int rc;
     if (hf) {
         HfTokenizer tok = {.vocab_text = ck.vocab_text, .lowercase = ck.lowercase, .vocab = &ck.vocab};
@@ -219,7 +220,7 @@ int info_run(const char *ckpt) {
     Checkpoint ck;
     cmd_load_ckpt(file, &ck);
     const Config *c = &ck.cfg;
-    ModelConfig mc = train_model_config(c, &ck.vocab);
+    ModelConfig mc = model_config_from(c, ck.vocab.n_tokens, ck.vocab.pad_id);
     char elapsed[64];
     format_elapsed(ck.st.elapsed_s, elapsed, sizeof(elapsed));
     printf("%-20s %s\n", "checkpoint", file);

@@ -24,7 +24,8 @@
 
 static void usage_main(FILE *f) {
     fputs("usage: mlm [--help] [--version] COMMAND [OPTIONS]\n\n"
-          "Train and use character-level masked language models (BERT-style) on the CPU or an NVIDIA GPU.\n\n"
+          "Train and use masked language models (BERT-style; over characters, bytes or WordPiece tokens) on the CPU\n"
+          "or an NVIDIA GPU.\n\n"
           "commands:\n"
           "  prepare  tokenize text files into token shards for training (char, byte or WordPiece)\n"
           "  train    train a model (the reference: mlm train --config configs/shakespeare.conf)\n"

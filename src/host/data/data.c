@@ -1,4 +1,5 @@
-// data.c: corpus lookup, download and verification, UTF-8 decoding, the character vocabulary and split.
+// data.c: corpus lookup, download and verification, UTF-8 decoding, the character vocabulary and split, and the
+// reference's sample prompts.
 #include "mlm/data.h"
 
 #include <errno.h>
@@ -9,6 +10,19 @@
 
 #include "mlm/common.h"
 #include "mlm/shards.h"
+
+const char *const SAMPLE_PROMPTS[N_PROMPTS] = {
+    "We are accounted poor citizens, the patricians good.",
+    "What authority surfeits on would relieve us: if they",
+    "would yield us but the superfluity, while it were",
+    "wholesome, we might guess they relieved us humanely;",
+    "but they think we are too dear: the leanness that",
+    "afflicts us, the object of our misery, is as an",
+    "inventory to particularise their abundance; our",
+    "sufferance is a gain to them Let us revenge this with",
+    "our pikes, ere we become rakes: for the gods know I",
+    "speak this in hunger for bread, not in thirst for revenge.",
+};
 
 static int file_readable(const char *path) { return access(path, R_OK) == 0; }
 

@@ -545,19 +545,7 @@ void config_print_keys(FILE *f) {
     }
 }
 
-OptimConfig config_optim(const Config *c, long total_steps) {
-    OptimConfig o;
-    memset(&o, 0, sizeof(o));
-    o.kind = (OptimKind)c->optim_kind;
-    o.schedule = (ScheduleKind)c->schedule;
-    o.lr = (float)c->lr;
-    o.beta1 = (float)c->beta1;
-    o.beta2 = (float)c->beta2;
-    o.eps = (float)c->eps;
-    o.weight_decay = (float)c->weight_decay;
-    o.warmup = c->warmup;
-    o.min_lr = (float)c->min_lr;
-    o.d_model = c->d_model;
-    o.total_steps = total_steps;
-    return o;
+const char *precision_name(int precision) {
+    static const char *const names[] = {"fp32", "tf32", "bf16"};
+    return precision >= 0 && precision <= PRECISION_BF16 ? names[precision] : "?";
 }

@@ -1,5 +1,5 @@
 // dist.c: the ranks of a data-parallel run over MPI (see dist.h): launch detection, the ordered gradient chain,
-// broadcast, scatter and gathers, each wait bounded by train.dist_timeout. Without MPI in the build every
+// broadcast and gathers, each wait bounded by train.dist_timeout. Without MPI in the build every
 // function is the single-process case, and a multi-rank launch is refused with a message.
 #include "mlm/dist.h"
 
@@ -195,16 +195,6 @@ static void shard_layout(const Dist *d, size_t n, int *counts, int *displs) {
     }
 }
 
-void dist_scatter_last(const Dist *d, const float *full, float *shard, size_t n) {
-    int *counts = mlm_malloc(2 * (size_t)d->world * sizeof(int), "shard layout"), *displs = counts + d->world;
-    shard_layout(d, n, counts, displs);
-    MPI_Request req;
-    check_mpi(d, MPI_Iscatterv(full, counts, displs, MPI_FLOAT, shard, counts[d->rank], MPI_FLOAT, d->world - 1,
-                               MPI_COMM_WORLD, &req), "MPI_Iscatterv");
-    wait_bounded(d, &req, 1, "the gradient shards from the last rank");
-    free(counts);
-}
-
 void dist_allgather_items(const Dist *d, void *full, size_t n_items, size_t item_bytes) {
     if (d->world == 1) return;
     if (n_items * item_bytes > (size_t)0x7fffffff)
@@ -275,10 +265,6 @@ void dist_chain_send(const Dist *d, const float *sum, size_t n, const double *st
     (void)d, (void)sum, (void)n, (void)stats, (void)n_stats, (void)have;
 }
 void dist_bcast_last(const Dist *d, void *buf, size_t bytes) { (void)d, (void)buf, (void)bytes; }
-void dist_scatter_last(const Dist *d, const float *full, float *shard, size_t n) {
-    (void)d;
-    memcpy(shard, full, n * sizeof(float));
-}
 void dist_allgather_items(const Dist *d, void *full, size_t n_items, size_t item_bytes) {
     (void)d, (void)full, (void)n_items, (void)item_bytes;
 }

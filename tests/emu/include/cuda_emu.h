@@ -1,20 +1,20 @@
 // cuda_emu.h (tests/emu): the CUDA built-ins for kernels compiled by the host C++ compiler. Force-included
 // (-include cuda_emu.h) into every .cu source the emulator builds; the kernel bodies stay unchanged.
 //
-// Execution model (tests/emu/emu_runtime.cc): the blocks of a launch run one after another; the threads of a
-// block run as fibers on one OS thread, switched only at __syncthreads and the warp collectives, in the order
-// MLM_EMU_ORDER selects (forward, reverse, random). Device memory is host memory (so ASan sees device
-// out-of-bounds accesses). `<<<grid, block, shmem, stream>>>` is rewritten at build time
-// (tests/emu/rewrite_launch.cmake) into emu::launcher(kernel, "kernel", emu::cfg(grid, block, shmem, stream),
-// __FILE__, __LINE__)(args...).
+// Execution model (tests/emu/emu_runtime.cc): the blocks of a launch run one after another (on a pool of OS
+// threads in the parallel-blocks build); the threads of a block run as fibers on one OS thread, switched only at
+// __syncthreads and the warp collectives, in the order MLM_EMU_ORDER selects (forward, reverse, random). Device
+// memory is host memory (so ASan sees device out-of-bounds accesses). `<<<grid, block, shmem, stream>>>` is
+// rewritten at build time (tests/emu/rewrite_launch.cmake) into emu::launcher(kernel, "kernel", emu::cfg(grid,
+// block, shmem, stream), __FILE__, __LINE__)(args...).
 //
 // Precision: __fadd_rn/__fsub_rn/__fmul_rn/__fdiv_rn/__fsqrt_rn/__frcp_rn are IEEE round-to-nearest on both
-// (the emulator is built with -ffp-contract=off, so nothing is fused). Where the hardware differs: expf/exp/logf/
-// log/__expf use the host libm (the device's expf is within 2 ulp, __expf is a fast approximation; the emulator
-// is more accurate); a*b+c written plainly may be fused into an FMA by nvcc but never by the emulator; cuBLAS
-// accumulates in double here (FP32 FMA in an unspecified order on the device; TF32 inputs are rounded to
-// TF32 as the tensor cores do when the math mode allows it). Denormals are kept (the device flushes them only
-// with -ftz=true, which the project does not use).
+// and never fused. Where the hardware differs: expf/exp/logf/log/__expf use the host libm (the device's expf is
+// within 2 ulp, __expf is a fast approximation; the emulator is more accurate); a*b+c written plainly may be
+// fused into an FMA by nvcc, but by the emulator only in a build with MLM_EMU_FP_CONTRACT=ON (by default it is
+// compiled with -ffp-contract=off); cuBLAS accumulates in double here (FP32 FMA in an unspecified order on the
+// device; TF32 inputs are rounded to TF32 as the tensor cores do when the math mode allows it). Denormals are
+// kept (the device flushes them only with -ftz=true, which the project does not use).
 #ifndef MLM_EMU_CUDA_EMU_H
 #define MLM_EMU_CUDA_EMU_H
 
@@ -43,13 +43,27 @@
 #define __constant__
 // A kernel parameter the device reads in place from the constant bank; on the CPU it is an ordinary argument.
 #define __grid_constant__
+// The parallel-blocks build (EMU_PARALLEL_BLOCKS, MLM_EMU_TSAN) runs the blocks of a grid on several OS threads:
+// what belongs to a block (its indices, its static shared memory) is then per thread.
+#ifdef EMU_PARALLEL_BLOCKS
+#define EMU_TLS __thread
+#else
+#define EMU_TLS
+#endif
+#ifndef EMU_PARALLEL_BLOCKS
 // Static shared memory: blocks run one at a time, so one static instance serves every block in turn. The
 // section lets the runtime refill all of it with the NaN pattern at the start of each block.
 #define __shared__ static __attribute__((section("emu_shared")))
+#else
+// One instance per worker thread, serving the blocks it runs in turn (not refilled with the NaN pattern: the
+// sequential builds check reads of unwritten shared memory).
+#define __shared__ static __thread
+#endif
 
 extern "C" {
-extern uint3 emu_threadIdx;
-extern dim3 emu_blockIdx, emu_blockDim, emu_gridDim;
+extern EMU_TLS uint3 emu_threadIdx;
+extern EMU_TLS dim3 emu_blockIdx;
+extern dim3 emu_blockDim, emu_gridDim;
 void emu_syncthreads(const char *file, int line);
 uint64_t emu_warp_op(int op, unsigned mask, uint64_t value, int arg, int width, const char *file, int line);
 unsigned emu_activemask(void);
@@ -111,43 +125,114 @@ static inline int __all_sync(unsigned mask, int pred, const char *file = __built
     return (int)emu_warp_op(EMU_ALL, mask, pred != 0, 0, 32, file, line);
 }
 
-// ---- Memory fences (the memory model is not emulated: fibers switch only at synchronisation points) -------
-static inline void __threadfence(void) {}
+// ---- Memory fences and atomics -----------------------------------------------------------------------------
+// Atomics are C11 atomics (GCC's __atomic builtins) on the device word, so that in the parallel-blocks build
+// ThreadSanitizer sees how blocks synchronise. The model of CUDA's memory order: every device atomic acquires
+// (reads after it see what was published through that word), and it releases (publishes the thread's earlier
+// writes) only when the thread executed __threadfence before it. A block that publishes a result and then takes
+// a ticket without the fence is reported as a race by the block that reads the result; a reader that relies on
+// its atomic and a __syncthreads (the Programming Guide's last-block pattern) is accepted. The threads of a block
+// are ordered among themselves by the fiber switches, so __threadfence_block changes nothing. In the sequential
+// builds blocks never overlap, and the same code is merely atomic.
+extern "C" void emu_threadfence(void);
+extern "C" int emu_thread_fenced(void);
+static inline void __threadfence(void) { emu_threadfence(); }
+static inline void __threadfence_system(void) { emu_threadfence(); }
 static inline void __threadfence_block(void) {}
 template <typename T>
 static inline T __ldg(const T *p) { return *p; }
 
-// ---- Atomics: atomic by construction (a fiber is never interrupted between the read and the write) -------
+// old = *p; *p = update(old) as one compare-and-swap loop; returns old.
+template <typename T, typename F>
+static inline T emu_atomic_update(T *p, F update) {
+    static_assert(sizeof(T) == 4 || sizeof(T) == 8, "device atomics on 4- and 8-byte words only");
+    bool release = emu_thread_fenced() != 0;
+    T old;
+    __atomic_load(p, &old, __ATOMIC_RELAXED);
+    for (;;) {
+        T next = update(old);
+        if (release ? __atomic_compare_exchange(p, &old, &next, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)
+                    : __atomic_compare_exchange(p, &old, &next, false, __ATOMIC_ACQUIRE, __ATOMIC_ACQUIRE))
+            return old;
+    }
+}
 template <typename T>
-static inline T atomicAdd(T *p, T v) { T old = *p; *p = old + v; return old; }
+static inline T atomicAdd(T *p, T v) { return emu_atomic_update(p, [v](T o) { return (T)(o + v); }); }
 template <typename T>
-static inline T atomicSub(T *p, T v) { T old = *p; *p = old - v; return old; }
+static inline T atomicSub(T *p, T v) { return emu_atomic_update(p, [v](T o) { return (T)(o - v); }); }
 template <typename T>
-static inline T atomicExch(T *p, T v) { T old = *p; *p = v; return old; }
+static inline T atomicExch(T *p, T v) { return emu_atomic_update(p, [v](T) { return v; }); }
 template <typename T>
-static inline T atomicMax(T *p, T v) { T old = *p; if (v > old) *p = v; return old; }
+static inline T atomicMax(T *p, T v) { return emu_atomic_update(p, [v](T o) { return v > o ? v : o; }); }
 template <typename T>
-static inline T atomicMin(T *p, T v) { T old = *p; if (v < old) *p = v; return old; }
+static inline T atomicMin(T *p, T v) { return emu_atomic_update(p, [v](T o) { return v < o ? v : o; }); }
 template <typename T>
-static inline T atomicCAS(T *p, T cmp, T v) { T old = *p; if (old == cmp) *p = v; return old; }
+static inline T atomicAnd(T *p, T v) { return emu_atomic_update(p, [v](T o) { return (T)(o & v); }); }
 template <typename T>
-static inline T atomicAnd(T *p, T v) { T old = *p; *p = old & v; return old; }
+static inline T atomicOr(T *p, T v) { return emu_atomic_update(p, [v](T o) { return (T)(o | v); }); }
 template <typename T>
-static inline T atomicOr(T *p, T v) { T old = *p; *p = old | v; return old; }
+static inline T atomicXor(T *p, T v) { return emu_atomic_update(p, [v](T o) { return (T)(o ^ v); }); }
 template <typename T>
-static inline T atomicXor(T *p, T v) { T old = *p; *p = old ^ v; return old; }
+static inline T atomicCAS(T *p, T cmp, T v) { return emu_atomic_update(p, [cmp, v](T o) { return o == cmp ? v : o; }); }
+// atomicInc / atomicDec with CUDA's wrap-around.
+static inline unsigned atomicInc(unsigned *p, unsigned limit) {
+    return emu_atomic_update(p, [limit](unsigned o) { return o >= limit ? 0u : o + 1u; });
+}
+static inline unsigned atomicDec(unsigned *p, unsigned limit) {
+    return emu_atomic_update(p, [limit](unsigned o) { return o == 0u || o > limit ? limit : o - 1u; });
+}
 
 // ---- Arithmetic intrinsics (see the precision note at the top) -------------------------------------------
-static inline float __fadd_rn(float a, float b) { return a + b; }
-static inline float __fsub_rn(float a, float b) { return a - b; }
-static inline float __fmul_rn(float a, float b) { return a * b; }
+// nvcc never fuses an _rn intrinsic into an FMA, neither with the operation that produced its operand nor with
+// the one that consumes its result. In a build with contraction on (MLM_EMU_FP_CONTRACT) the host compiler would
+// fuse the inlined `a * b` and `+` all the same: emu_rounded makes it materialise a value rounded to its type (an
+// empty asm that takes the value in a register and may change it), so each intrinsic rounds on its own there too.
+template <typename T>
+static inline T emu_rounded(T x) {
+#if defined(__x86_64__) || defined(__i386__)
+    __asm__("" : "+x"(x));
+#elif defined(__aarch64__)
+    __asm__("" : "+w"(x));
+#else
+    __asm__("" : "+m"(x));
+#endif
+    return x;
+}
+static inline float __fadd_rn(float a, float b) { return emu_rounded(emu_rounded(a) + emu_rounded(b)); }
+static inline float __fsub_rn(float a, float b) { return emu_rounded(emu_rounded(a) - emu_rounded(b)); }
+static inline float __fmul_rn(float a, float b) { return emu_rounded(emu_rounded(a) * emu_rounded(b)); }
 static inline float __fdiv_rn(float a, float b) { return a / b; }
 static inline float __frcp_rn(float a) { return 1.0f / a; }
 static inline float __fsqrt_rn(float a) { return sqrtf(a); }
 static inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
-static inline double __dadd_rn(double a, double b) { return a + b; }
-static inline double __dmul_rn(double a, double b) { return a * b; }
+static inline double __dadd_rn(double a, double b) { return emu_rounded(emu_rounded(a) + emu_rounded(b)); }
+static inline double __dmul_rn(double a, double b) { return emu_rounded(emu_rounded(a) * emu_rounded(b)); }
 static inline double __fma_rn(double a, double b, double c) { return fma(a, b, c); }
+// The device's expf, exp, logf, log and erff are not correctly rounded: within 2, 1, 1, 1 and 2 ulp of the true value
+// (CUDA C Programming Guide, "Mathematical Functions"). The build with MLM_EMU_FP_CONTRACT (EMU_DEVICE_MATH)
+// moves the host's result (itself within a fraction of an ulp) by a pseudo-random amount inside those bounds,
+// fixed by the argument's bits so that two kernels given one argument agree: a test whose tolerance leaves no
+// room for the device's exp and log fails there.
+#ifdef EMU_DEVICE_MATH
+template <typename T>
+static inline T emu_ulps_away(T r, T x, int max_ulps) {
+    uint64_t h = emu_to_bits(x) * 0x9E3779B97F4A7C15ull;
+    int k = (int)((h >> 32) % (uint64_t)(2 * max_ulps + 1)) - max_ulps;
+    for (; k > 0; k--) r = nextafter(r, (T)INFINITY);
+    for (; k < 0; k++) r = nextafter(r, -(T)INFINITY);
+    return r;
+}
+static inline float emu_device_expf(float x) { return emu_ulps_away(::expf(x), x, 2); }
+static inline double emu_device_exp(double x) { return emu_ulps_away(::exp(x), x, 1); }
+static inline float emu_device_logf(float x) { return emu_ulps_away(::logf(x), x, 1); }
+static inline double emu_device_log(double x) { return emu_ulps_away(::log(x), x, 1); }
+static inline float emu_device_erff(float x) { return emu_ulps_away(::erff(x), x, 2); }
+#define expf emu_device_expf
+#define erff emu_device_erff
+#define exp emu_device_exp
+#define logf emu_device_logf
+#define log emu_device_log
+#endif
 // glibc declares __expf and __logf itself: the device's fast intrinsics get other names here.
 static inline float emu_fast_expf(float a) { return expf(a); }
 static inline float emu_fast_logf(float a) { return logf(a); }

@@ -1,5 +1,6 @@
 // emu_api.h (tests/emu): what the CPU execution layer offers beyond the CUDA API: its counters (MLM_EMU_COUNT,
-// bench/bench_emu_step.c) and the scheduling order of the threads of a block (MLM_EMU_ORDER).
+// bench/bench_emu_step.c), the scheduling order of the threads of a block (MLM_EMU_ORDER), and launch recording
+// with lazily backed device memory (tests/test_launch_resources.c).
 #ifndef MLM_EMU_API_H
 #define MLM_EMU_API_H
 
@@ -25,6 +26,9 @@ typedef struct {
                                                   // that kernel (or a cuBLAS call of that shape) ever ran outside a
                                                   // capture: a first use inside capture (issue 21, item 5)
     int bytes_counted;                            // 1 when the kernels were built with the access hooks
+    uint64_t device_bytes_live, device_bytes_peak;  // cudaMalloc'd bytes now, and the most ever live at once in
+                                                  // this process (not reset by emu_counters_reset: a model
+                                                  // allocates before the step being counted)
 } EmuCounters;
 
 void emu_counters_reset(void);
@@ -39,6 +43,28 @@ void emu_counters_json(FILE *f);
 // Thread order inside a block: 0 forward, 1 reverse, 2 seeded random (MLM_EMU_ORDER=forward|reverse|random,
 // MLM_EMU_SEED). Returns the previous order.
 int emu_set_order(int order, uint64_t seed);
+
+// Launch recording (tests/test_launch_resources.c): from emu_record_launches(1, ...) on, every kernel launch is
+// recorded as made (kernel, launch site, grid, block, dynamic shared memory), captured ones at their capture.
+// With skip_bodies the launches of more than one block are accepted without the layer's own limits and do not
+// run, and cuBLAS and cuRAND validate and count their calls but compute nothing: a training step at a shape far
+// too large to emulate costs only its host work. One-block launches still run (they are cheap, and they are the
+// counts the host reads back and checks: targets, selected rows, the loss sums).
+typedef struct {
+    const char *kernel, *file;  // the kernel's name and the launch's source file (string literals)
+    int line;
+    unsigned grid[3], block[3];
+    size_t shmem;               // dynamic shared memory, bytes
+} EmuLaunchRecord;
+void emu_record_launches(int on, int skip_bodies);
+// The records so far (valid until the next launch); returns how many.
+size_t emu_launch_records(const EmuLaunchRecord **out);
+
+// From emu_lazy_device_memory(1) on, cudaMalloc reserves address space that is backed when first touched and
+// reads as zeros (not the NaN pattern; no redzone), and cudaMemset to 0 frees pages instead of writing them:
+// a model at a preset's full shape fits in a test process as long as its kernels are not run. Set
+// MLM_EMU_MEM_MIB to the device size the model may assume.
+void emu_lazy_device_memory(int on);
 
 #ifdef __cplusplus
 }

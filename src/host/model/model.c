@@ -1,4 +1,6 @@
-// model.c: parameter layout of both architectures, the state_dict name tables (labml_nn's and transformers'), initialisation, the decay mask, the random-draw layout and positional encodings.
+// model.c: parameter layout of both architectures, the state_dict name tables (labml_nn's and transformers'),
+// initialisation, the decay mask, the random-draw layout and positional encodings, the model a configuration
+// describes and its memory.
 #include "mlm/model.h"
 
 #include <math.h>
@@ -7,6 +9,7 @@
 #include <string.h>
 
 #include "mlm/common.h"
+#include "mlm/config.h"
 #include "mlm/rng.h"
 
 // Field order of ParamTensors; every array below follows it.
@@ -332,4 +335,26 @@ double model_train_flops(const ModelConfig *c, int B, int T) {
     double fwd = 2.0 * BT * (L * (4.0 * C * C + 2.0 * C * F + 2.0 * T * C) + C * V);
     if (c->arch == MODEL_ARCH_BERT) fwd += 2.0 * BT * C * C;  // the head's transform
     return 3.0 * fwd;  // backward costs twice the forward
+}
+
+ModelConfig model_config_from(const Config *c, int vocab_size, int pad_id) {
+    ModelConfig m = {.vocab = vocab_size, .d_model = c->d_model, .n_heads = c->n_heads, .n_layers = c->n_layers,
+                     .d_ff = c->d_ff, .max_seq = c->seq_len, .dropout = (float)c->dropout, .ln_eps = (float)c->ln_eps,
+                     .arch = c->arch, .max_positions = c->max_positions, .type_vocab = c->type_vocab_size,
+                     .init_std = (float)c->init_std, .pad_id = pad_id};
+    return m;
+}
+
+// Bytes of the CPU model's parameters, gradients and activations for a batch of B (the layout of
+// cpu_model.c's carve_acts, rounded up), in double so that absurd configurations cannot wrap around.
+double model_bytes(const ModelConfig *m, int B) {
+    double BT = (double)B * m->max_seq, C = m->d_model, H = m->n_heads, T = m->max_seq, F = m->d_ff, V = m->vocab;
+    double L = m->n_layers, P = (double)model_num_params(m);
+    // Per layer and position: 9C (8.5 rounded up), the attention's log-sum-exp per head (the tiled attention stores
+    // nothing of size T x T), F, 4 statistics.
+    double acts = L * BT * (9 * C + H + F + 4) + BT * (2 * V + 10 * C + 2 * F + 3) + T * C;
+    // arch = bert: GELU's inputs per layer, the embedding sum, its statistics and dropout mask, the head's two
+    // transform tensors, the key mask and a second residual gradient.
+    if (m->arch == MODEL_ARCH_BERT) acts += L * BT * F + BT * (4.5 * C + 3);
+    return 4 * (2 * P + acts) + 64.0 * 36 * (L + 2);
 }

@@ -13,7 +13,6 @@
 #include "mlm/common.h"
 #include "mlm/safetensors.h"
 #include "mlm/shards.h"
-#include "mlm/train.h"
 #include "mlm/wordpiece.h"
 
 #define CKPT_PREFIX "ckpt-"
@@ -233,18 +232,6 @@ static float *load_tensor(const StFile *f, const char *name, size_t n, const cha
     return out;
 }
 
-// Bytes of the CPU model's parameters, gradients and activations for a batch of B (the layout of
-// cpu_model.c's carve_acts, rounded up), in double so that absurd configurations cannot wrap around.
-double model_bytes(const ModelConfig *m, int B) {
-    double BT = (double)B * m->max_seq, C = m->d_model, H = m->n_heads, T = m->max_seq, F = m->d_ff, V = m->vocab;
-    double L = m->n_layers, P = (double)model_num_params(m);
-    double acts = L * BT * (9 * C + 1.25 * H * T + F + 4) + BT * (2 * V + 10 * C + 2 * F + 3) + T * C;
-    // arch = bert: GELU's inputs per layer, the embedding sum, its statistics and dropout mask, the head's two
-    // transform tensors, the key mask and a second residual gradient.
-    if (m->arch == MODEL_ARCH_BERT) acts += L * BT * F + BT * (4.5 * C + 3);
-    return 4 * (2 * P + acts) + 64.0 * 36 * (L + 2);
-}
-
 static int all_finite(const float *x, size_t n, int nonnegative) {
     for (size_t i = 0; i < n; i++)
         if (!isfinite(x[i]) || (nonnegative && x[i] < 0)) return 0;
@@ -259,7 +246,7 @@ int ckpt_validate(const Checkpoint *c, char *err, size_t errlen) {
         return 1;
     }
     if (vocab_check(v, err, errlen)) return 1;  // char, byte or WordPiece (data.c)
-    ModelConfig mc = train_model_config(&c->cfg, v);
+    ModelConfig mc = model_config_from(&c->cfg, v->n_tokens, v->pad_id);
     if (model_config_check(&mc, msg, sizeof(msg))) {
         snprintf(err, errlen, "its model is invalid: %s", msg);
         return 1;

@@ -1,8 +1,10 @@
-// optim.c: learning-rate schedules (Noam; warmup + cosine/linear/constant) and the Adam / AdamW updates.
+// optim.c: learning-rate schedules (Noam; warmup + cosine/linear/constant), the Adam / AdamW updates, and the
+// optimizer settings a configuration describes.
 #include "mlm/optim.h"
 
 #include <math.h>
 #include <stddef.h>
+#include <string.h>
 
 #include "mlm/common.h"
 
@@ -70,4 +72,21 @@ void cpu_adam_update(const OptimConfig *c, float *params, const float *grads, fl
     if (t < 1) mlm_fatal(MLM_EXIT_FAILURE, "Adam step %ld: steps count from 1", t);
     if (c->kind == OPTIM_ADAMW) adamw_update(c, params, grads, m, v, decay_mask, n, t, lr);
     else noam_adam_update(c, params, grads, m, v, n, t, lr);
+}
+
+OptimConfig optim_config_from(const Config *c, long total_steps) {
+    OptimConfig o;
+    memset(&o, 0, sizeof(o));
+    o.kind = (OptimKind)c->optim_kind;
+    o.schedule = (ScheduleKind)c->schedule;
+    o.lr = (float)c->lr;
+    o.beta1 = (float)c->beta1;
+    o.beta2 = (float)c->beta2;
+    o.eps = (float)c->eps;
+    o.weight_decay = (float)c->weight_decay;
+    o.warmup = c->warmup;
+    o.min_lr = (float)c->min_lr;
+    o.d_model = c->d_model;
+    o.total_steps = total_steps;
+    return o;
 }

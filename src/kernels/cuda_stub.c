@@ -44,7 +44,8 @@ void cuda_model_set_graphs(CudaModel *m, int on) { no_cuda("cuda_model_set_graph
 void cuda_model_set_params(CudaModel *m, const float *params) { no_cuda("cuda_model_set_params"); }
 void cuda_model_get_params(CudaModel *m, float *params) { no_cuda("cuda_model_get_params"); }
 void cuda_model_get_grads(CudaModel *m, float *grads) { no_cuda("cuda_model_get_grads"); }
-float *cuda_model_grads_device(CudaModel *m) { no_cuda("cuda_model_grads_device"); return NULL; }
+float *cuda_model_params_device(CudaModel *m) { no_cuda("cuda_model_params_device"); }
+void cuda_model_shard_moments(CudaModel *m, size_t lo, size_t len) { no_cuda("cuda_model_shard_moments"); }
 void cuda_model_set_adam(CudaModel *m, const float *adam_m, const float *adam_v) { no_cuda("cuda_model_set_adam"); }
 void cuda_model_get_adam(CudaModel *m, float *adam_m, float *adam_v) { no_cuda("cuda_model_get_adam"); }
 void cuda_model_set_decay_mask(CudaModel *m, const uint8_t *decay_mask) { no_cuda("cuda_model_set_decay_mask"); }
@@ -80,6 +81,14 @@ void cuda_model_apply_accumulated(CudaModel *m, float max_norm, const OptimConfi
 }
 
 void cuda_model_get_accumulated_grads(CudaModel *m, float *grads) { no_cuda("cuda_model_get_accumulated_grads"); }
+float *cuda_model_accumulated_grads_device(CudaModel *m) { no_cuda("cuda_model_accumulated_grads_device"); }
+
+void cuda_model_update_accumulated(CudaModel *m, size_t lo, size_t len, float max_norm, const OptimConfig *oc, long t,
+                                   double lr) {
+    no_cuda("cuda_model_update_accumulated");
+}
+
+void cuda_model_read_update(CudaModel *m, float *grad_norm, double sums[3]) { no_cuda("cuda_model_read_update"); }
 
 void cuda_model_set_gemm_limit(CudaModel *m, size_t max_elems) { no_cuda("cuda_model_set_gemm_limit"); }
 int cuda_model_linear_gemms(int N, int IC, int OC, size_t max_elems, CudaGemmCall *calls, int max_calls) {
