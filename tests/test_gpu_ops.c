@@ -1112,7 +1112,7 @@ static void test_adam(void) {
                             AdamStep *d_k = dmalloc(sizeof(AdamStep));
                             upload(d_k, &k, sizeof(k));
                             cuda_adam_update_dev(d_p, d_g, d_m, d_v, d_mask, d_norm, max_norm, n, kind, oc.beta1,
-                                                 oc.beta2, oc.eps, d_k, st);
+                                                 oc.beta2, oc.eps, d_k, NULL, 0, st);
                             dfree(d_k);
                         }
                         free(g);

@@ -34,6 +34,10 @@ typedef struct {
     float step;          // Noam: lr * sqrt(1 - b2^t) / (1 - b1^t); AdamW: lr / (1 - b1^t)
     float inv_sqrt_bc2;  // AdamW: 1 / sqrt(1 - b2^t); Noam: 1
     float decay;         // AdamW: 1 - lr * weight_decay; Noam: 1
+    int32_t pad_;
+    // train.precision = bf16: the Philox key and the offset of element 0 of the BF16 copy the update writes (THE
+    // ROUNDING RULE; the copy after step t of P parameters is at t * P). cuda_adam_step leaves them 0.
+    uint64_t round_seed, round_offset;
 } AdamStep;
 typedef struct {
     uint64_t philox_seed;  // Philox key of the step's random stream (Rng.seed)
@@ -224,9 +228,12 @@ void cuda_adam_update(float *params, const float *grads, float *m, float *v, con
 // The step constants of (t, lr) (host, double, as cpu_adam_update) and the same update reading them from
 // device memory (d_step: &DeviceStep.adam), so a captured step replays with each step's t and lr.
 AdamStep cuda_adam_step(int kind, float beta1, float beta2, float weight_decay, long t, double lr);
+// copy (train.precision = bf16; NULL otherwise): the BF16 copy [n] of the updated parameters, written by THE
+// ROUNDING RULE at d_step's round_seed / round_offset + copy_first (the index of params[0] among all parameters) in
+// the same pass.
 void cuda_adam_update_dev(float *params, const float *grads, float *m, float *v, const uint8_t *decay_mask,
                           const float *d_norm, float max_norm, size_t n, int kind, float beta1, float beta2, float eps,
-                          const AdamStep *d_step, cudaStream_t stream);
+                          const AdamStep *d_step, uint16_t *copy, uint64_t copy_first, cudaStream_t stream);
 
 // ---- BF16 copies (bf16.cu; train.precision = bf16) --------------------------------------------------------
 // BF16 values as uint16_t bits (include/mlm/bf16.h). Twins: bf16_round_array, bf16_to_float_array,
@@ -265,6 +272,58 @@ void cuda_lt_linear_backward_weight(const CudaLt *lt, void *dw, MlmDtype dw_t, c
 
 #ifdef __cplusplus
 }
+
+// ---- The same ops on BF16 tensors (train.precision = bf16; C++ overloads of the functions above) ---------------
+// Activations, their gradients and the parameters they read are BF16 (act.cuh: bf16 = __nv_bfloat16); LayerNorm
+// statistics, losses, scratch sums and parameter gradients stay FP32. Each computes in FP32 from the BF16 values
+// and rounds where it stores (to nearest even), going on from the stored value: the roundings of the CPU
+// reference's BF16 mode (src/cpu/cpu_model.c), so the twins are the same functions on bf16_point'ed tensors.
+#include <cuda_bf16.h>
+typedef __nv_bfloat16 bf16;
+void cuda_bias_relu_dropout_forward(bf16 *h, const bf16 *bias, const uint8_t *keep, float scale, size_t n, int F,
+                                    cudaStream_t stream);
+void cuda_relu_dropout_backward(bf16 *dh, const bf16 *h, float scale, size_t n, cudaStream_t stream);
+void cuda_residual_dropout_forward(bf16 *out, const bf16 *res, const bf16 *y, const bf16 *bias, const uint8_t *keep,
+                                   float scale, size_t n, int C, cudaStream_t stream);
+void cuda_residual_dropout_backward(bf16 *dy, const bf16 *dout, const uint8_t *keep, float scale, size_t n,
+                                    cudaStream_t stream);
+void cuda_relu_dropout_backward_sums(bf16 *dh, const bf16 *h, float scale, int N, int F, float *dbias, float *scratch,
+                                     cudaStream_t stream);
+void cuda_residual_dropout_backward_sums(bf16 *dy, const bf16 *dout, const uint8_t *keep, float scale, int N, int C,
+                                         float *dbias, float *scratch, cudaStream_t stream);
+void cuda_add_bias(bf16 *out, const bf16 *x, const bf16 *bias, size_t n, int C, cudaStream_t stream);
+void cuda_column_sums_accumulate(float *sums, const bf16 *x, int N, int C, float *scratch, cudaStream_t stream);
+void cuda_embedding_forward(bf16 *out, const int *tokens, const bf16 *tok_emb, const float *pe, int B, int T, int C,
+                            cudaStream_t stream);
+void cuda_embedding_layernorm_forward(bf16 *emb_out, bf16 *ln_out, float *mean, float *rstd, const int *tokens,
+                                      const bf16 *tok_emb, const float *pe, const bf16 *w, const bf16 *b, int B, int T,
+                                      int C, float eps, cudaStream_t stream);
+void cuda_embedding_backward(float *dtok_emb, const bf16 *dout, const int *tokens, int B, int T, int C, int V,
+                             cudaStream_t stream);
+void cuda_bert_embedding_forward(bf16 *out, const int *tokens, const bf16 *word, const bf16 *pos, const bf16 *type,
+                                 int B, int T, int C, cudaStream_t stream);
+void cuda_bert_embedding_backward(float *dword, float *dpos, float *dtype, const bf16 *dout, const int *tokens, int B,
+                                  int T, int C, int V, cudaStream_t stream);
+void cuda_bias_gelu_forward(bf16 *pre, bf16 *out, const bf16 *bias, size_t n, int F, cudaStream_t stream);
+void cuda_gelu_backward(bf16 *dinp, const bf16 *dout, const bf16 *inp, size_t n, cudaStream_t stream);
+void cuda_layernorm_forward(bf16 *out, float *mean, float *rstd, const bf16 *inp, const bf16 *w, const bf16 *b, int N,
+                            int C, float eps, cudaStream_t stream);
+void cuda_residual_layernorm_forward(bf16 *res_out, bf16 *ln_out, float *mean, float *rstd, const bf16 *res,
+                                     const bf16 *y, const bf16 *bias, const uint8_t *keep, float scale, const bf16 *w,
+                                     const bf16 *b, int N, int C, float eps, cudaStream_t stream);
+void cuda_layernorm_backward(bf16 *dinp, float *dw, float *db, const bf16 *dout, const bf16 *inp, const bf16 *w,
+                             const float *mean, const float *rstd, int N, int C, float *scratch, cudaStream_t stream);
+void cuda_layernorm_backward_residual(bf16 *dinp, float *dw, float *db, const bf16 *dout, const bf16 *inp,
+                                      const bf16 *w, const float *mean, const float *rstd, int N, int C, bf16 *dy,
+                                      const uint8_t *keep, float scale, float *dbias, float *scratch,
+                                      cudaStream_t stream);
+void cuda_crossentropy_forward_backward(float *losses, int *correct, bf16 *dlogits, const bf16 *logits,
+                                        const int *labels, const int *d_n_targets, int N, int V, int ignore_index,
+                                        cudaStream_t stream);
+void cuda_gather_rows(bf16 *out, int *out_labels, const bf16 *x, const int *labels, const int *sel_rows,
+                      const int *d_n_sel, int cap, int C, int ignore_index, cudaStream_t stream);
+void cuda_scatter_rows(bf16 *dx, const bf16 *drows, const int *sel_rows, const int *d_n_sel, int cap, int C,
+                       cudaStream_t stream);
 #endif
 
 #endif

@@ -281,18 +281,16 @@ void print_device_memory(const Run *r) {
     CudaMemoryPlan p;
     cuda_model_memory_plan(&r->mc, r->max_rows, c->precision, c->accum_steps > 1,
                            r->mask.whole_word && r->mask.continuation, &p);
-    char b[8][32];
+    char b[9][32], copy[64] = "";
+    if (p.params16) snprintf(copy, sizeof(copy), ", BF16 copy %s", mib_gib(p.params16, b[8]));
     printf("# device memory (CUDA backend, train.precision = %s, batches of up to %d x %d tokens): %s = parameter "
-           "state %s (parameters %s, gradients %s, Adam moments %s, decay mask) + activations %s + cuBLAS workspace %s",
-           precision_name(c->precision), r->max_rows, c->seq_len, mib_gib(p.total, b[0]), mib_gib(p.state_alloc, b[1]),
-           mib_gib(p.params, b[2]), mib_gib(p.grads, b[3]), mib_gib(p.adam, b[4]), mib_gib(p.activations, b[5]),
-           mib_gib(p.workspace, b[6]));
+           "state %s (FP32 parameters %s, gradients %s, Adam moments %s%s, decay mask) + activations %s + cuBLAS "
+           "workspace %s", precision_name(c->precision), r->max_rows, c->seq_len, mib_gib(p.total, b[0]),
+           mib_gib(p.state_alloc, b[1]), mib_gib(p.params, b[2]), mib_gib(p.grads, b[3]), mib_gib(p.adam, b[4]), copy,
+           mib_gib(p.activations, b[5]), mib_gib(p.workspace, b[6]));
     if (p.accumulation) printf(" + summed gradients %s", mib_gib(p.accumulation, b[7]));
     if (p.other) printf(" + whole-word flags %zu bytes", p.other);
     printf("; the CUDA context and library handles take a few hundred MiB more\n");
-    if (c->precision == PRECISION_BF16)
-        printf("# device memory: train.precision = bf16 is not on the CUDA backend yet (it refuses it): the figures "
-               "above are its FP32 layout, not a BF16 one\n");
     if (devices) {
         char desc[256];
         cuda_device_describe(desc, sizeof(desc));
