@@ -167,7 +167,7 @@ run_tests() {
     return 0
   fi
   local failed why
-  failed="$(grep -E '\*\*\*|Failed|Timeout|Exception' "$work/ctest.log" | grep -oE 'test_(emu|launch)_[a-z_]+' | head -1)"
+  failed="$(grep -E '\*\*\*|Failed|Timeout|Exception' "$work/ctest.log" | grep -oE 'test_(emu|launch)_[a-z0-9_]+' | head -1)"
   # The first report in that test's own section of the log (other tests print expected reports too).
   why="$(awk -v f="$failed" '$0 ~ ("Testing: " f "$") { on = 1; next } /Testing: test_/ { on = 0 } on' \
     "$build/Testing/Temporary/LastTest.log" 2>/dev/null |
