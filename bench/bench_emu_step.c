@@ -32,9 +32,11 @@ static void write_counts_json(const char *path, const Config *cfg, const ModelCo
     FILE *f = fopen(tmp, "w");
     if (!f) mlm_fatal(MLM_EXIT_FAILURE, "bench_emu_step: cannot write %s: check that its folder exists", tmp);
     fprintf(f, "{\"config\": {\"batch_size\": %d, \"seq_len\": %d, \"d_model\": %d, \"n_heads\": %d, "
-            "\"n_layers\": %d, \"d_ff\": %d, \"vocab\": %d, \"dropout\": %g, \"tf32\": true, \"params\": %zu},\n"
+            "\"n_layers\": %d, \"d_ff\": %d, \"vocab\": %d, \"dropout\": %g, \"tf32\": %s, \"precision\": \"%s\", "
+            "\"params\": %zu},\n"
             "\"loss\": %.6f, \"grad_norm\": %.6f,\n\"counts\": ",
-            cfg->batch_size, cfg->seq_len, mc->d_model, mc->n_heads, mc->n_layers, mc->d_ff, mc->vocab, mc->dropout, P,
+            cfg->batch_size, cfg->seq_len, mc->d_model, mc->n_heads, mc->n_layers, mc->d_ff, mc->vocab, mc->dropout,
+            cfg->precision == PRECISION_TF32 ? "true" : "false", precision_name(cfg->precision), P,
             st->loss, st->grad_norm);
     emu_counters_json(f);
     fprintf(f, "}\n");
@@ -71,9 +73,10 @@ int main(int argc, char **argv) {
     // The trainer's CUDA backend (TF32 on) and step over one process's reducer.
     BackendConfig bc = {.mc = mc, .max_rows = B, .mask = mk, .layout = layout, .oc = optim_config_from(&cfg, warmup + 1),
                         .max_norm = (float)cfg.grad_clip, .sparse_prediction = cfg.sparse_prediction,
-                        .moments_lo = 0, .moments_len = P, .tf32 = 1, .cuda_graph = cfg.cuda_graph};
+                        .moments_lo = 0, .moments_len = P, .precision = cfg.precision,
+                        .round_seed = rng_domain_seed(cfg.seed, RNG_DOMAIN_ROUND), .cuda_graph = cfg.cuda_graph};
     Backend *be = backend_cuda(&bc);
-    be->load(be, params, NULL, NULL);
+    be->load(be, params, NULL, NULL, 0);
     if (memory_only) {
         EmuCounters c;
         emu_counters_get(&c);

@@ -10,6 +10,7 @@ logged loss digit is not. throughput: the median after the first interval. Under
 
 import io
 import json
+import math
 import os
 import struct
 import sys
@@ -90,6 +91,14 @@ class Epochs(unittest.TestCase):
         self.assertEqual(run(['epochs', self.mlm, self.ref])[0], 0)
         write_jsonl(self.mlm, mlm_valid([0.30 + compare_runs.DEFAULT_TOL * 1.1 + 1e-4, 0.40, 0.45, 0.48]))
         self.assertEqual(run(['epochs', self.mlm, self.ref])[0], 1)
+
+    def test_noise_sampling_floor_follows_targets(self):
+        # Two runs that agree exactly: the tolerance is the sampling floor 3.2 sqrt(2 * 0.25 / n) of n targets.
+        write_jsonl(self.mlm, mlm_valid([0.30, 0.40]))
+        for n in (16700, 2000):
+            rc, out = run(['noise', self.mlm, self.mlm, '--targets', str(n)])
+            self.assertEqual(rc, 0, out)
+            self.assertIn('tolerance 3.2 sigma = %.4f' % (3.2 * math.sqrt(0.5 / n)), out)
 
     def test_no_common_epoch_is_no_data(self):
         write_jsonl(self.mlm, [dict(kind='train', step=1, epoch=0, loss=4.0, accuracy=0.0)])

@@ -34,6 +34,31 @@ int main(void) {
     CHECK(sp.sparse_prediction == 0, "train.sparse_prediction is on by default");
     CHECK(config_set_value(&sp, "train.sparse_prediction", "true", err, sizeof(err)) == 0 && sp.sparse_prediction == 1,
           "train.sparse_prediction = true: %s", err);
+    // train.precision (fp32 | tf32 | bf16; tf32 by default) and the key it replaced: a file of an earlier run that
+    // says train.tf32 = true | false reads as tf32 | fp32; the resolved configuration writes train.precision only.
+    Config pr;
+    config_defaults(&pr);
+    CHECK(pr.precision == PRECISION_TF32, "train.precision defaults to %d, not tf32", pr.precision);
+    CHECK(config_set_value(&pr, "train.precision", "bf16", err, sizeof(err)) == 0 && pr.precision == PRECISION_BF16,
+          "train.precision = bf16: %s", err);
+    CHECK(config_parse_text(&pr, "[train]\ntf32 = false\n", "old.conf", err, sizeof(err)) == 0 &&
+          pr.precision == PRECISION_FP32, "train.tf32 = false did not read as fp32: %s", err);
+    CHECK(config_parse_text(&pr, "[train]\ntf32 = true\n", "old.conf", err, sizeof(err)) == 0 &&
+          pr.precision == PRECISION_TF32, "train.tf32 = true did not read as tf32: %s", err);
+    CHECK(!parses("[train]\ntf32 = maybe\n", err, sizeof(err)) && strstr(err, "train.precision"),
+          "a bad train.tf32 does not name train.precision: %s", err);
+    CHECK(!parses("[train]\nprecision = fp16\n", err, sizeof(err)) && strstr(err, "fp32|tf32|bf16"),
+          "train.precision = fp16 accepted or the choices unnamed: %s", err);
+    {
+        char *buf = NULL;
+        size_t len = 0;
+        FILE *mf = open_memstream(&buf, &len);
+        pr.precision = PRECISION_BF16;
+        config_write(mf, &pr);
+        fclose(mf);
+        CHECK(strstr(buf, "precision = bf16") && !strstr(buf, "tf32"), "written configuration: %s", buf);
+        free(buf);
+    }
 
     // Errors name the file, the line and the key.
     CHECK(!parses("[model]\nd_modle = 3\n", err, sizeof(err)), "unknown key accepted");

@@ -35,6 +35,7 @@
 #include "cpu/ops.h"
 #include "kernels/cuda_check.h"
 #include "kernels/kernels.h"
+#include "mlm/bf16.h"
 #include "mlm/common.h"
 #include "mlm/cpu.h"
 #include "mlm/cuda_backend.h"
@@ -1068,7 +1069,8 @@ static void test_grad_norm(void) {
 }
 
 static void test_adam(void) {
-    printf("clip + Adam / AdamW (bit-exact vs cpu_clip_grads + cpu_adam_update, 3 steps):\n");
+    printf("clip + Adam / AdamW (bit-exact vs cpu_clip_grads + cpu_adam_update, 3 steps; the BF16 copy vs THE ROUNDING "
+           "RULE):\n");
     const size_t sizes[] = {1, 7, quick ? 40009 : 812355};
     const float max_norms[] = {0.0f, 1.0f, 1e9f};  // off, clipping, a coefficient >= 1 (no clipping)
     for (size_t s = 0; s < sizeof(sizes) / sizeof(sizes[0]); s++)
@@ -1108,11 +1110,25 @@ static void test_adam(void) {
                             cuda_adam_update(d_p, d_g, d_m, d_v, d_mask, d_norm, max_norm, n, kind, oc.beta1,
                                              oc.beta2, oc.eps, oc.weight_decay, t, lr, st);
                         } else {  // the step constants from device memory, as a captured step reads them
+                            // With the BF16 copy (train.precision = bf16) of a range that starts at parameter
+                            // 5 of the model: THE ROUNDING RULE of the updated values at t x P + 5 + i, bit for bit.
                             AdamStep k = cuda_adam_step(kind, oc.beta1, oc.beta2, oc.weight_decay, t, lr);
+                            k.round_seed = 0x5eed0fb16ULL, k.round_offset = (uint64_t)t * 1000003u;
                             AdamStep *d_k = dmalloc(sizeof(AdamStep));
                             upload(d_k, &k, sizeof(k));
+                            uint16_t *d_copy = dmalloc(n * sizeof(uint16_t));
                             cuda_adam_update_dev(d_p, d_g, d_m, d_v, d_mask, d_norm, max_norm, n, kind, oc.beta1,
-                                                 oc.beta2, oc.eps, d_k, st);
+                                                 oc.beta2, oc.eps, d_k, d_copy, 5, st);
+                            uint16_t *copy = mlm_malloc(n * sizeof(uint16_t), "BF16 copy");
+                            uint16_t *want = mlm_malloc(n * sizeof(uint16_t), "BF16 copy (CPU)");
+                            CUDA_CHECK(cudaMemcpy(copy, d_copy, n * sizeof(uint16_t), cudaMemcpyDeviceToHost));
+                            bf16_stochastic_round_array(want, p, n, k.round_seed, k.round_offset + 5);
+                            size_t differ = 0;
+                            for (size_t i = 0; i < n; i++) differ += copy[i] != want[i];
+                            CHECK(differ == 0, "adam kind %d n %zu t %ld: %zu of the BF16 copy's values are not THE "
+                                  "ROUNDING RULE of the updated parameters at offset t P + 5 + i", kind, n, t, differ);
+                            free(copy), free(want);
+                            dfree(d_copy);
                             dfree(d_k);
                         }
                         free(g);

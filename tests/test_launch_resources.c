@@ -253,7 +253,7 @@ static void drive(const Config *preset, const Vocab *v, int max_B, int T) {
     CudaStepStats st;
 
     emu_record_launches(1, 0);  // the model's creation runs its kernels (the device Philox self-check)
-    CudaModel *m = cuda_model_create(&mc, max_B, cfg.tf32);
+    CudaModel *m = cuda_model_create(&mc, max_B, cfg.precision);
     emu_record_launches(1, 1);
     for (int graphs = 1; graphs >= 0; graphs--) {
         cuda_model_set_graphs(m, graphs);

@@ -55,6 +55,8 @@ HEADER_HOME = {
     "include/mlm/hf_bert.h": "src/host/model",
     "include/mlm/cpu.h": "src/cpu",
     "include/mlm/cpu_threads.h": "src/cpu",
+    "include/mlm/bf16.h": "src/host/data",  # the BF16 rounding rules over the Philox ROUND stream (header-only, host and
+                                            # device, like philox_cpu.h): shared by src/cpu/bf16.c and src/kernels/bf16.cu
     "include/mlm/cuda_backend.h": "src/kernels",
     "include/mlm/cuda_model.h": "src/kernels",
     "include/mlm/dist.h": "src/host/parallel",

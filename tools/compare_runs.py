@@ -129,7 +129,9 @@ def cmd_epochs(args):
 
 
 def cmd_noise(args):
-    """Largest per-epoch validation-accuracy difference between two reference runs (the tolerance's source)."""
+    """Largest per-epoch validation-accuracy difference between two runs that differ only in their seed (the
+    tolerance's source); --targets: masked positions a validation pass scores, for the sampling floor (default
+    VALID_TARGETS, Tiny Shakespeare's character validation split)."""
     a, b = valid_by_epoch(args.a), valid_by_epoch(args.b)
     common = sorted(set(a) & set(b))
     if not common:
@@ -140,7 +142,7 @@ def cmd_noise(args):
         d = abs(a[e][1] - b[e][1])
         worst = max(worst, d)
         print(f'epoch {e + 1}: accuracy {a[e][1]:.4f} vs {b[e][1]:.4f} (|d| {d:.4f}); loss {a[e][0]:.4f} vs {b[e][0]:.4f}')
-    sigma = noise_sigma({'valid_accuracy_by_epoch': {e: (a[e][1], b[e][1]) for e in common}})
+    sigma = noise_sigma({'valid_accuracy_by_epoch': {e: (a[e][1], b[e][1]) for e in common}}, args.targets)
     print(f'largest |d accuracy| {worst:.4f}; sigma of a difference (RMS, floored by validation sampling) '
           f'{sigma:.4f}; tolerance {SIGMA_K} sigma = {SIGMA_K * sigma:.4f}')
     return 0
@@ -259,9 +261,11 @@ def main(argv=None):
     p.add_argument('ref')
     p.add_argument('--tol', type=float, default=None, help='largest |d accuracy| (default: the measured noise)')
     p.set_defaults(fn=cmd_epochs)
-    p = sub.add_parser('noise', help='largest per-epoch accuracy difference of two reference runs')
+    p = sub.add_parser('noise', help='largest per-epoch accuracy difference of two runs of different seeds')
     p.add_argument('a')
     p.add_argument('b')
+    p.add_argument('--targets', type=int, default=VALID_TARGETS,
+                   help='masked positions per validation pass, for the sampling floor (default %(default)s)')
     p.set_defaults(fn=cmd_noise)
     p = sub.add_parser('steps', help='per-step losses of two mlm runs')
     p.add_argument('a')

@@ -19,6 +19,7 @@ import compare_runs  # noqa: E402
 THROUGHPUT = {
     'tput-mlm-b64-tf32': ('mlm, batch 64, TF32 on', 64, True),
     'tput-mlm-b64-fp32': ('mlm, batch 64, TF32 off', 64, False),
+    'tput-mlm-b64-bf16': ('mlm, batch 64, train.precision = bf16', 64, False),
     'tput-mlm-b512-tf32': ('mlm, batch 512, TF32 on', 512, True),
     'tput-reference': ('PyTorch reference trainer, batch 64, TF32 off, 300 steps', 64, False),
 }

@@ -16,14 +16,15 @@
 #      build in build-gpu-local/ (sm_90, no BLAS)
 #   1. in the background: the PyTorch reference for MLM_VERIFY_EPOCHS (20) epochs on the GPU, TF32 off; and
 #      the CPU half of the agreement run
-#   2. the GPU tests, each run once; a failing one is re-run with CUDA_LAUNCH_BLOCKING=1
+#   2. the GPU tests, each run once (the BF16 step against the CPU reference among them: test_gpu_bf16_model);
+#      a failing one is re-run with CUDA_LAUNCH_BLOCKING=1
 #   3. compute-sanitizer memcheck (leak check) and racecheck on test_gpu_model --quick and test_gpu_mask,
 #      the four at once, each capped; "device not supported" is a skip, not a failure
 #   4. mlm for the same epochs on the reference configuration, TF32 off; the GPU half of the agreement run
 #      (20 steps vs the CPU, TF32 off, losses within 1e-3); the out-of-memory message; an interrupted and
 #      resumed GPU run against an uninterrupted one, bit for bit; a one-rank NCCL run against the plain step,
 #      bit for bit; a WordPiece BERT-tiny run (sparse prediction, whole words, 2 micro-batches) GPU vs CPU
-#   5. throughput once the reference has finished (mlm batch 64 TF32 on and off, batch 512, the reference
+#   5. throughput once the reference has finished (mlm batch 64 TF32, FP32 and BF16, batch 512, the reference
 #      trainer for 300 steps); the benchmark suite (bench/run.sh --quick: mlm against the reference trainer,
 #      fused Adam and torch.compile, device rates, roofline; its JSON comes back as bench-<date>.json); ncu on
 #      the five slowest kernels of one step if time is left
@@ -213,7 +214,8 @@ build_usable() {
     return 1
   fi
   [ -f "$b/SOURCE_STAMP" ] || echo "note: $b has no SOURCE_STAMP; assuming it matches these sources"
-  for f in mlm tests/test_gpu_model tests/test_gpu_ops tests/test_gpu_mask tests/test_gpu_sparse tests/test_gpu_bert; do
+  for f in mlm tests/test_gpu_model tests/test_gpu_ops tests/test_gpu_mask tests/test_gpu_sparse tests/test_gpu_bert \
+           tests/test_gpu_bf16 tests/test_gpu_bf16_model tests/test_gpu_memory; do
     [ -x "$b/$f" ] || { echo "missing $b/$f"; return 1; }
     if ldd "$b/$f" 2>&1 | grep -q 'not found'; then
       echo "$b/$f: $(ldd "$b/$f" | grep 'not found' | tr -s ' \t' ' ' | tr '\n' ';')"
@@ -227,7 +229,8 @@ build_fresh() {
   [ "$STUB" = 1 ] && { stub build none; return; }
   cmake -S "$ROOT" -B "$ROOT/build-gpu-local" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
     -DMLM_WITH_BLAS=OFF -DMLM_MPI=OFF && cmake --build "$ROOT/build-gpu-local" -j"$JOBS" \
-    --target mlm test_gpu_model test_gpu_ops test_gpu_mask test_gpu_sparse test_gpu_bert
+    --target mlm test_gpu_model test_gpu_ops test_gpu_mask test_gpu_sparse test_gpu_bert test_gpu_bf16 \
+    test_gpu_bf16_model test_gpu_memory
 }
 
 reference_epochs() {
@@ -369,13 +372,13 @@ subword_gpu_vs_cpu() {
   "$PY" "$ROOT/tools/compare_runs.py" steps "$a/metrics.jsonl" "$b/metrics.jsonl" --rel 1e-3 --steps $SUBWORD_STEPS
 }
 
-throughput_mlm() {  # throughput_mlm NAME BATCH TF32
+throughput_mlm() {  # throughput_mlm NAME BATCH PRECISION (fp32 | tf32 | bf16)
   local dir="$RUNS/$1"
   if [ "$STUB" = 1 ]; then
     stub "$1" steps "$dir" 300 || return
   else
     "$MLM" train "${REF_CONF[@]}" --device cuda --steps 300 --out "$dir" --set train.batch_size="$2" \
-      --set train.tf32="$3" --set train.log_every=50 --set train.samples=false --set train.ckpt_every=0 || return
+      --set train.precision="$3" --set train.log_every=50 --set train.samples=false --set train.ckpt_every=0 || return
   fi
   "$PY" "$ROOT/tools/compare_runs.py" throughput "$dir/metrics.jsonl" --tokens-per-step $(($2 * 32))
 }
@@ -520,7 +523,10 @@ bg_step ref-20ep "$DEADLINE" reference_epochs
 bg_step agree-cpu 150 agree_cpu
 
 # 2. The GPU tests, each once; a failing one again with CUDA_LAUNCH_BLOCKING=1 so the log names the kernel.
-for t in test_gpu_mask:60 test_gpu_ops:150 test_gpu_model:200 test_gpu_sparse:60 test_gpu_bert:60; do
+# test_gpu_bf16 (BF16 kernels, cuBLASLt), test_gpu_bf16_model (the BF16 step against the CPU bf16 mode) and
+# test_gpu_memory (the --dry-run plan against the allocations, bert-base T 512 batch 256 BF16 within 80 GB).
+for t in test_gpu_mask:60 test_gpu_ops:150 test_gpu_model:200 test_gpu_sparse:60 test_gpu_bert:60 test_gpu_bf16:60 \
+         test_gpu_bf16_model:60 test_gpu_memory:60; do
   name=${t%%:*}
   run_step "$name" "${t##*:}" gpu_test "$name"
   rc=$?
@@ -564,9 +570,10 @@ wait_s=$(($(left) - THROUGHPUT_NEED))
 if ! bg_wait ref-20ep $wait_s; then
   fact throughput_contended "yes: the reference's epochs were still running during the throughput runs"
 fi
-run_step tput-mlm-b64-tf32 60 throughput_mlm tput-mlm-b64-tf32 64 true
-run_step tput-mlm-b64-fp32 60 throughput_mlm tput-mlm-b64-fp32 64 false
-run_step tput-mlm-b512-tf32 60 throughput_mlm tput-mlm-b512-tf32 512 true
+run_step tput-mlm-b64-tf32 60 throughput_mlm tput-mlm-b64-tf32 64 tf32
+run_step tput-mlm-b64-fp32 60 throughput_mlm tput-mlm-b64-fp32 64 fp32
+run_step tput-mlm-b64-bf16 60 throughput_mlm tput-mlm-b64-bf16 64 bf16
+run_step tput-mlm-b512-tf32 60 throughput_mlm tput-mlm-b512-tf32 512 tf32
 run_step tput-reference 60 throughput_ref
 run_step bench-suite $BENCH_CAP bench_suite  # the bench step (bench/, issue 12)
 if [ "$(left)" -ge 60 ]; then

@@ -30,8 +30,8 @@ bugs_py='
 import sys
 BUGS = [
  ("dropped __syncthreads (column sums)", [("feedforward.cu",
-   " s += x[(size_t)r * C + c];\n    part[threadIdx.y][threadIdx.x] = s;\n    __syncthreads();\n",
-   " s += x[(size_t)r * C + c];\n    part[threadIdx.y][threadIdx.x] = s;\n")]),
+   " s += ld(x, (size_t)r * C + c);\n    part[threadIdx.y][threadIdx.x] = s;\n    __syncthreads();\n",
+   " s += ld(x, (size_t)r * C + c);\n    part[threadIdx.y][threadIdx.x] = s;\n")]),
  ("off-by-one bound (masking kernel, i > n)", [("mask.cu", "    if (i >= n) return;", "    if (i > n) return;")]),
  ("wrong transpose (a Linear input gradient dout W^T instead of dout W)", [("cuda_model.cu",
    "sgemm(m, CUBLAS_OP_N, CUBLAS_OP_N, IC, rows, OC, w, 0, IC, dout, (size_t)r0 * OC, OC, beta, dinp,",
@@ -86,8 +86,8 @@ BUGS = [
   [("layernorm.cu", "enum { LNF_MAX_C = (48 * 1024) / (3 * LNB_TY * (int)sizeof(float)) };",
     "enum { LNF_MAX_C = (48 * 1024) / (LNB_TY * (int)sizeof(float)) };")]),
  ("embedding forward without its explicit roundings (nvcc fuses tok_emb * scale + pe into an FMA)", "fma",
-  [("embedding.cu", "__fadd_rn(__fmul_rn(tok_emb[(size_t)tokens[n] * C + c], scale), pe[(size_t)t * C + c]);",
-    "tok_emb[(size_t)tokens[n] * C + c] * scale + pe[(size_t)t * C + c];")]),
+  [("embedding.cu", "__fadd_rn(__fmul_rn(ld(tok_emb, (size_t)tokens[n] * C + c), scale), pe[(size_t)t * C + c])",
+    "ld(tok_emb, (size_t)tokens[n] * C + c) * scale + pe[(size_t)t * C + c]")]),
  ("wrong tile bound (tiled attention: key j <= T counts a key past the sequence)", [("attention.cu",
    "    return j < T && (!key_valid || key_valid[j]);", "    return j <= T && (!key_valid || key_valid[j]);")]),
  ("missing rescale of the running sum (tiled attention forward)", [("attention.cu",
@@ -95,6 +95,13 @@ BUGS = [
  ("dropout counter off by one (tiled attention)", [("attention.cu",
    "uint64_t g0 = rng->base + ((uint64_t)bh * T + i) * T + j0;",
    "uint64_t g0 = rng->base + ((uint64_t)bh * T + i) * T + j0 + 1;")]),
+ ("BF16 copy from one Philox word (the Adam update rounds every element of a block with x[0])", [("optim.cu",
+   "copy[i] = bf16_stochastic_bits(updated, x[g % 4]);", "copy[i] = bf16_stochastic_bits(updated, x[0]);")]),
+ ("BF16 attention backward rounds a third of dqkv (BT C instead of BT 3C)", [("cuda_model.cu",
+   "cuda_bf16_round((uint16_t *)a->dqkv, a->dqkv32, BT * 3 * C, m->stream);",
+   "cuda_bf16_round((uint16_t *)a->dqkv, a->dqkv32, BT * C, m->stream);")]),
+ ("BF16 store that goes on from the unrounded value (act.cuh st)", [("act.cuh",
+   "    p[i] = b;\n    return __bfloat162float(b);", "    p[i] = b;\n    return v;")]),
 ]
 # A bug without a build name is caught by the Release build.
 BUGS = [b if len(b) == 3 else (b[0], "release", b[1]) for b in BUGS]
@@ -160,7 +167,7 @@ run_tests() {
     return 0
   fi
   local failed why
-  failed="$(grep -E '\*\*\*|Failed|Timeout|Exception' "$work/ctest.log" | grep -oE 'test_(emu|launch)_[a-z_]+' | head -1)"
+  failed="$(grep -E '\*\*\*|Failed|Timeout|Exception' "$work/ctest.log" | grep -oE 'test_(emu|launch)_[a-z0-9_]+' | head -1)"
   # The first report in that test's own section of the log (other tests print expected reports too).
   why="$(awk -v f="$failed" '$0 ~ ("Testing: " f "$") { on = 1; next } /Testing: test_/ { on = 0 } on' \
     "$build/Testing/Temporary/LastTest.log" 2>/dev/null |

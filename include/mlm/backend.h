@@ -28,7 +28,10 @@ typedef struct {
     int sparse_prediction;       // train.sparse_prediction
     size_t moments_lo, moments_len;  // the parameters this rank updates, the only ones it keeps Adam moments for
                                      // (ZeRO-1: its shard; else 0, P)
-    int tf32, cuda_graph;        // CUDA only: train.tf32, train.cuda_graph
+    int precision;               // train.precision (PrecisionKind): fp32, tf32 (CUDA only) or bf16
+    uint64_t round_seed;         // bf16: the Philox key of the run's ROUND stream (the BF16 copy of the parameters
+                                 // after t updates is THE ROUNDING RULE of include/mlm/bf16.h at offset t x P)
+    int cuda_graph;              // CUDA only: train.cuda_graph
 } BackendConfig;
 
 // Rows of a batch with their masking and random numbers.
@@ -85,9 +88,10 @@ struct Backend {
     // Host copy of the last evaluate's logits [rows, T, V] (rows it did not compute, if any, are NaN).
     const float *(*logits)(Backend *, int rows);
     // ---- State (checkpoints, --init, --resume): load takes host arrays of all P parameters and moments (NULL:
-    // zeros), of which the backend keeps its moment range; save points at host arrays of the parameters [P] and of
+    // zeros), of which the backend keeps its moment range, and the count of updates the parameters have had (a BF16
+    // copy of them is rounded as the run that made them rounded it); save points at host arrays of the parameters [P] and of
     // its range of the moments, valid until the backend's next call (the CPU backend's own; the CUDA backend's copies).
-    void (*load)(Backend *, const float *params, const float *adam_m, const float *adam_v);
+    void (*load)(Backend *, const float *params, const float *adam_m, const float *adam_v, long updates_done);
     void (*save)(Backend *, const float **params, const float **adam_m, const float **adam_v);
     void (*free)(Backend *);
 };

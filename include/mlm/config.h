@@ -54,7 +54,7 @@ typedef struct Config {
     int keep_ckpts;               // keep the last K checkpoints
     int init_check_vocab;         // --init refuses weights of another vocabulary (true)
     int threads;                  // CPU threads (0 = OpenMP default)
-    int tf32;                     // allow TF32 tensor-core matmuls on the GPU
+    int precision;                // train.precision = fp32 | tf32 (default) | bf16 (PrecisionKind)
     int cuda_graph;               // train.cuda_graph: capture/replay the GPU step as a CUDA graph (true)
     int samples;                  // print samples each epoch
     int accum_steps;              // train.accum_steps: micro-batches per optimizer step over all ranks (1)
@@ -72,6 +72,14 @@ typedef struct Config {
 } Config;
 
 typedef enum { DEVICE_AUTO = 0, DEVICE_CPU = 1, DEVICE_CUDA = 2 } DeviceKind;
+// train.precision. fp32: FP32 everywhere. tf32: FP32 tensors, the GPU's FP32 matmuls on TF32 tensor cores (the CPU
+// computes in FP32). bf16: FP32 master weights and Adam moments, a BF16 copy of the parameters (stochastic
+// rounding), BF16 activations and activation gradients, FP32 accumulation (include/mlm/bf16.h); on the CPU the same
+// tensors rounded to BF16 values at the same points (the reference of the GPU's BF16 step). The old key
+// train.tf32 = true | false still reads, as train.precision = tf32 | fp32.
+typedef enum { PRECISION_FP32 = 0, PRECISION_TF32 = 1, PRECISION_BF16 = 2 } PrecisionKind;
+// "fp32", "tf32", "bf16": the value of train.precision as a configuration file spells it.
+const char *precision_name(int precision);
 
 void config_defaults(Config *c);
 // Parse a config file into c (on top of what c holds). On error prints "FILE:LINE: message" and exits 2.

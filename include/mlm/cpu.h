@@ -63,6 +63,16 @@ void cpu_model_backward(CpuModel *m);
 // selected positions in position order. Forwards without labels always compute every position's logits.
 void cpu_model_set_sparse_prediction(CpuModel *m, int on);
 
+// train.precision = bf16 on the CPU: the reference of the CUDA backend's BF16 step. The forward and backward read a
+// BF16 copy of the parameters (m->p points at it; m->params stays the FP32 masters the optimizer updates and
+// checkpoints hold) made by THE ROUNDING RULE (include/mlm/bf16.h) with the Philox stream round_seed, and round
+// every tensor the CUDA backend stores in BF16 to a BF16 value where it is written; gradients, LayerNorm statistics
+// and the losses stay FP32. cpu_model_set_bf16 makes the copy of the masters as they are (0 updates);
+// cpu_model_round_params makes it again after the masters changed, updates_done being the optimizer steps they
+// have had (the copy after step t uses offset t * P: a resumed run rounds as the run it continues).
+void cpu_model_set_bf16(CpuModel *m, uint64_t round_seed);
+void cpu_model_round_params(CpuModel *m, uint64_t updates_done);
+
 // Tests only: a view of the ReLU decisions (tests/relu_ties.c, docs/testing.md). When a hook is set, every
 // forward calls it once per layer, after the feed-forward pre-activation h[N, F] = x[N, C] w[F, C]^T + b[F] is
 // computed and the hidden dropout mask keep[N, F] (NULL without dropout) is drawn, before ReLU + dropout read h.

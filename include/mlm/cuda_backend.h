@@ -15,6 +15,8 @@ extern "C" {
 int cuda_device_count(char *why, size_t why_len);
 // "NVIDIA H100 80GB HBM3, compute 9.0, 79.1 GiB" for device 0.
 void cuda_device_describe(char *out, size_t out_len);
+// Bytes of memory device 0 has (its totalGlobalMem).
+size_t cuda_device_total_memory(void);
 
 // Mask n tokens on the device with uniforms from a cuRAND device Philox generator seeded with
 // `philox_seed` at `offset` (the same numbers the host generator gives), as mask_apply does on the host.

@@ -24,13 +24,41 @@ typedef struct {
     float grad_norm;  // before clipping (training steps only)
 } CudaStepStats;
 
-// allow_tf32: cuBLAS may use TF32 tensor cores for the float32 matmuls.
-CudaModel *cuda_model_create(const ModelConfig *cfg, int max_B, int allow_tf32);
+// precision: train.precision (PrecisionKind of config.h: 0 fp32, 1 tf32 (cuBLAS may use TF32 tensor cores for the
+// FP32 products), 2 bf16 (BF16 activations, gradients of activations and parameter copy; FP32 masters, moments
+// and accumulations; the products through cuBLASLt). cuda_model_set_bf16_rounding then names the rounding stream.
+CudaModel *cuda_model_create(const ModelConfig *cfg, int max_B, int precision);
+
+// The device memory a model needs, computed from the layout cuda_model_create allocates (no device is touched, so
+// `mlm train --dry-run` prints it anywhere): bytes of each part and the total of the allocations a training run
+// makes. precision: train.precision (PrecisionKind); accumulate: train.accum_steps > 1 (the summed gradients);
+// whole_word: mask.whole_word with a WordPiece vocabulary (its flags on the device). Not counted: the CUDA
+// context, cuBLAS's and cuBLASLt's own handles (a few hundred MiB the driver reserves) and NCCL's buffers.
+typedef struct {
+    size_t params, grads, adam;  // FP32 parameters (the master weights), gradients, the two Adam moments
+    size_t params16;             // the BF16 copy of the parameters (train.precision = bf16)
+    size_t state_alloc;          // their allocation (with the weight-decay mask and 256-byte alignment)
+    size_t activations;          // saved activations, scratch and the step's upload region, for max_B sequences
+    size_t workspace;            // the cuBLAS / cuBLASLt workspace
+    size_t accumulation;         // summed gradients of gradient accumulation
+    size_t other;                // whole-word flags
+    size_t total;                // state_alloc + activations + workspace + accumulation + other
+    int precision;
+} CudaMemoryPlan;
+void cuda_model_memory_plan(const ModelConfig *cfg, int max_B, int precision, int accumulate, int whole_word,
+                            CudaMemoryPlan *plan);
 void cuda_model_free(CudaModel *m);
 size_t cuda_model_num_params(const CudaModel *m);
 
 // Host <-> device copies of the parameter array, the gradients and the Adam moments (layout of model.h).
 void cuda_model_set_params(CudaModel *m, const float *params);
+// train.precision = bf16: the Philox key of THE ROUNDING RULE's stream (include/mlm/bf16.h) and how many optimizer
+// steps the masters have had; the BF16 copy is made again from the masters now (cuda_model_set_params makes it
+// with these too, and every update of a training step writes it for its step t). Call after loading a run's
+// parameters, with its step, so a resumed run rounds as the one it continues.
+void cuda_model_set_bf16_rounding(CudaModel *m, uint64_t round_seed, uint64_t updates_done);
+// The BF16 copy as floats [P] (tests; bf16 models only).
+void cuda_model_get_params16(CudaModel *m, float *values);
 void cuda_model_get_params(CudaModel *m, float *params);
 void cuda_model_get_grads(CudaModel *m, float *grads);
 // The Adam moments: P values each, or after cuda_model_shard_moments the len values of its range.

@@ -22,6 +22,7 @@ typedef enum {
     RNG_DOMAIN_VALID = 3,  // masks (and optional dropout) of validation batches
     RNG_DOMAIN_SAMPLE = 4, // masks of the printed samples, indexed by epoch
     RNG_DOMAIN_EVAL = 5,   // `mlm eval` / `mlm fill`
+    RNG_DOMAIN_ROUND = 6,  // stochastic rounding of the BF16 parameter copy (train.precision = bf16), by step
 } RngDomain;
 
 typedef struct {

@@ -17,6 +17,9 @@
 // (mask.cu) at the offsets of the RngLayout for the ACTUAL batch (THE DROPOUT RULE of src/cpu/ops.h), so the
 // GPU masks and drops exactly the positions the CPU does.
 //
+// train.precision = bf16: the same forward and backward on BF16 activations with FP32 masters, moments and
+// accumulations, the products through cuBLASLt (matmul.cu); what stays FP32 is listed at the templates below.
+//
 // Matmuls: cuBLAS is column-major; a row-major [R, K] matrix is the column-major [K, R] matrix, so every
 // row-major product below is written as the column-major product of the transposes (see the helpers).
 #include <cublas_v2.h>
@@ -29,11 +32,16 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <type_traits>
+
+#include "mlm/bf16.h"
+#include "mlm/config.h"
 #include "mlm/mask.h"
 #include "mlm/model.h"
 #include "mlm/optim.h"
 #include "mlm/rng.h"
 
+#include "act.cuh"
 #include "cuda_check.h"
 #include "kernels.h"
 #include "philox_cpu.h"  // CURAND_PHILOX_THREADS: the row length of cuRAND's Philox layout
@@ -100,6 +108,11 @@ typedef struct {
     float *head_pre, *head_act;  // [B, T, C] each: the head transform's dense output and GELU of it
     uint8_t *key_valid;          // [B, T] inputs != [PAD]
     float *dres2;                // [B, T, C]
+    // train.precision = bf16 (empty otherwise): FP32 copies for the attention kernels, which compute in FP32.
+    float *qkv32;                // [B, T, 3C] a layer's qkv
+    float *atty32;               // [B, T, C] its output
+    float *datty32;              // [B, T, C] the output's gradient
+    float *dqkv32;               // [B, T, 3C] the gradient of qkv
 } DevActs;
 
 // Everything a captured step bakes into its launches: sizes, which kernels run, and the constants passed by
@@ -134,6 +147,14 @@ struct CudaModel {
     ModelConfig cfg;
     int max_B;
     int allow_tf32;
+    // train.precision = bf16: activations and their gradients in BF16 (the views of DevActs marked so carve 2-byte
+    // elements), the products through cuBLASLt, and a BF16 copy of the parameters (params16, in the state
+    // block) that the step computes with, made from the FP32 masters by THE ROUNDING RULE (round_seed; after
+    // round_updates optimizer steps at offset round_updates * P) and rewritten by every Adam update.
+    int bf16;
+    void *params16;         // [P] bf16
+    uint64_t round_seed, round_updates;
+    CudaLt lt;
     size_t n_params;
     cudaStream_t stream;
     cublasHandle_t cublas;
@@ -203,6 +224,8 @@ static void *carve(Carver *cv, size_t bytes) {
     return p;
 }
 static float *carve_f(Carver *cv, size_t n) { return (float *)carve(cv, n * sizeof(float)); }
+// An activation tensor of n elements of es bytes (4, or 2 in BF16), viewed as float * until act<X> re-types it.
+static float *carve_x(Carver *cv, size_t n, size_t es) { return (float *)carve(cv, n * es); }
 static int *carve_i(Carver *cv, size_t n) { return (int *)carve(cv, n * sizeof(int)); }
 static uint8_t *carve_b(Carver *cv, size_t n) { return (uint8_t *)carve(cv, n); }
 
@@ -231,7 +254,8 @@ static size_t upload_offsets(size_t maxBT, size_t *tokens_at, size_t *labels_at)
     return *labels_at + maxBT * sizeof(int);
 }
 
-static void carve_acts(DevActs *a, const ModelConfig *c, int max_B, size_t n_params, Carver *cv) {
+// es: bytes of an activation element (sizeof(float), or 2 in BF16).
+static void carve_acts(DevActs *a, const ModelConfig *c, int max_B, size_t n_params, size_t es, Carver *cv) {
     size_t B = max_B, T = c->max_seq, C = c->d_model, H = c->n_heads, L = c->n_layers, F = c->d_ff, V = c->vocab;
     size_t BT = B * T;
     a->pe = carve_f(cv, T * C);
@@ -241,55 +265,60 @@ static void carve_acts(DevActs *a, const ModelConfig *c, int max_B, size_t n_par
     a->tokens = up ? (int *)(up + tokens_at) : NULL;
     a->labels = up ? (int *)(up + labels_at) : NULL;
     a->inputs = carve_i(cv, BT);
-    a->encoded = carve_f(cv, BT * C);
-    a->ln1 = carve_f(cv, L * BT * C);
+    a->encoded = carve_x(cv, BT * C, es);
+    a->ln1 = carve_x(cv, L * BT * C, es);
     a->ln1_mean = carve_f(cv, L * BT);
     a->ln1_rstd = carve_f(cv, L * BT);
-    a->qkv = carve_f(cv, L * BT * 3 * C);
+    a->qkv = carve_x(cv, L * BT * 3 * C, es);
     a->lse = carve_f(cv, L * BT * H);
-    a->atty = carve_f(cv, L * BT * C);
-    a->res1 = carve_f(cv, L * BT * C);
-    a->ln2 = carve_f(cv, L * BT * C);
+    a->atty = carve_x(cv, L * BT * C, es);
+    a->res1 = carve_x(cv, L * BT * C, es);
+    a->ln2 = carve_x(cv, L * BT * C, es);
     a->ln2_mean = carve_f(cv, L * BT);
     a->ln2_rstd = carve_f(cv, L * BT);
-    a->fch = carve_f(cv, L * BT * F);
-    a->res2 = carve_f(cv, L * BT * C);
+    a->fch = carve_x(cv, L * BT * F, es);
+    a->res2 = carve_x(cv, L * BT * C, es);
     a->keep_res1 = carve_b(cv, L * BT * C);
     a->keep_res2 = carve_b(cv, L * BT * C);
     a->keep_hidden = carve_b(cv, BT * F);
-    a->lnf = carve_f(cv, BT * C);
+    a->lnf = carve_x(cv, BT * C, es);
     a->lnf_mean = carve_f(cv, BT);
     a->lnf_rstd = carve_f(cv, BT);
-    a->logits = carve_f(cv, BT * V);
+    a->logits = carve_x(cv, BT * V, es);
     a->losses = carve_f(cv, BT);
     a->correct = carve_i(cv, BT);
     a->n_targets = carve_i(cv, 1);
     a->scalars = carve_f(cv, 4);
-    a->proj = carve_f(cv, BT * C);
-    a->dlogits = carve_f(cv, BT * V);
-    a->dres = carve_f(cv, BT * C);
-    a->dln = carve_f(cv, BT * C);
-    a->dproj = carve_f(cv, BT * C);
-    a->datty = carve_f(cv, BT * C);
+    a->proj = carve_x(cv, BT * C, es);
+    a->dlogits = carve_x(cv, BT * V, es);
+    a->dres = carve_x(cv, BT * C, es);
+    a->dln = carve_x(cv, BT * C, es);
+    a->dproj = carve_x(cv, BT * C, es);
+    a->datty = carve_x(cv, BT * C, es);
     a->att_delta = carve_f(cv, cuda_attention_delta_scratch((int)B, (int)T, (int)H));
-    a->dqkv = carve_f(cv, BT * 3 * C);
-    a->dfch = carve_f(cv, BT * F);
+    a->dqkv = carve_x(cv, BT * 3 * C, es);
+    a->dfch = carve_x(cv, BT * F, es);
     a->scratch = carve_f(cv, scratch_floats(c, max_B));
     a->norm_scratch = (double *)carve(cv, MLM_MAX(cuda_grad_norm_scratch(n_params), (size_t)1) * sizeof(double));
     a->sel_rows = carve_i(cv, BT);
     a->sel_labels = carve_i(cv, BT);
-    a->sel_x = carve_f(cv, BT * C);
-    a->sel_dx = carve_f(cv, BT * C);
+    a->sel_x = carve_x(cv, BT * C, es);
+    a->sel_dx = carve_x(cv, BT * C, es);
     size_t BTb = c->arch == MODEL_ARCH_BERT ? BT : 0;
-    a->emb_sum = carve_f(cv, BTb * C);
+    a->emb_sum = carve_x(cv, BTb * C, es);
     a->emb_mean = carve_f(cv, BTb);
     a->emb_rstd = carve_f(cv, BTb);
     a->keep_emb = carve_b(cv, BTb * C);
-    a->fc_pre = carve_f(cv, L * BTb * F);
-    a->head_pre = carve_f(cv, BTb * C);
-    a->head_act = carve_f(cv, BTb * C);
+    a->fc_pre = carve_x(cv, L * BTb * F, es);
+    a->head_pre = carve_x(cv, BTb * C, es);
+    a->head_act = carve_x(cv, BTb * C, es);
     a->key_valid = carve_b(cv, BTb);
-    a->dres2 = carve_f(cv, BTb * C);
+    a->dres2 = carve_x(cv, BTb * C, es);
+    size_t BTh = es == 2 ? BT : 0;
+    a->qkv32 = carve_f(cv, BTh * 3 * C);
+    a->atty32 = carve_f(cv, BTh * C);
+    a->datty32 = carve_f(cv, BTh * C);
+    a->dqkv32 = carve_f(cv, BTh * 3 * C);
 }
 
 static double mib(size_t bytes) { return (double)bytes / (1024.0 * 1024.0); }
@@ -344,21 +373,53 @@ static void check_device_philox(cudaStream_t stream) {
     checked = 1;
 }
 
-// The state block's tensors (params | grads | adam m | adam v | decay mask) at `base`, or (base NULL) only its size.
+// The state block's tensors (params | grads | adam m | adam v | decay mask | BF16 copy) at `base`, or (base NULL) only
+// its size. The copy (train.precision = bf16) is the parameters the step computes with, made from the FP32 masters.
 static size_t carve_state(CudaModel *m, void *base) {
     size_t P = m->n_params, M = m->moments_len;
     Carver cv = {(char *)base, 0};
     float *params = carve_f(&cv, P), *grads = carve_f(&cv, P), *adam_m = carve_f(&cv, M), *adam_v = carve_f(&cv, M);
     uint8_t *decay = carve_b(&cv, P);
+    void *params16 = carve(&cv, m->bf16 ? P * sizeof(uint16_t) : 0);
     if (base) {
         m->params = params, m->grads = grads, m->adam_m = adam_m, m->adam_v = adam_v, m->decay_mask = decay;
+        m->params16 = m->bf16 ? params16 : NULL;  // (a carve of 0 bytes still returns a pointer)
         model_param_views(&m->cfg, m->params, &m->p);
         model_param_views(&m->cfg, m->grads, &m->g);
     }
     return cv.used;
 }
 
-CudaModel *cuda_model_create(const ModelConfig *cfg, int max_B, int allow_tf32) {
+static size_t act_elem_bytes(const CudaModel *m) { return m->bf16 ? sizeof(uint16_t) : sizeof(float); }
+
+static size_t accumulation_bytes(size_t P) { return ((P * sizeof(float) + 255) & ~(size_t)255) + 3 * sizeof(double); }
+
+void cuda_model_memory_plan(const ModelConfig *cfg, int max_B, int precision, int accumulate, int whole_word,
+                            CudaMemoryPlan *plan) {
+    memset(plan, 0, sizeof(*plan));
+    size_t P = model_num_params(cfg);
+    CudaModel shape;  // counting only: the sizes carve_state and carve_acts read
+    memset(&shape, 0, sizeof(shape));
+    shape.cfg = *cfg;
+    shape.n_params = P;
+    shape.moments_len = P;  // every parameter's moments (a ZeRO-1 rank keeps a shard of them)
+    shape.bf16 = precision == PRECISION_BF16;
+    plan->params = P * sizeof(float);
+    plan->params16 = shape.bf16 ? P * sizeof(uint16_t) : 0;
+    plan->grads = P * sizeof(float);
+    plan->adam = 2 * P * sizeof(float);
+    plan->state_alloc = carve_state(&shape, NULL);
+    Carver acv = {NULL, 0};
+    carve_acts(&shape.a, cfg, max_B, P, act_elem_bytes(&shape), &acv);
+    plan->activations = acv.used;
+    plan->workspace = CUBLAS_WORKSPACE_BYTES;
+    plan->accumulation = accumulate ? accumulation_bytes(P) : 0;
+    plan->other = whole_word ? (size_t)cfg->vocab : 0;
+    plan->precision = precision;
+    plan->total = plan->state_alloc + plan->activations + plan->workspace + plan->accumulation + plan->other;
+}
+
+CudaModel *cuda_model_create(const ModelConfig *cfg, int max_B, int precision) {
     char err[256];
     if (model_config_check(cfg, err, sizeof(err))) mlm_fatal(MLM_EXIT_USAGE, "%s", err);
     if (max_B < 1) mlm_fatal(MLM_EXIT_USAGE, "batch size %d must be >= 1", max_B);
@@ -370,18 +431,21 @@ CudaModel *cuda_model_create(const ModelConfig *cfg, int max_B, int allow_tf32) 
     CudaModel *m = (CudaModel *)mlm_calloc(1, sizeof(CudaModel), "CUDA model");
     m->cfg = *cfg;
     m->max_B = max_B;
-    m->allow_tf32 = allow_tf32;
+    m->allow_tf32 = precision == PRECISION_TF32;
+    m->bf16 = precision == PRECISION_BF16;
     m->n_params = model_num_params(cfg);
     size_t P = m->n_params;
 
     CUDA_CHECK(cudaStreamCreateWithFlags(&m->stream, cudaStreamNonBlocking));
     CUBLAS_CHECK(cublasCreate(&m->cublas));
     CUBLAS_CHECK(cublasSetStream(m->cublas, m->stream));
-    CUBLAS_CHECK(cublasSetMathMode(m->cublas, allow_tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
+    CUBLAS_CHECK(cublasSetMathMode(m->cublas, m->allow_tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
     // A workspace of our own (after cublasSetStream, which resets it): captured and plain products then see the
     // same workspace, so cuBLAS picks the same algorithms with and without graphs.
     m->cublas_workspace = device_alloc(CUBLAS_WORKSPACE_BYTES, "the cuBLAS workspace", cfg, max_B);
     CUBLAS_CHECK(cublasSetWorkspace(m->cublas, m->cublas_workspace, CUBLAS_WORKSPACE_BYTES));
+    // cuBLASLt (the BF16 products) shares it: both run on the model's one stream, one product at a time.
+    if (m->bf16) cuda_lt_create(&m->lt, m->cublas_workspace, CUBLAS_WORKSPACE_BYTES, 0);
     check_device_philox(m->stream);
     m->use_graphs = 1;
     cuda_model_set_gemm_limit(m, (size_t)INT_MAX);
@@ -400,13 +464,13 @@ CudaModel *cuda_model_create(const ModelConfig *cfg, int max_B, int allow_tf32) 
 
     // Activations.
     Carver acount = {NULL, 0};
-    carve_acts(&m->a, cfg, max_B, P, &acount);
+    carve_acts(&m->a, cfg, max_B, P, act_elem_bytes(m), &acount);
     char what[160];
     snprintf(what, sizeof(what), "activations of a batch of %d x %d tokens", max_B, cfg->max_seq);
     m->act_block = device_alloc(acount.used, what, cfg, max_B);
     m->act_bytes = acount.used;
     Carver acv = {(char *)m->act_block, 0};
-    carve_acts(&m->a, cfg, max_B, P, &acv);
+    carve_acts(&m->a, cfg, max_B, P, act_elem_bytes(m), &acv);
     // Zeroed once: the masks and scratch start defined (compute-sanitizer initcheck stays quiet).
     CUDA_CHECK(cudaMemsetAsync(m->act_block, 0, m->act_bytes, m->stream));
 
@@ -442,6 +506,7 @@ void cuda_model_free(CudaModel *m) {
     CUDA_CHECK(cudaFree(m->accum_block));
     if (m->h_acc_stats) CUDA_CHECK(cudaFreeHost(m->h_acc_stats));
     CUDA_CHECK(cudaEventDestroy(m->stage_free));
+    if (m->bf16) cuda_lt_destroy(&m->lt);
     CUBLAS_CHECK(cublasDestroy(m->cublas));
     CUDA_CHECK(cudaFree(m->cublas_workspace));
     CUDA_CHECK(cudaStreamDestroy(m->stream));
@@ -460,8 +525,30 @@ static void copy_sync(CudaModel *m, void *dst, const void *src, size_t bytes, cu
     CUDA_CHECK(cudaStreamSynchronize(m->stream));
 }
 
+static void activations_to_host(CudaModel *m, float *dst, const float *src, size_t n);  // below
+
+// train.precision = bf16: the copy of the masters the step computes with (THE ROUNDING RULE at the model's offset).
+static void round_params(CudaModel *m) {
+    if (!m->bf16) return;
+    cuda_bf16_stochastic_round((uint16_t *)m->params16, m->params, m->n_params, m->round_seed,
+                               m->round_updates * m->n_params, m->stream);
+    CUDA_CHECK(cudaStreamSynchronize(m->stream));
+}
+
 void cuda_model_set_params(CudaModel *m, const float *params) {
     copy_sync(m, m->params, params, m->n_params * sizeof(float), cudaMemcpyHostToDevice);
+    round_params(m);
+}
+
+void cuda_model_set_bf16_rounding(CudaModel *m, uint64_t round_seed, uint64_t updates_done) {
+    m->round_seed = round_seed;
+    m->round_updates = updates_done;
+    round_params(m);
+}
+
+void cuda_model_get_params16(CudaModel *m, float *values) {
+    if (!m->bf16) mlm_fatal(MLM_EXIT_FAILURE, "cuda_model_get_params16: the model is not train.precision = bf16");
+    activations_to_host(m, values, (const float *)m->params16, m->n_params);
 }
 void cuda_model_get_params(CudaModel *m, float *params) {
     copy_sync(m, params, m->params, m->n_params * sizeof(float), cudaMemcpyDeviceToHost);
@@ -521,8 +608,7 @@ void cuda_model_get_logits(CudaModel *m, float *logits, int B) {
         sparse_logits_to_host(m, logits, B);
         return;
     }
-    copy_sync(m, logits, m->a.logits, (size_t)B * m->cfg.max_seq * m->cfg.vocab * sizeof(float),
-              cudaMemcpyDeviceToHost);
+    activations_to_host(m, logits, m->a.logits, (size_t)B * m->cfg.max_seq * m->cfg.vocab);
 }
 
 void cuda_model_get_batch(CudaModel *m, int *inputs, int *labels, int B) {
@@ -588,7 +674,9 @@ static long gemm_rows_per_call(const CudaModel *m, int IC, int OC) {
 
 // out[N, OC] = inp[N, IC] w[OC, IC]^T. Column-major, out is [OC, N], inp is [IC, N] and w is [IC, OC], so
 // out = op_T(w) inp; a block of rows is a block of columns of out and inp.
-static void matmul_forward(CudaModel *m, float *out, const float *inp, const float *w, int N, int IC, int OC) {
+static void matmul_forward(CudaModel *m, float *out, const float *inp, const float *w, const float *gemm_bias, int N,
+                           int IC, int OC) {
+    if (gemm_bias) mlm_fatal(MLM_EXIT_FAILURE, "matmul_forward: the FP32 products add no bias (the next kernel does)");
     long step = gemm_rows_per_call(m, IC, OC);
     for (long r0 = 0; r0 < N; r0 += step) {
         int rows = (int)MLM_MIN(step, N - r0);
@@ -627,6 +715,41 @@ static void linear_backward_acc(CudaModel *m, float *dinp, float *dw, float *db,
     linear_backward_beta(m, dinp, &ONE, dw, db, dout, inp, w, N, IC, OC);
 }
 
+// The same products on BF16 operands through cuBLASLt (matmul.cu: FP32 accumulation), in the same blocks of rows:
+// out and dinp BF16 (rounded once, bias included by the epilogue), dw FP32 (its row blocks accumulated in FP32).
+static void matmul_forward(CudaModel *m, bf16 *out, const bf16 *inp, const bf16 *w, const bf16 *bias, int N, int IC,
+                           int OC) {
+    long step = gemm_rows_per_call(m, IC, OC);
+    for (long r0 = 0; r0 < N; r0 += step) {
+        int rows = (int)MLM_MIN(step, N - r0);
+        cuda_lt_linear_forward(&m->lt, out + (size_t)r0 * OC, MLM_DTYPE_BF16, inp + (size_t)r0 * IC, w, MLM_DTYPE_BF16,
+                               bias, rows, IC, OC, 0.0f, m->stream);
+    }
+}
+static void linear_backward_beta(CudaModel *m, bf16 *dinp, float beta, float *dw, float *db, const bf16 *dout,
+                                 const bf16 *inp, const bf16 *w, int N, int IC, int OC) {
+    long step = gemm_rows_per_call(m, IC, OC);
+    for (long r0 = 0; dinp && r0 < N; r0 += step) {
+        int rows = (int)MLM_MIN(step, N - r0);
+        cuda_lt_linear_backward_input(&m->lt, dinp + (size_t)r0 * IC, MLM_DTYPE_BF16, dout + (size_t)r0 * OC, w,
+                                      MLM_DTYPE_BF16, rows, IC, OC, beta, m->stream);
+    }
+    for (long r0 = 0; r0 < N; r0 += step) {
+        int rows = (int)MLM_MIN(step, N - r0);
+        cuda_lt_linear_backward_weight(&m->lt, dw, MLM_DTYPE_F32, dout + (size_t)r0 * OC, inp + (size_t)r0 * IC,
+                                       MLM_DTYPE_BF16, rows, IC, OC, r0 == 0 ? 0.0f : 1.0f, m->stream);
+    }
+    if (db) cuda_column_sums_accumulate(db, dout, N, OC, m->a.scratch, m->stream);
+}
+static void linear_backward(CudaModel *m, bf16 *dinp, float *dw, float *db, const bf16 *dout, const bf16 *inp,
+                            const bf16 *w, int N, int IC, int OC) {
+    linear_backward_beta(m, dinp, 0.0f, dw, db, dout, inp, w, N, IC, OC);
+}
+static void linear_backward_acc(CudaModel *m, bf16 *dinp, float *dw, float *db, const bf16 *dout, const bf16 *inp,
+                                const bf16 *w, int N, int IC, int OC) {
+    linear_backward_beta(m, dinp, 1.0f, dw, db, dout, inp, w, N, IC, OC);
+}
+
 void cuda_model_set_gemm_limit(CudaModel *m, size_t max_elems) {
     m->gemm_max_elems = max_elems > 0 && max_elems < (size_t)INT_MAX ? max_elems : (size_t)INT_MAX;
 }
@@ -639,8 +762,8 @@ int cuda_model_linear_gemms(int N, int IC, int OC, size_t max_elems, CudaGemmCal
     rec.gemm_log = calls;
     rec.gemm_log_cap = max_calls;
     float not_written;  // linear_backward skips dinp when it is NULL; recording never touches it
-    matmul_forward(&rec, NULL, NULL, NULL, N, IC, OC);
-    linear_backward(&rec, &not_written, NULL, NULL, NULL, NULL, NULL, N, IC, OC);
+    matmul_forward(&rec, (float *)NULL, NULL, NULL, NULL, N, IC, OC);
+    linear_backward(&rec, &not_written, NULL, NULL, (const float *)NULL, NULL, NULL, N, IC, OC);
     return rec.gemm_log_n;
 }
 
@@ -716,6 +839,8 @@ static void stage_step(CudaModel *m, const CudaRandom *rnd, const OptimConfig *o
     }
     if (oc) {
         s->adam = cuda_adam_step((int)oc->kind, oc->beta1, oc->beta2, oc->weight_decay, t, lr);
+        s->adam.round_seed = m->round_seed;  // bf16: the copy after update t (optimizer step t, from 1)
+        s->adam.round_offset = (uint64_t)t * m->n_params;
         s->t = t;
         s->lr = lr;
     }
@@ -806,47 +931,101 @@ static void sparse_check_count(const CudaModel *m, int device_count) {
                   device_count, m->sparse_cap);
 }
 
+// ---- train.precision = bf16: the tensors a step reads and writes -------------------------------------------------
+// The forward and backward below are templates over the storage type X of the activations, their gradients and the
+// parameter copy they compute with: float, or bf16 (act.cuh). What stays FP32 in BF16 (and where): the masters, the
+// gradients of the parameters (cuBLASLt accumulates the weight gradients in FP32 and writes them FP32; the bias,
+// LayerNorm and embedding gradient sums are FP32) and the Adam moments (optim.cu); LayerNorm means and rstd
+// (layernorm.cu); the loss, its log-sum-exp (double) and the batch statistics (loss.cu); the gradient norm (double,
+// optim.cu); the attention's scores, softmax max, sum and per-row log-sum-exp (the tiled kernels of attention.cu run
+// in FP32 on FP32 copies of qkv, of its output and of the output's gradient, attention_layer_forward / _backward; the
+// saved lse is FP32). Every BF16 tensor is rounded to nearest even where it is written, and the kernels go on from
+// the rounded value: the CPU reference's bf16_point list. The BF16 copy of the parameters is written by the Adam
+// kernel in the same pass as the masters, by THE ROUNDING RULE (stochastic, Philox stream RNG_DOMAIN_ROUND at offset
+// t x P + i), so a run loaded at step t (cuda_model_set_bf16_rounding) rounds as the run it continues. Dropout masks
+// are still one byte an element (bits: owed).
+// The activation views of DevActs are float pointers carved with the element size of X (2 bytes in BF16): act<X>
+// re-types one before any offset is taken; prm<X> maps a pointer into the FP32 masters to the same parameter in the
+// BF16 copy.
+
+template <typename X>
+static X *act(float *p) {
+    return (X *)(void *)p;
+}
+template <typename X>
+static const X *act(const float *p) {
+    return (const X *)(const void *)p;
+}
+
+template <typename X>
+static const X *prm(const CudaModel *m, const float *master);
+template <>
+const float *prm<float>(const CudaModel *m, const float *master) {
+    return master;
+}
+template <>
+const bf16 *prm<bf16>(const CudaModel *m, const float *master) {
+    return (const bf16 *)m->params16 + (master - m->params);
+}
+
+// A Linear's bias where the BF16 step adds it (the cuBLASLt epilogue: one rounding of product + bias, as the CPU's
+// linear_forward then bf16_point) or where the FP32 step adds it (fused into the kernel after the product).
+template <typename X>
+static const X *gemm_bias(const CudaModel *m, const float *b) {
+    return std::is_same<X, bf16>::value ? prm<X>(m, b) : (const X *)NULL;
+}
+template <typename X>
+static const X *kernel_bias(const CudaModel *m, const float *b) {
+    return std::is_same<X, bf16>::value ? (const X *)NULL : prm<X>(m, b);
+}
+
 // ---- The head's transform: rows x[n, C] of the last hidden state into a->lnf[n, C], the decoder's input (as
 // cpu_model.c): labml's final LayerNorm, or BERT's cls.predictions.transform (dense -> GELU -> LayerNorm).
 
-static void head_transform_forward(CudaModel *m, const float *x, int n) {
+template <typename X>
+static void head_transform_forward(CudaModel *m, const X *x, int n) {
     const ModelConfig *c = &m->cfg;
     DevActs *a = &m->a;
     const ParamTensors *p = &m->p;
     int C = c->d_model;
+    X *lnf = act<X>(a->lnf), *head_pre = act<X>(a->head_pre), *head_act = act<X>(a->head_act);
     if (c->arch != MODEL_ARCH_BERT) {
-        cuda_layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, x, p->lnf_w, p->lnf_b, n, C, c->ln_eps, m->stream);
+        cuda_layernorm_forward(lnf, a->lnf_mean, a->lnf_rstd, x, prm<X>(m, p->lnf_w), prm<X>(m, p->lnf_b), n, C,
+                               c->ln_eps, m->stream);
         return;
     }
-    matmul_forward(m, a->head_pre, x, p->head_w, n, C, C);
-    cuda_bias_gelu_forward(a->head_pre, a->head_act, p->head_b, (size_t)n * C, C, m->stream);
-    cuda_layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, a->head_act, p->head_ln_w, p->head_ln_b, n, C, c->ln_eps,
-                           m->stream);
+    matmul_forward(m, head_pre, x, prm<X>(m, p->head_w), gemm_bias<X>(m, p->head_b), n, C, C);
+    cuda_bias_gelu_forward(head_pre, head_act, kernel_bias<X>(m, p->head_b), (size_t)n * C, C, m->stream);
+    cuda_layernorm_forward(lnf, a->lnf_mean, a->lnf_rstd, head_act, prm<X>(m, p->head_ln_w), prm<X>(m, p->head_ln_b),
+                           n, C, c->ln_eps, m->stream);
 }
 
 // dx[n, C] (overwritten) from a->dln = d lnf, and the transform's parameter gradients.
-static void head_transform_backward(CudaModel *m, float *dx, const float *x, int n) {
+template <typename X>
+static void head_transform_backward(CudaModel *m, X *dx, const X *x, int n) {
     const ModelConfig *c = &m->cfg;
     DevActs *a = &m->a;
     const ParamTensors *p = &m->p, *g = &m->g;
     int C = c->d_model;
+    X *dln = act<X>(a->dln);
     if (c->arch != MODEL_ARCH_BERT) {
-        CUDA_CHECK(cudaMemsetAsync(dx, 0, (size_t)n * C * sizeof(float), m->stream));
-        cuda_layernorm_backward(dx, g->lnf_w, g->lnf_b, a->dln, x, p->lnf_w, a->lnf_mean, a->lnf_rstd, n, C, a->scratch,
-                                m->stream);
+        CUDA_CHECK(cudaMemsetAsync(dx, 0, (size_t)n * C * sizeof(X), m->stream));
+        cuda_layernorm_backward(dx, g->lnf_w, g->lnf_b, dln, x, prm<X>(m, p->lnf_w), a->lnf_mean, a->lnf_rstd, n, C,
+                                a->scratch, m->stream);
         return;
     }
-    float *dact = a->dproj;  // [n, C] scratch: d head_act, then (in place) d head_pre
-    CUDA_CHECK(cudaMemsetAsync(dact, 0, (size_t)n * C * sizeof(float), m->stream));
-    cuda_layernorm_backward(dact, g->head_ln_w, g->head_ln_b, a->dln, a->head_act, p->head_ln_w, a->lnf_mean,
-                            a->lnf_rstd, n, C, a->scratch, m->stream);
-    cuda_gelu_backward(dact, dact, a->head_pre, (size_t)n * C, m->stream);
-    linear_backward(m, dx, g->head_w, g->head_b, dact, x, p->head_w, n, C, C);
+    X *dact = act<X>(a->dproj);  // [n, C] scratch: d head_act, then (in place) d head_pre
+    CUDA_CHECK(cudaMemsetAsync(dact, 0, (size_t)n * C * sizeof(X), m->stream));
+    cuda_layernorm_backward(dact, g->head_ln_w, g->head_ln_b, dln, act<X>(a->head_act), prm<X>(m, p->head_ln_w),
+                            a->lnf_mean, a->lnf_rstd, n, C, a->scratch, m->stream);
+    cuda_gelu_backward(dact, dact, act<X>(a->head_pre), (size_t)n * C, m->stream);
+    linear_backward(m, dx, g->head_w, g->head_b, dact, x, prm<X>(m, p->head_w), n, C, C);
 }
 
 // Forward of the sparse head from the last residual stream x[N, C]: loss, accuracy and dlogits of the
 // selected rows, and the scalars, as the dense head's.
-static void sparse_head_forward(CudaModel *m, const float *x, int N) {
+template <typename X>
+static void sparse_head_forward(CudaModel *m, const X *x, int N) {
     const ModelConfig *c = &m->cfg;
     DevActs *a = &m->a;
     const ParamTensors *p = &m->p;
@@ -858,29 +1037,45 @@ static void sparse_head_forward(CudaModel *m, const float *x, int N) {
                   "changes every step); set train.cuda_graph = false or train.sparse_prediction = false");
     cuda_select_rows(a->sel_rows, a->n_targets, a->labels, N, m->pad_id, m->stream);
     if (cap > 0) {
-        cuda_gather_rows(a->sel_x, a->sel_labels, x, a->labels, a->sel_rows, a->n_targets, cap, C, m->pad_id,
-                         m->stream);
-        head_transform_forward(m, a->sel_x, cap);
-        matmul_forward(m, a->logits, a->lnf, p->gen_w, cap, C, V);
-        cuda_add_bias(a->logits, a->logits, p->gen_b, (size_t)cap * V, V, m->stream);
+        X *sel_x = act<X>(a->sel_x), *logits = act<X>(a->logits);
+        cuda_gather_rows(sel_x, a->sel_labels, x, a->labels, a->sel_rows, a->n_targets, cap, C, m->pad_id, m->stream);
+        head_transform_forward(m, (const X *)sel_x, cap);
+        matmul_forward(m, logits, act<X>(a->lnf), prm<X>(m, p->gen_w), gemm_bias<X>(m, p->gen_b), cap, C, V);
+        if (const X *b = kernel_bias<X>(m, p->gen_b)) cuda_add_bias(logits, logits, b, (size_t)cap * V, V, m->stream);
         // dlogits apart from logits, so that cuda_model_get_logits can still return them.
-        cuda_crossentropy_forward_backward(a->losses, a->correct, a->dlogits, a->logits, a->sel_labels,
+        cuda_crossentropy_forward_backward(a->losses, a->correct, act<X>(a->dlogits), (const X *)logits, a->sel_labels,
                                            loss_divisor(m), cap, V, m->pad_id, m->stream);
     }
     cuda_loss_reduce(a->scalars, a->losses, a->correct, a->n_targets, cap, m->stream);
 }
 
 // Backward of the sparse head: g->gen_*, g->lnf_* and a->dres[N, C] (zero on the unselected rows).
+template <typename X>
 static void sparse_head_backward(CudaModel *m, int N) {
     const ModelConfig *c = &m->cfg;
     DevActs *a = &m->a;
     const ParamTensors *p = &m->p, *g = &m->g;
     int C = c->d_model, V = c->vocab, cap = m->sparse_cap;
-    CUDA_CHECK(cudaMemsetAsync(a->dres, 0, (size_t)N * C * sizeof(float), m->stream));
+    CUDA_CHECK(cudaMemsetAsync(a->dres, 0, (size_t)N * C * sizeof(X), m->stream));
     if (cap == 0) return;  // no target: every gradient is zero, as the dense head's
-    linear_backward(m, a->dln, g->gen_w, g->gen_b, a->dlogits, a->lnf, p->gen_w, cap, C, V);
-    head_transform_backward(m, a->sel_dx, a->sel_x, cap);
-    cuda_scatter_rows(a->dres, a->sel_dx, a->sel_rows, a->n_targets, cap, C, m->stream);
+    linear_backward(m, act<X>(a->dln), g->gen_w, g->gen_b, (const X *)act<X>(a->dlogits), (const X *)act<X>(a->lnf),
+                    prm<X>(m, p->gen_w), cap, C, V);
+    head_transform_backward(m, act<X>(a->sel_dx), (const X *)act<X>(a->sel_x), cap);
+    cuda_scatter_rows(act<X>(a->dres), (const X *)act<X>(a->sel_dx), a->sel_rows, a->n_targets, cap, C, m->stream);
+}
+
+// n elements of a device tensor of the model's storage type, as floats on the host.
+static void activations_to_host(CudaModel *m, float *dst, const float *src, size_t n) {
+    if (!m->bf16) {
+        CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(float), cudaMemcpyDeviceToHost, m->stream));
+        CUDA_CHECK(cudaStreamSynchronize(m->stream));
+        return;
+    }
+    uint16_t *bits = (uint16_t *)mlm_malloc(MLM_MAX(n, (size_t)1) * sizeof(uint16_t), "BF16 read-back");
+    CUDA_CHECK(cudaMemcpyAsync(bits, src, n * sizeof(uint16_t), cudaMemcpyDeviceToHost, m->stream));
+    CUDA_CHECK(cudaStreamSynchronize(m->stream));
+    bf16_to_float_array(dst, bits, n);
+    free(bits);
 }
 
 // cuda_model_get_logits after a sparse forward: logits[B, T, V] with the selected positions' rows and NaN
@@ -891,11 +1086,8 @@ static void sparse_logits_to_host(CudaModel *m, float *logits, int B) {
     int *rows = (int *)mlm_malloc(MLM_MAX(cap, (size_t)1) * sizeof(int), "selected rows");
     float *compact = (float *)mlm_malloc(MLM_MAX(cap * V, (size_t)1) * sizeof(float), "selected logits");
     CUDA_CHECK(cudaMemcpyAsync(&n, m->a.n_targets, sizeof(int), cudaMemcpyDeviceToHost, m->stream));
-    if (cap > 0) {
-        CUDA_CHECK(cudaMemcpyAsync(rows, m->a.sel_rows, cap * sizeof(int), cudaMemcpyDeviceToHost, m->stream));
-        CUDA_CHECK(cudaMemcpyAsync(compact, m->a.logits, cap * V * sizeof(float), cudaMemcpyDeviceToHost, m->stream));
-    }
-    CUDA_CHECK(cudaStreamSynchronize(m->stream));
+    if (cap > 0) CUDA_CHECK(cudaMemcpyAsync(rows, m->a.sel_rows, cap * sizeof(int), cudaMemcpyDeviceToHost, m->stream));
+    activations_to_host(m, compact, m->a.logits, cap * V);  // (synchronises)
     for (size_t i = 0; i < N * V; i++) logits[i] = NAN;
     for (size_t i = 0; i < MLM_MIN((size_t)n, cap); i++)
         if ((size_t)rows[i] < N) memcpy(logits + (size_t)rows[i] * V, compact + i * V, V * sizeof(float));
@@ -908,39 +1100,62 @@ static void sparse_logits_to_host(CudaModel *m, float *logits, int B) {
 
 // One layer's saved activations and dropout masks: its slices of the stacked [L, max_B, T, ...] tensors (as
 // cpu_model.c's LayerActs).
-typedef struct {
-    float *ln1, *ln1_mean, *ln1_rstd, *qkv, *lse, *atty, *res1, *ln2, *ln2_mean, *ln2_rstd, *fc_pre, *fch, *res2;
+template <typename X>
+struct LayerActs {
+    X *ln1, *qkv, *atty, *res1, *ln2, *fc_pre, *fch, *res2;
+    float *ln1_mean, *ln1_rstd, *ln2_mean, *ln2_rstd, *lse;
     uint8_t *keep_res1, *keep_res2;  // NULL in the backward when the forward had no dropout
-} LayerActs;
+};
 
-static LayerActs layer_acts(const CudaModel *m, int l) {
+template <typename X>
+static LayerActs<X> layer_acts(const CudaModel *m, int l) {
     const ModelConfig *c = &m->cfg;
     const DevActs *a = &m->a;
     size_t maxBT = (size_t)m->max_B * c->max_seq, C = c->d_model, H = c->n_heads, F = c->d_ff;
     size_t rows = l * maxBT;
-    LayerActs y = {
-        a->ln1 + rows * C, a->ln1_mean + rows, a->ln1_rstd + rows, a->qkv + rows * 3 * C, a->lse + rows * H,
-        a->atty + rows * C, a->res1 + rows * C, a->ln2 + rows * C, a->ln2_mean + rows, a->ln2_rstd + rows,
-        c->arch == MODEL_ARCH_BERT ? a->fc_pre + rows * F : NULL, a->fch + rows * F, a->res2 + rows * C,
-        a->keep_res1 + rows * C, a->keep_res2 + rows * C,
-    };
+    LayerActs<X> y;
+    y.ln1 = act<X>(a->ln1) + rows * C, y.qkv = act<X>(a->qkv) + rows * 3 * C, y.atty = act<X>(a->atty) + rows * C;
+    y.res1 = act<X>(a->res1) + rows * C, y.ln2 = act<X>(a->ln2) + rows * C, y.fch = act<X>(a->fch) + rows * F;
+    y.fc_pre = c->arch == MODEL_ARCH_BERT ? act<X>(a->fc_pre) + rows * F : NULL, y.res2 = act<X>(a->res2) + rows * C;
+    y.ln1_mean = a->ln1_mean + rows, y.ln1_rstd = a->ln1_rstd + rows, y.ln2_mean = a->ln2_mean + rows;
+    y.ln2_rstd = a->ln2_rstd + rows, y.lse = a->lse + rows * H;
+    y.keep_res1 = a->keep_res1 + rows * C, y.keep_res2 = a->keep_res2 + rows * C;
     if (!m->dropout_on) y.keep_res1 = y.keep_res2 = NULL;
     return y;
 }
 
-// The attention core of layer l (as attention.c): atty[B, T, C] and lse[B, H, T] from qkv (without its bias, which
-// the kernels add as they load), tiled, its dropout drawn inside the kernel; [PAD] keys masked out for arch = bert.
-static void attention_layer_forward(CudaModel *m, int l, int B) {
+// The attention core of layer l (as attention.c): atty[B, T, C] and lse[B, H, T] from qkv, tiled, its dropout drawn
+// inside the kernel; [PAD] keys masked out for arch = bert. FP32: on the layer's qkv without its bias, which the
+// kernels add as they load. BF16: the product already added the bias (its epilogue, one rounding, as the CPU's
+// linear_forward + bf16_point); the kernels run in FP32 on an FP32 copy of qkv and the output is rounded to BF16
+// once (the CPU's bf16_point on atty). The softmax max, sum and log-sum-exp stay FP32 in both.
+template <typename X>
+static void attention_layer_forward(CudaModel *m, int l, int B);
+template <>
+void attention_layer_forward<float>(CudaModel *m, int l, int B) {
     const ModelConfig *c = &m->cfg;
-    const LayerActs y = layer_acts(m, l);
+    const LayerActs<float> y = layer_acts<float>(m, l);
     const uint8_t *key_valid = c->arch == MODEL_ARCH_BERT ? m->a.key_valid : NULL;
     cuda_attention_forward(y.atty, y.lse, y.qkv, m->p.qkv_b + (size_t)l * 3 * c->d_model, key_valid,
                            attention_dropout(m, l), B, c->max_seq, c->d_model, c->n_heads, m->stream);
 }
+template <>
+void attention_layer_forward<bf16>(CudaModel *m, int l, int B) {
+    const ModelConfig *c = &m->cfg;
+    DevActs *a = &m->a;
+    const LayerActs<bf16> y = layer_acts<bf16>(m, l);
+    size_t BT = (size_t)B * c->max_seq, C = c->d_model;
+    const uint8_t *key_valid = c->arch == MODEL_ARCH_BERT ? a->key_valid : NULL;
+    cuda_bf16_to_float(a->qkv32, (const uint16_t *)y.qkv, BT * 3 * C, m->stream);
+    cuda_attention_forward(a->atty32, y.lse, a->qkv32, NULL, key_valid, attention_dropout(m, l), B, c->max_seq,
+                           c->d_model, c->n_heads, m->stream);
+    cuda_bf16_round((uint16_t *)y.atty, a->atty32, BT * C, m->stream);
+}
 
 // labml's encoder: x = x + Drop(Sublayer(LN(x))), each residual add fused with the LayerNorm that reads it. Returns
 // the last residual stream [B, T, C].
-static const float *labml_layers_forward(CudaModel *m, int B, const CudaRandom *rnd) {
+template <typename X>
+static const X *labml_layers_forward(CudaModel *m, int B, const CudaRandom *rnd) {
     const ModelConfig *c = &m->cfg;
     DevActs *a = &m->a;
     const ParamTensors *p = &m->p;
@@ -949,38 +1164,47 @@ static const float *labml_layers_forward(CudaModel *m, int B, const CudaRandom *
     int N = (int)BT;
     float ds = m->drop_scale;
     char name[64];
+    X *proj = act<X>(a->proj);
     // The embedding fused with layer 0's LN1; a later layer's LN1 is fused into the residual add before it.
-    cuda_embedding_layernorm_forward(a->encoded, a->ln1, a->ln1_mean, a->ln1_rstd, a->inputs, p->tok_emb, a->pe,
-                                     p->ln1_w, p->ln1_b, B, T, C, c->ln_eps, m->stream);
-    const float *x = a->encoded;  // [B, T, C] residual stream entering the layer
+    cuda_embedding_layernorm_forward(act<X>(a->encoded), act<X>(a->ln1), a->ln1_mean, a->ln1_rstd, a->inputs,
+                                     prm<X>(m, p->tok_emb), a->pe, prm<X>(m, p->ln1_w), prm<X>(m, p->ln1_b), B, T, C,
+                                     c->ln_eps, m->stream);
+    const X *x = act<X>(a->encoded);  // [B, T, C] residual stream entering the layer
     for (int l = 0; l < L; l++) {
         snprintf(name, sizeof(name), "forward layer %d", l);
         nvtxRangePushA(name);
         size_t lc = (size_t)l * C;
-        LayerActs y = layer_acts(m, l);  // y.ln1 with its mean and rstd was written before the layer (see above)
+        LayerActs<X> y = layer_acts<X>(m, l);  // y.ln1 with its mean and rstd was written before the layer (see above)
 
         // x = x + Drop(OutProj(MHA(LN1(x)))); LN1 (ln1, ln1_mean, ln1_rstd) was written by the kernel before.
-        matmul_forward(m, y.qkv, y.ln1, p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
-        attention_layer_forward(m, l, B);
-        matmul_forward(m, a->proj, y.atty, p->out_w + (size_t)l * C * C, N, C, C);
+        matmul_forward(m, y.qkv, y.ln1, prm<X>(m, p->qkv_w + (size_t)l * 3 * C * C), gemm_bias<X>(m, p->qkv_b + 3 * lc),
+                       N, C, 3 * C);
+        attention_layer_forward<X>(m, l, B);
+        matmul_forward(m, proj, y.atty, prm<X>(m, p->out_w + (size_t)l * C * C), gemm_bias<X>(m, p->out_b + lc), N, C,
+                       C);
         uint8_t *keep = site_mask(m, rnd, a->keep_res1 + l * maxBT * C, l, DROP_ATTN_RESID, BT * C);
         // The residual add fused with the LN2 that reads it.
-        cuda_residual_layernorm_forward(y.res1, y.ln2, y.ln2_mean, y.ln2_rstd, x, a->proj, p->out_b + lc, keep, ds,
-                                        p->ln2_w + lc, p->ln2_b + lc, N, C, c->ln_eps, m->stream);
+        cuda_residual_layernorm_forward(y.res1, y.ln2, y.ln2_mean, y.ln2_rstd, x, proj, kernel_bias<X>(m, p->out_b + lc),
+                                        keep, ds, prm<X>(m, p->ln2_w + lc), prm<X>(m, p->ln2_b + lc), N, C, c->ln_eps,
+                                        m->stream);
 
         // x = x + Drop(Linear2(Drop(ReLU(Linear1(LN2(x))))))
-        matmul_forward(m, y.fch, y.ln2, p->ff1_w + (size_t)l * F * C, N, C, F);
+        matmul_forward(m, y.fch, y.ln2, prm<X>(m, p->ff1_w + (size_t)l * F * C), gemm_bias<X>(m, p->ff1_b + (size_t)l * F),
+                       N, C, F);
         keep = site_mask(m, rnd, a->keep_hidden, l, DROP_FFN_HIDDEN, BT * F);
-        cuda_bias_relu_dropout_forward(y.fch, p->ff1_b + (size_t)l * F, keep, ds, BT * F, F, m->stream);
-        matmul_forward(m, a->proj, y.fch, p->ff2_w + (size_t)l * C * F, N, F, C);
+        cuda_bias_relu_dropout_forward(y.fch, kernel_bias<X>(m, p->ff1_b + (size_t)l * F), keep, ds, BT * F, F,
+                                       m->stream);
+        matmul_forward(m, proj, y.fch, prm<X>(m, p->ff2_w + (size_t)l * C * F), gemm_bias<X>(m, p->ff2_b + lc), N, F,
+                       C);
         keep = site_mask(m, rnd, a->keep_res2 + l * maxBT * C, l, DROP_FFN_RESID, BT * C);
         if (l + 1 < L) {  // the residual add fused with the next layer's LN1
-            LayerActs next = layer_acts(m, l + 1);
-            cuda_residual_layernorm_forward(y.res2, next.ln1, next.ln1_mean, next.ln1_rstd, y.res1, a->proj,
-                                            p->ff2_b + lc, keep, ds, p->ln1_w + lc + C, p->ln1_b + lc + C, N, C,
-                                            c->ln_eps, m->stream);
+            LayerActs<X> next = layer_acts<X>(m, l + 1);
+            cuda_residual_layernorm_forward(y.res2, next.ln1, next.ln1_mean, next.ln1_rstd, y.res1, proj,
+                                            kernel_bias<X>(m, p->ff2_b + lc), keep, ds, prm<X>(m, p->ln1_w + lc + C),
+                                            prm<X>(m, p->ln1_b + lc + C), N, C, c->ln_eps, m->stream);
         } else {  // the final LayerNorm below reads it
-            cuda_residual_dropout_forward(y.res2, y.res1, a->proj, p->ff2_b + lc, keep, ds, BT * C, C, m->stream);
+            cuda_residual_dropout_forward(y.res2, y.res1, proj, kernel_bias<X>(m, p->ff2_b + lc), keep, ds, BT * C, C,
+                                          m->stream);
         }
         x = y.res2;
         nvtxRangePop();
@@ -991,7 +1215,8 @@ static const float *labml_layers_forward(CudaModel *m, int B, const CudaRandom *
 // BERT's encoder (cpu_model.c's bert_encoder_forward): Drop(LN(word + type + position)), then per layer
 // h = LN1(x + Drop(Dense(Attn(x)))), x = LN2(h + Drop(Dense2(GELU(Dense1(h))))), each residual add fused with its
 // LayerNorm. Returns the last hidden state [B, T, C].
-static const float *bert_layers_forward(CudaModel *m, int B, const CudaRandom *rnd) {
+template <typename X>
+static const X *bert_layers_forward(CudaModel *m, int B, const CudaRandom *rnd) {
     const ModelConfig *c = &m->cfg;
     DevActs *a = &m->a;
     const ParamTensors *p = &m->p;
@@ -1000,30 +1225,38 @@ static const float *bert_layers_forward(CudaModel *m, int B, const CudaRandom *r
     int N = (int)BT;
     float ds = m->drop_scale;
     char name[64];
+    X *encoded = act<X>(a->encoded), *emb_sum = act<X>(a->emb_sum), *proj = act<X>(a->proj);
     cuda_key_valid(a->key_valid, a->inputs, BT, m->pad_id, m->stream);
-    cuda_bert_embedding_forward(a->emb_sum, a->inputs, p->tok_emb, p->pos_emb, p->type_emb, B, T, C, m->stream);
-    cuda_layernorm_forward(a->encoded, a->emb_mean, a->emb_rstd, a->emb_sum, p->emb_ln_w, p->emb_ln_b, N, C, c->ln_eps,
-                           m->stream);
+    cuda_bert_embedding_forward(emb_sum, a->inputs, prm<X>(m, p->tok_emb), prm<X>(m, p->pos_emb),
+                                prm<X>(m, p->type_emb), B, T, C, m->stream);
+    cuda_layernorm_forward(encoded, a->emb_mean, a->emb_rstd, emb_sum, prm<X>(m, p->emb_ln_w), prm<X>(m, p->emb_ln_b),
+                           N, C, c->ln_eps, m->stream);
     uint8_t *keep = site_mask(m, rnd, a->keep_emb, 0, DROP_EMBED, BT * C);
-    if (keep) cuda_residual_dropout_backward(a->encoded, a->encoded, keep, ds, BT * C, m->stream);  // y = x keep scale
-    const float *x = a->encoded;  // [B, T, C] hidden state entering the layer
+    if (keep) cuda_residual_dropout_backward(encoded, encoded, keep, ds, BT * C, m->stream);  // y = x keep scale
+    const X *x = encoded;  // [B, T, C] hidden state entering the layer
     for (int l = 0; l < L; l++) {
         snprintf(name, sizeof(name), "forward layer %d", l);
         nvtxRangePushA(name);
         size_t lc = (size_t)l * C;
-        LayerActs y = layer_acts(m, l);
-        matmul_forward(m, y.qkv, x, p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
-        attention_layer_forward(m, l, B);
-        matmul_forward(m, a->proj, y.atty, p->out_w + (size_t)l * C * C, N, C, C);
+        LayerActs<X> y = layer_acts<X>(m, l);
+        matmul_forward(m, y.qkv, x, prm<X>(m, p->qkv_w + (size_t)l * 3 * C * C), gemm_bias<X>(m, p->qkv_b + 3 * lc), N,
+                       C, 3 * C);
+        attention_layer_forward<X>(m, l, B);
+        matmul_forward(m, proj, y.atty, prm<X>(m, p->out_w + (size_t)l * C * C), gemm_bias<X>(m, p->out_b + lc), N, C,
+                       C);
         keep = site_mask(m, rnd, a->keep_res1 + l * maxBT * C, l, DROP_ATTN_RESID, BT * C);
-        cuda_residual_layernorm_forward(y.res1, y.ln1, y.ln1_mean, y.ln1_rstd, x, a->proj, p->out_b + lc, keep, ds,
-                                        p->ln1_w + lc, p->ln1_b + lc, N, C, c->ln_eps, m->stream);
-        matmul_forward(m, y.fc_pre, y.ln1, p->ff1_w + (size_t)l * F * C, N, C, F);
-        cuda_bias_gelu_forward(y.fc_pre, y.fch, p->ff1_b + (size_t)l * F, BT * F, F, m->stream);
-        matmul_forward(m, a->proj, y.fch, p->ff2_w + (size_t)l * C * F, N, F, C);
+        cuda_residual_layernorm_forward(y.res1, y.ln1, y.ln1_mean, y.ln1_rstd, x, proj, kernel_bias<X>(m, p->out_b + lc),
+                                        keep, ds, prm<X>(m, p->ln1_w + lc), prm<X>(m, p->ln1_b + lc), N, C, c->ln_eps,
+                                        m->stream);
+        matmul_forward(m, y.fc_pre, y.ln1, prm<X>(m, p->ff1_w + (size_t)l * F * C),
+                       gemm_bias<X>(m, p->ff1_b + (size_t)l * F), N, C, F);
+        cuda_bias_gelu_forward(y.fc_pre, y.fch, kernel_bias<X>(m, p->ff1_b + (size_t)l * F), BT * F, F, m->stream);
+        matmul_forward(m, proj, y.fch, prm<X>(m, p->ff2_w + (size_t)l * C * F), gemm_bias<X>(m, p->ff2_b + lc), N, F,
+                       C);
         keep = site_mask(m, rnd, a->keep_res2 + l * maxBT * C, l, DROP_FFN_RESID, BT * C);
-        cuda_residual_layernorm_forward(y.res2, y.ln2, y.ln2_mean, y.ln2_rstd, y.ln1, a->proj, p->ff2_b + lc, keep, ds,
-                                        p->ln2_w + lc, p->ln2_b + lc, N, C, c->ln_eps, m->stream);
+        cuda_residual_layernorm_forward(y.res2, y.ln2, y.ln2_mean, y.ln2_rstd, y.ln1, proj,
+                                        kernel_bias<X>(m, p->ff2_b + lc), keep, ds, prm<X>(m, p->ln2_w + lc),
+                                        prm<X>(m, p->ln2_b + lc), N, C, c->ln_eps, m->stream);
         x = y.ln2;
         nvtxRangePop();
     }
@@ -1031,56 +1264,87 @@ static const float *bert_layers_forward(CudaModel *m, int B, const CudaRandom *r
 }
 
 // The last hidden state [B, T, C] of the forward (the head's input).
-static const float *last_hidden(const CudaModel *m) {
+template <typename X>
+static const X *last_hidden(const CudaModel *m) {
     size_t off = (size_t)(m->cfg.n_layers - 1) * m->max_B * m->cfg.max_seq * m->cfg.d_model;
-    return (m->cfg.arch == MODEL_ARCH_BERT ? m->a.ln2 : m->a.res2) + off;
+    return act<X>(m->cfg.arch == MODEL_ARCH_BERT ? m->a.ln2 : m->a.res2) + off;
 }
 
-static void forward_impl(CudaModel *m, int B, const CudaRandom *rnd) {
+template <typename X>
+static void forward_layers_and_head(CudaModel *m, int B, const CudaRandom *rnd) {
     const ModelConfig *c = &m->cfg;
     DevActs *a = &m->a;
     const ParamTensors *p = &m->p;
     int T = c->max_seq, C = c->d_model, V = c->vocab;
     size_t BT = (size_t)B * T;
     int N = (int)BT;
-    nvtxRangePushA("forward");
-    const float *x = c->arch == MODEL_ARCH_BERT ? bert_layers_forward(m, B, rnd) : labml_layers_forward(m, B, rnd);
+    const X *x = c->arch == MODEL_ARCH_BERT ? bert_layers_forward<X>(m, B, rnd) : labml_layers_forward<X>(m, B, rnd);
     if (m->sparse_last) {
         sparse_head_forward(m, x, N);
-        nvtxRangePop();
         return;
     }
+    X *logits = act<X>(a->logits);
     head_transform_forward(m, x, N);
-    matmul_forward(m, a->logits, a->lnf, p->gen_w, N, C, V);
-    cuda_add_bias(a->logits, a->logits, p->gen_b, BT * V, V, m->stream);
+    matmul_forward(m, logits, (const X *)act<X>(a->lnf), prm<X>(m, p->gen_w), gemm_bias<X>(m, p->gen_b), N, C, V);
+    if (const X *b = kernel_bias<X>(m, p->gen_b)) cuda_add_bias(logits, logits, b, BT * V, V, m->stream);
 
     if (m->has_labels) {
         // Labels equal to pad_id are ignored (as cpu_model_forward). Loss, accuracy and dlogits (the
         // backward's starting point) in one pass; the count of targets stays on the device so nothing waits.
         cuda_count_targets(a->n_targets, a->labels, N, m->pad_id, m->stream);
-        cuda_crossentropy_forward_backward(a->losses, a->correct, a->dlogits, a->logits, a->labels, loss_divisor(m),
-                                           N, V, m->pad_id, m->stream);
+        cuda_crossentropy_forward_backward(a->losses, a->correct, act<X>(a->dlogits), (const X *)logits, a->labels,
+                                           loss_divisor(m), N, V, m->pad_id, m->stream);
         cuda_loss_reduce(a->scalars, a->losses, a->correct, a->n_targets, N, m->stream);
     }
+}
+
+static void forward_impl(CudaModel *m, int B, const CudaRandom *rnd) {
+    nvtxRangePushA("forward");
+    if (m->bf16) forward_layers_and_head<bf16>(m, B, rnd);
+    else forward_layers_and_head<float>(m, B, rnd);
     nvtxRangePop();
 }
 
 // dqkv[B, T, 3C] of layer l from datty (the attention core's backward, as attention.c), tiled: the probabilities
-// recomputed from the saved qkv (without bias), output and lse, the dropout regenerated inside the kernel. The qkv
-// bias gradient from its per-sequence partial sums.
-static void attention_layer_backward(CudaModel *m, int l) {
+// recomputed from the saved qkv, output and lse, the dropout regenerated inside the kernel. Returns the qkv bias
+// gradient for the product's backward to sum, or NULL when it is summed here. FP32: from the kernels' per-sequence
+// partial sums (qkv is saved without its bias). BF16: on FP32 copies of qkv (bias included), of the output as the
+// forward rounded it and of datty; dqkv rounded once (the CPU's bf16_point), its bias gradient summed from the
+// rounded values by the product's backward, as the CPU's linear_backward does.
+template <typename X>
+static float *attention_layer_backward(CudaModel *m, int l);
+template <>
+float *attention_layer_backward<float>(CudaModel *m, int l) {
     const ModelConfig *c = &m->cfg;
     DevActs *a = &m->a;
-    const LayerActs y = layer_acts(m, l);
+    const LayerActs<float> y = layer_acts<float>(m, l);
     int B = m->B, C = c->d_model;
     size_t l3c = (size_t)l * 3 * C;
     const uint8_t *key_valid = c->arch == MODEL_ARCH_BERT ? a->key_valid : NULL;
     cuda_attention_backward(a->dqkv, a->scratch, a->att_delta, a->datty, y.qkv, m->p.qkv_b + l3c, y.atty, y.lse,
                             key_valid, attention_dropout(m, l), B, c->max_seq, C, c->n_heads, m->stream);
     cuda_column_sums_finish(m->g.qkv_b + l3c, a->scratch, B, 3 * C, m->stream);
+    return NULL;
+}
+template <>
+float *attention_layer_backward<bf16>(CudaModel *m, int l) {
+    const ModelConfig *c = &m->cfg;
+    DevActs *a = &m->a;
+    const LayerActs<bf16> y = layer_acts<bf16>(m, l);
+    int B = m->B, C = c->d_model;
+    size_t BT = (size_t)B * c->max_seq;
+    const uint8_t *key_valid = c->arch == MODEL_ARCH_BERT ? a->key_valid : NULL;
+    cuda_bf16_to_float(a->qkv32, (const uint16_t *)y.qkv, BT * 3 * C, m->stream);
+    cuda_bf16_to_float(a->atty32, (const uint16_t *)y.atty, BT * C, m->stream);
+    cuda_bf16_to_float(a->datty32, (const uint16_t *)a->datty, BT * C, m->stream);
+    cuda_attention_backward(a->dqkv32, NULL, a->att_delta, a->datty32, a->qkv32, NULL, a->atty32, y.lse, key_valid,
+                            attention_dropout(m, l), B, c->max_seq, C, c->n_heads, m->stream);
+    cuda_bf16_round((uint16_t *)a->dqkv, a->dqkv32, BT * 3 * C, m->stream);
+    return m->g.qkv_b + (size_t)l * 3 * C;
 }
 
 // labml's layers from the top down: a->dres holds d(last residual stream) (the head's backward wrote it).
+template <typename X>
 static void labml_layers_backward(CudaModel *m) {
     const ModelConfig *c = &m->cfg;
     DevActs *a = &m->a;
@@ -1090,53 +1354,56 @@ static void labml_layers_backward(CudaModel *m) {
     int N = B * T;
     float ds = m->drop_scale;
     char name[64];
+    X *dres = act<X>(a->dres), *dproj = act<X>(a->dproj), *dfch = act<X>(a->dfch), *dln = act<X>(a->dln);
+    X *datty = act<X>(a->datty), *dqkv = act<X>(a->dqkv);
     for (int l = L - 1; l >= 0; l--) {
         snprintf(name, sizeof(name), "backward layer %d", l);
         nvtxRangePushA(name);
         size_t lc = (size_t)l * C;
-        LayerActs y = layer_acts(m, l);
-        const float *x = l > 0 ? layer_acts(m, l - 1).res2 : a->encoded;  // layer input
+        LayerActs<X> y = layer_acts<X>(m, l);
+        const X *x = l > 0 ? layer_acts<X>(m, l - 1).res2 : act<X>(a->encoded);  // layer input
 
         // FFN block: dres is d(res2); the skip path passes it on unchanged to d(res1). dproj = d(FFN output),
         // its column sums in the ff2 bias gradient: here for the top layer, below it by the LN1 backward of the
         // layer above.
         if (l == L - 1)
-            cuda_residual_dropout_backward_sums(a->dproj, a->dres, y.keep_res2, ds, N, C, g->ff2_b + lc, a->scratch,
+            cuda_residual_dropout_backward_sums(dproj, dres, y.keep_res2, ds, N, C, g->ff2_b + lc, a->scratch,
                                                 m->stream);
-        linear_backward(m, a->dfch, g->ff2_w + (size_t)l * C * F, NULL, a->dproj, y.fch, p->ff2_w + (size_t)l * C * F,
-                        N, F, C);
+        linear_backward(m, dfch, g->ff2_w + (size_t)l * C * F, NULL, (const X *)dproj, (const X *)y.fch,
+                        prm<X>(m, p->ff2_w + (size_t)l * C * F), N, F, C);
         // The ReLU/dropout backward also sums the ff1 bias gradient as it goes.
-        cuda_relu_dropout_backward_sums(a->dfch, y.fch, ds, N, F, g->ff1_b + (size_t)l * F, a->scratch, m->stream);
-        linear_backward(m, a->dln, g->ff1_w + (size_t)l * F * C, NULL, a->dfch, y.ln2, p->ff1_w + (size_t)l * F * C, N,
-                        C, F);
+        cuda_relu_dropout_backward_sums(dfch, y.fch, ds, N, F, g->ff1_b + (size_t)l * F, a->scratch, m->stream);
+        linear_backward(m, dln, g->ff1_w + (size_t)l * F * C, NULL, (const X *)dfch, (const X *)y.ln2,
+                        prm<X>(m, p->ff1_w + (size_t)l * F * C), N, C, F);
         // LN2's backward also writes dproj = d(attention output) = dropout backward of d(res1), and its column
         // sums into the output projection's bias gradient.
-        cuda_layernorm_backward_residual(a->dres, g->ln2_w + lc, g->ln2_b + lc, a->dln, y.res1, p->ln2_w + lc,
-                                         y.ln2_mean, y.ln2_rstd, N, C, a->dproj, y.keep_res1, ds, g->out_b + lc,
+        cuda_layernorm_backward_residual(dres, g->ln2_w + lc, g->ln2_b + lc, dln, y.res1, prm<X>(m, p->ln2_w + lc),
+                                         y.ln2_mean, y.ln2_rstd, N, C, dproj, y.keep_res1, ds, g->out_b + lc,
                                          a->scratch, m->stream);
 
         // Attention block: dres is now d(res1); the skip path passes it on to d(x).
-        linear_backward(m, a->datty, g->out_w + (size_t)l * C * C, NULL, a->dproj, y.atty,
-                        p->out_w + (size_t)l * C * C, N, C, C);
-        attention_layer_backward(m, l);
-        linear_backward(m, a->dln, g->qkv_w + (size_t)l * 3 * C * C, NULL, a->dqkv, y.ln1,
-                        p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
+        linear_backward(m, datty, g->out_w + (size_t)l * C * C, NULL, (const X *)dproj, (const X *)y.atty,
+                        prm<X>(m, p->out_w + (size_t)l * C * C), N, C, C);
+        float *dqkv_b = attention_layer_backward<X>(m, l);
+        linear_backward(m, dln, g->qkv_w + (size_t)l * 3 * C * C, dqkv_b, (const X *)dqkv, (const X *)y.ln1,
+                        prm<X>(m, p->qkv_w + (size_t)l * 3 * C * C), N, C, 3 * C);
         if (l > 0) {  // LN1's backward also starts the FFN block of the layer below (as LN2's above)
-            cuda_layernorm_backward_residual(a->dres, g->ln1_w + lc, g->ln1_b + lc, a->dln, x, p->ln1_w + lc,
-                                             y.ln1_mean, y.ln1_rstd, N, C, a->dproj, layer_acts(m, l - 1).keep_res2, ds,
+            cuda_layernorm_backward_residual(dres, g->ln1_w + lc, g->ln1_b + lc, dln, x, prm<X>(m, p->ln1_w + lc),
+                                             y.ln1_mean, y.ln1_rstd, N, C, dproj, layer_acts<X>(m, l - 1).keep_res2, ds,
                                              g->ff2_b + lc - C, a->scratch, m->stream);
         } else {
-            cuda_layernorm_backward(a->dres, g->ln1_w + lc, g->ln1_b + lc, a->dln, x, p->ln1_w + lc, y.ln1_mean,
+            cuda_layernorm_backward(dres, g->ln1_w + lc, g->ln1_b + lc, dln, x, prm<X>(m, p->ln1_w + lc), y.ln1_mean,
                                     y.ln1_rstd, N, C, a->scratch, m->stream);
         }
         nvtxRangePop();
     }
-    cuda_embedding_backward(g->tok_emb, a->dres, a->inputs, B, T, C, V, m->stream);
+    cuda_embedding_backward(g->tok_emb, (const X *)dres, a->inputs, B, T, C, V, m->stream);
 }
 
 // BERT's layers from the top down (cpu_model.c's bert_encoder_backward): a->dres holds d(last hidden state). Each
 // post-LN LayerNorm's input gradient reaches the skip path and the sublayer, whose input gradient cuBLAS adds on
 // (beta = 1).
+template <typename X>
 static void bert_layers_backward(CudaModel *m) {
     const ModelConfig *c = &m->cfg;
     DevActs *a = &m->a;
@@ -1147,65 +1414,75 @@ static void bert_layers_backward(CudaModel *m) {
     int N = (int)BT;
     float ds = m->drop_scale;
     char name[64];
+    X *dres = act<X>(a->dres), *dres2 = act<X>(a->dres2), *dproj = act<X>(a->dproj), *dfch = act<X>(a->dfch);
+    X *datty = act<X>(a->datty), *dqkv = act<X>(a->dqkv);
     for (int l = L - 1; l >= 0; l--) {
         snprintf(name, sizeof(name), "backward layer %d", l);
         nvtxRangePushA(name);
         size_t lc = (size_t)l * C;
-        LayerActs y = layer_acts(m, l);
-        const float *x = l > 0 ? layer_acts(m, l - 1).ln2 : a->encoded;  // layer input
+        LayerActs<X> y = layer_acts<X>(m, l);
+        const X *x = l > 0 ? layer_acts<X>(m, l - 1).ln2 : act<X>(a->encoded);  // layer input
 
         // FFN block: dres2 = d(res2) from LN2's backward; then the FFN's input gradient is added to it: d h.
-        CUDA_CHECK(cudaMemsetAsync(a->dres2, 0, BT * C * sizeof(float), m->stream));
-        cuda_layernorm_backward(a->dres2, g->ln2_w + lc, g->ln2_b + lc, a->dres, y.res2, p->ln2_w + lc, y.ln2_mean,
-                                y.ln2_rstd, N, C, a->scratch, m->stream);
-        cuda_residual_dropout_backward(a->dproj, a->dres2, y.keep_res2, ds, BT * C, m->stream);
-        linear_backward(m, a->dfch, g->ff2_w + (size_t)l * C * F, g->ff2_b + lc, a->dproj, y.fch,
-                        p->ff2_w + (size_t)l * C * F, N, F, C);
-        cuda_gelu_backward(a->dfch, a->dfch, y.fc_pre, BT * F, m->stream);
-        linear_backward_acc(m, a->dres2, g->ff1_w + (size_t)l * F * C, g->ff1_b + (size_t)l * F, a->dfch, y.ln1,
-                            p->ff1_w + (size_t)l * F * C, N, C, F);
+        CUDA_CHECK(cudaMemsetAsync(dres2, 0, BT * C * sizeof(X), m->stream));
+        cuda_layernorm_backward(dres2, g->ln2_w + lc, g->ln2_b + lc, (const X *)dres, y.res2, prm<X>(m, p->ln2_w + lc),
+                                y.ln2_mean, y.ln2_rstd, N, C, a->scratch, m->stream);
+        cuda_residual_dropout_backward(dproj, dres2, y.keep_res2, ds, BT * C, m->stream);
+        linear_backward(m, dfch, g->ff2_w + (size_t)l * C * F, g->ff2_b + lc, (const X *)dproj, (const X *)y.fch,
+                        prm<X>(m, p->ff2_w + (size_t)l * C * F), N, F, C);
+        cuda_gelu_backward(dfch, dfch, y.fc_pre, BT * F, m->stream);
+        linear_backward_acc(m, dres2, g->ff1_w + (size_t)l * F * C, g->ff1_b + (size_t)l * F, (const X *)dfch,
+                            (const X *)y.ln1, prm<X>(m, p->ff1_w + (size_t)l * F * C), N, C, F);
 
         // Attention block: dres = d(res1) from LN1's backward, plus the attention's input gradient: d x.
-        CUDA_CHECK(cudaMemsetAsync(a->dres, 0, BT * C * sizeof(float), m->stream));
-        cuda_layernorm_backward(a->dres, g->ln1_w + lc, g->ln1_b + lc, a->dres2, y.res1, p->ln1_w + lc, y.ln1_mean,
-                                y.ln1_rstd, N, C, a->scratch, m->stream);
-        cuda_residual_dropout_backward(a->dproj, a->dres, y.keep_res1, ds, BT * C, m->stream);
-        linear_backward(m, a->datty, g->out_w + (size_t)l * C * C, g->out_b + lc, a->dproj, y.atty,
-                        p->out_w + (size_t)l * C * C, N, C, C);
-        attention_layer_backward(m, l);
-        linear_backward_acc(m, a->dres, g->qkv_w + (size_t)l * 3 * C * C, NULL, a->dqkv, x,
-                            p->qkv_w + (size_t)l * 3 * C * C, N, C, 3 * C);
+        CUDA_CHECK(cudaMemsetAsync(dres, 0, BT * C * sizeof(X), m->stream));
+        cuda_layernorm_backward(dres, g->ln1_w + lc, g->ln1_b + lc, (const X *)dres2, y.res1, prm<X>(m, p->ln1_w + lc),
+                                y.ln1_mean, y.ln1_rstd, N, C, a->scratch, m->stream);
+        cuda_residual_dropout_backward(dproj, dres, y.keep_res1, ds, BT * C, m->stream);
+        linear_backward(m, datty, g->out_w + (size_t)l * C * C, g->out_b + lc, (const X *)dproj, (const X *)y.atty,
+                        prm<X>(m, p->out_w + (size_t)l * C * C), N, C, C);
+        float *dqkv_b = attention_layer_backward<X>(m, l);
+        linear_backward_acc(m, dres, g->qkv_w + (size_t)l * 3 * C * C, dqkv_b, (const X *)dqkv, x,
+                            prm<X>(m, p->qkv_w + (size_t)l * 3 * C * C), N, C, 3 * C);
         nvtxRangePop();
     }
     // Embeddings: undo their dropout and LayerNorm, then the three lookups; the [PAD] row is frozen (model.h).
-    cuda_residual_dropout_backward(a->dres, a->dres, m->dropout_on ? a->keep_emb : NULL, ds, BT * C, m->stream);
-    CUDA_CHECK(cudaMemsetAsync(a->dres2, 0, BT * C * sizeof(float), m->stream));
-    cuda_layernorm_backward(a->dres2, g->emb_ln_w, g->emb_ln_b, a->dres, a->emb_sum, p->emb_ln_w, a->emb_mean,
-                            a->emb_rstd, N, C, a->scratch, m->stream);
-    cuda_bert_embedding_backward(g->tok_emb, g->pos_emb, g->type_emb, a->dres2, a->inputs, B, T, C, V, m->stream);
+    cuda_residual_dropout_backward(dres, dres, m->dropout_on ? a->keep_emb : NULL, ds, BT * C, m->stream);
+    CUDA_CHECK(cudaMemsetAsync(dres2, 0, BT * C * sizeof(X), m->stream));
+    cuda_layernorm_backward(dres2, g->emb_ln_w, g->emb_ln_b, (const X *)dres, act<X>(a->emb_sum),
+                            prm<X>(m, p->emb_ln_w), a->emb_mean, a->emb_rstd, N, C, a->scratch, m->stream);
+    cuda_bert_embedding_backward(g->tok_emb, g->pos_emb, g->type_emb, (const X *)dres2, a->inputs, B, T, C, V,
+                                 m->stream);
     CUDA_CHECK(cudaMemsetAsync(g->tok_emb + (size_t)c->pad_id * C, 0, (size_t)C * sizeof(float), m->stream));
 }
 
-static void backward_impl(CudaModel *m) {
+template <typename X>
+static void backward_head_and_layers(CudaModel *m) {
     const ModelConfig *c = &m->cfg;
     DevActs *a = &m->a;
     const ParamTensors *p = &m->p;
     const ParamTensors *g = &m->g;
     int B = m->B, T = c->max_seq, C = c->d_model, V = c->vocab;
     int N = B * T;
+    if (m->sparse_last) {
+        sparse_head_backward<X>(m, N);
+    } else {
+        // dlogits = (softmax - onehot) / n_targets was written by the forward's fused cross-entropy.
+        linear_backward(m, act<X>(a->dln), g->gen_w, g->gen_b, (const X *)act<X>(a->dlogits), (const X *)act<X>(a->lnf),
+                        prm<X>(m, p->gen_w), N, C, V);
+        head_transform_backward(m, act<X>(a->dres), last_hidden<X>(m), N);
+    }
+    if (c->arch == MODEL_ARCH_BERT) bert_layers_backward<X>(m);
+    else labml_layers_backward<X>(m);
+}
+
+static void backward_impl(CudaModel *m) {
     nvtxRangePushA("backward");
     // Weight gradients are overwritten by their one product; biases, LayerNorm and the embedding accumulate
     // (bert's tied decoder writes the word embeddings' gradient first, the lookups add to it).
     CUDA_CHECK(cudaMemsetAsync(m->grads, 0, m->n_params * sizeof(float), m->stream));
-    if (m->sparse_last) {
-        sparse_head_backward(m, N);
-    } else {
-        // dlogits = (softmax - onehot) / n_targets was written by the forward's fused cross-entropy.
-        linear_backward(m, a->dln, g->gen_w, g->gen_b, a->dlogits, a->lnf, p->gen_w, N, C, V);
-        head_transform_backward(m, a->dres, last_hidden(m), N);
-    }
-    if (c->arch == MODEL_ARCH_BERT) bert_layers_backward(m);
-    else labml_layers_backward(m);
+    if (m->bf16) backward_head_and_layers<bf16>(m);
+    else backward_head_and_layers<float>(m);
     nvtxRangePop();
 }
 
@@ -1221,7 +1498,8 @@ static void optimizer_impl(CudaModel *m, float *grads, size_t lo, size_t len, fl
     cuda_grad_norm(d_norm, grads, m->n_params, m->a.norm_scratch, m->stream);
     cuda_adam_update_dev(m->params + lo, grads + lo, m->adam_m + at, m->adam_v + at,
                          m->decay_set ? m->decay_mask + lo : NULL, d_norm, max_norm, len, (int)oc->kind, oc->beta1,
-                         oc->beta2, oc->eps, &m->a.step->adam, m->stream);
+                         oc->beta2, oc->eps, &m->a.step->adam, m->params16 ? (uint16_t *)m->params16 + lo : NULL,
+                         lo, m->stream);
     nvtxRangePop();
 }
 
@@ -1274,12 +1552,11 @@ static __global__ void accumulate_stats_kernel(double *acc, const float *scalars
 // The sums, once per model (outside any capture).
 static void accumulation_buffers(CudaModel *m) {
     if (m->accum_block) return;
-    size_t grad_bytes = (m->n_params * sizeof(float) + 255) & ~(size_t)255;
-    m->accum_block = device_alloc(grad_bytes + 3 * sizeof(double), "summed gradients (train.accum_steps)", &m->cfg,
-                                  m->max_B);
+    size_t grad_bytes = (m->n_params * sizeof(float) + 255) & ~(size_t)255, bytes = accumulation_bytes(m->n_params);
+    m->accum_block = device_alloc(bytes, "summed gradients (train.accum_steps)", &m->cfg, m->max_B);
     m->grad_acc = (float *)m->accum_block;
     m->acc_stats = (double *)((char *)m->accum_block + grad_bytes);
-    CUDA_CHECK(cudaMemsetAsync(m->accum_block, 0, grad_bytes + 3 * sizeof(double), m->stream));
+    CUDA_CHECK(cudaMemsetAsync(m->accum_block, 0, bytes, m->stream));
     CUDA_CHECK(cudaMallocHost((void **)&m->h_acc_stats, 3 * sizeof(double)));
 }
 

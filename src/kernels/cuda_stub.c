@@ -26,12 +26,22 @@ void cuda_device_describe(char *out, size_t out_len) {
     if (out && out_len) snprintf(out, out_len, "none (built without CUDA)");
 }
 
+size_t cuda_device_total_memory(void) { return 0; }
+
 void cuda_mask_batch_host(const MaskConfig *c, const int *tokens, size_t n, uint64_t philox_seed, uint64_t offset,
                           int *inputs, int *labels) {
     no_cuda("cuda_mask_batch_host");
 }
 
-CudaModel *cuda_model_create(const ModelConfig *cfg, int max_B, int allow_tf32) { no_cuda("cuda_model_create"); }
+CudaModel *cuda_model_create(const ModelConfig *cfg, int max_B, int precision) { no_cuda("cuda_model_create"); }
+void cuda_model_set_bf16_rounding(CudaModel *m, uint64_t round_seed, uint64_t updates_done) {
+    no_cuda("cuda_model_set_bf16_rounding");
+}
+void cuda_model_get_params16(CudaModel *m, float *values) { no_cuda("cuda_model_get_params16"); }
+void cuda_model_memory_plan(const ModelConfig *cfg, int max_B, int precision, int accumulate, int whole_word,
+                            CudaMemoryPlan *plan) {
+    no_cuda("cuda_model_memory_plan");
+}
 void cuda_model_free(CudaModel *m) {}
 size_t cuda_model_num_params(const CudaModel *m) { no_cuda("cuda_model_num_params"); }
 void cuda_model_set_graphs(CudaModel *m, int on) { no_cuda("cuda_model_set_graphs"); }

@@ -25,3 +25,9 @@ extern "C" void cuda_device_describe(char *out, size_t out_len) {
     snprintf(out, out_len, "%s, compute %d.%d, %.1f GiB", prop.name, prop.major, prop.minor,
              (double)prop.totalGlobalMem / (1024.0 * 1024.0 * 1024.0));
 }
+
+extern "C" size_t cuda_device_total_memory(void) {
+    cudaDeviceProp prop;
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    return prop.totalGlobalMem;
+}

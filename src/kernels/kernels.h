@@ -1,8 +1,8 @@
 // kernels.h: the CUDA backend's op kernels (device pointers, launched on `stream`), mirroring src/cpu/ops.h
 // op for op so that every kernel can be tested against its CPU twin.
 //
-// Conventions: activations row-major [B, T, ...], N = B * T rows; Linear weights [out, in]. Matmuls are not
-// here: the model calls cuBLAS directly (cuda_model.cu). Determinism: no kernel uses atomics where the order
+// Conventions: activations row-major [B, T, ...], N = B * T rows; Linear weights [out, in]. FP32 matmuls are
+// not here: the model calls cuBLAS directly (cuda_model.cu); the cuBLASLt products (BF16) are (matmul.cu). Determinism: no kernel uses atomics where the order
 // of a floating-point sum would change the result; reductions run in a fixed order (fixed block partition,
 // then a second fixed-order pass), so two runs with one seed give bit-identical results.
 // Dropout follows THE DROPOUT RULE of src/cpu/ops.h exactly: keep = !(u < p), y = keep ? x * scale : 0,
@@ -34,6 +34,10 @@ typedef struct {
     float step;          // Noam: lr * sqrt(1 - b2^t) / (1 - b1^t); AdamW: lr / (1 - b1^t)
     float inv_sqrt_bc2;  // AdamW: 1 / sqrt(1 - b2^t); Noam: 1
     float decay;         // AdamW: 1 - lr * weight_decay; Noam: 1
+    int32_t pad_;
+    // train.precision = bf16: the Philox key and the offset of element 0 of the BF16 copy the update writes (THE
+    // ROUNDING RULE; the copy after step t of P parameters is at t * P). cuda_adam_step leaves them 0.
+    uint64_t round_seed, round_offset;
 } AdamStep;
 typedef struct {
     uint64_t philox_seed;  // Philox key of the step's random stream (Rng.seed)
@@ -224,12 +228,102 @@ void cuda_adam_update(float *params, const float *grads, float *m, float *v, con
 // The step constants of (t, lr) (host, double, as cpu_adam_update) and the same update reading them from
 // device memory (d_step: &DeviceStep.adam), so a captured step replays with each step's t and lr.
 AdamStep cuda_adam_step(int kind, float beta1, float beta2, float weight_decay, long t, double lr);
+// copy (train.precision = bf16; NULL otherwise): the BF16 copy [n] of the updated parameters, written by THE
+// ROUNDING RULE at d_step's round_seed / round_offset + copy_first (the index of params[0] among all parameters) in
+// the same pass.
 void cuda_adam_update_dev(float *params, const float *grads, float *m, float *v, const uint8_t *decay_mask,
                           const float *d_norm, float max_norm, size_t n, int kind, float beta1, float beta2, float eps,
-                          const AdamStep *d_step, cudaStream_t stream);
+                          const AdamStep *d_step, uint16_t *copy, uint64_t copy_first, cudaStream_t stream);
+
+// ---- BF16 copies (bf16.cu; train.precision = bf16) --------------------------------------------------------
+// BF16 values as uint16_t bits (include/mlm/bf16.h). Twins: bf16_round_array, bf16_to_float_array,
+// bf16_stochastic_round_array (src/cpu/bf16.c).
+// out[n] = in[n] rounded to the nearest BF16 (ties to even).
+void cuda_bf16_round(uint16_t *out, const float *in, size_t n, cudaStream_t stream);
+// out[n] = in[n] as floats (exact).
+void cuda_bf16_to_float(float *out, const uint16_t *in, size_t n, cudaStream_t stream);
+// out[n] = THE ROUNDING RULE (stochastic rounding) of in[n] with the Philox stream `seed` from absolute `offset`.
+void cuda_bf16_stochastic_round(uint16_t *out, const float *in, size_t n, uint64_t seed, uint64_t offset,
+                                cudaStream_t stream);
+
+// ---- The Linear layers' products through cuBLASLt (matmul.cu) ----------------------------------------------
+// Row-major views (Linear weights [out, in]), FP32 accumulation (CUBLAS_COMPUTE_32F, FP32 scale); inputs of type
+// in_t (FP32 inputs use TF32 tensor cores when the CudaLt says so), the output of its own type; beta 0 overwrites
+// (the output is not read), beta 1 adds to it. Twins: linear_forward / linear_backward (src/cpu/matmul.c) on the
+// same values (BF16 ones rounded as floats).
+typedef enum { MLM_DTYPE_F32 = 0, MLM_DTYPE_BF16 = 1 } MlmDtype;
+typedef struct {
+    void *handle;            // cublasLtHandle_t
+    void *workspace;         // device memory the products may use (shared with cuBLAS: one stream)
+    size_t workspace_bytes;
+    int tf32;                // FP32 products on TF32 tensor cores (CUBLAS_COMPUTE_32F_FAST_TF32)
+} CudaLt;
+void cuda_lt_create(CudaLt *lt, void *workspace, size_t workspace_bytes, int tf32);
+void cuda_lt_destroy(CudaLt *lt);
+// out[N,OC] = beta out + inp[N,IC] w[OC,IC]^T (+ bias[OC], of out's type; NULL: none).
+void cuda_lt_linear_forward(const CudaLt *lt, void *out, MlmDtype out_t, const void *inp, const void *w,
+                            MlmDtype in_t, const void *bias, int N, int IC, int OC, float beta, cudaStream_t stream);
+// dinp[N,IC] = beta dinp + dout[N,OC] w[OC,IC].
+void cuda_lt_linear_backward_input(const CudaLt *lt, void *dinp, MlmDtype dinp_t, const void *dout, const void *w,
+                                   MlmDtype in_t, int N, int IC, int OC, float beta, cudaStream_t stream);
+// dw[OC,IC] = beta dw + dout[N,OC]^T inp[N,IC].
+void cuda_lt_linear_backward_weight(const CudaLt *lt, void *dw, MlmDtype dw_t, const void *dout, const void *inp,
+                                    MlmDtype in_t, int N, int IC, int OC, float beta, cudaStream_t stream);
 
 #ifdef __cplusplus
 }
+
+// ---- The same ops on BF16 tensors (train.precision = bf16; C++ overloads of the functions above) ---------------
+// Activations, their gradients and the parameters they read are BF16 (act.cuh: bf16 = __nv_bfloat16); LayerNorm
+// statistics, losses, scratch sums and parameter gradients stay FP32. Each computes in FP32 from the BF16 values
+// and rounds where it stores (to nearest even), going on from the stored value: the roundings of the CPU
+// reference's BF16 mode (src/cpu/cpu_model.c), so the twins are the same functions on bf16_point'ed tensors.
+#include <cuda_bf16.h>
+typedef __nv_bfloat16 bf16;
+void cuda_bias_relu_dropout_forward(bf16 *h, const bf16 *bias, const uint8_t *keep, float scale, size_t n, int F,
+                                    cudaStream_t stream);
+void cuda_relu_dropout_backward(bf16 *dh, const bf16 *h, float scale, size_t n, cudaStream_t stream);
+void cuda_residual_dropout_forward(bf16 *out, const bf16 *res, const bf16 *y, const bf16 *bias, const uint8_t *keep,
+                                   float scale, size_t n, int C, cudaStream_t stream);
+void cuda_residual_dropout_backward(bf16 *dy, const bf16 *dout, const uint8_t *keep, float scale, size_t n,
+                                    cudaStream_t stream);
+void cuda_relu_dropout_backward_sums(bf16 *dh, const bf16 *h, float scale, int N, int F, float *dbias, float *scratch,
+                                     cudaStream_t stream);
+void cuda_residual_dropout_backward_sums(bf16 *dy, const bf16 *dout, const uint8_t *keep, float scale, int N, int C,
+                                         float *dbias, float *scratch, cudaStream_t stream);
+void cuda_add_bias(bf16 *out, const bf16 *x, const bf16 *bias, size_t n, int C, cudaStream_t stream);
+void cuda_column_sums_accumulate(float *sums, const bf16 *x, int N, int C, float *scratch, cudaStream_t stream);
+void cuda_embedding_forward(bf16 *out, const int *tokens, const bf16 *tok_emb, const float *pe, int B, int T, int C,
+                            cudaStream_t stream);
+void cuda_embedding_layernorm_forward(bf16 *emb_out, bf16 *ln_out, float *mean, float *rstd, const int *tokens,
+                                      const bf16 *tok_emb, const float *pe, const bf16 *w, const bf16 *b, int B, int T,
+                                      int C, float eps, cudaStream_t stream);
+void cuda_embedding_backward(float *dtok_emb, const bf16 *dout, const int *tokens, int B, int T, int C, int V,
+                             cudaStream_t stream);
+void cuda_bert_embedding_forward(bf16 *out, const int *tokens, const bf16 *word, const bf16 *pos, const bf16 *type,
+                                 int B, int T, int C, cudaStream_t stream);
+void cuda_bert_embedding_backward(float *dword, float *dpos, float *dtype, const bf16 *dout, const int *tokens, int B,
+                                  int T, int C, int V, cudaStream_t stream);
+void cuda_bias_gelu_forward(bf16 *pre, bf16 *out, const bf16 *bias, size_t n, int F, cudaStream_t stream);
+void cuda_gelu_backward(bf16 *dinp, const bf16 *dout, const bf16 *inp, size_t n, cudaStream_t stream);
+void cuda_layernorm_forward(bf16 *out, float *mean, float *rstd, const bf16 *inp, const bf16 *w, const bf16 *b, int N,
+                            int C, float eps, cudaStream_t stream);
+void cuda_residual_layernorm_forward(bf16 *res_out, bf16 *ln_out, float *mean, float *rstd, const bf16 *res,
+                                     const bf16 *y, const bf16 *bias, const uint8_t *keep, float scale, const bf16 *w,
+                                     const bf16 *b, int N, int C, float eps, cudaStream_t stream);
+void cuda_layernorm_backward(bf16 *dinp, float *dw, float *db, const bf16 *dout, const bf16 *inp, const bf16 *w,
+                             const float *mean, const float *rstd, int N, int C, float *scratch, cudaStream_t stream);
+void cuda_layernorm_backward_residual(bf16 *dinp, float *dw, float *db, const bf16 *dout, const bf16 *inp,
+                                      const bf16 *w, const float *mean, const float *rstd, int N, int C, bf16 *dy,
+                                      const uint8_t *keep, float scale, float *dbias, float *scratch,
+                                      cudaStream_t stream);
+void cuda_crossentropy_forward_backward(float *losses, int *correct, bf16 *dlogits, const bf16 *logits,
+                                        const int *labels, const int *d_n_targets, int N, int V, int ignore_index,
+                                        cudaStream_t stream);
+void cuda_gather_rows(bf16 *out, int *out_labels, const bf16 *x, const int *labels, const int *sel_rows,
+                      const int *d_n_sel, int cap, int C, int ignore_index, cudaStream_t stream);
+void cuda_scatter_rows(bf16 *dx, const bf16 *drows, const int *sel_rows, const int *d_n_sel, int cap, int C,
+                       cudaStream_t stream);
 #endif
 
 #endif

@@ -5,8 +5,12 @@
 // coalesced); the weight/bias gradients are column sums over the N rows, computed without atomics by a
 // fixed two-pass reduction (see the backward). Row sums use butterfly shuffles: every lane ends with the
 // same bits (a + b == b + a), so the whole warp agrees on mean and rstd.
+// Templates over the storage type X of the rows, parameters and input gradients (act.cuh); the statistics (mean,
+// rstd) and the weight/bias gradients are FP32 in either. In BF16 a fused kernel's LayerNorm is taken of the
+// residual sum as stored (rounded), and dy of the input gradient as stored: the CPU reference's order.
 #include <math.h>
 
+#include "act.cuh"
 #include "cuda_check.h"
 #include "kernels.h"
 
@@ -22,37 +26,48 @@ static __device__ __forceinline__ float warp_sum(float x) {
 // Two passes over the row (mean, then the centred variance) as the CPU, avoiding E[x^2] - E[x]^2
 // cancellation; the row is re-read from L1/L2 rather than kept in registers so any C works.
 // The output expression ((x - m) * s) * w + b is rounded step by step (no fused multiply-add) as the CPU.
-static __global__ void layernorm_forward_kernel(float *out /* [N, C] */, float *mean /* [N] */, float *rstd /* [N] */,
-                                                const float *inp /* [N, C] */, const float *w /* [C] */,
-                                                const float *b /* [C] */, int N, int C, float eps) {
+template <typename X>
+static __global__ void layernorm_forward_kernel(X *out /* [N, C] */, float *mean /* [N] */, float *rstd /* [N] */,
+                                                const X *inp /* [N, C] */, const X *w /* [C] */, const X *b /* [C] */,
+                                                int N, int C, float eps) {
     int row = blockIdx.x * LN_ROWS_PER_BLOCK + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= N) return;  // whole warps leave together (row is per warp)
-    const float *x = inp + (size_t)row * C;  // [C]
-    float *y = out + (size_t)row * C;  // [C]
+    const X *x = inp + (size_t)row * C;  // [C]
+    X *y = out + (size_t)row * C;  // [C]
     float sum = 0.0f;
-    for (int c = lane; c < C; c += 32) sum += x[c];
+    for (int c = lane; c < C; c += 32) sum += ld(x, c);
     float m = __fdiv_rn(warp_sum(sum), (float)C);
     float sq = 0.0f;
     for (int c = lane; c < C; c += 32) {
-        float d = __fsub_rn(x[c], m);
+        float d = __fsub_rn(ld(x, c), m);
         sq += d * d;
     }
     float var = __fdiv_rn(warp_sum(sq), (float)C);
     float s = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(var, eps)));  // 1 / sqrtf(var + eps), correctly rounded
-    for (int c = lane; c < C; c += 32) y[c] = __fadd_rn(__fmul_rn(__fmul_rn(__fsub_rn(x[c], m), s), w[c]), b[c]);
+    for (int c = lane; c < C; c += 32)
+        st(y, c, __fadd_rn(__fmul_rn(__fmul_rn(__fsub_rn(ld(x, c), m), s), ld(w, c)), ld(b, c)));
     if (lane == 0) {
         mean[row] = m;
         rstd[row] = s;
     }
 }
 
-extern "C" void cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *w,
-                                       const float *b, int N, int C, float eps, cudaStream_t stream) {
+template <typename X>
+static void layernorm_forward(X *out, float *mean, float *rstd, const X *inp, const X *w, const X *b, int N, int C,
+                              float eps, cudaStream_t stream) {
     if (N <= 0 || C <= 0) return;
     unsigned grid = (unsigned)((N + LN_ROWS_PER_BLOCK - 1) / LN_ROWS_PER_BLOCK);
-    layernorm_forward_kernel<<<grid, LN_BLOCK, 0, stream>>>(out, mean, rstd, inp, w, b, N, C, eps);
+    layernorm_forward_kernel<X><<<grid, LN_BLOCK, 0, stream>>>(out, mean, rstd, inp, w, b, N, C, eps);
     CUDA_CHECK_LAUNCH();
+}
+extern "C" void cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *w,
+                                       const float *b, int N, int C, float eps, cudaStream_t stream) {
+    layernorm_forward(out, mean, rstd, inp, w, b, N, C, eps, stream);
+}
+void cuda_layernorm_forward(bf16 *out, float *mean, float *rstd, const bf16 *inp, const bf16 *w, const bf16 *b, int N,
+                            int C, float eps, cudaStream_t stream) {
+    layernorm_forward(out, mean, rstd, inp, w, b, N, C, eps, stream);
 }
 
 // ---- Residual add + dropout fused into the following LayerNorm (forward) ---------------------------------
@@ -70,8 +85,9 @@ static int rln_rows_per_block(int C) {
 
 // The LayerNorm of one row held in shared memory xs[C] whose lanes' partial sum is `sum` (each lane summed its
 // columns lane, lane + 32, ... in order), as layernorm_forward_kernel.
-static __device__ void layernorm_row_from_shared(float *y /* [C] */, float *mean, float *rstd, const float *xs /* [C] */,
-                                                 float sum, const float *w /* [C] */, const float *b /* [C] */, int C,
+template <typename X>
+static __device__ void layernorm_row_from_shared(X *y /* [C] */, float *mean, float *rstd, const float *xs /* [C] */,
+                                                 float sum, const X *w /* [C] */, const X *b /* [C] */, int C,
                                                  float eps) {
     int lane = threadIdx.x % 32;
     float m = __fdiv_rn(warp_sum(sum), (float)C);
@@ -82,7 +98,8 @@ static __device__ void layernorm_row_from_shared(float *y /* [C] */, float *mean
     }
     float var = __fdiv_rn(warp_sum(sq), (float)C);
     float s = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(var, eps)));
-    for (int c = lane; c < C; c += 32) y[c] = __fadd_rn(__fmul_rn(__fmul_rn(__fsub_rn(xs[c], m), s), w[c]), b[c]);
+    for (int c = lane; c < C; c += 32)
+        st(y, c, __fadd_rn(__fmul_rn(__fmul_rn(__fsub_rn(xs[c], m), s), ld(w, c)), ld(b, c)));
     if (lane == 0) {
         *mean = m;
         *rstd = s;
@@ -90,13 +107,14 @@ static __device__ void layernorm_row_from_shared(float *y /* [C] */, float *mean
 }
 
 // grid ceil(N / rows), block 32 * rows, dynamic shared memory rows * C floats.
-static __global__ void residual_layernorm_forward_kernel(float *res_out /* [N, C] */, float *ln_out /* [N, C] */,
+template <typename X>
+static __global__ void residual_layernorm_forward_kernel(X *res_out /* [N, C] */, X *ln_out /* [N, C] */,
                                                          float *mean /* [N] */, float *rstd /* [N] */,
-                                                         const float *res /* [N, C] */, const float *y /* [N, C] */,
-                                                         const float *bias /* [C] or NULL */,
+                                                         const X *res /* [N, C] */, const X *y /* [N, C] */,
+                                                         const X *bias /* [C] or NULL */,
                                                          const uint8_t *keep /* [N, C] or NULL */, float scale,
-                                                         const float *w /* [C] */, const float *b /* [C] */, int N,
-                                                         int C, float eps) {
+                                                         const X *w /* [C] */, const X *b /* [C] */, int N, int C,
+                                                         float eps) {
     extern __shared__ float rln_rows[];
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int row = blockIdx.x * (blockDim.x / 32) + warp;
@@ -105,11 +123,10 @@ static __global__ void residual_layernorm_forward_kernel(float *res_out /* [N, C
     size_t r0 = (size_t)row * C;
     float sum = 0.0f;
     for (int c = lane; c < C; c += 32) {
-        float x = y[r0 + c];
-        if (bias) x = __fadd_rn(x, bias[c]);
+        float x = ld(y, r0 + c);
+        if (bias) x = __fadd_rn(x, ld(bias, c));
         if (keep) x = __fmul_rn(x, (float)keep[r0 + c] * scale);  // the CPU's y * ((float)keep * scale)
-        x = __fadd_rn(res[r0 + c], x);
-        res_out[r0 + c] = x;
+        x = st(res_out, r0 + c, __fadd_rn(ld(res, r0 + c), x));  // the LayerNorm's input: the sum as stored
         xs[c] = x;  // read back by this lane only
         sum += x;
     }
@@ -118,35 +135,34 @@ static __global__ void residual_layernorm_forward_kernel(float *res_out /* [N, C
 
 // The embedding (embedding_forward_kernel's expression: tok_emb[token] * sqrt(C) + pe[t]) fused with the first
 // LayerNorm in the same way. grid, block and shared memory as residual_layernorm_forward_kernel.
-static __global__ void embedding_layernorm_forward_kernel(float *emb_out /* [N, C] */, float *ln_out /* [N, C] */,
+template <typename X>
+static __global__ void embedding_layernorm_forward_kernel(X *emb_out /* [N, C] */, X *ln_out /* [N, C] */,
                                                           float *mean /* [N] */, float *rstd /* [N] */,
-                                                          const int *tokens /* [N] */,
-                                                          const float *tok_emb /* [V, C] */,
+                                                          const int *tokens /* [N] */, const X *tok_emb /* [V, C] */,
                                                           const float *pe /* [T, C] */, float emb_scale,
-                                                          const float *w /* [C] */, const float *b /* [C] */, int N,
-                                                          int T, int C, float eps) {
+                                                          const X *w /* [C] */, const X *b /* [C] */, int N, int T,
+                                                          int C, float eps) {
     extern __shared__ float rln_rows[];
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int row = blockIdx.x * (blockDim.x / 32) + warp;
     if (row >= N) return;
     float *xs = rln_rows + (size_t)warp * C;  // [C]
     size_t r0 = (size_t)row * C;
-    const float *e = tok_emb + (size_t)tokens[row] * C;  // [C]
+    const X *e = tok_emb + (size_t)tokens[row] * C;  // [C]
     const float *p = pe + (size_t)(row % T) * C;  // [C]
     float sum = 0.0f;
     for (int c = lane; c < C; c += 32) {
-        float x = __fadd_rn(__fmul_rn(e[c], emb_scale), p[c]);
-        emb_out[r0 + c] = x;
+        float x = st(emb_out, r0 + c, __fadd_rn(__fmul_rn(ld(e, c), emb_scale), p[c]));
         xs[c] = x;
         sum += x;
     }
     layernorm_row_from_shared(ln_out + r0, mean + row, rstd + row, xs, sum, w, b, C, eps);
 }
 
-extern "C" void cuda_embedding_layernorm_forward(float *emb_out, float *ln_out, float *mean, float *rstd,
-                                                 const int *tokens, const float *tok_emb, const float *pe,
-                                                 const float *w, const float *b, int B, int T, int C, float eps,
-                                                 cudaStream_t stream) {
+template <typename X>
+static void embedding_layernorm_forward(X *emb_out, X *ln_out, float *mean, float *rstd, const int *tokens,
+                                        const X *tok_emb, const float *pe, const X *w, const X *b, int B, int T, int C,
+                                        float eps, cudaStream_t stream) {
     int N = B * T;
     if (N <= 0 || C <= 0) return;
     int rows = rln_rows_per_block(C);
@@ -157,15 +173,26 @@ extern "C" void cuda_embedding_layernorm_forward(float *emb_out, float *ln_out, 
     }
     float emb_scale = sqrtf((float)C);  // as cuda_embedding_forward
     unsigned grid = (unsigned)((N + rows - 1) / rows);
-    embedding_layernorm_forward_kernel<<<grid, 32 * rows, (size_t)rows * C * sizeof(float), stream>>>(
+    embedding_layernorm_forward_kernel<X><<<grid, 32 * rows, (size_t)rows * C * sizeof(float), stream>>>(
         emb_out, ln_out, mean, rstd, tokens, tok_emb, pe, emb_scale, w, b, N, T, C, eps);
     CUDA_CHECK_LAUNCH();
 }
+extern "C" void cuda_embedding_layernorm_forward(float *emb_out, float *ln_out, float *mean, float *rstd,
+                                                 const int *tokens, const float *tok_emb, const float *pe,
+                                                 const float *w, const float *b, int B, int T, int C, float eps,
+                                                 cudaStream_t stream) {
+    embedding_layernorm_forward(emb_out, ln_out, mean, rstd, tokens, tok_emb, pe, w, b, B, T, C, eps, stream);
+}
+void cuda_embedding_layernorm_forward(bf16 *emb_out, bf16 *ln_out, float *mean, float *rstd, const int *tokens,
+                                      const bf16 *tok_emb, const float *pe, const bf16 *w, const bf16 *b, int B, int T,
+                                      int C, float eps, cudaStream_t stream) {
+    embedding_layernorm_forward(emb_out, ln_out, mean, rstd, tokens, tok_emb, pe, w, b, B, T, C, eps, stream);
+}
 
-extern "C" void cuda_residual_layernorm_forward(float *res_out, float *ln_out, float *mean, float *rstd,
-                                                const float *res, const float *y, const float *bias,
-                                                const uint8_t *keep, float scale, const float *w, const float *b,
-                                                int N, int C, float eps, cudaStream_t stream) {
+template <typename X>
+static void residual_layernorm_forward(X *res_out, X *ln_out, float *mean, float *rstd, const X *res, const X *y,
+                                       const X *bias, const uint8_t *keep, float scale, const X *w, const X *b, int N,
+                                       int C, float eps, cudaStream_t stream) {
     if (N <= 0 || C <= 0) return;
     int rows = rln_rows_per_block(C);
     if (rows < 1) {  // a row longer than shared memory: the two kernels
@@ -174,9 +201,20 @@ extern "C" void cuda_residual_layernorm_forward(float *res_out, float *ln_out, f
         return;
     }
     unsigned grid = (unsigned)((N + rows - 1) / rows);
-    residual_layernorm_forward_kernel<<<grid, 32 * rows, (size_t)rows * C * sizeof(float), stream>>>(
+    residual_layernorm_forward_kernel<X><<<grid, 32 * rows, (size_t)rows * C * sizeof(float), stream>>>(
         res_out, ln_out, mean, rstd, res, y, bias, keep, scale, w, b, N, C, eps);
     CUDA_CHECK_LAUNCH();
+}
+extern "C" void cuda_residual_layernorm_forward(float *res_out, float *ln_out, float *mean, float *rstd,
+                                                const float *res, const float *y, const float *bias,
+                                                const uint8_t *keep, float scale, const float *w, const float *b,
+                                                int N, int C, float eps, cudaStream_t stream) {
+    residual_layernorm_forward(res_out, ln_out, mean, rstd, res, y, bias, keep, scale, w, b, N, C, eps, stream);
+}
+void cuda_residual_layernorm_forward(bf16 *res_out, bf16 *ln_out, float *mean, float *rstd, const bf16 *res,
+                                     const bf16 *y, const bf16 *bias, const uint8_t *keep, float scale, const bf16 *w,
+                                     const bf16 *b, int N, int C, float eps, cudaStream_t stream) {
+    residual_layernorm_forward(res_out, ln_out, mean, rstd, res, y, bias, keep, scale, w, b, N, C, eps, stream);
 }
 
 // ---- Backward -----------------------------------------------------------------------------------------
@@ -196,13 +234,14 @@ extern "C" size_t cuda_layernorm_backward_scratch(int N, int C) { return 3 * (si
 
 // One row's means of dnorm = g * w and of dnorm * norm over its C columns (a warp per row, lane = column
 // offset): the two sums every LayerNorm backward kernel needs before it can write dinp.
-static __device__ __forceinline__ void row_dnorm_means(const float *x /* [C] */, const float *g /* [C] */,
-                                                       const float *w /* [C] */, float m, float s, int C, int lane,
-                                                       float *mean_dnorm, float *mean_dnorm_norm) {
+template <typename X>
+static __device__ __forceinline__ void row_dnorm_means(const X *x /* [C] */, const X *g /* [C] */, const X *w /* [C] */,
+                                                       float m, float s, int C, int lane, float *mean_dnorm,
+                                                       float *mean_dnorm_norm) {
     float sum_dnorm = 0.0f, sum_dnorm_norm = 0.0f;
     for (int c = lane; c < C; c += 32) {
-        float norm = __fmul_rn(__fsub_rn(x[c], m), s);
-        float dnorm = __fmul_rn(g[c], w[c]);
+        float norm = __fmul_rn(__fsub_rn(ld(x, c), m), s);
+        float dnorm = __fmul_rn(ld(g, c), ld(w, c));
         sum_dnorm += dnorm;
         sum_dnorm_norm += dnorm * norm;
     }
@@ -210,30 +249,32 @@ static __device__ __forceinline__ void row_dnorm_means(const float *x /* [C] */,
     *mean_dnorm_norm = __fdiv_rn(warp_sum(sum_dnorm_norm), (float)C);
 }
 
-static __global__ void layernorm_backward_dinp_kernel(float *dinp /* [N, C] */, const float *dout /* [N, C] */,
-                                                      const float *inp /* [N, C] */, const float *w /* [C] */,
+template <typename X>
+static __global__ void layernorm_backward_dinp_kernel(X *dinp /* [N, C] */, const X *dout /* [N, C] */,
+                                                      const X *inp /* [N, C] */, const X *w /* [C] */,
                                                       const float *mean /* [N] */, const float *rstd /* [N] */, int N,
                                                       int C) {
     int row = blockIdx.x * LN_ROWS_PER_BLOCK + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= N) return;
-    const float *x = inp + (size_t)row * C;  // [C]
-    const float *g = dout + (size_t)row * C;  // [C]
-    float *dx = dinp + (size_t)row * C;  // [C]
+    const X *x = inp + (size_t)row * C;  // [C]
+    const X *g = dout + (size_t)row * C;  // [C]
+    X *dx = dinp + (size_t)row * C;  // [C]
     float m = mean[row], s = rstd[row];
     float mean_dnorm, mean_dnorm_norm;
     row_dnorm_means(x, g, w, m, s, C, lane, &mean_dnorm, &mean_dnorm_norm);
     for (int c = lane; c < C; c += 32) {
-        float norm = __fmul_rn(__fsub_rn(x[c], m), s);
+        float norm = __fmul_rn(__fsub_rn(ld(x, c), m), s);
         // The CPU's s * (g * w - mean_dnorm - norm * mean_dnorm_norm), rounded step by step.
-        float t = __fsub_rn(__fsub_rn(__fmul_rn(g[c], w[c]), mean_dnorm), __fmul_rn(norm, mean_dnorm_norm));
-        dx[c] = __fadd_rn(dx[c], __fmul_rn(s, t));
+        float t = __fsub_rn(__fsub_rn(__fmul_rn(ld(g, c), ld(w, c)), mean_dnorm), __fmul_rn(norm, mean_dnorm_norm));
+        st(dx, c, __fadd_rn(ld(dx, c), __fmul_rn(s, t)));
     }
 }
 
 // grid (chunks, ceil(C / 32)), block (32, 8).
+template <typename X>
 static __global__ void layernorm_backward_partial_kernel(float *scratch /* [2, chunks, C] */,
-                                                         const float *dout /* [N, C] */, const float *inp /* [N, C] */,
+                                                         const X *dout /* [N, C] */, const X *inp /* [N, C] */,
                                                          const float *mean /* [N] */, const float *rstd /* [N] */,
                                                          int N, int C) {
     __shared__ float pw[LNB_TY][LNB_TX], pb[LNB_TY][LNB_TX];
@@ -243,8 +284,8 @@ static __global__ void layernorm_backward_partial_kernel(float *scratch /* [2, c
     float sw = 0.0f, sb = 0.0f;
     if (c < C)
         for (int r = r0 + (int)threadIdx.y; r < r1; r += LNB_TY) {
-            float g = dout[(size_t)r * C + c];
-            float norm = __fmul_rn(__fsub_rn(inp[(size_t)r * C + c], mean[r]), rstd[r]);
+            float g = ld(dout, (size_t)r * C + c);
+            float norm = __fmul_rn(__fsub_rn(ld(inp, (size_t)r * C + c), mean[r]), rstd[r]);
             sw += g * norm;
             sb += g;
         }
@@ -283,16 +324,17 @@ static __global__ void layernorm_backward_finish_kernel(float *dw /* [C] */, flo
 
 // The three kernels above, then (dy != NULL) the residual-dropout backward and its column sums as separate
 // launches: rows too long for the fused kernel's shared memory.
-static void layernorm_backward_unfused(float *dinp, float *dw, float *db, const float *dout, const float *inp,
-                                       const float *w, const float *mean, const float *rstd, int N, int C, float *dy,
-                                       const uint8_t *keep, float scale, float *dbias, float *scratch,
-                                       cudaStream_t stream) {
+template <typename X>
+static void layernorm_backward_unfused(X *dinp, float *dw, float *db, const X *dout, const X *inp, const X *w,
+                                       const float *mean, const float *rstd, int N, int C, X *dy, const uint8_t *keep,
+                                       float scale, float *dbias, float *scratch, cudaStream_t stream) {
     unsigned grid = (unsigned)((N + LN_ROWS_PER_BLOCK - 1) / LN_ROWS_PER_BLOCK);
-    layernorm_backward_dinp_kernel<<<grid, LN_BLOCK, 0, stream>>>(dinp, dout, inp, w, mean, rstd, N, C);
+    layernorm_backward_dinp_kernel<X><<<grid, LN_BLOCK, 0, stream>>>(dinp, dout, inp, w, mean, rstd, N, C);
     CUDA_CHECK_LAUNCH();
     int chunks = lnb_chunks(N);
     dim3 pgrid((unsigned)chunks, (unsigned)((C + LNB_TX - 1) / LNB_TX));
-    layernorm_backward_partial_kernel<<<pgrid, dim3(LNB_TX, LNB_TY), 0, stream>>>(scratch, dout, inp, mean, rstd, N, C);
+    layernorm_backward_partial_kernel<X><<<pgrid, dim3(LNB_TX, LNB_TY), 0, stream>>>(scratch, dout, inp, mean, rstd, N,
+                                                                                    C);
     CUDA_CHECK_LAUNCH();
     layernorm_backward_finish_kernel<<<(unsigned)((C + 255) / 256), 256, 0, stream>>>(dw, db, (float *)NULL, scratch, chunks, C);
     CUDA_CHECK_LAUNCH();
@@ -313,11 +355,12 @@ static void layernorm_backward_unfused(float *dinp, float *dw, float *db, const 
 
 enum { LNF_MAX_C = (48 * 1024) / (3 * LNB_TY * (int)sizeof(float)) };  // 512 columns: 3 x 8 partial rows
 
-static __global__ void layernorm_backward_fused_kernel(float *dinp /* [N, C] */, float *scratch /* [3, chunks, C] */,
-                                                       float *dy /* [N, C] or NULL */,
+template <typename X>
+static __global__ void layernorm_backward_fused_kernel(X *dinp /* [N, C] */, float *scratch /* [3, chunks, C] */,
+                                                       X *dy /* [N, C] or NULL */,
                                                        const uint8_t *keep /* [N, C] or NULL */, float scale,
-                                                       const float *dout /* [N, C] */, const float *inp /* [N, C] */,
-                                                       const float *w /* [C] */, const float *mean /* [N] */,
+                                                       const X *dout /* [N, C] */, const X *inp /* [N, C] */,
+                                                       const X *w /* [C] */, const float *mean /* [N] */,
                                                        const float *rstd /* [N] */, int N, int C) {
     extern __shared__ float lnf_part[];
     int y = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -328,25 +371,20 @@ static __global__ void layernorm_backward_fused_kernel(float *dinp /* [N, C] */,
     int chunks = gridDim.x;
     int r0 = blockIdx.x * LNB_ROWS, r1 = min(r0 + LNB_ROWS, N);
     for (int r = r0 + y; r < r1; r += LNB_TY) {  // warp-uniform
-        const float *x = inp + (size_t)r * C;  // [C]
-        const float *g = dout + (size_t)r * C;  // [C]
-        float *dx = dinp + (size_t)r * C;  // [C]
+        const X *x = inp + (size_t)r * C;  // [C]
+        const X *g = dout + (size_t)r * C;  // [C]
+        X *dx = dinp + (size_t)r * C;  // [C]
         float m = mean[r], s = rstd[r];
         float mean_dnorm, mean_dnorm_norm;
         row_dnorm_means(x, g, w, m, s, C, lane, &mean_dnorm, &mean_dnorm_norm);
         for (int c = lane; c < C; c += 32) {
-            float gc = g[c];
-            float norm = __fmul_rn(__fsub_rn(x[c], m), s);
-            float t = __fsub_rn(__fsub_rn(__fmul_rn(gc, w[c]), mean_dnorm), __fmul_rn(norm, mean_dnorm_norm));
-            float d = __fadd_rn(dx[c], __fmul_rn(s, t));
-            dx[c] = d;
+            float gc = ld(g, c);
+            float norm = __fmul_rn(__fsub_rn(ld(x, c), m), s);
+            float t = __fsub_rn(__fsub_rn(__fmul_rn(gc, ld(w, c)), mean_dnorm), __fmul_rn(norm, mean_dnorm_norm));
+            float d = st(dx, c, __fadd_rn(ld(dx, c), __fmul_rn(s, t)));
             pw[c] += gc * norm;
             pb[c] += gc;
-            if (dy) {
-                float v = __fmul_rn(d, keep ? (float)keep[(size_t)r * C + c] * scale : scale);
-                dy[(size_t)r * C + c] = v;
-                pr[c] += v;
-            }
+            if (dy) pr[c] += st(dy, (size_t)r * C + c, __fmul_rn(d, keep ? (float)keep[(size_t)r * C + c] * scale : scale));
         }
     }
     __syncthreads();
@@ -363,10 +401,10 @@ static __global__ void layernorm_backward_fused_kernel(float *dinp /* [N, C] */,
     }
 }
 
-extern "C" void cuda_layernorm_backward_residual(float *dinp, float *dw, float *db, const float *dout,
-                                                 const float *inp, const float *w, const float *mean,
-                                                 const float *rstd, int N, int C, float *dy, const uint8_t *keep,
-                                                 float scale, float *dbias, float *scratch, cudaStream_t stream) {
+template <typename X>
+static void layernorm_backward_residual(X *dinp, float *dw, float *db, const X *dout, const X *inp, const X *w,
+                                        const float *mean, const float *rstd, int N, int C, X *dy, const uint8_t *keep,
+                                        float scale, float *dbias, float *scratch, cudaStream_t stream) {
     if (N <= 0 || C <= 0) return;
     if (!dy && dbias) mlm_fatal(MLM_EXIT_FAILURE, "cuda_layernorm_backward_residual: a bias gradient needs dy");
     if (C > LNF_MAX_C) {
@@ -376,17 +414,36 @@ extern "C" void cuda_layernorm_backward_residual(float *dinp, float *dw, float *
     }
     int chunks = lnb_chunks(N);
     size_t shmem = 3 * (size_t)LNB_TY * C * sizeof(float);
-    layernorm_backward_fused_kernel<<<(unsigned)chunks, 32 * LNB_TY, shmem, stream>>>(dinp, scratch, dy, keep, scale,
-                                                                                       dout, inp, w, mean, rstd, N, C);
+    layernorm_backward_fused_kernel<X><<<(unsigned)chunks, 32 * LNB_TY, shmem, stream>>>(dinp, scratch, dy, keep, scale,
+                                                                                          dout, inp, w, mean, rstd, N,
+                                                                                          C);
     CUDA_CHECK_LAUNCH();
     layernorm_backward_finish_kernel<<<(unsigned)((C + 255) / 256), 256, 0, stream>>>(dw, db, dbias, scratch, chunks,
                                                                                       C);
     CUDA_CHECK_LAUNCH();
 }
 
+extern "C" void cuda_layernorm_backward_residual(float *dinp, float *dw, float *db, const float *dout,
+                                                 const float *inp, const float *w, const float *mean,
+                                                 const float *rstd, int N, int C, float *dy, const uint8_t *keep,
+                                                 float scale, float *dbias, float *scratch, cudaStream_t stream) {
+    layernorm_backward_residual(dinp, dw, db, dout, inp, w, mean, rstd, N, C, dy, keep, scale, dbias, scratch, stream);
+}
+void cuda_layernorm_backward_residual(bf16 *dinp, float *dw, float *db, const bf16 *dout, const bf16 *inp,
+                                      const bf16 *w, const float *mean, const float *rstd, int N, int C, bf16 *dy,
+                                      const uint8_t *keep, float scale, float *dbias, float *scratch,
+                                      cudaStream_t stream) {
+    layernorm_backward_residual(dinp, dw, db, dout, inp, w, mean, rstd, N, C, dy, keep, scale, dbias, scratch, stream);
+}
+
 extern "C" void cuda_layernorm_backward(float *dinp, float *dw, float *db, const float *dout, const float *inp,
                                         const float *w, const float *mean, const float *rstd, int N, int C,
                                         float *scratch, cudaStream_t stream) {
-    cuda_layernorm_backward_residual(dinp, dw, db, dout, inp, w, mean, rstd, N, C, NULL, NULL, 1.0f, NULL, scratch,
-                                     stream);
+    layernorm_backward_residual(dinp, dw, db, dout, inp, w, mean, rstd, N, C, (float *)NULL, NULL, 1.0f, NULL, scratch,
+                                stream);
+}
+void cuda_layernorm_backward(bf16 *dinp, float *dw, float *db, const bf16 *dout, const bf16 *inp, const bf16 *w,
+                             const float *mean, const float *rstd, int N, int C, float *scratch, cudaStream_t stream) {
+    layernorm_backward_residual(dinp, dw, db, dout, inp, w, mean, rstd, N, C, (bf16 *)NULL, NULL, 1.0f, NULL, scratch,
+                                stream);
 }

@@ -1,8 +1,11 @@
 // loss.cu: target counting, fused softmax cross-entropy (loss, accuracy, gradient) with an ignore index, and the
-// fixed-order reduction of the per-row losses to the batch's mean loss.
+// fixed-order reduction of the per-row losses to the batch's mean loss. The logits, their gradient and the sparse
+// head's gathered rows are of the storage type X (act.cuh); the loss, its sums and the statistics are FP32 (the
+// log-sum-exp in double) in either.
 #include <limits.h>
 #include <math.h>
 
+#include "act.cuh"
 #include "cuda_check.h"
 #include "kernels.h"
 
@@ -94,20 +97,21 @@ extern "C" void cuda_count_targets(int *d_n_targets, const int *labels, int N, i
 // reads itself. A label outside [0, V) on a target row (the CPU stops with an error) gives a NaN loss and a
 // zero gradient row, so the mean loss shows the fault instead of a wild read.
 
-static __global__ void crossentropy_kernel(float *losses /* [N] */, int *correct /* [N] */, float *dlogits /* [N, V] */,
-                                           const float *logits /* [N, V] */, const int *labels /* [N] */,
+template <typename X>
+static __global__ void crossentropy_kernel(float *losses /* [N] */, int *correct /* [N] */, X *dlogits /* [N, V] */,
+                                           const X *logits /* [N, V] */, const int *labels /* [N] */,
                                            const int *d_n_targets, int V, int ignore_index) {
     __shared__ float sval[32];
     __shared__ int sidx[32];
     __shared__ float ssum[32];
     __shared__ double dsum[32];
     size_t row = blockIdx.x;
-    const float *x = logits + row * (size_t)V;  // [V]
-    float *g = dlogits + row * (size_t)V;  // [V]
+    const X *x = logits + row * (size_t)V;  // [V]
+    X *g = dlogits + row * (size_t)V;  // [V]
     int tid = threadIdx.x, nt = blockDim.x;
     int label = labels[row];
     if (label == ignore_index || label < 0 || label >= V) {  // block-uniform branch: the whole block returns
-        for (int v = tid; v < V; v += nt) g[v] = 0.0f;
+        for (int v = tid; v < V; v += nt) st(g, v, 0.0f);
         if (tid == 0) {
             losses[row] = label == ignore_index ? 0.0f : __int_as_float(0x7fc00000);  // quiet NaN
             correct[row] = 0;
@@ -118,20 +122,20 @@ static __global__ void crossentropy_kernel(float *losses /* [N] */, int *correct
     float best = -INFINITY;
     int best_i = INT_MAX;
     for (int v = tid; v < V; v += nt) {
-        float xv = x[v];
+        float xv = ld(x, v);
         if (best_i == INT_MAX || xv > best) {  // strictly greater: the first (lowest) index wins ties
             best = xv;
             best_i = v;
         }
     }
-    float x_label = x[label];
+    float x_label = ld(x, label);
     block_argmax(best, best_i, sval, sidx);
     float maxv = best;
     // Pass 2.
     float fsum = 0.0f;
     double lsum = 0.0;
     for (int v = tid; v < V; v += nt) {
-        float xv = x[v];
+        float xv = ld(x, v);
         fsum += expf(__fsub_rn(xv, maxv));
         lsum += exp((double)xv - (double)maxv);
     }
@@ -142,9 +146,9 @@ static __global__ void crossentropy_kernel(float *losses /* [N] */, int *correct
     float dloss = n_targets > 0 ? __fdiv_rn(1.0f, (float)n_targets) : 0.0f;
     float inv = __fdiv_rn(dloss, fsum);
     for (int v = tid; v < V; v += nt) {
-        float gv = __fmul_rn(expf(__fsub_rn(x[v], maxv)), inv);
+        float gv = __fmul_rn(expf(__fsub_rn(ld(x, v), maxv)), inv);
         if (v == label) gv = __fsub_rn(gv, dloss);
-        g[v] = gv;
+        st(g, v, gv);
     }
     if (tid == 0) {
         losses[row] = (float)(log(lsum) + (double)maxv - (double)x_label);
@@ -152,17 +156,27 @@ static __global__ void crossentropy_kernel(float *losses /* [N] */, int *correct
     }
 }
 
-extern "C" void cuda_crossentropy_forward_backward(float *losses, int *correct, float *dlogits, const float *logits,
-                                                   const int *labels, const int *d_n_targets, int N, int V,
-                                                   int ignore_index, cudaStream_t stream) {
+template <typename X>
+static void crossentropy_forward_backward(float *losses, int *correct, X *dlogits, const X *logits, const int *labels,
+                                          const int *d_n_targets, int N, int V, int ignore_index, cudaStream_t stream) {
     if (N <= 0) return;
     if (V <= 0) mlm_fatal(MLM_EXIT_FAILURE, "cuda_crossentropy_forward_backward: empty vocabulary");
     // Whole warps, one thread per logit up to 512 (V = 67 takes 96 threads); larger V loops.
     int threads = ((V + 31) / 32) * 32;
     if (threads > 512) threads = 512;
-    crossentropy_kernel<<<(unsigned)N, threads, 0, stream>>>(losses, correct, dlogits, logits, labels, d_n_targets, V,
-                                                             ignore_index);
+    crossentropy_kernel<X><<<(unsigned)N, threads, 0, stream>>>(losses, correct, dlogits, logits, labels, d_n_targets,
+                                                                V, ignore_index);
     CUDA_CHECK_LAUNCH();
+}
+extern "C" void cuda_crossentropy_forward_backward(float *losses, int *correct, float *dlogits, const float *logits,
+                                                   const int *labels, const int *d_n_targets, int N, int V,
+                                                   int ignore_index, cudaStream_t stream) {
+    crossentropy_forward_backward(losses, correct, dlogits, logits, labels, d_n_targets, N, V, ignore_index, stream);
+}
+void cuda_crossentropy_forward_backward(float *losses, int *correct, bf16 *dlogits, const bf16 *logits,
+                                        const int *labels, const int *d_n_targets, int N, int V, int ignore_index,
+                                        cudaStream_t stream) {
+    crossentropy_forward_backward(losses, correct, dlogits, logits, labels, d_n_targets, N, V, ignore_index, stream);
 }
 
 // ---- Batch loss: one block, fixed order -------------------------------------------------------------------
@@ -236,28 +250,38 @@ extern "C" void cuda_select_rows(int *sel_rows, int *d_n_sel, const int *labels,
 
 // One block per output row i < cap: out[i] = x[sel_rows[i]] and out_labels[i] = labels[sel_rows[i]] for
 // i < *d_n_sel; a zero row and ignore_index past it.
-static __global__ void gather_rows_kernel(float *out /* [cap, C] */, int *out_labels /* [cap] */,
-                                          const float *x /* [N, C] */, const int *labels /* [N] */,
-                                          const int *sel_rows /* [cap] */, const int *d_n_sel, int C,
-                                          int ignore_index) {
+template <typename X>
+static __global__ void gather_rows_kernel(X *out /* [cap, C] */, int *out_labels /* [cap] */, const X *x /* [N, C] */,
+                                          const int *labels /* [N] */, const int *sel_rows /* [cap] */,
+                                          const int *d_n_sel, int C, int ignore_index) {
     size_t i = blockIdx.x;
     int live = (int)i < *d_n_sel;
     int r = live ? sel_rows[i] : 0;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) out[i * C + c] = live ? x[(size_t)r * C + c] : 0.0f;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) st(out, i * C + c, live ? ld(x, (size_t)r * C + c) : 0.0f);
     if (threadIdx.x == 0) out_labels[i] = live ? labels[r] : ignore_index;
 }
 
-extern "C" void cuda_gather_rows(float *out, int *out_labels, const float *x, const int *labels, const int *sel_rows,
-                                 const int *d_n_sel, int cap, int C, int ignore_index, cudaStream_t stream) {
+template <typename X>
+static void gather_rows(X *out, int *out_labels, const X *x, const int *labels, const int *sel_rows, const int *d_n_sel,
+                        int cap, int C, int ignore_index, cudaStream_t stream) {
     if (cap <= 0) return;
     int threads = C < 256 ? ((C + 31) / 32) * 32 : 256;
-    gather_rows_kernel<<<(unsigned)cap, threads, 0, stream>>>(out, out_labels, x, labels, sel_rows, d_n_sel, C,
-                                                             ignore_index);
+    gather_rows_kernel<X><<<(unsigned)cap, threads, 0, stream>>>(out, out_labels, x, labels, sel_rows, d_n_sel, C,
+                                                                ignore_index);
     CUDA_CHECK_LAUNCH();
+}
+extern "C" void cuda_gather_rows(float *out, int *out_labels, const float *x, const int *labels, const int *sel_rows,
+                                 const int *d_n_sel, int cap, int C, int ignore_index, cudaStream_t stream) {
+    gather_rows(out, out_labels, x, labels, sel_rows, d_n_sel, cap, C, ignore_index, stream);
+}
+void cuda_gather_rows(bf16 *out, int *out_labels, const bf16 *x, const int *labels, const int *sel_rows,
+                      const int *d_n_sel, int cap, int C, int ignore_index, cudaStream_t stream) {
+    gather_rows(out, out_labels, x, labels, sel_rows, d_n_sel, cap, C, ignore_index, stream);
 }
 
 // One block per row i < cap: dx[sel_rows[i]] = drows[i] for i < *d_n_sel (dx's other rows are left as they are).
-static __global__ void scatter_rows_kernel(float *dx /* [N, C] */, const float *drows /* [cap, C] */,
+template <typename X>
+static __global__ void scatter_rows_kernel(X *dx /* [N, C] */, const X *drows /* [cap, C] */,
                                            const int *sel_rows /* [cap] */, const int *d_n_sel, int C) {
     size_t i = blockIdx.x;
     if ((int)i >= *d_n_sel) return;  // block-uniform
@@ -265,10 +289,19 @@ static __global__ void scatter_rows_kernel(float *dx /* [N, C] */, const float *
     for (int c = threadIdx.x; c < C; c += blockDim.x) dx[r * C + c] = drows[i * C + c];
 }
 
-extern "C" void cuda_scatter_rows(float *dx, const float *drows, const int *sel_rows, const int *d_n_sel, int cap, int C,
-                                  cudaStream_t stream) {
+template <typename X>
+static void scatter_rows(X *dx, const X *drows, const int *sel_rows, const int *d_n_sel, int cap, int C,
+                         cudaStream_t stream) {
     if (cap <= 0) return;
     int threads = C < 256 ? ((C + 31) / 32) * 32 : 256;
-    scatter_rows_kernel<<<(unsigned)cap, threads, 0, stream>>>(dx, drows, sel_rows, d_n_sel, C);
+    scatter_rows_kernel<X><<<(unsigned)cap, threads, 0, stream>>>(dx, drows, sel_rows, d_n_sel, C);
     CUDA_CHECK_LAUNCH();
+}
+extern "C" void cuda_scatter_rows(float *dx, const float *drows, const int *sel_rows, const int *d_n_sel, int cap, int C,
+                                  cudaStream_t stream) {
+    scatter_rows(dx, drows, sel_rows, d_n_sel, cap, C, stream);
+}
+void cuda_scatter_rows(bf16 *dx, const bf16 *drows, const int *sel_rows, const int *d_n_sel, int cap, int C,
+                       cudaStream_t stream) {
+    scatter_rows(dx, drows, sel_rows, d_n_sel, cap, C, stream);
 }

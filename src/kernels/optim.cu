@@ -1,10 +1,13 @@
 // optim.cu: global gradient L2 norm (fixed-order, double, one launch) and the fused clip + Adam / AdamW update over
 // all parameters, with the step's constants by value or from device memory (a captured step).
 #include <math.h>
+#include <string.h>
 
 #include "cuda_check.h"
 #include "kernels.h"
+#include "mlm/bf16.h"
 #include "mlm/optim.h"
+#include "philox.cuh"
 
 // ---- Global gradient norm -------------------------------------------------------------------------------
 // NB blocks (NB a function of n only) each sum the squares of a fixed set of elements in double (block b
@@ -112,11 +115,15 @@ typedef struct {
 
 enum { ADAM_BLOCK = 256, ADAM_MAX_GRID = 4096 };
 
-// d_step (device, may be NULL: use `step`) holds the constants of this step's t and lr.
+// d_step (device, may be NULL: use `step`) holds the constants of this step's t and lr. copy (train.precision =
+// bf16; NULL otherwise) receives the BF16 copy of the updated parameters by THE ROUNDING RULE (include/mlm/bf16.h)
+// with the Philox key step.round_seed, element i at offset step.round_offset + copy_first + i (copy_first: the index of
+// params[0] among all the parameters, when the update covers a range of them).
 static __global__ void adam_kernel(float *params /* [n] */, const float *grads /* [n] */, float *m /* [n] */,
                                    float *v /* [n] */, const uint8_t *decay_mask /* [n] or NULL */,
                                    const float *d_norm /* [1] */, float max_norm, size_t n, AdamConsts k,
-                                   AdamStep step, const AdamStep *d_step) {
+                                   AdamStep step, const AdamStep *d_step, uint16_t *copy /* [n] or NULL */,
+                                   uint64_t copy_first) {
     // The step's constants and the clip coefficient are the same for every thread: read once per block.
     __shared__ AdamStep s_step;
     __shared__ float s_coef;
@@ -141,7 +148,14 @@ static __global__ void adam_kernel(float *params /* [n] */, const float *grads /
         // Noam: p -= step m / (sqrt(v) + eps); AdamW: p -= step m / (sqrt(v) / sqrt(1 - b2^t) + eps).
         float denom = k.adamw ? __fadd_rn(__fmul_rn(__fsqrt_rn(vi), step.inv_sqrt_bc2), k.eps)
                               : __fadd_rn(__fsqrt_rn(vi), k.eps);
-        params[i] = __fsub_rn(p, __fdiv_rn(__fmul_rn(step.step, mi), denom));
+        float updated = __fsub_rn(p, __fdiv_rn(__fmul_rn(step.step, mi), denom));
+        params[i] = updated;
+        if (copy) {
+            uint64_t g = step.round_offset + copy_first + i;
+            uint32_t x[4];
+            philox_block(step.round_seed, g / 4, x);
+            copy[i] = bf16_stochastic_bits(updated, x[g % 4]);
+        }
     }
 }
 
@@ -155,6 +169,7 @@ extern "C" AdamStep cuda_adam_step(int kind, float beta1, float beta2, float wei
     // Bias corrections in double on the host, rounded to float as optim.c rounds them.
     double bc1 = 1.0 - pow((double)beta1, (double)t), bc2 = 1.0 - pow((double)beta2, (double)t);
     AdamStep s;
+    memset(&s, 0, sizeof(s));  // no BF16 copy unless the caller sets round_seed / round_offset
     if (kind == OPTIM_ADAMW) {
         s.step = (float)(lr / bc1);
         s.inv_sqrt_bc2 = (float)(1.0 / sqrt(bc2));
@@ -169,7 +184,8 @@ extern "C" AdamStep cuda_adam_step(int kind, float beta1, float beta2, float wei
 
 static void adam_launch(float *params, const float *grads, float *m, float *v, const uint8_t *decay_mask,
                         const float *d_norm, float max_norm, size_t n, int kind, float beta1, float beta2, float eps,
-                        AdamStep step, const AdamStep *d_step, cudaStream_t stream) {
+                        AdamStep step, const AdamStep *d_step, uint16_t *copy, uint64_t copy_first,
+                        cudaStream_t stream) {
     check_adam_kind(kind);
     if (n == 0) return;
     AdamConsts k;
@@ -181,7 +197,8 @@ static void adam_launch(float *params, const float *grads, float *m, float *v, c
     k.adamw = kind == OPTIM_ADAMW;
     size_t blocks = (n + ADAM_BLOCK - 1) / ADAM_BLOCK;
     unsigned grid = (unsigned)(blocks < (size_t)ADAM_MAX_GRID ? blocks : (size_t)ADAM_MAX_GRID);
-    adam_kernel<<<grid, ADAM_BLOCK, 0, stream>>>(params, grads, m, v, decay_mask, d_norm, max_norm, n, k, step, d_step);
+    adam_kernel<<<grid, ADAM_BLOCK, 0, stream>>>(params, grads, m, v, decay_mask, d_norm, max_norm, n, k, step, d_step,
+                                                 copy, copy_first);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -189,12 +206,15 @@ extern "C" void cuda_adam_update(float *params, const float *grads, float *m, fl
                                  const float *d_norm, float max_norm, size_t n, int kind, float beta1, float beta2,
                                  float eps, float weight_decay, long t, double lr, cudaStream_t stream) {
     AdamStep step = cuda_adam_step(kind, beta1, beta2, weight_decay, t, lr);
-    adam_launch(params, grads, m, v, decay_mask, d_norm, max_norm, n, kind, beta1, beta2, eps, step, NULL, stream);
+    adam_launch(params, grads, m, v, decay_mask, d_norm, max_norm, n, kind, beta1, beta2, eps, step, NULL, NULL, 0, stream);
 }
 
 extern "C" void cuda_adam_update_dev(float *params, const float *grads, float *m, float *v, const uint8_t *decay_mask,
                                      const float *d_norm, float max_norm, size_t n, int kind, float beta1, float beta2,
-                                     float eps, const AdamStep *d_step, cudaStream_t stream) {
-    AdamStep unused = {1.0f, 1.0f, 1.0f};
-    adam_launch(params, grads, m, v, decay_mask, d_norm, max_norm, n, kind, beta1, beta2, eps, unused, d_step, stream);
+                                     float eps, const AdamStep *d_step, uint16_t *copy, uint64_t copy_first,
+                                     cudaStream_t stream) {
+    AdamStep unused;
+    memset(&unused, 0, sizeof(unused));
+    adam_launch(params, grads, m, v, decay_mask, d_norm, max_norm, n, kind, beta1, beta2, eps, unused, d_step, copy,
+                copy_first, stream);
 }

@@ -41,6 +41,7 @@
 
 #include "cublas_v2.h"
 #include "cuda_emu.h"
+#include "emu_internal.h"
 #include "curand.h"
 #include "emu_api.h"
 #include "nvtx3/nvToolsExt.h"
@@ -2195,7 +2196,8 @@ static std::string gemm_family_key(const char *api, cublasOperation_t ta, cublas
                                    int batch) {
     GemmFamily f;
     f.phase = nvtx_phase();
-    f.api = strstr(api, "Batched") ? "sgemm_strided_batched" : "sgemm";
+    // cuBLAS's own calls by their kind; the other libraries (emu_cublaslt.cc) name their family themselves.
+    f.api = strstr(api, "Batched") ? "sgemm_strided_batched" : strncmp(api, "cublas", 6) == 0 ? "sgemm" : api;
     f.ta = op_letter(ta), f.tb = op_letter(tb);
     f.m = m, f.n = n, f.k = k, f.batch = batch;
     char key[256];
@@ -2272,3 +2274,55 @@ extern "C" void emu_counters_json(FILE *f) {
         }
     fprintf(f, "\n ]\n}\n");
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// What the other parts of the layer use (emu_internal.h; emu_cublaslt.cc).
+
+namespace emu_internal {
+
+bool is_device_range(const void *p, size_t bytes) { return is_device(p, bytes); }
+std::string describe(const void *p) { return describe_ptr(p); }
+
+void fail(const char *fmt, ...) {
+    char msg[2048];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    emu_fail("%s", msg);
+}
+
+void warn(const char *fmt, ...) {
+    char msg[2048];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    emu_warn("%s", msg);
+}
+
+bool quiet(void) { return env_int("MLM_EMU_QUIET", 0) != 0; }
+
+bool enqueue_on(cudaStream_t stream, const char *api, std::function<void()> run) {
+    CUstream_st *s = stream_of(stream, api);
+    if (!s) return false;
+    enqueue(s, Op{std::move(run), nullptr});
+    return true;
+}
+
+static cublasOperation_t op_of(char t) { return t == 'N' ? CUBLAS_OP_N : t == 'T' ? CUBLAS_OP_T : CUBLAS_OP_C; }
+
+std::string gemm_called(const char *api, char ta, char tb, int m, int n, int k, int batch, uint64_t flops,
+                        uint64_t bytes_read, uint64_t bytes_written) {
+    g_cnt.cublas_calls++;
+    g_cnt.cublas_flops += flops;
+    g_cnt.cublas_bytes_read += bytes_read;
+    g_cnt.cublas_bytes_written += bytes_written;
+    return gemm_family_key(api, op_of(ta), op_of(tb), m, n, k, batch);
+}
+
+void gemm_executed(const std::string &key, uint64_t flops, uint64_t bytes_read, uint64_t bytes_written) {
+    gemm_family_count(key, flops, bytes_read, bytes_written);
+}
+
+}  // namespace emu_internal

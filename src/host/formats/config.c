@@ -58,7 +58,7 @@ static const KeyDesc KEYS[] = {
     {"train.keep_ckpts", K_INT, OFF(keep_ckpts), 1, 1 << 20, NULL, "checkpoints kept"},
     {"train.init_check_vocab", K_BOOL, OFF(init_check_vocab), 0, 1, NULL, "with --init, refuse weights exported for another vocabulary (false: load them anyway, e.g. to fine-tune on a text with as many characters)"},
     {"train.threads", K_INT, OFF(threads), 0, 4096, NULL, "CPU threads (0: OpenMP default)"},
-    {"train.tf32", K_BOOL, OFF(tf32), 0, 1, NULL, "allow TF32 tensor-core matmuls on the GPU"},
+    {"train.precision", K_ENUM, OFF(precision), 0, 0, "fp32|tf32|bf16", "fp32; tf32: the GPU's FP32 matmuls on TF32 tensor cores; bf16: BF16 parameters copy, activations and their gradients with FP32 master weights, Adam moments and accumulation (on the CPU: the same roundings, the GPU's reference). Replaces train.tf32 = true | false (still read as tf32 | fp32)"},
     {"train.cuda_graph", K_BOOL, OFF(cuda_graph), 0, 1, NULL, "GPU: capture the training step and the validation forward as CUDA graphs once per batch shape and replay them (false: plain launches; the same results bit for bit)"},
     {"train.samples", K_BOOL, OFF(samples), 0, 1, NULL, "print the sample predictions every epoch"},
     // ---- gradient accumulation and data parallel (issue 13)
@@ -110,7 +110,7 @@ void config_defaults(Config *c) {
     c->ckpt_minutes = 30;
     c->keep_ckpts = 3;
     c->init_check_vocab = 1;
-    c->tf32 = 1;
+    c->precision = PRECISION_TF32;
     c->cuda_graph = 1;
     c->samples = 1;
     c->accum_steps = 1;      // data-parallel block (issue 13)
@@ -215,7 +215,33 @@ static int parse_integer(const KeyDesc *k, const char *value, long *out, char *e
     return rc != 0;
 }
 
+// true/1/yes/on or false/0/no/off into *out; 1 for anything else.
+static int parse_bool(const char *value, int *out) {
+    if (!strcmp(value, "true") || !strcmp(value, "1") || !strcmp(value, "yes") || !strcmp(value, "on")) {
+        *out = 1;
+        return 0;
+    }
+    if (!strcmp(value, "false") || !strcmp(value, "0") || !strcmp(value, "no") || !strcmp(value, "off")) {
+        *out = 0;
+        return 0;
+    }
+    return 1;
+}
+
+// train.tf32 (before train.precision): configuration files and checkpoints of earlier runs hold it.
+static int set_old_tf32(Config *c, const char *value, char *err, size_t errlen) {
+    int on;
+    if (parse_bool(value, &on)) {
+        snprintf(err, errlen, "train.tf32 = '%s' must be true or false (train.tf32 is now train.precision = tf32 | "
+                 "fp32 | bf16)", value);
+        return 1;
+    }
+    c->precision = on ? PRECISION_TF32 : PRECISION_FP32;
+    return 0;
+}
+
 int config_set_value(Config *c, const char *key, const char *value, char *err, size_t errlen) {
+    if (!strcmp(key, "train.tf32")) return set_old_tf32(c, value, err, errlen);
     const KeyDesc *k = find_key(key);
     if (!k) { unknown_key_message(key, err, errlen); return 1; }
     char *field = (char *)c + k->offset;
@@ -249,11 +275,7 @@ int config_set_value(Config *c, const char *key, const char *value, char *err, s
         *(double *)field = num;
         return 0;
     case K_BOOL:
-        if (!strcmp(value, "true") || !strcmp(value, "1") || !strcmp(value, "yes") || !strcmp(value, "on")) {
-            *(int *)field = 1;
-        } else if (!strcmp(value, "false") || !strcmp(value, "0") || !strcmp(value, "no") || !strcmp(value, "off")) {
-            *(int *)field = 0;
-        } else {
+        if (parse_bool(value, (int *)field)) {
             snprintf(err, errlen, "%s = '%s' must be true or false", k->name, value);
             return 1;
         }
@@ -521,4 +543,9 @@ void config_print_keys(FILE *f) {
         write_value(f, &KEYS[i], &d);
         fputs(")\n", f);
     }
+}
+
+const char *precision_name(int precision) {
+    static const char *const names[] = {"fp32", "tf32", "bf16"};
+    return precision >= 0 && precision <= PRECISION_BF16 ? names[precision] : "?";
 }

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "mlm/common.h"
+#include "mlm/config.h"
 #include "mlm/cpu.h"
 
 // Where the step's gradient sum lives: after the step's first micro-batch it is the model's own gradient array
@@ -22,6 +23,8 @@ typedef struct {
     float *adam_m, *adam_v; // [moments_len] each, one allocation: the moments of this rank's range
     uint8_t *decay_mask;    // [P] 1 where AdamW decays
     float grad_norm;        // of the last update
+    long round_due;         // bf16: the BF16 copy is stale, the parameters having had this many updates (-1: fresh);
+                            // made at the next forward, after a ZeRO-1 gather has completed the parameters
     // The last micro-batch, for accumulate.
     float loss;
     int correct;
@@ -40,8 +43,16 @@ static float *sum_buffer(CpuBackend *c) {
     return c->sum;
 }
 
+// train.precision = bf16: the BF16 copy of parameters that changed since the last forward (cpu_model_round_params).
+static void refresh_bf16_copy(CpuBackend *c) {
+    if (c->round_due < 0) return;
+    cpu_model_round_params(c->model, (uint64_t)c->round_due);
+    c->round_due = -1;
+}
+
 static void cpu_forward_backward(Backend *be, const Batch *b) {
     CpuBackend *c = cpu_of(be);
+    refresh_bf16_copy(c);
     if (c->place == SUM_IN_MODEL) {  // the backward below overwrites the model's gradients: keep the sum
         memcpy(sum_buffer(c), c->model->grads, be->n_params * sizeof(float));
         c->place = SUM_IN_SUM;
@@ -92,6 +103,7 @@ static void cpu_update(Backend *be, size_t lo, size_t len, long t, double lr) {
     cpu_adam_update(&k->oc, c->model->params + lo, g + lo, c->adam_m + at, c->adam_v + at, c->decay_mask + lo, len,
                     t, lr);
     c->place = SUM_NONE;  // the next step starts a new sum
+    c->round_due = t;
 }
 
 static void cpu_finish(Backend *be, StepSums *s) { s->grad_norm = cpu_of(be)->grad_norm; }
@@ -100,6 +112,7 @@ static float *cpu_params(Backend *be) { return cpu_of(be)->model->params; }
 
 static void cpu_evaluate(Backend *be, const Batch *b, BatchStats *st) {
     CpuBackend *c = cpu_of(be);
+    refresh_bf16_copy(c);
     DropoutCtx d = dropout_of(b);
     d.layout = c->cfg.layout;
     int correct = 0;
@@ -118,7 +131,7 @@ static const float *cpu_logits(Backend *be, int rows) {
     return cpu_of(be)->model->logits;
 }
 
-static void cpu_load(Backend *be, const float *params, const float *adam_m, const float *adam_v) {
+static void cpu_load(Backend *be, const float *params, const float *adam_m, const float *adam_v, long updates_done) {
     CpuBackend *c = cpu_of(be);
     const BackendConfig *k = &c->cfg;
     size_t bytes = k->moments_len * sizeof(float);
@@ -127,6 +140,7 @@ static void cpu_load(Backend *be, const float *params, const float *adam_m, cons
     else memset(c->adam_m, 0, bytes);
     if (adam_v) memcpy(c->adam_v, adam_v + k->moments_lo, bytes);
     else memset(c->adam_v, 0, bytes);
+    c->round_due = updates_done;
 }
 
 static void cpu_save(Backend *be, const float **params, const float **adam_m, const float **adam_v) {
@@ -150,6 +164,8 @@ Backend *backend_cpu(const BackendConfig *cfg) {
     c->cfg = *cfg;
     c->model = cpu_model_create(&cfg->mc, cfg->max_rows);
     cpu_model_set_sparse_prediction(c->model, cfg->sparse_prediction);
+    if (cfg->precision == PRECISION_BF16) cpu_model_set_bf16(c->model, cfg->round_seed);
+    c->round_due = -1;
     size_t P = c->model->n_params;
     if (cfg->moments_lo + cfg->moments_len > P)
         mlm_fatal(MLM_EXIT_FAILURE, "backend_cpu: moments %zu..%zu of %zu parameters", cfg->moments_lo,

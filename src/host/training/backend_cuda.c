@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "mlm/common.h"
+#include "mlm/config.h"
 #include "mlm/cuda_model.h"
 
 typedef struct {
@@ -26,6 +27,8 @@ typedef struct {
     Batch pb;
     int pending_first;
     int micro_batches;    // accumulated in this step (0: this rank had no rows; its statistics are zero)
+    long round_due;       // bf16 under ZeRO-1: the BF16 copy is stale after an update of this rank's range (the
+                          // gather completes the masters later): made again before the next forward (-1: fresh)
     int fused;            // the last update ran with its micro-batch as one step (fused_stats holds its read-back)
     CudaStepStats fused_stats;
     float *h_logits;      // [max_rows, T, V] host copy for the samples
@@ -48,9 +51,17 @@ static void launch_pending(CudaBackend *c) {
     c->pending = 0;
 }
 
+// bf16 under ZeRO-1: the BF16 copy of the parameters the other ranks updated, once the gather has brought them.
+static void refresh_bf16_copy(CudaBackend *c) {
+    if (c->round_due < 0) return;
+    cuda_model_set_bf16_rounding(c->gm, c->cfg.round_seed, (uint64_t)c->round_due);
+    c->round_due = -1;
+}
+
 static void cuda_forward_backward(Backend *be, const Batch *b) {
     CudaBackend *c = cuda_of(be);
     launch_pending(c);
+    refresh_bf16_copy(c);
     c->pb = *b;
     c->pending = 1;
     c->pending_first = -1;  // set by accumulate
@@ -86,6 +97,8 @@ static void cuda_update(Backend *be, size_t lo, size_t len, long t, double lr) {
     }
     launch_pending(c);
     cuda_model_update_accumulated(c->gm, lo, len, k->max_norm, &k->oc, t, lr);
+    // The update wrote the BF16 copy of [lo, lo + len) only; the rest comes with the gather of the other ranges.
+    if (k->precision == PRECISION_BF16 && len < be->n_params) c->round_due = t;
 }
 
 static void cuda_finish(Backend *be, StepSums *s) {
@@ -110,6 +123,7 @@ static float *cuda_params(Backend *be) { return cuda_model_params_device(cuda_of
 
 static void cuda_evaluate(Backend *be, const Batch *b, BatchStats *st) {
     CudaBackend *c = cuda_of(be);
+    refresh_bf16_copy(c);
     CudaRandom rnd = random_of(c, b, 0);
     CudaStepStats s;
     // Masked on the device with the host's numbers and rule (b->inputs and labels are the same), as one graph.
@@ -127,13 +141,16 @@ static const float *cuda_logits(Backend *be, int rows) {
     return c->h_logits;
 }
 
-static void cuda_load(Backend *be, const float *params, const float *adam_m, const float *adam_v) {
+static void cuda_load(Backend *be, const float *params, const float *adam_m, const float *adam_v, long updates_done) {
     CudaBackend *c = cuda_of(be);
     size_t lo = c->cfg.moments_lo, len = c->cfg.moments_len;
     float *zeros = (!adam_m || !adam_v) ? mlm_calloc(len, sizeof(float), "zero Adam moments") : NULL;
     cuda_model_set_params(c->gm, params);
     cuda_model_set_adam(c->gm, adam_m ? adam_m + lo : zeros, adam_v ? adam_v + lo : zeros);
     free(zeros);
+    // bf16: the copy of the loaded masters, rounded as the run that made them rounded it (offset updates x P).
+    if (c->cfg.precision == PRECISION_BF16)
+        cuda_model_set_bf16_rounding(c->gm, c->cfg.round_seed, (uint64_t)updates_done);
 }
 
 static void cuda_save(Backend *be, const float **params, const float **adam_m, const float **adam_v) {
@@ -158,7 +175,8 @@ static void cuda_free(Backend *be) {
 Backend *backend_cuda(const BackendConfig *cfg) {
     CudaBackend *c = mlm_calloc(1, sizeof(CudaBackend), "CUDA backend");
     c->cfg = *cfg;
-    c->gm = cuda_model_create(&cfg->mc, cfg->max_rows, cfg->tf32);
+    c->round_due = -1;
+    c->gm = cuda_model_create(&cfg->mc, cfg->max_rows, cfg->precision);
     cuda_model_set_graphs(c->gm, cfg->cuda_graph);
     cuda_model_set_sparse_prediction(c->gm, cfg->sparse_prediction);
     if (cfg->mask.whole_word && cfg->mask.continuation) cuda_model_set_continuation(c->gm, cfg->mask.continuation);

@@ -8,6 +8,7 @@
 #include "mlm/common.h"
 #include "mlm/cpu.h"
 #include "mlm/cuda_backend.h"
+#include "mlm/cuda_model.h"
 #include "mlm/shards.h"
 #include "mlm/wordpiece.h"
 #include "run.h"
@@ -241,12 +242,13 @@ void print_device(const Run *r) {
     if (r->gpu) {
         char desc[256];
         cuda_device_describe(desc, sizeof(desc));
-        printf("# device: CUDA (%s; TF32 matmuls %s); run directory %s\n", desc, r->cfg.tf32 ? "on" : "off",
-               r->run_dir);
+        printf("# device: CUDA (%s; train.precision = %s); run directory %s\n", desc,
+               precision_name(r->cfg.precision), r->run_dir);
     } else {
         char matmuls[768];
         cpu_matmul_describe(matmuls, sizeof(matmuls));
-        printf("# device: CPU (%d OpenMP threads, matmuls: %s); run directory %s\n", omp_get_max_threads(), matmuls,
+        printf("# device: CPU (%d OpenMP threads, matmuls: %s%s); run directory %s\n", omp_get_max_threads(), matmuls,
+               r->cfg.precision == PRECISION_BF16 ? "; BF16 roundings of the CUDA backend's BF16 step" : "",
                r->run_dir);
     }
     const Config *c = &r->cfg;
@@ -255,4 +257,44 @@ void print_device(const Run *r) {
         printf("# %d micro-batches of %d sequences per step (train.accum_steps), %d per rank on %d rank(s), summed by "
                "the %s reducer%s\n", c->accum_steps, c->batch_size / c->accum_steps, c->accum_steps / r->dist.world,
                r->dist.world, r->rd->name, sharded ? "; Adam moments sharded (train.zero)" : "");
+}
+
+// bytes as "12.3 MiB" or "4.56 GiB" into buf[32].
+static const char *mib_gib(size_t bytes, char *buf) {
+    double mib = (double)bytes / (1024.0 * 1024.0);
+    if (mib < 1024.0) snprintf(buf, 32, "%.1f MiB", mib);
+    else snprintf(buf, 32, "%.2f GiB", mib / 1024.0);
+    return buf;
+}
+
+// --dry-run: the device memory the CUDA backend would allocate for this configuration (cuda_model_memory_plan,
+// the layout cuda_model_create carves), before anything is allocated; with a GPU here, whether it fits.
+void print_device_memory(const Run *r) {
+    const Config *c = &r->cfg;
+    if (c->device == DEVICE_CPU) return;
+    char why[256];
+    int devices = cuda_device_count(why, sizeof(why));
+    if (!devices && strstr(why, "built without CUDA")) {
+        printf("# device memory: not estimated (%s)\n", why);
+        return;
+    }
+    CudaMemoryPlan p;
+    cuda_model_memory_plan(&r->mc, r->max_rows, c->precision, c->accum_steps > 1,
+                           r->mask.whole_word && r->mask.continuation, &p);
+    char b[9][32], copy[64] = "";
+    if (p.params16) snprintf(copy, sizeof(copy), ", BF16 copy %s", mib_gib(p.params16, b[8]));
+    printf("# device memory (CUDA backend, train.precision = %s, batches of up to %d x %d tokens): %s = parameter "
+           "state %s (FP32 parameters %s, gradients %s, Adam moments %s%s, decay mask) + activations %s + cuBLAS "
+           "workspace %s", precision_name(c->precision), r->max_rows, c->seq_len, mib_gib(p.total, b[0]),
+           mib_gib(p.state_alloc, b[1]), mib_gib(p.params, b[2]), mib_gib(p.grads, b[3]), mib_gib(p.adam, b[4]), copy,
+           mib_gib(p.activations, b[5]), mib_gib(p.workspace, b[6]));
+    if (p.accumulation) printf(" + summed gradients %s", mib_gib(p.accumulation, b[7]));
+    if (p.other) printf(" + whole-word flags %zu bytes", p.other);
+    printf("; the CUDA context and library handles take a few hundred MiB more\n");
+    if (devices) {
+        char desc[256];
+        cuda_device_describe(desc, sizeof(desc));
+        size_t have = cuda_device_total_memory();
+        printf("# device memory: %s on this machine's GPU (%s)\n", p.total < have ? "fits" : "does NOT fit", desc);
+    }
 }

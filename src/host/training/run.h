@@ -62,6 +62,8 @@ typedef struct {
 // print.c: what the run shows on the terminal and in samples.txt.
 void print_header(const Run *r);
 void print_device(const Run *r);
+// --dry-run: the device memory the CUDA backend would allocate, by cuda_model_memory_plan (nothing allocated).
+void print_device_memory(const Run *r);
 void print_masked_batch(const Run *r, int rows);
 void print_samples(Run *r, long epoch);
 void print_progress(const Run *r, long epoch, double loss, double acc, double lr, float gnorm, double tps,

@@ -182,7 +182,8 @@ static void setup_backend(Run *r) {
     r->n_params = model_num_params(&r->mc);
     BackendConfig bc = {.mc = r->mc, .max_rows = r->max_rows, .mask = r->mask, .layout = r->layout, .oc = r->oc,
                         .max_norm = (float)cfg->grad_clip, .sparse_prediction = cfg->sparse_prediction,
-                        .tf32 = cfg->tf32, .cuda_graph = cfg->cuda_graph};
+                        .precision = cfg->precision,
+                        .round_seed = rng_domain_seed(cfg->seed, RNG_DOMAIN_ROUND), .cuda_graph = cfg->cuda_graph};
     step_shard(r->rd, r->n_params, cfg->zero, &bc.moments_lo, &bc.moments_len);
     r->be = r->gpu ? backend_cuda(&bc) : backend_cpu(&bc);
     step_plan(&r->train_step, r->be, r->rd, &r->train_rng, (float)cfg->dropout, cfg->batch_size, cfg->accum_steps,
@@ -193,7 +194,10 @@ int train_key_resumable(const char *key) {
     static const char *const keys[] = {"train.epochs", "train.max_steps", "train.device", "train.log_every",
                                        "train.ckpt_every", "train.keep_ckpts", "train.threads", "train.samples",
                                        "data.path", "train.ckpt_minutes", "train.init_check_vocab",
-                                       "train.zero", "train.dist_timeout"};  // the last two: same bits either way
+                                       "train.zero", "train.dist_timeout",  // these two: same bits either way
+                                       // checkpoints hold FP32 masters and moments in every precision, so a run
+                                       // may continue in another (as on another device: rounding changes, not the run)
+                                       "train.precision", "train.tf32"};
     for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
         if (!strcmp(key, keys[i])) return 1;
     return 0;
@@ -218,7 +222,7 @@ static void restore(Run *r, const Checkpoint *c) {
     r->st = c->st;
     r->step = c->st.step;
     train_agree_state(&r->dist, r->step, c->params, c->adam_m, c->adam_v, r->n_params, "resumed");
-    r->be->load(r->be, c->params, c->adam_m, c->adam_v);
+    r->be->load(r->be, c->params, c->adam_m, c->adam_v, c->st.step);
 }
 
 // --init: the weights of a safetensors file into params[P], refused (listing every mismatch) unless they are exactly
@@ -246,7 +250,7 @@ static void load_start(Run *r) {
     if (r->opt.init_path) load_init_weights(r, params);
     // Several ranks: the same starting weights everywhere (agree_ranks.h), or none trains.
     train_agree_state(&r->dist, r->step, params, NULL, NULL, r->n_params, r->opt.init_path ? "--init" : "seeded");
-    r->be->load(r->be, params, NULL, NULL);  // Adam moments start at zero
+    r->be->load(r->be, params, NULL, NULL, 0);  // Adam moments start at zero
     free(params);
 }
 
@@ -496,6 +500,7 @@ static int dry_run(Run *r) {
     int b = batcher_get(&r->train_b, 0, r->tokens);
     long sel = step_mask(&r->train_step, &r->train_rng, 0, r->tokens, b);
     print_masked_batch(r, MLM_MIN(b, 4));
+    print_device_memory(r);
     int n = b * r->cfg.seq_len;
     printf("# %ld of %d positions selected for prediction (%.1f%%); dry run: nothing trained\n", sel, n,
            100.0 * sel / n);
