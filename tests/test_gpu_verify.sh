@@ -2,7 +2,8 @@
 # test_gpu_verify.sh (unit, tools): the plumbing of tools/gpu_verify.sh without a GPU (MLM_VERIFY_STUB=1: every
 # GPU step is a fast stand-in). Two runs, ~20 s in all:
 #   1. everything passes: every step is reported, OUTDIR holds at most 8 plain files and no folder, the
-#      summary says so, the JSON parses and carries the 20 epochs of both runs and five throughput figures,
+#      summary says so, the JSON parses and carries the 20 epochs of both runs, ten throughput figures and
+#      issue 23's goal ratios computed from them,
 #      the tarball holds the logs and no checkpoint;
 #   2. a 14 s deadline with a step that hangs, a failing GPU test and a sanitizer that reports an unsupported
 #      device: the hanging step is stopped at the time left (its cap cut), the failing test is re-run with
@@ -45,19 +46,25 @@ check "at most 8 files come back" [ "$n_files" -le 8 ]
 check "no folders or links in OUTDIR" [ "$n_other" -eq 0 ]
 for s in build test_gpu_mask test_gpu_ops test_gpu_model test_gpu_sparse test_gpu_bert test_gpu_bf16 test_gpu_bf16_model test_gpu_memory memcheck-model memcheck-mask racecheck-model \
   racecheck-mask ref-20ep agree-cpu mlm-20ep agree-gpu-vs-cpu oom-message resume-bit-identical nccl-one-rank subword-gpu-vs-cpu \
-  tput-mlm-b64-tf32 tput-mlm-b64-fp32 tput-mlm-b64-bf16 tput-mlm-b512-tf32 tput-reference bench-suite ncu-top5; do
+  bf16-gpu-vs-cpu long-seq-gpu-vs-cpu tput-mlm-b64-tf32 tput-mlm-b64-fp32 tput-mlm-b64-bf16 tput-mlm-b512-tf32 tput-reference \
+  tput-bert-t128-bf16 tput-torch-bert-t128-bf16 tput-bert-t128-tf32 tput-bert-t512-bf16 tput-torch-bert-t512-bf16 \
+  bench-suite ncu-top5; do
   check "run 1: step $s passed" is "$out/summary.txt" "$s" PASS
 done
-check "run 1: overall line" grep -q '^steps: 28 passed, 0 failed, 0 skipped: every step passed' "$out/summary.txt"
+check "run 1: overall line" grep -q '^steps: 35 passed, 0 failed, 0 skipped: every step passed' "$out/summary.txt"
 check "run 1: stand-in runs say so" grep -q '^STAND-IN RUN' "$out/summary.txt"
 check "run 1: 20-epoch verdict" grep -q 'verdict: AGREE: 20 common epochs' "$out/summary.txt"
-check "run 1: five throughput figures" [ "$(grep -cE '^  (mlm|PyTorch).* tokens/s +[0-9.]+ ms/step$' "$out/summary.txt")" -eq 5 ]
+check "run 1: ten throughput figures" [ "$(grep -cE '^  (mlm|PyTorch).* tokens/s +[0-9.]+ ms/step$' "$out/summary.txt")" -eq 10 ]
+# The stand-ins' figures: mlm 1,000,0xx tokens/s, PyTorch's BERT 500,128 and 500,512, so the ratios are known.
+check "run 1: issue 23's goals computed from the figures" grep -qE '^  mlm BF16 / PyTorch BF16 \(autocast, SDPA\), bert-base T 128: 2\.00x \(goal 1\.5x: met\)$' "$out/summary.txt"
+check "run 1: BF16 over TF32" grep -qE '^  mlm BF16 / mlm TF32, bert-base T 128: 1\.00x \(goal 1\.8x: NOT met\)$' "$out/summary.txt"
 check "run 1: the JSON parses with both curves and the throughput" python3 -c "
 import glob, json, sys
 d = json.load(open(glob.glob(sys.argv[1] + '/gpu-*.json')[0]))
 assert d['stub'] is True and len(d['epochs']['mlm']) == 20 and len(d['epochs']['reference']) == 20
-assert d['epochs']['verdict'].startswith('AGREE') and len(d['throughput']) == 5
-assert all(v['status'] == 'pass' for v in d['steps'].values()) and len(d['steps']) == 28
+assert d['epochs']['verdict'].startswith('AGREE') and len(d['throughput']) == 10
+assert all(v['status'] == 'pass' for v in d['steps'].values()) and len(d['steps']) == 35
+assert [g['goal'] for g in d['goals']] == [1.5, 1.8, None] and all(g['ratio'] > 0 for g in d['goals'])
 " "$out"
 check "run 1: the tarball holds the logs" tar -tzf "$out/logs.tar.gz" logs/results.tsv logs/mlm-20ep.log
 check "run 1: no checkpoint in the tarball" bash -c "! tar -tzf '$out/logs.tar.gz' | grep -q safetensors"

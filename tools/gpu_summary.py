@@ -15,14 +15,39 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compare_runs  # noqa: E402
 
-# Throughput steps: name -> (what, batch, tf32).
+# Throughput steps: name -> (what, batch, seq_len, precision).
 THROUGHPUT = {
-    'tput-mlm-b64-tf32': ('mlm, batch 64, TF32 on', 64, True),
-    'tput-mlm-b64-fp32': ('mlm, batch 64, TF32 off', 64, False),
-    'tput-mlm-b64-bf16': ('mlm, batch 64, train.precision = bf16', 64, False),
-    'tput-mlm-b512-tf32': ('mlm, batch 512, TF32 on', 512, True),
-    'tput-reference': ('PyTorch reference trainer, batch 64, TF32 off, 300 steps', 64, False),
+    'tput-mlm-b64-tf32': ('mlm, batch 64, TF32 on', 64, 32, 'tf32'),
+    'tput-mlm-b64-fp32': ('mlm, batch 64, TF32 off', 64, 32, 'fp32'),
+    'tput-mlm-b64-bf16': ('mlm, batch 64, train.precision = bf16', 64, 32, 'bf16'),
+    'tput-mlm-b512-tf32': ('mlm, batch 512, TF32 on', 512, 32, 'tf32'),
+    'tput-reference': ('PyTorch reference trainer, batch 64, TF32 off, 300 steps', 64, 32, 'fp32'),
+    # issue 23: bert-base (configs/bert-base.conf) against transformers' BertForMaskedLM, autocast BF16 + SDPA
+    'tput-bert-t128-bf16': ('mlm bert-base, T 128, batch 64, BF16', 64, 128, 'bf16'),
+    'tput-torch-bert-t128-bf16': ('PyTorch BertForMaskedLM, T 128, batch 64, BF16 autocast, SDPA', 64, 128, 'bf16'),
+    'tput-bert-t128-tf32': ('mlm bert-base, T 128, batch 64, TF32', 64, 128, 'tf32'),
+    'tput-bert-t512-bf16': ('mlm bert-base, T 512, batch 16, BF16', 16, 512, 'bf16'),
+    'tput-torch-bert-t512-bf16': ('PyTorch BertForMaskedLM, T 512, batch 16, BF16 autocast, SDPA', 16, 512, 'bf16'),
 }
+# Issue 23's goals, as ratios of two throughput steps: (numerator, denominator, goal, what).
+GOALS = [
+    ('tput-bert-t128-bf16', 'tput-torch-bert-t128-bf16', 1.5, 'mlm BF16 / PyTorch BF16 (autocast, SDPA), bert-base T 128'),
+    ('tput-bert-t128-bf16', 'tput-bert-t128-tf32', 1.8, 'mlm BF16 / mlm TF32, bert-base T 128'),
+    ('tput-bert-t512-bf16', 'tput-torch-bert-t512-bf16', None, 'mlm BF16 / PyTorch BF16 (autocast, SDPA), bert-base T 512'),
+]
+
+
+def goal_lines(tput):
+    """One line per goal: the ratio and whether it is met, or why it is not measured."""
+    lines = []
+    for num, den, goal, what in GOALS:
+        if num in tput and den in tput:
+            r = tput[num]['tokens_per_s'] / tput[den]['tokens_per_s']
+            verdict = '' if goal is None else (f' (goal {goal}x: met)' if r >= goal else f' (goal {goal}x: NOT met)')
+            lines.append(f'  {what}: {r:.2f}x{verdict}')
+        else:
+            lines.append(f'  {what}: not measured ({", ".join(n for n in (num, den) if n not in tput)} missing)')
+    return lines
 
 
 def read_results(path):
@@ -80,11 +105,11 @@ def main(argv):
     mlm_epochs = epochs_of(os.path.join(out, 'mlm-20ep.jsonl'))
     ref_epochs = epochs_of(os.path.join(out, 'ref-20ep.jsonl'))
     tput = {}
-    for name, (what, batch, tf32) in THROUGHPUT.items():
+    for name, (what, batch, seq_len, precision) in THROUGHPUT.items():
         t = throughput_of(os.path.join(logs, name + '.log'))
         if t:
-            tput[name] = dict(what=what, batch=batch, seq_len=32, tf32=tf32, tokens_per_s=round(t[0], 1),
-                              ms_per_step=t[1])
+            tput[name] = dict(what=what, batch=batch, seq_len=seq_len, precision=precision, tf32=precision == 'tf32',
+                              tokens_per_s=round(t[0], 1), ms_per_step=t[1])
     counts = {s: sum(1 for r in results if r[1] == s) for s in ('pass', 'fail', 'skip')}
     failed = [r[0] for r in results if r[1] == 'fail']
     started = facts.get('started', '')
@@ -114,10 +139,13 @@ def main(argv):
     L.append('throughput (median tokens/s over the logged intervals after the first; ms/step at that rate):')
     if facts.get('throughput_contended'):
         L.append('  NOTE: ' + facts['throughput_contended'])
-    for name, (what, _, _) in THROUGHPUT.items():
+    for name, (what, _, _, _) in THROUGHPUT.items():
         t = tput.get(name)
-        L.append(f'  {what:58} ' + (f'{t["tokens_per_s"]:>12,.0f} tokens/s {t["ms_per_step"]:>9.3f} ms/step'
+        L.append(f'  {what:62} ' + (f'{t["tokens_per_s"]:>12,.0f} tokens/s {t["ms_per_step"]:>9.3f} ms/step'
                                        if t else 'not measured (see its step above)'))
+    L.append('')
+    L.append('issue 23 goals (ratios of the figures above, same GPU, same batch):')
+    L.extend(goal_lines(tput))
     with open(os.path.join(out, 'summary.txt'), 'w', encoding='utf-8') as f:
         f.write('\n'.join(L) + '\n')
 
@@ -130,7 +158,10 @@ def main(argv):
                       for n, s, sec, d in results},
                epochs=dict(config='configs/shakespeare.conf, TF32 off', mlm=mlm_epochs, reference=ref_epochs,
                            verdict=verdict[len('verdict: '):] if verdict.startswith('verdict: ') else verdict),
-               throughput=tput, throughput_contended=bool(facts.get('throughput_contended')))
+               throughput=tput, throughput_contended=bool(facts.get('throughput_contended')),
+               goals=[dict(what=w, numerator=n, denominator=d, goal=g,
+                           ratio=round(tput[n]['tokens_per_s'] / tput[d]['tokens_per_s'], 3)
+                           if n in tput and d in tput else None) for n, d, g, w in GOALS])
     with open(os.path.join(out, f'gpu-{stamp}.json'), 'w', encoding='utf-8') as f:
         json.dump(doc, f, indent=1)
         f.write('\n')
