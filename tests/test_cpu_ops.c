@@ -29,6 +29,7 @@
 #include "mlm/optim.h"
 #include "mlm/rng.h"
 #include "attention_ref.h"
+#include "philox_cpu.h"
 #include "test_util.h"
 
 // ---- Small deterministic helpers --------------------------------------------------------------------
@@ -683,6 +684,37 @@ static void test_residual_dropout(void) {
     free(keep); free(c.res); free(c.y); free(c.out); free(c.r); free(dy);
 }
 
+// The hand-vectorised and restructured elementwise loops against their definitions, bit for bit: ReLU + dropout
+// backward (dh *= (float)(h > 0) * scale, SSE2 with a scalar tail) over n = 100,003 (parallel, with a tail of 3),
+// h drawn among +-0, negatives, positives, subnormals and NaN; column_sums_accumulate against sums[c] += x[n][c]
+// in row order, with C not a multiple of its 16-column tasks.
+static void test_elementwise_exact(void) {
+    printf("relu_dropout_backward and column_sums_accumulate vs their definitions, bit for bit\n");
+    size_t n = 100003;
+    float *h = alloc_rand(n, 1.0f), *dh = alloc_rand(n, 2.0f), *want = mlm_malloc(n * sizeof(float), "want");
+    for (size_t i = 0; i < n; i += 7) h[i] = (i / 7) % 4 == 0 ? 0.0f : (i / 7) % 4 == 1 ? -0.0f : (i / 7) % 4 == 2 ? 1e-42f : NAN;
+    float scale = dropout_scale(0.1f);
+    for (size_t i = 0; i < n; i++) want[i] = dh[i] * ((float)(h[i] > 0.0f) * scale);
+    relu_dropout_backward(dh, h, scale, n);
+    size_t differ = 0;
+    for (size_t i = 0; i < n; i++) differ += memcmp(&dh[i], &want[i], sizeof(float)) != 0;
+    printf("  relu_dropout_backward: %zu of %zu differ\n", differ, n);
+    CHECK(differ == 0, "relu_dropout_backward differs from dh * ((float)(h > 0) * scale) in %zu of %zu", differ, n);
+    free(h); free(dh); free(want);
+
+    const int shapes[2][2] = {{257, 37}, {600, 128}};  // the second is large enough to run in parallel
+    for (int k = 0; k < 2; k++) {
+        int N = shapes[k][0], C = shapes[k][1];
+        float *x = alloc_rand((size_t)N * C, 1.0f), *sums = alloc_rand(C, 1.0f), *ref = mlm_malloc(C * sizeof(float), "ref");
+        memcpy(ref, sums, C * sizeof(float));
+        for (int r = 0; r < N; r++)
+            for (int c = 0; c < C; c++) ref[c] += x[(size_t)r * C + c];
+        column_sums_accumulate(sums, x, N, C);
+        CHECK(memcmp(sums, ref, C * sizeof(float)) == 0, "column_sums_accumulate [%d, %d] differs from row-order sums", N, C);
+        free(x); free(sums); free(ref);
+    }
+}
+
 // ---- Dropout rule and the CPU Philox stream ----------------------------------------------------------
 
 #ifdef MLM_HAVE_CUDA
@@ -738,6 +770,47 @@ static void compare_with_curand(Rng *rng) {
     CURAND_CHECK(curandDestroyGenerator(gen));
 }
 #endif
+
+// philox_raw_path (philox_wide.c: the AVX-512 and AVX2 groups of blocks) against philox_u32, which reproduces
+// cuRAND's stream with curand_philox_lanes, one block at a time (compared with cuRAND itself above): every path
+// this CPU runs must give the same bits at offsets inside a block, at the edge of cuRAND's 65,536-block rows (a
+// group whose counters cross into the next iteration), where the iteration's high word is set, and for lengths
+// around the groups' 32 and 64 outputs.
+static void test_philox_paths(void) {
+    printf("philox_raw: AVX-512 / AVX2 / portable paths vs philox_u32, bit for bit\n");
+    const uint64_t seed = 0x243F6A8885A308D3ull;
+    const uint64_t row = 4ull * CURAND_PHILOX_THREADS;  // outputs per iteration of cuRAND's layout
+    const uint64_t offsets[] = {0, 1, 2, 3, row - 4 * 5 - 1, row - 4 * 16, 3 * row - 7, 1000003,
+                                (1ull << 50) - 4 * 3 - 2, 123456789013ull};
+    const size_t sizes[] = {0, 1, 5, 31, 32, 33, 63, 64, 65, 127, 1000, 4099};
+    const PhiloxPath paths[] = {PHILOX_PATH_PORTABLE, PHILOX_PATH_AVX2, PHILOX_PATH_AVX512, PHILOX_PATH_AUTO};
+    const char *names[] = {"portable", "avx2", "avx512", "auto"};
+    size_t nmax = 4099 + 2;
+    uint32_t *want = mlm_malloc(nmax * sizeof(uint32_t), "want"), *got = mlm_malloc(nmax * sizeof(uint32_t), "got");
+    for (int k = 0; k < 4; k++) {
+        if (!philox_path_supported(paths[k])) {
+            printf("  %s: not run on this CPU\n", names[k]);
+            continue;
+        }
+        size_t compared = 0, differ = 0, overrun = 0;
+        for (size_t o = 0; o < sizeof(offsets) / sizeof(offsets[0]); o++)
+            for (size_t s = 0; s < sizeof(sizes) / sizeof(sizes[0]); s++) {
+                size_t n = sizes[s];
+                philox_u32(seed, offsets[o], want, n);
+                for (size_t i = 0; i < nmax; i++) got[i] = 0xDEADBEEFu;  // a guard word after the n outputs
+                philox_raw_path(paths[k], seed, offsets[o], got, n);
+                for (size_t i = 0; i < n; i++) differ += got[i] != want[i];
+                overrun += got[n] != 0xDEADBEEFu;
+                compared += n;
+            }
+        printf("  %s: %zu outputs compared, %zu differ, %zu writes past the end\n", names[k], compared, differ, overrun);
+        CHECK(differ == 0, "philox_raw_path(%s) differs from philox_u32 in %zu of %zu outputs", names[k], differ,
+              compared);
+        CHECK(overrun == 0, "philox_raw_path(%s) wrote past its n outputs %zu times", names[k], overrun);
+    }
+    free(want);
+    free(got);
+}
 
 static void test_dropout_rule(void) {
     printf("dropout rule: CPU Philox stream vs cuRAND's host generator, masks vs u < p\n");
@@ -985,6 +1058,8 @@ int main(void) {
     test_ffn(0);
     test_ffn(1);
     test_residual_dropout();
+    test_elementwise_exact();
+    test_philox_paths();
     test_dropout_rule();
     test_crossentropy();
     test_optim_lr();

@@ -47,18 +47,12 @@ int attention_dropout(AttnDropout *ad, const DropoutCtx *drop, int layer, size_t
 // rows of row_len: element offset + e goes to z[(e / row_len) * stride + e % row_len]. THE DROPOUT RULE of ops.h
 // on cuRAND's Philox outputs, computed here (kept where the raw output reaches the threshold: !(u < p) exactly).
 static void dropout_range(float *z, const AttnDropout *d, uint64_t offset, size_t n, int row_len, int stride) {
-    uint64_t first = offset / 4, last = (offset + n - 1) / 4;
-    int r = 0, c = 0;  // where the next element in the range goes (the outputs are visited in increasing order)
-    for (uint64_t p0 = first; p0 <= last; p0 += PHILOX_LANES) {
-        uint32_t x[4][PHILOX_LANES];
-        curand_philox_lanes(d->seed, p0, x);
-        for (int l = 0; l < PHILOX_LANES; l++)
-            for (int w = 0; w < 4; w++) {
-                uint64_t g = (p0 + (uint64_t)l) * 4 + (uint64_t)w;
-                if (g < offset || g >= offset + n) continue;
-                z[(size_t)r * stride + c] = (uint64_t)x[w][l] >= d->threshold ? d->scale : 0.0f;
-                if (++c == row_len) c = 0, r++;
-            }
+    uint32_t x[ATTN_TILE * ATTN_TILE];  // the raw outputs in stream order (n: whole rows, at most a tile)
+    philox_raw(d->seed, offset, x, n);
+    for (size_t r = 0; r * (size_t)row_len < n; r++) {
+        const uint32_t *xr = x + r * (size_t)row_len;
+        float *zr = z + r * (size_t)stride;
+        for (int c = 0; c < row_len; c++) zr[c] = xr[c] >= d->threshold ? d->scale : 0.0f;
     }
 }
 

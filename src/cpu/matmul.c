@@ -224,11 +224,16 @@ enum { COLSUM_BLOCK = 16 };
 void column_sums_accumulate(float *sums, const float *x, int N, int C) {
 #pragma omp parallel for schedule(static) if ((long long)N * C >= MLM_PARALLEL_MIN_WORK)
     for (int c0 = 0; c0 < C; c0 += COLSUM_BLOCK) {
-        int c1 = MLM_MIN(c0 + COLSUM_BLOCK, C);
+        int width = MLM_MIN(COLSUM_BLOCK, C - c0);
+        // The running sums in a local array, not in sums[] (which may alias x for all the compiler knows, so it
+        // would load and store them on every row): the same additions in the same order.
+        float acc[COLSUM_BLOCK];
+        for (int c = 0; c < width; c++) acc[c] = sums[c0 + c];
         for (int n = 0; n < N; n++) {
-            const float *row = x + (size_t)n * C;  // [C]
-            for (int c = c0; c < c1; c++) sums[c] += row[c];
+            const float *row = x + (size_t)n * C + c0;  // [width]
+            for (int c = 0; c < width; c++) acc[c] += row[c];
         }
+        for (int c = 0; c < width; c++) sums[c0 + c] = acc[c];
     }
 }
 
