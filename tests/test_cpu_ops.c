@@ -715,6 +715,72 @@ static void test_elementwise_exact(void) {
     }
 }
 
+// exp_shifted (vexp.c) against exp in double: at most 2 ulp (the bound argued at the top of vexp.c; libm's expf is
+// within 0.5), on every 257th float of [-104, 89] and around the subnormal and overflow edges, with a shift whose
+// subtraction rounds as the scalar code's; exactly +0 for -inf and below -104, 1 at 0, +inf above 89, NaN for NaN;
+// rows whose length is not a multiple of the 16 lanes, without writing past them.
+static double ulps_from_exact(float got, double exact) {
+    double ulp = exact < 0x1p-126 ? 0x1p-149 : ldexp(1.0, ilogb(exact) - 23);
+    return fabs((double)got - exact) / ulp;
+}
+
+static void test_exp_shifted(void) {
+    printf("exp_shifted (%s) vs exp in double\n", exp_shifted_vectorized() ? "AVX-512" : "libm's expf: no AVX-512 here");
+    enum { ROW = 1000 };
+    float x[ROW + 1], y[ROW + 1];
+    double worst = 0.0;
+    float worst_at = 0.0f;
+    size_t checked = 0;
+    const float shifts[2] = {0.0f, -3.25f};
+    for (int k = 0; k < 2; k++) {
+        float shift = shifts[k];
+        // Every 257th float from -104 to 89 in order: key(v) = its bits if v >= +0, -(its magnitude's bits) if not.
+        float a = -104.0f + shift, b = 89.0f + shift;
+        uint32_t abits, bbits;
+        memcpy(&abits, &a, 4);
+        memcpy(&bbits, &b, 4);
+        int64_t key_lo = -(int64_t)(abits & 0x7FFFFFFFu), key_hi = (int64_t)bbits;
+        int len = 0;
+        for (int64_t key = key_lo; key <= key_hi; key += 257) {
+            uint32_t bits = key >= 0 ? (uint32_t)key : 0x80000000u | (uint32_t)(-key);
+            float v;
+            memcpy(&v, &bits, 4);
+            x[len++] = v;
+            if (len == ROW) {
+                y[ROW] = 12345.0f;
+                exp_shifted(y, x, shift, ROW);
+                CHECK(y[ROW] == 12345.0f, "exp_shifted wrote past its row");
+                for (int i = 0; i < ROW; i++) {
+                    double e = ulps_from_exact(y[i], exp((double)(x[i] - shift)));
+                    if (e > worst) worst = e, worst_at = x[i] - shift;
+                }
+                checked += ROW;
+                len = 0;
+            }
+        }
+    }
+    printf("  %zu values: worst error %.3f ulp at x = %.9g\n", checked, worst, worst_at);
+    CHECK(checked > 3000000 && worst <= 2.0, "exp_shifted: %.3f ulp from exp at %.9g (bound 2)", worst, worst_at);
+    // Special values, in a row of 21 (a partial vector after 16).
+    const float sx[21] = {-INFINITY, -1000.0f, -104.5f, -104.0f, 0.0f, -0.0f, 100.0f, INFINITY, NAN, 88.5f,
+                          -87.5f, -100.0f, -103.9f, 1.0f, -1.0f, 0.5f, 10.0f, -10.0f, 88.0f, -0.1f, 0.1f};
+    float sy[22];
+    sy[21] = 12345.0f;
+    exp_shifted(sy, sx, 0.0f, 21);
+    CHECK(sy[0] == 0.0f && !signbit(sy[0]) && sy[1] == 0.0f && sy[2] == 0.0f && sy[3] == 0.0f,
+          "exp_shifted of -inf and below -104 is not +0");
+    CHECK(sy[4] == 1.0f && sy[5] == 1.0f, "exp_shifted(0) = %.9g, (-0) = %.9g, not 1", sy[4], sy[5]);
+    CHECK(isinf(sy[6]) && sy[6] > 0 && isinf(sy[7]) && sy[7] > 0, "exp_shifted of 100 and inf is not +inf");
+    CHECK(isnan(sy[8]), "exp_shifted(NaN) = %g, not NaN", sy[8]);
+    double special_worst = 0.0;
+    for (int i = 9; i < 21; i++) {
+        double e = ulps_from_exact(sy[i], exp((double)sx[i]));
+        special_worst = e > special_worst ? e : special_worst;
+    }
+    CHECK(special_worst <= 2.0, "exp_shifted: %.3f ulp on the finite special values", special_worst);
+    CHECK(sy[21] == 12345.0f, "exp_shifted wrote past a row of 21");
+}
+
 // ---- Dropout rule and the CPU Philox stream ----------------------------------------------------------
 
 #ifdef MLM_HAVE_CUDA
@@ -1059,6 +1125,7 @@ int main(void) {
     test_ffn(1);
     test_residual_dropout();
     test_elementwise_exact();
+    test_exp_shifted();
     test_philox_paths();
     test_dropout_rule();
     test_crossentropy();

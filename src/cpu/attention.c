@@ -131,11 +131,8 @@ static void forward_query_tile(float *out, float *lse, const AttnHead *a, int i0
             }
             // exp(-inf) = 0: a [PAD] key's p, and the rescale of a row whose earlier keys were all [PAD].
             float corr = expf(m[r] - m_new), sum = 0.0f;
-            for (int c = 0; c < bc; c++) {
-                float p = expf(sr[c] - m_new);
-                sum += p;
-                sr[c] = p;
-            }
+            exp_shifted(sr, sr, m_new, bc);
+            for (int c = 0; c < bc; c++) sum += sr[c];
             if (a->drop)  // THE DROPOUT RULE, on the probabilities
                 for (int c = 0; c < bc; c++) sr[c] *= z[(size_t)r * ATTN_TILE + c];
             // Rescale what the earlier key tiles accumulated (nothing before the first).
@@ -185,8 +182,7 @@ static void backward_tile(float *dq, float *dk, float *dv, const AttnHead *a, co
     const float *gi = go + (size_t)i0 * a->C;
     // P = exp(S - lse): the forward's probabilities, recomputed (into s; 0 at [PAD] keys, S = -inf).
     tile_scores(s, a, i0, br, j0, bc);
-    for (int r = 0; r < br; r++)
-        for (int c = 0; c < bc; c++) s[(size_t)r * ATTN_TILE + c] = expf(s[(size_t)r * ATTN_TILE + c] - lse[i0 + r]);
+    for (int r = 0; r < br; r++) exp_shifted(s + (size_t)r * ATTN_TILE, s + (size_t)r * ATTN_TILE, lse[i0 + r], bc);
     // out = dropout(P) V: dV += dropout(P)^T dO.
     if (a->drop) {
         tile_dropout(z, a, i0, br, j0, bc);
