@@ -715,6 +715,75 @@ static void test_elementwise_exact(void) {
     }
 }
 
+// layernorm_forward / layernorm_backward (rows in lockstep, sums in local arrays) against the row-at-a-time loops
+// that define them, bit for bit, at N = 4k + 3 rows (a remainder after the groups of 4) and C = 37 (a partial
+// 16-channel task), and at [2051, 128] (parallel).
+static void layernorm_rows_reference(float *out, float *mean, float *rstd, float *dinp, float *dw, float *db,
+                                     const float *inp, const float *dout, const float *w, const float *b, int N, int C) {
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * C, *g = dout + (size_t)n * C;
+        float m = 0.0f, var = 0.0f;
+        for (int c = 0; c < C; c++) m += x[c];
+        m /= (float)C;
+        for (int c = 0; c < C; c++) {
+            float d = x[c] - m;
+            var += d * d;
+        }
+        var /= (float)C;
+        float s = 1.0f / sqrtf(var + 1e-5f);
+        for (int c = 0; c < C; c++) out[(size_t)n * C + c] = (x[c] - m) * s * w[c] + b[c];
+        mean[n] = m;
+        rstd[n] = s;
+        float sum_dnorm = 0.0f, sum_dnorm_norm = 0.0f;
+        for (int c = 0; c < C; c++) {
+            float norm = (x[c] - m) * s, dnorm = g[c] * w[c];
+            sum_dnorm += dnorm;
+            sum_dnorm_norm += dnorm * norm;
+        }
+        float mean_dnorm = sum_dnorm / (float)C, mean_dnorm_norm = sum_dnorm_norm / (float)C;
+        for (int c = 0; c < C; c++) {
+            float norm = (x[c] - m) * s;
+            dinp[(size_t)n * C + c] += s * (g[c] * w[c] - mean_dnorm - norm * mean_dnorm_norm);
+        }
+    }
+    for (int n = 0; n < N; n++)
+        for (int c = 0; c < C; c++) {
+            const float *x = inp + (size_t)n * C, *g = dout + (size_t)n * C;
+            dw[c] += g[c] * ((x[c] - mean[n]) * rstd[n]);
+            db[c] += g[c];
+        }
+}
+
+static void test_layernorm_exact(void) {
+    printf("layernorm_forward / layernorm_backward vs the row-at-a-time loops, bit for bit\n");
+    const int shapes[2][2] = {{4 * 9 + 3, 37}, {2051, 128}};
+    for (int k = 0; k < 2; k++) {
+        int N = shapes[k][0], C = shapes[k][1];
+        size_t nc = (size_t)N * C;
+        float *x = alloc_rand(nc, 2.0f), *g = alloc_rand(nc, 1.0f), *w = alloc_rand(C, 1.0f), *b = alloc_rand(C, 1.0f);
+        for (size_t i = 0; i < nc; i++) x[i] += 0.5f;  // a mean away from 0
+        float *out = alloc_zero(nc), *mean = alloc_zero(N), *rstd = alloc_zero(N), *dinp = alloc_rand(nc, 1.0f);
+        float *dw = alloc_rand(C, 1.0f), *db = alloc_rand(C, 1.0f);
+        float *out_r = alloc_zero(nc), *mean_r = alloc_zero(N), *rstd_r = alloc_zero(N);
+        float *dinp_r = mlm_malloc(nc * sizeof(float), "dinp"), *dw_r = mlm_malloc(C * sizeof(float), "dw");
+        float *db_r = mlm_malloc(C * sizeof(float), "db");
+        memcpy(dinp_r, dinp, nc * sizeof(float));  // both accumulate (+=) into the same starting values
+        memcpy(dw_r, dw, C * sizeof(float));
+        memcpy(db_r, db, C * sizeof(float));
+        layernorm_forward(out, mean, rstd, x, w, b, N, C, 1e-5f);
+        layernorm_backward(dinp, dw, db, g, x, w, mean, rstd, N, C);
+        layernorm_rows_reference(out_r, mean_r, rstd_r, dinp_r, dw_r, db_r, x, g, w, b, N, C);
+        int same_fwd = !memcmp(out, out_r, nc * sizeof(float)) && !memcmp(mean, mean_r, N * sizeof(float)) &&
+                       !memcmp(rstd, rstd_r, N * sizeof(float));
+        int same_bwd = !memcmp(dinp, dinp_r, nc * sizeof(float)) && !memcmp(dw, dw_r, C * sizeof(float)) &&
+                       !memcmp(db, db_r, C * sizeof(float));
+        printf("  [%d, %d]: forward %s, backward %s\n", N, C, same_fwd ? "identical" : "DIFFERS", same_bwd ? "identical" : "DIFFERS");
+        CHECK(same_fwd && same_bwd, "layernorm [%d, %d] differs from its row-at-a-time definition", N, C);
+        free(x); free(g); free(w); free(b); free(out); free(mean); free(rstd); free(dinp); free(dw); free(db);
+        free(out_r); free(mean_r); free(rstd_r); free(dinp_r); free(dw_r); free(db_r);
+    }
+}
+
 // exp_shifted (vexp.c) against exp in double: at most 2 ulp (the bound argued at the top of vexp.c; libm's expf is
 // within 0.5), on every 257th float of [-104, 89] and around the subnormal and overflow edges, with a shift whose
 // subtraction rounds as the scalar code's; exactly +0 for -inf and below -104, 1 at 0, +inf above 89, NaN for NaN;
@@ -1126,6 +1195,7 @@ int main(void) {
     test_residual_dropout();
     test_elementwise_exact();
     test_exp_shifted();
+    test_layernorm_exact();
     test_philox_paths();
     test_dropout_rule();
     test_crossentropy();
