@@ -23,6 +23,10 @@
 #include "mlm/common.h"
 #include "philox_cpu.h"
 
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
+
 // Rows (queries) and columns (keys) of a tile: a tile's scores, probabilities and masks fit in L1/L2, and at the
 // reference shape (T 32) one tile is the whole head, as the materialised attention was.
 enum { ATTN_TILE = 64 };
@@ -52,7 +56,21 @@ static void dropout_range(float *z, const AttnDropout *d, uint64_t offset, size_
     for (size_t r = 0; r * (size_t)row_len < n; r++) {
         const uint32_t *xr = x + r * (size_t)row_len;
         float *zr = z + r * (size_t)stride;
-        for (int c = 0; c < row_len; c++) zr[c] = xr[c] >= d->threshold ? d->scale : 0.0f;
+        int c = 0;
+#ifdef __SSE2__
+        // Four at a time (the scalar loop compiles to a branch per element): x >= threshold as a signed compare of
+        // both with the sign bit flipped; a threshold of 2^32 (p = 1) keeps nothing.
+        if (d->threshold <= UINT32_MAX) {
+            const __m128i flip = _mm_set1_epi32((int)0x80000000u);
+            const __m128i t = _mm_xor_si128(_mm_set1_epi32((int)(uint32_t)d->threshold), flip);
+            const __m128 scale = _mm_set1_ps(d->scale);
+            for (; c + 4 <= row_len; c += 4) {
+                __m128i dropped = _mm_cmpgt_epi32(t, _mm_xor_si128(_mm_loadu_si128((const __m128i *)(xr + c)), flip));
+                _mm_storeu_ps(zr + c, _mm_andnot_ps(_mm_castsi128_ps(dropped), scale));
+            }
+        }
+#endif
+        for (; c < row_len; c++) zr[c] = xr[c] >= d->threshold ? d->scale : 0.0f;
     }
 }
 
