@@ -341,8 +341,11 @@ typedef struct {
     float alpha, beta;
     float *C;
     int ldc;
-    const float *ap;   // packed rows [row0, row0 + rows) of op(A): panels [rows / mr][K][mr]
+    const float *ap;   // packed rows [row0, row0 + rows) of op(A): panels [rows / mr][K][mr]; with a_in_place,
+                       // only the last panel when it is partial, as panel 0
     int row0, rows;
+    const float *A;    // op(A) = A (no trans_a), row stride lda: read in place when a_in_place
+    int lda, a_in_place;
     const float *bp;   // packed op(B): panels [N / nr][K][nr]
     int tile_rows, tile_cols;  // mc x nc of this product (multiples of mr x nr)
 } Product;
@@ -359,11 +362,15 @@ static void run_tile(const Product *p, int ti, int tj, float *acc) {
         for (int j = j_begin; j < j_end; j += nr) {
             const float *b = p->bp + (size_t)(j / nr) * K * nr + (size_t)k0 * nr;
             for (int i = i_begin; i < i_end; i += mr) {
-                const float *a = p->ap + (size_t)(i / mr) * K * mr + (size_t)k0 * mr;
                 // This micro-tile's accumulators in the tile's buffer (they persist between K blocks).
                 float *t = acc + ((size_t)((i - i_begin) / mr) * tile_panels_j + (j - j_begin) / nr) * mr * nr;
                 if (k0 == 0) memset(t, 0, sizeof(float) * (size_t)mr * nr);  // +0 (K == 0: C = beta * C)
-                if (kc > 0) k->kernel(kc, a, b, t);
+                if (kc > 0 && p->a_in_place && i + mr <= p->rows) {
+                    k->strided(kc, p->A + (size_t)(p->row0 + i) * p->lda + k0, p->lda, 1, b, nr, t);
+                } else if (kc > 0) {
+                    const float *a = p->ap + (size_t)(p->a_in_place ? 0 : i / mr) * K * mr + (size_t)k0 * mr;
+                    k->kernel(kc, a, b, t);
+                }
                 if (last)
                     store_tile(p->C + (size_t)(p->row0 + i) * p->ldc + j, p->ldc, t, nr, MLM_MIN(mr, i_end - i),
                                MLM_MIN(nr, j_end - j), p->alpha, p->beta);
@@ -416,13 +423,28 @@ static void gemm_body(const Product *p, const float *A, int lda, int trans_a, co
         chunk.rows = MLM_MIN(chunk_rows, p->M - row0);
         int panels_a = MLM_CEIL_DIV(chunk.rows, k->mr);
         int tiles_m = MLM_CEIL_DIV(chunk.rows, p->tile_rows), tiles_n = MLM_CEIL_DIV(p->N, p->tile_cols);
-        if (parallel) {
+        if (p->a_in_place) {
+            // Only a partial last panel is packed (zero-padded), as panel 0, by one thread; the barrier at the
+            // end of `single` publishes it before any tile reads it.
+            int last = chunk.rows / k->mr;
+            if (chunk.rows % k->mr != 0) {
+                if (parallel) {
+#pragma omp single
+                    pack_a(ap, A, lda, trans_a, p->K, row0 + last * k->mr, chunk.rows - last * k->mr, k->mr, 0, 1);
+                } else {
+                    pack_a(ap, A, lda, trans_a, p->K, row0 + last * k->mr, chunk.rows - last * k->mr, k->mr, 0, 1);
+                }
+            }
+        } else if (parallel) {
 #pragma omp for schedule(static)
             for (int q = 0; q < panels_a; q++) pack_a(ap, A, lda, trans_a, p->K, row0, chunk.rows, k->mr, q, q + 1);
+        } else {
+            pack_a(ap, A, lda, trans_a, p->K, row0, chunk.rows, k->mr, 0, panels_a);
+        }
+        if (parallel) {
 #pragma omp for schedule(dynamic, 1)
             for (int t = 0; t < tiles_m * tiles_n; t++) run_tile(&chunk, t / tiles_n, t % tiles_n, acc);
         } else {
-            pack_a(ap, A, lda, trans_a, p->K, row0, chunk.rows, k->mr, 0, panels_a);
             for (int t = 0; t < tiles_m * tiles_n; t++) run_tile(&chunk, t / tiles_n, t % tiles_n, acc);
         }
     }
@@ -476,10 +498,15 @@ static void gemm(int parallel, int trans_a, int trans_b, int M, int N, int K, fl
         return;
     }
 
-    Product p = {k, M, N, K, alpha, beta, C, ldc, NULL, 0, MLM_MIN(chunk_rows, M), NULL, 0, 0};
+    // op(A) = A is read where it lies (each micro-kernel call reads mr rows along k: mr sequential streams that
+    // stay in L1 while the tile's column panels reuse them); packing it cost about a quarter of the arithmetic
+    // at the model's K of 128 - 256 (a strided copy per element). op(A) = A^T is packed: in place its k-th values
+    // would be lda apart.
+    int a_in_place = !trans_a;
+    Product p = {k, M, N, K, alpha, beta, C, ldc, NULL, 0, MLM_MIN(chunk_rows, M), A, lda, a_in_place, NULL, 0, 0};
     choose_tiles(&p, threads);
     p.bp = buffer_get(&ws_b, (size_t)MLM_CEIL_DIV(N, nr) * MLM_MAX(K, 1) * nr, "packed B");
-    p.ap = buffer_get(&ws_a, (size_t)chunk_rows * MLM_MAX(K, 1), "packed A");
+    p.ap = buffer_get(&ws_a, (a_in_place ? (size_t)mr : (size_t)chunk_rows) * MLM_MAX(K, 1), "packed A");
     size_t acc_per_thread = (size_t)p.tile_rows * p.tile_cols;
     float *acc = buffer_get(&ws_acc, acc_per_thread * threads, "accumulators");
     if (threads > 1) {
