@@ -278,6 +278,39 @@ static void test_linear(void) {
     free(c.x); free(c.w); free(c.b); free(c.y); free(c.r); free(dx); free(dw); free(db);
 }
 
+// matmul_bias (the bias added at the GEMM's store, or each BLAS tile's rows filled just before its sgemm) against
+// its definition, matmul with every row of C set to the bias and alpha = beta = 1, bit for bit: every transpose,
+// a small product (gemm_small), partial register blocks, and a product large enough for threads and the BLAS
+// tile grid; with the built-in GEMM and with the matmul this build runs.
+static void test_matmul_bias(void) {
+    printf("matmul_bias vs matmul over C filled with the bias, bit for bit (%s)\n", matmul_backend_name());
+    const int shapes[3][3] = {{7, 5, 3}, {67, 129, 33}, {2051, 131, 128}};
+    size_t differ = 0, compared = 0;
+    for (int sh = 0; sh < 3; sh++)
+        for (int ta = 0; ta < 2; ta++)
+            for (int tb = 0; tb < 2; tb++)
+                for (int impl = 0; impl < 2; impl++) {
+                    int M = shapes[sh][0], N = shapes[sh][1], K = shapes[sh][2];
+                    float *A = alloc_rand((size_t)M * K, 1.0f), *B = alloc_rand((size_t)K * N, 1.0f);
+                    float *bias = alloc_rand(N, 1.0f), *got = alloc_zero((size_t)M * N), *want = alloc_zero((size_t)M * N);
+                    int lda = ta ? M : K, ldb = tb ? K : N;
+                    for (int i = 0; i < M; i++) memcpy(want + (size_t)i * N, bias, N * sizeof(float));
+                    for (size_t i = 0; i < (size_t)M * N; i++) got[i] = NAN;  // must not be read
+                    if (impl == 0) {
+                        matmul_builtin(ta, tb, M, N, K, 1.0f, A, lda, B, ldb, 1.0f, want, N);
+                        matmul_builtin_bias(ta, tb, M, N, K, A, lda, B, ldb, bias, got, N);
+                    } else {
+                        matmul(ta, tb, M, N, K, 1.0f, A, lda, B, ldb, 1.0f, want, N);
+                        matmul_bias(ta, tb, M, N, K, A, lda, B, ldb, bias, got, N);
+                    }
+                    for (size_t i = 0; i < (size_t)M * N; i++) differ += memcmp(&got[i], &want[i], sizeof(float)) != 0;
+                    compared += (size_t)M * N;
+                    free(A); free(B); free(bias); free(got); free(want);
+                }
+    printf("  %zu outputs compared, %zu differ\n", compared, differ);
+    CHECK(differ == 0, "matmul_bias differs from matmul over C = bias in %zu of %zu outputs", differ, compared);
+}
+
 // ---- Embedding ------------------------------------------------------------------------------------------
 
 typedef struct {
@@ -1182,6 +1215,7 @@ int main(void) {
     test_matmul();
     test_matmul_threads();
     test_linear();
+    test_matmul_bias();
     test_embedding();
     test_layernorm();
     test_attention_fd(0, 0);

@@ -304,11 +304,15 @@ static void pack_a(float *ap, const float *A, int lda, int trans_a, int K, int i
 #ifdef GEMM_X86
 __attribute__((target_clones("avx512f", "default")))
 #endif
-static void store_tile(float *C, int ldc, const float *acc, int ld_acc, int m, int n, float alpha, float beta) {
+// With bias (bias[n], beta 1): C = alpha * acc + bias, the bits of beta * C = 1 * bias with C holding the bias.
+static void store_tile(float *C, int ldc, const float *acc, int ld_acc, int m, int n, float alpha, float beta,
+                       const float *bias) {
     for (int i = 0; i < m; i++) {
         float *c = C + (size_t)i * ldc;
         const float *a = acc + (size_t)i * ld_acc;
-        if (beta == 0.0f) {
+        if (bias != NULL) {
+            for (int j = 0; j < n; j++) c[j] = alpha * a[j] + bias[j];
+        } else if (beta == 0.0f) {
             for (int j = 0; j < n; j++) c[j] = alpha * a[j];
         } else {
             for (int j = 0; j < n; j++) c[j] = alpha * a[j] + beta * c[j];
@@ -351,6 +355,7 @@ typedef struct {
     int row0, rows;
     const float *A;    // op(A) = A (no trans_a), row stride lda: read in place when a_in_place
     int lda, a_in_place;
+    const float *bias;  // [N] added to every row at the store (beta 1), or NULL
     const float *bp;   // packed op(B): panels [N / nr][K][nr]
     int tile_rows, tile_cols;  // mc x nc of this product (multiples of mr x nr)
 } Product;
@@ -378,7 +383,7 @@ static void run_tile(const Product *p, int ti, int tj, float *acc) {
                 }
                 if (last)
                     store_tile(p->C + (size_t)(p->row0 + i) * p->ldc + j, p->ldc, t, nr, MLM_MIN(mr, i_end - i),
-                               MLM_MIN(nr, j_end - j), p->alpha, p->beta);
+                               MLM_MIN(nr, j_end - j), p->alpha, p->beta, p->bias ? p->bias + j : NULL);
             }
         }
         if (K == 0) break;
@@ -462,7 +467,8 @@ static void gemm_body(const Product *p, const float *A, int lda, int trans_a, co
 enum { GEMM_SMALL_WORK = 64 * 64 * 64 };
 
 static void gemm_small(const GemmKernel *k, int trans_a, int trans_b, int M, int N, int K, float alpha,
-                       const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+                       const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc,
+                       const float *bias) {
     int mr = k->mr, nr = k->nr;
     float *bp = buffer_get(&ws_b, (size_t)MLM_MAX(K, 1) * nr, "packed B");
     float *ap = buffer_get(&ws_a, (size_t)MLM_MAX(K, 1) * mr, "packed A");
@@ -483,13 +489,14 @@ static void gemm_small(const GemmKernel *k, int trans_a, int trans_b, int M, int
                 pack_a(ap, A, lda, trans_a, K, i, M - i, mr, 0, 1);
                 k->strided(K, ap, 1, mr, b, rs_b, acc);
             }
-            store_tile(C + (size_t)i * ldc + j, ldc, acc, nr, MLM_MIN(mr, M - i), MLM_MIN(nr, N - j), alpha, beta);
+            store_tile(C + (size_t)i * ldc + j, ldc, acc, nr, MLM_MIN(mr, M - i), MLM_MIN(nr, N - j), alpha, beta,
+                       bias ? bias + j : NULL);
         }
     }
 }
 
 static void gemm(int parallel, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
-                 const float *B, int ldb, float beta, float *C, int ldc) {
+                 const float *B, int ldb, float beta, float *C, int ldc, const float *bias) {
     if (M <= 0 || N <= 0) return;
     if (K < 0) K = 0;
     const GemmKernel *k = choose_kernel(N);
@@ -499,7 +506,7 @@ static void gemm(int parallel, int trans_a, int trans_b, int M, int N, int K, fl
     int chunk_rows = (int)MLM_MIN((size_t)MLM_CEIL_DIV(M, mr), chunk_panels) * mr;
     int threads = parallel && (double)M * N * K >= MLM_PARALLEL_MIN_WORK ? omp_get_max_threads() : 1;
     if (threads == 1 && (double)M * N * K <= GEMM_SMALL_WORK) {
-        gemm_small(k, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        gemm_small(k, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, bias);
         return;
     }
 
@@ -508,7 +515,7 @@ static void gemm(int parallel, int trans_a, int trans_b, int M, int N, int K, fl
     // at the model's K of 128 - 256 (a strided copy per element). op(A) = A^T is packed: in place its k-th values
     // would be lda apart.
     int a_in_place = !trans_a;
-    Product p = {k, M, N, K, alpha, beta, C, ldc, NULL, 0, MLM_MIN(chunk_rows, M), A, lda, a_in_place, NULL, 0, 0};
+    Product p = {k, M, N, K, alpha, beta, C, ldc, NULL, 0, MLM_MIN(chunk_rows, M), A, lda, a_in_place, bias, NULL, 0, 0};
     choose_tiles(&p, threads);
     p.bp = buffer_get(&ws_b, (size_t)MLM_CEIL_DIV(N, nr) * MLM_MAX(K, 1) * nr, "packed B");
     p.ap = buffer_get(&ws_a, (a_in_place ? (size_t)mr : (size_t)chunk_rows) * MLM_MAX(K, 1), "packed A");
@@ -524,10 +531,15 @@ static void gemm(int parallel, int trans_a, int trans_b, int M, int N, int K, fl
 
 void matmul_builtin(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
                     const float *B, int ldb, float beta, float *C, int ldc) {
-    gemm(1, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    gemm(1, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, NULL);
 }
 
 void matmul_builtin_serial(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
                            const float *B, int ldb, float beta, float *C, int ldc) {
-    gemm(0, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    gemm(0, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, NULL);
+}
+
+void matmul_builtin_bias(int trans_a, int trans_b, int M, int N, int K, const float *A, int lda, const float *B,
+                         int ldb, const float *bias, float *C, int ldc) {
+    gemm(1, trans_a, trans_b, M, N, K, 1.0f, A, lda, B, ldb, 1.0f, C, ldc, bias);
 }
