@@ -59,12 +59,20 @@ typedef void MicroKernel(int kc, const float *ap, const float *bp, float *acc);
 typedef void StridedKernel(int kc, const float *a, ptrdiff_t rs_a, ptrdiff_t cs_a, const float *b, ptrdiff_t rs_b,
                            float *acc);
 
+// A whole product's register block over all of K (strided operands as StridedKernel), its accumulators starting
+// from +0 in registers and stored straight to C[MR][NR] (ld ldc) with the epilogue of store_tile, the same
+// roundings: alpha * acc (+ beta * C, or + bias[NR]). For small K (attention's per-head products, K = 16 or 32,
+// and the model's K = 128) clearing, filling and re-reading an accumulator buffer cost as much as the arithmetic.
+typedef void DirectKernel(int kc, const float *a, ptrdiff_t rs_a, ptrdiff_t cs_a, const float *b, ptrdiff_t rs_b,
+                          float *C, ptrdiff_t ldc, float alpha, float beta, const float *bias);
+
 typedef struct {
     const char *name;
     int mr, nr;             // register block
     int mc, nc;             // largest tile a thread takes (multiples of mr and nr)
     MicroKernel *kernel;
     StridedKernel *strided;
+    DirectKernel *direct;   // NULL: the kernel has none (AVX2, portable C)
 } GemmKernel;
 
 // Each kernel's body is written once, over strided operands, and instantiated twice: with the packed layout's
@@ -149,6 +157,37 @@ static inline __attribute__((always_inline, target("avx512f"))) void avx512_body
 }
 GEMM_INSTANTIATE(avx512_body, __attribute__((target("avx512f"))), AVX512_MR, AVX512_NR)
 
+// c = alpha * acc (+ beta * C, or + bias) for one vector of a register block, rounded as store_tile rounds it.
+static inline __attribute__((always_inline, target("avx512f"))) __m512 epilogue16(__m512 acc, const float *c,
+                                                                                   float alpha, float beta,
+                                                                                   const float *bias) {
+    __m512 v = _mm512_mul_ps(_mm512_set1_ps(alpha), acc);
+    if (bias != NULL) return _mm512_add_ps(v, _mm512_loadu_ps(bias));
+    if (beta == 0.0f) return v;
+    return _mm512_add_ps(v, _mm512_mul_ps(_mm512_set1_ps(beta), _mm512_loadu_ps(c)));
+}
+
+__attribute__((target("avx512f"))) static void avx512_direct(int kc, const float *a, ptrdiff_t rs_a, ptrdiff_t cs_a,
+                                                             const float *b, ptrdiff_t rs_b, float *C,
+                                                             ptrdiff_t ldc, float alpha, float beta,
+                                                             const float *bias) {
+    __m512 c[AVX512_MR][2];
+    for (int i = 0; i < AVX512_MR; i++) c[i][0] = c[i][1] = _mm512_setzero_ps();
+    for (int k = 0; k < kc; k++, a += cs_a, b += rs_b) {
+        __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+        for (int i = 0; i < AVX512_MR; i++) {
+            __m512 ai = _mm512_set1_ps(a[i * rs_a]);
+            c[i][0] = _mm512_fmadd_ps(ai, b0, c[i][0]);
+            c[i][1] = _mm512_fmadd_ps(ai, b1, c[i][1]);
+        }
+    }
+    for (int i = 0; i < AVX512_MR; i++)
+        for (int j = 0; j < 2; j++) {
+            float *cij = C + i * ldc + 16 * j;
+            _mm512_storeu_ps(cij, epilogue16(c[i][j], cij, alpha, beta, bias ? bias + 16 * j : NULL));
+        }
+}
+
 // ---- AVX-512, one vector wide: 16 x 16, sixteen zmm accumulators, for products 16 columns wide (attention's
 // [T, hs] with hs = 16), which would leave half of every 32-wide panel empty.
 
@@ -167,17 +206,32 @@ static inline __attribute__((always_inline, target("avx512f"))) void avx512n_bod
     for (int i = 0; i < AVX512N_MR; i++) _mm512_storeu_ps(acc + i * AVX512N_NR, c[i]);
 }
 GEMM_INSTANTIATE(avx512n_body, __attribute__((target("avx512f"))), AVX512N_MR, AVX512N_NR)
+
+__attribute__((target("avx512f"))) static void avx512n_direct(int kc, const float *a, ptrdiff_t rs_a, ptrdiff_t cs_a,
+                                                              const float *b, ptrdiff_t rs_b, float *C,
+                                                              ptrdiff_t ldc, float alpha, float beta,
+                                                              const float *bias) {
+    __m512 c[AVX512N_MR];
+    for (int i = 0; i < AVX512N_MR; i++) c[i] = _mm512_setzero_ps();
+    for (int k = 0; k < kc; k++, a += cs_a, b += rs_b) {
+        __m512 b0 = _mm512_loadu_ps(b);
+        for (int i = 0; i < AVX512N_MR; i++) c[i] = _mm512_fmadd_ps(_mm512_set1_ps(a[i * rs_a]), b0, c[i]);
+    }
+    for (int i = 0; i < AVX512N_MR; i++) _mm512_storeu_ps(C + i * ldc, epilogue16(c[i], C + i * ldc, alpha, beta, bias));
+}
 #endif
 
 // Widest first (gemm_kernel_name() names the first this CPU supports). Tiles: MC x NC of 96 x 256 (AVX-512),
 // 96 x 128 (AVX-512 16 wide, AVX2), 64 x 64 (C): a thread's accumulators for one tile stay in L2 between K blocks.
 static const GemmKernel KERNELS[] = {
 #ifdef GEMM_X86
-    {"avx512", AVX512_MR, AVX512_NR, 8 * AVX512_MR, 8 * AVX512_NR, avx512_body_packed, avx512_body_strided},
-    {"avx512n", AVX512N_MR, AVX512N_NR, 6 * AVX512N_MR, 8 * AVX512N_NR, avx512n_body_packed, avx512n_body_strided},
-    {"avx2", AVX2_MR, AVX2_NR, 16 * AVX2_MR, 8 * AVX2_NR, avx2_body_packed, avx2_body_strided},
+    {"avx512", AVX512_MR, AVX512_NR, 8 * AVX512_MR, 8 * AVX512_NR, avx512_body_packed, avx512_body_strided,
+     avx512_direct},
+    {"avx512n", AVX512N_MR, AVX512N_NR, 6 * AVX512N_MR, 8 * AVX512N_NR, avx512n_body_packed, avx512n_body_strided,
+     avx512n_direct},
+    {"avx2", AVX2_MR, AVX2_NR, 16 * AVX2_MR, 8 * AVX2_NR, avx2_body_packed, avx2_body_strided, NULL},
 #endif
-    {"generic", GEN_MR, GEN_NR, 16 * GEN_MR, 4 * GEN_NR, generic_body_packed, generic_body_strided},
+    {"generic", GEN_MR, GEN_NR, 16 * GEN_MR, 4 * GEN_NR, generic_body_packed, generic_body_strided, NULL},
 };
 enum { N_KERNELS = sizeof(KERNELS) / sizeof(KERNELS[0]) };
 
@@ -372,6 +426,16 @@ static void run_tile(const Product *p, int ti, int tj, float *acc) {
         for (int j = j_begin; j < j_end; j += nr) {
             const float *b = p->bp + (size_t)(j / nr) * K * nr + (size_t)k0 * nr;
             for (int i = i_begin; i < i_end; i += mr) {
+                if (k->direct && kc > 0 && kc == K && i + mr <= p->rows && j + nr <= p->N) {
+                    // All of K in one block and a whole register block: straight to C.
+                    int in_place = p->a_in_place;  // (a whole block is never the packed partial panel)
+                    const float *a = in_place ? p->A + (size_t)(p->row0 + i) * p->lda
+                                              : p->ap + (size_t)(i / mr) * K * mr;
+                    k->direct(kc, a, in_place ? p->lda : 1, in_place ? 1 : mr, b, nr,
+                              p->C + (size_t)(p->row0 + i) * p->ldc + j, p->ldc, p->alpha, p->beta,
+                              p->bias ? p->bias + j : NULL);
+                    continue;
+                }
                 // This micro-tile's accumulators in the tile's buffer (they persist between K blocks).
                 float *t = acc + ((size_t)((i - i_begin) / mr) * tile_panels_j + (j - j_begin) / nr) * mr * nr;
                 if (k0 == 0) memset(t, 0, sizeof(float) * (size_t)mr * nr);  // +0 (K == 0: C = beta * C)
@@ -482,6 +546,11 @@ static void gemm_small(const GemmKernel *k, int trans_a, int trans_b, int M, int
             b = bp, rs_b = nr;
         }
         for (int i = 0; i < M; i += mr) {
+            if (k->direct && K > 0 && i + mr <= M && j + nr <= N) {
+                k->direct(K, A + (size_t)i * rs_a, rs_a, cs_a, b, rs_b, C + (size_t)i * ldc + j, ldc, alpha, beta,
+                          bias ? bias + j : NULL);
+                continue;
+            }
             memset(acc, 0, sizeof(float) * (size_t)mr * nr);
             if (K > 0 && i + mr <= M) {
                 k->strided(K, A + (size_t)i * rs_a, rs_a, cs_a, b, rs_b, acc);
