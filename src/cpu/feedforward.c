@@ -3,6 +3,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "cpu/ops.h"
 #include "mlm/common.h"
@@ -61,7 +62,12 @@ void dropout_keep_mask(uint8_t *keep, const DropoutCtx *drop, int layer, DropSit
             uint32_t x[KEEP_CHUNK];
             size_t i0 = (size_t)ch * KEEP_CHUNK, len = MLM_MIN((size_t)KEEP_CHUNK, n - i0);
             philox_raw(seed, offset + i0, x, len);
-            for (size_t i = 0; i < len; i++) keep[i0 + i] = (uint64_t)x[i] >= threshold;
+            if (threshold > UINT32_MAX) {  // p so close to 1 that nothing is kept
+                memset(keep + i0, 0, len);
+                continue;
+            }
+            uint32_t t = (uint32_t)threshold;  // a 32-bit compare, which the compiler vectorizes
+            for (size_t i = 0; i < len; i++) keep[i0 + i] = x[i] >= t;
         }
         return;
     }
