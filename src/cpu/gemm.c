@@ -136,14 +136,11 @@ GEMM_INSTANTIATE(avx2_body, __attribute__((target("avx2,fma"))), AVX2_MR, AVX2_N
 
 enum { AVX512_MR = 12, AVX512_NR = 32 };
 
-static inline __attribute__((always_inline, target("avx512f"))) void avx512_body(int kc, const float *a,
-                                                                                  ptrdiff_t rs_a, ptrdiff_t cs_a,
-                                                                                  const float *b, ptrdiff_t rs_b,
-                                                                                  float *acc) {
-    __m512 c[AVX512_MR][2];
-    for (int i = 0; i < AVX512_MR; i++)
-        for (int j = 0; j < 2; j++)
-            c[i][j] = _mm512_loadu_ps(acc + i * AVX512_NR + 16 * j);
+// c[MR][2] += one rank-1 update per k < kc (the loop both avx512_body and avx512_direct run).
+static inline __attribute__((always_inline, target("avx512f"))) void avx512_updates(int kc, const float *a,
+                                                                                     ptrdiff_t rs_a, ptrdiff_t cs_a,
+                                                                                     const float *b, ptrdiff_t rs_b,
+                                                                                     __m512 c[AVX512_MR][2]) {
     for (int k = 0; k < kc; k++, a += cs_a, b += rs_b) {
         __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
         for (int i = 0; i < AVX512_MR; i++) {
@@ -152,6 +149,17 @@ static inline __attribute__((always_inline, target("avx512f"))) void avx512_body
             c[i][1] = _mm512_fmadd_ps(ai, b1, c[i][1]);
         }
     }
+}
+
+static inline __attribute__((always_inline, target("avx512f"))) void avx512_body(int kc, const float *a,
+                                                                                  ptrdiff_t rs_a, ptrdiff_t cs_a,
+                                                                                  const float *b, ptrdiff_t rs_b,
+                                                                                  float *acc) {
+    __m512 c[AVX512_MR][2];
+    for (int i = 0; i < AVX512_MR; i++)
+        for (int j = 0; j < 2; j++)
+            c[i][j] = _mm512_loadu_ps(acc + i * AVX512_NR + 16 * j);
+    avx512_updates(kc, a, rs_a, cs_a, b, rs_b, c);
     for (int i = 0; i < AVX512_MR; i++)
         for (int j = 0; j < 2; j++) _mm512_storeu_ps(acc + i * AVX512_NR + 16 * j, c[i][j]);
 }
@@ -173,14 +181,7 @@ __attribute__((target("avx512f"))) static void avx512_direct(int kc, const float
                                                              const float *bias) {
     __m512 c[AVX512_MR][2];
     for (int i = 0; i < AVX512_MR; i++) c[i][0] = c[i][1] = _mm512_setzero_ps();
-    for (int k = 0; k < kc; k++, a += cs_a, b += rs_b) {
-        __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
-        for (int i = 0; i < AVX512_MR; i++) {
-            __m512 ai = _mm512_set1_ps(a[i * rs_a]);
-            c[i][0] = _mm512_fmadd_ps(ai, b0, c[i][0]);
-            c[i][1] = _mm512_fmadd_ps(ai, b1, c[i][1]);
-        }
-    }
+    avx512_updates(kc, a, rs_a, cs_a, b, rs_b, c);
     for (int i = 0; i < AVX512_MR; i++)
         for (int j = 0; j < 2; j++) {
             float *cij = C + i * ldc + 16 * j;
@@ -193,16 +194,24 @@ __attribute__((target("avx512f"))) static void avx512_direct(int kc, const float
 
 enum { AVX512N_MR = 16, AVX512N_NR = 16 };
 
+// c[MR] += one rank-1 update per k < kc (avx512n_body and avx512n_direct).
+static inline __attribute__((always_inline, target("avx512f"))) void avx512n_updates(int kc, const float *a,
+                                                                                      ptrdiff_t rs_a, ptrdiff_t cs_a,
+                                                                                      const float *b, ptrdiff_t rs_b,
+                                                                                      __m512 c[AVX512N_MR]) {
+    for (int k = 0; k < kc; k++, a += cs_a, b += rs_b) {
+        __m512 b0 = _mm512_loadu_ps(b);
+        for (int i = 0; i < AVX512N_MR; i++) c[i] = _mm512_fmadd_ps(_mm512_set1_ps(a[i * rs_a]), b0, c[i]);
+    }
+}
+
 static inline __attribute__((always_inline, target("avx512f"))) void avx512n_body(int kc, const float *a,
                                                                                    ptrdiff_t rs_a, ptrdiff_t cs_a,
                                                                                    const float *b, ptrdiff_t rs_b,
                                                                                    float *acc) {
     __m512 c[AVX512N_MR];
     for (int i = 0; i < AVX512N_MR; i++) c[i] = _mm512_loadu_ps(acc + i * AVX512N_NR);
-    for (int k = 0; k < kc; k++, a += cs_a, b += rs_b) {
-        __m512 b0 = _mm512_loadu_ps(b);
-        for (int i = 0; i < AVX512N_MR; i++) c[i] = _mm512_fmadd_ps(_mm512_set1_ps(a[i * rs_a]), b0, c[i]);
-    }
+    avx512n_updates(kc, a, rs_a, cs_a, b, rs_b, c);
     for (int i = 0; i < AVX512N_MR; i++) _mm512_storeu_ps(acc + i * AVX512N_NR, c[i]);
 }
 GEMM_INSTANTIATE(avx512n_body, __attribute__((target("avx512f"))), AVX512N_MR, AVX512N_NR)
@@ -213,10 +222,7 @@ __attribute__((target("avx512f"))) static void avx512n_direct(int kc, const floa
                                                               const float *bias) {
     __m512 c[AVX512N_MR];
     for (int i = 0; i < AVX512N_MR; i++) c[i] = _mm512_setzero_ps();
-    for (int k = 0; k < kc; k++, a += cs_a, b += rs_b) {
-        __m512 b0 = _mm512_loadu_ps(b);
-        for (int i = 0; i < AVX512N_MR; i++) c[i] = _mm512_fmadd_ps(_mm512_set1_ps(a[i * rs_a]), b0, c[i]);
-    }
+    avx512n_updates(kc, a, rs_a, cs_a, b, rs_b, c);
     for (int i = 0; i < AVX512N_MR; i++) _mm512_storeu_ps(C + i * ldc, epilogue16(c[i], C + i * ldc, alpha, beta, bias));
 }
 #endif
