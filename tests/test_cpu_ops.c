@@ -820,16 +820,19 @@ static void test_layernorm_exact(void) {
 // exp_shifted (vexp.c) against exp in double: at most 2 ulp (the bound argued at the top of vexp.c; libm's expf is
 // within 0.5), on every 257th float of [-104, 89] and around the subnormal and overflow edges, with a shift whose
 // subtraction rounds as the scalar code's; exactly +0 for -inf and below -104, 1 at 0, +inf above 89, NaN for NaN;
-// rows whose length is not a multiple of the 16 lanes, without writing past them.
+// rows whose length is not a multiple of the 16 lanes, without writing past them. And the AVX-512 path against
+// exp_shifted_scalar, the same algorithm one value at a time, bit for bit (a resumed run may change CPUs).
 static double ulps_from_exact(float got, double exact) {
     double ulp = exact < 0x1p-126 ? 0x1p-149 : ldexp(1.0, ilogb(exact) - 23);
     return fabs((double)got - exact) / ulp;
 }
 
 static void test_exp_shifted(void) {
-    printf("exp_shifted (%s) vs exp in double\n", exp_shifted_vectorized() ? "AVX-512" : "libm's expf: no AVX-512 here");
+    printf("exp_shifted (%s) vs exp in double and vs exp_shifted_scalar\n",
+           exp_shifted_vectorized() ? "AVX-512" : "no AVX-512 here: the scalar path");
     enum { ROW = 1000 };
-    float x[ROW + 1], y[ROW + 1];
+    float x[ROW + 1], y[ROW + 1], ys[ROW];
+    size_t scalar_differ = 0;
     double worst = 0.0;
     float worst_at = 0.0f;
     size_t checked = 0;
@@ -852,6 +855,8 @@ static void test_exp_shifted(void) {
                 y[ROW] = 12345.0f;
                 exp_shifted(y, x, shift, ROW);
                 CHECK(y[ROW] == 12345.0f, "exp_shifted wrote past its row");
+                exp_shifted_scalar(ys, x, shift, ROW);
+                for (int i = 0; i < ROW; i++) scalar_differ += memcmp(&y[i], &ys[i], sizeof(float)) != 0;
                 for (int i = 0; i < ROW; i++) {
                     double e = ulps_from_exact(y[i], exp((double)(x[i] - shift)));
                     if (e > worst) worst = e, worst_at = x[i] - shift;
@@ -861,7 +866,9 @@ static void test_exp_shifted(void) {
             }
         }
     }
-    printf("  %zu values: worst error %.3f ulp at x = %.9g\n", checked, worst, worst_at);
+    printf("  %zu values: worst error %.3f ulp at x = %.9g; %zu differ from exp_shifted_scalar\n", checked, worst,
+           worst_at, scalar_differ);
+    CHECK(scalar_differ == 0, "exp_shifted differs from exp_shifted_scalar in %zu of %zu values", scalar_differ, checked);
     CHECK(checked > 3000000 && worst <= 2.0, "exp_shifted: %.3f ulp from exp at %.9g (bound 2)", worst, worst_at);
     // Special values, in a row of 21 (a partial vector after 16).
     const float sx[21] = {-INFINITY, -1000.0f, -104.5f, -104.0f, 0.0f, -0.0f, 100.0f, INFINITY, NAN, 88.5f,
@@ -869,6 +876,11 @@ static void test_exp_shifted(void) {
     float sy[22];
     sy[21] = 12345.0f;
     exp_shifted(sy, sx, 0.0f, 21);
+    float ss[21];
+    exp_shifted_scalar(ss, sx, 0.0f, 21);
+    int special_same = 1;
+    for (int i = 0; i < 21; i++) special_same &= isnan(sy[i]) ? isnan(ss[i]) : !memcmp(&sy[i], &ss[i], sizeof(float));
+    CHECK(special_same, "exp_shifted and exp_shifted_scalar differ on the special values");
     CHECK(sy[0] == 0.0f && !signbit(sy[0]) && sy[1] == 0.0f && sy[2] == 0.0f && sy[3] == 0.0f,
           "exp_shifted of -inf and below -104 is not +0");
     CHECK(sy[4] == 1.0f && sy[5] == 1.0f, "exp_shifted(0) = %.9g, (-0) = %.9g, not 1", sy[4], sy[5]);

@@ -118,8 +118,8 @@ void linear_backward(float *dinp, float *dw, float *db, const float *dout, const
 void column_sums_accumulate(float *sums, const float *x, int N, int C);
 
 // ---- Exponentials of a row (vexp.c) ------------------------------------------------------------------
-// y[n] = exp(x[n] - shift) (y may alias x): AVX-512 where the CPU has it, within 2 ulp of the exact value (the
-// argument is at the top of vexp.c), else libm's expf (exp_shifted_scalar). The same on every thread.
+// y[n] = exp(x[n] - shift) (y may alias x), within 2 ulp of the exact value (the argument is at the top of vexp.c):
+// AVX-512 where the CPU has it, else exp_shifted_scalar, the same algorithm one value at a time, with the same bits.
 void exp_shifted(float *y, const float *x, float shift, int n);
 void exp_shifted_scalar(float *y, const float *x, float shift, int n);
 // 1 when exp_shifted runs the AVX-512 path on this CPU.
