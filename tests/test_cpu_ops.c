@@ -818,7 +818,7 @@ static void test_layernorm_exact(void) {
 }
 
 // exp_shifted (vexp.c) against exp in double: at most 2 ulp (the bound argued at the top of vexp.c; libm's expf is
-// within 0.5), on every 257th float of [-104, 89] and around the subnormal and overflow edges, with a shift whose
+// within 0.5), on every 1031st float of [-104, 89] and around the subnormal and overflow edges, with a shift whose
 // subtraction rounds as the scalar code's; exactly +0 for -inf and below -104, 1 at 0, +inf above 89, NaN for NaN;
 // rows whose length is not a multiple of the 16 lanes, without writing past them. And the AVX-512 path against
 // exp_shifted_scalar, the same algorithm one value at a time, bit for bit (a resumed run may change CPUs).
@@ -839,14 +839,14 @@ static void test_exp_shifted(void) {
     const float shifts[2] = {0.0f, -3.25f};
     for (int k = 0; k < 2; k++) {
         float shift = shifts[k];
-        // Every 257th float from -104 to 89 in order: key(v) = its bits if v >= +0, -(its magnitude's bits) if not.
+        // Every 1031st float from -104 to 89 in order: key(v) = its bits if v >= +0, -(its magnitude's bits) if not.
         float a = -104.0f + shift, b = 89.0f + shift;
         uint32_t abits, bbits;
         memcpy(&abits, &a, 4);
         memcpy(&bbits, &b, 4);
         int64_t key_lo = -(int64_t)(abits & 0x7FFFFFFFu), key_hi = (int64_t)bbits;
         int len = 0;
-        for (int64_t key = key_lo; key <= key_hi; key += 257) {
+        for (int64_t key = key_lo; key <= key_hi; key += 1031) {
             uint32_t bits = key >= 0 ? (uint32_t)key : 0x80000000u | (uint32_t)(-key);
             float v;
             memcpy(&v, &bits, 4);
@@ -869,7 +869,7 @@ static void test_exp_shifted(void) {
     printf("  %zu values: worst error %.3f ulp at x = %.9g; %zu differ from exp_shifted_scalar\n", checked, worst,
            worst_at, scalar_differ);
     CHECK(scalar_differ == 0, "exp_shifted differs from exp_shifted_scalar in %zu of %zu values", scalar_differ, checked);
-    CHECK(checked > 3000000 && worst <= 2.0, "exp_shifted: %.3f ulp from exp at %.9g (bound 2)", worst, worst_at);
+    CHECK(checked > 4000000 && worst <= 2.0, "exp_shifted: %.3f ulp from exp at %.9g (bound 2)", worst, worst_at);
     // Special values, in a row of 21 (a partial vector after 16).
     const float sx[21] = {-INFINITY, -1000.0f, -104.5f, -104.0f, 0.0f, -0.0f, 100.0f, INFINITY, NAN, 88.5f,
                           -87.5f, -100.0f, -103.9f, 1.0f, -1.0f, 0.5f, 10.0f, -10.0f, 88.0f, -0.1f, 0.1f};

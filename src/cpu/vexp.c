@@ -11,7 +11,7 @@
 // interval, below one float ulp), and the result p 2^n rounded once, into the subnormals too (vscalefps; ldexpf
 // in the scalar twin). The roundings of the Horner steps act on r^2 P(r) <= 0.07 and that of 1 + r is half an ulp,
 // so the total stays below 2 ulp of the result (libm's expf: 0.5); measured worst 1.25 ulp. test_cpu_ops checks
-// |error| <= 2 ulp against exp in double on every 257th float of [-104, 89] (and the special values below), and
+// |error| <= 2 ulp against exp in double on every 1031st float of [-104, 89] (and the special values below), and
 // the AVX-512 path against the scalar one bit for bit. A probability 2 ulp (2.4e-7 relative) off moves the
 // attention's outputs by as much, 40x below the tiled attention's 1e-5 against the double reference and 400x below
 // the 1e-4 between the CPU and CUDA backends. Every operation is an IEEE one rounded once (fmaf, rintf, ldexpf, and
