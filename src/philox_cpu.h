@@ -93,6 +93,23 @@ static inline void curand_philox_lanes(uint64_t seed, uint64_t p0, uint32_t x[4]
 #endif
 }
 
+// out[i] = the raw output at absolute index offset + i of the stream of `seed`, i < n, on the calling thread:
+// whole groups of blocks on AVX-512 (16 blocks) or AVX2 (8), chosen at run time, and the rest with
+// curand_philox_lanes, which defines the stream (philox_wide.c; every path gives the same bits).
+typedef enum { PHILOX_PATH_AUTO, PHILOX_PATH_PORTABLE, PHILOX_PATH_AVX2, PHILOX_PATH_AVX512 } PhiloxPath;
+#ifdef __cplusplus
+extern "C" {
+#endif
+// 1 when this CPU runs `path` (AUTO and PORTABLE always); philox_raw_path falls back to PORTABLE otherwise.
+int philox_path_supported(PhiloxPath path);
+void philox_raw_path(PhiloxPath path, uint64_t seed, uint64_t offset, uint32_t *out, size_t n);
+#ifdef __cplusplus
+}
+#endif
+static inline void philox_raw(uint64_t seed, uint64_t offset, uint32_t *out, size_t n) {
+    philox_raw_path(PHILOX_PATH_AUTO, seed, offset, out, n);
+}
+
 static inline float curand_uniform_of(uint32_t x) {
     float scaled = (float)x * CURAND_2POW32_INV;  // separate statements: no fused multiply-add
     return scaled + CURAND_2POW32_INV / 2.0f;

@@ -29,6 +29,7 @@
 #include "mlm/optim.h"
 #include "mlm/rng.h"
 #include "attention_ref.h"
+#include "philox_cpu.h"
 #include "test_util.h"
 
 // ---- Small deterministic helpers --------------------------------------------------------------------
@@ -275,6 +276,39 @@ static void test_linear(void) {
     fd_check("linear d weight (accumulated)", linear_loss, &c, c.w, dw, nw, 1e-2f, FD_ATOL, FD_RTOL);
     fd_check("linear d bias (accumulated)", linear_loss, &c, c.b, db, c.OC, 1e-2f, FD_ATOL, FD_RTOL);
     free(c.x); free(c.w); free(c.b); free(c.y); free(c.r); free(dx); free(dw); free(db);
+}
+
+// matmul_bias (the bias added at the GEMM's store, or each BLAS tile's rows filled just before its sgemm) against
+// its definition, matmul with every row of C set to the bias and alpha = beta = 1, bit for bit: every transpose,
+// a small product (gemm_small), partial register blocks, and a product large enough for threads and the BLAS
+// tile grid; with the built-in GEMM and with the matmul this build runs.
+static void test_matmul_bias(void) {
+    printf("matmul_bias vs matmul over C filled with the bias, bit for bit (%s)\n", matmul_backend_name());
+    const int shapes[3][3] = {{7, 5, 3}, {67, 129, 33}, {2051, 131, 128}};
+    size_t differ = 0, compared = 0;
+    for (int sh = 0; sh < 3; sh++)
+        for (int ta = 0; ta < 2; ta++)
+            for (int tb = 0; tb < 2; tb++)
+                for (int impl = 0; impl < 2; impl++) {
+                    int M = shapes[sh][0], N = shapes[sh][1], K = shapes[sh][2];
+                    float *A = alloc_rand((size_t)M * K, 1.0f), *B = alloc_rand((size_t)K * N, 1.0f);
+                    float *bias = alloc_rand(N, 1.0f), *got = alloc_zero((size_t)M * N), *want = alloc_zero((size_t)M * N);
+                    int lda = ta ? M : K, ldb = tb ? K : N;
+                    for (int i = 0; i < M; i++) memcpy(want + (size_t)i * N, bias, N * sizeof(float));
+                    for (size_t i = 0; i < (size_t)M * N; i++) got[i] = NAN;  // must not be read
+                    if (impl == 0) {
+                        matmul_builtin(ta, tb, M, N, K, 1.0f, A, lda, B, ldb, 1.0f, want, N);
+                        matmul_builtin_bias(ta, tb, M, N, K, A, lda, B, ldb, bias, got, N);
+                    } else {
+                        matmul(ta, tb, M, N, K, 1.0f, A, lda, B, ldb, 1.0f, want, N);
+                        matmul_bias(ta, tb, M, N, K, A, lda, B, ldb, bias, got, N);
+                    }
+                    for (size_t i = 0; i < (size_t)M * N; i++) differ += memcmp(&got[i], &want[i], sizeof(float)) != 0;
+                    compared += (size_t)M * N;
+                    free(A); free(B); free(bias); free(got); free(want);
+                }
+    printf("  %zu outputs compared, %zu differ\n", compared, differ);
+    CHECK(differ == 0, "matmul_bias differs from matmul over C = bias in %zu of %zu outputs", differ, compared);
 }
 
 // ---- Embedding ------------------------------------------------------------------------------------------
@@ -683,6 +717,184 @@ static void test_residual_dropout(void) {
     free(keep); free(c.res); free(c.y); free(c.out); free(c.r); free(dy);
 }
 
+// The hand-vectorised and restructured elementwise loops against their definitions, bit for bit: ReLU + dropout
+// backward (dh *= (float)(h > 0) * scale, SSE2 with a scalar tail) over n = 100,003 (parallel, with a tail of 3),
+// h drawn among +-0, negatives, positives, subnormals and NaN; column_sums_accumulate against sums[c] += x[n][c]
+// in row order, with C not a multiple of its 16-column tasks.
+static void test_elementwise_exact(void) {
+    printf("relu_dropout_backward and column_sums_accumulate vs their definitions, bit for bit\n");
+    size_t n = 100003;
+    float *h = alloc_rand(n, 1.0f), *dh = alloc_rand(n, 2.0f), *want = mlm_malloc(n * sizeof(float), "want");
+    for (size_t i = 0; i < n; i += 7) h[i] = (i / 7) % 4 == 0 ? 0.0f : (i / 7) % 4 == 1 ? -0.0f : (i / 7) % 4 == 2 ? 1e-42f : NAN;
+    float scale = dropout_scale(0.1f);
+    for (size_t i = 0; i < n; i++) want[i] = dh[i] * ((float)(h[i] > 0.0f) * scale);
+    relu_dropout_backward(dh, h, scale, n);
+    size_t differ = 0;
+    for (size_t i = 0; i < n; i++) differ += memcmp(&dh[i], &want[i], sizeof(float)) != 0;
+    printf("  relu_dropout_backward: %zu of %zu differ\n", differ, n);
+    CHECK(differ == 0, "relu_dropout_backward differs from dh * ((float)(h > 0) * scale) in %zu of %zu", differ, n);
+    free(h); free(dh); free(want);
+
+    const int shapes[2][2] = {{257, 37}, {600, 128}};  // the second is large enough to run in parallel
+    for (int k = 0; k < 2; k++) {
+        int N = shapes[k][0], C = shapes[k][1];
+        float *x = alloc_rand((size_t)N * C, 1.0f), *sums = alloc_rand(C, 1.0f), *ref = mlm_malloc(C * sizeof(float), "ref");
+        memcpy(ref, sums, C * sizeof(float));
+        for (int r = 0; r < N; r++)
+            for (int c = 0; c < C; c++) ref[c] += x[(size_t)r * C + c];
+        column_sums_accumulate(sums, x, N, C);
+        CHECK(memcmp(sums, ref, C * sizeof(float)) == 0, "column_sums_accumulate [%d, %d] differs from row-order sums", N, C);
+        free(x); free(sums); free(ref);
+    }
+}
+
+// layernorm_forward / layernorm_backward (rows in lockstep, sums in local arrays) against the row-at-a-time loops
+// that define them, bit for bit, at N = 4k + 3 rows (a remainder after the groups of 4) and C = 37 (a partial
+// 16-channel task), and at [2051, 128] (parallel).
+static void layernorm_rows_reference(float *out, float *mean, float *rstd, float *dinp, float *dw, float *db,
+                                     const float *inp, const float *dout, const float *w, const float *b, int N, int C) {
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * C, *g = dout + (size_t)n * C;
+        float m = 0.0f, var = 0.0f;
+        for (int c = 0; c < C; c++) m += x[c];
+        m /= (float)C;
+        for (int c = 0; c < C; c++) {
+            float d = x[c] - m;
+            var += d * d;
+        }
+        var /= (float)C;
+        float s = 1.0f / sqrtf(var + 1e-5f);
+        for (int c = 0; c < C; c++) out[(size_t)n * C + c] = (x[c] - m) * s * w[c] + b[c];
+        mean[n] = m;
+        rstd[n] = s;
+        float sum_dnorm = 0.0f, sum_dnorm_norm = 0.0f;
+        for (int c = 0; c < C; c++) {
+            float norm = (x[c] - m) * s, dnorm = g[c] * w[c];
+            sum_dnorm += dnorm;
+            sum_dnorm_norm += dnorm * norm;
+        }
+        float mean_dnorm = sum_dnorm / (float)C, mean_dnorm_norm = sum_dnorm_norm / (float)C;
+        for (int c = 0; c < C; c++) {
+            float norm = (x[c] - m) * s;
+            dinp[(size_t)n * C + c] += s * (g[c] * w[c] - mean_dnorm - norm * mean_dnorm_norm);
+        }
+    }
+    for (int n = 0; n < N; n++)
+        for (int c = 0; c < C; c++) {
+            const float *x = inp + (size_t)n * C, *g = dout + (size_t)n * C;
+            dw[c] += g[c] * ((x[c] - mean[n]) * rstd[n]);
+            db[c] += g[c];
+        }
+}
+
+static void test_layernorm_exact(void) {
+    printf("layernorm_forward / layernorm_backward vs the row-at-a-time loops, bit for bit\n");
+    const int shapes[2][2] = {{4 * 9 + 3, 37}, {2051, 128}};
+    for (int k = 0; k < 2; k++) {
+        int N = shapes[k][0], C = shapes[k][1];
+        size_t nc = (size_t)N * C;
+        float *x = alloc_rand(nc, 2.0f), *g = alloc_rand(nc, 1.0f), *w = alloc_rand(C, 1.0f), *b = alloc_rand(C, 1.0f);
+        for (size_t i = 0; i < nc; i++) x[i] += 0.5f;  // a mean away from 0
+        float *out = alloc_zero(nc), *mean = alloc_zero(N), *rstd = alloc_zero(N), *dinp = alloc_rand(nc, 1.0f);
+        float *dw = alloc_rand(C, 1.0f), *db = alloc_rand(C, 1.0f);
+        float *out_r = alloc_zero(nc), *mean_r = alloc_zero(N), *rstd_r = alloc_zero(N);
+        float *dinp_r = mlm_malloc(nc * sizeof(float), "dinp"), *dw_r = mlm_malloc(C * sizeof(float), "dw");
+        float *db_r = mlm_malloc(C * sizeof(float), "db");
+        memcpy(dinp_r, dinp, nc * sizeof(float));  // both accumulate (+=) into the same starting values
+        memcpy(dw_r, dw, C * sizeof(float));
+        memcpy(db_r, db, C * sizeof(float));
+        layernorm_forward(out, mean, rstd, x, w, b, N, C, 1e-5f);
+        layernorm_backward(dinp, dw, db, g, x, w, mean, rstd, N, C);
+        layernorm_rows_reference(out_r, mean_r, rstd_r, dinp_r, dw_r, db_r, x, g, w, b, N, C);
+        int same_fwd = !memcmp(out, out_r, nc * sizeof(float)) && !memcmp(mean, mean_r, N * sizeof(float)) &&
+                       !memcmp(rstd, rstd_r, N * sizeof(float));
+        int same_bwd = !memcmp(dinp, dinp_r, nc * sizeof(float)) && !memcmp(dw, dw_r, C * sizeof(float)) &&
+                       !memcmp(db, db_r, C * sizeof(float));
+        printf("  [%d, %d]: forward %s, backward %s\n", N, C, same_fwd ? "identical" : "DIFFERS", same_bwd ? "identical" : "DIFFERS");
+        CHECK(same_fwd && same_bwd, "layernorm [%d, %d] differs from its row-at-a-time definition", N, C);
+        free(x); free(g); free(w); free(b); free(out); free(mean); free(rstd); free(dinp); free(dw); free(db);
+        free(out_r); free(mean_r); free(rstd_r); free(dinp_r); free(dw_r); free(db_r);
+    }
+}
+
+// exp_shifted (vexp.c) against exp in double: at most 2 ulp (the bound argued at the top of vexp.c; libm's expf is
+// within 0.5), on every 1031st float of [-104, 89] and around the subnormal and overflow edges, with a shift whose
+// subtraction rounds as the scalar code's; exactly +0 for -inf and below -104, 1 at 0, +inf above 89, NaN for NaN;
+// rows whose length is not a multiple of the 16 lanes, without writing past them. And the AVX-512 path against
+// exp_shifted_scalar, the same algorithm one value at a time, bit for bit (a resumed run may change CPUs).
+static double ulps_from_exact(float got, double exact) {
+    double ulp = exact < 0x1p-126 ? 0x1p-149 : ldexp(1.0, ilogb(exact) - 23);
+    return fabs((double)got - exact) / ulp;
+}
+
+static void test_exp_shifted(void) {
+    printf("exp_shifted (%s) vs exp in double and vs exp_shifted_scalar\n",
+           exp_shifted_vectorized() ? "AVX-512" : "no AVX-512 here: the scalar path");
+    enum { ROW = 1000 };
+    float x[ROW + 1], y[ROW + 1], ys[ROW];
+    size_t scalar_differ = 0;
+    double worst = 0.0;
+    float worst_at = 0.0f;
+    size_t checked = 0;
+    const float shifts[2] = {0.0f, -3.25f};
+    for (int k = 0; k < 2; k++) {
+        float shift = shifts[k];
+        // Every 1031st float from -104 to 89 in order: key(v) = its bits if v >= +0, -(its magnitude's bits) if not.
+        float a = -104.0f + shift, b = 89.0f + shift;
+        uint32_t abits, bbits;
+        memcpy(&abits, &a, 4);
+        memcpy(&bbits, &b, 4);
+        int64_t key_lo = -(int64_t)(abits & 0x7FFFFFFFu), key_hi = (int64_t)bbits;
+        int len = 0;
+        for (int64_t key = key_lo; key <= key_hi; key += 1031) {
+            uint32_t bits = key >= 0 ? (uint32_t)key : 0x80000000u | (uint32_t)(-key);
+            float v;
+            memcpy(&v, &bits, 4);
+            x[len++] = v;
+            if (len == ROW) {
+                y[ROW] = 12345.0f;
+                exp_shifted(y, x, shift, ROW);
+                CHECK(y[ROW] == 12345.0f, "exp_shifted wrote past its row");
+                exp_shifted_scalar(ys, x, shift, ROW);
+                for (int i = 0; i < ROW; i++) scalar_differ += memcmp(&y[i], &ys[i], sizeof(float)) != 0;
+                for (int i = 0; i < ROW; i++) {
+                    double e = ulps_from_exact(y[i], exp((double)(x[i] - shift)));
+                    if (e > worst) worst = e, worst_at = x[i] - shift;
+                }
+                checked += ROW;
+                len = 0;
+            }
+        }
+    }
+    printf("  %zu values: worst error %.3f ulp at x = %.9g; %zu differ from exp_shifted_scalar\n", checked, worst,
+           worst_at, scalar_differ);
+    CHECK(scalar_differ == 0, "exp_shifted differs from exp_shifted_scalar in %zu of %zu values", scalar_differ, checked);
+    CHECK(checked > 4000000 && worst <= 2.0, "exp_shifted: %.3f ulp from exp at %.9g (bound 2)", worst, worst_at);
+    // Special values, in a row of 21 (a partial vector after 16).
+    const float sx[21] = {-INFINITY, -1000.0f, -104.5f, -104.0f, 0.0f, -0.0f, 100.0f, INFINITY, NAN, 88.5f,
+                          -87.5f, -100.0f, -103.9f, 1.0f, -1.0f, 0.5f, 10.0f, -10.0f, 88.0f, -0.1f, 0.1f};
+    float sy[22];
+    sy[21] = 12345.0f;
+    exp_shifted(sy, sx, 0.0f, 21);
+    float ss[21];
+    exp_shifted_scalar(ss, sx, 0.0f, 21);
+    int special_same = 1;
+    for (int i = 0; i < 21; i++) special_same &= isnan(sy[i]) ? isnan(ss[i]) : !memcmp(&sy[i], &ss[i], sizeof(float));
+    CHECK(special_same, "exp_shifted and exp_shifted_scalar differ on the special values");
+    CHECK(sy[0] == 0.0f && !signbit(sy[0]) && sy[1] == 0.0f && sy[2] == 0.0f && sy[3] == 0.0f,
+          "exp_shifted of -inf and below -104 is not +0");
+    CHECK(sy[4] == 1.0f && sy[5] == 1.0f, "exp_shifted(0) = %.9g, (-0) = %.9g, not 1", sy[4], sy[5]);
+    CHECK(isinf(sy[6]) && sy[6] > 0 && isinf(sy[7]) && sy[7] > 0, "exp_shifted of 100 and inf is not +inf");
+    CHECK(isnan(sy[8]), "exp_shifted(NaN) = %g, not NaN", sy[8]);
+    double special_worst = 0.0;
+    for (int i = 9; i < 21; i++) {
+        double e = ulps_from_exact(sy[i], exp((double)sx[i]));
+        special_worst = e > special_worst ? e : special_worst;
+    }
+    CHECK(special_worst <= 2.0, "exp_shifted: %.3f ulp on the finite special values", special_worst);
+    CHECK(sy[21] == 12345.0f, "exp_shifted wrote past a row of 21");
+}
+
 // ---- Dropout rule and the CPU Philox stream ----------------------------------------------------------
 
 #ifdef MLM_HAVE_CUDA
@@ -738,6 +950,47 @@ static void compare_with_curand(Rng *rng) {
     CURAND_CHECK(curandDestroyGenerator(gen));
 }
 #endif
+
+// philox_raw_path (philox_wide.c: the AVX-512 and AVX2 groups of blocks) against philox_u32, which reproduces
+// cuRAND's stream with curand_philox_lanes, one block at a time (compared with cuRAND itself above): every path
+// this CPU runs must give the same bits at offsets inside a block, at the edge of cuRAND's 65,536-block rows (a
+// group whose counters cross into the next iteration), where the iteration's high word is set, and for lengths
+// around the groups' 32 and 64 outputs.
+static void test_philox_paths(void) {
+    printf("philox_raw: AVX-512 / AVX2 / portable paths vs philox_u32, bit for bit\n");
+    const uint64_t seed = 0x243F6A8885A308D3ull;
+    const uint64_t row = 4ull * CURAND_PHILOX_THREADS;  // outputs per iteration of cuRAND's layout
+    const uint64_t offsets[] = {0, 1, 2, 3, row - 4 * 5 - 1, row - 4 * 16, 3 * row - 7, 1000003,
+                                (1ull << 50) - 4 * 3 - 2, 123456789013ull};
+    const size_t sizes[] = {0, 1, 5, 31, 32, 33, 63, 64, 65, 127, 1000, 4099};
+    const PhiloxPath paths[] = {PHILOX_PATH_PORTABLE, PHILOX_PATH_AVX2, PHILOX_PATH_AVX512, PHILOX_PATH_AUTO};
+    const char *names[] = {"portable", "avx2", "avx512", "auto"};
+    size_t nmax = 4099 + 2;
+    uint32_t *want = mlm_malloc(nmax * sizeof(uint32_t), "want"), *got = mlm_malloc(nmax * sizeof(uint32_t), "got");
+    for (int k = 0; k < 4; k++) {
+        if (!philox_path_supported(paths[k])) {
+            printf("  %s: not run on this CPU\n", names[k]);
+            continue;
+        }
+        size_t compared = 0, differ = 0, overrun = 0;
+        for (size_t o = 0; o < sizeof(offsets) / sizeof(offsets[0]); o++)
+            for (size_t s = 0; s < sizeof(sizes) / sizeof(sizes[0]); s++) {
+                size_t n = sizes[s];
+                philox_u32(seed, offsets[o], want, n);
+                for (size_t i = 0; i < nmax; i++) got[i] = 0xDEADBEEFu;  // a guard word after the n outputs
+                philox_raw_path(paths[k], seed, offsets[o], got, n);
+                for (size_t i = 0; i < n; i++) differ += got[i] != want[i];
+                overrun += got[n] != 0xDEADBEEFu;
+                compared += n;
+            }
+        printf("  %s: %zu outputs compared, %zu differ, %zu writes past the end\n", names[k], compared, differ, overrun);
+        CHECK(differ == 0, "philox_raw_path(%s) differs from philox_u32 in %zu of %zu outputs", names[k], differ,
+              compared);
+        CHECK(overrun == 0, "philox_raw_path(%s) wrote past its n outputs %zu times", names[k], overrun);
+    }
+    free(want);
+    free(got);
+}
 
 static void test_dropout_rule(void) {
     printf("dropout rule: CPU Philox stream vs cuRAND's host generator, masks vs u < p\n");
@@ -974,6 +1227,7 @@ int main(void) {
     test_matmul();
     test_matmul_threads();
     test_linear();
+    test_matmul_bias();
     test_embedding();
     test_layernorm();
     test_attention_fd(0, 0);
@@ -985,6 +1239,10 @@ int main(void) {
     test_ffn(0);
     test_ffn(1);
     test_residual_dropout();
+    test_elementwise_exact();
+    test_exp_shifted();
+    test_layernorm_exact();
+    test_philox_paths();
     test_dropout_rule();
     test_crossentropy();
     test_optim_lr();

@@ -23,6 +23,10 @@
 #include "mlm/common.h"
 #include "philox_cpu.h"
 
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
+
 // Rows (queries) and columns (keys) of a tile: a tile's scores, probabilities and masks fit in L1/L2, and at the
 // reference shape (T 32) one tile is the whole head, as the materialised attention was.
 enum { ATTN_TILE = 64 };
@@ -47,18 +51,26 @@ int attention_dropout(AttnDropout *ad, const DropoutCtx *drop, int layer, size_t
 // rows of row_len: element offset + e goes to z[(e / row_len) * stride + e % row_len]. THE DROPOUT RULE of ops.h
 // on cuRAND's Philox outputs, computed here (kept where the raw output reaches the threshold: !(u < p) exactly).
 static void dropout_range(float *z, const AttnDropout *d, uint64_t offset, size_t n, int row_len, int stride) {
-    uint64_t first = offset / 4, last = (offset + n - 1) / 4;
-    int r = 0, c = 0;  // where the next element in the range goes (the outputs are visited in increasing order)
-    for (uint64_t p0 = first; p0 <= last; p0 += PHILOX_LANES) {
-        uint32_t x[4][PHILOX_LANES];
-        curand_philox_lanes(d->seed, p0, x);
-        for (int l = 0; l < PHILOX_LANES; l++)
-            for (int w = 0; w < 4; w++) {
-                uint64_t g = (p0 + (uint64_t)l) * 4 + (uint64_t)w;
-                if (g < offset || g >= offset + n) continue;
-                z[(size_t)r * stride + c] = (uint64_t)x[w][l] >= d->threshold ? d->scale : 0.0f;
-                if (++c == row_len) c = 0, r++;
+    uint32_t x[ATTN_TILE * ATTN_TILE];  // the raw outputs in stream order (n: whole rows, at most a tile)
+    philox_raw(d->seed, offset, x, n);
+    for (size_t r = 0; r * (size_t)row_len < n; r++) {
+        const uint32_t *xr = x + r * (size_t)row_len;
+        float *zr = z + r * (size_t)stride;
+        int c = 0;
+#ifdef __SSE2__
+        // Four at a time (the scalar loop compiles to a branch per element): x >= threshold as a signed compare of
+        // both with the sign bit flipped; a threshold of 2^32 (p = 1) keeps nothing.
+        if (d->threshold <= UINT32_MAX) {
+            const __m128i flip = _mm_set1_epi32((int)0x80000000u);
+            const __m128i t = _mm_xor_si128(_mm_set1_epi32((int)(uint32_t)d->threshold), flip);
+            const __m128 scale = _mm_set1_ps(d->scale);
+            for (; c + 4 <= row_len; c += 4) {
+                __m128i dropped = _mm_cmpgt_epi32(t, _mm_xor_si128(_mm_loadu_si128((const __m128i *)(xr + c)), flip));
+                _mm_storeu_ps(zr + c, _mm_andnot_ps(_mm_castsi128_ps(dropped), scale));
             }
+        }
+#endif
+        for (; c < row_len; c++) zr[c] = xr[c] >= d->threshold ? d->scale : 0.0f;
     }
 }
 
@@ -137,11 +149,8 @@ static void forward_query_tile(float *out, float *lse, const AttnHead *a, int i0
             }
             // exp(-inf) = 0: a [PAD] key's p, and the rescale of a row whose earlier keys were all [PAD].
             float corr = expf(m[r] - m_new), sum = 0.0f;
-            for (int c = 0; c < bc; c++) {
-                float p = expf(sr[c] - m_new);
-                sum += p;
-                sr[c] = p;
-            }
+            exp_shifted(sr, sr, m_new, bc);
+            for (int c = 0; c < bc; c++) sum += sr[c];
             if (a->drop)  // THE DROPOUT RULE, on the probabilities
                 for (int c = 0; c < bc; c++) sr[c] *= z[(size_t)r * ATTN_TILE + c];
             // Rescale what the earlier key tiles accumulated (nothing before the first).
@@ -191,8 +200,7 @@ static void backward_tile(float *dq, float *dk, float *dv, const AttnHead *a, co
     const float *gi = go + (size_t)i0 * a->C;
     // P = exp(S - lse): the forward's probabilities, recomputed (into s; 0 at [PAD] keys, S = -inf).
     tile_scores(s, a, i0, br, j0, bc);
-    for (int r = 0; r < br; r++)
-        for (int c = 0; c < bc; c++) s[(size_t)r * ATTN_TILE + c] = expf(s[(size_t)r * ATTN_TILE + c] - lse[i0 + r]);
+    for (int r = 0; r < br; r++) exp_shifted(s + (size_t)r * ATTN_TILE, s + (size_t)r * ATTN_TILE, lse[i0 + r], bc);
     // out = dropout(P) V: dV += dropout(P)^T dO.
     if (a->drop) {
         tile_dropout(z, a, i0, br, j0, bc);

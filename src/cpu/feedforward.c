@@ -3,10 +3,15 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "cpu/ops.h"
 #include "mlm/common.h"
 #include "philox_cpu.h"
+
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 
 // The dropout uniforms are cuRAND's host Philox stream; rng.c reproduces it on the CPU (philox_cpu.h)
 // after checking the reproduction against curandGenerateUniform, since a host-generator call costs
@@ -39,14 +44,31 @@ uint64_t dropout_site_offset(const DropoutCtx *drop, int layer, DropSite site, s
     return offset;
 }
 
+// Outputs per task of dropout_keep_mask (16 KB of raw outputs on the stack).
+enum { KEEP_CHUNK = 4096 };
+
 void dropout_keep_mask(uint8_t *keep, const DropoutCtx *drop, int layer, DropSite site, size_t n) {
     if (n == 0) return;
     uint64_t offset = dropout_site_offset(drop, layer, site, n);
     float p = drop->p;
     if (rng_reproduced(drop->rng)) {
         // Integer compare on the raw outputs: the same decisions as !(uniform < p), without conversions.
-        uint64_t threshold = dropout_keep_threshold(p);
-        FOR_EACH_PHILOX(drop->rng->seed, offset, (uint64_t)n, keep[i] = (uint64_t)x >= threshold);
+        // Chunks of consecutive outputs (philox_raw: AVX-512 or AVX2), each a pure function of its offsets, so
+        // the mask does not depend on how the chunks are shared among threads.
+        uint64_t threshold = dropout_keep_threshold(p), seed = drop->rng->seed;
+        long long chunks = (long long)((n + KEEP_CHUNK - 1) / KEEP_CHUNK);
+#pragma omp parallel for schedule(static) if (n >= PHILOX_PARALLEL_MIN)
+        for (long long ch = 0; ch < chunks; ch++) {
+            uint32_t x[KEEP_CHUNK];
+            size_t i0 = (size_t)ch * KEEP_CHUNK, len = MLM_MIN((size_t)KEEP_CHUNK, n - i0);
+            philox_raw(seed, offset + i0, x, len);
+            if (threshold > UINT32_MAX) {  // p so close to 1 that nothing is kept
+                memset(keep + i0, 0, len);
+                continue;
+            }
+            uint32_t t = (uint32_t)threshold;  // a 32-bit compare, which the compiler vectorizes
+            for (size_t i = 0; i < len; i++) keep[i0 + i] = x[i] >= t;
+        }
         return;
     }
     float *u = mlm_malloc(n * sizeof(float), "dropout uniforms");
@@ -75,8 +97,22 @@ void relu_dropout_forward(float *h, const uint8_t *keep, float scale, size_t n) 
 void relu_dropout_backward(float *dh, const float *h, float scale, size_t n) {
     // ReLU'(0) = 0 as in PyTorch; a positive unit stays positive after scaling by scale >= 1.
     long long count = (long long)n;
+#ifdef __SSE2__
+    // The compiler leaves the loop below scalar with a branch per element, mispredicted at every other unit of a
+    // ReLU layer (3.6% of a step). The same products four at a time: the compare's mask selects scale or +0.0f,
+    // exactly the factor (float)(h > 0) * scale.
+    long long quads = count / 4;
+    const __m128 vscale = _mm_set1_ps(scale), zero = _mm_setzero_ps();
+#pragma omp parallel for schedule(static) if (count >= MLM_PARALLEL_MIN_WORK)
+    for (long long q = 0; q < quads; q++) {
+        __m128 factor = _mm_and_ps(_mm_cmpgt_ps(_mm_loadu_ps(h + 4 * q), zero), vscale);
+        _mm_storeu_ps(dh + 4 * q, _mm_mul_ps(_mm_loadu_ps(dh + 4 * q), factor));
+    }
+    for (long long i = 4 * quads; i < count; i++) dh[i] *= (float)(h[i] > 0.0f) * scale;
+#else
 #pragma omp parallel for schedule(static) if (count >= MLM_PARALLEL_MIN_WORK)
     for (long long i = 0; i < count; i++) dh[i] *= (float)(h[i] > 0.0f) * scale;
+#endif
 }
 
 void residual_dropout_forward(float *out, const float *res, const float *y, const uint8_t *keep, float scale,

@@ -59,12 +59,20 @@ typedef void MicroKernel(int kc, const float *ap, const float *bp, float *acc);
 typedef void StridedKernel(int kc, const float *a, ptrdiff_t rs_a, ptrdiff_t cs_a, const float *b, ptrdiff_t rs_b,
                            float *acc);
 
+// A whole product's register block over all of K (strided operands as StridedKernel), its accumulators starting
+// from +0 in registers and stored straight to C[MR][NR] (ld ldc) with the epilogue of store_tile, the same
+// roundings: alpha * acc (+ beta * C, or + bias[NR]). For small K (attention's per-head products, K = 16 or 32,
+// and the model's K = 128) clearing, filling and re-reading an accumulator buffer cost as much as the arithmetic.
+typedef void DirectKernel(int kc, const float *a, ptrdiff_t rs_a, ptrdiff_t cs_a, const float *b, ptrdiff_t rs_b,
+                          float *C, ptrdiff_t ldc, float alpha, float beta, const float *bias);
+
 typedef struct {
     const char *name;
     int mr, nr;             // register block
     int mc, nc;             // largest tile a thread takes (multiples of mr and nr)
     MicroKernel *kernel;
     StridedKernel *strided;
+    DirectKernel *direct;   // NULL: the kernel has none (AVX2, portable C)
 } GemmKernel;
 
 // Each kernel's body is written once, over strided operands, and instantiated twice: with the packed layout's
@@ -128,14 +136,11 @@ GEMM_INSTANTIATE(avx2_body, __attribute__((target("avx2,fma"))), AVX2_MR, AVX2_N
 
 enum { AVX512_MR = 12, AVX512_NR = 32 };
 
-static inline __attribute__((always_inline, target("avx512f"))) void avx512_body(int kc, const float *a,
-                                                                                  ptrdiff_t rs_a, ptrdiff_t cs_a,
-                                                                                  const float *b, ptrdiff_t rs_b,
-                                                                                  float *acc) {
-    __m512 c[AVX512_MR][2];
-    for (int i = 0; i < AVX512_MR; i++)
-        for (int j = 0; j < 2; j++)
-            c[i][j] = _mm512_loadu_ps(acc + i * AVX512_NR + 16 * j);
+// c[MR][2] += one rank-1 update per k < kc (the loop both avx512_body and avx512_direct run).
+static inline __attribute__((always_inline, target("avx512f"))) void avx512_updates(int kc, const float *a,
+                                                                                     ptrdiff_t rs_a, ptrdiff_t cs_a,
+                                                                                     const float *b, ptrdiff_t rs_b,
+                                                                                     __m512 c[AVX512_MR][2]) {
     for (int k = 0; k < kc; k++, a += cs_a, b += rs_b) {
         __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
         for (int i = 0; i < AVX512_MR; i++) {
@@ -144,15 +149,61 @@ static inline __attribute__((always_inline, target("avx512f"))) void avx512_body
             c[i][1] = _mm512_fmadd_ps(ai, b1, c[i][1]);
         }
     }
+}
+
+static inline __attribute__((always_inline, target("avx512f"))) void avx512_body(int kc, const float *a,
+                                                                                  ptrdiff_t rs_a, ptrdiff_t cs_a,
+                                                                                  const float *b, ptrdiff_t rs_b,
+                                                                                  float *acc) {
+    __m512 c[AVX512_MR][2];
+    for (int i = 0; i < AVX512_MR; i++)
+        for (int j = 0; j < 2; j++)
+            c[i][j] = _mm512_loadu_ps(acc + i * AVX512_NR + 16 * j);
+    avx512_updates(kc, a, rs_a, cs_a, b, rs_b, c);
     for (int i = 0; i < AVX512_MR; i++)
         for (int j = 0; j < 2; j++) _mm512_storeu_ps(acc + i * AVX512_NR + 16 * j, c[i][j]);
 }
 GEMM_INSTANTIATE(avx512_body, __attribute__((target("avx512f"))), AVX512_MR, AVX512_NR)
 
+// c = alpha * acc (+ beta * C, or + bias) for one vector of a register block, rounded as store_tile rounds it.
+static inline __attribute__((always_inline, target("avx512f"))) __m512 epilogue16(__m512 acc, const float *c,
+                                                                                   float alpha, float beta,
+                                                                                   const float *bias) {
+    __m512 v = _mm512_mul_ps(_mm512_set1_ps(alpha), acc);
+    if (bias != NULL) return _mm512_add_ps(v, _mm512_loadu_ps(bias));
+    if (beta == 0.0f) return v;
+    return _mm512_add_ps(v, _mm512_mul_ps(_mm512_set1_ps(beta), _mm512_loadu_ps(c)));
+}
+
+__attribute__((target("avx512f"))) static void avx512_direct(int kc, const float *a, ptrdiff_t rs_a, ptrdiff_t cs_a,
+                                                             const float *b, ptrdiff_t rs_b, float *C,
+                                                             ptrdiff_t ldc, float alpha, float beta,
+                                                             const float *bias) {
+    __m512 c[AVX512_MR][2];
+    for (int i = 0; i < AVX512_MR; i++) c[i][0] = c[i][1] = _mm512_setzero_ps();
+    avx512_updates(kc, a, rs_a, cs_a, b, rs_b, c);
+    for (int i = 0; i < AVX512_MR; i++)
+        for (int j = 0; j < 2; j++) {
+            float *cij = C + i * ldc + 16 * j;
+            _mm512_storeu_ps(cij, epilogue16(c[i][j], cij, alpha, beta, bias ? bias + 16 * j : NULL));
+        }
+}
+
 // ---- AVX-512, one vector wide: 16 x 16, sixteen zmm accumulators, for products 16 columns wide (attention's
 // [T, hs] with hs = 16), which would leave half of every 32-wide panel empty.
 
 enum { AVX512N_MR = 16, AVX512N_NR = 16 };
+
+// c[MR] += one rank-1 update per k < kc (avx512n_body and avx512n_direct).
+static inline __attribute__((always_inline, target("avx512f"))) void avx512n_updates(int kc, const float *a,
+                                                                                      ptrdiff_t rs_a, ptrdiff_t cs_a,
+                                                                                      const float *b, ptrdiff_t rs_b,
+                                                                                      __m512 c[AVX512N_MR]) {
+    for (int k = 0; k < kc; k++, a += cs_a, b += rs_b) {
+        __m512 b0 = _mm512_loadu_ps(b);
+        for (int i = 0; i < AVX512N_MR; i++) c[i] = _mm512_fmadd_ps(_mm512_set1_ps(a[i * rs_a]), b0, c[i]);
+    }
+}
 
 static inline __attribute__((always_inline, target("avx512f"))) void avx512n_body(int kc, const float *a,
                                                                                    ptrdiff_t rs_a, ptrdiff_t cs_a,
@@ -160,24 +211,33 @@ static inline __attribute__((always_inline, target("avx512f"))) void avx512n_bod
                                                                                    float *acc) {
     __m512 c[AVX512N_MR];
     for (int i = 0; i < AVX512N_MR; i++) c[i] = _mm512_loadu_ps(acc + i * AVX512N_NR);
-    for (int k = 0; k < kc; k++, a += cs_a, b += rs_b) {
-        __m512 b0 = _mm512_loadu_ps(b);
-        for (int i = 0; i < AVX512N_MR; i++) c[i] = _mm512_fmadd_ps(_mm512_set1_ps(a[i * rs_a]), b0, c[i]);
-    }
+    avx512n_updates(kc, a, rs_a, cs_a, b, rs_b, c);
     for (int i = 0; i < AVX512N_MR; i++) _mm512_storeu_ps(acc + i * AVX512N_NR, c[i]);
 }
 GEMM_INSTANTIATE(avx512n_body, __attribute__((target("avx512f"))), AVX512N_MR, AVX512N_NR)
+
+__attribute__((target("avx512f"))) static void avx512n_direct(int kc, const float *a, ptrdiff_t rs_a, ptrdiff_t cs_a,
+                                                              const float *b, ptrdiff_t rs_b, float *C,
+                                                              ptrdiff_t ldc, float alpha, float beta,
+                                                              const float *bias) {
+    __m512 c[AVX512N_MR];
+    for (int i = 0; i < AVX512N_MR; i++) c[i] = _mm512_setzero_ps();
+    avx512n_updates(kc, a, rs_a, cs_a, b, rs_b, c);
+    for (int i = 0; i < AVX512N_MR; i++) _mm512_storeu_ps(C + i * ldc, epilogue16(c[i], C + i * ldc, alpha, beta, bias));
+}
 #endif
 
 // Widest first (gemm_kernel_name() names the first this CPU supports). Tiles: MC x NC of 96 x 256 (AVX-512),
 // 96 x 128 (AVX-512 16 wide, AVX2), 64 x 64 (C): a thread's accumulators for one tile stay in L2 between K blocks.
 static const GemmKernel KERNELS[] = {
 #ifdef GEMM_X86
-    {"avx512", AVX512_MR, AVX512_NR, 8 * AVX512_MR, 8 * AVX512_NR, avx512_body_packed, avx512_body_strided},
-    {"avx512n", AVX512N_MR, AVX512N_NR, 6 * AVX512N_MR, 8 * AVX512N_NR, avx512n_body_packed, avx512n_body_strided},
-    {"avx2", AVX2_MR, AVX2_NR, 16 * AVX2_MR, 8 * AVX2_NR, avx2_body_packed, avx2_body_strided},
+    {"avx512", AVX512_MR, AVX512_NR, 8 * AVX512_MR, 8 * AVX512_NR, avx512_body_packed, avx512_body_strided,
+     avx512_direct},
+    {"avx512n", AVX512N_MR, AVX512N_NR, 6 * AVX512N_MR, 8 * AVX512N_NR, avx512n_body_packed, avx512n_body_strided,
+     avx512n_direct},
+    {"avx2", AVX2_MR, AVX2_NR, 16 * AVX2_MR, 8 * AVX2_NR, avx2_body_packed, avx2_body_strided, NULL},
 #endif
-    {"generic", GEN_MR, GEN_NR, 16 * GEN_MR, 4 * GEN_NR, generic_body_packed, generic_body_strided},
+    {"generic", GEN_MR, GEN_NR, 16 * GEN_MR, 4 * GEN_NR, generic_body_packed, generic_body_strided, NULL},
 };
 enum { N_KERNELS = sizeof(KERNELS) / sizeof(KERNELS[0]) };
 
@@ -257,14 +317,14 @@ static void pack_b(float *bp, const float *B, int ldb, int trans_b, int K, int N
                 for (int j = nb; j < nr; j++) d[j] = 0.0f;
             }
         } else {
-            // op(B)[k][j] = B[j][k]: read B's rows along k, write the panel's columns.
-            for (int j = 0; j < nr; j++) {
-                if (j < nb) {
-                    const float *src = B + (size_t)(j0 + j) * ldb;
-                    for (int k = 0; k < K; k++) dst[(size_t)k * nr + j] = src[k];
-                } else {
-                    for (int k = 0; k < K; k++) dst[(size_t)k * nr + j] = 0.0f;
-                }
+            // op(B)[k][j] = B[j][k]: the panel's rows written whole, each gathered from nb rows of B (a cache
+            // line of each serves 16 k); writing the panel column by column instead stored every float to a new
+            // line and cost more than the arithmetic of the small products.
+            for (int k = 0; k < K; k++) {
+                float *d = dst + (size_t)k * nr;
+                const float *src = B + (size_t)j0 * ldb + k;
+                for (int j = 0; j < nb; j++) d[j] = src[(size_t)j * ldb];
+                for (int j = nb; j < nr; j++) d[j] = 0.0f;
             }
         }
     }
@@ -298,12 +358,21 @@ static void pack_a(float *ap, const float *A, int lda, int trans_a, int K, int i
 }
 
 // C[m, n] (ld ldc) = alpha * acc (+ beta * C); acc is [m][ld_acc]. Two roundings when beta != 0, as the
-// summation rule says; with beta == 0 C is not read.
-static void store_tile(float *C, int ldc, const float *acc, int ld_acc, int m, int n, float alpha, float beta) {
+// summation rule says; with beta == 0 C is not read. Cloned for AVX-512 (chosen at load time): at the baseline's
+// four lanes the epilogue took a sixth of the micro-kernel's time at K = 128. The same products and sums in any
+// width (ISO C mode contracts nothing into an fma, see the top).
+#ifdef GEMM_X86
+__attribute__((target_clones("avx512f", "default")))
+#endif
+// With bias (bias[n], beta 1): C = alpha * acc + bias, the bits of beta * C = 1 * bias with C holding the bias.
+static void store_tile(float *C, int ldc, const float *acc, int ld_acc, int m, int n, float alpha, float beta,
+                       const float *bias) {
     for (int i = 0; i < m; i++) {
         float *c = C + (size_t)i * ldc;
         const float *a = acc + (size_t)i * ld_acc;
-        if (beta == 0.0f) {
+        if (bias != NULL) {
+            for (int j = 0; j < n; j++) c[j] = alpha * a[j] + bias[j];
+        } else if (beta == 0.0f) {
             for (int j = 0; j < n; j++) c[j] = alpha * a[j];
         } else {
             for (int j = 0; j < n; j++) c[j] = alpha * a[j] + beta * c[j];
@@ -341,8 +410,12 @@ typedef struct {
     float alpha, beta;
     float *C;
     int ldc;
-    const float *ap;   // packed rows [row0, row0 + rows) of op(A): panels [rows / mr][K][mr]
+    const float *ap;   // packed rows [row0, row0 + rows) of op(A): panels [rows / mr][K][mr]; with a_in_place,
+                       // only the last panel when it is partial, as panel 0
     int row0, rows;
+    const float *A;    // op(A) = A (no trans_a), row stride lda: read in place when a_in_place
+    int lda, a_in_place;
+    const float *bias;  // [N] added to every row at the store (beta 1), or NULL
     const float *bp;   // packed op(B): panels [N / nr][K][nr]
     int tile_rows, tile_cols;  // mc x nc of this product (multiples of mr x nr)
 } Product;
@@ -359,14 +432,28 @@ static void run_tile(const Product *p, int ti, int tj, float *acc) {
         for (int j = j_begin; j < j_end; j += nr) {
             const float *b = p->bp + (size_t)(j / nr) * K * nr + (size_t)k0 * nr;
             for (int i = i_begin; i < i_end; i += mr) {
-                const float *a = p->ap + (size_t)(i / mr) * K * mr + (size_t)k0 * mr;
+                if (k->direct && kc > 0 && kc == K && i + mr <= p->rows && j + nr <= p->N) {
+                    // All of K in one block and a whole register block: straight to C.
+                    int in_place = p->a_in_place;  // (a whole block is never the packed partial panel)
+                    const float *a = in_place ? p->A + (size_t)(p->row0 + i) * p->lda
+                                              : p->ap + (size_t)(i / mr) * K * mr;
+                    k->direct(kc, a, in_place ? p->lda : 1, in_place ? 1 : mr, b, nr,
+                              p->C + (size_t)(p->row0 + i) * p->ldc + j, p->ldc, p->alpha, p->beta,
+                              p->bias ? p->bias + j : NULL);
+                    continue;
+                }
                 // This micro-tile's accumulators in the tile's buffer (they persist between K blocks).
                 float *t = acc + ((size_t)((i - i_begin) / mr) * tile_panels_j + (j - j_begin) / nr) * mr * nr;
                 if (k0 == 0) memset(t, 0, sizeof(float) * (size_t)mr * nr);  // +0 (K == 0: C = beta * C)
-                if (kc > 0) k->kernel(kc, a, b, t);
+                if (kc > 0 && p->a_in_place && i + mr <= p->rows) {
+                    k->strided(kc, p->A + (size_t)(p->row0 + i) * p->lda + k0, p->lda, 1, b, nr, t);
+                } else if (kc > 0) {
+                    const float *a = p->ap + (size_t)(p->a_in_place ? 0 : i / mr) * K * mr + (size_t)k0 * mr;
+                    k->kernel(kc, a, b, t);
+                }
                 if (last)
                     store_tile(p->C + (size_t)(p->row0 + i) * p->ldc + j, p->ldc, t, nr, MLM_MIN(mr, i_end - i),
-                               MLM_MIN(nr, j_end - j), p->alpha, p->beta);
+                               MLM_MIN(nr, j_end - j), p->alpha, p->beta, p->bias ? p->bias + j : NULL);
             }
         }
         if (K == 0) break;
@@ -416,13 +503,28 @@ static void gemm_body(const Product *p, const float *A, int lda, int trans_a, co
         chunk.rows = MLM_MIN(chunk_rows, p->M - row0);
         int panels_a = MLM_CEIL_DIV(chunk.rows, k->mr);
         int tiles_m = MLM_CEIL_DIV(chunk.rows, p->tile_rows), tiles_n = MLM_CEIL_DIV(p->N, p->tile_cols);
-        if (parallel) {
+        if (p->a_in_place) {
+            // Only a partial last panel is packed (zero-padded), as panel 0, by one thread; the barrier at the
+            // end of `single` publishes it before any tile reads it.
+            int last = chunk.rows / k->mr;
+            if (chunk.rows % k->mr != 0) {
+                if (parallel) {
+#pragma omp single
+                    pack_a(ap, A, lda, trans_a, p->K, row0 + last * k->mr, chunk.rows - last * k->mr, k->mr, 0, 1);
+                } else {
+                    pack_a(ap, A, lda, trans_a, p->K, row0 + last * k->mr, chunk.rows - last * k->mr, k->mr, 0, 1);
+                }
+            }
+        } else if (parallel) {
 #pragma omp for schedule(static)
             for (int q = 0; q < panels_a; q++) pack_a(ap, A, lda, trans_a, p->K, row0, chunk.rows, k->mr, q, q + 1);
+        } else {
+            pack_a(ap, A, lda, trans_a, p->K, row0, chunk.rows, k->mr, 0, panels_a);
+        }
+        if (parallel) {
 #pragma omp for schedule(dynamic, 1)
             for (int t = 0; t < tiles_m * tiles_n; t++) run_tile(&chunk, t / tiles_n, t % tiles_n, acc);
         } else {
-            pack_a(ap, A, lda, trans_a, p->K, row0, chunk.rows, k->mr, 0, panels_a);
             for (int t = 0; t < tiles_m * tiles_n; t++) run_tile(&chunk, t / tiles_n, t % tiles_n, acc);
         }
     }
@@ -435,7 +537,8 @@ static void gemm_body(const Product *p, const float *A, int lda, int trans_a, co
 enum { GEMM_SMALL_WORK = 64 * 64 * 64 };
 
 static void gemm_small(const GemmKernel *k, int trans_a, int trans_b, int M, int N, int K, float alpha,
-                       const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+                       const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc,
+                       const float *bias) {
     int mr = k->mr, nr = k->nr;
     float *bp = buffer_get(&ws_b, (size_t)MLM_MAX(K, 1) * nr, "packed B");
     float *ap = buffer_get(&ws_a, (size_t)MLM_MAX(K, 1) * mr, "packed A");
@@ -449,6 +552,11 @@ static void gemm_small(const GemmKernel *k, int trans_a, int trans_b, int M, int
             b = bp, rs_b = nr;
         }
         for (int i = 0; i < M; i += mr) {
+            if (k->direct && K > 0 && i + mr <= M && j + nr <= N) {
+                k->direct(K, A + (size_t)i * rs_a, rs_a, cs_a, b, rs_b, C + (size_t)i * ldc + j, ldc, alpha, beta,
+                          bias ? bias + j : NULL);
+                continue;
+            }
             memset(acc, 0, sizeof(float) * (size_t)mr * nr);
             if (K > 0 && i + mr <= M) {
                 k->strided(K, A + (size_t)i * rs_a, rs_a, cs_a, b, rs_b, acc);
@@ -456,13 +564,14 @@ static void gemm_small(const GemmKernel *k, int trans_a, int trans_b, int M, int
                 pack_a(ap, A, lda, trans_a, K, i, M - i, mr, 0, 1);
                 k->strided(K, ap, 1, mr, b, rs_b, acc);
             }
-            store_tile(C + (size_t)i * ldc + j, ldc, acc, nr, MLM_MIN(mr, M - i), MLM_MIN(nr, N - j), alpha, beta);
+            store_tile(C + (size_t)i * ldc + j, ldc, acc, nr, MLM_MIN(mr, M - i), MLM_MIN(nr, N - j), alpha, beta,
+                       bias ? bias + j : NULL);
         }
     }
 }
 
 static void gemm(int parallel, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
-                 const float *B, int ldb, float beta, float *C, int ldc) {
+                 const float *B, int ldb, float beta, float *C, int ldc, const float *bias) {
     if (M <= 0 || N <= 0) return;
     if (K < 0) K = 0;
     const GemmKernel *k = choose_kernel(N);
@@ -472,14 +581,19 @@ static void gemm(int parallel, int trans_a, int trans_b, int M, int N, int K, fl
     int chunk_rows = (int)MLM_MIN((size_t)MLM_CEIL_DIV(M, mr), chunk_panels) * mr;
     int threads = parallel && (double)M * N * K >= MLM_PARALLEL_MIN_WORK ? omp_get_max_threads() : 1;
     if (threads == 1 && (double)M * N * K <= GEMM_SMALL_WORK) {
-        gemm_small(k, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        gemm_small(k, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, bias);
         return;
     }
 
-    Product p = {k, M, N, K, alpha, beta, C, ldc, NULL, 0, MLM_MIN(chunk_rows, M), NULL, 0, 0};
+    // op(A) = A is read where it lies (each micro-kernel call reads mr rows along k: mr sequential streams that
+    // stay in L1 while the tile's column panels reuse them); packing it cost about a quarter of the arithmetic
+    // at the model's K of 128 - 256 (a strided copy per element). op(A) = A^T is packed: in place its k-th values
+    // would be lda apart.
+    int a_in_place = !trans_a;
+    Product p = {k, M, N, K, alpha, beta, C, ldc, NULL, 0, MLM_MIN(chunk_rows, M), A, lda, a_in_place, bias, NULL, 0, 0};
     choose_tiles(&p, threads);
     p.bp = buffer_get(&ws_b, (size_t)MLM_CEIL_DIV(N, nr) * MLM_MAX(K, 1) * nr, "packed B");
-    p.ap = buffer_get(&ws_a, (size_t)chunk_rows * MLM_MAX(K, 1), "packed A");
+    p.ap = buffer_get(&ws_a, (a_in_place ? (size_t)mr : (size_t)chunk_rows) * MLM_MAX(K, 1), "packed A");
     size_t acc_per_thread = (size_t)p.tile_rows * p.tile_cols;
     float *acc = buffer_get(&ws_acc, acc_per_thread * threads, "accumulators");
     if (threads > 1) {
@@ -492,10 +606,15 @@ static void gemm(int parallel, int trans_a, int trans_b, int M, int N, int K, fl
 
 void matmul_builtin(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
                     const float *B, int ldb, float beta, float *C, int ldc) {
-    gemm(1, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    gemm(1, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, NULL);
 }
 
 void matmul_builtin_serial(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
                            const float *B, int ldb, float beta, float *C, int ldc) {
-    gemm(0, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    gemm(0, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, NULL);
+}
+
+void matmul_builtin_bias(int trans_a, int trans_b, int M, int N, int K, const float *A, int lda, const float *B,
+                         int ldb, const float *bias, float *C, int ldc) {
+    gemm(1, trans_a, trans_b, M, N, K, 1.0f, A, lda, B, ldb, 1.0f, C, ldc, bias);
 }

@@ -109,8 +109,9 @@ static TileGrid tile_grid(int M, int N, int K) {
     return g;
 }
 
+// bias (or NULL): each tile's rows of C are set to it just before the tile's sgemm (beta 1).
 static void matmul_blas(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
-                        const float *B, int ldb, float beta, float *C, int ldc) {
+                        const float *B, int ldb, float beta, float *C, int ldc, const float *bias) {
     matmul_init();
     TileGrid g = tile_grid(M, N, K);
     int n_tiles = g.tiles_m * g.tiles_n;
@@ -121,6 +122,8 @@ static void matmul_blas(int trans_a, int trans_b, int M, int N, int K, float alp
         // Rows i0.. of op(A) and columns j0.. of op(B), wherever the transposes put them.
         const float *a = trans_a ? A + i0 : A + (size_t)i0 * lda;
         const float *b = trans_b ? B + (size_t)j0 * ldb : B + j0;
+        if (bias != NULL)
+            for (int i = 0; i < mb; i++) memcpy(C + (size_t)(i0 + i) * ldc + j0, bias + j0, (size_t)nb * sizeof(float));
         cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans,
                     mb, nb, K, alpha, a, lda, b, ldb, beta, C + (size_t)i0 * ldc + j0, ldc);
     }
@@ -162,11 +165,23 @@ void matmul(int trans_a, int trans_b, int M, int N, int K, float alpha, const fl
     if (M <= 0 || N <= 0) return;
 #ifdef MLM_HAVE_CBLAS
     if (matmul_choice()->use_blas) {
-        matmul_blas(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        matmul_blas(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, NULL);
         return;
     }
 #endif
     matmul_builtin(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+void matmul_bias(int trans_a, int trans_b, int M, int N, int K, const float *A, int lda, const float *B, int ldb,
+                 const float *bias, float *C, int ldc) {
+    if (M <= 0 || N <= 0) return;
+#ifdef MLM_HAVE_CBLAS
+    if (matmul_choice()->use_blas) {
+        matmul_blas(trans_a, trans_b, M, N, K, 1.0f, A, lda, B, ldb, 1.0f, C, ldc, bias);
+        return;
+    }
+#endif
+    matmul_builtin_bias(trans_a, trans_b, M, N, K, A, lda, B, ldb, bias, C, ldc);
 }
 
 void matmul_serial(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
@@ -210,12 +225,9 @@ void cpu_matmul_describe(char *buf, size_t n) {
 // ---- Linear layer: y = x W^T + b with W [out, in], as torch.nn.Linear.
 
 void linear_forward(float *out, const float *inp, const float *w, const float *b, int N, int IC, int OC) {
-    if (b != NULL) {
-        // Start from the bias and let the GEMM accumulate onto it (beta = 1): one pass over out fewer.
-#pragma omp parallel for schedule(static) if ((long long)N * OC >= MLM_PARALLEL_MIN_WORK)
-        for (int n = 0; n < N; n++) memcpy(out + (size_t)n * OC, b, (size_t)OC * sizeof(float));
-    }
-    matmul(0, 1, N, OC, IC, 1.0f, inp, IC, w, IC, b != NULL ? 1.0f : 0.0f, out, OC);
+    // The bias added by the GEMM (as a start it accumulates onto, beta = 1): no separate pass over out.
+    if (b != NULL) matmul_bias(0, 1, N, OC, IC, inp, IC, w, IC, b, out, OC);
+    else matmul(0, 1, N, OC, IC, 1.0f, inp, IC, w, IC, 0.0f, out, OC);
 }
 
 // Columns per task of column_sums_accumulate: a task owns whole columns and adds the rows in order.
@@ -224,11 +236,16 @@ enum { COLSUM_BLOCK = 16 };
 void column_sums_accumulate(float *sums, const float *x, int N, int C) {
 #pragma omp parallel for schedule(static) if ((long long)N * C >= MLM_PARALLEL_MIN_WORK)
     for (int c0 = 0; c0 < C; c0 += COLSUM_BLOCK) {
-        int c1 = MLM_MIN(c0 + COLSUM_BLOCK, C);
+        int width = MLM_MIN(COLSUM_BLOCK, C - c0);
+        // The running sums in a local array, not in sums[] (which may alias x for all the compiler knows, so it
+        // would load and store them on every row): the same additions in the same order.
+        float acc[COLSUM_BLOCK];
+        for (int c = 0; c < width; c++) acc[c] = sums[c0 + c];
         for (int n = 0; n < N; n++) {
-            const float *row = x + (size_t)n * C;  // [C]
-            for (int c = c0; c < c1; c++) sums[c] += row[c];
+            const float *row = x + (size_t)n * C + c0;  // [width]
+            for (int c = 0; c < width; c++) acc[c] += row[c];
         }
+        for (int c = 0; c < width; c++) sums[c0 + c] = acc[c];
     }
 }
 

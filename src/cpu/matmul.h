@@ -18,11 +18,19 @@ void matmul(int trans_a, int trans_b, int M, int N, int K, float alpha, const fl
 void matmul_serial(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
                    const float *B, int ldb, float beta, float *C, int ldc);
 
+// C[M, N] = op(A) op(B) + bias[N] on every row: the bits of matmul(..., alpha 1, beta 1) with every row of C
+// filled with the bias first, without that pass over C (the built-in GEMM adds the bias where it stores a tile; the
+// BLAS path fills each tile's rows just before its sgemm, while they are in cache).
+void matmul_bias(int trans_a, int trans_b, int M, int N, int K, const float *A, int lda, const float *B, int ldb,
+                 const float *bias, float *C, int ldc);
+
 // The built-in GEMM (gemm.c), always compiled; matmul() and matmul_serial() use it when no optimized BLAS
 // runs. Every element is fma(a[k], b[k], acc) over k = 0..K-1 from +0, then alpha * acc (+ beta * C): the same
 // bits for any thread count, tiling and kernel.
 void matmul_builtin(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
                     const float *B, int ldb, float beta, float *C, int ldc);
+void matmul_builtin_bias(int trans_a, int trans_b, int M, int N, int K, const float *A, int lda, const float *B,
+                         int ldb, const float *bias, float *C, int ldc);
 void matmul_builtin_serial(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
                            const float *B, int ldb, float beta, float *C, int ldc);
 

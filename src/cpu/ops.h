@@ -117,6 +117,14 @@ void linear_backward(float *dinp, float *dw, float *db, const float *dout, const
 // sums[C] += x[N,C] summed over rows, in row order.
 void column_sums_accumulate(float *sums, const float *x, int N, int C);
 
+// ---- Exponentials of a row (vexp.c) ------------------------------------------------------------------
+// y[n] = exp(x[n] - shift) (y may alias x), within 2 ulp of the exact value (the argument is at the top of vexp.c):
+// AVX-512 where the CPU has it, else exp_shifted_scalar, the same algorithm one value at a time, with the same bits.
+void exp_shifted(float *y, const float *x, float shift, int n);
+void exp_shifted_scalar(float *y, const float *x, float shift, int n);
+// 1 when exp_shifted runs the AVX-512 path on this CPU.
+int exp_shifted_vectorized(void);
+
 // ---- Multi-head attention core (attention.c) ---------------------------------------------------------
 // qkv[B,T,3C] holds query, key, value (head h = features h*hs..h*hs+hs-1 of each, hs = C/H). Tiled (FlashAttention-2):
 // nothing of size T x T is stored; the forward saves lse[B,H,T], the backward recomputes the probabilities.
