@@ -355,25 +355,38 @@ nccl_one_rank() {
 # off): per-step losses within 1e-3 relative, as agree-gpu-vs-cpu for the reference.
 SUBWORD_STEPS=10
 subword_gpu_vs_cpu() {
-  local a="$RUNS/subword-cpu" b="$RUNS/subword-gpu" set="$RUNS/subword-set"
+  local set="$RUNS/subword-set"
+  if [ "$STUB" != 1 ]; then
+    head -c 400000 "$CORPUS" >"$RUNS/subword.txt"
+    wordpiece_set "$set" "$RUNS/subword.txt" || return
+  fi
+  bert_pair subword "$set" $SUBWORD_STEPS 1e-3 --set train.accum_steps=2 --set train.sparse_prediction=true \
+    --set mask.whole_word=true --set train.tf32=false
+}
+
+# wordpiece_set DIR TEXT: TEXT prepared into DIR with BERT's uncased vocabulary (data/ beside the corpus).
+wordpiece_set() {
   local vocab
   vocab="$(dirname "${CORPUS:-.}")/bert-base-uncased-vocab.txt"
+  [ -f "$vocab" ] || { echo "no $vocab: copy ../shared/data/bert-base-uncased-vocab.txt into data/ with the corpus"; return 3; }
+  "$MLM" prepare -q --tokenizer wordpiece --vocab "$vocab" --documents blank --out "$1" "$2" ||
+    { echo "error: mlm prepare failed"; return 1; }
+}
+# A BERT-tiny run (configs/bert-tiny.conf: WordPiece, model.arch = bert) on the CPU and on the GPU, batch 16, and
+# their per-step losses compared: bert_pair NAME SET STEPS REL SETTINGS...
+bert_pair() {
+  local name=$1 set=$2 steps=$3 rel=$4 a="$RUNS/$1-cpu" b="$RUNS/$1-gpu"
+  shift 4
   if [ "$STUB" = 1 ]; then
-    { stub subword-cpu steps "$a" $SUBWORD_STEPS && stub subword-gpu steps "$b" $SUBWORD_STEPS; } || return
+    { stub "$name-cpu" steps "$a" "$steps" && stub "$name-gpu" steps "$b" "$steps"; } || return
   else
-    [ -f "$vocab" ] || { echo "no $vocab: copy ../shared/data/bert-base-uncased-vocab.txt into data/ with the corpus"; return 3; }
-    head -c 400000 "$CORPUS" >"$RUNS/subword.txt"
-    "$MLM" prepare --tokenizer wordpiece --vocab "$vocab" --documents blank --out "$set" "$RUNS/subword.txt" ||
-      { echo "error: mlm prepare failed"; return 1; }
-    local common=(--config "$ROOT/configs/bert-tiny.conf" --set data.path="$set" --steps $SUBWORD_STEPS -q
-      --set train.batch_size=16 --set train.accum_steps=2 --set train.sparse_prediction=true
-      --set mask.whole_word=true --set train.tf32=false --set train.log_every=1 --set train.samples=false
-      --set train.ckpt_every=0)
+    local common=(--config "$ROOT/configs/bert-tiny.conf" --set data.path="$set" --steps "$steps" -q
+      --set train.batch_size=16 --set train.log_every=1 --set train.samples=false --set train.ckpt_every=0 "$@")
     "$MLM" train "${common[@]}" --device cpu --set train.threads=$((JOBS > 8 ? 8 : JOBS)) --out "$a" ||
       { echo "error: the CPU run failed"; return 1; }
     "$MLM" train "${common[@]}" --device cuda --out "$b" || { echo "error: the GPU run failed"; return 1; }
   fi
-  "$PY" "$ROOT/tools/compare_runs.py" steps "$a/metrics.jsonl" "$b/metrics.jsonl" --rel 1e-3 --steps $SUBWORD_STEPS
+  "$PY" "$ROOT/tools/compare_runs.py" steps "$a/metrics.jsonl" "$b/metrics.jsonl" --rel "$rel" --steps "$steps"
 }
 
 throughput_mlm() {  # throughput_mlm NAME BATCH PRECISION (fp32 | tf32 | bf16)
@@ -404,38 +417,18 @@ throughput_ref() {
 BERT_SET="$RUNS/bert-set"
 BERT_STEPS=60
 bert_set() {
-  [ -f "$BERT_SET/manifest.txt" ] && return 0
-  local vocab
-  vocab="$(dirname "${CORPUS:-.}")/bert-base-uncased-vocab.txt"
-  [ -f "$vocab" ] || { echo "no $vocab: copy ../shared/data/bert-base-uncased-vocab.txt into data/ with the corpus"; return 3; }
+  [ "$STUB" = 1 ] || [ -f "$BERT_SET/manifest.txt" ] && return 0
   cat "$CORPUS" "$CORPUS" "$CORPUS" >"$RUNS/bert-corpus.txt"
-  "$MLM" prepare -q --tokenizer wordpiece --vocab "$vocab" --documents blank --out "$BERT_SET" "$RUNS/bert-corpus.txt" ||
-    { echo "error: mlm prepare failed"; return 1; }
-}
-# A BERT-tiny run (WordPiece, model.arch = bert) on the CPU and on the GPU: bert_pair NAME STEPS REL SETTINGS...
-bert_pair() {
-  local name=$1 steps=$2 rel=$3 a="$RUNS/$1-cpu" b="$RUNS/$1-gpu"
-  shift 3
-  if [ "$STUB" = 1 ]; then
-    { stub "$name-cpu" steps "$a" "$steps" && stub "$name-gpu" steps "$b" "$steps"; } || return
-  else
-    bert_set || return
-    local common=(--config "$ROOT/configs/bert-tiny.conf" --set data.path="$BERT_SET" --steps "$steps" -q
-      --set train.batch_size=16 --set train.log_every=1 --set train.samples=false --set train.ckpt_every=0 "$@")
-    "$MLM" train "${common[@]}" --device cpu --set train.threads=$((JOBS > 8 ? 8 : JOBS)) --out "$a" ||
-      { echo "error: the CPU run failed"; return 1; }
-    "$MLM" train "${common[@]}" --device cuda --out "$b" || { echo "error: the GPU run failed"; return 1; }
-  fi
-  "$PY" "$ROOT/tools/compare_runs.py" steps "$a/metrics.jsonl" "$b/metrics.jsonl" --rel "$rel" --steps "$steps"
+  wordpiece_set "$BERT_SET" "$RUNS/bert-corpus.txt"
 }
 # BF16: both backends round the same tensors to BF16 at the same points (the CPU's reference mode), so they differ
 # only where their FP32 sums (cuBLAS's order against the CPU's) fall on either side of a BF16 rounding boundary:
-# one BF16 ulp (2^-8 relative) on a small fraction of the elements. The tight comparison is test_gpu_model's BF16
+# one BF16 ulp (2^-8 relative) on a small fraction of the elements. The tight comparison is test_gpu_bf16_model
 # part (run above on this GPU); over 20 training steps the losses agree within 1e-2 relative.
-bf16_gpu_vs_cpu() { bert_pair bf16-gpu-vs-cpu 20 1e-2 --set train.precision=bf16; }
+bf16_gpu_vs_cpu() { bert_set && bert_pair bf16-gpu-vs-cpu "$BERT_SET" 20 1e-2 --set train.precision=bf16; }
 # Long sequences: seq_len 512 through the tiled attention on both backends, FP32 (TF32 off), as the FP32
 # agreement run above.
-long_seq_gpu_vs_cpu() { bert_pair long-seq-gpu-vs-cpu 10 1e-3 --set data.seq_len=512 --set train.batch_size=4 \
+long_seq_gpu_vs_cpu() { bert_set && bert_pair long-seq-gpu-vs-cpu "$BERT_SET" 10 1e-3 --set data.seq_len=512 --set train.batch_size=4 \
   --set train.precision=fp32; }
 
 throughput_bert() {  # throughput_bert NAME SEQ_LEN BATCH PRECISION: mlm, configs/bert-base.conf
