@@ -128,11 +128,14 @@ static int first_batches(const char *dir, int out[2][2][4096]) {
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (!orig[0]) make_base();
+    // One capacity for every file: a copy may make a file as long as the longest, and each edit appends at most
+    // one byte, so no file outgrows the longest original plus one byte per edit.
     char *files[N_FILES];
-    size_t lens[N_FILES];
+    size_t lens[N_FILES], cap = size / 4;
+    for (int f = 0; f < N_FILES; f++) cap = MLM_MAX(cap, orig_len[f] + size / 4);
     for (int f = 0; f < N_FILES; f++) {
         lens[f] = orig_len[f];
-        files[f] = malloc(orig_len[f] + size + 1);
+        files[f] = malloc(cap + 1);
         memcpy(files[f], orig[f], orig_len[f]);
     }
     for (size_t k = 0; k + 4 <= size; k += 4) {
@@ -140,10 +143,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         size_t at = lens[f] ? ((size_t)data[k + 1] | (size_t)data[k + 2] << 8) % lens[f] : 0;
         if (kind == 0 && lens[f]) files[f][at] ^= (char)data[k + 3];
         else if (kind == 1) lens[f] = at;
-        else if (kind == 2) files[f][lens[f]++] = (char)data[k + 3];
+        else if (kind == 2 && lens[f] < cap) files[f][lens[f]++] = (char)data[k + 3];
         else if (kind == 3) {
             int g = data[k + 3] % N_FILES;
-            if (g != f && lens[g] <= orig_len[f] + size) {
+            if (g != f) {
                 memcpy(files[f], files[g], lens[g]);
                 lens[f] = lens[g];
             }
