@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "fixture_util.h"
+#include "keep_bits.h"
 #include "mlm/common.h"
 
 // The rounding bound of a pre-activation z = sum_c x_c w_c + b (C terms and the bias), in units of u S, with
@@ -48,7 +49,7 @@ static void record_site(ReluTies *t, const CpuReluSite *s) {
     for (int n = 0; n < s->N; n++) {
         const float *x = s->x + (size_t)n * s->C;
         for (int f = 0; f < s->F; f++) {
-            if (s->keep && !s->keep[(size_t)n * s->F + f]) continue;  // dropped: zero on both backends
+            if (s->keep && !keep_bit(s->keep, (size_t)n * s->F + f)) continue;  // dropped: zero on both backends
             const float *w = s->w + (size_t)f * s->C;
             double z = s->b[f], S = fabs((double)s->b[f]);
             for (int c = 0; c < s->C; c++) {

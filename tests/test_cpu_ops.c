@@ -601,7 +601,7 @@ static void test_attention_tiled(void) {
 typedef struct {
     int N, C, F;
     float *x, *w1, *b1, *w2, *b2, *h, *y, *r;
-    const uint8_t *keep;
+    const KeepWord *keep;
     float scale;
     uint64_t pattern;  // hash of which hidden units were positive: FD across a ReLU kink is skipped
 } FfnCtx;
@@ -648,12 +648,12 @@ static void test_ffn(int with_dropout) {
     c.x = alloc_rand(nx, 1.0f); c.w1 = alloc_rand((size_t)c.F * c.C, 0.8f); c.b1 = alloc_rand(c.F, 0.3f);
     c.w2 = alloc_rand((size_t)c.C * c.F, 0.8f); c.b2 = alloc_rand(c.C, 0.3f);
     c.h = alloc_zero(nh); c.y = alloc_zero(nx); c.r = alloc_rand(nx, 1.0f);
-    uint8_t *keep = NULL;
+    KeepWord *keep = NULL;
     Rng rng = {0};
     if (with_dropout) {
         rng_init(&rng, 11, RNG_DOMAIN_TRAIN);
         DropoutCtx d = {&rng, rng_layout(3, 5, c.C, 2, c.F, 2), 2, 0.25f, 0, 0};
-        keep = mlm_malloc(nh, "keep");
+        keep = mlm_malloc(keep_words(nh) * sizeof(KeepWord), "keep");
         dropout_keep_mask(keep, &d, 0, DROP_FFN_HIDDEN, nh);
         c.keep = keep;
         c.scale = dropout_scale(0.25f);
@@ -684,7 +684,7 @@ static void test_ffn(int with_dropout) {
 typedef struct {
     size_t n;
     float *res, *y, *out, *r;
-    const uint8_t *keep;
+    const KeepWord *keep;
     float scale;
 } ResCtx;
 
@@ -701,13 +701,13 @@ static void test_residual_dropout(void) {
     Rng rng;
     rng_init(&rng, 5, RNG_DOMAIN_TRAIN);
     DropoutCtx d = {&rng, rng_layout(3, 5, 6, 2, 9, 2), 1, 0.2f, 0, 0};
-    uint8_t *keep = mlm_malloc(c.n, "keep");
+    KeepWord *keep = mlm_malloc(keep_words(c.n) * sizeof(KeepWord), "keep");
     dropout_keep_mask(keep, &d, 1, DROP_ATTN_RESID, c.n);
     c.keep = keep;
     c.scale = dropout_scale(0.2f);
     res_loss(&c);
     int exact = 1;
-    for (size_t i = 0; i < c.n; i++) exact &= c.out[i] == c.res[i] + (keep[i] ? c.y[i] * c.scale : 0.0f);
+    for (size_t i = 0; i < c.n; i++) exact &= c.out[i] == c.res[i] + (keep_bit(keep, i) ? c.y[i] * c.scale : 0.0f);
     CHECK(exact, "residual dropout forward is not res + keep * y * scale");
     float *dy = alloc_zero(c.n);
     residual_dropout_backward(dy, c.r, keep, c.scale, c.n);
@@ -1002,40 +1002,65 @@ static void test_dropout_rule(void) {
     printf("  not compared with cuRAND: built without CUDA (the CUDA builds compare the two bit for bit)\n");
 #endif
 
-    // dropout_keep_mask == !(u < p) for every site's offset, for several p, and the kept fraction is 1 - p.
+    // dropout_keep_mask's bits == !(u < p) for every site's offset, for several p, for the whole batch and for
+    // micro-batches starting inside it (first_row), and the kept fraction is 1 - p. The masks are packed
+    // (keep_bits.h); the counts below are not multiples of 32, so each mask's last word is partial: its bits past n
+    // must be 0, and the word after the mask (the next layer's slot) must not be written.
     int B = 3, T = 7, C = 10, H = 2, F = 14, L = 3;
     const DropSite sites[4] = {DROP_ATTN_PROBS, DROP_ATTN_RESID, DROP_FFN_HIDDEN, DROP_FFN_RESID};
     const size_t counts[4] = {(size_t)B * H * T * T, (size_t)B * T * C, (size_t)B * T * F, (size_t)B * T * C};
     const float ps[3] = {0.1f, 0.25f, 0.5f};
-    size_t bad = 0, checked = 0;
-    for (int k = 0; k < 3; k++) {
-        DropoutCtx d = {&rng, rng_layout(5, T, C, H, F, L), 4 + (uint64_t)k, ps[k], 0, 0};
-        for (int l = 0; l < L; l++)
-            for (int s = 0; s < 4; s++) {
-                size_t n = counts[s];
-                float *u = mlm_malloc(n * sizeof(float), "u");
-                uint8_t *keep = mlm_malloc(n, "keep");
-                rng_uniform(&rng, rng_dropout_offset(&d.layout, d.step, l, sites[s]), u, n);
-                dropout_keep_mask(keep, &d, l, sites[s], n);
-                for (size_t i = 0; i < n; i++) bad += keep[i] != !(u[i] < d.p);
-                checked += n;
-                free(u);
-                free(keep);
-            }
-    }
+    const KeepWord canary = 0xA5A5A5A5u;
+    size_t bad = 0, checked = 0, bad_pad = 0;
+    for (int k = 0; k < 3; k++)
+        for (int first_row = 0; first_row < B; first_row++) {
+            int rows = first_row == 0 ? 0 : B - first_row;  // 0: the whole batch; else rows [first_row, B)
+            DropoutCtx d = {&rng, rng_layout(5, T, C, H, F, L), 4 + (uint64_t)k, ps[k], first_row, rows};
+            for (int l = 0; l < L; l++)
+                for (int s = 0; s < 4; s++) {
+                    size_t n = rows ? counts[s] / B * rows : counts[s], words = keep_words(n);
+                    float *u = mlm_malloc(n * sizeof(float), "u");
+                    KeepWord *keep = mlm_malloc((words + 1) * sizeof(KeepWord), "keep");
+                    for (size_t w = 0; w <= words; w++) keep[w] = canary;
+                    rng_uniform(&rng, dropout_site_offset(&d, l, sites[s], n), u, n);
+                    dropout_keep_mask(keep, &d, l, sites[s], n);
+                    for (size_t i = 0; i < n; i++) bad += keep_bit(keep, i) != !(u[i] < d.p);
+                    for (size_t i = n; i < words * KEEP_WORD_BITS; i++) bad_pad += keep_bit(keep, i);
+                    bad_pad += keep[words] != canary;
+                    checked += n;
+                    free(u);
+                    free(keep);
+                }
+        }
+    // The micro-batch offsets themselves: rows [first_row, B) draw what the whole batch draws at those rows.
+    DropoutCtx whole = {&rng, rng_layout(5, T, C, H, F, L), 9, 0.25f, 0, 0};
+    DropoutCtx part = {&rng, rng_layout(5, T, C, H, F, L), 9, 0.25f, 2, 1};
+    size_t row = (size_t)T * C, tail_bad = 0;
+    KeepWord *all = mlm_malloc(keep_words(3 * row) * sizeof(KeepWord), "keep");
+    KeepWord *tail = mlm_malloc(keep_words(row) * sizeof(KeepWord), "keep");
+    dropout_keep_mask(all, &whole, 1, DROP_FFN_RESID, 3 * row);
+    dropout_keep_mask(tail, &part, 1, DROP_FFN_RESID, row);
+    for (size_t i = 0; i < row; i++) tail_bad += keep_bit(tail, i) != keep_bit(all, 2 * row + i);
+    free(all);
+    free(tail);
     size_t n = 1 << 20, kept = 0;
-    uint8_t *keep = mlm_malloc(n, "keep");
+    KeepWord *keep = mlm_malloc(keep_words(n) * sizeof(KeepWord), "keep");
     float *u = mlm_malloc(n * sizeof(float), "u");
     DropoutCtx big = {&rng, rng_layout(64, 32, 128, 8, 256, 6), 17, 0.1f, 0, 0};
     dropout_keep_mask(keep, &big, 5, DROP_FFN_HIDDEN, n);
     rng_uniform(&rng, rng_dropout_offset(&big.layout, big.step, 5, DROP_FFN_HIDDEN), u, n);
     for (size_t i = 0; i < n; i++) {
-        kept += keep[i];
-        bad += keep[i] != !(u[i] < big.p);
+        kept += keep_bit(keep, i);
+        bad += keep_bit(keep, i) != !(u[i] < big.p);
     }
     checked += n;
-    printf("  %zu mask entries compared with !(u < p) for p = 0.1, 0.25, 0.5: %zu differ\n", checked, bad);
-    CHECK(bad == 0, "%zu dropout mask entries differ from !(u < p)", bad);
+    printf("  %zu packed mask bits compared with !(u < p) for p = 0.1, 0.25, 0.5 (whole batch and micro-batches): "
+           "%zu differ, %zu padding bits or next words written; a micro-batch's last row vs the whole batch's: %zu "
+           "differ\n",
+           checked, bad, bad_pad, tail_bad);
+    CHECK(bad == 0, "%zu dropout mask bits differ from !(u < p)", bad);
+    CHECK(bad_pad == 0, "%zu dropout mask bits past n are set, or the word after the mask was written", bad_pad);
+    CHECK(tail_bad == 0, "%zu bits of a micro-batch's mask differ from the whole batch's at its rows", tail_bad);
     double frac = (double)kept / n, sd = sqrt(0.09 / n);
     printf("  kept fraction %.5f (expected 0.9, sd %.5f)\n", frac, sd);
     CHECK(fabs(frac - 0.9) < 5 * sd, "kept fraction %.5f is not 0.9 within 5 sd", frac);

@@ -224,55 +224,96 @@ static void test_kernel_philox(void) {
     printf("  %zu uniforms at %zu offsets compared bit for bit\n", total, sizeof(offsets) / sizeof(offsets[0]));
 }
 
-// Device keep mask by THE DROPOUT RULE (cuda_uniform + cuda_dropout_keep) against dropout_keep_mask on the CPU,
-// at the offsets of RngLayout for real sites (the actual batch a prefix of the configured one).
+// Device keep masks by THE DROPOUT RULE (cuda_uniform + cuda_dropout_keep, and the Philox keep kernel) against
+// dropout_keep_mask on the CPU, word for word in the packed layout of keep_bits.h (the padding bits past n
+// included; the word after the mask must stay untouched), at the offsets of RngLayout for real sites (the actual
+// batch a prefix of the configured one), lengths that are and are not multiples of 32, and micro-batches whose
+// rows start inside the whole batch's region (DeviceStep.rng_row0, DropoutCtx.first_row).
 static void test_dropout_rule(void) {
-    printf("dropout keep masks vs dropout_keep_mask:\n");
+    printf("dropout keep masks (packed) vs dropout_keep_mask, word for word:\n");
     int B = 4, T = 33, C = 128, H = 8, F = 256, L = 2;
     RngLayout lay = rng_layout(B, T, C, H, F, L);
     struct {
         int layer;
         DropSite site;
         size_t n;
-    } cases[] = {{0, DROP_ATTN_PROBS, (size_t)B * H * T * T}, {1, DROP_FFN_HIDDEN, (size_t)3 * T * F},
-                 {1, DROP_ATTN_RESID, (size_t)B * T * C}, {0, DROP_FFN_RESID, 7}};
+        int first_row, rows;  // a micro-batch of `rows` rows from first_row (rows 0: the whole batch)
+    } cases[] = {{0, DROP_ATTN_PROBS, (size_t)B * H * T * T, 0, 0}, {1, DROP_FFN_HIDDEN, (size_t)3 * T * F, 0, 0},
+                 {1, DROP_ATTN_RESID, (size_t)B * T * C, 0, 0},     {0, DROP_FFN_RESID, 7, 0, 0},
+                 {1, DROP_FFN_HIDDEN, 1001, 0, 0},                  {0, DROP_ATTN_RESID, 33, 0, 0},
+                 {1, DROP_ATTN_RESID, (size_t)T * C - 5, 1, 1},     {0, DROP_FFN_HIDDEN, (size_t)2 * T * F - 31, 2, 2},
+                 {1, DROP_ATTN_PROBS, (size_t)H * T * T, 3, 1},     {0, DROP_FFN_RESID, (size_t)2 * T * C, 1, 2}};
     const float ps[] = {0.1f, 0.5f};
+    const KeepWord canary = 0xA5A5A5A5u;
     for (size_t pi = 0; pi < 2; pi++)
         for (size_t k = 0; k < sizeof(cases) / sizeof(cases[0]); k++) {
-            size_t n = cases[k].n;
+            size_t n = cases[k].n, words = keep_words(n), bytes = words * sizeof(KeepWord);
+            int rows = cases[k].rows;
+            // A micro-batch's rows start first_row * row_len outputs into the site's region (row_len: the site's
+            // outputs per row); the shortened cases (n not rows * row_len) draw from the same offset.
+            size_t row_len = !rows                             ? 0
+                             : cases[k].site == DROP_ATTN_PROBS ? (size_t)H * T * T
+                             : cases[k].site == DROP_FFN_HIDDEN ? (size_t)T * F
+                                                                : (size_t)T * C;
             DropoutCtx drop = {.rng = &drop_rng, .layout = lay, .step = 5, .p = ps[pi]};
-            uint8_t *want = mlm_malloc(n, "keep"), *got = mlm_malloc(n, "keep");
-            dropout_keep_mask(want, &drop, cases[k].layer, cases[k].site, n);
-            float *du = dmalloc(n * sizeof(float));
-            uint8_t *dk = dmalloc(n);
-            cuda_uniform(dgen, rng_dropout_offset(&lay, 5, cases[k].layer, cases[k].site), du, n, st);
-            cuda_dropout_keep(dk, du, ps[pi], n, st);
-            download(got, dk, n);
-            size_t bad = 0, kept = 0;
-            for (size_t i = 0; i < n; i++) {
-                bad += got[i] != want[i];
-                kept += got[i] != 0;
+            uint64_t offset = rng_dropout_offset(&lay, 5, cases[k].layer, cases[k].site) + cases[k].first_row * row_len;
+            KeepWord *want = mlm_malloc(bytes, "keep"), *got = mlm_malloc(bytes + sizeof(KeepWord), "keep");
+            if (rows) {
+                // The CPU backend's micro-batch mask (first_row, rows) for whole rows; for the shortened ones, the
+                // rule on the uniforms at that offset, packed here.
+                drop.first_row = cases[k].first_row, drop.rows = rows;
+                if (n % rows == 0 && n / rows == row_len) {
+                    dropout_keep_mask(want, &drop, cases[k].layer, cases[k].site, n);
+                } else {
+                    float *u = host_zeros(n);
+                    rng_uniform(&drop_rng, offset, u, n);
+                    memset(want, 0, bytes);
+                    for (size_t i = 0; i < n; i++) want[i / 32] |= (KeepWord)!(u[i] < ps[pi]) << (i % 32);
+                    free(u);
+                }
+            } else {
+                dropout_keep_mask(want, &drop, cases[k].layer, cases[k].site, n);
             }
-            printf("  p %.1f layer %d site %d n %-8zu kept %.4f, %zu differ\n", ps[pi], cases[k].layer,
-                   (int)cases[k].site, n, (double)kept / (double)n, bad);
-            CHECK(bad == 0, "p %g layer %d site %d: %zu of %zu keep flags differ from the CPU rule", ps[pi],
-                  cases[k].layer, (int)cases[k].site, bad, n);
-            // The same flags from the Philox inside the keep kernel, the step's seed and base offset read from
-            // device memory as a captured step reads them.
+            float *du = dmalloc(n * sizeof(float));
+            KeepWord *dk = dmalloc(bytes + sizeof(KeepWord));
+            size_t bad = 0, kept = 0;
+            if (!rows) {
+                // cuRAND's uniforms, then the rule kernel.
+                upload(dk + words, &canary, sizeof(canary));
+                cuda_uniform(dgen, offset, du, n, st);
+                cuda_dropout_keep(dk, du, ps[pi], n, st);
+                download(got, dk, bytes + sizeof(KeepWord));
+                for (size_t w = 0; w < words; w++) bad += got[w] != want[w];
+                bad += got[words] != canary;
+                for (size_t i = 0; i < n; i++) kept += keep_bit(got, i);
+                printf("  p %.1f layer %d site %d n %-8zu kept %.4f, %zu words differ\n", ps[pi], cases[k].layer,
+                       (int)cases[k].site, n, (double)kept / (double)n, bad);
+                CHECK(bad == 0, "p %g layer %d site %d: %zu of %zu words of keep bits (or the word after them) "
+                      "differ from the CPU rule", ps[pi], cases[k].layer, (int)cases[k].site, bad, words);
+            }
+            // The same words from the Philox inside the keep kernel, the step's seed, base offset and micro-batch rows
+            // read from device memory as a captured step reads them.
             DeviceStep hs;
             memset(&hs, 0, sizeof(hs));
             hs.philox_seed = drop_rng.seed;
             hs.rng_base = rng_mask_offset(&lay, 5);
+            hs.rng_row0 = (uint64_t)cases[k].first_row;
             DeviceStep *ds = dmalloc(sizeof(DeviceStep));
             upload(ds, &hs, sizeof(hs));
-            memset(got, 0xee, n);
-            cuda_dropout_keep_philox(dk, ds, rng_dropout_offset(&lay, 0, cases[k].layer, cases[k].site), ps[pi], n,
-                                     st);
-            download(got, dk, n);
+            upload(dk + words, &canary, sizeof(canary));
+            memset(got, 0xee, bytes);
+            cuda_dropout_keep_philox_rows(dk, ds, rng_dropout_offset(&lay, 0, cases[k].layer, cases[k].site), row_len,
+                                          ps[pi], n, st);
+            download(got, dk, bytes + sizeof(KeepWord));
             bad = 0;
-            for (size_t i = 0; i < n; i++) bad += got[i] != want[i];
-            CHECK(bad == 0, "p %g layer %d site %d: %zu of %zu keep flags of the Philox keep kernel differ from the "
-                  "CPU rule", ps[pi], cases[k].layer, (int)cases[k].site, bad, n);
+            for (size_t w = 0; w < words; w++) bad += got[w] != want[w];
+            bad += got[words] != canary;
+            if (rows)
+                printf("  p %.1f layer %d site %d n %-8zu rows %d from %d: %zu words differ\n", ps[pi], cases[k].layer,
+                       (int)cases[k].site, n, rows, cases[k].first_row, bad);
+            CHECK(bad == 0, "p %g layer %d site %d n %zu rows %d from %d: %zu of %zu words of the Philox keep kernel "
+                  "(or the word after them) differ from the CPU's", ps[pi], cases[k].layer, (int)cases[k].site, n,
+                  rows, cases[k].first_row, bad, words);
             dfree(ds);
             dfree(du);
             dfree(dk);
@@ -281,23 +322,25 @@ static void test_dropout_rule(void) {
         }
 }
 
-// keep[n] on the host (rng_uniform + the rule) and on the device (cuda_uniform + cuda_dropout_keep) from the
-// same fresh offset of the dropout stream; checks that they are equal. Returns the host mask, *d_keep the device one.
-static uint8_t *make_keep(size_t n, float p, uint8_t **d_keep) {
+// keep bits on the host (rng_uniform + the rule, packed) and on the device (cuda_uniform + cuda_dropout_keep) from
+// the same fresh offset of the dropout stream; checks that they are equal word for word. Returns the host mask,
+// *d_keep the device one.
+static KeepWord *make_keep(size_t n, float p, KeepWord **d_keep) {
     uint64_t offset = drop_pos;
     drop_pos += n + 3;  // the next mask starts at another residue mod 4
     float *u = host_zeros(n);
     rng_uniform(&drop_rng, offset, u, n);
-    uint8_t *keep = mlm_malloc(n ? n : 1, "keep");
-    for (size_t i = 0; i < n; i++) keep[i] = !(u[i] < p);
+    size_t bytes = keep_words(n) * sizeof(KeepWord);
+    KeepWord *keep = mlm_calloc(bytes ? bytes : 1, 1, "keep");
+    for (size_t i = 0; i < n; i++) keep[i / 32] |= (KeepWord)!(u[i] < p) << (i % 32);
     float *du = dmalloc(n * sizeof(float));
-    *d_keep = dmalloc(n);
+    *d_keep = dmalloc(bytes);
     cuda_uniform(dgen, offset, du, n, st);
     cuda_dropout_keep(*d_keep, du, p, n, st);
-    uint8_t *check = mlm_malloc(n ? n : 1, "keep");
-    download(check, *d_keep, n);
-    CHECK(n == 0 || memcmp(check, keep, n) == 0, "keep mask of %zu at offset %llu differs between host and device", n,
-          (unsigned long long)offset);
+    KeepWord *check = mlm_malloc(bytes ? bytes : 1, "keep");
+    download(check, *d_keep, bytes);
+    CHECK(n == 0 || memcmp(check, keep, bytes) == 0, "keep mask of %zu at offset %llu differs between host and device",
+          n, (unsigned long long)offset);
     dfree(du);
     free(u);
     free(check);
@@ -313,13 +356,13 @@ static void test_feedforward(void) {
     for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
         int R = shapes[s][0], F = shapes[s][1];
         size_t n = (size_t)R * F;
-        uint8_t *d_keep_all;
-        uint8_t *keep_all = make_keep(n, p, &d_keep_all);
+        KeepWord *d_keep_all;
+        KeepWord *keep_all = make_keep(n, p, &d_keep_all);
         float *bias = host_rand(F, -0.5f, 0.5f), *d_bias = dup_f(bias, F);
         for (int variant = 0; variant < 4; variant++) {
             int with_bias = variant & 1, with_keep = (variant >> 1) & 1;
-            const uint8_t *keep = with_keep ? keep_all : NULL;
-            const uint8_t *d_keep = with_keep ? d_keep_all : NULL;
+            const KeepWord *keep = with_keep ? keep_all : NULL;
+            const KeepWord *d_keep = with_keep ? d_keep_all : NULL;
             float sc = with_keep ? scale : 1.0f;
             char what[160];
             // bias + ReLU + dropout forward.
@@ -440,7 +483,7 @@ static void test_backward_sums(void) {
             size_t n = (size_t)N * C;
             char tag[96], what[200];
             snprintf(tag, sizeof(tag), "N %d C %d keep %d", N, C, with_keep);
-            uint8_t *d_keep = NULL, *keep = with_keep ? make_keep(n, p, &d_keep) : NULL;
+            KeepWord *d_keep = NULL, *keep = with_keep ? make_keep(n, p, &d_keep) : NULL;
             float sc = with_keep ? scale : 1.0f;
             float *scratch = dmalloc(cuda_column_sums_scratch(N, C) * sizeof(float));
             for (int relu = 0; relu < 2; relu++) {
@@ -649,7 +692,7 @@ static void test_residual_layernorm(void) {
             size_t n = (size_t)N * C;
             char tag[96], what[200];
             snprintf(tag, sizeof(tag), "N %d C %d bias+keep %d", N, C, variant);
-            uint8_t *d_keep = NULL, *keep = variant ? make_keep(n, p, &d_keep) : NULL;
+            KeepWord *d_keep = NULL, *keep = variant ? make_keep(n, p, &d_keep) : NULL;
             float sc = variant ? scale : 1.0f;
             float *res = host_rand(n, 1.0f, 3.0f), *y0 = host_rand(n, -1.0f, 1.0f), *bias = host_rand(C, -0.5f, 0.5f);
             float *w = host_rand(C, 0.5f, 1.5f), *bb = host_rand(C, -0.5f, 0.5f), *y = host_copy(y0, n);
@@ -710,7 +753,7 @@ static void test_layernorm_residual_backward(void) {
                 size_t n = (size_t)N * C;
                 char tag[96], what[200];
                 snprintf(tag, sizeof(tag), "N %d C %d variant %d", N, C, variant);
-                uint8_t *d_keep = NULL, *keep = variant == 1 ? make_keep(n, p, &d_keep) : NULL;
+                KeepWord *d_keep = NULL, *keep = variant == 1 ? make_keep(n, p, &d_keep) : NULL;
                 float sc = variant == 1 ? scale : 1.0f;
                 int with_dy = variant > 0, with_bias = variant == 1;
                 float *x = host_rand(n, 1.0f, 3.0f), *w = host_rand(C, 0.5f, 1.5f), *bb = host_rand(C, -0.5f, 0.5f);
@@ -754,7 +797,7 @@ static void test_layernorm_residual_backward(void) {
                 expect_identical(what, g[0][2], g[1][2], C * sizeof(float));
                 if (with_dy) {
                     float *want = host_zeros(n);
-                    for (size_t i = 0; i < n; i++) want[i] = g[0][0][i] * (keep ? (float)keep[i] * sc : sc);
+                    for (size_t i = 0; i < n; i++) want[i] = g[0][0][i] * (keep ? (float)keep_bit(keep, i) * sc : sc);
                     snprintf(what, sizeof(what), "layernorm_residual_backward dy = dinp * keep * scale %s", tag);
                     expect_equal(what, g[0][4], want, n);
                     expect_identical(what, g[0][4], g[1][4], n * sizeof(float));

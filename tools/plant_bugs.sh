@@ -102,6 +102,12 @@ BUGS = [
    "cuda_bf16_round((uint16_t *)a->dqkv, a->dqkv32, BT * C, m->stream);")]),
  ("BF16 store that goes on from the unrounded value (act.cuh st)", [("act.cuh",
    "    p[i] = b;\n    return __bfloat162float(b);", "    p[i] = b;\n    return v;")]),
+ ("dropout keep bits packed most significant first (the Philox keep kernel, bit 31 - j)", [("mask.cu",
+   "word |= (KeepWord)!(philox_to_uniform(x[k]) < p) << (g - g0);",
+   "word |= (KeepWord)!(philox_to_uniform(x[k]) < p) << (KEEP_WORD_BITS - 1 - (g - g0));")]),
+ ("the attention-residual keep mask of a layer at its old byte offset (rows * C words) in the backward", [("cuda_model.cu",
+   "y.keep_res1 = a->keep_res1 + l * keep_words(maxBT * C),",
+   "y.keep_res1 = a->keep_res1 + rows * C,")]),
 ]
 # A bug without a build name is caught by the Release build.
 BUGS = [b if len(b) == 3 else (b[0], "release", b[1]) for b in BUGS]

@@ -83,7 +83,7 @@ typedef struct {
     float *h;                 // [N, F] the pre-activation as this backend computed it (bias included)
     const float *x;           // [N, C] the layer's LN2 output
     const float *w, *b;       // [F, C], [F] the first Linear's weight and bias
-    const uint8_t *keep;      // [N, F] 1 = kept, or NULL
+    const uint32_t *keep;     // [N, F] in bits (src/keep_bits.h: keep_bit(keep, n * F + f) = 1 kept), or NULL
 } CpuReluSite;
 typedef void (*CpuReluHook)(void *ctx, const CpuReluSite *site);
 void cpu_model_set_relu_hook(CpuModel *m, CpuReluHook hook, void *ctx);

@@ -11,8 +11,9 @@
 #include "mlm/cpu.h"
 
 // Views into the activation allocation. Per-layer tensors are stacked [L, max_B, T, ...] so that layer l
-// starts at l times the full-batch size; a smaller batch uses a prefix of each layer's block. The uint8
-// dropout masks are carved out of the same float allocation (rounded up to whole floats).
+// starts at l times the full-batch size; a smaller batch uses a prefix of each layer's block. The dropout
+// masks (32-bit words of bits) and byte tensors are carved out of the same float allocation (rounded up to whole
+// floats).
 typedef struct {
     float *pe;                   // [T, C] sinusoidal positions (constant)
     float *encoded;              // [B, T, C] embedding output = residual stream entering layer 0
@@ -30,9 +31,10 @@ typedef struct {
     float *lnf_mean, *lnf_rstd;  // [B, T]
     float *logits;               // [B, T, V]
     float *losses;               // [B, T] per-position loss (0 where ignored)
-    uint8_t *keep_res1;          // [L, B, T, C] attention-residual dropout masks
-    uint8_t *keep_res2;          // [L, B, T, C] FFN-residual dropout masks
-    uint8_t *keep_hidden;        // [B, T, F] FFN-hidden mask (scratch: backward needs only fch)
+    // Dropout keep masks in bits (keep_bits.h); a layer's slot is keep_words(B*T*C) words, so each starts on a word.
+    KeepWord *keep_res1;         // [L, keep_words(B*T*C)] attention-residual dropout masks
+    KeepWord *keep_res2;         // [L, keep_words(B*T*C)] FFN-residual dropout masks
+    KeepWord *keep_hidden;       // [keep_words(B*T*F)] FFN-hidden mask (scratch: backward needs only fch)
     float *proj;                 // [B, T, C] scratch: a block's output before the residual add
     // Backward scratch.
     float *dlogits;              // [B, T, V]
@@ -47,7 +49,7 @@ typedef struct {
     // their LayerNorm and dropout, fch is GELU's output and lnf the head transform's LayerNorm output.
     float *emb_sum;              // [B, T, C] word + type + position, input of the embedding LayerNorm
     float *emb_mean, *emb_rstd;  // [B, T]
-    uint8_t *keep_emb;           // [B, T, C] embedding dropout mask
+    KeepWord *keep_emb;          // [keep_words(B*T*C)] embedding dropout mask
     float *fc_pre;               // [L, B, T, F] intermediate.dense output, GELU's input
     float *head_pre;             // [B, T, C] head transform dense output, GELU's input
     float *head_act;             // [B, T, C] GELU(head_pre), input of the head LayerNorm
@@ -99,6 +101,11 @@ static uint8_t *carve_bytes(Carver *cv, size_t bytes) {
     return p;
 }
 
+// `masks` dropout masks of n elements each, each on its own words (keep_bits.h).
+static KeepWord *carve_keep(Carver *cv, size_t masks, size_t n) {
+    return (KeepWord *)carve_bytes(cv, masks * keep_words(n) * sizeof(KeepWord));
+}
+
 // Point every view of `a` into the allocation (or, with cv->base == NULL, just count its size).
 static void carve_acts(CpuActs *a, const ModelConfig *c, int max_B, Carver *cv) {
     size_t B = max_B, T = c->max_seq, C = c->d_model, H = c->n_heads, L = c->n_layers, F = c->d_ff, V = c->vocab;
@@ -122,9 +129,9 @@ static void carve_acts(CpuActs *a, const ModelConfig *c, int max_B, Carver *cv) 
     a->lnf_rstd = carve_floats(cv, BT);
     a->logits = carve_floats(cv, BT * V);
     a->losses = carve_floats(cv, BT);
-    a->keep_res1 = carve_bytes(cv, L * BT * C);
-    a->keep_res2 = carve_bytes(cv, L * BT * C);
-    a->keep_hidden = carve_bytes(cv, BT * F);
+    a->keep_res1 = carve_keep(cv, L, BT * C);
+    a->keep_res2 = carve_keep(cv, L, BT * C);
+    a->keep_hidden = carve_keep(cv, 1, BT * F);
     a->proj = carve_floats(cv, BT * C);
     a->dlogits = carve_floats(cv, BT * V);
     a->dres = carve_floats(cv, BT * C);
@@ -141,7 +148,7 @@ static void carve_acts(CpuActs *a, const ModelConfig *c, int max_B, Carver *cv) 
     a->emb_sum = carve_floats(cv, BTb * C);
     a->emb_mean = carve_floats(cv, BTb);
     a->emb_rstd = carve_floats(cv, BTb);
-    a->keep_emb = carve_bytes(cv, BTb * C);
+    a->keep_emb = carve_keep(cv, 1, BTb * C);
     a->fc_pre = carve_floats(cv, L * BTb * F);
     a->head_pre = carve_floats(cv, BTb * C);
     a->head_act = carve_floats(cv, BTb * C);
@@ -213,7 +220,7 @@ static void bf16_point(const CpuActs *a, float *x, size_t n) {
 // The residual add and the LayerNorm after it (post-LN, bert) with the BF16 point between them, where the CUDA
 // backend's fused kernel rounds the sum before taking its statistics.
 static void residual_ln_forward(const CpuActs *a, float *res_out, float *ln_out, float *mean, float *rstd,
-                                const float *res, const float *y, const uint8_t *keep, float scale, const float *w,
+                                const float *res, const float *y, const KeepWord *keep, float scale, const float *w,
                                 const float *b, int N, int C, float eps) {
     residual_dropout_forward(res_out, res, y, keep, scale, (size_t)N * C);
     bf16_point(a, res_out, (size_t)N * C);
@@ -222,7 +229,7 @@ static void residual_ln_forward(const CpuActs *a, float *res_out, float *ln_out,
 }
 
 // Draw the masks of one dropout site, or return NULL when dropout is off for this forward.
-static uint8_t *site_mask(CpuActs *a, const DropoutCtx *drop, uint8_t *keep, int layer, DropSite site, size_t n) {
+static KeepWord *site_mask(CpuActs *a, const DropoutCtx *drop, KeepWord *keep, int layer, DropSite site, size_t n) {
     if (!a->dropout_on) return NULL;
     dropout_keep_mask(keep, drop, layer, site, n);
     return keep;
@@ -356,7 +363,7 @@ typedef struct {
     float *fc_pre, *fch;               // [B, T, F] (fc_pre: bert)
     float *res2;                       // [B, T, C]
     const AttnDropout *att_drop;       // the attention's dropout, regenerated in its tiles (NULL: none)
-    uint8_t *keep_res1, *keep_res2;    // the masks (NULL when the last forward had no dropout)
+    KeepWord *keep_res1, *keep_res2;   // the masks in bits (NULL when the last forward had no dropout)
 } LayerActs;
 
 static LayerActs layer_acts(const CpuModel *m, int l) {
@@ -369,8 +376,8 @@ static LayerActs layer_acts(const CpuModel *m, int l) {
         a->ln1 + rows * C, a->ln1_mean + rows, a->ln1_rstd + rows, a->qkv + rows * 3 * C, a->lse + rows * H,
         a->atty + rows * C, a->res1 + rows * C, a->ln2 + rows * C, a->ln2_mean + rows, a->ln2_rstd + rows,
         c->arch == MODEL_ARCH_BERT ? a->fc_pre + rows * F : NULL, a->fch + rows * F, a->res2 + rows * C,
-        drop ? &a->att_drop[l] : NULL, drop ? a->keep_res1 + rows * C : NULL,
-        drop ? a->keep_res2 + rows * C : NULL,
+        drop ? &a->att_drop[l] : NULL, drop ? a->keep_res1 + l * keep_words(maxBT * C) : NULL,
+        drop ? a->keep_res2 + l * keep_words(maxBT * C) : NULL,
     };
     return y;
 }
@@ -406,7 +413,7 @@ static const float *labml_encoder_forward(CpuModel *m, const int *inputs, int B,
         bf16_point(a, y.atty, BT * C);
         linear_forward(a->proj, y.atty, p->out_w + (size_t)l * C * C, p->out_b + lc, N, C, C);
         bf16_point(a, a->proj, BT * C);
-        uint8_t *keep = site_mask(a, drop, y.keep_res1, l, DROP_ATTN_RESID, BT * C);
+        KeepWord *keep = site_mask(a, drop, y.keep_res1, l, DROP_ATTN_RESID, BT * C);
         residual_dropout_forward(y.res1, x, a->proj, keep, ds, BT * C);
         bf16_point(a, y.res1, BT * C);
         // x = x + Drop(Linear2(Drop(ReLU(Linear1(LN2(x))))))
@@ -447,7 +454,7 @@ static const float *bert_encoder_forward(CpuModel *m, const int *inputs, int B, 
     bf16_point(a, a->emb_sum, BT * C);
     layernorm_forward(a->encoded, a->emb_mean, a->emb_rstd, a->emb_sum, p->emb_ln_w, p->emb_ln_b, N, C, c->ln_eps);
     bf16_point(a, a->encoded, BT * C);
-    uint8_t *keep = site_mask(a, drop, a->keep_emb, 0, DROP_EMBED, BT * C);
+    KeepWord *keep = site_mask(a, drop, a->keep_emb, 0, DROP_EMBED, BT * C);
     if (keep) residual_dropout_backward(a->encoded, a->encoded, keep, ds, BT * C);  // y = x * keep * scale: dropout
     if (keep) bf16_point(a, a->encoded, BT * C);
     const float *x = a->encoded;  // [B, T, C] hidden state entering the layer

@@ -44,54 +44,75 @@ uint64_t dropout_site_offset(const DropoutCtx *drop, int layer, DropSite site, s
     return offset;
 }
 
-// Outputs per task of dropout_keep_mask (16 KB of raw outputs on the stack).
+// Outputs per task of dropout_keep_mask (16 KB of raw outputs on the stack): a multiple of KEEP_WORD_BITS, so each
+// task owns whole words of the packed mask.
 enum { KEEP_CHUNK = 4096 };
+_Static_assert(KEEP_CHUNK % KEEP_WORD_BITS == 0, "a task of dropout_keep_mask must own whole mask words");
 
-void dropout_keep_mask(uint8_t *keep, const DropoutCtx *drop, int layer, DropSite site, size_t n) {
+// keep[keep_words(len)] = the packed decisions kept[0..len) (bits past len zero).
+static void pack_keep_bits(KeepWord *keep, const uint8_t *kept, size_t len) {
+    for (size_t w = 0; w < keep_words(len); w++) {
+        size_t i0 = w * KEEP_WORD_BITS, bits = MLM_MIN((size_t)KEEP_WORD_BITS, len - i0);
+        KeepWord word = 0;
+        for (size_t j = 0; j < bits; j++) word |= (KeepWord)kept[i0 + j] << j;
+        keep[w] = word;
+    }
+}
+
+void dropout_keep_mask(KeepWord *keep, const DropoutCtx *drop, int layer, DropSite site, size_t n) {
     if (n == 0) return;
     uint64_t offset = dropout_site_offset(drop, layer, site, n);
     float p = drop->p;
-    if (rng_reproduced(drop->rng)) {
-        // Integer compare on the raw outputs: the same decisions as !(uniform < p), without conversions.
-        // Chunks of consecutive outputs (philox_raw: AVX-512 or AVX2), each a pure function of its offsets, so
-        // the mask does not depend on how the chunks are shared among threads.
-        uint64_t threshold = dropout_keep_threshold(p), seed = drop->rng->seed;
-        long long chunks = (long long)((n + KEEP_CHUNK - 1) / KEEP_CHUNK);
-#pragma omp parallel for schedule(static) if (n >= PHILOX_PARALLEL_MIN)
-        for (long long ch = 0; ch < chunks; ch++) {
+    // Chunks of consecutive outputs, each a pure function of its offsets, so the mask does not depend on how the
+    // chunks are shared among threads; each chunk's decisions are made a byte each (a compare the compiler
+    // vectorizes), then packed into the chunk's own words.
+    uint64_t threshold = dropout_keep_threshold(p), seed = drop->rng->seed;
+    int reproduced = rng_reproduced(drop->rng);  // else rng_uniform's host generator, one thread at a time
+    long long chunks = (long long)((n + KEEP_CHUNK - 1) / KEEP_CHUNK);
+#pragma omp parallel for schedule(static) if (reproduced && n >= PHILOX_PARALLEL_MIN)
+    for (long long ch = 0; ch < chunks; ch++) {
+        uint8_t kept[KEEP_CHUNK];
+        size_t i0 = (size_t)ch * KEEP_CHUNK, len = MLM_MIN((size_t)KEEP_CHUNK, n - i0);
+        if (reproduced) {
+            // Integer compare on the raw outputs (philox_raw: AVX-512 or AVX2): the same decisions as
+            // !(uniform < p), without conversions.
             uint32_t x[KEEP_CHUNK];
-            size_t i0 = (size_t)ch * KEEP_CHUNK, len = MLM_MIN((size_t)KEEP_CHUNK, n - i0);
             philox_raw(seed, offset + i0, x, len);
             if (threshold > UINT32_MAX) {  // p so close to 1 that nothing is kept
-                memset(keep + i0, 0, len);
-                continue;
+                memset(kept, 0, len);
+            } else {
+                uint32_t t = (uint32_t)threshold;  // a 32-bit compare, which the compiler vectorizes
+                for (size_t i = 0; i < len; i++) kept[i] = x[i] >= t;
             }
-            uint32_t t = (uint32_t)threshold;  // a 32-bit compare, which the compiler vectorizes
-            for (size_t i = 0; i < len; i++) keep[i0 + i] = x[i] >= t;
+        } else {
+            float u[KEEP_CHUNK];
+            rng_uniform(drop->rng, offset + i0, u, len);
+            for (size_t i = 0; i < len; i++) kept[i] = !(u[i] < p);
         }
-        return;
+        pack_keep_bits(keep + i0 / KEEP_WORD_BITS, kept, len);
     }
-    float *u = mlm_malloc(n * sizeof(float), "dropout uniforms");
-    rng_uniform(drop->rng, offset, u, n);
-    long long count = (long long)n;
-#pragma omp parallel for schedule(static) if (count >= MLM_PARALLEL_MIN_WORK)
-    for (long long i = 0; i < count; i++) keep[i] = !(u[i] < p);
-    free(u);
 }
 
 // The masked loops multiply by (keep * scale) instead of selecting: the compiler vectorizes the product
 // (a float select is not vectorized under the default -ftrapping-math), and x * (1 * scale) == x * scale
-// exactly, x * 0 == 0 (a dropped negative x becomes -0.0, equal to 0 in every later use).
+// exactly, x * 0 == 0 (a dropped negative x becomes -0.0, equal to 0 in every later use). They run over the
+// mask's words, 32 elements a word with the word's bits shifted out in turn.
 
-void relu_dropout_forward(float *h, const uint8_t *keep, float scale, size_t n) {
+void relu_dropout_forward(float *h, const KeepWord *keep, float scale, size_t n) {
     long long count = (long long)n;
     if (keep == NULL) {
 #pragma omp parallel for schedule(static) if (count >= MLM_PARALLEL_MIN_WORK)
         for (long long i = 0; i < count; i++) h[i] = h[i] > 0.0f ? h[i] : 0.0f;
         return;
     }
+    long long words = (long long)keep_words(n);
 #pragma omp parallel for schedule(static) if (count >= MLM_PARALLEL_MIN_WORK)
-    for (long long i = 0; i < count; i++) h[i] *= (float)((h[i] > 0.0f) & keep[i]) * scale;
+    for (long long w = 0; w < words; w++) {
+        size_t i0 = (size_t)w * KEEP_WORD_BITS, len = MLM_MIN((size_t)KEEP_WORD_BITS, n - i0);
+        KeepWord bits = keep[w];
+        float *hw = h + i0;
+        for (size_t j = 0; j < len; j++) hw[j] *= (float)((hw[j] > 0.0f) & (bits >> j) & 1u) * scale;
+    }
 }
 
 void relu_dropout_backward(float *dh, const float *h, float scale, size_t n) {
@@ -115,7 +136,7 @@ void relu_dropout_backward(float *dh, const float *h, float scale, size_t n) {
 #endif
 }
 
-void residual_dropout_forward(float *out, const float *res, const float *y, const uint8_t *keep, float scale,
+void residual_dropout_forward(float *out, const float *res, const float *y, const KeepWord *keep, float scale,
                               size_t n) {
     long long count = (long long)n;
     if (keep == NULL) {
@@ -123,19 +144,29 @@ void residual_dropout_forward(float *out, const float *res, const float *y, cons
         for (long long i = 0; i < count; i++) out[i] = res[i] + y[i];
         return;
     }
+    long long words = (long long)keep_words(n);
 #pragma omp parallel for schedule(static) if (count >= MLM_PARALLEL_MIN_WORK)
-    for (long long i = 0; i < count; i++) out[i] = res[i] + y[i] * ((float)keep[i] * scale);
+    for (long long w = 0; w < words; w++) {
+        size_t i0 = (size_t)w * KEEP_WORD_BITS, len = MLM_MIN((size_t)KEEP_WORD_BITS, n - i0);
+        KeepWord bits = keep[w];
+        for (size_t j = 0; j < len; j++) out[i0 + j] = res[i0 + j] + y[i0 + j] * ((float)((bits >> j) & 1u) * scale);
+    }
 }
 
-void residual_dropout_backward(float *dy, const float *dout, const uint8_t *keep, float scale, size_t n) {
+void residual_dropout_backward(float *dy, const float *dout, const KeepWord *keep, float scale, size_t n) {
     long long count = (long long)n;
     if (keep == NULL) {
 #pragma omp parallel for schedule(static) if (count >= MLM_PARALLEL_MIN_WORK)
         for (long long i = 0; i < count; i++) dy[i] = dout[i];
         return;
     }
+    long long words = (long long)keep_words(n);
 #pragma omp parallel for schedule(static) if (count >= MLM_PARALLEL_MIN_WORK)
-    for (long long i = 0; i < count; i++) dy[i] = dout[i] * ((float)keep[i] * scale);
+    for (long long w = 0; w < words; w++) {
+        size_t i0 = (size_t)w * KEEP_WORD_BITS, len = MLM_MIN((size_t)KEEP_WORD_BITS, n - i0);
+        KeepWord bits = keep[w];
+        for (size_t j = 0; j < len; j++) dy[i0 + j] = dout[i0 + j] * ((float)((bits >> j) & 1u) * scale);
+    }
 }
 
 void relu_dropout_backward_sums(float *dh, const float *h, float scale, int N, int C, float *dbias) {
@@ -143,7 +174,7 @@ void relu_dropout_backward_sums(float *dh, const float *h, float scale, int N, i
     column_sums_accumulate(dbias, dh, N, C);
 }
 
-void residual_dropout_backward_sums(float *dy, const float *dout, const uint8_t *keep, float scale, int N, int C,
+void residual_dropout_backward_sums(float *dy, const float *dout, const KeepWord *keep, float scale, int N, int C,
                                     float *dbias) {
     residual_dropout_backward(dy, dout, keep, scale, (size_t)N * C);
     column_sums_accumulate(dbias, dy, N, C);

@@ -46,7 +46,7 @@ void layernorm_forward(float *out, float *mean, float *rstd, const float *inp, c
 }
 
 void residual_layernorm_forward(float *res_out, float *ln_out, float *mean, float *rstd, const float *res,
-                                const float *y, const uint8_t *keep, float scale, const float *w, const float *b,
+                                const float *y, const KeepWord *keep, float scale, const float *w, const float *b,
                                 int N, int C, float eps) {
     residual_dropout_forward(res_out, res, y, keep, scale, (size_t)N * C);
     layernorm_forward(ln_out, mean, rstd, res_out, w, b, N, C, eps);
@@ -110,7 +110,7 @@ void layernorm_backward(float *dinp, float *dw, float *db, const float *dout, co
 
 void layernorm_residual_backward(float *dinp, float *dw, float *db, const float *dout, const float *inp,
                                  const float *w, const float *mean, const float *rstd, int N, int C, float *dy,
-                                 const uint8_t *keep, float scale, float *dbias) {
+                                 const KeepWord *keep, float scale, float *dbias) {
     layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd, N, C);
     residual_dropout_backward(dy, dinp, keep, scale, (size_t)N * C);
     if (dbias) column_sums_accumulate(dbias, dy, N, C);

@@ -11,6 +11,7 @@
 #include <stdint.h>
 
 #include "mlm/cpu.h"
+#include "keep_bits.h"
 #include "mlm/rng.h"
 
 // Loops with less work than this (elements, or multiply-adds for matmuls) run on one thread: an OpenMP
@@ -25,6 +26,7 @@
 //   [B, ...] order (a prefix of the site's region in RngLayout, which is sized for the configured batch):
 //     u[0..n-1] = rng_uniform(drop->rng, rng_dropout_offset(&drop->layout, drop->step, layer, site), u, n)
 //     keep[i]   = !(u[i] < p)                       (u is in (0, 1]; element i is dropped when u[i] < p)
+//   stored as bits (keep_bits.h: bit i % 32 of word i / 32), the same words on both backends;
 //     y[i]      = keep[i] ? x[i] * scale : 0.0f,   scale = 1.0f / (1.0f - p) evaluated in float
 //   (the CPU computes x[i] * (keep[i] * scale), identical except that a dropped negative x gives -0.0).
 //   The attention site is applied to the softmax probabilities [B, H, T, T] (before P V; never stored: the tiles of
@@ -38,28 +40,29 @@ int dropout_is_active(const DropoutCtx *drop);
 float dropout_scale(float p);
 // The smallest raw Philox output x whose uniform is >= p (2^32 if none): keep = !(u < p) is exactly x >= it.
 uint64_t dropout_keep_threshold(float p);
-// keep[n] (1 = kept) for one site, by the rule above.
-void dropout_keep_mask(uint8_t *keep, const DropoutCtx *drop, int layer, DropSite site, size_t n);
+// keep[keep_words(n)] for one site, by the rule above: element i kept is bit i of the packed mask (keep_bits.h),
+// the bits past n zero.
+void dropout_keep_mask(KeepWord *keep, const DropoutCtx *drop, int layer, DropSite site, size_t n);
 // The absolute stream offset of element 0 of that site's n elements (a micro-batch's rows start inside the
 // whole batch's region): where dropout_keep_mask draws from.
 uint64_t dropout_site_offset(const DropoutCtx *drop, int layer, DropSite site, size_t n);
 
 // h[n] = ReLU(h) then dropout (keep == NULL: no dropout), in place.
-void relu_dropout_forward(float *h, const uint8_t *keep, float scale, size_t n);
+void relu_dropout_forward(float *h, const KeepWord *keep, float scale, size_t n);
 // dh[n] in place, given the forward's output h[n]: h > 0 exactly where the unit was positive and kept,
 // so the mask itself is not needed: dh = h > 0 ? dh * scale : 0 (scale = 1 without dropout).
 void relu_dropout_backward(float *dh, const float *h, float scale, size_t n);
 
 // out[n] = res[n] + dropout(y[n]) (keep == NULL: out = res + y). out may alias res.
-void residual_dropout_forward(float *out, const float *res, const float *y, const uint8_t *keep, float scale,
+void residual_dropout_forward(float *out, const float *res, const float *y, const KeepWord *keep, float scale,
                               size_t n);
 // dy[n] = dout * keep * scale (the residual branch's gradient; the skip path's gradient is dout itself).
-void residual_dropout_backward(float *dy, const float *dout, const uint8_t *keep, float scale, size_t n);
+void residual_dropout_backward(float *dy, const float *dout, const KeepWord *keep, float scale, size_t n);
 
 // relu_dropout_backward / residual_dropout_backward over [N, C] rows, then dbias[C] += column sums of the result:
 // the twins of the CUDA backend's fused cuda_relu_dropout_backward_sums / cuda_residual_dropout_backward_sums.
 void relu_dropout_backward_sums(float *dh, const float *h, float scale, int N, int C, float *dbias);
-void residual_dropout_backward_sums(float *dy, const float *dout, const uint8_t *keep, float scale, int N, int C,
+void residual_dropout_backward_sums(float *dy, const float *dout, const KeepWord *keep, float scale, int N, int C,
                                     float *dbias);
 
 // ---- Embedding (embedding.c) -------------------------------------------------------------------------
@@ -96,7 +99,7 @@ void layernorm_forward(float *out, float *mean, float *rstd, const float *inp, c
 // res_out[N,C] = res + dropout(y) (residual_dropout_forward), then ln_out = LayerNorm(res_out): the twin of the
 // CUDA backend's fused residual add + LayerNorm (cuda_residual_layernorm_forward).
 void residual_layernorm_forward(float *res_out, float *ln_out, float *mean, float *rstd, const float *res,
-                                const float *y, const uint8_t *keep, float scale, const float *w, const float *b,
+                                const float *y, const KeepWord *keep, float scale, const float *w, const float *b,
                                 int N, int C, float eps);
 // dinp[N,C] +=, dw[C] +=, db[C] +=.
 void layernorm_backward(float *dinp, float *dw, float *db, const float *dout, const float *inp, const float *w,
@@ -105,7 +108,7 @@ void layernorm_backward(float *dinp, float *dw, float *db, const float *dout, co
 // be NULL): the twin of the CUDA backend's fused cuda_layernorm_backward_residual.
 void layernorm_residual_backward(float *dinp, float *dw, float *db, const float *dout, const float *inp,
                                  const float *w, const float *mean, const float *rstd, int N, int C, float *dy,
-                                 const uint8_t *keep, float scale, float *dbias);
+                                 const KeepWord *keep, float scale, float *dbias);
 
 // ---- Linear (matmul.c) -------------------------------------------------------------------------------
 // out[N,OC] = inp[N,IC] * w[OC,IC]^T + b[OC] (b may be NULL).

@@ -71,9 +71,11 @@ typedef struct {
     float *ln2_mean, *ln2_rstd;  // [L, B, T]
     float *fch;                  // [L, B, T, F] dropout(ReLU(Linear1)), input of Linear2
     float *res2;                 // [L, B, T, C] residual stream after the FFN block
-    uint8_t *keep_res1;          // [L, B, T, C]
-    uint8_t *keep_res2;          // [L, B, T, C]
-    uint8_t *keep_hidden;        // [B, T, F] (scratch: the backward needs only fch)
+    // Dropout keep masks in bits (keep_bits.h: 1 bit an element, 32-bit words); a layer's slot is keep_words(B*T*C)
+    // words, so each mask starts on a word and the keep kernel's threads own whole words.
+    KeepWord *keep_res1;         // [L, keep_words(B*T*C)]
+    KeepWord *keep_res2;         // [L, keep_words(B*T*C)]
+    KeepWord *keep_hidden;       // [keep_words(B*T*F)] (scratch: the backward needs only fch)
     float *lnf;                  // [B, T, C]
     float *lnf_mean, *lnf_rstd;  // [B, T]
     float *logits;               // [B, T, V]
@@ -103,7 +105,7 @@ typedef struct {
     // model.arch = bert (empty for labml; cpu_model.c's CpuActs says what each holds).
     float *emb_sum;              // [B, T, C] word + type + position
     float *emb_mean, *emb_rstd;  // [B, T]
-    uint8_t *keep_emb;           // [B, T, C]
+    KeepWord *keep_emb;          // [keep_words(B*T*C)]
     float *fc_pre;               // [L, B, T, F] GELU's inputs
     float *head_pre, *head_act;  // [B, T, C] each: the head transform's dense output and GELU of it
     uint8_t *key_valid;          // [B, T] inputs != [PAD]
@@ -228,6 +230,10 @@ static float *carve_f(Carver *cv, size_t n) { return (float *)carve(cv, n * size
 static float *carve_x(Carver *cv, size_t n, size_t es) { return (float *)carve(cv, n * es); }
 static int *carve_i(Carver *cv, size_t n) { return (int *)carve(cv, n * sizeof(int)); }
 static uint8_t *carve_b(Carver *cv, size_t n) { return (uint8_t *)carve(cv, n); }
+// `masks` dropout keep masks of n elements each, each on its own words (keep_bits.h).
+static KeepWord *carve_keep(Carver *cv, size_t masks, size_t n) {
+    return (KeepWord *)carve(cv, masks * keep_words(n) * sizeof(KeepWord));
+}
 
 // Largest scratch the reduction kernels ask for over every batch size this model runs.
 static size_t scratch_floats(const ModelConfig *c, int max_B) {
@@ -278,9 +284,9 @@ static void carve_acts(DevActs *a, const ModelConfig *c, int max_B, size_t n_par
     a->ln2_rstd = carve_f(cv, L * BT);
     a->fch = carve_x(cv, L * BT * F, es);
     a->res2 = carve_x(cv, L * BT * C, es);
-    a->keep_res1 = carve_b(cv, L * BT * C);
-    a->keep_res2 = carve_b(cv, L * BT * C);
-    a->keep_hidden = carve_b(cv, BT * F);
+    a->keep_res1 = carve_keep(cv, L, BT * C);
+    a->keep_res2 = carve_keep(cv, L, BT * C);
+    a->keep_hidden = carve_keep(cv, 1, BT * F);
     a->lnf = carve_x(cv, BT * C, es);
     a->lnf_mean = carve_f(cv, BT);
     a->lnf_rstd = carve_f(cv, BT);
@@ -308,7 +314,7 @@ static void carve_acts(DevActs *a, const ModelConfig *c, int max_B, size_t n_par
     a->emb_sum = carve_x(cv, BTb * C, es);
     a->emb_mean = carve_f(cv, BTb);
     a->emb_rstd = carve_f(cv, BTb);
-    a->keep_emb = carve_b(cv, BTb * C);
+    a->keep_emb = carve_keep(cv, 1, BTb * C);
     a->fc_pre = carve_x(cv, L * BTb * F, es);
     a->head_pre = carve_x(cv, BTb * C, es);
     a->head_act = carve_x(cv, BTb * C, es);
@@ -782,9 +788,9 @@ static uint64_t dropout_offset_in_step(const CudaRandom *rnd, int layer, DropSit
     return rng_dropout_offset(&rnd->layout, 0, layer, site);
 }
 
-// keep[n] for one dropout site of the actual batch (THE DROPOUT RULE), or NULL when dropout is off. The
-// uniforms are computed in the keep kernel from the step's seed and offset in device memory.
-static uint8_t *site_mask(CudaModel *m, const CudaRandom *rnd, uint8_t *keep, int layer, DropSite site, size_t n) {
+// keep[keep_words(n)] in bits for one dropout site of the actual batch (THE DROPOUT RULE), or NULL when dropout is
+// off. The uniforms are computed in the keep kernel from the step's seed and offset in device memory.
+static KeepWord *site_mask(CudaModel *m, const CudaRandom *rnd, KeepWord *keep, int layer, DropSite site, size_t n) {
     if (!m->dropout_on) return NULL;
     cuda_dropout_keep_philox_rows(keep, m->a.step, dropout_offset_in_step(rnd, layer, site), n / (size_t)m->B,
                                   rnd->dropout_p, n, m->stream);
@@ -1104,7 +1110,7 @@ template <typename X>
 struct LayerActs {
     X *ln1, *qkv, *atty, *res1, *ln2, *fc_pre, *fch, *res2;
     float *ln1_mean, *ln1_rstd, *ln2_mean, *ln2_rstd, *lse;
-    uint8_t *keep_res1, *keep_res2;  // NULL in the backward when the forward had no dropout
+    KeepWord *keep_res1, *keep_res2;  // NULL in the backward when the forward had no dropout
 };
 
 template <typename X>
@@ -1119,7 +1125,7 @@ static LayerActs<X> layer_acts(const CudaModel *m, int l) {
     y.fc_pre = c->arch == MODEL_ARCH_BERT ? act<X>(a->fc_pre) + rows * F : NULL, y.res2 = act<X>(a->res2) + rows * C;
     y.ln1_mean = a->ln1_mean + rows, y.ln1_rstd = a->ln1_rstd + rows, y.ln2_mean = a->ln2_mean + rows;
     y.ln2_rstd = a->ln2_rstd + rows, y.lse = a->lse + rows * H;
-    y.keep_res1 = a->keep_res1 + rows * C, y.keep_res2 = a->keep_res2 + rows * C;
+    y.keep_res1 = a->keep_res1 + l * keep_words(maxBT * C), y.keep_res2 = a->keep_res2 + l * keep_words(maxBT * C);
     if (!m->dropout_on) y.keep_res1 = y.keep_res2 = NULL;
     return y;
 }
@@ -1182,7 +1188,7 @@ static const X *labml_layers_forward(CudaModel *m, int B, const CudaRandom *rnd)
         attention_layer_forward<X>(m, l, B);
         matmul_forward(m, proj, y.atty, prm<X>(m, p->out_w + (size_t)l * C * C), gemm_bias<X>(m, p->out_b + lc), N, C,
                        C);
-        uint8_t *keep = site_mask(m, rnd, a->keep_res1 + l * maxBT * C, l, DROP_ATTN_RESID, BT * C);
+        KeepWord *keep = site_mask(m, rnd, a->keep_res1 + l * keep_words(maxBT * C), l, DROP_ATTN_RESID, BT * C);
         // The residual add fused with the LN2 that reads it.
         cuda_residual_layernorm_forward(y.res1, y.ln2, y.ln2_mean, y.ln2_rstd, x, proj, kernel_bias<X>(m, p->out_b + lc),
                                         keep, ds, prm<X>(m, p->ln2_w + lc), prm<X>(m, p->ln2_b + lc), N, C, c->ln_eps,
@@ -1196,7 +1202,7 @@ static const X *labml_layers_forward(CudaModel *m, int B, const CudaRandom *rnd)
                                        m->stream);
         matmul_forward(m, proj, y.fch, prm<X>(m, p->ff2_w + (size_t)l * C * F), gemm_bias<X>(m, p->ff2_b + lc), N, F,
                        C);
-        keep = site_mask(m, rnd, a->keep_res2 + l * maxBT * C, l, DROP_FFN_RESID, BT * C);
+        keep = site_mask(m, rnd, a->keep_res2 + l * keep_words(maxBT * C), l, DROP_FFN_RESID, BT * C);
         if (l + 1 < L) {  // the residual add fused with the next layer's LN1
             LayerActs<X> next = layer_acts<X>(m, l + 1);
             cuda_residual_layernorm_forward(y.res2, next.ln1, next.ln1_mean, next.ln1_rstd, y.res1, proj,
@@ -1231,7 +1237,7 @@ static const X *bert_layers_forward(CudaModel *m, int B, const CudaRandom *rnd) 
                                 prm<X>(m, p->type_emb), B, T, C, m->stream);
     cuda_layernorm_forward(encoded, a->emb_mean, a->emb_rstd, emb_sum, prm<X>(m, p->emb_ln_w), prm<X>(m, p->emb_ln_b),
                            N, C, c->ln_eps, m->stream);
-    uint8_t *keep = site_mask(m, rnd, a->keep_emb, 0, DROP_EMBED, BT * C);
+    KeepWord *keep = site_mask(m, rnd, a->keep_emb, 0, DROP_EMBED, BT * C);
     if (keep) cuda_residual_dropout_backward(encoded, encoded, keep, ds, BT * C, m->stream);  // y = x keep scale
     const X *x = encoded;  // [B, T, C] hidden state entering the layer
     for (int l = 0; l < L; l++) {
@@ -1244,7 +1250,7 @@ static const X *bert_layers_forward(CudaModel *m, int B, const CudaRandom *rnd) 
         attention_layer_forward<X>(m, l, B);
         matmul_forward(m, proj, y.atty, prm<X>(m, p->out_w + (size_t)l * C * C), gemm_bias<X>(m, p->out_b + lc), N, C,
                        C);
-        keep = site_mask(m, rnd, a->keep_res1 + l * maxBT * C, l, DROP_ATTN_RESID, BT * C);
+        keep = site_mask(m, rnd, a->keep_res1 + l * keep_words(maxBT * C), l, DROP_ATTN_RESID, BT * C);
         cuda_residual_layernorm_forward(y.res1, y.ln1, y.ln1_mean, y.ln1_rstd, x, proj, kernel_bias<X>(m, p->out_b + lc),
                                         keep, ds, prm<X>(m, p->ln1_w + lc), prm<X>(m, p->ln1_b + lc), N, C, c->ln_eps,
                                         m->stream);
@@ -1253,7 +1259,7 @@ static const X *bert_layers_forward(CudaModel *m, int B, const CudaRandom *rnd) 
         cuda_bias_gelu_forward(y.fc_pre, y.fch, kernel_bias<X>(m, p->ff1_b + (size_t)l * F), BT * F, F, m->stream);
         matmul_forward(m, proj, y.fch, prm<X>(m, p->ff2_w + (size_t)l * C * F), gemm_bias<X>(m, p->ff2_b + lc), N, F,
                        C);
-        keep = site_mask(m, rnd, a->keep_res2 + l * maxBT * C, l, DROP_FFN_RESID, BT * C);
+        keep = site_mask(m, rnd, a->keep_res2 + l * keep_words(maxBT * C), l, DROP_FFN_RESID, BT * C);
         cuda_residual_layernorm_forward(y.res2, y.ln2, y.ln2_mean, y.ln2_rstd, y.ln1, proj,
                                         kernel_bias<X>(m, p->ff2_b + lc), keep, ds, prm<X>(m, p->ln2_w + lc),
                                         prm<X>(m, p->ln2_b + lc), N, C, c->ln_eps, m->stream);

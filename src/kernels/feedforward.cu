@@ -23,14 +23,21 @@ static unsigned ew_grid(size_t n) {
 
 // ---- Dropout keep mask ----------------------------------------------------------------------------------
 
-// keep[n] = !(u < p): THE DROPOUT RULE of src/cpu/ops.h (u in (0, 1] from cuRAND; dropped when u < p).
-static __global__ void dropout_keep_kernel(uint8_t *keep /* [n] */, const float *u /* [n] */, float p, size_t n) {
-    GRID_STRIDE_LOOP(i, n) keep[i] = !(u[i] < p);
+// keep = !(u < p) in bits: THE DROPOUT RULE of src/cpu/ops.h (u in (0, 1] from cuRAND; dropped when u < p). A
+// thread owns whole words (keep_bits.h), so no two threads write one word.
+static __global__ void dropout_keep_kernel(KeepWord *keep /* [keep_words(n)] */, const float *u /* [n] */, float p,
+                                           size_t n) {
+    GRID_STRIDE_LOOP(w, keep_words(n)) {
+        size_t i0 = w * KEEP_WORD_BITS, bits = min((size_t)KEEP_WORD_BITS, n - i0);
+        KeepWord word = 0;
+        for (size_t j = 0; j < bits; j++) word |= (KeepWord)!(u[i0 + j] < p) << j;
+        keep[w] = word;
+    }
 }
 
-extern "C" void cuda_dropout_keep(uint8_t *keep, const float *u, float p, size_t n, cudaStream_t stream) {
+extern "C" void cuda_dropout_keep(KeepWord *keep, const float *u, float p, size_t n, cudaStream_t stream) {
     if (n == 0) return;
-    dropout_keep_kernel<<<ew_grid(n), EW_BLOCK, 0, stream>>>(keep, u, p, n);
+    dropout_keep_kernel<<<ew_grid(keep_words(n)), EW_BLOCK, 0, stream>>>(keep, u, p, n);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -41,13 +48,13 @@ extern "C" void cuda_dropout_keep(uint8_t *keep, const float *u, float p, size_t
 // becomes -0.0 there and here alike.
 template <typename X>
 static __global__ void bias_relu_dropout_forward_kernel(X *h /* [n/F, F] */, const X *bias /* [F] or NULL */,
-                                                        const uint8_t *keep /* [n] or NULL */, float scale, size_t n,
-                                                        int F) {
+                                                        const KeepWord *keep /* [n] bits or NULL */, float scale,
+                                                        size_t n, int F) {
     GRID_STRIDE_LOOP(i, n) {
         float x = ld(h, i);
         if (bias) x = __fadd_rn(x, ld(bias, i % (size_t)F));
         if (keep)
-            x = __fmul_rn(x, (float)((x > 0.0f) & (keep[i] != 0)) * scale);
+            x = __fmul_rn(x, (float)((x > 0.0f) & keep_bit(keep, i)) * scale);
         else
             x = x > 0.0f ? x : 0.0f;
         st(h, i, x);
@@ -55,17 +62,17 @@ static __global__ void bias_relu_dropout_forward_kernel(X *h /* [n/F, F] */, con
 }
 
 template <typename X>
-static void bias_relu_dropout_forward(X *h, const X *bias, const uint8_t *keep, float scale, size_t n, int F,
+static void bias_relu_dropout_forward(X *h, const X *bias, const KeepWord *keep, float scale, size_t n, int F,
                                       cudaStream_t stream) {
     if (n == 0) return;
     bias_relu_dropout_forward_kernel<X><<<ew_grid(n), EW_BLOCK, 0, stream>>>(h, bias, keep, scale, n, F);
     CUDA_CHECK_LAUNCH();
 }
-extern "C" void cuda_bias_relu_dropout_forward(float *h, const float *bias, const uint8_t *keep, float scale, size_t n,
-                                               int F, cudaStream_t stream) {
+extern "C" void cuda_bias_relu_dropout_forward(float *h, const float *bias, const KeepWord *keep, float scale,
+                                               size_t n, int F, cudaStream_t stream) {
     bias_relu_dropout_forward(h, bias, keep, scale, n, F, stream);
 }
-void cuda_bias_relu_dropout_forward(bf16 *h, const bf16 *bias, const uint8_t *keep, float scale, size_t n, int F,
+void cuda_bias_relu_dropout_forward(bf16 *h, const bf16 *bias, const KeepWord *keep, float scale, size_t n, int F,
                                     cudaStream_t stream) {
     bias_relu_dropout_forward(h, bias, keep, scale, n, F, stream);
 }
@@ -97,28 +104,29 @@ void cuda_relu_dropout_backward(bf16 *dh, const bf16 *h, float scale, size_t n, 
 template <typename X>
 static __global__ void residual_dropout_forward_kernel(X *out /* [n] */, const X *res /* [n] */,
                                                        const X *y /* [n/C, C] */, const X *bias /* [C] or NULL */,
-                                                       const uint8_t *keep /* [n] or NULL */, float scale, size_t n,
-                                                       int C) {
+                                                       const KeepWord *keep /* [n] bits or NULL */, float scale,
+                                                       size_t n, int C) {
     GRID_STRIDE_LOOP(i, n) {
         float x = ld(y, i);
         if (bias) x = __fadd_rn(x, ld(bias, i % (size_t)C));
-        if (keep) x = __fmul_rn(x, (float)keep[i] * scale);  // the CPU's y * ((float)keep * scale)
+        if (keep) x = __fmul_rn(x, (float)keep_bit(keep, i) * scale);  // the CPU's y * ((float)keep * scale)
         st(out, i, __fadd_rn(ld(res, i), x));
     }
 }
 
 template <typename X>
-static void residual_dropout_forward(X *out, const X *res, const X *y, const X *bias, const uint8_t *keep, float scale,
-                                     size_t n, int C, cudaStream_t stream) {
+static void residual_dropout_forward(X *out, const X *res, const X *y, const X *bias, const KeepWord *keep,
+                                     float scale, size_t n, int C, cudaStream_t stream) {
     if (n == 0) return;
     residual_dropout_forward_kernel<X><<<ew_grid(n), EW_BLOCK, 0, stream>>>(out, res, y, bias, keep, scale, n, C);
     CUDA_CHECK_LAUNCH();
 }
 extern "C" void cuda_residual_dropout_forward(float *out, const float *res, const float *y, const float *bias,
-                                              const uint8_t *keep, float scale, size_t n, int C, cudaStream_t stream) {
+                                              const KeepWord *keep, float scale, size_t n, int C,
+                                              cudaStream_t stream) {
     residual_dropout_forward(out, res, y, bias, keep, scale, n, C, stream);
 }
-void cuda_residual_dropout_forward(bf16 *out, const bf16 *res, const bf16 *y, const bf16 *bias, const uint8_t *keep,
+void cuda_residual_dropout_forward(bf16 *out, const bf16 *res, const bf16 *y, const bf16 *bias, const KeepWord *keep,
                                    float scale, size_t n, int C, cudaStream_t stream) {
     residual_dropout_forward(out, res, y, bias, keep, scale, n, C, stream);
 }
@@ -127,22 +135,23 @@ void cuda_residual_dropout_forward(bf16 *out, const bf16 *res, const bf16 *y, co
 // path's gradient is dout itself, so the caller keeps dout.
 template <typename X>
 static __global__ void residual_dropout_backward_kernel(X *dy /* [n] */, const X *dout /* [n] */,
-                                                        const uint8_t *keep /* [n] or NULL */, float scale, size_t n) {
-    GRID_STRIDE_LOOP(i, n) st(dy, i, __fmul_rn(ld(dout, i), keep ? (float)keep[i] * scale : scale));
+                                                        const KeepWord *keep /* [n] bits or NULL */, float scale,
+                                                        size_t n) {
+    GRID_STRIDE_LOOP(i, n) st(dy, i, __fmul_rn(ld(dout, i), keep ? (float)keep_bit(keep, i) * scale : scale));
 }
 
 template <typename X>
-static void residual_dropout_backward(X *dy, const X *dout, const uint8_t *keep, float scale, size_t n,
+static void residual_dropout_backward(X *dy, const X *dout, const KeepWord *keep, float scale, size_t n,
                                       cudaStream_t stream) {
     if (n == 0) return;
     residual_dropout_backward_kernel<X><<<ew_grid(n), EW_BLOCK, 0, stream>>>(dy, dout, keep, scale, n);
     CUDA_CHECK_LAUNCH();
 }
-extern "C" void cuda_residual_dropout_backward(float *dy, const float *dout, const uint8_t *keep, float scale, size_t n,
-                                               cudaStream_t stream) {
+extern "C" void cuda_residual_dropout_backward(float *dy, const float *dout, const KeepWord *keep, float scale,
+                                               size_t n, cudaStream_t stream) {
     residual_dropout_backward(dy, dout, keep, scale, n, stream);
 }
-void cuda_residual_dropout_backward(bf16 *dy, const bf16 *dout, const uint8_t *keep, float scale, size_t n,
+void cuda_residual_dropout_backward(bf16 *dy, const bf16 *dout, const KeepWord *keep, float scale, size_t n,
                                     cudaStream_t stream) {
     residual_dropout_backward(dy, dout, keep, scale, n, stream);
 }
@@ -245,7 +254,7 @@ extern "C" void cuda_column_sums_finish(float *sums, const float *partial, int c
 template <typename X>
 static __global__ void backward_column_sums_partial_kernel(float *partial /* [chunks, C] */, X *out /* [N, C] */,
                                                            const X *in /* [N, C] */, const X *h /* [N, C] or NULL */,
-                                                           const uint8_t *keep /* [N, C] or NULL */, float scale,
+                                                           const KeepWord *keep /* [N, C] bits or NULL */, float scale,
                                                            int N, int C) {
     __shared__ float part[COLSUM_TY][COLSUM_TX];
     int c = blockIdx.y * COLSUM_TX + threadIdx.x;
@@ -256,7 +265,7 @@ static __global__ void backward_column_sums_partial_kernel(float *partial /* [ch
             size_t i = (size_t)r * C + c;
             float v;
             if (h) v = __fmul_rn(ld(in, i), (float)(ld(h, i) > 0.0f) * scale);
-            else v = __fmul_rn(ld(in, i), keep ? (float)keep[i] * scale : scale);
+            else v = __fmul_rn(ld(in, i), keep ? (float)keep_bit(keep, i) * scale : scale);
             s += st(out, i, v);
         }
     part[threadIdx.y][threadIdx.x] = s;
@@ -269,7 +278,7 @@ static __global__ void backward_column_sums_partial_kernel(float *partial /* [ch
 }
 
 template <typename X>
-static void backward_column_sums(X *out, const X *in, const X *h, const uint8_t *keep, float scale, int N, int C,
+static void backward_column_sums(X *out, const X *in, const X *h, const KeepWord *keep, float scale, int N, int C,
                                  float *dbias, float *scratch, cudaStream_t stream) {
     if (N <= 0 || C <= 0) return;
     int chunks = colsum_chunks(N);
@@ -282,18 +291,18 @@ static void backward_column_sums(X *out, const X *in, const X *h, const uint8_t 
 
 extern "C" void cuda_relu_dropout_backward_sums(float *dh, const float *h, float scale, int N, int F, float *dbias,
                                                 float *scratch, cudaStream_t stream) {
-    backward_column_sums(dh, dh, h, (const uint8_t *)NULL, scale, N, F, dbias, scratch, stream);
+    backward_column_sums(dh, dh, h, (const KeepWord *)NULL, scale, N, F, dbias, scratch, stream);
 }
 void cuda_relu_dropout_backward_sums(bf16 *dh, const bf16 *h, float scale, int N, int F, float *dbias, float *scratch,
                                      cudaStream_t stream) {
-    backward_column_sums(dh, dh, h, (const uint8_t *)NULL, scale, N, F, dbias, scratch, stream);
+    backward_column_sums(dh, dh, h, (const KeepWord *)NULL, scale, N, F, dbias, scratch, stream);
 }
 
-extern "C" void cuda_residual_dropout_backward_sums(float *dy, const float *dout, const uint8_t *keep, float scale,
+extern "C" void cuda_residual_dropout_backward_sums(float *dy, const float *dout, const KeepWord *keep, float scale,
                                                     int N, int C, float *dbias, float *scratch, cudaStream_t stream) {
     backward_column_sums(dy, dout, (const float *)NULL, keep, scale, N, C, dbias, scratch, stream);
 }
-void cuda_residual_dropout_backward_sums(bf16 *dy, const bf16 *dout, const uint8_t *keep, float scale, int N, int C,
+void cuda_residual_dropout_backward_sums(bf16 *dy, const bf16 *dout, const KeepWord *keep, float scale, int N, int C,
                                          float *dbias, float *scratch, cudaStream_t stream) {
     backward_column_sums(dy, dout, (const bf16 *)NULL, keep, scale, N, C, dbias, scratch, stream);
 }

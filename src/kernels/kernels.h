@@ -15,6 +15,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "keep_bits.h"
 #include "mlm/mask.h"
 
 #ifdef __cplusplus
@@ -66,36 +67,37 @@ void cuda_philox_uniform(float *d_out, uint64_t seed, uint64_t offset, size_t n,
 void cuda_mask_philox(const MaskConfig *c, const unsigned char *d_continuation, const int *d_tokens, size_t n,
                       const DeviceStep *d_step, uint64_t offset_in_step, int *d_inputs, int *d_labels,
                       cudaStream_t stream);
-// keep[n] = !(u < p) (THE DROPOUT RULE) with u from (d_step, offset_in_step), generated in the
-// kernel: cuda_uniform + cuda_dropout_keep in one launch and without the uniforms buffer.
-void cuda_dropout_keep_philox(uint8_t *keep, const DeviceStep *d_step, uint64_t offset_in_step, float p, size_t n,
+// keep[keep_words(n)] = !(u < p) in bits (THE DROPOUT RULE; keep_bits.h) with u from (d_step, offset_in_step),
+// generated in the kernel: cuda_uniform + cuda_dropout_keep in one launch and without the uniforms buffer. keep must
+// start on a word; a thread writes whole words (the bits past n zero).
+void cuda_dropout_keep_philox(KeepWord *keep, const DeviceStep *d_step, uint64_t offset_in_step, float p, size_t n,
                               cudaStream_t stream);
 void cuda_mask_philox_rows(const MaskConfig *c, const unsigned char *d_continuation, const int *d_tokens, size_t n,
                            size_t row_len, const DeviceStep *d_step, uint64_t offset_in_step, int *d_inputs,
                            int *d_labels, cudaStream_t stream);
-void cuda_dropout_keep_philox_rows(uint8_t *keep, const DeviceStep *d_step, uint64_t offset_in_step, size_t row_len,
+void cuda_dropout_keep_philox_rows(KeepWord *keep, const DeviceStep *d_step, uint64_t offset_in_step, size_t row_len,
                                    float p, size_t n, cudaStream_t stream);
 
 // ---- Dropout, ReLU, residual (feedforward.cu) ---------------------------------------------------------
-// keep[n] = !(u[n] < p) as bytes.
-void cuda_dropout_keep(uint8_t *keep, const float *u, float p, size_t n, cudaStream_t stream);
+// keep[keep_words(n)] = !(u[n] < p) in bits (keep_bits.h). The masks below are read in the same layout.
+void cuda_dropout_keep(KeepWord *keep, const float *u, float p, size_t n, cudaStream_t stream);
 // h[n] = ReLU(h + bias[col]) then dropout (keep may be NULL), with h viewed as [n / F, F]; bias may be NULL.
-void cuda_bias_relu_dropout_forward(float *h, const float *bias, const uint8_t *keep, float scale, size_t n, int F,
+void cuda_bias_relu_dropout_forward(float *h, const float *bias, const KeepWord *keep, float scale, size_t n, int F,
                                     cudaStream_t stream);
 // dh = h > 0 ? dh * scale : 0 (in place; h is the forward's output).
 void cuda_relu_dropout_backward(float *dh, const float *h, float scale, size_t n, cudaStream_t stream);
 // out[n] = res[n] + dropout(y[n] + bias[col]) with y viewed as [n / C, C]; bias may be NULL; out may alias res.
 void cuda_residual_dropout_forward(float *out, const float *res, const float *y, const float *bias,
-                                   const uint8_t *keep, float scale, size_t n, int C, cudaStream_t stream);
+                                   const KeepWord *keep, float scale, size_t n, int C, cudaStream_t stream);
 // dy[n] = dout * keep * scale (keep NULL: dy = dout * scale).
-void cuda_residual_dropout_backward(float *dy, const float *dout, const uint8_t *keep, float scale, size_t n,
+void cuda_residual_dropout_backward(float *dy, const float *dout, const KeepWord *keep, float scale, size_t n,
                                     cudaStream_t stream);
 // The two backward ops above over [N, C] rows fused with the column sums of their result into dbias[C] (the bias
 // gradient of the Linear before them; scratch as cuda_column_sums_accumulate): dh in place, dy from dout.
 // Twins: relu_dropout_backward_sums, residual_dropout_backward_sums.
 void cuda_relu_dropout_backward_sums(float *dh, const float *h, float scale, int N, int F, float *dbias,
                                      float *scratch, cudaStream_t stream);
-void cuda_residual_dropout_backward_sums(float *dy, const float *dout, const uint8_t *keep, float scale, int N, int C,
+void cuda_residual_dropout_backward_sums(float *dy, const float *dout, const KeepWord *keep, float scale, int N, int C,
                                          float *dbias, float *scratch, cudaStream_t stream);
 // out[n] = x[n] + bias[col] (x viewed as [n / C, C]); out may alias x.
 void cuda_add_bias(float *out, const float *x, const float *bias, size_t n, int C, cudaStream_t stream);
@@ -144,7 +146,7 @@ void cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *i
 // ln_out = LayerNorm(res_out) with mean, rstd: cuda_residual_dropout_forward + cuda_layernorm_forward in one
 // pass, bit-identical to them. Twin: residual_layernorm_forward.
 void cuda_residual_layernorm_forward(float *res_out, float *ln_out, float *mean, float *rstd, const float *res,
-                                     const float *y, const float *bias, const uint8_t *keep, float scale,
+                                     const float *y, const float *bias, const KeepWord *keep, float scale,
                                      const float *w, const float *b, int N, int C, float eps, cudaStream_t stream);
 // dinp[N,C] +=, dw[C] +=, db[C] += (weight/bias sums in a fixed order); scratch holds at least
 // cuda_layernorm_backward_scratch(N, C) floats.
@@ -159,7 +161,7 @@ void cuda_layernorm_backward(float *dinp, float *dw, float *db, const float *dou
 // layernorm_residual_backward.
 void cuda_layernorm_backward_residual(float *dinp, float *dw, float *db, const float *dout, const float *inp,
                                       const float *w, const float *mean, const float *rstd, int N, int C, float *dy,
-                                      const uint8_t *keep, float scale, float *dbias, float *scratch,
+                                      const KeepWord *keep, float scale, float *dbias, float *scratch,
                                       cudaStream_t stream);
 
 // ---- Attention (attention.cu) --------------------------------------------------------------------------
@@ -280,16 +282,16 @@ void cuda_lt_linear_backward_weight(const CudaLt *lt, void *dw, MlmDtype dw_t, c
 // reference's BF16 mode (src/cpu/cpu_model.c), so the twins are the same functions on bf16_point'ed tensors.
 #include <cuda_bf16.h>
 typedef __nv_bfloat16 bf16;
-void cuda_bias_relu_dropout_forward(bf16 *h, const bf16 *bias, const uint8_t *keep, float scale, size_t n, int F,
+void cuda_bias_relu_dropout_forward(bf16 *h, const bf16 *bias, const KeepWord *keep, float scale, size_t n, int F,
                                     cudaStream_t stream);
 void cuda_relu_dropout_backward(bf16 *dh, const bf16 *h, float scale, size_t n, cudaStream_t stream);
-void cuda_residual_dropout_forward(bf16 *out, const bf16 *res, const bf16 *y, const bf16 *bias, const uint8_t *keep,
+void cuda_residual_dropout_forward(bf16 *out, const bf16 *res, const bf16 *y, const bf16 *bias, const KeepWord *keep,
                                    float scale, size_t n, int C, cudaStream_t stream);
-void cuda_residual_dropout_backward(bf16 *dy, const bf16 *dout, const uint8_t *keep, float scale, size_t n,
+void cuda_residual_dropout_backward(bf16 *dy, const bf16 *dout, const KeepWord *keep, float scale, size_t n,
                                     cudaStream_t stream);
 void cuda_relu_dropout_backward_sums(bf16 *dh, const bf16 *h, float scale, int N, int F, float *dbias, float *scratch,
                                      cudaStream_t stream);
-void cuda_residual_dropout_backward_sums(bf16 *dy, const bf16 *dout, const uint8_t *keep, float scale, int N, int C,
+void cuda_residual_dropout_backward_sums(bf16 *dy, const bf16 *dout, const KeepWord *keep, float scale, int N, int C,
                                          float *dbias, float *scratch, cudaStream_t stream);
 void cuda_add_bias(bf16 *out, const bf16 *x, const bf16 *bias, size_t n, int C, cudaStream_t stream);
 void cuda_column_sums_accumulate(float *sums, const bf16 *x, int N, int C, float *scratch, cudaStream_t stream);
@@ -309,13 +311,13 @@ void cuda_gelu_backward(bf16 *dinp, const bf16 *dout, const bf16 *inp, size_t n,
 void cuda_layernorm_forward(bf16 *out, float *mean, float *rstd, const bf16 *inp, const bf16 *w, const bf16 *b, int N,
                             int C, float eps, cudaStream_t stream);
 void cuda_residual_layernorm_forward(bf16 *res_out, bf16 *ln_out, float *mean, float *rstd, const bf16 *res,
-                                     const bf16 *y, const bf16 *bias, const uint8_t *keep, float scale, const bf16 *w,
+                                     const bf16 *y, const bf16 *bias, const KeepWord *keep, float scale, const bf16 *w,
                                      const bf16 *b, int N, int C, float eps, cudaStream_t stream);
 void cuda_layernorm_backward(bf16 *dinp, float *dw, float *db, const bf16 *dout, const bf16 *inp, const bf16 *w,
                              const float *mean, const float *rstd, int N, int C, float *scratch, cudaStream_t stream);
 void cuda_layernorm_backward_residual(bf16 *dinp, float *dw, float *db, const bf16 *dout, const bf16 *inp,
                                       const bf16 *w, const float *mean, const float *rstd, int N, int C, bf16 *dy,
-                                      const uint8_t *keep, float scale, float *dbias, float *scratch,
+                                      const KeepWord *keep, float scale, float *dbias, float *scratch,
                                       cudaStream_t stream);
 void cuda_crossentropy_forward_backward(float *losses, int *correct, bf16 *dlogits, const bf16 *logits,
                                         const int *labels, const int *d_n_targets, int N, int V, int ignore_index,

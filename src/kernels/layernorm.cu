@@ -112,7 +112,7 @@ static __global__ void residual_layernorm_forward_kernel(X *res_out /* [N, C] */
                                                          float *mean /* [N] */, float *rstd /* [N] */,
                                                          const X *res /* [N, C] */, const X *y /* [N, C] */,
                                                          const X *bias /* [C] or NULL */,
-                                                         const uint8_t *keep /* [N, C] or NULL */, float scale,
+                                                         const KeepWord *keep /* [N, C] bits or NULL */, float scale,
                                                          const X *w /* [C] */, const X *b /* [C] */, int N, int C,
                                                          float eps) {
     extern __shared__ float rln_rows[];
@@ -125,7 +125,7 @@ static __global__ void residual_layernorm_forward_kernel(X *res_out /* [N, C] */
     for (int c = lane; c < C; c += 32) {
         float x = ld(y, r0 + c);
         if (bias) x = __fadd_rn(x, ld(bias, c));
-        if (keep) x = __fmul_rn(x, (float)keep[r0 + c] * scale);  // the CPU's y * ((float)keep * scale)
+        if (keep) x = __fmul_rn(x, (float)keep_bit(keep, r0 + c) * scale);  // the CPU's y * ((float)keep * scale)
         x = st(res_out, r0 + c, __fadd_rn(ld(res, r0 + c), x));  // the LayerNorm's input: the sum as stored
         xs[c] = x;  // read back by this lane only
         sum += x;
@@ -191,7 +191,7 @@ void cuda_embedding_layernorm_forward(bf16 *emb_out, bf16 *ln_out, float *mean, 
 
 template <typename X>
 static void residual_layernorm_forward(X *res_out, X *ln_out, float *mean, float *rstd, const X *res, const X *y,
-                                       const X *bias, const uint8_t *keep, float scale, const X *w, const X *b, int N,
+                                       const X *bias, const KeepWord *keep, float scale, const X *w, const X *b, int N,
                                        int C, float eps, cudaStream_t stream) {
     if (N <= 0 || C <= 0) return;
     int rows = rln_rows_per_block(C);
@@ -207,12 +207,12 @@ static void residual_layernorm_forward(X *res_out, X *ln_out, float *mean, float
 }
 extern "C" void cuda_residual_layernorm_forward(float *res_out, float *ln_out, float *mean, float *rstd,
                                                 const float *res, const float *y, const float *bias,
-                                                const uint8_t *keep, float scale, const float *w, const float *b,
+                                                const KeepWord *keep, float scale, const float *w, const float *b,
                                                 int N, int C, float eps, cudaStream_t stream) {
     residual_layernorm_forward(res_out, ln_out, mean, rstd, res, y, bias, keep, scale, w, b, N, C, eps, stream);
 }
 void cuda_residual_layernorm_forward(bf16 *res_out, bf16 *ln_out, float *mean, float *rstd, const bf16 *res,
-                                     const bf16 *y, const bf16 *bias, const uint8_t *keep, float scale, const bf16 *w,
+                                     const bf16 *y, const bf16 *bias, const KeepWord *keep, float scale, const bf16 *w,
                                      const bf16 *b, int N, int C, float eps, cudaStream_t stream) {
     residual_layernorm_forward(res_out, ln_out, mean, rstd, res, y, bias, keep, scale, w, b, N, C, eps, stream);
 }
@@ -326,8 +326,9 @@ static __global__ void layernorm_backward_finish_kernel(float *dw /* [C] */, flo
 // launches: rows too long for the fused kernel's shared memory.
 template <typename X>
 static void layernorm_backward_unfused(X *dinp, float *dw, float *db, const X *dout, const X *inp, const X *w,
-                                       const float *mean, const float *rstd, int N, int C, X *dy, const uint8_t *keep,
-                                       float scale, float *dbias, float *scratch, cudaStream_t stream) {
+                                       const float *mean, const float *rstd, int N, int C, X *dy,
+                                       const KeepWord *keep, float scale, float *dbias, float *scratch,
+                                       cudaStream_t stream) {
     unsigned grid = (unsigned)((N + LN_ROWS_PER_BLOCK - 1) / LN_ROWS_PER_BLOCK);
     layernorm_backward_dinp_kernel<X><<<grid, LN_BLOCK, 0, stream>>>(dinp, dout, inp, w, mean, rstd, N, C);
     CUDA_CHECK_LAUNCH();
@@ -358,7 +359,7 @@ enum { LNF_MAX_C = (48 * 1024) / (3 * LNB_TY * (int)sizeof(float)) };  // 512 co
 template <typename X>
 static __global__ void layernorm_backward_fused_kernel(X *dinp /* [N, C] */, float *scratch /* [3, chunks, C] */,
                                                        X *dy /* [N, C] or NULL */,
-                                                       const uint8_t *keep /* [N, C] or NULL */, float scale,
+                                                       const KeepWord *keep /* [N, C] bits or NULL */, float scale,
                                                        const X *dout /* [N, C] */, const X *inp /* [N, C] */,
                                                        const X *w /* [C] */, const float *mean /* [N] */,
                                                        const float *rstd /* [N] */, int N, int C) {
@@ -384,7 +385,10 @@ static __global__ void layernorm_backward_fused_kernel(X *dinp /* [N, C] */, flo
             float d = st(dx, c, __fadd_rn(ld(dx, c), __fmul_rn(s, t)));
             pw[c] += gc * norm;
             pb[c] += gc;
-            if (dy) pr[c] += st(dy, (size_t)r * C + c, __fmul_rn(d, keep ? (float)keep[(size_t)r * C + c] * scale : scale));
+            if (dy) {
+                size_t i = (size_t)r * C + c;
+                pr[c] += st(dy, i, __fmul_rn(d, keep ? (float)keep_bit(keep, i) * scale : scale));
+            }
         }
     }
     __syncthreads();
@@ -403,8 +407,9 @@ static __global__ void layernorm_backward_fused_kernel(X *dinp /* [N, C] */, flo
 
 template <typename X>
 static void layernorm_backward_residual(X *dinp, float *dw, float *db, const X *dout, const X *inp, const X *w,
-                                        const float *mean, const float *rstd, int N, int C, X *dy, const uint8_t *keep,
-                                        float scale, float *dbias, float *scratch, cudaStream_t stream) {
+                                        const float *mean, const float *rstd, int N, int C, X *dy,
+                                        const KeepWord *keep, float scale, float *dbias, float *scratch,
+                                        cudaStream_t stream) {
     if (N <= 0 || C <= 0) return;
     if (!dy && dbias) mlm_fatal(MLM_EXIT_FAILURE, "cuda_layernorm_backward_residual: a bias gradient needs dy");
     if (C > LNF_MAX_C) {
@@ -425,13 +430,13 @@ static void layernorm_backward_residual(X *dinp, float *dw, float *db, const X *
 
 extern "C" void cuda_layernorm_backward_residual(float *dinp, float *dw, float *db, const float *dout,
                                                  const float *inp, const float *w, const float *mean,
-                                                 const float *rstd, int N, int C, float *dy, const uint8_t *keep,
+                                                 const float *rstd, int N, int C, float *dy, const KeepWord *keep,
                                                  float scale, float *dbias, float *scratch, cudaStream_t stream) {
     layernorm_backward_residual(dinp, dw, db, dout, inp, w, mean, rstd, N, C, dy, keep, scale, dbias, scratch, stream);
 }
 void cuda_layernorm_backward_residual(bf16 *dinp, float *dw, float *db, const bf16 *dout, const bf16 *inp,
                                       const bf16 *w, const float *mean, const float *rstd, int N, int C, bf16 *dy,
-                                      const uint8_t *keep, float scale, float *dbias, float *scratch,
+                                      const KeepWord *keep, float scale, float *dbias, float *scratch,
                                       cudaStream_t stream) {
     layernorm_backward_residual(dinp, dw, db, dout, inp, w, mean, rstd, N, C, dy, keep, scale, dbias, scratch, stream);
 }

@@ -63,24 +63,51 @@ extern "C" void cuda_philox_uniform(float *d_out, uint64_t seed, uint64_t offset
     CUDA_CHECK_LAUNCH();
 }
 
-// keep[i] = !(u < p) for the uniform u at offset + i (THE DROPOUT RULE, as dropout_keep_kernel).
-static __global__ void dropout_keep_philox_kernel(uint8_t *keep /* [n] */, const DeviceStep *step,
+// Word w of a packed keep mask (keep_bits.h): bit j = !(u < p) for the uniform u at offset + 32 w + j, j < bits.
+// The word's outputs span 8 or 9 Philox blocks (9 when offset is not a multiple of 4); each is computed once.
+static __device__ __forceinline__ KeepWord philox_keep_word(uint64_t seed, uint64_t offset, size_t w, size_t bits,
+                                                            float p) {
+    uint64_t g0 = offset + (uint64_t)w * KEEP_WORD_BITS, g1 = g0 + bits;  // the word's outputs [g0, g1)
+    KeepWord word = 0;
+    for (uint64_t blk = g0 / 4; blk * 4 < g1; blk++) {
+        uint32_t x[4];
+        philox_block(seed, blk, x);
+        for (int k = 0; k < 4; k++) {
+            uint64_t g = blk * 4 + k;
+            if (g >= g0 && g < g1) word |= (KeepWord)!(philox_to_uniform(x[k]) < p) << (g - g0);
+        }
+    }
+    return word;
+}
+
+// keep[keep_words(n)]: bit i = !(u < p) for the uniform u at offset + i (THE DROPOUT RULE, as dropout_keep_kernel).
+// A thread owns whole words (a grid-stride loop over them), so no word has two writers and no atomics are needed.
+static __global__ void dropout_keep_philox_kernel(KeepWord *keep /* [keep_words(n)] */, const DeviceStep *step,
                                                   uint64_t offset_in_step, uint64_t row_len, float p, size_t n) {
     __shared__ uint64_t s_seed, s_offset;  // read once per block
     if (threadIdx.x == 0) s_seed = step->philox_seed, s_offset = step_rng_offset(step, offset_in_step, row_len);
     __syncthreads();
-    for_each_philox_uniform(s_seed, s_offset, n, [=](uint64_t i, float u) { keep[i] = !(u < p); });
+    size_t words = keep_words(n);
+    for (size_t w = (size_t)blockIdx.x * blockDim.x + threadIdx.x; w < words; w += (size_t)gridDim.x * blockDim.x) {
+        size_t bits = min((size_t)KEEP_WORD_BITS, n - w * KEEP_WORD_BITS);
+        keep[w] = philox_keep_word(s_seed, s_offset, w, bits, p);
+    }
 }
 
-extern "C" void cuda_dropout_keep_philox_rows(uint8_t *keep, const DeviceStep *d_step, uint64_t offset_in_step,
+static unsigned keep_word_grid(size_t n) {
+    size_t grid = (keep_words(n) + PHILOX_BLOCK_THREADS - 1) / PHILOX_BLOCK_THREADS;
+    return (unsigned)(grid < (size_t)PHILOX_MAX_GRID ? grid : (size_t)PHILOX_MAX_GRID);
+}
+
+extern "C" void cuda_dropout_keep_philox_rows(KeepWord *keep, const DeviceStep *d_step, uint64_t offset_in_step,
                                               size_t row_len, float p, size_t n, cudaStream_t stream) {
     if (n == 0) return;
-    dropout_keep_philox_kernel<<<philox_grid(n), PHILOX_BLOCK_THREADS, 0, stream>>>(keep, d_step, offset_in_step,
-                                                                                     row_len, p, n);
+    dropout_keep_philox_kernel<<<keep_word_grid(n), PHILOX_BLOCK_THREADS, 0, stream>>>(keep, d_step, offset_in_step,
+                                                                                        row_len, p, n);
     CUDA_CHECK_LAUNCH();
 }
 
-extern "C" void cuda_dropout_keep_philox(uint8_t *keep, const DeviceStep *d_step, uint64_t offset_in_step, float p,
+extern "C" void cuda_dropout_keep_philox(KeepWord *keep, const DeviceStep *d_step, uint64_t offset_in_step, float p,
                                          size_t n, cudaStream_t stream) {
     cuda_dropout_keep_philox_rows(keep, d_step, offset_in_step, 0, p, n, stream);
 }
