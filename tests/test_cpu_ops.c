@@ -748,6 +748,80 @@ static void test_elementwise_exact(void) {
     }
 }
 
+// The vector paths of the keep masks (feedforward.c: AVX-512, AVX2, portable), each forced in turn where this CPU
+// runs it, against definitions written out here, bit for bit: the masked passes over n = 100,003 (parallel, a
+// partial last word of 3) with random keep words and inputs among +-0, negatives, subnormals, infinities and NaN
+// (the residual forward also in place, out = res); the packed masks of dropout_keep_mask against the portable
+// path's words, at lengths with and without a partial word and a chunk boundary (4,096), the word after untouched.
+static void test_dropout_simd(void) {
+    static const char *const names[] = {"portable", "avx2", "avx512"};
+    size_t n = 100003, words = keep_words(n);
+    float *h0 = alloc_rand(n, 1.0f), *y = alloc_rand(n, 2.0f), *res = alloc_rand(n, 1.0f);
+    float *out = alloc_zero(n), *want = alloc_zero(n);
+    static const float special[] = {0.0f, -0.0f, 1e-42f, -1e-42f, INFINITY, -INFINITY, NAN, -3.0f};
+    for (size_t i = 0; i < n; i += 5) h0[i] = special[(i / 5) % 8], y[i] = special[(i / 5 + 3) % 8];
+    KeepWord *keep = mlm_malloc(words * sizeof(KeepWord), "keep");
+    uint64_t state = 0x9e3779b97f4a7c15ull;
+    for (size_t w = 0; w < words; w++) {
+        state = state * 6364136223846793005ull + 1442695040888963407ull;
+        keep[w] = (KeepWord)(state >> 32);
+    }
+    keep[words - 1] &= (1u << (n % KEEP_WORD_BITS)) - 1;  // bits past n are 0, as dropout_keep_mask leaves them
+    float scale = dropout_scale(0.1f);
+    Rng rng;
+    rng_init(&rng, 11, RNG_DOMAIN_TRAIN);
+    DropoutCtx d = {&rng, rng_layout(64, 33, 128, 4, 256, 3), 7, 0.1f, 0, 0};
+    static const size_t lens[] = {7, 32, 33, 4096, 4127, 40000};
+    KeepWord *mask = mlm_malloc((keep_words(40000) + 1) * sizeof(KeepWord), "mask");
+    KeepWord *ref = mlm_malloc((keep_words(40000) + 1) * sizeof(KeepWord), "ref");
+    int ran = 0;
+    for (int isa = DROPOUT_SIMD_PORTABLE; isa <= DROPOUT_SIMD_AVX512; isa++) {
+        if (!dropout_simd_force(isa)) {
+            printf("  %s: not on this CPU, skipped\n", names[isa]);
+            continue;
+        }
+        ran++;
+        size_t differ[4] = {0, 0, 0, 0};
+        memcpy(out, h0, n * sizeof(float));
+        relu_dropout_forward(out, keep, scale, n);
+        for (size_t i = 0; i < n; i++) want[i] = h0[i] * ((float)((h0[i] > 0.0f) & keep_bit(keep, i)) * scale);
+        for (size_t i = 0; i < n; i++) differ[0] += memcmp(&out[i], &want[i], sizeof(float)) != 0;
+        residual_dropout_forward(out, res, y, keep, scale, n);
+        for (size_t i = 0; i < n; i++) want[i] = res[i] + y[i] * ((float)keep_bit(keep, i) * scale);
+        for (size_t i = 0; i < n; i++) differ[1] += memcmp(&out[i], &want[i], sizeof(float)) != 0;
+        memcpy(out, res, n * sizeof(float));
+        residual_dropout_forward(out, out, y, keep, scale, n);  // in place, as the model calls it
+        for (size_t i = 0; i < n; i++) differ[1] += memcmp(&out[i], &want[i], sizeof(float)) != 0;
+        residual_dropout_backward(out, y, keep, scale, n);
+        for (size_t i = 0; i < n; i++) want[i] = y[i] * ((float)keep_bit(keep, i) * scale);
+        for (size_t i = 0; i < n; i++) differ[2] += memcmp(&out[i], &want[i], sizeof(float)) != 0;
+        for (int k = 0; k < 6; k++) {
+            size_t m = lens[k], mw = keep_words(m);
+            dropout_simd_force(DROPOUT_SIMD_PORTABLE);
+            dropout_keep_mask(ref, &d, 2, DROP_FFN_HIDDEN, m);
+            dropout_simd_force(isa);
+            mask[mw] = 0xdeadbeefu;
+            dropout_keep_mask(mask, &d, 2, DROP_FFN_HIDDEN, m);
+            for (size_t w = 0; w < mw; w++) differ[3] += mask[w] != ref[w];
+            differ[3] += mask[mw] != 0xdeadbeefu;
+        }
+        printf("  %s: ReLU+dropout %zu, residual forward %zu, backward %zu values differ; %zu mask words differ\n",
+               names[isa], differ[0], differ[1], differ[2], differ[3]);
+        CHECK(differ[0] == 0, "%s relu_dropout_forward differs from h * ((float)((h > 0) & keep) * scale) in %zu of %zu",
+              names[isa], differ[0], n);
+        CHECK(differ[1] == 0, "%s residual_dropout_forward differs from res + y * ((float)keep * scale) in %zu of %zu",
+              names[isa], differ[1], 2 * n);
+        CHECK(differ[2] == 0, "%s residual_dropout_backward differs from dout * ((float)keep * scale) in %zu of %zu",
+              names[isa], differ[2], n);
+        CHECK(differ[3] == 0, "%s dropout_keep_mask: %zu words differ from the portable path's (or the word after "
+              "was written)", names[isa], differ[3]);
+    }
+    dropout_simd_force(-1);
+    CHECK(ran >= 1, "no path of the keep masks ran");
+    rng_free(&rng);
+    free(h0); free(y); free(res); free(out); free(want); free(keep); free(mask); free(ref);
+}
+
 // layernorm_forward / layernorm_backward (rows in lockstep, sums in local arrays) against the row-at-a-time loops
 // that define them, bit for bit, at N = 4k + 3 rows (a remainder after the groups of 4) and C = 37 (a partial
 // 16-channel task), and at [2051, 128] (parallel).
@@ -1265,6 +1339,7 @@ int main(void) {
     test_ffn(1);
     test_residual_dropout();
     test_elementwise_exact();
+    test_dropout_simd();
     test_exp_shifted();
     test_layernorm_exact();
     test_philox_paths();

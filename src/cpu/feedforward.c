@@ -12,6 +12,10 @@
 #ifdef __SSE2__
 #include <emmintrin.h>
 #endif
+#if defined(__x86_64__) || defined(__i386__)
+#define KEEP_X86 1
+#include <immintrin.h>
+#endif
 
 // The dropout uniforms are cuRAND's host Philox stream; rng.c reproduces it on the CPU (philox_cpu.h)
 // after checking the reproduction against curandGenerateUniform, since a host-generator call costs
@@ -49,6 +53,228 @@ uint64_t dropout_site_offset(const DropoutCtx *drop, int layer, DropSite site, s
 enum { KEEP_CHUNK = 4096 };
 _Static_assert(KEEP_CHUNK % KEEP_WORD_BITS == 0, "a task of dropout_keep_mask must own whole mask words");
 
+// ---- The vector code of the keep masks: packing raw Philox outputs into words, and the passes that read them ----
+// Each pass runs over a mask's whole words with the CPU's widest code (AVX-512, AVX2, or portable C chosen at run
+// time) and over the last, partial word with the portable code. Every lane computes what the portable code computes
+// for its element, one IEEE operation at a time (no FMA: a compiler barrier keeps a product from fusing with the
+// sum after it), so the outputs are the same bits on every CPU and for every thread count; test_cpu_ops checks
+// each vector path against the portable one bit for bit.
+
+static int keep_forced_isa = -1;  // a test's choice (dropout_simd_force), else -1: the CPU's best
+
+int dropout_simd_force(int isa) {
+    if (isa < 0) {
+        keep_forced_isa = -1;
+        return 1;
+    }
+#ifdef KEEP_X86
+    if ((isa == DROPOUT_SIMD_AVX512 && !__builtin_cpu_supports("avx512f")) ||
+        (isa == DROPOUT_SIMD_AVX2 && !__builtin_cpu_supports("avx2")))
+        return 0;
+#else
+    if (isa != DROPOUT_SIMD_PORTABLE) return 0;
+#endif
+    keep_forced_isa = isa;
+    return 1;
+}
+
+// __builtin_cpu_supports reads what the C runtime's start-up code found (no lazy state, so no race between threads).
+static int keep_isa(void) {
+    if (keep_forced_isa >= 0) return keep_forced_isa;
+#ifdef KEEP_X86
+    if (__builtin_cpu_supports("avx512f")) return DROPOUT_SIMD_AVX512;
+    if (__builtin_cpu_supports("avx2")) return DROPOUT_SIMD_AVX2;
+#endif
+    return DROPOUT_SIMD_PORTABLE;
+}
+
+// One masked pass: its operands, and its code over mask words [w0, w1) of a mask of n elements (the vector code is
+// only given whole words).
+typedef struct {
+    float *out;             // [n] the output (h itself for ReLU + dropout)
+    const float *a, *b;     // [n] the inputs: (res, y) for the residual forward, (dout, -) for its backward
+    const KeepWord *keep;   // [keep_words(n)]
+    float scale;
+    size_t n;
+} MaskedPass;
+typedef void (*MaskedWords)(const MaskedPass *m, size_t w0, size_t w1);
+
+static void masked_pass(const MaskedPass *m, MaskedWords avx512, MaskedWords avx2, MaskedWords portable) {
+    int isa = keep_isa();
+    MaskedWords whole = isa == DROPOUT_SIMD_AVX512 ? avx512 : isa == DROPOUT_SIMD_AVX2 ? avx2 : portable;
+    size_t full = m->n / KEEP_WORD_BITS, words = keep_words(m->n);
+    enum { TASK_WORDS = 64 };  // 2,048 elements a task
+    long long tasks = (long long)((full + TASK_WORDS - 1) / TASK_WORDS);
+#pragma omp parallel for schedule(static) if (m->n >= MLM_PARALLEL_MIN_WORK)
+    for (long long t = 0; t < tasks; t++)
+        whole(m, (size_t)t * TASK_WORDS, MLM_MIN(full, (size_t)(t + 1) * TASK_WORDS));
+    if (words > full) portable(m, full, words);
+}
+
+// The portable code; the definitions. The masked loops multiply by (keep * scale) instead of selecting:
+// x * (1 * scale) == x * scale exactly, x * 0 == 0 (a dropped negative x becomes -0.0, equal to 0 in every later use).
+static void relu_words(const MaskedPass *m, size_t w0, size_t w1) {
+    for (size_t w = w0; w < w1; w++) {
+        size_t i0 = w * KEEP_WORD_BITS, len = MLM_MIN((size_t)KEEP_WORD_BITS, m->n - i0);
+        KeepWord bits = m->keep[w];
+        float *h = m->out + i0;
+        for (size_t j = 0; j < len; j++) h[j] *= (float)((h[j] > 0.0f) & (bits >> j) & 1u) * m->scale;
+    }
+}
+
+static void residual_forward_words(const MaskedPass *m, size_t w0, size_t w1) {
+    for (size_t w = w0; w < w1; w++) {
+        size_t i0 = w * KEEP_WORD_BITS, len = MLM_MIN((size_t)KEEP_WORD_BITS, m->n - i0);
+        KeepWord bits = m->keep[w];
+        for (size_t j = 0; j < len; j++)
+            m->out[i0 + j] = m->a[i0 + j] + m->b[i0 + j] * ((float)((bits >> j) & 1u) * m->scale);
+    }
+}
+
+static void residual_backward_words(const MaskedPass *m, size_t w0, size_t w1) {
+    for (size_t w = w0; w < w1; w++) {
+        size_t i0 = w * KEEP_WORD_BITS, len = MLM_MIN((size_t)KEEP_WORD_BITS, m->n - i0);
+        KeepWord bits = m->keep[w];
+        for (size_t j = 0; j < len; j++) m->out[i0 + j] = m->a[i0 + j] * ((float)((bits >> j) & 1u) * m->scale);
+    }
+}
+
+// keep[keep_words(len)] = the decisions x[i] >= t (bits past len zero).
+static void pack_words(KeepWord *keep, const uint32_t *x, uint32_t t, size_t len, size_t w0, size_t w1) {
+    for (size_t w = w0; w < w1; w++) {
+        size_t i0 = w * KEEP_WORD_BITS, bits = MLM_MIN((size_t)KEEP_WORD_BITS, len - i0);
+        KeepWord word = 0;
+        for (size_t j = 0; j < bits; j++) word |= (KeepWord)(x[i0 + j] >= t) << j;
+        keep[w] = word;
+    }
+}
+
+#ifdef KEEP_X86
+// Keeps a product from fusing with the sum after it (GNU C contracts a * b + c into an FMA where the target has one).
+#define KEEP_UNFUSED(v) __asm__("" : "+v"(v))
+
+// AVX-512: a word's 16-bit halves are the lane masks themselves; the factor is scale where kept, +0 elsewhere.
+__attribute__((target("avx512f"))) static void relu_words_avx512(const MaskedPass *m, size_t w0, size_t w1) {
+    const __m512 vs = _mm512_set1_ps(m->scale), zero = _mm512_setzero_ps();
+    for (size_t w = w0; w < w1; w++)
+        for (int half = 0; half < 2; half++) {
+            float *h = m->out + w * KEEP_WORD_BITS + 16 * half;
+            __m512 x = _mm512_loadu_ps(h);
+            __mmask16 k = (__mmask16)(m->keep[w] >> (16 * half)) & _mm512_cmp_ps_mask(x, zero, _CMP_GT_OQ);
+            _mm512_storeu_ps(h, _mm512_mul_ps(x, _mm512_maskz_mov_ps(k, vs)));
+        }
+}
+
+__attribute__((target("avx512f"))) static void residual_forward_words_avx512(const MaskedPass *m, size_t w0,
+                                                                              size_t w1) {
+    const __m512 vs = _mm512_set1_ps(m->scale);
+    for (size_t w = w0; w < w1; w++)
+        for (int half = 0; half < 2; half++) {
+            size_t i = w * KEEP_WORD_BITS + 16 * half;
+            __m512 dropped = _mm512_mul_ps(_mm512_loadu_ps(m->b + i),
+                                           _mm512_maskz_mov_ps((__mmask16)(m->keep[w] >> (16 * half)), vs));
+            KEEP_UNFUSED(dropped);
+            _mm512_storeu_ps(m->out + i, _mm512_add_ps(_mm512_loadu_ps(m->a + i), dropped));
+        }
+}
+
+__attribute__((target("avx512f"))) static void residual_backward_words_avx512(const MaskedPass *m, size_t w0,
+                                                                               size_t w1) {
+    const __m512 vs = _mm512_set1_ps(m->scale);
+    for (size_t w = w0; w < w1; w++)
+        for (int half = 0; half < 2; half++) {
+            size_t i = w * KEEP_WORD_BITS + 16 * half;
+            _mm512_storeu_ps(m->out + i, _mm512_mul_ps(_mm512_loadu_ps(m->a + i),
+                                                       _mm512_maskz_mov_ps((__mmask16)(m->keep[w] >> (16 * half)), vs)));
+        }
+}
+
+__attribute__((target("avx512f"))) static void pack_words_avx512(KeepWord *keep, const uint32_t *x, uint32_t t,
+                                                                 size_t w1) {
+    const __m512i vt = _mm512_set1_epi32((int)t);
+    for (size_t w = 0; w < w1; w++) {
+        __mmask16 lo = _mm512_cmpge_epu32_mask(_mm512_loadu_si512(x + w * KEEP_WORD_BITS), vt);
+        __mmask16 hi = _mm512_cmpge_epu32_mask(_mm512_loadu_si512(x + w * KEEP_WORD_BITS + 16), vt);
+        keep[w] = (KeepWord)lo | (KeepWord)hi << 16;
+    }
+}
+
+// AVX2: eight bits of a word become eight lane masks (bit q of the byte tested in lane q); the factor is the mask
+// and scale's bits, so scale or +0.
+__attribute__((target("avx2"))) static inline __m256 factor8_avx2(KeepWord bits, int q, __m256 vs) {
+    const __m256i lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    __m256i b = _mm256_and_si256(_mm256_set1_epi32((int)(bits >> (8 * q))), lanes);
+    return _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(b, lanes)), vs);
+}
+
+__attribute__((target("avx2"))) static void relu_words_avx2(const MaskedPass *m, size_t w0, size_t w1) {
+    const __m256 vs = _mm256_set1_ps(m->scale), zero = _mm256_setzero_ps();
+    for (size_t w = w0; w < w1; w++)
+        for (int q = 0; q < 4; q++) {
+            float *h = m->out + w * KEEP_WORD_BITS + 8 * q;
+            __m256 x = _mm256_loadu_ps(h);
+            __m256 f = _mm256_and_ps(factor8_avx2(m->keep[w], q, vs), _mm256_cmp_ps(x, zero, _CMP_GT_OQ));
+            _mm256_storeu_ps(h, _mm256_mul_ps(x, f));
+        }
+}
+
+__attribute__((target("avx2"))) static void residual_forward_words_avx2(const MaskedPass *m, size_t w0, size_t w1) {
+    const __m256 vs = _mm256_set1_ps(m->scale);
+    for (size_t w = w0; w < w1; w++)
+        for (int q = 0; q < 4; q++) {
+            size_t i = w * KEEP_WORD_BITS + 8 * q;
+            __m256 dropped = _mm256_mul_ps(_mm256_loadu_ps(m->b + i), factor8_avx2(m->keep[w], q, vs));
+            KEEP_UNFUSED(dropped);
+            _mm256_storeu_ps(m->out + i, _mm256_add_ps(_mm256_loadu_ps(m->a + i), dropped));
+        }
+}
+
+__attribute__((target("avx2"))) static void residual_backward_words_avx2(const MaskedPass *m, size_t w0, size_t w1) {
+    const __m256 vs = _mm256_set1_ps(m->scale);
+    for (size_t w = w0; w < w1; w++)
+        for (int q = 0; q < 4; q++) {
+            size_t i = w * KEEP_WORD_BITS + 8 * q;
+            _mm256_storeu_ps(m->out + i, _mm256_mul_ps(_mm256_loadu_ps(m->a + i), factor8_avx2(m->keep[w], q, vs)));
+        }
+}
+
+// x >= t unsigned, as max(x, t) == x (AVX2 has no unsigned compare); movemask takes each lane's top bit.
+__attribute__((target("avx2"))) static void pack_words_avx2(KeepWord *keep, const uint32_t *x, uint32_t t,
+                                                            size_t w1) {
+    const __m256i vt = _mm256_set1_epi32((int)t);
+    for (size_t w = 0; w < w1; w++) {
+        KeepWord word = 0;
+        for (int q = 0; q < 4; q++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(x + w * KEEP_WORD_BITS + 8 * q));
+            __m256i ge = _mm256_cmpeq_epi32(_mm256_max_epu32(v, vt), v);
+            word |= (KeepWord)_mm256_movemask_ps(_mm256_castsi256_ps(ge)) << (8 * q);
+        }
+        keep[w] = word;
+    }
+}
+#else
+#define relu_words_avx512 relu_words
+#define relu_words_avx2 relu_words
+#define residual_forward_words_avx512 residual_forward_words
+#define residual_forward_words_avx2 residual_forward_words
+#define residual_backward_words_avx512 residual_backward_words
+#define residual_backward_words_avx2 residual_backward_words
+#endif
+
+// keep[keep_words(len)] = the decisions x[i] >= t of raw outputs x[len].
+static void pack_keep_raw(KeepWord *keep, const uint32_t *x, uint32_t t, size_t len) {
+    size_t full = len / KEEP_WORD_BITS;
+#ifdef KEEP_X86
+    int isa = keep_isa();
+    if (isa == DROPOUT_SIMD_AVX512) pack_words_avx512(keep, x, t, full);
+    else if (isa == DROPOUT_SIMD_AVX2) pack_words_avx2(keep, x, t, full);
+    else pack_words(keep, x, t, len, 0, full);
+#else
+    pack_words(keep, x, t, len, 0, full);
+#endif
+    pack_words(keep, x, t, len, full, keep_words(len));
+}
+
 // keep[keep_words(len)] = the packed decisions kept[0..len) (bits past len zero).
 static void pack_keep_bits(KeepWord *keep, const uint8_t *kept, size_t len) {
     for (size_t w = 0; w < keep_words(len); w++) {
@@ -64,39 +290,30 @@ void dropout_keep_mask(KeepWord *keep, const DropoutCtx *drop, int layer, DropSi
     uint64_t offset = dropout_site_offset(drop, layer, site, n);
     float p = drop->p;
     // Chunks of consecutive outputs, each a pure function of its offsets, so the mask does not depend on how the
-    // chunks are shared among threads; each chunk's decisions are made a byte each (a compare the compiler
-    // vectorizes), then packed into the chunk's own words.
+    // chunks are shared among threads; each chunk's decisions are packed into the chunk's own words.
     uint64_t threshold = dropout_keep_threshold(p), seed = drop->rng->seed;
     int reproduced = rng_reproduced(drop->rng);  // else rng_uniform's host generator, one thread at a time
     long long chunks = (long long)((n + KEEP_CHUNK - 1) / KEEP_CHUNK);
 #pragma omp parallel for schedule(static) if (reproduced && n >= PHILOX_PARALLEL_MIN)
     for (long long ch = 0; ch < chunks; ch++) {
-        uint8_t kept[KEEP_CHUNK];
         size_t i0 = (size_t)ch * KEEP_CHUNK, len = MLM_MIN((size_t)KEEP_CHUNK, n - i0);
+        KeepWord *words = keep + i0 / KEEP_WORD_BITS;
         if (reproduced) {
             // Integer compare on the raw outputs (philox_raw: AVX-512 or AVX2): the same decisions as
             // !(uniform < p), without conversions.
             uint32_t x[KEEP_CHUNK];
             philox_raw(seed, offset + i0, x, len);
-            if (threshold > UINT32_MAX) {  // p so close to 1 that nothing is kept
-                memset(kept, 0, len);
-            } else {
-                uint32_t t = (uint32_t)threshold;  // a 32-bit compare, which the compiler vectorizes
-                for (size_t i = 0; i < len; i++) kept[i] = x[i] >= t;
-            }
+            if (threshold > UINT32_MAX) memset(words, 0, keep_words(len) * sizeof(KeepWord));  // p so close to 1
+            else pack_keep_raw(words, x, (uint32_t)threshold, len);                          // that nothing is kept
         } else {
             float u[KEEP_CHUNK];
+            uint8_t kept[KEEP_CHUNK];
             rng_uniform(drop->rng, offset + i0, u, len);
             for (size_t i = 0; i < len; i++) kept[i] = !(u[i] < p);
+            pack_keep_bits(words, kept, len);
         }
-        pack_keep_bits(keep + i0 / KEEP_WORD_BITS, kept, len);
     }
 }
-
-// The masked loops multiply by (keep * scale) instead of selecting: the compiler vectorizes the product
-// (a float select is not vectorized under the default -ftrapping-math), and x * (1 * scale) == x * scale
-// exactly, x * 0 == 0 (a dropped negative x becomes -0.0, equal to 0 in every later use). They run over the
-// mask's words, 32 elements a word with the word's bits shifted out in turn.
 
 void relu_dropout_forward(float *h, const KeepWord *keep, float scale, size_t n) {
     long long count = (long long)n;
@@ -105,14 +322,7 @@ void relu_dropout_forward(float *h, const KeepWord *keep, float scale, size_t n)
         for (long long i = 0; i < count; i++) h[i] = h[i] > 0.0f ? h[i] : 0.0f;
         return;
     }
-    long long words = (long long)keep_words(n);
-#pragma omp parallel for schedule(static) if (count >= MLM_PARALLEL_MIN_WORK)
-    for (long long w = 0; w < words; w++) {
-        size_t i0 = (size_t)w * KEEP_WORD_BITS, len = MLM_MIN((size_t)KEEP_WORD_BITS, n - i0);
-        KeepWord bits = keep[w];
-        float *hw = h + i0;
-        for (size_t j = 0; j < len; j++) hw[j] *= (float)((hw[j] > 0.0f) & (bits >> j) & 1u) * scale;
-    }
+    masked_pass(&(MaskedPass){h, NULL, NULL, keep, scale, n}, relu_words_avx512, relu_words_avx2, relu_words);
 }
 
 void relu_dropout_backward(float *dh, const float *h, float scale, size_t n) {
@@ -144,13 +354,8 @@ void residual_dropout_forward(float *out, const float *res, const float *y, cons
         for (long long i = 0; i < count; i++) out[i] = res[i] + y[i];
         return;
     }
-    long long words = (long long)keep_words(n);
-#pragma omp parallel for schedule(static) if (count >= MLM_PARALLEL_MIN_WORK)
-    for (long long w = 0; w < words; w++) {
-        size_t i0 = (size_t)w * KEEP_WORD_BITS, len = MLM_MIN((size_t)KEEP_WORD_BITS, n - i0);
-        KeepWord bits = keep[w];
-        for (size_t j = 0; j < len; j++) out[i0 + j] = res[i0 + j] + y[i0 + j] * ((float)((bits >> j) & 1u) * scale);
-    }
+    masked_pass(&(MaskedPass){out, res, y, keep, scale, n}, residual_forward_words_avx512, residual_forward_words_avx2,
+                residual_forward_words);
 }
 
 void residual_dropout_backward(float *dy, const float *dout, const KeepWord *keep, float scale, size_t n) {
@@ -160,13 +365,8 @@ void residual_dropout_backward(float *dy, const float *dout, const KeepWord *kee
         for (long long i = 0; i < count; i++) dy[i] = dout[i];
         return;
     }
-    long long words = (long long)keep_words(n);
-#pragma omp parallel for schedule(static) if (count >= MLM_PARALLEL_MIN_WORK)
-    for (long long w = 0; w < words; w++) {
-        size_t i0 = (size_t)w * KEEP_WORD_BITS, len = MLM_MIN((size_t)KEEP_WORD_BITS, n - i0);
-        KeepWord bits = keep[w];
-        for (size_t j = 0; j < len; j++) dy[i0 + j] = dout[i0 + j] * ((float)((bits >> j) & 1u) * scale);
-    }
+    masked_pass(&(MaskedPass){dy, dout, NULL, keep, scale, n}, residual_backward_words_avx512,
+                residual_backward_words_avx2, residual_backward_words);
 }
 
 void relu_dropout_backward_sums(float *dh, const float *h, float scale, int N, int C, float *dbias) {

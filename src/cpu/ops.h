@@ -47,6 +47,10 @@ void dropout_keep_mask(KeepWord *keep, const DropoutCtx *drop, int layer, DropSi
 // whole batch's region): where dropout_keep_mask draws from.
 uint64_t dropout_site_offset(const DropoutCtx *drop, int layer, DropSite site, size_t n);
 
+// The code that packs keep masks and runs the masked passes below (feedforward.c): the CPU's widest by default.
+// Tests force each in turn (1 if this CPU runs it; isa < 0 goes back to the default); all give the same bits.
+enum { DROPOUT_SIMD_PORTABLE = 0, DROPOUT_SIMD_AVX2 = 1, DROPOUT_SIMD_AVX512 = 2 };
+int dropout_simd_force(int isa);
 // h[n] = ReLU(h) then dropout (keep == NULL: no dropout), in place.
 void relu_dropout_forward(float *h, const KeepWord *keep, float scale, size_t n);
 // dh[n] in place, given the forward's output h[n]: h > 0 exactly where the unit was positive and kept,
