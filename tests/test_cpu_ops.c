@@ -735,8 +735,9 @@ static void test_elementwise_exact(void) {
     CHECK(differ == 0, "relu_dropout_backward differs from dh * ((float)(h > 0) * scale) in %zu of %zu", differ, n);
     free(h); free(dh); free(want);
 
-    const int shapes[2][2] = {{257, 37}, {600, 128}};  // the second is large enough to run in parallel
-    for (int k = 0; k < 2; k++) {
+    // A partial block of columns only, two whole blocks (large enough to run in parallel), whole and partial blocks.
+    const int shapes[3][2] = {{257, 37}, {600, 128}, {99, 150}};
+    for (int k = 0; k < 3; k++) {
         int N = shapes[k][0], C = shapes[k][1];
         float *x = alloc_rand((size_t)N * C, 1.0f), *sums = alloc_rand(C, 1.0f), *ref = mlm_malloc(C * sizeof(float), "ref");
         memcpy(ref, sums, C * sizeof(float));
@@ -750,7 +751,7 @@ static void test_elementwise_exact(void) {
 
 // layernorm_forward / layernorm_backward (rows in lockstep, sums in local arrays) against the row-at-a-time loops
 // that define them, bit for bit, at N = 4k + 3 rows (a remainder after the groups of 4) and C = 37 (a partial
-// 16-channel task), and at [2051, 128] (parallel).
+// 64-channel task), at [2051, 128] (parallel, whole tasks) and at [45, 150] (whole and partial tasks).
 static void layernorm_rows_reference(float *out, float *mean, float *rstd, float *dinp, float *dw, float *db,
                                      const float *inp, const float *dout, const float *w, const float *b, int N, int C) {
     for (int n = 0; n < N; n++) {
@@ -789,8 +790,8 @@ static void layernorm_rows_reference(float *out, float *mean, float *rstd, float
 
 static void test_layernorm_exact(void) {
     printf("layernorm_forward / layernorm_backward vs the row-at-a-time loops, bit for bit\n");
-    const int shapes[2][2] = {{4 * 9 + 3, 37}, {2051, 128}};
-    for (int k = 0; k < 2; k++) {
+    const int shapes[3][2] = {{4 * 9 + 3, 37}, {2051, 128}, {45, 150}};
+    for (int k = 0; k < 3; k++) {
         int N = shapes[k][0], C = shapes[k][1];
         size_t nc = (size_t)N * C;
         float *x = alloc_rand(nc, 2.0f), *g = alloc_rand(nc, 1.0f), *w = alloc_rand(C, 1.0f), *b = alloc_rand(C, 1.0f);

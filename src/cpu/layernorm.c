@@ -52,8 +52,26 @@ void residual_layernorm_forward(float *res_out, float *ln_out, float *mean, floa
     layernorm_forward(ln_out, mean, rstd, res_out, w, b, N, C, eps);
 }
 
-// Columns per task of the weight/bias gradient: each task owns whole columns and sums the rows in order.
-enum { LN_CHANNEL_BLOCK = 16 };
+// Columns per task of the weight/bias gradient: each task owns whole columns and sums the rows in order. 64: each
+// column's two sums are chains of dependent adds, one per row; 16 columns (one AVX-512 register each) waited on
+// the adder's latency at every row, 64 keep four registers' chains going side by side.
+enum { LN_CHANNEL_BLOCK = 64 };
+
+// sw[width] += dout * norm and sb[width] += dout over rows 0 .. N - 1 in order, columns c0 .. c0 + width - 1.
+static inline __attribute__((always_inline)) void layernorm_channel_sums(float *sw, float *sb, const float *dout,
+                                                                        const float *inp, const float *mean,
+                                                                        const float *rstd, int N, int C, int c0,
+                                                                        int width) {
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * C + c0;
+        const float *g = dout + (size_t)n * C + c0;
+        float m = mean[n], s = rstd[n];
+        for (int c = 0; c < width; c++) {
+            sw[c] += g[c] * ((x[c] - m) * s);
+            sb[c] += g[c];
+        }
+    }
+}
 
 // Rows n0 .. n0 + rows - 1 of layernorm_backward's dinp (rows <= LN_ROWS, in lockstep as layernorm_forward_rows).
 static inline __attribute__((always_inline)) void layernorm_backward_rows(float *dinp, const float *dout,
@@ -95,15 +113,9 @@ void layernorm_backward(float *dinp, float *dw, float *db, const float *dout, co
         // store them on every row): the same additions in the same order.
         float sw[LN_CHANNEL_BLOCK], sb[LN_CHANNEL_BLOCK];
         for (int c = 0; c < width; c++) sw[c] = dw[c0 + c], sb[c] = db[c0 + c];
-        for (int n = 0; n < N; n++) {
-            const float *x = inp + (size_t)n * C + c0;
-            const float *g = dout + (size_t)n * C + c0;
-            float m = mean[n], s = rstd[n];
-            for (int c = 0; c < width; c++) {
-                sw[c] += g[c] * ((x[c] - m) * s);
-                sb[c] += g[c];
-            }
-        }
+        // A whole block with its width a constant, so that the sums stay in registers.
+        if (width == LN_CHANNEL_BLOCK) layernorm_channel_sums(sw, sb, dout, inp, mean, rstd, N, C, c0, LN_CHANNEL_BLOCK);
+        else layernorm_channel_sums(sw, sb, dout, inp, mean, rstd, N, C, c0, width);
         for (int c = 0; c < width; c++) dw[c0 + c] = sw[c], db[c0 + c] = sb[c];
     }
 }
