@@ -749,37 +749,37 @@ static void test_elementwise_exact(void) {
     }
 }
 
-// layernorm_forward / layernorm_backward (rows in lockstep, sums in local arrays) against the row-at-a-time loops
-// that define them, bit for bit, at N = 4k + 3 rows (a remainder after the groups of 4) and C = 37 (a partial
+// layernorm_forward / layernorm_backward (each row's sums in THE ROW ORDER of vexp.c, the dw/db sums in local arrays)
+// against the row-at-a-time loops that define them, bit for bit, at N = 39 rows and C = 37 (a partial
 // 64-channel task), at [2051, 128] (parallel, whole tasks) and at [45, 150] (whole and partial tasks).
+static float row_order_sum(const float *t, int n);
+
 static void layernorm_rows_reference(float *out, float *mean, float *rstd, float *dinp, float *dw, float *db,
                                      const float *inp, const float *dout, const float *w, const float *b, int N, int C) {
+    float *t = mlm_malloc((size_t)C * sizeof(float), "terms");
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * C, *g = dout + (size_t)n * C;
-        float m = 0.0f, var = 0.0f;
-        for (int c = 0; c < C; c++) m += x[c];
-        m /= (float)C;
+        float m = row_order_sum(x, C) / (float)C;
         for (int c = 0; c < C; c++) {
             float d = x[c] - m;
-            var += d * d;
+            t[c] = d * d;
         }
-        var /= (float)C;
+        float var = row_order_sum(t, C) / (float)C;
         float s = 1.0f / sqrtf(var + 1e-5f);
         for (int c = 0; c < C; c++) out[(size_t)n * C + c] = (x[c] - m) * s * w[c] + b[c];
         mean[n] = m;
         rstd[n] = s;
-        float sum_dnorm = 0.0f, sum_dnorm_norm = 0.0f;
-        for (int c = 0; c < C; c++) {
-            float norm = (x[c] - m) * s, dnorm = g[c] * w[c];
-            sum_dnorm += dnorm;
-            sum_dnorm_norm += dnorm * norm;
-        }
+        for (int c = 0; c < C; c++) t[c] = g[c] * w[c];
+        float sum_dnorm = row_order_sum(t, C);
+        for (int c = 0; c < C; c++) t[c] = (g[c] * w[c]) * ((x[c] - m) * s);
+        float sum_dnorm_norm = row_order_sum(t, C);
         float mean_dnorm = sum_dnorm / (float)C, mean_dnorm_norm = sum_dnorm_norm / (float)C;
         for (int c = 0; c < C; c++) {
             float norm = (x[c] - m) * s;
             dinp[(size_t)n * C + c] += s * (g[c] * w[c] - mean_dnorm - norm * mean_dnorm_norm);
         }
     }
+    free(t);
     for (int n = 0; n < N; n++)
         for (int c = 0; c < C; c++) {
             const float *x = inp + (size_t)n * C, *g = dout + (size_t)n * C;
@@ -818,7 +818,7 @@ static void test_layernorm_exact(void) {
     }
 }
 
-// The attention's row loops of vexp.c (exp_shifted_sum, row_max, row_dot) against THE ROW ORDER as vexp.c states it,
+// The row loops of vexp.c (exp_shifted_sum, row_max, row_sum, row_dot) against THE ROW ORDER as vexp.c states it,
 // written out here (16 lane sums of the terms i = l, l + 16, ... in order, then p[l] += p[l + h] for h = 8, 4, 2, 1),
 // bit for bit, on the AVX-512 path where the CPU has it and on the scalar twins: the order is the definition, so
 // any lane or tree out of place differs. Also: y equal to exp_shifted's (times the multipliers) bit for bit, the
@@ -885,6 +885,9 @@ static void test_row_loops(void) {
                 dexact += (double)x[i] * x2[i];
                 dabs += fabs((double)x[i] * x2[i]);
             }
+            CHECK(same_bits(row_sum(x, n), row_order_sum(x, n)) && same_bits(row_sum_scalar(x, n), row_order_sum(x, n)),
+                  "row_sum of %d: %.9g (scalar %.9g), THE ROW ORDER gives %.9g", n, row_sum(x, n), row_sum_scalar(x, n),
+                  row_order_sum(x, n));
             float dot = row_dot(x, x2, n), dot_want = row_order_sum(t, n);
             double dbound = (MLM_CEIL_DIV(n, 16) + 5) * 0x1p-24 * dabs;
             CHECK(same_bits(dot, dot_want) && same_bits(row_dot_scalar(x, x2, n), dot_want) && fabs(dot - dexact) <= dbound,

@@ -130,6 +130,9 @@ float exp_shifted_sum_scalar(float *y, const float *x, float shift, const float 
 // which both paths choose alike (vexp.c's lane order).
 float row_max(const float *x, int n);
 float row_max_scalar(const float *x, int n);
+// sum of x[i] over n in THE ROW ORDER of vexp.c.
+float row_sum(const float *x, int n);
+float row_sum_scalar(const float *x, int n);
 // sum of a[i] b[i] over n, each product rounded, in THE ROW ORDER of vexp.c.
 float row_dot(const float *a, const float *b, int n);
 float row_dot_scalar(const float *a, const float *b, int n);

@@ -115,6 +115,12 @@ __attribute__((target("avx512f"))) static float row_max_avx512(const float *x, i
     return p[0];
 }
 
+__attribute__((target("avx512f"))) static float row_sum_avx512(const float *x, int n) {
+    __m512 sum = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(row_mask(n, i), x + i));
+    return tree_sum16(sum);
+}
+
 __attribute__((target("avx512f"))) static float row_dot_avx512(const float *a, const float *b, int n) {
     __m512 sum = _mm512_setzero_ps();
     for (int i = 0; i < n; i += 16) {
@@ -185,6 +191,12 @@ float row_max_scalar(const float *x, int n) {
     return p[0];
 }
 
+float row_sum_scalar(const float *x, int n) {
+    float p[16] = {0};
+    for (int i = 0; i < n; i++) p[i % 16] += x[i];
+    return tree_sum(p);
+}
+
 float row_dot_scalar(const float *a, const float *b, int n) {
     float p[16] = {0};
     for (int i = 0; i < n; i++) {
@@ -216,6 +228,13 @@ float row_max(const float *x, int n) {
     if (use_avx512()) return row_max_avx512(x, n);
 #endif
     return row_max_scalar(x, n);
+}
+
+float row_sum(const float *x, int n) {
+#ifdef VEXP_X86
+    if (use_avx512()) return row_sum_avx512(x, n);
+#endif
+    return row_sum_scalar(x, n);
 }
 
 float row_dot(const float *a, const float *b, int n) {
