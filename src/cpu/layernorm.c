@@ -1,6 +1,7 @@
 // layernorm.c: LayerNorm over the channel dimension (biased variance, as PyTorch), forward and backward.
 #include <math.h>
 #include <stddef.h>
+#include <stdlib.h>
 
 #include "cpu/ops.h"
 #include "mlm/common.h"
@@ -8,8 +9,6 @@
 // Each row's sums (mean, centred variance; the backward's two) in THE ROW ORDER of vexp.c (16 lane sums, then a
 // fixed tree), on 16 lanes where the CPU has AVX-512 (row_dot, with the same bits elsewhere): a row's sum as one
 // running value was a chain of C dependent adds. Rows are independent, so the results do not depend on the threads.
-enum { LN_MAX_C = 8192 };  // the scratch row on the stack
-
 static void layernorm_forward_row(float *out, float *mean, float *rstd, const float *inp, const float *w,
                                   const float *b, int n, int C, float eps, float *d) {
     const float *x = inp + (size_t)n * C;  // [C]
@@ -26,12 +25,12 @@ static void layernorm_forward_row(float *out, float *mean, float *rstd, const fl
 
 void layernorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *w, const float *b,
                        int N, int C, float eps) {
-    if (C > LN_MAX_C) mlm_fatal(MLM_EXIT_FAILURE, "layernorm: %d channels, at most %d", C, LN_MAX_C);
 #pragma omp parallel if ((long long)N * C >= MLM_PARALLEL_MIN_WORK)
     {
-        float d[LN_MAX_C];
+        float *d = mlm_malloc((size_t)C * sizeof(float), "layernorm row scratch");  // [C] per thread
 #pragma omp for schedule(static)
         for (int n = 0; n < N; n++) layernorm_forward_row(out, mean, rstd, inp, w, b, n, C, eps, d);
+        free(d);
     }
 }
 
@@ -81,12 +80,12 @@ static void layernorm_backward_row(float *dinp, const float *dout, const float *
 void layernorm_backward(float *dinp, float *dw, float *db, const float *dout, const float *inp, const float *w,
                         const float *mean, const float *rstd, int N, int C) {
     // dx = rstd * (dnorm - mean(dnorm) - norm * mean(dnorm * norm)), dnorm = dout * w.
-    if (C > LN_MAX_C) mlm_fatal(MLM_EXIT_FAILURE, "layernorm: %d channels, at most %d", C, LN_MAX_C);
 #pragma omp parallel if ((long long)N * C >= MLM_PARALLEL_MIN_WORK)
     {
-        float t[LN_MAX_C], u[LN_MAX_C];
+        float *t = mlm_malloc(2 * (size_t)C * sizeof(float), "layernorm row scratch"), *u = t + C;  // [C] each, per thread
 #pragma omp for schedule(static)
         for (int n = 0; n < N; n++) layernorm_backward_row(dinp, dout, inp, w, mean, rstd, n, C, t, u);
+        free(t);
     }
 #pragma omp parallel for schedule(static) if ((long long)N * C >= MLM_PARALLEL_MIN_WORK)
     for (int c0 = 0; c0 < C; c0 += LN_CHANNEL_BLOCK) {
