@@ -735,8 +735,9 @@ static void test_elementwise_exact(void) {
     CHECK(differ == 0, "relu_dropout_backward differs from dh * ((float)(h > 0) * scale) in %zu of %zu", differ, n);
     free(h); free(dh); free(want);
 
-    const int shapes[2][2] = {{257, 37}, {600, 128}};  // the second is large enough to run in parallel
-    for (int k = 0; k < 2; k++) {
+    // A partial block of columns only, two whole blocks (large enough to run in parallel), whole and partial blocks.
+    const int shapes[3][2] = {{257, 37}, {600, 128}, {99, 150}};
+    for (int k = 0; k < 3; k++) {
         int N = shapes[k][0], C = shapes[k][1];
         float *x = alloc_rand((size_t)N * C, 1.0f), *sums = alloc_rand(C, 1.0f), *ref = mlm_malloc(C * sizeof(float), "ref");
         memcpy(ref, sums, C * sizeof(float));
@@ -822,37 +823,37 @@ static void test_dropout_simd(void) {
     free(h0); free(y); free(res); free(out); free(want); free(keep); free(mask); free(ref);
 }
 
-// layernorm_forward / layernorm_backward (rows in lockstep, sums in local arrays) against the row-at-a-time loops
-// that define them, bit for bit, at N = 4k + 3 rows (a remainder after the groups of 4) and C = 37 (a partial
-// 16-channel task), and at [2051, 128] (parallel).
+// layernorm_forward / layernorm_backward (each row's sums in THE ROW ORDER of vexp.c, the dw/db sums in local arrays)
+// against the row-at-a-time loops that define them, bit for bit, at N = 39 rows and C = 37 (a partial
+// 64-channel task), at [2051, 128] (parallel, whole tasks) and at [45, 150] (whole and partial tasks).
+static float row_order_sum(const float *t, int n);
+
 static void layernorm_rows_reference(float *out, float *mean, float *rstd, float *dinp, float *dw, float *db,
                                      const float *inp, const float *dout, const float *w, const float *b, int N, int C) {
+    float *t = mlm_malloc((size_t)C * sizeof(float), "terms");
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * C, *g = dout + (size_t)n * C;
-        float m = 0.0f, var = 0.0f;
-        for (int c = 0; c < C; c++) m += x[c];
-        m /= (float)C;
+        float m = row_order_sum(x, C) / (float)C;
         for (int c = 0; c < C; c++) {
             float d = x[c] - m;
-            var += d * d;
+            t[c] = d * d;
         }
-        var /= (float)C;
+        float var = row_order_sum(t, C) / (float)C;
         float s = 1.0f / sqrtf(var + 1e-5f);
         for (int c = 0; c < C; c++) out[(size_t)n * C + c] = (x[c] - m) * s * w[c] + b[c];
         mean[n] = m;
         rstd[n] = s;
-        float sum_dnorm = 0.0f, sum_dnorm_norm = 0.0f;
-        for (int c = 0; c < C; c++) {
-            float norm = (x[c] - m) * s, dnorm = g[c] * w[c];
-            sum_dnorm += dnorm;
-            sum_dnorm_norm += dnorm * norm;
-        }
+        for (int c = 0; c < C; c++) t[c] = g[c] * w[c];
+        float sum_dnorm = row_order_sum(t, C);
+        for (int c = 0; c < C; c++) t[c] = (g[c] * w[c]) * ((x[c] - m) * s);
+        float sum_dnorm_norm = row_order_sum(t, C);
         float mean_dnorm = sum_dnorm / (float)C, mean_dnorm_norm = sum_dnorm_norm / (float)C;
         for (int c = 0; c < C; c++) {
             float norm = (x[c] - m) * s;
             dinp[(size_t)n * C + c] += s * (g[c] * w[c] - mean_dnorm - norm * mean_dnorm_norm);
         }
     }
+    free(t);
     for (int n = 0; n < N; n++)
         for (int c = 0; c < C; c++) {
             const float *x = inp + (size_t)n * C, *g = dout + (size_t)n * C;
@@ -863,8 +864,8 @@ static void layernorm_rows_reference(float *out, float *mean, float *rstd, float
 
 static void test_layernorm_exact(void) {
     printf("layernorm_forward / layernorm_backward vs the row-at-a-time loops, bit for bit\n");
-    const int shapes[2][2] = {{4 * 9 + 3, 37}, {2051, 128}};
-    for (int k = 0; k < 2; k++) {
+    const int shapes[3][2] = {{4 * 9 + 3, 37}, {2051, 128}, {45, 150}};
+    for (int k = 0; k < 3; k++) {
         int N = shapes[k][0], C = shapes[k][1];
         size_t nc = (size_t)N * C;
         float *x = alloc_rand(nc, 2.0f), *g = alloc_rand(nc, 1.0f), *w = alloc_rand(C, 1.0f), *b = alloc_rand(C, 1.0f);
@@ -889,6 +890,91 @@ static void test_layernorm_exact(void) {
         free(x); free(g); free(w); free(b); free(out); free(mean); free(rstd); free(dinp); free(dw); free(db);
         free(out_r); free(mean_r); free(rstd_r); free(dinp_r); free(dw_r); free(db_r);
     }
+}
+
+// The row loops of vexp.c (exp_shifted_sum, row_max, row_sum, row_dot) against THE ROW ORDER as vexp.c states it,
+// written out here (16 lane sums of the terms i = l, l + 16, ... in order, then p[l] += p[l + h] for h = 8, 4, 2, 1),
+// bit for bit, on the AVX-512 path where the CPU has it and on the scalar twins: the order is the definition, so
+// any lane or tree out of place differs. Also: y equal to exp_shifted's (times the multipliers) bit for bit, the
+// maximum equal to the plain running maximum, NaN skipped, -inf ([PAD] keys) giving 0; no write past the row; and
+// each sum within its rounding bound of the exact sum in double (a term passes through at most ceil(n / 16) - 1
+// lane adds and 4 tree adds, each a relative rounding of at most 2^-24 of a partial sum <= sum |terms|:
+// |error| <= (ceil(n / 16) + 4) 2^-24 sum |terms|, the products of row_dot one more rounding each).
+static float row_order_sum(const float *t, int n) {
+    float p[16] = {0};
+    for (int i = 0; i < n; i++) p[i % 16] += t[i];
+    for (int h = 8; h >= 1; h /= 2)
+        for (int l = 0; l < h; l++) p[l] += p[l + h];
+    return p[0];
+}
+
+static int same_bits(float a, float b) { return memcmp(&a, &b, sizeof(float)) == 0; }
+
+static void test_row_loops(void) {
+    printf("row loops (%s): exp_shifted_sum, row_max, row_dot vs THE ROW ORDER and the scalar twins\n",
+           exp_shifted_vectorized() ? "AVX-512" : "no AVX-512 here: the scalar path");
+    enum { MAXN = 200 };
+    const int lens[] = {1, 2, 7, 15, 16, 17, 31, 32, 33, 48, 63, 64, 65, 100, 128, 200};
+    float x[MAXN], x2[MAXN], z[MAXN], y[MAXN + 1], ys[MAXN], e[MAXN], t[MAXN];
+    int checked = 0;
+    for (size_t li = 0; li < sizeof(lens) / sizeof(lens[0]); li++)
+        for (int rep = 0; rep < 20; rep++) {
+            int n = lens[li];
+            fill_rand(x, n, 8.0f);
+            fill_rand(x2, n, 3.0f);
+            for (int i = 0; i < n; i++) z[i] = rand_unit() < 0.1 ? 0.0f : 1.0f / 0.9f;  // dropout multipliers
+            if (rep % 4 == 1) x[(int)(rand_unit() * n)] = -INFINITY;                     // a [PAD] key
+            if (rep % 4 == 2 && n > 1) x[(int)(rand_unit() * n)] = NAN;                  // skipped by the maximum
+            float mx = -INFINITY;
+            for (int i = 0; i < n; i++) mx = x[i] > mx ? x[i] : mx;
+            CHECK(row_max(x, n) == mx && same_bits(row_max(x, n), row_max_scalar(x, n)),
+                  "row_max of %d values: %g (scalar %g), the running maximum is %g", n, row_max(x, n),
+                  row_max_scalar(x, n), mx);
+            if (rep % 4 == 2) fill_rand(x, n, 8.0f);  // no NaN in the sums below
+            float shift = rep % 2 && isfinite(mx) ? mx : 1.5f;  // (a row of one [PAD] key has no finite maximum)
+            exp_shifted(e, x, shift, n);
+            const float *mult = rep % 3 ? z : NULL;
+            y[n] = 12345.0f;
+            float sum = exp_shifted_sum(y, x, shift, mult, n);
+            float sum_s = exp_shifted_sum_scalar(ys, x, shift, mult, n);
+            CHECK(y[n] == 12345.0f, "exp_shifted_sum wrote past its row of %d", n);
+            float want = row_order_sum(e, n);
+            double exact = 0.0;
+            for (int i = 0; i < n; i++) exact += e[i];
+            double bound = (MLM_CEIL_DIV(n, 16) + 4) * 0x1p-24 * exact;
+            CHECK(same_bits(sum, want) && same_bits(sum_s, want) && fabs(sum - exact) <= bound,
+                  "exp_shifted_sum of %d: %.9g (scalar %.9g), THE ROW ORDER gives %.9g, exact %.9g (bound %.3g)", n,
+                  sum, sum_s, want, exact, bound);
+            int y_differ = 0;
+            for (int i = 0; i < n; i++) {
+                float w = mult ? e[i] * mult[i] : e[i];
+                y_differ += !same_bits(y[i], w) || !same_bits(ys[i], w);
+            }
+            CHECK(y_differ == 0, "exp_shifted_sum's y differs from exp_shifted's (times the multipliers) in %d of %d",
+                  y_differ, n);
+            double dexact = 0.0, dabs = 0.0;
+            fill_rand(x, n, 8.0f);  // finite
+            for (int i = 0; i < n; i++) {
+                t[i] = x[i] * x2[i];
+                dexact += (double)x[i] * x2[i];
+                dabs += fabs((double)x[i] * x2[i]);
+            }
+            CHECK(same_bits(row_sum(x, n), row_order_sum(x, n)) && same_bits(row_sum_scalar(x, n), row_order_sum(x, n)),
+                  "row_sum of %d: %.9g (scalar %.9g), THE ROW ORDER gives %.9g", n, row_sum(x, n), row_sum_scalar(x, n),
+                  row_order_sum(x, n));
+            float dot = row_dot(x, x2, n), dot_want = row_order_sum(t, n);
+            double dbound = (MLM_CEIL_DIV(n, 16) + 5) * 0x1p-24 * dabs;
+            CHECK(same_bits(dot, dot_want) && same_bits(row_dot_scalar(x, x2, n), dot_want) && fabs(dot - dexact) <= dbound,
+                  "row_dot of %d: %.9g (scalar %.9g), THE ROW ORDER gives %.9g, exact %.9g (bound %.3g)", n, dot,
+                  row_dot_scalar(x, x2, n), dot_want, dexact, dbound);
+            checked++;
+        }
+    // All keys [PAD] but one: its p is exp(0) = 1 and the rest 0, so the sum is exactly 1.
+    for (int i = 0; i < 33; i++) x[i] = -INFINITY;
+    x[20] = 2.0f;
+    CHECK(row_max(x, 33) == 2.0f && exp_shifted_sum(y, x, 2.0f, NULL, 33) == 1.0f && y[0] == 0.0f && y[20] == 1.0f,
+          "a row of [PAD] keys with one valid key: max %g, sum %g", row_max(x, 33), exp_shifted_sum(y, x, 2.0f, NULL, 33));
+    printf("  %d rows of 1 - 200: identical to THE ROW ORDER, within the rounding bound\n", checked);
 }
 
 // exp_shifted (vexp.c) against exp in double: at most 2 ulp (the bound argued at the top of vexp.c; libm's expf is
@@ -1341,6 +1427,7 @@ int main(void) {
     test_elementwise_exact();
     test_dropout_simd();
     test_exp_shifted();
+    test_row_loops();
     test_layernorm_exact();
     test_philox_paths();
     test_dropout_rule();

@@ -140,19 +140,16 @@ static void forward_query_tile(float *out, float *lse, const AttnHead *a, int i0
         if (a->drop) tile_dropout(z, a, i0, br, j0, bc);
         for (int r = 0; r < br; r++) {
             float *sr = s + (size_t)r * ATTN_TILE;
-            float mx = -INFINITY;
-            for (int c = 0; c < bc; c++) mx = sr[c] > mx ? sr[c] : mx;
+            float mx = row_max(sr, bc);
             float m_new = m[r] > mx ? m[r] : mx;
             if (m_new == -INFINITY) {  // every key so far is [PAD] (keys of a later tile are valid): nothing to add
                 for (int c = 0; c < bc; c++) sr[c] = 0.0f;
                 continue;
             }
             // exp(-inf) = 0: a [PAD] key's p, and the rescale of a row whose earlier keys were all [PAD].
-            float corr = expf(m[r] - m_new), sum = 0.0f;
-            exp_shifted(sr, sr, m_new, bc);
-            for (int c = 0; c < bc; c++) sum += sr[c];
-            if (a->drop)  // THE DROPOUT RULE, on the probabilities
-                for (int c = 0; c < bc; c++) sr[c] *= z[(size_t)r * ATTN_TILE + c];
+            // The row's sum in THE ROW ORDER of vexp.c; THE DROPOUT RULE applied to the probabilities after it.
+            float corr = expf(m[r] - m_new);
+            float sum = exp_shifted_sum(sr, sr, m_new, a->drop ? z + (size_t)r * ATTN_TILE : NULL, bc);
             // Rescale what the earlier key tiles accumulated (nothing before the first).
             l[r] = l[r] * corr + sum;
             m[r] = m_new;
@@ -216,12 +213,17 @@ static void backward_tile(float *dq, float *dk, float *dv, const AttnHead *a, co
     // d dropout(P) = dO V^T; undo the dropout (dP = d dropout(P) * keep * scale), then the softmax with the score
     // scale: dS = P (dP - D) * scale (into dp). D = sum_j P dP over ALL keys of the row, which is dO . O.
     matmul_serial(0, 1, br, bc, hs, 1.0f, gi, a->C, a->v + (size_t)j0 * C3, C3, 0.0f, dp, ATTN_TILE);
-    for (int r = 0; r < br; r++)
-        for (int c = 0; c < bc; c++) {
-            size_t e = (size_t)r * ATTN_TILE + c;
-            float g = a->drop ? dp[e] * z[e] : dp[e];
-            dp[e] = s[e] * (g - dsum[i0 + r]) * a->scale;
-        }
+    for (int r = 0; r < br; r++) {
+        // Per row, with D and the scale in registers (dp could alias them for all the compiler knows, which kept
+        // the loop from being vectorized): the same operations in the same order.
+        const float *sr = s + (size_t)r * ATTN_TILE, *zr = z + (size_t)r * ATTN_TILE;
+        float *dpr = dp + (size_t)r * ATTN_TILE;
+        float d = dsum[i0 + r], scale = a->scale;
+        if (a->drop)
+            for (int c = 0; c < bc; c++) dpr[c] = sr[c] * (dpr[c] * zr[c] - d) * scale;
+        else
+            for (int c = 0; c < bc; c++) dpr[c] = sr[c] * (dpr[c] - d) * scale;
+    }
     // scores = Q K^T * scale: dQ += dS K, dK += dS^T Q.
     matmul_serial(0, 0, br, hs, bc, 1.0f, dp, ATTN_TILE, a->k + (size_t)j0 * C3, C3, 1.0f, dq + (size_t)i0 * C3, C3);
     matmul_serial(1, 0, bc, hs, br, 1.0f, dp, ATTN_TILE, a->q + (size_t)i0 * C3, C3, 1.0f, dk + (size_t)j0 * C3, C3);
@@ -245,9 +247,7 @@ void attention_backward(float *dqkv, const float *dout, const float *qkv, const 
             const float *go = dout + (size_t)a.b * T * C + col, *y = out + (size_t)a.b * T * C + col;  // [T, hs]
             const float *lse_h = lse + (size_t)bh * T;
             for (int i = 0; i < T; i++) {
-                float d = 0.0f;
-                for (int e = 0; e < hs; e++) d += go[(size_t)i * C + e] * y[(size_t)i * C + e];
-                dsum[i] = d;
+                dsum[i] = row_dot(go + (size_t)i * C, y + (size_t)i * C, hs);  // THE ROW ORDER of vexp.c
                 memset(dq + (size_t)i * C3, 0, (size_t)hs * sizeof(float));
                 memset(dk + (size_t)i * C3, 0, (size_t)hs * sizeof(float));
                 memset(dv + (size_t)i * C3, 0, (size_t)hs * sizeof(float));

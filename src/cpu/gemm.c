@@ -302,6 +302,23 @@ static const GemmKernel *choose_kernel(int N) {
     return best;
 }
 
+// For a small product (gemm_small), the kernel with direct stores whose register blocks pad M x N the least, if it
+// pads less than `k` (the choice by N alone): attention's 32 x 32 score tiles are two whole 16 x 16 blocks of rows
+// for avx512n but two 12-row blocks and a partial one of 8 for avx512 (packed, computed in an accumulator buffer,
+// stored, a third of the product's time for 4 rows of nothing). Speed only: every kernel gives the same bits.
+static const GemmKernel *choose_small_kernel(const GemmKernel *k, int M, int N) {
+    if (forced_kernel) return k;
+    const GemmKernel *best = k;
+    long long best_area = (long long)MLM_CEIL_DIV(M, k->mr) * k->mr * MLM_CEIL_DIV(N, k->nr) * k->nr;
+    for (int i = 0; i < N_KERNELS; i++) {
+        const GemmKernel *c = &KERNELS[i];
+        if (!c->direct || !kernel_supported(c)) continue;
+        long long area = (long long)MLM_CEIL_DIV(M, c->mr) * c->mr * MLM_CEIL_DIV(N, c->nr) * c->nr;
+        if (area < best_area) best = c, best_area = area;
+    }
+    return best;
+}
+
 // ---- Packing.
 
 // Panels p0 <= p < p1 of op(B): panel p is op(B)[0:K, p*nr : p*nr + nr] as [K][nr], zero-padded past N.
@@ -581,7 +598,7 @@ static void gemm(int parallel, int trans_a, int trans_b, int M, int N, int K, fl
     int chunk_rows = (int)MLM_MIN((size_t)MLM_CEIL_DIV(M, mr), chunk_panels) * mr;
     int threads = parallel && (double)M * N * K >= MLM_PARALLEL_MIN_WORK ? omp_get_max_threads() : 1;
     if (threads == 1 && (double)M * N * K <= GEMM_SMALL_WORK) {
-        gemm_small(k, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, bias);
+        gemm_small(choose_small_kernel(k, M, N), trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, bias);
         return;
     }
 

@@ -129,7 +129,21 @@ void column_sums_accumulate(float *sums, const float *x, int N, int C);
 // AVX-512 where the CPU has it, else exp_shifted_scalar, the same algorithm one value at a time, with the same bits.
 void exp_shifted(float *y, const float *x, float shift, int n);
 void exp_shifted_scalar(float *y, const float *x, float shift, int n);
-// 1 when exp_shifted runs the AVX-512 path on this CPU.
+// y[n] = exp(x[n] - shift) as exp_shifted, then y[i] *= mult[i] when mult is not NULL (the dropout multipliers);
+// returns the sum of the exponentials (before mult) in THE ROW ORDER of vexp.c (16 lane sums, then a fixed tree).
+float exp_shifted_sum(float *y, const float *x, float shift, const float *mult, int n);
+float exp_shifted_sum_scalar(float *y, const float *x, float shift, const float *mult, int n);
+// The largest of x[n] that is not NaN (-inf for none); the same value in any order, up to the sign of a zero maximum,
+// which both paths choose alike (vexp.c's lane order).
+float row_max(const float *x, int n);
+float row_max_scalar(const float *x, int n);
+// sum of x[i] over n in THE ROW ORDER of vexp.c.
+float row_sum(const float *x, int n);
+float row_sum_scalar(const float *x, int n);
+// sum of a[i] b[i] over n, each product rounded, in THE ROW ORDER of vexp.c.
+float row_dot(const float *a, const float *b, int n);
+float row_dot_scalar(const float *a, const float *b, int n);
+// 1 when exp_shifted (and the row loops above) run the AVX-512 path on this CPU.
 int exp_shifted_vectorized(void);
 
 // ---- Multi-head attention core (attention.c) ---------------------------------------------------------
