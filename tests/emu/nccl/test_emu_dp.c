@@ -120,6 +120,50 @@ static void within_rounding(const char *a, const char *b, const char *what) {
     ckpt_free(&cb);
 }
 
+// Checkpoints hold FP32 masters and moments, so each precision continues the other's run on the device. The first
+// step after a switch masks the same batch from the same masters: its loss differs from the unswitched run's by the
+// BF16 roundings of one forward alone. Each of the ~12 roundings on a path to the loss (2 layers) moves a value by at
+// most 2^-9 of it, so a loss of ~4 moves by less than 12 x 2^-8 relative; equal losses mean the switch did not happen
+// (the copy was used in fp32, or no BF16 copy was made from the loaded masters).
+static void switch_step(const char *dir, char ref[][32], const char *what) {
+    char losses[STEPS][32];
+    memset(losses, 0, sizeof(losses));
+    int n = test_train_losses(dir, losses, STEPS);
+    CHECK(n == STEPS, "%s: %d step losses logged, not %d", what, n, STEPS);
+    if (n != STEPS) return;
+    double got = atof(losses[2]), want = atof(ref[2]);
+    CHECK(got != want && fabs(got - want) <= 12.0 / 256.0 * fabs(want) && isfinite(got),
+          "%s: step 3's loss %.6f against %.6f without the switch: equal (no switch) or further apart than BF16 "
+          "rounding explains", what, got, want);
+    printf("%s: step 3 loss %.6f (without the switch %.6f)\n", what, got, want);
+}
+
+static void crossload(const char *bf16_half) {
+    char straight[400], plain[400], bf16_ref[STEPS][32], fp32_ref[STEPS][32];
+    snprintf(straight, sizeof(straight), "%s/bf16-straight", tmpdir);
+    snprintf(plain, sizeof(plain), "%s/fp32-halves", tmpdir);
+    memset(bf16_ref, 0, sizeof(bf16_ref));
+    memset(fp32_ref, 0, sizeof(fp32_ref));
+    CHECK(test_train_losses(straight, bf16_ref, STEPS) == STEPS, "bf16-straight logged too few steps");
+    // bf16's step-2 checkpoint continued in fp32.
+    CHECK(test_run("%s train --resume %s-fp32 --set train.max_steps=%d --set train.precision=fp32 -q > %s-fp32.log "
+                   "2>&1", mlm_emu, bf16_half, STEPS, bf16_half) == 0,
+          "the bf16 checkpoint did not continue in fp32 on the device; see %s-fp32.log", bf16_half);
+    char path[420];
+    snprintf(path, sizeof(path), "%s-fp32", bf16_half);
+    switch_step(path, bf16_ref, "bf16 checkpoint continued in fp32 (device)");
+    // An fp32 run's step-2 checkpoint continued in bf16, against the fp32 run continued in fp32.
+    CHECK(test_run("%s train " SMALL " --set train.precision=fp32 --data %s --steps 2 --out %s > %s.log 2>&1 && "
+                   "cp -r %s %s-bf16 && %s train --resume %s --set train.max_steps=%d -q >> %s.log 2>&1 && "
+                   "%s train --resume %s-bf16 --set train.max_steps=%d --set train.precision=bf16 -q >> %s.log 2>&1",
+                   mlm_emu, slice, plain, plain, plain, plain, mlm_emu, plain, STEPS, plain, mlm_emu, plain, STEPS,
+                   plain) == 0,
+          "the fp32 checkpoint did not continue in bf16 on the device; see %s.log", plain);
+    CHECK(test_train_losses(plain, fp32_ref, STEPS) == STEPS, "fp32-halves logged too few steps");
+    snprintf(path, sizeof(path), "%s-bf16", plain);
+    switch_step(path, fp32_ref, "fp32 checkpoint continued in bf16 (device)");
+}
+
 int main(int argc, char **argv) {
     if (argc < 4) {
         fprintf(stderr, "usage: test_emu_dp MLM_EMU CORPUS MPIRUN\n");
@@ -163,10 +207,11 @@ int main(int argc, char **argv) {
     char halves[400];
     snprintf(halves, sizeof(halves), "%s/bf16-halves", tmpdir);
     CHECK(test_run("%s train " SMALL " --set train.precision=bf16 --data %s --steps 2 --out %s > %s.log 2>&1 && "
-                   "%s train --resume %s --set train.max_steps=%d -q >> %s.log 2>&1", mlm_emu, slice, halves, halves,
-                   mlm_emu, halves, STEPS, halves) == 0,
+                   "cp -r %s %s-fp32 && %s train --resume %s --set train.max_steps=%d -q >> %s.log 2>&1", mlm_emu,
+                   slice, halves, halves, halves, halves, mlm_emu, halves, STEPS, halves) == 0,
           "bf16: the run in two halves failed; see %s.log", halves);
     same_bits("bf16-straight", "bf16-halves", "bf16: resumed after step 2 vs the straight run");
+    crossload(halves);
 
     run(1, "plain", "");
     run(1, "nccl-one-rank", "--set train.nccl=true");
