@@ -33,6 +33,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <omp.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -251,14 +252,18 @@ static int kernel_supported_now(const GemmKernel *k) {
     return strcmp(k->name, "generic") == 0;
 }
 
-// Whether KERNELS[i] runs on this CPU, asked once (a benign race: every thread computes the same answers).
+// Whether KERNELS[i] runs on this CPU, asked once (pthread_once: a lazily filled static would be a data race between
+// the threads that multiply at the same time; the answers are looked up for every small product).
+static int kernel_support[N_KERNELS];
+static pthread_once_t kernel_support_once = PTHREAD_ONCE_INIT;
+
+static void find_kernel_support(void) {
+    for (int i = 0; i < N_KERNELS; i++) kernel_support[i] = kernel_supported_now(&KERNELS[i]);
+}
+
 static int kernel_supported(const GemmKernel *k) {
-    static int known, supported[N_KERNELS];
-    if (!known) {
-        for (int i = 0; i < N_KERNELS; i++) supported[i] = kernel_supported_now(&KERNELS[i]);
-        known = 1;
-    }
-    return supported[k - KERNELS];
+    pthread_once(&kernel_support_once, find_kernel_support);
+    return kernel_support[k - KERNELS];
 }
 
 // The kernel the tests or the bench forced (gemm_force_kernel), or NULL: choose per product.

@@ -133,9 +133,9 @@ __attribute__((target("avx512f"))) static float row_dot_avx512(const float *a, c
 
 static int use_avx512(void) {
 #ifdef VEXP_X86
-    static int chosen = -1;  // a benign race: every thread stores the same value
-    if (chosen < 0) chosen = __builtin_cpu_supports("avx512f");
-    return chosen;
+    // No lazily filled static (a data race between threads): __builtin_cpu_supports reads what the C runtime found
+    // before main.
+    return __builtin_cpu_supports("avx512f");
 #else
     return 0;
 #endif

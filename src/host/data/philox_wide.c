@@ -177,13 +177,12 @@ int philox_path_supported(PhiloxPath path) {
     return 0;
 }
 
+// Asked at every call rather than cached in a static (a lazily filled cache is a data race between threads):
+// __builtin_cpu_supports only reads what the C runtime found before main.
 static PhiloxPath best_path(void) {
-    static int chosen = -1;  // a benign race: every thread computes and stores the same value
-    if (chosen < 0)
-        chosen = philox_path_supported(PHILOX_PATH_AVX512) ? PHILOX_PATH_AVX512
-                 : philox_path_supported(PHILOX_PATH_AVX2) ? PHILOX_PATH_AVX2
-                                                           : PHILOX_PATH_PORTABLE;
-    return (PhiloxPath)chosen;
+    return philox_path_supported(PHILOX_PATH_AVX512) ? PHILOX_PATH_AVX512
+           : philox_path_supported(PHILOX_PATH_AVX2) ? PHILOX_PATH_AVX2
+                                                     : PHILOX_PATH_PORTABLE;
 }
 
 void philox_raw_path(PhiloxPath path, uint64_t seed, uint64_t offset, uint32_t *out, size_t n) {
