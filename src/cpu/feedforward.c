@@ -62,30 +62,25 @@ _Static_assert(KEEP_CHUNK % KEEP_WORD_BITS == 0, "a task of dropout_keep_mask mu
 
 static int keep_forced_isa = -1;  // a test's choice (dropout_simd_force), else -1: the CPU's best
 
+// Whether this CPU runs the code of `isa`: the question the wide Philox asks of the same instruction sets
+// (philox_path_supported: AVX2, AVX-512F, and whether the OS saves their registers), asked in one place.
+static int keep_isa_supported(int isa) {
+    return isa == DROPOUT_SIMD_AVX512 ? philox_path_supported(PHILOX_PATH_AVX512)
+           : isa == DROPOUT_SIMD_AVX2 ? philox_path_supported(PHILOX_PATH_AVX2)
+                                      : isa == DROPOUT_SIMD_PORTABLE;
+}
+
 int dropout_simd_force(int isa) {
-    if (isa < 0) {
-        keep_forced_isa = -1;
-        return 1;
-    }
-#ifdef KEEP_X86
-    if ((isa == DROPOUT_SIMD_AVX512 && !__builtin_cpu_supports("avx512f")) ||
-        (isa == DROPOUT_SIMD_AVX2 && !__builtin_cpu_supports("avx2")))
-        return 0;
-#else
-    if (isa != DROPOUT_SIMD_PORTABLE) return 0;
-#endif
-    keep_forced_isa = isa;
+    if (isa >= 0 && !keep_isa_supported(isa)) return 0;
+    keep_forced_isa = isa < 0 ? -1 : isa;
     return 1;
 }
 
-// __builtin_cpu_supports reads what the C runtime's start-up code found (no lazy state, so no race between threads).
 static int keep_isa(void) {
     if (keep_forced_isa >= 0) return keep_forced_isa;
-#ifdef KEEP_X86
-    if (__builtin_cpu_supports("avx512f")) return DROPOUT_SIMD_AVX512;
-    if (__builtin_cpu_supports("avx2")) return DROPOUT_SIMD_AVX2;
-#endif
-    return DROPOUT_SIMD_PORTABLE;
+    return keep_isa_supported(DROPOUT_SIMD_AVX512) ? DROPOUT_SIMD_AVX512
+           : keep_isa_supported(DROPOUT_SIMD_AVX2) ? DROPOUT_SIMD_AVX2
+                                                   : DROPOUT_SIMD_PORTABLE;
 }
 
 // One masked pass: its operands, and its code over mask words [w0, w1) of a mask of n elements (the vector code is
