@@ -36,6 +36,11 @@ void mlm_set_error(char *err, size_t errlen, const char *fmt, ...) MLM_PRINTF(3,
 void *mlm_malloc(size_t bytes, const char *what);
 void *mlm_calloc(size_t count, size_t size, const char *what);
 char *mlm_strdup(const char *s);
+// Zeroed, 64-byte aligned memory for the CPU model's big buffers (parameters, gradients, activations, matmul
+// workspaces); free() it. From 2 MiB up it is aligned to 2 MiB and marked for transparent huge pages
+// (madvise): the GEMM's row and panel walks over tens of megabytes otherwise miss the TLB every few rows, and
+// many kernels (Debian's, this project's VM) grant huge pages only where asked.
+void *mlm_calloc_large(size_t count, size_t size, const char *what);
 
 // Read a whole file into a NUL-terminated buffer. Returns NULL and sets errno on failure (EISDIR for a
 // directory, so that messages say what is wrong instead of "Input/output error").

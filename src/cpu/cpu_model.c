@@ -164,8 +164,8 @@ CpuModel *cpu_model_create(const ModelConfig *cfg, int max_B) {
     m->cfg = *cfg;
     m->max_B = max_B;
     m->n_params = model_num_params(cfg);
-    m->params = mlm_calloc(m->n_params, sizeof(float), "parameters");
-    m->grads = mlm_calloc(m->n_params, sizeof(float), "gradients");
+    m->params = mlm_calloc_large(m->n_params, sizeof(float), "parameters");
+    m->grads = mlm_calloc_large(m->n_params, sizeof(float), "gradients");
     model_param_views(cfg, m->params, &m->p);
     model_param_views(cfg, m->grads, &m->g);
 
@@ -174,7 +174,7 @@ CpuModel *cpu_model_create(const ModelConfig *cfg, int max_B) {
     Carver count = {NULL, 0};
     carve_acts(a, cfg, max_B, &count);
     // calloc: the masks and scratch start defined, which keeps sanitizers and valgrind quiet.
-    m->acts = mlm_calloc(count.used, sizeof(float), "activations");
+    m->acts = mlm_calloc_large(count.used, sizeof(float), "activations");
     m->n_acts = count.used;
     Carver cv = {m->acts, 0};
     carve_acts(a, cfg, max_B, &cv);

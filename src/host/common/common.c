@@ -1,4 +1,5 @@
 // common.c: fatal errors, warnings, checked allocation, whole-file reads and the wall clock.
+#define _DEFAULT_SOURCE  // madvise, posix_memalign
 #include "mlm/common.h"
 
 #include <errno.h>
@@ -7,6 +8,7 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -53,6 +55,26 @@ void *mlm_calloc(size_t count, size_t size, const char *what) {
     if (!p)
         mlm_fatal(MLM_EXIT_FAILURE, "out of host memory allocating %zu x %zu bytes for %s; reduce "
                   "train.batch_size, data.seq_len or the model size", count, size, what);
+    return p;
+}
+
+void *mlm_calloc_large(size_t count, size_t size, const char *what) {
+    const size_t huge = (size_t)2 << 20;
+    if (size != 0 && count > SIZE_MAX / size)
+        mlm_fatal(MLM_EXIT_FAILURE, "%zu x %zu bytes for %s do not fit in memory; reduce train.batch_size, "
+                  "data.seq_len or the model size", count, size, what);
+    size_t bytes = count * size;
+    if (bytes == 0) bytes = 1;
+    size_t align = bytes >= huge ? huge : 64;
+    bytes = (bytes + align - 1) / align * align;  // whole pages for madvise, whole lines for vector loads
+    void *p = NULL;
+    if (posix_memalign(&p, align, bytes) != 0)
+        mlm_fatal(MLM_EXIT_FAILURE, "out of host memory allocating %zu bytes for %s; reduce train.batch_size, "
+                  "data.seq_len or the model size", bytes, what);
+#ifdef MADV_HUGEPAGE
+    if (align == huge) (void)madvise(p, bytes, MADV_HUGEPAGE);  // a hint: without huge pages it still works
+#endif
+    memset(p, 0, bytes);
     return p;
 }
 

@@ -170,7 +170,7 @@ Backend *backend_cpu(const BackendConfig *cfg) {
     if (cfg->moments_lo + cfg->moments_len > P)
         mlm_fatal(MLM_EXIT_FAILURE, "backend_cpu: moments %zu..%zu of %zu parameters", cfg->moments_lo,
                   cfg->moments_lo + cfg->moments_len, P);
-    c->adam_m = mlm_calloc(2 * MLM_MAX(cfg->moments_len, (size_t)1), sizeof(float), "Adam moments");
+    c->adam_m = mlm_calloc_large(2 * MLM_MAX(cfg->moments_len, (size_t)1), sizeof(float), "Adam moments");
     c->adam_v = c->adam_m + MLM_MAX(cfg->moments_len, (size_t)1);
     c->decay_mask = mlm_malloc(P, "weight-decay mask");
     model_decay_mask(&cfg->mc, c->decay_mask);
