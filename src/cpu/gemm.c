@@ -67,6 +67,9 @@ typedef void StridedKernel(int kc, const float *a, ptrdiff_t rs_a, ptrdiff_t cs_
 typedef void DirectKernel(int kc, const float *a, ptrdiff_t rs_a, ptrdiff_t cs_a, const float *b, ptrdiff_t rs_b,
                           float *C, ptrdiff_t ldc, float alpha, float beta, const float *bias);
 
+// dst[k * ldd + j] = src[j * lds + k] for j, k < 16: a 16 x 16 block of op(B) = B^T, for packing (a copy).
+typedef void Transpose16(const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd);
+
 typedef struct {
     const char *name;
     int mr, nr;             // register block
@@ -74,6 +77,7 @@ typedef struct {
     MicroKernel *kernel;
     StridedKernel *strided;
     DirectKernel *direct;   // NULL: the kernel has none (AVX2, portable C)
+    Transpose16 *transpose16;  // NULL: op(B) = B^T is packed element by element
 } GemmKernel;
 
 // Each kernel's body is written once, over strided operands, and instantiated twice: with the packed layout's
@@ -181,7 +185,11 @@ __attribute__((target("avx512f"))) static void avx512_direct(int kc, const float
                                                              ptrdiff_t ldc, float alpha, float beta,
                                                              const float *bias) {
     __m512 c[AVX512_MR][2];
-    for (int i = 0; i < AVX512_MR; i++) c[i][0] = c[i][1] = _mm512_setzero_ps();
+    for (int i = 0; i < AVX512_MR; i++) {  // C's lines asked for now, written at the end (see prefetch_c)
+        c[i][0] = c[i][1] = _mm512_setzero_ps();
+        __builtin_prefetch(C + i * ldc, 1, 3);
+        __builtin_prefetch(C + i * ldc + 16, 1, 3);
+    }
     avx512_updates(kc, a, rs_a, cs_a, b, rs_b, c);
     for (int i = 0; i < AVX512_MR; i++)
         for (int j = 0; j < 2; j++) {
@@ -222,9 +230,41 @@ __attribute__((target("avx512f"))) static void avx512n_direct(int kc, const floa
                                                               ptrdiff_t ldc, float alpha, float beta,
                                                               const float *bias) {
     __m512 c[AVX512N_MR];
-    for (int i = 0; i < AVX512N_MR; i++) c[i] = _mm512_setzero_ps();
+    for (int i = 0; i < AVX512N_MR; i++) {  // as in avx512_direct
+        c[i] = _mm512_setzero_ps();
+        __builtin_prefetch(C + i * ldc, 1, 3);
+    }
     avx512n_updates(kc, a, rs_a, cs_a, b, rs_b, c);
     for (int i = 0; i < AVX512N_MR; i++) _mm512_storeu_ps(C + i * ldc, epilogue16(c[i], C + i * ldc, alpha, beta, bias));
+}
+
+// The 16 x 16 transpose in registers (rows in, columns out): pairs of rows interleaved as floats, then as float
+// pairs, then 128-bit lanes twice.
+__attribute__((target("avx512f"))) static void avx512_transpose16(const float *src, ptrdiff_t lds, float *dst,
+                                                                  ptrdiff_t ldd) {
+    __m512 r[16], t[16];
+    for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(src + i * lds);
+    for (int i = 0; i < 16; i += 2) {  // t[i] = r[i][0] r[i+1][0] r[i][1] r[i+1][1] per 128-bit lane
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {  // r[i + c] = rows i..i+3 of column c (+4, +8, +12 in the other lanes)
+        __m512d a0 = _mm512_castps_pd(t[i]), a1 = _mm512_castps_pd(t[i + 1]);
+        __m512d a2 = _mm512_castps_pd(t[i + 2]), a3 = _mm512_castps_pd(t[i + 3]);
+        r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a0, a2));
+        r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a0, a2));
+        r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, a3));
+        r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, a3));
+    }
+    for (int h = 0; h < 16; h += 8)  // t[h + c]: rows h..h+7 of columns c, c + 8; t[h + 4 + c]: of c + 4, c + 12
+        for (int c = 0; c < 4; c++) {
+            t[h + c] = _mm512_shuffle_f32x4(r[h + c], r[h + 4 + c], 0x88);
+            t[h + 4 + c] = _mm512_shuffle_f32x4(r[h + c], r[h + 4 + c], 0xdd);
+        }
+    for (int c = 0; c < 8; c++) {  // column c, and column c + 8
+        _mm512_storeu_ps(dst + c * ldd, _mm512_shuffle_f32x4(t[c], t[8 + c], 0x88));
+        _mm512_storeu_ps(dst + (c + 8) * ldd, _mm512_shuffle_f32x4(t[c], t[8 + c], 0xdd));
+    }
 }
 #endif
 
@@ -233,12 +273,12 @@ __attribute__((target("avx512f"))) static void avx512n_direct(int kc, const floa
 static const GemmKernel KERNELS[] = {
 #ifdef GEMM_X86
     {"avx512", AVX512_MR, AVX512_NR, 8 * AVX512_MR, 8 * AVX512_NR, avx512_body_packed, avx512_body_strided,
-     avx512_direct},
+     avx512_direct, avx512_transpose16},
     {"avx512n", AVX512N_MR, AVX512N_NR, 6 * AVX512N_MR, 8 * AVX512N_NR, avx512n_body_packed, avx512n_body_strided,
-     avx512n_direct},
-    {"avx2", AVX2_MR, AVX2_NR, 16 * AVX2_MR, 8 * AVX2_NR, avx2_body_packed, avx2_body_strided, NULL},
+     avx512n_direct, avx512_transpose16},
+    {"avx2", AVX2_MR, AVX2_NR, 16 * AVX2_MR, 8 * AVX2_NR, avx2_body_packed, avx2_body_strided, NULL, NULL},
 #endif
-    {"generic", GEN_MR, GEN_NR, 16 * GEN_MR, 4 * GEN_NR, generic_body_packed, generic_body_strided, NULL},
+    {"generic", GEN_MR, GEN_NR, 16 * GEN_MR, 4 * GEN_NR, generic_body_packed, generic_body_strided, NULL, NULL},
 };
 enum { N_KERNELS = sizeof(KERNELS) / sizeof(KERNELS[0]) };
 
@@ -327,27 +367,42 @@ static const GemmKernel *choose_small_kernel(const GemmKernel *k, int M, int N) 
 // ---- Packing.
 
 // Panels p0 <= p < p1 of op(B): panel p is op(B)[0:K, p*nr : p*nr + nr] as [K][nr], zero-padded past N.
-static void pack_b(float *bp, const float *B, int ldb, int trans_b, int K, int N, int nr, int p0, int p1) {
+static void pack_b(const GemmKernel *kern, float *bp, const float *B, int ldb, int trans_b, int K, int N, int p0,
+                   int p1) {
+    int nr = kern->nr;
+    if (!trans_b) {
+        // Row k of B feeds row k of every panel: k outer reads B once, row by row (a fresh activation comes
+        // from memory; panel by panel, each panel's pass would fetch every row's lines again).
+        for (int k = 0; k < K; k++) {
+            const float *src = B + (size_t)k * ldb;
+            for (int p = p0; p < p1; p++) {
+                float *d = bp + (size_t)p * K * nr + (size_t)k * nr;
+                int j0 = p * nr, nb = MLM_MIN(nr, N - j0);
+                for (int j = 0; j < nb; j++) d[j] = src[j0 + j];  // a loop, not memcpy: rows are short
+                for (int j = nb; j < nr; j++) d[j] = 0.0f;
+            }
+        }
+        return;
+    }
     for (int p = p0; p < p1; p++) {
         float *dst = bp + (size_t)p * K * nr;
-        int j0 = p * nr, nb = MLM_MIN(nr, N - j0);
-        if (!trans_b) {
-            for (int k = 0; k < K; k++) {
-                const float *src = B + (size_t)k * ldb + j0;
-                float *d = dst + (size_t)k * nr;
-                for (int j = 0; j < nb; j++) d[j] = src[j];  // a loop, not memcpy: rows are short
-                for (int j = nb; j < nr; j++) d[j] = 0.0f;
-            }
-        } else {
-            // op(B)[k][j] = B[j][k]: the panel's rows written whole, each gathered from nb rows of B (a cache
-            // line of each serves 16 k); writing the panel column by column instead stored every float to a new
-            // line and cost more than the arithmetic of the small products.
-            for (int k = 0; k < K; k++) {
-                float *d = dst + (size_t)k * nr;
-                const float *src = B + (size_t)j0 * ldb + k;
-                for (int j = 0; j < nb; j++) d[j] = src[(size_t)j * ldb];
-                for (int j = nb; j < nr; j++) d[j] = 0.0f;
-            }
+        int j0 = p * nr, nb = MLM_MIN(nr, N - j0), k_done = 0;
+        // op(B)[k][j] = B[j][k]: whole 16 x 16 blocks transposed in registers where the kernel has it (the
+        // panel's columns in 16s, K in 16s); the rest gathered row by row below.
+        if (kern->transpose16 != NULL && nb == nr && nr % 16 == 0) {
+            k_done = K / 16 * 16;
+            for (int k = 0; k < k_done; k += 16)
+                for (int j = 0; j < nr; j += 16)
+                    kern->transpose16(B + (size_t)(j0 + j) * ldb + k, ldb, dst + (size_t)k * nr + j, nr);
+        }
+        // The panel's rows written whole, each gathered from nb rows of B (a cache line of each serves 16 k);
+        // writing the panel column by column instead stored every float to a new line and cost more than the
+        // arithmetic of the small products.
+        for (int k = k_done; k < K; k++) {
+            float *d = dst + (size_t)k * nr;
+            const float *src = B + (size_t)j0 * ldb + k;
+            for (int j = 0; j < nb; j++) d[j] = src[(size_t)j * ldb];
+            for (int j = nb; j < nr; j++) d[j] = 0.0f;
         }
     }
 }
@@ -355,25 +410,29 @@ static void pack_b(float *bp, const float *B, int ldb, int trans_b, int K, int N
 // Panels p0 <= p < p1 of op(A) rows [i0, i0 + rows): panel p is op(A)[i0 + p*mr : +mr, 0:K] as [K][mr],
 // zero-padded past the last row.
 static void pack_a(float *ap, const float *A, int lda, int trans_a, int K, int i0, int rows, int mr, int p0, int p1) {
+    if (trans_a) {
+        // op(A)[i][k] = A[k][i]: row k of A holds every panel's k-th values, so k outer reads A once, row by
+        // row (see pack_b).
+        for (int k = 0; k < K; k++) {
+            const float *src = A + (size_t)k * lda + i0;
+            for (int p = p0; p < p1; p++) {
+                float *d = ap + (size_t)p * K * mr + (size_t)k * mr;
+                int mb = MLM_MIN(mr, rows - p * mr);
+                for (int i = 0; i < mb; i++) d[i] = src[p * mr + i];
+                for (int i = mb; i < mr; i++) d[i] = 0.0f;
+            }
+        }
+        return;
+    }
     for (int p = p0; p < p1; p++) {
         float *dst = ap + (size_t)p * K * mr;
         int r0 = i0 + p * mr, mb = MLM_MIN(mr, i0 + rows - r0);
-        if (trans_a) {
-            // op(A)[i][k] = A[k][i]: each k's mr values are contiguous in A's row k.
-            for (int k = 0; k < K; k++) {
-                const float *src = A + (size_t)k * lda + r0;
-                float *d = dst + (size_t)k * mr;
-                for (int i = 0; i < mb; i++) d[i] = src[i];
-                for (int i = mb; i < mr; i++) d[i] = 0.0f;
-            }
-        } else {
-            for (int i = 0; i < mr; i++) {
-                if (i < mb) {
-                    const float *src = A + (size_t)(r0 + i) * lda;
-                    for (int k = 0; k < K; k++) dst[(size_t)k * mr + i] = src[k];
-                } else {
-                    for (int k = 0; k < K; k++) dst[(size_t)k * mr + i] = 0.0f;
-                }
+        for (int i = 0; i < mr; i++) {
+            if (i < mb) {
+                const float *src = A + (size_t)(r0 + i) * lda;
+                for (int k = 0; k < K; k++) dst[(size_t)k * mr + i] = src[k];
+            } else {
+                for (int k = 0; k < K; k++) dst[(size_t)k * mr + i] = 0.0f;
             }
         }
     }
@@ -414,9 +473,7 @@ typedef struct {
 static float *buffer_get(Buffer *b, size_t n, const char *what) {
     if (n > b->cap) {
         free(b->ptr);
-        size_t bytes = ((n * sizeof(float) + 63) / 64) * 64;
-        b->ptr = aligned_alloc(64, bytes);
-        if (b->ptr == NULL) mlm_fatal(1, "out of memory: %zu bytes for the matmul's %s", bytes, what);
+        b->ptr = mlm_calloc_large(n, sizeof(float), what);
         b->cap = n;
     }
     return b->ptr;
@@ -441,6 +498,14 @@ typedef struct {
     const float *bp;   // packed op(B): panels [N / nr][K][nr]
     int tile_rows, tile_cols;  // mc x nc of this product (multiples of mr x nr)
 } Product;
+
+// Asks for the lines of C[m][n] (ld ldc) that the store will write, for writing, before the micro-kernel runs:
+// C is usually a fresh activation, not in any cache, and its lines would otherwise arrive only when the store
+// needs them.
+static inline void prefetch_c(float *C, int ldc, int m, int n) {
+    for (int i = 0; i < m; i++)
+        for (int j = 0; j < n; j += 16) __builtin_prefetch(C + (size_t)i * ldc + j, 1, 3);
+}
 
 // One tile: rows [row0 + ti * tile_rows, ...) x columns [tj * tile_cols, ...), all of K.
 static void run_tile(const Product *p, int ti, int tj, float *acc) {
@@ -467,6 +532,9 @@ static void run_tile(const Product *p, int ti, int tj, float *acc) {
                 // This micro-tile's accumulators in the tile's buffer (they persist between K blocks).
                 float *t = acc + ((size_t)((i - i_begin) / mr) * tile_panels_j + (j - j_begin) / nr) * mr * nr;
                 if (k0 == 0) memset(t, 0, sizeof(float) * (size_t)mr * nr);  // +0 (K == 0: C = beta * C)
+                if (last)
+                    prefetch_c(p->C + (size_t)(p->row0 + i) * p->ldc + j, p->ldc, MLM_MIN(mr, i_end - i),
+                               MLM_MIN(nr, j_end - j));
                 if (kc > 0 && p->a_in_place && i + mr <= p->rows) {
                     k->strided(kc, p->A + (size_t)(p->row0 + i) * p->lda + k0, p->lda, 1, b, nr, t);
                 } else if (kc > 0) {
@@ -505,6 +573,14 @@ static void choose_tiles(Product *p, int threads) {
     p->tile_cols = nc;
 }
 
+// This thread's share [*q0, *q1) of n panels inside a parallel region: contiguous, so that the packing loops
+// read each source row once per thread.
+static void thread_share(int n, int *q0, int *q1) {
+    int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    *q0 = (int)((long)n * t / nt);
+    *q1 = (int)((long)n * (t + 1) / nt);
+}
+
 // Packs the operands and runs the tiles: the body of the parallel region (parallel: every thread of the team
 // calls it, and the loops are shared out), or the whole product on the calling thread (matmul_serial, often
 // inside another parallel region, where a worksharing loop would bind to that region's team).
@@ -514,10 +590,12 @@ static void gemm_body(const Product *p, const float *A, int lda, int trans_a, co
     float *bp = (float *)p->bp, *ap = (float *)p->ap;
     int panels_b = MLM_CEIL_DIV(p->N, k->nr);
     if (parallel) {
-#pragma omp for schedule(static)
-        for (int q = 0; q < panels_b; q++) pack_b(bp, B, ldb, trans_b, p->K, p->N, k->nr, q, q + 1);
+        int q0, q1;
+        thread_share(panels_b, &q0, &q1);
+        pack_b(k, bp, B, ldb, trans_b, p->K, p->N, q0, q1);
+#pragma omp barrier
     } else {
-        pack_b(bp, B, ldb, trans_b, p->K, p->N, k->nr, 0, panels_b);
+        pack_b(k, bp, B, ldb, trans_b, p->K, p->N, 0, panels_b);
     }
     for (int row0 = 0; row0 < p->M; row0 += chunk_rows) {
         Product chunk = *p;  // this chunk's rows (the tiling was chosen for a whole chunk)
@@ -538,8 +616,10 @@ static void gemm_body(const Product *p, const float *A, int lda, int trans_a, co
                 }
             }
         } else if (parallel) {
-#pragma omp for schedule(static)
-            for (int q = 0; q < panels_a; q++) pack_a(ap, A, lda, trans_a, p->K, row0, chunk.rows, k->mr, q, q + 1);
+            int q0, q1;
+            thread_share(panels_a, &q0, &q1);
+            pack_a(ap, A, lda, trans_a, p->K, row0, chunk.rows, k->mr, q0, q1);
+#pragma omp barrier
         } else {
             pack_a(ap, A, lda, trans_a, p->K, row0, chunk.rows, k->mr, 0, panels_a);
         }
@@ -562,15 +642,15 @@ static void gemm_small(const GemmKernel *k, int trans_a, int trans_b, int M, int
                        const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc,
                        const float *bias) {
     int mr = k->mr, nr = k->nr;
-    float *bp = buffer_get(&ws_b, (size_t)MLM_MAX(K, 1) * nr, "packed B");
-    float *ap = buffer_get(&ws_a, (size_t)MLM_MAX(K, 1) * mr, "packed A");
-    float *acc = buffer_get(&ws_acc, (size_t)mr * nr, "accumulators");
+    float *bp = buffer_get(&ws_b, (size_t)MLM_MAX(K, 1) * nr, "the matmul's packed B");
+    float *ap = buffer_get(&ws_a, (size_t)MLM_MAX(K, 1) * mr, "the matmul's packed A");
+    float *acc = buffer_get(&ws_acc, (size_t)mr * nr, "the matmul's accumulators");
     ptrdiff_t rs_a = trans_a ? 1 : lda, cs_a = trans_a ? lda : 1;
     for (int j = 0; j < N; j += nr) {
         const float *b = B + j;
         ptrdiff_t rs_b = ldb;
         if (trans_b || j + nr > N) {
-            pack_b(bp, B + (trans_b ? (size_t)j * ldb : (size_t)j), ldb, trans_b, K, N - j, nr, 0, 1);
+            pack_b(k, bp, B + (trans_b ? (size_t)j * ldb : (size_t)j), ldb, trans_b, K, N - j, 0, 1);
             b = bp, rs_b = nr;
         }
         for (int i = 0; i < M; i += mr) {
@@ -614,10 +694,10 @@ static void gemm(int parallel, int trans_a, int trans_b, int M, int N, int K, fl
     int a_in_place = !trans_a;
     Product p = {k, M, N, K, alpha, beta, C, ldc, NULL, 0, MLM_MIN(chunk_rows, M), A, lda, a_in_place, bias, NULL, 0, 0};
     choose_tiles(&p, threads);
-    p.bp = buffer_get(&ws_b, (size_t)MLM_CEIL_DIV(N, nr) * MLM_MAX(K, 1) * nr, "packed B");
-    p.ap = buffer_get(&ws_a, (a_in_place ? (size_t)mr : (size_t)chunk_rows) * MLM_MAX(K, 1), "packed A");
+    p.bp = buffer_get(&ws_b, (size_t)MLM_CEIL_DIV(N, nr) * MLM_MAX(K, 1) * nr, "the matmul's packed B");
+    p.ap = buffer_get(&ws_a, (a_in_place ? (size_t)mr : (size_t)chunk_rows) * MLM_MAX(K, 1), "the matmul's packed A");
     size_t acc_per_thread = (size_t)p.tile_rows * p.tile_cols;
-    float *acc = buffer_get(&ws_acc, acc_per_thread * threads, "accumulators");
+    float *acc = buffer_get(&ws_acc, acc_per_thread * threads, "the matmul's accumulators");
     if (threads > 1) {
 #pragma omp parallel num_threads(threads)
         gemm_body(&p, A, lda, trans_a, B, ldb, trans_b, chunk_rows, acc + acc_per_thread * omp_get_thread_num(), 1);
