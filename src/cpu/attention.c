@@ -104,6 +104,17 @@ static AttnHead attn_head(const float *qkv, const uint8_t *key_valid, const Attn
                       sequence_key_mask(key_valid, b, T), drop};
 }
 
+// Asks for rows [T][hs] (row stride `stride`) into L2, for reading or writing (rw): the next head's slices while
+// this head computes. A head reads one cache line or two of each row (hs floats of a 3C-float row): too few per
+// row for the hardware prefetcher to learn the stride, so each head otherwise waits for its rows from L3 or memory.
+static void prefetch_rows(const float *x, int T, size_t stride, int hs, int rw) {
+    for (int i = 0; i < T; i++)
+        for (int d = 0; d < hs; d += 16) {
+            if (rw) __builtin_prefetch(x + (size_t)i * stride + d, 1, 2);
+            else __builtin_prefetch(x + (size_t)i * stride + d, 0, 2);
+        }
+}
+
 // s[br, ATTN_TILE] = (Q[i0..] K[j0..]^T) * scale over a br x bc tile, -inf at [PAD] keys (exp gives them 0).
 static void tile_scores(float *s, const AttnHead *a, int i0, int br, int j0, int bc) {
     matmul_serial(0, 1, br, bc, a->hs, a->scale, a->q + (size_t)i0 * a->C3, a->C3, a->k + (size_t)j0 * a->C3, a->C3,
@@ -180,6 +191,10 @@ void attention_forward(float *out, float *lse, const float *qkv, const uint8_t *
 #pragma omp for schedule(static)
         for (int bh = 0; bh < B * H; bh++) {
             AttnHead a = attn_head(qkv, key_valid, drop, bh, T, C, H);
+            if (bh + 1 < B * H) {  // the next head's q, k, v (this thread's next, unless its share ends here)
+                AttnHead next = attn_head(qkv, key_valid, drop, bh + 1, T, C, H);
+                for (int x = 0; x < 3; x++) prefetch_rows(next.q + (size_t)x * C, T, (size_t)3 * C, hs, 0);
+            }
             float *y = out + (size_t)a.b * T * C + (size_t)(bh % H) * hs;  // [T, hs], row stride C
             for (int i0 = 0; i0 < T; i0 += ATTN_TILE)
                 forward_query_tile(y, lse + (size_t)bh * T, &a, i0, MLM_MIN(ATTN_TILE, T - i0), s, z, o, m, l);
@@ -246,6 +261,17 @@ void attention_backward(float *dqkv, const float *dout, const float *qkv, const 
             float *dq = dqkv + (size_t)a.b * T * C3 + col, *dk = dq + C, *dv = dq + 2 * C;  // this task's slices
             const float *go = dout + (size_t)a.b * T * C + col, *y = out + (size_t)a.b * T * C + col;  // [T, hs]
             const float *lse_h = lse + (size_t)bh * T;
+            if (bh + 1 < B * H) {  // the next head's slices (see attention_forward)
+                AttnHead next = attn_head(qkv, key_valid, drop, bh + 1, T, C, H);
+                size_t at = (size_t)next.b * T * C3 + (size_t)((bh + 1) % H) * hs;
+                for (int x = 0; x < 3; x++) {
+                    prefetch_rows(qkv + at + (size_t)x * C, T, C3, hs, 0);
+                    prefetch_rows(dqkv + at + (size_t)x * C, T, C3, hs, 1);
+                }
+                size_t at_out = (size_t)next.b * T * C + (size_t)((bh + 1) % H) * hs;
+                prefetch_rows(dout + at_out, T, C, hs, 0);
+                prefetch_rows(out + at_out, T, C, hs, 0);
+            }
             for (int i = 0; i < T; i++) {
                 dsum[i] = row_dot(go + (size_t)i * C, y + (size_t)i * C, hs);  // THE ROW ORDER of vexp.c
                 memset(dq + (size_t)i * C3, 0, (size_t)hs * sizeof(float));
