@@ -146,12 +146,23 @@ static inline __attribute__((always_inline, target("avx512f"))) void avx512_upda
                                                                                      ptrdiff_t rs_a, ptrdiff_t cs_a,
                                                                                      const float *b, ptrdiff_t rs_b,
                                                                                      __m512 c[AVX512_MR][2]) {
-    for (int k = 0; k < kc; k++, a += cs_a, b += rs_b) {
+    // Row i's value at a4[i / 4][(i % 4) * rs_a]: three row pointers and the offsets rs, 2 rs, 3 rs, which x86
+    // addressing forms from two registers. Offsets i * rs_a for twelve rows took more general registers than
+    // there are, and GCC kept them in vector registers and on the stack, moved back for every load.
+    const float *a4[AVX512_MR / 4];
+    for (int g = 0; g < AVX512_MR / 4; g++) a4[g] = a + 4 * g * rs_a;
+    ptrdiff_t rs3 = 3 * rs_a;
+    for (int k = 0; k < kc; k++, b += rs_b) {
         __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
-        for (int i = 0; i < AVX512_MR; i++) {
-            __m512 ai = _mm512_set1_ps(a[i * rs_a]);
-            c[i][0] = _mm512_fmadd_ps(ai, b0, c[i][0]);
-            c[i][1] = _mm512_fmadd_ps(ai, b1, c[i][1]);
+        for (int g = 0; g < AVX512_MR / 4; g++) {
+            const float *r = a4[g];
+            const ptrdiff_t off[4] = {0, rs_a, 2 * rs_a, rs3};
+            for (int i = 0; i < 4; i++) {  // one broadcast live at a time: 24 + 2 + 1 of the 32 zmm registers
+                __m512 x = _mm512_set1_ps(r[off[i]]);
+                c[4 * g + i][0] = _mm512_fmadd_ps(x, b0, c[4 * g + i][0]);
+                c[4 * g + i][1] = _mm512_fmadd_ps(x, b1, c[4 * g + i][1]);
+            }
+            a4[g] += cs_a;
         }
     }
 }
@@ -208,9 +219,19 @@ static inline __attribute__((always_inline, target("avx512f"))) void avx512n_upd
                                                                                       ptrdiff_t rs_a, ptrdiff_t cs_a,
                                                                                       const float *b, ptrdiff_t rs_b,
                                                                                       __m512 c[AVX512N_MR]) {
-    for (int k = 0; k < kc; k++, a += cs_a, b += rs_b) {
+    const float *a4[AVX512N_MR / 4];  // four row pointers, as in avx512_updates
+    for (int g = 0; g < AVX512N_MR / 4; g++) a4[g] = a + 4 * g * rs_a;
+    ptrdiff_t rs3 = 3 * rs_a;
+    for (int k = 0; k < kc; k++, b += rs_b) {
         __m512 b0 = _mm512_loadu_ps(b);
-        for (int i = 0; i < AVX512N_MR; i++) c[i] = _mm512_fmadd_ps(_mm512_set1_ps(a[i * rs_a]), b0, c[i]);
+        for (int g = 0; g < AVX512N_MR / 4; g++) {
+            const float *r = a4[g];
+            c[4 * g] = _mm512_fmadd_ps(_mm512_set1_ps(r[0]), b0, c[4 * g]);
+            c[4 * g + 1] = _mm512_fmadd_ps(_mm512_set1_ps(r[rs_a]), b0, c[4 * g + 1]);
+            c[4 * g + 2] = _mm512_fmadd_ps(_mm512_set1_ps(r[2 * rs_a]), b0, c[4 * g + 2]);
+            c[4 * g + 3] = _mm512_fmadd_ps(_mm512_set1_ps(r[rs3]), b0, c[4 * g + 3]);
+            a4[g] += cs_a;
+        }
     }
 }
 
