@@ -47,6 +47,7 @@ HEADER_HOME = {
     "include/mlm/input_files.h": "src/host/data",
     "include/mlm/text_pieces.h": "src/host/data",
     "src/mask_rule.h": "src/host/data",   # the masking rule, shared by mask.c and the mask kernel
+    "src/cpu_isa.h": "src/host/common",  # whether this CPU and OS run AVX2 / AVX-512 code: the GEMM, vexp.c, the wide Philox
     "src/keep_bits.h": "src/host/common",  # the packed dropout keep mask, shared by the CPU dropout and the kernels
     "src/philox_cpu.h": "src/host/data",  # cuRAND's Philox on the CPU, shared by rng.c, the CPU dropout and the kernels
     "include/mlm/model.h": "src/host/model",

@@ -39,6 +39,7 @@
 #include <string.h>
 
 #include "cpu/ops.h"
+#include "cpu_isa.h"
 #include "mlm/common.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -304,12 +305,8 @@ static const GemmKernel KERNELS[] = {
 enum { N_KERNELS = sizeof(KERNELS) / sizeof(KERNELS[0]) };
 
 static int kernel_supported_now(const GemmKernel *k) {
-#ifdef GEMM_X86
-    // __builtin_cpu_supports also checks that the OS saves the vector state (XCR0), so a CPU with AVX-512
-    // under an OS or hypervisor that disables it is not sent to the AVX-512 kernel.
-    if (strncmp(k->name, "avx512", 6) == 0) return __builtin_cpu_supports("avx512f");
-    if (strcmp(k->name, "avx2") == 0) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#endif
+    if (strncmp(k->name, "avx512", 6) == 0) return cpu_isa_supported(CPU_ISA_AVX512F);
+    if (strcmp(k->name, "avx2") == 0) return cpu_isa_supported(CPU_ISA_AVX2_FMA);
     return strcmp(k->name, "generic") == 0;
 }
 

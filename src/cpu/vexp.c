@@ -33,6 +33,7 @@
 #include <stddef.h>
 
 #include "cpu/ops.h"
+#include "cpu_isa.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #define VEXP_X86 1
@@ -131,15 +132,7 @@ __attribute__((target("avx512f"))) static float row_dot_avx512(const float *a, c
 }
 #endif
 
-static int use_avx512(void) {
-#ifdef VEXP_X86
-    // No lazily filled static (a data race between threads): __builtin_cpu_supports reads what the C runtime found
-    // before main.
-    return __builtin_cpu_supports("avx512f");
-#else
-    return 0;
-#endif
-}
+static int use_avx512(void) { return cpu_isa_supported(CPU_ISA_AVX512F); }
 
 // The algorithm one value at a time, each operation as its vector twin rounds it (no contraction in ISO C; the
 // FMAs are fmaf's).

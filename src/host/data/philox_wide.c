@@ -10,6 +10,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "cpu_isa.h"
 #include "philox_cpu.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -165,20 +166,13 @@ int philox_path_supported(PhiloxPath path) {
     switch (path) {
     case PHILOX_PATH_AUTO:
     case PHILOX_PATH_PORTABLE: return 1;
-#ifdef PHILOX_X86
-    // __builtin_cpu_supports also checks that the OS saves the vector registers (as gemm.c's dispatch).
-    case PHILOX_PATH_AVX2: return __builtin_cpu_supports("avx2");
-    case PHILOX_PATH_AVX512: return __builtin_cpu_supports("avx512f");
-#else
-    case PHILOX_PATH_AVX2:
-    case PHILOX_PATH_AVX512: return 0;
-#endif
+    case PHILOX_PATH_AVX2: return cpu_isa_supported(CPU_ISA_AVX2);
+    case PHILOX_PATH_AVX512: return cpu_isa_supported(CPU_ISA_AVX512F);
     }
     return 0;
 }
 
-// Asked at every call rather than cached in a static (a lazily filled cache is a data race between threads):
-// __builtin_cpu_supports only reads what the C runtime found before main.
+// Asked at every call (cpu_isa_supported reads what the C runtime found before main; nothing is cached).
 static PhiloxPath best_path(void) {
     return philox_path_supported(PHILOX_PATH_AVX512) ? PHILOX_PATH_AVX512
            : philox_path_supported(PHILOX_PATH_AVX2) ? PHILOX_PATH_AVX2
