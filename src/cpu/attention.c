@@ -96,10 +96,16 @@ static const uint8_t *sequence_key_mask(const uint8_t *key_valid, int b, int T) 
     return any && !all ? v : NULL;
 }
 
+// Where head bh's [T, hs] slice starts in a [B, T, width] array whose rows hold the heads' slices side by side
+// (qkv's q part with width 3C, the attention output and its gradient with width C).
+static size_t head_start(int bh, int T, int H, int hs, int width) {
+    return (size_t)(bh / H) * T * width + (size_t)(bh % H) * hs;
+}
+
 static AttnHead attn_head(const float *qkv, const uint8_t *key_valid, const AttnDropout *drop, int bh, int T, int C,
                           int H) {
-    int hs = C / H, b = bh / H, h = bh % H;
-    const float *q = qkv + (size_t)b * T * 3 * C + (size_t)h * hs;
+    int hs = C / H, b = bh / H;
+    const float *q = qkv + head_start(bh, T, H, hs, 3 * C);
     return (AttnHead){T, hs, 3 * C, C, bh, b, 1.0f / sqrtf((float)hs), q, q + C, q + 2 * C,
                       sequence_key_mask(key_valid, b, T), drop};
 }
@@ -192,10 +198,10 @@ void attention_forward(float *out, float *lse, const float *qkv, const uint8_t *
         for (int bh = 0; bh < B * H; bh++) {
             AttnHead a = attn_head(qkv, key_valid, drop, bh, T, C, H);
             if (bh + 1 < B * H) {  // the next head's q, k, v (this thread's next, unless its share ends here)
-                AttnHead next = attn_head(qkv, key_valid, drop, bh + 1, T, C, H);
-                for (int x = 0; x < 3; x++) prefetch_rows(next.q + (size_t)x * C, T, (size_t)3 * C, hs, 0);
+                const float *next = qkv + head_start(bh + 1, T, H, hs, 3 * C);
+                for (int x = 0; x < 3; x++) prefetch_rows(next + (size_t)x * C, T, (size_t)3 * C, hs, 0);
             }
-            float *y = out + (size_t)a.b * T * C + (size_t)(bh % H) * hs;  // [T, hs], row stride C
+            float *y = out + head_start(bh, T, H, hs, C);  // [T, hs], row stride C
             for (int i0 = 0; i0 < T; i0 += ATTN_TILE)
                 forward_query_tile(y, lse + (size_t)bh * T, &a, i0, MLM_MIN(ATTN_TILE, T - i0), s, z, o, m, l);
         }
@@ -257,20 +263,18 @@ void attention_backward(float *dqkv, const float *dout, const float *qkv, const 
 #pragma omp for schedule(static)
         for (int bh = 0; bh < B * H; bh++) {
             AttnHead a = attn_head(qkv, key_valid, drop, bh, T, C, H);
-            size_t col = (size_t)(bh % H) * hs;
-            float *dq = dqkv + (size_t)a.b * T * C3 + col, *dk = dq + C, *dv = dq + 2 * C;  // this task's slices
-            const float *go = dout + (size_t)a.b * T * C + col, *y = out + (size_t)a.b * T * C + col;  // [T, hs]
+            size_t at_qkv = head_start(bh, T, H, hs, C3), at_out = head_start(bh, T, H, hs, C);
+            float *dq = dqkv + at_qkv, *dk = dq + C, *dv = dq + 2 * C;  // this task's slices
+            const float *go = dout + at_out, *y = out + at_out;          // [T, hs], row stride C
             const float *lse_h = lse + (size_t)bh * T;
             if (bh + 1 < B * H) {  // the next head's slices (see attention_forward)
-                AttnHead next = attn_head(qkv, key_valid, drop, bh + 1, T, C, H);
-                size_t at = (size_t)next.b * T * C3 + (size_t)((bh + 1) % H) * hs;
+                size_t next_qkv = head_start(bh + 1, T, H, hs, C3), next_out = head_start(bh + 1, T, H, hs, C);
                 for (int x = 0; x < 3; x++) {
-                    prefetch_rows(qkv + at + (size_t)x * C, T, C3, hs, 0);
-                    prefetch_rows(dqkv + at + (size_t)x * C, T, C3, hs, 1);
+                    prefetch_rows(qkv + next_qkv + (size_t)x * C, T, C3, hs, 0);
+                    prefetch_rows(dqkv + next_qkv + (size_t)x * C, T, C3, hs, 1);
                 }
-                size_t at_out = (size_t)next.b * T * C + (size_t)((bh + 1) % H) * hs;
-                prefetch_rows(dout + at_out, T, C, hs, 0);
-                prefetch_rows(out + at_out, T, C, hs, 0);
+                prefetch_rows(dout + next_out, T, C, hs, 0);
+                prefetch_rows(out + next_out, T, C, hs, 0);
             }
             for (int i = 0; i < T; i++) {
                 dsum[i] = row_dot(go + (size_t)i * C, y + (size_t)i * C, hs);  // THE ROW ORDER of vexp.c

@@ -81,6 +81,14 @@ typedef struct {
     Transpose16 *transpose16;  // NULL: op(B) = B^T is packed element by element
 } GemmKernel;
 
+// Asks for the lines of C[m][n] (ld ldc) that the store will write, for writing, before the micro-kernel runs:
+// C is usually a fresh activation, not in any cache, and its lines would otherwise arrive only when the store
+// needs them.
+static inline void prefetch_c(float *C, ptrdiff_t ldc, int m, int n) {
+    for (int i = 0; i < m; i++)
+        for (int j = 0; j < n; j += 16) __builtin_prefetch(C + i * ldc + j, 1, 3);
+}
+
 // Each kernel's body is written once, over strided operands, and instantiated twice: with the packed layout's
 // strides as constants (the compiler folds them) and with strides given at run time.
 #define GEMM_INSTANTIATE(body, target_attr, MR_, NR_)                                                          \
@@ -197,11 +205,8 @@ __attribute__((target("avx512f"))) static void avx512_direct(int kc, const float
                                                              ptrdiff_t ldc, float alpha, float beta,
                                                              const float *bias) {
     __m512 c[AVX512_MR][2];
-    for (int i = 0; i < AVX512_MR; i++) {  // C's lines asked for now, written at the end (see prefetch_c)
-        c[i][0] = c[i][1] = _mm512_setzero_ps();
-        __builtin_prefetch(C + i * ldc, 1, 3);
-        __builtin_prefetch(C + i * ldc + 16, 1, 3);
-    }
+    prefetch_c(C, ldc, AVX512_MR, AVX512_NR);
+    for (int i = 0; i < AVX512_MR; i++) c[i][0] = c[i][1] = _mm512_setzero_ps();
     avx512_updates(kc, a, rs_a, cs_a, b, rs_b, c);
     for (int i = 0; i < AVX512_MR; i++)
         for (int j = 0; j < 2; j++) {
@@ -252,10 +257,8 @@ __attribute__((target("avx512f"))) static void avx512n_direct(int kc, const floa
                                                               ptrdiff_t ldc, float alpha, float beta,
                                                               const float *bias) {
     __m512 c[AVX512N_MR];
-    for (int i = 0; i < AVX512N_MR; i++) {  // as in avx512_direct
-        c[i] = _mm512_setzero_ps();
-        __builtin_prefetch(C + i * ldc, 1, 3);
-    }
+    prefetch_c(C, ldc, AVX512N_MR, AVX512N_NR);
+    for (int i = 0; i < AVX512N_MR; i++) c[i] = _mm512_setzero_ps();
     avx512n_updates(kc, a, rs_a, cs_a, b, rs_b, c);
     for (int i = 0; i < AVX512N_MR; i++) _mm512_storeu_ps(C + i * ldc, epilogue16(c[i], C + i * ldc, alpha, beta, bias));
 }
@@ -516,14 +519,6 @@ typedef struct {
     const float *bp;   // packed op(B): panels [N / nr][K][nr]
     int tile_rows, tile_cols;  // mc x nc of this product (multiples of mr x nr)
 } Product;
-
-// Asks for the lines of C[m][n] (ld ldc) that the store will write, for writing, before the micro-kernel runs:
-// C is usually a fresh activation, not in any cache, and its lines would otherwise arrive only when the store
-// needs them.
-static inline void prefetch_c(float *C, int ldc, int m, int n) {
-    for (int i = 0; i < m; i++)
-        for (int j = 0; j < n; j += 16) __builtin_prefetch(C + (size_t)i * ldc + j, 1, 3);
-}
 
 // One tile: rows [row0 + ti * tile_rows, ...) x columns [tj * tile_cols, ...), all of K.
 static void run_tile(const Product *p, int ti, int tj, float *acc) {
